@@ -1,2 +1,15 @@
 //! rna: an agent and a hub that carry SOCKS5 connections over one outbound QUIC connection.
+//!
+//! Data flows one way through the modules: [`proto`] (wire types, no sockets) ←
+//! [`transport`] (quinn and rustls) ← [`hub`] and [`agent`]; `main.rs` reads flags, signals
+//! and exit codes. Hub and agent never import each other.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod auth;
+pub mod certs;
+pub mod dev;
+pub mod hub;
+pub mod proto;
+pub mod transport;

@@ -1,0 +1,197 @@
+//! Dials the destinations the hub asks for: resolves names inside the private network, checks
+//! every resolved address against the policy, connects with a timeout, and turns failures
+//! into the precise codes the hub maps to SOCKS5 replies.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::policy::Policy;
+use crate::proto::{DialFailure, Host, Open};
+
+/// Why a dial failed, as told to the hub.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DialError {
+    /// The failure code (maps to a SOCKS5 reply).
+    pub code: DialFailure,
+    /// A readable detail (no secrets).
+    pub message: String,
+}
+
+impl DialError {
+    fn new(code: DialFailure, message: impl Into<String>) -> Self {
+        DialError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Resolves, checks policy and connects.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    policy: Policy,
+    timeout: Duration,
+}
+
+impl Dialer {
+    /// A dialer with a policy and an overall timeout (resolution plus connection).
+    pub fn new(policy: Policy, timeout: Duration) -> Self {
+        Dialer { policy, timeout }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Connects to the destination of `open`. Every resolved address is checked against the
+    /// policy before any connection attempt, so a name cannot smuggle a forbidden address.
+    pub async fn dial(&self, open: &Open) -> Result<TcpStream, DialError> {
+        let deadline = Instant::now() + self.timeout;
+        let (name, candidates) = match &open.host {
+            Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, open.port)]),
+            Host::Domain(name) => {
+                let lookup = tokio::net::lookup_host((name.as_str(), open.port));
+                let addrs = match tokio::time::timeout_at(deadline, lookup).await {
+                    Err(_) => {
+                        return Err(DialError::new(
+                            DialFailure::TimedOut,
+                            format!("resolving {name} timed out"),
+                        ))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(DialError::new(
+                            DialFailure::HostUnreachable,
+                            format!("{name} does not resolve: {e}"),
+                        ))
+                    }
+                    Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+                };
+                if addrs.is_empty() {
+                    return Err(DialError::new(
+                        DialFailure::HostUnreachable,
+                        format!("{name} has no addresses"),
+                    ));
+                }
+                (Some(name.as_str()), addrs)
+            }
+        };
+
+        let mut allowed = Vec::with_capacity(candidates.len());
+        let mut denial = None;
+        for addr in candidates {
+            match self.policy.check(name, addr) {
+                Ok(()) => allowed.push(addr),
+                Err(why) => {
+                    denial.get_or_insert_with(|| format!("{addr}: {why}"));
+                }
+            }
+        }
+        if allowed.is_empty() {
+            let why = denial.unwrap_or_else(|| "no address".into());
+            return Err(DialError::new(
+                DialFailure::NotAllowed,
+                format!("policy refuses {}:{} ({why})", open.host, open.port),
+            ));
+        }
+
+        let mut last = None;
+        for addr in allowed {
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => last = Some(classify(addr, &e)),
+                Err(_) => {
+                    return Err(DialError::new(
+                        DialFailure::TimedOut,
+                        format!("connecting to {addr} timed out after {:?}", self.timeout),
+                    ))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| DialError::new(DialFailure::General, "no address to dial")))
+    }
+}
+
+/// Maps a connect error to the failure the SOCKS client should see.
+fn classify(addr: SocketAddr, e: &io::Error) -> DialError {
+    let code = match e.kind() {
+        io::ErrorKind::ConnectionRefused => DialFailure::Refused,
+        io::ErrorKind::NetworkUnreachable => DialFailure::NetworkUnreachable,
+        io::ErrorKind::HostUnreachable => DialFailure::HostUnreachable,
+        io::ErrorKind::TimedOut => DialFailure::TimedOut,
+        io::ErrorKind::AddrNotAvailable => DialFailure::HostUnreachable,
+        _ => DialFailure::General,
+    };
+    DialError::new(code, format!("connecting to {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::policy::Rule;
+
+    fn open(host: &str, port: u16) -> Open {
+        let host = match host.parse() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Domain(host.to_string()),
+        };
+        Open { host, port }
+    }
+
+    #[tokio::test]
+    async fn failures_have_precise_codes() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let loopback: Rule = "127.0.0.0/8".parse().unwrap();
+        let open_dialer = Dialer::new(Policy::new(vec![loopback], vec![]), Duration::from_secs(5));
+        let strict = Dialer::new(Policy::default(), Duration::from_secs(5));
+        let cases = [
+            (
+                &open_dialer,
+                open("127.0.0.1", closed),
+                DialFailure::Refused,
+            ),
+            (&strict, open("127.0.0.1", closed), DialFailure::NotAllowed),
+            (&strict, open("localhost", closed), DialFailure::NotAllowed),
+            (
+                &strict,
+                open("169.254.169.254", 80),
+                DialFailure::NotAllowed,
+            ),
+            (
+                &strict,
+                open("::ffff:169.254.169.254", 80),
+                DialFailure::NotAllowed,
+            ),
+            (&strict, open("0.0.0.0", 80), DialFailure::NotAllowed),
+            (
+                &strict,
+                open("no-such-host.invalid", 80),
+                DialFailure::HostUnreachable,
+            ),
+        ];
+        for (dialer, open, want) in cases {
+            let err = dialer.dial(&open).await.unwrap_err();
+            assert_eq!(err.code, want, "{open:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn allowed_destinations_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dialer = Dialer::new(
+            Policy::new(vec!["127.0.0.1".parse().unwrap()], vec![]),
+            Duration::from_secs(5),
+        );
+        let stream = dialer.dial(&open("127.0.0.1", port)).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap().port(), port);
+    }
+}

@@ -1,0 +1,418 @@
+//! The agent: dials out to every hub address, registers, and serves the tunnel streams the
+//! hub opens by dialing destinations inside its network. Nothing listens here.
+//!
+//! Agent path: session → policy → dialer → relay.
+
+pub mod dialer;
+pub mod policy;
+pub mod session;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn, Instrument};
+
+use crate::auth::Secret;
+use crate::transport::{self, ClientTls, Limits, TransportError};
+
+pub use dialer::{DialError, Dialer};
+pub use policy::{Policy, Rule};
+pub use session::SessionError;
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is unusable.
+    #[error("agent configuration: {0}")]
+    Config(String),
+    /// A QUIC endpoint could not be created.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// A hub address as given on the command line: `host:port` or `[v6]:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubTarget {
+    /// Host name or IP literal; also the TLS server name unless overridden.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+}
+
+impl FromStr for HubTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid hub address {s:?}: expected host:port");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
+            return Err(bad());
+        }
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(HubTarget {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for HubTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Reconnect pacing.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// First delay after a failure.
+    pub min: Duration,
+    /// Longest delay after transient failures.
+    pub max: Duration,
+    /// First delay after the hub refused us for a reason that will not fix itself
+    /// (bad token, wrong certificate); grows up to 10× this.
+    pub refused: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+            refused: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the agent needs, validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Hubs to connect to; every address each name resolves to gets its own connection.
+    pub hubs: Vec<HubTarget>,
+    /// TLS name to verify the hub as, if not the host of each hub address.
+    pub server_name: Option<String>,
+    /// Agent identifier (must equal the certificate's common name).
+    pub name: String,
+    /// CA, certificate and key.
+    pub tls: ClientTls,
+    /// Machine credential with scope `connect:agentHub`.
+    pub token: Secret,
+    /// Which destinations may be dialed.
+    pub policy: Policy,
+    /// Resolution plus connection time allowed per destination.
+    pub dial_timeout: Duration,
+    /// QUIC limits.
+    pub limits: Limits,
+    /// Capabilities announced in Hello.
+    pub capabilities: Vec<String>,
+    /// Reconnect pacing.
+    pub backoff: Backoff,
+    /// How often hub names are resolved again (new replicas, moved hubs).
+    pub resolve_interval: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with defaults for everything but identity and hubs.
+    pub fn new(hubs: Vec<HubTarget>, name: String, tls: ClientTls, token: Secret) -> Self {
+        AgentConfig {
+            hubs,
+            server_name: None,
+            name,
+            tls,
+            token,
+            policy: Policy::default(),
+            dial_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            capabilities: Vec::new(),
+            backoff: Backoff::default(),
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Live status of the agent, for readiness and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Hub sessions established now.
+    pub connected: usize,
+    /// Sessions established since start.
+    pub sessions_total: u64,
+    /// The last refusal from a hub, if any.
+    pub last_error: Option<SessionError>,
+}
+
+/// A handle to watch a running agent.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    status: tokio::sync::watch::Receiver<AgentStatus>,
+}
+
+impl AgentHandle {
+    /// The status now.
+    pub fn status(&self) -> AgentStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until `pred` holds for the status. Cancel-safe.
+    pub async fn wait_until<F: Fn(&AgentStatus) -> bool>(&self, pred: F) -> AgentStatus {
+        let mut rx = self.status.clone();
+        let seen = match rx.wait_for(|s| pred(s)).await {
+            Ok(s) => Some(s.clone()),
+            Err(_) => None,
+        };
+        seen.unwrap_or_else(|| self.status())
+    }
+}
+
+/// An agent, ready to [`run`](Agent::run).
+#[derive(Debug)]
+pub struct Agent {
+    config: Arc<AgentConfig>,
+    dialer: Arc<Dialer>,
+    status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
+}
+
+impl Agent {
+    /// Validates the configuration.
+    pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
+        transport::tls::install_provider();
+        if config.hubs.is_empty() {
+            return Err(AgentError::Config("at least one --hub is needed".into()));
+        }
+        if !crate::certs::valid_agent_name(&config.name) {
+            return Err(AgentError::Config(format!(
+                "agent name {:?} must match ^[A-Za-z0-9_-]{{1,63}}$",
+                config.name
+            )));
+        }
+        if let Some(name) = &config.server_name {
+            transport::tls::server_name(name).map_err(|e| AgentError::Config(e.to_string()))?;
+        }
+        let dialer = Arc::new(Dialer::new(config.policy.clone(), config.dial_timeout));
+        Ok(Agent {
+            config: Arc::new(config),
+            dialer,
+            status: Arc::new(tokio::sync::watch::Sender::new(AgentStatus::default())),
+        })
+    }
+
+    /// A handle to watch the agent's status.
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            status: self.status.subscribe(),
+        }
+    }
+
+    /// Connects to every hub address and serves until `shutdown` fires, then closes each
+    /// session with a normal code.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let tasks = TaskTracker::new();
+        for target in self.config.hubs.clone() {
+            let me = Supervisor {
+                config: self.config.clone(),
+                dialer: self.dialer.clone(),
+                status: self.status.clone(),
+            };
+            let cancel = shutdown.clone();
+            let span = tracing::info_span!("hub", hub = %target);
+            tasks.spawn(me.follow(target, cancel).instrument(span));
+        }
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Supervisor {
+    config: Arc<AgentConfig>,
+    dialer: Arc<Dialer>,
+    status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
+}
+
+impl Supervisor {
+    /// Keeps one connection per address the hub name resolves to.
+    async fn follow(self, target: HubTarget, cancel: CancellationToken) {
+        let mut connectors: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+        let tasks = TaskTracker::new();
+        let mut retry = self.backoff();
+        loop {
+            let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+            let delay = match tokio::time::timeout(Duration::from_secs(10), lookup).await {
+                Ok(Ok(addrs)) => {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    connectors.retain(|addr, token| {
+                        let keep = addrs.contains(addr);
+                        if !keep {
+                            info!(%addr, "hub address no longer resolves; closing its session");
+                            token.cancel();
+                        }
+                        keep
+                    });
+                    for addr in addrs {
+                        if connectors.contains_key(&addr) {
+                            continue;
+                        }
+                        let token = cancel.child_token();
+                        connectors.insert(addr, token.clone());
+                        let me = self.clone();
+                        let name = self
+                            .config
+                            .server_name
+                            .clone()
+                            .unwrap_or_else(|| target.host.clone());
+                        tasks.spawn(
+                            me.connect_loop(addr, name, token)
+                                .instrument(tracing::info_span!("conn", %addr)),
+                        );
+                    }
+                    retry = self.backoff();
+                    self.config.resolve_interval
+                }
+                Ok(Err(e)) => {
+                    warn!("cannot resolve hub {target}: {e}");
+                    retry.next().unwrap_or(self.config.backoff.max)
+                }
+                Err(_) => {
+                    warn!("resolving hub {target} timed out");
+                    retry.next().unwrap_or(self.config.backoff.max)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff.min)
+            .with_max_delay(self.config.backoff.max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    fn refused_backoff(&self) -> backon::ExponentialBackoff {
+        let first = self.config.backoff.refused;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(first)
+            .with_max_delay(first * 10)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Connects to one hub address, serves the session, and reconnects with jittered
+    /// backoff until cancelled.
+    async fn connect_loop(self, addr: SocketAddr, server_name: String, cancel: CancellationToken) {
+        let endpoint = match transport::agent_endpoint(addr, &self.config.tls, &self.config.limits)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                error!("cannot create a QUIC endpoint: {e}");
+                return;
+            }
+        };
+        let mut retry = self.backoff();
+        let mut refused = self.refused_backoff();
+        loop {
+            let attempt = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = session::connect(&endpoint, addr, &server_name, &self.config) => r,
+            };
+            let delay = match attempt {
+                Ok(established) => {
+                    retry = self.backoff();
+                    refused = self.refused_backoff();
+                    info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
+                        "connected to hub");
+                    self.status.send_modify(|s| {
+                        s.connected += 1;
+                        s.sessions_total += 1;
+                        s.last_error = None;
+                    });
+                    let end = session::run(established, self.dialer.clone(), &cancel).await;
+                    self.status
+                        .send_modify(|s| s.connected = s.connected.saturating_sub(1));
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    if end.going_away {
+                        info!("hub is going away: {}; reconnecting", end.reason);
+                        // Replicas restart together: spread the reconnects a little.
+                        Duration::from_millis(50)
+                    } else {
+                        warn!("session ended: {}; reconnecting", end.reason);
+                        retry.next().unwrap_or(self.config.backoff.max)
+                    }
+                }
+                Err(e) => {
+                    let delay = match &e {
+                        SessionError::Rejected { code, .. } if code.is_permanent() => {
+                            refused.next().unwrap_or(self.config.backoff.refused * 10)
+                        }
+                        SessionError::Tls(_) => {
+                            refused.next().unwrap_or(self.config.backoff.refused * 10)
+                        }
+                        _ => retry.next().unwrap_or(self.config.backoff.max),
+                    };
+                    error!(retry_in = ?delay, "{e}");
+                    self.status.send_modify(|s| s.last_error = Some(e.clone()));
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        endpoint.close(crate::proto::CloseCode::Normal.into(), b"agent stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_targets_parse() {
+        let ok = [
+            ("hub.example.com:4433", "hub.example.com", 4433),
+            ("127.0.0.1:1", "127.0.0.1", 1),
+            ("[::1]:4433", "::1", 4433),
+        ];
+        for (s, host, port) in ok {
+            let t: HubTarget = s.parse().unwrap();
+            assert_eq!((t.host.as_str(), t.port), (host, port), "{s}");
+            assert_eq!(t.to_string(), s);
+        }
+        for bad in ["hub", ":4433", "hub:0", "hub:x", "::1:4433", "hub:70000"] {
+            assert!(bad.parse::<HubTarget>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1188 @@
+//! Which destinations the agent may dial: allow and deny rules of networks, host names and ports.
+//!
+//! The agent owns its exposure. Rules are checked after DNS resolution, on every address a name
+//! resolves to, so a name cannot smuggle a forbidden address: `metadata.evil.example` resolving
+//! to 169.254.169.254 is refused exactly like the literal address. Cloud metadata, the agent's
+//! own loopback and the unspecified address are denied unless an allow rule names their network.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// Why a rule or network could not be parsed; names the input and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {input:?}: {reason}")]
+pub struct RuleError {
+    /// "rule" or "network".
+    what: &'static str,
+    /// The text as given.
+    input: String,
+    /// What is wrong, in words a person can act on.
+    reason: String,
+}
+
+impl RuleError {
+    fn rule(input: &str, reason: impl Into<String>) -> Self {
+        RuleError {
+            what: "rule",
+            input: input.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A network in CIDR form: an address and a prefix length. IPv4-mapped IPv6 networks and
+/// addresses (`::ffff:a.b.c.d`) are converted to IPv4 before any check, so an IPv4 rule also
+/// covers the mapped form a client may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net {
+    /// The network's base address, with no host bits set.
+    addr: IpAddr,
+    /// Leading bits that must match: 0..=32 for IPv4, 0..=128 for IPv6.
+    prefix: u8,
+}
+
+impl Net {
+    /// The network `addr/prefix`, or `None` if the prefix is longer than the address or `addr`
+    /// has bits set beyond the prefix.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Net> {
+        let (addr, prefix) = canonical_net(addr, prefix)?;
+        if mask(addr, prefix) != addr {
+            return None;
+        }
+        Some(Net { addr, prefix })
+    }
+
+    /// The base address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` (after `to_canonical`) lies in this network. An IPv4 network never
+    /// contains an IPv6 address and the other way round.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                mask(ip, self.prefix) == self.addr
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every address of `other` lies in this network.
+    pub fn contains_net(&self, other: &Net) -> bool {
+        other.prefix >= self.prefix && self.contains(other.addr)
+    }
+
+    /// `addr/prefix` parsed without naming a whole rule in errors.
+    fn parse(s: &str) -> Result<Net, String> {
+        let (addr_text, prefix_text) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr_text
+            .parse()
+            .map_err(|_| format!("{addr_text:?} is not an IP address"))?;
+        let max = max_prefix(addr);
+        let prefix = match prefix_text {
+            None => max,
+            Some(p) if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(format!("prefix length {p:?} is not a number"));
+            }
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("prefix length /{p} is longer than {max} bits")),
+            },
+        };
+        Net::new(addr, prefix).ok_or_else(|| {
+            let (base, prefix) = canonical_net(addr, prefix).unwrap_or((addr, prefix));
+            format!(
+                "address bits are set beyond the /{prefix} prefix; did you mean {}/{prefix}?",
+                mask(base, prefix)
+            )
+        })
+    }
+}
+
+impl FromStr for Net {
+    type Err = RuleError;
+
+    /// Parses `10.0.0.0/8`, `10.1.2.3` (= /32), `fd00::/8` or `::1` (= /128).
+    fn from_str(s: &str) -> Result<Net, RuleError> {
+        Net::parse(s).map_err(|reason| RuleError {
+            what: "network",
+            input: s.to_string(),
+            reason,
+        })
+    }
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn max_prefix(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+/// Converts an IPv4-mapped IPv6 network of prefix >= 96 to IPv4; `None` if the prefix is too long.
+fn canonical_net(addr: IpAddr, prefix: u8) -> Option<(IpAddr, u8)> {
+    if prefix > max_prefix(addr) {
+        return None;
+    }
+    match (addr, addr.to_canonical()) {
+        (IpAddr::V6(_), v4 @ IpAddr::V4(_)) if prefix >= 96 => Some((v4, prefix - 96)),
+        _ => Some((addr, prefix)),
+    }
+}
+
+/// `addr` with every bit after the first `prefix` cleared.
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let keep = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(bits & keep))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let keep = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(bits & keep))
+        }
+    }
+}
+
+/// One allow or deny rule.
+///
+/// Text forms: `10.0.0.0/8`, `10.0.0.0/8:443`, `10.1.2.3`, `10.1.2.3:22`, `fd00::/8`,
+/// `[fd00::/8]:443`, `[::1]:22`, `jenkins.internal:8080`, `*.svc.cluster.local`. An IPv6 rule
+/// takes a port only inside brackets: a bare `fd00::1:443` is the address `fd00::1:443`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Rule {
+    /// Destinations whose resolved address lies in `net`, on `port` or on any port.
+    Net {
+        /// The network.
+        net: Net,
+        /// The only port this rule covers, or every port.
+        port: Option<u16>,
+    },
+    /// Destinations the client asked for by name, on `port` or on any port.
+    Host {
+        /// Lowercase, without a trailing dot: an exact name, or `*.suffix` matching any
+        /// subdomain of `suffix` (but not `suffix` itself).
+        pattern: String,
+        /// The only port this rule covers, or every port.
+        port: Option<u16>,
+    },
+}
+
+impl Rule {
+    /// Whether the rule covers the destination `ip:port` that the client asked for as `host`
+    /// (`None` when it asked for an IP literal; host rules never match then).
+    pub fn matches(&self, host: Option<&str>, ip: IpAddr, port: u16) -> bool {
+        match self {
+            Rule::Net { net, port: p } => p.is_none_or(|p| p == port) && net.contains(ip),
+            Rule::Host { pattern, port: p } => {
+                p.is_none_or(|p| p == port) && host.is_some_and(|h| host_matches(pattern, h))
+            }
+        }
+    }
+}
+
+/// Case-insensitive match of a requested name against a normalized pattern, ignoring one
+/// trailing dot of the name.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host).as_bytes();
+    match pattern.strip_prefix('*') {
+        // `suffix` keeps its leading dot, so "*.example.com" never matches "example.com" or
+        // "badexample.com".
+        Some(suffix) => {
+            let suffix = suffix.as_bytes();
+            host.len() > suffix.len()
+                && host
+                    .get(host.len() - suffix.len()..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+        }
+        None => host.eq_ignore_ascii_case(pattern.as_bytes()),
+    }
+}
+
+impl FromStr for Rule {
+    type Err = RuleError;
+
+    fn from_str(s: &str) -> Result<Rule, RuleError> {
+        let fail = |reason: String| RuleError::rule(s, reason);
+        if s.is_empty() {
+            return Err(fail("empty rule".into()));
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(fail("contains whitespace".into()));
+        }
+        if let Some(rest) = s.strip_prefix('[') {
+            let (inside, after) = rest
+                .split_once(']')
+                .ok_or_else(|| fail("missing ']' after the IPv6 network".into()))?;
+            if !inside.contains(':') {
+                return Err(fail(format!(
+                    "brackets are only for IPv6; write {inside}{after}"
+                )));
+            }
+            let net = Net::parse(inside).map_err(fail)?;
+            let port = match after {
+                "" => None,
+                _ => match after.strip_prefix(':') {
+                    Some(port) => Some(parse_port(port).map_err(fail)?),
+                    None => return Err(fail(format!("unexpected {after:?} after ']'"))),
+                },
+            };
+            return Ok(Rule::Net { net, port });
+        }
+        if s.matches(':').count() >= 2 {
+            // Bare IPv6: no port, since the last group could not be told from a port.
+            let net = Net::parse(s).map_err(|reason| {
+                fail(format!(
+                    "{reason} (an IPv6 rule with a port needs brackets, as in [fd00::/8]:443)"
+                ))
+            })?;
+            return Ok(Rule::Net { net, port: None });
+        }
+        let (target, port) = match s.rsplit_once(':') {
+            Some((target, port)) => (target, Some(parse_port(port).map_err(fail)?)),
+            None => (s, None),
+        };
+        if target.is_empty() {
+            return Err(fail("missing network or host name before the port".into()));
+        }
+        // Digits, dots and a slash can only be meant as an IPv4 network: refusing them as host
+        // names keeps forms like "127.1" or "10.0.0.0/33" from silently becoming name rules.
+        if target
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
+        {
+            let net = Net::parse(target).map_err(fail)?;
+            return Ok(Rule::Net { net, port });
+        }
+        let pattern = parse_host_pattern(target).map_err(fail)?;
+        Ok(Rule::Host { pattern, port })
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    if text.is_empty() {
+        return Err("missing port after ':'".into());
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("port {text:?} is not a number"));
+    }
+    match text.parse::<u16>() {
+        Ok(0) => Err("port 0 is not a valid port".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!("port {text} is larger than 65535")),
+    }
+}
+
+/// Checks a host name or `*.suffix` pattern and returns it lowercase without a trailing dot.
+fn parse_host_pattern(text: &str) -> Result<String, String> {
+    if !text.is_ascii() {
+        return Err("host names must be ASCII; use the punycode (xn--) form".into());
+    }
+    let lower = text.to_ascii_lowercase();
+    let lower = lower.strip_suffix('.').unwrap_or(&lower);
+    let (wildcard, name) = match lower.strip_prefix("*.") {
+        Some(name) => (true, name),
+        None => (false, lower),
+    };
+    if name.contains('*') {
+        return Err("'*' is only allowed as a whole first label, as in *.example.com".into());
+    }
+    if name.is_empty() {
+        return Err("missing host name".into());
+    }
+    if name.len() > 253 {
+        return Err("host name is longer than 253 characters".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("host name has an empty label".into());
+        }
+        if label.len() > 63 {
+            return Err(format!("label {label:?} is longer than 63 characters"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(format!("invalid character {c:?} in host name"));
+        }
+    }
+    Ok(if wildcard {
+        format!("*.{name}")
+    } else {
+        name.to_string()
+    })
+}
+
+impl fmt::Display for Rule {
+    /// The text form, which parses back to the same rule.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Net { net, port: None } => write!(f, "{net}"),
+            Rule::Net {
+                net,
+                port: Some(port),
+            } if net.addr.is_ipv6() => write!(f, "[{net}]:{port}"),
+            Rule::Net {
+                net,
+                port: Some(port),
+            } => write!(f, "{net}:{port}"),
+            Rule::Host {
+                pattern,
+                port: None,
+            } => f.write_str(pattern),
+            Rule::Host {
+                pattern,
+                port: Some(port),
+            } => write!(f, "{pattern}:{port}"),
+        }
+    }
+}
+
+impl TryFrom<String> for Rule {
+    type Error = RuleError;
+
+    fn try_from(text: String) -> Result<Rule, RuleError> {
+        text.parse()
+    }
+}
+
+impl From<Rule> for String {
+    fn from(rule: Rule) -> String {
+        rule.to_string()
+    }
+}
+
+/// Why a destination was refused (one readable reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// The address is in a range denied unless an allow rule names its network.
+    #[error("{addr} is a {what} address, denied unless an allow rule names its network")]
+    DefaultDenied {
+        /// The refused address (canonical: IPv4-mapped addresses shown as IPv4).
+        addr: IpAddr,
+        /// "cloud metadata", "loopback" or "unspecified".
+        what: &'static str,
+    },
+    /// A deny rule covers the destination.
+    #[error("denied by rule {rule}")]
+    DenyRule {
+        /// The rule, in its text form.
+        rule: String,
+    },
+    /// There is an allow list and no rule of it covers the destination.
+    #[error("not in the allow list")]
+    NotAllowed,
+    /// Port 0 cannot be dialed.
+    #[error("port 0 cannot be dialed")]
+    BadPort,
+}
+
+/// A range denied unless explicitly allowed, and what to call it in a refusal.
+struct DefaultRange {
+    net: Net,
+    what: &'static str,
+}
+
+const fn v4(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Net {
+    Net {
+        addr: IpAddr::V4(Ipv4Addr::new(a, b, c, d)),
+        prefix,
+    }
+}
+
+const fn v6(segments: [u16; 8], prefix: u8) -> Net {
+    let [a, b, c, d, e, f, g, h] = segments;
+    Net {
+        addr: IpAddr::V6(Ipv6Addr::new(a, b, c, d, e, f, g, h)),
+        prefix,
+    }
+}
+
+const DEFAULT_DENIED: [DefaultRange; 6] = [
+    // Link-local, where every major cloud serves instance metadata and credentials.
+    DefaultRange {
+        net: v4(169, 254, 0, 0, 16),
+        what: "cloud metadata",
+    },
+    // AWS's IPv6 instance metadata endpoint.
+    DefaultRange {
+        net: v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254], 128),
+        what: "cloud metadata",
+    },
+    DefaultRange {
+        net: v4(127, 0, 0, 0, 8),
+        what: "loopback",
+    },
+    DefaultRange {
+        net: v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
+        what: "loopback",
+    },
+    // Linux connects 0.0.0.0 (and ::) to the local host, so they are loopback in disguise.
+    DefaultRange {
+        net: v4(0, 0, 0, 0, 8),
+        what: "unspecified",
+    },
+    DefaultRange {
+        net: v6([0, 0, 0, 0, 0, 0, 0, 0], 128),
+        what: "unspecified",
+    },
+];
+
+fn default_range(ip: IpAddr) -> Option<&'static DefaultRange> {
+    DEFAULT_DENIED.iter().find(|range| range.net.contains(ip))
+}
+
+/// The ranges denied unless explicitly allowed: 169.254.0.0/16 and fd00:ec2::254/128 (cloud
+/// metadata, link-local), 127.0.0.0/8 and ::1 (loopback), 0.0.0.0/8 and :: (unspecified — Linux
+/// connects 0.0.0.0 to the local host). Returns what the range is called, for `ip` after
+/// `to_canonical`.
+pub fn default_denied(ip: IpAddr) -> Option<&'static str> {
+    default_range(ip).map(|range| range.what)
+}
+
+/// The agent's policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// If non-empty, only destinations some rule covers may be dialed.
+    allow: Vec<Rule>,
+    /// Destinations no allow rule can reopen.
+    deny: Vec<Rule>,
+    /// Set by `allow_loopback`: the loopback ranges pass without widening or narrowing `allow`.
+    loopback: bool,
+}
+
+impl Policy {
+    /// A policy from allow and deny rules. No allow rules means every destination that is not
+    /// denied (by a rule or by default) may be dialed.
+    pub fn new(allow: Vec<Rule>, deny: Vec<Rule>) -> Self {
+        Policy {
+            allow,
+            deny,
+            loopback: false,
+        }
+    }
+
+    /// A policy that additionally allows the agent's own loopback (for `rna dev`):
+    /// 127.0.0.0/8 and ::1 pass as if named by an allow rule, deny rules still apply, and an
+    /// empty allow list stays "everything else not denied".
+    pub fn allow_loopback(mut self) -> Self {
+        self.loopback = true;
+        self
+    }
+
+    /// Checks one resolved destination. `host` is the name the client asked for (None when it
+    /// asked for an IP literal). In order: port 0 is refused; any matching deny rule refuses;
+    /// a default-denied address passes only through an allow rule of a network inside its
+    /// range (never through a host rule); then, if there is an allow list, some rule must
+    /// cover the destination.
+    pub fn check(&self, host: Option<&str>, addr: SocketAddr) -> Result<(), Denied> {
+        let ip = addr.ip().to_canonical();
+        let port = addr.port();
+        if port == 0 {
+            return Err(Denied::BadPort);
+        }
+        if let Some(rule) = self.deny.iter().find(|rule| rule.matches(host, ip, port)) {
+            return Err(Denied::DenyRule {
+                rule: rule.to_string(),
+            });
+        }
+        if let Some(range) = default_range(ip) {
+            if self.loopback && range.what == "loopback" {
+                return Ok(());
+            }
+            let unlocked = self.allow.iter().any(|rule| match rule {
+                Rule::Net { net, .. } => {
+                    range.net.contains_net(net) && rule.matches(None, ip, port)
+                }
+                Rule::Host { .. } => false,
+            });
+            return if unlocked {
+                Ok(())
+            } else {
+                Err(Denied::DefaultDenied {
+                    addr: ip,
+                    what: range.what,
+                })
+            };
+        }
+        if self.allow.is_empty() || self.allow.iter().any(|rule| rule.matches(host, ip, port)) {
+            Ok(())
+        } else {
+            Err(Denied::NotAllowed)
+        }
+    }
+
+    /// The allow rules, in the order given.
+    pub fn allow_rules(&self) -> &[Rule] {
+        &self.allow
+    }
+
+    /// The deny rules, in the order given.
+    pub fn deny_rules(&self) -> &[Rule] {
+        &self.deny
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(text: &str) -> Rule {
+        text.parse().unwrap()
+    }
+
+    fn rules(texts: &[&str]) -> Vec<Rule> {
+        texts.iter().map(|t| rule(t)).collect()
+    }
+
+    fn net(text: &str) -> Net {
+        text.parse().unwrap()
+    }
+
+    fn sock(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_valid_rules() {
+        let n = |text: &str, port| Rule::Net {
+            net: net(text),
+            port,
+        };
+        let h = |pattern: &str, port| Rule::Host {
+            pattern: pattern.to_string(),
+            port,
+        };
+        let table = [
+            ("10.0.0.0/8", n("10.0.0.0/8", None), "10.0.0.0/8"),
+            (
+                "10.0.0.0/8:443",
+                n("10.0.0.0/8", Some(443)),
+                "10.0.0.0/8:443",
+            ),
+            ("10.1.2.3", n("10.1.2.3/32", None), "10.1.2.3/32"),
+            ("10.1.2.3:22", n("10.1.2.3/32", Some(22)), "10.1.2.3/32:22"),
+            ("0.0.0.0/0", n("0.0.0.0/0", None), "0.0.0.0/0"),
+            ("fd00::/8", n("fd00::/8", None), "fd00::/8"),
+            ("::1", n("::1/128", None), "::1/128"),
+            ("[fd00::/8]:443", n("fd00::/8", Some(443)), "[fd00::/8]:443"),
+            ("[::1]:22", n("::1/128", Some(22)), "[::1/128]:22"),
+            ("[::1]", n("::1/128", None), "::1/128"),
+            // The last group is part of the address: bare IPv6 never has a port.
+            ("fd00::1:443", n("fd00::1:443/128", None), "fd00::1:443/128"),
+            ("::ffff:10.0.0.0/104", n("10.0.0.0/8", None), "10.0.0.0/8"),
+            (
+                "[::ffff:127.0.0.1]:80",
+                n("127.0.0.1/32", Some(80)),
+                "127.0.0.1/32:80",
+            ),
+            (
+                "jenkins.internal:8080",
+                h("jenkins.internal", Some(8080)),
+                "jenkins.internal:8080",
+            ),
+            (
+                "Jenkins.Internal.",
+                h("jenkins.internal", None),
+                "jenkins.internal",
+            ),
+            (
+                "*.svc.cluster.local",
+                h("*.svc.cluster.local", None),
+                "*.svc.cluster.local",
+            ),
+            (
+                "*.example.com:65535",
+                h("*.example.com", Some(65535)),
+                "*.example.com:65535",
+            ),
+            ("host", h("host", None), "host"),
+            ("_svc-1.lan:1", h("_svc-1.lan", Some(1)), "_svc-1.lan:1"),
+        ];
+        for (text, want, shown) in table {
+            let got: Rule = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string(), shown, "{text}");
+            assert_eq!(
+                shown.parse::<Rule>().unwrap(),
+                want,
+                "round trip of {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_invalid_rules_precisely() {
+        let table = [
+            ("", "empty rule"),
+            (" 10.0.0.0/8", "contains whitespace"),
+            ("10.0.0.0/33", "prefix length /33 is longer than 32 bits"),
+            ("10.0.0.0/999", "prefix length /999 is longer than 32 bits"),
+            ("10.0.0.0/", "prefix length \"\" is not a number"),
+            ("10.0.0.0/x8", "invalid character '/' in host name"),
+            ("10.0.0.0/-1", "invalid character '/' in host name"),
+            ("10.1.2.3/8", "did you mean 10.0.0.0/8?"),
+            ("127.1", "\"127.1\" is not an IP address"),
+            ("010.0.0.1", "\"010.0.0.1\" is not an IP address"),
+            ("256.0.0.0/8", "\"256.0.0.0\" is not an IP address"),
+            ("10.0.0.0/8:0", "port 0 is not a valid port"),
+            ("10.0.0.0/8:", "missing port after ':'"),
+            ("10.0.0.0/8:http", "port \"http\" is not a number"),
+            ("10.0.0.0/8:65536", "port 65536 is larger than 65535"),
+            ("10.0.0.0/8:+1", "port \"+1\" is not a number"),
+            (":443", "missing network or host name before the port"),
+            ("fd00::/129", "prefix length /129 is longer than 128 bits"),
+            ("fd00::/8:443", "needs brackets, as in [fd00::/8]:443"),
+            ("fd00::1/64", "did you mean fd00::/64?"),
+            ("[fd00::/8", "missing ']'"),
+            ("[fd00::/8]443", "unexpected \"443\" after ']'"),
+            ("[fd00::/8]:0", "port 0 is not a valid port"),
+            (
+                "[10.0.0.0/8]:443",
+                "brackets are only for IPv6; write 10.0.0.0/8:443",
+            ),
+            ("[zz::]:1", "\"zz::\" is not an IP address"),
+            ("*", "'*' is only allowed as a whole first label"),
+            ("*..", "missing host name"),
+            ("a.*.com", "'*' is only allowed as a whole first label"),
+            ("*foo.com", "'*' is only allowed as a whole first label"),
+            ("a..b", "empty label"),
+            ("a/b", "invalid character '/' in host name"),
+            ("héllo.com", "must be ASCII"),
+            ("host:22:33", "is not an IP address"),
+        ];
+        for (text, want) in table {
+            let err = text.parse::<Rule>().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("invalid rule {text:?}: ")),
+                "{text}: {err}"
+            );
+            assert!(err.contains(want), "{text}: {err} (wanted {want:?})");
+        }
+        let long = format!("{}.com", "a".repeat(64));
+        assert!(long
+            .parse::<Rule>()
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 63"));
+        let err = "10.0.0.0/40".parse::<Net>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid network \"10.0.0.0/40\": prefix length /40 is longer than 32 bits"
+        );
+    }
+
+    #[test]
+    fn net_contains() {
+        let table = [
+            ("10.0.0.0/8", "10.255.1.2", true),
+            ("10.0.0.0/8", "11.0.0.0", false),
+            ("10.0.0.0/8", "::ffff:10.1.2.3", true),
+            ("10.0.0.0/8", "fd00::1", false),
+            ("0.0.0.0/0", "203.0.113.9", true),
+            ("0.0.0.0/0", "2001:db8::1", false),
+            ("169.254.0.0/16", "::ffff:169.254.169.254", true),
+            ("192.168.1.7", "192.168.1.7", true),
+            ("192.168.1.7", "192.168.1.8", false),
+            ("fd00::/8", "fd12:3456::1", true),
+            ("fd00::/8", "fe80::1", false),
+            ("fd00::/8", "10.0.0.1", false),
+            ("::/0", "2001:db8::1", true),
+            ("::/0", "::ffff:10.0.0.1", false),
+            ("::1", "::1", true),
+            ("::1", "::2", false),
+            ("2001:db8::/127", "2001:db8::1", true),
+            ("2001:db8::/127", "2001:db8::2", false),
+        ];
+        for (n, ip, want) in table {
+            assert_eq!(
+                net(n).contains(ip.parse().unwrap()),
+                want,
+                "{n} contains {ip}"
+            );
+        }
+        assert!(net("127.0.0.0/8").contains_net(&net("127.0.0.1/32")));
+        assert!(!net("127.0.0.0/8").contains_net(&net("0.0.0.0/0")));
+        assert!(!net("127.0.0.0/8").contains_net(&net("::1")));
+        assert_eq!(Net::new("10.1.0.0".parse().unwrap(), 8), None);
+        assert_eq!(Net::new("10.0.0.0".parse().unwrap(), 33), None);
+        assert_eq!(
+            Net::new("10.0.0.0".parse().unwrap(), 8),
+            Some(net("10.0.0.0/8"))
+        );
+    }
+
+    #[test]
+    fn default_denied_ranges() {
+        let table = [
+            ("169.254.169.254", Some("cloud metadata")),
+            ("::ffff:169.254.169.254", Some("cloud metadata")),
+            ("169.254.1.1", Some("cloud metadata")),
+            ("fd00:ec2::254", Some("cloud metadata")),
+            ("fd00:ec2::253", None),
+            ("127.0.0.1", Some("loopback")),
+            ("127.255.255.254", Some("loopback")),
+            ("::ffff:127.0.0.1", Some("loopback")),
+            ("::1", Some("loopback")),
+            ("0.0.0.0", Some("unspecified")),
+            ("0.1.2.3", Some("unspecified")),
+            ("::", Some("unspecified")),
+            ("10.0.0.1", None),
+            ("1.0.0.1", None),
+            ("128.0.0.1", None),
+            ("2001:db8::1", None),
+        ];
+        for (ip, want) in table {
+            assert_eq!(default_denied(ip.parse().unwrap()), want, "{ip}");
+        }
+    }
+
+    /// One `check` case: allow rules, deny rules, requested host, resolved address, verdict.
+    type Case = (
+        &'static [&'static str],
+        &'static [&'static str],
+        Option<&'static str>,
+        &'static str,
+        Result<(), Denied>,
+    );
+
+    fn run(table: &[Case]) {
+        for (allow, deny, host, addr, want) in table {
+            let policy = Policy::new(rules(allow), rules(deny));
+            let got = policy.check(*host, sock(addr));
+            assert_eq!(&got, want, "allow {allow:?} deny {deny:?}: {host:?} {addr}");
+        }
+    }
+
+    fn default_denied_err(addr: &str, what: &'static str) -> Result<(), Denied> {
+        Err(Denied::DefaultDenied {
+            addr: addr.parse().unwrap(),
+            what,
+        })
+    }
+
+    #[test]
+    fn default_deny_applies_to_every_spelling() {
+        run(&[
+            (
+                &[],
+                &[],
+                None,
+                "169.254.169.254:80",
+                default_denied_err("169.254.169.254", "cloud metadata"),
+            ),
+            // The mapped form is reported and judged as the IPv4 address it is.
+            (
+                &[],
+                &[],
+                None,
+                "[::ffff:169.254.169.254]:80",
+                default_denied_err("169.254.169.254", "cloud metadata"),
+            ),
+            (
+                &[],
+                &[],
+                Some("metadata.google.internal"),
+                "169.254.169.254:80",
+                default_denied_err("169.254.169.254", "cloud metadata"),
+            ),
+            (
+                &[],
+                &[],
+                None,
+                "[fd00:ec2::254]:80",
+                default_denied_err("fd00:ec2::254", "cloud metadata"),
+            ),
+            (
+                &[],
+                &[],
+                None,
+                "0.0.0.0:22",
+                default_denied_err("0.0.0.0", "unspecified"),
+            ),
+            (
+                &[],
+                &[],
+                None,
+                "[::]:22",
+                default_denied_err("::", "unspecified"),
+            ),
+            // "127.1" is what a client may type; the resolver hands the agent 127.0.0.1.
+            (
+                &[],
+                &[],
+                Some("127.1"),
+                "127.0.0.1:22",
+                default_denied_err("127.0.0.1", "loopback"),
+            ),
+            (
+                &[],
+                &[],
+                Some("localhost"),
+                "[::1]:22",
+                default_denied_err("::1", "loopback"),
+            ),
+            (&[], &[], None, "10.0.0.1:80", Ok(())),
+            (&[], &[], Some("example.com"), "93.184.215.14:443", Ok(())),
+        ]);
+    }
+
+    #[test]
+    fn only_network_rules_inside_the_range_unlock_it() {
+        run(&[
+            (&["127.0.0.0/8"], &[], None, "127.0.0.1:22", Ok(())),
+            (
+                &["127.0.0.0/8"],
+                &[],
+                Some("localhost"),
+                "127.0.0.1:22",
+                Ok(()),
+            ),
+            (
+                &["127.0.0.1"],
+                &[],
+                None,
+                "127.0.0.2:22",
+                default_denied_err("127.0.0.2", "loopback"),
+            ),
+            (&["127.0.0.1:22"], &[], None, "127.0.0.1:22", Ok(())),
+            (
+                &["127.0.0.1:22"],
+                &[],
+                None,
+                "127.0.0.1:23",
+                default_denied_err("127.0.0.1", "loopback"),
+            ),
+            (
+                &["0.0.0.0/0"],
+                &[],
+                None,
+                "127.0.0.1:22",
+                default_denied_err("127.0.0.1", "loopback"),
+            ),
+            (
+                &["0.0.0.0/0"],
+                &[],
+                None,
+                "169.254.169.254:80",
+                default_denied_err("169.254.169.254", "cloud metadata"),
+            ),
+            (&["0.0.0.0/0"], &[], None, "10.0.0.1:80", Ok(())),
+            (
+                &["::/0"],
+                &[],
+                None,
+                "[::1]:22",
+                default_denied_err("::1", "loopback"),
+            ),
+            (
+                &["localhost"],
+                &[],
+                Some("localhost"),
+                "127.0.0.1:22",
+                default_denied_err("127.0.0.1", "loopback"),
+            ),
+            (
+                &["*.internal"],
+                &[],
+                Some("metadata.google.internal"),
+                "169.254.169.254:80",
+                default_denied_err("169.254.169.254", "cloud metadata"),
+            ),
+            (&["::1"], &[], None, "[::1]:22", Ok(())),
+            (
+                &["169.254.169.254:80"],
+                &[],
+                None,
+                "[::ffff:169.254.169.254]:80",
+                Ok(()),
+            ),
+            (
+                &["[fd00:ec2::254]:80"],
+                &[],
+                None,
+                "[fd00:ec2::254]:80",
+                Ok(()),
+            ),
+            // Unlocking one range does not unlock another, nor the rest of the world.
+            (
+                &["127.0.0.0/8"],
+                &[],
+                None,
+                "0.0.0.0:22",
+                default_denied_err("0.0.0.0", "unspecified"),
+            ),
+            (
+                &["127.0.0.0/8"],
+                &[],
+                None,
+                "10.0.0.1:22",
+                Err(Denied::NotAllowed),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn deny_beats_allow() {
+        let denied = |rule: &str| {
+            Err(Denied::DenyRule {
+                rule: rule.to_string(),
+            })
+        };
+        run(&[
+            (
+                &["10.0.0.0/8"],
+                &["10.9.0.0/16"],
+                None,
+                "10.1.0.1:80",
+                Ok(()),
+            ),
+            (
+                &["10.0.0.0/8"],
+                &["10.9.0.0/16"],
+                None,
+                "10.9.3.4:80",
+                denied("10.9.0.0/16"),
+            ),
+            (
+                &["10.0.0.0/8"],
+                &["10.9.0.0/16"],
+                Some("db.lan"),
+                "10.9.3.4:80",
+                denied("10.9.0.0/16"),
+            ),
+            (
+                &["127.0.0.0/8"],
+                &["127.0.0.1:22"],
+                None,
+                "127.0.0.1:22",
+                denied("127.0.0.1/32:22"),
+            ),
+            (
+                &["127.0.0.0/8"],
+                &["127.0.0.1:22"],
+                None,
+                "127.0.0.1:80",
+                Ok(()),
+            ),
+            (
+                &[],
+                &["secrets.lan"],
+                Some("SECRETS.lan."),
+                "10.0.0.5:443",
+                denied("secrets.lan"),
+            ),
+            (&[], &["secrets.lan"], None, "10.0.0.5:443", Ok(())),
+            (
+                &[],
+                &["*.corp"],
+                Some("a.b.corp"),
+                "10.0.0.5:443",
+                denied("*.corp"),
+            ),
+            (
+                &[],
+                &["[fd00::/8]:22"],
+                None,
+                "[fd12::1]:22",
+                denied("[fd00::/8]:22"),
+            ),
+            (&[], &["[fd00::/8]:22"], None, "[fd12::1]:23", Ok(())),
+            (&[], &[], None, "10.0.0.5:0", Err(Denied::BadPort)),
+        ]);
+    }
+
+    #[test]
+    fn allow_list_limits_ports_and_names() {
+        let allow: &[&str] = &[
+            "10.0.0.0/8:443",
+            "jenkins.internal:8080",
+            "*.svc.cluster.local",
+            "[fd00::/8]:443",
+        ];
+        run(&[
+            (allow, &[], None, "10.1.1.1:443", Ok(())),
+            (allow, &[], None, "10.1.1.1:80", Err(Denied::NotAllowed)),
+            (allow, &[], None, "192.168.0.1:443", Err(Denied::NotAllowed)),
+            (
+                allow,
+                &[],
+                Some("jenkins.internal"),
+                "192.168.0.9:8080",
+                Ok(()),
+            ),
+            (
+                allow,
+                &[],
+                Some("Jenkins.Internal."),
+                "192.168.0.9:8080",
+                Ok(()),
+            ),
+            (
+                allow,
+                &[],
+                Some("jenkins.internal"),
+                "192.168.0.9:22",
+                Err(Denied::NotAllowed),
+            ),
+            (
+                allow,
+                &[],
+                None,
+                "192.168.0.9:8080",
+                Err(Denied::NotAllowed),
+            ),
+            (
+                allow,
+                &[],
+                Some("api.svc.cluster.local"),
+                "172.20.0.1:6443",
+                Ok(()),
+            ),
+            (
+                allow,
+                &[],
+                Some("a.b.svc.cluster.local"),
+                "172.20.0.1:80",
+                Ok(()),
+            ),
+            (
+                allow,
+                &[],
+                Some("svc.cluster.local"),
+                "172.20.0.1:80",
+                Err(Denied::NotAllowed),
+            ),
+            (
+                allow,
+                &[],
+                Some("evilsvc.cluster.local"),
+                "172.20.0.1:80",
+                Err(Denied::NotAllowed),
+            ),
+            (
+                allow,
+                &[],
+                Some("svc.cluster.local.evil.com"),
+                "172.20.0.1:80",
+                Err(Denied::NotAllowed),
+            ),
+            (allow, &[], None, "[fd12::1]:443", Ok(())),
+            (allow, &[], None, "[fd12::1]:444", Err(Denied::NotAllowed)),
+        ]);
+    }
+
+    #[test]
+    fn host_patterns() {
+        let table = [
+            ("example.com", "example.com", true),
+            ("example.com", "EXAMPLE.com.", true),
+            ("example.com", "example.com..", false),
+            ("example.com", "www.example.com", false),
+            ("*.example.com", "a.example.com", true),
+            ("*.example.com", "a.b.example.com", true),
+            ("*.example.com", "A.Example.COM.", true),
+            ("*.example.com", "example.com", false),
+            ("*.example.com", ".example.com", false),
+            ("*.example.com", "badexample.com", false),
+            ("*.example.com", "", false),
+        ];
+        for (pattern, host, want) in table {
+            assert_eq!(host_matches(pattern, host), want, "{pattern} vs {host}");
+        }
+    }
+
+    #[test]
+    fn allow_loopback_adds_without_narrowing() {
+        let open = Policy::default().allow_loopback();
+        assert_eq!(open.check(None, sock("127.0.0.1:8080")), Ok(()));
+        assert_eq!(open.check(None, sock("[::1]:8080")), Ok(()));
+        assert_eq!(open.check(None, sock("10.0.0.1:80")), Ok(()));
+        assert!(matches!(
+            open.check(None, sock("169.254.169.254:80")),
+            Err(Denied::DefaultDenied { .. })
+        ));
+        assert!(matches!(
+            open.check(None, sock("0.0.0.0:80")),
+            Err(Denied::DefaultDenied { .. })
+        ));
+        assert!(open.allow_rules().is_empty());
+
+        let narrow = Policy::new(rules(&["10.0.0.0/8"]), rules(&["127.0.0.1:22"])).allow_loopback();
+        assert_eq!(narrow.check(None, sock("127.0.0.1:8080")), Ok(()));
+        assert_eq!(
+            narrow.check(None, sock("192.168.0.1:80")),
+            Err(Denied::NotAllowed)
+        );
+        assert!(matches!(
+            narrow.check(None, sock("127.0.0.1:22")),
+            Err(Denied::DenyRule { .. })
+        ));
+        assert_eq!(narrow.allow_rules(), rules(&["10.0.0.0/8"]).as_slice());
+        assert_eq!(narrow.deny_rules(), rules(&["127.0.0.1:22"]).as_slice());
+    }
+
+    #[test]
+    fn denial_messages_read_well() {
+        let policy = Policy::new(vec![], rules(&["10.9.0.0/16"]));
+        let table = [
+            ("169.254.169.254:80", "169.254.169.254 is a cloud metadata address, denied unless an allow rule names its network"),
+            ("10.9.0.1:80", "denied by rule 10.9.0.0/16"),
+            ("10.0.0.1:0", "port 0 cannot be dialed"),
+        ];
+        for (addr, want) in table {
+            assert_eq!(
+                policy.check(None, sock(addr)).unwrap_err().to_string(),
+                want
+            );
+        }
+        assert_eq!(Denied::NotAllowed.to_string(), "not in the allow list");
+    }
+
+    #[test]
+    fn rules_deserialize_from_strings() {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            allow: Vec<Rule>,
+        }
+        let doc: Doc = toml::from_str(r#"allow = ["10.0.0.0/8:443", "*.lan"]"#).unwrap();
+        assert_eq!(doc.allow, rules(&["10.0.0.0/8:443", "*.lan"]));
+        let err = toml::from_str::<Doc>(r#"allow = ["10.0.0.0/33"]"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("prefix length /33 is longer than 32 bits"),
+            "{err}"
+        );
+        assert_eq!(
+            serde_json::to_string(&rule("[::1]:22")).unwrap(),
+            r#""[::1/128]:22""#
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! One agent connection to one hub: the QUIC/TLS handshake, Hello and the hub's answer, then
+//! heartbeats and the tunnel streams the hub opens, until the connection ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{ConnectionError, RecvStream, SendStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, Instrument};
+
+use super::dialer::Dialer;
+use super::AgentConfig;
+use crate::proto::codec::{encode, read_frame};
+use crate::proto::{
+    CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
+};
+use crate::transport::control::{self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat};
+use crate::transport::relay::relay;
+
+/// Time the hub has to send the stream header after opening a tunnel stream.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a session could not be established.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The connection could not be started (bad address, endpoint closed).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The hub closed the connection at the transport level during the handshake: usually
+    /// TLS (the hub does not trust our certificate, or we do not trust the hub's).
+    #[error("TLS handshake refused: {0}")]
+    Tls(String),
+    /// No answer in time.
+    #[error("hub did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The hub refused this agent, with a typed code.
+    #[error("hub refused this agent: {reason} (code {code})")]
+    Rejected {
+        /// The close code the hub used.
+        code: CloseCode,
+        /// The hub's reason.
+        reason: String,
+    },
+    /// The hub broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl SessionError {
+    /// Interprets how the hub closed a connection that was being set up.
+    fn from_connection(e: ConnectionError) -> Self {
+        match e {
+            ConnectionError::ApplicationClosed(close) => {
+                let reason = String::from_utf8_lossy(&close.reason).into_owned();
+                match CloseCode::from_code(close.error_code.into_inner()) {
+                    Some(code) => SessionError::Rejected { code, reason },
+                    None => SessionError::Protocol(format!(
+                        "closed with unknown code {}: {reason}",
+                        close.error_code
+                    )),
+                }
+            }
+            ConnectionError::ConnectionClosed(close) => SessionError::Tls(close.to_string()),
+            ConnectionError::TransportError(e) => SessionError::Tls(e.to_string()),
+            ConnectionError::TimedOut => SessionError::Timeout(Duration::ZERO),
+            other => SessionError::Connect(other.to_string()),
+        }
+    }
+}
+
+/// An established session, ready to [`run`].
+#[derive(Debug)]
+pub struct Established {
+    /// The connection to the hub.
+    pub connection: quinn::Connection,
+    /// The hub's Welcome.
+    pub welcome: Welcome,
+    send: SendStream,
+    reader: ControlReader,
+}
+
+/// Connects to the hub at `addr` and registers. Fails with the hub's reason when refused.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    config: &AgentConfig,
+) -> Result<Established, SessionError> {
+    let timeout = config.limits.handshake_timeout;
+    let connecting = endpoint
+        .connect(addr, server_name)
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    let connection = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => return Err(SessionError::Timeout(timeout)),
+        Ok(Err(e)) => return Err(SessionError::from_connection(e)),
+        Ok(Ok(c)) => c,
+    };
+    let hello = Control::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: config.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        os: std::env::consts::OS.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        capabilities: config.capabilities.clone(),
+        token: config.token.clone(),
+    });
+    let attempt = async {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
+        send.write_all(&frame).await?;
+        let reply = read_frame::<Control, _>(&mut recv).await;
+        Ok::<_, std::io::Error>((send, recv, reply))
+    };
+    let outcome = tokio::time::timeout(timeout, attempt).await;
+    // In TLS 1.3 the client finishes its handshake before the hub has checked the client
+    // certificate, so a refusal often shows up only here, as the connection's close reason.
+    let closed = |connection: &quinn::Connection| {
+        connection.close_reason().map(SessionError::from_connection)
+    };
+    match outcome {
+        Err(_) => {
+            connection.close(CloseCode::HandshakeTimeout.into(), b"no answer to hello");
+            Err(SessionError::Timeout(timeout))
+        }
+        Ok(Err(e)) => Err(closed(&connection).unwrap_or(SessionError::Connect(e.to_string()))),
+        Ok(Ok((send, recv, reply))) => match reply {
+            Ok(Some(Control::Welcome(welcome))) => Ok(Established {
+                connection,
+                welcome,
+                send,
+                reader: control::control_reader(recv),
+            }),
+            Ok(Some(Control::Rejected { code, reason })) => {
+                connection.close(code.into(), b"rejected");
+                Err(SessionError::Rejected { code, reason })
+            }
+            Ok(Some(other)) => {
+                connection.close(CloseCode::Protocol.into(), b"expected welcome");
+                Err(SessionError::Protocol(format!(
+                    "expected Welcome, got {}",
+                    control::kind(&other)
+                )))
+            }
+            Ok(None) | Err(_) => {
+                // The hub closed: wait (briefly) for the close frame to learn why.
+                let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
+                Err(closed(&connection).unwrap_or_else(|| {
+                    SessionError::Protocol("control stream ended before Welcome".into())
+                }))
+            }
+        },
+    }
+}
+
+/// How an established session ended.
+#[derive(Debug)]
+pub struct SessionEnd {
+    /// Readable reason.
+    pub reason: String,
+    /// The hub asked us to go away (shutdown): reconnect at once.
+    pub going_away: bool,
+}
+
+/// Serves an established session: heartbeats and tunnel streams, until the connection ends
+/// or `cancel` fires.
+pub async fn run(
+    established: Established,
+    dialer: Arc<Dialer>,
+    cancel: &CancellationToken,
+) -> SessionEnd {
+    let Established {
+        connection,
+        welcome,
+        mut send,
+        mut reader,
+    } = established;
+    let heartbeat = Heartbeat {
+        interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(50)),
+        timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(150)),
+    };
+    let streams = TaskTracker::new();
+    let accept = async {
+        loop {
+            match connection.accept_bi().await {
+                Ok((send, recv)) => {
+                    let dialer = dialer.clone();
+                    let span = tracing::debug_span!("stream", stream = %send.id());
+                    streams.spawn(serve_stream(send, recv, dialer).instrument(span));
+                }
+                Err(e) => return e,
+            }
+        }
+    };
+    let end = tokio::select! {
+        end = heartbeat_loop(&mut send, &mut reader, heartbeat, cancel, |_| {}) => end,
+        e = accept => ControlEnd::Stream(e.to_string()),
+    };
+    let going_away = matches!(
+        connection.close_reason(),
+        Some(ConnectionError::ApplicationClosed(ref c))
+            if c.error_code.into_inner() == u64::from(CloseCode::GoingAway.code())
+    );
+    let reason = match connection.close_reason() {
+        Some(ConnectionError::ApplicationClosed(c)) => {
+            let code = CloseCode::from_code(c.error_code.into_inner())
+                .map_or_else(|| c.error_code.to_string(), |c| c.to_string());
+            format!(
+                "hub closed the session: {code}: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        Some(other) => other.to_string(),
+        None => end.to_string(),
+    };
+    let code = match end {
+        ControlEnd::Timeout(_) => CloseCode::HeartbeatTimeout,
+        ControlEnd::Protocol(_) => CloseCode::Protocol,
+        _ => CloseCode::Normal,
+    };
+    connection.close(code.into(), b"agent closing");
+    streams.close();
+    SessionEnd { reason, going_away }
+}
+
+/// One tunnel stream: read `Open`, dial, answer, relay.
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>) {
+    let open = match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<Open, _>(&mut recv)).await {
+        Ok(Ok(Some(open))) => open,
+        Ok(Ok(None)) => return,
+        other => {
+            let why = match other {
+                Err(_) => "no stream header in time".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(_)) => "no header".to_string(),
+            };
+            info!("tunnel stream refused: {why}");
+            let _ = send.reset(StreamCode::BadHeader.into());
+            let _ = recv.stop(StreamCode::BadHeader.into());
+            return;
+        }
+    };
+    let destination = format!("{}:{}", open.host, open.port);
+    let tcp = match dialer.dial(&open).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            info!(%destination, code = ?e.code, "dial failed: {}", e.message);
+            let reply = OpenReply::Failed {
+                code: e.code,
+                message: e.message,
+            };
+            if let Ok(frame) = encode(&reply) {
+                let _ = send.write_all(&frame).await;
+            }
+            let _ = send.finish();
+            return;
+        }
+    };
+    let bound = tcp
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let frame = match encode(&OpenReply::Opened { bound }) {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    if send.write_all(&frame).await.is_err() {
+        let _ = recv.stop(StreamCode::Reset.into());
+        return;
+    }
+    let outcome = relay(tcp, send, recv, |_, _| {}).await;
+    match outcome.error {
+        None => {
+            debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")
+        }
+        Some(e) => {
+            debug!(%destination, sent = outcome.sent, received = outcome.received, "stream reset: {e}")
+        }
+    }
+}

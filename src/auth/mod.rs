@@ -1,0 +1,15 @@
+//! Machine credentials: tokens that carry a tenant, scopes and an expiry, stored hashed and
+//! compared in constant time.
+//!
+//! A token is `rna_<id>_<secret>`: the 12-hex-digit id is public (it names the token in
+//! `token list` and in logs), the 48-hex-digit secret is shown once at creation. The store
+//! file keeps only the SHA-256 of the whole token text, so reading the file does not reveal
+//! a usable token.
+
+mod store;
+mod time;
+mod token;
+
+pub use store::{read_secret_file, ReloadingStore, StoreError, TokenRecord, TokenStore};
+pub use time::{format_rfc3339, parse_ttl, unix_now};
+pub use token::{AuthError, Grant, ParseScopeError, ParseTenantError, Scope, Secret, Tenant};

@@ -1,0 +1,482 @@
+//! Token vocabulary: scopes, tenants, masked secrets, grants, and the `rna_<id>_<secret>` text.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use sha2::{Digest, Sha256};
+
+/// A permission a token carries. The wire and file names are the `as_str` strings.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Scope {
+    /// `connect:agentHub`: an agent may register with the hub.
+    #[serde(rename = "connect:agentHub")]
+    ConnectAgentHub,
+    /// `proxy`: the SOCKS front may be used.
+    #[serde(rename = "proxy")]
+    Proxy,
+    /// `read:infra:data`: read the hub's inventory (agents, sessions).
+    #[serde(rename = "read:infra:data")]
+    ReadInfraData,
+    /// `exec:infra:op`: run operations on the infrastructure.
+    #[serde(rename = "exec:infra:op")]
+    ExecInfraOp,
+    /// `admin`: every scope, in every tenant.
+    #[serde(rename = "admin")]
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in their sort order.
+    pub const ALL: [Scope; 5] = [
+        Scope::ConnectAgentHub,
+        Scope::Proxy,
+        Scope::ReadInfraData,
+        Scope::ExecInfraOp,
+        Scope::Admin,
+    ];
+
+    /// The wire and file name of the scope.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::ConnectAgentHub => "connect:agentHub",
+            Scope::Proxy => "proxy",
+            Scope::ReadInfraData => "read:infra:data",
+            Scope::ExecInfraOp => "exec:infra:op",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not the name of any [`Scope`]; the message lists the valid names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scope {input:?}; valid scopes are {}", valid_scopes())]
+pub struct ParseScopeError {
+    /// The refused text.
+    input: String,
+}
+
+fn valid_scopes() -> String {
+    Scope::ALL.map(Scope::as_str).join(", ")
+}
+
+impl FromStr for Scope {
+    type Err = ParseScopeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| ParseScopeError {
+                input: s.to_owned(),
+            })
+    }
+}
+
+/// An `organization/environment` pair that owns agents and tokens; each part matches
+/// `^[A-Za-z0-9_.-]{1,63}$`.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct Tenant(String);
+
+/// The longest organization or environment name.
+const TENANT_PART_MAX: usize = 63;
+
+/// A string that is not a valid [`Tenant`]; the message says which rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParseTenantError {
+    /// The whole message, quoting the input.
+    message: String,
+}
+
+impl Tenant {
+    /// The tenant as `organization/environment`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Tenant {
+    type Err = ParseTenantError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let fail = |why: String| ParseTenantError {
+            message: format!("tenant {s:?} {why}"),
+        };
+        let mut parts = s.split('/');
+        let (Some(organization), Some(environment), None) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(fail("must be organization/environment".into()));
+        };
+        for (what, part) in [("organization", organization), ("environment", environment)] {
+            if part.is_empty() || part.len() > TENANT_PART_MAX {
+                return Err(fail(format!(
+                    "must be organization/environment: {what} must be 1 to \
+                     {TENANT_PART_MAX} characters"
+                )));
+            }
+            if !part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            {
+                return Err(fail(format!(
+                    "must be organization/environment: {what} may only contain letters, \
+                     digits, '_', '.' and '-'"
+                )));
+            }
+        }
+        Ok(Tenant(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Tenant {
+    type Error = ParseTenantError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Tenant> for String {
+    fn from(tenant: Tenant) -> Self {
+        tenant.0
+    }
+}
+
+/// A secret string (a token) that never prints: `Debug` and `Display` show `MASKED`.
+///
+/// It serializes as the plain string because the wire has to carry it; deliberately no
+/// `PartialEq`, so nobody compares secrets in variable time.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret string.
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+
+    /// The secret text, for sending or verifying; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+/// What a verified token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The public id of the token, for logs and for closing sessions when it is revoked.
+    pub token_id: String,
+    /// The token's free-text label, if it has one.
+    pub label: Option<String>,
+    /// The tenant the token belongs to.
+    pub tenant: Tenant,
+    /// The scopes the token carries, deduplicated and sorted.
+    pub scopes: Vec<Scope>,
+}
+
+impl Grant {
+    /// Whether the token carries `scope`; `Admin` implies every scope.
+    pub fn has(&self, scope: Scope) -> bool {
+        self.is_admin() || self.scopes.contains(&scope)
+    }
+
+    /// Whether the token may see `tenant`: its own, or every tenant for `Admin`.
+    pub fn sees_tenant(&self, tenant: &Tenant) -> bool {
+        self.is_admin() || self.tenant == *tenant
+    }
+
+    /// Whether the token carries `Admin`.
+    pub fn is_admin(&self) -> bool {
+        self.scopes.contains(&Scope::Admin)
+    }
+}
+
+/// Why a presented token was refused. The messages never include the token text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The text is not `rna_<12 hex>_<48 hex>`.
+    #[error("token is malformed")]
+    Malformed,
+    /// No token with this id and secret is stored (a wrong secret looks the same, so callers
+    /// cannot probe which ids exist).
+    #[error("token is not known")]
+    Unknown,
+    /// The token was revoked.
+    #[error("token was revoked")]
+    Revoked,
+    /// The token's expiry has passed.
+    #[error("token has expired")]
+    Expired,
+    /// The token is valid but lacks the scope the operation needs.
+    #[error("token lacks scope {0}")]
+    MissingScope(Scope),
+}
+
+/// Bytes of randomness in a token id (12 hex characters).
+const ID_BYTES: usize = 6;
+/// Bytes of randomness in a token secret (48 hex characters, 192 bits).
+const SECRET_BYTES: usize = 24;
+/// The fixed start of every token.
+const PREFIX: &str = "rna_";
+/// Length of the token text: prefix, id, `_`, secret.
+const TOKEN_LEN: usize = PREFIX.len() + 2 * ID_BYTES + 1 + 2 * SECRET_BYTES;
+
+/// Whether `s` is exactly `len` lowercase hex digits.
+pub(super) fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `id` is a well-formed token id.
+pub(super) fn is_token_id(id: &str) -> bool {
+    is_lower_hex(id, 2 * ID_BYTES)
+}
+
+/// Checks the token format and returns its id.
+pub(super) fn token_id(token: &str) -> Result<&str, AuthError> {
+    if token.len() != TOKEN_LEN || !token.starts_with(PREFIX) {
+        return Err(AuthError::Malformed);
+    }
+    let id_end = PREFIX.len() + 2 * ID_BYTES;
+    // `get` rather than indexing: the text may not be ASCII, and a slice at a non-boundary
+    // would panic.
+    match (
+        token.get(PREFIX.len()..id_end),
+        token.get(id_end..id_end + 1),
+        token.get(id_end + 1..),
+    ) {
+        (Some(id), Some("_"), Some(secret))
+            if is_token_id(id) && is_lower_hex(secret, 2 * SECRET_BYTES) =>
+        {
+            Ok(id)
+        }
+        _ => Err(AuthError::Malformed),
+    }
+}
+
+/// Lowercase hex of the SHA-256 of the whole token text, as kept in the store.
+pub(super) fn token_sha256(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh random token: its id and the whole token text.
+pub(super) fn generate(rng: &SystemRandom) -> Result<(String, Secret), ring::error::Unspecified> {
+    let mut id = [0u8; ID_BYTES];
+    let mut secret = [0u8; SECRET_BYTES];
+    rng.fill(&mut id)?;
+    rng.fill(&mut secret)?;
+    let id = hex(&id);
+    let token = format!("{PREFIX}{id}_{}", hex(&secret));
+    Ok((id, Secret::new(token)))
+}
+
+/// Lowercase hex encoding.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_strings_round_trip() {
+        let names = [
+            (Scope::ConnectAgentHub, "connect:agentHub"),
+            (Scope::Proxy, "proxy"),
+            (Scope::ReadInfraData, "read:infra:data"),
+            (Scope::ExecInfraOp, "exec:infra:op"),
+            (Scope::Admin, "admin"),
+        ];
+        assert_eq!(names.map(|(scope, _)| scope), Scope::ALL);
+        for (scope, name) in names {
+            assert_eq!(scope.as_str(), name);
+            assert_eq!(scope.to_string(), name);
+            assert_eq!(name.parse::<Scope>(), Ok(scope));
+            // serde uses the same names.
+            let json = serde_json::to_string(&scope).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<Scope>(&json).unwrap(), scope);
+        }
+    }
+
+    #[test]
+    fn bad_scope_lists_valid_names() {
+        for bad in ["", "Admin", "connect:agenthub", "proxy ", "read"] {
+            let err = bad.parse::<Scope>().unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+            for scope in Scope::ALL {
+                assert!(err.contains(scope.as_str()), "{err}");
+            }
+            assert!(serde_json::from_str::<Scope>(&format!("{bad:?}")).is_err());
+        }
+    }
+
+    #[test]
+    fn tenant_table() {
+        let part63 = "a".repeat(63);
+        let part64 = "a".repeat(64);
+        let ok = [
+            "acme/prod".to_owned(),
+            "Acme-Corp/eu_west.1".to_owned(),
+            "a/b".to_owned(),
+            format!("{part63}/{part63}"),
+        ];
+        for input in &ok {
+            let tenant: Tenant = input.parse().unwrap();
+            assert_eq!(tenant.as_str(), input);
+            assert_eq!(tenant.to_string(), *input);
+        }
+        let bad = [
+            ("acme".to_owned(), "must be organization/environment"),
+            ("".to_owned(), "must be organization/environment"),
+            ("a/b/c".to_owned(), "must be organization/environment"),
+            ("/prod".to_owned(), "organization must be 1 to 63"),
+            ("acme/".to_owned(), "environment must be 1 to 63"),
+            ("/".to_owned(), "organization must be 1 to 63"),
+            (format!("{part64}/prod"), "organization must be 1 to 63"),
+            (format!("acme/{part64}"), "environment must be 1 to 63"),
+            ("ac me/prod".to_owned(), "organization may only contain"),
+            ("acme/pröd".to_owned(), "environment may only contain"),
+            ("acme/prod\n".to_owned(), "environment may only contain"),
+            ("acme:x/prod".to_owned(), "organization may only contain"),
+        ];
+        for (input, why) in &bad {
+            let err = input.parse::<Tenant>().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("tenant {input:?} ")), "{err}");
+            assert!(err.contains(why), "{input:?}: {err}");
+        }
+        assert_eq!(
+            "acme".parse::<Tenant>().unwrap_err().to_string(),
+            r#"tenant "acme" must be organization/environment"#
+        );
+    }
+
+    #[test]
+    fn tenant_serde_is_a_validated_string() {
+        let tenant: Tenant = serde_json::from_str("\"acme/prod\"").unwrap();
+        assert_eq!(tenant.as_str(), "acme/prod");
+        assert_eq!(serde_json::to_string(&tenant).unwrap(), "\"acme/prod\"");
+        let err = serde_json::from_str::<Tenant>("\"acme\"").unwrap_err();
+        assert!(
+            err.to_string().contains("organization/environment"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let secret = Secret::new("hunter2-very-secret".into());
+        for text in [
+            format!("{secret:?}"),
+            format!("{secret}"),
+            format!("{secret:#?}"),
+        ] {
+            assert_eq!(text, "MASKED");
+        }
+        assert_eq!(
+            format!("{:?}", Some(secret.clone())),
+            "Some(MASKED)",
+            "nested Debug stays masked"
+        );
+        assert_eq!(secret.expose(), "hunter2-very-secret");
+        // The wire carries the plain string.
+        let json = serde_json::to_string(&secret).unwrap();
+        assert_eq!(json, "\"hunter2-very-secret\"");
+        let back: Secret = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn grant_scopes_and_tenants() {
+        let acme: Tenant = "acme/prod".parse().unwrap();
+        let other: Tenant = "other/prod".parse().unwrap();
+        let grant = |scopes: Vec<Scope>| Grant {
+            token_id: "0123456789ab".into(),
+            label: None,
+            tenant: acme.clone(),
+            scopes,
+        };
+        let agent = grant(vec![Scope::ConnectAgentHub]);
+        assert!(agent.has(Scope::ConnectAgentHub));
+        assert!(!agent.has(Scope::Proxy));
+        assert!(!agent.is_admin());
+        assert!(agent.sees_tenant(&acme));
+        assert!(!agent.sees_tenant(&other));
+
+        let admin = grant(vec![Scope::Admin]);
+        assert!(admin.is_admin());
+        for scope in Scope::ALL {
+            assert!(admin.has(scope), "{scope}");
+        }
+        assert!(admin.sees_tenant(&acme));
+        assert!(admin.sees_tenant(&other));
+    }
+
+    #[test]
+    fn generated_tokens_have_the_documented_shape() {
+        let rng = SystemRandom::new();
+        let (id, token) = generate(&rng).unwrap();
+        let text = token.expose();
+        assert_eq!(text.len(), 65);
+        assert!(text.starts_with(&format!("rna_{id}_")));
+        assert_eq!(token_id(text), Ok(id.as_str()));
+        let (other, _) = generate(&rng).unwrap();
+        assert_ne!(id, other);
+        assert!(is_lower_hex(&token_sha256(text), 64));
+    }
+
+    #[test]
+    fn auth_error_messages() {
+        let cases = [
+            (AuthError::Malformed, "token is malformed"),
+            (AuthError::Unknown, "token is not known"),
+            (AuthError::Revoked, "token was revoked"),
+            (AuthError::Expired, "token has expired"),
+            (
+                AuthError::MissingScope(Scope::ConnectAgentHub),
+                "token lacks scope connect:agentHub",
+            ),
+        ];
+        for (err, text) in cases {
+            assert_eq!(err.to_string(), text);
+        }
+    }
+}

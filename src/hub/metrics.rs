@@ -1,0 +1,202 @@
+//! The hub's Prometheus metrics (prometheus-client, `rna_` prefix). Labels are bounded: reasons
+//! and reply codes are fixed sets, tenants are few; never a per-destination label.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric the hub exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    agents_connected: Family<Labels, Gauge>,
+    sessions: Family<Labels, Counter>,
+    handshake_failures: Family<Labels, Counter>,
+    socks_requests: Family<Labels, Counter>,
+    socks_refused: Family<Labels, Counter>,
+    streams_open: Gauge,
+    relay_bytes: Family<Labels, Counter>,
+    /// Cached children of `relay_bytes`, so the per-chunk path takes no lock.
+    bytes_to_agent: Counter,
+    bytes_from_agent: Counter,
+    token_reloads: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("rna");
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        registry.register("build_info", "Build of this hub", build_info);
+        let m = Metrics {
+            agents_connected: Family::default(),
+            sessions: Family::default(),
+            handshake_failures: Family::default(),
+            socks_requests: Family::default(),
+            socks_refused: Family::default(),
+            streams_open: Gauge::default(),
+            relay_bytes: Family::default(),
+            bytes_to_agent: Counter::default(),
+            bytes_from_agent: Counter::default(),
+            token_reloads: Family::default(),
+            registry,
+        };
+        let mut m = m;
+        m.bytes_to_agent = m
+            .relay_bytes
+            .get_or_create(&vec![("direction", "to_agent".into())])
+            .clone();
+        m.bytes_from_agent = m
+            .relay_bytes
+            .get_or_create(&vec![("direction", "from_agent".into())])
+            .clone();
+        let r = &mut m.registry;
+        r.register(
+            "agents_connected",
+            "Agent connections established now, by tenant",
+            m.agents_connected.clone(),
+        );
+        r.register(
+            "agent_sessions",
+            "Agent sessions opened and closed, by event and reason",
+            m.sessions.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Agent connections refused during the handshake, by reason",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "socks_requests",
+            "SOCKS5 requests answered, by reply",
+            m.socks_requests.clone(),
+        );
+        r.register(
+            "socks_refused",
+            "SOCKS5 connections refused before authentication, by reason",
+            m.socks_refused.clone(),
+        );
+        r.register(
+            "streams_open",
+            "Tunnel streams open now",
+            m.streams_open.clone(),
+        );
+        r.register(
+            "relay_bytes",
+            "Bytes relayed through tunnel streams, by direction",
+            m.relay_bytes.clone(),
+        );
+        r.register(
+            "token_reloads",
+            "Token store reloads, by result",
+            m.token_reloads.clone(),
+        );
+        m
+    }
+
+    /// The exposition text served at `/metrics`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// An agent session was established.
+    pub fn session_opened(&self, tenant: &str) {
+        self.agents_connected
+            .get_or_create(&vec![("tenant", tenant.to_string())])
+            .inc();
+        self.sessions
+            .get_or_create(&vec![("event", "opened".into()), ("reason", "ok".into())])
+            .inc();
+    }
+
+    /// An agent session ended.
+    pub fn session_closed(&self, tenant: &str, reason: &'static str) {
+        self.agents_connected
+            .get_or_create(&vec![("tenant", tenant.to_string())])
+            .dec();
+        self.sessions
+            .get_or_create(&vec![("event", "closed".into()), ("reason", reason.into())])
+            .inc();
+    }
+
+    /// An agent connection was refused during the handshake.
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&vec![("reason", reason.into())])
+            .inc();
+    }
+
+    /// Refusals so far for one handshake failure reason.
+    pub fn handshake_failures(&self, reason: &'static str) -> u64 {
+        self.handshake_failures
+            .get(&vec![("reason", reason.into())])
+            .map_or(0, |c| c.get())
+    }
+
+    /// A SOCKS5 request was answered with `reply`.
+    pub fn socks_reply(&self, reply: &'static str) {
+        self.socks_requests
+            .get_or_create(&vec![("reply", reply.into())])
+            .inc();
+    }
+
+    /// Requests answered so far with one reply.
+    pub fn socks_replies(&self, reply: &'static str) -> u64 {
+        self.socks_requests
+            .get(&vec![("reply", reply.into())])
+            .map_or(0, |c| c.get())
+    }
+
+    /// A SOCKS5 connection was dropped before authentication (cap, timeout, bad greeting).
+    pub fn socks_refused(&self, reason: &'static str) {
+        self.socks_refused
+            .get_or_create(&vec![("reason", reason.into())])
+            .inc();
+    }
+
+    /// Refusals so far for one reason.
+    pub fn socks_refusals(&self, reason: &'static str) -> u64 {
+        self.socks_refused
+            .get(&vec![("reason", reason.into())])
+            .map_or(0, |c| c.get())
+    }
+
+    /// The open-streams gauge.
+    pub fn streams_open(&self) -> &Gauge {
+        &self.streams_open
+    }
+
+    /// Counts relayed bytes; `to_agent` is the client → agent direction.
+    pub fn relayed(&self, to_agent: bool, n: usize) {
+        let counter = if to_agent {
+            &self.bytes_to_agent
+        } else {
+            &self.bytes_from_agent
+        };
+        counter.inc_by(n as u64);
+    }
+
+    /// Records a token store reload.
+    pub fn token_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.token_reloads
+            .get_or_create(&vec![("result", result.into())])
+            .inc();
+    }
+}

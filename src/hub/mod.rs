@@ -1,0 +1,398 @@
+//! The hub: accepts agent connections over QUIC, serves the SOCKS5 front and the admin API,
+//! and routes each SOCKS connection to a stream on the named agent's connection.
+//!
+//! Hub path: SOCKS front → router → registry → tunnel stream → relay.
+
+pub mod api;
+pub mod metrics;
+pub mod registry;
+pub mod router;
+pub mod session;
+pub mod socks;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::auth::{ReloadingStore, StoreError, Tenant};
+use crate::proto::CloseCode;
+use crate::transport::control::Heartbeat;
+use crate::transport::{self, Limits, ServerTls, TransportError};
+
+pub use metrics::Metrics;
+pub use registry::{AgentInfo, AgentSession, Registry};
+
+/// Errors starting or running the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The QUIC endpoint could not be created.
+    #[error("QUIC listener: {0}")]
+    Transport(#[from] TransportError),
+    /// A TCP listener could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The token store could not be read.
+    #[error("token store: {0}")]
+    Tokens(#[from] StoreError),
+    /// Unauthenticated SOCKS was asked for on an address other machines can reach.
+    #[error("--socks-no-auth is only allowed when SOCKS listens on a loopback address, not {0}")]
+    NoAuthNotLoopback(SocketAddr),
+    /// The admin API server failed.
+    #[error("admin API: {0}")]
+    Api(std::io::Error),
+}
+
+/// Where unauthenticated SOCKS clients go (loopback-only `--socks-no-auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoAuthRoute {
+    /// The agent to route to.
+    pub agent: String,
+    /// The agent's tenant.
+    pub tenant: Tenant,
+}
+
+/// Bounds on SOCKS clients before they are authenticated.
+#[derive(Debug, Clone)]
+pub struct SocksLimits {
+    /// The greeting, authentication and request must complete within this.
+    pub greeting_timeout: Duration,
+    /// Connections from one client IP still in the greeting.
+    pub half_open_per_ip: usize,
+    /// Connections in the greeting from all clients.
+    pub half_open_total: usize,
+}
+
+impl Default for SocksLimits {
+    fn default() -> Self {
+        SocksLimits {
+            greeting_timeout: Duration::from_secs(10),
+            half_open_per_ip: 64,
+            half_open_total: 4096,
+        }
+    }
+}
+
+/// Everything the hub needs, validated.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// UDP address agents connect to.
+    pub listen: SocketAddr,
+    /// TCP address of the SOCKS5 front.
+    pub socks: SocketAddr,
+    /// TCP address of the admin API, if served.
+    pub api: Option<SocketAddr>,
+    /// The hub's certificate and the CA agents must chain to.
+    pub tls: ServerTls,
+    /// The token store file.
+    pub tokens: PathBuf,
+    /// Route for unauthenticated SOCKS clients (loopback only).
+    pub socks_no_auth: Option<NoAuthRoute>,
+    /// QUIC limits of agent connections.
+    pub limits: Limits,
+    /// Heartbeat timing announced to agents.
+    pub heartbeat: Heartbeat,
+    /// Pre-authentication SOCKS bounds.
+    pub socks_limits: SocksLimits,
+    /// How long the agent may take to answer `Open` (it dials within its own timeout).
+    pub open_timeout: Duration,
+    /// On shutdown, how long in-flight streams may continue.
+    pub grace: Duration,
+    /// How often the token store file is checked for changes.
+    pub token_poll: Duration,
+}
+
+impl HubConfig {
+    /// A configuration with the defaults for everything but addresses, TLS and tokens.
+    pub fn new(listen: SocketAddr, socks: SocketAddr, tls: ServerTls, tokens: PathBuf) -> Self {
+        HubConfig {
+            listen,
+            socks,
+            api: None,
+            tls,
+            tokens,
+            socks_no_auth: None,
+            limits: Limits::default(),
+            heartbeat: Heartbeat::default(),
+            socks_limits: SocksLimits::default(),
+            open_timeout: Duration::from_secs(15),
+            grace: Duration::from_secs(30),
+            token_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// State shared by the hub's tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: HubConfig,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tokens: Arc<ReloadingStore>,
+    pub(crate) next_session: AtomicU64,
+    /// Set on shutdown: `/readyz` answers 503 and no new streams are opened.
+    pub(crate) draining: AtomicBool,
+}
+
+impl Shared {
+    /// Re-reads the token store and closes sessions whose token stopped being valid.
+    pub(crate) fn reload_tokens(&self, force: bool) -> Result<bool, StoreError> {
+        let reloaded = if force {
+            self.tokens.reload().map(|_| true)
+        } else {
+            self.tokens.reload_if_changed()
+        };
+        match &reloaded {
+            Ok(true) => {
+                self.metrics.token_reload(true);
+                let store = self.tokens.current();
+                let now = std::time::SystemTime::now();
+                info!(tokens = store.len(), "token store reloaded");
+                for session in self.registry.sessions() {
+                    if !store.is_live(&session.token_id, now) {
+                        warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
+                            "closing agent session: its token was revoked or expired");
+                        session
+                            .connection
+                            .close(CloseCode::TokenRevoked.into(), b"token revoked or expired");
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.metrics.token_reload(false);
+                warn!("token store reload failed, keeping the previous tokens: {e}");
+            }
+        }
+        reloaded
+    }
+}
+
+/// A handle to a running hub's state: registry, metrics, token reload.
+#[derive(Debug, Clone)]
+pub struct HubHandle {
+    shared: Arc<Shared>,
+}
+
+impl HubHandle {
+    /// Connected agents.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.shared.registry
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Re-reads the token store now (SIGHUP); sessions of revoked tokens are closed.
+    pub fn reload_tokens(&self) -> Result<(), StoreError> {
+        self.shared.reload_tokens(true).map(|_| ())
+    }
+}
+
+/// A hub with every socket bound, ready to [`run`](Hub::run).
+#[derive(Debug)]
+pub struct Hub {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    socks: TcpListener,
+    api: Option<TcpListener>,
+}
+
+impl Hub {
+    /// Binds every socket (QUIC, SOCKS, API) and loads the token store. Nothing is served
+    /// until [`run`](Hub::run).
+    pub async fn bind(config: HubConfig) -> Result<Hub, HubError> {
+        transport::tls::install_provider();
+        if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
+            return Err(HubError::NoAuthNotLoopback(config.socks));
+        }
+        let tokens = Arc::new(ReloadingStore::open(&config.tokens)?);
+        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits)?;
+        let socks = TcpListener::bind(config.socks)
+            .await
+            .map_err(|source| HubError::Bind {
+                what: "SOCKS5",
+                addr: config.socks,
+                source,
+            })?;
+        let api = match config.api {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| HubError::Bind {
+                        what: "admin API",
+                        addr,
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            registry: Arc::new(Registry::new()),
+            metrics: Arc::new(Metrics::new()),
+            tokens,
+            next_session: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+        });
+        Ok(Hub {
+            shared,
+            endpoint,
+            socks,
+            api,
+        })
+    }
+
+    /// The UDP address agents connect to.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// The SOCKS5 address.
+    pub fn socks_addr(&self) -> SocketAddr {
+        self.socks.local_addr().unwrap_or(self.shared.config.socks)
+    }
+
+    /// The admin API address, if served.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle for registry, metrics and reloads.
+    pub fn handle(&self) -> HubHandle {
+        HubHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` fires, then drains: stops accepting, lets in-flight SOCKS
+    /// streams finish within the grace period, and closes agent connections with
+    /// [`CloseCode::GoingAway`] so agents reconnect elsewhere at once.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), HubError> {
+        let Hub {
+            shared,
+            endpoint,
+            socks,
+            api,
+        } = self;
+        let stop_accepting = shutdown.child_token();
+        let sessions = TaskTracker::new();
+        let streams = TaskTracker::new();
+        // Sessions watch this token so they end only after the streams drained.
+        let sessions_stop = CancellationToken::new();
+
+        info!(quic = %endpoint.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            socks = %socks.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            api = %api.as_ref().and_then(|l| l.local_addr().ok()).map_or_else(|| "off".into(), |a| a.to_string()),
+            "hub serving");
+
+        // Agent connections.
+        let accept_agents = {
+            let shared = shared.clone();
+            let endpoint = endpoint.clone();
+            let stop = stop_accepting.clone();
+            let sessions = sessions.clone();
+            let sessions_stop = sessions_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    let incoming = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        incoming = endpoint.accept() => match incoming {
+                            Some(i) => i,
+                            None => break,
+                        },
+                    };
+                    let shared = shared.clone();
+                    let cancel = sessions_stop.clone();
+                    let remote = incoming.remote_address();
+                    sessions.spawn(
+                        session::serve(shared, incoming, cancel)
+                            .instrument(tracing::info_span!("agent_conn", %remote)),
+                    );
+                }
+            })
+        };
+
+        // SOCKS5 front.
+        let front = socks::SocksFront::new(shared.clone(), socks);
+        let front_task = {
+            let stop = stop_accepting.clone();
+            let streams = streams.clone();
+            tokio::spawn(async move { front.run(stop, streams).await })
+        };
+
+        // Admin API.
+        let api_task = api.map(|listener| {
+            let app = api::app(shared.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        });
+
+        // Token store follower.
+        let watcher = {
+            let shared = shared.clone();
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(shared.config.token_poll);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => { let _ = shared.reload_tokens(false); }
+                    }
+                }
+            })
+        };
+
+        shutdown.cancelled().await;
+        shared.draining.store(true, Ordering::SeqCst);
+        info!(grace = ?shared.config.grace, open_streams = shared.metrics.streams_open().get(),
+            "hub shutting down: no new connections, draining streams");
+        let _ = accept_agents.await;
+        let _ = front_task.await;
+        let _ = watcher.await;
+        streams.close();
+        if tokio::time::timeout(shared.config.grace, streams.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open_streams = shared.metrics.streams_open().get(),
+                "grace period over: closing the remaining streams"
+            );
+        }
+        sessions_stop.cancel();
+        endpoint.close(CloseCode::GoingAway.into(), b"hub shutting down");
+        sessions.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let Some(task) = api_task {
+            if let Ok(Err(e)) = task.await {
+                return Err(HubError::Api(e));
+            }
+        }
+        info!("hub stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! Which agents are connected: (tenant, agent name) → live sessions, with what the admin API
+//! shows about each, and the choice of session for a new stream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::auth::Tenant;
+
+/// One live agent connection, as the hub knows it.
+#[derive(Debug)]
+pub struct AgentSession {
+    /// Unique on this hub for its lifetime.
+    pub id: u64,
+    /// The tenant the agent's token placed it in.
+    pub tenant: Tenant,
+    /// Agent identifier (certificate subject and Hello name, which must agree).
+    pub name: String,
+    /// The agent's build version.
+    pub version: String,
+    /// Agent operating system.
+    pub os: String,
+    /// Agent CPU architecture.
+    pub arch: String,
+    /// Capabilities the agent announced.
+    pub capabilities: Vec<String>,
+    /// Id of the token the agent registered with, so a revocation can close the session.
+    pub token_id: String,
+    /// Wall-clock time the session was established.
+    pub connected_since: SystemTime,
+    /// The QUIC connection; tunnel streams are opened on it.
+    pub connection: quinn::Connection,
+    /// When a frame was last heard on the control stream.
+    last_heartbeat: Mutex<Instant>,
+    /// Last heartbeat round trip, microseconds (0 until measured).
+    rtt_micros: AtomicU64,
+    /// Tunnel streams currently open.
+    open_streams: AtomicUsize,
+    /// Tunnel streams ever opened (tie-breaker so idle replicas share new streams).
+    streams_total: AtomicU64,
+    /// Bytes relayed from the agent towards clients.
+    bytes_from_agent: AtomicU64,
+    /// Bytes relayed from clients towards the agent.
+    bytes_to_agent: AtomicU64,
+}
+
+impl AgentSession {
+    /// A new session record.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        tenant: Tenant,
+        name: String,
+        version: String,
+        os: String,
+        arch: String,
+        capabilities: Vec<String>,
+        token_id: String,
+        connection: quinn::Connection,
+    ) -> Self {
+        AgentSession {
+            id,
+            tenant,
+            name,
+            version,
+            os,
+            arch,
+            capabilities,
+            token_id,
+            connected_since: SystemTime::now(),
+            connection,
+            last_heartbeat: Mutex::new(Instant::now()),
+            rtt_micros: AtomicU64::new(0),
+            open_streams: AtomicUsize::new(0),
+            streams_total: AtomicU64::new(0),
+            bytes_from_agent: AtomicU64::new(0),
+            bytes_to_agent: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that the control stream heard from the agent.
+    pub fn heard(&self) {
+        *lock(&self.last_heartbeat) = Instant::now();
+    }
+
+    /// Records a heartbeat round trip.
+    pub fn set_rtt(&self, rtt: Duration) {
+        self.rtt_micros.store(
+            rtt.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Counts bytes relayed towards the agent.
+    pub fn add_to_agent(&self, n: usize) {
+        self.bytes_to_agent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts bytes relayed from the agent.
+    pub fn add_from_agent(&self, n: usize) {
+        self.bytes_from_agent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Tunnel streams open right now.
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// Tunnel streams opened since the session started.
+    pub fn streams_total(&self) -> u64 {
+        self.streams_total.load(Ordering::Relaxed)
+    }
+
+    /// What the admin API shows about this session.
+    pub fn info(&self) -> AgentInfo {
+        let since = self
+            .connected_since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        AgentInfo {
+            session_id: self.id,
+            name: self.name.clone(),
+            tenant: self.tenant.to_string(),
+            version: self.version.clone(),
+            os: self.os.clone(),
+            arch: self.arch.clone(),
+            capabilities: self.capabilities.clone(),
+            remote_address: self.connection.remote_address(),
+            connected_since_unix: since.as_secs(),
+            last_heartbeat_seconds_ago: lock(&self.last_heartbeat).elapsed().as_secs_f64(),
+            rtt_ms: self.rtt_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+            open_streams: self.open_streams(),
+            streams_total: self.streams_total(),
+            bytes_in: self.bytes_from_agent.load(Ordering::Relaxed),
+            bytes_out: self.bytes_to_agent.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of one agent connection, as served by `GET /api/v1/agents`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AgentInfo {
+    /// Session id on this hub.
+    pub session_id: u64,
+    /// Agent identifier.
+    pub name: String,
+    /// Tenant (`organization/environment`).
+    pub tenant: String,
+    /// Agent build version.
+    pub version: String,
+    /// Agent OS.
+    pub os: String,
+    /// Agent architecture.
+    pub arch: String,
+    /// Announced capabilities.
+    pub capabilities: Vec<String>,
+    /// The agent's current UDP address as the hub sees it.
+    pub remote_address: SocketAddr,
+    /// Session start, unix seconds.
+    pub connected_since_unix: u64,
+    /// Seconds since the control stream last heard from the agent.
+    pub last_heartbeat_seconds_ago: f64,
+    /// Last heartbeat round trip in milliseconds.
+    pub rtt_ms: f64,
+    /// Tunnel streams open now.
+    pub open_streams: usize,
+    /// Tunnel streams opened in this session.
+    pub streams_total: u64,
+    /// Bytes from the agent to clients.
+    pub bytes_in: u64,
+    /// Bytes from clients to the agent.
+    pub bytes_out: u64,
+}
+
+/// Holds one open tunnel stream against its session's count; dropping it releases the slot.
+#[derive(Debug)]
+pub struct StreamSlot {
+    session: Arc<AgentSession>,
+}
+
+impl StreamSlot {
+    /// The session the stream belongs to.
+    pub fn session(&self) -> &Arc<AgentSession> {
+        &self.session
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.session.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type Key = (Tenant, String);
+
+/// The connected agents of this hub.
+#[derive(Debug)]
+pub struct Registry {
+    /// Sessions by (tenant, name); several when replicas share a name.
+    agents: Mutex<HashMap<Key, Vec<Arc<AgentSession>>>>,
+    /// Bumped on every change, so tests and readiness can wait without polling.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry {
+            agents: Mutex::new(HashMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Adds a session.
+    pub fn insert(&self, session: Arc<AgentSession>) {
+        let key = (session.tenant.clone(), session.name.clone());
+        lock(&self.agents).entry(key).or_default().push(session);
+        self.changed();
+    }
+
+    /// Forgets a session at once (its connection died or was closed).
+    pub fn remove(&self, session: &AgentSession) {
+        let key = (session.tenant.clone(), session.name.clone());
+        let mut agents = lock(&self.agents);
+        if let Some(list) = agents.get_mut(&key) {
+            list.retain(|s| s.id != session.id);
+            if list.is_empty() {
+                agents.remove(&key);
+            }
+        }
+        drop(agents);
+        self.changed();
+    }
+
+    /// Picks the live session of (tenant, name) with the fewest open streams (ties: the one
+    /// that served fewest streams so far) and reserves a stream slot on it. An agent of
+    /// another tenant is invisible here: the lookup is by (tenant, name).
+    pub fn pick(&self, tenant: &Tenant, name: &str) -> Option<StreamSlot> {
+        let agents = lock(&self.agents);
+        let list = agents.get(&(tenant.clone(), name.to_string()))?;
+        let session = list
+            .iter()
+            .filter(|s| s.connection.close_reason().is_none())
+            .min_by_key(|s| (s.open_streams(), s.streams_total()))?
+            .clone();
+        session.open_streams.fetch_add(1, Ordering::Relaxed);
+        session.streams_total.fetch_add(1, Ordering::Relaxed);
+        Some(StreamSlot { session })
+    }
+
+    /// Every session, for the admin API and shutdown.
+    pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
+        lock(&self.agents).values().flatten().cloned().collect()
+    }
+
+    /// Sessions visible to a caller: `None` means all tenants (admin).
+    pub fn infos(&self, tenant: Option<&Tenant>) -> Vec<AgentInfo> {
+        let mut infos: Vec<AgentInfo> = lock(&self.agents)
+            .iter()
+            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
+            .flat_map(|(_, list)| list.iter().map(|s| s.info()))
+            .collect();
+        infos.sort_by(|a, b| {
+            (&a.tenant, &a.name, a.session_id).cmp(&(&b.tenant, &b.name, b.session_id))
+        });
+        infos
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        lock(&self.agents).values().map(Vec::len).sum()
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sessions of one (tenant, name).
+    pub fn count(&self, tenant: &Tenant, name: &str) -> usize {
+        lock(&self.agents)
+            .get(&(tenant.clone(), name.to_string()))
+            .map_or(0, Vec::len)
+    }
+
+    /// Waits until `pred` holds for the registry (checked on every change). Cancel-safe.
+    pub async fn wait_until<F: Fn(&Registry) -> bool>(&self, pred: F) {
+        let mut rx = self.changes.subscribe();
+        loop {
+            if pred(self) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}

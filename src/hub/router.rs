@@ -1,0 +1,120 @@
+//! Routes a request to an agent: picks the session, opens a tunnel stream, sends `Open` and
+//! waits for the agent's answer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream};
+
+use super::registry::StreamSlot;
+use super::Shared;
+use crate::auth::Tenant;
+use crate::proto::codec::{encode, read_frame};
+use crate::proto::{DialFailure, Open, OpenReply, StreamCode};
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// No live session of that agent in the caller's tenant (also: an agent of another
+    /// tenant, which must look exactly the same).
+    #[error("no such agent")]
+    NoAgent,
+    /// The hub is shutting down.
+    #[error("hub is shutting down")]
+    Draining,
+    /// The agent could not connect.
+    #[error("agent could not connect: {message}")]
+    Dial {
+        /// The agent's failure code.
+        code: DialFailure,
+        /// Its readable detail.
+        message: String,
+    },
+    /// The agent did not answer in time.
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The stream or connection failed.
+    #[error("tunnel stream: {0}")]
+    Stream(String),
+}
+
+impl RouteError {
+    /// The SOCKS5 reply code for this error (RFC 1928 §6).
+    pub fn socks_reply(&self) -> u8 {
+        match self {
+            RouteError::NoAgent => 0x04,
+            RouteError::Draining => 0x01,
+            RouteError::Dial { code, .. } => code.socks_reply(),
+            RouteError::Timeout(_) => 0x06,
+            RouteError::Stream(_) => 0x01,
+        }
+    }
+}
+
+/// An open tunnel stream, connected on the agent's side.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Keeps the session's open-stream count until dropped.
+    pub slot: StreamSlot,
+    /// Hub → agent half.
+    pub send: SendStream,
+    /// Agent → hub half.
+    pub recv: RecvStream,
+    /// The agent's local address of the TCP connection.
+    pub bound: SocketAddr,
+}
+
+/// Opens a tunnel to `open` through the agent `name` of `tenant`.
+pub(crate) async fn open_tunnel(
+    shared: &Shared,
+    tenant: &Tenant,
+    name: &str,
+    open: &Open,
+) -> Result<Tunnel, RouteError> {
+    if shared.draining.load(Ordering::SeqCst) {
+        return Err(RouteError::Draining);
+    }
+    let slot = shared
+        .registry
+        .pick(tenant, name)
+        .ok_or(RouteError::NoAgent)?;
+    let timeout = shared.config.open_timeout;
+    let connection = slot.session().connection.clone();
+    let attempt = async {
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| RouteError::Stream(e.to_string()))?;
+        let frame = encode(open).map_err(|e| RouteError::Stream(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| RouteError::Stream(e.to_string()))?;
+        let reply = read_frame::<OpenReply, _>(&mut recv)
+            .await
+            .map_err(|e| RouteError::Stream(e.to_string()))?;
+        match reply {
+            Some(OpenReply::Opened { bound }) => Ok((send, recv, bound)),
+            Some(OpenReply::Failed { code, message }) => Err(RouteError::Dial { code, message }),
+            None => Err(RouteError::Stream(
+                "agent ended the stream without an answer".into(),
+            )),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok((send, recv, bound))) => Ok(Tunnel {
+            slot,
+            send,
+            recv,
+            bound,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(RouteError::Timeout(timeout)),
+    }
+}
+
+/// Resets a half-used stream pair (used when the SOCKS client vanished mid-setup).
+pub fn abort(mut send: SendStream, mut recv: RecvStream) {
+    let _ = send.reset(StreamCode::Reset.into());
+    let _ = recv.stop(StreamCode::Reset.into());
+}

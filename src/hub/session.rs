@@ -1,0 +1,293 @@
+//! One agent connection on the hub: the TLS handshake, the Hello/Welcome exchange with its
+//! checks, registration, and heartbeats until the connection ends.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use super::registry::AgentSession;
+use super::Shared;
+use crate::auth::{AuthError, Scope};
+use crate::certs;
+use crate::proto::codec::{encode, read_frame};
+use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
+use crate::transport::control::{self, heartbeat_loop, ControlEnd, HeartbeatEvent};
+
+/// Why the hub refused an agent during the handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// QUIC or TLS failed: wrong CA, no client certificate, expired certificate, timeout.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// The handshake did not finish in time.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The agent never opened its control stream or sent Hello.
+    #[error("no Hello: {0}")]
+    NoHello(String),
+    /// A check on Hello failed; the agent is told with this code.
+    #[error("{reason}")]
+    Refused {
+        /// Close code sent to the agent.
+        code: CloseCode,
+        /// Readable reason, sent to the agent and logged.
+        reason: String,
+    },
+}
+
+impl HandshakeError {
+    fn refused(code: CloseCode, reason: impl Into<String>) -> Self {
+        HandshakeError::Refused {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// The metric label for this failure.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HandshakeError::Tls(_) => "tls",
+            HandshakeError::Timeout => "timeout",
+            HandshakeError::NoHello(_) => "no_hello",
+            HandshakeError::Refused { code, .. } => code.as_str(),
+        }
+    }
+}
+
+/// Serves one incoming agent connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+) {
+    let limits = &shared.config.limits;
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.handshake_failed("tls");
+            warn!("agent connection refused before the handshake: {e}");
+            return;
+        }
+    };
+    let connection = match tokio::time::timeout(limits.handshake_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let err = HandshakeError::Tls(e.to_string());
+            shared.metrics.handshake_failed(err.label());
+            warn!("agent refused: {err}");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("timeout");
+            warn!("agent refused: TLS handshake timed out");
+            return;
+        }
+    };
+    let (session, mut send, mut reader) = match handshake(&shared, &connection).await {
+        Ok(ok) => ok,
+        Err(err) => {
+            shared.metrics.handshake_failed(err.label());
+            match &err {
+                HandshakeError::Refused { code, reason } => {
+                    warn!(code = %code, "agent refused: {reason}");
+                    connection.close((*code).into(), reason.as_bytes());
+                }
+                other => {
+                    warn!("agent refused: {other}");
+                    connection.close(CloseCode::HandshakeTimeout.into(), b"no hello");
+                }
+            }
+            return;
+        }
+    };
+    let span = tracing::info_span!("agent", agent = %session.name, tenant = %session.tenant, session = session.id);
+    run_session(shared, session, &mut send, &mut reader, cancel)
+        .instrument(span)
+        .await;
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    session: Arc<AgentSession>,
+    send: &mut quinn::SendStream,
+    reader: &mut control::ControlReader,
+    cancel: CancellationToken,
+) {
+    shared.registry.insert(session.clone());
+    shared.metrics.session_opened(session.tenant.as_str());
+    info!(version = %session.version, os = %session.os, arch = %session.arch,
+        remote = %session.connection.remote_address(), "agent connected");
+
+    let heartbeat = shared.config.heartbeat;
+    let end = tokio::select! {
+        end = heartbeat_loop(send, reader, heartbeat, &cancel, |event| match event {
+            HeartbeatEvent::Seen => session.heard(),
+            HeartbeatEvent::Rtt(rtt) => session.set_rtt(rtt),
+        }) => end,
+        // The connection can end without the control stream noticing first (close frame).
+        reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),
+    };
+    // Forget the session before anything else, so no new stream is routed to it.
+    shared.registry.remove(&session);
+    let (code, label) = match &end {
+        ControlEnd::Timeout(_) => (CloseCode::HeartbeatTimeout, "heartbeat_timeout"),
+        ControlEnd::Protocol(_) => (CloseCode::Protocol, "protocol_error"),
+        ControlEnd::Cancelled => (CloseCode::GoingAway, "hub_shutdown"),
+        ControlEnd::PeerFinished => (CloseCode::Normal, "agent_closed"),
+        ControlEnd::Stream(_) => (CloseCode::Normal, "connection_lost"),
+    };
+    session.connection.close(code.into(), label.as_bytes());
+    shared
+        .metrics
+        .session_closed(session.tenant.as_str(), label);
+    info!(reason = label, detail = %end,
+        streams = session.streams_total(), "agent disconnected");
+}
+
+/// The certificate chain the agent presented (quinn gives it as `Box<dyn Any>`).
+fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
+async fn handshake(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+) -> Result<(Arc<AgentSession>, quinn::SendStream, control::ControlReader), HandshakeError> {
+    let timeout = shared.config.limits.handshake_timeout;
+    let cert = peer_certificate(connection).ok_or_else(|| {
+        HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
+    })?;
+    let cert_name = certs::common_name(cert.as_ref()).map_err(|e| {
+        HandshakeError::refused(
+            CloseCode::CertificateMismatch,
+            format!("client certificate: {e}"),
+        )
+    })?;
+
+    let (mut send, mut recv) = tokio::time::timeout(timeout, connection.accept_bi())
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+        .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
+    let hello = match tokio::time::timeout(timeout, read_frame::<Control, _>(&mut recv)).await {
+        Err(_) => return Err(HandshakeError::Timeout),
+        Ok(Err(e)) => {
+            return Err(HandshakeError::refused(
+                CloseCode::Protocol,
+                format!("bad Hello frame: {e}"),
+            ))
+        }
+        Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
+        Ok(Ok(Some(Control::Hello(hello)))) => hello,
+        Ok(Ok(Some(other))) => {
+            return Err(HandshakeError::refused(
+                CloseCode::Protocol,
+                format!("expected Hello, got {}", control::kind(&other)),
+            ))
+        }
+    };
+
+    let checked = check_hello(shared, &hello, &cert_name);
+    let grant = match checked {
+        Ok(grant) => grant,
+        Err(err) => {
+            if let HandshakeError::Refused { code, reason } = &err {
+                // Tell the agent why in-band too; the close frame carries the same code.
+                let msg = Control::Rejected {
+                    code: *code,
+                    reason: reason.clone(),
+                };
+                if let Ok(frame) = encode(&msg) {
+                    let _ = send.write_all(&frame).await;
+                    let _ = send.finish();
+                    // Give the frame a moment to reach the agent before the close.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
+                }
+            }
+            return Err(err);
+        }
+    };
+
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let welcome = Welcome {
+        session_id: id,
+        heartbeat_interval_ms: duration_ms(shared.config.heartbeat.interval),
+        heartbeat_timeout_ms: duration_ms(shared.config.heartbeat.timeout),
+        tenant: grant.tenant.to_string(),
+    };
+    let frame =
+        encode(&Control::Welcome(welcome)).map_err(|e| HandshakeError::NoHello(e.to_string()))?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
+    let session = Arc::new(AgentSession::new(
+        id,
+        grant.tenant,
+        hello.name,
+        hello.version,
+        hello.os,
+        hello.arch,
+        hello.capabilities,
+        grant.token_id,
+        connection.clone(),
+    ));
+    Ok((session, send, control::control_reader(recv)))
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// The checks on Hello, in order: protocol version, name, certificate subject, token.
+fn check_hello(
+    shared: &Shared,
+    hello: &Hello,
+    cert_name: &str,
+) -> Result<crate::auth::Grant, HandshakeError> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(HandshakeError::refused(
+            CloseCode::VersionMismatch,
+            format!(
+                "agent speaks protocol {}, hub speaks {PROTOCOL_VERSION}",
+                hello.protocol
+            ),
+        ));
+    }
+    if !certs::valid_agent_name(&hello.name) {
+        return Err(HandshakeError::refused(
+            CloseCode::BadName,
+            "agent name must match ^[A-Za-z0-9_-]{1,63}$",
+        ));
+    }
+    if hello.name != cert_name {
+        return Err(HandshakeError::refused(
+            CloseCode::CertificateMismatch,
+            format!(
+                "agent calls itself {:?} but its certificate names {:?}",
+                hello.name, cert_name
+            ),
+        ));
+    }
+    let store = shared.tokens.current();
+    store
+        .authorize(
+            hello.token.expose(),
+            Scope::ConnectAgentHub,
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            let code = match e {
+                AuthError::Malformed | AuthError::Unknown => CloseCode::BadToken,
+                AuthError::Revoked => CloseCode::TokenRevoked,
+                AuthError::Expired => CloseCode::TokenExpired,
+                AuthError::MissingScope(_) => CloseCode::MissingScope,
+            };
+            HandshakeError::refused(code, format!("agent {:?}: {e}", hello.name))
+        })
+}

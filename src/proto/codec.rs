@@ -1,0 +1,282 @@
+//! Length-prefixed postcard frames: the only place messages are encoded and decoded.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of postcard. The length
+//! is checked against a hard cap before anything is allocated, so a peer cannot make us
+//! reserve memory by announcing a huge frame.
+
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The largest frame body either side accepts (64 KiB). Control and header messages are tiny;
+/// bulk data never travels in frames.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Size of the length prefix.
+const PREFIX: usize = 4;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The announced or encoded length exceeds the cap.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The cap in force.
+        max: usize,
+    },
+    /// The bytes are not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] postcard::Error),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// Reading or writing the stream failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes one message as a complete frame (prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, CodecError> {
+    let mut buf = BytesMut::new();
+    encode_into(msg, &mut buf)?;
+    Ok(buf.freeze())
+}
+
+fn encode_into<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+    let body = postcard::to_stdvec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(CodecError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
+    }
+    dst.reserve(PREFIX + body.len());
+    // The cap above keeps the length well inside u32.
+    dst.put_u32(body.len() as u32);
+    dst.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Decodes one frame body (without prefix). Used by the stream readers and the fuzz targets.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    if body.len() > MAX_FRAME {
+        return Err(CodecError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
+    }
+    let (msg, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(CodecError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
+    }
+    Ok(msg)
+}
+
+/// Reads exactly one frame. Returns `Ok(None)` if the stream ended cleanly before the first
+/// byte of a frame.
+///
+/// Not cancel-safe: dropping the future mid-frame loses the bytes read so far. Use it only
+/// where the whole stream is abandoned on cancellation (a header under a timeout), and
+/// [`FrameCodec`] inside `select!` loops.
+pub async fn read_frame<T, R>(reader: &mut R) -> Result<Option<T>, CodecError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut prefix = [0u8; PREFIX];
+    let mut filled = 0;
+    while filled < PREFIX {
+        let n = reader.read(&mut prefix[filled..]).await?;
+        if n == 0 {
+            return if filled == 0 {
+                Ok(None)
+            } else {
+                Err(CodecError::Truncated)
+            };
+        }
+        filled += n;
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(CodecError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            CodecError::Truncated
+        } else {
+            CodecError::Io(e)
+        }
+    })?;
+    decode_body(&body).map(Some)
+}
+
+/// A `tokio_util` codec for a stream of frames of one message type; its `FramedRead` is
+/// cancel-safe, so control loops can `select!` on it.
+#[derive(Debug)]
+pub struct FrameCodec<T> {
+    _msg: PhantomData<fn() -> T>,
+}
+
+impl<T> FrameCodec<T> {
+    /// A codec with the standard cap [`MAX_FRAME`].
+    pub fn new() -> Self {
+        FrameCodec { _msg: PhantomData }
+    }
+}
+
+impl<T> Default for FrameCodec<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: DeserializeOwned> tokio_util::codec::Decoder for FrameCodec<T> {
+    type Item = T;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<T>, CodecError> {
+        if src.len() < PREFIX {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; PREFIX];
+        prefix.copy_from_slice(&src[..PREFIX]);
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > MAX_FRAME {
+            return Err(CodecError::TooLarge {
+                len,
+                max: MAX_FRAME,
+            });
+        }
+        if src.len() < PREFIX + len {
+            src.reserve(PREFIX + len - src.len());
+            return Ok(None);
+        }
+        src.advance(PREFIX);
+        let body = src.split_to(len);
+        decode_body(&body).map(Some)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<T>, CodecError> {
+        match self.decode(src)? {
+            Some(msg) => Ok(Some(msg)),
+            None if src.is_empty() => Ok(None),
+            None => Err(CodecError::Truncated),
+        }
+    }
+}
+
+impl<T: Serialize> tokio_util::codec::Encoder<T> for FrameCodec<T> {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode_into(&item, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Control, DialFailure, Host, Open, OpenReply};
+    use tokio_util::codec::Decoder;
+
+    #[tokio::test]
+    async fn frames_round_trip_through_a_stream() {
+        let msgs = vec![
+            Open {
+                host: Host::Domain("jenkins.internal".into()),
+                port: 8080,
+            },
+            Open {
+                host: Host::Ip("10.0.0.1".parse().unwrap()),
+                port: 1,
+            },
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            wire.extend_from_slice(&encode(m).unwrap());
+        }
+        let mut reader = &wire[..];
+        for m in &msgs {
+            let got: Open = read_frame(&mut reader).await.unwrap().unwrap();
+            assert_eq!(&got, m);
+        }
+        assert!(read_frame::<Open, _>(&mut reader).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn malformed_inputs_are_refused() {
+        // (bytes, expected error kind)
+        let huge = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![0, 0], "truncated"),
+            (vec![0, 0, 0, 5, 1], "truncated"),
+            (huge.to_vec(), "too large"),
+            (u32::MAX.to_be_bytes().to_vec(), "too large"),
+            (vec![0, 0, 0, 1, 0xff], "malformed"),
+            (vec![0, 0, 0, 0], "malformed"),
+        ];
+        for (bytes, want) in cases {
+            let mut reader = &bytes[..];
+            let err = read_frame::<OpenReply, _>(&mut reader).await.unwrap_err();
+            let kind = match err {
+                CodecError::Truncated => "truncated",
+                CodecError::TooLarge { .. } => "too large",
+                CodecError::Malformed(_) => "malformed",
+                CodecError::Io(_) => "io",
+            };
+            assert_eq!(kind, want, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_inside_a_frame_are_refused() {
+        let mut body = postcard::to_stdvec(&Control::Ping { seq: 7 }).unwrap();
+        body.push(0);
+        assert!(decode_body::<Control>(&body).is_err());
+    }
+
+    #[test]
+    fn codec_waits_for_whole_frames_and_checks_length_first() {
+        let frame = encode(&OpenReply::Failed {
+            code: DialFailure::Refused,
+            message: "refused".into(),
+        })
+        .unwrap();
+        let mut codec = FrameCodec::<OpenReply>::new();
+        let mut buf = BytesMut::new();
+        for (i, b) in frame.iter().enumerate() {
+            buf.put_u8(*b);
+            let got = codec.decode(&mut buf).unwrap();
+            assert_eq!(got.is_some(), i == frame.len() - 1);
+        }
+        let mut big = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+        assert!(matches!(
+            codec.decode(&mut big),
+            Err(CodecError::TooLarge { .. })
+        ));
+        assert!(
+            big.capacity() < 1024,
+            "must not reserve for a refused frame"
+        );
+    }
+
+    #[test]
+    fn oversized_messages_are_not_encoded() {
+        let open = Open {
+            host: Host::Domain("a".repeat(MAX_FRAME + 1)),
+            port: 1,
+        };
+        assert!(matches!(encode(&open), Err(CodecError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,350 @@
+//! The messages hub and agent exchange, and the codes they close streams and connections with.
+//!
+//! Wire types only: no sockets here. Every message travels as one length-prefixed postcard
+//! frame (see [`codec`]). The control stream carries [`Control`] frames both ways; a tunnel
+//! stream starts with one [`Open`] from the hub and one [`OpenReply`] from the agent, then
+//! carries raw bytes.
+
+pub mod codec;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Secret;
+
+/// The protocol version this build speaks; carried in [`Hello`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN identifier of the hub–agent protocol.
+pub const ALPN: &[u8] = b"rna/1";
+
+/// The first message of a session, sent by the agent on the control stream.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the agent speaks; the hub refuses versions it does not know.
+    pub protocol: u16,
+    /// Agent identifier; must equal the common name of the agent's certificate.
+    pub name: String,
+    /// The agent's build version, shown on the hub.
+    pub version: String,
+    /// Operating system (`std::env::consts::OS`).
+    pub os: String,
+    /// CPU architecture (`std::env::consts::ARCH`).
+    pub arch: String,
+    /// What the agent can do beyond TCP relaying (e.g. `kubernetes`).
+    pub capabilities: Vec<String>,
+    /// The agent's machine credential; needs scope `connect:agentHub`.
+    pub token: Secret,
+}
+
+impl fmt::Debug for Hello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hello")
+            .field("protocol", &self.protocol)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("os", &self.os)
+            .field("arch", &self.arch)
+            .field("capabilities", &self.capabilities)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+/// The hub's acceptance of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Identifier of this session on this hub, for logs on both sides.
+    pub session_id: u64,
+    /// How often each side sends a heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Silence longer than this (milliseconds) closes the connection.
+    pub heartbeat_timeout_ms: u64,
+    /// The tenant the agent was placed in (from its token).
+    pub tenant: String,
+}
+
+/// Messages of the control stream, in both directions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Control {
+    /// Agent → hub, first frame.
+    Hello(Hello),
+    /// Hub → agent: the session is established.
+    Welcome(Welcome),
+    /// Hub → agent: the session is refused; the hub then closes the connection with `code`.
+    Rejected {
+        /// The close code the hub is about to use.
+        code: CloseCode,
+        /// A human-readable reason (never contains secrets).
+        reason: String,
+    },
+    /// A heartbeat; the peer answers with [`Control::Pong`] carrying the same sequence.
+    Ping {
+        /// Sequence number, echoed in the answer.
+        seq: u64,
+    },
+    /// The answer to a [`Control::Ping`].
+    Pong {
+        /// The sequence number of the ping answered.
+        seq: u64,
+    },
+}
+
+/// Where a tunnel stream should lead. Names are resolved by the agent, never by the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Host {
+    /// A literal address.
+    Ip(IpAddr),
+    /// A DNS name, resolved inside the private network.
+    Domain(String),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Domain(name) => f.write_str(name),
+        }
+    }
+}
+
+/// The header of a tunnel stream, hub → agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    /// Destination host.
+    pub host: Host,
+    /// Destination TCP port (never 0).
+    pub port: u16,
+}
+
+/// The agent's answer to [`Open`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenReply {
+    /// Connected; raw bytes follow in both directions.
+    Opened {
+        /// The local address of the agent's TCP connection (SOCKS BND.ADDR).
+        bound: SocketAddr,
+    },
+    /// Not connected; the stream ends after this frame.
+    Failed {
+        /// Why, as a code the hub maps to a SOCKS5 reply.
+        code: DialFailure,
+        /// A readable detail for logs (no secrets).
+        message: String,
+    },
+}
+
+/// Why the agent could not connect a tunnel stream. Each maps to one SOCKS5 reply (RFC 1928 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DialFailure {
+    /// The agent's policy refuses the destination: reply 0x02.
+    NotAllowed,
+    /// No route to the network: reply 0x03.
+    NetworkUnreachable,
+    /// The host cannot be reached or its name does not resolve: reply 0x04.
+    HostUnreachable,
+    /// The destination refused the connection: reply 0x05.
+    Refused,
+    /// The dial did not complete in time: reply 0x06.
+    TimedOut,
+    /// Anything else: reply 0x01.
+    General,
+}
+
+impl DialFailure {
+    /// The SOCKS5 reply code (RFC 1928 §6) for this failure.
+    pub fn socks_reply(self) -> u8 {
+        match self {
+            DialFailure::General => 0x01,
+            DialFailure::NotAllowed => 0x02,
+            DialFailure::NetworkUnreachable => 0x03,
+            DialFailure::HostUnreachable => 0x04,
+            DialFailure::Refused => 0x05,
+            DialFailure::TimedOut => 0x06,
+        }
+    }
+}
+
+/// QUIC application error codes used to close agent connections.
+///
+/// They convert to and from `quinn::VarInt`, so the agent learns exactly why it was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CloseCode {
+    /// Orderly end of a session.
+    Normal,
+    /// The peer broke the protocol (bad frame, unexpected message).
+    Protocol,
+    /// The agent speaks a protocol version the hub does not.
+    VersionMismatch,
+    /// The name in Hello is not a valid agent identifier.
+    BadName,
+    /// The name in Hello differs from the certificate's subject.
+    CertificateMismatch,
+    /// The token is malformed or unknown.
+    BadToken,
+    /// The token was revoked.
+    TokenRevoked,
+    /// The token has expired.
+    TokenExpired,
+    /// The token lacks scope `connect:agentHub`.
+    MissingScope,
+    /// No heartbeat within the limit.
+    HeartbeatTimeout,
+    /// The hub is shutting down; connect to another hub.
+    GoingAway,
+    /// The handshake did not complete in time.
+    HandshakeTimeout,
+}
+
+impl CloseCode {
+    /// Every code, for tests and documentation.
+    pub const ALL: [CloseCode; 12] = [
+        CloseCode::Normal,
+        CloseCode::Protocol,
+        CloseCode::VersionMismatch,
+        CloseCode::BadName,
+        CloseCode::CertificateMismatch,
+        CloseCode::BadToken,
+        CloseCode::TokenRevoked,
+        CloseCode::TokenExpired,
+        CloseCode::MissingScope,
+        CloseCode::HeartbeatTimeout,
+        CloseCode::GoingAway,
+        CloseCode::HandshakeTimeout,
+    ];
+
+    /// The numeric QUIC application error code.
+    pub fn code(self) -> u32 {
+        match self {
+            CloseCode::Normal => 0x00,
+            CloseCode::Protocol => 0x01,
+            CloseCode::VersionMismatch => 0x02,
+            CloseCode::BadName => 0x03,
+            CloseCode::CertificateMismatch => 0x04,
+            CloseCode::BadToken => 0x10,
+            CloseCode::TokenRevoked => 0x11,
+            CloseCode::TokenExpired => 0x12,
+            CloseCode::MissingScope => 0x13,
+            CloseCode::HeartbeatTimeout => 0x20,
+            CloseCode::GoingAway => 0x21,
+            CloseCode::HandshakeTimeout => 0x22,
+        }
+    }
+
+    /// The code for a numeric value, if known.
+    pub fn from_code(code: u64) -> Option<CloseCode> {
+        CloseCode::ALL
+            .into_iter()
+            .find(|c| u64::from(c.code()) == code)
+    }
+
+    /// A short stable name, used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseCode::Normal => "normal",
+            CloseCode::Protocol => "protocol_error",
+            CloseCode::VersionMismatch => "version_mismatch",
+            CloseCode::BadName => "bad_name",
+            CloseCode::CertificateMismatch => "certificate_mismatch",
+            CloseCode::BadToken => "bad_token",
+            CloseCode::TokenRevoked => "token_revoked",
+            CloseCode::TokenExpired => "token_expired",
+            CloseCode::MissingScope => "missing_scope",
+            CloseCode::HeartbeatTimeout => "heartbeat_timeout",
+            CloseCode::GoingAway => "going_away",
+            CloseCode::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    /// Whether an agent closed with this code should wait long before trying again: the
+    /// hub will refuse it the same way until an operator changes something.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            CloseCode::VersionMismatch
+                | CloseCode::BadName
+                | CloseCode::CertificateMismatch
+                | CloseCode::BadToken
+                | CloseCode::TokenRevoked
+                | CloseCode::TokenExpired
+                | CloseCode::MissingScope
+        )
+    }
+}
+
+impl fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (0x{:02x})", self.as_str(), self.code())
+    }
+}
+
+impl From<CloseCode> for quinn::VarInt {
+    fn from(code: CloseCode) -> Self {
+        quinn::VarInt::from_u32(code.code())
+    }
+}
+
+/// QUIC application error codes used to reset or stop one tunnel stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCode {
+    /// The TCP side failed or was reset; the peer should reset its TCP side too.
+    Reset = 0x100,
+    /// The stream header was malformed.
+    BadHeader = 0x101,
+    /// The hub or agent is shutting down.
+    Shutdown = 0x102,
+}
+
+impl From<StreamCode> for quinn::VarInt {
+    fn from(code: StreamCode) -> Self {
+        quinn::VarInt::from_u32(code as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for code in CloseCode::ALL {
+            assert!(seen.insert(code.code()), "duplicate code {code}");
+            assert_eq!(CloseCode::from_code(u64::from(code.code())), Some(code));
+        }
+        assert_eq!(CloseCode::from_code(0xffff), None);
+    }
+
+    #[test]
+    fn dial_failures_map_to_rfc1928_replies() {
+        let table = [
+            (DialFailure::General, 0x01),
+            (DialFailure::NotAllowed, 0x02),
+            (DialFailure::NetworkUnreachable, 0x03),
+            (DialFailure::HostUnreachable, 0x04),
+            (DialFailure::Refused, 0x05),
+            (DialFailure::TimedOut, 0x06),
+        ];
+        for (failure, reply) in table {
+            assert_eq!(failure.socks_reply(), reply, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn hello_debug_masks_the_token() {
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            name: "a".into(),
+            version: "1".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            capabilities: vec![],
+            token: Secret::new("rna_supersecret".into()),
+        };
+        let text = format!("{hello:?}");
+        assert!(!text.contains("supersecret"), "{text}");
+    }
+}

@@ -1,0 +1,518 @@
+//! Test support: a PKI made per test, a hub and agents in-process on port 0, destination
+//! servers, and a raw SOCKS5 client that exposes reply codes.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use rna::agent::{Agent, AgentConfig, AgentHandle, HubTarget, Policy};
+use rna::auth::{Scope, Secret, TokenStore};
+use rna::certs::Ca;
+use rna::hub::{Hub, HubConfig, HubHandle};
+use rna::transport::control::Heartbeat;
+use rna::transport::{ClientTls, ServerTls};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound on any wait in a test; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Waits for `fut` at most [`WAIT`], failing the test with `what` otherwise.
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// A running hub with its PKI and token store.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub tokens: PathBuf,
+    pub hub: HubHandle,
+    pub quic: SocketAddr,
+    pub socks: SocketAddr,
+    pub api: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), rna::hub::HubError>>>,
+}
+
+/// Heartbeats fast enough that dead agents are noticed within about a second.
+pub fn fast_heartbeat() -> Heartbeat {
+    Heartbeat {
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(1200),
+    }
+}
+
+impl World {
+    /// Starts a hub on 127.0.0.1:0 with an empty token store.
+    pub async fn start() -> World {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a hub after `tune` adjusts its configuration.
+    pub async fn start_with(tune: impl FnOnce(&mut HubConfig)) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("rna test CA").unwrap();
+        let hub_cert = ca
+            .issue_hub(&["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+        let tokens = dir.path().join("tokens.toml");
+        TokenStore::default().save(&tokens).unwrap();
+        let tls = ServerTls::from_pem(&ca.cert_pem(), &hub_cert.cert_pem, &hub_cert.key_pem).unwrap();
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = HubConfig::new(local, local, tls, tokens.clone());
+        config.api = Some(local);
+        config.heartbeat = fast_heartbeat();
+        config.grace = Duration::from_secs(5);
+        config.token_poll = Duration::from_millis(100);
+        tune(&mut config);
+        let hub = Hub::bind(config).await.unwrap();
+        let (quic, socks) = (hub.quic_addr(), hub.socks_addr());
+        let api = hub.api_addr().unwrap();
+        let handle = hub.handle();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(hub.run(shutdown.clone()));
+        World {
+            dir,
+            ca,
+            tokens,
+            hub: handle,
+            quic,
+            socks,
+            api,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Creates a token in the store, makes the hub reload, and returns the token text.
+    pub fn token(&self, tenant: &str, scopes: &[Scope]) -> String {
+        self.token_with_ttl(tenant, scopes, None)
+    }
+
+    /// Like [`token`](Self::token) with an expiry.
+    pub fn token_with_ttl(&self, tenant: &str, scopes: &[Scope], ttl: Option<Duration>) -> String {
+        let mut store = TokenStore::load(&self.tokens).unwrap();
+        let (secret, _) = store
+            .create(tenant.parse().unwrap(), scopes.to_vec(), ttl, Some("test".into()), SystemTime::now())
+            .unwrap();
+        store.save(&self.tokens).unwrap();
+        self.hub.reload_tokens().unwrap();
+        secret.expose().to_string()
+    }
+
+    /// Revokes a token by its text and reloads the hub.
+    pub fn revoke(&self, token: &str) {
+        let id = token.split('_').nth(1).unwrap().to_string();
+        let mut store = TokenStore::load(&self.tokens).unwrap();
+        store.revoke(&id).unwrap();
+        store.save(&self.tokens).unwrap();
+        self.hub.reload_tokens().unwrap();
+    }
+
+    /// A token for agent registration and SOCKS use in `tenant`.
+    pub fn agent_token(&self, tenant: &str) -> String {
+        self.token(tenant, &[Scope::ConnectAgentHub, Scope::Proxy])
+    }
+
+    /// An agent configuration with a certificate for `name`, allowed to dial loopback.
+    pub fn agent_config(&self, name: &str, token: &str) -> AgentConfig {
+        let cert = self.ca.issue_agent(name).unwrap();
+        let tls = ClientTls::from_pem(&self.ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+        self.agent_config_with_tls(name, token, tls)
+    }
+
+    /// An agent configuration with the given TLS material.
+    pub fn agent_config_with_tls(&self, name: &str, token: &str, tls: ClientTls) -> AgentConfig {
+        let target = HubTarget {
+            host: "127.0.0.1".into(),
+            port: self.quic.port(),
+        };
+        let mut config = AgentConfig::new(vec![target], name.into(), tls, Secret::new(token.into()));
+        config.policy = Policy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
+        config.backoff.min = Duration::from_millis(50);
+        config.backoff.max = Duration::from_millis(500);
+        config.backoff.refused = Duration::from_millis(200);
+        config.dial_timeout = Duration::from_secs(3);
+        config
+    }
+
+    /// Starts an agent in-process.
+    pub fn spawn_agent(&self, config: AgentConfig) -> TestAgent {
+        let agent = Agent::new(config).unwrap();
+        let handle = agent.handle();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        TestAgent {
+            handle,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Starts an agent and waits until the hub has registered `count` sessions of it.
+    pub async fn connect_agent(&self, tenant: &str, name: &str, token: &str, count: usize) -> TestAgent {
+        let agent = self.spawn_agent(self.agent_config(name, token));
+        self.wait_sessions(tenant, name, count).await;
+        agent
+    }
+
+    /// Waits until the hub has exactly `count` sessions of (tenant, name).
+    pub async fn wait_sessions(&self, tenant: &str, name: &str, count: usize) {
+        let tenant: rna::auth::Tenant = tenant.parse().unwrap();
+        within(&format!("{count} sessions of {name}"), self.hub.registry().wait_until(|r| {
+            r.count(&tenant, name) == count
+        }))
+        .await;
+    }
+
+    /// Writes the files a real `rna agent` process needs and returns its arguments.
+    pub fn agent_process_args(&self, name: &str, token: &str) -> Vec<String> {
+        let dir = self.dir.path();
+        let cert = self.ca.issue_agent(name).unwrap();
+        let write = |file: &str, text: &str| {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let ca = write("ca.pem", &self.ca.cert_pem());
+        let cert_path = write(&format!("agent-{name}.pem"), &cert.cert_pem);
+        let key_path = write(&format!("agent-{name}-key.pem"), &cert.key_pem);
+        let token_path = write(&format!("token-{name}.txt"), token);
+        vec![
+            "agent".into(),
+            "--hub".into(),
+            format!("127.0.0.1:{}", self.quic.port()),
+            "--name".into(),
+            name.into(),
+            "--ca".into(),
+            ca,
+            "--cert".into(),
+            cert_path,
+            "--key".into(),
+            key_path,
+            "--token-file".into(),
+            token_path,
+            "--allow".into(),
+            "127.0.0.0/8".into(),
+        ]
+    }
+
+    /// Stops the hub and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            within("hub shutdown", task).await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An in-process agent.
+pub struct TestAgent {
+    pub handle: AgentHandle,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), rna::agent::AgentError>>,
+}
+
+impl TestAgent {
+    /// Stops the agent and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within("agent shutdown", self.task).await.unwrap().unwrap();
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The byte at offset `i` of the deterministic test payload.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(2654435761) >> 13) as u8 ^ (i as u8)
+}
+
+/// The deterministic payload of `len` bytes.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u64).map(pattern_byte).collect()
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A small HTTP/1.1 server: `GET /bytes/N` answers N pattern bytes; `POST /sha256` answers the
+/// hex SHA-256 of the body. One request per connection.
+pub async fn http_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(serve_http(stream));
+        }
+    });
+    addr
+}
+
+async fn serve_http(mut stream: TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+        if head.len() > 16 * 1024 {
+            return;
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let mut lines = head.lines();
+    let request = lines.next().unwrap_or_default().to_string();
+    let mut content_length = 0usize;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let parts: Vec<&str> = request.split_whitespace().collect();
+    let (method, path) = (parts.first().copied().unwrap_or(""), parts.get(1).copied().unwrap_or(""));
+    if method == "GET" {
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            let n: u64 = n.parse().unwrap_or(0);
+            let header = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            );
+            if stream.write_all(header.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut offset = 0u64;
+            let mut chunk = Vec::with_capacity(64 * 1024);
+            while offset < n {
+                chunk.clear();
+                let end = (offset + 64 * 1024).min(n);
+                chunk.extend((offset..end).map(pattern_byte));
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                offset = end;
+            }
+            let _ = stream.shutdown().await;
+            return;
+        }
+        let body = "hello from the private network\n";
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    if method == "POST" || method == "PUT" {
+        let mut hasher = Sha256::new();
+        let mut left = content_length;
+        let mut buf = vec![0u8; 64 * 1024];
+        while left > 0 {
+            let want = left.min(buf.len());
+            match stream.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    left -= n;
+                }
+            }
+        }
+        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
+            digest.len()
+        );
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// A TCP server that reads until EOF, then answers `N <sha256>` of what it read and closes.
+pub async fn half_close_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                if stream.read_to_end(&mut data).await.is_err() {
+                    return;
+                }
+                // Answer after the client's FIN: only possible if half-close was kept.
+                let answer = format!("{} {}\n", data.len(), sha256_hex(&data));
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.write_all(&pattern(1 << 20)).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP server that sends some bytes, then resets the connection (zero linger).
+pub async fn reset_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"partial").await;
+                let _ = stream.set_zero_linger();
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Destination forms for [`socks_connect`].
+pub enum Dest<'a> {
+    Ip(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// A raw SOCKS5 client (RFC 1928/1929): returns the connected stream or the reply code. An
+/// authentication refusal is reported as `Err(0xff)`.
+pub async fn socks_connect(
+    socks: SocketAddr,
+    user: &str,
+    password: &str,
+    dest: Dest<'_>,
+) -> Result<TcpStream, u8> {
+    socks_command(socks, user, password, 0x01, dest).await
+}
+
+/// Like [`socks_connect`] with any command byte (0x02 BIND, 0x03 UDP ASSOCIATE).
+pub async fn socks_command(
+    socks: SocketAddr,
+    user: &str,
+    password: &str,
+    command: u8,
+    dest: Dest<'_>,
+) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 2], "server must choose user/password");
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(password.len() as u8);
+    auth.extend_from_slice(password.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    let mut status = [0u8; 2];
+    s.read_exact(&mut status).await.unwrap();
+    if status[1] != 0 {
+        return Err(0xff);
+    }
+    let mut req = vec![5, command, 0];
+    match dest {
+        Dest::Ip(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Dest::Ip(SocketAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Dest::Name(name, port) => {
+            req.push(3);
+            req.push(name.len() as u8);
+            req.extend_from_slice(name.as_bytes());
+            req.extend_from_slice(&port.to_be_bytes());
+        }
+    }
+    s.write_all(&req).await.unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 5);
+    let addr_len = match head[3] {
+        1 => 4,
+        4 => 16,
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l).await.unwrap();
+            l[0] as usize
+        }
+        other => panic!("bad reply address type {other}"),
+    };
+    let mut rest = vec![0u8; addr_len + 2];
+    s.read_exact(&mut rest).await.unwrap();
+    if head[1] != 0 {
+        return Err(head[1]);
+    }
+    Ok(s)
+}
+
+/// Whether `curl` is installed.
+pub fn have_curl() -> bool {
+    std::process::Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Runs curl through the hub's SOCKS5 front; returns (exit code, stdout).
+pub async fn curl(socks: SocketAddr, user: &str, token: &str, args: &[&str]) -> (i32, Vec<u8>) {
+    assert!(have_curl(), "curl must be installed (.ci/run installs it)");
+    let proxy = format!("socks5h://{user}:{token}@{socks}");
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--proxy", &proxy])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("curl stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.code().unwrap_or(-1), out.stdout)
+}
+
+/// Reads a file fully.
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
