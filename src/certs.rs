@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// One day, the backdating of `not_before` that absorbs clock skew between machines.
 const SKEW: Duration = Duration::from_secs(24 * 60 * 60);
-/// The CA lives ten years: re-keying every agent is expensive, and the CA key stays offline.
+/// The CA lives ten years from its creation: replacing it means re-issuing every certificate.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// Leaf certificates live 825 days, the longest validity clients commonly still accept.
 const LEAF_VALIDITY: Duration = Duration::from_secs(825 * 24 * 60 * 60);
@@ -26,7 +26,7 @@ const LAST_X509_SECOND: u64 = 253_402_300_799;
 /// The longest agent name: one DNS label, so names fit in host names and SNI-like places.
 const MAX_AGENT_NAME: usize = 63;
 
-/// File names inside a certificate directory, shared by `init_dir` and `issue_agent_files`.
+// File names inside a certificate directory, shared by `init_dir` and `issue_agent_files`.
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca-key.pem";
 const HUB_CERT_FILE: &str = "hub.pem";
@@ -127,7 +127,7 @@ impl fmt::Debug for Ca {
 
 impl Ca {
     /// Makes a new self-signed CA: ECDSA P-256, may sign leaf certificates only (path length 0),
-    /// valid from one day ago for ten years.
+    /// valid from one day ago until ten years from now.
     pub fn generate(common_name: &str) -> Result<Ca, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -138,9 +138,8 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = SystemTime::now();
-        let not_before = now.checked_sub(SKEW).ok_or(CertError::Validity("clock"))?;
-        set_validity(&mut params, not_before, now + CA_VALIDITY)?;
+        let (not_before, not_after) = window_from_now(CA_VALIDITY.saturating_add(SKEW))?;
+        set_validity(&mut params, not_before, not_after)?;
         let cert = params.self_signed(&key)?;
         Ok(Ca {
             issuer: Issuer::new(params, key),
@@ -217,17 +216,15 @@ impl Ca {
         params.distinguished_name = subject(first);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = SystemTime::now();
-        let not_before = now.checked_sub(SKEW).ok_or(CertError::Validity("clock"))?;
-        self.issue_leaf(params, not_before, not_before + LEAF_VALIDITY)
+        let (not_before, not_after) = window_from_now(LEAF_VALIDITY)?;
+        self.issue_leaf(params, not_before, not_after)
     }
 
     /// Agent client cert: subject CN = agent name (validated `^[A-Za-z0-9_-]{1,63}$`, else
     /// `BadName`), EKU ClientAuth; validity 825 days.
     pub fn issue_agent(&self, name: &str) -> Result<IssuedCert, CertError> {
-        let now = SystemTime::now();
-        let not_before = now.checked_sub(SKEW).ok_or(CertError::Validity("clock"))?;
-        self.issue_agent_with_validity(name, not_before, not_before + LEAF_VALIDITY)
+        let (not_before, not_after) = window_from_now(LEAF_VALIDITY)?;
+        self.issue_agent_with_validity(name, not_before, not_after)
     }
 
     /// Like issue_agent but with an explicit validity window (for tests of expired certificates).
@@ -264,6 +261,14 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// A validity window that starts one day ago (clock skew) and lasts `validity`.
+fn window_from_now(validity: Duration) -> Result<(SystemTime, SystemTime), CertError> {
+    let clock = || CertError::Validity("the system clock is out of range");
+    let not_before = SystemTime::now().checked_sub(SKEW).ok_or_else(clock)?;
+    let not_after = not_before.checked_add(validity).ok_or_else(clock)?;
+    Ok((not_before, not_after))
 }
 
 /// A subject with only a common name (rcgen's default carries a placeholder CN).
@@ -350,8 +355,8 @@ pub fn init_dir(dir: &Path, hub_names: &[String], force: bool) -> Result<Vec<Pat
     Ok(paths)
 }
 
-/// `rna certs agent`: loads dir/ca.pem + dir/ca-key.pem, writes agent-<name>.pem and
-/// agent-<name>-key.pem (key at mode 0600). Returns (cert path, key path).
+/// `rna certs agent`: loads `dir/ca.pem` + `dir/ca-key.pem`, writes `agent-<name>.pem` and
+/// `agent-<name>-key.pem` (key at mode 0600). Returns (cert path, key path).
 pub fn issue_agent_files(
     dir: &Path,
     name: &str,

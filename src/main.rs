@@ -124,7 +124,7 @@ struct HubTuning {
     #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     socks_greeting_timeout: Duration,
     /// SOCKS connections one client IP may have in the greeting at once.
-    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP", default_value_t = 64)]
+    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP", default_value_t = 256)]
     socks_half_open_per_ip: usize,
     /// Tunnel streams the hub may open to one agent connection at once.
     #[arg(long, env = "RNA_MAX_STREAMS", default_value_t = 16_384)]

@@ -52,13 +52,13 @@ impl FromStr for HubTarget {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("invalid hub address {s:?}: expected host:port");
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        if host.is_empty() || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
-            return Err(bad());
-        }
+        let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            // An IPv6 literal needs brackets, or its last group would read as the port.
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            Some(_) => return Err(bad()),
+            None if host.is_empty() || host.contains(':') => return Err(bad()),
+            None => host,
+        };
         let port: u16 = port.parse().map_err(|_| bad())?;
         if port == 0 {
             return Err(bad());

@@ -1151,7 +1151,13 @@ mod tests {
     fn denial_messages_read_well() {
         let policy = Policy::new(vec![], rules(&["10.9.0.0/16"]));
         let table = [
-            ("169.254.169.254:80", "169.254.169.254 is a cloud metadata address, denied unless an allow rule names its network"),
+            (
+                "169.254.169.254:80",
+                concat!(
+                    "169.254.169.254 is a cloud metadata address, ",
+                    "denied unless an allow rule names its network"
+                ),
+            ),
             ("10.9.0.1:80", "denied by rule 10.9.0.0/16"),
             ("10.0.0.1:0", "port 0 cannot be dialed"),
         ];

@@ -80,7 +80,7 @@ impl Default for SocksLimits {
     fn default() -> Self {
         SocksLimits {
             greeting_timeout: Duration::from_secs(10),
-            half_open_per_ip: 64,
+            half_open_per_ip: 256,
             half_open_total: 4096,
         }
     }

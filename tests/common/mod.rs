@@ -30,6 +30,16 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     }
 }
 
+/// Logs to the test output when RUST_LOG is set.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A running hub with its PKI and token store.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -59,6 +69,7 @@ impl World {
 
     /// Starts a hub after `tune` adjusts its configuration.
     pub async fn start_with(tune: impl FnOnce(&mut HubConfig)) -> World {
+        init_logs();
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::generate("rna test CA").unwrap();
         let hub_cert = ca
@@ -66,7 +77,8 @@ impl World {
             .unwrap();
         let tokens = dir.path().join("tokens.toml");
         TokenStore::default().save(&tokens).unwrap();
-        let tls = ServerTls::from_pem(&ca.cert_pem(), &hub_cert.cert_pem, &hub_cert.key_pem).unwrap();
+        let tls =
+            ServerTls::from_pem(&ca.cert_pem(), &hub_cert.cert_pem, &hub_cert.key_pem).unwrap();
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let mut config = HubConfig::new(local, local, tls, tokens.clone());
         config.api = Some(local);
@@ -102,7 +114,13 @@ impl World {
     pub fn token_with_ttl(&self, tenant: &str, scopes: &[Scope], ttl: Option<Duration>) -> String {
         let mut store = TokenStore::load(&self.tokens).unwrap();
         let (secret, _) = store
-            .create(tenant.parse().unwrap(), scopes.to_vec(), ttl, Some("test".into()), SystemTime::now())
+            .create(
+                tenant.parse().unwrap(),
+                scopes.to_vec(),
+                ttl,
+                Some("test".into()),
+                SystemTime::now(),
+            )
             .unwrap();
         store.save(&self.tokens).unwrap();
         self.hub.reload_tokens().unwrap();
@@ -136,7 +154,8 @@ impl World {
             host: "127.0.0.1".into(),
             port: self.quic.port(),
         };
-        let mut config = AgentConfig::new(vec![target], name.into(), tls, Secret::new(token.into()));
+        let mut config =
+            AgentConfig::new(vec![target], name.into(), tls, Secret::new(token.into()));
         config.policy = Policy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
         config.backoff.min = Duration::from_millis(50);
         config.backoff.max = Duration::from_millis(500);
@@ -154,12 +173,18 @@ impl World {
         TestAgent {
             handle,
             shutdown,
-            task,
+            task: Some(task),
         }
     }
 
     /// Starts an agent and waits until the hub has registered `count` sessions of it.
-    pub async fn connect_agent(&self, tenant: &str, name: &str, token: &str, count: usize) -> TestAgent {
+    pub async fn connect_agent(
+        &self,
+        tenant: &str,
+        name: &str,
+        token: &str,
+        count: usize,
+    ) -> TestAgent {
         let agent = self.spawn_agent(self.agent_config(name, token));
         self.wait_sessions(tenant, name, count).await;
         agent
@@ -168,9 +193,12 @@ impl World {
     /// Waits until the hub has exactly `count` sessions of (tenant, name).
     pub async fn wait_sessions(&self, tenant: &str, name: &str, count: usize) {
         let tenant: rna::auth::Tenant = tenant.parse().unwrap();
-        within(&format!("{count} sessions of {name}"), self.hub.registry().wait_until(|r| {
-            r.count(&tenant, name) == count
-        }))
+        within(
+            &format!("{count} sessions of {name}"),
+            self.hub
+                .registry()
+                .wait_until(|r| r.count(&tenant, name) == count),
+        )
         .await;
     }
 
@@ -225,14 +253,16 @@ impl Drop for World {
 pub struct TestAgent {
     pub handle: AgentHandle,
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<Result<(), rna::agent::AgentError>>,
+    pub task: Option<JoinHandle<Result<(), rna::agent::AgentError>>>,
 }
 
 impl TestAgent {
     /// Stops the agent and waits for it.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        within("agent shutdown", self.task).await.unwrap().unwrap();
+        if let Some(task) = self.task.take() {
+            within("agent shutdown", task).await.unwrap().unwrap();
+        }
     }
 }
 
@@ -267,7 +297,9 @@ pub async fn http_server() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(serve_http(stream));
         }
     });
@@ -298,7 +330,10 @@ async fn serve_http(mut stream: TcpStream) {
         }
     }
     let parts: Vec<&str> = request.split_whitespace().collect();
-    let (method, path) = (parts.first().copied().unwrap_or(""), parts.get(1).copied().unwrap_or(""));
+    let (method, path) = (
+        parts.first().copied().unwrap_or(""),
+        parts.get(1).copied().unwrap_or(""),
+    );
     if method == "GET" {
         if let Some(n) = path.strip_prefix("/bytes/") {
             let n: u64 = n.parse().unwrap_or(0);
@@ -345,7 +380,11 @@ async fn serve_http(mut stream: TcpStream) {
                 }
             }
         }
-        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let digest: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{digest}",
             digest.len()
@@ -361,7 +400,9 @@ pub async fn half_close_server() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut data = Vec::new();
                 if stream.read_to_end(&mut data).await.is_err() {
@@ -384,7 +425,9 @@ pub async fn reset_server() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = [0u8; 16];
                 let _ = stream.read(&mut buf).await;
