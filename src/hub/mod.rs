@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) next_session: AtomicU64,
     /// Set on shutdown: `/readyz` answers 503 and no new streams are opened.
     pub(crate) draining: AtomicBool,
+    /// Bumped after every successful token reload, so callers can wait for one.
+    pub(crate) reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -158,6 +160,7 @@ impl Shared {
         match &reloaded {
             Ok(true) => {
                 self.metrics.token_reload(true);
+                self.reloads.send_modify(|n| *n += 1);
                 let store = self.tokens.current();
                 let now = std::time::SystemTime::now();
                 info!(tokens = store.len(), "token store reloaded");
@@ -196,6 +199,11 @@ impl HubHandle {
     /// Metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// Successful token reloads so far; `changed()` on the receiver waits for the next.
+    pub fn token_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.reloads.subscribe()
     }
 
     /// Re-reads the token store now (SIGHUP); sessions of revoked tokens are closed.
@@ -249,6 +257,7 @@ impl Hub {
             tokens,
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
+            reloads: tokio::sync::watch::Sender::new(0),
         });
         Ok(Hub {
             shared,

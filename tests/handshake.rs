@@ -1,0 +1,211 @@
+//! Agent registration: every refusal has its own close code and metric, and refused agents do
+//! not disturb the agents that are allowed in.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use rna::agent::SessionError;
+use rna::auth::{Scope, TokenStore};
+use rna::certs::Ca;
+use rna::proto::CloseCode;
+use rna::transport::ClientTls;
+
+const TENANT: &str = "acme/prod";
+
+/// Starts an agent and waits for its first refusal.
+async fn refusal(world: &World, config: rna::agent::AgentConfig) -> SessionError {
+    let agent = world.spawn_agent(config);
+    let status = within(
+        "a refusal",
+        agent.handle.wait_until(|s| s.last_error.is_some()),
+    )
+    .await;
+    assert_eq!(
+        status.sessions_total, 0,
+        "a refused agent must never get a session"
+    );
+    agent.stop().await;
+    status.last_error.unwrap()
+}
+
+fn rejected_code(err: &SessionError) -> CloseCode {
+    match err {
+        SessionError::Rejected { code, .. } => *code,
+        other => panic!("expected a typed rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_agents_get_precise_codes_and_good_agents_still_connect() {
+    let world = World::start().await;
+    let good = world.agent_token(TENANT);
+    let _ok = world.connect_agent(TENANT, "good-agent", &good, 1).await;
+
+    // A certificate from another CA: TLS refuses it before any message.
+    let other_ca = Ca::generate("someone else's CA").unwrap();
+    let foreign = other_ca.issue_agent("intruder").unwrap();
+    let tls =
+        ClientTls::from_pem(&world.ca.cert_pem(), &foreign.cert_pem, &foreign.key_pem).unwrap();
+    let err = refusal(&world, world.agent_config_with_tls("intruder", &good, tls)).await;
+    assert!(matches!(err, SessionError::Tls(_)), "{err:?}");
+    assert!(world.hub.metrics().handshake_failures("tls") >= 1);
+
+    // An expired certificate from the right CA.
+    let now = SystemTime::now();
+    let expired = world
+        .ca
+        .issue_agent_with_validity(
+            "stale",
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(3600),
+        )
+        .unwrap();
+    let tls =
+        ClientTls::from_pem(&world.ca.cert_pem(), &expired.cert_pem, &expired.key_pem).unwrap();
+    let err = refusal(&world, world.agent_config_with_tls("stale", &good, tls)).await;
+    assert!(matches!(err, SessionError::Tls(_)), "{err:?}");
+
+    // A certificate that names a different agent.
+    let other_name = world.ca.issue_agent("someone-else").unwrap();
+    let tls = ClientTls::from_pem(
+        &world.ca.cert_pem(),
+        &other_name.cert_pem,
+        &other_name.key_pem,
+    )
+    .unwrap();
+    let err = refusal(&world, world.agent_config_with_tls("impostor", &good, tls)).await;
+    assert_eq!(rejected_code(&err), CloseCode::CertificateMismatch, "{err}");
+    assert_eq!(
+        world
+            .hub
+            .metrics()
+            .handshake_failures("certificate_mismatch"),
+        1
+    );
+
+    // A token without connect:agentHub.
+    let proxy_only = world.token(TENANT, &[Scope::Proxy]);
+    let err = refusal(&world, world.agent_config("no-scope", &proxy_only)).await;
+    assert_eq!(rejected_code(&err), CloseCode::MissingScope, "{err}");
+    assert!(err.to_string().contains("connect:agentHub"), "{err}");
+
+    // An expired token: created an hour ago with a one-minute lifetime.
+    let expired_token = {
+        let mut store = TokenStore::load(&world.tokens).unwrap();
+        let (secret, _) = store
+            .create(
+                TENANT.parse().unwrap(),
+                vec![Scope::ConnectAgentHub],
+                Some(Duration::from_secs(60)),
+                None,
+                SystemTime::now() - Duration::from_secs(3600),
+            )
+            .unwrap();
+        store.save(&world.tokens).unwrap();
+        world.hub.reload_tokens().unwrap();
+        secret.expose().to_string()
+    };
+    let err = refusal(&world, world.agent_config("expired", &expired_token)).await;
+    assert_eq!(rejected_code(&err), CloseCode::TokenExpired, "{err}");
+
+    // A revoked token.
+    let revoked = world.agent_token(TENANT);
+    world.revoke(&revoked);
+    let err = refusal(&world, world.agent_config("revoked", &revoked)).await;
+    assert_eq!(rejected_code(&err), CloseCode::TokenRevoked, "{err}");
+
+    // A token that is not one.
+    let err = refusal(&world, world.agent_config("garbage", "rna_not_a_token")).await;
+    assert_eq!(rejected_code(&err), CloseCode::BadToken, "{err}");
+
+    let m = world.hub.metrics();
+    for (label, code) in [
+        ("missing_scope", CloseCode::MissingScope),
+        ("token_expired", CloseCode::TokenExpired),
+        ("token_revoked", CloseCode::TokenRevoked),
+        ("bad_token", CloseCode::BadToken),
+    ] {
+        assert!(m.handshake_failures(label) >= 1, "{label} ({code})");
+    }
+    // Only the good agent is registered, and it still works.
+    assert_eq!(world.hub.registry().len(), 1);
+    let http = http_server().await;
+    let s = socks_connect(world.socks, "good-agent", &good, Dest::Ip(http)).await;
+    assert!(s.is_ok());
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_a_token_closes_its_session_and_refuses_socks() {
+    let world = World::start().await;
+    let agent_token = world.agent_token(TENANT);
+    let proxy_token = world.token(TENANT, &[Scope::Proxy]);
+    let agent = world.connect_agent(TENANT, "edge", &agent_token, 1).await;
+    let http = http_server().await;
+    assert!(
+        socks_connect(world.socks, "edge", &proxy_token, Dest::Ip(http))
+            .await
+            .is_ok()
+    );
+
+    // Revoke the proxy token: new SOCKS connections fail at once.
+    world.revoke(&proxy_token);
+    assert_eq!(
+        socks_connect(world.socks, "edge", &proxy_token, Dest::Ip(http))
+            .await
+            .err(),
+        Some(0xff)
+    );
+
+    // Revoke the agent's token: its session is closed and it cannot come back.
+    world.revoke(&agent_token);
+    world.wait_sessions(TENANT, "edge", 0).await;
+    let status = within(
+        "the agent to be refused",
+        agent.handle.wait_until(|s| {
+            matches!(
+                &s.last_error,
+                Some(SessionError::Rejected {
+                    code: CloseCode::TokenRevoked,
+                    ..
+                })
+            )
+        }),
+    )
+    .await;
+    assert_eq!(status.connected, 0);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_store_changes_are_picked_up_without_a_signal() {
+    let world = World::start().await;
+    let agent_token = world.agent_token(TENANT);
+    let _agent = world.connect_agent(TENANT, "edge", &agent_token, 1).await;
+    let http = http_server().await;
+
+    // Another process (`rna token create`) writes the store; the hub follows the file.
+    let mut reloads = world.hub.token_reloads();
+    reloads.borrow_and_update();
+    let mut store = TokenStore::load(&world.tokens).unwrap();
+    let (secret, _) = store
+        .create(
+            TENANT.parse().unwrap(),
+            vec![Scope::Proxy],
+            None,
+            None,
+            SystemTime::now(),
+        )
+        .unwrap();
+    store.save(&world.tokens).unwrap();
+    let token = secret.expose().to_string();
+    within("the hub to notice the new store", reloads.changed())
+        .await
+        .unwrap();
+    assert!(socks_connect(world.socks, "edge", &token, Dest::Ip(http))
+        .await
+        .is_ok());
+    world.stop().await;
+}
