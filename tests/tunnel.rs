@@ -355,3 +355,62 @@ async fn agents_list_is_tenant_scoped() {
     let _ = Duration::ZERO;
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_in_flight_streams_and_sends_agents_away() {
+    let mut world = World::start_with(|c| c.grace = Duration::from_secs(60)).await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let http = http_server().await;
+    let size: usize = 32 * 1024 * 1024;
+
+    let mut s = socks_connect(world.socks, "prod-cluster", &token, Dest::Ip(http))
+        .await
+        .unwrap();
+    s.write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    s.read_exact(&mut head).await.unwrap();
+
+    world.begin_shutdown();
+    // Draining: not ready, and no new SOCKS connections.
+    let readyz = format!("http://{}/readyz", world.api);
+    let code = within("readyz to turn 503", async {
+        loop {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &readyz])
+                .output()
+                .await
+                .unwrap();
+            let code = String::from_utf8_lossy(&out.stdout).to_string();
+            if code != "200" {
+                return code;
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, "503");
+    assert!(tokio::net::TcpStream::connect(world.socks).await.is_err());
+
+    // The in-flight transfer completes within the grace period.
+    let mut rest = Vec::new();
+    within("the in-flight transfer", s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    // Like curl after a `Connection: close` response, the client closes its side too.
+    drop(s);
+    let mut all = head;
+    all.extend_from_slice(&rest);
+    let body_start = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(sha256_hex(&all[body_start..]), sha256_hex(&pattern(size)));
+
+    world.wait_stopped().await;
+    // The agent was told the hub is going away (and tries to reconnect at once).
+    let status = within(
+        "the agent to lose its session",
+        agent.handle.wait_until(|s| s.connected == 0),
+    )
+    .await;
+    assert_eq!(status.sessions_total, 1);
+}

@@ -347,10 +347,11 @@ impl Hub {
             tokio::spawn(async move { front.run(stop, streams).await })
         };
 
-        // Admin API.
+        // Admin API: kept up while draining, so `/readyz` can say 503.
+        let api_stop = CancellationToken::new();
         let api_task = api.map(|listener| {
             let app = api::app(shared.clone());
-            let stop = shutdown.clone();
+            let stop = api_stop.clone();
             tokio::spawn(async move {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -396,6 +397,7 @@ impl Hub {
         sessions.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        api_stop.cancel();
         if let Some(task) = api_task {
             if let Ok(Err(e)) = task.await {
                 return Err(HubError::Api(e));

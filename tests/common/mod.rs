@@ -208,8 +208,10 @@ impl World {
         let dir = self.dir.path();
         let cert = self.ca.issue_agent(name).unwrap();
         let write = |file: &str, text: &str| {
+            use std::os::unix::fs::PermissionsExt;
             let path = dir.join(file);
             std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             path.display().to_string()
         };
         let ca = write("ca.pem", &self.ca.cert_pem());
@@ -233,6 +235,18 @@ impl World {
             "--allow".into(),
             "127.0.0.0/8".into(),
         ]
+    }
+
+    /// Starts the hub's shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the hub task to end after [`begin_shutdown`](Self::begin_shutdown).
+    pub async fn wait_stopped(&mut self) {
+        if let Some(task) = self.task.take() {
+            within("hub shutdown", task).await.unwrap().unwrap();
+        }
     }
 
     /// Stops the hub and waits for it.
