@@ -175,10 +175,15 @@ enum CertsCommand {
         #[arg(long, env = "RNA_CERTS_DIR", default_value = "certs")]
         dir: PathBuf,
         /// Names (DNS or IP) agents use to reach the hub; repeat.
-        #[arg(long = "hub-name", required = true)]
+        #[arg(
+            long = "hub-name",
+            env = "RNA_HUB_NAMES",
+            value_delimiter = ',',
+            required = true
+        )]
         hub_names: Vec<String>,
         /// Overwrite existing files.
-        #[arg(long)]
+        #[arg(long, env = "RNA_FORCE")]
         force: bool,
     },
     /// Make an agent's client certificate, signed by the CA in --dir.
@@ -187,9 +192,10 @@ enum CertsCommand {
         #[arg(long, env = "RNA_CERTS_DIR", default_value = "certs")]
         dir: PathBuf,
         /// Agent identifier.
+        #[arg(env = "RNA_NAME")]
         name: String,
         /// Overwrite existing files.
-        #[arg(long)]
+        #[arg(long, env = "RNA_FORCE")]
         force: bool,
     },
 }
@@ -202,16 +208,21 @@ enum TokenCommand {
         #[arg(long, env = "RNA_TOKENS", default_value = "tokens.toml")]
         store: PathBuf,
         /// Tenant, organization/environment.
-        #[arg(long)]
+        #[arg(long, env = "RNA_TENANT")]
         tenant: Tenant,
         /// Scope; repeat: connect:agentHub, proxy, read:infra:data, exec:infra:op, admin.
-        #[arg(long = "scope", required = true)]
+        #[arg(
+            long = "scope",
+            env = "RNA_SCOPES",
+            value_delimiter = ',',
+            required = true
+        )]
         scopes: Vec<Scope>,
         /// Lifetime, e.g. 30d, 12h (default: no expiry).
-        #[arg(long, value_parser = parse_ttl)]
+        #[arg(long, env = "RNA_TTL", value_parser = parse_ttl)]
         ttl: Option<Duration>,
         /// A label to recognise the token by.
-        #[arg(long)]
+        #[arg(long, env = "RNA_LABEL")]
         label: Option<String>,
     },
     /// List tokens (never their secrets).
@@ -226,6 +237,7 @@ enum TokenCommand {
         #[arg(long, env = "RNA_TOKENS", default_value = "tokens.toml")]
         store: PathBuf,
         /// Token id (from `rna token list`).
+        #[arg(env = "RNA_TOKEN_ID")]
         id: String,
     },
 }

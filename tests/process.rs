@@ -146,3 +146,232 @@ async fn rna_dev_prints_a_working_line_and_exits_cleanly_on_sigterm() {
         assert!(state.join("token.txt").exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_cover_for_a_killed_agent() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let args = world.agent_process_args("replicated", &token);
+    let mut first = spawn_rna(&args);
+    let _second = spawn_rna(&args);
+    world.wait_sessions(TENANT, "replicated", 2).await;
+    let http = http_server().await;
+    let url = format!("http://127.0.0.1:{}/bytes/1000", http.port());
+
+    // kill -9 one replica and use the name at once: no request may fail.
+    first.kill().await.unwrap();
+    for _ in 0..10 {
+        let (code, body) = curl(world.socks, "replicated", &token, &[&url]).await;
+        assert_eq!(code, 0);
+        assert_eq!(body, pattern(1000));
+    }
+    world.wait_sessions(TENANT, "replicated", 1).await;
+    world.stop().await;
+}
+
+/// Runs `rna` to completion and returns (exit code, stdout).
+async fn run_rna(args: &[&str]) -> (i32, String) {
+    let out = Command::new(RNA)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("rna {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
+/// Spawns `rna` with stderr captured; returns the child and a channel of its log lines.
+fn spawn_logged(args: &[String]) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut child = Command::new(RNA)
+        .args(args)
+        .env("RNA_LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a log line containing `needle`.
+async fn wait_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+    within(needle, async {
+        while let Some(line) = rx.recv().await {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("process ended before logging {needle:?}");
+    })
+    .await
+}
+
+/// The value of `key=` in a log line.
+fn field(line: &str, key: &str) -> String {
+    let start = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deployment_walkthrough_works_with_the_real_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |f: &str| tmp.path().join(f).display().to_string();
+    let certs = d("certs");
+    let store = d("tokens.toml");
+
+    let (code, _) = run_rna(&[
+        "certs",
+        "init",
+        "--dir",
+        &certs,
+        "--hub-name",
+        "localhost",
+        "--hub-name",
+        "127.0.0.1",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let (code, _) = run_rna(&["certs", "agent", "--dir", &certs, "edge"]).await;
+    assert_eq!(code, 0);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca-key.pem", "hub-key.pem", "agent-edge-key.pem"] {
+            let mode = std::fs::metadata(tmp.path().join("certs").join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+    // A second init must not overwrite the CA.
+    let (code, _) = run_rna(&["certs", "init", "--dir", &certs, "--hub-name", "localhost"]).await;
+    assert_ne!(code, 0);
+
+    let create = |scopes: &'static [&'static str], label: &'static str| {
+        let store = store.clone();
+        async move {
+            let mut args = vec![
+                "token",
+                "create",
+                "--store",
+                &store,
+                "--tenant",
+                "acme/prod",
+                "--label",
+                label,
+            ];
+            for s in scopes {
+                args.extend(["--scope", s]);
+            }
+            let (code, out) = run_rna(&args).await;
+            assert_eq!(code, 0);
+            out.trim().to_string()
+        }
+    };
+    let agent_token = create(&["connect:agentHub"], "edge").await;
+    let proxy_token = create(&["proxy"], "ci").await;
+    let (code, listing) = run_rna(&["token", "list", "--store", &store]).await;
+    assert_eq!(code, 0);
+    assert!(
+        listing.contains("acme/prod") && listing.contains("ci"),
+        "{listing}"
+    );
+    assert!(!listing.contains(&agent_token) && !listing.contains(&proxy_token[4..]));
+    assert!(!std::fs::read_to_string(&store)
+        .unwrap()
+        .contains(&proxy_token[17..]));
+    std::fs::write(d("token.txt"), format!("{agent_token}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    let hub_args: Vec<String> = [
+        "hub",
+        "--listen",
+        "127.0.0.1:0",
+        "--socks",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--ca",
+        &format!("{certs}/ca.pem"),
+        "--cert",
+        &format!("{certs}/hub.pem"),
+        "--key",
+        &format!("{certs}/hub-key.pem"),
+        "--tokens",
+        &store,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (hub, mut hub_log) = spawn_logged(&hub_args);
+    let serving = wait_line(&mut hub_log, "hub serving").await;
+    let quic = field(&serving, "quic");
+    let socks: std::net::SocketAddr = field(&serving, "socks").parse().unwrap();
+
+    let agent_args: Vec<String> = [
+        "agent",
+        "--hub",
+        &quic,
+        "--name",
+        "edge",
+        "--ca",
+        &format!("{certs}/ca.pem"),
+        "--cert",
+        &format!("{certs}/agent-edge.pem"),
+        "--key",
+        &format!("{certs}/agent-edge-key.pem"),
+        "--token-file",
+        &d("token.txt"),
+        "--allow",
+        "127.0.0.0/8",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (agent, mut agent_log) = spawn_logged(&agent_args);
+    wait_line(&mut agent_log, "connected to hub").await;
+
+    let http = http_server().await;
+    let url = format!("http://localhost:{}/bytes/100000", http.port());
+    let (code, body) = curl(socks, "edge", &proxy_token, &[&url]).await;
+    assert_eq!(code, 0);
+    assert_eq!(body, pattern(100_000));
+
+    // Revoke with the CLI: the hub follows its store file, new SOCKS connections fail.
+    let id = proxy_token.split('_').nth(1).unwrap();
+    let (code, _) = run_rna(&["token", "revoke", "--store", &store, id]).await;
+    assert_eq!(code, 0);
+    wait_line(&mut hub_log, "token store reloaded").await;
+    let (code, _) = curl(socks, "edge", &proxy_token, &[&url]).await;
+    assert_eq!(code, 97);
+
+    signal(&agent, "-TERM");
+    signal(&hub, "-TERM");
+    let (mut agent, mut hub) = (agent, hub);
+    assert_eq!(
+        within("agent exit", agent.wait()).await.unwrap().code(),
+        Some(0)
+    );
+    assert_eq!(
+        within("hub exit", hub.wait()).await.unwrap().code(),
+        Some(0)
+    );
+}

@@ -255,12 +255,28 @@ impl Registry {
     /// that served fewest streams so far) and reserves a stream slot on it. An agent of
     /// another tenant is invisible here: the lookup is by (tenant, name).
     pub fn pick(&self, tenant: &Tenant, name: &str) -> Option<StreamSlot> {
+        self.pick_excluding(tenant, name, &[], Duration::MAX)
+    }
+
+    /// Like [`pick`](Self::pick), skipping the sessions in `exclude` (they just failed) and
+    /// preferring sessions heard from within `fresh` (a silent one may be dead but not yet
+    /// timed out).
+    pub fn pick_excluding(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        exclude: &[u64],
+        fresh: Duration,
+    ) -> Option<StreamSlot> {
         let agents = lock(&self.agents);
         let list = agents.get(&(tenant.clone(), name.to_string()))?;
         let session = list
             .iter()
-            .filter(|s| s.connection.close_reason().is_none())
-            .min_by_key(|s| (s.open_streams(), s.streams_total()))?
+            .filter(|s| s.connection.close_reason().is_none() && !exclude.contains(&s.id))
+            .min_by_key(|s| {
+                let stale = lock(&s.last_heartbeat).elapsed() > fresh;
+                (stale, s.open_streams(), s.streams_total())
+            })?
             .clone();
         session.open_streams.fetch_add(1, Ordering::Relaxed);
         session.streams_total.fetch_add(1, Ordering::Relaxed);

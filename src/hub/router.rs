@@ -65,7 +65,10 @@ pub struct Tunnel {
     pub bound: SocketAddr,
 }
 
-/// Opens a tunnel to `open` through the agent `name` of `tenant`.
+/// Opens a tunnel to `open` through the agent `name` of `tenant`. When the chosen session
+/// fails at the connection level (it died but was not yet noticed), the next live session of
+/// the same agent is tried, so replicas cover for each other; the agent's own answers
+/// (refused, not allowed, …) are final.
 pub(crate) async fn open_tunnel(
     shared: &Shared,
     tenant: &Tenant,
@@ -75,10 +78,39 @@ pub(crate) async fn open_tunnel(
     if shared.draining.load(Ordering::SeqCst) {
         return Err(RouteError::Draining);
     }
-    let slot = shared
-        .registry
-        .pick(tenant, name)
-        .ok_or(RouteError::NoAgent)?;
+    // A session silent for two heartbeat intervals is only used when nothing fresher exists.
+    let fresh = shared.config.heartbeat.interval * 2;
+    let mut failed = Vec::new();
+    loop {
+        let slot = match shared.registry.pick_excluding(tenant, name, &failed, fresh) {
+            Some(slot) => slot,
+            None if failed.is_empty() => return Err(RouteError::NoAgent),
+            None => {
+                return Err(RouteError::Stream(
+                    "every session of the agent failed".into(),
+                ))
+            }
+        };
+        match open_on(shared, slot, open).await {
+            Ok(tunnel) => return Ok(tunnel),
+            Err((id, RouteError::Stream(why))) => {
+                tracing::debug!(
+                    session = id,
+                    "tunnel stream failed, trying another session: {why}"
+                );
+                failed.push(id);
+            }
+            Err((_, other)) => return Err(other),
+        }
+    }
+}
+
+async fn open_on(
+    shared: &Shared,
+    slot: StreamSlot,
+    open: &Open,
+) -> Result<Tunnel, (u64, RouteError)> {
+    let id = slot.session().id;
     let timeout = shared.config.open_timeout;
     let connection = slot.session().connection.clone();
     let attempt = async {
@@ -108,8 +140,8 @@ pub(crate) async fn open_tunnel(
             recv,
             bound,
         }),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(RouteError::Timeout(timeout)),
+        Ok(Err(e)) => Err((id, e)),
+        Err(_) => Err((id, RouteError::Timeout(timeout))),
     }
 }
 
