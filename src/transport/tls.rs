@@ -49,17 +49,17 @@ fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// The hub's TLS material: its certificate chain, key, and the CA agents must chain to.
+/// A certificate chain, its key, and the CA the peer must chain to.
 #[derive(Clone)]
-pub struct ServerTls {
+struct Material {
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
 }
 
-impl std::fmt::Debug for ServerTls {
+impl std::fmt::Debug for Material {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls")
+        f.debug_struct("Tls")
             .field("ca_certs", &self.ca.len())
             .field("chain", &self.chain.len())
             .field("key", &"MASKED")
@@ -67,41 +67,42 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-impl ServerTls {
-    /// From already-parsed material.
-    pub fn new(
-        ca: Vec<CertificateDer<'static>>,
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    ) -> Self {
-        ServerTls {
-            ca,
-            chain,
-            key: Arc::new(key),
-        }
+impl Material {
+    fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Material {
+            ca: certs::load_certs(ca)?,
+            chain: certs::load_certs(cert)?,
+            key: Arc::new(certs::load_key(key)?),
+        })
     }
 
-    /// From PEM files.
+    fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
+        Ok(Material {
+            ca: certs::parse_certs(ca)?,
+            chain: certs::parse_certs(cert)?,
+            key: Arc::new(certs::parse_key(key)?),
+        })
+    }
+}
+
+/// The hub's TLS material: its certificate chain, key, and the CA agents must chain to.
+#[derive(Clone, Debug)]
+pub struct ServerTls(Material);
+
+impl ServerTls {
+    /// From PEM files: the CA, the hub's certificate chain and its key.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Ok(Self::new(
-            certs::load_certs(ca)?,
-            certs::load_certs(cert)?,
-            certs::load_key(key)?,
-        ))
+        Material::load(ca, cert, key).map(ServerTls)
     }
 
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
-        Ok(Self::new(
-            certs::parse_certs(ca)?,
-            certs::parse_certs(cert)?,
-            certs::parse_key(key)?,
-        ))
+        Material::from_pem(ca, cert, key).map(ServerTls)
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots(&self.ca)?),
+            Arc::new(roots(&self.0.ca)?),
             provider(),
         )
         .build()
@@ -109,7 +110,7 @@ impl ServerTls {
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_single_cert(self.0.chain.clone(), self.0.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         // 0-RTT data could be replayed; the protocol does not need it.
         config.max_early_data_size = 0;
@@ -118,60 +119,25 @@ impl ServerTls {
 }
 
 /// The agent's TLS material: the CA to verify the hub with, and its client certificate.
-#[derive(Clone)]
-pub struct ClientTls {
-    ca: Vec<CertificateDer<'static>>,
-    chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
-}
-
-impl std::fmt::Debug for ClientTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls")
-            .field("ca_certs", &self.ca.len())
-            .field("chain", &self.chain.len())
-            .field("key", &"MASKED")
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct ClientTls(Material);
 
 impl ClientTls {
-    /// From already-parsed material.
-    pub fn new(
-        ca: Vec<CertificateDer<'static>>,
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    ) -> Self {
-        ClientTls {
-            ca,
-            chain,
-            key: Arc::new(key),
-        }
-    }
-
-    /// From PEM files.
+    /// From PEM files: the CA, the agent's certificate chain and its key.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Ok(Self::new(
-            certs::load_certs(ca)?,
-            certs::load_certs(cert)?,
-            certs::load_key(key)?,
-        ))
+        Material::load(ca, cert, key).map(ClientTls)
     }
 
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
-        Ok(Self::new(
-            certs::parse_certs(ca)?,
-            certs::parse_certs(cert)?,
-            certs::parse_key(key)?,
-        ))
+        Material::from_pem(ca, cert, key).map(ClientTls)
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots(&self.ca)?)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_root_certificates(roots(&self.0.ca)?)
+            .with_client_auth_cert(self.0.chain.clone(), self.0.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
     }
