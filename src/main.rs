@@ -126,9 +126,15 @@ struct HubTuning {
     /// SOCKS connections one client IP may have in the greeting at once.
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP", default_value_t = 256)]
     socks_half_open_per_ip: usize,
-    /// Tunnel streams the hub may open to one agent connection at once.
-    #[arg(long, env = "RNA_MAX_STREAMS", default_value_t = 16_384)]
-    max_streams: u32,
+    /// SOCKS connections in the greeting from all clients at once.
+    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL", default_value_t = 4096)]
+    socks_half_open_total: usize,
+    /// Time an agent has to answer a tunnel request (it dials within its own timeout).
+    #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    open_timeout: Duration,
+    /// How often the token store file is checked for changes (SIGHUP reloads at once).
+    #[arg(long, env = "RNA_TOKEN_POLL", value_parser = parse_duration, default_value = "2s")]
+    token_poll: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +171,9 @@ struct AgentArgs {
     /// Time allowed to resolve and connect one destination.
     #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     dial_timeout: Duration,
+    /// Tunnel streams the hub may have open on this agent's connection at once.
+    #[arg(long, env = "RNA_MAX_STREAMS", default_value_t = 16_384)]
+    max_streams: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,11 +364,12 @@ fn hub_config(args: HubArgs) -> Result<HubConfig> {
         interval: t.heartbeat_interval,
         timeout: t.heartbeat_timeout,
     };
-    config.limits.idle_timeout = config.limits.idle_timeout.max(t.heartbeat_timeout * 2);
     config.grace = t.grace;
     config.socks_limits.greeting_timeout = t.socks_greeting_timeout;
     config.socks_limits.half_open_per_ip = t.socks_half_open_per_ip;
-    config.limits.tunnel_streams = t.max_streams;
+    config.socks_limits.half_open_total = t.socks_half_open_total;
+    config.open_timeout = t.open_timeout;
+    config.token_poll = t.token_poll;
     Ok(config)
 }
 
@@ -378,6 +388,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     config.server_name = args.server_name;
     config.policy = Policy::new(args.allow, args.deny);
     config.dial_timeout = args.dial_timeout;
+    config.limits.tunnel_streams = args.max_streams;
     let agent = Agent::new(config)?;
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone(), None)?;
@@ -445,9 +456,13 @@ async fn dev(args: DevArgs) -> Result<()> {
     if let Some(api) = api {
         println!("admin API: http://{api}/api/v1/agents (bearer token below)");
     }
-    println!("Reach anything the agent can reach through SOCKS5 on {socks}:");
+    println!("Reach anything the agent can reach through SOCKS5 on {socks}, for example:");
+    let url = api.map_or_else(
+        || "http://example.internal/".to_string(),
+        |a| format!("http://{a}/healthz"),
+    );
     println!(
-        "curl --proxy socks5h://{DEV_AGENT}:{}@{socks} http://example.internal/",
+        "curl --proxy socks5h://{DEV_AGENT}:{}@{socks} {url}",
         state.token.expose()
     );
     use std::io::Write;

@@ -176,6 +176,11 @@ async fn revoking_a_token_closes_its_session_and_refuses_socks() {
     )
     .await;
     assert_eq!(status.connected, 0);
+    let metrics = world.hub.metrics().render();
+    assert!(
+        metrics.contains(r#"rna_agent_sessions_total{event="closed",reason="token_revoked"} 1"#),
+        "{metrics}"
+    );
     world.stop().await;
 }
 
@@ -207,5 +212,37 @@ async fn token_store_changes_are_picked_up_without_a_signal() {
     assert!(socks_connect(world.socks, "edge", &token, Dest::Ip(http))
         .await
         .is_ok());
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_that_expires_closes_its_session_without_a_store_change() {
+    let world = World::start().await;
+    let token = world.token_with_ttl(
+        TENANT,
+        &[Scope::ConnectAgentHub],
+        Some(Duration::from_secs(2)),
+    );
+    let agent = world.connect_agent(TENANT, "short-lived", &token, 1).await;
+    world.wait_sessions(TENANT, "short-lived", 0).await;
+    let status = within(
+        "the agent to be refused",
+        agent.handle.wait_until(|s| {
+            matches!(
+                &s.last_error,
+                Some(SessionError::Rejected {
+                    code: CloseCode::TokenExpired,
+                    ..
+                })
+            )
+        }),
+    )
+    .await;
+    assert_eq!(status.connected, 0);
+    let metrics = world.hub.metrics().render();
+    assert!(
+        metrics.contains(r#"rna_agent_sessions_total{event="closed",reason="token_expired"} 1"#),
+        "{metrics}"
+    );
     world.stop().await;
 }

@@ -126,6 +126,13 @@ async fn rna_dev_prints_a_working_line_and_exits_cleanly_on_sigterm() {
         assert_eq!(words[1], "--proxy");
         let proxy = words[2];
         assert!(proxy.starts_with("socks5h://local:rna_"), "{line}");
+        // The printed line works as it is: it fetches the hub's own /healthz through the agent.
+        let printed = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--proxy", proxy, words[3]])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&printed.stdout), "ok\n", "{line}");
         let url = format!("http://127.0.0.1:{}/bytes/2000", http.port());
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "30", "--proxy", proxy, &url])

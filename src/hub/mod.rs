@@ -150,6 +150,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Closes every agent session whose token was revoked, removed or has expired. Runs after
+    /// each reload and on every poll tick, so expiry needs no file change.
+    pub(crate) fn close_sessions_without_token(&self) {
+        let store = self.tokens.current();
+        let now = std::time::SystemTime::now();
+        for session in self.registry.sessions() {
+            if store.is_live(&session.token_id, now) || session.closed_by_hub().is_some() {
+                continue;
+            }
+            let (code, why) = match store.get(&session.token_id) {
+                Some(r) if !r.revoked => (CloseCode::TokenExpired, "token expired"),
+                Some(_) => (CloseCode::TokenRevoked, "token revoked"),
+                None => (CloseCode::TokenRevoked, "token removed from the store"),
+            };
+            warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
+                "closing agent session: {why}");
+            session.close(code, why);
+        }
+    }
+
     /// Re-reads the token store and closes sessions whose token stopped being valid.
     pub(crate) fn reload_tokens(&self, force: bool) -> Result<bool, StoreError> {
         let reloaded = if force {
@@ -161,18 +181,8 @@ impl Shared {
             Ok(true) => {
                 self.metrics.token_reload(true);
                 self.reloads.send_modify(|n| *n += 1);
-                let store = self.tokens.current();
-                let now = std::time::SystemTime::now();
-                info!(tokens = store.len(), "token store reloaded");
-                for session in self.registry.sessions() {
-                    if !store.is_live(&session.token_id, now) {
-                        warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
-                            "closing agent session: its token was revoked or expired");
-                        session
-                            .connection
-                            .close(CloseCode::TokenRevoked.into(), b"token revoked or expired");
-                    }
-                }
+                info!(tokens = self.tokens.current().len(), "token store reloaded");
+                self.close_sessions_without_token();
             }
             Ok(false) => {}
             Err(e) => {
@@ -369,7 +379,11 @@ impl Hub {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => { let _ = shared.reload_tokens(false); }
+                        _ = tick.tick() => {
+                            if let Ok(false) = shared.reload_tokens(false) {
+                                shared.close_sessions_without_token();
+                            }
+                        }
                     }
                 }
             })

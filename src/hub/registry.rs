@@ -38,6 +38,8 @@ pub struct AgentSession {
     last_heartbeat: Mutex<Instant>,
     /// Last heartbeat round trip, microseconds (0 until measured).
     rtt_micros: AtomicU64,
+    /// Why the hub closed this session itself, if it did (for the disconnect log and metric).
+    closed_by_hub: Mutex<Option<crate::proto::CloseCode>>,
     /// Tunnel streams currently open.
     open_streams: AtomicUsize,
     /// Tunnel streams ever opened (tie-breaker so idle replicas share new streams).
@@ -74,12 +76,24 @@ impl AgentSession {
             connected_since: SystemTime::now(),
             connection,
             last_heartbeat: Mutex::new(Instant::now()),
+            closed_by_hub: Mutex::new(None),
             rtt_micros: AtomicU64::new(0),
             open_streams: AtomicUsize::new(0),
             streams_total: AtomicU64::new(0),
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
         }
+    }
+
+    /// Closes the session from the hub's side with `code`, remembering why.
+    pub fn close(&self, code: crate::proto::CloseCode, reason: &str) {
+        lock(&self.closed_by_hub).get_or_insert(code);
+        self.connection.close(code.into(), reason.as_bytes());
+    }
+
+    /// The code the hub closed this session with, if it did.
+    pub fn closed_by_hub(&self) -> Option<crate::proto::CloseCode> {
+        *lock(&self.closed_by_hub)
     }
 
     /// Records that the control stream heard from the agent.

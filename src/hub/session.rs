@@ -64,7 +64,8 @@ pub(crate) async fn serve(
     incoming: quinn::Incoming,
     cancel: CancellationToken,
 ) {
-    let limits = &shared.config.limits;
+    // One budget for the whole handshake: TLS, the control stream and Hello together.
+    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -73,7 +74,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let connection = match tokio::time::timeout(limits.handshake_timeout, connecting).await {
+    let connection = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let err = HandshakeError::Tls(e.to_string());
@@ -87,7 +88,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let (session, mut send, mut reader) = match handshake(&shared, &connection).await {
+    let (session, mut send, mut reader) = match handshake(&shared, &connection, deadline).await {
         Ok(ok) => ok,
         Err(err) => {
             shared.metrics.handshake_failed(err.label());
@@ -96,9 +97,13 @@ pub(crate) async fn serve(
                     warn!(code = %code, "agent refused: {reason}");
                     connection.close((*code).into(), reason.as_bytes());
                 }
+                HandshakeError::Timeout => {
+                    warn!("agent refused: {err}");
+                    connection.close(CloseCode::HandshakeTimeout.into(), b"handshake timed out");
+                }
                 other => {
                     warn!("agent refused: {other}");
-                    connection.close(CloseCode::HandshakeTimeout.into(), b"no hello");
+                    connection.close(CloseCode::Protocol.into(), b"no hello");
                 }
             }
             return;
@@ -133,14 +138,15 @@ async fn run_session(
     };
     // Forget the session before anything else, so no new stream is routed to it.
     shared.registry.remove(&session);
-    let (code, label) = match &end {
-        ControlEnd::Timeout(_) => (CloseCode::HeartbeatTimeout, "heartbeat_timeout"),
-        ControlEnd::Protocol(_) => (CloseCode::Protocol, "protocol_error"),
-        ControlEnd::Cancelled => (CloseCode::GoingAway, "hub_shutdown"),
-        ControlEnd::PeerFinished => (CloseCode::Normal, "agent_closed"),
-        ControlEnd::Stream(_) => (CloseCode::Normal, "connection_lost"),
+    let (code, label) = match (&end, session.closed_by_hub()) {
+        (_, Some(code)) => (code, code.as_str()),
+        (ControlEnd::Timeout(_), _) => (CloseCode::HeartbeatTimeout, "heartbeat_timeout"),
+        (ControlEnd::Protocol(_), _) => (CloseCode::Protocol, "protocol_error"),
+        (ControlEnd::Cancelled, _) => (CloseCode::GoingAway, "hub_shutdown"),
+        (ControlEnd::PeerFinished, _) => (CloseCode::Normal, "agent_closed"),
+        (ControlEnd::Stream(_), _) => (CloseCode::Normal, "connection_lost"),
     };
-    session.connection.close(code.into(), label.as_bytes());
+    session.close(code, label);
     shared
         .metrics
         .session_closed(session.tenant.as_str(), label);
@@ -158,8 +164,8 @@ fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'st
 async fn handshake(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
+    deadline: tokio::time::Instant,
 ) -> Result<(Arc<AgentSession>, quinn::SendStream, control::ControlReader), HandshakeError> {
-    let timeout = shared.config.limits.handshake_timeout;
     let cert = peer_certificate(connection).ok_or_else(|| {
         HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
     })?;
@@ -170,11 +176,11 @@ async fn handshake(
         )
     })?;
 
-    let (mut send, mut recv) = tokio::time::timeout(timeout, connection.accept_bi())
+    let (mut send, mut recv) = tokio::time::timeout_at(deadline, connection.accept_bi())
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
-    let hello = match tokio::time::timeout(timeout, read_frame::<Control, _>(&mut recv)).await {
+    let hello = match tokio::time::timeout_at(deadline, read_frame::<Control, _>(&mut recv)).await {
         Err(_) => return Err(HandshakeError::Timeout),
         Ok(Err(e)) => {
             return Err(HandshakeError::refused(

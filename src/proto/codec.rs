@@ -62,7 +62,7 @@ fn encode_into<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecErr
     Ok(())
 }
 
-/// Decodes one frame body (without prefix). Used by the stream readers and the fuzz targets.
+/// Decodes one frame body (without prefix), refusing trailing bytes.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     if body.len() > MAX_FRAME {
         return Err(CodecError::TooLarge {

@@ -294,8 +294,6 @@ pub enum StreamCode {
     Reset = 0x100,
     /// The stream header was malformed.
     BadHeader = 0x101,
-    /// The hub or agent is shutting down.
-    Shutdown = 0x102,
 }
 
 impl From<StreamCode> for quinn::VarInt {
