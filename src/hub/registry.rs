@@ -147,6 +147,7 @@ impl AgentSession {
             connected_since_unix: since.as_secs(),
             last_heartbeat_seconds_ago: lock(&self.last_heartbeat).elapsed().as_secs_f64(),
             rtt_ms: self.rtt_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+            lost_packets: self.connection.stats().path.lost_packets,
             open_streams: self.open_streams(),
             streams_total: self.streams_total(),
             bytes_in: self.bytes_from_agent.load(Ordering::Relaxed),
@@ -180,6 +181,8 @@ pub struct AgentInfo {
     pub last_heartbeat_seconds_ago: f64,
     /// Last heartbeat round trip in milliseconds.
     pub rtt_ms: f64,
+    /// Packets QUIC declared lost on this connection so far.
+    pub lost_packets: u64,
     /// Tunnel streams open now.
     pub open_streams: usize,
     /// Tunnel streams opened in this session.
