@@ -9,7 +9,9 @@
 pub mod agent;
 pub mod auth;
 pub mod certs;
+pub mod config;
 pub mod dev;
 pub mod hub;
+pub mod notify;
 pub mod proto;
 pub mod transport;

@@ -8,35 +8,28 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use rna::agent::{Agent, AgentConfig, HubTarget, Policy, Rule};
-use rna::auth::{format_rfc3339, parse_ttl, read_secret_file, Scope, Tenant, TokenStore};
+use rna::auth::{format_rfc3339, parse_ttl, Scope, Tenant, TokenStore};
+use rna::config::{
+    agent_settings, hub_config, merge_agent, merge_hub, AgentOptions, AgentSettings, HubOptions,
+    LogFormat, LogOptions, MetricsListen,
+};
 use rna::dev::{DevState, DEV_AGENT};
-use rna::hub::{Hub, HubConfig, HubHandle, NoAuthRoute};
-use rna::transport::control::Heartbeat;
+use rna::hub::{Hub, HubConfig, NoAuthRoute};
 use rna::transport::{ClientTls, ServerTls};
 
 /// rna: reach private networks through an agent that only dials out.
 #[derive(Parser, Debug)]
 #[command(name = "rna", version, about, propagate_version = true)]
 struct Cli {
-    /// Log format.
-    #[arg(long, global = true, env = "RNA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Log filter (tracing env-filter syntax, e.g. `info` or `rna=debug`); RUST_LOG also works.
-    #[arg(long, global = true, env = "RNA_LOG_LEVEL")]
-    log_level: Option<String>,
+    #[command(flatten)]
+    log: LogOptions,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,7 +37,7 @@ enum Command {
     /// Run a hub and one agent named `local` in one process, with generated certificates and
     /// token (SOCKS5 on 127.0.0.1:1080).
     Dev(DevArgs),
-    /// Run the hub: QUIC for agents, SOCKS5 for clients, the admin API.
+    /// Run the hub: QUIC for agents, SOCKS5 for clients, the admin API and status page.
     Hub(HubArgs),
     /// Run an agent: dial out to the hub and serve its streams.
     Agent(AgentArgs),
@@ -80,100 +73,27 @@ struct DevArgs {
 
 #[derive(Args, Debug)]
 struct HubArgs {
-    /// UDP address agents connect to.
-    #[arg(long, env = "RNA_LISTEN", default_value = "0.0.0.0:4433")]
-    listen: SocketAddr,
-    /// SOCKS5 address.
-    #[arg(long, env = "RNA_SOCKS", default_value = "127.0.0.1:1080")]
-    socks: SocketAddr,
-    /// Admin API address.
-    #[arg(long, env = "RNA_API", default_value = "127.0.0.1:8080")]
-    api: SocketAddr,
-    /// CA that agent certificates must chain to.
-    #[arg(long, env = "RNA_CA")]
-    ca: PathBuf,
-    /// Hub certificate (PEM).
-    #[arg(long, env = "RNA_CERT")]
-    cert: PathBuf,
-    /// Hub private key (PEM).
-    #[arg(long, env = "RNA_KEY")]
-    key: PathBuf,
-    /// Token store (see `rna token`).
-    #[arg(long, env = "RNA_TOKENS")]
-    tokens: PathBuf,
-    /// Accept SOCKS5 clients without credentials and route them to AGENT@TENANT
-    /// (only when --socks is a loopback address).
-    #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
-    socks_no_auth: Option<String>,
+    /// TOML configuration file; flags and RNA_* variables override its values.
+    #[arg(long, env = "RNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and read every file it names), then exit.
+    #[arg(long)]
+    check_config: bool,
     #[command(flatten)]
-    tuning: HubTuning,
-}
-
-#[derive(Args, Debug)]
-struct HubTuning {
-    /// Heartbeat interval announced to agents.
-    #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "10s")]
-    heartbeat_interval: Duration,
-    /// Silence after which an agent connection is closed.
-    #[arg(long, env = "RNA_HEARTBEAT_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
-    heartbeat_timeout: Duration,
-    /// Time in-flight streams get to finish on shutdown.
-    #[arg(long, env = "RNA_GRACE", value_parser = parse_duration, default_value = "30s")]
-    grace: Duration,
-    /// Time a SOCKS client has for greeting, authentication and request.
-    #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    socks_greeting_timeout: Duration,
-    /// SOCKS connections one client IP may have in the greeting at once.
-    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP", default_value_t = 256)]
-    socks_half_open_per_ip: usize,
-    /// SOCKS connections in the greeting from all clients at once.
-    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL", default_value_t = 4096)]
-    socks_half_open_total: usize,
-    /// Time an agent has to answer a tunnel request (it dials within its own timeout).
-    #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
-    open_timeout: Duration,
-    /// How often the token store file is checked for changes (SIGHUP reloads at once).
-    #[arg(long, env = "RNA_TOKEN_POLL", value_parser = parse_duration, default_value = "2s")]
-    token_poll: Duration,
+    options: HubOptions,
 }
 
 #[derive(Args, Debug)]
 struct AgentArgs {
-    /// Hub address (host:port); repeat for several hubs. Every address a name resolves to
-    /// gets its own connection.
-    #[arg(long, env = "RNA_HUB", value_delimiter = ',', required = true)]
-    hub: Vec<HubTarget>,
-    /// TLS name to verify the hub as (default: the host of --hub).
-    #[arg(long, env = "RNA_SERVER_NAME")]
-    server_name: Option<String>,
-    /// Agent identifier; must equal the certificate's common name.
-    #[arg(long, env = "RNA_NAME")]
-    name: String,
-    /// CA to verify the hub with.
-    #[arg(long, env = "RNA_CA")]
-    ca: PathBuf,
-    /// Agent certificate (PEM).
-    #[arg(long, env = "RNA_CERT")]
-    cert: PathBuf,
-    /// Agent private key (PEM).
-    #[arg(long, env = "RNA_KEY")]
-    key: PathBuf,
-    /// File holding the agent's token (scope connect:agentHub).
-    #[arg(long, env = "RNA_TOKEN_FILE")]
-    token_file: PathBuf,
-    /// Destinations the agent may dial: CIDR, IP, host or *.domain, optionally :port.
-    /// Without --allow, everything but the default-denied ranges is allowed.
-    #[arg(long, env = "RNA_ALLOW", value_delimiter = ',')]
-    allow: Vec<Rule>,
-    /// Destinations the agent refuses (checked first).
-    #[arg(long, env = "RNA_DENY", value_delimiter = ',')]
-    deny: Vec<Rule>,
-    /// Time allowed to resolve and connect one destination.
-    #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    dial_timeout: Duration,
-    /// Tunnel streams the hub may have open on this agent's connection at once.
-    #[arg(long, env = "RNA_MAX_STREAMS", default_value_t = 16_384)]
-    max_streams: u32,
+    /// TOML configuration file; flags and RNA_* variables override its values. SIGHUP
+    /// re-reads its allow and deny rules.
+    #[arg(long, env = "RNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and read every file it names), then exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(flatten)]
+    options: AgentOptions,
 }
 
 #[derive(Subcommand, Debug)]
@@ -251,20 +171,23 @@ enum TokenCommand {
     },
 }
 
-/// Parses `500ms`, `10s`, `5m`, `2h`, `1d`, or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms
-            .parse::<u64>()
-            .map(Duration::from_millis)
-            .map_err(|_| format!("invalid duration {s:?}"));
-    }
-    parse_ttl(s)
-}
+/// Exit code for configuration and usage errors (clap uses it too).
+const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.log_level.as_deref());
+    // Configuration is validated before anything runs; its errors are usage errors.
+    let prepared = match prepare(cli.command, cli.log) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("rna: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let work = match prepared {
+        Prepared::Done => return ExitCode::SUCCESS,
+        Prepared::Run(work) => work,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -275,7 +198,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(work)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rna: {e:#}");
@@ -284,33 +207,109 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, level: Option<&str>) {
+/// What to run once the configuration is valid and logging is set up.
+enum Work {
+    Dev(DevArgs),
+    Hub(Box<HubConfig>),
+    Agent(Box<AgentSettings>, Option<PathBuf>, AgentOptions),
+    Certs(CertsCommand),
+    Token(TokenCommand),
+}
+
+enum Prepared {
+    Done,
+    Run(Work),
+}
+
+/// Turns flags, variables and files into validated configuration, and sets up logging.
+fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
+    let work = match command {
+        Command::Hub(args) => {
+            let (options, log) = merge_hub(args.config.as_deref(), args.options, log)?;
+            init_logging(&log);
+            let config = hub_config(options)?;
+            if args.check_config {
+                println!("{}: configuration is valid", origin(&args.config));
+                return Ok(Prepared::Done);
+            }
+            Work::Hub(Box::new(config))
+        }
+        Command::Agent(args) => {
+            let cli_options = args.options.clone();
+            let (options, log) = merge_agent(args.config.as_deref(), args.options, log)?;
+            init_logging(&log);
+            let settings = agent_settings(options)?;
+            if args.check_config {
+                println!("{}: configuration is valid", origin(&args.config));
+                return Ok(Prepared::Done);
+            }
+            Work::Agent(Box::new(settings), args.config, cli_options)
+        }
+        Command::Dev(args) => {
+            init_logging(&log);
+            Work::Dev(args)
+        }
+        Command::Certs(cmd) => {
+            init_logging(&log);
+            Work::Certs(cmd)
+        }
+        Command::Token(cmd) => {
+            init_logging(&log);
+            Work::Token(cmd)
+        }
+    };
+    Ok(Prepared::Run(work))
+}
+
+fn origin(config: &Option<PathBuf>) -> String {
+    config.as_ref().map_or_else(
+        || "flags and environment".to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
+fn init_logging(log: &LogOptions) {
     use tracing_subscriber::EnvFilter;
-    let filter = match level {
+    let filter = match &log.log_level {
         Some(l) => EnvFilter::new(l),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let format = log
+        .log_format
+        .unwrap_or(if std::io::stdout().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 
-async fn run(command: Command) -> Result<()> {
-    match command {
-        Command::Dev(args) => dev(args).await,
-        Command::Hub(args) => hub(args).await,
-        Command::Agent(args) => agent(args).await,
-        Command::Certs(cmd) => certs(cmd),
-        Command::Token(cmd) => token(cmd),
+async fn run(work: Work) -> Result<()> {
+    match work {
+        Work::Dev(args) => dev(args).await,
+        Work::Hub(config) => hub(*config).await,
+        Work::Agent(settings, file, cli) => agent(*settings, file, cli).await,
+        Work::Certs(cmd) => certs(cmd),
+        Work::Token(cmd) => token(cmd),
     }
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT; calls `on_hup` on SIGHUP.
-fn watch_signals(shutdown: CancellationToken, hub: Option<HubHandle>) -> Result<()> {
+/// What SIGHUP does; returns whether the reload succeeded.
+type Reload = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Cancels `shutdown` on SIGTERM or SIGINT (a second SIGINT exits at once); runs `reload`
+/// on SIGHUP, telling systemd about it.
+fn watch_signals(shutdown: CancellationToken, reload: Option<Reload>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -318,19 +317,26 @@ fn watch_signals(shutdown: CancellationToken, hub: Option<HubHandle>) -> Result<
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: shutting down"); shutdown.cancel(); }
+                _ = term.recv() => {
+                    info!("SIGTERM: shutting down");
+                    rna::notify::stopping("draining");
+                    shutdown.cancel();
+                }
                 _ = int.recv() => {
                     if shutdown.is_cancelled() {
                         warn!("second interrupt: exiting now");
                         std::process::exit(130);
                     }
                     info!("SIGINT: shutting down");
+                    rna::notify::stopping("draining");
                     shutdown.cancel();
                 }
-                _ = hup.recv() => match &hub {
-                    Some(h) => {
-                        info!("SIGHUP: reloading tokens");
-                        let _ = h.reload_tokens();
+                _ = hup.recv() => match &reload {
+                    Some(reload) => {
+                        info!("SIGHUP: reloading");
+                        rna::notify::reloading();
+                        reload();
+                        rna::notify::reloaded();
                     }
                     None => info!("SIGHUP ignored: nothing to reload"),
                 },
@@ -340,59 +346,84 @@ fn watch_signals(shutdown: CancellationToken, hub: Option<HubHandle>) -> Result<
     Ok(())
 }
 
-fn hub_config(args: HubArgs) -> Result<HubConfig> {
-    let tls = ServerTls::load(&args.ca, &args.cert, &args.key)?;
-    let mut config = HubConfig::new(args.listen, args.socks, tls, args.tokens);
-    config.api = Some(args.api);
-    if let Some(route) = args.socks_no_auth {
-        let (agent, tenant) = route
-            .split_once('@')
-            .with_context(|| format!("--socks-no-auth {route:?}: expected AGENT@TENANT"))?;
-        if !rna::certs::valid_agent_name(agent) {
-            bail!("--socks-no-auth: {agent:?} is not a valid agent name");
-        }
-        config.socks_no_auth = Some(NoAuthRoute {
-            agent: agent.to_string(),
-            tenant: tenant.parse().context("--socks-no-auth")?,
-        });
-    }
-    let t = args.tuning;
-    if t.heartbeat_timeout <= t.heartbeat_interval {
-        bail!("--heartbeat-timeout must be longer than --heartbeat-interval");
-    }
-    config.heartbeat = Heartbeat {
-        interval: t.heartbeat_interval,
-        timeout: t.heartbeat_timeout,
-    };
-    config.grace = t.grace;
-    config.socks_limits.greeting_timeout = t.socks_greeting_timeout;
-    config.socks_limits.half_open_per_ip = t.socks_half_open_per_ip;
-    config.socks_limits.half_open_total = t.socks_half_open_total;
-    config.open_timeout = t.open_timeout;
-    config.token_poll = t.token_poll;
-    Ok(config)
-}
-
-async fn hub(args: HubArgs) -> Result<()> {
-    let hub = Hub::bind(hub_config(args)?).await?;
+async fn hub(config: HubConfig) -> Result<()> {
+    let hub = Hub::bind(config).await?;
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone(), Some(hub.handle()))?;
-    hub.run(shutdown).await?;
+    let handle = hub.handle();
+    let reload: Reload = Box::new(move || {
+        let result = handle.reload_tokens();
+        if let Err(e) = &result {
+            warn!("SIGHUP: keeping the previous tokens: {e}");
+        }
+        result.is_ok()
+    });
+    watch_signals(shutdown.clone(), Some(reload))?;
+    rna::notify::ready(&format!(
+        "serving: QUIC {}, SOCKS5 {}",
+        hub.quic_addr(),
+        hub.socks_addr()
+    ));
+    rna::notify::spawn_watchdog(shutdown.clone());
+    let result = hub.run(shutdown).await;
+    rna::notify::stopping("stopped");
+    result?;
     Ok(())
 }
 
-async fn agent(args: AgentArgs) -> Result<()> {
-    let tls = ClientTls::load(&args.ca, &args.cert, &args.key)?;
-    let token = read_secret_file(&args.token_file)?;
-    let mut config = AgentConfig::new(args.hub, args.name, tls, token);
-    config.server_name = args.server_name;
-    config.policy = Policy::new(args.allow, args.deny);
-    config.dial_timeout = args.dial_timeout;
-    config.limits.tunnel_streams = args.max_streams;
+async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions) -> Result<()> {
+    let AgentSettings { config, metrics } = settings;
+    let admin = match metrics {
+        MetricsListen::On(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the agent's metrics endpoint on {addr}"))?,
+        ),
+        MetricsListen::Off => None,
+    };
     let agent = Agent::new(config)?;
+    let handle = agent.handle();
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone(), None)?;
+    if let Some(listener) = admin {
+        let app = rna::agent::admin::app(handle.clone());
+        let stop = shutdown.clone();
+        info!(metrics = %listener.local_addr()?, "agent health and metrics endpoint");
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!("agent metrics endpoint failed: {e}");
+            }
+        });
+    }
+    // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file).
+    let reload_handle = handle.clone();
+    let reload: Reload = Box::new(move || {
+        let merged = merge_agent(file.as_deref(), cli.clone(), LogOptions::default());
+        match merged {
+            Ok((options, _)) => {
+                let policy = Policy::new(options.allow, options.deny);
+                info!(
+                    allow = policy.allow_rules().len(),
+                    deny = policy.deny_rules().len(),
+                    "SIGHUP: policy reloaded"
+                );
+                reload_handle.set_policy(policy);
+                true
+            }
+            Err(e) => {
+                warn!("SIGHUP: keeping the previous policy: {e}");
+                false
+            }
+        }
+    });
+    watch_signals(shutdown.clone(), Some(reload))?;
+    // Ready after local setup, not after a hub answers: a hub outage must not turn into a
+    // restart storm of every agent.
+    rna::notify::ready("started; connecting to hubs");
+    rna::notify::spawn_watchdog(shutdown.clone());
     agent.run(shutdown).await?;
+    rna::notify::stopping("stopped");
     Ok(())
 }
 
@@ -430,7 +461,8 @@ async fn dev(args: DevArgs) -> Result<()> {
     let agent_handle = agent.handle();
 
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone(), Some(handle.clone()))?;
+    let reload: Reload = Box::new(move || handle.reload_tokens().is_ok());
+    watch_signals(shutdown.clone(), Some(reload))?;
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 

@@ -6,9 +6,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::{Arc, RwLock};
+
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::admin::AgentMetrics;
 use super::policy::Policy;
 use crate::proto::{DialFailure, Host, Open};
 
@@ -32,26 +35,56 @@ impl DialError {
 }
 
 /// Resolves, checks policy and connects.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Dialer {
-    policy: Policy,
+    /// Replaced as a whole on SIGHUP; each dial uses one consistent snapshot.
+    policy: RwLock<Arc<Policy>>,
     timeout: Duration,
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 impl Dialer {
     /// A dialer with a policy and an overall timeout (resolution plus connection).
     pub fn new(policy: Policy, timeout: Duration) -> Self {
-        Dialer { policy, timeout }
+        Dialer {
+            policy: RwLock::new(Arc::new(policy)),
+            timeout,
+            metrics: None,
+        }
+    }
+
+    /// Counts every dial's outcome in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// Connects to the destination of `open`. Every resolved address is checked against the
-    /// policy before any connection attempt, so a name cannot smuggle a forbidden address.
+    /// Replaces the policy for dials that start from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// Connects to the destination of `open`, counting the outcome.
     pub async fn dial(&self, open: &Open) -> Result<TcpStream, DialError> {
+        let result = self.dial_uncounted(open).await;
+        if let Some(m) = &self.metrics {
+            m.dial(result.as_ref().err().map(|e| e.code));
+        }
+        result
+    }
+
+    /// Every resolved address is checked against the policy before any connection attempt,
+    /// so a name cannot smuggle a forbidden address.
+    async fn dial_uncounted(&self, open: &Open) -> Result<TcpStream, DialError> {
+        let policy = self.policy();
         let deadline = Instant::now() + self.timeout;
         let (name, candidates) = match &open.host {
             Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, open.port)]),
@@ -85,7 +118,7 @@ impl Dialer {
         let mut allowed = Vec::with_capacity(candidates.len());
         let mut denial = None;
         for addr in candidates {
-            match self.policy.check(name, addr) {
+            match policy.check(name, addr) {
                 Ok(()) => allowed.push(addr),
                 Err(why) => {
                     denial.get_or_insert_with(|| format!("{addr}: {why}"));

@@ -3,6 +3,7 @@
 //!
 //! Agent path: session → policy → dialer → relay.
 
+pub mod admin;
 pub mod dialer;
 pub mod policy;
 pub mod session;
@@ -159,13 +160,25 @@ pub struct AgentStatus {
     pub last_error: Option<SessionError>,
 }
 
-/// A handle to watch a running agent.
+/// A handle to watch a running agent and change its policy.
 #[derive(Debug, Clone)]
 pub struct AgentHandle {
     status: tokio::sync::watch::Receiver<AgentStatus>,
+    dialer: Arc<Dialer>,
+    metrics: Arc<admin::AgentMetrics>,
 }
 
 impl AgentHandle {
+    /// Replaces the dial policy (SIGHUP); streams already connected are not touched.
+    pub fn set_policy(&self, policy: Policy) {
+        self.dialer.set_policy(policy);
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &Arc<admin::AgentMetrics> {
+        &self.metrics
+    }
+
     /// The status now.
     pub fn status(&self) -> AgentStatus {
         self.status.borrow().clone()
@@ -188,6 +201,7 @@ pub struct Agent {
     config: Arc<AgentConfig>,
     dialer: Arc<Dialer>,
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
+    metrics: Arc<admin::AgentMetrics>,
 }
 
 impl Agent {
@@ -206,11 +220,15 @@ impl Agent {
         if let Some(name) = &config.server_name {
             transport::tls::server_name(name).map_err(|e| AgentError::Config(e.to_string()))?;
         }
-        let dialer = Arc::new(Dialer::new(config.policy.clone(), config.dial_timeout));
+        let metrics = Arc::new(admin::AgentMetrics::new());
+        let dialer = Arc::new(
+            Dialer::new(config.policy.clone(), config.dial_timeout).with_metrics(metrics.clone()),
+        );
         Ok(Agent {
             config: Arc::new(config),
             dialer,
             status: Arc::new(tokio::sync::watch::Sender::new(AgentStatus::default())),
+            metrics,
         })
     }
 
@@ -218,6 +236,8 @@ impl Agent {
     pub fn handle(&self) -> AgentHandle {
         AgentHandle {
             status: self.status.subscribe(),
+            dialer: self.dialer.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -230,6 +250,7 @@ impl Agent {
                 config: self.config.clone(),
                 dialer: self.dialer.clone(),
                 status: self.status.clone(),
+                metrics: self.metrics.clone(),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", hub = %target);
@@ -246,6 +267,7 @@ struct Supervisor {
     config: Arc<AgentConfig>,
     dialer: Arc<Dialer>,
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
+    metrics: Arc<admin::AgentMetrics>,
 }
 
 impl Supervisor {
@@ -339,7 +361,12 @@ impl Supervisor {
         };
         let mut retry = self.backoff();
         let mut refused = self.refused_backoff();
+        let mut first = true;
         loop {
+            if !first {
+                self.metrics.reconnect();
+            }
+            first = false;
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = session::connect(&endpoint, addr, &server_name, &self.config) => r,
@@ -350,12 +377,14 @@ impl Supervisor {
                     refused = self.refused_backoff();
                     info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
                         "connected to hub");
+                    self.metrics.hub_connection(true);
                     self.status.send_modify(|s| {
                         s.connected += 1;
                         s.sessions_total += 1;
                         s.last_error = None;
                     });
                     let end = session::run(established, self.dialer.clone(), &cancel).await;
+                    self.metrics.hub_connection(false);
                     self.status
                         .send_modify(|s| s.connected = s.connected.saturating_sub(1));
                     if cancel.is_cancelled() {

@@ -5,6 +5,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
@@ -19,6 +20,9 @@ pub struct Metrics {
     socks_requests: Family<Labels, Counter>,
     socks_refused: Family<Labels, Counter>,
     streams_open: Gauge,
+    streams_pending: Gauge,
+    dial_seconds: Histogram,
+    heartbeat_rtt_seconds: Histogram,
     relay_bytes: Family<Labels, Counter>,
     /// Cached children of `relay_bytes`, so the per-chunk path takes no lock.
     bytes_to_agent: Counter,
@@ -48,6 +52,11 @@ impl Metrics {
             socks_requests: Family::default(),
             socks_refused: Family::default(),
             streams_open: Gauge::default(),
+            streams_pending: Gauge::default(),
+            // 0.5 ms … ~16 s.
+            dial_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            // 0.1 ms … ~3 s.
+            heartbeat_rtt_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             relay_bytes: Family::default(),
             bytes_to_agent: Counter::default(),
             bytes_from_agent: Counter::default(),
@@ -95,8 +104,26 @@ impl Metrics {
             m.streams_open.clone(),
         );
         r.register(
-            "relay_bytes",
+            "streams_pending",
+            "Tunnel streams waiting for the agent's answer to Open",
+            m.streams_pending.clone(),
+        );
+        r.register_with_unit(
+            "dial",
+            "Time from Open to the agent's answer (its DNS resolution and TCP connect)",
+            prometheus_client::registry::Unit::Seconds,
+            m.dial_seconds.clone(),
+        );
+        r.register_with_unit(
+            "heartbeat_rtt",
+            "Round trip of control-stream heartbeats",
+            prometheus_client::registry::Unit::Seconds,
+            m.heartbeat_rtt_seconds.clone(),
+        );
+        r.register_with_unit(
+            "relay",
             "Bytes relayed through tunnel streams, by direction",
+            prometheus_client::registry::Unit::Bytes,
             m.relay_bytes.clone(),
         );
         r.register(
@@ -115,10 +142,18 @@ impl Metrics {
         out
     }
 
-    /// An agent session was established.
-    pub fn session_opened(&self, tenant: &str) {
+    fn agent_labels(tenant: &str, agent: Option<&str>) -> Labels {
+        let mut labels = vec![("tenant", tenant.to_string())];
+        if let Some(agent) = agent {
+            labels.push(("agent", agent.to_string()));
+        }
+        labels
+    }
+
+    /// An agent session was established; `agent` only when per-agent labels are enabled.
+    pub fn session_opened(&self, tenant: &str, agent: Option<&str>) {
         self.agents_connected
-            .get_or_create(&vec![("tenant", tenant.to_string())])
+            .get_or_create(&Self::agent_labels(tenant, agent))
             .inc();
         self.sessions
             .get_or_create(&vec![("event", "opened".into()), ("reason", "ok".into())])
@@ -126,9 +161,9 @@ impl Metrics {
     }
 
     /// An agent session ended.
-    pub fn session_closed(&self, tenant: &str, reason: &'static str) {
+    pub fn session_closed(&self, tenant: &str, agent: Option<&str>, reason: &'static str) {
         self.agents_connected
-            .get_or_create(&vec![("tenant", tenant.to_string())])
+            .get_or_create(&Self::agent_labels(tenant, agent))
             .dec();
         self.sessions
             .get_or_create(&vec![("event", "closed".into()), ("reason", reason.into())])
@@ -180,6 +215,21 @@ impl Metrics {
     /// The open-streams gauge.
     pub fn streams_open(&self) -> &Gauge {
         &self.streams_open
+    }
+
+    /// The pending-streams gauge (Open sent, no answer yet).
+    pub fn streams_pending(&self) -> &Gauge {
+        &self.streams_pending
+    }
+
+    /// Records how long an agent took to answer Open.
+    pub fn dial_took(&self, seconds: f64) {
+        self.dial_seconds.observe(seconds);
+    }
+
+    /// Records a heartbeat round trip.
+    pub fn heartbeat_rtt(&self, seconds: f64) {
+        self.heartbeat_rtt_seconds.observe(seconds);
     }
 
     /// Counts relayed bytes; `to_agent` is the client → agent direction.

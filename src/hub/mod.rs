@@ -113,6 +113,8 @@ pub struct HubConfig {
     pub grace: Duration,
     /// How often the token store file is checked for changes.
     pub token_poll: Duration,
+    /// Label session metrics with the agent name too (opt in: one series per agent).
+    pub metrics_per_agent: bool,
 }
 
 impl HubConfig {
@@ -131,6 +133,7 @@ impl HubConfig {
             open_timeout: Duration::from_secs(15),
             grace: Duration::from_secs(30),
             token_poll: Duration::from_secs(2),
+            metrics_per_agent: false,
         }
     }
 }

@@ -133,7 +133,14 @@ async fn open_on(
             )),
         }
     };
-    match tokio::time::timeout(timeout, attempt).await {
+    shared.metrics.streams_pending().inc();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(timeout, attempt).await;
+    shared.metrics.streams_pending().dec();
+    if matches!(answer, Ok(Ok(_)) | Ok(Err(RouteError::Dial { .. }))) {
+        shared.metrics.dial_took(started.elapsed().as_secs_f64());
+    }
+    match answer {
         Ok(Ok((send, recv, bound))) => Ok(Tunnel {
             slot,
             send,

@@ -123,7 +123,13 @@ async fn run_session(
     cancel: CancellationToken,
 ) {
     shared.registry.insert(session.clone());
-    shared.metrics.session_opened(session.tenant.as_str());
+    let metric_agent = shared
+        .config
+        .metrics_per_agent
+        .then(|| session.name.clone());
+    shared
+        .metrics
+        .session_opened(session.tenant.as_str(), metric_agent.as_deref());
     info!(version = %session.version, os = %session.os, arch = %session.arch,
         remote = %session.connection.remote_address(), "agent connected");
 
@@ -131,7 +137,10 @@ async fn run_session(
     let end = tokio::select! {
         end = heartbeat_loop(send, reader, heartbeat, &cancel, |event| match event {
             HeartbeatEvent::Seen => session.heard(),
-            HeartbeatEvent::Rtt(rtt) => session.set_rtt(rtt),
+            HeartbeatEvent::Rtt(rtt) => {
+                session.set_rtt(rtt);
+                shared.metrics.heartbeat_rtt(rtt.as_secs_f64());
+            }
         }) => end,
         // The connection can end without the control stream noticing first (close frame).
         reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),
@@ -144,12 +153,17 @@ async fn run_session(
         (ControlEnd::Protocol(_), _) => (CloseCode::Protocol, "protocol_error"),
         (ControlEnd::Cancelled, _) => (CloseCode::GoingAway, "hub_shutdown"),
         (ControlEnd::PeerFinished, _) => (CloseCode::Normal, "agent_closed"),
-        (ControlEnd::Stream(_), _) => (CloseCode::Normal, "connection_lost"),
+        (ControlEnd::Stream(_), _) => match session.connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(_)) => {
+                (CloseCode::Normal, "agent_closed")
+            }
+            _ => (CloseCode::Normal, "connection_lost"),
+        },
     };
     session.close(code, label);
     shared
         .metrics
-        .session_closed(session.tenant.as_str(), label);
+        .session_closed(session.tenant.as_str(), metric_agent.as_deref(), label);
     info!(reason = label, detail = %end,
         streams = session.streams_total(), "agent disconnected");
 }

@@ -234,6 +234,8 @@ impl World {
             token_path,
             "--allow".into(),
             "127.0.0.0/8".into(),
+            "--metrics".into(),
+            "127.0.0.1:0".into(),
         ]
     }
 

@@ -1,0 +1,134 @@
+//! The agent's local health and metrics endpoint: `/healthz` (the process runs), `/readyz`
+//! (connected to at least one hub) and `/metrics` (prometheus-client, `rna_agent_` prefix).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::AgentHandle;
+use crate::proto::DialFailure;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    hub_connections: Gauge,
+    reconnects: Counter,
+    dials: Family<Labels, Counter>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("rna_agent");
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        registry.register("build_info", "Build of this agent", build_info);
+        let m = AgentMetrics {
+            hub_connections: Gauge::default(),
+            reconnects: Counter::default(),
+            dials: Family::default(),
+            registry,
+        };
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register(
+            "hub_connections",
+            "Hub sessions established now",
+            m.hub_connections.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Connection attempts after a failure or a lost session",
+            m.reconnects.clone(),
+        );
+        r.register("dials", "Destination dials, by outcome", m.dials.clone());
+        m
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A hub session started (`true`) or ended (`false`).
+    pub fn hub_connection(&self, up: bool) {
+        if up {
+            self.hub_connections.inc();
+        } else {
+            self.hub_connections.dec();
+        }
+    }
+
+    /// A reconnect attempt.
+    pub fn reconnect(&self) {
+        self.reconnects.inc();
+    }
+
+    /// A dial finished: `None` for success.
+    pub fn dial(&self, failure: Option<DialFailure>) {
+        let outcome = match failure {
+            None => "connected",
+            Some(DialFailure::NotAllowed) => "not_allowed",
+            Some(DialFailure::NetworkUnreachable) => "network_unreachable",
+            Some(DialFailure::HostUnreachable) => "host_unreachable",
+            Some(DialFailure::Refused) => "refused",
+            Some(DialFailure::TimedOut) => "timed_out",
+            Some(DialFailure::General) => "failed",
+        };
+        self.dials
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
+    }
+}
+
+/// The endpoint's router; tests call it without binding a socket.
+pub fn app(handle: AgentHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(handle)
+}
+
+async fn readyz(State(handle): State<AgentHandle>) -> Response {
+    if handle.status().connected > 0 {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to any hub\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(handle): State<AgentHandle>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        handle.metrics().render(),
+    )
+        .into_response()
+}

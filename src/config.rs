@@ -1,0 +1,711 @@
+//! Hub and agent configuration: flags, `RNA_*` variables and TOML files become one validated
+//! configuration, exactly once. Precedence: flags > environment > file > defaults.
+//!
+//! Flags and variables arrive as [`HubOptions`] / [`AgentOptions`] (clap fills them; a field
+//! is `None` when neither was given). A file is read into the same types, every value checked
+//! with an error that names the file and the key (`agent.toml: hub[1]: invalid hub address
+//! "x:y"`). The two are merged field by field, defaults fill the rest, and the result is
+//! turned into the library's [`HubConfig`] / [`AgentConfig`] with every file they name read.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
+use crate::auth::{read_secret_file, Tenant};
+use crate::hub::{HubConfig, NoAuthRoute};
+use crate::transport::control::Heartbeat;
+use crate::transport::{ClientTls, ServerTls};
+
+/// A configuration error, naming where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// toml's message (line, column, key).
+        message: String,
+    },
+    /// A value is invalid. `origin` is the file name, or `command line` for flags and
+    /// environment variables.
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        /// Where the value came from.
+        origin: String,
+        /// The key (or flag name) in error, with list index if any.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required value is missing everywhere.
+    #[error("missing {key}: give --{flag}, RNA_{env} or `{key}` in the config file")]
+    Missing {
+        /// The file key.
+        key: &'static str,
+        /// The flag.
+        flag: &'static str,
+        /// The environment variable suffix.
+        env: &'static str,
+    },
+}
+
+/// Parses `500ms`, `10s`, `5m`, `2h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("invalid duration {s:?}: expected a number with a unit ms, s, m, h or d (e.g. 10s)")
+    };
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("invalid log format {s:?}: expected text or json")),
+        }
+    }
+}
+
+/// Logging settings shared by every long-running command.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LogOptions {
+    /// Log format: text or json [default: json when stdout is not a terminal, else text].
+    #[arg(long, global = true, env = "RNA_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing env-filter syntax, e.g. `info` or `rna=debug`) [default: info;
+    /// RUST_LOG also works].
+    #[arg(long, global = true, env = "RNA_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl LogOptions {
+    fn or(self, lower: LogOptions) -> LogOptions {
+        LogOptions {
+            log_format: self.log_format.or(lower.log_format),
+            log_level: self.log_level.or(lower.log_level),
+        }
+    }
+}
+
+/// Hub settings from flags and environment (`None`: not given).
+#[derive(Debug, Clone, Default, Args)]
+pub struct HubOptions {
+    /// UDP address agents connect to [default: 0.0.0.0:4433].
+    #[arg(long, env = "RNA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// SOCKS5 address [default: 127.0.0.1:1080].
+    #[arg(long, env = "RNA_SOCKS")]
+    pub socks: Option<SocketAddr>,
+    /// Admin API and status page address [default: 127.0.0.1:8080].
+    #[arg(long, env = "RNA_API")]
+    pub api: Option<SocketAddr>,
+    /// CA that agent certificates must chain to.
+    #[arg(long, env = "RNA_CA")]
+    pub ca: Option<PathBuf>,
+    /// Hub certificate (PEM).
+    #[arg(long, env = "RNA_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Hub private key (PEM).
+    #[arg(long, env = "RNA_KEY")]
+    pub key: Option<PathBuf>,
+    /// Token store (see `rna token`).
+    #[arg(long, env = "RNA_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Accept SOCKS5 clients without credentials and route them to AGENT@TENANT (only when
+    /// --socks is a loopback address).
+    #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
+    pub socks_no_auth: Option<String>,
+    /// Heartbeat interval announced to agents [default: 10s].
+    #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Silence after which an agent connection is closed [default: 30s].
+    #[arg(long, env = "RNA_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+    /// Time in-flight streams get to finish on shutdown [default: 30s].
+    #[arg(long, env = "RNA_GRACE", value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// Time a SOCKS client has for greeting, authentication and request [default: 10s].
+    #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration)]
+    pub socks_greeting_timeout: Option<Duration>,
+    /// SOCKS connections one client IP may have in the greeting at once [default: 256].
+    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP")]
+    pub socks_half_open_per_ip: Option<usize>,
+    /// SOCKS connections in the greeting from all clients at once [default: 4096].
+    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
+    pub socks_half_open_total: Option<usize>,
+    /// Time an agent has to answer a tunnel request [default: 15s].
+    #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration)]
+    pub open_timeout: Option<Duration>,
+    /// How often the token store file is checked for changes [default: 2s].
+    #[arg(long, env = "RNA_TOKEN_POLL", value_parser = parse_duration)]
+    pub token_poll: Option<Duration>,
+    /// Label metrics with the agent name too (one series per agent: opt in only when the
+    /// number of agents is bounded) [default: false].
+    #[arg(long, env = "RNA_METRICS_PER_AGENT")]
+    pub metrics_per_agent: Option<bool>,
+}
+
+/// Agent settings from flags and environment (`None` or empty: not given).
+#[derive(Debug, Clone, Default, Args)]
+pub struct AgentOptions {
+    /// Hub address (host:port); repeat for several hubs. Every address a name resolves to
+    /// gets its own connection.
+    #[arg(long, env = "RNA_HUB", value_delimiter = ',')]
+    pub hub: Vec<HubTarget>,
+    /// TLS name to verify the hub as [default: the host of --hub].
+    #[arg(long, env = "RNA_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Agent identifier; must equal the certificate's common name.
+    #[arg(long, env = "RNA_NAME")]
+    pub name: Option<String>,
+    /// CA to verify the hub with.
+    #[arg(long, env = "RNA_CA")]
+    pub ca: Option<PathBuf>,
+    /// Agent certificate (PEM).
+    #[arg(long, env = "RNA_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Agent private key (PEM).
+    #[arg(long, env = "RNA_KEY")]
+    pub key: Option<PathBuf>,
+    /// File holding the agent's token (scope connect:agentHub).
+    #[arg(long, env = "RNA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Destinations the agent may dial: CIDR, IP, host or *.domain, optionally :port.
+    /// Without any, everything but the default-denied ranges is allowed.
+    #[arg(long, env = "RNA_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<Rule>,
+    /// Destinations the agent refuses (checked first).
+    #[arg(long, env = "RNA_DENY", value_delimiter = ',')]
+    pub deny: Vec<Rule>,
+    /// Time allowed to resolve and connect one destination [default: 10s].
+    #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration)]
+    pub dial_timeout: Option<Duration>,
+    /// Tunnel streams the hub may have open on this agent's connection [default: 16384].
+    #[arg(long, env = "RNA_MAX_STREAMS")]
+    pub max_streams: Option<u32>,
+    /// Address of the agent's /healthz, /readyz and /metrics, or `off`
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, env = "RNA_METRICS")]
+    pub metrics: Option<String>,
+}
+
+fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
+    if high.is_empty() {
+        low
+    } else {
+        high
+    }
+}
+
+impl HubOptions {
+    /// `self` where given, else `lower`.
+    pub fn or(self, lower: HubOptions) -> HubOptions {
+        HubOptions {
+            listen: self.listen.or(lower.listen),
+            socks: self.socks.or(lower.socks),
+            api: self.api.or(lower.api),
+            ca: self.ca.or(lower.ca),
+            cert: self.cert.or(lower.cert),
+            key: self.key.or(lower.key),
+            tokens: self.tokens.or(lower.tokens),
+            socks_no_auth: self.socks_no_auth.or(lower.socks_no_auth),
+            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
+            heartbeat_timeout: self.heartbeat_timeout.or(lower.heartbeat_timeout),
+            grace: self.grace.or(lower.grace),
+            socks_greeting_timeout: self.socks_greeting_timeout.or(lower.socks_greeting_timeout),
+            socks_half_open_per_ip: self.socks_half_open_per_ip.or(lower.socks_half_open_per_ip),
+            socks_half_open_total: self.socks_half_open_total.or(lower.socks_half_open_total),
+            open_timeout: self.open_timeout.or(lower.open_timeout),
+            token_poll: self.token_poll.or(lower.token_poll),
+            metrics_per_agent: self.metrics_per_agent.or(lower.metrics_per_agent),
+        }
+    }
+}
+
+impl AgentOptions {
+    /// `self` where given, else `lower`. Lists are taken whole from one source.
+    pub fn or(self, lower: AgentOptions) -> AgentOptions {
+        AgentOptions {
+            hub: or_vec(self.hub, lower.hub),
+            server_name: self.server_name.or(lower.server_name),
+            name: self.name.or(lower.name),
+            ca: self.ca.or(lower.ca),
+            cert: self.cert.or(lower.cert),
+            key: self.key.or(lower.key),
+            token_file: self.token_file.or(lower.token_file),
+            allow: or_vec(self.allow, lower.allow),
+            deny: or_vec(self.deny, lower.deny),
+            dial_timeout: self.dial_timeout.or(lower.dial_timeout),
+            max_streams: self.max_streams.or(lower.max_streams),
+            metrics: self.metrics.or(lower.metrics),
+        }
+    }
+}
+
+/// The hub's TOML file, as written (values checked when converted).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HubFile {
+    listen: Option<String>,
+    socks: Option<String>,
+    api: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    tokens: Option<PathBuf>,
+    socks_no_auth: Option<String>,
+    heartbeat_interval: Option<String>,
+    heartbeat_timeout: Option<String>,
+    grace: Option<String>,
+    socks_greeting_timeout: Option<String>,
+    socks_half_open_per_ip: Option<usize>,
+    socks_half_open_total: Option<usize>,
+    open_timeout: Option<String>,
+    token_poll: Option<String>,
+    metrics_per_agent: Option<bool>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+}
+
+/// The agent's TOML file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    hub: Option<Vec<String>>,
+    server_name: Option<String>,
+    name: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    dial_timeout: Option<String>,
+    max_streams: Option<u32>,
+    metrics: Option<String>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+}
+
+/// Converts file values, naming the file and key in errors.
+struct Checker<'a> {
+    origin: &'a str,
+    base: Option<&'a Path>,
+}
+
+impl Checker<'_> {
+    fn parse<T, E: fmt::Display>(
+        &self,
+        key: &str,
+        value: Option<String>,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> Result<Option<T>, ConfigError> {
+        value
+            .map(|v| {
+                parse(&v).map_err(|e| ConfigError::Invalid {
+                    origin: self.origin.to_string(),
+                    key: key.to_string(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    fn list<T, E: fmt::Display>(
+        &self,
+        key: &str,
+        values: Option<Vec<String>>,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> Result<Vec<T>, ConfigError> {
+        values
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                parse(v).map_err(|e| ConfigError::Invalid {
+                    origin: self.origin.to_string(),
+                    key: format!("{key}[{i}]"),
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Relative paths in a file are relative to the file's folder.
+    fn path(&self, p: Option<PathBuf>) -> Option<PathBuf> {
+        p.map(|p| match self.base {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p,
+        })
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid address {s:?}: expected ip:port"))
+}
+
+fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: origin.clone(),
+        source,
+    })?;
+    let parsed = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        file: origin.clone(),
+        message: e.message().to_string() + &location(&text, e.span()),
+    })?;
+    Ok((parsed, origin))
+}
+
+/// ` (line N)` for a span in `text`.
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+/// Reads a hub file into options (and its log settings).
+pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigError> {
+    let (f, origin): (HubFile, String) = read_file(path)?;
+    let c = Checker {
+        origin: &origin,
+        base: path.parent(),
+    };
+    let options = HubOptions {
+        listen: c.parse("listen", f.listen, parse_addr)?,
+        socks: c.parse("socks", f.socks, parse_addr)?,
+        api: c.parse("api", f.api, parse_addr)?,
+        ca: c.path(f.ca),
+        cert: c.path(f.cert),
+        key: c.path(f.key),
+        tokens: c.path(f.tokens),
+        socks_no_auth: f.socks_no_auth,
+        heartbeat_interval: c.parse("heartbeat_interval", f.heartbeat_interval, parse_duration)?,
+        heartbeat_timeout: c.parse("heartbeat_timeout", f.heartbeat_timeout, parse_duration)?,
+        grace: c.parse("grace", f.grace, parse_duration)?,
+        socks_greeting_timeout: c.parse(
+            "socks_greeting_timeout",
+            f.socks_greeting_timeout,
+            parse_duration,
+        )?,
+        socks_half_open_per_ip: f.socks_half_open_per_ip,
+        socks_half_open_total: f.socks_half_open_total,
+        open_timeout: c.parse("open_timeout", f.open_timeout, parse_duration)?,
+        token_poll: c.parse("token_poll", f.token_poll, parse_duration)?,
+        metrics_per_agent: f.metrics_per_agent,
+    };
+    let log = LogOptions {
+        log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
+        log_level: f.log_level,
+    };
+    Ok((options, log))
+}
+
+/// Reads an agent file into options (and its log settings).
+pub fn read_agent_file(path: &Path) -> Result<(AgentOptions, LogOptions), ConfigError> {
+    let (f, origin): (AgentFile, String) = read_file(path)?;
+    let c = Checker {
+        origin: &origin,
+        base: path.parent(),
+    };
+    let options = AgentOptions {
+        hub: c.list("hub", f.hub, HubTarget::from_str)?,
+        server_name: f.server_name,
+        name: f.name,
+        ca: c.path(f.ca),
+        cert: c.path(f.cert),
+        key: c.path(f.key),
+        token_file: c.path(f.token_file),
+        allow: c.list("allow", f.allow, Rule::from_str)?,
+        deny: c.list("deny", f.deny, Rule::from_str)?,
+        dial_timeout: c.parse("dial_timeout", f.dial_timeout, parse_duration)?,
+        max_streams: f.max_streams,
+        metrics: f.metrics,
+    };
+    let log = LogOptions {
+        log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
+        log_level: f.log_level,
+    };
+    Ok((options, log))
+}
+
+/// Merges command line over file (if any): the options in force and the log settings.
+pub fn merge_hub(
+    file: Option<&Path>,
+    cli: HubOptions,
+    cli_log: LogOptions,
+) -> Result<(HubOptions, LogOptions), ConfigError> {
+    match file {
+        Some(path) => {
+            let (options, log) = read_hub_file(path)?;
+            Ok((cli.or(options), cli_log.or(log)))
+        }
+        None => Ok((cli, cli_log)),
+    }
+}
+
+/// Merges command line over file (if any) for the agent.
+pub fn merge_agent(
+    file: Option<&Path>,
+    cli: AgentOptions,
+    cli_log: LogOptions,
+) -> Result<(AgentOptions, LogOptions), ConfigError> {
+    match file {
+        Some(path) => {
+            let (options, log) = read_agent_file(path)?;
+            Ok((cli.or(options), cli_log.or(log)))
+        }
+        None => Ok((cli, cli_log)),
+    }
+}
+
+fn invalid(key: &str, message: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        origin: "configuration".into(),
+        key: key.into(),
+        message: message.to_string(),
+    }
+}
+
+macro_rules! required {
+    ($opt:expr, $key:literal, $flag:literal, $env:literal) => {
+        $opt.ok_or(ConfigError::Missing {
+            key: $key,
+            flag: $flag,
+            env: $env,
+        })?
+    };
+}
+
+/// Validates hub options into the hub's configuration, reading the certificate files.
+pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
+    let ca = required!(o.ca, "ca", "ca", "CA");
+    let cert = required!(o.cert, "cert", "cert", "CERT");
+    let key = required!(o.key, "key", "key", "KEY");
+    let tokens = required!(o.tokens, "tokens", "tokens", "TOKENS");
+    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| invalid("ca/cert/key", e))?;
+    let listen = o.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433)));
+    let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
+    let mut config = HubConfig::new(listen, socks, tls, tokens);
+    config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
+    if let Some(route) = o.socks_no_auth {
+        config.socks_no_auth = Some(parse_no_auth(&route)?);
+    }
+    let heartbeat = Heartbeat {
+        interval: o.heartbeat_interval.unwrap_or(config.heartbeat.interval),
+        timeout: o.heartbeat_timeout.unwrap_or(config.heartbeat.timeout),
+    };
+    if heartbeat.timeout <= heartbeat.interval {
+        return Err(invalid(
+            "heartbeat_timeout",
+            format!(
+                "{:?} must be longer than heartbeat_interval {:?}",
+                heartbeat.timeout, heartbeat.interval
+            ),
+        ));
+    }
+    config.heartbeat = heartbeat;
+    if let Some(g) = o.grace {
+        config.grace = g;
+    }
+    let limits = &mut config.socks_limits;
+    if let Some(t) = o.socks_greeting_timeout {
+        limits.greeting_timeout = t;
+    }
+    if let Some(n) = o.socks_half_open_per_ip {
+        limits.half_open_per_ip = n;
+    }
+    if let Some(n) = o.socks_half_open_total {
+        limits.half_open_total = n;
+    }
+    if let Some(t) = o.open_timeout {
+        config.open_timeout = t;
+    }
+    if let Some(t) = o.token_poll {
+        config.token_poll = t;
+    }
+    config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
+    if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
+        return Err(invalid(
+            "socks_no_auth",
+            format!(
+                "only allowed when socks listens on a loopback address, not {}",
+                config.socks
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+fn parse_no_auth(route: &str) -> Result<NoAuthRoute, ConfigError> {
+    let (agent, tenant) = route
+        .split_once('@')
+        .ok_or_else(|| invalid("socks_no_auth", format!("{route:?}: expected AGENT@TENANT")))?;
+    if !crate::certs::valid_agent_name(agent) {
+        return Err(invalid(
+            "socks_no_auth",
+            format!("{agent:?} is not a valid agent name"),
+        ));
+    }
+    let tenant: Tenant = tenant.parse().map_err(|e| invalid("socks_no_auth", e))?;
+    Ok(NoAuthRoute {
+        agent: agent.to_string(),
+        tenant,
+    })
+}
+
+/// Where the agent serves health and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Not served.
+    Off,
+    /// Served on this address.
+    On(SocketAddr),
+}
+
+/// The agent's validated settings.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// The agent's configuration.
+    pub config: AgentConfig,
+    /// Health and metrics endpoint.
+    pub metrics: MetricsListen,
+}
+
+/// Validates agent options into the agent's configuration, reading certificates and token.
+pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
+    if o.hub.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "hub",
+            flag: "hub",
+            env: "HUB",
+        });
+    }
+    let name = required!(o.name, "name", "name", "NAME");
+    if !crate::certs::valid_agent_name(&name) {
+        return Err(invalid(
+            "name",
+            format!("{name:?} must match ^[A-Za-z0-9_-]{{1,63}}$"),
+        ));
+    }
+    let ca = required!(o.ca, "ca", "ca", "CA");
+    let cert = required!(o.cert, "cert", "cert", "CERT");
+    let key = required!(o.key, "key", "key", "KEY");
+    let token_file = required!(o.token_file, "token_file", "token-file", "TOKEN_FILE");
+    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| invalid("ca/cert/key", e))?;
+    let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", e))?;
+    let mut config = AgentConfig::new(o.hub, name, tls, token);
+    if let Some(name) = o.server_name {
+        crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", e))?;
+        config.server_name = Some(name);
+    }
+    config.policy = Policy::new(o.allow, o.deny);
+    if let Some(t) = o.dial_timeout {
+        config.dial_timeout = t;
+    }
+    if let Some(n) = o.max_streams {
+        if n == 0 {
+            return Err(invalid("max_streams", "must be at least 1"));
+        }
+        config.limits.tunnel_streams = n;
+    }
+    let metrics = match o.metrics.as_deref() {
+        None => MetricsListen::On(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        Some("off") => MetricsListen::Off,
+        Some(addr) => MetricsListen::On(parse_addr(addr).map_err(|e| invalid("metrics", e))?),
+    };
+    Ok(AgentSettings { config, metrics })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        let ok = [
+            ("500ms", Duration::from_millis(500)),
+            ("10", Duration::from_secs(10)),
+            ("10s", Duration::from_secs(10)),
+            ("5m", Duration::from_secs(300)),
+            ("2h", Duration::from_secs(7200)),
+            ("1d", Duration::from_secs(86_400)),
+        ];
+        for (s, d) in ok {
+            assert_eq!(parse_duration(s), Ok(d), "{s}");
+        }
+        for bad in ["", "s", "10x", "-1s", "0s", "1.5s", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_line_wins_over_file_and_lists_are_taken_whole() {
+        let cli = AgentOptions {
+            name: Some("cli".into()),
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        };
+        let file = AgentOptions {
+            name: Some("file".into()),
+            server_name: Some("hub.internal".into()),
+            allow: vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ],
+            deny: vec!["10.9.0.0/16".parse().unwrap()],
+            ..Default::default()
+        };
+        let merged = cli.or(file);
+        assert_eq!(merged.name.as_deref(), Some("cli"));
+        assert_eq!(merged.server_name.as_deref(), Some("hub.internal"));
+        assert_eq!(merged.allow.len(), 1);
+        assert_eq!(merged.deny.len(), 1);
+    }
+}
