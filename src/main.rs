@@ -186,7 +186,7 @@ fn main() -> ExitCode {
     };
     let work = match prepared {
         Prepared::Done => return ExitCode::SUCCESS,
-        Prepared::Run(work) => work,
+        Prepared::Run(work) => *work,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -218,7 +218,7 @@ enum Work {
 
 enum Prepared {
     Done,
-    Run(Work),
+    Run(Box<Work>),
 }
 
 /// Turns flags, variables and files into validated configuration, and sets up logging.
@@ -258,7 +258,7 @@ fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
             Work::Token(cmd)
         }
     };
-    Ok(Prepared::Run(work))
+    Ok(Prepared::Run(Box::new(work)))
 }
 
 fn origin(config: &Option<PathBuf>) -> String {
