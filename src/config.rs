@@ -386,15 +386,21 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("invalid address {s:?}: expected ip:port"))
 }
 
-fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
-    let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: origin.clone(),
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
         source,
-    })?;
-    let parsed = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    })
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<(T, String), ConfigError> {
+    let origin = path.display().to_string();
+    let parsed = toml::from_str(text).map_err(|e| ConfigError::Parse {
         file: origin.clone(),
-        message: e.message().to_string() + &location(&text, e.span()),
+        message: e.message().to_string() + &location(text, e.span()),
     })?;
     Ok((parsed, origin))
 }
@@ -412,7 +418,12 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 
 /// Reads a hub file into options (and its log settings).
 pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigError> {
-    let (f, origin): (HubFile, String) = read_file(path)?;
+    parse_hub_file(&read_text(path)?, path)
+}
+
+/// Parses the text of a hub file; `path` names it in errors and anchors relative paths.
+pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions), ConfigError> {
+    let (f, origin): (HubFile, String) = parse_toml(text, path)?;
     let c = Checker {
         origin: &origin,
         base: path.parent(),
@@ -449,7 +460,15 @@ pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigErro
 
 /// Reads an agent file into options (and its log settings).
 pub fn read_agent_file(path: &Path) -> Result<(AgentOptions, LogOptions), ConfigError> {
-    let (f, origin): (AgentFile, String) = read_file(path)?;
+    parse_agent_file(&read_text(path)?, path)
+}
+
+/// Parses the text of an agent file; `path` names it in errors and anchors relative paths.
+pub fn parse_agent_file(
+    text: &str,
+    path: &Path,
+) -> Result<(AgentOptions, LogOptions), ConfigError> {
+    let (f, origin): (AgentFile, String) = parse_toml(text, path)?;
     let c = Checker {
         origin: &origin,
         base: path.parent(),

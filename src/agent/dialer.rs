@@ -3,7 +3,7 @@
 //! into the precise codes the hub maps to SOCKS5 replies.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use std::sync::{Arc, RwLock};
@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::admin::AgentMetrics;
-use super::policy::Policy;
+use super::policy::{ends_in_number, legacy_ipv4, Policy};
 use crate::proto::{DialFailure, Host, Open};
 
 /// Why a dial failed, as told to the hub.
@@ -88,6 +88,18 @@ impl Dialer {
         let deadline = Instant::now() + self.timeout;
         let (name, candidates) = match &open.host {
             Host::Ip(ip) => (None, vec![SocketAddr::new(*ip, open.port)]),
+            // Legacy IPv4 spellings ("127.1", "2130706433", "0177.0.0.1") are addresses, read
+            // here rather than by the resolver, and judged like any literal address.
+            Host::Domain(name) if legacy_ipv4(name).is_some() => {
+                let ip = legacy_ipv4(name).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4);
+                (None, vec![SocketAddr::new(ip, open.port)])
+            }
+            Host::Domain(name) if ends_in_number(name) => {
+                return Err(DialError::new(
+                    DialFailure::HostUnreachable,
+                    format!("{name} is neither a host name nor an IPv4 address"),
+                ))
+            }
             Host::Domain(name) => {
                 let lookup = tokio::net::lookup_host((name.as_str(), open.port));
                 let addrs = match tokio::time::timeout_at(deadline, lookup).await {
@@ -204,6 +216,29 @@ mod tests {
                 DialFailure::NotAllowed,
             ),
             (&strict, open("0.0.0.0", 80), DialFailure::NotAllowed),
+            (&strict, open("127.1", closed), DialFailure::NotAllowed),
+            (&strict, open("2130706433", closed), DialFailure::NotAllowed),
+            (&strict, open("0177.0.0.1", closed), DialFailure::NotAllowed),
+            (&strict, open("0x7f.1", closed), DialFailure::NotAllowed),
+            (
+                &strict,
+                open("0251.0376.0251.0376", 80),
+                DialFailure::NotAllowed,
+            ),
+            (&strict, open("2852039166", 80), DialFailure::NotAllowed),
+            (&strict, open("1.2.3.4.5", 80), DialFailure::HostUnreachable),
+            // Read as 127.0.0.1 by the agent itself: refused by the destination, not the resolver.
+            (&open_dialer, open("127.1", closed), DialFailure::Refused),
+            (
+                &open_dialer,
+                open("2130706433", closed),
+                DialFailure::Refused,
+            ),
+            (
+                &open_dialer,
+                open("0177.0.0.1", closed),
+                DialFailure::Refused,
+            ),
             (
                 &strict,
                 open("no-such-host.invalid", 80),

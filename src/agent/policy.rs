@@ -167,6 +167,68 @@ fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// Parses the IPv4 literal forms that `inet_aton`, and so most resolvers, accept besides
+/// dotted decimal: one to four dot-separated numbers, each decimal, octal (leading `0`) or hex
+/// (`0x`), the last one filling the remaining bytes; one trailing dot is ignored. `127.1`,
+/// `2130706433`, `0177.0.0.1` and `0x7f.1` are all 127.0.0.1.
+///
+/// The dialer reads such names itself instead of leaving them to the resolver, so the address
+/// the policy judges never depends on which C library the agent runs on.
+pub fn legacy_ipv4(name: &str) -> Option<Ipv4Addr> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 64 {
+        return None;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut numbers = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let (digits, radix) =
+            if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                (hex, 16)
+            } else if part.len() > 1 && part.starts_with('0') {
+                (&part[1..], 8)
+            } else {
+                (*part, 10)
+            };
+        if part.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+            return None;
+        }
+        let value = if digits.is_empty() {
+            0
+        } else {
+            u64::from_str_radix(digits, radix).ok()?
+        };
+        numbers.push(value);
+    }
+    let (last, leading) = numbers.split_last()?;
+    if leading.iter().any(|&n| n > 255) {
+        return None;
+    }
+    let room = 8 * (5 - numbers.len() as u32);
+    if *last >= 1u64 << room {
+        return None;
+    }
+    let mut value = *last;
+    for (i, &n) in leading.iter().enumerate() {
+        value |= n << (24 - 8 * i as u32);
+    }
+    u32::try_from(value).ok().map(Ipv4Addr::from)
+}
+
+/// Whether the last label of `name` is a number (decimal, or hex with `0x`): such a name is
+/// meant as an IPv4 address (the WHATWG URL standard's "ends in a number"), never a DNS name.
+pub fn ends_in_number(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if let Some(hex) = last.strip_prefix("0x").or_else(|| last.strip_prefix("0X")) {
+        return hex.bytes().all(|b| b.is_ascii_hexdigit());
+    }
+    !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// One allow or deny rule.
 ///
 /// Text forms: `10.0.0.0/8`, `10.0.0.0/8:443`, `10.1.2.3`, `10.1.2.3:22`, `fd00::/8`,
@@ -316,6 +378,15 @@ fn parse_host_pattern(text: &str) -> Result<String, String> {
     }
     if name.len() > 253 {
         return Err("host name is longer than 253 characters".into());
+    }
+    if ends_in_number(name) {
+        // "0x7f.1" or "*.1" would match only that spelling, never the address it stands for.
+        return Err(match legacy_ipv4(name) {
+            Some(ip) if !wildcard => {
+                format!("{text} is an IPv4 address in a non-standard form; write it as {ip}")
+            }
+            _ => "the last label of a host name cannot be a number".into(),
+        });
     }
     for label in name.split('.') {
         if label.is_empty() {
@@ -1095,6 +1166,68 @@ mod tests {
             (allow, &[], None, "[fd12::1]:443", Ok(())),
             (allow, &[], None, "[fd12::1]:444", Err(Denied::NotAllowed)),
         ]);
+    }
+
+    #[test]
+    fn legacy_ipv4_literals_are_read_like_inet_aton() {
+        let table = [
+            ("127.0.0.1", Some("127.0.0.1")),
+            ("127.1", Some("127.0.0.1")),
+            ("127.0.1", Some("127.0.0.1")),
+            ("2130706433", Some("127.0.0.1")),
+            ("0177.0.0.1", Some("127.0.0.1")),
+            ("017700000001", Some("127.0.0.1")),
+            ("0x7f.1", Some("127.0.0.1")),
+            ("0x7F000001", Some("127.0.0.1")),
+            ("0xa9.0xfe.0xa9.0xfe", Some("169.254.169.254")),
+            ("2852039166", Some("169.254.169.254")),
+            ("0251.0376.0251.0376", Some("169.254.169.254")),
+            ("169.254.43518", Some("169.254.169.254")),
+            ("0", Some("0.0.0.0")),
+            ("0x", Some("0.0.0.0")),
+            ("10.0.0.1.", Some("10.0.0.1")),
+            ("256.0.0.1", None),
+            ("1.2.3.4.5", None),
+            ("4294967296", None),
+            ("08.0.0.1", None),
+            ("1..1", None),
+            ("", None),
+            ("example.com", None),
+            ("1.example", None),
+            ("0x1g", None),
+            ("127.0.0.256", None),
+            ("127.0.65536", None),
+        ];
+        for (name, want) in table {
+            let want = want.map(|w| w.parse::<Ipv4Addr>().unwrap());
+            assert_eq!(legacy_ipv4(name), want, "{name}");
+        }
+        for (name, want) in [
+            ("127.1", true),
+            ("a.b.1", true),
+            ("a.0x1f", true),
+            ("1.2.3.4.5", true),
+            ("example.com", false),
+            ("1.example", false),
+            ("a.0x1g", false),
+            ("a1", false),
+        ] {
+            assert_eq!(ends_in_number(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn numeric_host_rules_are_refused() {
+        for (text, want) in [
+            ("0x7f.1", "write it as 127.0.0.1"),
+            ("0x7f000001:22", "write it as 127.0.0.1"),
+            ("*.1", "cannot be a number"),
+            ("a.b.123", "cannot be a number"),
+            ("host.0x10", "cannot be a number"),
+        ] {
+            let err = text.parse::<Rule>().unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

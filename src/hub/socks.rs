@@ -22,8 +22,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::router::{self, RouteError};
-use super::Shared;
-use crate::auth::{Scope, Tenant};
+use super::{NoAuthRoute, Shared};
+use crate::auth::{Scope, Tenant, TokenStore};
 use crate::certs::valid_agent_name;
 use crate::proto::{Host, Open};
 use crate::transport::relay::{relay, Direction};
@@ -156,8 +156,8 @@ struct Caller {
     agent: String,
 }
 
-type Request = (
-    Socks5ServerProtocol<TcpStream, states::CommandRead>,
+type Request<S> = (
+    Socks5ServerProtocol<S, states::CommandRead>,
     Caller,
     Socks5Command,
     TargetAddr,
@@ -165,7 +165,10 @@ type Request = (
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, guard: HalfOpenGuard) {
     let timeout = shared.config.socks_limits.greeting_timeout;
-    let greeted = tokio::time::timeout(timeout, greet(&shared, tcp)).await;
+    let tokens = shared.tokens.current();
+    let no_auth = shared.config.socks_no_auth.as_ref();
+    let greeted = tokio::time::timeout(timeout, greet(&tokens, no_auth, tcp)).await;
+    drop(tokens);
     drop(guard);
     let (proto, caller, cmd, target) = match greeted {
         Err(_) => {
@@ -329,10 +332,60 @@ fn reply_name(code: u8) -> &'static str {
     }
 }
 
+/// What an unauthenticated client's bytes become: the caller and its checked destination
+/// (or the SOCKS reply code it was refused with). Only for fuzzing the front.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct FuzzRequest {
+    /// Tenant of the caller.
+    pub tenant: String,
+    /// Agent asked for.
+    pub agent: String,
+    /// Destination, or the refusal code.
+    pub open: Result<Open, u8>,
+}
+
+/// Runs the front's pre-routing steps (greeting, RFC 1929 authentication against `tokens`,
+/// request, destination checks, error reply) on any byte stream, exactly as a TCP client
+/// gets them, and stops where routing would start. Exposed for the fuzz targets.
+#[doc(hidden)]
+pub async fn fuzz_front<S>(
+    stream: S,
+    tokens: &TokenStore,
+    no_auth: Option<&NoAuthRoute>,
+) -> Result<FuzzRequest, GreetError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (proto, caller, cmd, target) = greet(tokens, no_auth, stream).await?;
+    let open = if cmd == Socks5Command::TCPConnect {
+        to_open(target).map_err(|(code, _)| code)
+    } else {
+        Err(0x07)
+    };
+    let code = match &open {
+        Ok(_) => 0x04,
+        Err(code) => *code,
+    };
+    let _ = proto.reply_error(&reply_error(code)).await;
+    Ok(FuzzRequest {
+        tenant: caller.tenant.to_string(),
+        agent: caller.agent,
+        open,
+    })
+}
+
 /// Reads greeting, authentication and request. Not cancel-safe (runs under a timeout that
 /// abandons the connection).
-async fn greet(shared: &Shared, tcp: TcpStream) -> Result<Request, GreetError> {
-    let no_auth = shared.config.socks_no_auth.clone();
+async fn greet<S>(
+    tokens: &TokenStore,
+    no_auth: Option<&NoAuthRoute>,
+    stream: S,
+) -> Result<Request<S>, GreetError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_auth = no_auth.cloned();
     let methods: &[Method] = if no_auth.is_some() {
         &[
             Method::TokenAuth(TokenAuth),
@@ -341,13 +394,13 @@ async fn greet(shared: &Shared, tcp: TcpStream) -> Result<Request, GreetError> {
     } else {
         &[Method::TokenAuth(TokenAuth)]
     };
-    let started = Socks5ServerProtocol::start(tcp)
+    let started = Socks5ServerProtocol::start(stream)
         .negotiate_auth(methods)
         .await?;
     let (authed, caller) = match started {
         MethodStarted::TokenAuth(mut auth) => {
             let (user, password) = auth.read_credentials().await?;
-            match authorize(shared, &user, &password) {
+            match authorize(tokens, &user, &password) {
                 Ok(caller) => {
                     auth.reply(true).await?;
                     (Socks5ServerProtocol::finish_auth(auth), caller)
@@ -371,13 +424,11 @@ async fn greet(shared: &Shared, tcp: TcpStream) -> Result<Request, GreetError> {
     Ok((proto, caller, cmd, target))
 }
 
-fn authorize(shared: &Shared, user: &str, password: &str) -> Result<Caller, String> {
+fn authorize(tokens: &TokenStore, user: &str, password: &str) -> Result<Caller, String> {
     if !valid_agent_name(user) {
         return Err("user name is not a valid agent name".into());
     }
-    let grant = shared
-        .tokens
-        .current()
+    let grant = tokens
         .authorize(password, Scope::Proxy, SystemTime::now())
         .map_err(|e| e.to_string())?;
     Ok(Caller {
