@@ -184,6 +184,21 @@ pub struct HubOptions {
     /// number of agents is bounded) [default: false].
     #[arg(long, env = "RNA_METRICS_PER_AGENT")]
     pub metrics_per_agent: Option<bool>,
+    /// Agent connections in the handshake at once; more are refused before any TLS work
+    /// [default: 256].
+    #[arg(long, env = "RNA_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+    /// Tunnel streams open or opening on one agent connection; more are answered 0x01
+    /// [default: 8192].
+    #[arg(long, env = "RNA_MAX_STREAMS_PER_AGENT")]
+    pub max_streams_per_agent: Option<usize>,
+    /// Largest protocol frame accepted from an agent, in bytes, 1024 to 65536
+    /// [default: 65536].
+    #[arg(long, env = "RNA_MAX_FRAME")]
+    pub max_frame: Option<usize>,
+    /// A tunnel stream with no byte moving either way for this long is reset [default: 1h].
+    #[arg(long, env = "RNA_STREAM_IDLE_TIMEOUT", value_parser = parse_duration)]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -228,6 +243,12 @@ pub struct AgentOptions {
     /// [default: 127.0.0.1:9090].
     #[arg(long, env = "RNA_METRICS")]
     pub metrics: Option<String>,
+    /// Dials in progress at once; more tunnel requests fail at once [default: 256].
+    #[arg(long, env = "RNA_MAX_PENDING_DIALS")]
+    pub max_pending_dials: Option<usize>,
+    /// Largest protocol frame accepted from a hub, in bytes, 1024 to 65536 [default: 65536].
+    #[arg(long, env = "RNA_MAX_FRAME")]
+    pub max_frame: Option<usize>,
 }
 
 fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
@@ -259,6 +280,10 @@ impl HubOptions {
             open_timeout: self.open_timeout.or(lower.open_timeout),
             token_poll: self.token_poll.or(lower.token_poll),
             metrics_per_agent: self.metrics_per_agent.or(lower.metrics_per_agent),
+            max_handshakes: self.max_handshakes.or(lower.max_handshakes),
+            max_streams_per_agent: self.max_streams_per_agent.or(lower.max_streams_per_agent),
+            max_frame: self.max_frame.or(lower.max_frame),
+            stream_idle_timeout: self.stream_idle_timeout.or(lower.stream_idle_timeout),
         }
     }
 }
@@ -279,6 +304,8 @@ impl AgentOptions {
             dial_timeout: self.dial_timeout.or(lower.dial_timeout),
             max_streams: self.max_streams.or(lower.max_streams),
             metrics: self.metrics.or(lower.metrics),
+            max_pending_dials: self.max_pending_dials.or(lower.max_pending_dials),
+            max_frame: self.max_frame.or(lower.max_frame),
         }
     }
 }
@@ -304,6 +331,10 @@ struct HubFile {
     open_timeout: Option<String>,
     token_poll: Option<String>,
     metrics_per_agent: Option<bool>,
+    max_handshakes: Option<usize>,
+    max_streams_per_agent: Option<usize>,
+    max_frame: Option<usize>,
+    stream_idle_timeout: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -324,6 +355,8 @@ struct AgentFile {
     dial_timeout: Option<String>,
     max_streams: Option<u32>,
     metrics: Option<String>,
+    max_pending_dials: Option<usize>,
+    max_frame: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -450,6 +483,14 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         open_timeout: c.parse("open_timeout", f.open_timeout, parse_duration)?,
         token_poll: c.parse("token_poll", f.token_poll, parse_duration)?,
         metrics_per_agent: f.metrics_per_agent,
+        max_handshakes: f.max_handshakes,
+        max_streams_per_agent: f.max_streams_per_agent,
+        max_frame: f.max_frame,
+        stream_idle_timeout: c.parse(
+            "stream_idle_timeout",
+            f.stream_idle_timeout,
+            parse_duration,
+        )?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -486,6 +527,8 @@ pub fn parse_agent_file(
         dial_timeout: c.parse("dial_timeout", f.dial_timeout, parse_duration)?,
         max_streams: f.max_streams,
         metrics: f.metrics,
+        max_pending_dials: f.max_pending_dials,
+        max_frame: f.max_frame,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -590,6 +633,19 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
         config.token_poll = t;
     }
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
+    let caps = &mut config.caps;
+    if let Some(n) = o.max_handshakes {
+        caps.handshakes = at_least_one("max_handshakes", n)?;
+    }
+    if let Some(n) = o.max_streams_per_agent {
+        caps.streams_per_agent = at_least_one("max_streams_per_agent", n)?;
+    }
+    if let Some(n) = o.max_frame {
+        caps.max_frame = frame_size(n)?;
+    }
+    if let Some(t) = o.stream_idle_timeout {
+        caps.stream_idle_timeout = t;
+    }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
             "socks_no_auth",
@@ -600,6 +656,27 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
         ));
     }
     Ok(config)
+}
+
+fn at_least_one(key: &str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(key, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// The smallest frame cap: Hello with a long name, token and capabilities fits well below.
+const MIN_FRAME: usize = 1024;
+
+fn frame_size(n: usize) -> Result<usize, ConfigError> {
+    let max = crate::proto::codec::MAX_FRAME;
+    if !(MIN_FRAME..=max).contains(&n) {
+        return Err(invalid(
+            "max_frame",
+            format!("{n} must be between {MIN_FRAME} and {max} bytes"),
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_no_auth(route: &str) -> Result<NoAuthRoute, ConfigError> {
@@ -674,6 +751,12 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
         }
         config.limits.tunnel_streams = n;
     }
+    if let Some(n) = o.max_pending_dials {
+        config.max_pending_dials = at_least_one("max_pending_dials", n)?;
+    }
+    if let Some(n) = o.max_frame {
+        config.max_frame = frame_size(n)?;
+    }
     let metrics = match o.metrics.as_deref() {
         None => MetricsListen::On(SocketAddr::from(([127, 0, 0, 1], 9090))),
         Some("off") => MetricsListen::Off,
@@ -726,5 +809,49 @@ mod tests {
         assert_eq!(merged.server_name.as_deref(), Some("hub.internal"));
         assert_eq!(merged.allow.len(), 1);
         assert_eq!(merged.deny.len(), 1);
+    }
+
+    #[test]
+    fn caps_come_from_files_and_are_checked() {
+        let (hub, _) = parse_hub_file(
+            "max_handshakes = 3\nmax_streams_per_agent = 4\nmax_frame = 2048\n\
+             stream_idle_timeout = \"90s\"\n",
+            Path::new("hub.toml"),
+        )
+        .unwrap();
+        assert_eq!(hub.max_handshakes, Some(3));
+        assert_eq!(hub.max_streams_per_agent, Some(4));
+        assert_eq!(hub.max_frame, Some(2048));
+        assert_eq!(hub.stream_idle_timeout, Some(Duration::from_secs(90)));
+        let (agent, _) = parse_agent_file(
+            "max_pending_dials = 5\nmax_frame = 1024\n",
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(agent.max_pending_dials, Some(5));
+        assert_eq!(agent.max_frame, Some(1024));
+        let cli = HubOptions {
+            max_handshakes: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(cli.or(hub).max_handshakes, Some(9));
+
+        assert_eq!(
+            frame_size(1023).unwrap_err().to_string(),
+            "configuration: max_frame: 1023 must be between 1024 and 65536 bytes"
+        );
+        assert!(frame_size(65537).is_err());
+        assert!(frame_size(65536).is_ok());
+        assert_eq!(
+            at_least_one("max_handshakes", 0).unwrap_err().to_string(),
+            "configuration: max_handshakes: must be at least 1"
+        );
+        let err = parse_hub_file("stream_idle_timeout = \"soon\"\n", Path::new("hub.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("hub.toml: stream_idle_timeout: invalid duration"),
+            "{err}"
+        );
     }
 }

@@ -24,6 +24,7 @@ pub struct AgentMetrics {
     hub_connections: Gauge,
     reconnects: Counter,
     dials: Family<Labels, Counter>,
+    cap_refusals: Family<Labels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -45,6 +46,7 @@ impl AgentMetrics {
             hub_connections: Gauge::default(),
             reconnects: Counter::default(),
             dials: Family::default(),
+            cap_refusals: Family::default(),
             registry,
         };
         let mut m = m;
@@ -60,6 +62,11 @@ impl AgentMetrics {
             m.reconnects.clone(),
         );
         r.register("dials", "Destination dials, by outcome", m.dials.clone());
+        r.register(
+            "cap_refusals",
+            "Work refused because a resource cap was reached, by cap",
+            m.cap_refusals.clone(),
+        );
         m
     }
 
@@ -82,6 +89,20 @@ impl AgentMetrics {
     /// A reconnect attempt.
     pub fn reconnect(&self) {
         self.reconnects.inc();
+    }
+
+    /// Something was refused because the cap `cap` was reached.
+    pub fn cap_refused(&self, cap: &'static str) {
+        self.cap_refusals
+            .get_or_create(&vec![("cap", cap.to_string())])
+            .inc();
+    }
+
+    /// Refusals so far by one cap.
+    pub fn cap_refusals(&self, cap: &'static str) -> u64 {
+        self.cap_refusals
+            .get(&vec![("cap", cap.to_string())])
+            .map_or(0, |c| c.get())
     }
 
     /// A dial finished: `None` for success.

@@ -41,7 +41,13 @@ pub struct Dialer {
     policy: RwLock<Arc<Policy>>,
     timeout: Duration,
     metrics: Option<Arc<AgentMetrics>>,
+    /// One permit per dial in progress.
+    pending: Arc<tokio::sync::Semaphore>,
+    max_pending: usize,
 }
+
+/// Dials in progress at once unless configured otherwise.
+const DEFAULT_MAX_PENDING: usize = 256;
 
 impl Dialer {
     /// A dialer with a policy and an overall timeout (resolution plus connection).
@@ -50,6 +56,28 @@ impl Dialer {
             policy: RwLock::new(Arc::new(policy)),
             timeout,
             metrics: None,
+            pending: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_PENDING)),
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
+
+    /// Allows at most `max` dials in progress at once (at least one).
+    pub fn with_max_pending(mut self, max: usize) -> Self {
+        let max = max.max(1);
+        self.pending = Arc::new(tokio::sync::Semaphore::new(max));
+        self.max_pending = max;
+        self
+    }
+
+    /// Dials in progress now.
+    pub fn pending(&self) -> usize {
+        self.max_pending - self.pending.available_permits()
+    }
+
+    /// Counts a refusal by a resource cap in the agent's metrics.
+    pub(crate) fn cap_refused(&self, cap: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.cap_refused(cap);
         }
     }
 
@@ -74,6 +102,13 @@ impl Dialer {
 
     /// Connects to the destination of `open`, counting the outcome.
     pub async fn dial(&self, open: &Open) -> Result<TcpStream, DialError> {
+        let Ok(_permit) = self.pending.try_acquire() else {
+            self.cap_refused("pending_dials");
+            return Err(DialError::new(
+                DialFailure::General,
+                format!("{} dials already in progress (the cap)", self.max_pending),
+            ));
+        };
         let result = self.dial_uncounted(open).await;
         if let Some(m) = &self.metrics {
             m.dial(result.as_ref().err().map(|e| e.code));

@@ -128,6 +128,12 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// How often hub names are resolved again (new replicas, moved hubs).
     pub resolve_interval: Duration,
+    /// Dials (resolution plus connect) in progress at once; a tunnel request beyond it is
+    /// answered at once with a failure (`rna_agent_cap_refusals_total{cap="pending_dials"}`).
+    pub max_pending_dials: usize,
+    /// Largest frame body accepted from the hub (control frames, Open headers); a longer one
+    /// ends the stream or session (`cap="frame_size"`).
+    pub max_frame: usize,
 }
 
 impl AgentConfig {
@@ -145,6 +151,8 @@ impl AgentConfig {
             capabilities: Vec::new(),
             backoff: Backoff::default(),
             resolve_interval: Duration::from_secs(30),
+            max_pending_dials: 256,
+            max_frame: crate::proto::codec::MAX_FRAME,
         }
     }
 }
@@ -177,6 +185,11 @@ impl AgentHandle {
     /// The agent's metrics.
     pub fn metrics(&self) -> &Arc<admin::AgentMetrics> {
         &self.metrics
+    }
+
+    /// Dials in progress now.
+    pub fn pending_dials(&self) -> usize {
+        self.dialer.pending()
     }
 
     /// The status now.
@@ -222,7 +235,9 @@ impl Agent {
         }
         let metrics = Arc::new(admin::AgentMetrics::new());
         let dialer = Arc::new(
-            Dialer::new(config.policy.clone(), config.dial_timeout).with_metrics(metrics.clone()),
+            Dialer::new(config.policy.clone(), config.dial_timeout)
+                .with_max_pending(config.max_pending_dials)
+                .with_metrics(metrics.clone()),
         );
         Ok(Agent {
             config: Arc::new(config),

@@ -12,7 +12,7 @@ use tracing::{debug, info, Instrument};
 
 use super::dialer::Dialer;
 use super::AgentConfig;
-use crate::proto::codec::{encode, read_frame};
+use crate::proto::codec::{encode, read_frame, read_frame_max};
 use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
@@ -79,6 +79,8 @@ pub struct Established {
     pub welcome: Welcome,
     send: SendStream,
     reader: ControlReader,
+    /// Largest frame accepted from the hub.
+    max_frame: usize,
 }
 
 /// Connects to the hub at `addr` and registers. Fails with the hub's reason when refused.
@@ -130,7 +132,8 @@ pub async fn connect(
                 connection,
                 welcome,
                 send,
-                reader: control::control_reader(recv),
+                reader: control::control_reader(recv, config.max_frame),
+                max_frame: config.max_frame,
             }),
             Ok(Some(Control::Rejected { code, reason })) => {
                 connection.close(code.into(), b"rejected");
@@ -175,6 +178,7 @@ pub async fn run(
         welcome,
         mut send,
         mut reader,
+        max_frame,
     } = established;
     let heartbeat = Heartbeat {
         interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(50)),
@@ -187,7 +191,7 @@ pub async fn run(
                 Ok((send, recv)) => {
                     let dialer = dialer.clone();
                     let span = tracing::debug_span!("stream", stream = %send.id());
-                    streams.spawn(serve_stream(send, recv, dialer).instrument(span));
+                    streams.spawn(serve_stream(send, recv, dialer, max_frame).instrument(span));
                 }
                 Err(e) => return e,
             }
@@ -217,6 +221,10 @@ pub async fn run(
     let code = match end {
         ControlEnd::Timeout(_) => CloseCode::HeartbeatTimeout,
         ControlEnd::Protocol(_) => CloseCode::Protocol,
+        ControlEnd::FrameTooLarge(_) => {
+            dialer.cap_refused("frame_size");
+            CloseCode::Protocol
+        }
         _ => CloseCode::Normal,
     };
     connection.close(code.into(), b"agent closing");
@@ -225,14 +233,25 @@ pub async fn run(
 }
 
 /// One tunnel stream: read `Open`, dial, answer, relay.
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>) {
-    let open = match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<Open, _>(&mut recv)).await {
+async fn serve_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    dialer: Arc<Dialer>,
+    max_frame: usize,
+) {
+    let header = read_frame_max::<Open, _>(&mut recv, max_frame);
+    let open = match tokio::time::timeout(HEADER_TIMEOUT, header).await {
         Ok(Ok(Some(open))) => open,
         Ok(Ok(None)) => return,
         other => {
             let why = match other {
                 Err(_) => "no stream header in time".to_string(),
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => {
+                    if e.is_too_large() {
+                        dialer.cap_refused("frame_size");
+                    }
+                    e.to_string()
+                }
                 Ok(Ok(_)) => "no header".to_string(),
             };
             info!("tunnel stream refused: {why}");
@@ -268,7 +287,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
         let _ = recv.stop(StreamCode::Reset.into());
         return;
     }
-    let outcome = relay(tcp, send, recv, |_, _| {}).await;
+    let outcome = relay(tcp, send, recv, None, |_, _| {}).await;
     match outcome.error {
         None => {
             debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")

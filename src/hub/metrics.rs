@@ -19,6 +19,7 @@ pub struct Metrics {
     handshake_failures: Family<Labels, Counter>,
     socks_requests: Family<Labels, Counter>,
     socks_refused: Family<Labels, Counter>,
+    cap_refusals: Family<Labels, Counter>,
     streams_open: Gauge,
     streams_pending: Gauge,
     dial_seconds: Histogram,
@@ -51,6 +52,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             socks_requests: Family::default(),
             socks_refused: Family::default(),
+            cap_refusals: Family::default(),
             streams_open: Gauge::default(),
             streams_pending: Gauge::default(),
             // 0.5 ms … ~16 s.
@@ -97,6 +99,11 @@ impl Metrics {
             "socks_refused",
             "SOCKS5 connections refused before authentication, by reason",
             m.socks_refused.clone(),
+        );
+        r.register(
+            "cap_refusals",
+            "Work refused or cut off because a resource cap was reached, by cap",
+            m.cap_refusals.clone(),
         );
         r.register(
             "streams_open",
@@ -209,6 +216,20 @@ impl Metrics {
     pub fn socks_refusals(&self, reason: &'static str) -> u64 {
         self.socks_refused
             .get(&vec![("reason", reason.into())])
+            .map_or(0, |c| c.get())
+    }
+
+    /// Something was refused (or a stream cut off) because the cap `cap` was reached.
+    pub fn cap_refused(&self, cap: &'static str) {
+        self.cap_refusals
+            .get_or_create(&vec![("cap", cap.into())])
+            .inc();
+    }
+
+    /// Refusals so far by one cap.
+    pub fn cap_refusals(&self, cap: &'static str) -> u64 {
+        self.cap_refusals
+            .get(&vec![("cap", cap.into())])
             .map_or(0, |c| c.get())
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{ReloadingStore, StoreError, Tenant};
 use crate::proto::CloseCode;
@@ -86,6 +86,35 @@ impl Default for SocksLimits {
     }
 }
 
+/// Resource caps of the hub beyond the SOCKS pre-authentication bounds. Each refusal is
+/// counted in `rna_cap_refusals_total{cap=...}`.
+#[derive(Debug, Clone)]
+pub struct HubCaps {
+    /// Agent connections in the handshake (QUIC, TLS, Hello) at once; more are refused
+    /// before any cryptographic work (`cap="quic_handshakes"`).
+    pub handshakes: usize,
+    /// Tunnel streams open or being opened on one agent connection; a SOCKS request beyond
+    /// it is answered 0x01 (`cap="streams_per_agent"`).
+    pub streams_per_agent: usize,
+    /// Largest frame body accepted from an agent (Hello, control frames, Open replies); a
+    /// longer one closes the connection with a protocol error (`cap="frame_size"`).
+    pub max_frame: usize,
+    /// A tunnel stream with no byte moving either way for this long is reset on both sides
+    /// (`cap="stream_idle_timeout"`).
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for HubCaps {
+    fn default() -> Self {
+        HubCaps {
+            handshakes: 256,
+            streams_per_agent: 8192,
+            max_frame: crate::proto::codec::MAX_FRAME,
+            stream_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Everything the hub needs, validated.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -107,6 +136,8 @@ pub struct HubConfig {
     pub heartbeat: Heartbeat,
     /// Pre-authentication SOCKS bounds.
     pub socks_limits: SocksLimits,
+    /// Caps on handshakes, streams, frames and idle streams.
+    pub caps: HubCaps,
     /// How long the agent may take to answer `Open` (it dials within its own timeout).
     pub open_timeout: Duration,
     /// On shutdown, how long in-flight streams may continue.
@@ -130,6 +161,7 @@ impl HubConfig {
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             socks_limits: SocksLimits::default(),
+            caps: HubCaps::default(),
             open_timeout: Duration::from_secs(15),
             grace: Duration::from_secs(30),
             token_poll: Duration::from_secs(2),
@@ -150,6 +182,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Bumped after every successful token reload, so callers can wait for one.
     pub(crate) reloads: tokio::sync::watch::Sender<u64>,
+    /// One permit per agent handshake in progress ([`HubCaps::handshakes`]).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -263,6 +297,7 @@ impl Hub {
             ),
             None => None,
         };
+        let handshakes = config.caps.handshakes;
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -271,6 +306,7 @@ impl Hub {
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             reloads: tokio::sync::watch::Sender::new(0),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
         });
         Ok(Hub {
             shared,
@@ -341,11 +377,18 @@ impl Hub {
                             None => break,
                         },
                     };
+                    let remote = incoming.remote_address();
+                    let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                        shared.metrics.cap_refused("quic_handshakes");
+                        debug!(%remote, "agent connection refused: {} handshakes in progress",
+                            shared.config.caps.handshakes);
+                        incoming.refuse();
+                        continue;
+                    };
                     let shared = shared.clone();
                     let cancel = sessions_stop.clone();
-                    let remote = incoming.remote_address();
                     sessions.spawn(
-                        session::serve(shared, incoming, cancel)
+                        session::serve(shared, incoming, cancel, permit)
                             .instrument(tracing::info_span!("agent_conn", %remote)),
                     );
                 }

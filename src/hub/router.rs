@@ -10,7 +10,7 @@ use quinn::{RecvStream, SendStream};
 use super::registry::StreamSlot;
 use super::Shared;
 use crate::auth::Tenant;
-use crate::proto::codec::{encode, read_frame};
+use crate::proto::codec::{encode, read_frame_max};
 use crate::proto::{DialFailure, Open, OpenReply, StreamCode};
 
 /// Why a tunnel could not be opened.
@@ -23,6 +23,9 @@ pub enum RouteError {
     /// The hub is shutting down.
     #[error("hub is shutting down")]
     Draining,
+    /// Every session of the agent has as many streams as the cap allows.
+    #[error("agent has {0} streams open, the most allowed per connection")]
+    AtCapacity(usize),
     /// The agent could not connect.
     #[error("agent could not connect: {message}")]
     Dial {
@@ -45,6 +48,7 @@ impl RouteError {
         match self {
             RouteError::NoAgent => 0x04,
             RouteError::Draining => 0x01,
+            RouteError::AtCapacity(_) => 0x01,
             RouteError::Dial { code, .. } => code.socks_reply(),
             RouteError::Timeout(_) => 0x06,
             RouteError::Stream(_) => 0x01,
@@ -91,6 +95,12 @@ pub(crate) async fn open_tunnel(
                 ))
             }
         };
+        let cap = shared.config.caps.streams_per_agent;
+        // The least loaded session was picked: if it is over the cap, every session is.
+        if slot.session().open_streams() > cap {
+            shared.metrics.cap_refused("streams_per_agent");
+            return Err(RouteError::AtCapacity(cap));
+        }
         match open_on(shared, slot, open).await {
             Ok(tunnel) => return Ok(tunnel),
             Err((id, RouteError::Stream(why))) => {
@@ -122,9 +132,14 @@ async fn open_on(
         send.write_all(&frame)
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;
-        let reply = read_frame::<OpenReply, _>(&mut recv)
+        let reply = read_frame_max::<OpenReply, _>(&mut recv, shared.config.caps.max_frame)
             .await
-            .map_err(|e| RouteError::Stream(e.to_string()))?;
+            .map_err(|e| {
+                if e.is_too_large() {
+                    shared.metrics.cap_refused("frame_size");
+                }
+                RouteError::Stream(e.to_string())
+            })?;
         match reply {
             Some(OpenReply::Opened { bound }) => Ok((send, recv, bound)),
             Some(OpenReply::Failed { code, message }) => Err(RouteError::Dial { code, message }),

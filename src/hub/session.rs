@@ -13,7 +13,7 @@ use super::registry::AgentSession;
 use super::Shared;
 use crate::auth::{AuthError, Scope};
 use crate::certs;
-use crate::proto::codec::{encode, read_frame};
+use crate::proto::codec::{encode, read_frame_max};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{self, heartbeat_loop, ControlEnd, HeartbeatEvent};
 
@@ -63,6 +63,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
     cancel: CancellationToken,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     // One budget for the whole handshake: TLS, the control stream and Hello together.
     let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
@@ -88,7 +89,9 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let (session, mut send, mut reader) = match handshake(&shared, &connection, deadline).await {
+    let handshaken = handshake(&shared, &connection, deadline).await;
+    drop(handshake_permit);
+    let (session, mut send, mut reader) = match handshaken {
         Ok(ok) => ok,
         Err(err) => {
             shared.metrics.handshake_failed(err.label());
@@ -151,6 +154,10 @@ async fn run_session(
         (_, Some(code)) => (code, code.as_str()),
         (ControlEnd::Timeout(_), _) => (CloseCode::HeartbeatTimeout, "heartbeat_timeout"),
         (ControlEnd::Protocol(_), _) => (CloseCode::Protocol, "protocol_error"),
+        (ControlEnd::FrameTooLarge(_), _) => {
+            shared.metrics.cap_refused("frame_size");
+            (CloseCode::Protocol, "protocol_error")
+        }
         (ControlEnd::Cancelled, _) => (CloseCode::GoingAway, "hub_shutdown"),
         (ControlEnd::PeerFinished, _) => (CloseCode::Normal, "agent_closed"),
         (ControlEnd::Stream(_), _) => match session.connection.close_reason() {
@@ -194,23 +201,30 @@ async fn handshake(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
-    let hello = match tokio::time::timeout_at(deadline, read_frame::<Control, _>(&mut recv)).await {
-        Err(_) => return Err(HandshakeError::Timeout),
-        Ok(Err(e)) => {
-            return Err(HandshakeError::refused(
-                CloseCode::Protocol,
-                format!("bad Hello frame: {e}"),
-            ))
-        }
-        Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
-        Ok(Ok(Some(Control::Hello(hello)))) => hello,
-        Ok(Ok(Some(other))) => {
-            return Err(HandshakeError::refused(
-                CloseCode::Protocol,
-                format!("expected Hello, got {}", control::kind(&other)),
-            ))
-        }
-    };
+    let max_frame = shared.config.caps.max_frame;
+    let hello =
+        match tokio::time::timeout_at(deadline, read_frame_max::<Control, _>(&mut recv, max_frame))
+            .await
+        {
+            Err(_) => return Err(HandshakeError::Timeout),
+            Ok(Err(e)) => {
+                if e.is_too_large() {
+                    shared.metrics.cap_refused("frame_size");
+                }
+                return Err(HandshakeError::refused(
+                    CloseCode::Protocol,
+                    format!("bad Hello frame: {e}"),
+                ));
+            }
+            Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
+            Ok(Ok(Some(Control::Hello(hello)))) => hello,
+            Ok(Ok(Some(other))) => {
+                return Err(HandshakeError::refused(
+                    CloseCode::Protocol,
+                    format!("expected Hello, got {}", control::kind(&other)),
+                ))
+            }
+        };
 
     let checked = check_hello(shared, &hello, &cert_name);
     let grant = match checked {
@@ -257,7 +271,7 @@ async fn handshake(
         grant.token_id,
         connection.clone(),
     ));
-    Ok((session, send, control::control_reader(recv)))
+    Ok((session, send, control::control_reader(recv, max_frame)))
 }
 
 fn duration_ms(d: Duration) -> u64 {

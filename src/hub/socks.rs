@@ -26,7 +26,7 @@ use super::{NoAuthRoute, Shared};
 use crate::auth::{Scope, Tenant, TokenStore};
 use crate::certs::valid_agent_name;
 use crate::proto::{Host, Open};
-use crate::transport::relay::{relay, Direction};
+use crate::transport::relay::{relay, Direction, RelayError};
 
 /// Why a SOCKS client was turned away before its request was routed.
 #[derive(Debug, thiserror::Error)]
@@ -252,7 +252,8 @@ async fn serve_request(
     let session = slot.session().clone();
     metrics.streams_open().inc();
     let stream_id = send.id();
-    let outcome = relay(tcp, send, recv, |direction, n| {
+    let idle = Some(shared.config.caps.stream_idle_timeout);
+    let outcome = relay(tcp, send, recv, idle, |direction, n| {
         let to_agent = direction == Direction::Sent;
         metrics.relayed(to_agent, n);
         if to_agent {
@@ -264,6 +265,10 @@ async fn serve_request(
     .await;
     metrics.streams_open().dec();
     drop(slot);
+    if let Some(RelayError::Idle(quiet)) = &outcome.error {
+        metrics.cap_refused("stream_idle_timeout");
+        info!(stream = %stream_id, %destination, "stream closed: idle for {quiet:?}");
+    }
     match outcome.error {
         None => debug!(stream = %stream_id, %destination, sent = outcome.sent,
             received = outcome.received, "stream finished"),

@@ -90,6 +90,17 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
+    read_frame_max(reader, MAX_FRAME).await
+}
+
+/// [`read_frame`] with a lower cap than [`MAX_FRAME`] (a configured `max_frame`); `max` above
+/// [`MAX_FRAME`] is treated as [`MAX_FRAME`]. Not cancel-safe either.
+pub async fn read_frame_max<T, R>(reader: &mut R, max: usize) -> Result<Option<T>, CodecError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let max = max.min(MAX_FRAME);
     let mut prefix = [0u8; PREFIX];
     let mut filled = 0;
     while filled < PREFIX {
@@ -104,11 +115,8 @@ where
         filled += n;
     }
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
     }
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await.map_err(|e| {
@@ -125,13 +133,30 @@ where
 /// cancel-safe, so control loops can `select!` on it.
 #[derive(Debug)]
 pub struct FrameCodec<T> {
+    /// Largest frame body accepted when decoding.
+    max: usize,
     _msg: PhantomData<fn() -> T>,
 }
 
 impl<T> FrameCodec<T> {
     /// A codec with the standard cap [`MAX_FRAME`].
     pub fn new() -> Self {
-        FrameCodec { _msg: PhantomData }
+        Self::with_max(MAX_FRAME)
+    }
+
+    /// A codec that refuses frames longer than `max` (at most [`MAX_FRAME`]).
+    pub fn with_max(max: usize) -> Self {
+        FrameCodec {
+            max: max.min(MAX_FRAME),
+            _msg: PhantomData,
+        }
+    }
+}
+
+impl CodecError {
+    /// Whether the peer announced a frame over the cap (counted as a cap refusal).
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, CodecError::TooLarge { .. })
     }
 }
 
@@ -152,11 +177,8 @@ impl<T: DeserializeOwned> tokio_util::codec::Decoder for FrameCodec<T> {
         let mut prefix = [0u8; PREFIX];
         prefix.copy_from_slice(&src[..PREFIX]);
         let len = u32::from_be_bytes(prefix) as usize;
-        if len > MAX_FRAME {
-            return Err(CodecError::TooLarge {
-                len,
-                max: MAX_FRAME,
-            });
+        if len > self.max {
+            return Err(CodecError::TooLarge { len, max: self.max });
         }
         if src.len() < PREFIX + len {
             src.reserve(PREFIX + len - src.len());
@@ -269,6 +291,25 @@ mod tests {
             big.capacity() < 1024,
             "must not reserve for a refused frame"
         );
+    }
+
+    #[tokio::test]
+    async fn a_lower_cap_refuses_before_reading_the_body() {
+        let frame = encode(&Control::Ping { seq: 1 }).unwrap();
+        let mut reader = &frame[..];
+        let ok: Control = read_frame_max(&mut reader, frame.len() - 4)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(ok, Control::Ping { seq: 1 }));
+        let mut reader = &frame[..];
+        let err = read_frame_max::<Control, _>(&mut reader, frame.len() - 5)
+            .await
+            .unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+        let mut codec = FrameCodec::<Control>::with_max(2);
+        let mut buf = BytesMut::from(&frame[..]);
+        assert!(codec.decode(&mut buf).unwrap_err().is_too_large());
     }
 
     #[test]

@@ -14,9 +14,9 @@ use crate::proto::Control;
 /// A control stream's receiving half, framed (cancel-safe to poll).
 pub type ControlReader = FramedRead<RecvStream, FrameCodec<Control>>;
 
-/// Wraps a control stream's receiving half.
-pub fn control_reader(recv: RecvStream) -> ControlReader {
-    FramedRead::new(recv, FrameCodec::new())
+/// Wraps a control stream's receiving half; frames longer than `max_frame` end the session.
+pub fn control_reader(recv: RecvStream, max_frame: usize) -> ControlReader {
+    FramedRead::new(recv, FrameCodec::with_max(max_frame))
 }
 
 /// Heartbeat timing, agreed in `Welcome`.
@@ -49,6 +49,9 @@ pub enum ControlEnd {
     /// The peer sent a malformed or unexpected frame.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer announced a frame longer than the cap.
+    #[error("protocol error: {0}")]
+    FrameTooLarge(String),
     /// The stream or connection failed (includes the connection being closed).
     #[error("control stream: {0}")]
     Stream(String),
@@ -93,6 +96,9 @@ where
                 let msg = match frame {
                     None => return ControlEnd::PeerFinished,
                     Some(Err(CodecError::Io(e))) => return ControlEnd::Stream(e.to_string()),
+                    Some(Err(e)) if e.is_too_large() => {
+                        return ControlEnd::FrameTooLarge(e.to_string())
+                    }
                     Some(Err(e)) => return ControlEnd::Protocol(e.to_string()),
                     Some(Ok(msg)) => msg,
                 };

@@ -7,6 +7,8 @@
 //! never a clean EOF that could pass a truncated transfer off as complete.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,6 +49,9 @@ pub enum RelayError {
     /// The QUIC peer reset the stream or the connection was lost.
     #[error("stream read: {0}")]
     StreamRead(ReadError),
+    /// No byte moved in either direction for this long.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
 }
 
 /// How a relay ended.
@@ -61,7 +66,9 @@ pub struct RelayOutcome {
 }
 
 /// Relays until both directions have finished or one fails. `meter` is called for every chunk
-/// moved, so live byte counters stay current during long transfers.
+/// moved, so live byte counters stay current during long transfers. With `idle`, a relay in
+/// which no byte moved either way for that long is aborted like a failed one (both sides
+/// reset), so a destination that black-holes cannot pin a stream forever.
 ///
 /// Cancel-safe in the sense that dropping it drops the TCP connection and the stream (quinn
 /// resets an unfinished stream on drop); use [`relay`]'s return value for orderly endings.
@@ -69,6 +76,7 @@ pub async fn relay<M>(
     mut tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
+    idle: Option<Duration>,
     meter: M,
 ) -> RelayOutcome
 where
@@ -77,6 +85,15 @@ where
     let _ = tcp.set_nodelay(true);
     let mut sent = 0u64;
     let mut received = 0u64;
+    let started = Instant::now();
+    // Milliseconds after `started` of the last byte moved; shared by both directions.
+    let last_active = AtomicU64::new(0);
+    let meter = |direction: Direction, n: usize| {
+        let now = started.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        last_active.store(now, Ordering::Relaxed);
+        meter(direction, n);
+    };
+    let idle_limit = idle.unwrap_or(Duration::MAX);
     let error = {
         let (mut tcp_read, mut tcp_write) = tcp.split();
         let up = tcp_to_stream(&mut tcp_read, &mut send, &meter, &mut sent);
@@ -84,8 +101,19 @@ where
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
+        let check = tokio::time::sleep(idle_limit.min(Duration::from_secs(86_400 * 365)));
+        tokio::pin!(check);
         loop {
             tokio::select! {
+                () = &mut check, if idle.is_some() => {
+                    let last = started + Duration::from_millis(last_active.load(Ordering::Relaxed));
+                    let quiet = last.elapsed();
+                    if quiet >= idle_limit {
+                        break Some(RelayError::Idle(quiet));
+                    }
+                    check.as_mut().reset((last + idle_limit).into());
+                    continue;
+                }
                 r = &mut up, if !up_done => match r {
                     Ok(()) => up_done = true,
                     Err(e) => break Some(e),
