@@ -20,7 +20,7 @@ use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
 use crate::transport::control::Heartbeat;
-use crate::transport::{ClientTls, ServerTls};
+use crate::transport::{ClientTls, Congestion, ServerTls};
 
 /// A configuration error, naming where the bad value came from.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +199,9 @@ pub struct HubOptions {
     /// A tunnel stream with no byte moving either way for this long is reset [default: 1h].
     #[arg(long, env = "RNA_STREAM_IDLE_TIMEOUT", value_parser = parse_duration)]
     pub stream_idle_timeout: Option<Duration>,
+    /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
+    #[arg(long, env = "RNA_CONGESTION")]
+    pub congestion: Option<Congestion>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -249,6 +252,9 @@ pub struct AgentOptions {
     /// Largest protocol frame accepted from a hub, in bytes, 1024 to 65536 [default: 65536].
     #[arg(long, env = "RNA_MAX_FRAME")]
     pub max_frame: Option<usize>,
+    /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
+    #[arg(long, env = "RNA_CONGESTION")]
+    pub congestion: Option<Congestion>,
 }
 
 fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
@@ -284,6 +290,7 @@ impl HubOptions {
             max_streams_per_agent: self.max_streams_per_agent.or(lower.max_streams_per_agent),
             max_frame: self.max_frame.or(lower.max_frame),
             stream_idle_timeout: self.stream_idle_timeout.or(lower.stream_idle_timeout),
+            congestion: self.congestion.or(lower.congestion),
         }
     }
 }
@@ -306,6 +313,7 @@ impl AgentOptions {
             metrics: self.metrics.or(lower.metrics),
             max_pending_dials: self.max_pending_dials.or(lower.max_pending_dials),
             max_frame: self.max_frame.or(lower.max_frame),
+            congestion: self.congestion.or(lower.congestion),
         }
     }
 }
@@ -335,6 +343,7 @@ struct HubFile {
     max_streams_per_agent: Option<usize>,
     max_frame: Option<usize>,
     stream_idle_timeout: Option<String>,
+    congestion: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -357,6 +366,7 @@ struct AgentFile {
     metrics: Option<String>,
     max_pending_dials: Option<usize>,
     max_frame: Option<usize>,
+    congestion: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -491,6 +501,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
             f.stream_idle_timeout,
             parse_duration,
         )?,
+        congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -529,6 +540,7 @@ pub fn parse_agent_file(
         metrics: f.metrics,
         max_pending_dials: f.max_pending_dials,
         max_frame: f.max_frame,
+        congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -646,6 +658,9 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
     if let Some(t) = o.stream_idle_timeout {
         caps.stream_idle_timeout = t;
     }
+    if let Some(c) = o.congestion {
+        config.limits.congestion = c;
+    }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
             "socks_no_auth",
@@ -757,6 +772,9 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
     if let Some(n) = o.max_frame {
         config.max_frame = frame_size(n)?;
     }
+    if let Some(c) = o.congestion {
+        config.limits.congestion = c;
+    }
     let metrics = match o.metrics.as_deref() {
         None => MetricsListen::On(SocketAddr::from(([127, 0, 0, 1], 9090))),
         Some("off") => MetricsListen::Off,
@@ -824,12 +842,20 @@ mod tests {
         assert_eq!(hub.max_frame, Some(2048));
         assert_eq!(hub.stream_idle_timeout, Some(Duration::from_secs(90)));
         let (agent, _) = parse_agent_file(
-            "max_pending_dials = 5\nmax_frame = 1024\n",
+            "max_pending_dials = 5\nmax_frame = 1024\ncongestion = \"bbr\"\n",
             Path::new("agent.toml"),
         )
         .unwrap();
         assert_eq!(agent.max_pending_dials, Some(5));
         assert_eq!(agent.max_frame, Some(1024));
+        assert_eq!(agent.congestion, Some(Congestion::Bbr));
+        let err = parse_agent_file("congestion = \"reno\"\n", Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("congestion: invalid congestion controller"),
+            "{err}"
+        );
         let cli = HubOptions {
             max_handshakes: Some(9),
             ..Default::default()

@@ -174,7 +174,11 @@ pub struct AgentHandle {
     status: tokio::sync::watch::Receiver<AgentStatus>,
     dialer: Arc<Dialer>,
     metrics: Arc<admin::AgentMetrics>,
+    endpoints: Endpoints,
 }
+
+/// The QUIC endpoints of the agent's hub connections, by hub address.
+type Endpoints = Arc<std::sync::Mutex<HashMap<SocketAddr, quinn::Endpoint>>>;
 
 impl AgentHandle {
     /// Replaces the dial policy (SIGHUP); streams already connected are not touched.
@@ -185,6 +189,22 @@ impl AgentHandle {
     /// The agent's metrics.
     pub fn metrics(&self) -> &Arc<admin::AgentMetrics> {
         &self.metrics
+    }
+
+    /// Moves every hub connection to a fresh local UDP port, as a network change would;
+    /// QUIC migrates the connections and the sessions stay. Returns the new local addresses.
+    pub fn rebind(&self) -> Result<Vec<SocketAddr>, TransportError> {
+        let endpoints: Vec<quinn::Endpoint> = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        endpoints
+            .iter()
+            .map(transport::rebind_agent_endpoint)
+            .collect()
     }
 
     /// Dials in progress now.
@@ -215,6 +235,7 @@ pub struct Agent {
     dialer: Arc<Dialer>,
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
     metrics: Arc<admin::AgentMetrics>,
+    endpoints: Endpoints,
 }
 
 impl Agent {
@@ -244,6 +265,7 @@ impl Agent {
             dialer,
             status: Arc::new(tokio::sync::watch::Sender::new(AgentStatus::default())),
             metrics,
+            endpoints: Endpoints::default(),
         })
     }
 
@@ -253,6 +275,7 @@ impl Agent {
             status: self.status.subscribe(),
             dialer: self.dialer.clone(),
             metrics: self.metrics.clone(),
+            endpoints: self.endpoints.clone(),
         }
     }
 
@@ -266,6 +289,7 @@ impl Agent {
                 dialer: self.dialer.clone(),
                 status: self.status.clone(),
                 metrics: self.metrics.clone(),
+                endpoints: self.endpoints.clone(),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", hub = %target);
@@ -283,6 +307,7 @@ struct Supervisor {
     dialer: Arc<Dialer>,
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
     metrics: Arc<admin::AgentMetrics>,
+    endpoints: Endpoints,
 }
 
 impl Supervisor {
@@ -374,6 +399,10 @@ impl Supervisor {
                 return;
             }
         };
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, endpoint.clone());
         let mut retry = self.backoff();
         let mut refused = self.refused_backoff();
         let mut first = true;
@@ -434,6 +463,10 @@ impl Supervisor {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
         endpoint.close(crate::proto::CloseCode::Normal.into(), b"agent stopping");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }

@@ -19,6 +19,9 @@ use crate::proto::{
 use crate::transport::control::{self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat};
 use crate::transport::relay::relay;
 
+/// Send priority of the control stream (tunnel streams keep quinn's default, 0).
+const CONTROL_PRIORITY: i32 = 100;
+
 /// Time the hub has to send the stream header after opening a tunnel stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -110,6 +113,8 @@ pub async fn connect(
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;
+        // Heartbeats go ahead of bulk tunnel data, so a busy connection is not taken for dead.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
         send.write_all(&frame).await?;
         let reply = read_frame::<Control, _>(&mut recv).await;

@@ -201,6 +201,8 @@ async fn handshake(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
+    // Heartbeats go ahead of bulk tunnel data, so a busy connection is not taken for dead.
+    let _ = send.set_priority(100);
     let max_frame = shared.config.caps.max_frame;
     let hello =
         match tokio::time::timeout_at(deadline, read_frame_max::<Control, _>(&mut recv, max_frame))

@@ -32,6 +32,31 @@ pub enum TransportError {
     Limit(String),
 }
 
+/// The congestion controller of a side's sending direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438): quinn's default, backs off on every loss.
+    #[default]
+    Cubic,
+    /// BBR: paces by measured bandwidth and round trip, so random loss (Wi-Fi, lossy
+    /// uplinks) costs far less throughput; quinn marks its BBR experimental.
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            _ => Err(format!(
+                "invalid congestion controller {s:?}: expected cubic or bbr"
+            )),
+        }
+    }
+}
+
 /// Every transport limit of an agent connection, named so operators and tests can see them.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -53,6 +78,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// QUIC handshakes the hub keeps in progress at once; more are refused before work.
     pub max_incoming: usize,
+    /// Congestion controller for what this side sends.
+    pub congestion: Congestion,
 }
 
 impl Default for Limits {
@@ -67,6 +94,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_incoming: 1024,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -88,6 +116,9 @@ impl Limits {
             // Datagrams are not used yet (UDP ASSOCIATE will use them); refuse them for now.
             .datagram_receive_buffer_size(None)
             .enable_segmentation_offload(true);
+        if self.congestion == Congestion::Bbr {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
         Ok(t)
     }
 }
@@ -133,6 +164,32 @@ pub fn hub_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// Moves an agent endpoint to a fresh UDP socket on a new ephemeral port of the same family
+/// (what a NAT rebinding or a changed pod address looks like to the hub). Its connections
+/// migrate to the new address and keep their sessions.
+pub fn rebind_agent_endpoint(endpoint: &quinn::Endpoint) -> Result<SocketAddr, TransportError> {
+    let old = endpoint
+        .local_addr()
+        .map_err(|source| TransportError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+    let local = SocketAddr::new(old.ip(), 0);
+    let socket = udp_socket(local)?;
+    endpoint
+        .rebind(socket)
+        .map_err(|source| TransportError::Bind {
+            addr: local,
+            source,
+        })?;
+    endpoint
+        .local_addr()
+        .map_err(|source| TransportError::Bind {
+            addr: local,
+            source,
+        })
 }
 
 /// Binds an agent's client endpoint on an ephemeral port of the hub address's family.

@@ -83,6 +83,10 @@ where
     M: Fn(Direction, usize),
 {
     let _ = tcp.set_nodelay(true);
+    // Until both directions have finished cleanly, any close of this socket is abortive:
+    // if the process is killed mid-transfer, the kernel answers the peer with an RST, never
+    // with the FIN that would pass a truncated transfer off as complete.
+    let _ = tcp.set_zero_linger();
     let mut sent = 0u64;
     let mut received = 0u64;
     let started = Instant::now();
@@ -133,6 +137,9 @@ where
         let _ = send.reset(StreamCode::Reset.into());
         let _ = recv.stop(StreamCode::Reset.into());
         let _ = tcp.set_zero_linger();
+    } else {
+        // Both FINs are exchanged: close normally so queued bytes still reach the peer.
+        let _ = socket2::SockRef::from(&tcp).set_linger(None);
     }
     drop(tcp);
     RelayOutcome {

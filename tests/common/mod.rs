@@ -576,3 +576,208 @@ pub async fn curl(socks: SocketAddr, user: &str, token: &str, args: &[&str]) -> 
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Tasks alive on the current tokio runtime.
+pub fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// What a test leaves behind: taken after setup, compared after each fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footprint {
+    pub streams_open: i64,
+    pub streams_pending: i64,
+    pub session_streams: usize,
+    pub sessions: usize,
+    pub pending_dials: usize,
+    pub fds: usize,
+    pub tasks: usize,
+}
+
+impl World {
+    /// The footprint now; `agents` are the in-process agents whose dials count.
+    pub fn footprint(&self, agents: &[&TestAgent]) -> Footprint {
+        let m = self.hub.metrics();
+        Footprint {
+            streams_open: m.streams_open().get(),
+            streams_pending: m.streams_pending().get(),
+            session_streams: self
+                .hub
+                .registry()
+                .sessions()
+                .iter()
+                .map(|s| s.open_streams())
+                .sum(),
+            sessions: self.hub.registry().len(),
+            pending_dials: agents.iter().map(|a| a.handle.pending_dials()).sum(),
+            fds: open_fds(),
+            tasks: alive_tasks(),
+        }
+    }
+
+    /// Polls until the footprint is back to `baseline` (streams, dials and sessions equal;
+    /// file descriptors and tasks no more than at baseline); fails the test otherwise.
+    pub async fn assert_no_leaks(&self, baseline: &Footprint, agents: &[&TestAgent]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.footprint(agents);
+            let ok = now.streams_open == baseline.streams_open
+                && now.streams_pending == baseline.streams_pending
+                && now.session_streams == baseline.session_streams
+                && now.sessions == baseline.sessions
+                && now.pending_dials == baseline.pending_dials
+                && now.fds <= baseline.fds
+                && now.tasks <= baseline.tasks;
+            if ok {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("resources leaked: baseline {baseline:?}, now {now:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Serializes the tests of one binary that measure process-wide resources (file descriptors).
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A small deterministic generator (xorshift64*), so faults replay exactly from a seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// What a [`LossyLink`] does to datagrams, in each direction independently.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    /// Probability that a datagram is dropped.
+    pub loss: f64,
+    /// Probability that a datagram is held back (and so overtaken by later ones).
+    pub delay: f64,
+    /// Longest hold, in milliseconds.
+    pub max_delay_ms: u64,
+    pub seed: u64,
+}
+
+/// A UDP relay between agents and the hub that drops, delays and reorders datagrams.
+pub struct LossyLink {
+    /// Where agents send to.
+    pub addr: SocketAddr,
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LossyLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LossyLink {
+    /// Starts a relay to `hub` (one agent at a time: replies go to the last agent address).
+    pub async fn start(hub: SocketAddr, faults: Faults) -> LossyLink {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(hub).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (d, f) = (dropped.clone(), forwarded.clone());
+        let task = tokio::spawn(async move {
+            let mut up_rng = Rng::new(faults.seed);
+            let mut down_rng = Rng::new(faults.seed ^ 0x9e37_79b9_7f4a_7c15);
+            let mut agent: Option<SocketAddr> = None;
+            let mut up = vec![0u8; 65536];
+            let mut down = vec![0u8; 65536];
+            // Sends now or after a random hold; held datagrams are overtaken by later ones.
+            let forward =
+                |rng: &mut Rng, data: Vec<u8>, sock: Arc<UdpSocket>, to: Option<SocketAddr>| {
+                    if rng.chance(faults.loss) {
+                        d.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    f.fetch_add(1, Ordering::Relaxed);
+                    let hold = rng
+                        .chance(faults.delay)
+                        .then(|| 1 + rng.below(faults.max_delay_ms));
+                    if hold.is_none() {
+                        // Not held: sent at once, in order with the other unheld datagrams.
+                        let sent = match to {
+                            Some(to) => sock.try_send_to(&data, to).map(|_| ()),
+                            None => sock.try_send(&data).map(|_| ()),
+                        };
+                        if !matches!(&sent, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                            return;
+                        }
+                    }
+                    tokio::spawn(async move {
+                        if let Some(ms) = hold {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        let _ = match to {
+                            Some(to) => sock.send_to(&data, to).await,
+                            None => sock.send(&data).await,
+                        };
+                    });
+                };
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut up) => {
+                        let Ok((n, from)) = r else { return };
+                        agent = Some(from);
+                        forward(&mut up_rng, up[..n].to_vec(), back.clone(), None);
+                    }
+                    r = back.recv(&mut down) => {
+                        let Ok(n) = r else { continue };
+                        if let Some(to) = agent {
+                            forward(&mut down_rng, down[..n].to_vec(), front.clone(), Some(to));
+                        }
+                    }
+                }
+            }
+        });
+        LossyLink {
+            addr,
+            dropped,
+            forwarded,
+            task,
+        }
+    }
+}
