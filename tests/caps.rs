@@ -1,0 +1,310 @@
+//! Resource caps: each one refuses the excess with a precise answer, counts the refusal in a
+//! metric, and leaves everyone else served.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use rna::proto::CloseCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const TENANT: &str = "acme/prod";
+const AGENT: &str = "edge";
+
+/// Connects to `to` from the loopback address `from` (any of 127.0.0.0/8).
+async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+/// One small HTTP exchange through the tunnel.
+async fn fetch(socks: SocketAddr, token: &str, http: SocketAddr) -> Vec<u8> {
+    let mut s = socks_connect(socks, AGENT, token, Dest::Ip(http))
+        .await
+        .expect("SOCKS connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_connections_in_total_are_capped() {
+    let world = World::start_with(|c| {
+        c.socks_limits.half_open_per_ip = 4;
+        c.socks_limits.half_open_total = 6;
+        c.socks_limits.greeting_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for i in 0..6u8 {
+        let from = IpAddr::from([127, 0, 0, 2 + i / 4]);
+        let mut s = connect_from(from, world.socks).await.unwrap();
+        s.write_all(&[5, 1, 2]).await.unwrap();
+        let mut choice = [0u8; 2];
+        s.read_exact(&mut choice).await.unwrap();
+        stalled.push(s);
+    }
+    // A client from a third address is under its own cap but over the total.
+    let mut seventh = connect_from(IpAddr::from([127, 0, 0, 9]), world.socks)
+        .await
+        .unwrap();
+    let _ = seventh.write_all(&[5, 1, 2]).await;
+    let mut buf = Vec::new();
+    let _ = within(
+        "the capped connection to close",
+        seventh.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(buf.is_empty(), "{buf:?}");
+    assert_eq!(world.hub.metrics().socks_refusals("half_open_total"), 1);
+    assert_eq!(world.hub.metrics().socks_refusals("half_open_per_ip"), 0);
+    drop(stalled);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_slowloris_clients_do_not_stop_a_normal_client() {
+    let _serial = SERIAL.lock().await;
+    let world = World::start_with(|c| {
+        c.socks_limits.greeting_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let http = http_server().await;
+    let baseline = world.footprint(&[&agent]);
+
+    // 500 clients from five addresses (each under the per-IP cap), each sending its greeting
+    // one byte per second.
+    let greeting = {
+        let mut g = vec![5, 1, 2, 1, AGENT.len() as u8];
+        g.extend_from_slice(AGENT.as_bytes());
+        g
+    };
+    let mut slow = Vec::new();
+    for i in 0..500u32 {
+        let from = IpAddr::from([127, 0, 1, 1 + (i % 5) as u8]);
+        let greeting = greeting.clone();
+        let socks = world.socks;
+        slow.push(tokio::spawn(async move {
+            let mut s = connect_from(from, socks).await.unwrap();
+            for byte in greeting {
+                if s.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            // The hub must have cut us off: EOF or reset, never a completed greeting.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            rest
+        }));
+    }
+    // Let every slow client get in.
+    within("500 slow clients to be admitted", async {
+        while open_fds() < baseline.fds + 900 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Meanwhile, normal clients are served, several times over.
+    for _ in 0..5 {
+        let body = within("a normal client", fetch(world.socks, &token, http)).await;
+        assert!(body.ends_with(b"hello from the private network\n"));
+    }
+    for task in slow {
+        let rest = within("a slow client to be dropped", task).await.unwrap();
+        // At most the method choice (5, 2) was answered; never an auth reply.
+        assert!(rest.len() <= 2, "{rest:?}");
+    }
+    assert!(world.hub.metrics().socks_refusals("greeting_timeout") >= 500);
+    assert_eq!(world.hub.metrics().socks_refusals("half_open_per_ip"), 0);
+    world.assert_no_leaks(&baseline, &[&agent]).await;
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quic_handshakes_in_progress_are_capped() {
+    let world = World::start_with(|c| {
+        c.caps.handshakes = 1;
+        c.limits.handshake_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+
+    // A client with a valid certificate completes TLS but never sends Hello: it holds the
+    // only handshake slot until the handshake deadline.
+    let cert = world.ca.issue_agent("staller").unwrap();
+    let tls =
+        rna::transport::ClientTls::from_pem(&world.ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
+            .unwrap();
+    let limits = rna::transport::Limits::default();
+    let endpoint = rna::transport::agent_endpoint(world.quic, &tls, &limits).unwrap();
+    let staller = endpoint
+        .connect(world.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+
+    // A real agent meanwhile is refused before any work, and gets in once the slot frees.
+    let agent = world.spawn_agent(world.agent_config(AGENT, &token));
+    within("a refusal to be counted", async {
+        while world.hub.metrics().cap_refusals("quic_handshakes") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(world.hub.registry().len(), 0);
+    world.wait_sessions(TENANT, AGENT, 1).await;
+    let closed = within("the staller to be closed", staller.closed()).await;
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(CloseCode::HandshakeTimeout.code())
+            );
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_per_agent_connection_are_capped() {
+    let world = World::start_with(|c| c.caps.streams_per_agent = 2).await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let http = http_server().await;
+    let echo = half_close_server().await;
+
+    let first = socks_connect(world.socks, AGENT, &token, Dest::Ip(echo))
+        .await
+        .unwrap();
+    let second = socks_connect(world.socks, AGENT, &token, Dest::Ip(echo))
+        .await
+        .unwrap();
+    let third = socks_connect(world.socks, AGENT, &token, Dest::Ip(http)).await;
+    assert_eq!(third.err(), Some(0x01), "general failure at the cap");
+    assert_eq!(world.hub.metrics().cap_refusals("streams_per_agent"), 1);
+
+    // A freed slot is usable again.
+    drop(first);
+    within("the slot to free", async {
+        loop {
+            let open: usize = world
+                .hub
+                .registry()
+                .sessions()
+                .iter()
+                .map(|s| s.open_streams())
+                .sum();
+            if open == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let body = fetch(world.socks, &token, http).await;
+    assert!(body.ends_with(b"hello from the private network\n"));
+    drop(second);
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pending_dials_per_agent_are_capped() {
+    let _serial = SERIAL.lock().await;
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let mut config = world.agent_config(AGENT, &token);
+    config.max_pending_dials = 2;
+    config.dial_timeout = Duration::from_secs(2);
+    let agent = world.spawn_agent(config);
+    world.wait_sessions(TENANT, AGENT, 1).await;
+    let http = http_server().await;
+    let (silent, _fillers, _listener) = never_answering();
+    let baseline = world.footprint(&[&agent]);
+
+    let hanging: Vec<_> = (0..2)
+        .map(|_| {
+            let (socks, token) = (world.socks, token.clone());
+            tokio::spawn(async move {
+                socks_connect(socks, AGENT, &token, Dest::Ip(silent))
+                    .await
+                    .err()
+            })
+        })
+        .collect();
+    within("two dials to be pending", async {
+        while agent.handle.pending_dials() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // A third request is answered at once with a general failure, and counted.
+    let third = socks_connect(world.socks, AGENT, &token, Dest::Ip(http)).await;
+    assert_eq!(third.err(), Some(0x01));
+    assert_eq!(agent.handle.metrics().cap_refusals("pending_dials"), 1);
+    for task in hanging {
+        assert_eq!(within("the dial timeout", task).await.unwrap(), Some(0x06));
+    }
+    // Capacity is back.
+    let body = fetch(world.socks, &token, http).await;
+    assert!(body.ends_with(b"hello from the private network\n"));
+    world.assert_no_leaks(&baseline, &[&agent]).await;
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frames_over_the_cap_close_the_connection_and_others_are_served() {
+    let world = World::start_with(|c| c.caps.max_frame = 1024).await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let http = http_server().await;
+
+    // An agent with a valid certificate announces a 2000-byte Hello.
+    let cert = world.ca.issue_agent("big").unwrap();
+    let tls =
+        rna::transport::ClientTls::from_pem(&world.ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
+            .unwrap();
+    let endpoint =
+        rna::transport::agent_endpoint(world.quic, &tls, &rna::transport::Limits::default())
+            .unwrap();
+    let conn = endpoint
+        .connect(world.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&2000u32.to_be_bytes()).await.unwrap();
+    send.write_all(&[0u8; 16]).await.unwrap();
+    match within("the hub to close the connection", conn.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(CloseCode::Protocol.code())
+            );
+            let reason = String::from_utf8_lossy(&c.reason).to_string();
+            assert!(reason.contains("exceeds the 1024-byte limit"), "{reason}");
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    assert_eq!(world.hub.metrics().cap_refusals("frame_size"), 1);
+    // The connected agent is untouched.
+    let body = fetch(world.socks, &token, http).await;
+    assert!(body.ends_with(b"hello from the private network\n"));
+    agent.stop().await;
+    world.stop().await;
+}
