@@ -42,6 +42,7 @@ async fn killed_agent_resets_clients_and_a_restarted_one_serves_again() {
     let mut agent = spawn_rna(&args);
     world.wait_sessions(TENANT, "vm-agent", 1).await;
     let http = http_server().await;
+    let baseline = world.footprint(&[]);
 
     // Start a long download and read part of it.
     let mut s = socks_connect(world.socks, "vm-agent", &token, Dest::Ip(http))
@@ -88,6 +89,9 @@ async fn killed_agent_resets_clients_and_a_restarted_one_serves_again() {
     .await;
     assert_eq!(code, 0);
     assert_eq!(body, pattern(4096));
+    // The dead session left nothing behind in the hub.
+    drop(s);
+    world.assert_no_leaks(&baseline, &[]).await;
     world.stop().await;
 }
 
@@ -383,4 +387,126 @@ async fn the_deployment_walkthrough_works_with_the_real_binary() {
         within("hub exit", hub.wait()).await.unwrap().code(),
         Some(0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_hub_resets_clients_and_agents_come_back_to_a_restarted_one() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let dir = world.dir.path();
+    let hub_cert = world
+        .ca
+        .issue_hub(&["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap();
+    let write = |file: &str, text: &str| {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca = write("hub-ca.pem", &world.ca.cert_pem());
+    let cert = write("hub.pem", &hub_cert.cert_pem);
+    let key = write("hub-key.pem", &hub_cert.key_pem);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let hub_args = |quic: &str, socks: &str| -> Vec<String> {
+        [
+            "hub",
+            "--listen",
+            quic,
+            "--socks",
+            socks,
+            "--api",
+            "127.0.0.1:0",
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--tokens",
+            world.tokens.to_str().unwrap(),
+            "--heartbeat-interval",
+            "500ms",
+            "--heartbeat-timeout",
+            "3s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (mut hub, mut hub_log) = spawn_logged(&hub_args("127.0.0.1:0", "127.0.0.1:0"));
+    let serving = wait_line(&mut hub_log, "hub serving").await;
+    let quic = field(&serving, "quic");
+    let socks: std::net::SocketAddr = field(&serving, "socks").parse().unwrap();
+
+    // An in-process agent, so its reconnects and leftovers can be watched.
+    let mut config = world.agent_config("edge", &token);
+    config.hubs = vec![quic.parse().unwrap()];
+    let agent = world.spawn_agent(config);
+    within(
+        "the agent to connect",
+        agent.handle.wait_until(|s| s.connected == 1),
+    )
+    .await;
+    let http = http_server().await;
+    let baseline = world.footprint(&[&agent]);
+
+    // A long download, partly read, then kill -9 of the hub.
+    let mut s = socks_connect(socks, "edge", &token, Dest::Ip(http))
+        .await
+        .unwrap();
+    s.write_all(b"GET /bytes/10000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    s.read_exact(&mut buf).await.unwrap();
+    hub.kill().await.unwrap();
+    let outcome = within("the client to see the failure", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    let err = outcome.expect_err("a dead hub must not look like a complete transfer");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+
+    // The agent notices (heartbeat timeout), then retries with backoff until a hub is back.
+    within(
+        "the agent to notice",
+        agent.handle.wait_until(|s| s.connected == 0),
+    )
+    .await;
+    let (_hub, mut hub_log) = spawn_logged(&hub_args(&quic, &socks.to_string()));
+    wait_line(&mut hub_log, "hub serving").await;
+    let status = within(
+        "the agent to reconnect",
+        agent.handle.wait_until(|s| s.connected == 1),
+    )
+    .await;
+    assert_eq!(status.sessions_total, 2);
+    assert!(agent
+        .handle
+        .metrics()
+        .render()
+        .contains("rna_agent_reconnects_total"));
+    let (code, body) = curl(
+        socks,
+        "edge",
+        &token,
+        &[&format!("http://127.0.0.1:{}/bytes/4096", http.port())],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(body, pattern(4096));
+    drop(s);
+    // Nothing of the dead session is left in the agent.
+    world.assert_no_leaks(&baseline, &[&agent]).await;
+    agent.stop().await;
+    world.stop().await;
 }

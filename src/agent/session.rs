@@ -65,6 +65,13 @@ impl SessionError {
                     )),
                 }
             }
+            // Refused before the handshake: the hub is at its handshake cap or shutting down.
+            // Transient, so the normal (short, jittered) backoff applies, not the long one.
+            ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                SessionError::Connect(format!("hub refused the connection: {close}"))
+            }
             ConnectionError::ConnectionClosed(close) => SessionError::Tls(close.to_string()),
             ConnectionError::TransportError(e) => SessionError::Tls(e.to_string()),
             ConnectionError::TimedOut => SessionError::Timeout(Duration::ZERO),
@@ -300,5 +307,26 @@ async fn serve_stream(
         Some(e) => {
             debug!(%destination, sent = outcome.sent, received = outcome.received, "stream reset: {e}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_hub_is_a_transient_refusal_and_tls_failures_are_not() {
+        let close = |code| {
+            ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            })
+        };
+        let busy =
+            SessionError::from_connection(close(quinn::TransportErrorCode::CONNECTION_REFUSED));
+        assert!(matches!(busy, SessionError::Connect(_)), "{busy:?}");
+        let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)));
+        assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
     }
 }
