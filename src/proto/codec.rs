@@ -307,7 +307,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_too_large(), "{err}");
-        let mut codec = FrameCodec::<Control>::with_max(2);
+        let mut codec = FrameCodec::<Control>::with_max(1);
         let mut buf = BytesMut::from(&frame[..]);
         assert!(codec.decode(&mut buf).unwrap_err().is_too_large());
     }
