@@ -9,6 +9,7 @@ pub mod registry;
 pub mod router;
 pub mod session;
 pub mod socks;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -244,6 +245,11 @@ impl Hub {
         }
         let tokens = Arc::new(ReloadingStore::open(&config.tokens)?);
         let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits)?;
+        // Keep the port actually bound (`:0` picks one), for the status page's connect line.
+        let mut config = config;
+        if let Ok(bound) = endpoint.local_addr() {
+            config.listen = bound;
+        }
         let socks = TcpListener::bind(config.socks)
             .await
             .map_err(|source| HubError::Bind {
