@@ -228,7 +228,7 @@ async fn counters_match_a_scripted_session() {
     assert!(get(&hub, "rna_token_reloads_total", &[("result", "ok")]) >= 1.0);
     // No label carries a destination.
     let echo_port = echo.port().to_string();
-    for ((name, labels), _) in &hub {
+    for (name, labels) in hub.keys() {
         for value in labels.values() {
             assert!(
                 !value.contains(&echo_port),

@@ -16,7 +16,9 @@ use crate::proto::codec::{encode, read_frame};
 use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
-use crate::transport::control::{self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat};
+use crate::transport::control::{
+    self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
+};
 use crate::transport::relay::relay;
 
 /// Time the hub has to send the stream header after opening a tunnel stream.
@@ -108,6 +110,8 @@ pub async fn connect(
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;
+        // Heartbeats and control messages go out before any queued tunnel data.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
         send.write_all(&frame).await?;
         let reply = read_frame::<Control, _>(&mut recv).await;
@@ -268,7 +272,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
         let _ = recv.stop(StreamCode::Reset.into());
         return;
     }
-    let outcome = relay(tcp, send, recv, |_, _| {}).await;
+    let outcome = relay(tcp, send, recv, |_, _| {}, std::future::pending()).await;
     match outcome.error {
         None => {
             debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")

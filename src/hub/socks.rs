@@ -249,15 +249,21 @@ async fn serve_request(
     let session = slot.session().clone();
     metrics.streams_open().inc();
     let stream_id = send.id();
-    let outcome = relay(tcp, send, recv, |direction, n| {
-        let to_agent = direction == Direction::Sent;
-        metrics.relayed(to_agent, n);
-        if to_agent {
-            session.add_to_agent(n);
-        } else {
-            session.add_from_agent(n);
-        }
-    })
+    let outcome = relay(
+        tcp,
+        send,
+        recv,
+        |direction, n| {
+            let to_agent = direction == Direction::Sent;
+            metrics.relayed(to_agent, n);
+            if to_agent {
+                session.add_to_agent(n);
+            } else {
+                session.add_from_agent(n);
+            }
+        },
+        shared.cut_streams.cancelled(),
+    )
     .await;
     metrics.streams_open().dec();
     drop(slot);

@@ -65,12 +65,12 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     .await
 }
 
-/// Heartbeats fast enough that a dead agent is noticed within a few seconds, yet slow
-/// enough that a loaded 2-core CI machine does not drop live agents.
+/// Heartbeats fast enough that a dead agent is noticed within seconds, yet tolerant
+/// enough that a heavily loaded 2-core machine (UDP drops, quinn backing off) keeps live agents.
 pub fn fast_heartbeat() -> Heartbeat {
     Heartbeat {
         interval: Duration::from_millis(500),
-        timeout: Duration::from_secs(4),
+        timeout: Duration::from_secs(8),
     }
 }
 
