@@ -185,7 +185,8 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, guard: Ha
         Ok(Ok(request)) => request,
     };
     let agent = caller.agent.clone();
-    let span = tracing::info_span!("stream", agent = %agent, tenant = %caller.tenant);
+    let span = tracing::info_span!("stream", agent = %agent, tenant = %caller.tenant,
+        stream = tracing::field::Empty);
     serve_request(shared, proto, caller, cmd, target, peer)
         .instrument(span)
         .await;
@@ -249,6 +250,7 @@ async fn serve_request(
     let session = slot.session().clone();
     metrics.streams_open().inc();
     let stream_id = send.id();
+    tracing::Span::current().record("stream", tracing::field::display(stream_id));
     let outcome = relay(
         tcp,
         send,
