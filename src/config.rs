@@ -26,12 +26,12 @@ use crate::transport::{ClientTls, Congestion, ServerTls};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: cannot read: {cause}")]
     Read {
         /// The file.
         file: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (not a `source`: the message already carries it).
+        cause: std::io::Error,
     },
     /// The file is not valid TOML or has an unknown key.
     #[error("{file}: {message}")]
@@ -182,7 +182,7 @@ pub struct HubOptions {
     pub token_poll: Option<Duration>,
     /// Label metrics with the agent name too (one series per agent: opt in only when the
     /// number of agents is bounded) [default: false].
-    #[arg(long, env = "RNA_METRICS_PER_AGENT")]
+    #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
     pub metrics_per_agent: Option<bool>,
     /// Agent connections in the handshake at once; more are refused before any TLS work
     /// [default: 256].
@@ -257,6 +257,48 @@ pub struct AgentOptions {
     pub congestion: Option<Congestion>,
 }
 
+/// Where the values in force came from, so an error names the file only for a value that the
+/// file supplied.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    file: Option<String>,
+    command_line: Vec<&'static str>,
+}
+
+impl Sources {
+    /// Values from flags and environment only.
+    pub fn command_line() -> Sources {
+        Sources::default()
+    }
+
+    /// The origin of `key`: the file, unless a flag or variable gave it.
+    fn of(&self, key: &str) -> String {
+        let base = key.split('[').next().unwrap_or(key);
+        match &self.file {
+            Some(file) if !self.command_line.contains(&base) => file.clone(),
+            _ => "command line".to_string(),
+        }
+    }
+
+    fn invalid(&self, key: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.of(key),
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The names of the fields that are given (`Some` or a non-empty list).
+macro_rules! given {
+    ($self:ident; $($opt:ident),* ; $($list:ident),*) => {{
+        let mut keys = Vec::new();
+        $(if $self.$opt.is_some() { keys.push(stringify!($opt)); })*
+        $(if !$self.$list.is_empty() { keys.push(stringify!($list)); })*
+        keys
+    }};
+}
+
 fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
     if high.is_empty() {
         low
@@ -266,6 +308,15 @@ fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
 }
 
 impl HubOptions {
+    /// The keys this holds a value for.
+    pub fn given(&self) -> Vec<&'static str> {
+        given!(self; listen, socks, api, ca, cert, key, tokens, socks_no_auth,
+            heartbeat_interval, heartbeat_timeout, grace, socks_greeting_timeout,
+            socks_half_open_per_ip, socks_half_open_total, open_timeout, token_poll,
+            metrics_per_agent, max_handshakes, max_streams_per_agent, max_frame,
+            stream_idle_timeout, congestion;)
+    }
+
     /// `self` where given, else `lower`.
     pub fn or(self, lower: HubOptions) -> HubOptions {
         HubOptions {
@@ -296,6 +347,12 @@ impl HubOptions {
 }
 
 impl AgentOptions {
+    /// The keys this holds a value for.
+    pub fn given(&self) -> Vec<&'static str> {
+        given!(self; server_name, name, ca, cert, key, token_file, dial_timeout, max_streams,
+            metrics, max_pending_dials, max_frame, congestion; hub, allow, deny)
+    }
+
     /// `self` where given, else `lower`. Lists are taken whole from one source.
     pub fn or(self, lower: AgentOptions) -> AgentOptions {
         AgentOptions {
@@ -430,9 +487,9 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn read_text(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         file: path.display().to_string(),
-        source,
+        cause,
     })
 }
 
@@ -441,11 +498,56 @@ fn parse_toml<T: serde::de::DeserializeOwned>(
     path: &Path,
 ) -> Result<(T, String), ConfigError> {
     let origin = path.display().to_string();
-    let parsed = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        file: origin.clone(),
-        message: e.message().to_string() + &location(text, e.span()),
+    let parsed = toml::from_str(text).map_err(|e| match unknown_key(e.message()) {
+        Some((key, message)) => ConfigError::Invalid {
+            origin: origin.clone(),
+            key,
+            message: message + &location(text, e.span()),
+        },
+        None => ConfigError::Parse {
+            file: origin.clone(),
+            message: e.message().to_string() + &location(text, e.span()),
+        },
     })?;
     Ok((parsed, origin))
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" as the key and a short message
+/// with the closest accepted key.
+fn unknown_key(message: &str) -> Option<(String, String)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (key, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest
+        .split_once("expected one of ")
+        .map(|(_, list)| list.split(", ").map(|k| k.trim_matches('`')).collect())
+        .unwrap_or_default();
+    let closest = expected
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|(d, _)| *d <= (key.len() / 3).max(1));
+    let message = match closest {
+        Some((_, k)) => format!("unknown key (did you mean `{k}`?)"),
+        None => "unknown key".to_string(),
+    };
+    Some((key.to_string(), message))
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + cost);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// ` (line N)` for a span in `text`.
@@ -554,13 +656,17 @@ pub fn merge_hub(
     file: Option<&Path>,
     cli: HubOptions,
     cli_log: LogOptions,
-) -> Result<(HubOptions, LogOptions), ConfigError> {
+) -> Result<(HubOptions, LogOptions, Sources), ConfigError> {
     match file {
         Some(path) => {
             let (options, log) = read_hub_file(path)?;
-            Ok((cli.or(options), cli_log.or(log)))
+            let sources = Sources {
+                file: Some(path.display().to_string()),
+                command_line: cli.given(),
+            };
+            Ok((cli.or(options), cli_log.or(log), sources))
         }
-        None => Ok((cli, cli_log)),
+        None => Ok((cli, cli_log, Sources::command_line())),
     }
 }
 
@@ -569,22 +675,46 @@ pub fn merge_agent(
     file: Option<&Path>,
     cli: AgentOptions,
     cli_log: LogOptions,
-) -> Result<(AgentOptions, LogOptions), ConfigError> {
+) -> Result<(AgentOptions, LogOptions, Sources), ConfigError> {
     match file {
         Some(path) => {
             let (options, log) = read_agent_file(path)?;
-            Ok((cli.or(options), cli_log.or(log)))
+            let sources = Sources {
+                file: Some(path.display().to_string()),
+                command_line: cli.given(),
+            };
+            Ok((cli.or(options), cli_log.or(log), sources))
         }
-        None => Ok((cli, cli_log)),
+        None => Ok((cli, cli_log, Sources::command_line())),
     }
 }
 
-fn invalid(key: &str, message: impl fmt::Display) -> ConfigError {
-    ConfigError::Invalid {
-        origin: "configuration".into(),
-        key: key.into(),
-        message: message.to_string(),
+/// `e` and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors already print their cause.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
     }
+    text
+}
+
+/// Reads one PEM file named by `key` so that an error names the key, not just the path.
+fn check_pem<T>(
+    sources: &Sources,
+    key: &str,
+    path: &Path,
+    load: fn(&Path) -> Result<T, crate::certs::CertError>,
+) -> Result<(), ConfigError> {
+    load(path)
+        .map(|_| ())
+        .map_err(|e| sources.invalid(key, chain(&e)))
 }
 
 macro_rules! required {
@@ -598,18 +728,26 @@ macro_rules! required {
 }
 
 /// Validates hub options into the hub's configuration, reading the certificate files.
-pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
+pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
     let ca = required!(o.ca, "ca", "ca", "CA");
     let cert = required!(o.cert, "cert", "cert", "CERT");
     let key = required!(o.key, "key", "key", "KEY");
     let tokens = required!(o.tokens, "tokens", "tokens", "TOKENS");
-    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| invalid("ca/cert/key", e))?;
+    check_pem(sources, "ca", &ca, crate::certs::load_certs)?;
+    check_pem(sources, "cert", &cert, crate::certs::load_certs)?;
+    check_pem(sources, "key", &key, crate::certs::load_key)?;
+    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| invalid("cert", chain(&e)))?;
+    if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
+        return Err(invalid("tokens", chain(&e)));
+    }
     let listen = o.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433)));
     let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
     if let Some(route) = o.socks_no_auth {
-        config.socks_no_auth = Some(parse_no_auth(&route)?);
+        config.socks_no_auth =
+            Some(parse_no_auth(&route).map_err(|m| invalid("socks_no_auth", m))?);
     }
     let heartbeat = Heartbeat {
         interval: o.heartbeat_interval.unwrap_or(config.heartbeat.interval),
@@ -647,13 +785,14 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
     let caps = &mut config.caps;
     if let Some(n) = o.max_handshakes {
-        caps.handshakes = at_least_one("max_handshakes", n)?;
+        caps.handshakes = at_least_one(n).map_err(|m| invalid("max_handshakes", m))?;
     }
     if let Some(n) = o.max_streams_per_agent {
-        caps.streams_per_agent = at_least_one("max_streams_per_agent", n)?;
+        caps.streams_per_agent =
+            at_least_one(n).map_err(|m| invalid("max_streams_per_agent", m))?;
     }
     if let Some(n) = o.max_frame {
-        caps.max_frame = frame_size(n)?;
+        caps.max_frame = frame_size(n).map_err(|m| invalid("max_frame", m))?;
     }
     if let Some(t) = o.stream_idle_timeout {
         caps.stream_idle_timeout = t;
@@ -673,9 +812,9 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
     Ok(config)
 }
 
-fn at_least_one(key: &str, n: usize) -> Result<usize, ConfigError> {
+fn at_least_one(n: usize) -> Result<usize, String> {
     if n == 0 {
-        return Err(invalid(key, "must be at least 1"));
+        return Err("must be at least 1".into());
     }
     Ok(n)
 }
@@ -683,28 +822,22 @@ fn at_least_one(key: &str, n: usize) -> Result<usize, ConfigError> {
 /// The smallest frame cap: Hello with a long name, token and capabilities fits well below.
 const MIN_FRAME: usize = 1024;
 
-fn frame_size(n: usize) -> Result<usize, ConfigError> {
+fn frame_size(n: usize) -> Result<usize, String> {
     let max = crate::proto::codec::MAX_FRAME;
     if !(MIN_FRAME..=max).contains(&n) {
-        return Err(invalid(
-            "max_frame",
-            format!("{n} must be between {MIN_FRAME} and {max} bytes"),
-        ));
+        return Err(format!("{n} must be between {MIN_FRAME} and {max} bytes"));
     }
     Ok(n)
 }
 
-fn parse_no_auth(route: &str) -> Result<NoAuthRoute, ConfigError> {
+fn parse_no_auth(route: &str) -> Result<NoAuthRoute, String> {
     let (agent, tenant) = route
         .split_once('@')
-        .ok_or_else(|| invalid("socks_no_auth", format!("{route:?}: expected AGENT@TENANT")))?;
+        .ok_or_else(|| format!("{route:?}: expected AGENT@TENANT"))?;
     if !crate::certs::valid_agent_name(agent) {
-        return Err(invalid(
-            "socks_no_auth",
-            format!("{agent:?} is not a valid agent name"),
-        ));
+        return Err(format!("{agent:?} is not a valid agent name"));
     }
-    let tenant: Tenant = tenant.parse().map_err(|e| invalid("socks_no_auth", e))?;
+    let tenant: Tenant = tenant.parse().map_err(|e| format!("{e}"))?;
     Ok(NoAuthRoute {
         agent: agent.to_string(),
         tenant,
@@ -730,7 +863,8 @@ pub struct AgentSettings {
 }
 
 /// Validates agent options into the agent's configuration, reading certificates and token.
-pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
+pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
     if o.hub.is_empty() {
         return Err(ConfigError::Missing {
             key: "hub",
@@ -749,11 +883,14 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
     let cert = required!(o.cert, "cert", "cert", "CERT");
     let key = required!(o.key, "key", "key", "KEY");
     let token_file = required!(o.token_file, "token_file", "token-file", "TOKEN_FILE");
-    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| invalid("ca/cert/key", e))?;
-    let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", e))?;
+    check_pem(sources, "ca", &ca, crate::certs::load_certs)?;
+    check_pem(sources, "cert", &cert, crate::certs::load_certs)?;
+    check_pem(sources, "key", &key, crate::certs::load_key)?;
+    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| invalid("cert", chain(&e)))?;
+    let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
     let mut config = AgentConfig::new(o.hub, name, tls, token);
     if let Some(name) = o.server_name {
-        crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", e))?;
+        crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
         config.server_name = Some(name);
     }
     config.policy = Policy::new(o.allow, o.deny);
@@ -762,15 +899,15 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
     }
     if let Some(n) = o.max_streams {
         if n == 0 {
-            return Err(invalid("max_streams", "must be at least 1"));
+            return Err(invalid("max_streams", "must be at least 1".into()));
         }
         config.limits.tunnel_streams = n;
     }
     if let Some(n) = o.max_pending_dials {
-        config.max_pending_dials = at_least_one("max_pending_dials", n)?;
+        config.max_pending_dials = at_least_one(n).map_err(|m| invalid("max_pending_dials", m))?;
     }
     if let Some(n) = o.max_frame {
-        config.max_frame = frame_size(n)?;
+        config.max_frame = frame_size(n).map_err(|m| invalid("max_frame", m))?;
     }
     if let Some(c) = o.congestion {
         config.limits.congestion = c;
@@ -863,15 +1000,12 @@ mod tests {
         assert_eq!(cli.or(hub).max_handshakes, Some(9));
 
         assert_eq!(
-            frame_size(1023).unwrap_err().to_string(),
-            "configuration: max_frame: 1023 must be between 1024 and 65536 bytes"
+            frame_size(1023).unwrap_err(),
+            "1023 must be between 1024 and 65536 bytes"
         );
         assert!(frame_size(65537).is_err());
         assert!(frame_size(65536).is_ok());
-        assert_eq!(
-            at_least_one("max_handshakes", 0).unwrap_err().to_string(),
-            "configuration: max_handshakes: must be at least 1"
-        );
+        assert_eq!(at_least_one(0).unwrap_err(), "must be at least 1");
         let err = parse_hub_file("stream_idle_timeout = \"soon\"\n", Path::new("hub.toml"))
             .unwrap_err()
             .to_string();
@@ -879,5 +1013,71 @@ mod tests {
             err.starts_with("hub.toml: stream_idle_timeout: invalid duration"),
             "{err}"
         );
+    }
+
+    /// The keys a file type accepts, from serde's own "expected one of" list.
+    fn accepted_keys<T: serde::de::DeserializeOwned + fmt::Debug>() -> Vec<String> {
+        let err = toml::from_str::<T>("no_such_key_ = 1").expect_err("unknown key refused");
+        let message = err.message().to_string();
+        let list = message
+            .split_once("expected one of ")
+            .map(|(_, l)| l.to_string())
+            .unwrap_or_default();
+        list.split(", ")
+            .map(|k| k.trim_matches('`').to_string())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name)
+    }
+
+    #[test]
+    fn examples_parse_and_document_every_key() {
+        let hub = example("hub.toml");
+        let (options, log) = read_hub_file(&hub).expect("examples/hub.toml parses");
+        assert!(options.listen.is_some() && log.log_format.is_some());
+        let text = std::fs::read_to_string(&hub).expect("read example");
+        let keys = accepted_keys::<HubFile>();
+        assert!(keys.len() > 15, "{keys:?}");
+        for key in keys {
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "examples/hub.toml lacks {key}"
+            );
+        }
+
+        let agent = example("agent.toml");
+        let (options, _) = read_agent_file(&agent).expect("examples/agent.toml parses");
+        assert_eq!(options.allow.len(), 3);
+        let text = std::fs::read_to_string(&agent).expect("read example");
+        let keys = accepted_keys::<AgentFile>();
+        assert!(keys.len() > 12, "{keys:?}");
+        for key in keys {
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "examples/agent.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_file_only_for_values_the_file_gave() {
+        let sources = Sources {
+            file: Some("hub.toml".into()),
+            command_line: vec!["key"],
+        };
+        assert_eq!(sources.of("cert"), "hub.toml");
+        assert_eq!(sources.of("key"), "command line");
+        assert_eq!(Sources::command_line().of("cert"), "command line");
+        let with_list = Sources {
+            file: Some("agent.toml".into()),
+            command_line: vec!["allow"],
+        };
+        assert_eq!(with_list.of("allow[2]"), "command line");
+        assert_eq!(with_list.of("hub[1]"), "agent.toml");
     }
 }

@@ -225,22 +225,24 @@ enum Prepared {
 fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
     let work = match command {
         Command::Hub(args) => {
-            let (options, log) = merge_hub(args.config.as_deref(), args.options, log)?;
+            let (options, log, sources) = merge_hub(args.config.as_deref(), args.options, log)?;
             init_logging(&log);
-            let config = hub_config(options)?;
+            let config = hub_config(options, &sources)?;
             if args.check_config {
                 println!("{}: configuration is valid", origin(&args.config));
+                println!("{config:#?}");
                 return Ok(Prepared::Done);
             }
             Work::Hub(Box::new(config))
         }
         Command::Agent(args) => {
             let cli_options = args.options.clone();
-            let (options, log) = merge_agent(args.config.as_deref(), args.options, log)?;
+            let (options, log, sources) = merge_agent(args.config.as_deref(), args.options, log)?;
             init_logging(&log);
-            let settings = agent_settings(options)?;
+            let settings = agent_settings(options, &sources)?;
             if args.check_config {
                 println!("{}: configuration is valid", origin(&args.config));
+                println!("{settings:#?}");
                 return Ok(Prepared::Done);
             }
             Work::Agent(Box::new(settings), args.config, cli_options)
@@ -401,7 +403,7 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
     let reload: Reload = Box::new(move || {
         let merged = merge_agent(file.as_deref(), cli.clone(), LogOptions::default());
         match merged {
-            Ok((options, _)) => {
+            Ok((options, _, _)) => {
                 let policy = Policy::new(options.allow, options.deny);
                 info!(
                     allow = policy.allow_rules().len(),

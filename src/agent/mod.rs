@@ -292,7 +292,7 @@ impl Agent {
                 endpoints: self.endpoints.clone(),
             };
             let cancel = shutdown.clone();
-            let span = tracing::info_span!("hub", hub = %target);
+            let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
             tasks.spawn(me.follow(target, cancel).instrument(span));
         }
         tasks.close();

@@ -16,11 +16,10 @@ use crate::proto::codec::{encode, read_frame, read_frame_max};
 use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
-use crate::transport::control::{self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat};
+use crate::transport::control::{
+    self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
+};
 use crate::transport::relay::relay;
-
-/// Send priority of the control stream (tunnel streams keep quinn's default, 0).
-const CONTROL_PRIORITY: i32 = 100;
 
 /// Time the hub has to send the stream header after opening a tunnel stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,7 +119,7 @@ pub async fn connect(
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;
-        // Heartbeats go ahead of bulk tunnel data, so a busy connection is not taken for dead.
+        // Heartbeats and control messages go out before any queued tunnel data.
         let _ = send.set_priority(CONTROL_PRIORITY);
         let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
         send.write_all(&frame).await?;
@@ -299,7 +298,7 @@ async fn serve_stream(
         let _ = recv.stop(StreamCode::Reset.into());
         return;
     }
-    let outcome = relay(tcp, send, recv, None, |_, _| {}).await;
+    let outcome = relay(tcp, send, recv, None, |_, _| {}, std::future::pending()).await;
     match outcome.error {
         None => {
             debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")

@@ -15,7 +15,9 @@ use crate::auth::{AuthError, Scope};
 use crate::certs;
 use crate::proto::codec::{encode, read_frame_max};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
-use crate::transport::control::{self, heartbeat_loop, ControlEnd, HeartbeatEvent};
+use crate::transport::control::{
+    self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
+};
 
 /// Why the hub refused an agent during the handshake.
 #[derive(Debug, thiserror::Error)]
@@ -201,8 +203,8 @@ async fn handshake(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
-    // Heartbeats go ahead of bulk tunnel data, so a busy connection is not taken for dead.
-    let _ = send.set_priority(100);
+    // Heartbeats and control messages go out before any queued tunnel data.
+    let _ = send.set_priority(CONTROL_PRIORITY);
     let max_frame = shared.config.caps.max_frame;
     let hello =
         match tokio::time::timeout_at(deadline, read_frame_max::<Control, _>(&mut recv, max_frame))

@@ -52,6 +52,9 @@ pub enum RelayError {
     /// No byte moved in either direction for this long.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// The relay was told to stop (shutdown grace over).
+    #[error("cut off: shutdown grace period over")]
+    Cut,
 }
 
 /// How a relay ended.
@@ -65,10 +68,11 @@ pub struct RelayOutcome {
     pub error: Option<RelayError>,
 }
 
-/// Relays until both directions have finished or one fails. `meter` is called for every chunk
-/// moved, so live byte counters stay current during long transfers. With `idle`, a relay in
-/// which no byte moved either way for that long is aborted like a failed one (both sides
-/// reset), so a destination that black-holes cannot pin a stream forever.
+/// Relays until both directions have finished, one fails, or `cut` completes (which aborts
+/// both directions like an error). `meter` is called for every chunk moved, so live byte
+/// counters stay current during long transfers. With `idle`, a relay in which no byte moved
+/// either way for that long is aborted the same way (both sides reset), so a destination
+/// that black-holes cannot pin a stream forever.
 ///
 /// Cancel-safe in the sense that dropping it drops the TCP connection and the stream (quinn
 /// resets an unfinished stream on drop); use [`relay`]'s return value for orderly endings.
@@ -78,6 +82,7 @@ pub async fn relay<M>(
     mut recv: RecvStream,
     idle: Option<Duration>,
     meter: M,
+    cut: impl std::future::Future<Output = ()>,
 ) -> RelayOutcome
 where
     M: Fn(Direction, usize),
@@ -102,13 +107,14 @@ where
         let (mut tcp_read, mut tcp_write) = tcp.split();
         let up = tcp_to_stream(&mut tcp_read, &mut send, &meter, &mut sent);
         let down = stream_to_tcp(&mut recv, &mut tcp_write, &meter, &mut received);
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, cut);
         let mut up_done = false;
         let mut down_done = false;
         let check = tokio::time::sleep(idle_limit.min(Duration::from_secs(86_400 * 365)));
         tokio::pin!(check);
         loop {
             tokio::select! {
+                () = &mut cut => break Some(RelayError::Cut),
                 () = &mut check, if idle.is_some() => {
                     let last = started + Duration::from_millis(last_active.load(Ordering::Relaxed));
                     let quiet = last.elapsed();
