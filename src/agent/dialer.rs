@@ -63,7 +63,7 @@ impl Dialer {
 
     /// Allows at most `max` dials in progress at once (at least one).
     pub fn with_max_pending(mut self, max: usize) -> Self {
-        let max = max.max(1);
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self.pending = Arc::new(tokio::sync::Semaphore::new(max));
         self.max_pending = max;
         self
@@ -284,6 +284,14 @@ mod tests {
             let err = dialer.dial(&open).await.unwrap_err();
             assert_eq!(err.code, want, "{open:?}: {err}");
         }
+    }
+
+    #[test]
+    fn pending_dial_caps_are_clamped() {
+        let d = Dialer::new(Policy::default(), Duration::from_secs(1)).with_max_pending(usize::MAX);
+        assert_eq!(d.pending(), 0);
+        let d = Dialer::new(Policy::default(), Duration::from_secs(1)).with_max_pending(0);
+        assert_eq!(d.max_pending, 1);
     }
 
     #[tokio::test]

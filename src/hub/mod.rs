@@ -306,7 +306,10 @@ impl Hub {
             ),
             None => None,
         };
-        let handshakes = config.caps.handshakes;
+        let handshakes = config
+            .caps
+            .handshakes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
