@@ -274,7 +274,15 @@ async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
     let stalled_bytes = from_agent();
 
     // Meanwhile a second client moves 64 MiB over the same agent connection, and the
-    // control stream keeps beating.
+    // control stream keeps beating: pongs keep coming back.
+    let pongs = || -> u64 {
+        let text = world.hub.metrics().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("rna_heartbeat_rtt_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let pongs_before = pongs();
     let len = 64 << 20;
     let transfer = tokio::spawn({
         let socks = world.socks;
@@ -293,9 +301,10 @@ async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ((got, sha), took) = within("the concurrent transfer", transfer).await.unwrap();
+    let answered = pongs() - pongs_before;
     println!(
         "64 MiB beside a stalled stream in {took:.1?}; stalled stream holds {stalled_bytes} \
-         bytes; longest control-stream silence {worst_silence:.2}s"
+         bytes; longest control-stream silence {worst_silence:.2}s; {answered} pings answered"
     );
     assert_eq!(got, len);
     assert_eq!(sha, pattern_sha256(len));
@@ -303,6 +312,12 @@ async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
     assert!(
         worst_silence < interval * 4.0,
         "heartbeats stalled for {worst_silence}s (interval {interval}s)"
+    );
+    // Pings went out and were answered during the transfer, not just data seen.
+    let expected = (took.as_secs_f64() / interval) as u64;
+    assert!(
+        answered + 2 >= expected / 2,
+        "{answered} pings answered in {took:?} (interval {interval}s)"
     );
     // The stalled stream holds no more than flow control allows (stream window plus the
     // TCP buffers on both ends), and the session never dropped.

@@ -209,7 +209,7 @@ pub async fn run(
         }
     };
     let end = tokio::select! {
-        end = heartbeat_loop(&mut send, &mut reader, heartbeat, cancel, |_| {}) => end,
+        end = heartbeat_loop(&connection, &mut send, &mut reader, heartbeat, cancel, |_| {}) => end,
         e = accept => ControlEnd::Stream(e.to_string()),
     };
     let going_away = matches!(

@@ -140,7 +140,7 @@ async fn run_session(
 
     let heartbeat = shared.config.heartbeat;
     let end = tokio::select! {
-        end = heartbeat_loop(send, reader, heartbeat, &cancel, |event| match event {
+        end = heartbeat_loop(&session.connection, send, reader, heartbeat, &cancel, |event| match event {
             HeartbeatEvent::Seen => session.heard(),
             HeartbeatEvent::Rtt(rtt) => {
                 session.set_rtt(rtt);

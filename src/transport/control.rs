@@ -75,9 +75,16 @@ pub enum HeartbeatEvent {
 
 /// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires.
 ///
+/// Silence means: no control frame and no stream data at all from the peer on
+/// `connection`. Stream data counts because quinn's send window is shared by every stream of
+/// a connection: on a lossy, busy link a peer's ping can wait behind its own unacknowledged
+/// bulk data for longer than the timeout, while that data keeps arriving. QUIC keep-alive
+/// PINGs do not count, so a peer whose session logic is stuck is still noticed.
+///
 /// Cancel-safe: it only awaits cancel-safe operations (`FramedRead::next`, interval ticks);
 /// writes are small frames completed before the next await on the reader.
 pub async fn heartbeat_loop<F>(
+    connection: &quinn::Connection,
     send: &mut SendStream,
     reader: &mut ControlReader,
     heartbeat: Heartbeat,
@@ -89,6 +96,7 @@ where
 {
     let mut ticker = tokio::time::interval(heartbeat.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stream_frames = connection.stats().frame_rx.stream;
     let mut last_seen = Instant::now();
     let mut seq = 0u64;
     let mut outstanding: Option<(u64, Instant)> = None;
@@ -131,6 +139,12 @@ where
                 }
             }
             _ = ticker.tick() => {
+                let received = connection.stats().frame_rx.stream;
+                if received != stream_frames {
+                    stream_frames = received;
+                    last_seen = Instant::now();
+                    observe(HeartbeatEvent::Seen);
+                }
                 let silent = last_seen.elapsed();
                 if silent > heartbeat.timeout {
                     return ControlEnd::Timeout(silent);
