@@ -123,6 +123,11 @@ async fn run_session(
     cancel: CancellationToken,
 ) {
     shared.registry.insert(session.clone());
+    // Streams the agent opens (inventory reports) end with its connection.
+    tokio::spawn(
+        super::kube::accept_agent_streams(shared.clone(), session.clone())
+            .instrument(tracing::Span::current()),
+    );
     let metric_agent = shared
         .config
         .metrics_per_agent
