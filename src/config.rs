@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::agent::kube::{in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule};
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
@@ -184,6 +185,10 @@ pub struct HubOptions {
     /// number of agents is bounded) [default: false].
     #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
     pub metrics_per_agent: Option<bool>,
+    /// Time a Kubernetes command (other than wait, which has its own timeout) may take
+    /// [default: 60s].
+    #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
+    pub kube_timeout: Option<Duration>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -228,6 +233,27 @@ pub struct AgentOptions {
     /// [default: 127.0.0.1:9090].
     #[arg(long, env = "RNA_METRICS")]
     pub metrics: Option<String>,
+    /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
+    /// kubeconfig identity [default: on when the in-cluster environment is detected or
+    /// --kubeconfig is given].
+    #[arg(long, env = "RNA_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
+    pub kubernetes: Option<bool>,
+    /// Kubeconfig to act with instead of the in-cluster ServiceAccount (turns cluster mode on).
+    #[arg(long, env = "RNA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig to use [default: its current context].
+    #[arg(long, env = "RNA_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
+    /// Namespaces Kubernetes commands may touch; repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_NAMESPACE", value_delimiter = ',')]
+    pub kube_namespace: Vec<String>,
+    /// Resources Kubernetes commands may touch, as plural[.group] (deployments.apps,
+    /// configmaps, *.example.com); repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_RESOURCE", value_delimiter = ',')]
+    pub kube_resource: Vec<ResourceRule>,
+    /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
+    #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    pub kube_inventory_interval: Option<Duration>,
 }
 
 /// Where the values in force came from, so an error names the file only for a value that the
@@ -286,7 +312,7 @@ impl HubOptions {
         given!(self; listen, socks, api, ca, cert, key, tokens, socks_no_auth,
             heartbeat_interval, heartbeat_timeout, grace, socks_greeting_timeout,
             socks_half_open_per_ip, socks_half_open_total, open_timeout, token_poll,
-            metrics_per_agent;)
+            metrics_per_agent, kube_timeout;)
     }
 
     /// `self` where given, else `lower`.
@@ -309,6 +335,7 @@ impl HubOptions {
             open_timeout: self.open_timeout.or(lower.open_timeout),
             token_poll: self.token_poll.or(lower.token_poll),
             metrics_per_agent: self.metrics_per_agent.or(lower.metrics_per_agent),
+            kube_timeout: self.kube_timeout.or(lower.kube_timeout),
         }
     }
 }
@@ -317,7 +344,8 @@ impl AgentOptions {
     /// The keys this holds a value for.
     pub fn given(&self) -> Vec<&'static str> {
         given!(self; server_name, name, ca, cert, key, token_file, dial_timeout, max_streams,
-            metrics; hub, allow, deny)
+            metrics, kubernetes, kubeconfig, kube_context, kube_inventory_interval;
+            hub, allow, deny, kube_namespace, kube_resource)
     }
 
     /// `self` where given, else `lower`. Lists are taken whole from one source.
@@ -335,6 +363,14 @@ impl AgentOptions {
             dial_timeout: self.dial_timeout.or(lower.dial_timeout),
             max_streams: self.max_streams.or(lower.max_streams),
             metrics: self.metrics.or(lower.metrics),
+            kubernetes: self.kubernetes.or(lower.kubernetes),
+            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
+            kube_context: self.kube_context.or(lower.kube_context),
+            kube_namespace: or_vec(self.kube_namespace, lower.kube_namespace),
+            kube_resource: or_vec(self.kube_resource, lower.kube_resource),
+            kube_inventory_interval: self
+                .kube_inventory_interval
+                .or(lower.kube_inventory_interval),
         }
     }
 }
@@ -360,6 +396,7 @@ struct HubFile {
     open_timeout: Option<String>,
     token_poll: Option<String>,
     metrics_per_agent: Option<bool>,
+    kube_timeout: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -380,6 +417,12 @@ struct AgentFile {
     dial_timeout: Option<String>,
     max_streams: Option<u32>,
     metrics: Option<String>,
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    kube_context: Option<String>,
+    kube_namespace: Option<Vec<String>>,
+    kube_resource: Option<Vec<String>>,
+    kube_inventory_interval: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -540,6 +583,7 @@ pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigErro
         open_timeout: c.parse("open_timeout", f.open_timeout, parse_duration)?,
         token_poll: c.parse("token_poll", f.token_poll, parse_duration)?,
         metrics_per_agent: f.metrics_per_agent,
+        kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -568,6 +612,16 @@ pub fn read_agent_file(path: &Path) -> Result<(AgentOptions, LogOptions), Config
         dial_timeout: c.parse("dial_timeout", f.dial_timeout, parse_duration)?,
         max_streams: f.max_streams,
         metrics: f.metrics,
+        kubernetes: f.kubernetes,
+        kubeconfig: c.path(f.kubeconfig),
+        kube_context: f.kube_context,
+        kube_namespace: c.list("kube_namespace", f.kube_namespace, parse_namespace)?,
+        kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
+        kube_inventory_interval: c.parse(
+            "kube_inventory_interval",
+            f.kube_inventory_interval,
+            parse_duration,
+        )?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -708,6 +762,9 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         config.token_poll = t;
     }
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
+    if let Some(t) = o.kube_timeout {
+        config.kube_timeout = t;
+    }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
             "socks_no_auth",
@@ -798,12 +855,135 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         Some("off") => MetricsListen::Off,
         Some(addr) => MetricsListen::On(parse_addr(addr).map_err(|e| invalid("metrics", e))?),
     };
+    config.kube = kube_settings(
+        o.kubernetes,
+        o.kubeconfig,
+        o.kube_context,
+        o.kube_namespace,
+        o.kube_resource,
+        o.kube_inventory_interval,
+        in_cluster_detected(),
+    )
+    .map_err(|(key, message)| invalid(key, message))?;
     Ok(AgentSettings { config, metrics })
+}
+
+/// A namespace name (RFC 1123 label).
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid namespace {s:?}: expected a DNS label (lowercase letters, digits, -)"
+        ))
+    }
+}
+
+/// Decides cluster mode: explicit `kubernetes` wins; otherwise a kubeconfig or a detected
+/// in-cluster environment turns it on. Errors name the key at fault.
+pub fn kube_settings(
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    namespaces: Vec<String>,
+    resources: Vec<ResourceRule>,
+    inventory_interval: Option<Duration>,
+    in_cluster: bool,
+) -> Result<Option<KubeSettings>, (&'static str, String)> {
+    for ns in &namespaces {
+        parse_namespace(ns).map_err(|e| ("kube_namespace", e))?;
+    }
+    let on = kubernetes.unwrap_or(kubeconfig.is_some() || in_cluster);
+    if !on {
+        if kubernetes == Some(false) || (namespaces.is_empty() && resources.is_empty()) {
+            return Ok(None);
+        }
+        return Err((
+            "kube_namespace",
+            "an allow list for Kubernetes commands was given but cluster mode is off: give \
+             --kubeconfig, run in a cluster, or set --kubernetes"
+                .into(),
+        ));
+    }
+    if context.is_some() && kubeconfig.is_none() {
+        return Err(("kube_context", "needs --kubeconfig".into()));
+    }
+    let source = match kubeconfig {
+        Some(path) => KubeSource::Kubeconfig { path, context },
+        None if in_cluster => KubeSource::InCluster,
+        None => {
+            return Err((
+                "kubernetes",
+                "cluster mode needs --kubeconfig outside a Kubernetes pod (no in-cluster \
+                 ServiceAccount found)"
+                    .into(),
+            ))
+        }
+    };
+    let mut settings = KubeSettings::new(source);
+    settings.allow = KubeAllow {
+        namespaces,
+        resources,
+    };
+    if let Some(i) = inventory_interval {
+        settings.inventory_interval = i;
+    }
+    // Asked for explicitly (flag or kubeconfig): a broken identity stops the agent. Only
+    // detected: it turns cluster mode off with a warning.
+    settings.required = kubernetes == Some(true) || settings.source != KubeSource::InCluster;
+    Ok(Some(settings))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_is_decided_once() {
+        let kc = || Some(PathBuf::from("/k"));
+        // (kubernetes, kubeconfig, in cluster) → None: off, Some(required)
+        let table = [
+            (None, None, false, None),
+            (None, None, true, Some(false)),
+            (Some(false), None, true, None),
+            (Some(false), kc(), true, None),
+            (None, kc(), false, Some(true)),
+            (Some(true), None, true, Some(true)),
+        ];
+        for (k, config, in_cluster, want) in table {
+            let got =
+                kube_settings(k, config.clone(), None, vec![], vec![], None, in_cluster).unwrap();
+            assert_eq!(
+                got.map(|s| s.required),
+                want,
+                "{k:?} {config:?} {in_cluster}"
+            );
+        }
+        // Detected only: not required, a broken identity turns cluster mode off.
+        let detected = kube_settings(None, None, None, vec![], vec![], None, true)
+            .unwrap()
+            .unwrap();
+        assert!(!detected.required);
+        assert_eq!(detected.source, KubeSource::InCluster);
+        // Asked for without any identity: refused with the key named.
+        let err = kube_settings(Some(true), None, None, vec![], vec![], None, false).unwrap_err();
+        assert_eq!(err.0, "kubernetes");
+        let err =
+            kube_settings(None, None, Some("ctx".into()), vec![], vec![], None, true).unwrap_err();
+        assert_eq!(err.0, "kube_context");
+        let err = kube_settings(None, kc(), None, vec!["Bad_NS".into()], vec![], None, false)
+            .unwrap_err();
+        assert_eq!(err.0, "kube_namespace");
+        let err =
+            kube_settings(None, None, None, vec!["shop".into()], vec![], None, false).unwrap_err();
+        assert_eq!(err.0, "kube_namespace");
+    }
 
     #[test]
     fn durations_parse() {
