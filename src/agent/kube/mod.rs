@@ -421,18 +421,11 @@ impl KubeExecutor {
             .patch(&name, &params, &Patch::Apply(&object))
             .await
             .map_err(from_kube)?;
+        // Compared without status and bookkeeping: a controller updating status between the
+        // read and the apply must not make an unchanged apply look changed.
         let outcome = match &before {
             None => "created",
-            Some(b) if dry_run => {
-                if comparable(b) == comparable(&after) {
-                    "unchanged"
-                } else {
-                    "changed"
-                }
-            }
-            Some(b) if b.metadata.resource_version == after.metadata.resource_version => {
-                "unchanged"
-            }
+            Some(b) if comparable(b) == comparable(&after) => "unchanged",
             Some(_) => "changed",
         };
         let result = json!({
@@ -814,9 +807,13 @@ fn typed(mut object: DynamicObject, resolved: &Resolved) -> Value {
     serde_json::to_value(&object).unwrap_or(Value::Null)
 }
 
-/// An object without the fields every write changes, to compare a dry run with the original.
+/// An object without status and the fields every write changes, to tell whether an apply
+/// changed it.
 fn comparable(object: &DynamicObject) -> Value {
     let mut v = serde_json::to_value(object).unwrap_or(Value::Null);
+    if let Some(map) = v.as_object_mut() {
+        map.remove("status");
+    }
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         for f in ["resourceVersion", "managedFields", "generation"] {
             meta.remove(f);
