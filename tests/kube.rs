@@ -232,7 +232,10 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
 }
 
 async fn cli(world: &World, token: &str, agent: &str, args: &[&str]) -> (i32, String, String) {
-    let token_file = world.dir.path().join(format!("cli-token-{}", &token[4..16]));
+    let token_file = world
+        .dir
+        .path()
+        .join(format!("cli-token-{}", &token[4..16]));
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let mut all: Vec<String> = vec![
         "--api".into(),
@@ -269,19 +272,22 @@ async fn apply_creates_then_is_unchanged_then_changed_and_conflicts_are_relayed(
         ]
     );
     for r in first.json()["results"].as_array().unwrap() {
-        assert!(
-            !r["resourceVersion"].as_str().unwrap().is_empty(),
-            "{r}"
-        );
+        assert!(!r["resourceVersion"].as_str().unwrap().is_empty(), "{r}");
     }
     // Server-side apply with field manager rna, over real HTTP.
-    let cm = c.fake.object("", "configmaps", "shop", "app-config").unwrap();
+    let cm = c
+        .fake
+        .object("", "configmaps", "shop", "app-config")
+        .unwrap();
     assert_eq!(cm["data"]["color"], "red");
     assert_eq!(cm["metadata"]["managedFields"][0]["manager"], "rna");
-    assert!(c.fake.requests().iter().any(|r| r.starts_with(
-        "PATCH /api/v1/namespaces/shop/configmaps/app-config?"
-    ) && r.contains("fieldManager=rna")));
-    assert!(c.fake.object("example.com", "widgets", "shop", "blue-widget").is_some());
+    assert!(c.fake.requests().iter().any(|r| r
+        .starts_with("PATCH /api/v1/namespaces/shop/configmaps/app-config?")
+        && r.contains("fieldManager=rna")));
+    assert!(c
+        .fake
+        .object("example.com", "widgets", "shop", "blue-widget")
+        .is_some());
 
     // Applied again: nothing changes, resourceVersions stay.
     let again = apply(&c.api, "", APP).await;
@@ -310,16 +316,25 @@ async fn apply_creates_then_is_unchanged_then_changed_and_conflicts_are_relayed(
         ]
     );
     assert_eq!(
-        c.fake.object("", "configmaps", "shop", "app-config").unwrap()["data"]["color"],
+        c.fake
+            .object("", "configmaps", "shop", "app-config")
+            .unwrap()["data"]["color"],
         "green"
     );
 
     // Dry run: reported, not stored.
-    let dry = apply(&c.api, "?dryRun=true", &APP.replace("color: red", "color: pink")).await;
+    let dry = apply(
+        &c.api,
+        "?dryRun=true",
+        &APP.replace("color: red", "color: pink"),
+    )
+    .await;
     assert_eq!(outcomes(&dry)[1], "ConfigMap/app-config=changed");
     assert_eq!(dry.json()["dryRun"], true);
     assert_eq!(
-        c.fake.object("", "configmaps", "shop", "app-config").unwrap()["data"]["color"],
+        c.fake
+            .object("", "configmaps", "shop", "app-config")
+            .unwrap()["data"]["color"],
         "green"
     );
 
@@ -331,7 +346,12 @@ async fn apply_creates_then_is_unchanged_then_changed_and_conflicts_are_relayed(
                "data": {"color": "blue"}}),
     );
     let conflict = apply(&c.api, "", &changed).await;
-    assert_eq!(conflict.status, 409, "{}", String::from_utf8_lossy(&conflict.body));
+    assert_eq!(
+        conflict.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&conflict.body)
+    );
     let body = conflict.json();
     assert_eq!(body["reason"], "Conflict");
     assert_eq!(body["status"]["code"], 409);
@@ -349,7 +369,9 @@ async fn apply_creates_then_is_unchanged_then_changed_and_conflicts_are_relayed(
     let forced = apply(&c.api, "?force=true", &changed).await;
     assert_eq!(outcomes(&forced)[1], "ConfigMap/app-config=changed");
     assert_eq!(
-        c.fake.object("", "configmaps", "shop", "app-config").unwrap()["data"]["color"],
+        c.fake
+            .object("", "configmaps", "shop", "app-config")
+            .unwrap()["data"]["color"],
         "green"
     );
 
@@ -371,7 +393,10 @@ spec:
         ["CustomResourceDefinition/gadgets.example.com=created"]
     );
     let gadget = "apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: g1, namespace: shop}\nspec: {x: 1}\n";
-    assert_eq!(outcomes(&apply(&c.api, "", gadget).await), ["Gadget/g1=created"]);
+    assert_eq!(
+        outcomes(&apply(&c.api, "", gadget).await),
+        ["Gadget/g1=created"]
+    );
 
     // Malformed bodies never reach the agent.
     let bad = apply(&c.api, "", "kind: [oops\n").await;
@@ -387,7 +412,10 @@ spec:
     .await;
     assert_eq!(missing_ns.status, 404);
     assert_eq!(missing_ns.json()["reason"], "NotFound");
-    assert_eq!(missing_ns.json()["error"], "namespaces \"nowhere\" not found");
+    assert_eq!(
+        missing_ns.json()["error"],
+        "namespaces \"nowhere\" not found"
+    );
     c.agent.stop().await;
 }
 
@@ -399,11 +427,19 @@ async fn get_list_delete_through_the_hub() {
     outcomes(&apply(&c.api, "", extra).await);
 
     let base = format!("/api/v1/agents/{AGENT}/kube");
-    let d = get(&c.api, &format!("{base}/apps/v1/Deployment/web?namespace=shop")).await;
+    let d = get(
+        &c.api,
+        &format!("{base}/apps/v1/Deployment/web?namespace=shop"),
+    )
+    .await;
     assert_eq!(d.status, 200);
     let d = d.json();
     assert_eq!(
-        (d["apiVersion"].as_str(), d["kind"].as_str(), d["metadata"]["name"].as_str()),
+        (
+            d["apiVersion"].as_str(),
+            d["kind"].as_str(),
+            d["metadata"]["name"].as_str()
+        ),
         (Some("apps/v1"), Some("Deployment"), Some("web"))
     );
     // Plural and short names resolve through discovery too.
@@ -421,7 +457,11 @@ async fn get_list_delete_through_the_hub() {
     let all = get(&c.api, &format!("{base}/v1/ConfigMap?namespace=shop")).await;
     assert_eq!(all.json()["kind"], "ConfigMapList");
     assert_eq!(names(&all), ["app-config", "other"]);
-    let web = get(&c.api, &format!("{base}/v1/ConfigMap?namespace=shop&labelSelector=app%3Dweb")).await;
+    let web = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap?namespace=shop&labelSelector=app%3Dweb"),
+    )
+    .await;
     assert_eq!(names(&web), ["app-config"]);
     let by_field = get(
         &c.api,
@@ -429,10 +469,21 @@ async fn get_list_delete_through_the_hub() {
     )
     .await;
     assert_eq!(names(&by_field), ["other"]);
-    let page = get(&c.api, &format!("{base}/v1/ConfigMap?namespace=shop&limit=1")).await;
+    let page = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap?namespace=shop&limit=1"),
+    )
+    .await;
     assert_eq!(names(&page), ["app-config"]);
-    let next = page.json()["metadata"]["continue"].as_str().unwrap().to_string();
-    let page2 = get(&c.api, &format!("{base}/v1/ConfigMap?namespace=shop&limit=1&continue={next}")).await;
+    let next = page.json()["metadata"]["continue"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let page2 = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap?namespace=shop&limit=1&continue={next}"),
+    )
+    .await;
     assert_eq!(names(&page2), ["other"]);
     // Cluster-scoped, all namespaces.
     let ns = get(&c.api, &format!("{base}/v1/Namespace")).await;
@@ -447,7 +498,11 @@ async fn get_list_delete_through_the_hub() {
     assert_eq!(m["reason"], "NotFound");
     assert_eq!(m["error"], "configmaps \"nope\" not found");
     assert_eq!(m["status"]["details"]["name"], "nope");
-    let bad_selector = get(&c.api, &format!("{base}/v1/ConfigMap?fieldSelector=spec.x%3D1")).await;
+    let bad_selector = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap?fieldSelector=spec.x%3D1"),
+    )
+    .await;
     assert_eq!(bad_selector.status, 400);
     let unknown_kind = get(&c.api, &format!("{base}/v1/Gizmo")).await;
     assert_eq!(unknown_kind.status, 404);
@@ -469,9 +524,16 @@ async fn get_list_delete_through_the_hub() {
     )
     .await;
     assert_eq!(fg.json()["state"], "deleting");
-    let dry = delete(&c.api, &format!("{base}/v1/ConfigMap/app-config?namespace=shop&dryRun=true")).await;
+    let dry = delete(
+        &c.api,
+        &format!("{base}/v1/ConfigMap/app-config?namespace=shop&dryRun=true"),
+    )
+    .await;
     assert_eq!(dry.status, 200);
-    assert!(c.fake.object("", "configmaps", "shop", "app-config").is_some());
+    assert!(c
+        .fake
+        .object("", "configmaps", "shop", "app-config")
+        .is_some());
     let no_name = delete(&c.api, &format!("{base}/v1/ConfigMap?namespace=shop")).await;
     assert_eq!(no_name.status, 400);
 
@@ -489,7 +551,12 @@ async fn get_list_delete_through_the_hub() {
         .iter()
         .map(|r| r["kind"].as_str().unwrap())
         .collect();
-    for k in ["ConfigMap", "Deployment", "Widget", "CustomResourceDefinition"] {
+    for k in [
+        "ConfigMap",
+        "Deployment",
+        "Widget",
+        "CustomResourceDefinition",
+    ] {
         assert!(kinds.contains(&k), "{kinds:?}");
     }
     // The new namespace shows up: an applied Namespace triggers a fresh report.
@@ -524,7 +591,10 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     );
     let (code, out, _) = cli(&c.world, &ops, AGENT, &["apply", "-f", &file, "--dry-run"]).await;
     assert_eq!(code, 0);
-    assert!(out.starts_with("namespace/shop unchanged (dry run)\n"), "{out}");
+    assert!(
+        out.starts_with("namespace/shop unchanged (dry run)\n"),
+        "{out}"
+    );
 
     // get: json equals the API's answer; yaml is the same object; name and table exact.
     let api_object = get(
@@ -533,36 +603,86 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     )
     .await
     .json();
-    let (code, out, err) = cli(&c.world, &ops, AGENT, &["get", "deployments/web", "-n", "shop", "-o", "json"]).await;
+    let (code, out, err) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["get", "deployments/web", "-n", "shop", "-o", "json"],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let got: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(got["metadata"]["uid"], api_object["metadata"]["uid"]);
     assert_eq!(got["spec"], api_object["spec"]);
-    let (code, out, _) = cli(&c.world, &ops, AGENT, &["get", "deployment.apps", "web", "-n", "shop", "-o", "yaml"]).await;
+    let (code, out, _) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["get", "deployment.apps", "web", "-n", "shop", "-o", "yaml"],
+    )
+    .await;
     assert_eq!(code, 0);
     let from_yaml: Value = serde_saphyr::from_str(&out).unwrap();
     assert_eq!(from_yaml["metadata"]["uid"], api_object["metadata"]["uid"]);
     assert_eq!(from_yaml["spec"], api_object["spec"]);
-    let (_, out, _) = cli(&c.world, &ops, AGENT, &["get", "deploy/web", "-n", "shop", "-o", "name"]).await;
+    let (_, out, _) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["get", "deploy/web", "-n", "shop", "-o", "name"],
+    )
+    .await;
     assert_eq!(out, "deployment.apps/web\n");
-    let created = c.fake.object("", "configmaps", "shop", "app-config").unwrap()["metadata"]
-        ["creationTimestamp"]
+    let created = c
+        .fake
+        .object("", "configmaps", "shop", "app-config")
+        .unwrap()["metadata"]["creationTimestamp"]
         .as_str()
         .unwrap()
         .to_string();
-    let (_, out, _) = cli(&c.world, &ops, AGENT, &["get", "cm/app-config", "-n", "shop"]).await;
+    let (_, out, _) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["get", "cm/app-config", "-n", "shop"],
+    )
+    .await;
     assert_eq!(
         out,
         format!("NAMESPACE   NAME         CREATED\nshop        app-config   {created}\n")
     );
 
     // list with a selector.
-    let (code, out, _) = cli(&c.world, &ops, AGENT, &["list", "configmaps", "-n", "shop", "-l", "app=web", "-o", "name"]).await;
+    let (code, out, _) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &[
+            "list",
+            "configmaps",
+            "-n",
+            "shop",
+            "-l",
+            "app=web",
+            "-o",
+            "name",
+        ],
+    )
+    .await;
     assert_eq!(code, 0);
     assert_eq!(out, "configmap/app-config\n");
     let (_, out, _) = cli(&c.world, &ops, AGENT, &["list", "namespaces", "-o", "name"]).await;
-    assert_eq!(out, "namespace/default\nnamespace/kube-system\nnamespace/shop\n");
-    let (_, out, err) = cli(&c.world, &ops, AGENT, &["list", "configmaps", "-n", "shop", "-l", "app=none"]).await;
+    assert_eq!(
+        out,
+        "namespace/default\nnamespace/kube-system\nnamespace/shop\n"
+    );
+    let (_, out, err) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["list", "configmaps", "-n", "shop", "-l", "app=none"],
+    )
+    .await;
     assert_eq!((out.as_str(), err.as_str()), ("", "No resources found.\n"));
 
     // wait for the rollout the fake controller completes.
@@ -570,7 +690,16 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
         &c.world,
         &ops,
         AGENT,
-        &["wait", "deployment/web", "-n", "shop", "--for", "rollout", "--timeout", "30s"],
+        &[
+            "wait",
+            "deployment/web",
+            "-n",
+            "shop",
+            "--for",
+            "rollout",
+            "--timeout",
+            "30s",
+        ],
     )
     .await;
     assert_eq!(code, 0, "{err}");
@@ -581,11 +710,23 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     );
 
     // delete.
-    let (code, out, _) = cli(&c.world, &ops, AGENT, &["delete", "configmap/app-config", "-n", "shop"]).await;
+    let (code, out, _) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["delete", "configmap/app-config", "-n", "shop"],
+    )
+    .await;
     assert_eq!((code, out.as_str()), (0, "configmap/app-config deleted\n"));
 
     // Exit codes: 1 Kubernetes refused, 2 usage, 3 agent unavailable.
-    let (code, out, err) = cli(&c.world, &ops, AGENT, &["get", "configmap/app-config", "-n", "shop"]).await;
+    let (code, out, err) = cli(
+        &c.world,
+        &ops,
+        AGENT,
+        &["get", "configmap/app-config", "-n", "shop"],
+    )
+    .await;
     assert_eq!((code, out.as_str()), (1, ""));
     assert_eq!(
         err,
@@ -610,7 +751,16 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     let token_file = c.world.dir.path().join("t");
     std::fs::write(&token_file, &ops).unwrap();
     let (code, _, err) = tokio::task::spawn_blocking(move || {
-        run_cli(&["--api", &closed, "--token-file", token_file.to_str().unwrap(), "--agent", AGENT, "list", "pods"])
+        run_cli(&[
+            "--api",
+            &closed,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--agent",
+            AGENT,
+            "list",
+            "pods",
+        ])
     })
     .await
     .unwrap();
@@ -652,17 +802,25 @@ async fn wait_follows_a_rollout_and_times_out_precisely() {
     let last = lines.last().unwrap();
     assert_eq!(last["type"], "done", "{lines:?}");
     assert_eq!(last["met"], true);
-    assert_eq!(last["message"], "deployment \"web\" successfully rolled out");
+    assert_eq!(
+        last["message"],
+        "deployment \"web\" successfully rolled out"
+    );
     let progress: Vec<&str> = lines
         .iter()
         .filter(|l| l["type"] == "progress")
         .map(|l| l["message"].as_str().unwrap())
         .collect();
     assert!(progress.len() >= 2, "{progress:?}");
-    assert_eq!(*progress.last().unwrap(), "deployment \"web\" successfully rolled out");
+    assert_eq!(
+        *progress.last().unwrap(),
+        "deployment \"web\" successfully rolled out"
+    );
     assert!(
-        progress.iter().any(|m| m.contains("out of 3 new replicas have been updated")
-            || m.contains("spec update to be observed")),
+        progress
+            .iter()
+            .any(|m| m.contains("out of 3 new replicas have been updated")
+                || m.contains("spec update to be observed")),
         "{progress:?}"
     );
 
@@ -673,7 +831,10 @@ async fn wait_follows_a_rollout_and_times_out_precisely() {
                "for": "condition=Available", "timeout": "10s"}),
     )
     .await;
-    assert_eq!(lines.last().unwrap()["message"], "condition Available is True");
+    assert_eq!(
+        lines.last().unwrap()["message"],
+        "condition Available is True"
+    );
 
     // A rollout that never completes: the timeout error, with what was last seen.
     let stuck = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: stuck\n  namespace: shop\n  annotations: {fake.rna.dev/stall-rollout: \"true\"}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: stuck}}\n  template:\n    metadata: {labels: {app: stuck}}\n    spec: {containers: [{name: c, image: x}]}\n";
@@ -715,7 +876,10 @@ async fn wait_follows_a_rollout_and_times_out_precisely() {
     .await;
     assert_eq!(del.status, 200);
     let (_, lines) = within("delete wait", waiter).await.unwrap();
-    assert_eq!(lines.last().unwrap()["message"], "ConfigMap shop/app-config is deleted");
+    assert_eq!(
+        lines.last().unwrap()["message"],
+        "ConfigMap shop/app-config is deleted"
+    );
 
     // Errors before any progress are HTTP errors.
     let (status, body) = wait_lines(
@@ -745,15 +909,27 @@ async fn scopes_tenants_capability_and_offline_agents() {
     assert!(c.fake.object("", "namespaces", "", "shop").is_none());
     let r = delete(&reader, &format!("{base}/kube/v1/Namespace/default")).await;
     assert_eq!(r.status, 403);
-    assert_eq!(get(&reader, &format!("{base}/kube/v1/Namespace/default")).await.status, 200);
+    assert_eq!(
+        get(&reader, &format!("{base}/kube/v1/Namespace/default"))
+            .await
+            .status,
+        200
+    );
     // No token at all.
-    let anonymous = client(&c.world, "rna_000000000000_000000000000000000000000000000000000000000000000");
-    assert_eq!(get(&anonymous, &format!("{base}/inventory")).await.status, 401);
+    let anonymous = client(
+        &c.world,
+        "rna_000000000000_000000000000000000000000000000000000000000000000",
+    );
+    assert_eq!(
+        get(&anonymous, &format!("{base}/inventory")).await.status,
+        401
+    );
 
     // Another tenant: exactly like an agent that does not exist.
     let other = client(
         &c.world,
-        &c.world.token("other/prod", &[Scope::ReadInfraData, Scope::ExecInfraOp]),
+        &c.world
+            .token("other/prod", &[Scope::ReadInfraData, Scope::ExecInfraOp]),
     );
     let nobody = get(&c.api, "/api/v1/agents/nobody/inventory").await;
     for r in [
@@ -770,10 +946,18 @@ async fn scopes_tenants_capability_and_offline_agents() {
 
     // An admin token reaches it from any tenant.
     let admin = client(&c.world, &c.world.token("ops/all", &[Scope::Admin]));
-    assert_eq!(get(&admin, &format!("{base}/kube/v1/Namespace/default")).await.status, 200);
+    assert_eq!(
+        get(&admin, &format!("{base}/kube/v1/Namespace/default"))
+            .await
+            .status,
+        200
+    );
 
     // An agent without cluster mode: 409, at once.
-    let plain = c.world.connect_agent(TENANT, "plain", &c.agent_token, 1).await;
+    let plain = c
+        .world
+        .connect_agent(TENANT, "plain", &c.agent_token, 1)
+        .await;
     let started = std::time::Instant::now();
     let r = get(&c.api, "/api/v1/agents/plain/kube/v1/Namespace").await;
     assert_eq!(r.status, 409);
@@ -782,7 +966,13 @@ async fn scopes_tenants_capability_and_offline_agents() {
     assert_eq!(inv.status, 200);
     assert_eq!(inv.json()["kubernetes"], false);
     assert_eq!(inv.json()["inventory"], Value::Null);
-    let (code, _, err) = cli(&c.world, &c.ops, "plain", &["list", "namespaces", "--api-version", "v1"]).await;
+    let (code, _, err) = cli(
+        &c.world,
+        &c.ops,
+        "plain",
+        &["list", "namespaces", "--api-version", "v1"],
+    )
+    .await;
     assert_eq!(code, 3, "{err}");
 
     // Offline: 503, at once, never a hang.
@@ -791,14 +981,23 @@ async fn scopes_tenants_capability_and_offline_agents() {
     let r = get(&c.api, "/api/v1/agents/plain/kube/v1/Namespace").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["reason"], "AgentOffline");
-    assert_eq!(get(&c.api, "/api/v1/agents/plain/inventory").await.status, 503);
+    assert_eq!(
+        get(&c.api, "/api/v1/agents/plain/inventory").await.status,
+        503
+    );
     let r = apply(&client(&c.world, &c.ops), "", APP).await;
     assert_eq!(r.status, 200);
     c.agent.stop().await;
     c.world.wait_sessions(TENANT, AGENT, 0).await;
     let r = apply(&c.api, "", APP).await;
     assert_eq!(r.status, 503);
-    let (code, _, _) = cli(&c.world, &c.ops, AGENT, &["get", "ns/default", "--api-version", "v1"]).await;
+    let (code, _, _) = cli(
+        &c.world,
+        &c.ops,
+        AGENT,
+        &["get", "ns/default", "--api-version", "v1"],
+    )
+    .await;
     assert_eq!(code, 3);
     assert!(started.elapsed() < Duration::from_secs(15));
 }
@@ -807,15 +1006,16 @@ async fn scopes_tenants_capability_and_offline_agents() {
 async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audited() {
     let allow = KubeAllow {
         namespaces: vec!["shop".into(), "default".into()],
-        resources: vec![
-            "configmaps".parse().unwrap(),
-            "namespaces".parse().unwrap(),
-        ],
+        resources: vec!["configmaps".parse().unwrap(), "namespaces".parse().unwrap()],
     };
     let c = cluster_with(allow).await;
     let seen_before = c.fake.requests().len();
     let base = format!("/api/v1/agents/{AGENT}/kube");
-    let r = get(&c.api, &format!("{base}/v1/ConfigMap/x?namespace=kube-system")).await;
+    let r = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap/x?namespace=kube-system"),
+    )
+    .await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["reason"], "NotAllowedByAgent");
     assert_eq!(
@@ -825,11 +1025,16 @@ async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audite
     let r = get(&c.api, &format!("{base}/apps/v1/Deployment?namespace=shop")).await;
     assert_eq!(r.status, 403);
     let r = get(&c.api, &format!("{base}/v1/ConfigMap")).await;
-    assert_eq!(r.status, 403, "all namespaces is refused under a namespace list");
+    assert_eq!(
+        r.status, 403,
+        "all namespaces is refused under a namespace list"
+    );
     // Refused commands never reached the object endpoints (discovery may be read).
     let after: Vec<String> = c.fake.requests()[seen_before..].to_vec();
     assert!(
-        after.iter().all(|r| !r.contains("/configmaps") && !r.contains("/deployments")),
+        after
+            .iter()
+            .all(|r| !r.contains("/configmaps") && !r.contains("/deployments")),
         "{after:?}"
     );
     // Namespaces are filtered, allowed ones work.
@@ -843,7 +1048,9 @@ async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audite
     assert_eq!(names, ["default"]);
     let shop = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: audited, namespace: shop}\ndata: {password: hunter2-secret}\n";
     outcomes(&apply(&c.api, "", shop).await);
-    let inv = get(&c.api, &format!("/api/v1/agents/{AGENT}/inventory")).await.json();
+    let inv = get(&c.api, &format!("/api/v1/agents/{AGENT}/inventory"))
+        .await
+        .json();
     let plurals: Vec<&str> = inv["inventory"]["resources"]
         .as_array()
         .unwrap()
@@ -857,7 +1064,11 @@ async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audite
     let text = log_text();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("kubernetes command") && l.contains("verb=\"apply\"") && l.contains("audited"))
+        .filter(|l| {
+            l.contains("kubernetes command")
+                && l.contains("verb=\"apply\"")
+                && l.contains("audited")
+        })
         .collect();
     assert_eq!(lines.len(), 2, "{text}");
     for line in &lines {
@@ -871,14 +1082,21 @@ async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audite
             assert!(line.contains(&field), "{field} in {line}");
         }
         assert!(line.contains("tenant=acme/prod"), "{line}");
-        assert!(line.contains(&format!("agent=\"{AGENT}\"")) || line.contains(&format!("agent={AGENT}")), "{line}");
+        assert!(
+            line.contains(&format!("agent=\"{AGENT}\""))
+                || line.contains(&format!("agent={AGENT}")),
+            "{line}"
+        );
     }
     let refused: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("kubernetes command") && l.contains("namespace=\"kube-system\""))
         .collect();
     assert_eq!(refused.len(), 2, "{text}");
-    assert!(refused.iter().all(|l| l.contains("NotAllowedByAgent")), "{refused:?}");
+    assert!(
+        refused.iter().all(|l| l.contains("NotAllowedByAgent")),
+        "{refused:?}"
+    );
     assert!(!text.contains("hunter2-secret"));
     assert!(!text.contains(&c.ops));
     assert!(!text.contains(&c.fake.token));
@@ -897,7 +1115,10 @@ fn have_kubectl() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_reaches_the_cluster_through_the_hubs_socks5() {
-    assert!(have_kubectl(), "kubectl must be installed (.ci/run installs it)");
+    assert!(
+        have_kubectl(),
+        "kubectl must be installed (.ci/run installs it)"
+    );
     let c = cluster().await;
     outcomes(&apply(&c.api, "", APP).await);
     let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
@@ -909,14 +1130,27 @@ async fn kubectl_reaches_the_cluster_through_the_hubs_socks5() {
         .iter()
         .map(|s| s.streams_total())
         .sum();
+    // client-go sends no bearer token over plain HTTP: the fake lets anonymous reads in, as
+    // a cluster whose RBAC grants them would.
+    c.fake.allow_anonymous_reads();
     let proxy = format!("socks5://{AGENT}:{}@{}", c.agent_token, c.world.socks);
-    let kubeconfig = c.fake.kubeconfig(c.world.dir.path(), "kubectl-config", Some(&proxy));
+    let kubeconfig = c
+        .fake
+        .kubeconfig(c.world.dir.path(), "kubectl-config", Some(&proxy));
     let out = within(
         "kubectl",
         tokio::process::Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(&kubeconfig)
-            .args(["get", "configmaps", "-n", "shop", "-o", "name", "--request-timeout=20s"])
+            .args([
+                "get",
+                "configmaps",
+                "-n",
+                "shop",
+                "-o",
+                "name",
+                "--request-timeout=20s",
+            ])
             .env_remove("KUBECONFIG")
             .env("HOME", c.world.dir.path())
             .stdin(Stdio::null())
@@ -929,7 +1163,10 @@ async fn kubectl_reaches_the_cluster_through_the_hubs_socks5() {
         "kubectl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "configmap/app-config\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "configmap/app-config\n"
+    );
     let streams_after: u64 = c
         .world
         .hub
@@ -938,8 +1175,11 @@ async fn kubectl_reaches_the_cluster_through_the_hubs_socks5() {
         .iter()
         .map(|s| s.streams_total())
         .sum();
-    assert!(streams_after > streams_before, "kubectl went through the agent's tunnel");
-    // kubectl authenticated to the API with its own token, through the tunnel.
+    assert!(
+        streams_after > streams_before,
+        "kubectl went through the agent's tunnel"
+    );
+    // The API saw kubectl's requests, which came through the tunnel.
     assert!(c
         .fake
         .requests()
@@ -985,9 +1225,9 @@ fn manifests_parse_as_kubernetes_objects() {
             "Service" => services.push(typed::<Service>(&doc)),
             "Secret" => drop(typed::<k8s_openapi::api::core::v1::Secret>(&doc)),
             "ConfigMap" => drop(typed::<k8s_openapi::api::core::v1::ConfigMap>(&doc)),
-            "PodDisruptionBudget" => {
-                drop(typed::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(&doc))
-            }
+            "PodDisruptionBudget" => drop(
+                typed::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(&doc),
+            ),
             other => panic!("unexpected kind {other} in {file}.yaml"),
         }
         kinds.push(format!("{file}:{kind}"));
@@ -1035,17 +1275,44 @@ fn manifests_parse_as_kubernetes_objects() {
                 Some(vec!["ALL".to_string()]),
                 "{file}"
             );
-            assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some(), "{file}");
+            assert!(
+                c.liveness_probe.is_some() && c.readiness_probe.is_some(),
+                "{file}"
+            );
         }
     }
     let agent = &deployments.iter().find(|(f, _)| *f == "agent").unwrap().1;
-    let container = &agent.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let container = &agent
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
     assert_eq!(
-        container.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+        container
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
         Some("/healthz")
     );
     assert_eq!(
-        container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+        container
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
         Some("/readyz")
     );
     let protocols: Vec<String> = services

@@ -33,7 +33,14 @@ struct ResDef {
 }
 
 impl ResDef {
-    fn new(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool, short: &[&str]) -> Self {
+    fn new(
+        group: &str,
+        version: &str,
+        kind: &str,
+        plural: &str,
+        namespaced: bool,
+        short: &[&str],
+    ) -> Self {
         ResDef {
             group: group.into(),
             version: version.into(),
@@ -123,6 +130,9 @@ struct Shared {
     changed: tokio::sync::watch::Sender<u64>,
     /// Delay between rollout steps of the fake controller.
     step: Duration,
+    /// Serve GET requests without credentials (as a cluster whose RBAC lets
+    /// `system:anonymous` read): client-go sends no bearer token over plain HTTP.
+    anonymous_reads: std::sync::atomic::AtomicBool,
 }
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Store> {
@@ -157,6 +167,7 @@ impl FakeKube {
             store: Mutex::new(Store::default()),
             changed: tokio::sync::watch::Sender::new(0),
             step: Duration::from_millis(40),
+            anonymous_reads: std::sync::atomic::AtomicBool::new(false),
         });
         let fake = FakeKube {
             addr,
@@ -207,11 +218,24 @@ impl FakeKube {
             .find(|d| d.group_version() == api_version && d.kind == kind)
             .expect("known kind")
             .clone();
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let name = object["metadata"]["name"].as_str().unwrap().to_string();
         let mut store = lock(&self.shared);
-        apply_locked(&self.shared, &mut store, &def, &ns, &name, object, "seed", true, false)
-            .unwrap();
+        apply_locked(
+            &self.shared,
+            &mut store,
+            &def,
+            &ns,
+            &name,
+            object,
+            "seed",
+            true,
+            false,
+        )
+        .unwrap();
     }
 
     /// Server-side applies `object` as `manager` (e.g. another tool owning fields).
@@ -225,11 +249,23 @@ impl FakeKube {
             })
             .unwrap()
             .clone();
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let name = object["metadata"]["name"].as_str().unwrap().to_string();
         let mut store = lock(&self.shared);
-        let outcome =
-            apply_locked(&self.shared, &mut store, &def, &ns, &name, object, manager, true, false);
+        let outcome = apply_locked(
+            &self.shared,
+            &mut store,
+            &def,
+            &ns,
+            &name,
+            object,
+            manager,
+            true,
+            false,
+        );
         drop(store);
         if let Ok((_, _, rollout)) = outcome {
             if let Some(r) = rollout {
@@ -242,13 +278,24 @@ impl FakeKube {
     pub fn object(&self, group: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
         lock(&self.shared)
             .objects
-            .get(&(format!("{group}/{plural}"), ns.to_string(), name.to_string()))
+            .get(&(
+                format!("{group}/{plural}"),
+                ns.to_string(),
+                name.to_string(),
+            ))
             .map(|s| s.value.clone())
     }
 
     /// Every request seen so far, as `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).requests.clone()
+    }
+
+    /// Lets GET requests without credentials through (see `anonymous_reads`).
+    pub fn allow_anonymous_reads(&self) {
+        self.shared
+            .anonymous_reads
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The current resourceVersion counter.
@@ -333,7 +380,12 @@ fn not_found(def: &ResDef, name: &str) -> Response {
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
@@ -390,7 +442,12 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         == Some(format!("Bearer {}", shared.token).as_str());
-    if !authorized {
+    let anonymous_ok = method == Method::GET
+        && headers.get(header::AUTHORIZATION).is_none()
+        && shared
+            .anonymous_reads
+            .load(std::sync::atomic::Ordering::SeqCst);
+    if !authorized && !anonymous_ok {
         return status(401, "Unauthorized", "Unauthorized".into(), None);
     }
     let body = match axum::body::to_bytes(req.into_body(), 8 << 20).await {
@@ -415,7 +472,10 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         ["apis"] => {
             let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for d in defs.iter().filter(|d| !d.group.is_empty()) {
-                groups.entry(d.group.clone()).or_default().insert(d.version.clone());
+                groups
+                    .entry(d.group.clone())
+                    .or_default()
+                    .insert(d.version.clone());
             }
             let groups: Vec<Value> = groups
                 .into_iter()
@@ -435,12 +495,23 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         ["api", version] => resource_list(&defs, "", version),
         ["apis", group, version] => resource_list(&defs, group, version),
         ["api", version, rest @ ..] => {
-            resource(&shared, &defs, "", version, rest, &method, &q, &headers, body).await
+            resource(
+                &shared, &defs, "", version, rest, &method, &q, &headers, body,
+            )
+            .await
         }
         ["apis", group, version, rest @ ..] => {
-            resource(&shared, &defs, group, version, rest, &method, &q, &headers, body).await
+            resource(
+                &shared, &defs, group, version, rest, &method, &q, &headers, body,
+            )
+            .await
         }
-        _ => status(404, "NotFound", format!("the server could not find the requested resource ({path})"), None),
+        _ => status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+            None,
+        ),
     }
 }
 
@@ -459,10 +530,23 @@ fn resource_list(defs: &[ResDef], group: &str, version: &str) -> Response {
         .map(ResDef::discovery)
         .collect();
     if resources.is_empty() {
-        let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-        return status(404, "NotFound", format!("the server could not find the requested resource ({gv})"), None);
+        let gv = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        return status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({gv})"),
+            None,
+        );
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
     json_response(
         StatusCode::OK,
         &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
@@ -486,17 +570,34 @@ async fn resource(
         [plural, name] => ("", *plural, Some(*name)),
         ["namespaces", ns, plural] => (*ns, *plural, None),
         ["namespaces", ns, plural, name] => (*ns, *plural, Some(*name)),
-        _ => return status(404, "NotFound", "the server could not find the requested resource".into(), None),
+        _ => {
+            return status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource".into(),
+                None,
+            )
+        }
     };
     let Some(def) = defs
         .iter()
         .find(|d| d.group == group && d.version == version && d.plural == plural)
         .cloned()
     else {
-        return status(404, "NotFound", "the server could not find the requested resource".into(), None);
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+            None,
+        );
     };
     if !def.namespaced && !ns.is_empty() {
-        return status(404, "NotFound", "the server could not find the requested resource".into(), None);
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+            None,
+        );
     }
     let watching = matches!(q.get("watch").map(String::as_str), Some("true") | Some("1"));
     match (method.clone(), name) {
@@ -504,14 +605,22 @@ async fn resource(
         (Method::GET, None) => list(shared, &def, ns, q),
         (Method::GET, Some(name)) => {
             let store = lock(shared);
-            match store.objects.get(&(def.key(), ns.to_string(), name.to_string())) {
+            match store
+                .objects
+                .get(&(def.key(), ns.to_string(), name.to_string()))
+            {
                 Some(o) => json_response(StatusCode::OK, &o.value),
                 None => not_found(&def, name),
             }
         }
         (Method::PATCH, Some(name)) => patch(shared, &def, ns, name, q, headers, &body),
         (Method::DELETE, Some(name)) => delete(shared, &def, ns, name, q, &body),
-        _ => status(405, "MethodNotAllowed", format!("{method} is not supported by this fake"), None),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported by this fake"),
+            None,
+        ),
     }
 }
 
@@ -586,7 +695,13 @@ fn field_matches(selector: &str, obj: &Value) -> Result<bool, String> {
     Ok(true)
 }
 
-fn selected(def: &ResDef, ns: &str, q: &BTreeMap<String, String>, key: &Key, obj: &Value) -> Result<bool, String> {
+fn selected(
+    def: &ResDef,
+    ns: &str,
+    q: &BTreeMap<String, String>,
+    key: &Key,
+    obj: &Value,
+) -> Result<bool, String> {
     if key.0 != def.key() || (!ns.is_empty() && key.1 != ns) {
         return Ok(false);
     }
@@ -616,7 +731,11 @@ fn list(shared: &Arc<Shared>, def: &ResDef, ns: &str, q: &BTreeMap<String, Strin
         }
     }
     let start: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
     let page: Vec<Value> = items.iter().skip(start).take(limit).cloned().collect();
     let next = (start + page.len() < items.len()).then(|| (start + page.len()).to_string());
     let mut meta = json!({"resourceVersion": store.rv.to_string()});
@@ -631,7 +750,10 @@ fn list(shared: &Arc<Shared>, def: &ResDef, ns: &str, q: &BTreeMap<String, Strin
 }
 
 fn watch(shared: Arc<Shared>, def: ResDef, ns: String, q: BTreeMap<String, String>) -> Response {
-    let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let since: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
@@ -651,7 +773,9 @@ fn watch(shared: Arc<Shared>, def: ResDef, ns: String, q: BTreeMap<String, Strin
                     .objects
                     .iter()
                     .filter(|(key, obj)| selected(&def, &ns, &q, key, &obj.value).unwrap_or(false))
-                    .map(|(_, obj)| json!({"type": "ADDED", "object": obj.value}).to_string() + "\n")
+                    .map(|(_, obj)| {
+                        json!({"type": "ADDED", "object": obj.value}).to_string() + "\n"
+                    })
                     .collect()
             };
             for line in initial {
@@ -694,16 +818,21 @@ fn watch(shared: Arc<Shared>, def: ResDef, ns: String, q: BTreeMap<String, Strin
         .into_response()
 }
 
+const SEP: char = '\u{1f}';
+
 /// Leaf paths of an applied object (maps recurse; lists and scalars are leaves), excluding
 /// the identifying fields.
 fn leaves(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
     match v {
         Value::Object(map) if !map.is_empty() => {
             for (k, child) in map {
-                let p = format!("{prefix}.{k}");
-                if matches!(p.as_str(), ".apiVersion" | ".kind" | ".metadata.name" | ".metadata.namespace" | ".status")
-                    || p.starts_with(".metadata.managedFields")
-                    || p.starts_with(".status.")
+                // Keys may hold dots (annotations): paths use a separator no key holds.
+                let p = format!("{prefix}{SEP}{k}");
+                let shown = p.replace(SEP, ".");
+                if matches!(
+                    shown.as_str(),
+                    ".apiVersion" | ".kind" | ".metadata.name" | ".metadata.namespace" | ".status"
+                ) || shown.starts_with(".metadata.managedFields")
                 {
                     continue;
                 }
@@ -718,14 +847,14 @@ fn leaves(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
 
 fn get_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     let mut cur = v;
-    for part in path.split('.').filter(|p| !p.is_empty()) {
+    for part in path.split(SEP).filter(|p| !p.is_empty()) {
         cur = cur.get(part)?;
     }
     Some(cur)
 }
 
 fn set_path(v: &mut Value, path: &str, value: Value) {
-    let parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = path.split(SEP).filter(|p| !p.is_empty()).collect();
     let mut cur = v;
     for (i, part) in parts.iter().enumerate() {
         if !cur.is_object() {
@@ -736,15 +865,19 @@ fn set_path(v: &mut Value, path: &str, value: Value) {
             map.insert(part.to_string(), value);
             return;
         }
-        cur = map.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        cur = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
     }
 }
 
 fn remove_path(v: &mut Value, path: &str) {
-    let parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = path.split(SEP).filter(|p| !p.is_empty()).collect();
     let mut cur = v;
     for (i, part) in parts.iter().enumerate() {
-        let Some(map) = cur.as_object_mut() else { return };
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
         if i + 1 == parts.len() {
             map.remove(*part);
             return;
@@ -771,13 +904,27 @@ fn apply_locked(
     force: bool,
     dry_run: bool,
 ) -> Result<(Value, bool, Option<Rollout>), Response> {
-    if patch["apiVersion"].as_str() != Some(def.group_version().as_str()) || patch["kind"].as_str() != Some(def.kind.as_str()) {
-        return Err(status(400, "BadRequest", format!(
-            "the API version in the data ({}) does not match the expected API version ({})",
-            patch["apiVersion"], def.group_version()), None));
+    if patch["apiVersion"].as_str() != Some(def.group_version().as_str())
+        || patch["kind"].as_str() != Some(def.kind.as_str())
+    {
+        return Err(status(
+            400,
+            "BadRequest",
+            format!(
+                "the API version in the data ({}) does not match the expected API version ({})",
+                patch["apiVersion"],
+                def.group_version()
+            ),
+            None,
+        ));
     }
     if patch["metadata"]["name"].as_str() != Some(name) {
-        return Err(status(400, "BadRequest", "the name of the object does not match the name on the URL".into(), None));
+        return Err(status(
+            400,
+            "BadRequest",
+            "the name of the object does not match the name on the URL".into(),
+            None,
+        ));
     }
     if def.namespaced {
         if let Some(pns) = patch["metadata"]["namespace"].as_str() {
@@ -785,39 +932,66 @@ fn apply_locked(
                 return Err(status(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request".into(), None));
             }
         }
-        if !store.objects.contains_key(&("/namespaces".to_string(), String::new(), ns.to_string())) {
-            return Err(status(404, "NotFound", format!("namespaces \"{ns}\" not found"),
-                Some(json!({"name": ns, "kind": "namespaces"}))));
+        if !store
+            .objects
+            .contains_key(&("/namespaces".to_string(), String::new(), ns.to_string()))
+        {
+            return Err(status(
+                404,
+                "NotFound",
+                format!("namespaces \"{ns}\" not found"),
+                Some(json!({"name": ns, "kind": "namespaces"})),
+            ));
         }
     }
     let key: Key = (def.key(), ns.to_string(), name.to_string());
     let existing = store.objects.get(&key).cloned();
     let mut applied = BTreeMap::new();
     leaves(&patch, "", &mut applied);
-    let mut owners = existing.as_ref().map(|e| e.owners.clone()).unwrap_or_default();
+    let mut owners = existing
+        .as_ref()
+        .map(|e| e.owners.clone())
+        .unwrap_or_default();
     let mut value = existing
         .as_ref()
         .map(|e| e.value.clone())
-        .unwrap_or_else(|| json!({"apiVersion": def.group_version(), "kind": def.kind,
-                                  "metadata": {"name": name}}));
+        .unwrap_or_else(|| {
+            json!({"apiVersion": def.group_version(), "kind": def.kind,
+                                  "metadata": {"name": name}})
+        });
     // Conflicts: a field another manager owns, with a different value.
     let conflicts: Vec<(String, String)> = applied
         .iter()
         .filter_map(|(path, v)| {
             let owner = owners.get(path)?;
-            (owner != manager && get_path(&value, path) != Some(v)).then(|| (path.clone(), owner.clone()))
+            (owner != manager && get_path(&value, path) != Some(v))
+                .then(|| (path.clone(), owner.clone()))
         })
         .collect();
     if !conflicts.is_empty() && !force {
         let causes: Vec<Value> = conflicts
             .iter()
-            .map(|(p, m)| json!({"type": "FieldManagerConflict", "message": format!("conflict with \"{m}\" using {}", def.group_version()), "field": p}))
+            .map(|(p, m)| json!({"type": "FieldManagerConflict", "message": format!("conflict with \"{m}\" using {}", def.group_version()), "field": p.replace(SEP, ".")}))
             .collect();
-        let list: Vec<String> = conflicts.iter().map(|(p, m)| format!("conflict with \"{m}\" using {}: {p}", def.group_version())).collect();
+        let list: Vec<String> = conflicts
+            .iter()
+            .map(|(p, m)| {
+                format!(
+                    "conflict with \"{m}\" using {}: {}",
+                    def.group_version(),
+                    p.replace(SEP, ".")
+                )
+            })
+            .collect();
         return Err(status(
             409,
             "Conflict",
-            format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, list.join("\n")),
+            format!(
+                "Apply failed with {} conflict{}: {}",
+                conflicts.len(),
+                if conflicts.len() == 1 { "" } else { "s" },
+                list.join("\n")
+            ),
             Some(json!({"name": name, "group": def.group, "kind": def.plural, "causes": causes})),
         ));
     }
@@ -839,7 +1013,9 @@ fn apply_locked(
     if def.namespaced {
         value["metadata"]["namespace"] = Value::String(ns.to_string());
     }
-    let unchanged = existing.as_ref().is_some_and(|e| e.value == value && e.owners == owners);
+    let unchanged = existing
+        .as_ref()
+        .is_some_and(|e| e.value == value && e.owners == owners);
     if unchanged || dry_run {
         let shown = if unchanged { before } else { value };
         return Ok((shown, false, None));
@@ -852,11 +1028,16 @@ fn apply_locked(
     } else {
         let old = existing.as_ref().unwrap();
         let g = old.value["metadata"]["generation"].as_i64().unwrap_or(1);
-        if old.value.get("spec") != value.get("spec") { g + 1 } else { g }
+        if old.value.get("spec") != value.get("spec") {
+            g + 1
+        } else {
+            g
+        }
     };
     if created {
         store.uid += 1;
-        value["metadata"]["uid"] = Value::String(format!("00000000-0000-0000-0000-{:012}", store.uid));
+        value["metadata"]["uid"] =
+            Value::String(format!("00000000-0000-0000-0000-{:012}", store.uid));
         value["metadata"]["creationTimestamp"] = Value::String(now_rfc3339());
     }
     value["metadata"]["resourceVersion"] = Value::String(rv.to_string());
@@ -868,11 +1049,25 @@ fn apply_locked(
             .map(|m| json!({"manager": m, "operation": "Apply", "apiVersion": def.group_version(), "fieldsType": "FieldsV1"}))
             .collect(),
     );
-    store.objects.insert(key.clone(), Stored { value: value.clone(), owners });
-    store.events.push(Event { rv, kind: if created { "ADDED" } else { "MODIFIED" }, key: key.clone(), object: value.clone() });
+    store.objects.insert(
+        key.clone(),
+        Stored {
+            value: value.clone(),
+            owners,
+        },
+    );
+    store.events.push(Event {
+        rv,
+        kind: if created { "ADDED" } else { "MODIFIED" },
+        key: key.clone(),
+        object: value.clone(),
+    });
     shared.changed.send_modify(|n| *n += 1);
-    let old_generation = existing.as_ref().and_then(|e| e.value["metadata"]["generation"].as_i64());
-    let rollout = (def.kind == "Deployment" && old_generation != Some(generation)).then(|| (key, generation));
+    let old_generation = existing
+        .as_ref()
+        .and_then(|e| e.value["metadata"]["generation"].as_i64());
+    let rollout =
+        (def.kind == "Deployment" && old_generation != Some(generation)).then(|| (key, generation));
     Ok((value, created, rollout))
 }
 
@@ -885,7 +1080,10 @@ fn patch(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if content_type != "application/apply-patch+yaml" {
         return status(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/apply-patch+yaml (got {content_type:?})"), None);
     }
@@ -893,24 +1091,40 @@ fn patch(
         return status(422, "Invalid", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch".into(), None);
     };
     let text = String::from_utf8_lossy(body);
-    let patch: Value = match serde_json::from_str(&text).or_else(|_| serde_saphyr::from_str::<Value>(&text).map_err(|e| e.to_string())) {
+    let patch: Value = match serde_json::from_str(&text)
+        .or_else(|_| serde_saphyr::from_str::<Value>(&text).map_err(|e| e.to_string()))
+    {
         Ok(v) => v,
         Err(e) => return status(400, "BadRequest", format!("error decoding YAML: {e}"), None),
     };
     if patch.pointer("/metadata/managedFields").is_some() {
-        return status(400, "BadRequest", "metadata.managedFields must be nil".into(), None);
+        return status(
+            400,
+            "BadRequest",
+            "metadata.managedFields must be nil".into(),
+            None,
+        );
     }
     let force = q.get("force").map(String::as_str) == Some("true");
     let dry_run = q.get("dryRun").map(String::as_str) == Some("All");
     let mut store = lock(shared);
-    let outcome = apply_locked(shared, &mut store, def, ns, name, patch, manager, force, dry_run);
+    let outcome = apply_locked(
+        shared, &mut store, def, ns, name, patch, manager, force, dry_run,
+    );
     drop(store);
     match outcome {
         Ok((value, created, rollout)) => {
             if let Some(r) = rollout {
                 spawn_rollout(shared.clone(), r);
             }
-            json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &value)
+            json_response(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &value,
+            )
         }
         Err(resp) => resp,
     }
@@ -926,7 +1140,9 @@ fn delete(
 ) -> Response {
     let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let dry_run = q.get("dryRun").map(String::as_str) == Some("All")
-        || options["dryRun"].as_array().is_some_and(|a| a.iter().any(|v| v == "All"));
+        || options["dryRun"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == "All"));
     let propagation = options["propagationPolicy"]
         .as_str()
         .or(q.get("propagationPolicy").map(String::as_str))
@@ -948,8 +1164,19 @@ fn delete(
         // Held by the foregroundDeletion finalizer until dependents are gone (at once here).
         value["metadata"]["deletionTimestamp"] = Value::String(now_rfc3339());
         value["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
-        store.objects.insert(key.clone(), Stored { value: value.clone(), owners: existing.owners.clone() });
-        store.events.push(Event { rv, kind: "MODIFIED", key: key.clone(), object: value.clone() });
+        store.objects.insert(
+            key.clone(),
+            Stored {
+                value: value.clone(),
+                owners: existing.owners.clone(),
+            },
+        );
+        store.events.push(Event {
+            rv,
+            kind: "MODIFIED",
+            key: key.clone(),
+            object: value.clone(),
+        });
         shared.changed.send_modify(|n| *n += 1);
         let later = shared.clone();
         tokio::spawn(async move {
@@ -958,21 +1185,41 @@ fn delete(
             if let Some(obj) = store.objects.remove(&key) {
                 store.rv += 1;
                 let rv = store.rv;
-                store.events.push(Event { rv, kind: "DELETED", key, object: obj.value });
+                store.events.push(Event {
+                    rv,
+                    kind: "DELETED",
+                    key,
+                    object: obj.value,
+                });
                 later.changed.send_modify(|n| *n += 1);
             }
         });
         return json_response(StatusCode::OK, &value);
     }
     store.objects.remove(&key);
-    store.events.push(Event { rv, kind: "DELETED", key, object: value.clone() });
+    store.events.push(Event {
+        rv,
+        kind: "DELETED",
+        key,
+        object: value.clone(),
+    });
     if def.key() == "/namespaces" {
-        let inside: Vec<Key> = store.objects.keys().filter(|k| k.1 == name).cloned().collect();
+        let inside: Vec<Key> = store
+            .objects
+            .keys()
+            .filter(|k| k.1 == name)
+            .cloned()
+            .collect();
         for k in inside {
             if let Some(o) = store.objects.remove(&k) {
                 store.rv += 1;
                 let rv = store.rv;
-                store.events.push(Event { rv, kind: "DELETED", key: k, object: o.value });
+                store.events.push(Event {
+                    rv,
+                    kind: "DELETED",
+                    key: k,
+                    object: o.value,
+                });
             }
         }
     }
@@ -992,7 +1239,9 @@ fn spawn_rollout(shared: Arc<Shared>, (key, generation): Rollout) {
         loop {
             tokio::time::sleep(shared.step).await;
             let mut store = lock(&shared);
-            let Some(obj) = store.objects.get(&key).cloned() else { return };
+            let Some(obj) = store.objects.get(&key).cloned() else {
+                return;
+            };
             if obj.value["metadata"]["generation"].as_i64() != Some(generation) {
                 return; // a newer rollout took over
             }
@@ -1015,8 +1264,19 @@ fn spawn_rollout(shared: Arc<Shared>, (key, generation): Rollout) {
             store.rv += 1;
             let rv = store.rv;
             value["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-            store.objects.insert(key.clone(), Stored { value: value.clone(), owners: obj.owners.clone() });
-            store.events.push(Event { rv, kind: "MODIFIED", key: key.clone(), object: value });
+            store.objects.insert(
+                key.clone(),
+                Stored {
+                    value: value.clone(),
+                    owners: obj.owners.clone(),
+                },
+            );
+            store.events.push(Event {
+                rv,
+                kind: "MODIFIED",
+                key: key.clone(),
+                object: value,
+            });
             shared.changed.send_modify(|n| *n += 1);
             drop(store);
             step += 1;

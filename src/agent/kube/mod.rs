@@ -140,7 +140,12 @@ pub fn from_kube(e: kube::Error) -> KubeFailure {
                 status.reason.clone()
             },
             message: status.message.clone(),
-            details: serde_json::to_string(&*status).ok(),
+            details: serde_json::to_value(&*status).ok().map(|mut v| {
+                // kube's Status drops the type fields; callers expect a whole Status.
+                v["kind"] = Value::String("Status".into());
+                v["apiVersion"] = Value::String("v1".into());
+                v.to_string()
+            }),
         },
         other => failure(
             FailureKind::Unavailable,
