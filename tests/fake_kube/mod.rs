@@ -267,10 +267,8 @@ impl FakeKube {
             false,
         );
         drop(store);
-        if let Ok((_, _, rollout)) = outcome {
-            if let Some(r) = rollout {
-                spawn_rollout(self.shared.clone(), r);
-            }
+        if let Ok((_, _, Some(r))) = outcome {
+            spawn_rollout(self.shared.clone(), r);
         }
     }
 
@@ -892,7 +890,7 @@ fn remove_path(v: &mut Value, path: &str) {
 /// A rollout the controller should drive: (key, generation).
 type Rollout = (Key, i64);
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::result_large_err)]
 fn apply_locked(
     shared: &Shared,
     store: &mut Store,
@@ -1067,7 +1065,7 @@ fn apply_locked(
         .as_ref()
         .and_then(|e| e.value["metadata"]["generation"].as_i64());
     let rollout =
-        (def.kind == "Deployment" && old_generation != Some(generation)).then(|| (key, generation));
+        (def.kind == "Deployment" && old_generation != Some(generation)).then_some((key, generation));
     Ok((value, created, rollout))
 }
 
