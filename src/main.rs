@@ -503,25 +503,49 @@ async fn dev(args: DevArgs) -> Result<()> {
     let agent_handle = agent.handle();
 
     let shutdown = CancellationToken::new();
+    let registry = handle.registry().clone();
     let reload: Reload = Box::new(move || handle.reload_tokens().is_ok());
     watch_signals(shutdown.clone(), Some(reload))?;
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
-    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+    let mut agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
-    let ready = tokio::time::timeout(
-        Duration::from_secs(15),
-        agent_handle.wait_until(|s| s.connected > 0),
-    )
+    // Up when the agent is connected and, in cluster mode, has reported its inventory (so
+    // `rna kube` can name types at once). An agent that cannot start says why.
+    let up = async {
+        agent_handle.wait_until(|s| s.connected > 0).await;
+        if cluster_mode {
+            registry
+                .wait_until(|r| r.sessions().iter().any(|s| s.inventory().is_some()))
+                .await;
+        }
+    };
+    let ready = tokio::time::timeout(Duration::from_secs(15), async {
+        tokio::select! {
+            _ = up => Ok(()),
+            ended = &mut agent_task => Err(ended),
+        }
+    })
     .await;
-    if ready.is_err() {
-        shutdown.cancel();
-        bail!(
-            "the local agent did not connect: {}",
-            agent_handle
-                .status()
-                .last_error
-                .map_or_else(|| "no answer".into(), |e| e.to_string())
-        );
+    match ready {
+        Ok(Ok(())) => {}
+        Ok(Err(ended)) => {
+            shutdown.cancel();
+            match ended {
+                Ok(Err(e)) => bail!("the local agent stopped: {e}"),
+                Ok(Ok(())) => bail!("the local agent stopped"),
+                Err(e) => bail!("the local agent failed: {e}"),
+            }
+        }
+        Err(_) => {
+            shutdown.cancel();
+            bail!(
+                "the local agent did not connect: {}",
+                agent_handle
+                    .status()
+                    .last_error
+                    .map_or_else(|| "no answer".into(), |e| e.to_string())
+            );
+        }
     }
     println!(
         "rna dev: hub and agent `{DEV_AGENT}` are up (state in {}).",

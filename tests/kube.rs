@@ -82,8 +82,12 @@ async fn cluster() -> Cluster {
 }
 
 async fn cluster_with(allow: KubeAllow) -> Cluster {
+    cluster_tuned(allow, |_| {}).await
+}
+
+async fn cluster_tuned(allow: KubeAllow, tune: impl FnOnce(&mut rna::hub::HubConfig)) -> Cluster {
     logs();
-    let world = World::start().await;
+    let world = World::start_with(tune).await;
     let fake = FakeKube::start().await;
     let agent_token = world.agent_token(TENANT);
     let mut config = world.agent_config(AGENT, &agent_token);
@@ -1321,4 +1325,204 @@ fn manifests_parse_as_kubernetes_objects() {
         .map(|p| p.protocol.unwrap_or_else(|| "TCP".into()))
         .collect();
     assert!(protocols.contains(&"UDP".to_string()) && protocols.contains(&"TCP".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_bounded_by_their_timeout_and_size_caps() {
+    let c = cluster_tuned(KubeAllow::default(), |h| {
+        h.kube_timeout = Duration::from_millis(400)
+    })
+    .await;
+    let base = format!("/api/v1/agents/{AGENT}/kube");
+    // A slow API server: the agent gives up at the command's timeout and says so.
+    c.fake.set_delay(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let r = get(&c.api, &format!("{base}/v1/Namespace/default")).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["reason"], "Timeout");
+    assert_eq!(r.json()["error"], "the command did not finish within 400ms");
+    c.fake.set_delay(Duration::ZERO);
+    assert_eq!(
+        get(&c.api, &format!("{base}/v1/Namespace/default"))
+            .await
+            .status,
+        200
+    );
+
+    // A request over the channel's cap is refused by the hub before it reaches the agent.
+    let big = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big, namespace: default}}\ndata:\n  blob: {}\n",
+        "x".repeat(rna::proto::kube::MAX_KUBE_REQUEST + 1)
+    );
+    let r = apply(&c.api, "", &big).await;
+    assert_eq!(r.status, 413);
+    // Within the API's body limit, but over the channel's cap once aliases are expanded:
+    // refused whole, never truncated.
+    let blob = "x".repeat(1024 * 1024);
+    let aliased = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c0, namespace: default}}\ndata:\n  a: &blob {blob}\n  b: *blob\n  c: *blob\n  d: *blob\n  e: *blob\n"
+    );
+    assert!(aliased.len() < rna::proto::kube::MAX_KUBE_REQUEST);
+    let r = apply(&c.api, "", &aliased).await;
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["reason"], "RequestTooLarge");
+    assert!(c.fake.object("", "configmaps", "default", "c0").is_none());
+    c.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rna_dev_with_a_kubeconfig_has_cluster_mode() {
+    use tokio::io::AsyncBufReadExt;
+    let fake = FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = fake.kubeconfig(dir.path(), "kubeconfig", None);
+    let state = dir.path().join("dev");
+    let mut dev = tokio::process::Command::new(RNA)
+        .args([
+            "dev",
+            "--dir",
+            state.to_str().unwrap(),
+            "--socks",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("RNA_LOG_FORMAT", "text")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    let line = within("the rna kube line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("rna kube ") {
+                return line;
+            }
+        }
+        panic!("rna dev printed no rna kube line");
+    })
+    .await;
+    // The printed command works as printed.
+    let mut args: Vec<String> = line
+        .split_whitespace()
+        .skip(2)
+        .map(str::to_string)
+        .collect();
+    args.extend(["-o".to_string(), "name".to_string()]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli(&refs)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "namespace/default\nnamespace/kube-system\n");
+    dev.kill().await.unwrap();
+
+    // A kubeconfig that cannot be read stops rna dev with the reason.
+    let out = tokio::process::Command::new(RNA)
+        .args([
+            "dev",
+            "--dir",
+            state.to_str().unwrap(),
+            "--socks",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .arg("--kubeconfig")
+        .arg(dir.path().join("missing"))
+        .env("RNA_LOG_FORMAT", "text")
+        .stdin(Stdio::null())
+        .output();
+    let out = within("rna dev with a missing kubeconfig", out)
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kubeconfig") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cluster_mode_settings_come_from_flags_environment_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    rna::certs::init_dir(dir.path(), &["127.0.0.1".to_string()], false).unwrap();
+    rna::certs::issue_agent_files(dir.path(), "edge", false).unwrap();
+    std::fs::write(dir.path().join("token.txt"), "rna_x\n").unwrap();
+    std::fs::write(
+        dir.path().join("kubeconfig"),
+        "apiVersion: v1\nkind: Config\n",
+    )
+    .unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "hub = [\"127.0.0.1:4433\"]\nname = \"edge\"\nca = \"ca.pem\"\ncert = \"agent-edge.pem\"\nkey = \"agent-edge-key.pem\"\ntoken_file = \"token.txt\"\nkubeconfig = \"kubeconfig\"\nkube_namespace = [\"shop\"]\nkube_resource = [\"deployments.apps\"]\nkube_inventory_interval = \"90s\"\n",
+    )
+    .unwrap();
+    let check = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(RNA);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .arg("--check-config");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("RNA_") || k == "KUBERNETES_SERVICE_HOST" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = check(&[], &[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("Kubeconfig") && text.contains("\"shop\""),
+        "{text}"
+    );
+    assert!(text.contains("plural: \"deployments\""), "{text}");
+    assert!(text.contains("inventory_interval: 90s"), "{text}");
+    // A flag wins over the file; the environment too.
+    let (ok, text) = check(&["--kube-namespace", "payments"], &[]);
+    assert!(
+        ok && text.contains("\"payments\"") && !text.contains("\"shop\""),
+        "{text}"
+    );
+    let (ok, text) = check(
+        &[],
+        &[("RNA_KUBE_RESOURCE", "configmaps,widgets.example.com")],
+    );
+    assert!(
+        ok && text.contains("\"widgets\"") && !text.contains("\"deployments\""),
+        "{text}"
+    );
+    // Off explicitly.
+    let (ok, text) = check(&["--kubernetes=false"], &[]);
+    assert!(ok && text.contains("kube: None"), "{text}");
+    // Bad values name their key.
+    let (ok, text) = check(&["--kube-resource", "Deployments"], &[]);
+    assert!(
+        !ok && text.contains("invalid resource \"Deployments\""),
+        "{text}"
+    );
+    let (ok, text) = check(&[], &[("RNA_KUBE_NAMESPACE", "Bad_NS")]);
+    assert!(!ok && text.contains("kube_namespace"), "{text}");
 }

@@ -133,6 +133,8 @@ struct Shared {
     /// Serve GET requests without credentials (as a cluster whose RBAC lets
     /// `system:anonymous` read): client-go sends no bearer token over plain HTTP.
     anonymous_reads: std::sync::atomic::AtomicBool,
+    /// Added before answering object requests (discovery stays fast): a slow API server.
+    delay: Mutex<Duration>,
 }
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Store> {
@@ -168,6 +170,7 @@ impl FakeKube {
             changed: tokio::sync::watch::Sender::new(0),
             step: Duration::from_millis(40),
             anonymous_reads: std::sync::atomic::AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
         });
         let fake = FakeKube {
             addr,
@@ -294,6 +297,11 @@ impl FakeKube {
         self.shared
             .anonymous_reads
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes object requests (not discovery) answer after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.shared.delay.lock().unwrap() = delay;
     }
 
     /// The current resourceVersion counter.
@@ -596,6 +604,10 @@ async fn resource(
             "the server could not find the requested resource".into(),
             None,
         );
+    }
+    let delay = *shared.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     let watching = matches!(q.get("watch").map(String::as_str), Some("true") | Some("1"));
     match (method.clone(), name) {
@@ -1064,8 +1076,8 @@ fn apply_locked(
     let old_generation = existing
         .as_ref()
         .and_then(|e| e.value["metadata"]["generation"].as_i64());
-    let rollout =
-        (def.kind == "Deployment" && old_generation != Some(generation)).then_some((key, generation));
+    let rollout = (def.kind == "Deployment" && old_generation != Some(generation))
+        .then_some((key, generation));
     Ok((value, created, rollout))
 }
 
