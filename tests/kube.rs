@@ -1526,3 +1526,41 @@ fn cluster_mode_settings_come_from_flags_environment_and_file() {
     let (ok, text) = check(&[], &[("RNA_KUBE_NAMESPACE", "Bad_NS")]);
     assert!(!ok && text.contains("kube_namespace"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inventory_is_reported_periodically_and_again_after_a_reconnect() {
+    logs();
+    let world = World::start().await;
+    let fake = FakeKube::start().await;
+    let token = world.agent_token(TENANT);
+    let mut config = world.agent_config(AGENT, &token);
+    let mut settings = kube_settings(&fake, world.dir.path());
+    settings.inventory_interval = Duration::from_millis(300);
+    config.kube = Some(settings);
+    let agent = world.spawn_agent(config);
+    world.wait_sessions(TENANT, AGENT, 1).await;
+    wait_inventory(&world, AGENT).await;
+    let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
+    let registry = world.hub.registry();
+    let first = registry.sessions_of(&tenant, AGENT)[0].clone();
+    let (inventory, at) = first.inventory().unwrap();
+    assert_eq!(inventory.node_count, Some(2));
+    // Periodically: a later report replaces the cached one.
+    within(
+        "a periodic report",
+        registry.wait_until(|_| first.inventory().is_some_and(|(_, t)| t > at)),
+    )
+    .await;
+    // On reconnect: the new session gets its own report.
+    first.close(rna::proto::CloseCode::GoingAway, "test: reconnect");
+    within(
+        "a report on the new session",
+        registry.wait_until(|r| {
+            r.sessions_of(&tenant, AGENT)
+                .iter()
+                .any(|s| s.id != first.id && s.inventory().is_some())
+        }),
+    )
+    .await;
+    agent.stop().await;
+}

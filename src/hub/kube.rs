@@ -133,11 +133,14 @@ pub(crate) fn pick(
     }
 }
 
-/// How long the hub gives `request`: the wait's own timeout for a wait, else the hub's
+/// How long the agent may work on `request`: for a wait, its own timeout plus a little, so
+/// the wait's precise timeout answer (with what was last seen) comes first; else the hub's
 /// command timeout.
 pub(crate) fn timeout_for(shared: &Shared, request: &KubeRequest) -> Duration {
     match request {
-        KubeRequest::Wait { timeout_ms, .. } => Duration::from_millis(*timeout_ms),
+        KubeRequest::Wait { timeout_ms, .. } => {
+            Duration::from_millis(*timeout_ms) + Duration::from_secs(2)
+        }
         _ => shared.config.kube_timeout,
     }
 }

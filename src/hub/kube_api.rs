@@ -613,10 +613,12 @@ async fn wait(
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
     let task_grant = grant.clone();
+    let task_shared = shared.clone();
     let task_tenant = tenant.clone();
     let task_agent = agent.clone();
     tokio::spawn(async move {
-        let result = call(&session, caller(&task_grant), &request, timeout, Some(tx)).await;
+        let budget = timeout_for(&task_shared, &request);
+        let result = call(&session, caller(&task_grant), &request, budget, Some(tx)).await;
         audit(
             &task_grant,
             &task_tenant,
