@@ -829,7 +829,7 @@ fn comparable(object: &DynamicObject) -> Value {
 
 fn humanize(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 60 && s % 60 == 0 {
+    if s >= 60 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else if s > 0 && d.subsec_millis() == 0 {
         format!("{s}s")
