@@ -262,7 +262,7 @@ impl Agent {
                 metrics: self.metrics.clone(),
             };
             let cancel = shutdown.clone();
-            let span = tracing::info_span!("hub", hub = %target);
+            let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
             tasks.spawn(me.follow(target, cancel).instrument(span));
         }
         tasks.close();

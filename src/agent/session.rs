@@ -18,7 +18,9 @@ use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
-use crate::transport::control::{self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat};
+use crate::transport::control::{
+    self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
+};
 use crate::transport::relay::relay;
 
 /// Time the hub has to send the stream header after opening a tunnel stream.
@@ -110,6 +112,8 @@ pub async fn connect(
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;
+        // Heartbeats and control messages go out before any queued tunnel data.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
         send.write_all(&frame).await?;
         let reply = read_frame::<Control, _>(&mut recv).await;
@@ -334,7 +338,7 @@ async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
         let _ = recv.stop(StreamCode::Reset.into());
         return;
     }
-    let outcome = relay(tcp, send, recv, |_, _| {}).await;
+    let outcome = relay(tcp, send, recv, |_, _| {}, std::future::pending()).await;
     match outcome.error {
         None => {
             debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")

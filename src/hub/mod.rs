@@ -11,6 +11,7 @@ pub mod registry;
 pub mod router;
 pub mod session;
 pub mod socks;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -155,6 +156,9 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Bumped after every successful token reload, so callers can wait for one.
     pub(crate) reloads: tokio::sync::watch::Sender<u64>,
+    /// Fired when the shutdown grace is over: streams still open are reset, so their clients
+    /// see an RST rather than a clean end of a truncated transfer.
+    pub(crate) cut_streams: CancellationToken,
 }
 
 impl Shared {
@@ -249,6 +253,11 @@ impl Hub {
         }
         let tokens = Arc::new(ReloadingStore::open(&config.tokens)?);
         let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits)?;
+        // Keep the port actually bound (`:0` picks one), for the status page's connect line.
+        let mut config = config;
+        if let Ok(bound) = endpoint.local_addr() {
+            config.listen = bound;
+        }
         let socks = TcpListener::bind(config.socks)
             .await
             .map_err(|source| HubError::Bind {
@@ -276,6 +285,7 @@ impl Hub {
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             reloads: tokio::sync::watch::Sender::new(0),
+            cut_streams: CancellationToken::new(),
         });
         Ok(Hub {
             shared,
@@ -411,8 +421,10 @@ impl Hub {
         {
             warn!(
                 open_streams = shared.metrics.streams_open().get(),
-                "grace period over: closing the remaining streams"
+                "grace period over: resetting the remaining streams"
             );
+            shared.cut_streams.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), streams.wait()).await;
         }
         sessions_stop.cancel();
         endpoint.close(CloseCode::GoingAway.into(), b"hub shutting down");
