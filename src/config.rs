@@ -865,6 +865,10 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         in_cluster_detected(),
     )
     .map_err(|(key, message)| invalid(key, message))?;
+    // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
+    if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
+    }
     Ok(AgentSettings { config, metrics })
 }
 

@@ -1525,6 +1525,12 @@ fn cluster_mode_settings_come_from_flags_environment_and_file() {
     );
     let (ok, text) = check(&[], &[("RNA_KUBE_NAMESPACE", "Bad_NS")]);
     assert!(!ok && text.contains("kube_namespace"), "{text}");
+    // The kubeconfig is read during the check.
+    let (ok, text) = check(&["--kubeconfig", "/nonexistent/kubeconfig"], &[]);
+    assert!(
+        !ok && text.contains("kubeconfig") && text.contains("/nonexistent/kubeconfig"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

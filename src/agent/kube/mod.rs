@@ -38,6 +38,10 @@ use wait::Eval;
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "rna";
 
+/// Commands one agent runs at once; more wait (within their timeout) so a burst from the
+/// hubs cannot flood the API server with the agent's identity.
+pub const MAX_CONCURRENT_COMMANDS: usize = 32;
+
 /// Where the agent's Kubernetes identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KubeSource {
@@ -159,11 +163,9 @@ pub fn from_kube(e: kube::Error) -> KubeFailure {
 fn from_discovery(e: DiscoveryError) -> KubeFailure {
     match e {
         DiscoveryError::Api(e) => from_kube(e),
-        other => {
-            let mut f = failure(FailureKind::BadRequest, 404, "NotFound", other.to_string());
-            f.kind = FailureKind::BadRequest;
-            f
-        }
+        // The caller named something the server does not serve: not found, and a usage
+        // error for the CLI.
+        other => failure(FailureKind::BadRequest, 404, "NotFound", other.to_string()),
     }
 }
 
@@ -179,6 +181,8 @@ pub struct KubeExecutor {
     /// Bumped when the inventory should be collected again before its interval (a CRD or
     /// namespace was applied or deleted).
     changed: tokio::sync::watch::Sender<u64>,
+    /// Bounds the commands running at once ([`MAX_CONCURRENT_COMMANDS`]).
+    permits: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for KubeExecutor {
@@ -222,6 +226,7 @@ impl KubeExecutor {
             inventory_interval: settings.inventory_interval,
             inventory: tokio::sync::Mutex::new(None),
             changed: tokio::sync::watch::Sender::new(0),
+            permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_COMMANDS),
         })
     }
 
@@ -636,8 +641,12 @@ impl KubeExecutor {
                         Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => Some(o),
                         Ok(WatchEvent::Deleted(_)) => None,
                         Ok(WatchEvent::Bookmark(_)) => continue,
-                        // 410 Gone and friends: read the object again and watch anew.
-                        Ok(WatchEvent::Error(_)) | Err(_) => break,
+                        // 410 Gone and friends: read the object again and watch anew, after
+                        // a pause so a failing watch cannot spin.
+                        Ok(WatchEvent::Error(_)) | Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            break;
+                        }
                     };
                     let eval = judge(obj.as_ref());
                     report(eval.message(), &mut last);
@@ -917,7 +926,11 @@ pub async fn serve_command(
             format!("agent {agent} has no Kubernetes access (cluster mode is off)"),
         )),
         Some(executor) => {
-            let run = tokio::time::timeout(timeout, executor.execute(request, &tx));
+            let run = tokio::time::timeout(timeout, async {
+                // Waiting for a permit counts against the command's own timeout.
+                let _permit = executor.permits.acquire().await;
+                executor.execute(request, &tx).await
+            });
             tokio::pin!(run);
             loop {
                 tokio::select! {
