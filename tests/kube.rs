@@ -1570,3 +1570,94 @@ async fn the_inventory_is_reported_periodically_and_again_after_a_reconnect() {
     .await;
     agent.stop().await;
 }
+
+/// A hand-driven agent connection: registered like an agent, but its streams are ours. Keep
+/// the answer alive: dropping it ends the control stream and the session.
+async fn raw_agent(
+    world: &World,
+    name: &str,
+    capabilities: &[&str],
+) -> rna::agent::session::Established {
+    let token = world.agent_token(TENANT);
+    let mut config = world.agent_config(name, &token);
+    config.capabilities = capabilities.iter().map(|c| c.to_string()).collect();
+    let endpoint = rna::transport::agent_endpoint(world.quic, &config.tls, &config.limits).unwrap();
+    let established = within(
+        "raw agent session",
+        rna::agent::session::connect(&endpoint, world.quic, "127.0.0.1", &config),
+    )
+    .await
+    .unwrap();
+    world.wait_sessions(TENANT, name, 1).await;
+    established
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_agent_gets_precise_errors_and_the_hub_keeps_serving() {
+    let world = World::start_with(|h| h.kube_timeout = Duration::from_millis(500)).await;
+    let ops = world.token(TENANT, &[Scope::ReadInfraData, Scope::ExecInfraOp]);
+    let api = client(&world, &ops);
+    let session = raw_agent(&world, "rogue", &["kubernetes"]).await;
+    let conn = session.connection.clone();
+
+    // An inventory frame larger than its cap: the hub refuses that stream only.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let announced = (rna::proto::kube::MAX_INVENTORY as u32 + 1).to_be_bytes();
+    send.write_all(&announced).await.unwrap();
+    let err = within("the hub's refusal", recv.read_to_end(64))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)) if code.into_inner() == 0x101),
+        "{err:?}"
+    );
+    // Garbage where an inventory belongs, the same.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 2, 0xff, 0xff]).await.unwrap();
+    send.finish().unwrap();
+    assert!(within("refusal", recv.read_to_end(64)).await.is_err());
+    assert_eq!(
+        world
+            .hub
+            .registry()
+            .count(&TENANT.parse().unwrap(), "rogue"),
+        1
+    );
+
+    // Commands to it: an agent that answers nonsense gives 502, one that never answers 504;
+    // neither hangs.
+    let path = "/api/v1/agents/rogue/kube/v1/Namespace/default";
+    let serve = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                // Read the header and the request, then misbehave.
+                let mut buf = vec![0u8; 4096];
+                let _ = recv.read(&mut buf).await;
+                if n == 0 {
+                    send.write_all(&[0, 0, 0, 3, 9, 9, 9]).await.unwrap();
+                    let _ = send.finish();
+                } else {
+                    // Silence, holding the stream open.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                n += 1;
+            }
+        })
+    };
+    let r = get(&api, path).await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["reason"], "AgentStreamFailed");
+    let started = std::time::Instant::now();
+    let r = get(&api, path).await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["reason"], "AgentTimeout");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The hub still serves everyone else.
+    assert_eq!(
+        get(&api, "/api/v1/agents/nobody/inventory").await.status,
+        404
+    );
+    serve.abort();
+}
