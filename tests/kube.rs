@@ -1661,3 +1661,115 @@ async fn a_misbehaving_agent_gets_precise_errors_and_the_hub_keeps_serving() {
     );
     serve.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_malformed_commands_and_keeps_serving() {
+    use rna::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
+    use rna::proto::kube::{
+        Caller, KubeHeader, KubeReply, KubeRequest, ObjectRef, StreamHeader, MAX_KUBE_REPLY,
+        MAX_KUBE_REQUEST,
+    };
+    use rna::proto::{Control, Welcome};
+
+    // A hand-driven hub: it welcomes the agent, then sends commands of its choosing.
+    let world = World::start().await;
+    let fake = FakeKube::start().await;
+    let hub_cert = world.ca.issue_hub(&["127.0.0.1".to_string()]).unwrap();
+    let tls = rna::transport::ServerTls::from_pem(
+        &world.ca.cert_pem(),
+        &hub_cert.cert_pem,
+        &hub_cert.key_pem,
+    )
+    .unwrap();
+    let endpoint = rna::transport::hub_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &tls,
+        &rna::transport::Limits::default(),
+    )
+    .unwrap();
+    let port = endpoint.local_addr().unwrap().port();
+    let token = world.agent_token(TENANT);
+    let mut config = world.agent_config(AGENT, &token);
+    config.hubs = vec![rna::agent::HubTarget {
+        host: "127.0.0.1".into(),
+        port,
+    }];
+    config.kube = Some(kube_settings(&fake, world.dir.path()));
+    let agent = world.spawn_agent(config);
+
+    let conn = within("the agent", endpoint.accept())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut control, mut control_recv) = conn.accept_bi().await.unwrap();
+    let hello = read_frame::<Control, _>(&mut control_recv).await.unwrap();
+    match hello {
+        Some(Control::Hello(h)) => assert!(h.capabilities.contains(&"kubernetes".to_string())),
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    let welcome = Control::Welcome(Welcome {
+        session_id: 1,
+        heartbeat_interval_ms: 500,
+        heartbeat_timeout_ms: 30_000,
+        tenant: TENANT.into(),
+    });
+    control.write_all(&encode(&welcome).unwrap()).await.unwrap();
+    let header = StreamHeader::Kube(KubeHeader {
+        timeout_ms: 5_000,
+        caller: Caller {
+            tenant: TENANT.into(),
+            token_id: "000000000000".into(),
+            label: None,
+        },
+    });
+
+    // A request announced larger than the cap: the stream is reset with BadHeader.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode(&header).unwrap()).await.unwrap();
+    send.write_all(&(MAX_KUBE_REQUEST as u32 + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let err = within("the agent's refusal", recv.read_to_end(64))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)) if code.into_inner() == 0x101),
+        "{err:?}"
+    );
+    // Garbage where the request belongs: the same.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode(&header).unwrap()).await.unwrap();
+    send.write_all(&[0, 0, 0, 2, 0xee, 0xee]).await.unwrap();
+    send.finish().unwrap();
+    assert!(within("refusal", recv.read_to_end(64)).await.is_err());
+
+    // A good command on the same connection still works.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode(&header).unwrap()).await.unwrap();
+    let get = KubeRequest::Get(ObjectRef {
+        api_version: "v1".into(),
+        kind: "Namespace".into(),
+        namespace: None,
+        name: "kube-system".into(),
+    });
+    send.write_all(&encode_limited(&get, MAX_KUBE_REQUEST).unwrap())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let reply = within(
+        "the answer",
+        read_frame_limited::<KubeReply, _>(&mut recv, MAX_KUBE_REPLY),
+    )
+    .await
+    .unwrap();
+    match reply {
+        Some(KubeReply::Done(Ok(json))) => {
+            let v: Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["metadata"]["name"], "kube-system");
+        }
+        other => panic!("expected an answer, got {other:?}"),
+    }
+    conn.close(0u32.into(), b"done");
+    agent.stop().await;
+}
