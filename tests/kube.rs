@@ -541,6 +541,30 @@ async fn get_list_delete_through_the_hub() {
     let no_name = delete(&c.api, &format!("{base}/v1/ConfigMap?namespace=shop")).await;
     assert_eq!(no_name.status, 400);
 
+    // An answer over the channel's cap: refused with a clear error, not cut off.
+    let blob = "y".repeat(1024 * 1024);
+    for i in 0..17 {
+        c.fake.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("big-{i}"), "namespace": "default"},
+            "data": {"blob": blob}}));
+    }
+    let r = get(&c.api, &format!("{base}/v1/ConfigMap?namespace=default")).await;
+    assert_eq!(
+        r.status,
+        413,
+        "{}",
+        String::from_utf8_lossy(&r.body[..200.min(r.body.len())])
+    );
+    assert_eq!(r.json()["reason"], "ResponseTooLarge");
+    // Paged, it fits.
+    let r = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap?namespace=default&limit=4"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["items"].as_array().unwrap().len(), 4);
+
     // The inventory, with its age.
     let inv = get(&c.api, &format!("/api/v1/agents/{AGENT}/inventory")).await;
     assert_eq!(inv.status, 200);
@@ -712,6 +736,15 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
         Some("deployment \"web\" successfully rolled out"),
         "{out}"
     );
+
+    // inventory.
+    let (code, out, _) = cli(&c.world, &ops, AGENT, &["inventory"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("server version: v1.33.0-fake\n"), "{out}");
+    assert!(out.contains("nodes:          2\n"), "{out}");
+    let (_, out, _) = cli(&c.world, &ops, AGENT, &["inventory", "-o", "json"]).await;
+    let inv: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inv["kubernetes"], true);
 
     // delete.
     let (code, out, _) = cli(
@@ -1371,6 +1404,7 @@ async fn commands_are_bounded_by_their_timeout_and_size_caps() {
     let r = apply(&c.api, "", &aliased).await;
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["reason"], "RequestTooLarge");
+
     assert!(c.fake.object("", "configmaps", "default", "c0").is_none());
     c.agent.stop().await;
 }
