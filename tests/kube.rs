@@ -1394,6 +1394,7 @@ async fn commands_are_bounded_by_their_timeout_and_size_caps() {
     );
     let r = apply(&c.api, "", &big).await;
     assert_eq!(r.status, 413);
+    assert_eq!(r.json()["reason"], "RequestTooLarge");
     // Within the API's body limit, but over the channel's cap once aliases are expanded:
     // refused whole, never truncated.
     let blob = "x".repeat(1024 * 1024);

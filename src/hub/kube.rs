@@ -48,7 +48,7 @@ pub enum KubeCallError {
     #[error("hub is shutting down")]
     Draining,
     /// The request is larger than the channel carries.
-    #[error("request of {len} bytes exceeds the {max}-byte limit")]
+    #[error("request of {len} bytes or more exceeds the {max}-byte limit")]
     TooLarge {
         /// Encoded size.
         len: usize,

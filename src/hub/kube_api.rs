@@ -280,7 +280,7 @@ async fn apply(
     Path(agent): Path<String>,
     Query(q): Query<ApplyQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let started = Instant::now();
     let grant = match bearer(&shared, &headers, Scope::ExecInfraOp) {
@@ -295,6 +295,16 @@ async fn apply(
         (Ok(d), Ok(f)) => (d, f),
         (Err(e), _) => return error(StatusCode::BAD_REQUEST, format!("dryRun: {e}")),
         (_, Err(e)) => return error(StatusCode::BAD_REQUEST, format!("force: {e}")),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return call_error(&KubeCallError::TooLarge {
+                len: MAX_KUBE_REQUEST + 1,
+                max: MAX_KUBE_REQUEST,
+            })
+        }
+        Err(e) => return error(e.status(), e.body_text()),
     };
     let text = match std::str::from_utf8(&body) {
         Ok(t) => t,
