@@ -737,7 +737,37 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
         "{out}"
     );
 
-    // inventory.
+    // apply from standard input.
+    let token_file = c.world.dir.path().join("stdin-token");
+    std::fs::write(&token_file, &ops).unwrap();
+    let api_url = format!("http://{}", c.world.api);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(RNA)
+            .args(["kube", "--api", &api_url, "--token-file"])
+            .arg(&token_file)
+            .args(["--agent", AGENT, "apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: from-stdin, namespace: shop}\n",
+            )
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "configmap/from-stdin created\n"
+    );
+
     let (code, out, _) = cli(&c.world, &ops, AGENT, &["inventory"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("server version: v1.33.0-fake\n"), "{out}");
