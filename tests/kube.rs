@@ -1838,3 +1838,55 @@ async fn the_agent_refuses_malformed_commands_and_keeps_serving() {
     conn.close(0u32.into(), b"done");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_maps_every_manifest_object() {
+    assert!(
+        have_kubectl(),
+        "kubectl must be installed (.ci/run installs it)"
+    );
+    // kubectl's client-side dry run parses each document and maps its kind through the
+    // (fake) server's discovery, without persisting anything.
+    let fake = FakeKube::start().await;
+    fake.allow_anonymous_reads();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = fake.kubeconfig(dir.path(), "kubeconfig", None);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    for (file, want) in [
+        (
+            "agent.yaml",
+            "namespace/rna-system created (dry run)\nserviceaccount/rna-agent created (dry run)\n\
+             clusterrole.rbac.authorization.k8s.io/rna-agent created (dry run)\n\
+             clusterrolebinding.rbac.authorization.k8s.io/rna-agent created (dry run)\n\
+             deployment.apps/rna-agent created (dry run)\n",
+        ),
+        (
+            "hub.yaml",
+            "deployment.apps/rna-hub created (dry run)\nservice/rna-hub-quic created (dry run)\n\
+             service/rna-hub-replicas created (dry run)\nservice/rna-hub created (dry run)\n",
+        ),
+    ] {
+        let out = within(
+            "kubectl apply --dry-run=client",
+            tokio::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["apply", "--dry-run=client", "--validate=false", "-f"])
+                .arg(root.join(file))
+                .env_remove("KUBECONFIG")
+                .env("HOME", dir.path())
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{file}");
+    }
+    // Nothing was written.
+    assert!(fake.object("", "namespaces", "", "rna-system").is_none());
+}
