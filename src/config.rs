@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::agent::kube::{in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule};
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
@@ -202,6 +203,10 @@ pub struct HubOptions {
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
+    /// Time a Kubernetes command (other than wait, which has its own timeout) may take
+    /// [default: 60s].
+    #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
+    pub kube_timeout: Option<Duration>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -255,6 +260,27 @@ pub struct AgentOptions {
     /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
+    /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
+    /// kubeconfig identity [default: on when the in-cluster environment is detected or
+    /// --kubeconfig is given].
+    #[arg(long, env = "RNA_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
+    pub kubernetes: Option<bool>,
+    /// Kubeconfig to act with instead of the in-cluster ServiceAccount (turns cluster mode on).
+    #[arg(long, env = "RNA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig to use [default: its current context].
+    #[arg(long, env = "RNA_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
+    /// Namespaces Kubernetes commands may touch; repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_NAMESPACE", value_delimiter = ',')]
+    pub kube_namespace: Vec<String>,
+    /// Resources Kubernetes commands may touch, as plural[.group] (deployments.apps,
+    /// configmaps, *.example.com); repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_RESOURCE", value_delimiter = ',')]
+    pub kube_resource: Vec<ResourceRule>,
+    /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
+    #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    pub kube_inventory_interval: Option<Duration>,
 }
 
 /// Where the values in force came from, so an error names the file only for a value that the
@@ -313,7 +339,7 @@ impl HubOptions {
         given!(self; listen, socks, api, ca, cert, key, tokens, socks_no_auth,
             heartbeat_interval, heartbeat_timeout, grace, socks_greeting_timeout,
             socks_half_open_per_ip, socks_half_open_total, open_timeout, token_poll,
-            metrics_per_agent, max_handshakes, max_streams_per_agent, max_frame,
+            metrics_per_agent, kube_timeout, max_handshakes, max_streams_per_agent, max_frame,
             stream_idle_timeout, congestion;)
     }
 
@@ -342,6 +368,7 @@ impl HubOptions {
             max_frame: self.max_frame.or(lower.max_frame),
             stream_idle_timeout: self.stream_idle_timeout.or(lower.stream_idle_timeout),
             congestion: self.congestion.or(lower.congestion),
+            kube_timeout: self.kube_timeout.or(lower.kube_timeout),
         }
     }
 }
@@ -350,7 +377,8 @@ impl AgentOptions {
     /// The keys this holds a value for.
     pub fn given(&self) -> Vec<&'static str> {
         given!(self; server_name, name, ca, cert, key, token_file, dial_timeout, max_streams,
-            metrics, max_pending_dials, max_frame, congestion; hub, allow, deny)
+            metrics, max_pending_dials, max_frame, congestion, kubernetes, kubeconfig,
+            kube_context, kube_inventory_interval; hub, allow, deny, kube_namespace, kube_resource)
     }
 
     /// `self` where given, else `lower`. Lists are taken whole from one source.
@@ -371,6 +399,14 @@ impl AgentOptions {
             max_pending_dials: self.max_pending_dials.or(lower.max_pending_dials),
             max_frame: self.max_frame.or(lower.max_frame),
             congestion: self.congestion.or(lower.congestion),
+            kubernetes: self.kubernetes.or(lower.kubernetes),
+            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
+            kube_context: self.kube_context.or(lower.kube_context),
+            kube_namespace: or_vec(self.kube_namespace, lower.kube_namespace),
+            kube_resource: or_vec(self.kube_resource, lower.kube_resource),
+            kube_inventory_interval: self
+                .kube_inventory_interval
+                .or(lower.kube_inventory_interval),
         }
     }
 }
@@ -401,6 +437,7 @@ struct HubFile {
     max_frame: Option<usize>,
     stream_idle_timeout: Option<String>,
     congestion: Option<String>,
+    kube_timeout: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -424,6 +461,12 @@ struct AgentFile {
     max_pending_dials: Option<usize>,
     max_frame: Option<usize>,
     congestion: Option<String>,
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    kube_context: Option<String>,
+    kube_namespace: Option<Vec<String>>,
+    kube_resource: Option<Vec<String>>,
+    kube_inventory_interval: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -604,6 +647,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
             parse_duration,
         )?,
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
+        kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -643,6 +687,16 @@ pub fn parse_agent_file(
         max_pending_dials: f.max_pending_dials,
         max_frame: f.max_frame,
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
+        kubernetes: f.kubernetes,
+        kubeconfig: c.path(f.kubeconfig),
+        kube_context: f.kube_context,
+        kube_namespace: c.list("kube_namespace", f.kube_namespace, parse_namespace)?,
+        kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
+        kube_inventory_interval: c.parse(
+            "kube_inventory_interval",
+            f.kube_inventory_interval,
+            parse_duration,
+        )?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -783,6 +837,9 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         config.token_poll = t;
     }
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
+    if let Some(t) = o.kube_timeout {
+        config.kube_timeout = t;
+    }
     let caps = &mut config.caps;
     if let Some(n) = o.max_handshakes {
         caps.handshakes = at_least_one(n).map_err(|m| invalid("max_handshakes", m))?;
@@ -917,12 +974,139 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         Some("off") => MetricsListen::Off,
         Some(addr) => MetricsListen::On(parse_addr(addr).map_err(|e| invalid("metrics", e))?),
     };
+    config.kube = kube_settings(
+        o.kubernetes,
+        o.kubeconfig,
+        o.kube_context,
+        o.kube_namespace,
+        o.kube_resource,
+        o.kube_inventory_interval,
+        in_cluster_detected(),
+    )
+    .map_err(|(key, message)| invalid(key, message))?;
+    // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
+    if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
+    }
     Ok(AgentSettings { config, metrics })
+}
+
+/// A namespace name (RFC 1123 label).
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid namespace {s:?}: expected a DNS label (lowercase letters, digits, -)"
+        ))
+    }
+}
+
+/// Decides cluster mode: explicit `kubernetes` wins; otherwise a kubeconfig or a detected
+/// in-cluster environment turns it on. Errors name the key at fault.
+pub fn kube_settings(
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    namespaces: Vec<String>,
+    resources: Vec<ResourceRule>,
+    inventory_interval: Option<Duration>,
+    in_cluster: bool,
+) -> Result<Option<KubeSettings>, (&'static str, String)> {
+    for ns in &namespaces {
+        parse_namespace(ns).map_err(|e| ("kube_namespace", e))?;
+    }
+    let on = kubernetes.unwrap_or(kubeconfig.is_some() || in_cluster);
+    if !on {
+        if kubernetes == Some(false) || (namespaces.is_empty() && resources.is_empty()) {
+            return Ok(None);
+        }
+        return Err((
+            "kube_namespace",
+            "an allow list for Kubernetes commands was given but cluster mode is off: give \
+             --kubeconfig, run in a cluster, or set --kubernetes"
+                .into(),
+        ));
+    }
+    if context.is_some() && kubeconfig.is_none() {
+        return Err(("kube_context", "needs --kubeconfig".into()));
+    }
+    let source = match kubeconfig {
+        Some(path) => KubeSource::Kubeconfig { path, context },
+        None if in_cluster => KubeSource::InCluster,
+        None => {
+            return Err((
+                "kubernetes",
+                "cluster mode needs --kubeconfig outside a Kubernetes pod (no in-cluster \
+                 ServiceAccount found)"
+                    .into(),
+            ))
+        }
+    };
+    let mut settings = KubeSettings::new(source);
+    settings.allow = KubeAllow {
+        namespaces,
+        resources,
+    };
+    if let Some(i) = inventory_interval {
+        settings.inventory_interval = i;
+    }
+    // Asked for explicitly (flag or kubeconfig): a broken identity stops the agent. Only
+    // detected: it turns cluster mode off with a warning.
+    settings.required = kubernetes == Some(true) || settings.source != KubeSource::InCluster;
+    Ok(Some(settings))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_is_decided_once() {
+        let kc = || Some(PathBuf::from("/k"));
+        // (kubernetes, kubeconfig, in cluster) → None: off, Some(required)
+        let table = [
+            (None, None, false, None),
+            (None, None, true, Some(false)),
+            (Some(false), None, true, None),
+            (Some(false), kc(), true, None),
+            (None, kc(), false, Some(true)),
+            (Some(true), None, true, Some(true)),
+        ];
+        for (k, config, in_cluster, want) in table {
+            let got =
+                kube_settings(k, config.clone(), None, vec![], vec![], None, in_cluster).unwrap();
+            assert_eq!(
+                got.map(|s| s.required),
+                want,
+                "{k:?} {config:?} {in_cluster}"
+            );
+        }
+        // Detected only: not required, a broken identity turns cluster mode off.
+        let detected = kube_settings(None, None, None, vec![], vec![], None, true)
+            .unwrap()
+            .unwrap();
+        assert!(!detected.required);
+        assert_eq!(detected.source, KubeSource::InCluster);
+        // Asked for without any identity: refused with the key named.
+        let err = kube_settings(Some(true), None, None, vec![], vec![], None, false).unwrap_err();
+        assert_eq!(err.0, "kubernetes");
+        let err =
+            kube_settings(None, None, Some("ctx".into()), vec![], vec![], None, true).unwrap_err();
+        assert_eq!(err.0, "kube_context");
+        let err = kube_settings(None, kc(), None, vec!["Bad_NS".into()], vec![], None, false)
+            .unwrap_err();
+        assert_eq!(err.0, "kube_namespace");
+        let err =
+            kube_settings(None, None, None, vec!["shop".into()], vec![], None, false).unwrap_err();
+        assert_eq!(err.0, "kube_namespace");
+    }
 
     #[test]
     fn durations_parse() {

@@ -11,8 +11,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, Instrument};
 
 use super::dialer::Dialer;
+use super::kube::{serve_command, KubeExecutor};
 use super::AgentConfig;
-use crate::proto::codec::{encode, read_frame, read_frame_max};
+use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
+use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
@@ -177,11 +179,13 @@ pub struct SessionEnd {
     pub going_away: bool,
 }
 
-/// Serves an established session: heartbeats and tunnel streams, until the connection ends
-/// or `cancel` fires.
+/// Serves an established session: heartbeats, tunnel streams and Kubernetes commands (and
+/// inventory reports in cluster mode), until the connection ends or `cancel` fires.
 pub async fn run(
     established: Established,
     dialer: Arc<Dialer>,
+    kube: Option<Arc<KubeExecutor>>,
+    agent: &str,
     cancel: &CancellationToken,
 ) -> SessionEnd {
     let Established {
@@ -196,13 +200,23 @@ pub async fn run(
         timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(150)),
     };
     let streams = TaskTracker::new();
+    if let Some(kube) = &kube {
+        streams.spawn(
+            report_inventory(connection.clone(), kube.clone())
+                .instrument(tracing::info_span!("inventory")),
+        );
+    }
     let accept = async {
         loop {
             match connection.accept_bi().await {
                 Ok((send, recv)) => {
                     let dialer = dialer.clone();
+                    let kube = kube.clone();
+                    let agent = agent.to_string();
                     let span = tracing::debug_span!("stream", stream = %send.id());
-                    streams.spawn(serve_stream(send, recv, dialer, max_frame).instrument(span));
+                    streams.spawn(
+                        serve_stream(send, recv, dialer, kube, agent, max_frame).instrument(span),
+                    );
                 }
                 Err(e) => return e,
             }
@@ -243,16 +257,57 @@ pub async fn run(
     SessionEnd { reason, going_away }
 }
 
-/// One tunnel stream: read `Open`, dial, answer, relay.
+/// Reports the inventory when the session starts, then every interval and whenever a
+/// command changed what it lists, until the connection ends.
+async fn report_inventory(connection: quinn::Connection, kube: Arc<KubeExecutor>) {
+    let mut changes = kube.inventory_changes();
+    loop {
+        let inventory = kube.inventory().await;
+        let sent = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            let frame = encode_limited(&AgentStream::Inventory(inventory), MAX_INVENTORY)
+                .map_err(|e| e.to_string())?;
+            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            // The hub finishes its side once it has stored the report.
+            let _ = recv.read_to_end(16).await;
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(30), sent).await {
+            Ok(Ok(())) => debug!("inventory reported"),
+            Ok(Err(e)) => info!("inventory not reported: {e}"),
+            Err(_) => info!("inventory not reported: hub did not take it in time"),
+        }
+        tokio::select! {
+            _ = connection.closed() => return,
+            _ = tokio::time::sleep(kube.inventory_interval()) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                kube.invalidate_inventory().await;
+            }
+        }
+    }
+}
+
+/// One stream the hub opened: a tunnel (read `Open`, dial, answer, relay) or a Kubernetes
+/// command.
 async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
     dialer: Arc<Dialer>,
+    kube: Option<Arc<KubeExecutor>>,
+    agent: String,
     max_frame: usize,
 ) {
-    let header = read_frame_max::<Open, _>(&mut recv, max_frame);
-    let open = match tokio::time::timeout(HEADER_TIMEOUT, header).await {
-        Ok(Ok(Some(open))) => open,
+    let header = match tokio::time::timeout(
+        HEADER_TIMEOUT,
+        read_frame_limited::<StreamHeader, _>(&mut recv, max_frame),
+    )
+    .await
+    {
+        Ok(Ok(Some(header))) => header,
         Ok(Ok(None)) => return,
         other => {
             let why = match other {
@@ -265,12 +320,20 @@ async fn serve_stream(
                 }
                 Ok(Ok(_)) => "no header".to_string(),
             };
-            info!("tunnel stream refused: {why}");
+            info!("stream refused: {why}");
             let _ = send.reset(StreamCode::BadHeader.into());
             let _ = recv.stop(StreamCode::BadHeader.into());
             return;
         }
     };
+    match header {
+        StreamHeader::Tunnel(open) => serve_tunnel(send, recv, dialer, open).await,
+        StreamHeader::Kube(header) => serve_command(send, recv, header, kube, &agent).await,
+    }
+}
+
+/// One tunnel stream after its header: dial, answer, relay.
+async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>, open: Open) {
     let destination = format!("{}:{}", open.host, open.port);
     let tcp = match dialer.dial(&open).await {
         Ok(tcp) => tcp,

@@ -31,6 +31,7 @@ pub(crate) fn app(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
+        .merge(super::kube_api::routes())
         .with_state(shared)
 }
 
@@ -97,7 +98,7 @@ struct ApiError {
     error: String,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let mut resp = (
         status,
         Json(ApiError {
@@ -116,7 +117,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// Checks `Authorization: Bearer <token>` for `scope`: 401 without a valid token, 403 when
 /// the token lacks the scope.
-fn bearer(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Grant, Box<Response>> {
+pub(crate) fn bearer(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Grant, Box<Response>> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -4,6 +4,8 @@
 //! Hub path: SOCKS front → router → registry → tunnel stream → relay.
 
 pub mod api;
+pub mod kube;
+pub mod kube_api;
 pub mod metrics;
 pub mod registry;
 pub mod router;
@@ -147,6 +149,8 @@ pub struct HubConfig {
     pub token_poll: Duration,
     /// Label session metrics with the agent name too (opt in: one series per agent).
     pub metrics_per_agent: bool,
+    /// How long a Kubernetes command (other than wait, which has its own) may take.
+    pub kube_timeout: Duration,
 }
 
 impl HubConfig {
@@ -167,6 +171,7 @@ impl HubConfig {
             grace: Duration::from_secs(30),
             token_poll: Duration::from_secs(2),
             metrics_per_agent: false,
+            kube_timeout: Duration::from_secs(60),
         }
     }
 }

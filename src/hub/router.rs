@@ -10,7 +10,8 @@ use quinn::{RecvStream, SendStream};
 use super::registry::StreamSlot;
 use super::Shared;
 use crate::auth::Tenant;
-use crate::proto::codec::{encode, read_frame_max};
+use crate::proto::codec::{encode, read_frame_limited};
+use crate::proto::kube::StreamHeader;
 use crate::proto::{DialFailure, Open, OpenReply, StreamCode};
 
 /// Why a tunnel could not be opened.
@@ -128,11 +129,12 @@ async fn open_on(
             .open_bi()
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;
-        let frame = encode(open).map_err(|e| RouteError::Stream(e.to_string()))?;
+        let frame = encode(&StreamHeader::Tunnel(open.clone()))
+            .map_err(|e| RouteError::Stream(e.to_string()))?;
         send.write_all(&frame)
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;
-        let reply = read_frame_max::<OpenReply, _>(&mut recv, shared.config.caps.max_frame)
+        let reply = read_frame_limited::<OpenReply, _>(&mut recv, shared.config.caps.max_frame)
             .await
             .map_err(|e| {
                 if e.is_too_large() {

@@ -13,7 +13,7 @@ use super::registry::AgentSession;
 use super::Shared;
 use crate::auth::{AuthError, Scope};
 use crate::certs;
-use crate::proto::codec::{encode, read_frame_max};
+use crate::proto::codec::{encode, read_frame_limited};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
@@ -128,6 +128,11 @@ async fn run_session(
     cancel: CancellationToken,
 ) {
     shared.registry.insert(session.clone());
+    // Streams the agent opens (inventory reports) end with its connection.
+    tokio::spawn(
+        super::kube::accept_agent_streams(shared.clone(), session.clone())
+            .instrument(tracing::Span::current()),
+    );
     let metric_agent = shared
         .config
         .metrics_per_agent
@@ -206,29 +211,31 @@ async fn handshake(
     // Heartbeats and control messages go out before any queued tunnel data.
     let _ = send.set_priority(CONTROL_PRIORITY);
     let max_frame = shared.config.caps.max_frame;
-    let hello =
-        match tokio::time::timeout_at(deadline, read_frame_max::<Control, _>(&mut recv, max_frame))
-            .await
-        {
-            Err(_) => return Err(HandshakeError::Timeout),
-            Ok(Err(e)) => {
-                if e.is_too_large() {
-                    shared.metrics.cap_refused("frame_size");
-                }
-                return Err(HandshakeError::refused(
-                    CloseCode::Protocol,
-                    format!("bad Hello frame: {e}"),
-                ));
+    let hello = match tokio::time::timeout_at(
+        deadline,
+        read_frame_limited::<Control, _>(&mut recv, max_frame),
+    )
+    .await
+    {
+        Err(_) => return Err(HandshakeError::Timeout),
+        Ok(Err(e)) => {
+            if e.is_too_large() {
+                shared.metrics.cap_refused("frame_size");
             }
-            Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
-            Ok(Ok(Some(Control::Hello(hello)))) => hello,
-            Ok(Ok(Some(other))) => {
-                return Err(HandshakeError::refused(
-                    CloseCode::Protocol,
-                    format!("expected Hello, got {}", control::kind(&other)),
-                ))
-            }
-        };
+            return Err(HandshakeError::refused(
+                CloseCode::Protocol,
+                format!("bad Hello frame: {e}"),
+            ));
+        }
+        Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
+        Ok(Ok(Some(Control::Hello(hello)))) => hello,
+        Ok(Ok(Some(other))) => {
+            return Err(HandshakeError::refused(
+                CloseCode::Protocol,
+                format!("expected Hello, got {}", control::kind(&other)),
+            ))
+        }
+    };
 
     let checked = check_hello(shared, &hello, &cert_name);
     let grant = match checked {
