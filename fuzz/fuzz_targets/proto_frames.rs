@@ -1,4 +1,4 @@
-//! Every protocol decoder on arbitrary bytes: frame bodies of each message type, the
+//! Every protocol decoder on arbitrary bytes (control, tunnel and Kubernetes stream messages): frame bodies of each message type, the
 //! length-prefixed stream codec fed in arbitrary pieces, and the async frame reader. None may
 //! panic, allocate past the frame cap, or accept a message that does not encode back.
 #![no_main]
@@ -6,6 +6,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use rna::proto::codec::{decode_body, encode, read_frame, FrameCodec, MAX_FRAME};
+use rna::proto::kube::{AgentStream, KubeReply, StreamHeader};
 use rna::proto::{Control, Open, OpenReply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -27,6 +28,15 @@ fn bodies(data: &[u8]) {
         round_trip(&m);
     }
     if let Ok(m) = decode_body::<OpenReply>(data) {
+        round_trip(&m);
+    }
+    if let Ok(m) = decode_body::<StreamHeader>(data) {
+        round_trip(&m);
+    }
+    if let Ok(m) = decode_body::<KubeReply>(data) {
+        round_trip(&m);
+    }
+    if let Ok(m) = decode_body::<AgentStream>(data) {
         round_trip(&m);
     }
 }
@@ -78,6 +88,8 @@ fuzz_target!(|input: &[u8]| {
     stream::<Control>(data, cuts);
     stream::<Open>(data, cuts);
     stream::<OpenReply>(data, cuts);
+    stream::<StreamHeader>(data, cuts);
     reader::<Control>(data);
     reader::<OpenReply>(data);
+    reader::<StreamHeader>(data);
 });
