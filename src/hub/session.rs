@@ -127,12 +127,13 @@ async fn run_session(
     reader: &mut control::ControlReader,
     cancel: CancellationToken,
 ) {
-    shared.registry.insert(session.clone());
-    // Streams the agent opens (inventory reports) end with its connection.
+    // Streams the agent opens (inventory reports) end with its connection. Started before
+    // the session is visible in the registry, so a registered session is fully set up.
     tokio::spawn(
         super::kube::accept_agent_streams(shared.clone(), session.clone())
             .instrument(tracing::Span::current()),
     );
+    shared.registry.insert(session.clone());
     let metric_agent = shared
         .config
         .metrics_per_agent
