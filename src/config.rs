@@ -184,6 +184,10 @@ pub struct HubOptions {
     /// number of agents is bounded) [default: false].
     #[arg(long, env = "RNA_METRICS_PER_AGENT")]
     pub metrics_per_agent: Option<bool>,
+    /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
+    /// restart at once); created if missing.
+    #[arg(long, env = "RNA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -259,6 +263,7 @@ impl HubOptions {
             open_timeout: self.open_timeout.or(lower.open_timeout),
             token_poll: self.token_poll.or(lower.token_poll),
             metrics_per_agent: self.metrics_per_agent.or(lower.metrics_per_agent),
+            state_dir: self.state_dir.or(lower.state_dir),
         }
     }
 }
@@ -304,6 +309,7 @@ struct HubFile {
     open_timeout: Option<String>,
     token_poll: Option<String>,
     metrics_per_agent: Option<bool>,
+    state_dir: Option<PathBuf>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -439,6 +445,7 @@ pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigErro
         open_timeout: c.parse("open_timeout", f.open_timeout, parse_duration)?,
         token_poll: c.parse("token_poll", f.token_poll, parse_duration)?,
         metrics_per_agent: f.metrics_per_agent,
+        state_dir: c.path(f.state_dir),
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -571,6 +578,7 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
         config.token_poll = t;
     }
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
+    config.state_dir = o.state_dir;
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
             "socks_no_auth",

@@ -115,6 +115,9 @@ pub struct HubConfig {
     pub token_poll: Duration,
     /// Label session metrics with the agent name too (opt in: one series per agent).
     pub metrics_per_agent: bool,
+    /// Folder for state that must survive restarts (the endpoint key). Without it every start
+    /// makes a new key, and agents of a restarted hub notice only at their idle timeout.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl HubConfig {
@@ -134,6 +137,7 @@ impl HubConfig {
             grace: Duration::from_secs(30),
             token_poll: Duration::from_secs(2),
             metrics_per_agent: false,
+            state_dir: None,
         }
     }
 }
@@ -243,7 +247,16 @@ impl Hub {
             return Err(HubError::NoAuthNotLoopback(config.socks));
         }
         let tokens = Arc::new(ReloadingStore::open(&config.tokens)?);
-        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits)?;
+        let key = match &config.state_dir {
+            Some(dir) => transport::EndpointKey::load_or_create(dir)?,
+            None => {
+                info!(
+                    "no state folder: agents of a restarted hub notice only at their idle timeout"
+                );
+                transport::EndpointKey::random()?
+            }
+        };
+        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits, &key)?;
         let socks = TcpListener::bind(config.socks)
             .await
             .map_err(|source| HubError::Bind {
