@@ -1000,13 +1000,16 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // `-R port` without a destination: reverse dynamic SOCKS on the sshd side, with the ssh
-    // client (the "agent") dialing destinations.
+    // client (the "agent") dialing destinations. A terminal (`-tt`) makes both ends treat the
+    // session as interactive, which turns on TCP_NODELAY for the transport; with `-N` small
+    // messages wait for delayed ACKs (tens of milliseconds) and ssh would look far slower
+    // than it can be.
     let client = Proc::spawn(
         "ssh -R",
         Command::new("ssh")
             .arg("-F")
             .arg(dir.join("ssh_config"))
-            .args(["-N", "-R", &format!("127.0.0.1:{socks}"), "bench"])
+            .args(["-tt", "-R", &format!("127.0.0.1:{socks}"), "bench", "sleep 86400"])
             .stdout(Stdio::null()),
     )?;
     let sys = System {
@@ -1416,8 +1419,8 @@ async fn run_tests(
         let mut times = Vec::new();
         for trial in 1..=args.r1_trials {
             wait_ready(&via, target, Duration::from_secs(60)).await?;
-            // Let the agent's session go quiet, as in real life.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Let the agent's session settle and go quiet, as a real hub restart finds it.
+            tokio::time::sleep(Duration::from_secs(2)).await;
             let old = systems[idx]
                 .hub
                 .pop()
