@@ -1009,7 +1009,13 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
         Command::new("ssh")
             .arg("-F")
             .arg(dir.join("ssh_config"))
-            .args(["-tt", "-R", &format!("127.0.0.1:{socks}"), "bench", "sleep 86400"])
+            .args([
+                "-tt",
+                "-R",
+                &format!("127.0.0.1:{socks}"),
+                "bench",
+                "sleep 86400",
+            ])
             .stdout(Stdio::null()),
     )?;
     let sys = System {

@@ -716,4 +716,19 @@ mod tests {
         assert_eq!(merged.allow.len(), 1);
         assert_eq!(merged.deny.len(), 1);
     }
+
+    #[test]
+    fn hub_state_dir_comes_from_the_file_relative_to_it_and_the_flag_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("hub.toml");
+        std::fs::write(&file, "state_dir = \"state\"\n").unwrap();
+        let (from_file, _) = read_hub_file(&file).unwrap();
+        assert_eq!(from_file.state_dir, Some(tmp.path().join("state")));
+        let cli = HubOptions {
+            state_dir: Some(PathBuf::from("/var/lib/rna")),
+            ..Default::default()
+        };
+        let (merged, _) = merge_hub(Some(&file), cli, LogOptions::default()).unwrap();
+        assert_eq!(merged.state_dir, Some(PathBuf::from("/var/lib/rna")));
+    }
 }

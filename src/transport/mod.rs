@@ -264,3 +264,40 @@ pub fn agent_endpoint(
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_key_is_created_once_and_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let first = EndpointKey::load_or_create(&dir).unwrap();
+        let again = EndpointKey::load_or_create(&dir).unwrap();
+        assert_eq!(first.0, again.0);
+        assert_ne!(first.0, [0u8; 32]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join(ENDPOINT_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn a_damaged_endpoint_key_is_an_error_and_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(ENDPOINT_KEY_FILE);
+        std::fs::write(&path, b"short").unwrap();
+        let err = EndpointKey::load_or_create(tmp.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("expected 32 bytes, found 5"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"short");
+    }
+}
