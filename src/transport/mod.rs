@@ -145,6 +145,11 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// QUIC handshakes the hub keeps in progress at once; more are refused before work.
     pub max_incoming: usize,
+    /// Largest UDP payload MTU discovery may reach. Connections start at 1200 bytes and probe
+    /// upwards; a path that drops big probes keeps the largest size that got through, so a
+    /// high bound costs nothing on a 1500-byte path and cuts per-packet work several-fold on
+    /// jumbo-frame networks (9001 in AWS VPCs) and loopback.
+    pub max_udp_payload: u16,
 }
 
 impl Default for Limits {
@@ -160,6 +165,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_incoming: 1024,
+            // A 9000-byte jumbo frame less IPv6 (40) and UDP (8) headers.
+            max_udp_payload: 8952,
         }
     }
 }
@@ -185,7 +192,23 @@ impl Limits {
             // Datagrams are not used yet (UDP ASSOCIATE will use them); refuse them for now.
             .datagram_receive_buffer_size(None)
             .enable_segmentation_offload(true);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
         Ok(t)
+    }
+
+    /// Endpoint settings shared by hub and agent: accept datagrams as large as we may send.
+    fn endpoint_config(
+        &self,
+        mut config: EndpointConfig,
+    ) -> Result<EndpointConfig, TransportError> {
+        config
+            .max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| {
+                TransportError::Limit(format!("max UDP payload {}: {e}", self.max_udp_payload))
+            })?;
+        Ok(config)
     }
 }
 
@@ -227,7 +250,7 @@ pub fn hub_endpoint(
         .migration(true);
     let socket = udp_socket(addr)?;
     quinn::Endpoint::new(
-        key.endpoint_config(),
+        limits.endpoint_config(key.endpoint_config())?,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -248,7 +271,7 @@ pub fn agent_endpoint(
     };
     let socket = udp_socket(local)?;
     let mut endpoint = quinn::Endpoint::new(
-        EndpointConfig::default(),
+        limits.endpoint_config(EndpointConfig::default())?,
         None,
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -18,12 +18,19 @@ use crate::proto::StreamCode;
 
 /// Bytes read from TCP per stream write at most. Large reads keep per-chunk overhead low on
 /// bulk transfers.
-const TCP_READ_MAX: usize = 256 * 1024;
+const TCP_READ_MAX: usize = 64 * 1024;
 
-/// The relay reads from TCP into one arena of this size and hands filled parts to quinn as
-/// `Bytes` without copying; a new arena is allocated only when the old one is used up (about
-/// once per this many bytes), never per chunk.
-const ARENA: usize = 2 * 1024 * 1024;
+/// The relay reads from TCP into an arena and hands filled parts to quinn as `Bytes` without
+/// copying; a new arena is allocated only when the old one is used up, never per chunk. The
+/// first arena is small (most proxied connections carry little), each next one twice the size
+/// up to [`ARENA_MAX`], so a bulk transfer allocates about once per 2 MiB.
+const ARENA_FIRST: usize = 16 * 1024;
+
+/// Largest arena.
+const ARENA_MAX: usize = 2 * 1024 * 1024;
+
+/// A read into less room than this starts a new arena.
+const READ_MIN: usize = 4 * 1024;
 
 /// Chunks taken from the QUIC stream per TCP write: quinn hands out one chunk per received
 /// frame (about a packet), and writing them to TCP together in one `writev` saves a system
@@ -127,11 +134,14 @@ async fn tcp_to_stream<M: Fn(Direction, usize)>(
     meter: &M,
     total: &mut u64,
 ) -> Result<(), RelayError> {
-    let mut arena = BytesMut::new();
+    let mut arena_size = ARENA_FIRST;
+    let mut arena = BytesMut::with_capacity(arena_size);
     loop {
-        if arena.capacity() - arena.len() < TCP_READ_MAX / 4 {
-            // The old arena's bytes may still be queued in quinn; they keep it alive.
-            arena = BytesMut::with_capacity(ARENA);
+        if arena.capacity() - arena.len() < READ_MIN {
+            // The old arena's bytes may still be queued in quinn; they keep it alive until
+            // sent and acknowledged.
+            arena_size = (arena_size * 2).min(ARENA_MAX);
+            arena = BytesMut::with_capacity(arena_size);
         }
         let room = (arena.capacity() - arena.len()).min(TCP_READ_MAX);
         let n = {
