@@ -793,6 +793,26 @@ struct System {
     /// over both process trees.
     hub: Vec<Proc>,
     agent: Vec<Proc>,
+    /// rna only: the admin API and a token that may read it.
+    api: Option<(SocketAddr, String)>,
+}
+
+/// rna only: path MTU and lost packets of the `bench` agent's connection, from the admin API.
+async fn path_stats(api: SocketAddr, token: &str) -> Result<Value> {
+    let mut s = TcpStream::connect(api).await?;
+    let request = format!(
+        "GET /api/v1/agents HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let start = find(&raw, b"\r\n\r\n").ok_or_else(|| anyhow!("no body"))? + 4;
+    let body: Value = serde_json::from_slice(&raw[start..])?;
+    let agent = body["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == "bench"))
+        .ok_or_else(|| anyhow!("agent bench not listed"))?;
+    Ok(json!({"path_mtu": agent["path_mtu"], "lost_packets": agent["lost_packets"]}))
 }
 
 impl System {
@@ -869,6 +889,8 @@ impl Rna {
             .arg("--token-file")
             .arg(d.join("token.txt"))
             .args(["--allow", &format!("{}/32", target.ip())])
+            // No metrics endpoint: its default port may be taken by another agent.
+            .args(["--metrics", "off"])
             .args(["--log-level", "warn", "--log-format", "text"])
             .stdout(Stdio::null());
         c
@@ -918,6 +940,7 @@ async fn start_rna(args: &SuiteArgs, target: SocketAddr) -> Result<(System, Rna)
         Command::new(bin)
             .args(["token", "create", "--tenant", "bench/loopback"])
             .args(["--scope", "connect:agentHub", "--scope", "proxy"])
+            .args(["--scope", "read:infra:data"])
             .arg("--store")
             .arg(dir.join("tokens.toml")),
     )?;
@@ -934,13 +957,17 @@ async fn start_rna(args: &SuiteArgs, target: SocketAddr) -> Result<(System, Rna)
     let agent = Proc::spawn("rna agent", &mut rna.agent_cmd(target))?;
     let via = Via::Socks {
         proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, rna.socks)),
-        auth: Some(("bench".into(), token)),
+        auth: Some(("bench".into(), token.clone())),
     };
     let sys = System {
         name: "rna".into(),
         via,
         hub: vec![hub],
         agent: vec![agent],
+        api: Some((
+            SocketAddr::from((Ipv4Addr::LOCALHOST, rna.api)),
+            token.clone(),
+        )),
     };
     wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
     Ok((sys, rna))
@@ -1026,6 +1053,7 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
         },
         hub: vec![sshd],
         agent: vec![client],
+        api: None,
     };
     wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
     Ok(sys)
@@ -1061,6 +1089,7 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
         },
         hub: vec![server],
         agent: vec![client],
+        api: None,
     };
     wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
     Ok(sys)
@@ -1152,6 +1181,7 @@ async fn suite(args: SuiteArgs) -> Result<()> {
                 via: Via::Direct,
                 hub: vec![],
                 agent: vec![],
+                api: None,
             }),
             "rusnel" => {
                 let bin = args
@@ -1206,12 +1236,15 @@ async fn run_tests(
             let n = bounded("B1", step, get(&sys.via, target, args.bulk, &mut buf)).await?;
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_secs(&pids, tck) - cpu0;
-            rec.emit(
-                "B1",
-                &sys.name,
-                round,
-                json!({"value": n as f64 / secs / 1e6, "unit": "MB/s", "bytes": n, "secs": secs}),
-            );
+            let mut line =
+                json!({"value": n as f64 / secs / 1e6, "unit": "MB/s", "bytes": n, "secs": secs});
+            if let Some((api, token)) = &sys.api {
+                if let (Ok(stats), Some(o)) = (path_stats(*api, token).await, line.as_object_mut())
+                {
+                    o.insert("path".into(), stats);
+                }
+            }
+            rec.emit("B1", &sys.name, round, line);
             if sys.is_tunnel() {
                 rec.emit(
                     "B4",

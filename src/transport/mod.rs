@@ -148,7 +148,7 @@ pub struct Limits {
     /// Largest UDP payload MTU discovery may reach. Connections start at 1200 bytes and probe
     /// upwards; a path that drops big probes keeps the largest size that got through, so a
     /// high bound costs nothing on a 1500-byte path and cuts per-packet work several-fold on
-    /// jumbo-frame networks (9001 in AWS VPCs) and loopback.
+    /// jumbo-frame networks (9001 in AWS VPCs) and loopback. At most 6550 (see the default).
     pub max_udp_payload: u16,
 }
 
@@ -165,8 +165,11 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_incoming: 1024,
-            // A 9000-byte jumbo frame less IPv6 (40) and UDP (8) headers.
-            max_udp_payload: 8952,
+            // quinn hands the kernel up to 10 packets per GSO send, and one send must fit a
+            // single UDP datagram (65,507 bytes): bigger packets would make every full batch
+            // fail, read as loss, and MTU discovery's black-hole detector would fall back to
+            // 1200 bytes. 6550 × 10 fits, and fits a 9000-byte jumbo frame.
+            max_udp_payload: 6550,
         }
     }
 }
