@@ -1069,7 +1069,9 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
         Command::new(bin)
             .current_dir(&dir)
             .args(["server", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--allow-reverse")
+            .args(["--allow-reverse", "--allow-socks", "--insecure"])
+            // Per-connection INFO lines would cost it CPU the others do not spend.
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::null()),
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -1077,7 +1079,8 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
         "rusnel client",
         Command::new(bin)
             .current_dir(&dir)
-            .args(["client", &format!("127.0.0.1:{port}")])
+            .args(["client", "--insecure", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
             .arg(format!("R:127.0.0.1:{socks}:socks"))
             .stdout(Stdio::null()),
     )?;
@@ -1188,6 +1191,8 @@ async fn suite(args: SuiteArgs) -> Result<()> {
                     .rusnel
                     .clone()
                     .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
+                let bin = std::fs::canonicalize(&bin)
+                    .with_context(|| format!("--rusnel {}", bin.display()))?;
                 systems.push(start_rusnel(&args, &bin, target).await?);
             }
             other => bail!("unknown system {other}"),
