@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Time `hold` has to open all its streams.
+const HOLD_DEADLINE: Duration = Duration::from_secs(150);
+
 /// Body bytes the file server sends from (one buffer, reused for every response).
 const DATA_CHUNK: usize = 1024 * 1024;
 
@@ -458,9 +461,14 @@ async fn put(via: &Via, target: SocketAddr, size: u64) -> Result<u64> {
 async fn hold(via: Via, target: SocketAddr, count: usize, concurrency: usize) -> Result<()> {
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let started = Instant::now();
+    // A peer that stalls must not stall the suite: whatever is not open by then failed.
+    let deadline = tokio::time::Instant::now() + HOLD_DEADLINE;
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
-        let permit = sem.clone().acquire_owned().await?;
+        let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await
+        else {
+            break;
+        };
         let via = via.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
@@ -481,12 +489,22 @@ async fn hold(via: Via, target: SocketAddr, count: usize, concurrency: usize) ->
     }
     let mut held = Vec::with_capacity(count);
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
-    for t in tasks {
-        match t.await {
-            Ok(Ok(s)) => held.push(s),
-            Ok(Err(e)) => *errors.entry(e).or_default() += 1,
-            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+    let attempted = tasks.len();
+    for mut t in tasks {
+        match tokio::time::timeout_at(deadline, &mut t).await {
+            Ok(Ok(Ok(s))) => held.push(s),
+            Ok(Ok(Err(e))) => *errors.entry(e).or_default() += 1,
+            Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
+            Err(_) => {
+                t.abort();
+                *errors.entry("not open by the deadline".into()).or_default() += 1;
+            }
         }
+    }
+    if attempted < count {
+        *errors
+            .entry("never attempted (deadline)".into())
+            .or_default() += count - attempted;
     }
     println!(
         "{}",
@@ -1218,6 +1236,20 @@ async fn suite(args: SuiteArgs) -> Result<()> {
     Ok(())
 }
 
+/// The value of a step, or an `error` line for (test, system, round) and on to the next
+/// system: one peer that breaks must not end the run.
+macro_rules! or_note {
+    ($rec:expr, $test:expr, $sys:expr, $round:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                $rec.emit($test, &$sys.name, $round, json!({ "error": format!("{e:#}") }));
+                continue;
+            }
+        }
+    };
+}
+
 async fn run_tests(
     args: &SuiteArgs,
     exe: &Path,
@@ -1238,7 +1270,13 @@ async fn run_tests(
             let pids = sys.pids();
             let cpu0 = cpu_secs(&pids, tck);
             let t0 = Instant::now();
-            let n = bounded("B1", step, get(&sys.via, target, args.bulk, &mut buf)).await?;
+            let n = or_note!(
+                rec,
+                "B1",
+                sys,
+                round,
+                bounded("B1", step, get(&sys.via, target, args.bulk, &mut buf)).await
+            );
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_secs(&pids, tck) - cpu0;
             let mut line =
@@ -1264,7 +1302,13 @@ async fn run_tests(
                 break;
             }
             let t0 = Instant::now();
-            let n = bounded("B2", step, put(&sys.via, target, args.bulk)).await?;
+            let n = or_note!(
+                rec,
+                "B2",
+                sys,
+                round,
+                bounded("B2", step, put(&sys.via, target, args.bulk)).await
+            );
             let secs = t0.elapsed().as_secs_f64();
             rec.emit(
                 "B2",
@@ -1290,9 +1334,14 @@ async fn run_tests(
                 }));
             }
             let mut rates = Vec::new();
+            let mut failed = None;
             for t in tasks {
-                rates.push(bounded("B3", step, async { t.await? }).await?);
+                match bounded("B3", step, async { t.await? }).await {
+                    Ok(r) => rates.push(r),
+                    Err(e) => failed = Some(e),
+                }
             }
+            or_note!(rec, "B3", sys, round, failed.map_or(Ok(()), Err));
             let secs = t0.elapsed().as_secs_f64();
             let sum: f64 = rates.iter().sum();
             let sq: f64 = rates.iter().map(|x| x * x).sum();
@@ -1306,7 +1355,7 @@ async fn run_tests(
             let mut connect = Vec::with_capacity(args.l1_count);
             let mut first = Vec::with_capacity(args.l1_count);
             let mut small = vec![0u8; 16 * 1024];
-            bounded("L1", step, async {
+            let measured = bounded("L1", step, async {
                 for _ in 0..args.l1_count {
                     let t0 = Instant::now();
                     let mut s = open(&sys.via, target).await?;
@@ -1319,7 +1368,8 @@ async fn run_tests(
                 }
                 Ok(())
             })
-            .await?;
+            .await;
+            or_note!(rec, "L1", sys, round, measured);
             connect.sort_by(|a, b| a.total_cmp(b));
             first.sort_by(|a, b| a.total_cmp(b));
             rec.emit("L1", &sys.name, round, json!({"value": percentile(&first, 0.5), "unit": "us first byte p50",
@@ -1354,7 +1404,9 @@ async fn run_tests(
             }
             let (mut ok, mut failed) = (0u64, 0u64);
             for t in tasks {
-                let (o, f) = bounded("L2", step, async { Ok(t.await?) }).await?;
+                let (o, f) = bounded("L2", step, async { Ok(t.await?) })
+                    .await
+                    .unwrap_or((0, 1));
                 ok += o;
                 failed += f;
             }
@@ -1386,8 +1438,13 @@ async fn run_tests(
                         .args(["--count", &count.to_string()])
                         .stdout(Stdio::piped()),
                 )?;
-                let report: Value =
-                    holder.wait_line(Duration::from_secs(240), |l| serde_json::from_str(l).ok())?;
+                let report: Value = or_note!(
+                    rec,
+                    &format!("C1-{count}"),
+                    sys,
+                    round,
+                    holder.wait_line(Duration::from_secs(240), |l| serde_json::from_str(l).ok())
+                );
                 let after = rss_bytes(&pids);
                 let ok = report["ok"].as_u64().unwrap_or(0);
                 let per = if ok > 0 {
