@@ -578,7 +578,7 @@ async fn agents(
                 let dialer = dialer.clone();
                 let cancel = cancel.clone();
                 runs.spawn(async move {
-                    session::run(established, dialer, &cancel).await;
+                    session::run(established, dialer, None, "idle", &cancel).await;
                 });
             }
             Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
@@ -1116,6 +1116,43 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
     Ok(sys)
 }
 
+/// Replaces a running system with freshly started processes (the old ones end first).
+async fn fresh(
+    args: &SuiteArgs,
+    target: SocketAddr,
+    sys: &mut System,
+    rna: &mut Option<Rna>,
+) -> Result<()> {
+    if !sys.is_tunnel() {
+        return Ok(());
+    }
+    let stopped = System {
+        name: sys.name.clone(),
+        via: Via::Direct,
+        hub: vec![],
+        agent: vec![],
+        api: None,
+    };
+    std::mem::replace(sys, stopped).stop();
+    *sys = match sys.name.as_str() {
+        "rna" => {
+            let (s, r) = start_rna(args, target).await?;
+            *rna = Some(r);
+            s
+        }
+        "ssh" => start_ssh(args, target).await?,
+        "rusnel" => {
+            let bin = args
+                .rusnel
+                .clone()
+                .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
+            start_rusnel(args, &std::fs::canonicalize(bin)?, target).await?
+        }
+        other => bail!("cannot restart {other}"),
+    };
+    Ok(())
+}
+
 /// Prints and records one result line.
 struct Recorder {
     out: Option<std::fs::File>,
@@ -1216,16 +1253,7 @@ async fn suite(args: SuiteArgs) -> Result<()> {
             other => bail!("unknown system {other}"),
         }
     }
-    let result = run_tests(
-        &args,
-        &exe,
-        target,
-        &mut systems,
-        rna.as_ref(),
-        &mut rec,
-        tck,
-    )
-    .await;
+    let result = run_tests(&args, &exe, target, &mut systems, &mut rna, &mut rec, tck).await;
     for s in systems {
         s.stop();
     }
@@ -1255,7 +1283,7 @@ async fn run_tests(
     exe: &Path,
     target: SocketAddr,
     systems: &mut [System],
-    rna: Option<&Rna>,
+    rna: &mut Option<Rna>,
     rec: &mut Recorder,
     tck: f64,
 ) -> Result<()> {
@@ -1419,10 +1447,17 @@ async fn run_tests(
             );
         }
         for &count in &args.c1_counts {
-            for sys in systems.iter() {
+            for sys in systems.iter_mut() {
                 if !has("C1") || !sys.is_tunnel() {
                     continue;
                 }
+                // Fresh processes: allocators keep freed memory, so a second measurement in
+                // the same processes would find the streams' memory already resident.
+                let name = sys.name.clone();
+                let restarted = fresh(args, target, sys, rna).await;
+                or_note!(rec, &format!("C1-{count}"), sys, round, restarted);
+                let sys = &*sys;
+                debug_assert_eq!(sys.name, name);
                 let pids = sys.pids();
                 let before = rss_bytes(&pids);
                 let mut holder = Proc::spawn(
@@ -1461,11 +1496,11 @@ async fn run_tests(
             }
         }
     }
-    if let (true, Some(rna)) = (has("M1"), rna) {
-        let sys = systems
-            .iter()
-            .find(|s| s.name == "rna")
-            .ok_or_else(|| anyhow!("rna not running"))?;
+    if let (true, Some(i)) = (has("M1"), systems.iter().position(|s| s.name == "rna")) {
+        // A fresh hub, for the same reason as in C1.
+        fresh(args, target, &mut systems[i], rna).await?;
+        let sys = &systems[i];
+        let rna = rna.as_ref().ok_or_else(|| anyhow!("rna not running"))?;
         let pids = sys.hub_pids();
         let before = rss_bytes(&pids);
         let d = &rna.dir;
@@ -1511,7 +1546,7 @@ async fn run_tests(
             "rss_before": before, "rss_after": after}),
         );
     }
-    if let (true, Some(rna)) = (has("R1"), rna) {
+    if let (true, Some(rna)) = (has("R1"), rna.as_ref()) {
         let idx = systems
             .iter()
             .position(|s| s.name == "rna")

@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::agent::kube::{in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule};
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
@@ -26,12 +27,12 @@ use crate::transport::{ClientTls, ServerTls};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: cannot read: {cause}")]
     Read {
         /// The file.
         file: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (not a `source`: the message already carries it).
+        cause: std::io::Error,
     },
     /// The file is not valid TOML or has an unknown key.
     #[error("{file}: {message}")]
@@ -182,12 +183,16 @@ pub struct HubOptions {
     pub token_poll: Option<Duration>,
     /// Label metrics with the agent name too (one series per agent: opt in only when the
     /// number of agents is bounded) [default: false].
-    #[arg(long, env = "RNA_METRICS_PER_AGENT")]
+    #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
     pub metrics_per_agent: Option<bool>,
     /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
     /// restart at once); created if missing.
     #[arg(long, env = "RNA_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Time a Kubernetes command (other than wait, which has its own timeout) may take
+    /// [default: 60s].
+    #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
+    pub kube_timeout: Option<Duration>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -232,6 +237,69 @@ pub struct AgentOptions {
     /// [default: 127.0.0.1:9090].
     #[arg(long, env = "RNA_METRICS")]
     pub metrics: Option<String>,
+    /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
+    /// kubeconfig identity [default: on when the in-cluster environment is detected or
+    /// --kubeconfig is given].
+    #[arg(long, env = "RNA_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
+    pub kubernetes: Option<bool>,
+    /// Kubeconfig to act with instead of the in-cluster ServiceAccount (turns cluster mode on).
+    #[arg(long, env = "RNA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig to use [default: its current context].
+    #[arg(long, env = "RNA_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
+    /// Namespaces Kubernetes commands may touch; repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_NAMESPACE", value_delimiter = ',')]
+    pub kube_namespace: Vec<String>,
+    /// Resources Kubernetes commands may touch, as plural[.group] (deployments.apps,
+    /// configmaps, *.example.com); repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_RESOURCE", value_delimiter = ',')]
+    pub kube_resource: Vec<ResourceRule>,
+    /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
+    #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    pub kube_inventory_interval: Option<Duration>,
+}
+
+/// Where the values in force came from, so an error names the file only for a value that the
+/// file supplied.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    file: Option<String>,
+    command_line: Vec<&'static str>,
+}
+
+impl Sources {
+    /// Values from flags and environment only.
+    pub fn command_line() -> Sources {
+        Sources::default()
+    }
+
+    /// The origin of `key`: the file, unless a flag or variable gave it.
+    fn of(&self, key: &str) -> String {
+        let base = key.split('[').next().unwrap_or(key);
+        match &self.file {
+            Some(file) if !self.command_line.contains(&base) => file.clone(),
+            _ => "command line".to_string(),
+        }
+    }
+
+    fn invalid(&self, key: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.of(key),
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The names of the fields that are given (`Some` or a non-empty list).
+macro_rules! given {
+    ($self:ident; $($opt:ident),* ; $($list:ident),*) => {{
+        let mut keys = Vec::new();
+        $(if $self.$opt.is_some() { keys.push(stringify!($opt)); })*
+        $(if !$self.$list.is_empty() { keys.push(stringify!($list)); })*
+        keys
+    }};
 }
 
 fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
@@ -243,6 +311,14 @@ fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
 }
 
 impl HubOptions {
+    /// The keys this holds a value for.
+    pub fn given(&self) -> Vec<&'static str> {
+        given!(self; listen, socks, api, ca, cert, key, tokens, socks_no_auth,
+            heartbeat_interval, heartbeat_timeout, grace, socks_greeting_timeout,
+            socks_half_open_per_ip, socks_half_open_total, open_timeout, token_poll,
+            metrics_per_agent, kube_timeout;)
+    }
+
     /// `self` where given, else `lower`.
     pub fn or(self, lower: HubOptions) -> HubOptions {
         HubOptions {
@@ -264,11 +340,19 @@ impl HubOptions {
             token_poll: self.token_poll.or(lower.token_poll),
             metrics_per_agent: self.metrics_per_agent.or(lower.metrics_per_agent),
             state_dir: self.state_dir.or(lower.state_dir),
+            kube_timeout: self.kube_timeout.or(lower.kube_timeout),
         }
     }
 }
 
 impl AgentOptions {
+    /// The keys this holds a value for.
+    pub fn given(&self) -> Vec<&'static str> {
+        given!(self; server_name, name, ca, cert, key, token_file, dial_timeout, max_streams,
+            metrics, kubernetes, kubeconfig, kube_context, kube_inventory_interval;
+            hub, allow, deny, kube_namespace, kube_resource)
+    }
+
     /// `self` where given, else `lower`. Lists are taken whole from one source.
     pub fn or(self, lower: AgentOptions) -> AgentOptions {
         AgentOptions {
@@ -284,6 +368,14 @@ impl AgentOptions {
             dial_timeout: self.dial_timeout.or(lower.dial_timeout),
             max_streams: self.max_streams.or(lower.max_streams),
             metrics: self.metrics.or(lower.metrics),
+            kubernetes: self.kubernetes.or(lower.kubernetes),
+            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
+            kube_context: self.kube_context.or(lower.kube_context),
+            kube_namespace: or_vec(self.kube_namespace, lower.kube_namespace),
+            kube_resource: or_vec(self.kube_resource, lower.kube_resource),
+            kube_inventory_interval: self
+                .kube_inventory_interval
+                .or(lower.kube_inventory_interval),
         }
     }
 }
@@ -310,6 +402,7 @@ struct HubFile {
     token_poll: Option<String>,
     metrics_per_agent: Option<bool>,
     state_dir: Option<PathBuf>,
+    kube_timeout: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -330,6 +423,12 @@ struct AgentFile {
     dial_timeout: Option<String>,
     max_streams: Option<u32>,
     metrics: Option<String>,
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    kube_context: Option<String>,
+    kube_namespace: Option<Vec<String>>,
+    kube_resource: Option<Vec<String>>,
+    kube_inventory_interval: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -394,15 +493,60 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 
 fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         file: origin.clone(),
-        source,
+        cause,
     })?;
-    let parsed = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        file: origin.clone(),
-        message: e.message().to_string() + &location(&text, e.span()),
+    let parsed = toml::from_str(&text).map_err(|e| match unknown_key(e.message()) {
+        Some((key, message)) => ConfigError::Invalid {
+            origin: origin.clone(),
+            key,
+            message: message + &location(&text, e.span()),
+        },
+        None => ConfigError::Parse {
+            file: origin.clone(),
+            message: e.message().to_string() + &location(&text, e.span()),
+        },
     })?;
     Ok((parsed, origin))
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" as the key and a short message
+/// with the closest accepted key.
+fn unknown_key(message: &str) -> Option<(String, String)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (key, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest
+        .split_once("expected one of ")
+        .map(|(_, list)| list.split(", ").map(|k| k.trim_matches('`')).collect())
+        .unwrap_or_default();
+    let closest = expected
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|(d, _)| *d <= (key.len() / 3).max(1));
+    let message = match closest {
+        Some((_, k)) => format!("unknown key (did you mean `{k}`?)"),
+        None => "unknown key".to_string(),
+    };
+    Some((key.to_string(), message))
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + cost);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// ` (line N)` for a span in `text`.
@@ -446,6 +590,7 @@ pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigErro
         token_poll: c.parse("token_poll", f.token_poll, parse_duration)?,
         metrics_per_agent: f.metrics_per_agent,
         state_dir: c.path(f.state_dir),
+        kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -474,6 +619,16 @@ pub fn read_agent_file(path: &Path) -> Result<(AgentOptions, LogOptions), Config
         dial_timeout: c.parse("dial_timeout", f.dial_timeout, parse_duration)?,
         max_streams: f.max_streams,
         metrics: f.metrics,
+        kubernetes: f.kubernetes,
+        kubeconfig: c.path(f.kubeconfig),
+        kube_context: f.kube_context,
+        kube_namespace: c.list("kube_namespace", f.kube_namespace, parse_namespace)?,
+        kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
+        kube_inventory_interval: c.parse(
+            "kube_inventory_interval",
+            f.kube_inventory_interval,
+            parse_duration,
+        )?,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -487,13 +642,17 @@ pub fn merge_hub(
     file: Option<&Path>,
     cli: HubOptions,
     cli_log: LogOptions,
-) -> Result<(HubOptions, LogOptions), ConfigError> {
+) -> Result<(HubOptions, LogOptions, Sources), ConfigError> {
     match file {
         Some(path) => {
             let (options, log) = read_hub_file(path)?;
-            Ok((cli.or(options), cli_log.or(log)))
+            let sources = Sources {
+                file: Some(path.display().to_string()),
+                command_line: cli.given(),
+            };
+            Ok((cli.or(options), cli_log.or(log), sources))
         }
-        None => Ok((cli, cli_log)),
+        None => Ok((cli, cli_log, Sources::command_line())),
     }
 }
 
@@ -502,22 +661,46 @@ pub fn merge_agent(
     file: Option<&Path>,
     cli: AgentOptions,
     cli_log: LogOptions,
-) -> Result<(AgentOptions, LogOptions), ConfigError> {
+) -> Result<(AgentOptions, LogOptions, Sources), ConfigError> {
     match file {
         Some(path) => {
             let (options, log) = read_agent_file(path)?;
-            Ok((cli.or(options), cli_log.or(log)))
+            let sources = Sources {
+                file: Some(path.display().to_string()),
+                command_line: cli.given(),
+            };
+            Ok((cli.or(options), cli_log.or(log), sources))
         }
-        None => Ok((cli, cli_log)),
+        None => Ok((cli, cli_log, Sources::command_line())),
     }
 }
 
-fn invalid(key: &str, message: impl fmt::Display) -> ConfigError {
-    ConfigError::Invalid {
-        origin: "configuration".into(),
-        key: key.into(),
-        message: message.to_string(),
+/// `e` and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors already print their cause.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
     }
+    text
+}
+
+/// Reads one PEM file named by `key` so that an error names the key, not just the path.
+fn check_pem<T>(
+    sources: &Sources,
+    key: &str,
+    path: &Path,
+    load: fn(&Path) -> Result<T, crate::certs::CertError>,
+) -> Result<(), ConfigError> {
+    load(path)
+        .map(|_| ())
+        .map_err(|e| sources.invalid(key, chain(&e)))
 }
 
 macro_rules! required {
@@ -531,18 +714,26 @@ macro_rules! required {
 }
 
 /// Validates hub options into the hub's configuration, reading the certificate files.
-pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
+pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
     let ca = required!(o.ca, "ca", "ca", "CA");
     let cert = required!(o.cert, "cert", "cert", "CERT");
     let key = required!(o.key, "key", "key", "KEY");
     let tokens = required!(o.tokens, "tokens", "tokens", "TOKENS");
-    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| invalid("ca/cert/key", e))?;
+    check_pem(sources, "ca", &ca, crate::certs::load_certs)?;
+    check_pem(sources, "cert", &cert, crate::certs::load_certs)?;
+    check_pem(sources, "key", &key, crate::certs::load_key)?;
+    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| invalid("cert", chain(&e)))?;
+    if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
+        return Err(invalid("tokens", chain(&e)));
+    }
     let listen = o.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433)));
     let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
     if let Some(route) = o.socks_no_auth {
-        config.socks_no_auth = Some(parse_no_auth(&route)?);
+        config.socks_no_auth =
+            Some(parse_no_auth(&route).map_err(|m| invalid("socks_no_auth", m))?);
     }
     let heartbeat = Heartbeat {
         interval: o.heartbeat_interval.unwrap_or(config.heartbeat.interval),
@@ -579,6 +770,9 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
     }
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
     config.state_dir = o.state_dir;
+    if let Some(t) = o.kube_timeout {
+        config.kube_timeout = t;
+    }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
             "socks_no_auth",
@@ -591,17 +785,14 @@ pub fn hub_config(o: HubOptions) -> Result<HubConfig, ConfigError> {
     Ok(config)
 }
 
-fn parse_no_auth(route: &str) -> Result<NoAuthRoute, ConfigError> {
+fn parse_no_auth(route: &str) -> Result<NoAuthRoute, String> {
     let (agent, tenant) = route
         .split_once('@')
-        .ok_or_else(|| invalid("socks_no_auth", format!("{route:?}: expected AGENT@TENANT")))?;
+        .ok_or_else(|| format!("{route:?}: expected AGENT@TENANT"))?;
     if !crate::certs::valid_agent_name(agent) {
-        return Err(invalid(
-            "socks_no_auth",
-            format!("{agent:?} is not a valid agent name"),
-        ));
+        return Err(format!("{agent:?} is not a valid agent name"));
     }
-    let tenant: Tenant = tenant.parse().map_err(|e| invalid("socks_no_auth", e))?;
+    let tenant: Tenant = tenant.parse().map_err(|e| format!("{e}"))?;
     Ok(NoAuthRoute {
         agent: agent.to_string(),
         tenant,
@@ -627,7 +818,8 @@ pub struct AgentSettings {
 }
 
 /// Validates agent options into the agent's configuration, reading certificates and token.
-pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
+pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
     if o.hub.is_empty() {
         return Err(ConfigError::Missing {
             key: "hub",
@@ -646,11 +838,14 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
     let cert = required!(o.cert, "cert", "cert", "CERT");
     let key = required!(o.key, "key", "key", "KEY");
     let token_file = required!(o.token_file, "token_file", "token-file", "TOKEN_FILE");
-    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| invalid("ca/cert/key", e))?;
-    let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", e))?;
+    check_pem(sources, "ca", &ca, crate::certs::load_certs)?;
+    check_pem(sources, "cert", &cert, crate::certs::load_certs)?;
+    check_pem(sources, "key", &key, crate::certs::load_key)?;
+    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| invalid("cert", chain(&e)))?;
+    let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
     let mut config = AgentConfig::new(o.hub, name, tls, token);
     if let Some(name) = o.server_name {
-        crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", e))?;
+        crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
         config.server_name = Some(name);
     }
     config.policy = Policy::new(o.allow, o.deny);
@@ -659,7 +854,7 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
     }
     if let Some(n) = o.max_streams {
         if n == 0 {
-            return Err(invalid("max_streams", "must be at least 1"));
+            return Err(invalid("max_streams", "must be at least 1".into()));
         }
         config.limits.tunnel_streams = n;
     }
@@ -668,12 +863,139 @@ pub fn agent_settings(o: AgentOptions) -> Result<AgentSettings, ConfigError> {
         Some("off") => MetricsListen::Off,
         Some(addr) => MetricsListen::On(parse_addr(addr).map_err(|e| invalid("metrics", e))?),
     };
+    config.kube = kube_settings(
+        o.kubernetes,
+        o.kubeconfig,
+        o.kube_context,
+        o.kube_namespace,
+        o.kube_resource,
+        o.kube_inventory_interval,
+        in_cluster_detected(),
+    )
+    .map_err(|(key, message)| invalid(key, message))?;
+    // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
+    if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
+    }
     Ok(AgentSettings { config, metrics })
+}
+
+/// A namespace name (RFC 1123 label).
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid namespace {s:?}: expected a DNS label (lowercase letters, digits, -)"
+        ))
+    }
+}
+
+/// Decides cluster mode: explicit `kubernetes` wins; otherwise a kubeconfig or a detected
+/// in-cluster environment turns it on. Errors name the key at fault.
+pub fn kube_settings(
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    namespaces: Vec<String>,
+    resources: Vec<ResourceRule>,
+    inventory_interval: Option<Duration>,
+    in_cluster: bool,
+) -> Result<Option<KubeSettings>, (&'static str, String)> {
+    for ns in &namespaces {
+        parse_namespace(ns).map_err(|e| ("kube_namespace", e))?;
+    }
+    let on = kubernetes.unwrap_or(kubeconfig.is_some() || in_cluster);
+    if !on {
+        if kubernetes == Some(false) || (namespaces.is_empty() && resources.is_empty()) {
+            return Ok(None);
+        }
+        return Err((
+            "kube_namespace",
+            "an allow list for Kubernetes commands was given but cluster mode is off: give \
+             --kubeconfig, run in a cluster, or set --kubernetes"
+                .into(),
+        ));
+    }
+    if context.is_some() && kubeconfig.is_none() {
+        return Err(("kube_context", "needs --kubeconfig".into()));
+    }
+    let source = match kubeconfig {
+        Some(path) => KubeSource::Kubeconfig { path, context },
+        None if in_cluster => KubeSource::InCluster,
+        None => {
+            return Err((
+                "kubernetes",
+                "cluster mode needs --kubeconfig outside a Kubernetes pod (no in-cluster \
+                 ServiceAccount found)"
+                    .into(),
+            ))
+        }
+    };
+    let mut settings = KubeSettings::new(source);
+    settings.allow = KubeAllow {
+        namespaces,
+        resources,
+    };
+    if let Some(i) = inventory_interval {
+        settings.inventory_interval = i;
+    }
+    // Asked for explicitly (flag or kubeconfig): a broken identity stops the agent. Only
+    // detected: it turns cluster mode off with a warning.
+    settings.required = kubernetes == Some(true) || settings.source != KubeSource::InCluster;
+    Ok(Some(settings))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_is_decided_once() {
+        let kc = || Some(PathBuf::from("/k"));
+        // (kubernetes, kubeconfig, in cluster) → None: off, Some(required)
+        let table = [
+            (None, None, false, None),
+            (None, None, true, Some(false)),
+            (Some(false), None, true, None),
+            (Some(false), kc(), true, None),
+            (None, kc(), false, Some(true)),
+            (Some(true), None, true, Some(true)),
+        ];
+        for (k, config, in_cluster, want) in table {
+            let got =
+                kube_settings(k, config.clone(), None, vec![], vec![], None, in_cluster).unwrap();
+            assert_eq!(
+                got.map(|s| s.required),
+                want,
+                "{k:?} {config:?} {in_cluster}"
+            );
+        }
+        // Detected only: not required, a broken identity turns cluster mode off.
+        let detected = kube_settings(None, None, None, vec![], vec![], None, true)
+            .unwrap()
+            .unwrap();
+        assert!(!detected.required);
+        assert_eq!(detected.source, KubeSource::InCluster);
+        // Asked for without any identity: refused with the key named.
+        let err = kube_settings(Some(true), None, None, vec![], vec![], None, false).unwrap_err();
+        assert_eq!(err.0, "kubernetes");
+        let err =
+            kube_settings(None, None, Some("ctx".into()), vec![], vec![], None, true).unwrap_err();
+        assert_eq!(err.0, "kube_context");
+        let err = kube_settings(None, kc(), None, vec!["Bad_NS".into()], vec![], None, false)
+            .unwrap_err();
+        assert_eq!(err.0, "kube_namespace");
+        let err =
+            kube_settings(None, None, None, vec!["shop".into()], vec![], None, false).unwrap_err();
+        assert_eq!(err.0, "kube_namespace");
+    }
 
     #[test]
     fn durations_parse() {
@@ -728,7 +1050,73 @@ mod tests {
             state_dir: Some(PathBuf::from("/var/lib/rna")),
             ..Default::default()
         };
-        let (merged, _) = merge_hub(Some(&file), cli, LogOptions::default()).unwrap();
+        let (merged, _, _) = merge_hub(Some(&file), cli, LogOptions::default()).unwrap();
         assert_eq!(merged.state_dir, Some(PathBuf::from("/var/lib/rna")));
+    }
+
+    /// The keys a file type accepts, from serde's own "expected one of" list.
+    fn accepted_keys<T: serde::de::DeserializeOwned + fmt::Debug>() -> Vec<String> {
+        let err = toml::from_str::<T>("no_such_key_ = 1").expect_err("unknown key refused");
+        let message = err.message().to_string();
+        let list = message
+            .split_once("expected one of ")
+            .map(|(_, l)| l.to_string())
+            .unwrap_or_default();
+        list.split(", ")
+            .map(|k| k.trim_matches('`').to_string())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name)
+    }
+
+    #[test]
+    fn examples_parse_and_document_every_key() {
+        let hub = example("hub.toml");
+        let (options, log) = read_hub_file(&hub).expect("examples/hub.toml parses");
+        assert!(options.listen.is_some() && log.log_format.is_some());
+        let text = std::fs::read_to_string(&hub).expect("read example");
+        let keys = accepted_keys::<HubFile>();
+        assert!(keys.len() > 15, "{keys:?}");
+        for key in keys {
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "examples/hub.toml lacks {key}"
+            );
+        }
+
+        let agent = example("agent.toml");
+        let (options, _) = read_agent_file(&agent).expect("examples/agent.toml parses");
+        assert_eq!(options.allow.len(), 3);
+        let text = std::fs::read_to_string(&agent).expect("read example");
+        let keys = accepted_keys::<AgentFile>();
+        assert!(keys.len() > 12, "{keys:?}");
+        for key in keys {
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "examples/agent.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_file_only_for_values_the_file_gave() {
+        let sources = Sources {
+            file: Some("hub.toml".into()),
+            command_line: vec!["key"],
+        };
+        assert_eq!(sources.of("cert"), "hub.toml");
+        assert_eq!(sources.of("key"), "command line");
+        assert_eq!(Sources::command_line().of("cert"), "command line");
+        let with_list = Sources {
+            file: Some("agent.toml".into()),
+            command_line: vec!["allow"],
+        };
+        assert_eq!(with_list.of("allow[2]"), "command line");
+        assert_eq!(with_list.of("hub[1]"), "agent.toml");
     }
 }

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod auth;
 pub mod certs;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod hub;

@@ -1,6 +1,8 @@
 //! The `rna` command: hub, agent, certificates, tokens and the embedded `dev` default.
 #![forbid(unsafe_code)]
 
+mod kube_cli;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use rna::agent::kube::{KubeSettings, KubeSource};
 use rna::agent::{Agent, AgentConfig, HubTarget, Policy, Rule};
 use rna::auth::{format_rfc3339, parse_ttl, Scope, Tenant, TokenStore};
 use rna::config::{
@@ -47,6 +50,10 @@ enum Command {
     /// Create, list and revoke tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Kubernetes through the hub and an agent in cluster mode: apply, get, list, delete,
+    /// wait, inventory. Exit codes: 0 success, 1 Kubernetes refused, 2 usage, 3 agent
+    /// unavailable.
+    Kube(kube_cli::KubeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -69,6 +76,12 @@ struct DevArgs {
     /// Destinations the agent refuses.
     #[arg(long, env = "RNA_DENY", value_delimiter = ',')]
     deny: Vec<Rule>,
+    /// Give the local agent cluster mode, acting with this kubeconfig.
+    #[arg(long, env = "RNA_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig [default: its current context].
+    #[arg(long, env = "RNA_KUBE_CONTEXT", requires = "kubeconfig")]
+    kube_context: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +201,19 @@ fn main() -> ExitCode {
         Prepared::Done => return ExitCode::SUCCESS,
         Prepared::Run(work) => *work,
     };
+    if let Work::Kube(args) = work {
+        // A short-lived client: one thread is plenty.
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => ExitCode::from(rt.block_on(kube_cli::run(args))),
+            Err(e) => {
+                eprintln!("rna: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -214,6 +240,7 @@ enum Work {
     Agent(Box<AgentSettings>, Option<PathBuf>, AgentOptions),
     Certs(CertsCommand),
     Token(TokenCommand),
+    Kube(kube_cli::KubeArgs),
 }
 
 enum Prepared {
@@ -225,22 +252,24 @@ enum Prepared {
 fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
     let work = match command {
         Command::Hub(args) => {
-            let (options, log) = merge_hub(args.config.as_deref(), args.options, log)?;
+            let (options, log, sources) = merge_hub(args.config.as_deref(), args.options, log)?;
             init_logging(&log);
-            let config = hub_config(options)?;
+            let config = hub_config(options, &sources)?;
             if args.check_config {
                 println!("{}: configuration is valid", origin(&args.config));
+                println!("{config:#?}");
                 return Ok(Prepared::Done);
             }
             Work::Hub(Box::new(config))
         }
         Command::Agent(args) => {
             let cli_options = args.options.clone();
-            let (options, log) = merge_agent(args.config.as_deref(), args.options, log)?;
+            let (options, log, sources) = merge_agent(args.config.as_deref(), args.options, log)?;
             init_logging(&log);
-            let settings = agent_settings(options)?;
+            let settings = agent_settings(options, &sources)?;
             if args.check_config {
                 println!("{}: configuration is valid", origin(&args.config));
+                println!("{settings:#?}");
                 return Ok(Prepared::Done);
             }
             Work::Agent(Box::new(settings), args.config, cli_options)
@@ -257,6 +286,7 @@ fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
             init_logging(&log);
             Work::Token(cmd)
         }
+        Command::Kube(args) => Work::Kube(args),
     };
     Ok(Prepared::Run(Box::new(work)))
 }
@@ -301,6 +331,7 @@ async fn run(work: Work) -> Result<()> {
         Work::Agent(settings, file, cli) => agent(*settings, file, cli).await,
         Work::Certs(cmd) => certs(cmd),
         Work::Token(cmd) => token(cmd),
+        Work::Kube(_) => bail!("rna kube runs before the server runtime starts"),
     }
 }
 
@@ -401,7 +432,7 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
     let reload: Reload = Box::new(move || {
         let merged = merge_agent(file.as_deref(), cli.clone(), LogOptions::default());
         match merged {
-            Ok((options, _)) => {
+            Ok((options, _, _)) => {
                 let policy = Policy::new(options.allow, options.deny);
                 info!(
                     allow = policy.allow_rules().len(),
@@ -457,29 +488,64 @@ async fn dev(args: DevArgs) -> Result<()> {
         state.token.clone(),
     );
     agent_config.policy = Policy::new(args.allow, args.deny).allow_loopback();
+    let cluster_mode = args.kubeconfig.is_some();
+    let kubeconfig_shown = args
+        .kubeconfig
+        .as_ref()
+        .map_or_else(String::new, |p| p.display().to_string());
+    if let Some(path) = args.kubeconfig {
+        agent_config.kube = Some(KubeSettings::new(KubeSource::Kubeconfig {
+            path,
+            context: args.kube_context,
+        }));
+    }
     let agent = Agent::new(agent_config)?;
     let agent_handle = agent.handle();
 
     let shutdown = CancellationToken::new();
+    let registry = handle.registry().clone();
     let reload: Reload = Box::new(move || handle.reload_tokens().is_ok());
     watch_signals(shutdown.clone(), Some(reload))?;
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
-    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+    let mut agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
-    let ready = tokio::time::timeout(
-        Duration::from_secs(15),
-        agent_handle.wait_until(|s| s.connected > 0),
-    )
+    // Up when the agent is connected and, in cluster mode, has reported its inventory (so
+    // `rna kube` can name types at once). An agent that cannot start says why.
+    let up = async {
+        agent_handle.wait_until(|s| s.connected > 0).await;
+        if cluster_mode {
+            registry
+                .wait_until(|r| r.sessions().iter().any(|s| s.inventory().is_some()))
+                .await;
+        }
+    };
+    let ready = tokio::time::timeout(Duration::from_secs(15), async {
+        tokio::select! {
+            _ = up => Ok(()),
+            ended = &mut agent_task => Err(ended),
+        }
+    })
     .await;
-    if ready.is_err() {
-        shutdown.cancel();
-        bail!(
-            "the local agent did not connect: {}",
-            agent_handle
-                .status()
-                .last_error
-                .map_or_else(|| "no answer".into(), |e| e.to_string())
-        );
+    match ready {
+        Ok(Ok(())) => {}
+        Ok(Err(ended)) => {
+            shutdown.cancel();
+            match ended {
+                Ok(Err(e)) => bail!("the local agent stopped: {e}"),
+                Ok(Ok(())) => bail!("the local agent stopped"),
+                Err(e) => bail!("the local agent failed: {e}"),
+            }
+        }
+        Err(_) => {
+            shutdown.cancel();
+            bail!(
+                "the local agent did not connect: {}",
+                agent_handle
+                    .status()
+                    .last_error
+                    .map_or_else(|| "no answer".into(), |e| e.to_string())
+            );
+        }
     }
     println!(
         "rna dev: hub and agent `{DEV_AGENT}` are up (state in {}).",
@@ -497,6 +563,13 @@ async fn dev(args: DevArgs) -> Result<()> {
         "curl --proxy socks5h://{DEV_AGENT}:{}@{socks} {url}",
         state.token.expose()
     );
+    if let (true, Some(api)) = (cluster_mode, api) {
+        println!("The agent has cluster mode (kubeconfig {kubeconfig_shown}):");
+        println!(
+            "rna kube --api http://{api} --token-file {} --agent {DEV_AGENT} list namespaces",
+            state.dir.join("token.txt").display()
+        );
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 

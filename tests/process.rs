@@ -351,6 +351,8 @@ async fn the_deployment_walkthrough_works_with_the_real_binary() {
         &d("token.txt"),
         "--allow",
         "127.0.0.0/8",
+        "--metrics",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())

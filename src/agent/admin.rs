@@ -1,5 +1,5 @@
 //! The agent's local health and metrics endpoint: `/healthz` (the process runs), `/readyz`
-//! (connected to at least one hub) and `/metrics` (prometheus-client, `rna_agent_` prefix).
+//! (connected to at least one hub) and `/metrics` (prometheus-client, `rna_agent_` names and `rna_build_info`).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -35,12 +35,15 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("rna_agent");
+        let mut registry = Registry::with_prefix("rna");
         let build_info = Family::<Labels, Gauge>::default();
         build_info
-            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("role", "agent".to_string()),
+            ])
             .set(1);
-        registry.register("build_info", "Build of this agent", build_info);
+        registry.register("build_info", "Build of this process", build_info);
         let m = AgentMetrics {
             hub_connections: Gauge::default(),
             reconnects: Counter::default(),
@@ -50,16 +53,20 @@ impl AgentMetrics {
         let mut m = m;
         let r = &mut m.registry;
         r.register(
-            "hub_connections",
+            "agent_hub_connections",
             "Hub sessions established now",
             m.hub_connections.clone(),
         );
         r.register(
-            "reconnects",
+            "agent_reconnects",
             "Connection attempts after a failure or a lost session",
             m.reconnects.clone(),
         );
-        r.register("dials", "Destination dials, by outcome", m.dials.clone());
+        r.register(
+            "agent_dials",
+            "Destination dials, by outcome",
+            m.dials.clone(),
+        );
         m
     }
 

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod dialer;
+pub mod kube;
 pub mod policy;
 pub mod session;
 
@@ -36,6 +37,9 @@ pub enum AgentError {
     /// A QUIC endpoint could not be created.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// Cluster mode was asked for but its identity could not be loaded.
+    #[error(transparent)]
+    Kube(#[from] kube::KubeError),
 }
 
 /// A hub address as given on the command line: `host:port` or `[v6]:port`.
@@ -128,6 +132,8 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// How often hub names are resolved again (new replicas, moved hubs).
     pub resolve_interval: Duration,
+    /// Cluster mode: run the hub's Kubernetes commands (`None`: off).
+    pub kube: Option<kube::KubeSettings>,
 }
 
 impl AgentConfig {
@@ -145,6 +151,7 @@ impl AgentConfig {
             capabilities: Vec::new(),
             backoff: Backoff::default(),
             resolve_interval: Duration::from_secs(30),
+            kube: None,
         }
     }
 }
@@ -244,21 +251,56 @@ impl Agent {
     /// Connects to every hub address and serves until `shutdown` fires, then closes each
     /// session with a normal code.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
-        for target in self.config.hubs.clone() {
+        for target in config.hubs.clone() {
             let me = Supervisor {
-                config: self.config.clone(),
+                config: config.clone(),
+                kube: kube.clone(),
                 dialer: self.dialer.clone(),
                 status: self.status.clone(),
                 metrics: self.metrics.clone(),
             };
             let cancel = shutdown.clone();
-            let span = tracing::info_span!("hub", hub = %target);
+            let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
             tasks.spawn(me.follow(target, cancel).instrument(span));
         }
         tasks.close();
         tasks.wait().await;
         Ok(())
+    }
+
+    /// Loads the cluster identity when cluster mode is on, and announces the capability. A
+    /// failure stops the agent when cluster mode was asked for, and only turns it off when it
+    /// was merely detected.
+    async fn start_kube(
+        &self,
+    ) -> Result<(Arc<AgentConfig>, Option<Arc<kube::KubeExecutor>>), AgentError> {
+        let Some(settings) = &self.config.kube else {
+            return Ok((self.config.clone(), None));
+        };
+        match kube::KubeExecutor::connect(settings).await {
+            Ok(executor) => {
+                let mut config = (*self.config).clone();
+                if !config
+                    .capabilities
+                    .iter()
+                    .any(|c| c == crate::proto::kube::CAPABILITY)
+                {
+                    config
+                        .capabilities
+                        .push(crate::proto::kube::CAPABILITY.to_string());
+                }
+                info!(source = ?settings.source, namespaces = ?settings.allow.namespaces,
+                    resources = settings.allow.resources.len(), "cluster mode on");
+                Ok((Arc::new(config), Some(Arc::new(executor))))
+            }
+            Err(e) if settings.required => Err(e.into()),
+            Err(e) => {
+                warn!("cluster mode off: {e}");
+                Ok((self.config.clone(), None))
+            }
+        }
     }
 }
 
@@ -272,6 +314,7 @@ const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 struct Supervisor {
     config: Arc<AgentConfig>,
+    kube: Option<Arc<kube::KubeExecutor>>,
     dialer: Arc<Dialer>,
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
     metrics: Arc<admin::AgentMetrics>,
@@ -391,7 +434,14 @@ impl Supervisor {
                         s.last_error = None;
                     });
                     let up_since = std::time::Instant::now();
-                    let end = session::run(established, self.dialer.clone(), &cancel).await;
+                    let end = session::run(
+                        established,
+                        self.dialer.clone(),
+                        self.kube.clone(),
+                        &self.config.name,
+                        &cancel,
+                    )
+                    .await;
                     self.metrics.hub_connection(false);
                     self.status
                         .send_modify(|s| s.connected = s.connected.saturating_sub(1));

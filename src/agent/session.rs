@@ -11,12 +11,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, Instrument};
 
 use super::dialer::Dialer;
+use super::kube::{serve_command, KubeExecutor};
 use super::AgentConfig;
-use crate::proto::codec::{encode, read_frame};
+use crate::proto::codec::{encode, encode_limited, read_frame};
+use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
-use crate::transport::control::{self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat};
+use crate::transport::control::{
+    self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
+};
 use crate::transport::relay::relay;
 
 /// Time the hub has to send the stream header after opening a tunnel stream.
@@ -108,6 +112,8 @@ pub async fn connect(
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;
+        // Heartbeats and control messages go out before any queued tunnel data.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
         send.write_all(&frame).await?;
         let reply = read_frame::<Control, _>(&mut recv).await;
@@ -163,11 +169,13 @@ pub struct SessionEnd {
     pub going_away: bool,
 }
 
-/// Serves an established session: heartbeats and tunnel streams, until the connection ends
-/// or `cancel` fires.
+/// Serves an established session: heartbeats, tunnel streams and Kubernetes commands (and
+/// inventory reports in cluster mode), until the connection ends or `cancel` fires.
 pub async fn run(
     established: Established,
     dialer: Arc<Dialer>,
+    kube: Option<Arc<KubeExecutor>>,
+    agent: &str,
     cancel: &CancellationToken,
 ) -> SessionEnd {
     let Established {
@@ -181,13 +189,21 @@ pub async fn run(
         timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(150)),
     };
     let streams = TaskTracker::new();
+    if let Some(kube) = &kube {
+        streams.spawn(
+            report_inventory(connection.clone(), kube.clone())
+                .instrument(tracing::info_span!("inventory")),
+        );
+    }
     let accept = async {
         loop {
             match connection.accept_bi().await {
                 Ok((send, recv)) => {
                     let dialer = dialer.clone();
+                    let kube = kube.clone();
+                    let agent = agent.to_string();
                     let span = tracing::debug_span!("stream", stream = %send.id());
-                    streams.spawn(serve_stream(send, recv, dialer).instrument(span));
+                    streams.spawn(serve_stream(send, recv, dialer, kube, agent).instrument(span));
                 }
                 Err(e) => return e,
             }
@@ -234,10 +250,56 @@ pub async fn run(
     SessionEnd { reason, going_away }
 }
 
-/// One tunnel stream: read `Open`, dial, answer, relay.
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>) {
-    let open = match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<Open, _>(&mut recv)).await {
-        Ok(Ok(Some(open))) => open,
+/// Reports the inventory when the session starts, then every interval and whenever a
+/// command changed what it lists, until the connection ends.
+async fn report_inventory(connection: quinn::Connection, kube: Arc<KubeExecutor>) {
+    let mut changes = kube.inventory_changes();
+    loop {
+        let inventory = kube.inventory().await;
+        let sent = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            let frame = encode_limited(&AgentStream::Inventory(inventory), MAX_INVENTORY)
+                .map_err(|e| e.to_string())?;
+            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            // The hub finishes its side once it has stored the report.
+            let _ = recv.read_to_end(16).await;
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(30), sent).await {
+            Ok(Ok(())) => debug!("inventory reported"),
+            Ok(Err(e)) => info!("inventory not reported: {e}"),
+            Err(_) => info!("inventory not reported: hub did not take it in time"),
+        }
+        tokio::select! {
+            _ = connection.closed() => return,
+            _ = tokio::time::sleep(kube.inventory_interval()) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                kube.invalidate_inventory().await;
+            }
+        }
+    }
+}
+
+/// One stream the hub opened: a tunnel (read `Open`, dial, answer, relay) or a Kubernetes
+/// command.
+async fn serve_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    dialer: Arc<Dialer>,
+    kube: Option<Arc<KubeExecutor>>,
+    agent: String,
+) {
+    let header = match tokio::time::timeout(
+        HEADER_TIMEOUT,
+        read_frame::<StreamHeader, _>(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(Some(header))) => header,
         Ok(Ok(None)) => return,
         other => {
             let why = match other {
@@ -245,12 +307,20 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
                 Ok(Err(e)) => e.to_string(),
                 Ok(Ok(_)) => "no header".to_string(),
             };
-            info!("tunnel stream refused: {why}");
+            info!("stream refused: {why}");
             let _ = send.reset(StreamCode::BadHeader.into());
             let _ = recv.stop(StreamCode::BadHeader.into());
             return;
         }
     };
+    match header {
+        StreamHeader::Tunnel(open) => serve_tunnel(send, recv, dialer, open).await,
+        StreamHeader::Kube(header) => serve_command(send, recv, header, kube, &agent).await,
+    }
+}
+
+/// One tunnel stream after its header: dial, answer, relay.
+async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>, open: Open) {
     let destination = format!("{}:{}", open.host, open.port);
     let tcp = match dialer.dial(&open).await {
         Ok(tcp) => tcp,
@@ -278,7 +348,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
         let _ = recv.stop(StreamCode::Reset.into());
         return;
     }
-    let outcome = relay(tcp, send, recv, |_, _| {}).await;
+    let outcome = relay(tcp, send, recv, |_, _| {}, std::future::pending()).await;
     match outcome.error {
         None => {
             debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")

@@ -238,12 +238,20 @@ impl TokenStore {
             std::process::id(),
             SAVES.fetch_add(1, Ordering::Relaxed)
         ));
+        // A store that exists keeps its mode, owner and group (an operator may have given the
+        // hub's group read access); a new one is private to its owner.
+        let existing = fs::metadata(path).ok();
         let write = || -> io::Result<()> {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(&temp)?;
+            if let Some(meta) = &existing {
+                // Changing the owner needs privileges; keeping ours is the safe fallback.
+                let _ = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()));
+                file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            }
             file.write_all(self.to_toml().as_bytes())?;
             file.sync_all()?;
             fs::rename(&temp, path)
@@ -790,6 +798,22 @@ mod tests {
         sorted.sort();
         assert_eq!(order, sorted);
         assert_eq!(order.len(), 4);
+    }
+
+    #[test]
+    fn save_keeps_the_mode_of_an_existing_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let mut store = TokenStore::default();
+        store.save(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        store
+            .create(tenant("acme/prod"), vec![Scope::Proxy], None, None, now())
+            .unwrap();
+        store.save(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(TokenStore::load(&path).unwrap().records().len(), 1);
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! The hub's admin API (axum): health, readiness, Prometheus metrics, and the agents list.
+//! The hub's admin API (axum): health, readiness, Prometheus metrics, the agents list, and
+//! the agents status page (`GET /`, rendered in [`super::status`]).
 //! Errors become HTTP statuses here, at the edge, and nowhere else.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,16 +14,24 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::registry::AgentInfo;
-use super::Shared;
+use super::{status, Shared};
 use crate::auth::{AuthError, Grant, Scope};
 
 /// The admin API router; tests call it without binding a socket.
 pub(crate) fn app(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route(
+            "/",
+            get(status::page)
+                .post(status::login_form)
+                .layer(DefaultBodyLimit::max(4096)),
+        )
+        .route("/sign-out", get(status::sign_out))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
+        .merge(super::kube_api::routes())
         .with_state(shared)
 }
 
@@ -59,15 +68,29 @@ async fn agents(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         Ok(g) => g,
         Err(resp) => return *resp,
     };
+    Json(AgentList {
+        agents: visible_agents(&shared, &grant),
+    })
+    .into_response()
+}
+
+/// The agent connections `grant` may see: its tenant's, or every tenant's for `Admin`. The
+/// agents list and the status page both go through here.
+pub(crate) fn visible_agents(shared: &Shared, grant: &Grant) -> Vec<AgentInfo> {
     let tenant = if grant.is_admin() {
         None
     } else {
         Some(&grant.tenant)
     };
-    Json(AgentList {
-        agents: shared.registry.infos(tenant),
-    })
-    .into_response()
+    shared.registry.infos(tenant)
+}
+
+/// Verifies a presented token against the current store and requires `scope`.
+pub(crate) fn authorize(shared: &Shared, token: &str, scope: Scope) -> Result<Grant, AuthError> {
+    shared
+        .tokens
+        .current()
+        .authorize(token, scope, SystemTime::now())
 }
 
 #[derive(Serialize)]
@@ -75,7 +98,7 @@ struct ApiError {
     error: String,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let mut resp = (
         status,
         Json(ApiError {
@@ -94,7 +117,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// Checks `Authorization: Bearer <token>` for `scope`: 401 without a valid token, 403 when
 /// the token lacks the scope.
-fn bearer(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Grant, Box<Response>> {
+pub(crate) fn bearer(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Grant, Box<Response>> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -109,14 +136,10 @@ fn bearer(shared: &Shared, headers: &HeaderMap, scope: Scope) -> Result<Grant, B
             ))
         })?
         .trim();
-    shared
-        .tokens
-        .current()
-        .authorize(token, scope, SystemTime::now())
-        .map_err(|e| {
-            Box::new(match e {
-                AuthError::MissingScope(_) => error(StatusCode::FORBIDDEN, e.to_string()),
-                other => error(StatusCode::UNAUTHORIZED, other.to_string()),
-            })
+    authorize(shared, token, scope).map_err(|e| {
+        Box::new(match e {
+            AuthError::MissingScope(_) => error(StatusCode::FORBIDDEN, e.to_string()),
+            other => error(StatusCode::UNAUTHORIZED, other.to_string()),
         })
+    })
 }

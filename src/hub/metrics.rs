@@ -42,9 +42,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("rna");
         let build_info = Family::<Labels, Gauge>::default();
         build_info
-            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("role", "hub".to_string()),
+            ])
             .set(1);
-        registry.register("build_info", "Build of this hub", build_info);
+        registry.register("build_info", "Build of this process", build_info);
         let m = Metrics {
             agents_connected: Family::default(),
             sessions: Family::default(),

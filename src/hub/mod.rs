@@ -4,11 +4,14 @@
 //! Hub path: SOCKS front → router → registry → tunnel stream → relay.
 
 pub mod api;
+pub mod kube;
+pub mod kube_api;
 pub mod metrics;
 pub mod registry;
 pub mod router;
 pub mod session;
 pub mod socks;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,6 +121,8 @@ pub struct HubConfig {
     /// Folder for state that must survive restarts (the endpoint key). Without it every start
     /// makes a new key, and agents of a restarted hub notice only at their idle timeout.
     pub state_dir: Option<PathBuf>,
+    /// How long a Kubernetes command (other than wait, which has its own) may take.
+    pub kube_timeout: Duration,
 }
 
 impl HubConfig {
@@ -138,6 +143,7 @@ impl HubConfig {
             token_poll: Duration::from_secs(2),
             metrics_per_agent: false,
             state_dir: None,
+            kube_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -154,6 +160,9 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Bumped after every successful token reload, so callers can wait for one.
     pub(crate) reloads: tokio::sync::watch::Sender<u64>,
+    /// Fired when the shutdown grace is over: streams still open are reset, so their clients
+    /// see an RST rather than a clean end of a truncated transfer.
+    pub(crate) cut_streams: CancellationToken,
 }
 
 impl Shared {
@@ -257,6 +266,11 @@ impl Hub {
             }
         };
         let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits, &key)?;
+        // Keep the port actually bound (`:0` picks one), for the status page's connect line.
+        let mut config = config;
+        if let Ok(bound) = endpoint.local_addr() {
+            config.listen = bound;
+        }
         let socks = TcpListener::bind(config.socks)
             .await
             .map_err(|source| HubError::Bind {
@@ -284,6 +298,7 @@ impl Hub {
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             reloads: tokio::sync::watch::Sender::new(0),
+            cut_streams: CancellationToken::new(),
         });
         Ok(Hub {
             shared,
@@ -419,8 +434,10 @@ impl Hub {
         {
             warn!(
                 open_streams = shared.metrics.streams_open().get(),
-                "grace period over: closing the remaining streams"
+                "grace period over: resetting the remaining streams"
             );
+            shared.cut_streams.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), streams.wait()).await;
         }
         sessions_stop.cancel();
         endpoint.close(CloseCode::GoingAway.into(), b"hub shutting down");

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::auth::Tenant;
+use crate::proto::kube::{Inventory, CAPABILITY};
+
+/// Agents remembered after they disconnect (so a command says "offline", not "unknown").
+const KNOWN_AGENTS: usize = 10_000;
 
 /// One live agent connection, as the hub knows it.
 #[derive(Debug)]
@@ -48,6 +52,10 @@ pub struct AgentSession {
     bytes_from_agent: AtomicU64,
     /// Bytes relayed from clients towards the agent.
     bytes_to_agent: AtomicU64,
+    /// The agent's last inventory report on this connection, and when it arrived.
+    inventory: Mutex<Option<(Inventory, SystemTime)>>,
+    /// Kubernetes commands in flight on this connection (the least busy session gets the next).
+    kube_commands: AtomicUsize,
 }
 
 impl AgentSession {
@@ -82,6 +90,31 @@ impl AgentSession {
             streams_total: AtomicU64::new(0),
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
+            inventory: Mutex::new(None),
+            kube_commands: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether the agent announced `capability` in its Hello.
+    pub fn has_capability(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
+
+    /// Stores an inventory report.
+    pub fn set_inventory(&self, inventory: Inventory) {
+        *lock(&self.inventory) = Some((inventory, SystemTime::now()));
+    }
+
+    /// The last inventory report and when it arrived.
+    pub fn inventory(&self) -> Option<(Inventory, SystemTime)> {
+        lock(&self.inventory).clone()
+    }
+
+    /// Counts a Kubernetes command on this session until the guard is dropped.
+    pub fn kube_command(self: &Arc<Self>) -> CommandSlot {
+        self.kube_commands.fetch_add(1, Ordering::Relaxed);
+        CommandSlot {
+            session: self.clone(),
         }
     }
 
@@ -196,6 +229,34 @@ pub struct AgentInfo {
     pub bytes_out: u64,
 }
 
+/// Holds one Kubernetes command against its session's count.
+#[derive(Debug)]
+pub struct CommandSlot {
+    session: Arc<AgentSession>,
+}
+
+impl Drop for CommandSlot {
+    fn drop(&mut self) {
+        self.session.kube_commands.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a Kubernetes command for (tenant, agent) can go.
+#[derive(Debug)]
+pub enum KubePick {
+    /// This live session has cluster mode.
+    Session(Arc<AgentSession>),
+    /// The agent is connected, but none of its sessions has cluster mode.
+    NoCapability,
+    /// The agent has been connected to this hub before and is not now.
+    Offline {
+        /// When its last session ended.
+        last_seen: SystemTime,
+    },
+    /// This hub has never seen the agent (in this tenant).
+    Unknown,
+}
+
 /// Holds one open tunnel stream against its session's count; dropping it releases the slot.
 #[derive(Debug)]
 pub struct StreamSlot {
@@ -224,6 +285,8 @@ pub struct Registry {
     agents: Mutex<HashMap<Key, Vec<Arc<AgentSession>>>>,
     /// Bumped on every change, so tests and readiness can wait without polling.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Agents seen since the hub started, with when their last session ended.
+    known: Mutex<HashMap<Key, SystemTime>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,7 +306,13 @@ impl Registry {
         Registry {
             agents: Mutex::new(HashMap::new()),
             changes: tokio::sync::watch::Sender::new(0),
+            known: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Tells waiters that something about a session changed (an inventory arrived).
+    pub fn touch(&self) {
+        self.changed();
     }
 
     fn changed(&self) {
@@ -260,6 +329,20 @@ impl Registry {
     /// Forgets a session at once (its connection died or was closed).
     pub fn remove(&self, session: &AgentSession) {
         let key = (session.tenant.clone(), session.name.clone());
+        {
+            let mut known = lock(&self.known);
+            if known.len() >= KNOWN_AGENTS && !known.contains_key(&key) {
+                // Forget the agent gone longest.
+                if let Some(oldest) = known
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(k, _)| k.clone())
+                {
+                    known.remove(&oldest);
+                }
+            }
+            known.insert(key.clone(), SystemTime::now());
+        }
         let mut agents = lock(&self.agents);
         if let Some(list) = agents.get_mut(&key) {
             list.retain(|s| s.id != session.id);
@@ -301,6 +384,53 @@ impl Registry {
         session.open_streams.fetch_add(1, Ordering::Relaxed);
         session.streams_total.fetch_add(1, Ordering::Relaxed);
         Some(StreamSlot { session })
+    }
+
+    /// Where a Kubernetes command for (tenant, name) goes: the live session with cluster mode
+    /// and the fewest commands in flight, or why there is none.
+    pub fn pick_kube(&self, tenant: &Tenant, name: &str) -> KubePick {
+        let key = (tenant.clone(), name.to_string());
+        let agents = lock(&self.agents);
+        let live: Vec<&Arc<AgentSession>> = agents
+            .get(&key)
+            .map(|l| {
+                l.iter()
+                    .filter(|s| s.connection.close_reason().is_none())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if live.is_empty() {
+            drop(agents);
+            return match lock(&self.known).get(&key) {
+                Some(t) => KubePick::Offline { last_seen: *t },
+                None => KubePick::Unknown,
+            };
+        }
+        live.into_iter()
+            .filter(|s| s.has_capability(CAPABILITY))
+            .min_by_key(|s| (s.kube_commands.load(Ordering::Relaxed), s.id))
+            .map_or(KubePick::NoCapability, |s| KubePick::Session(s.clone()))
+    }
+
+    /// Sessions of (tenant, name), live ones first.
+    pub fn sessions_of(&self, tenant: &Tenant, name: &str) -> Vec<Arc<AgentSession>> {
+        lock(&self.agents)
+            .get(&(tenant.clone(), name.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The tenants in which an agent of this name is connected or was seen.
+    pub fn tenants_of(&self, name: &str) -> Vec<Tenant> {
+        let mut tenants: Vec<Tenant> = lock(&self.agents)
+            .keys()
+            .chain(lock(&self.known).keys())
+            .filter(|(_, n)| n == name)
+            .map(|(t, _)| t.clone())
+            .collect();
+        tenants.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        tenants.dedup();
+        tenants
     }
 
     /// Every session, for the admin API and shutdown.

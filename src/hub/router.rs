@@ -11,6 +11,7 @@ use super::registry::StreamSlot;
 use super::Shared;
 use crate::auth::Tenant;
 use crate::proto::codec::{encode, read_frame};
+use crate::proto::kube::StreamHeader;
 use crate::proto::{DialFailure, Open, OpenReply, StreamCode};
 
 /// Why a tunnel could not be opened.
@@ -118,7 +119,8 @@ async fn open_on(
             .open_bi()
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;
-        let frame = encode(open).map_err(|e| RouteError::Stream(e.to_string()))?;
+        let frame = encode(&StreamHeader::Tunnel(open.clone()))
+            .map_err(|e| RouteError::Stream(e.to_string()))?;
         send.write_all(&frame)
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;

@@ -15,7 +15,9 @@ use crate::auth::{AuthError, Scope};
 use crate::certs;
 use crate::proto::codec::{encode, read_frame};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
-use crate::transport::control::{self, heartbeat_loop, ControlEnd, HeartbeatEvent};
+use crate::transport::control::{
+    self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
+};
 
 /// Why the hub refused an agent during the handshake.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,11 @@ async fn run_session(
     cancel: CancellationToken,
 ) {
     shared.registry.insert(session.clone());
+    // Streams the agent opens (inventory reports) end with its connection.
+    tokio::spawn(
+        super::kube::accept_agent_streams(shared.clone(), session.clone())
+            .instrument(tracing::Span::current()),
+    );
     let metric_agent = shared
         .config
         .metrics_per_agent
@@ -194,6 +201,8 @@ async fn handshake(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
+    // Heartbeats and control messages go out before any queued tunnel data.
+    let _ = send.set_priority(CONTROL_PRIORITY);
     let hello = match tokio::time::timeout_at(deadline, read_frame::<Control, _>(&mut recv)).await {
         Err(_) => return Err(HandshakeError::Timeout),
         Ok(Err(e)) => {

@@ -185,7 +185,8 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, guard: Ha
         Ok(Ok(request)) => request,
     };
     let agent = caller.agent.clone();
-    let span = tracing::info_span!("stream", agent = %agent, tenant = %caller.tenant);
+    let span = tracing::info_span!("stream", agent = %agent, tenant = %caller.tenant,
+        stream = tracing::field::Empty);
     serve_request(shared, proto, caller, cmd, target, peer)
         .instrument(span)
         .await;
@@ -249,15 +250,22 @@ async fn serve_request(
     let session = slot.session().clone();
     metrics.streams_open().inc();
     let stream_id = send.id();
-    let outcome = relay(tcp, send, recv, |direction, n| {
-        let to_agent = direction == Direction::Sent;
-        metrics.relayed(to_agent, n);
-        if to_agent {
-            session.add_to_agent(n);
-        } else {
-            session.add_from_agent(n);
-        }
-    })
+    tracing::Span::current().record("stream", tracing::field::display(stream_id));
+    let outcome = relay(
+        tcp,
+        send,
+        recv,
+        |direction, n| {
+            let to_agent = direction == Direction::Sent;
+            metrics.relayed(to_agent, n);
+            if to_agent {
+                session.add_to_agent(n);
+            } else {
+                session.add_from_agent(n);
+            }
+        },
+        shared.cut_streams.cancelled(),
+    )
     .await;
     metrics.streams_open().dec();
     drop(slot);

@@ -42,17 +42,33 @@ pub enum CodecError {
 
 /// Encodes one message as a complete frame (prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, CodecError> {
+    encode_limited(msg, MAX_FRAME)
+}
+
+/// Encodes one message as a complete frame whose body may be up to `max` bytes (for the
+/// Kubernetes command channel, whose documents are larger than control frames).
+pub fn encode_limited<T: Serialize>(msg: &T, max: usize) -> Result<Bytes, CodecError> {
     let mut buf = BytesMut::new();
-    encode_into(msg, &mut buf)?;
+    encode_into_limited(msg, &mut buf, max)?;
     Ok(buf.freeze())
 }
 
 fn encode_into<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+    encode_into_limited(msg, dst, MAX_FRAME)
+}
+
+fn encode_into_limited<T: Serialize>(
+    msg: &T,
+    dst: &mut BytesMut,
+    max: usize,
+) -> Result<(), CodecError> {
+    // Never more than what fits the u32 prefix.
+    let max = max.min(u32::MAX as usize);
     let body = postcard::to_stdvec(msg)?;
-    if body.len() > MAX_FRAME {
+    if body.len() > max {
         return Err(CodecError::TooLarge {
             len: body.len(),
-            max: MAX_FRAME,
+            max,
         });
     }
     dst.reserve(PREFIX + body.len());
@@ -64,10 +80,14 @@ fn encode_into<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecErr
 
 /// Decodes one frame body (without prefix), refusing trailing bytes.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
-    if body.len() > MAX_FRAME {
+    decode_body_limited(body, MAX_FRAME)
+}
+
+fn decode_body_limited<T: DeserializeOwned>(body: &[u8], max: usize) -> Result<T, CodecError> {
+    if body.len() > max {
         return Err(CodecError::TooLarge {
             len: body.len(),
-            max: MAX_FRAME,
+            max,
         });
     }
     let (msg, rest) = postcard::take_from_bytes(body)?;
@@ -90,6 +110,16 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
+    read_frame_limited(reader, MAX_FRAME).await
+}
+
+/// Like [`read_frame`] with a cap of `max` body bytes instead of [`MAX_FRAME`]; the announced
+/// length is checked against `max` before anything is allocated. Not cancel-safe.
+pub async fn read_frame_limited<T, R>(reader: &mut R, max: usize) -> Result<Option<T>, CodecError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
     let mut prefix = [0u8; PREFIX];
     let mut filled = 0;
     while filled < PREFIX {
@@ -104,11 +134,8 @@ where
         filled += n;
     }
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
     }
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await.map_err(|e| {
@@ -118,7 +145,7 @@ where
             CodecError::Io(e)
         }
     })?;
-    decode_body(&body).map(Some)
+    decode_body_limited(&body, max).map(Some)
 }
 
 /// A `tokio_util` codec for a stream of frames of one message type; its `FramedRead` is

@@ -1,11 +1,13 @@
 //! The messages hub and agent exchange, and the codes they close streams and connections with.
 //!
 //! Wire types only: no sockets here. Every message travels as one length-prefixed postcard
-//! frame (see [`codec`]). The control stream carries [`Control`] frames both ways; a tunnel
-//! stream starts with one [`Open`] from the hub and one [`OpenReply`] from the agent, then
-//! carries raw bytes.
+//! frame (see [`codec`]). The control stream carries [`Control`] frames both ways. Every
+//! stream the hub opens starts with a [`kube::StreamHeader`]: a tunnel stream's is
+//! `Tunnel(Open)`, answered by one [`OpenReply`] from the agent, then raw bytes; a
+//! Kubernetes command stream's is `Kube(..)` (see [`kube`]).
 
 pub mod codec;
+pub mod kube;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

@@ -11,6 +11,10 @@ use tokio_util::sync::CancellationToken;
 use crate::proto::codec::{encode, CodecError, FrameCodec};
 use crate::proto::Control;
 
+/// Send priority of the control stream; tunnel streams keep quinn's default of 0, so a bulk
+/// transfer or a client that stops reading cannot hold heartbeats back.
+pub const CONTROL_PRIORITY: i32 = 100;
+
 /// A control stream's receiving half, framed (cancel-safe to poll).
 pub type ControlReader = FramedRead<RecvStream, FrameCodec<Control>>;
 

@@ -61,6 +61,9 @@ pub enum RelayError {
     /// The QUIC peer reset the stream or the connection was lost.
     #[error("stream read: {0}")]
     StreamRead(ReadError),
+    /// The relay was told to stop (shutdown grace over).
+    #[error("cut off: shutdown grace period over")]
+    Cut,
 }
 
 /// How a relay ended.
@@ -74,8 +77,9 @@ pub struct RelayOutcome {
     pub error: Option<RelayError>,
 }
 
-/// Relays until both directions have finished or one fails. `meter` is called for every chunk
-/// moved, so live byte counters stay current during long transfers.
+/// Relays until both directions have finished, one fails, or `cut` completes (which aborts
+/// both directions like an error). `meter` is called for every chunk moved, so live byte
+/// counters stay current during long transfers.
 ///
 /// Cancel-safe in the sense that dropping it drops the TCP connection and the stream (quinn
 /// resets an unfinished stream on drop); use [`relay`]'s return value for orderly endings.
@@ -84,6 +88,7 @@ pub async fn relay<M>(
     mut send: SendStream,
     mut recv: RecvStream,
     meter: M,
+    cut: impl std::future::Future<Output = ()>,
 ) -> RelayOutcome
 where
     M: Fn(Direction, usize),
@@ -95,11 +100,12 @@ where
         let (mut tcp_read, mut tcp_write) = tcp.split();
         let up = tcp_to_stream(&mut tcp_read, &mut send, &meter, &mut sent);
         let down = stream_to_tcp(&mut recv, &mut tcp_write, &meter, &mut received);
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, cut);
         let mut up_done = false;
         let mut down_done = false;
         loop {
             tokio::select! {
+                () = &mut cut => break Some(RelayError::Cut),
                 r = &mut up, if !up_done => match r {
                     Ok(()) => up_done = true,
                     Err(e) => break Some(e),

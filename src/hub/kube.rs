@@ -1,0 +1,272 @@
+//! The hub's end of the Kubernetes command channel: picks the agent's session, opens one
+//! stream per command, sends the capped request and reads the agent's answers within the
+//! command's timeout; stores the inventory reports agents send.
+//!
+//! Hub path: admin API → registry → command stream → agent.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use super::registry::{AgentSession, KubePick};
+use super::Shared;
+use crate::auth::Tenant;
+use crate::proto::codec::{encode, encode_limited, read_frame_limited};
+use crate::proto::kube::{
+    AgentStream, Caller, KubeFailure, KubeHeader, KubeReply, KubeRequest, StreamHeader,
+    MAX_INVENTORY, MAX_KUBE_REPLY, MAX_KUBE_REQUEST,
+};
+use crate::proto::StreamCode;
+
+/// Extra time the hub gives a command beyond the agent's own deadline, so the agent's precise
+/// timeout answer arrives before the hub gives up.
+const MARGIN: Duration = Duration::from_secs(5);
+
+/// Why a command did not produce an answer from Kubernetes.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeCallError {
+    /// No such agent in the caller's tenant (an agent of another tenant looks the same).
+    #[error("no agent named {0:?}")]
+    NoAgent(String),
+    /// The agent was connected before and is not now.
+    #[error("agent {agent:?} is offline (last connected {seconds_ago}s ago)")]
+    Offline {
+        /// The agent.
+        agent: String,
+        /// Seconds since its last session ended.
+        seconds_ago: u64,
+    },
+    /// The agent is connected without cluster mode.
+    #[error(
+        "agent {0:?} has no Kubernetes capability (start it with --kubernetes or --kubeconfig)"
+    )]
+    NoCapability(String),
+    /// The hub is shutting down.
+    #[error("hub is shutting down")]
+    Draining,
+    /// The request is larger than the channel carries.
+    #[error("request of {len} bytes or more exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Encoded size.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// No answer within the command's timeout.
+    #[error("agent {agent:?} did not answer within {timeout:?}")]
+    Timeout {
+        /// The agent.
+        agent: String,
+        /// The time given.
+        timeout: Duration,
+    },
+    /// The stream or the connection failed.
+    #[error("command stream to agent {agent:?} failed: {message}")]
+    Stream {
+        /// The agent.
+        agent: String,
+        /// What failed.
+        message: String,
+    },
+    /// The agent ran the command and it failed (Kubernetes Status, allow list, …).
+    #[error("{0}")]
+    Failed(KubeFailure),
+}
+
+impl KubeCallError {
+    /// The HTTP status for this error.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            KubeCallError::NoAgent(_) => 404,
+            KubeCallError::Offline { .. } | KubeCallError::Draining => 503,
+            KubeCallError::NoCapability(_) => 409,
+            KubeCallError::TooLarge { .. } => 413,
+            KubeCallError::Timeout { .. } => 504,
+            KubeCallError::Stream { .. } => 502,
+            KubeCallError::Failed(f) => {
+                if (400..600).contains(&f.code) {
+                    f.code
+                } else {
+                    500
+                }
+            }
+        }
+    }
+
+    /// A short stable reason, like a Kubernetes Status reason.
+    pub fn reason(&self) -> String {
+        match self {
+            KubeCallError::NoAgent(_) => "AgentNotFound".into(),
+            KubeCallError::Offline { .. } => "AgentOffline".into(),
+            KubeCallError::NoCapability(_) => "NoCapability".into(),
+            KubeCallError::Draining => "HubDraining".into(),
+            KubeCallError::TooLarge { .. } => "RequestTooLarge".into(),
+            KubeCallError::Timeout { .. } => "AgentTimeout".into(),
+            KubeCallError::Stream { .. } => "AgentStreamFailed".into(),
+            KubeCallError::Failed(f) => f.reason.clone(),
+        }
+    }
+}
+
+/// Picks the session a command for (tenant, agent) goes to.
+pub(crate) fn pick(
+    shared: &Shared,
+    tenant: &Tenant,
+    agent: &str,
+) -> Result<Arc<AgentSession>, KubeCallError> {
+    if shared.draining.load(Ordering::SeqCst) {
+        return Err(KubeCallError::Draining);
+    }
+    match shared.registry.pick_kube(tenant, agent) {
+        KubePick::Session(s) => Ok(s),
+        KubePick::NoCapability => Err(KubeCallError::NoCapability(agent.to_string())),
+        KubePick::Offline { last_seen } => Err(KubeCallError::Offline {
+            agent: agent.to_string(),
+            seconds_ago: SystemTime::now()
+                .duration_since(last_seen)
+                .map_or(0, |d| d.as_secs()),
+        }),
+        KubePick::Unknown => Err(KubeCallError::NoAgent(agent.to_string())),
+    }
+}
+
+/// How long the agent may work on `request`: for a wait, its own timeout plus a little, so
+/// the wait's precise timeout answer (with what was last seen) comes first; else the hub's
+/// command timeout.
+pub(crate) fn timeout_for(shared: &Shared, request: &KubeRequest) -> Duration {
+    match request {
+        KubeRequest::Wait { timeout_ms, .. } => {
+            Duration::from_millis(*timeout_ms) + Duration::from_secs(2)
+        }
+        _ => shared.config.kube_timeout,
+    }
+}
+
+/// Runs one command on `session`; progress events go to `progress` as they arrive. The whole
+/// exchange is bounded by `timeout` plus a small margin.
+pub(crate) async fn call(
+    session: &Arc<AgentSession>,
+    caller: Caller,
+    request: &KubeRequest,
+    timeout: Duration,
+    progress: Option<mpsc::Sender<String>>,
+) -> Result<String, KubeCallError> {
+    let agent = session.name.clone();
+    let _slot = session.kube_command();
+    let header = StreamHeader::Kube(KubeHeader {
+        timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+        caller,
+    });
+    let head = encode(&header).map_err(|e| KubeCallError::Stream {
+        agent: agent.clone(),
+        message: e.to_string(),
+    })?;
+    let body = encode_limited(request, MAX_KUBE_REQUEST).map_err(|e| match e {
+        crate::proto::codec::CodecError::TooLarge { len, max } => {
+            KubeCallError::TooLarge { len, max }
+        }
+        other => KubeCallError::Stream {
+            agent: agent.clone(),
+            message: other.to_string(),
+        },
+    })?;
+    let stream_err = |message: String| KubeCallError::Stream {
+        agent: agent.clone(),
+        message,
+    };
+    let exchange = async {
+        let (mut send, mut recv) = session
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| stream_err(e.to_string()))?;
+        // Commands go ahead of bulk tunnel data on a congested connection.
+        let _ = send.set_priority(1);
+        let written = async {
+            send.write_all(&head).await?;
+            send.write_all(&body).await?;
+            send.finish()?;
+            Ok::<_, std::io::Error>(())
+        };
+        if let Err(e) = written.await {
+            let _ = recv.stop(StreamCode::Reset.into());
+            return Err(stream_err(e.to_string()));
+        }
+        loop {
+            let reply = read_frame_limited::<KubeReply, _>(&mut recv, MAX_KUBE_REPLY)
+                .await
+                .map_err(|e| stream_err(e.to_string()))?;
+            match reply {
+                Some(KubeReply::Progress(event)) => {
+                    if let Some(tx) = &progress {
+                        // The caller went away: stop reading and let the agent notice.
+                        if tx.send(event).await.is_err() {
+                            let _ = recv.stop(StreamCode::Reset.into());
+                            return Err(stream_err("caller went away".into()));
+                        }
+                    }
+                }
+                Some(KubeReply::Done(Ok(answer))) => return Ok(answer),
+                Some(KubeReply::Done(Err(f))) => return Err(KubeCallError::Failed(f)),
+                None => {
+                    return Err(stream_err(
+                        "agent ended the stream without an answer".into(),
+                    ))
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout + MARGIN, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(KubeCallError::Timeout {
+            agent,
+            timeout: timeout + MARGIN,
+        }),
+    }
+}
+
+/// Accepts the streams an agent opens (inventory reports) until its connection ends.
+pub(crate) async fn accept_agent_streams(shared: Arc<Shared>, session: Arc<AgentSession>) {
+    loop {
+        let (mut send, mut recv) = match session.connection.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let shared = shared.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            let read = tokio::time::timeout(
+                Duration::from_secs(30),
+                read_frame_limited::<AgentStream, _>(&mut recv, MAX_INVENTORY),
+            )
+            .await;
+            match read {
+                Ok(Ok(Some(AgentStream::Inventory(inventory)))) => {
+                    debug!(
+                        resources = inventory.resources.len(),
+                        namespaces = inventory.namespaces.as_ref().map_or(0, Vec::len),
+                        "inventory received"
+                    );
+                    session.set_inventory(inventory);
+                    shared.registry.touch();
+                    let _ = send.finish();
+                }
+                Ok(Ok(None)) => {
+                    let _ = send.finish();
+                }
+                Ok(Err(e)) => {
+                    info!(agent = %session.name, "agent stream refused: {e}");
+                    let _ = send.reset(StreamCode::BadHeader.into());
+                    let _ = recv.stop(StreamCode::BadHeader.into());
+                }
+                Err(_) => {
+                    let _ = send.reset(StreamCode::BadHeader.into());
+                    let _ = recv.stop(StreamCode::BadHeader.into());
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,747 @@
+//! The admin API's Kubernetes endpoints: an agent's inventory, and apply, get, list, delete
+//! and wait through its command channel. Scopes: `read:infra:data` to read and wait,
+//! `exec:infra:op` to apply and delete. Errors become HTTP statuses here, at the edge: a
+//! Kubernetes Status keeps its code, an unknown agent is 404 (also for another tenant's), an
+//! agent without cluster mode 409, an offline agent 503.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+use super::api::{bearer, error};
+use super::kube::{call, pick, timeout_for, KubeCallError};
+use super::Shared;
+use crate::auth::{Grant, Scope, Tenant};
+use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor, MAX_KUBE_REQUEST};
+
+/// The Kubernetes routes, merged into the admin API router.
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/api/v1/agents/{agent}/inventory", get(inventory))
+        .route(
+            "/api/v1/agents/{agent}/kube/apply",
+            post(apply).layer(DefaultBodyLimit::max(MAX_KUBE_REQUEST)),
+        )
+        .route("/api/v1/agents/{agent}/kube/wait", post(wait))
+        .route(
+            "/api/v1/agents/{agent}/kube/{*path}",
+            get(read).delete(delete),
+        )
+}
+
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// The JSON error body of a failed command: message, reason, code, and the Kubernetes Status
+/// (and partial apply results) when there are any.
+fn call_error(e: &KubeCallError) -> Response {
+    let code = e.http_status();
+    let mut body = json!({
+        "error": e.to_string(),
+        "reason": e.reason(),
+        "code": code,
+    });
+    if let KubeCallError::Failed(f) = e {
+        body["error"] = Value::String(f.message.clone());
+        body["kind"] = Value::String(f.kind.as_str().into());
+        if let Some(details) = f
+            .details
+            .as_deref()
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        {
+            match details {
+                Value::Object(map) if map.contains_key("applied") => {
+                    for (k, v) in map {
+                        body[k] = v;
+                    }
+                }
+                status => body["status"] = status,
+            }
+        }
+    }
+    (status(code), Json(body)).into_response()
+}
+
+/// The tenant whose agent the caller addresses: its own, or for an admin token the `tenant`
+/// query parameter or the only tenant that has an agent of this name.
+fn tenant_for(
+    shared: &Shared,
+    grant: &Grant,
+    agent: &str,
+    asked: Option<&str>,
+) -> Result<Tenant, Box<Response>> {
+    if !grant.is_admin() {
+        return Ok(grant.tenant.clone());
+    }
+    if let Some(t) = asked {
+        return t
+            .parse()
+            .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("tenant: {e}"))));
+    }
+    let tenants = shared.registry.tenants_of(agent);
+    match tenants.len() {
+        0 => Ok(grant.tenant.clone()),
+        1 => Ok(tenants[0].clone()),
+        _ => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "agent {agent:?} exists in several tenants ({}): add ?tenant=",
+                tenants
+                    .iter()
+                    .map(Tenant::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ))),
+    }
+}
+
+fn caller(grant: &Grant) -> Caller {
+    Caller {
+        tenant: grant.tenant.to_string(),
+        token_id: grant.token_id.clone(),
+        label: grant.label.clone(),
+    }
+}
+
+/// One audit line per command: who, which agent, what, outcome, duration. Never contents.
+#[allow(clippy::too_many_arguments)]
+fn audit(
+    grant: &Grant,
+    tenant: &Tenant,
+    agent: &str,
+    verb: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    outcome: Result<(), &KubeCallError>,
+    started: Instant,
+) {
+    let (label, code, reason) = match outcome {
+        Ok(()) => ("ok", 200, String::new()),
+        Err(e) => ("failed", e.http_status(), e.reason()),
+    };
+    info!(target: "rna::audit", tenant = %tenant, caller_tenant = %grant.tenant,
+        token_id = %grant.token_id, token_label = grant.label.as_deref().unwrap_or(""),
+        agent, verb, kind, namespace, name, outcome = label, status = code, reason,
+        duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
+}
+
+#[derive(Deserialize, Default)]
+struct TenantQuery {
+    tenant: Option<String>,
+}
+
+async fn inventory(
+    State(shared): State<Arc<Shared>>,
+    Path(agent): Path<String>,
+    Query(q): Query<TenantQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let grant = match bearer(&shared, &headers, Scope::ReadInfraData) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    let sessions: Vec<_> = shared
+        .registry
+        .sessions_of(&tenant, &agent)
+        .into_iter()
+        .filter(|s| s.connection.close_reason().is_none())
+        .collect();
+    if sessions.is_empty() {
+        let e = match super::kube::pick(&shared, &tenant, &agent) {
+            Err(e) => e,
+            Ok(_) => KubeCallError::NoAgent(agent.clone()),
+        };
+        return call_error(&e);
+    }
+    let kubernetes = sessions
+        .iter()
+        .any(|s| s.has_capability(crate::proto::kube::CAPABILITY));
+    // The freshest report among the agent's sessions (replicas report the same cluster).
+    let best = sessions
+        .iter()
+        .filter_map(|s| s.inventory().map(|(inv, at)| (s.id, inv, at)))
+        .max_by_key(|(_, _, at)| *at);
+    let first = &sessions[0];
+    let (session_id, inv, reported, age) = match best {
+        Some((id, inv, at)) => {
+            let unix = at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let age = SystemTime::now()
+                .duration_since(at)
+                .map_or(0.0, |d| d.as_secs_f64());
+            (
+                Some(id),
+                serde_json::to_value(inv).unwrap_or(Value::Null),
+                json!(unix),
+                json!(age),
+            )
+        }
+        None => (None, Value::Null, Value::Null, Value::Null),
+    };
+    Json(json!({
+        "agent": agent,
+        "tenant": tenant.as_str(),
+        "sessions": sessions.len(),
+        "version": first.version,
+        "os": first.os,
+        "arch": first.arch,
+        "capabilities": first.capabilities,
+        "kubernetes": kubernetes,
+        "sessionId": session_id,
+        "reportedAtUnix": reported,
+        "ageSeconds": age,
+        "inventory": inv,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ApplyQuery {
+    dry_run: Option<String>,
+    force: Option<String>,
+    namespace: Option<String>,
+    tenant: Option<String>,
+}
+
+fn truthy(v: &Option<String>) -> Result<bool, String> {
+    match v.as_deref() {
+        None | Some("false") | Some("0") | Some("") => Ok(false),
+        Some("true") | Some("1") | Some("All") => Ok(true),
+        Some(other) => Err(format!("{other:?}: expected true or false")),
+    }
+}
+
+/// Splits a body of YAML or JSON documents into objects: multi-document YAML, a JSON object,
+/// a JSON array, and `List` kinds (their items) are all accepted; empty documents are skipped.
+pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
+    let trimmed = text.trim_start();
+    let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        match serde_json::from_str::<Value>(trimmed) {
+            Ok(Value::Array(items)) => items,
+            Ok(v) => vec![v],
+            Err(e) => return Err(format!("invalid JSON: {e}")),
+        }
+    } else {
+        serde_saphyr::from_multiple::<Value>(text).map_err(|e| format!("invalid YAML: {e}"))?
+    };
+    let mut out = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        match doc {
+            Value::Null => continue,
+            Value::Object(ref map) => {
+                let is_list = map
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| k.ends_with("List"))
+                    && map.get("items").is_some_and(Value::is_array);
+                if is_list {
+                    if let Some(Value::Array(items)) = map.get("items") {
+                        out.extend(items.iter().cloned());
+                    }
+                } else {
+                    for field in ["apiVersion", "kind"] {
+                        if !map.get(field).is_some_and(Value::is_string) {
+                            return Err(format!("document {}: no {field}", i + 1));
+                        }
+                    }
+                    out.push(doc);
+                }
+            }
+            _ => return Err(format!("document {} is not an object", i + 1)),
+        }
+    }
+    if out.is_empty() {
+        return Err("no objects in the body".into());
+    }
+    Ok(out)
+}
+
+async fn apply(
+    State(shared): State<Arc<Shared>>,
+    Path(agent): Path<String>,
+    Query(q): Query<ApplyQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let grant = match bearer(&shared, &headers, Scope::ExecInfraOp) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    let (dry_run, force) = match (truthy(&q.dry_run), truthy(&q.force)) {
+        (Ok(d), Ok(f)) => (d, f),
+        (Err(e), _) => return error(StatusCode::BAD_REQUEST, format!("dryRun: {e}")),
+        (_, Err(e)) => return error(StatusCode::BAD_REQUEST, format!("force: {e}")),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return call_error(&KubeCallError::TooLarge {
+                len: MAX_KUBE_REQUEST + 1,
+                max: MAX_KUBE_REQUEST,
+            })
+        }
+        Err(e) => return error(e.status(), e.body_text()),
+    };
+    let text = match std::str::from_utf8(&body) {
+        Ok(t) => t,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "the body is not UTF-8 text"),
+    };
+    let docs = match parse_documents(text) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let field = |d: &Value, path: &[&str]| {
+        let mut cur = d;
+        for p in path {
+            cur = match cur.get(p) {
+                Some(v) => v,
+                None => return String::from("?"),
+            };
+        }
+        cur.as_str().unwrap_or("?").to_string()
+    };
+    let kinds: Vec<String> = docs.iter().map(|d| field(d, &["kind"])).collect();
+    let names: Vec<String> = docs
+        .iter()
+        .map(|d| field(d, &["metadata", "name"]))
+        .collect();
+    let request = KubeRequest::Apply {
+        objects: Value::Array(docs).to_string(),
+        namespace: q.namespace.filter(|n| !n.is_empty()),
+        dry_run,
+        force,
+    };
+    let ns = match &request {
+        KubeRequest::Apply { namespace, .. } => namespace.clone().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let result = run(&shared, &grant, &tenant, &agent, &request).await;
+    audit(
+        &grant,
+        &tenant,
+        &agent,
+        "apply",
+        &kinds.join(","),
+        &ns,
+        &names.join(","),
+        result.as_ref().map(|_| ()),
+        started,
+    );
+    respond(result)
+}
+
+async fn run(
+    shared: &Shared,
+    grant: &Grant,
+    tenant: &Tenant,
+    agent: &str,
+    request: &KubeRequest,
+) -> Result<String, KubeCallError> {
+    let session = pick(shared, tenant, agent)?;
+    call(
+        &session,
+        caller(grant),
+        request,
+        timeout_for(shared, request),
+        None,
+    )
+    .await
+}
+
+fn respond(result: Result<String, KubeCallError>) -> Response {
+    match result {
+        Ok(answer) => ([(header::CONTENT_TYPE, "application/json")], answer).into_response(),
+        Err(e) => call_error(&e),
+    }
+}
+
+/// Whether a path segment is a core API version (`v1`, `v2beta1`) rather than a group.
+fn is_core_version(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix('v') else {
+        return false;
+    };
+    let digits = rest.chars().take_while(char::is_ascii_digit).count();
+    if digits == 0 {
+        return false;
+    }
+    let tail = &rest[digits..];
+    tail.is_empty()
+        || ["alpha", "beta"].iter().any(|p| {
+            tail.strip_prefix(p)
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        })
+}
+
+/// `v1/ConfigMap[/name]` or `apps/v1/Deployment[/name]` → (apiVersion, kind, name).
+pub fn parse_object_path(path: &str) -> Result<(String, String, Option<String>), String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let bad = || {
+        format!(
+            "{path:?}: expected {{apiVersion}}/{{kind}}[/{{name}}], e.g. v1/ConfigMap/app or \
+             apps/v1/Deployment/web"
+        )
+    };
+    let (api_version, rest) = match parts.first() {
+        Some(v) if is_core_version(v) => (v.to_string(), &parts[1..]),
+        Some(g) if parts.len() >= 3 => (format!("{g}/{}", parts[1]), &parts[2..]),
+        _ => return Err(bad()),
+    };
+    match rest {
+        [kind] => Ok((api_version, kind.to_string(), None)),
+        [kind, name] => Ok((api_version, kind.to_string(), Some(name.to_string()))),
+        _ => Err(bad()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ReadQuery {
+    namespace: Option<String>,
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+    limit: Option<u32>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+    tenant: Option<String>,
+}
+
+async fn read(
+    State(shared): State<Arc<Shared>>,
+    Path((agent, path)): Path<(String, String)>,
+    Query(q): Query<ReadQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let grant = match bearer(&shared, &headers, Scope::ReadInfraData) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    let (api_version, kind, name) = match parse_object_path(&path) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let namespace = q.namespace.filter(|n| !n.is_empty());
+    let target = ObjectRef {
+        api_version,
+        kind,
+        namespace: namespace.clone(),
+        name: name.clone().unwrap_or_default(),
+    };
+    let request = match name {
+        Some(_) => KubeRequest::Get(target),
+        None => KubeRequest::List {
+            target,
+            label_selector: q.label_selector.filter(|s| !s.is_empty()),
+            field_selector: q.field_selector.filter(|s| !s.is_empty()),
+            limit: q.limit,
+            continue_token: q.continue_token.filter(|s| !s.is_empty()),
+        },
+    };
+    let result = run(&shared, &grant, &tenant, &agent, &request).await;
+    let t = request.target().cloned();
+    let t = t.as_ref();
+    audit(
+        &grant,
+        &tenant,
+        &agent,
+        request.verb(),
+        t.map_or("", |t| t.kind.as_str()),
+        t.and_then(|t| t.namespace.as_deref()).unwrap_or(""),
+        t.map_or("", |t| t.name.as_str()),
+        result.as_ref().map(|_| ()),
+        started,
+    );
+    respond(result)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct DeleteQuery {
+    namespace: Option<String>,
+    propagation_policy: Option<String>,
+    dry_run: Option<String>,
+    tenant: Option<String>,
+}
+
+async fn delete(
+    State(shared): State<Arc<Shared>>,
+    Path((agent, path)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let grant = match bearer(&shared, &headers, Scope::ExecInfraOp) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    let (api_version, kind, name) = match parse_object_path(&path) {
+        Ok((v, k, Some(n))) => (v, k, n),
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "delete needs an object name"),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let dry_run = match truthy(&q.dry_run) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("dryRun: {e}")),
+    };
+    let namespace = q.namespace.filter(|n| !n.is_empty());
+    let request = KubeRequest::Delete {
+        target: ObjectRef {
+            api_version,
+            kind: kind.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+        },
+        propagation: q.propagation_policy.filter(|p| !p.is_empty()),
+        dry_run,
+    };
+    let result = run(&shared, &grant, &tenant, &agent, &request).await;
+    audit(
+        &grant,
+        &tenant,
+        &agent,
+        "delete",
+        &kind,
+        namespace.as_deref().unwrap_or(""),
+        &name,
+        result.as_ref().map(|_| ()),
+        started,
+    );
+    respond(result)
+}
+
+/// The body of `POST …/kube/wait`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WaitBody {
+    api_version: String,
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+    /// `rollout`, `delete`, or `condition=Type[=Status]`.
+    #[serde(rename = "for")]
+    for_: String,
+    /// `30s`, `5m`, … (default 5m, at most 1h).
+    timeout: Option<String>,
+    tenant: Option<String>,
+}
+
+/// The longest wait the API accepts.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+async fn wait(
+    State(shared): State<Arc<Shared>>,
+    Path(agent): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let grant = match bearer(&shared, &headers, Scope::ReadInfraData) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    let w: WaitBody = match serde_json::from_slice(&body) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("wait body: {e}")),
+    };
+    let tenant = match tenant_for(&shared, &grant, &agent, w.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    let condition: WaitFor = match w.for_.parse() {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let timeout = match w.timeout.as_deref().map(crate::config::parse_duration) {
+        None => std::time::Duration::from_secs(300),
+        Some(Ok(t)) if t <= MAX_WAIT => t,
+        Some(Ok(_)) => return error(StatusCode::BAD_REQUEST, "timeout: at most 1h"),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("timeout: {e}")),
+    };
+    if w.name.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "wait needs an object name");
+    }
+    let namespace = w.namespace.filter(|n| !n.is_empty());
+    let request = KubeRequest::Wait {
+        target: ObjectRef {
+            api_version: w.api_version,
+            kind: w.kind.clone(),
+            namespace: namespace.clone(),
+            name: w.name.clone(),
+        },
+        condition,
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let session = match pick(&shared, &tenant, &agent) {
+        Ok(s) => s,
+        Err(e) => {
+            audit(
+                &grant,
+                &tenant,
+                &agent,
+                "wait",
+                &w.kind,
+                namespace.as_deref().unwrap_or(""),
+                &w.name,
+                Err(&e),
+                started,
+            );
+            return call_error(&e);
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let (done_tx, done_rx) = oneshot::channel();
+    let task_grant = grant.clone();
+    let task_shared = shared.clone();
+    let task_tenant = tenant.clone();
+    let task_agent = agent.clone();
+    tokio::spawn(async move {
+        let budget = timeout_for(&task_shared, &request);
+        let result = call(&session, caller(&task_grant), &request, budget, Some(tx)).await;
+        audit(
+            &task_grant,
+            &task_tenant,
+            &task_agent,
+            "wait",
+            &w.kind,
+            namespace.as_deref().unwrap_or(""),
+            &w.name,
+            result.as_ref().map(|_| ()),
+            started,
+        );
+        let _ = done_tx.send(result);
+    });
+    // Answer with an HTTP error when the command fails before any progress (bad kind,
+    // forbidden, allow list); once progress flows, the outcome is the last NDJSON line.
+    // The sender is dropped when the command ends, so this returns at the first progress
+    // event or at the end.
+    let first = match rx.recv().await {
+        Some(event) => event,
+        None => {
+            return match done_rx.await {
+                Ok(Ok(answer)) => ndjson(Body::from(format!("{answer}\n"))),
+                Ok(Err(e)) => call_error(&e),
+                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "wait task ended"),
+            }
+        }
+    };
+    let state = (Some(first), rx, Some(done_rx));
+    let stream = futures_util::stream::unfold(state, |(pending, mut rx, done)| async move {
+        if let Some(line) = pending {
+            return Some((
+                Ok::<_, std::io::Error>(Bytes::from(line + "\n")),
+                (None, rx, done),
+            ));
+        }
+        if let Some(event) = rx.recv().await {
+            return Some((Ok(Bytes::from(event + "\n")), (None, rx, done)));
+        }
+        let done = done?;
+        let line = match done.await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => json!({
+                "type": "error",
+                "code": e.http_status(),
+                "reason": e.reason(),
+                "message": match &e { KubeCallError::Failed(f) => f.message.clone(), other => other.to_string() },
+            })
+            .to_string(),
+            Err(_) => json!({"type": "error", "code": 500, "reason": "Internal", "message": "wait task ended"}).to_string(),
+        };
+        Some((Ok(Bytes::from(line + "\n")), (None, rx, None)))
+    });
+    ndjson(Body::from_stream(stream))
+}
+
+fn ndjson(body: Body) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths_parse() {
+        let ok = [
+            ("v1/ConfigMap", ("v1", "ConfigMap", None)),
+            ("v1/ConfigMap/app", ("v1", "ConfigMap", Some("app"))),
+            (
+                "apps/v1/Deployment/web",
+                ("apps/v1", "Deployment", Some("web")),
+            ),
+            (
+                "example.com/v1alpha1/widgets",
+                ("example.com/v1alpha1", "widgets", None),
+            ),
+            ("v2beta1/X", ("v2beta1", "X", None)),
+        ];
+        for (path, (v, k, n)) in ok {
+            let got = parse_object_path(path).unwrap();
+            assert_eq!(
+                (got.0.as_str(), got.1.as_str(), got.2.as_deref()),
+                (v, k, n),
+                "{path}"
+            );
+        }
+        for bad in ["", "v1", "apps/v1", "apps/v1/Deployment/web/x", "v1/a/b/c"] {
+            assert!(parse_object_path(bad).is_err(), "{bad}");
+        }
+        assert!(!is_core_version("version"));
+        assert!(!is_core_version("v1beta"));
+        assert!(is_core_version("v10"));
+    }
+
+    #[test]
+    fn documents_parse_from_yaml_and_json() {
+        let yaml = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: \"1\"\n";
+        let docs = parse_documents(yaml).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1]["data"]["a"], "1");
+        let list = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"}}]}"#;
+        assert_eq!(parse_documents(list).unwrap().len(), 1);
+        let arr = r#"[{"apiVersion":"v1","kind":"Pod"},{"apiVersion":"v1","kind":"Pod"}]"#;
+        assert_eq!(parse_documents(arr).unwrap().len(), 2);
+        for bad in [
+            "",
+            "---\n",
+            "kind: Pod\n",
+            "- a\n- b\n",
+            "{",
+            "apiVersion: v1\nkind: [x\n",
+        ] {
+            assert!(parse_documents(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The Kubernetes command channel: typed commands the hub sends, the agent's answers, and the
+//! inventory the agent reports.
+//!
+//! Each command travels on its own QUIC bidirectional stream opened by the hub, so a command
+//! never waits behind bulk SOCKS data. The stream starts with a [`StreamHeader::Kube`] frame
+//! (standard 64 KiB cap), then one [`KubeRequest`] frame capped at [`MAX_KUBE_REQUEST`]. The
+//! agent answers with zero or more [`KubeReply::Progress`] frames and one final
+//! [`KubeReply::Done`], each capped at [`MAX_KUBE_REPLY`], then finishes the stream.
+//!
+//! Kubernetes objects cross the wire as JSON text: postcard is not self-describing, and the
+//! agent must not reinterpret objects it does not know (custom resources).
+//!
+//! The agent reports its [`Inventory`] on a bidirectional stream it opens itself, starting with
+//! one [`AgentStream::Inventory`] frame capped at [`MAX_INVENTORY`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::Open;
+
+/// Largest command request body (the API server's own request limit is 3 MiB; apply bodies
+/// with several documents stay below this).
+pub const MAX_KUBE_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Largest single reply frame (a list of many objects); larger answers are refused with a
+/// `TooLarge` failure that tells the caller to use `limit`.
+pub const MAX_KUBE_REPLY: usize = 16 * 1024 * 1024;
+
+/// Largest inventory report.
+pub const MAX_INVENTORY: usize = 2 * 1024 * 1024;
+
+/// The capability an agent announces in Hello when it can run Kubernetes commands.
+pub const CAPABILITY: &str = "kubernetes";
+
+/// The first frame of every stream the hub opens: what the stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamHeader {
+    /// A tunnel stream for one SOCKS connection; raw bytes follow the agent's `OpenReply`.
+    Tunnel(Open),
+    /// A Kubernetes command; one capped [`KubeRequest`] frame follows.
+    Kube(KubeHeader),
+}
+
+/// The header of a Kubernetes command stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeHeader {
+    /// The agent abandons the command after this many milliseconds.
+    pub timeout_ms: u64,
+    /// Who asked, for the agent's audit line (never a secret).
+    pub caller: Caller,
+}
+
+/// The identity of the admin API caller behind a command, for audit logs on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    /// The caller's tenant.
+    pub tenant: String,
+    /// The public id of the caller's token.
+    pub token_id: String,
+    /// The token's label, if any.
+    pub label: Option<String>,
+}
+
+/// Identifies one object or one kind of object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// `v1`, `apps/v1`, `example.com/v1alpha1`.
+    pub api_version: String,
+    /// The kind (`Deployment`) or the resource's plural, singular or short name (`deployments`,
+    /// `deploy`); the agent resolves it through discovery.
+    pub kind: String,
+    /// Namespace of a namespaced object (`None`: the agent's default for get/delete/wait, all
+    /// namespaces for list).
+    pub namespace: Option<String>,
+    /// Object name (empty for list).
+    pub name: String,
+}
+
+/// What to wait for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitFor {
+    /// A Deployment, StatefulSet or DaemonSet rollout is complete.
+    Rollout,
+    /// `status.conditions[type=<type>].status == <status>`.
+    Condition {
+        /// Condition type, e.g. `Ready`.
+        type_: String,
+        /// Wanted status, e.g. `True`.
+        status: String,
+    },
+    /// The object no longer exists.
+    Deleted,
+}
+
+impl std::str::FromStr for WaitFor {
+    type Err = String;
+
+    /// `rollout`, `delete` (or `deleted`), `condition=Type` (status `True`) or
+    /// `condition=Type=Status`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rollout" => return Ok(WaitFor::Rollout),
+            "delete" | "deleted" => return Ok(WaitFor::Deleted),
+            _ => {}
+        }
+        let bad = || {
+            format!("invalid condition {s:?}: expected rollout, delete, condition=TYPE or condition=TYPE=STATUS")
+        };
+        let rest = s.strip_prefix("condition=").ok_or_else(bad)?;
+        let (type_, status) = rest.split_once('=').unwrap_or((rest, "True"));
+        if type_.is_empty() || status.is_empty() {
+            return Err(bad());
+        }
+        Ok(WaitFor::Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+        })
+    }
+}
+
+/// A Kubernetes command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KubeRequest {
+    /// Server-side apply of every object, in order, with field manager `rna`.
+    Apply {
+        /// The objects, as one JSON array.
+        objects: String,
+        /// Namespace for namespaced objects that name none.
+        namespace: Option<String>,
+        /// Ask the server to validate without persisting (`dryRun=All`).
+        dry_run: bool,
+        /// Take ownership of fields other managers own instead of failing with 409.
+        force: bool,
+    },
+    /// Read one object.
+    Get(ObjectRef),
+    /// List objects of a kind.
+    List {
+        /// Kind and namespace (`name` is ignored).
+        target: ObjectRef,
+        /// `labelSelector`.
+        label_selector: Option<String>,
+        /// `fieldSelector`.
+        field_selector: Option<String>,
+        /// Page size.
+        limit: Option<u32>,
+        /// Continue token of the previous page.
+        continue_token: Option<String>,
+    },
+    /// Delete one object.
+    Delete {
+        /// The object.
+        target: ObjectRef,
+        /// `Foreground`, `Background` or `Orphan`.
+        propagation: Option<String>,
+        /// `dryRun=All`.
+        dry_run: bool,
+    },
+    /// Wait until an object meets a condition, reporting progress.
+    Wait {
+        /// The object.
+        target: ObjectRef,
+        /// The condition.
+        condition: WaitFor,
+        /// Give up after this many milliseconds.
+        timeout_ms: u64,
+    },
+}
+
+impl KubeRequest {
+    /// The verb, for logs and metrics.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            KubeRequest::Apply { .. } => "apply",
+            KubeRequest::Get(_) => "get",
+            KubeRequest::List { .. } => "list",
+            KubeRequest::Delete { .. } => "delete",
+            KubeRequest::Wait { .. } => "wait",
+        }
+    }
+
+    /// The object or kind the command is about (`None` for apply, which names its objects
+    /// in its documents).
+    pub fn target(&self) -> Option<&ObjectRef> {
+        match self {
+            KubeRequest::Apply { .. } => None,
+            KubeRequest::Get(t) => Some(t),
+            KubeRequest::List { target, .. }
+            | KubeRequest::Delete { target, .. }
+            | KubeRequest::Wait { target, .. } => Some(target),
+        }
+    }
+}
+
+/// One frame of the agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KubeReply {
+    /// A progress event (JSON object), for wait.
+    Progress(String),
+    /// The final answer: a JSON document, or why the command failed.
+    Done(Result<String, KubeFailure>),
+}
+
+/// Why a command failed, as the hub reports it to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeFailure {
+    /// The class of failure.
+    pub kind: FailureKind,
+    /// The HTTP status to answer with (the Kubernetes Status code for API errors).
+    pub code: u16,
+    /// Machine-readable reason (`NotFound`, `Conflict`, `Forbidden`, …).
+    pub reason: String,
+    /// Readable message.
+    pub message: String,
+    /// Extra JSON (the Kubernetes Status `details`, partial apply results), if any.
+    pub details: Option<String>,
+}
+
+impl fmt::Display for KubeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.reason, self.code, self.message)
+    }
+}
+
+/// Classes of command failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The Kubernetes API answered with a Status error; `code` and `reason` are its own.
+    Api,
+    /// The agent's allow list (`--kube-namespace`, `--kube-resource`) refuses the command.
+    NotAllowed,
+    /// The command is malformed (bad document, unknown kind, missing name).
+    BadRequest,
+    /// The agent has no Kubernetes access.
+    NoCapability,
+    /// The command or the wait did not finish in time.
+    Timeout,
+    /// The answer would exceed [`MAX_KUBE_REPLY`].
+    TooLarge,
+    /// The API server could not be reached or answered nonsense.
+    Unavailable,
+}
+
+impl FailureKind {
+    /// A short stable name for logs and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Api => "api",
+            FailureKind::NotAllowed => "not_allowed",
+            FailureKind::BadRequest => "bad_request",
+            FailureKind::NoCapability => "no_capability",
+            FailureKind::Timeout => "timeout",
+            FailureKind::TooLarge => "too_large",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The first (and only) frame of a stream the agent opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentStream {
+    /// A fresh inventory report.
+    Inventory(Inventory),
+}
+
+/// What the agent knows about its cluster, reported on connect and periodically.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Kubernetes server version (`gitVersion`), if readable.
+    pub server_version: Option<String>,
+    /// Server platform (`linux/amd64`).
+    pub platform: Option<String>,
+    /// Number of nodes, if the ServiceAccount may list them.
+    pub node_count: Option<u64>,
+    /// Namespaces the agent may act in (listed, then filtered by its allow list).
+    pub namespaces: Option<Vec<String>>,
+    /// API resources the agent may act on (after its allow list).
+    pub resources: Vec<ResourceInfo>,
+    /// What could not be collected, and why (e.g. nodes are forbidden).
+    pub errors: Vec<String>,
+    /// When the agent collected it, unix seconds.
+    pub collected_unix: u64,
+}
+
+/// One API resource from discovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceInfo {
+    /// API group (`""` for core).
+    pub group: String,
+    /// Version (the group's preferred version).
+    pub version: String,
+    /// Kind.
+    pub kind: String,
+    /// Plural resource name.
+    pub plural: String,
+    /// Singular name.
+    pub singular: String,
+    /// Whether objects live in namespaces.
+    pub namespaced: bool,
+    /// Verbs the API supports on it.
+    pub verbs: Vec<String>,
+    /// Short names (`deploy`).
+    pub short_names: Vec<String>,
+}
+
+impl ResourceInfo {
+    /// `apps/v1`, or `v1` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
+    use crate::proto::Host;
+
+    #[tokio::test]
+    async fn headers_tell_tunnel_and_command_streams_apart() {
+        let headers = [
+            StreamHeader::Tunnel(Open {
+                host: Host::Domain("db".into()),
+                port: 5432,
+            }),
+            StreamHeader::Kube(KubeHeader {
+                timeout_ms: 1000,
+                caller: Caller {
+                    tenant: "acme/prod".into(),
+                    token_id: "0123456789ab".into(),
+                    label: None,
+                },
+            }),
+        ];
+        for h in headers {
+            let frame = encode(&h).unwrap();
+            let got: StreamHeader = read_frame(&mut &frame[..]).await.unwrap().unwrap();
+            assert_eq!(got, h);
+        }
+    }
+
+    #[test]
+    fn wait_conditions_parse() {
+        let ok = [
+            ("rollout", WaitFor::Rollout),
+            ("delete", WaitFor::Deleted),
+            (
+                "condition=Ready",
+                WaitFor::Condition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                },
+            ),
+            (
+                "condition=Available=False",
+                WaitFor::Condition {
+                    type_: "Available".into(),
+                    status: "False".into(),
+                },
+            ),
+        ];
+        for (s, want) in ok {
+            assert_eq!(s.parse::<WaitFor>().unwrap(), want, "{s}");
+        }
+        for bad in [
+            "",
+            "ready",
+            "condition=",
+            "condition=Ready=",
+            "jsonpath={.x}",
+        ] {
+            assert!(bad.parse::<WaitFor>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn command_frames_have_their_own_caps() {
+        let big = KubeRequest::Apply {
+            objects: "x".repeat(MAX_KUBE_REQUEST + 1),
+            namespace: None,
+            dry_run: false,
+            force: false,
+        };
+        assert!(encode_limited(&big, MAX_KUBE_REQUEST).is_err());
+        let fits = KubeRequest::Apply {
+            objects: "x".repeat(200 * 1024),
+            namespace: None,
+            dry_run: false,
+            force: false,
+        };
+        // Larger than a control frame, within the command cap.
+        assert!(encode(&fits).is_err());
+        let frame = encode_limited(&fits, MAX_KUBE_REQUEST).unwrap();
+        let got: KubeRequest = read_frame_limited(&mut &frame[..], MAX_KUBE_REQUEST)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, fits);
+        // A reader with a smaller cap refuses the announced length before allocating.
+        assert!(read_frame_limited::<KubeRequest, _>(&mut &frame[..], 1024)
+            .await
+            .is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! The agents status page at `GET /` of the hub's admin API: who may see it (bearer, login
+//! cookie, tenant scope), what it shows, and how it renders in headless Chromium.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rna::auth::Scope;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One HTTP/1.1 response, read whole.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request with `Connection: close` and reads the whole response.
+async fn request(
+    api: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut s = within("admin API connect", TcpStream::connect(api))
+        .await
+        .unwrap();
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    within("admin API response", s.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let raw = String::from_utf8(raw).expect("the admin API answers UTF-8");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .expect("a complete response head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+async fn get(api: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Reply {
+    request(api, "GET", target, headers, "").await
+}
+
+/// The `name=value` part of the reply's Set-Cookie.
+fn cookie_pair(reply: &Reply) -> String {
+    let set = reply.header("set-cookie").expect("a Set-Cookie header");
+    set.split(';').next().unwrap().trim().to_string()
+}
+
+/// The table row of one agent in a rendered page, or `None` when the page has none.
+fn row<'a>(page: &'a str, agent: &str) -> Option<&'a str> {
+    let start = page.find(&format!("data-agent=\"{agent}\""))?;
+    let end = page[start..].find("</tr>").expect("row end") + start;
+    Some(&page[start..end])
+}
+
+/// The text of the cell with class `c-<column>` in a row, tags removed.
+fn cell(row: &str, column: &str) -> String {
+    let marker = format!("c-{column}");
+    let at = row
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {marker} cell in {row}"));
+    let open_end = row[at..].find('>').unwrap() + at + 1;
+    let close = row[open_end..].find("</td>").unwrap() + open_end;
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in row[open_end..close].chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.trim().to_string()
+}
+
+/// Checks the columns of one agent's row against what the hub knows about that agent.
+fn check_row(page: &str, agent: &str, tenant: &str) {
+    let row = row(page, agent).unwrap_or_else(|| panic!("no row for {agent} in {page}"));
+    assert!(
+        cell(row, "name").starts_with(&format!("{agent} #")),
+        "{row}"
+    );
+    assert_eq!(cell(row, "tenant"), tenant);
+    assert_eq!(cell(row, "version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        cell(row, "os"),
+        format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH)
+    );
+    assert!(cell(row, "remote").starts_with("127.0.0.1:"), "{row}");
+    assert!(cell(row, "since").contains(" UTC"), "{row}");
+    let heartbeat = cell(row, "heartbeat");
+    let secs: f64 = heartbeat
+        .strip_suffix(" s ago")
+        .unwrap_or_else(|| panic!("heartbeat cell {heartbeat:?}"))
+        .parse()
+        .unwrap();
+    assert!(secs < 4.0, "a live agent is not stale: {row}");
+    assert!(!row.contains("stale"), "{row}");
+    let rtt = cell(row, "rtt");
+    assert!(rtt.ends_with(" ms"), "RTT measured: {rtt:?}");
+    cell(row, "lost").parse::<u64>().expect("lost packets");
+    assert_eq!(cell(row, "streams"), "0");
+    for column in ["in", "out"] {
+        let bytes = cell(row, column);
+        assert!(
+            ["B", "KiB", "MiB", "GiB"]
+                .iter()
+                .any(|u| bytes.ends_with(&format!(" {u}"))),
+            "{column}: {bytes:?}"
+        );
+    }
+}
+
+/// Two agents in `acme/prod` and one in `globex/dev`; `db-gateway` has relayed 3 MB.
+struct Scene {
+    world: World,
+    _agents: Vec<TestAgent>,
+}
+
+async fn scene() -> Scene {
+    let world = World::start().await;
+    let acme = world.agent_token("acme/prod");
+    let globex = world.agent_token("globex/dev");
+    let agents = vec![
+        world
+            .connect_agent("acme/prod", "db-gateway", &acme, 1)
+            .await,
+        world
+            .connect_agent("acme/prod", "k8s-eu-west", &acme, 1)
+            .await,
+        world
+            .connect_agent("globex/dev", "globex-vault", &globex, 1)
+            .await,
+    ];
+    let dest = http_server().await;
+    let mut s = socks_connect(world.socks, "db-gateway", &acme, Dest::Ip(dest))
+        .await
+        .expect("SOCKS connect through db-gateway");
+    s.write_all(b"GET /bytes/3000000 HTTP/1.1\r\nHost: dest\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within("3 MB through the tunnel", s.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(got.len() > 3_000_000);
+    drop(s);
+    // Every session has measured a heartbeat round trip and closed its stream, so the page
+    // shows settled numbers. The registry signals membership changes, not these counters.
+    within("heartbeat RTTs and closed streams", async {
+        loop {
+            let infos = world.hub.registry().infos(None);
+            if infos.len() == 3 && infos.iter().all(|i| i.rtt_ms > 0.0 && i.open_streams == 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    Scene {
+        world,
+        _agents: agents,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_cookie_bearer_and_tenant_scope() {
+    let Scene { world, _agents } = scene().await;
+    let api = world.api;
+    let acme_read = world.token("acme/prod", &[Scope::ReadInfraData]);
+    let globex_read = world.token("globex/dev", &[Scope::ReadInfraData]);
+
+    // No token: the login form, as HTML, with a 401.
+    let r = get(api, "/", &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert!(
+        r.body.contains("<form method=\"post\" action=\"/\""),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("type=\"password\"") && r.body.contains("name=\"token\""));
+    assert!(!r.body.contains("db-gateway"));
+
+    // A wrong token: 401, the form again with the reason, never a trace or the agents.
+    for bad in [
+        "rna_000000000000_000000000000000000000000000000000000000000000000",
+        "nope",
+    ] {
+        let r = get(api, &format!("/?token={bad}"), &[]).await;
+        assert_eq!(r.status, 401, "{bad}");
+        assert!(r.body.contains("id=\"error\""), "{}", r.body);
+        assert!(r.body.contains("<form"), "{}", r.body);
+        assert!(r.header("set-cookie").is_none());
+        assert!(!r.body.contains("db-gateway") && !r.body.contains("panicked"));
+        let r = get(api, "/", &[("Authorization", &format!("Bearer {bad}"))]).await;
+        assert_eq!(r.status, 401);
+        let r = get(api, "/", &[("Cookie", &format!("rna_token={bad}"))]).await;
+        assert_eq!(r.status, 401);
+        assert!(
+            r.header("set-cookie")
+                .is_some_and(|c| c.contains("Max-Age=0")),
+            "a bad cookie is cleared: {:?}",
+            r.headers
+        );
+    }
+
+    // `?token=` logs in: 303 to `/` and a cookie the page script cannot read.
+    let r = get(api, &format!("/?token={acme_read}"), &[]).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/"));
+    let set = r.header("set-cookie").unwrap();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.split("; ").any(|a| a == attr), "{attr} in {set}");
+    }
+    let cookie = cookie_pair(&r);
+    assert_eq!(cookie, format!("rna_token={acme_read}"));
+
+    // The cookie shows the page: both acme agents, not globex's.
+    let r = get(api, "/", &[("Cookie", &cookie)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert!(r
+        .header("content-security-policy")
+        .is_some_and(|c| c.contains("default-src 'none'")));
+    assert!(r.body.contains("<meta http-equiv=\"refresh\""));
+    assert!(
+        r.body.contains("2 connections &middot; tenant acme/prod"),
+        "{}",
+        r.body
+    );
+    check_row(&r.body, "db-gateway", "acme/prod");
+    check_row(&r.body, "k8s-eu-west", "acme/prod");
+    assert!(!r.body.contains("globex"), "{}", r.body);
+    // 3 MB came from the agent; the request went to it.
+    let gateway = row(&r.body, "db-gateway").unwrap();
+    assert_eq!(cell(gateway, "in"), "2.9 MiB");
+    assert!(cell(gateway, "out").ends_with(" B"), "{gateway}");
+    assert!(r.body.contains("href=\"/sign-out\""));
+    assert!(
+        !r.body.contains("<script") && !r.body.contains("http://") && !r.body.contains("https://")
+    );
+
+    // The login form's POST does the same as `?token=`.
+    let r = request(
+        api,
+        "POST",
+        "/",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &format!("token={acme_read}"),
+    )
+    .await;
+    assert_eq!(r.status, 303);
+    assert_eq!(cookie_pair(&r), cookie);
+
+    // A bearer token works without a cookie.
+    let r = get(
+        api,
+        "/",
+        &[("Authorization", &format!("Bearer {acme_read}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(row(&r.body, "db-gateway").is_some() && row(&r.body, "k8s-eu-west").is_some());
+
+    // Another tenant's token sees its own agent and none of acme's, on the page and the API.
+    let r = get(api, &format!("/?token={globex_read}"), &[]).await;
+    assert_eq!(r.status, 303);
+    let r = get(api, "/", &[("Cookie", &cookie_pair(&r))]).await;
+    assert_eq!(r.status, 200);
+    check_row(&r.body, "globex-vault", "globex/dev");
+    assert!(!r.body.contains("db-gateway") && !r.body.contains("k8s-eu-west"));
+    assert!(!r.body.contains("acme"), "{}", r.body);
+    let r = get(
+        api,
+        "/api/v1/agents",
+        &[("Authorization", &format!("Bearer {globex_read}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let list: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let names: Vec<&str> = list["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["globex-vault"]);
+
+    // An admin token sees every tenant.
+    let admin = world.token("ops/all", &[Scope::Admin]);
+    let r = get(api, "/", &[("Authorization", &format!("Bearer {admin}"))]).await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .body
+        .contains("3 connections &middot; all tenants (admin)"));
+    for agent in ["db-gateway", "k8s-eu-west", "globex-vault"] {
+        assert!(row(&r.body, agent).is_some(), "{agent}");
+    }
+
+    // A valid token without read:infra:data is refused with 403, and shows nothing.
+    let agent_token = world.agent_token("acme/prod");
+    let r = get(api, &format!("/?token={agent_token}"), &[]).await;
+    assert_eq!(r.status, 403);
+    assert!(r.header("set-cookie").is_none());
+    assert!(r.body.contains("read:infra:data") && !r.body.contains("db-gateway"));
+
+    // Sign out clears the cookie; a revoked token's cookie stops working.
+    let r = get(api, "/sign-out", &[("Cookie", &cookie)]).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/"));
+    let set = r.header("set-cookie").unwrap();
+    assert!(
+        set.starts_with("rna_token=;") && set.contains("Max-Age=0"),
+        "{set}"
+    );
+    world.revoke(&acme_read);
+    let r = get(api, "/", &[("Cookie", &cookie)]).await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("token was revoked"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_state_says_how_to_connect_a_first_agent() {
+    let world = World::start().await;
+    let read = world.token("acme/prod", &[Scope::ReadInfraData]);
+    let r = get(
+        world.api,
+        "/",
+        &[("Authorization", &format!("Bearer {read}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("0 connections"), "{}", r.body);
+    assert!(r.body.contains("No agent is connected in tenant acme/prod"));
+    assert!(
+        r.body.contains(&format!(
+            "rna agent --hub {} --name my-agent --token-file token.txt",
+            world.quic
+        )),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("--tenant acme/prod"));
+    assert!(!r.body.contains("<table"));
+}
+
+/// Where test artifacts go: `$CARGO_TARGET_DIR/test-artifacts` or `target/test-artifacts`.
+fn artifacts_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The Chromium binary (`$RNA_CHROMIUM`, or `chromium` / `chromium-browser` on the PATH).
+fn chromium() -> String {
+    let candidates: Vec<String> = match std::env::var("RNA_CHROMIUM") {
+        Ok(path) => vec![path],
+        Err(_) => vec!["chromium".into(), "chromium-browser".into()],
+    };
+    for c in &candidates {
+        let ok = std::process::Command::new(c)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return c.clone();
+        }
+    }
+    panic!(
+        "headless Chromium is required for the status page test but none of {candidates:?} \
+         runs; install it (`apt-get install -y chromium`, as .ci/run does) or set RNA_CHROMIUM"
+    );
+}
+
+/// Runs headless Chromium on `url` with `extra` flags in a fresh profile, bounded in time;
+/// returns its stdout. On a timeout its whole process group is killed and the test fails.
+async fn run_chromium(browser: &str, url: &str, extra: &[String]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(extra)
+    .arg(url)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true)
+    .process_group(0);
+    let child = cmd.spawn().expect("start chromium");
+    let pid = child.id();
+    match tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.expect("chromium output");
+            assert!(
+                out.status.success(),
+                "chromium failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+        Err(_) => {
+            // The child handle was dropped (killed); its renderer processes share its group.
+            if let Some(pid) = pid {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &format!("-{pid}")])
+                    .status();
+            }
+            panic!("chromium did not finish within 60 s on {url}");
+        }
+    }
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert!(
+        png.len() > 24 && png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "not a PNG"
+    );
+    let be = |at: usize| u32::from_be_bytes([png[at], png[at + 1], png[at + 2], png[at + 3]]);
+    (be(16), be(20))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_in_headless_chromium_shows_both_agents() {
+    let browser = chromium();
+    let Scene { world, _agents } = scene().await;
+    let read = world.token("acme/prod", &[Scope::ReadInfraData]);
+    // The login answers 303 with the cookie; Chromium follows it to `/` and sends it.
+    let url = format!("http://{}/?token={read}", world.api);
+
+    let dom = run_chromium(&browser, &url, &["--dump-dom".to_string()]).await;
+    assert!(dom.contains("<table id=\"agents\">"), "rendered DOM: {dom}");
+    assert!(!dom.contains("id=\"login\""), "{dom}");
+    check_row(&dom, "db-gateway", "acme/prod");
+    check_row(&dom, "k8s-eu-west", "acme/prod");
+    assert_eq!(dom.matches("<tr data-session=").count(), 2, "{dom}");
+    assert!(!dom.contains("globex"), "{dom}");
+    let gateway = row(&dom, "db-gateway").unwrap();
+    assert_eq!(cell(gateway, "in"), "2.9 MiB");
+
+    let shot = artifacts_dir().join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    run_chromium(
+        &browser,
+        &url,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1400,600".to_string(),
+        ],
+    )
+    .await;
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert_eq!(png_size(&png), (1400, 600));
+    assert!(png.len() > 10_000, "a rendered page, not a blank image");
+    eprintln!("status page screenshot: {}", shot.display());
+    // Refresh the documentation image on request only, so test runs leave the tree clean.
+    if std::env::var_os("RNA_UPDATE_DOCS_SCREENSHOT").is_some() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/images");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::copy(&shot, docs.join("status-page.png")).unwrap();
+    }
+}
