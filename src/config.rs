@@ -203,6 +203,10 @@ pub struct HubOptions {
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
+    /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
+    /// restart at once); created if missing.
+    #[arg(long, env = "RNA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Time a Kubernetes command (other than wait, which has its own timeout) may take
     /// [default: 60s].
     #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
@@ -368,6 +372,7 @@ impl HubOptions {
             max_frame: self.max_frame.or(lower.max_frame),
             stream_idle_timeout: self.stream_idle_timeout.or(lower.stream_idle_timeout),
             congestion: self.congestion.or(lower.congestion),
+            state_dir: self.state_dir.or(lower.state_dir),
             kube_timeout: self.kube_timeout.or(lower.kube_timeout),
         }
     }
@@ -437,6 +442,7 @@ struct HubFile {
     max_frame: Option<usize>,
     stream_idle_timeout: Option<String>,
     congestion: Option<String>,
+    state_dir: Option<PathBuf>,
     kube_timeout: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -647,6 +653,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
             parse_duration,
         )?,
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
+        state_dir: c.path(f.state_dir),
         kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
     };
     let log = LogOptions {
@@ -837,6 +844,7 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         config.token_poll = t;
     }
     config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
+    config.state_dir = o.state_dir;
     if let Some(t) = o.kube_timeout {
         config.kube_timeout = t;
     }
@@ -1197,6 +1205,21 @@ mod tests {
             err.starts_with("hub.toml: stream_idle_timeout: invalid duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn hub_state_dir_comes_from_the_file_relative_to_it_and_the_flag_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("hub.toml");
+        std::fs::write(&file, "state_dir = \"state\"\n").unwrap();
+        let (from_file, _) = read_hub_file(&file).unwrap();
+        assert_eq!(from_file.state_dir, Some(tmp.path().join("state")));
+        let cli = HubOptions {
+            state_dir: Some(PathBuf::from("/var/lib/rna")),
+            ..Default::default()
+        };
+        let (merged, _, _) = merge_hub(Some(&file), cli, LogOptions::default()).unwrap();
+        assert_eq!(merged.state_dir, Some(PathBuf::from("/var/lib/rna")));
     }
 
     /// The keys a file type accepts, from serde's own "expected one of" list.

@@ -1750,6 +1750,7 @@ async fn the_agent_refuses_malformed_commands_and_keeps_serving() {
         "127.0.0.1:0".parse().unwrap(),
         &tls,
         &rna::transport::Limits::default(),
+        &rna::transport::EndpointKey::random().unwrap(),
     )
     .unwrap();
     let port = endpoint.local_addr().unwrap().port();

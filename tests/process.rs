@@ -512,3 +512,116 @@ async fn killed_hub_resets_clients_and_agents_come_back_to_a_restarted_one() {
     agent.stop().await;
     world.stop().await;
 }
+
+/// A hub killed with SIGKILL and started again with the same `--state-dir` keeps its endpoint
+/// key, so the agent's next packet draws a stateless reset it trusts: the agent reconnects
+/// within about one keep-alive interval instead of waiting out its idle timeout (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |f: &str| tmp.path().join(f).display().to_string();
+    let certs = d("certs");
+    let store = d("tokens.toml");
+    let (code, _) = run_rna(&["certs", "init", "--dir", &certs, "--hub-name", "127.0.0.1"]).await;
+    assert_eq!(code, 0);
+    let (code, _) = run_rna(&["certs", "agent", "--dir", &certs, "edge"]).await;
+    assert_eq!(code, 0);
+    let (code, token) = run_rna(&[
+        "token",
+        "create",
+        "--store",
+        &store,
+        "--tenant",
+        "acme/prod",
+        "--scope",
+        "connect:agentHub",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    std::fs::write(d("token.txt"), token.trim()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // A fixed port: the restarted hub must be where the agent's packets go.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hub_args: Vec<String> = [
+        "hub",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--socks",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--ca",
+        &format!("{certs}/ca.pem"),
+        "--cert",
+        &format!("{certs}/hub.pem"),
+        "--key",
+        &format!("{certs}/hub-key.pem"),
+        "--tokens",
+        &store,
+        "--state-dir",
+        &d("state"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    let key = std::fs::read(tmp.path().join("state/endpoint.key")).unwrap();
+    assert_eq!(key.len(), 32);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("state/endpoint.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let agent_args: Vec<String> = [
+        "agent",
+        "--hub",
+        &format!("127.0.0.1:{port}"),
+        "--name",
+        "edge",
+        "--ca",
+        &format!("{certs}/ca.pem"),
+        "--cert",
+        &format!("{certs}/agent-edge.pem"),
+        "--key",
+        &format!("{certs}/agent-edge-key.pem"),
+        "--token-file",
+        &d("token.txt"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (_agent, mut agent_log) = spawn_logged(&agent_args);
+    wait_line(&mut agent_log, "connected to hub").await;
+    // Let the session be up long enough to earn an immediate reconnect.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    hub.kill().await.unwrap();
+    let (_hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    assert_eq!(
+        std::fs::read(tmp.path().join("state/endpoint.key")).unwrap(),
+        key,
+        "the key must be reused, not replaced"
+    );
+    // Far below the 30 s idle timeout the agent would otherwise wait out.
+    let rejoined = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        wait_line(&mut agent_log, "reset by peer").await;
+        wait_line(&mut agent_log, "connected to hub").await
+    })
+    .await;
+    assert!(
+        rejoined.is_ok(),
+        "the agent did not learn of the restart from a stateless reset"
+    );
+}

@@ -343,6 +343,13 @@ impl Agent {
     }
 }
 
+/// A session that lasted this long earns an immediate reconnect when it ends; shorter ones
+/// back off, so a hub that accepts and then drops us is never hammered.
+const STABLE_SESSION: Duration = Duration::from_secs(1);
+
+/// Delay of that immediate reconnect.
+const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
+
 #[derive(Clone)]
 struct Supervisor {
     config: Arc<AgentConfig>,
@@ -470,6 +477,7 @@ impl Supervisor {
                         s.sessions_total += 1;
                         s.last_error = None;
                     });
+                    let up_since = std::time::Instant::now();
                     let end = session::run(
                         established,
                         self.dialer.clone(),
@@ -488,6 +496,12 @@ impl Supervisor {
                         info!("hub is going away: {}; reconnecting", end.reason);
                         // Replicas restart together: spread the reconnects a little.
                         Duration::from_millis(50)
+                    } else if up_since.elapsed() >= STABLE_SESSION {
+                        // A session that had been up is worth one immediate retry: a hub that
+                        // restarted (its stateless reset ends our session) answers at once.
+                        // Failures after that back off as usual.
+                        warn!("session ended: {}; reconnecting now", end.reason);
+                        IMMEDIATE_RECONNECT
                     } else {
                         warn!("session ended: {}; reconnecting", end.reason);
                         retry.next().unwrap_or(self.config.backoff.max)

@@ -226,6 +226,16 @@ pub async fn run(
         end = heartbeat_loop(&connection, &mut send, &mut reader, heartbeat, cancel, |_| {}) => end,
         e = accept => ControlEnd::Stream(e.to_string()),
     };
+    let path = connection.stats().path;
+    // Path facts for diagnosing throughput: MTU discovery's result and loss.
+    debug!(
+        mtu = path.current_mtu,
+        lost_packets = path.lost_packets,
+        black_holes = path.black_holes_detected,
+        probes_sent = path.sent_plpmtud_probes,
+        probes_lost = path.lost_plpmtud_probes,
+        "hub connection path"
+    );
     let going_away = matches!(
         connection.close_reason(),
         Some(ConnectionError::ApplicationClosed(ref c))

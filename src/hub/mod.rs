@@ -149,6 +149,9 @@ pub struct HubConfig {
     pub token_poll: Duration,
     /// Label session metrics with the agent name too (opt in: one series per agent).
     pub metrics_per_agent: bool,
+    /// Folder for state that must survive restarts (the endpoint key). Without it every start
+    /// makes a new key, and agents of a restarted hub notice only at their idle timeout.
+    pub state_dir: Option<PathBuf>,
     /// How long a Kubernetes command (other than wait, which has its own) may take.
     pub kube_timeout: Duration,
 }
@@ -171,6 +174,7 @@ impl HubConfig {
             grace: Duration::from_secs(30),
             token_poll: Duration::from_secs(2),
             metrics_per_agent: false,
+            state_dir: None,
             kube_timeout: Duration::from_secs(60),
         }
     }
@@ -286,7 +290,16 @@ impl Hub {
             return Err(HubError::NoAuthNotLoopback(config.socks));
         }
         let tokens = Arc::new(ReloadingStore::open(&config.tokens)?);
-        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits)?;
+        let key = match &config.state_dir {
+            Some(dir) => transport::EndpointKey::load_or_create(dir)?,
+            None => {
+                info!(
+                    "no state folder: agents of a restarted hub notice only at their idle timeout"
+                );
+                transport::EndpointKey::random()?
+            }
+        };
+        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits, &key)?;
         // Keep the port actually bound (`:0` picks one), for the status page's connect line.
         let mut config = config;
         if let Ok(bound) = endpoint.local_addr() {

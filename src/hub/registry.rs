@@ -181,6 +181,7 @@ impl AgentSession {
             last_heartbeat_seconds_ago: lock(&self.last_heartbeat).elapsed().as_secs_f64(),
             rtt_ms: self.rtt_micros.load(Ordering::Relaxed) as f64 / 1000.0,
             lost_packets: self.connection.stats().path.lost_packets,
+            path_mtu: self.connection.stats().path.current_mtu,
             open_streams: self.open_streams(),
             streams_total: self.streams_total(),
             bytes_in: self.bytes_from_agent.load(Ordering::Relaxed),
@@ -216,6 +217,8 @@ pub struct AgentInfo {
     pub rtt_ms: f64,
     /// Packets QUIC declared lost on this connection so far.
     pub lost_packets: u64,
+    /// Largest UDP payload the hub currently sends on this connection (MTU discovery).
+    pub path_mtu: u16,
     /// Tunnel streams open now.
     pub open_streams: usize,
     /// Tunnel streams opened in this session.

@@ -526,6 +526,7 @@ mod tests {
             last_heartbeat_seconds_ago: 1.5,
             rtt_ms: 0.42,
             lost_packets: 3,
+            path_mtu: 1452,
             open_streams: 2,
             streams_total: 9,
             bytes_in: 5 * 1024 * 1024 + 300 * 1024,

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
+use sha2::{Digest, Sha256};
 
 pub use tls::{ClientTls, ServerTls, TlsError};
 
@@ -30,6 +32,93 @@ pub enum TransportError {
     /// A limit is out of range.
     #[error("invalid transport limit: {0}")]
     Limit(String),
+    /// The endpoint key in the state folder could not be read or created.
+    #[error("endpoint key {path}: {message}")]
+    Key {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// File in the hub's state folder holding the endpoint secret.
+pub const ENDPOINT_KEY_FILE: &str = "endpoint.key";
+
+/// The hub's endpoint secret: it keys stateless-reset tokens and connection IDs, so a hub
+/// restarted with the same secret recognises the connection IDs its previous run handed out
+/// and answers an agent's next packet with a stateless reset the agent accepts. The agent
+/// then knows at once that its session is gone and reconnects, instead of waiting out the idle
+/// timeout.
+#[derive(Clone)]
+pub struct EndpointKey([u8; 32]);
+
+impl std::fmt::Debug for EndpointKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndpointKey(..)")
+    }
+}
+
+impl EndpointKey {
+    /// A fresh random key (used when the hub has no state folder).
+    pub fn random() -> Result<EndpointKey, TransportError> {
+        use ring::rand::SecureRandom;
+        let mut k = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut k)
+            .map_err(|_| TransportError::Key {
+                path: "(random)".into(),
+                message: "the system random source failed".into(),
+            })?;
+        Ok(EndpointKey(k))
+    }
+
+    /// Reads `dir/endpoint.key`, creating the folder and a new random key (mode 0600) when
+    /// missing. A file of the wrong size is an error, never silently replaced.
+    pub fn load_or_create(dir: &std::path::Path) -> Result<EndpointKey, TransportError> {
+        let path = dir.join(ENDPOINT_KEY_FILE);
+        let fail = |message: String| TransportError::Key {
+            path: path.clone(),
+            message,
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    fail(format!(
+                        "expected 32 bytes, found {}; delete it to make a new one",
+                        bytes.len()
+                    ))
+                })?;
+                Ok(EndpointKey(k))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| fail(format!("creating the state folder: {e}")))?;
+                let key = EndpointKey::random()?;
+                crate::certs::write_private(&path, &key.0, false)
+                    .map_err(|e| fail(e.to_string()))?;
+                Ok(key)
+            }
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    fn endpoint_config(&self) -> EndpointConfig {
+        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let mut config = EndpointConfig::new(Arc::new(reset));
+        let digest = Sha256::new()
+            .chain_update(b"rna connection id key")
+            .chain_update(self.0)
+            .finalize();
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&digest[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        config.cid_generator(move || {
+            Box::new(HashedConnectionIdGenerator::from_key(cid_key))
+                as Box<dyn quinn_proto::ConnectionIdGenerator>
+        });
+        config
+    }
 }
 
 /// The congestion controller of a side's sending direction.
@@ -70,8 +159,11 @@ pub struct Limits {
     pub connection_window: u32,
     /// Bytes a connection may have in flight unacknowledged.
     pub send_window: u64,
-    /// QUIC PING interval that keeps NAT bindings and the idle timer alive.
+    /// QUIC PING interval that keeps NAT bindings and the idle timer alive (hub side).
     pub keep_alive: Duration,
+    /// The agent's PING interval on an idle connection. Besides keeping NAT bindings, it is
+    /// how fast an agent notices a restarted hub: the next packet draws a stateless reset.
+    pub agent_keep_alive: Duration,
     /// A connection silent for this long is dead.
     pub idle_timeout: Duration,
     /// Time allowed for the QUIC and TLS handshake.
@@ -80,6 +172,11 @@ pub struct Limits {
     pub max_incoming: usize,
     /// Congestion controller for what this side sends.
     pub congestion: Congestion,
+    /// Largest UDP payload MTU discovery may reach. Connections start at 1200 bytes and probe
+    /// upwards; a path that drops big probes keeps the largest size that got through, so a
+    /// high bound costs nothing on a 1500-byte path and cuts per-packet work several-fold on
+    /// jumbo-frame networks (9001 in AWS VPCs) and loopback. At most 6550 (see the default).
+    pub max_udp_payload: u16,
 }
 
 impl Default for Limits {
@@ -91,10 +188,16 @@ impl Default for Limits {
             connection_window: 32 * 1024 * 1024,
             send_window: 32 * 1024 * 1024,
             keep_alive: Duration::from_secs(5),
+            agent_keep_alive: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_incoming: 1024,
             congestion: Congestion::Cubic,
+            // quinn hands the kernel up to 10 packets per GSO send, and one send must fit a
+            // single UDP datagram (65,507 bytes): bigger packets would make every full batch
+            // fail, read as loss, and MTU discovery's black-hole detector would fall back to
+            // 1200 bytes. 6550 × 10 fits, and fits a 9000-byte jumbo frame.
+            max_udp_payload: 6550,
         }
     }
 }
@@ -102,7 +205,11 @@ impl Default for Limits {
 impl Limits {
     /// The transport config a side uses; `incoming_bidi` is how many bidirectional streams the
     /// peer may open towards us.
-    fn transport(&self, incoming_bidi: u32) -> Result<TransportConfig, TransportError> {
+    fn transport(
+        &self,
+        incoming_bidi: u32,
+        keep_alive: Duration,
+    ) -> Result<TransportConfig, TransportError> {
         let idle = IdleTimeout::try_from(self.idle_timeout)
             .map_err(|_| TransportError::Limit(format!("idle timeout {:?}", self.idle_timeout)))?;
         let mut t = TransportConfig::default();
@@ -111,7 +218,7 @@ impl Limits {
             .stream_receive_window(VarInt::from_u32(self.stream_window))
             .receive_window(VarInt::from_u32(self.connection_window))
             .send_window(self.send_window)
-            .keep_alive_interval(Some(self.keep_alive))
+            .keep_alive_interval(Some(keep_alive))
             .max_idle_timeout(Some(idle))
             // Datagrams are not used yet (UDP ASSOCIATE will use them); refuse them for now.
             .datagram_receive_buffer_size(None)
@@ -119,7 +226,23 @@ impl Limits {
         if self.congestion == Congestion::Bbr {
             t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
         Ok(t)
+    }
+
+    /// Endpoint settings shared by hub and agent: accept datagrams as large as we may send.
+    fn endpoint_config(
+        &self,
+        mut config: EndpointConfig,
+    ) -> Result<EndpointConfig, TransportError> {
+        config
+            .max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| {
+                TransportError::Limit(format!("max UDP payload {}: {e}", self.max_udp_payload))
+            })?;
+        Ok(config)
     }
 }
 
@@ -148,17 +271,20 @@ pub fn hub_endpoint(
     addr: SocketAddr,
     tls: &ServerTls,
     limits: &Limits,
+    key: &EndpointKey,
 ) -> Result<quinn::Endpoint, TransportError> {
     let crypto = tls.quic_config()?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server
-        .transport_config(Arc::new(limits.transport(limits.agent_streams)?))
+        .transport_config(Arc::new(
+            limits.transport(limits.agent_streams, limits.keep_alive)?,
+        ))
         .max_incoming(limits.max_incoming)
         // An agent whose address changes (NAT rebinding, pod IP change) keeps its session.
         .migration(true);
     let socket = udp_socket(addr)?;
     quinn::Endpoint::new(
-        EndpointConfig::default(),
+        limits.endpoint_config(key.endpoint_config())?,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -205,7 +331,7 @@ pub fn agent_endpoint(
     };
     let socket = udp_socket(local)?;
     let mut endpoint = quinn::Endpoint::new(
-        EndpointConfig::default(),
+        limits.endpoint_config(EndpointConfig::default())?,
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -215,7 +341,46 @@ pub fn agent_endpoint(
         source,
     })?;
     let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
-    client.transport_config(Arc::new(limits.transport(limits.tunnel_streams)?));
+    client.transport_config(Arc::new(
+        limits.transport(limits.tunnel_streams, limits.agent_keep_alive)?,
+    ));
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_key_is_created_once_and_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let first = EndpointKey::load_or_create(&dir).unwrap();
+        let again = EndpointKey::load_or_create(&dir).unwrap();
+        assert_eq!(first.0, again.0);
+        assert_ne!(first.0, [0u8; 32]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join(ENDPOINT_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn a_damaged_endpoint_key_is_an_error_and_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(ENDPOINT_KEY_FILE);
+        std::fs::write(&path, b"short").unwrap();
+        let err = EndpointKey::load_or_create(tmp.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("expected 32 bytes, found 5"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"short");
+    }
 }

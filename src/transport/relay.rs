@@ -6,10 +6,11 @@
 //! directions: the QUIC stream is reset and stopped, and the TCP peer gets an RST (zero linger),
 //! never a clean EOF that could pass a truncated transfer off as complete.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -17,13 +18,26 @@ use tokio::net::TcpStream;
 
 use crate::proto::StreamCode;
 
-/// Bytes read from TCP per write into the stream. Large buffers keep per-chunk overhead low on
-/// bulk transfers; one buffer is allocated per relay, never per chunk.
-const TCP_READ_BUF: usize = 64 * 1024;
+/// Bytes read from TCP per stream write at most. Large reads keep per-chunk overhead low on
+/// bulk transfers.
+const TCP_READ_MAX: usize = 64 * 1024;
 
-/// Largest chunk taken from the QUIC stream at once (quinn hands out its own buffers, so this
-/// only bounds a single write to TCP).
-const QUIC_READ_CHUNK: usize = 256 * 1024;
+/// The relay reads from TCP into an arena and hands filled parts to quinn as `Bytes` without
+/// copying; a new arena is allocated only when the old one is used up, never per chunk. The
+/// first arena is small (most proxied connections carry little), each next one twice the size
+/// up to [`ARENA_MAX`], so a bulk transfer allocates about once per 2 MiB.
+const ARENA_FIRST: usize = 16 * 1024;
+
+/// Largest arena.
+const ARENA_MAX: usize = 2 * 1024 * 1024;
+
+/// A read into less room than this starts a new arena.
+const READ_MIN: usize = 4 * 1024;
+
+/// Chunks taken from the QUIC stream per TCP write: quinn hands out one chunk per received
+/// frame (about a packet), and writing them to TCP together in one `writev` saves a system
+/// call per packet.
+const QUIC_CHUNKS: usize = 64;
 
 /// Which way bytes moved, from the point of view of the side running the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,15 +175,29 @@ async fn tcp_to_stream<M: Fn(Direction, usize)>(
     meter: &M,
     total: &mut u64,
 ) -> Result<(), RelayError> {
-    let mut buf = vec![0u8; TCP_READ_BUF];
+    let mut arena_size = ARENA_FIRST;
+    let mut arena = BytesMut::with_capacity(arena_size);
     loop {
-        let n = tcp.read(&mut buf).await.map_err(RelayError::TcpRead)?;
+        if arena.capacity() - arena.len() < READ_MIN {
+            // The old arena's bytes may still be queued in quinn; they keep it alive until
+            // sent and acknowledged.
+            arena_size = (arena_size * 2).min(ARENA_MAX);
+            arena = BytesMut::with_capacity(arena_size);
+        }
+        let room = (arena.capacity() - arena.len()).min(TCP_READ_MAX);
+        let n = {
+            let mut limited = (&mut arena).limit(room);
+            tcp.read_buf(&mut limited)
+                .await
+                .map_err(RelayError::TcpRead)?
+        };
         if n == 0 {
             // TCP FIN → stream finish; the other direction keeps flowing.
             let _ = send.finish();
             return Ok(());
         }
-        send.write_all(&buf[..n])
+        let chunk = arena.split().freeze();
+        send.write_chunk(chunk)
             .await
             .map_err(RelayError::StreamWrite)?;
         *total += n as u64;
@@ -183,14 +211,16 @@ async fn stream_to_tcp<M: Fn(Direction, usize)>(
     meter: &M,
     total: &mut u64,
 ) -> Result<(), RelayError> {
+    let mut chunks: [Bytes; QUIC_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
-        match recv.read_chunk(QUIC_READ_CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                tcp.write_all(&chunk.bytes)
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                let moved: usize = chunks[..n].iter().map(Bytes::len).sum();
+                write_all_vectored(tcp, &mut chunks[..n])
                     .await
                     .map_err(RelayError::TcpWrite)?;
-                *total += chunk.bytes.len() as u64;
-                meter(Direction::Received, chunk.bytes.len());
+                *total += moved as u64;
+                meter(Direction::Received, moved);
             }
             Ok(None) => {
                 // Stream finish → TCP FIN (half-close); the other direction keeps flowing.
@@ -200,4 +230,38 @@ async fn stream_to_tcp<M: Fn(Direction, usize)>(
             Err(e) => return Err(RelayError::StreamRead(e)),
         }
     }
+}
+
+/// Writes every chunk with as few `writev` calls as the socket allows.
+async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io::Result<()> {
+    let mut first = 0;
+    while first < chunks.len() {
+        let mut written = {
+            let mut slices = [IoSlice::new(&[]); QUIC_CHUNKS];
+            let live = &chunks[first..];
+            for (slot, chunk) in slices.iter_mut().zip(live) {
+                *slot = IoSlice::new(chunk);
+            }
+            tcp.write_vectored(&slices[..live.len().min(QUIC_CHUNKS)])
+                .await?
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && first < chunks.len() {
+            let len = chunks[first].len();
+            if written >= len {
+                written -= len;
+                first += 1;
+            } else {
+                chunks[first].advance(written);
+                written = 0;
+            }
+        }
+        // Empty chunks (none are expected) are skipped.
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(())
 }

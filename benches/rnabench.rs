@@ -1,0 +1,1760 @@
+//! rnabench: the benchmark driver behind `benches/run.sh`.
+//!
+//! `rnabench suite` starts every side itself on 127.0.0.1 (a file server, the rna hub and
+//! agent, sshd with `ssh -R` reverse dynamic SOCKS, Rusnel when given), runs the tests A B A B
+//! for several rounds and prints one JSON line per (test, system, round) and a table of median
+//! ratios. The other subcommands are the separate processes the suite needs: `serve` (the
+//! destination), `hold` (a client holding many streams open) and `agents` (many idle,
+//! authenticated agent sessions against one hub).
+//!
+//! Every child is ended by its PID and every wait is bounded.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Time `hold` has to open all its streams.
+const HOLD_DEADLINE: Duration = Duration::from_secs(150);
+
+/// Body bytes the file server sends from (one buffer, reused for every response).
+const DATA_CHUNK: usize = 1024 * 1024;
+
+#[derive(Parser, Debug)]
+#[command(name = "rnabench", about = "rna benchmark driver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// HTTP/1.1 destination: `GET /bytes/N` answers N bytes, `PUT` drains its body.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Opens COUNT streams through VIA to TARGET, checks each with a small GET, prints one
+    /// JSON line and holds them until stdin closes.
+    Hold {
+        #[arg(long)]
+        via: String,
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Opens COUNT authenticated agent sessions to one hub, prints one JSON line and keeps
+    /// them alive (heartbeats answered) until stdin closes.
+    Agents {
+        #[arg(long)]
+        hub: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        token_file: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Runs the whole comparison.
+    Suite(SuiteArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct SuiteArgs {
+    /// The rna binary (release build).
+    #[arg(long)]
+    rna: PathBuf,
+    /// Scratch folder (certificates, configs); put it on tmpfs.
+    #[arg(long)]
+    work: PathBuf,
+    /// Systems to compare: rna, ssh, direct, rusnel.
+    #[arg(long, value_delimiter = ',', default_value = "rna,ssh,direct")]
+    systems: Vec<String>,
+    /// Tests: B1 (with B4), B2, B3, L1, L2, C1, M1, R1.
+    #[arg(long, value_delimiter = ',', default_value = "B1,B2,B3,L1,L2,C1,M1,R1")]
+    tests: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Bytes of the B1 download and the B2 upload.
+    #[arg(long, default_value_t = 1 << 30)]
+    bulk: u64,
+    /// Total bytes of B3, split over --streams.
+    #[arg(long, default_value_t = 1 << 30)]
+    parallel_bulk: u64,
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Sequential requests of L1.
+    #[arg(long, default_value_t = 300)]
+    l1_count: usize,
+    /// Workers and seconds of L2.
+    #[arg(long, default_value_t = 32)]
+    l2_workers: usize,
+    #[arg(long, default_value_t = 3.0)]
+    l2_secs: f64,
+    /// Open-stream counts of C1.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    c1_counts: Vec<usize>,
+    /// Idle agent sessions of M1.
+    #[arg(long, default_value_t = 1000)]
+    m1_agents: usize,
+    /// Hub restarts of R1.
+    #[arg(long, default_value_t = 10)]
+    r1_trials: usize,
+    /// The Rusnel binary (system `rusnel`).
+    #[arg(long)]
+    rusnel: Option<PathBuf>,
+    /// JSON lines are appended here too.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let threads = match &cli.command {
+        Cmd::Suite(_) => 2,
+        _ => 2,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::Serve { listen } => rt.block_on(serve(listen)),
+        Cmd::Hold {
+            via,
+            target,
+            count,
+            concurrency,
+        } => rt.block_on(hold(Via::parse(&via)?, target, count, concurrency)),
+        Cmd::Agents {
+            hub,
+            count,
+            name,
+            ca,
+            cert,
+            key,
+            token_file,
+            concurrency,
+        } => rt.block_on(agents(
+            hub,
+            count,
+            name,
+            &ca,
+            &cert,
+            &key,
+            &token_file,
+            concurrency,
+        )),
+        Cmd::Suite(args) => rt.block_on(suite(args)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination server
+
+fn data() -> Arc<Vec<u8>> {
+    let mut v = vec![0u8; DATA_CHUNK];
+    for (i, b) in v.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    Arc::new(v)
+}
+
+async fn serve(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("listening {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let data = data();
+    loop {
+        let (s, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: back off briefly, keep serving.
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let data = data.clone();
+        tokio::spawn(async move {
+            let _ = serve_conn(s, data).await;
+        });
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn serve_conn(mut s: TcpStream, data: Arc<Vec<u8>>) -> Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut filled = 0usize;
+    loop {
+        let head_end = loop {
+            if let Some(p) = find(&buf[..filled], b"\r\n\r\n") {
+                break p + 4;
+            }
+            if filled > 16 * 1024 {
+                bail!("request head too long");
+            }
+            let n = s.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            filled += n;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut first = head.split_whitespace();
+        let method = first.next().unwrap_or("");
+        let path = first.next().unwrap_or("");
+        match method {
+            "GET" => {
+                buf.copy_within(head_end..filled, 0);
+                filled -= head_end;
+                let n: u64 = path
+                    .strip_prefix("/bytes/")
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| anyhow!("bad path {path}"))?;
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+                );
+                let mut left = n;
+                if left <= (DATA_CHUNK - header.len()) as u64 {
+                    // Small answers go out in one write, as a real server does.
+                    let mut one = Vec::with_capacity(header.len() + left as usize);
+                    one.extend_from_slice(header.as_bytes());
+                    one.extend_from_slice(&data[..left as usize]);
+                    s.write_all(&one).await?;
+                    left = 0;
+                } else {
+                    s.write_all(header.as_bytes()).await?;
+                }
+                while left > 0 {
+                    let k = left.min(DATA_CHUNK as u64) as usize;
+                    s.write_all(&data[..k]).await?;
+                    left -= k as u64;
+                }
+            }
+            "PUT" | "POST" => {
+                let len: u64 = header_value(&head, "content-length")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| anyhow!("no content-length"))?;
+                let have = ((filled - head_end) as u64).min(len);
+                let rest_start = head_end + have as usize;
+                buf.copy_within(rest_start..filled, 0);
+                filled -= rest_start;
+                let mut left = len - have;
+                while left > 0 {
+                    // Body bytes are counted and dropped; `buf[..filled]` keeps what followed.
+                    let room = ((buf.len() - filled) as u64).min(left) as usize;
+                    let n = s.read(&mut buf[filled..filled + room]).await?;
+                    if n == 0 {
+                        bail!("upload ended early");
+                    }
+                    left -= n as u64;
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await?;
+            }
+            _ => bail!("unsupported method {method}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side: direct or through SOCKS5
+
+#[derive(Debug, Clone)]
+enum Via {
+    Direct,
+    Socks {
+        proxy: SocketAddr,
+        auth: Option<(String, String)>,
+    },
+}
+
+impl Via {
+    fn parse(s: &str) -> Result<Via> {
+        if s == "direct" {
+            return Ok(Via::Direct);
+        }
+        let rest = s
+            .strip_prefix("socks5://")
+            .ok_or_else(|| anyhow!("--via: expected direct or socks5://[user:pass@]host:port"))?;
+        let (auth, host) = match rest.rsplit_once('@') {
+            Some((cred, host)) => {
+                let (u, p) = cred
+                    .split_once(':')
+                    .ok_or_else(|| anyhow!("--via: credentials must be user:pass"))?;
+                (Some((u.to_string(), p.to_string())), host)
+            }
+            None => (None, rest),
+        };
+        Ok(Via::Socks {
+            proxy: host.parse().context("--via address")?,
+            auth,
+        })
+    }
+
+    fn to_arg(&self) -> String {
+        match self {
+            Via::Direct => "direct".into(),
+            Via::Socks {
+                proxy,
+                auth: Some((u, p)),
+            } => format!("socks5://{u}:{p}@{proxy}"),
+            Via::Socks { proxy, auth: None } => format!("socks5://{proxy}"),
+        }
+    }
+}
+
+/// A TCP stream to `target`, directly or through the SOCKS5 proxy.
+async fn open(via: &Via, target: SocketAddr) -> Result<TcpStream> {
+    match via {
+        Via::Direct => {
+            let s = TcpStream::connect(target).await?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        }
+        Via::Socks { proxy, auth } => {
+            let mut s = TcpStream::connect(proxy).await?;
+            s.set_nodelay(true)?;
+            let method = if auth.is_some() { 2u8 } else { 0u8 };
+            s.write_all(&[5, 1, method]).await?;
+            let mut r = [0u8; 2];
+            s.read_exact(&mut r).await?;
+            if r != [5, method] {
+                bail!("SOCKS method refused: {r:?}");
+            }
+            if let Some((u, p)) = auth {
+                let mut m = vec![1u8, u.len() as u8];
+                m.extend_from_slice(u.as_bytes());
+                m.push(p.len() as u8);
+                m.extend_from_slice(p.as_bytes());
+                s.write_all(&m).await?;
+                s.read_exact(&mut r).await?;
+                if r[1] != 0 {
+                    bail!("SOCKS authentication refused");
+                }
+            }
+            let SocketAddr::V4(t) = target else {
+                bail!("IPv4 targets only");
+            };
+            let mut req = vec![5u8, 1, 0, 1];
+            req.extend_from_slice(&t.ip().octets());
+            req.extend_from_slice(&t.port().to_be_bytes());
+            s.write_all(&req).await?;
+            let mut head = [0u8; 4];
+            s.read_exact(&mut head).await?;
+            if head[1] != 0 {
+                bail!("SOCKS CONNECT failed with reply {}", head[1]);
+            }
+            let skip = match head[3] {
+                1 => 4 + 2,
+                4 => 16 + 2,
+                3 => {
+                    let mut l = [0u8; 1];
+                    s.read_exact(&mut l).await?;
+                    l[0] as usize + 2
+                }
+                t => bail!("SOCKS reply with address type {t}"),
+            };
+            let mut rest = vec![0u8; skip];
+            s.read_exact(&mut rest).await?;
+            Ok(s)
+        }
+    }
+}
+
+/// Reads one response; returns (body bytes, time of the first response byte).
+async fn read_response(s: &mut TcpStream, buf: &mut [u8]) -> Result<(u64, Instant)> {
+    let mut filled = 0;
+    let mut first = None;
+    let head_end = loop {
+        if let Some(p) = find(&buf[..filled], b"\r\n\r\n") {
+            break p + 4;
+        }
+        if filled >= 16 * 1024 {
+            bail!("response head too long");
+        }
+        let n = s.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            bail!("connection closed before the response head");
+        }
+        first.get_or_insert_with(Instant::now);
+        filled += n;
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("response head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("unexpected response: {}", head.lines().next().unwrap_or(""));
+    }
+    let len: u64 = header_value(head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no content-length"))?;
+    let mut got = (filled - head_end) as u64;
+    while got < len {
+        let n = s.read(buf).await?;
+        if n == 0 {
+            bail!("body ended after {got} of {len} bytes");
+        }
+        got += n as u64;
+    }
+    if got != len {
+        bail!("body of {got} bytes, expected {len}");
+    }
+    Ok((got, first.unwrap_or_else(Instant::now)))
+}
+
+async fn get(via: &Via, target: SocketAddr, size: u64, buf: &mut [u8]) -> Result<u64> {
+    let mut s = open(via, target).await?;
+    s.write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())
+        .await?;
+    Ok(read_response(&mut s, buf).await?.0)
+}
+
+async fn put(via: &Via, target: SocketAddr, size: u64) -> Result<u64> {
+    let mut s = open(via, target).await?;
+    let payload = data();
+    s.write_all(
+        format!("PUT /upload HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut left = size;
+    while left > 0 {
+        let k = left.min(DATA_CHUNK as u64) as usize;
+        s.write_all(&payload[..k]).await?;
+        left -= k as u64;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    read_response(&mut s, &mut buf).await?;
+    Ok(size)
+}
+
+async fn hold(via: Via, target: SocketAddr, count: usize, concurrency: usize) -> Result<()> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let started = Instant::now();
+    // A peer that stalls must not stall the suite: whatever is not open by then failed.
+    let deadline = tokio::time::Instant::now() + HOLD_DEADLINE;
+    let mut tasks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await
+        else {
+            break;
+        };
+        let via = via.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let attempt = async {
+                let mut s = open(&via, target).await?;
+                s.write_all(b"GET /bytes/16 HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    .await?;
+                let mut buf = [0u8; 1024];
+                read_response(&mut s, &mut buf).await?;
+                Ok::<_, anyhow::Error>(s)
+            };
+            match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        }));
+    }
+    let mut held = Vec::with_capacity(count);
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let attempted = tasks.len();
+    for mut t in tasks {
+        match tokio::time::timeout_at(deadline, &mut t).await {
+            Ok(Ok(Ok(s))) => held.push(s),
+            Ok(Ok(Err(e))) => *errors.entry(e).or_default() += 1,
+            Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
+            Err(_) => {
+                t.abort();
+                *errors.entry("not open by the deadline".into()).or_default() += 1;
+            }
+        }
+    }
+    if attempted < count {
+        *errors
+            .entry("never attempted (deadline)".into())
+            .or_default() += count - attempted;
+    }
+    println!(
+        "{}",
+        json!({"ok": held.len(), "failed": count - held.len(), "errors": errors,
+               "secs": started.elapsed().as_secs_f64()})
+    );
+    std::io::stdout().flush()?;
+    // Hold until the suite closes our stdin.
+    let mut line = String::new();
+    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    drop(held);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many idle agents (M1 load generator)
+
+#[allow(clippy::too_many_arguments)]
+async fn agents(
+    hub: SocketAddr,
+    count: usize,
+    name: String,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    token_file: &Path,
+    concurrency: usize,
+) -> Result<()> {
+    use rna::agent::{session, AgentConfig, Dialer, HubTarget, Policy};
+    use rna::transport::{self, ClientTls};
+    use tokio_util::sync::CancellationToken;
+
+    transport::tls::install_provider();
+    let tls = ClientTls::load(ca, cert, key)?;
+    let token = std::fs::read_to_string(token_file)?.trim().to_string();
+    let target = HubTarget {
+        host: hub.ip().to_string(),
+        port: hub.port(),
+    };
+    let config = Arc::new(AgentConfig::new(
+        vec![target],
+        name,
+        tls.clone(),
+        rna::auth::Secret::new(token),
+    ));
+    // A few endpoints (UDP sockets) shared by all sessions, as a NAT gateway would show them.
+    let endpoints: Vec<quinn::Endpoint> = (0..8)
+        .map(|_| transport::agent_endpoint(hub, &tls, &config.limits))
+        .collect::<Result<_, _>>()?;
+    let dialer = Arc::new(Dialer::new(Policy::default(), Duration::from_secs(5)));
+    let cancel = CancellationToken::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let permit = sem.clone().acquire_owned().await?;
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            session::connect(&endpoint, hub, &hub.ip().to_string(), &config).await
+        }));
+    }
+    let mut ok = 0usize;
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let runs = tokio_util::task::TaskTracker::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(established)) => {
+                ok += 1;
+                let dialer = dialer.clone();
+                let cancel = cancel.clone();
+                runs.spawn(async move {
+                    session::run(established, dialer, None, "idle", &cancel).await;
+                });
+            }
+            Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    println!(
+        "{}",
+        json!({"ok": ok, "failed": count - ok, "errors": errors,
+               "secs": started.elapsed().as_secs_f64()})
+    );
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    cancel.cancel();
+    runs.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), runs.wait()).await;
+    for e in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: started by the suite, ended by PID
+
+struct Proc {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let stdin = child.stdin.take();
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            stdin,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads stdout lines until one satisfies `pick`, within `limit`.
+    fn wait_line<T: Send + 'static>(
+        &mut self,
+        limit: Duration,
+        pick: impl Fn(&str) -> Option<T> + Send + 'static,
+    ) -> Result<T> {
+        let out = self
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{}: stdout not captured", self.name))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            for line in lines.by_ref().map_while(Result::ok) {
+                if let Some(v) = pick(&line) {
+                    let _ = tx.send(v);
+                    break;
+                }
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines.map_while(Result::ok) {}
+        });
+        rx.recv_timeout(limit)
+            .map_err(|_| anyhow!("{}: no expected output within {limit:?}", self.name))
+    }
+
+    /// Closes stdin (the polite stop for `hold` and `agents`), waits up to `grace`, then
+    /// SIGKILLs.
+    fn stop(mut self, grace: Duration) {
+        self.stdin.take();
+        self.end(grace);
+    }
+
+    /// SIGTERM by PID, up to `grace` to exit, then SIGKILL.
+    fn terminate(mut self, grace: Duration) {
+        signal(self.pid(), "TERM");
+        self.end(grace);
+    }
+
+    fn end(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc accounting
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// (ppid, utime + stime ticks) of a process.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the name: state(0) ppid(1) ... utime(11) stime(12).
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// `roots` and all their descendants.
+fn tree(roots: &[u32]) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+                if let Some((ppid, _)) = stat(pid) {
+                    children.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+    }
+    let mut seen: HashSet<u32> = HashSet::new();
+    let mut stack: Vec<u32> = roots.to_vec();
+    while let Some(p) = stack.pop() {
+        if seen.insert(p) {
+            stack.extend(children.get(&p).into_iter().flatten());
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// CPU seconds used so far by `roots` and their descendants.
+fn cpu_secs(roots: &[u32], tck: f64) -> f64 {
+    tree(roots)
+        .iter()
+        .filter_map(|p| stat(*p))
+        .map(|(_, t)| t as f64 / tck)
+        .sum()
+}
+
+/// Resident bytes of `roots` and their descendants (smaps_rollup `Rss`).
+fn rss_bytes(roots: &[u32]) -> u64 {
+    tree(roots)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("Rss:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+            })
+        })
+        .sum::<u64>()
+        * 1024
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One system under test, running.
+struct System {
+    name: String,
+    via: Via,
+    /// The hub side (what listens for SOCKS) and the agent side; CPU and memory are summed
+    /// over both process trees.
+    hub: Vec<Proc>,
+    agent: Vec<Proc>,
+    /// rna only: the admin API and a token that may read it.
+    api: Option<(SocketAddr, String)>,
+}
+
+/// rna only: path MTU and lost packets of the `bench` agent's connection, from the admin API.
+async fn path_stats(api: SocketAddr, token: &str) -> Result<Value> {
+    let mut s = TcpStream::connect(api).await?;
+    let request = format!(
+        "GET /api/v1/agents HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let start = find(&raw, b"\r\n\r\n").ok_or_else(|| anyhow!("no body"))? + 4;
+    let body: Value = serde_json::from_slice(&raw[start..])?;
+    let agent = body["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == "bench"))
+        .ok_or_else(|| anyhow!("agent bench not listed"))?;
+    Ok(json!({"path_mtu": agent["path_mtu"], "lost_packets": agent["lost_packets"]}))
+}
+
+impl System {
+    fn hub_pids(&self) -> Vec<u32> {
+        self.hub.iter().map(Proc::pid).collect()
+    }
+    fn pids(&self) -> Vec<u32> {
+        self.hub.iter().chain(&self.agent).map(Proc::pid).collect()
+    }
+    fn is_tunnel(&self) -> bool {
+        !matches!(self.via, Via::Direct)
+    }
+    fn stop(self) {
+        // Agent side first (for ssh the client ends the session child of sshd), then the hub
+        // side and whatever it forked.
+        for p in self.agent {
+            p.terminate(Duration::from_secs(3));
+        }
+        let hub_tree: Vec<u32> = tree(&self.hub.iter().map(Proc::pid).collect::<Vec<_>>());
+        for p in self.hub {
+            p.terminate(Duration::from_secs(3));
+        }
+        for pid in hub_tree {
+            if std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+struct Rna {
+    bin: PathBuf,
+    dir: PathBuf,
+    quic: u16,
+    socks: u16,
+    api: u16,
+}
+
+impl Rna {
+    fn hub_cmd(&self) -> Command {
+        let d = &self.dir;
+        let mut c = Command::new(&self.bin);
+        c.arg("hub")
+            .args(["--listen", &format!("127.0.0.1:{}", self.quic)])
+            .args(["--socks", &format!("127.0.0.1:{}", self.socks)])
+            .args(["--api", &format!("127.0.0.1:{}", self.api)])
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--cert")
+            .arg(d.join("hub.pem"))
+            .arg("--key")
+            .arg(d.join("hub-key.pem"))
+            .arg("--tokens")
+            .arg(d.join("tokens.toml"))
+            .arg("--state-dir")
+            .arg(d.join("hub-state"))
+            .args(["--log-level", "warn", "--log-format", "text"])
+            .stdout(Stdio::null());
+        c
+    }
+
+    fn agent_cmd(&self, target: SocketAddr) -> Command {
+        let d = &self.dir;
+        let mut c = Command::new(&self.bin);
+        c.arg("agent")
+            .args(["--hub", &format!("127.0.0.1:{}", self.quic)])
+            .args(["--name", "bench"])
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--cert")
+            .arg(d.join("agent-bench.pem"))
+            .arg("--key")
+            .arg(d.join("agent-bench-key.pem"))
+            .arg("--token-file")
+            .arg(d.join("token.txt"))
+            .args(["--allow", &format!("{}/32", target.ip())])
+            // No metrics endpoint: its default port may be taken by another agent.
+            .args(["--metrics", "off"])
+            .args(["--log-level", "warn", "--log-format", "text"])
+            .stdout(Stdio::null());
+        c
+    }
+}
+
+async fn wait_ready(via: &Via, target: SocketAddr, limit: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(1), get(via, target, 1, &mut buf));
+        if let Ok(Ok(_)) = attempt.await {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            bail!("no successful request through {via:?} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn start_rna(args: &SuiteArgs, target: SocketAddr) -> Result<(System, Rna)> {
+    let dir = args.work.join("rna");
+    std::fs::create_dir_all(&dir)?;
+    let bin = &args.rna;
+    run_ok(
+        Command::new(bin)
+            .args([
+                "certs",
+                "init",
+                "--force",
+                "--hub-name",
+                "127.0.0.1",
+                "--dir",
+            ])
+            .arg(&dir),
+    )?;
+    for name in ["bench", "idle"] {
+        run_ok(
+            Command::new(bin)
+                .args(["certs", "agent", "--force", name, "--dir"])
+                .arg(&dir),
+        )?;
+    }
+    let _ = std::fs::remove_file(dir.join("tokens.toml"));
+    let token = run_ok(
+        Command::new(bin)
+            .args(["token", "create", "--tenant", "bench/loopback"])
+            .args(["--scope", "connect:agentHub", "--scope", "proxy"])
+            .args(["--scope", "read:infra:data"])
+            .arg("--store")
+            .arg(dir.join("tokens.toml")),
+    )?;
+    let token = token.trim().to_string();
+    std::fs::write(dir.join("token.txt"), &token)?;
+    let rna = Rna {
+        bin: bin.clone(),
+        dir,
+        quic: free_udp_port()?,
+        socks: free_tcp_port()?,
+        api: free_tcp_port()?,
+    };
+    let hub = Proc::spawn("rna hub", &mut rna.hub_cmd())?;
+    let agent = Proc::spawn("rna agent", &mut rna.agent_cmd(target))?;
+    let via = Via::Socks {
+        proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, rna.socks)),
+        auth: Some(("bench".into(), token.clone())),
+    };
+    let sys = System {
+        name: "rna".into(),
+        via,
+        hub: vec![hub],
+        agent: vec![agent],
+        api: Some((
+            SocketAddr::from((Ipv4Addr::LOCALHOST, rna.api)),
+            token.clone(),
+        )),
+    };
+    wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
+    Ok((sys, rna))
+}
+
+async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
+    let dir = args.work.join("ssh");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all("/run/sshd")?;
+    for f in ["host_key", "host_key.pub", "client_key", "client_key.pub"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    for f in ["host_key", "client_key"] {
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(f)),
+        )?;
+    }
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
+    let port = free_tcp_port()?;
+    let socks = free_tcp_port()?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPidFile none\nUsePAM no\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nStrictModes no\nAllowTcpForwarding yes\n\
+             GatewayPorts no\nCiphers aes128-gcm@openssh.com\nCompression no\n\
+             MaxStartups 1000\nClientAliveInterval 0\nLogLevel ERROR\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("ssh_config"),
+        format!(
+            "Host bench\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/client_key\n\
+             IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  \
+             Ciphers aes128-gcm@openssh.com\n  Compression no\n  LogLevel ERROR\n  \
+             ExitOnForwardFailure yes\n  ServerAliveInterval 0\n"
+        ),
+    )?;
+    let sshd = Proc::spawn(
+        "sshd",
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdout(Stdio::null()),
+    )?;
+    // sshd listening: poll its port.
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("sshd did not listen on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `-R port` without a destination: reverse dynamic SOCKS on the sshd side, with the ssh
+    // client (the "agent") dialing destinations. A terminal (`-tt`) makes both ends treat the
+    // session as interactive, which turns on TCP_NODELAY for the transport; with `-N` small
+    // messages wait for delayed ACKs (tens of milliseconds) and ssh would look far slower
+    // than it can be.
+    let client = Proc::spawn(
+        "ssh -R",
+        Command::new("ssh")
+            .arg("-F")
+            .arg(dir.join("ssh_config"))
+            .args([
+                "-tt",
+                "-R",
+                &format!("127.0.0.1:{socks}"),
+                "bench",
+                "sleep 86400",
+            ])
+            .stdout(Stdio::null()),
+    )?;
+    let sys = System {
+        name: "ssh".into(),
+        via: Via::Socks {
+            proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, socks)),
+            auth: None,
+        },
+        hub: vec![sshd],
+        agent: vec![client],
+        api: None,
+    };
+    wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
+    Ok(sys)
+}
+
+async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Result<System> {
+    let dir = args.work.join("rusnel");
+    std::fs::create_dir_all(&dir)?;
+    let port = free_udp_port()?;
+    let socks = free_tcp_port()?;
+    let server = Proc::spawn(
+        "rusnel server",
+        Command::new(bin)
+            .current_dir(&dir)
+            .args(["server", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--allow-reverse", "--allow-socks", "--insecure"])
+            // Per-connection INFO lines would cost it CPU the others do not spend.
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Proc::spawn(
+        "rusnel client",
+        Command::new(bin)
+            .current_dir(&dir)
+            .args(["client", "--insecure", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .arg(format!("R:127.0.0.1:{socks}:socks"))
+            .stdout(Stdio::null()),
+    )?;
+    let sys = System {
+        name: "rusnel".into(),
+        via: Via::Socks {
+            proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, socks)),
+            auth: None,
+        },
+        hub: vec![server],
+        agent: vec![client],
+        api: None,
+    };
+    wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
+    Ok(sys)
+}
+
+/// Replaces a running system with freshly started processes (the old ones end first).
+async fn fresh(
+    args: &SuiteArgs,
+    target: SocketAddr,
+    sys: &mut System,
+    rna: &mut Option<Rna>,
+) -> Result<()> {
+    if !sys.is_tunnel() {
+        return Ok(());
+    }
+    let stopped = System {
+        name: sys.name.clone(),
+        via: Via::Direct,
+        hub: vec![],
+        agent: vec![],
+        api: None,
+    };
+    std::mem::replace(sys, stopped).stop();
+    *sys = match sys.name.as_str() {
+        "rna" => {
+            let (s, r) = start_rna(args, target).await?;
+            *rna = Some(r);
+            s
+        }
+        "ssh" => start_ssh(args, target).await?,
+        "rusnel" => {
+            let bin = args
+                .rusnel
+                .clone()
+                .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
+            start_rusnel(args, &std::fs::canonicalize(bin)?, target).await?
+        }
+        other => bail!("cannot restart {other}"),
+    };
+    Ok(())
+}
+
+/// Prints and records one result line.
+struct Recorder {
+    out: Option<std::fs::File>,
+    rows: Vec<Value>,
+}
+
+impl Recorder {
+    fn emit(&mut self, test: &str, system: &str, round: usize, mut v: Value) {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("test".into(), json!(test));
+            o.insert("system".into(), json!(system));
+            o.insert("round".into(), json!(round));
+            o.insert("load".into(), json!(loadavg()));
+        }
+        let line = v.to_string();
+        println!("{line}");
+        if let Some(f) = &mut self.out {
+            let _ = writeln!(f, "{line}");
+        }
+        self.rows.push(v);
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(v, 0.5)
+}
+
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| anyhow!("{what}: no result within {limit:?}"))?
+}
+
+async fn suite(args: SuiteArgs) -> Result<()> {
+    let tck = clk_tck();
+    std::fs::create_dir_all(&args.work)?;
+    let exe = std::env::current_exe()?;
+    let mut rec = Recorder {
+        out: match &args.out {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => None,
+        },
+        rows: Vec::new(),
+    };
+    eprintln!("# load average at start: {}", loadavg());
+    let mut server = Proc::spawn(
+        "file server",
+        Command::new(&exe).arg("serve").stdout(Stdio::piped()),
+    )?;
+    let target: SocketAddr = server.wait_line(Duration::from_secs(10), |l| {
+        l.strip_prefix("listening ").and_then(|a| a.parse().ok())
+    })?;
+
+    let mut systems: Vec<System> = Vec::new();
+    let mut rna: Option<Rna> = None;
+    for name in &args.systems {
+        match name.as_str() {
+            "rna" => {
+                let (s, r) = start_rna(&args, target).await?;
+                systems.push(s);
+                rna = Some(r);
+            }
+            "ssh" => systems.push(start_ssh(&args, target).await?),
+            "direct" => systems.push(System {
+                name: "direct".into(),
+                via: Via::Direct,
+                hub: vec![],
+                agent: vec![],
+                api: None,
+            }),
+            "rusnel" => {
+                let bin = args
+                    .rusnel
+                    .clone()
+                    .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
+                let bin = std::fs::canonicalize(&bin)
+                    .with_context(|| format!("--rusnel {}", bin.display()))?;
+                systems.push(start_rusnel(&args, &bin, target).await?);
+            }
+            other => bail!("unknown system {other}"),
+        }
+    }
+    let result = run_tests(&args, &exe, target, &mut systems, &mut rna, &mut rec, tck).await;
+    for s in systems {
+        s.stop();
+    }
+    server.terminate(Duration::from_secs(2));
+    result?;
+    eprintln!("# load average at end: {}", loadavg());
+    summary(&rec.rows, &args);
+    Ok(())
+}
+
+/// The value of a step, or an `error` line for (test, system, round) and on to the next
+/// system: one peer that breaks must not end the run.
+macro_rules! or_note {
+    ($rec:expr, $test:expr, $sys:expr, $round:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                $rec.emit($test, &$sys.name, $round, json!({ "error": format!("{e:#}") }));
+                continue;
+            }
+        }
+    };
+}
+
+async fn run_tests(
+    args: &SuiteArgs,
+    exe: &Path,
+    target: SocketAddr,
+    systems: &mut [System],
+    rna: &mut Option<Rna>,
+    rec: &mut Recorder,
+    tck: f64,
+) -> Result<()> {
+    let has = |t: &str| args.tests.iter().any(|x| x.eq_ignore_ascii_case(t));
+    let mut buf = vec![0u8; 1024 * 1024];
+    let step = Duration::from_secs(300);
+    for round in 1..=args.rounds {
+        for sys in systems.iter() {
+            if !has("B1") {
+                break;
+            }
+            let pids = sys.pids();
+            let cpu0 = cpu_secs(&pids, tck);
+            let t0 = Instant::now();
+            let n = or_note!(
+                rec,
+                "B1",
+                sys,
+                round,
+                bounded("B1", step, get(&sys.via, target, args.bulk, &mut buf)).await
+            );
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = cpu_secs(&pids, tck) - cpu0;
+            let mut line =
+                json!({"value": n as f64 / secs / 1e6, "unit": "MB/s", "bytes": n, "secs": secs});
+            if let Some((api, token)) = &sys.api {
+                if let (Ok(stats), Some(o)) = (path_stats(*api, token).await, line.as_object_mut())
+                {
+                    o.insert("path".into(), stats);
+                }
+            }
+            rec.emit("B1", &sys.name, round, line);
+            if sys.is_tunnel() {
+                rec.emit(
+                    "B4",
+                    &sys.name,
+                    round,
+                    json!({"value": cpu / (n as f64 / 1e9), "unit": "CPU-s/GB", "cpu_s": cpu}),
+                );
+            }
+        }
+        for sys in systems.iter() {
+            if !has("B2") {
+                break;
+            }
+            let t0 = Instant::now();
+            let n = or_note!(
+                rec,
+                "B2",
+                sys,
+                round,
+                bounded("B2", step, put(&sys.via, target, args.bulk)).await
+            );
+            let secs = t0.elapsed().as_secs_f64();
+            rec.emit(
+                "B2",
+                &sys.name,
+                round,
+                json!({"value": n as f64 / secs / 1e6, "unit": "MB/s", "bytes": n, "secs": secs}),
+            );
+        }
+        for sys in systems.iter() {
+            if !has("B3") {
+                break;
+            }
+            let each = args.parallel_bulk / args.streams as u64;
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..args.streams {
+                let via = sys.via.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let s = Instant::now();
+                    let n = get(&via, target, each, &mut buf).await?;
+                    Ok::<_, anyhow::Error>(n as f64 / s.elapsed().as_secs_f64() / 1e6)
+                }));
+            }
+            let mut rates = Vec::new();
+            let mut failed = None;
+            for t in tasks {
+                match bounded("B3", step, async { t.await? }).await {
+                    Ok(r) => rates.push(r),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            or_note!(rec, "B3", sys, round, failed.map_or(Ok(()), Err));
+            let secs = t0.elapsed().as_secs_f64();
+            let sum: f64 = rates.iter().sum();
+            let sq: f64 = rates.iter().map(|x| x * x).sum();
+            let jain = sum * sum / (rates.len() as f64 * sq);
+            rec.emit("B3", &sys.name, round, json!({"value": (each * args.streams as u64) as f64 / secs / 1e6, "unit": "MB/s", "jain": jain, "stream_mbps": rates}));
+        }
+        for sys in systems.iter() {
+            if !has("L1") {
+                break;
+            }
+            let mut connect = Vec::with_capacity(args.l1_count);
+            let mut first = Vec::with_capacity(args.l1_count);
+            let mut small = vec![0u8; 16 * 1024];
+            let measured = bounded("L1", step, async {
+                for _ in 0..args.l1_count {
+                    let t0 = Instant::now();
+                    let mut s = open(&sys.via, target).await?;
+                    let tc = t0.elapsed();
+                    s.write_all(b"GET /bytes/1024 HTTP/1.1\r\nHost: bench\r\n\r\n")
+                        .await?;
+                    let (_, fb) = read_response(&mut s, &mut small).await?;
+                    connect.push(tc.as_secs_f64() * 1e6);
+                    first.push((fb - t0).as_secs_f64() * 1e6);
+                }
+                Ok(())
+            })
+            .await;
+            or_note!(rec, "L1", sys, round, measured);
+            connect.sort_by(|a, b| a.total_cmp(b));
+            first.sort_by(|a, b| a.total_cmp(b));
+            rec.emit("L1", &sys.name, round, json!({"value": percentile(&first, 0.5), "unit": "us first byte p50",
+                "first_byte_p99_us": percentile(&first, 0.99), "connect_p50_us": percentile(&connect, 0.5),
+                "connect_p99_us": percentile(&connect, 0.99), "requests": first.len()}));
+        }
+        for sys in systems.iter() {
+            if !has("L2") {
+                break;
+            }
+            let deadline = Instant::now() + Duration::from_secs_f64(args.l2_secs);
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..args.l2_workers {
+                let via = sys.via.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let (mut ok, mut failed) = (0u64, 0u64);
+                    while Instant::now() < deadline {
+                        match tokio::time::timeout(
+                            Duration::from_secs(5),
+                            get(&via, target, 1024, &mut buf),
+                        )
+                        .await
+                        {
+                            Ok(Ok(_)) => ok += 1,
+                            _ => failed += 1,
+                        }
+                    }
+                    (ok, failed)
+                }));
+            }
+            let (mut ok, mut failed) = (0u64, 0u64);
+            for t in tasks {
+                let (o, f) = bounded("L2", step, async { Ok(t.await?) })
+                    .await
+                    .unwrap_or((0, 1));
+                ok += o;
+                failed += f;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            rec.emit(
+                "L2",
+                &sys.name,
+                round,
+                json!({"value": ok as f64 / secs, "unit": "conn/s", "ok": ok, "failed": failed}),
+            );
+        }
+        for &count in &args.c1_counts {
+            for sys in systems.iter_mut() {
+                if !has("C1") || !sys.is_tunnel() {
+                    continue;
+                }
+                // Fresh processes: allocators keep freed memory, so a second measurement in
+                // the same processes would find the streams' memory already resident.
+                let name = sys.name.clone();
+                let restarted = fresh(args, target, sys, rna).await;
+                or_note!(rec, &format!("C1-{count}"), sys, round, restarted);
+                let sys = &*sys;
+                debug_assert_eq!(sys.name, name);
+                let pids = sys.pids();
+                let before = rss_bytes(&pids);
+                let mut holder = Proc::spawn(
+                    "hold",
+                    Command::new(exe)
+                        .args([
+                            "hold",
+                            "--via",
+                            &sys.via.to_arg(),
+                            "--target",
+                            &target.to_string(),
+                        ])
+                        .args(["--count", &count.to_string()])
+                        .stdout(Stdio::piped()),
+                )?;
+                let report: Value = or_note!(
+                    rec,
+                    &format!("C1-{count}"),
+                    sys,
+                    round,
+                    holder.wait_line(Duration::from_secs(240), |l| serde_json::from_str(l).ok())
+                );
+                let after = rss_bytes(&pids);
+                let ok = report["ok"].as_u64().unwrap_or(0);
+                let per = if ok > 0 {
+                    (after as f64 - before as f64) / ok as f64 / 1024.0
+                } else {
+                    f64::NAN
+                };
+                holder.stop(Duration::from_secs(10));
+                rec.emit(&format!("C1-{count}"), &sys.name, round, json!({"value": per, "unit": "KiB/stream (hub+agent RSS)",
+                    "ok": ok, "failed": report["failed"], "errors": report["errors"], "open_secs": report["secs"],
+                    "rss_before": before, "rss_after": after}));
+                // Let both sides forget the streams before the next system runs.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    if let (true, Some(i)) = (has("M1"), systems.iter().position(|s| s.name == "rna")) {
+        // A fresh hub, for the same reason as in C1.
+        fresh(args, target, &mut systems[i], rna).await?;
+        let sys = &systems[i];
+        let rna = rna.as_ref().ok_or_else(|| anyhow!("rna not running"))?;
+        let pids = sys.hub_pids();
+        let before = rss_bytes(&pids);
+        let d = &rna.dir;
+        let mut gen = Proc::spawn(
+            "agents",
+            Command::new(exe)
+                .args([
+                    "agents",
+                    "--hub",
+                    &format!("127.0.0.1:{}", rna.quic),
+                    "--name",
+                    "idle",
+                ])
+                .args(["--count", &args.m1_agents.to_string()])
+                .arg("--ca")
+                .arg(d.join("ca.pem"))
+                .arg("--cert")
+                .arg(d.join("agent-idle.pem"))
+                .arg("--key")
+                .arg(d.join("agent-idle-key.pem"))
+                .arg("--token-file")
+                .arg(d.join("token.txt"))
+                .stdout(Stdio::piped()),
+        )?;
+        let report: Value =
+            gen.wait_line(Duration::from_secs(240), |l| serde_json::from_str(l).ok())?;
+        // Let heartbeats and buffers settle.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = rss_bytes(&pids);
+        let ok = report["ok"].as_u64().unwrap_or(0);
+        let per = if ok > 0 {
+            (after as f64 - before as f64) / ok as f64 / 1024.0
+        } else {
+            f64::NAN
+        };
+        gen.stop(Duration::from_secs(10));
+        rec.emit(
+            "M1",
+            "rna",
+            1,
+            json!({"value": per, "unit": "KiB/idle agent (hub RSS)", "ok": ok,
+            "failed": report["failed"], "errors": report["errors"], "connect_secs": report["secs"],
+            "rss_before": before, "rss_after": after}),
+        );
+    }
+    if let (true, Some(rna)) = (has("R1"), rna.as_ref()) {
+        let idx = systems
+            .iter()
+            .position(|s| s.name == "rna")
+            .ok_or_else(|| anyhow!("rna not running"))?;
+        let via = systems[idx].via.clone();
+        let mut times = Vec::new();
+        for trial in 1..=args.r1_trials {
+            wait_ready(&via, target, Duration::from_secs(60)).await?;
+            // Let the agent's session settle and go quiet, as a real hub restart finds it.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let old = systems[idx]
+                .hub
+                .pop()
+                .ok_or_else(|| anyhow!("no hub process"))?;
+            signal(old.pid(), "KILL");
+            let mut old = old;
+            old.end(Duration::from_secs(5));
+            let t0 = Instant::now();
+            systems[idx]
+                .hub
+                .push(Proc::spawn("rna hub", &mut rna.hub_cmd())?);
+            let took = wait_ready(&via, target, Duration::from_secs(90)).await?;
+            let secs = (t0.elapsed().as_secs_f64()).max(took.as_secs_f64());
+            times.push(secs);
+            rec.emit(
+                "R1",
+                "rna",
+                trial,
+                json!({"value": secs, "unit": "s to first SOCKS success"}),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Which systems are compared against rna, and the targets of the issue.
+fn summary(rows: &[Value], args: &SuiteArgs) {
+    let mut by: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut units: BTreeMap<String, String> = BTreeMap::new();
+    let mut extra: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for r in rows {
+        let (Some(t), Some(s), Some(v)) = (
+            r["test"].as_str(),
+            r["system"].as_str(),
+            r["value"].as_f64(),
+        ) else {
+            continue;
+        };
+        by.entry((t.into(), s.into())).or_default().push(v);
+        units.insert(t.into(), r["unit"].as_str().unwrap_or("").into());
+        if let Some(j) = r["jain"].as_f64() {
+            extra
+                .entry(("B3 Jain".into(), s.into()))
+                .or_default()
+                .push(j);
+        }
+        if let Some(j) = r["first_byte_p99_us"].as_f64() {
+            extra
+                .entry(("L1 p99".into(), s.into()))
+                .or_default()
+                .push(j);
+        }
+        if let Some(f) = r["failed"].as_u64() {
+            extra
+                .entry((format!("{t} failed"), s.into()))
+                .or_default()
+                .push(f as f64);
+        }
+    }
+    let systems: Vec<&str> = args.systems.iter().map(String::as_str).collect();
+    let mut tests: Vec<String> = units.keys().cloned().collect();
+    tests.sort_by_key(|t| {
+        ["B1", "B2", "B3", "B4", "L1", "L2", "C1", "M1", "R1"]
+            .iter()
+            .position(|p| t.starts_with(p))
+            .unwrap_or(99)
+    });
+    let med = |m: &BTreeMap<(String, String), Vec<f64>>, t: &str, s: &str| {
+        m.get(&(t.to_string(), s.to_string()))
+            .map(|v| median(&mut v.clone()))
+    };
+    let fmt = |v: Option<f64>| {
+        v.map_or("–".to_string(), |v| {
+            if v.abs() >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.3}")
+            }
+        })
+    };
+    let peers: Vec<&str> = systems.iter().copied().filter(|s| *s != "rna").collect();
+    let mut header = String::from("| test | unit |");
+    let mut rule = String::from("| --- | --- |");
+    for s in &systems {
+        header += &format!(" {s} |");
+        rule += " ---: |";
+    }
+    for p in &peers {
+        header += &format!(" rna/{p} |");
+        rule += " ---: |";
+    }
+    println!(
+        "\nMedians over {} round(s); load average now {}\n",
+        args.rounds,
+        loadavg()
+    );
+    println!("{header}\n{rule}");
+    let mut lines: Vec<(String, String, BTreeMap<String, Option<f64>>)> = Vec::new();
+    for t in &tests {
+        let vals = systems
+            .iter()
+            .map(|s| (s.to_string(), med(&by, t, s)))
+            .collect();
+        lines.push((t.clone(), units[t].clone(), vals));
+        for (label, unit) in [("B3 Jain", "Jain index"), ("L1 p99", "us first byte p99")] {
+            if t == label.split(' ').next().unwrap_or("") {
+                let vals = systems
+                    .iter()
+                    .map(|s| (s.to_string(), med(&extra, label, s)))
+                    .collect();
+                lines.push((label.into(), unit.into(), vals));
+            }
+        }
+        if t.starts_with("C1") || t == "M1" {
+            let label = format!("{t} failed");
+            let vals = systems
+                .iter()
+                .map(|s| (s.to_string(), med(&extra, &label, s)))
+                .collect();
+            lines.push((label, "failures".into(), vals));
+        }
+    }
+    for (t, unit, vals) in &lines {
+        let mut row = format!("| {t} | {unit} |");
+        for s in &systems {
+            row += &format!(" {} |", fmt(vals[*s]));
+        }
+        for p in &peers {
+            let ratio = match (vals["rna"], vals[*p]) {
+                (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+                _ => None,
+            };
+            row += &format!(" {} |", fmt(ratio));
+        }
+        println!("{row}");
+    }
+    let get = |t: &str, s: &str| med(&by, t, s);
+    let mut targets = Vec::new();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    };
+    let check = |name: &str, v: Option<f64>, ok: &dyn Fn(f64) -> bool, goal: &str| match v {
+        Some(v) => format!(
+            "{name}: {v:.3} (target {goal}): {}",
+            if ok(v) { "met" } else { "MISSED" }
+        ),
+        None => format!("{name}: not measured (target {goal})"),
+    };
+    targets.push(check(
+        "B1 rna/ssh",
+        ratio(get("B1", "rna"), get("B1", "ssh")),
+        &|v| v >= 1.0,
+        ">= 1.0",
+    ));
+    if systems.contains(&"rusnel") {
+        targets.push(check(
+            "B1 rna/rusnel",
+            ratio(get("B1", "rna"), get("B1", "rusnel")),
+            &|v| v >= 2.0,
+            ">= 2.0",
+        ));
+    }
+    targets.push(check(
+        "B4 rna/ssh",
+        ratio(get("B4", "rna"), get("B4", "ssh")),
+        &|v| v <= 1.0,
+        "<= 1.0",
+    ));
+    targets.push(check(
+        "L1 p50 rna/ssh",
+        ratio(get("L1", "rna"), get("L1", "ssh")),
+        &|v| v <= 0.8,
+        "<= 0.8",
+    ));
+    let big = args.c1_counts.iter().max().copied().unwrap_or(0);
+    let c1 = format!("C1-{big}");
+    targets.push(check(
+        &format!("{c1} KiB/stream"),
+        get(&c1, "rna"),
+        &|v| v <= 32.0,
+        "<= 32",
+    ));
+    targets.push(check(
+        &format!("{c1} failures"),
+        med(&extra, &format!("{c1} failed"), "rna"),
+        &|v| v == 0.0,
+        "= 0",
+    ));
+    targets.push(check(
+        "M1 KiB/idle agent",
+        get("M1", "rna"),
+        &|v| v <= 32.0,
+        "<= 32",
+    ));
+    targets.push(check("R1 p50 s", get("R1", "rna"), &|v| v <= 0.5, "<= 0.5"));
+    println!("\nTargets:");
+    for t in targets {
+        println!("- {t}");
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Benchmarks rna against `ssh -R` reverse dynamic SOCKS, direct connections and (with
+# --peers all) Rusnel, A B A B in one run. See docs/performance.md.
+#
+#   benches/run.sh                 full run: 3 rounds, 1 GiB transfers, 10,000 streams
+#   benches/run.sh --smoke         seconds: one round, tiny sizes (CI)
+#   benches/run.sh --peers all     also install and compare Rusnel (slow cargo install)
+#   benches/run.sh -- ARGS         extra arguments for `rnabench suite` (see --help)
+#
+# Prints one JSON line per (test, system, round), then a table of medians and ratios, and
+# writes both to target/bench/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+peers=default
+extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) smoke=1 ;;
+        --peers) peers="$2"; shift ;;
+        --peers=*) peers="${1#--peers=}" ;;
+        --) shift; extra=("$@"); break ;;
+        *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+        echo "run.sh: need root for: $*" >&2; return 1; fi
+}
+
+# Peers: sshd and ssh from Debian packages.
+if ! [ -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v ssh-keygen >/dev/null; then
+    echo "--- installing openssh" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        openssh-server openssh-client >/dev/null
+fi
+
+systems=rna,ssh,direct
+rusnel_args=()
+if [ "$peers" = all ]; then
+    rusnel="$PWD/target/bench-peers/bin/rusnel"
+    if ! [ -x "$rusnel" ]; then
+        echo "--- cargo install rusnel (slow)" >&2
+        timeout 3600 cargo install --locked rusnel --root "$PWD/target/bench-peers"
+    fi
+    systems=rna,ssh,direct,rusnel
+    rusnel_args=(--rusnel "$rusnel")
+fi
+
+if [ "$smoke" = 1 ]; then
+    echo "--- cargo build (smoke: debug)" >&2
+    timeout 1800 cargo build --locked --bin rna --example rnabench
+    bin=target/debug
+    sizes=(--rounds 1 --bulk 4000000 --parallel-bulk 8000000 --l1-count 20 --l2-secs 0.5
+           --l2-workers 4 --c1-counts 50 --m1-agents 20 --r1-trials 2)
+else
+    echo "--- cargo build --release" >&2
+    timeout 3600 cargo build --locked --release --bin rna --example rnabench
+    bin=target/release
+    sizes=()
+fi
+
+# The file server, hub, agent, sshd and the stream holder each keep up to 10,000 sockets.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+out=target/bench
+mkdir -p "$out"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+work=$(mktemp -d /dev/shm/rna-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+{
+    echo "# $(date -u) $(uname -srm)"
+    echo "# cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
+    echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "# $(ssh -V 2>&1)"
+} | tee "$out/run-$stamp.txt" >&2
+
+# The whole suite is bounded too: 40 minutes full, 5 minutes for the smoke.
+limit=2400
+[ "$smoke" = 1 ] && limit=300
+timeout --kill-after=10 "$limit" "$bin/examples/rnabench" suite \
+    --rna "$bin/rna" --work "$work" --systems "$systems" --out "$out/results-$stamp.jsonl" \
+    "${rusnel_args[@]}" "${sizes[@]}" "${extra[@]}" | tee -a "$out/run-$stamp.txt"
+echo "# load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/run-$stamp.txt" >&2
