@@ -200,6 +200,10 @@ pub struct HubOptions {
     /// A tunnel stream with no byte moving either way for this long is reset [default: 1h].
     #[arg(long, env = "RNA_STREAM_IDLE_TIMEOUT", value_parser = parse_duration)]
     pub stream_idle_timeout: Option<Duration>,
+    /// Largest Kubernetes apply body through the admin API, in bytes, 1024 to 4194304; a
+    /// larger one gets 413 [default: 4194304].
+    #[arg(long, env = "RNA_MAX_KUBE_REQUEST")]
+    pub max_kube_request: Option<usize>,
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
@@ -344,6 +348,7 @@ impl HubOptions {
             heartbeat_interval, heartbeat_timeout, grace, socks_greeting_timeout,
             socks_half_open_per_ip, socks_half_open_total, open_timeout, token_poll,
             metrics_per_agent, kube_timeout, max_handshakes, max_streams_per_agent, max_frame,
+            max_kube_request,
             stream_idle_timeout, congestion;)
     }
 
@@ -370,6 +375,7 @@ impl HubOptions {
             max_handshakes: self.max_handshakes.or(lower.max_handshakes),
             max_streams_per_agent: self.max_streams_per_agent.or(lower.max_streams_per_agent),
             max_frame: self.max_frame.or(lower.max_frame),
+            max_kube_request: self.max_kube_request.or(lower.max_kube_request),
             stream_idle_timeout: self.stream_idle_timeout.or(lower.stream_idle_timeout),
             congestion: self.congestion.or(lower.congestion),
             state_dir: self.state_dir.or(lower.state_dir),
@@ -440,6 +446,7 @@ struct HubFile {
     max_handshakes: Option<usize>,
     max_streams_per_agent: Option<usize>,
     max_frame: Option<usize>,
+    max_kube_request: Option<usize>,
     stream_idle_timeout: Option<String>,
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
@@ -647,6 +654,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         max_handshakes: f.max_handshakes,
         max_streams_per_agent: f.max_streams_per_agent,
         max_frame: f.max_frame,
+        max_kube_request: f.max_kube_request,
         stream_idle_timeout: c.parse(
             "stream_idle_timeout",
             f.stream_idle_timeout,
@@ -861,6 +869,16 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     }
     if let Some(t) = o.stream_idle_timeout {
         caps.stream_idle_timeout = t;
+    }
+    if let Some(n) = o.max_kube_request {
+        let max = crate::proto::kube::MAX_KUBE_REQUEST;
+        if !(MIN_FRAME..=max).contains(&n) {
+            return Err(invalid(
+                "max_kube_request",
+                format!("{n} must be between {MIN_FRAME} and {max} bytes"),
+            ));
+        }
+        caps.kube_request = n;
     }
     if let Some(c) = o.congestion {
         config.limits.congestion = c;

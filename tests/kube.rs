@@ -1393,7 +1393,8 @@ fn manifests_parse_as_kubernetes_objects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_bounded_by_their_timeout_and_size_caps() {
     let c = cluster_tuned(KubeAllow::default(), |h| {
-        h.kube_timeout = Duration::from_millis(400)
+        h.kube_timeout = Duration::from_millis(400);
+        h.caps.kube_request = 2 * 1024 * 1024;
     })
     .await;
     let base = format!("/api/v1/agents/{AGENT}/kube");
@@ -1417,21 +1418,29 @@ async fn commands_are_bounded_by_their_timeout_and_size_caps() {
         200
     );
 
-    // A request over the channel's cap is refused by the hub before it reaches the agent.
-    let big = format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big, namespace: default}}\ndata:\n  blob: {}\n",
-        "x".repeat(rna::proto::kube::MAX_KUBE_REQUEST + 1)
-    );
-    let r = apply(&c.api, "", &big).await;
+    // The hub's request cap (--max-kube-request, 2 MiB here): under it applies, over it is
+    // refused before it reaches the agent, and the refusal is counted.
+    let config_map = |name: &str, size: usize| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: default}}\ndata:\n  blob: {}\n",
+            "x".repeat(size)
+        )
+    };
+    let r = apply(&c.api, "", &config_map("fits", 1024 * 1024)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(c.fake.object("", "configmaps", "default", "fits").is_some());
+    let r = apply(&c.api, "", &config_map("big", 2 * 1024 * 1024)).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["reason"], "RequestTooLarge");
-    // Within the API's body limit, but over the channel's cap once aliases are expanded:
+    assert_eq!(c.world.hub.metrics().cap_refusals("kube_request"), 1);
+    assert!(c.fake.object("", "configmaps", "default", "big").is_none());
+    // Within the hub's body cap, but over the channel's 4 MiB once aliases are expanded:
     // refused whole, never truncated.
     let blob = "x".repeat(1024 * 1024);
     let aliased = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c0, namespace: default}}\ndata:\n  a: &blob {blob}\n  b: *blob\n  c: *blob\n  d: *blob\n  e: *blob\n"
     );
-    assert!(aliased.len() < rna::proto::kube::MAX_KUBE_REQUEST);
+    assert!(aliased.len() < 2 * 1024 * 1024);
     let r = apply(&c.api, "", &aliased).await;
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["reason"], "RequestTooLarge");

@@ -31,7 +31,7 @@ pub(crate) fn app(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
-        .merge(super::kube_api::routes())
+        .merge(super::kube_api::routes(shared.config.caps.kube_request))
         .with_state(shared)
 }
 

@@ -22,15 +22,15 @@ use super::api::{bearer, error};
 use super::kube::{call, pick, timeout_for, KubeCallError};
 use super::Shared;
 use crate::auth::{Grant, Scope, Tenant};
-use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor, MAX_KUBE_REQUEST};
+use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor};
 
 /// The Kubernetes routes, merged into the admin API router.
-pub(crate) fn routes() -> Router<Arc<Shared>> {
+pub(crate) fn routes(max_request: usize) -> Router<Arc<Shared>> {
     Router::new()
         .route("/api/v1/agents/{agent}/inventory", get(inventory))
         .route(
             "/api/v1/agents/{agent}/kube/apply",
-            post(apply).layer(DefaultBodyLimit::max(MAX_KUBE_REQUEST)),
+            post(apply).layer(DefaultBodyLimit::max(max_request)),
         )
         .route("/api/v1/agents/{agent}/kube/wait", post(wait))
         .route(
@@ -299,10 +299,10 @@ async fn apply(
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return call_error(&KubeCallError::TooLarge {
-                len: MAX_KUBE_REQUEST + 1,
-                max: MAX_KUBE_REQUEST,
-            })
+            shared.metrics.cap_refused("kube_request");
+            let max = shared.config.caps.kube_request;
+            info!(%agent, max, "Kubernetes apply refused: body over the request cap");
+            return call_error(&KubeCallError::TooLarge { len: max + 1, max });
         }
         Err(e) => return error(e.status(), e.body_text()),
     };

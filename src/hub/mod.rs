@@ -105,6 +105,10 @@ pub struct HubCaps {
     /// A tunnel stream with no byte moving either way for this long is reset on both sides
     /// (`cap="stream_idle_timeout"`).
     pub stream_idle_timeout: Duration,
+    /// Largest body of a Kubernetes apply request through the admin API, at most the
+    /// protocol's 4 MiB; a larger one is answered 413 `RequestTooLarge`
+    /// (`cap="kube_request"`).
+    pub kube_request: usize,
 }
 
 impl Default for HubCaps {
@@ -114,6 +118,7 @@ impl Default for HubCaps {
             streams_per_agent: 8192,
             max_frame: crate::proto::codec::MAX_FRAME,
             stream_idle_timeout: Duration::from_secs(3600),
+            kube_request: crate::proto::kube::MAX_KUBE_REQUEST,
         }
     }
 }
