@@ -299,6 +299,10 @@ async fn frames_over_the_cap_close_the_connection_and_others_are_served() {
             let reason = String::from_utf8_lossy(&c.reason).to_string();
             assert!(reason.contains("exceeds the 1024-byte limit"), "{reason}");
         }
+        // The close frame can be lost on a loaded loopback; the hub, done draining, then
+        // answers our retransmission with a stateless reset. The metric below still proves
+        // which cap closed it.
+        quinn::ConnectionError::Reset => {}
         other => panic!("unexpected close: {other}"),
     }
     assert_eq!(world.hub.metrics().cap_refusals("frame_size"), 1);

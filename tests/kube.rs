@@ -1446,6 +1446,18 @@ async fn commands_are_bounded_by_their_timeout_and_size_caps() {
     assert_eq!(r.json()["reason"], "RequestTooLarge");
 
     assert!(c.fake.object("", "configmaps", "default", "c0").is_none());
+
+    // Every command is counted by verb and outcome, with its duration.
+    let metrics = c.world.hub.metrics().render();
+    for line in [
+        r#"rna_kube_commands_total{verb="get",outcome="failed"} 1"#,
+        r#"rna_kube_commands_total{verb="get",outcome="ok"} 1"#,
+        r#"rna_kube_commands_total{verb="apply",outcome="ok"} 1"#,
+        r#"rna_kube_commands_total{verb="apply",outcome="refused"} 1"#,
+        r#"rna_kube_command_seconds_count{verb="get"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     c.agent.stop().await;
 }
 

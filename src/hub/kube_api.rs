@@ -118,10 +118,11 @@ fn caller(grant: &Grant) -> Caller {
 /// One audit line per command: who, which agent, what, outcome, duration. Never contents.
 #[allow(clippy::too_many_arguments)]
 fn audit(
+    metrics: &crate::hub::metrics::Metrics,
     grant: &Grant,
     tenant: &Tenant,
     agent: &str,
-    verb: &str,
+    verb: &'static str,
     kind: &str,
     namespace: &str,
     name: &str,
@@ -132,6 +133,12 @@ fn audit(
         Ok(()) => ("ok", 200, String::new()),
         Err(e) => ("failed", e.http_status(), e.reason()),
     };
+    let class = match code {
+        200..=299 => "ok",
+        400..=499 => "refused",
+        _ => "failed",
+    };
+    metrics.kube_command(verb, class, started.elapsed().as_secs_f64());
     info!(target: "rna::audit", tenant = %tenant, caller_tenant = %grant.tenant,
         token_id = %grant.token_id, token_label = grant.label.as_deref().unwrap_or(""),
         agent, verb, kind, namespace, name, outcome = label, status = code, reason,
@@ -341,6 +348,7 @@ async fn apply(
     };
     let result = run(&shared, &grant, &tenant, &agent, &request).await;
     audit(
+        &shared.metrics,
         &grant,
         &tenant,
         &agent,
@@ -469,6 +477,7 @@ async fn read(
     let t = request.target().cloned();
     let t = t.as_ref();
     audit(
+        &shared.metrics,
         &grant,
         &tenant,
         &agent,
@@ -528,6 +537,7 @@ async fn delete(
     };
     let result = run(&shared, &grant, &tenant, &agent, &request).await;
     audit(
+        &shared.metrics,
         &grant,
         &tenant,
         &agent,
@@ -607,6 +617,7 @@ async fn wait(
         Ok(s) => s,
         Err(e) => {
             audit(
+                &shared.metrics,
                 &grant,
                 &tenant,
                 &agent,
@@ -630,6 +641,7 @@ async fn wait(
         let budget = timeout_for(&task_shared, &request);
         let result = call(&session, caller(&task_grant), &request, budget, Some(tx)).await;
         audit(
+            &task_shared.metrics,
             &task_grant,
             &task_tenant,
             &task_agent,

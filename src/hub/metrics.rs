@@ -20,6 +20,8 @@ pub struct Metrics {
     socks_requests: Family<Labels, Counter>,
     socks_refused: Family<Labels, Counter>,
     cap_refusals: Family<Labels, Counter>,
+    kube_commands: Family<Labels, Counter>,
+    kube_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     streams_open: Gauge,
     streams_pending: Gauge,
     dial_seconds: Histogram,
@@ -56,6 +58,11 @@ impl Metrics {
             socks_requests: Family::default(),
             socks_refused: Family::default(),
             cap_refusals: Family::default(),
+            kube_commands: Family::default(),
+            // 1 ms … ~65 s.
+            kube_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 17))
+            }),
             streams_open: Gauge::default(),
             streams_pending: Gauge::default(),
             // 0.5 ms … ~16 s.
@@ -107,6 +114,17 @@ impl Metrics {
             "cap_refusals",
             "Work refused or cut off because a resource cap was reached, by cap",
             m.cap_refusals.clone(),
+        );
+        r.register(
+            "kube_commands",
+            "Kubernetes commands through the admin API, by verb and outcome",
+            m.kube_commands.clone(),
+        );
+        r.register_with_unit(
+            "kube_command",
+            "Time of Kubernetes commands through the admin API, by verb",
+            prometheus_client::registry::Unit::Seconds,
+            m.kube_seconds.clone(),
         );
         r.register(
             "streams_open",
@@ -227,6 +245,19 @@ impl Metrics {
         self.cap_refusals
             .get_or_create(&vec![("cap", cap.into())])
             .inc();
+    }
+
+    /// A Kubernetes command ended; `outcome` is `ok` or the HTTP status class it failed with.
+    pub fn kube_command(&self, verb: &str, outcome: &'static str, seconds: f64) {
+        self.kube_commands
+            .get_or_create(&vec![
+                ("verb", verb.to_string()),
+                ("outcome", outcome.into()),
+            ])
+            .inc();
+        self.kube_seconds
+            .get_or_create(&vec![("verb", verb.to_string())])
+            .observe(seconds);
     }
 
     /// Refusals so far by one cap.
