@@ -774,16 +774,25 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Reads one PEM file named by `key` so that an error names the key, not just the path.
-fn check_pem<T>(
+/// A TLS loading error, reported under the key whose file failed (`ca`, `cert` or `key`),
+/// found by the path the error names; other failures (a key that does not match its
+/// certificate) are reported under `cert`.
+fn tls_error(
     sources: &Sources,
-    key: &str,
-    path: &Path,
-    load: fn(&Path) -> Result<T, crate::certs::CertError>,
-) -> Result<(), ConfigError> {
-    load(path)
-        .map(|_| ())
-        .map_err(|e| sources.invalid(key, chain(&e)))
+    files: [(&str, &Path); 3],
+    e: crate::transport::tls::TlsError,
+) -> ConfigError {
+    use crate::certs::CertError;
+    use crate::transport::tls::TlsError;
+    let failed = match &e {
+        TlsError::Cert(CertError::Io { path, .. } | CertError::Pem { path, .. }) => Some(path),
+        _ => None,
+    };
+    let key = files
+        .iter()
+        .find(|(_, file)| failed.is_some_and(|f| f == file))
+        .map_or("cert", |(key, _)| key);
+    sources.invalid(key, chain(&e))
 }
 
 macro_rules! required {
@@ -803,10 +812,12 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let cert = required!(o.cert, "cert", "cert", "CERT");
     let key = required!(o.key, "key", "key", "KEY");
     let tokens = required!(o.tokens, "tokens", "tokens", "TOKENS");
-    check_pem(sources, "ca", &ca, crate::certs::load_certs)?;
-    check_pem(sources, "cert", &cert, crate::certs::load_certs)?;
-    check_pem(sources, "key", &key, crate::certs::load_key)?;
-    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| invalid("cert", chain(&e)))?;
+    let files = [
+        ("ca", ca.as_path()),
+        ("cert", cert.as_path()),
+        ("key", key.as_path()),
+    ];
+    let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| tls_error(sources, files, e))?;
     if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
         return Err(invalid("tokens", chain(&e)));
     }
@@ -966,10 +977,12 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     let cert = required!(o.cert, "cert", "cert", "CERT");
     let key = required!(o.key, "key", "key", "KEY");
     let token_file = required!(o.token_file, "token_file", "token-file", "TOKEN_FILE");
-    check_pem(sources, "ca", &ca, crate::certs::load_certs)?;
-    check_pem(sources, "cert", &cert, crate::certs::load_certs)?;
-    check_pem(sources, "key", &key, crate::certs::load_key)?;
-    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| invalid("cert", chain(&e)))?;
+    let files = [
+        ("ca", ca.as_path()),
+        ("cert", cert.as_path()),
+        ("key", key.as_path()),
+    ];
+    let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| tls_error(sources, files, e))?;
     let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
     let mut config = AgentConfig::new(o.hub, name, tls, token);
     if let Some(name) = o.server_name {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use common::*;
 use rna::auth::Scope;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// One sample: metric name and its labels, sorted.
 type Key = (String, BTreeMap<String, String>);
@@ -59,17 +59,11 @@ fn get(samples: &BTreeMap<Key, f64>, name: &str, labels: &[(&str, &str)]) -> f64
         .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
 }
 
-/// GET over plain HTTP/1.1; returns the body.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    let text = String::from_utf8(out).expect("utf-8");
-    let (head, body) = text.split_once("\r\n\r\n").expect("head");
-    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    body.to_string()
+/// GET that must answer 200; returns the body.
+async fn get_ok(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = http_get(addr, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
 }
 
 /// An echo server: returns every byte it reads.
@@ -150,7 +144,7 @@ async fn counters_match_a_scripted_session() {
     let total: usize = sizes.iter().sum();
     eventually("streams closed", || metrics.streams_open().get() == 0).await;
 
-    let hub = parse(&http_get(world.api, "/metrics").await);
+    let hub = parse(&get_ok(world.api, "/metrics").await);
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
         get(
@@ -237,7 +231,7 @@ async fn counters_match_a_scripted_session() {
         }
     }
 
-    let agent = parse(&http_get(agent_metrics, "/metrics").await);
+    let agent = parse(&get_ok(agent_metrics, "/metrics").await);
     assert_eq!(
         get(
             &agent,
@@ -256,6 +250,6 @@ async fn counters_match_a_scripted_session() {
         get(&agent, "rna_agent_dials_total", &[("outcome", "refused")]),
         1.0
     );
-    assert_eq!(http_get(agent_metrics, "/readyz").await, "ready\n");
+    assert_eq!(get_ok(agent_metrics, "/readyz").await, "ready\n");
     world.stop().await;
 }

@@ -10,7 +10,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 const TENANT: &str = "acme/prod";
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
 
 fn spawn_rna(args: &[String]) -> Child {
     Command::new(RNA)
@@ -23,15 +22,6 @@ fn spawn_rna(args: &[String]) -> Child {
         .kill_on_drop(true)
         .spawn()
         .unwrap()
-}
-
-fn signal(child: &Child, sig: &str) {
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -196,48 +186,6 @@ async fn run_rna(args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8(out.stdout).unwrap(),
     )
-}
-
-/// Spawns `rna` with stderr captured; returns the child and a channel of its log lines.
-fn spawn_logged(args: &[String]) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let mut child = Command::new(RNA)
-        .args(args)
-        .env("RNA_LOG_LEVEL", "info")
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-/// Waits for a log line containing `needle`.
-async fn wait_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) -> String {
-    within(needle, async {
-        while let Some(line) = rx.recv().await {
-            if line.contains(needle) {
-                return line;
-            }
-        }
-        panic!("process ended before logging {needle:?}");
-    })
-    .await
-}
-
-/// The value of `key=` in a log line.
-fn field(line: &str, key: &str) -> String {
-    let start = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
-    line[start..].split_whitespace().next().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,89 +5,18 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use rna::auth::{Scope, TokenStore};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, Semaphore};
 
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
 const TENANT: &str = "acme/prod";
 const HALF: usize = 1 << 20;
-
-/// Spawns `rna` with stderr captured as a channel of log lines.
-fn spawn_logged(args: &[String]) -> (Child, mpsc::UnboundedReceiver<String>) {
-    let mut child = Command::new(RNA)
-        .args(args)
-        .env("RNA_LOG_LEVEL", "info")
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn rna");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stderr = child.stderr.take().expect("stderr");
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-async fn wait_line(rx: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
-    within(needle, async {
-        while let Some(line) = rx.recv().await {
-            if line.contains(needle) {
-                return line;
-            }
-        }
-        panic!("process ended before logging {needle:?}");
-    })
-    .await
-}
-
-fn field(line: &str, key: &str) -> String {
-    let start = line.find(&format!("{key}=")).expect("field") + key.len() + 1;
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn kill(child: &Child, sig: &str) {
-    let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
-/// Status code of GET `path`.
-async fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    let mut s = TcpStream::connect(addr).await.expect("connect api");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    String::from_utf8_lossy(&out)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line")
-}
 
 /// A destination that sends [`HALF`] bytes of the test pattern, waits for a permit from
 /// the returned semaphore, then sends the second half and closes.
@@ -257,13 +186,13 @@ async fn sigterm_drains_transfers_within_the_grace_and_exits_zero() {
     let mut first = vec![0u8; HALF];
     finishing.read_exact(&mut first).await.expect("first half");
     stuck.read_exact(&mut first).await.expect("first half");
-    assert_eq!(http_status(api, "/readyz").await, 200);
+    assert_eq!(http_get(api, "/readyz").await.0, 200);
 
     let signalled = Instant::now();
-    kill(&hub, "-TERM");
+    signal(&hub, "-TERM");
     wait_line(&mut hub_log, "hub shutting down").await;
     assert_eq!(
-        http_status(api, "/readyz").await,
+        http_get(api, "/readyz").await.0,
         503,
         "draining hub is not ready"
     );
@@ -328,7 +257,7 @@ async fn sighup_reloads_tokens_and_policy_without_dropping_a_transfer() {
         .expect("create");
     store.save(&store_path).expect("save");
     let added = added.expose().to_string();
-    kill(&hub, "-HUP");
+    signal(&hub, "-HUP");
     wait_line(&mut hub_log, "token store reloaded").await;
     let mut fresh = socks_connect(socks, "edge", &added, Dest::Ip(dest))
         .await
@@ -336,7 +265,7 @@ async fn sighup_reloads_tokens_and_policy_without_dropping_a_transfer() {
 
     // The agent re-reads its deny rules on SIGHUP: new dials to loopback are refused.
     pki.write_policy("deny = [\"127.0.0.0/8\"]");
-    kill(&agent, "-HUP");
+    signal(&agent, "-HUP");
     wait_line(&mut agent_log, "policy reloaded").await;
     assert_eq!(
         socks_connect(socks, "edge", &pki.proxy_token, Dest::Ip(dest))
@@ -356,9 +285,9 @@ async fn sighup_reloads_tokens_and_policy_without_dropping_a_transfer() {
         .await
         .expect("clean end");
     assert_eq!(whole, pattern(2 * HALF));
-    assert_eq!(http_status(api, "/readyz").await, 200);
+    assert_eq!(http_get(api, "/readyz").await.0, 200);
     drop((transfer, fresh));
-    kill(&hub, "-TERM");
+    signal(&hub, "-TERM");
     assert_eq!(
         within("hub exit", hub.wait()).await.expect("wait").code(),
         Some(0)

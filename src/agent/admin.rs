@@ -36,15 +36,7 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("rna");
-        let build_info = Family::<Labels, Gauge>::default();
-        build_info
-            .get_or_create(&vec![
-                ("version", env!("CARGO_PKG_VERSION").to_string()),
-                ("role", "agent".to_string()),
-            ])
-            .set(1);
-        registry.register("build_info", "Build of this process", build_info);
+        let registry = crate::hub::metrics::registry_with_build_info("agent");
         let m = AgentMetrics {
             hub_connections: Gauge::default(),
             reconnects: Counter::default(),

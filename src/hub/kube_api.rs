@@ -156,12 +156,14 @@ async fn inventory(
     Query(q): Query<TenantQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let grant = match bearer(&shared, &headers, Scope::ReadInfraData) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
-    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
-        Ok(t) => t,
+    let (_, tenant) = match authorize(
+        &shared,
+        &headers,
+        Scope::ReadInfraData,
+        &agent,
+        q.tenant.as_deref(),
+    ) {
+        Ok(ok) => ok,
         Err(resp) => return *resp,
     };
     let sessions: Vec<_> = shared
@@ -290,12 +292,14 @@ async fn apply(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let grant = match bearer(&shared, &headers, Scope::ExecInfraOp) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
-    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
-        Ok(t) => t,
+    let (grant, tenant) = match authorize(
+        &shared,
+        &headers,
+        Scope::ExecInfraOp,
+        &agent,
+        q.tenant.as_deref(),
+    ) {
+        Ok(ok) => ok,
         Err(resp) => return *resp,
     };
     let (dry_run, force) = match (truthy(&q.dry_run), truthy(&q.force)) {
@@ -356,6 +360,45 @@ async fn apply(
         &kinds.join(","),
         &ns,
         &names.join(","),
+        result.as_ref().map(|_| ()),
+        started,
+    );
+    respond(result)
+}
+
+/// The bearer token with `scope`, and the tenant whose agent it may reach.
+fn authorize(
+    shared: &Shared,
+    headers: &HeaderMap,
+    scope: Scope,
+    agent: &str,
+    tenant: Option<&str>,
+) -> Result<(Grant, Tenant), Box<Response>> {
+    let grant = bearer(shared, headers, scope)?;
+    let tenant = tenant_for(shared, &grant, agent, tenant)?;
+    Ok((grant, tenant))
+}
+
+/// Runs a command about one object or kind, writes its audit line, and answers.
+async fn run_audited(
+    shared: &Shared,
+    grant: &Grant,
+    tenant: &Tenant,
+    agent: &str,
+    request: &KubeRequest,
+    started: Instant,
+) -> Response {
+    let result = run(shared, grant, tenant, agent, request).await;
+    let t = request.target();
+    audit(
+        &shared.metrics,
+        grant,
+        tenant,
+        agent,
+        request.verb(),
+        t.map_or("", |t| t.kind.as_str()),
+        t.and_then(|t| t.namespace.as_deref()).unwrap_or(""),
+        t.map_or("", |t| t.name.as_str()),
         result.as_ref().map(|_| ()),
         started,
     );
@@ -444,12 +487,14 @@ async fn read(
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    let grant = match bearer(&shared, &headers, Scope::ReadInfraData) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
-    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
-        Ok(t) => t,
+    let (grant, tenant) = match authorize(
+        &shared,
+        &headers,
+        Scope::ReadInfraData,
+        &agent,
+        q.tenant.as_deref(),
+    ) {
+        Ok(ok) => ok,
         Err(resp) => return *resp,
     };
     let (api_version, kind, name) = match parse_object_path(&path) {
@@ -460,7 +505,7 @@ async fn read(
     let target = ObjectRef {
         api_version,
         kind,
-        namespace: namespace.clone(),
+        namespace,
         name: name.clone().unwrap_or_default(),
     };
     let request = match name {
@@ -473,22 +518,7 @@ async fn read(
             continue_token: q.continue_token.filter(|s| !s.is_empty()),
         },
     };
-    let result = run(&shared, &grant, &tenant, &agent, &request).await;
-    let t = request.target().cloned();
-    let t = t.as_ref();
-    audit(
-        &shared.metrics,
-        &grant,
-        &tenant,
-        &agent,
-        request.verb(),
-        t.map_or("", |t| t.kind.as_str()),
-        t.and_then(|t| t.namespace.as_deref()).unwrap_or(""),
-        t.map_or("", |t| t.name.as_str()),
-        result.as_ref().map(|_| ()),
-        started,
-    );
-    respond(result)
+    run_audited(&shared, &grant, &tenant, &agent, &request, started).await
 }
 
 #[derive(Deserialize, Default)]
@@ -507,12 +537,14 @@ async fn delete(
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    let grant = match bearer(&shared, &headers, Scope::ExecInfraOp) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
-    let tenant = match tenant_for(&shared, &grant, &agent, q.tenant.as_deref()) {
-        Ok(t) => t,
+    let (grant, tenant) = match authorize(
+        &shared,
+        &headers,
+        Scope::ExecInfraOp,
+        &agent,
+        q.tenant.as_deref(),
+    ) {
+        Ok(ok) => ok,
         Err(resp) => return *resp,
     };
     let (api_version, kind, name) = match parse_object_path(&path) {
@@ -528,27 +560,14 @@ async fn delete(
     let request = KubeRequest::Delete {
         target: ObjectRef {
             api_version,
-            kind: kind.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
+            kind,
+            namespace,
+            name,
         },
         propagation: q.propagation_policy.filter(|p| !p.is_empty()),
         dry_run,
     };
-    let result = run(&shared, &grant, &tenant, &agent, &request).await;
-    audit(
-        &shared.metrics,
-        &grant,
-        &tenant,
-        &agent,
-        "delete",
-        &kind,
-        namespace.as_deref().unwrap_or(""),
-        &name,
-        result.as_ref().map(|_| ()),
-        started,
-    );
-    respond(result)
+    run_audited(&shared, &grant, &tenant, &agent, &request, started).await
 }
 
 /// The body of `POST …/kube/wait`.

@@ -39,18 +39,25 @@ impl Default for Metrics {
     }
 }
 
+/// An `rna_`-prefixed registry holding `rna_build_info{version, role}` = 1; the hub and the
+/// agent both start from it.
+pub fn registry_with_build_info(role: &str) -> Registry {
+    let mut registry = Registry::with_prefix("rna");
+    let build_info = Family::<Labels, Gauge>::default();
+    build_info
+        .get_or_create(&vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("role", role.to_string()),
+        ])
+        .set(1);
+    registry.register("build_info", "Build of this process", build_info);
+    registry
+}
+
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("rna");
-        let build_info = Family::<Labels, Gauge>::default();
-        build_info
-            .get_or_create(&vec![
-                ("version", env!("CARGO_PKG_VERSION").to_string()),
-                ("role", "hub".to_string()),
-            ])
-            .set(1);
-        registry.register("build_info", "Build of this process", build_info);
+        let registry = registry_with_build_info("hub");
         let m = Metrics {
             agents_connected: Family::default(),
             sessions: Family::default(),

@@ -812,3 +812,95 @@ pub fn never_answering() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Sock
     }
     (addr, fillers, socket)
 }
+
+/// The binary under test.
+pub const RNA: &str = env!("CARGO_BIN_EXE_rna");
+
+/// Spawns `rna` with text logs at info on stderr, captured as a channel of lines (each
+/// line is echoed to the test output too).
+pub fn spawn_logged(
+    args: &[String],
+) -> (
+    tokio::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(RNA)
+        .args(args)
+        .env("RNA_LOG_LEVEL", "info")
+        .env("RNA_LOG_FORMAT", "text")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn rna");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = child.stderr.take().expect("stderr");
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a log line containing `needle`.
+pub async fn wait_line(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    within(needle, async {
+        while let Some(line) = rx.recv().await {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("process ended before logging {needle:?}");
+    })
+    .await
+}
+
+/// The value of `key=` in a text log line.
+pub fn field(line: &str, key: &str) -> String {
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 1;
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Sends `sig` (as `kill` spells it, e.g. `-TERM`) to a running child.
+pub fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// GET over plain HTTP/1.1 with `Connection: close`: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    (status, body.to_string())
+}
