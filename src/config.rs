@@ -323,14 +323,30 @@ impl Sources {
     }
 }
 
-/// The names of the fields that are given (`Some` or a non-empty list).
-macro_rules! given {
-    ($self:ident; $($opt:ident),* ; $($list:ident),*) => {{
-        let mut keys = Vec::new();
-        $(if $self.$opt.is_some() { keys.push(stringify!($opt)); })*
-        $(if !$self.$list.is_empty() { keys.push(stringify!($list)); })*
-        keys
-    }};
+/// `given()` (the keys holding a value: `Some` or a non-empty list) and `or()` (field by
+/// field, `self` where given, else `lower`; lists are taken whole from one source) for an
+/// options type, from one list of its fields. The struct literal in `or` makes the compiler
+/// refuse a list that misses a field.
+macro_rules! merge_options {
+    ($ty:ident; $($opt:ident),* ; $($list:ident),*) => {
+        impl $ty {
+            /// The keys this holds a value for.
+            pub fn given(&self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $(if self.$opt.is_some() { keys.push(stringify!($opt)); })*
+                $(if !self.$list.is_empty() { keys.push(stringify!($list)); })*
+                keys
+            }
+
+            /// `self` where given, else `lower`. Lists are taken whole from one source.
+            pub fn or(self, lower: $ty) -> $ty {
+                $ty {
+                    $($opt: self.$opt.or(lower.$opt),)*
+                    $($list: or_vec(self.$list, lower.$list),)*
+                }
+            }
+        }
+    };
 }
 
 fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
@@ -341,86 +357,22 @@ fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
     }
 }
 
-impl HubOptions {
-    /// The keys this holds a value for.
-    pub fn given(&self) -> Vec<&'static str> {
-        given!(self; listen, socks, api, ca, cert, key, tokens, socks_no_auth,
-            heartbeat_interval, heartbeat_timeout, grace, socks_greeting_timeout,
-            socks_half_open_per_ip, socks_half_open_total, open_timeout, token_poll,
-            metrics_per_agent, kube_timeout, max_handshakes, max_streams_per_agent, max_frame,
-            max_kube_request,
-            stream_idle_timeout, congestion;)
-    }
+merge_options!(
+    HubOptions;
+    listen, socks, api, ca, cert, key, tokens, socks_no_auth, heartbeat_interval,
+    heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
+    socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
+    max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
+    state_dir, kube_timeout;
+);
 
-    /// `self` where given, else `lower`.
-    pub fn or(self, lower: HubOptions) -> HubOptions {
-        HubOptions {
-            listen: self.listen.or(lower.listen),
-            socks: self.socks.or(lower.socks),
-            api: self.api.or(lower.api),
-            ca: self.ca.or(lower.ca),
-            cert: self.cert.or(lower.cert),
-            key: self.key.or(lower.key),
-            tokens: self.tokens.or(lower.tokens),
-            socks_no_auth: self.socks_no_auth.or(lower.socks_no_auth),
-            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
-            heartbeat_timeout: self.heartbeat_timeout.or(lower.heartbeat_timeout),
-            grace: self.grace.or(lower.grace),
-            socks_greeting_timeout: self.socks_greeting_timeout.or(lower.socks_greeting_timeout),
-            socks_half_open_per_ip: self.socks_half_open_per_ip.or(lower.socks_half_open_per_ip),
-            socks_half_open_total: self.socks_half_open_total.or(lower.socks_half_open_total),
-            open_timeout: self.open_timeout.or(lower.open_timeout),
-            token_poll: self.token_poll.or(lower.token_poll),
-            metrics_per_agent: self.metrics_per_agent.or(lower.metrics_per_agent),
-            max_handshakes: self.max_handshakes.or(lower.max_handshakes),
-            max_streams_per_agent: self.max_streams_per_agent.or(lower.max_streams_per_agent),
-            max_frame: self.max_frame.or(lower.max_frame),
-            max_kube_request: self.max_kube_request.or(lower.max_kube_request),
-            stream_idle_timeout: self.stream_idle_timeout.or(lower.stream_idle_timeout),
-            congestion: self.congestion.or(lower.congestion),
-            state_dir: self.state_dir.or(lower.state_dir),
-            kube_timeout: self.kube_timeout.or(lower.kube_timeout),
-        }
-    }
-}
-
-impl AgentOptions {
-    /// The keys this holds a value for.
-    pub fn given(&self) -> Vec<&'static str> {
-        given!(self; server_name, name, ca, cert, key, token_file, dial_timeout, max_streams,
-            metrics, max_pending_dials, max_frame, congestion, kubernetes, kubeconfig,
-            kube_context, kube_inventory_interval; hub, allow, deny, kube_namespace, kube_resource)
-    }
-
-    /// `self` where given, else `lower`. Lists are taken whole from one source.
-    pub fn or(self, lower: AgentOptions) -> AgentOptions {
-        AgentOptions {
-            hub: or_vec(self.hub, lower.hub),
-            server_name: self.server_name.or(lower.server_name),
-            name: self.name.or(lower.name),
-            ca: self.ca.or(lower.ca),
-            cert: self.cert.or(lower.cert),
-            key: self.key.or(lower.key),
-            token_file: self.token_file.or(lower.token_file),
-            allow: or_vec(self.allow, lower.allow),
-            deny: or_vec(self.deny, lower.deny),
-            dial_timeout: self.dial_timeout.or(lower.dial_timeout),
-            max_streams: self.max_streams.or(lower.max_streams),
-            metrics: self.metrics.or(lower.metrics),
-            max_pending_dials: self.max_pending_dials.or(lower.max_pending_dials),
-            max_frame: self.max_frame.or(lower.max_frame),
-            congestion: self.congestion.or(lower.congestion),
-            kubernetes: self.kubernetes.or(lower.kubernetes),
-            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
-            kube_context: self.kube_context.or(lower.kube_context),
-            kube_namespace: or_vec(self.kube_namespace, lower.kube_namespace),
-            kube_resource: or_vec(self.kube_resource, lower.kube_resource),
-            kube_inventory_interval: self
-                .kube_inventory_interval
-                .or(lower.kube_inventory_interval),
-        }
-    }
-}
+merge_options!(
+    AgentOptions;
+    server_name, name, ca, cert, key, token_file, dial_timeout, max_streams, metrics,
+    max_pending_dials, max_frame, congestion, kubernetes, kubeconfig, kube_context,
+    kube_inventory_interval;
+    hub, allow, deny, kube_namespace, kube_resource
+);
 
 /// The hub's TOML file, as written (values checked when converted).
 #[derive(Debug, Default, Deserialize)]
