@@ -46,16 +46,7 @@ async fn killed_agent_resets_clients_and_a_restarted_one_serves_again() {
 
     // kill -9: no close frame, no FIN. The client must see a reset, never a clean EOF.
     agent.kill().await.unwrap();
-    let outcome = within("the client to see the failure", async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await;
+    let outcome = within("the client to see the failure", drain(&mut s)).await;
     let err = outcome.expect_err("a dead agent must not look like a complete transfer");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     // The registry forgot the agent (within the heartbeat timeout).
@@ -413,16 +404,7 @@ async fn killed_hub_resets_clients_and_agents_come_back_to_a_restarted_one() {
     let mut buf = vec![0u8; 1 << 20];
     s.read_exact(&mut buf).await.unwrap();
     hub.kill().await.unwrap();
-    let outcome = within("the client to see the failure", async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await;
+    let outcome = within("the client to see the failure", drain(&mut s)).await;
     let err = outcome.expect_err("a dead hub must not look like a complete transfer");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 

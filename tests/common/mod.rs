@@ -904,3 +904,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("status line: {head}"));
     (status, body.to_string())
 }
+
+/// Reads and discards until the stream ends: `Ok(bytes)` on a clean EOF, the error (a reset)
+/// otherwise.
+pub async fn drain(s: &mut TcpStream) -> std::io::Result<u64> {
+    tokio::io::copy(s, &mut tokio::io::sink()).await
+}
