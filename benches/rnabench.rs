@@ -1063,14 +1063,25 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
             ])
             .stdout(Stdio::null()),
     )?;
+    socks_system("ssh", socks, sshd, client, target).await
+}
+
+/// A peer reached as a plain SOCKS5 proxy on 127.0.0.1:`socks`, once it answers.
+async fn socks_system(
+    name: &str,
+    socks: u16,
+    hub: Proc,
+    agent: Proc,
+    target: SocketAddr,
+) -> Result<System> {
     let sys = System {
-        name: "ssh".into(),
+        name: name.into(),
         via: Via::Socks {
             proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, socks)),
             auth: None,
         },
-        hub: vec![sshd],
-        agent: vec![client],
+        hub: vec![hub],
+        agent: vec![agent],
         api: None,
     };
     wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
@@ -1102,18 +1113,7 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
             .arg(format!("R:127.0.0.1:{socks}:socks"))
             .stdout(Stdio::null()),
     )?;
-    let sys = System {
-        name: "rusnel".into(),
-        via: Via::Socks {
-            proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, socks)),
-            auth: None,
-        },
-        hub: vec![server],
-        agent: vec![client],
-        api: None,
-    };
-    wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
-    Ok(sys)
+    socks_system("rusnel", socks, server, client, target).await
 }
 
 /// Replaces a running system with freshly started processes (the old ones end first).
