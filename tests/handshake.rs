@@ -162,25 +162,7 @@ async fn revoking_a_token_closes_its_session_and_refuses_socks() {
     // Revoke the agent's token: its session is closed and it cannot come back.
     world.revoke(&agent_token);
     world.wait_sessions(TENANT, "edge", 0).await;
-    let status = within(
-        "the agent to be refused",
-        agent.handle.wait_until(|s| {
-            matches!(
-                &s.last_error,
-                Some(SessionError::Rejected {
-                    code: CloseCode::TokenRevoked,
-                    ..
-                })
-            )
-        }),
-    )
-    .await;
-    assert_eq!(status.connected, 0);
-    let metrics = world.hub.metrics().render();
-    assert!(
-        metrics.contains(r#"rna_agent_sessions_total{event="closed",reason="token_revoked"} 1"#),
-        "{metrics}"
-    );
+    assert_refused_and_counted(&world, &agent, CloseCode::TokenRevoked, "token_revoked").await;
     world.stop().await;
 }
 
@@ -225,24 +207,27 @@ async fn a_token_that_expires_closes_its_session_without_a_store_change() {
     );
     let agent = world.connect_agent(TENANT, "short-lived", &token, 1).await;
     world.wait_sessions(TENANT, "short-lived", 0).await;
+    assert_refused_and_counted(&world, &agent, CloseCode::TokenExpired, "token_expired").await;
+    world.stop().await;
+}
+
+/// The agent was refused with `code` and stays down; the hub counted one session closed for
+/// `reason`.
+async fn assert_refused_and_counted(
+    world: &World,
+    agent: &TestAgent,
+    code: CloseCode,
+    reason: &str,
+) {
     let status = within(
         "the agent to be refused",
-        agent.handle.wait_until(|s| {
-            matches!(
-                &s.last_error,
-                Some(SessionError::Rejected {
-                    code: CloseCode::TokenExpired,
-                    ..
-                })
-            )
-        }),
+        agent.handle.wait_until(
+            |s| matches!(&s.last_error, Some(SessionError::Rejected { code: c, .. }) if *c == code),
+        ),
     )
     .await;
     assert_eq!(status.connected, 0);
     let metrics = world.hub.metrics().render();
-    assert!(
-        metrics.contains(r#"rna_agent_sessions_total{event="closed",reason="token_expired"} 1"#),
-        "{metrics}"
-    );
-    world.stop().await;
+    let line = format!(r#"rna_agent_sessions_total{{event="closed",reason="{reason}"}} 1"#);
+    assert!(metrics.contains(&line), "{line} in {metrics}");
 }

@@ -265,10 +265,8 @@ impl World {
 
     /// Stops the hub and waits for it.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            within("hub shutdown", task).await.unwrap().unwrap();
-        }
+        self.begin_shutdown();
+        self.wait_stopped().await;
     }
 }
 
