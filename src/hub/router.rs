@@ -150,10 +150,10 @@ async fn open_on(
             )),
         }
     };
-    shared.metrics.streams_pending().inc();
+    let pending = PendingGauge::enter(shared.metrics.streams_pending());
     let started = std::time::Instant::now();
     let answer = tokio::time::timeout(timeout, attempt).await;
-    shared.metrics.streams_pending().dec();
+    drop(pending);
     if matches!(answer, Ok(Ok(_)) | Ok(Err(RouteError::Dial { .. }))) {
         shared.metrics.dial_took(started.elapsed().as_secs_f64());
     }
@@ -173,4 +173,21 @@ async fn open_on(
 pub fn abort(mut send: SendStream, mut recv: RecvStream) {
     let _ = send.reset(StreamCode::Reset.into());
     let _ = recv.stop(StreamCode::Reset.into());
+}
+
+/// Counts one stream in the pending gauge for as long as it lives, so a cancelled open
+/// cannot leave the gauge high.
+struct PendingGauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> PendingGauge<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        PendingGauge(gauge)
+    }
+}
+
+impl Drop for PendingGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
