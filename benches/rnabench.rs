@@ -87,7 +87,7 @@ struct SuiteArgs {
     /// Scratch folder (certificates, configs); put it on tmpfs.
     #[arg(long)]
     work: PathBuf,
-    /// Systems to compare: rna, ssh, direct, rusnel.
+    /// Systems to compare: rna, ssh, direct, rusnel, shadowsocks.
     #[arg(long, value_delimiter = ',', default_value = "rna,ssh,direct")]
     systems: Vec<String>,
     /// Tests: B1 (with B4), B2, B3, L1, L2, C1, M1, R1.
@@ -123,6 +123,9 @@ struct SuiteArgs {
     /// The Rusnel binary (system `rusnel`).
     #[arg(long)]
     rusnel: Option<PathBuf>,
+    /// Folder holding shadowsocks-rust's `sslocal` and `ssserver` (system `shadowsocks`).
+    #[arg(long)]
+    shadowsocks: Option<PathBuf>,
     /// JSON lines are appended here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1036,14 +1039,7 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
             .arg(dir.join("sshd_config"))
             .stdout(Stdio::null()),
     )?;
-    // sshd listening: poll its port.
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("sshd did not listen on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_tcp_listening(port, Duration::from_secs(10)).context("sshd")?;
     // `-R port` without a destination: reverse dynamic SOCKS on the sshd side, with the ssh
     // client (the "agent") dialing destinations. A terminal (`-tt`) makes both ends treat the
     // session as interactive, which turns on TCP_NODELAY for the transport; with `-N` small
@@ -1103,7 +1099,7 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null()),
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_udp_bound(port, Duration::from_secs(10))?;
     let client = Proc::spawn(
         "rusnel client",
         Command::new(bin)
@@ -1114,6 +1110,85 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
             .stdout(Stdio::null()),
     )?;
     socks_system("rusnel", socks, server, client, target).await
+}
+
+/// shadowsocks-rust: `sslocal` is the SOCKS side (where rna's hub is), `ssserver` dials the
+/// destinations (where rna's agent is). It is a forward proxy, not a reverse tunnel, so the
+/// server side listens instead of dialing out; for throughput and latency on one machine that
+/// changes nothing. Both ends with aes-128-gcm (as ssh) and `TCP_NODELAY` (as rna).
+async fn start_shadowsocks(args: &SuiteArgs, bins: &Path, target: SocketAddr) -> Result<System> {
+    let dir = args.work.join("shadowsocks");
+    std::fs::create_dir_all(&dir)?;
+    let port = free_tcp_port()?;
+    let socks = free_tcp_port()?;
+    let password = "rnabench-shadowsocks";
+    let common = ["-m", "aes-128-gcm", "-k", password, "--tcp-no-delay"];
+    let server = Proc::spawn(
+        "ssserver",
+        Command::new(bins.join("ssserver"))
+            .current_dir(&dir)
+            .args(["-s", &format!("127.0.0.1:{port}")])
+            .args(common)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    )?;
+    wait_tcp_listening(port, Duration::from_secs(10))?;
+    let local = Proc::spawn(
+        "sslocal",
+        Command::new(bins.join("sslocal"))
+            .current_dir(&dir)
+            .args(["-b", &format!("127.0.0.1:{socks}")])
+            .args(["-s", &format!("127.0.0.1:{port}")])
+            .args(common)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    )?;
+    socks_system("shadowsocks", socks, local, server, target).await
+}
+
+/// Waits until something listens on TCP 127.0.0.1:`port`.
+fn wait_tcp_listening(port: u16, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > limit {
+            bail!("nothing listened on TCP {port} within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Waits until a UDP socket is bound to `port` (from `/proc/net/udp`, where the local
+/// address is `HEXIP:HEXPORT` in the second column).
+fn wait_udp_bound(port: u16, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    let wanted = format!(":{port:04X}");
+    loop {
+        let bound = ["/proc/net/udp", "/proc/net/udp6"].iter().any(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| {
+                t.lines()
+                    .skip(1)
+                    .filter_map(|l| l.split_whitespace().nth(1))
+                    .any(|local| local.ends_with(&wanted))
+            })
+        });
+        if bound {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            bail!("nothing bound UDP {port} within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The shadowsocks binaries folder, or why the system cannot run.
+fn shadowsocks_bins(args: &SuiteArgs) -> Result<PathBuf> {
+    let dir = args
+        .shadowsocks
+        .clone()
+        .ok_or_else(|| anyhow!("system shadowsocks needs --shadowsocks DIR"))?;
+    std::fs::canonicalize(&dir).with_context(|| format!("--shadowsocks {}", dir.display()))
 }
 
 /// Replaces a running system with freshly started processes (the old ones end first).
@@ -1148,6 +1223,7 @@ async fn fresh(
                 .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
             start_rusnel(args, &std::fs::canonicalize(bin)?, target).await?
         }
+        "shadowsocks" => start_shadowsocks(args, &shadowsocks_bins(args)?, target).await?,
         other => bail!("cannot restart {other}"),
     };
     Ok(())
@@ -1249,6 +1325,10 @@ async fn suite(args: SuiteArgs) -> Result<()> {
                 let bin = std::fs::canonicalize(&bin)
                     .with_context(|| format!("--rusnel {}", bin.display()))?;
                 systems.push(start_rusnel(&args, &bin, target).await?);
+            }
+            "shadowsocks" => {
+                let bins = shadowsocks_bins(&args)?;
+                systems.push(start_shadowsocks(&args, &bins, target).await?);
             }
             other => bail!("unknown system {other}"),
         }

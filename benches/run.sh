@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks rna against `ssh -R` reverse dynamic SOCKS, direct connections and (with
-# --peers all) Rusnel, A B A B in one run. See docs/performance.md.
+# --peers all) Rusnel and shadowsocks-rust, A B A B in one run. See docs/performance.md.
 #
 #   benches/run.sh                 full run: 3 rounds, 1 GiB transfers, 10,000 streams
 #   benches/run.sh --smoke         seconds: one round, tiny sizes (CI)
-#   benches/run.sh --peers all     also install and compare Rusnel (slow cargo install)
+#   benches/run.sh --peers all     also install and compare Rusnel and shadowsocks-rust
+#                                  (slow cargo installs, once)
 #   benches/run.sh -- ARGS         extra arguments for `rnabench suite` (see --help)
 #
 # Prints one JSON line per (test, system, round), then a table of medians and ratios, and
@@ -40,15 +41,21 @@ if ! [ -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v ssh-ke
 fi
 
 systems=rna,ssh,direct
-rusnel_args=()
+peer_args=()
 if [ "$peers" = all ]; then
     rusnel="$PWD/target/bench-peers/bin/rusnel"
     if ! [ -x "$rusnel" ]; then
         echo "--- cargo install rusnel (slow)" >&2
         timeout 3600 cargo install --locked rusnel --root "$PWD/target/bench-peers"
     fi
-    systems=rna,ssh,direct,rusnel
-    rusnel_args=(--rusnel "$rusnel")
+    ss="$PWD/target/bench-peers/bin"
+    if ! [ -x "$ss/sslocal" ] || ! [ -x "$ss/ssserver" ]; then
+        echo "--- cargo install shadowsocks-rust (slow)" >&2
+        timeout 3600 cargo install --locked shadowsocks-rust --bin sslocal --bin ssserver \
+            --root "$PWD/target/bench-peers"
+    fi
+    systems=rna,ssh,direct,rusnel,shadowsocks
+    peer_args=(--rusnel "$rusnel" --shadowsocks "$ss")
 fi
 
 if [ "$smoke" = 1 ]; then
@@ -85,5 +92,5 @@ limit=2400
 [ "$smoke" = 1 ] && limit=300
 timeout --kill-after=10 "$limit" "$bin/examples/rnabench" suite \
     --rna "$bin/rna" --work "$work" --systems "$systems" --out "$out/results-$stamp.jsonl" \
-    "${rusnel_args[@]}" "${sizes[@]}" "${extra[@]}" | tee -a "$out/run-$stamp.txt"
+    "${peer_args[@]}" "${sizes[@]}" "${extra[@]}" | tee -a "$out/run-$stamp.txt"
 echo "# load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/run-$stamp.txt" >&2

@@ -16,11 +16,17 @@ use crate::proto::Control;
 pub const CONTROL_PRIORITY: i32 = 100;
 
 /// A control stream's receiving half, framed (cancel-safe to poll).
-pub type ControlReader = FramedRead<RecvStream, FrameCodec<Control>>;
+pub type ControlReader<R = RecvStream> = FramedRead<R, FrameCodec<Control>>;
+
+/// First read buffer of a control stream. Control frames are tens of bytes (pings) to a few
+/// hundred (hello, inventory notices); `FramedRead`'s default of 8 KiB, held by every idle
+/// agent session for its whole life, was a sixth of the hub's memory per agent. The buffer
+/// still grows on demand to the largest frame allowed.
+const CONTROL_READ_BUFFER: usize = 256;
 
 /// Wraps a control stream's receiving half; frames longer than `max_frame` end the session.
-pub fn control_reader(recv: RecvStream, max_frame: usize) -> ControlReader {
-    FramedRead::new(recv, FrameCodec::with_max(max_frame))
+pub fn control_reader<R: tokio::io::AsyncRead>(recv: R, max_frame: usize) -> ControlReader<R> {
+    FramedRead::with_capacity(recv, FrameCodec::with_max(max_frame), CONTROL_READ_BUFFER)
 }
 
 /// Heartbeat timing, agreed in `Welcome`.
@@ -176,5 +182,56 @@ pub fn kind(msg: &Control) -> &'static str {
         Control::Rejected { .. } => "Rejected",
         Control::Ping { .. } => "Ping",
         Control::Pong { .. } => "Pong",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn frames_larger_than_the_first_buffer_are_read_whole() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut reader = control_reader(rx, 64 * 1024);
+        assert_eq!(reader.read_buffer().capacity(), CONTROL_READ_BUFFER);
+        let long = "x".repeat(20_000);
+        let frames = [
+            Control::Ping { seq: 1 },
+            Control::Rejected {
+                code: crate::proto::CloseCode::Protocol,
+                reason: long,
+            },
+            Control::Pong { seq: 2 },
+        ];
+        let sent = frames.clone();
+        let writer = tokio::spawn(async move {
+            for f in sent {
+                tx.write_all(&encode(&f).unwrap()).await.unwrap();
+            }
+        });
+        for want in frames {
+            let got = reader.next().await.unwrap().unwrap();
+            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        }
+        writer.await.unwrap();
+        assert!(reader.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_cap_is_refused_before_it_is_buffered() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut reader = control_reader(rx, 1024);
+        let frame = encode(&Control::Rejected {
+            code: crate::proto::CloseCode::Protocol,
+            reason: "y".repeat(5000),
+        })
+        .unwrap();
+        tokio::spawn(async move {
+            let _ = tx.write_all(&frame).await;
+        });
+        let err = reader.next().await.unwrap().unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+        assert!(reader.read_buffer().capacity() < 5000);
     }
 }
