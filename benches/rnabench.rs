@@ -1371,6 +1371,14 @@ async fn run_tests(
     let mut buf = vec![0u8; 1024 * 1024];
     let step = Duration::from_secs(300);
     for round in 1..=args.rounds {
+        if round > 1 {
+            // Every round starts from fresh processes: the previous round's C1 left 10,000
+            // streams' worth of state behind (sshd, for one, stays slower for the rest of its
+            // life after holding that many channels), and M1/R1 restarted the hub.
+            for sys in systems.iter_mut() {
+                fresh(args, target, sys, rna).await?;
+            }
+        }
         for sys in systems.iter() {
             if !has("B1") {
                 break;

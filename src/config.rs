@@ -207,6 +207,10 @@ pub struct HubOptions {
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
+    /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
+    /// per CPU].
+    #[arg(long, env = "RNA_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
     /// restart at once); created if missing.
     #[arg(long, env = "RNA_STATE_DIR")]
@@ -268,6 +272,10 @@ pub struct AgentOptions {
     /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
+    /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
+    /// per CPU].
+    #[arg(long, env = "RNA_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
     /// kubeconfig identity [default: on when the in-cluster environment is detected or
     /// --kubeconfig is given].
@@ -363,14 +371,14 @@ merge_options!(
     heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
     max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
-    state_dir, kube_timeout;
+    state_dir, kube_timeout, worker_threads;
 );
 
 merge_options!(
     AgentOptions;
     server_name, name, ca, cert, key, token_file, dial_timeout, max_streams, metrics,
     max_pending_dials, max_frame, congestion, kubernetes, kubeconfig, kube_context,
-    kube_inventory_interval;
+    kube_inventory_interval, worker_threads;
     hub, allow, deny, kube_namespace, kube_resource
 );
 
@@ -403,6 +411,7 @@ struct HubFile {
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
     kube_timeout: Option<String>,
+    worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -432,6 +441,7 @@ struct AgentFile {
     kube_namespace: Option<Vec<String>>,
     kube_resource: Option<Vec<String>>,
     kube_inventory_interval: Option<String>,
+    worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
@@ -615,6 +625,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
         state_dir: c.path(f.state_dir),
         kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
+        worker_threads: f.worker_threads,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -664,6 +675,7 @@ pub fn parse_agent_file(
             f.kube_inventory_interval,
             parse_duration,
         )?,
+        worker_threads: f.worker_threads,
     };
     let log = LogOptions {
         log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
@@ -846,6 +858,9 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     if let Some(c) = o.congestion {
         config.limits.congestion = c;
     }
+    if let Some(n) = o.worker_threads {
+        config.worker_threads = worker_threads(n).map_err(|m| invalid("worker_threads", m))?;
+    }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
             "socks_no_auth",
@@ -906,11 +921,17 @@ pub struct AgentSettings {
     pub config: AgentConfig,
     /// Health and metrics endpoint.
     pub metrics: MetricsListen,
+    /// Worker threads of the process's runtime.
+    pub worker_threads: usize,
 }
 
 /// Validates agent options into the agent's configuration, reading certificates and token.
 pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
     let invalid = |key: &str, message: String| sources.invalid(key, message);
+    let worker_threads = match o.worker_threads {
+        Some(n) => worker_threads(n).map_err(|m| invalid("worker_threads", m))?,
+        None => crate::runtime::default_worker_threads(),
+    };
     if o.hub.is_empty() {
         return Err(ConfigError::Missing {
             key: "hub",
@@ -979,7 +1000,21 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
         kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
     }
-    Ok(AgentSettings { config, metrics })
+    Ok(AgentSettings {
+        config,
+        metrics,
+        worker_threads,
+    })
+}
+
+/// A worker thread count, 1 to [`crate::runtime::MAX_WORKER_THREADS`].
+fn worker_threads(n: usize) -> Result<usize, String> {
+    let max = crate::runtime::MAX_WORKER_THREADS;
+    if (1..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} must be between 1 and {max}"))
+    }
 }
 
 /// A namespace name (RFC 1123 label).

@@ -15,4 +15,5 @@ pub mod dev;
 pub mod hub;
 pub mod notify;
 pub mod proto;
+pub mod runtime;
 pub mod transport;

@@ -214,10 +214,12 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &work {
+        Work::Hub(config) => config.worker_threads,
+        Work::Agent(settings, ..) => settings.worker_threads,
+        _ => rna::runtime::default_worker_threads(),
+    };
+    let runtime = match rna::runtime::build(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rna: cannot start the runtime: {e}");
@@ -402,7 +404,9 @@ async fn hub(config: HubConfig) -> Result<()> {
 }
 
 async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions) -> Result<()> {
-    let AgentSettings { config, metrics } = settings;
+    let AgentSettings {
+        config, metrics, ..
+    } = settings;
     let admin = match metrics {
         MetricsListen::On(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -411,6 +415,11 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
         ),
         MetricsListen::Off => None,
     };
+    info!(
+        name = %config.name,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "agent starting"
+    );
     let agent = Agent::new(config)?;
     let handle = agent.handle();
     let shutdown = CancellationToken::new();

@@ -323,3 +323,45 @@ fn unreadable_keys_name_the_key_and_where_it_was_given() {
         "{line}"
     );
 }
+
+#[test]
+fn worker_threads_come_from_flag_env_or_file_and_are_checked() {
+    let setup = Setup::new();
+    let default = rna::runtime::default_worker_threads();
+    let bare = setup.hub_file("");
+    let out = valid(&["hub", "--config", s(&bare)], &[]);
+    assert!(
+        out.contains(&format!("worker_threads: {default},")),
+        "default: {out}"
+    );
+    let file = setup.hub_file("worker_threads = 3\n");
+    let out = valid(&["hub", "--config", s(&file)], &[]);
+    assert!(out.contains("worker_threads: 3,"), "file: {out}");
+    let env = [("RNA_WORKER_THREADS", "5")];
+    let out = valid(&["hub", "--config", s(&file)], &env);
+    assert!(out.contains("worker_threads: 5,"), "env over file: {out}");
+    let out = valid(
+        &["hub", "--config", s(&file), "--worker-threads", "2"],
+        &env,
+    );
+    assert!(out.contains("worker_threads: 2,"), "flag over env: {out}");
+
+    let agent = setup.agent_file("hub = [\"hub.example:4433\"]\nworker_threads = 4\n");
+    let out = valid(&["agent", "--config", s(&agent)], &[]);
+    assert!(out.contains("worker_threads: 4,"), "agent file: {out}");
+    let agent = setup.agent_file("hub = [\"hub.example:4433\"]\nworker_threads = 0\n");
+    assert_eq!(
+        refused(&["agent", "--config", s(&agent)], &[]),
+        format!(
+            "rna: {}: worker_threads: 0 must be between 1 and 1024",
+            s(&agent)
+        )
+    );
+    assert_eq!(
+        refused(
+            &["hub", "--config", s(&bare), "--worker-threads", "2000"],
+            &[]
+        ),
+        "rna: command line: worker_threads: 2000 must be between 1 and 1024"
+    );
+}

@@ -269,12 +269,16 @@ async fn the_deployment_walkthrough_works_with_the_real_binary() {
         &format!("{certs}/hub-key.pem"),
         "--tokens",
         &store,
+        "--worker-threads",
+        "3",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let (hub, mut hub_log) = spawn_logged(&hub_args);
     let serving = wait_line(&mut hub_log, "hub serving").await;
+    // The runtime reports the workers it really has.
+    assert_eq!(field(&serving, "worker_threads"), "3", "{serving}");
     let quic = field(&serving, "quic");
     let socks: std::net::SocketAddr = field(&serving, "socks").parse().unwrap();
 
@@ -301,6 +305,9 @@ async fn the_deployment_walkthrough_works_with_the_real_binary() {
     .map(|s| s.to_string())
     .collect();
     let (agent, mut agent_log) = spawn_logged(&agent_args);
+    let starting = wait_line(&mut agent_log, "agent starting").await;
+    let default = rna::runtime::default_worker_threads().to_string();
+    assert_eq!(field(&starting, "worker_threads"), default, "{starting}");
     wait_line(&mut agent_log, "connected to hub").await;
 
     let http = http_server().await;

@@ -159,6 +159,8 @@ pub struct HubConfig {
     pub state_dir: Option<PathBuf>,
     /// How long a Kubernetes command (other than wait, which has its own) may take.
     pub kube_timeout: Duration,
+    /// Worker threads of the process's runtime (read by `main` before the hub starts).
+    pub worker_threads: usize,
 }
 
 impl HubConfig {
@@ -181,6 +183,7 @@ impl HubConfig {
             metrics_per_agent: false,
             state_dir: None,
             kube_timeout: Duration::from_secs(60),
+            worker_threads: crate::runtime::default_worker_threads(),
         }
     }
 }
@@ -395,6 +398,7 @@ impl Hub {
         info!(quic = %endpoint.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             socks = %socks.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             api = %api.as_ref().and_then(|l| l.local_addr().ok()).map_or_else(|| "off".into(), |a| a.to_string()),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "hub serving");
 
         // Agent connections.
