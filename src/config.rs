@@ -190,7 +190,7 @@ pub struct HubOptions {
     #[arg(long, env = "RNA_MAX_HANDSHAKES")]
     pub max_handshakes: Option<usize>,
     /// Tunnel streams open or opening on one agent connection; more are answered 0x01
-    /// [default: 8192].
+    /// [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS_PER_AGENT")]
     pub max_streams_per_agent: Option<usize>,
     /// Largest protocol frame accepted from an agent, in bytes, 1024 to 65536

@@ -115,7 +115,9 @@ impl Default for HubCaps {
     fn default() -> Self {
         HubCaps {
             handshakes: 256,
-            streams_per_agent: 8192,
+            // As many as an agent grants by default (`Limits::tunnel_streams`), so one agent
+            // carries 10,000 and more concurrent streams out of the box.
+            streams_per_agent: 16_384,
             max_frame: crate::proto::codec::MAX_FRAME,
             stream_idle_timeout: Duration::from_secs(3600),
             kube_request: crate::proto::kube::MAX_KUBE_REQUEST,
