@@ -895,20 +895,31 @@ impl Rna {
         c
     }
 
-    fn agent_cmd(&self, target: SocketAddr) -> Command {
+    /// The hub address, name, certificates and token of agent `name`, as both `rna agent`
+    /// and `rnabench agents` take them.
+    fn agent_identity(&self, name: &str) -> Vec<std::ffi::OsString> {
         let d = &self.dir;
+        let hub = format!("127.0.0.1:{}", self.quic);
+        vec![
+            "--hub".into(),
+            hub.into(),
+            "--name".into(),
+            name.into(),
+            "--ca".into(),
+            d.join("ca.pem").into(),
+            "--cert".into(),
+            d.join(format!("agent-{name}.pem")).into(),
+            "--key".into(),
+            d.join(format!("agent-{name}-key.pem")).into(),
+            "--token-file".into(),
+            d.join("token.txt").into(),
+        ]
+    }
+
+    fn agent_cmd(&self, target: SocketAddr) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("agent")
-            .args(["--hub", &format!("127.0.0.1:{}", self.quic)])
-            .args(["--name", "bench"])
-            .arg("--ca")
-            .arg(d.join("ca.pem"))
-            .arg("--cert")
-            .arg(d.join("agent-bench.pem"))
-            .arg("--key")
-            .arg(d.join("agent-bench-key.pem"))
-            .arg("--token-file")
-            .arg(d.join("token.txt"))
+            .args(self.agent_identity("bench"))
             .args(["--allow", &format!("{}/32", target.ip())])
             // No metrics endpoint: its default port may be taken by another agent.
             .args(["--metrics", "off"])
@@ -1209,24 +1220,44 @@ async fn fresh(
         api: None,
     };
     std::mem::replace(sys, stopped).stop();
-    *sys = match sys.name.as_str() {
+    *sys = start_system(args, &sys.name, target, rna).await?;
+    Ok(())
+}
+
+/// Starts system `name` (its processes, until a request through it succeeds); starting
+/// rna also sets `rna` to its details.
+async fn start_system(
+    args: &SuiteArgs,
+    name: &str,
+    target: SocketAddr,
+    rna: &mut Option<Rna>,
+) -> Result<System> {
+    Ok(match name {
         "rna" => {
             let (s, r) = start_rna(args, target).await?;
             *rna = Some(r);
             s
         }
         "ssh" => start_ssh(args, target).await?,
+        "direct" => System {
+            name: "direct".into(),
+            via: Via::Direct,
+            hub: vec![],
+            agent: vec![],
+            api: None,
+        },
         "rusnel" => {
             let bin = args
                 .rusnel
                 .clone()
                 .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
-            start_rusnel(args, &std::fs::canonicalize(bin)?, target).await?
+            let bin = std::fs::canonicalize(&bin)
+                .with_context(|| format!("--rusnel {}", bin.display()))?;
+            start_rusnel(args, &bin, target).await?
         }
         "shadowsocks" => start_shadowsocks(args, &shadowsocks_bins(args)?, target).await?,
-        other => bail!("cannot restart {other}"),
-    };
-    Ok(())
+        other => bail!("unknown system {other}"),
+    })
 }
 
 /// Prints and records one result line.
@@ -1303,35 +1334,7 @@ async fn suite(args: SuiteArgs) -> Result<()> {
     let mut systems: Vec<System> = Vec::new();
     let mut rna: Option<Rna> = None;
     for name in &args.systems {
-        match name.as_str() {
-            "rna" => {
-                let (s, r) = start_rna(&args, target).await?;
-                systems.push(s);
-                rna = Some(r);
-            }
-            "ssh" => systems.push(start_ssh(&args, target).await?),
-            "direct" => systems.push(System {
-                name: "direct".into(),
-                via: Via::Direct,
-                hub: vec![],
-                agent: vec![],
-                api: None,
-            }),
-            "rusnel" => {
-                let bin = args
-                    .rusnel
-                    .clone()
-                    .ok_or_else(|| anyhow!("system rusnel needs --rusnel PATH"))?;
-                let bin = std::fs::canonicalize(&bin)
-                    .with_context(|| format!("--rusnel {}", bin.display()))?;
-                systems.push(start_rusnel(&args, &bin, target).await?);
-            }
-            "shadowsocks" => {
-                let bins = shadowsocks_bins(&args)?;
-                systems.push(start_shadowsocks(&args, &bins, target).await?);
-            }
-            other => bail!("unknown system {other}"),
-        }
+        systems.push(start_system(&args, name, target, &mut rna).await?);
     }
     let result = run_tests(&args, &exe, target, &mut systems, &mut rna, &mut rec, tck).await;
     for s in systems {
@@ -1356,6 +1359,15 @@ macro_rules! or_note {
             }
         }
     };
+}
+
+/// Growth of resident memory from `before` to `after` bytes, in KiB for each of `n` things
+/// (NaN when none were opened).
+fn kib_each(before: u64, after: u64, n: u64) -> f64 {
+    if n == 0 {
+        return f64::NAN;
+    }
+    (after as f64 - before as f64) / n as f64 / 1024.0
 }
 
 async fn run_tests(
@@ -1541,11 +1553,9 @@ async fn run_tests(
                 }
                 // Fresh processes: allocators keep freed memory, so a second measurement in
                 // the same processes would find the streams' memory already resident.
-                let name = sys.name.clone();
                 let restarted = fresh(args, target, sys, rna).await;
                 or_note!(rec, &format!("C1-{count}"), sys, round, restarted);
                 let sys = &*sys;
-                debug_assert_eq!(sys.name, name);
                 let pids = sys.pids();
                 let before = rss_bytes(&pids);
                 let mut holder = Proc::spawn(
@@ -1570,11 +1580,7 @@ async fn run_tests(
                 );
                 let after = rss_bytes(&pids);
                 let ok = report["ok"].as_u64().unwrap_or(0);
-                let per = if ok > 0 {
-                    (after as f64 - before as f64) / ok as f64 / 1024.0
-                } else {
-                    f64::NAN
-                };
+                let per = kib_each(before, after, ok);
                 holder.stop(Duration::from_secs(10));
                 rec.emit(&format!("C1-{count}"), &sys.name, round, json!({"value": per, "unit": "KiB/stream (hub+agent RSS)",
                     "ok": ok, "failed": report["failed"], "errors": report["errors"], "open_secs": report["secs"],
@@ -1591,26 +1597,12 @@ async fn run_tests(
         let rna = rna.as_ref().ok_or_else(|| anyhow!("rna not running"))?;
         let pids = sys.hub_pids();
         let before = rss_bytes(&pids);
-        let d = &rna.dir;
         let mut gen = Proc::spawn(
             "agents",
             Command::new(exe)
-                .args([
-                    "agents",
-                    "--hub",
-                    &format!("127.0.0.1:{}", rna.quic),
-                    "--name",
-                    "idle",
-                ])
+                .arg("agents")
+                .args(rna.agent_identity("idle"))
                 .args(["--count", &args.m1_agents.to_string()])
-                .arg("--ca")
-                .arg(d.join("ca.pem"))
-                .arg("--cert")
-                .arg(d.join("agent-idle.pem"))
-                .arg("--key")
-                .arg(d.join("agent-idle-key.pem"))
-                .arg("--token-file")
-                .arg(d.join("token.txt"))
                 .stdout(Stdio::piped()),
         )?;
         let report: Value =
@@ -1619,11 +1611,7 @@ async fn run_tests(
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = rss_bytes(&pids);
         let ok = report["ok"].as_u64().unwrap_or(0);
-        let per = if ok > 0 {
-            (after as f64 - before as f64) / ok as f64 / 1024.0
-        } else {
-            f64::NAN
-        };
+        let per = kib_each(before, after, ok);
         gen.stop(Duration::from_secs(10));
         rec.emit(
             "M1",

@@ -9,7 +9,7 @@ mod fake_kube;
 
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,24 +20,10 @@ use rna::auth::{Scope, Secret};
 use rna::client::{ApiClient, ApiResponse};
 use serde_json::{json, Value};
 
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
 const TENANT: &str = "acme/prod";
 const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines are checked in them).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
@@ -53,7 +39,7 @@ fn logs() -> &'static Captured {
 }
 
 fn log_text() -> String {
-    String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned()
+    logs().text()
 }
 
 /// A hub, the fake API, and an agent in cluster mode named `prod-cluster`.
@@ -1463,40 +1449,27 @@ async fn commands_are_bounded_by_their_timeout_and_size_caps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rna_dev_with_a_kubeconfig_has_cluster_mode() {
-    use tokio::io::AsyncBufReadExt;
     let fake = FakeKube::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = fake.kubeconfig(dir.path(), "kubeconfig", None);
     let state = dir.path().join("dev");
-    let mut dev = tokio::process::Command::new(RNA)
-        .args([
-            "dev",
-            "--dir",
-            state.to_str().unwrap(),
-            "--socks",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
-    let line = within("the rna kube line", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.starts_with("rna kube ") {
-                return line;
-            }
-        }
-        panic!("rna dev printed no rna kube line");
-    })
-    .await;
+    let mut dev = rna_command([
+        "dev",
+        "--dir",
+        state.to_str().unwrap(),
+        "--socks",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+    ])
+    .arg("--kubeconfig")
+    .arg(&kubeconfig)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut stdout = dev.stdout.take().unwrap();
+    let line = first_line_starting(&mut stdout, "rna kube ").await;
     // The printed command works as printed.
     let mut args: Vec<String> = line
         .split_whitespace()

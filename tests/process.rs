@@ -6,20 +6,15 @@ mod common;
 use std::process::Stdio;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
 use tokio::process::{Child, Command};
 
 const TENANT: &str = "acme/prod";
 
 fn spawn_rna(args: &[String]) -> Child {
-    Command::new(RNA)
-        .args(args)
-        .env("RNA_LOG_LEVEL", "info")
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
+    rna_command(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .unwrap()
 }
@@ -35,14 +30,7 @@ async fn killed_agent_resets_clients_and_a_restarted_one_serves_again() {
     let baseline = world.footprint(&[]);
 
     // Start a long download and read part of it.
-    let mut s = socks_connect(world.socks, "vm-agent", &token, Dest::Ip(http))
-        .await
-        .unwrap();
-    s.write_all(b"GET /bytes/10000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    s.read_exact(&mut buf).await.unwrap();
+    let mut s = download_in_progress(world.socks, "vm-agent", &token, http).await;
 
     // kill -9: no close frame, no FIN. The client must see a reset, never a clean EOF.
     agent.kill().await.unwrap();
@@ -96,17 +84,8 @@ async fn rna_dev_prints_a_working_line_and_exits_cleanly_on_sigterm() {
 
     for run in 0..2 {
         let mut dev = spawn_rna(&args);
-        let stdout = dev.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let line = within("the ready line", async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.starts_with("curl ") {
-                    return line;
-                }
-            }
-            panic!("rna dev exited without printing a curl line");
-        })
-        .await;
+        let mut stdout = dev.stdout.take().unwrap();
+        let line = first_line_starting(&mut stdout, "curl ").await;
         // `curl --proxy socks5h://local:<token>@127.0.0.1:<port> http://example.internal/`
         let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(words[1], "--proxy");
@@ -402,14 +381,7 @@ async fn killed_hub_resets_clients_and_agents_come_back_to_a_restarted_one() {
     let baseline = world.footprint(&[&agent]);
 
     // A long download, partly read, then kill -9 of the hub.
-    let mut s = socks_connect(socks, "edge", &token, Dest::Ip(http))
-        .await
-        .unwrap();
-    s.write_all(b"GET /bytes/10000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    s.read_exact(&mut buf).await.unwrap();
+    let mut s = download_in_progress(socks, "edge", &token, http).await;
     hub.kill().await.unwrap();
     let outcome = within("the client to see the failure", drain(&mut s)).await;
     let err = outcome.expect_err("a dead hub must not look like a complete transfer");

@@ -159,12 +159,17 @@ fn redirect_home() -> Response {
     let mut resp = (StatusCode::SEE_OTHER, ()).into_response();
     let h = resp.headers_mut();
     h.insert(header::LOCATION, HeaderValue::from_static("/"));
+    private(h);
+    resp
+}
+
+/// Headers of every status-page response: never cached, never named as a referrer.
+fn private(h: &mut HeaderMap) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    resp
 }
 
 /// An HTML response that is never cached, framed, sniffed or allowed to load anything.
@@ -175,7 +180,7 @@ fn html(status: StatusCode, body: String) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    private(h);
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -188,10 +193,6 @@ fn html(status: StatusCode, body: String) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
     resp
 }
 

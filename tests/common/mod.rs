@@ -814,6 +814,22 @@ pub fn never_answering() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Sock
 /// The binary under test.
 pub const RNA: &str = env!("CARGO_BIN_EXE_rna");
 
+/// `rna ARGS` with text logs at info, no stdin, killed when dropped; the caller picks where
+/// stdout and stderr go.
+pub fn rna_command<I, S>(args: I) -> tokio::process::Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = tokio::process::Command::new(RNA);
+    cmd.args(args)
+        .env("RNA_LOG_LEVEL", "info")
+        .env("RNA_LOG_FORMAT", "text")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Spawns `rna` with text logs at info on stderr, captured as a channel of lines (each
 /// line is echoed to the test output too).
 pub fn spawn_logged(
@@ -823,14 +839,9 @@ pub fn spawn_logged(
     tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(RNA)
-        .args(args)
-        .env("RNA_LOG_LEVEL", "info")
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
+    let mut child = rna_command(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn rna");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -907,4 +918,63 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// otherwise.
 pub async fn drain(s: &mut TcpStream) -> std::io::Result<u64> {
     tokio::io::copy(s, &mut tokio::io::sink()).await
+}
+
+/// Reads `out` line by line until one starts with `prefix`, and returns it. The caller keeps
+/// `out`, so the pipe stays open for whatever the process writes later.
+pub async fn first_line_starting<R>(out: &mut R, prefix: &str) -> String
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    within(prefix, async {
+        while let Some(line) = lines.next_line().await.expect("read output") {
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+        panic!("output ended without a line starting with {prefix:?}");
+    })
+    .await
+}
+
+/// Opens a download of 10 GB from `http` through agent `agent` and reads its first MiB: a
+/// transfer in the middle of its life, for tests that kill one side.
+pub async fn download_in_progress(
+    socks: SocketAddr,
+    agent: &str,
+    token: &str,
+    http: SocketAddr,
+) -> TcpStream {
+    let mut s = socks_connect(socks, agent, token, Dest::Ip(http))
+        .await
+        .expect("socks connect");
+    s.write_all(b"GET /bytes/10000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send request");
+    let mut buf = vec![0u8; 1 << 20];
+    s.read_exact(&mut buf).await.expect("first MiB");
+    s
+}
+
+/// Test log output kept in memory (a `tracing_subscriber` writer), to search log lines.
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

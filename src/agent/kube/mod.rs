@@ -591,35 +591,36 @@ impl KubeExecutor {
             None => format!("{kind} {}", target.name),
         };
         let mut last = String::new();
-        let report = |message: &str, last: &mut String| {
-            if message != last.as_str() {
-                *last = message.to_string();
-                let event = json!({"type": "progress", "object": describe, "message": message});
-                // A full channel only drops a progress line, never the final answer.
-                let _ = progress.try_send(event.to_string());
-            }
-        };
-        let judge = |obj: Option<&DynamicObject>| -> Eval {
-            match (obj, condition) {
-                (None, WaitFor::Deleted) => Eval::Met(format!("{describe} is deleted")),
-                (None, _) => Eval::Pending(format!("{describe} does not exist yet")),
-                (Some(o), c) => match serde_json::to_value(o) {
-                    Ok(v) => wait::evaluate(&kind, &v, c),
-                    Err(e) => Eval::Failed(format!("{describe}: {e}")),
-                },
-            }
-        };
         let work = async {
+            // Judges one state of the object (None: it does not exist), reports what is
+            // missing when that changed, and gives the answer once there is one.
+            let mut settle = |obj: Option<&DynamicObject>| -> Option<Result<String, KubeFailure>> {
+                let eval = match (obj, condition) {
+                    (None, WaitFor::Deleted) => Eval::Met(format!("{describe} is deleted")),
+                    (None, _) => Eval::Pending(format!("{describe} does not exist yet")),
+                    (Some(o), c) => match serde_json::to_value(o) {
+                        Ok(v) => wait::evaluate(&kind, &v, c),
+                        Err(e) => Eval::Failed(format!("{describe}: {e}")),
+                    },
+                };
+                if eval.message() != last {
+                    last = eval.message().to_string();
+                    let event = json!({"type": "progress", "object": describe, "message": last});
+                    // A full channel only drops a progress line, never the final answer.
+                    let _ = progress.try_send(event.to_string());
+                }
+                match eval {
+                    Eval::Met(m) => Some(Ok(m)),
+                    Eval::Failed(m) => {
+                        Some(Err(failure(FailureKind::Api, 422, "RolloutFailed", m)))
+                    }
+                    Eval::Pending(_) => None,
+                }
+            };
             loop {
                 let current = api.get_opt(&target.name).await.map_err(from_kube)?;
-                let eval = judge(current.as_ref());
-                report(eval.message(), &mut last);
-                match eval {
-                    Eval::Met(m) => return Ok(m),
-                    Eval::Failed(m) => {
-                        return Err(failure(FailureKind::Api, 422, "RolloutFailed", m))
-                    }
-                    Eval::Pending(_) => {}
+                if let Some(answer) = settle(current.as_ref()) {
+                    return answer;
                 }
                 let version = current
                     .as_ref()
@@ -648,14 +649,8 @@ impl KubeExecutor {
                             break;
                         }
                     };
-                    let eval = judge(obj.as_ref());
-                    report(eval.message(), &mut last);
-                    match eval {
-                        Eval::Met(m) => return Ok(m),
-                        Eval::Failed(m) => {
-                            return Err(failure(FailureKind::Api, 422, "RolloutFailed", m))
-                        }
-                        Eval::Pending(_) => {}
+                    if let Some(answer) = settle(obj.as_ref()) {
+                        return answer;
                     }
                 }
             }
