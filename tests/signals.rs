@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use rna::auth::{Scope, TokenStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::Child;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -21,25 +21,25 @@ const HALF: usize = 1 << 20;
 /// A destination that sends [`HALF`] bytes of the test pattern, waits for a permit from
 /// the returned semaphore, then sends the second half and closes.
 async fn gated_server() -> (SocketAddr, Arc<Semaphore>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let gate = Arc::new(Semaphore::new(0));
     let g = gate.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let gate = g.clone();
-            tokio::spawn(async move {
-                let data = pattern(2 * HALF);
-                s.write_all(&data[..HALF]).await?;
-                // One permit lets one connection through, for good.
-                if let Ok(permit) = gate.acquire().await {
-                    permit.forget();
-                }
-                s.write_all(&data[HALF..]).await?;
-                s.shutdown().await
-            });
+    let addr = tcp_server(move |mut s: TcpStream| {
+        let gate = g.clone();
+        async move {
+            let data = pattern(2 * HALF);
+            if s.write_all(&data[..HALF]).await.is_err() {
+                return;
+            }
+            // One permit lets one connection through, for good.
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+            if s.write_all(&data[HALF..]).await.is_ok() {
+                let _ = s.shutdown().await;
+            }
         }
-    });
+    })
+    .await;
     (addr, gate)
 }
 

@@ -320,14 +320,20 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// A small HTTP/1.1 server: `GET /bytes/N` answers N pattern bytes; `POST /sha256` answers the
 /// hex SHA-256 of the body. One request per connection.
 pub async fn http_server() -> SocketAddr {
+    tcp_server(serve_http).await
+}
+
+/// A TCP server on 127.0.0.1 that runs `handle` on its own task for every connection.
+pub async fn tcp_server<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(serve_http(stream));
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handle(stream));
         }
     });
     addr
@@ -423,48 +429,30 @@ async fn serve_http(mut stream: TcpStream) {
 
 /// A TCP server that reads until EOF, then answers `N <sha256>` of what it read and closes.
 pub async fn half_close_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut data = Vec::new();
-                if stream.read_to_end(&mut data).await.is_err() {
-                    return;
-                }
-                // Answer after the client's FIN: only possible if half-close was kept.
-                let answer = format!("{} {}\n", data.len(), sha256_hex(&data));
-                let _ = stream.write_all(answer.as_bytes()).await;
-                let _ = stream.write_all(&pattern(1 << 20)).await;
-                let _ = stream.shutdown().await;
-            });
+    tcp_server(|mut stream: TcpStream| async move {
+        let mut data = Vec::new();
+        if stream.read_to_end(&mut data).await.is_err() {
+            return;
         }
-    });
-    addr
+        // Answer after the client's FIN: only possible if half-close was kept.
+        let answer = format!("{} {}\n", data.len(), sha256_hex(&data));
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.write_all(&pattern(1 << 20)).await;
+        let _ = stream.shutdown().await;
+    })
+    .await
 }
 
 /// A TCP server that sends some bytes, then resets the connection (zero linger).
 pub async fn reset_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream.write_all(b"partial").await;
-                let _ = stream.set_zero_linger();
-                drop(stream);
-            });
-        }
-    });
-    addr
+    tcp_server(|mut stream: TcpStream| async move {
+        let mut buf = [0u8; 16];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(b"partial").await;
+        let _ = stream.set_zero_linger();
+        drop(stream);
+    })
+    .await
 }
 
 /// A port on 127.0.0.1 where nothing listens.
