@@ -232,28 +232,7 @@ async fn the_deployment_walkthrough_works_with_the_real_binary() {
         std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
-    let hub_args: Vec<String> = [
-        "hub",
-        "--listen",
-        "127.0.0.1:0",
-        "--socks",
-        "127.0.0.1:0",
-        "--api",
-        "127.0.0.1:0",
-        "--ca",
-        &format!("{certs}/ca.pem"),
-        "--cert",
-        &format!("{certs}/hub.pem"),
-        "--key",
-        &format!("{certs}/hub-key.pem"),
-        "--tokens",
-        &store,
-        "--worker-threads",
-        "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let hub_args = hub_process_args(&certs, &store, "127.0.0.1:0", &["--worker-threads", "3"]);
     let (hub, mut hub_log) = spawn_logged(&hub_args);
     let serving = wait_line(&mut hub_log, "hub serving").await;
     // The runtime reports the workers it really has.
@@ -458,28 +437,12 @@ async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
         .local_addr()
         .unwrap()
         .port();
-    let hub_args: Vec<String> = [
-        "hub",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--socks",
-        "127.0.0.1:0",
-        "--api",
-        "127.0.0.1:0",
-        "--ca",
-        &format!("{certs}/ca.pem"),
-        "--cert",
-        &format!("{certs}/hub.pem"),
-        "--key",
-        &format!("{certs}/hub-key.pem"),
-        "--tokens",
+    let hub_args = hub_process_args(
+        &certs,
         &store,
-        "--state-dir",
-        &d("state"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &format!("127.0.0.1:{port}"),
+        &["--state-dir", &d("state")],
+    );
     let (mut hub, mut hub_log) = spawn_logged(&hub_args);
     wait_line(&mut hub_log, "hub serving").await;
     let key = std::fs::read(tmp.path().join("state/endpoint.key")).unwrap();

@@ -89,27 +89,8 @@ impl Pki {
         SocketAddr,
         String,
     ) {
-        let mut args: Vec<String> = vec![
-            "hub",
-            "--listen",
-            "127.0.0.1:0",
-            "--socks",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--ca",
-            &self.path("ca.pem"),
-            "--cert",
-            &self.path("hub.pem"),
-            "--key",
-            &self.path("hub-key.pem"),
-            "--tokens",
-            &self.path("tokens.toml"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let certs = self.dir.path().display().to_string();
+        let args = hub_process_args(&certs, &self.path("tokens.toml"), "127.0.0.1:0", extra);
         let (child, mut log) = spawn_logged(&args);
         let serving = wait_line(&mut log, "hub serving").await;
         let socks = field(&serving, "socks").parse().expect("socks addr");

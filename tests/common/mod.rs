@@ -966,3 +966,28 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// Arguments of an `rna hub` process whose CA, certificate and key are in `certs` under the
+/// names `rna certs init` gives them, with its token store at `store`, QUIC on `listen`, and
+/// SOCKS and the admin API on free ports; `extra` arguments follow.
+pub fn hub_process_args(certs: &str, store: &str, listen: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "hub".into(),
+        "--listen".into(),
+        listen.into(),
+        "--socks".into(),
+        "127.0.0.1:0".into(),
+        "--api".into(),
+        "127.0.0.1:0".into(),
+        "--ca".into(),
+        format!("{certs}/ca.pem"),
+        "--cert".into(),
+        format!("{certs}/hub.pem"),
+        "--key".into(),
+        format!("{certs}/hub-key.pem"),
+        "--tokens".into(),
+        store.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
