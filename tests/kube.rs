@@ -921,7 +921,17 @@ async fn wait_follows_a_rollout_and_times_out_precisely() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Delete only once the agent watches the object, so the deletion is seen by the watch.
+    within("the agent's watch of app-config", async {
+        while !c.fake.requests().iter().any(|r| {
+            r.starts_with("GET /api/v1/namespaces/shop/configmaps?")
+                && r.contains("watch=true")
+                && r.contains("app-config")
+        }) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let del = delete(
         &c.api,
         &format!("/api/v1/agents/{AGENT}/kube/v1/ConfigMap/app-config?namespace=shop"),
