@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::agent::kube::{in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule};
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
@@ -53,6 +53,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// The configuration in force could not be written as TOML (a path that is not UTF-8).
+    #[error("cannot print the configuration as TOML: {0}")]
+    Print(String),
     /// A required value is missing everywhere.
     #[error("missing {key}: give --{flag}, RNA_{env} or `{key}` in the config file")]
     Missing {
@@ -87,6 +90,63 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Writes `d` the way [`parse_duration`] reads it, in the largest unit that keeps it exact
+/// (`90s`, `5m`, `1500ms`), so a printed configuration parses back to the same value.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 || ms == 0 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s % size == 0 {
+            return format!("{}{unit}", s / size);
+        }
+    }
+    format!("{s}s")
+}
+
+/// A duration as a file writes it: a string with a unit (`"10s"`) or an integer number of
+/// seconds, as flags accept a bare number. Kept as text and checked by [`parse_duration`], so
+/// both spellings get the same errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileDuration(String);
+
+impl<'de> Deserialize<'de> for FileDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FileDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration: a number of seconds or a string such as \"10s\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileDuration, E> {
+                Ok(FileDuration(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FileDuration, E> {
+                Ok(FileDuration(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FileDuration, E> {
+                // Negative: parse_duration refuses it with its usual message.
+                Ok(FileDuration(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for FileDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl From<Duration> for FileDuration {
+    fn from(d: Duration) -> Self {
+        FileDuration(format_duration(d))
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -108,15 +168,20 @@ impl FromStr for LogFormat {
     }
 }
 
-/// Logging settings shared by every long-running command.
+/// The help heading of options every command takes, so `--help` shows them apart from the
+/// command's own flags.
+const GLOBAL: &str = "Global options";
+
+/// Logging settings shared by every command: global options, given before or after the
+/// command name.
 #[derive(Debug, Clone, Default, Args)]
 pub struct LogOptions {
     /// Log format: text or json [default: json when stdout is not a terminal, else text].
-    #[arg(long, global = true, env = "RNA_LOG_FORMAT")]
+    #[arg(long, global = true, env = "RNA_LOG_FORMAT", help_heading = GLOBAL)]
     pub log_format: Option<LogFormat>,
     /// Log filter (tracing env-filter syntax, e.g. `info` or `rna=debug`) [default: info;
     /// RUST_LOG also works].
-    #[arg(long, global = true, env = "RNA_LOG_LEVEL")]
+    #[arg(long, global = true, env = "RNA_LOG_LEVEL", help_heading = GLOBAL)]
     pub log_level: Option<String>,
 }
 
@@ -224,8 +289,8 @@ pub struct HubOptions {
 /// Agent settings from flags and environment (`None` or empty: not given).
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentOptions {
-    /// Hub address (host:port); repeat for several hubs. Every address a name resolves to
-    /// gets its own connection.
+    /// Hub address (host:port, or host for port 4433); repeat for several hubs. Every
+    /// address a name resolves to gets its own connection.
     #[arg(long, env = "RNA_HUB", value_delimiter = ',')]
     pub hub: Vec<HubTarget>,
     /// TLS name to verify the hub as [default: the host of --hub].
@@ -259,8 +324,8 @@ pub struct AgentOptions {
     /// Tunnel streams the hub may have open on this agent's connection [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS")]
     pub max_streams: Option<u32>,
-    /// Address of the agent's /healthz, /readyz and /metrics, or `off`
-    /// [default: 127.0.0.1:9090].
+    /// Address of the agent's /healthz, /readyz and /metrics, or `off`; the default is skipped
+    /// with a warning when its port is taken [default: 127.0.0.1:4434].
     #[arg(long, env = "RNA_METRICS")]
     pub metrics: Option<String>,
     /// Dials in progress at once; more tunnel requests fail at once [default: 256].
@@ -382,8 +447,10 @@ merge_options!(
     hub, allow, deny, kube_namespace, kube_resource
 );
 
-/// The hub's TOML file, as written (values checked when converted).
-#[derive(Debug, Default, Deserialize)]
+/// The hub's TOML file, as written (values checked when converted). `--check-config` prints
+/// the configuration in force in this form. Duration keys take a string with a unit or an
+/// integer number of seconds.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct HubFile {
     listen: Option<String>,
@@ -394,30 +461,30 @@ struct HubFile {
     key: Option<PathBuf>,
     tokens: Option<PathBuf>,
     socks_no_auth: Option<String>,
-    heartbeat_interval: Option<String>,
-    heartbeat_timeout: Option<String>,
-    grace: Option<String>,
-    socks_greeting_timeout: Option<String>,
+    heartbeat_interval: Option<FileDuration>,
+    heartbeat_timeout: Option<FileDuration>,
+    grace: Option<FileDuration>,
+    socks_greeting_timeout: Option<FileDuration>,
     socks_half_open_per_ip: Option<usize>,
     socks_half_open_total: Option<usize>,
-    open_timeout: Option<String>,
-    token_poll: Option<String>,
+    open_timeout: Option<FileDuration>,
+    token_poll: Option<FileDuration>,
     metrics_per_agent: Option<bool>,
     max_handshakes: Option<usize>,
     max_streams_per_agent: Option<usize>,
     max_frame: Option<usize>,
     max_kube_request: Option<usize>,
-    stream_idle_timeout: Option<String>,
+    stream_idle_timeout: Option<FileDuration>,
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
-    kube_timeout: Option<String>,
+    kube_timeout: Option<FileDuration>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
 }
 
 /// The agent's TOML file, as written.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct AgentFile {
     hub: Option<Vec<String>>,
@@ -429,7 +496,7 @@ struct AgentFile {
     token_file: Option<PathBuf>,
     allow: Option<Vec<String>>,
     deny: Option<Vec<String>>,
-    dial_timeout: Option<String>,
+    dial_timeout: Option<FileDuration>,
     max_streams: Option<u32>,
     metrics: Option<String>,
     max_pending_dials: Option<usize>,
@@ -440,7 +507,7 @@ struct AgentFile {
     kube_context: Option<String>,
     kube_namespace: Option<Vec<String>>,
     kube_resource: Option<Vec<String>>,
-    kube_inventory_interval: Option<String>,
+    kube_inventory_interval: Option<FileDuration>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -490,6 +557,14 @@ impl Checker<'_> {
             .collect()
     }
 
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<FileDuration>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        self.parse(key, value.map(|d| d.0), parse_duration)
+    }
+
     /// Relative paths in a file are relative to the file's folder.
     fn path(&self, p: Option<PathBuf>) -> Option<PathBuf> {
         p.map(|p| match self.base {
@@ -522,12 +597,31 @@ fn parse_toml<T: serde::de::DeserializeOwned>(
             key,
             message: message + &location(text, e.span()),
         },
-        None => ConfigError::Parse {
-            file: origin.clone(),
-            message: e.message().to_string() + &location(text, e.span()),
+        None => match key_at(text, e.span()) {
+            // serde names no key for a value of the wrong type: find it by the span.
+            Some(key) => ConfigError::Invalid {
+                origin: origin.clone(),
+                key,
+                message: e.message().to_string() + &location(text, e.span()),
+            },
+            None => ConfigError::Parse {
+                file: origin.clone(),
+                message: e.message().to_string() + &location(text, e.span()),
+            },
         },
     })?;
     Ok((parsed, origin))
+}
+
+/// The top-level key whose value holds `span` (the place serde reported an error at).
+fn key_at(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+    let span = span?;
+    let table = toml::de::DeTable::parse(text).ok()?;
+    let found = table.get_ref().iter().find(|(_, value)| {
+        let v = value.span();
+        v.start <= span.start && span.end <= v.end
+    });
+    found.map(|(key, _)| key.get_ref().to_string())
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" as the key and a short message
@@ -600,31 +694,23 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         key: c.path(f.key),
         tokens: c.path(f.tokens),
         socks_no_auth: f.socks_no_auth,
-        heartbeat_interval: c.parse("heartbeat_interval", f.heartbeat_interval, parse_duration)?,
-        heartbeat_timeout: c.parse("heartbeat_timeout", f.heartbeat_timeout, parse_duration)?,
-        grace: c.parse("grace", f.grace, parse_duration)?,
-        socks_greeting_timeout: c.parse(
-            "socks_greeting_timeout",
-            f.socks_greeting_timeout,
-            parse_duration,
-        )?,
+        heartbeat_interval: c.duration("heartbeat_interval", f.heartbeat_interval)?,
+        heartbeat_timeout: c.duration("heartbeat_timeout", f.heartbeat_timeout)?,
+        grace: c.duration("grace", f.grace)?,
+        socks_greeting_timeout: c.duration("socks_greeting_timeout", f.socks_greeting_timeout)?,
         socks_half_open_per_ip: f.socks_half_open_per_ip,
         socks_half_open_total: f.socks_half_open_total,
-        open_timeout: c.parse("open_timeout", f.open_timeout, parse_duration)?,
-        token_poll: c.parse("token_poll", f.token_poll, parse_duration)?,
+        open_timeout: c.duration("open_timeout", f.open_timeout)?,
+        token_poll: c.duration("token_poll", f.token_poll)?,
         metrics_per_agent: f.metrics_per_agent,
         max_handshakes: f.max_handshakes,
         max_streams_per_agent: f.max_streams_per_agent,
         max_frame: f.max_frame,
         max_kube_request: f.max_kube_request,
-        stream_idle_timeout: c.parse(
-            "stream_idle_timeout",
-            f.stream_idle_timeout,
-            parse_duration,
-        )?,
+        stream_idle_timeout: c.duration("stream_idle_timeout", f.stream_idle_timeout)?,
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
         state_dir: c.path(f.state_dir),
-        kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
+        kube_timeout: c.duration("kube_timeout", f.kube_timeout)?,
         worker_threads: f.worker_threads,
     };
     let log = LogOptions {
@@ -659,7 +745,7 @@ pub fn parse_agent_file(
         token_file: c.path(f.token_file),
         allow: c.list("allow", f.allow, Rule::from_str)?,
         deny: c.list("deny", f.deny, Rule::from_str)?,
-        dial_timeout: c.parse("dial_timeout", f.dial_timeout, parse_duration)?,
+        dial_timeout: c.duration("dial_timeout", f.dial_timeout)?,
         max_streams: f.max_streams,
         metrics: f.metrics,
         max_pending_dials: f.max_pending_dials,
@@ -670,11 +756,7 @@ pub fn parse_agent_file(
         kube_context: f.kube_context,
         kube_namespace: c.list("kube_namespace", f.kube_namespace, parse_namespace)?,
         kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
-        kube_inventory_interval: c.parse(
-            "kube_inventory_interval",
-            f.kube_inventory_interval,
-            parse_duration,
-        )?,
+        kube_inventory_interval: c.duration("kube_inventory_interval", f.kube_inventory_interval)?,
         worker_threads: f.worker_threads,
     };
     let log = LogOptions {
@@ -738,9 +820,10 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// A TLS loading error, reported under the key whose file failed (`ca`, `cert` or `key`),
-/// found by the path the error names; other failures (a key that does not match its
-/// certificate) are reported under `cert`.
+/// A TLS loading or checking error, reported under the key whose file failed (`ca`, `cert`
+/// or `key`), found by the path the error names; a key that is not the certificate's is
+/// reported under `key`, other failures (a certificate the CA did not issue) under `cert`,
+/// each with the files involved.
 fn tls_error(
     sources: &Sources,
     files: [(&str, &Path); 3],
@@ -748,6 +831,30 @@ fn tls_error(
 ) -> ConfigError {
     use crate::certs::CertError;
     use crate::transport::tls::TlsError;
+    let [(_, ca), (_, cert), (_, key)] = files;
+    match &e {
+        TlsError::KeyMismatch => {
+            return sources.invalid(
+                "key",
+                format!(
+                    "{}: not the key of the certificate {}",
+                    key.display(),
+                    cert.display()
+                ),
+            )
+        }
+        TlsError::NotIssuedByCa(reason) => {
+            return sources.invalid(
+                "cert",
+                format!(
+                    "{}: not a certificate of the CA {}: {reason}",
+                    cert.display(),
+                    ca.display()
+                ),
+            )
+        }
+        _ => {}
+    }
     let failed = match &e {
         TlsError::Cert(CertError::Io { path, .. } | CertError::Pem { path, .. }) => Some(path),
         _ => None,
@@ -782,10 +889,16 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         ("key", key.as_path()),
     ];
     let tls = ServerTls::load(&ca, &cert, &key).map_err(|e| tls_error(sources, files, e))?;
+    // A key of another certificate, or a certificate of another CA, would only fail at the
+    // first handshake; say so now, in --check-config too.
+    tls.check().map_err(|e| tls_error(sources, files, e))?;
     if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
         return Err(invalid("tokens", chain(&e)));
     }
-    let listen = o.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433)));
+    let listen = o.listen.unwrap_or(SocketAddr::from((
+        [0, 0, 0, 0],
+        crate::proto::DEFAULT_HUB_PORT,
+    )));
     let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
@@ -905,13 +1018,32 @@ fn parse_no_auth(route: &str) -> Result<NoAuthRoute, String> {
     })
 }
 
+/// The agent's health and metrics address when none is given: loopback, port 4434, next to
+/// the hub's 4433 and outside Prometheus' own 9090 and its exporter range 9100-9999 (see
+/// docs/decisions.md).
+pub const DEFAULT_AGENT_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4434);
+
 /// Where the agent serves health and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsListen {
     /// Not served.
     Off,
-    /// Served on this address.
+    /// Served on this address, which was asked for: failing to bind it stops the agent.
     On(SocketAddr),
+    /// Served on [`DEFAULT_AGENT_METRICS`], nobody asked for it: if another program (or a
+    /// second agent) holds the port, the agent warns and runs without the endpoint.
+    Default(SocketAddr),
+}
+
+impl MetricsListen {
+    /// The address served, if any.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            MetricsListen::Off => None,
+            MetricsListen::On(a) | MetricsListen::Default(a) => Some(*a),
+        }
+    }
 }
 
 /// The agent's validated settings.
@@ -956,6 +1088,8 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         ("key", key.as_path()),
     ];
     let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| tls_error(sources, files, e))?;
+    // The hub would refuse such a certificate at every handshake; say so now.
+    tls.check().map_err(|e| tls_error(sources, files, e))?;
     let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
     let mut config = AgentConfig::new(o.hub, name, tls, token);
     if let Some(name) = o.server_name {
@@ -982,7 +1116,7 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         config.limits.congestion = c;
     }
     let metrics = match o.metrics.as_deref() {
-        None => MetricsListen::On(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        None => MetricsListen::Default(DEFAULT_AGENT_METRICS),
         Some("off") => MetricsListen::Off,
         Some(addr) => MetricsListen::On(parse_addr(addr).map_err(|e| invalid("metrics", e))?),
     };
@@ -1087,6 +1221,130 @@ pub fn kube_settings(
     // detected: it turns cluster mode off with a warning.
     settings.required = kubernetes == Some(true) || settings.source != KubeSource::InCluster;
     Ok(Some(settings))
+}
+
+/// A path as printed: absolute, so the printed file reads the same files from any folder.
+fn shown(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn congestion_name(c: Congestion) -> Option<String> {
+    use clap::ValueEnum;
+    c.to_possible_value().map(|v| v.get_name().to_string())
+}
+
+fn log_keys(log: &LogOptions) -> (Option<String>, Option<String>) {
+    let format = log.log_format.map(|f| match f {
+        LogFormat::Text => "text".to_string(),
+        LogFormat::Json => "json".to_string(),
+    });
+    (format, log.log_level.clone())
+}
+
+fn to_toml<T: Serialize>(file: &T) -> Result<String, ConfigError> {
+    toml::to_string(file).map_err(|e| ConfigError::Print(e.to_string()))
+}
+
+/// The hub configuration in force (defaults included) as the keys of its configuration file,
+/// for `--check-config`: pasted into a file, it gives the same configuration. Secrets appear
+/// only as the paths of their files; paths are absolute.
+pub fn hub_file_text(
+    options: &HubOptions,
+    config: &HubConfig,
+    log: &LogOptions,
+) -> Result<String, ConfigError> {
+    let (log_format, log_level) = log_keys(log);
+    let d = |d: Duration| Some(FileDuration::from(d));
+    let file = HubFile {
+        listen: Some(config.listen.to_string()),
+        socks: Some(config.socks.to_string()),
+        api: config.api.map(|a| a.to_string()),
+        ca: options.ca.as_deref().map(shown),
+        cert: options.cert.as_deref().map(shown),
+        key: options.key.as_deref().map(shown),
+        tokens: Some(shown(&config.tokens)),
+        socks_no_auth: config
+            .socks_no_auth
+            .as_ref()
+            .map(|r| format!("{}@{}", r.agent, r.tenant)),
+        heartbeat_interval: d(config.heartbeat.interval),
+        heartbeat_timeout: d(config.heartbeat.timeout),
+        grace: d(config.grace),
+        socks_greeting_timeout: d(config.socks_limits.greeting_timeout),
+        socks_half_open_per_ip: Some(config.socks_limits.half_open_per_ip),
+        socks_half_open_total: Some(config.socks_limits.half_open_total),
+        open_timeout: d(config.open_timeout),
+        token_poll: d(config.token_poll),
+        metrics_per_agent: Some(config.metrics_per_agent),
+        max_handshakes: Some(config.caps.handshakes),
+        max_streams_per_agent: Some(config.caps.streams_per_agent),
+        max_frame: Some(config.caps.max_frame),
+        max_kube_request: Some(config.caps.kube_request),
+        stream_idle_timeout: d(config.caps.stream_idle_timeout),
+        congestion: congestion_name(config.limits.congestion),
+        state_dir: config.state_dir.as_deref().map(shown),
+        kube_timeout: d(config.kube_timeout),
+        worker_threads: Some(config.worker_threads),
+        log_format,
+        log_level,
+    };
+    to_toml(&file)
+}
+
+/// The agent configuration in force (defaults included) as the keys of its configuration
+/// file, for `--check-config`: pasted into a file, it gives the same configuration. The token
+/// appears only as the path of its file; paths are absolute.
+pub fn agent_file_text(
+    options: &AgentOptions,
+    settings: &AgentSettings,
+    log: &LogOptions,
+) -> Result<String, ConfigError> {
+    let config = &settings.config;
+    let (log_format, log_level) = log_keys(log);
+    let d = |d: Duration| Some(FileDuration::from(d));
+    let strings = |v: &[Rule]| Some(v.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+    let kube = config.kube.as_ref();
+    let (kubeconfig, kube_context) = match kube.map(|k| &k.source) {
+        Some(KubeSource::Kubeconfig { path, context }) => (Some(shown(path)), context.clone()),
+        _ => (None, None),
+    };
+    let file = AgentFile {
+        hub: Some(config.hubs.iter().map(|h| h.to_string()).collect()),
+        server_name: config.server_name.clone(),
+        name: Some(config.name.clone()),
+        ca: options.ca.as_deref().map(shown),
+        cert: options.cert.as_deref().map(shown),
+        key: options.key.as_deref().map(shown),
+        token_file: options.token_file.as_deref().map(shown),
+        allow: strings(config.policy.allow_rules()),
+        deny: strings(config.policy.deny_rules()),
+        dial_timeout: d(config.dial_timeout),
+        max_streams: Some(config.limits.tunnel_streams),
+        metrics: Some(
+            settings
+                .metrics
+                .addr()
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
+        ),
+        max_pending_dials: Some(config.max_pending_dials),
+        max_frame: Some(config.max_frame),
+        congestion: congestion_name(config.limits.congestion),
+        // Only detected (not asked for): left out, so the file detects it the same way.
+        kubernetes: match kube {
+            None => Some(false),
+            Some(k) if k.required => Some(true),
+            Some(_) => None,
+        },
+        kubeconfig,
+        kube_context,
+        kube_namespace: kube.map(|k| k.allow.namespaces.clone()),
+        kube_resource: kube.map(|k| k.allow.resources.iter().map(|r| r.to_string()).collect()),
+        kube_inventory_interval: kube.and_then(|k| d(k.inventory_interval)),
+        worker_threads: Some(settings.worker_threads),
+        log_format,
+        log_level,
+    };
+    to_toml(&file)
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use rna::agent::kube::{KubeSettings, KubeSource};
 use rna::agent::{Agent, AgentConfig, HubTarget, Policy, Rule};
 use rna::auth::{format_rfc3339, parse_ttl, Scope, Tenant, TokenStore};
 use rna::config::{
-    agent_settings, hub_config, merge_agent, merge_hub, AgentOptions, AgentSettings, HubOptions,
-    LogFormat, LogOptions, MetricsListen,
+    agent_file_text, agent_settings, hub_config, hub_file_text, merge_agent, merge_hub,
+    AgentOptions, AgentSettings, HubOptions, LogFormat, LogOptions, MetricsListen,
 };
 use rna::dev::{DevState, DEV_AGENT};
 use rna::hub::{Hub, HubConfig, NoAuthRoute};
@@ -178,14 +178,39 @@ enum TokenCommand {
         /// Token store file.
         #[arg(long, env = "RNA_TOKENS", default_value = "tokens.toml")]
         store: PathBuf,
-        /// Token id (from `rna token list`).
-        #[arg(env = "RNA_TOKEN_ID")]
+        /// Token id (from `rna token list`), or the whole token (`rna_…`).
+        #[arg(env = "RNA_TOKEN_ID", value_name = "ID|TOKEN")]
         id: String,
     },
 }
 
 /// Exit code for configuration and usage errors (clap uses it too).
 const EXIT_USAGE: u8 = 2;
+
+/// Writes one line to stdout. A reader that went away (`rna hub --check-config | head -1`)
+/// ends the process quietly with success, as SIGPIPE ends a C filter: nobody is left to read
+/// an error, and a panic would only add noise on stderr.
+fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("rna: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `println!` through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -256,10 +281,11 @@ fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
         Command::Hub(args) => {
             let (options, log, sources) = merge_hub(args.config.as_deref(), args.options, log)?;
             init_logging(&log);
-            let config = hub_config(options, &sources)?;
+            let config = hub_config(options.clone(), &sources)?;
             if args.check_config {
-                println!("{}: configuration is valid", origin(&args.config));
-                println!("{config:#?}");
+                // A TOML comment, then the keys in force: the output is a valid hub file.
+                out!("# {}: configuration is valid", origin(&args.config));
+                out!("{}", hub_file_text(&options, &config, &log)?.trim_end());
                 return Ok(Prepared::Done);
             }
             Work::Hub(Box::new(config))
@@ -268,10 +294,11 @@ fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
             let cli_options = args.options.clone();
             let (options, log, sources) = merge_agent(args.config.as_deref(), args.options, log)?;
             init_logging(&log);
-            let settings = agent_settings(options, &sources)?;
+            let settings = agent_settings(options.clone(), &sources)?;
             if args.check_config {
-                println!("{}: configuration is valid", origin(&args.config));
-                println!("{settings:#?}");
+                // A TOML comment, then the keys in force: the output is a valid agent file.
+                out!("# {}: configuration is valid", origin(&args.config));
+                out!("{}", agent_file_text(&options, &settings, &log)?.trim_end());
                 return Ok(Prepared::Done);
             }
             Work::Agent(Box::new(settings), args.config, Box::new(cli_options))
@@ -413,6 +440,19 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
                 .await
                 .with_context(|| format!("binding the agent's metrics endpoint on {addr}"))?,
         ),
+        // Nobody asked for this address: another agent or exporter on the host must not stop
+        // the agent from starting.
+        MetricsListen::Default(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                warn!(
+                    metrics = %addr,
+                    "agent health and metrics endpoint not served: cannot bind the default \
+                     address ({e}); give --metrics ADDRESS or --metrics off"
+                );
+                None
+            }
+        },
         MetricsListen::Off => None,
     };
     info!(
@@ -473,7 +513,11 @@ async fn dev(args: DevArgs) -> Result<()> {
     let tls = ServerTls::load(&state.ca(), &state.hub_cert(), &state.hub_key())?;
     let mut config = HubConfig::new("127.0.0.1:0".parse()?, args.socks, tls, state.tokens());
     config.api = Some(args.api);
-    if args.socks_no_auth {
+    // The endpoint key lives with the rest of the dev state (hub and agent restart together,
+    // so the "no state folder" advice would mean nothing here).
+    config.state_dir = Some(state.dir.clone());
+    let socks_no_auth = args.socks_no_auth;
+    if socks_no_auth {
         config.socks_no_auth = Some(NoAuthRoute {
             agent: DEV_AGENT.to_string(),
             tenant: DevState::tenant(),
@@ -556,31 +600,33 @@ async fn dev(args: DevArgs) -> Result<()> {
             );
         }
     }
-    println!(
+    out!(
         "rna dev: hub and agent `{DEV_AGENT}` are up (state in {}).",
         state.dir.display()
     );
     if let Some(api) = api {
-        println!("admin API: http://{api}/api/v1/agents (bearer token below)");
+        out!("admin API: http://{api}/api/v1/agents (bearer token below)");
     }
-    println!("Reach anything the agent can reach through SOCKS5 on {socks}, for example:");
+    out!("Reach anything the agent can reach through SOCKS5 on {socks}, for example:");
     let url = api.map_or_else(
         || "http://example.internal/".to_string(),
         |a| format!("http://{a}/healthz"),
     );
-    println!(
+    out!(
         "curl --proxy socks5h://{DEV_AGENT}:{}@{socks} {url}",
         state.token.expose()
     );
+    if socks_no_auth {
+        out!("Without credentials (--socks-no-auth), to agent `{DEV_AGENT}`:");
+        out!("curl --proxy socks5h://{socks} {url}");
+    }
     if let (true, Some(api)) = (cluster_mode, api) {
-        println!("The agent has cluster mode (kubeconfig {kubeconfig_shown}):");
-        println!(
+        out!("The agent has cluster mode (kubeconfig {kubeconfig_shown}):");
+        out!(
             "rna kube --api http://{api} --token-file {} --agent {DEV_AGENT} list namespaces",
             state.dir.join("token.txt").display()
         );
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
 
     let hub_result = hub_task.await.context("hub task")?;
     let agent_result = agent_task.await.context("agent task")?;
@@ -598,13 +644,13 @@ fn certs(cmd: CertsCommand) -> Result<()> {
         } => {
             let written = rna::certs::init_dir(&dir, &hub_names, force)?;
             for path in written {
-                println!("wrote {}", path.display());
+                out!("wrote {}", path.display());
             }
         }
         CertsCommand::Agent { dir, name, force } => {
             let (cert, key) = rna::certs::issue_agent_files(&dir, &name, force)?;
-            println!("wrote {}", cert.display());
-            println!("wrote {}", key.display());
+            out!("wrote {}", cert.display());
+            out!("wrote {}", key.display());
         }
     }
     Ok(())
@@ -628,14 +674,28 @@ fn token(cmd: TokenCommand) -> Result<()> {
                 record.tenant,
                 scope_list(&record.scopes)
             );
-            println!("{}", secret.expose());
+            out!("{}", secret.expose());
         }
         TokenCommand::List { store } => list_tokens(&store)?,
         TokenCommand::Revoke { store, id } => {
+            // The whole token names its id: `rna_<id>_<secret>`.
+            let id = if id.starts_with("rna_") {
+                rna::auth::token_id(&id)
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "{:?}…: not a token (rna_ followed by 12 and 48 hex digits); give \
+                             the whole token or its id from `rna token list`",
+                            id.get(..16).unwrap_or("rna_")
+                        )
+                    })?
+                    .to_string()
+            } else {
+                id
+            };
             let mut tokens = TokenStore::load(&store)?;
             tokens.revoke(&id)?;
             tokens.save(&store)?;
-            println!("revoked {id}");
+            out!("revoked {id}");
         }
     }
     Ok(())
@@ -652,7 +712,7 @@ fn scope_list(scopes: &[Scope]) -> String {
 fn list_tokens(store: &Path) -> Result<()> {
     let tokens = TokenStore::load(store)?;
     let now = rna::auth::unix_now(SystemTime::now());
-    println!(
+    out!(
         "{:<12}  {:<24}  {:<44}  {:<20}  {:<8}  LABEL",
         "ID", "TENANT", "SCOPES", "EXPIRES", "STATE"
     );
@@ -664,7 +724,7 @@ fn list_tokens(store: &Path) -> Result<()> {
         } else {
             "active"
         };
-        println!(
+        out!(
             "{:<12}  {:<24}  {:<44}  {:<20}  {:<8}  {}",
             r.id,
             r.tenant.to_string(),

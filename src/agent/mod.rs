@@ -55,8 +55,18 @@ impl FromStr for HubTarget {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid hub address {s:?}: expected host:port");
-        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let bad = || format!("invalid hub address {s:?}: expected host or host:port");
+        // No port (`hub.example.com`, `10.0.0.5`, `[::1]`): the hub's default port.
+        let bracketed = s.starts_with('[') && s.ends_with(']');
+        let (host, port) = match s.rsplit_once(':') {
+            Some(split) if !bracketed => split,
+            _ => (s, ""),
+        };
+        let port = if port.is_empty() && !s.ends_with(':') {
+            crate::proto::DEFAULT_HUB_PORT.to_string()
+        } else {
+            port.to_string()
+        };
         let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
             // An IPv6 literal needs brackets, or its last group would read as the port.
             Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
@@ -552,7 +562,15 @@ mod tests {
             assert_eq!((t.host.as_str(), t.port), (host, port), "{s}");
             assert_eq!(t.to_string(), s);
         }
-        for bad in ["hub", ":4433", "hub:0", "hub:x", "::1:4433", "hub:70000"] {
+        // Without a port: the hub's default port.
+        let default = crate::proto::DEFAULT_HUB_PORT;
+        for (s, host) in [("hub", "hub"), ("10.0.0.5", "10.0.0.5"), ("[::1]", "::1")] {
+            let t: HubTarget = s.parse().unwrap();
+            assert_eq!((t.host.as_str(), t.port), (host, default), "{s}");
+        }
+        for bad in [
+            ":4433", "hub:0", "hub:x", "::1:4433", "hub:70000", "hub:", "", "[]", "[hub]",
+        ] {
             assert!(bad.parse::<HubTarget>().is_err(), "{bad}");
         }
     }

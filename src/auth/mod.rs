@@ -12,4 +12,6 @@ mod token;
 
 pub use store::{read_secret_file, ReloadingStore, StoreError, TokenRecord, TokenStore};
 pub use time::{format_rfc3339, parse_ttl, unix_now};
-pub use token::{AuthError, Grant, ParseScopeError, ParseTenantError, Scope, Secret, Tenant};
+pub use token::{
+    token_id, AuthError, Grant, ParseScopeError, ParseTenantError, Scope, Secret, Tenant,
+};

@@ -263,8 +263,8 @@ pub(super) fn is_token_id(id: &str) -> bool {
     is_lower_hex(id, 2 * ID_BYTES)
 }
 
-/// Checks the token format and returns its id.
-pub(super) fn token_id(token: &str) -> Result<&str, AuthError> {
+/// Checks the token format and returns its id (`rna_<id>_<secret>`: the id is public).
+pub fn token_id(token: &str) -> Result<&str, AuthError> {
     if token.len() != TOKEN_LEN || !token.starts_with(PREFIX) {
         return Err(AuthError::Malformed);
     }

@@ -22,6 +22,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// ALPN identifier of the hub–agent protocol.
 pub const ALPN: &[u8] = b"rna/1";
 
+/// The hub's QUIC port when none is given: where `rna hub` listens by default and where an
+/// agent's `--hub host` (no port) dials. Here, below hub and agent, so the two cannot differ.
+pub const DEFAULT_HUB_PORT: u16 = 4433;
+
 /// The first message of a session, sent by the agent on the control stream.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Hello {

@@ -29,6 +29,12 @@ pub enum TlsError {
     /// The hub name is not a valid DNS name or IP address.
     #[error("invalid hub server name {0:?}")]
     ServerName(String),
+    /// The private key is not the key of the certificate.
+    #[error("the key does not match the certificate")]
+    KeyMismatch,
+    /// The certificate does not chain to the CA (or is expired, or not for this use).
+    #[error("the certificate is not valid under the CA: {0}")]
+    NotIssuedByCa(String),
 }
 
 /// Installs ring as the process-wide rustls provider (idempotent).
@@ -83,6 +89,45 @@ impl Material {
             key: Arc::new(certs::parse_key(key)?),
         })
     }
+
+    /// Checks what the handshake would otherwise find out late: the key belongs to the
+    /// certificate, and the certificate chains to the CA for its use (`client`: an agent's
+    /// client certificate; otherwise the hub's server certificate) and is valid now.
+    fn check(&self, client: bool) -> Result<(), TlsError> {
+        let provider = provider();
+        rustls::sign::CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider)
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch,
+                other => TlsError::Rustls(other),
+            })?;
+        let (end_entity, intermediates) = self
+            .chain
+            .split_first()
+            .ok_or_else(|| TlsError::NotIssuedByCa("no certificate".into()))?;
+        let roots = roots(&self.ca)?;
+        let now = rustls::pki_types::UnixTime::now();
+        let verified = if client {
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ())
+        } else {
+            rustls::server::ParsedCertificate::try_from(end_entity).and_then(|parsed| {
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &roots,
+                    intermediates,
+                    now,
+                    provider.signature_verification_algorithms.all,
+                )
+            })
+        };
+        verified.map_err(|e| TlsError::NotIssuedByCa(e.to_string()))
+    }
 }
 
 /// The hub's TLS material: its certificate chain, key, and the CA agents must chain to.
@@ -98,6 +143,13 @@ impl ServerTls {
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         Material::from_pem(ca, cert, key).map(ServerTls)
+    }
+
+    /// Checks that the key is the certificate's and that the certificate is a server
+    /// certificate the CA issued, valid now (the CA is the one agents are verified against;
+    /// `rna certs` issues hub and agent certificates from one CA).
+    pub fn check(&self) -> Result<(), TlsError> {
+        self.0.check(false)
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
@@ -131,6 +183,12 @@ impl ClientTls {
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         Material::from_pem(ca, cert, key).map(ClientTls)
+    }
+
+    /// Checks that the key is the certificate's and that the certificate is a client
+    /// certificate the CA issued, valid now: what the hub will require of it.
+    pub fn check(&self) -> Result<(), TlsError> {
+        self.0.check(true)
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
