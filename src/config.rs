@@ -756,7 +756,8 @@ pub fn parse_agent_file(
         kube_context: f.kube_context,
         kube_namespace: c.list("kube_namespace", f.kube_namespace, parse_namespace)?,
         kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
-        kube_inventory_interval: c.duration("kube_inventory_interval", f.kube_inventory_interval)?,
+        kube_inventory_interval: c
+            .duration("kube_inventory_interval", f.kube_inventory_interval)?,
         worker_threads: f.worker_threads,
     };
     let log = LogOptions {

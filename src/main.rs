@@ -714,7 +714,11 @@ fn list_tokens(store: &Path) -> Result<()> {
     let now = rna::auth::unix_now(SystemTime::now());
     out!(
         "{:<12}  {:<24}  {:<44}  {:<20}  {:<8}  LABEL",
-        "ID", "TENANT", "SCOPES", "EXPIRES", "STATE"
+        "ID",
+        "TENANT",
+        "SCOPES",
+        "EXPIRES",
+        "STATE"
     );
     for r in tokens.records() {
         let state = if r.revoked {

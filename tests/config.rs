@@ -94,45 +94,56 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// `--check-config` output read as the TOML file it is.
+fn table(out: &str) -> toml::Table {
+    out.parse()
+        .unwrap_or_else(|e| panic!("--check-config output is not TOML: {e}\n{out}"))
+}
+
+/// A string key of printed output.
+fn key<'a>(t: &'a toml::Table, name: &str) -> &'a str {
+    t.get(name)
+        .and_then(|v| v.as_str())
+        .unwrap_or_else(|| panic!("no string {name} in {t:?}"))
+}
+
+/// A list key of printed output, as strings.
+fn list(t: &toml::Table, name: &str) -> Vec<String> {
+    t.get(name)
+        .and_then(|v| v.as_array())
+        .unwrap_or_else(|| panic!("no list {name} in {t:?}"))
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 #[test]
 fn flags_win_over_environment_over_file_over_defaults() {
     let setup = Setup::new();
     let bare = setup.hub_file("");
-    let out = valid(&["hub", "--config", s(&bare)], &[]);
-    assert!(
-        out.contains("listen: 0.0.0.0:4433"),
-        "default listen: {out}"
-    );
-    assert!(out.contains("grace: 30s"), "default grace: {out}");
+    let out = table(&valid(&["hub", "--config", s(&bare)], &[]));
+    assert_eq!(key(&out, "listen"), "0.0.0.0:4433", "default listen");
+    assert_eq!(key(&out, "grace"), "30s", "default grace");
 
     let file = setup.hub_file("listen = \"127.0.0.1:5001\"\ngrace = \"7s\"\n");
-    let out = valid(&["hub", "--config", s(&file)], &[]);
-    assert!(out.contains("listen: 127.0.0.1:5001"), "file: {out}");
-    assert!(out.contains("grace: 7s"), "file: {out}");
+    let out = table(&valid(&["hub", "--config", s(&file)], &[]));
+    assert_eq!(key(&out, "listen"), "127.0.0.1:5001", "file");
+    assert_eq!(key(&out, "grace"), "7s", "file");
 
     let env = [("RNA_LISTEN", "127.0.0.1:5002")];
-    let out = valid(&["hub", "--config", s(&file)], &env);
-    assert!(
-        out.contains("listen: 127.0.0.1:5002"),
-        "env over file: {out}"
-    );
-    assert!(
-        out.contains("grace: 7s"),
-        "file still used for the rest: {out}"
-    );
+    let out = table(&valid(&["hub", "--config", s(&file)], &env));
+    assert_eq!(key(&out, "listen"), "127.0.0.1:5002", "env over file");
+    assert_eq!(key(&out, "grace"), "7s", "file still used for the rest");
 
-    let out = valid(
+    let out = table(&valid(
         &["hub", "--config", s(&file), "--listen", "127.0.0.1:5003"],
         &env,
-    );
-    assert!(
-        out.contains("listen: 127.0.0.1:5003"),
-        "flag over env: {out}"
-    );
+    ));
+    assert_eq!(key(&out, "listen"), "127.0.0.1:5003", "flag over env");
 
     // The file itself may come from the environment.
-    let out = valid(&["hub"], &[("RNA_CONFIG", s(&file))]);
-    assert!(out.contains("listen: 127.0.0.1:5001"), "RNA_CONFIG: {out}");
+    let out = table(&valid(&["hub"], &[("RNA_CONFIG", s(&file))]));
+    assert_eq!(key(&out, "listen"), "127.0.0.1:5001", "RNA_CONFIG");
 }
 
 #[test]
@@ -141,27 +152,26 @@ fn agent_lists_come_whole_from_one_source_and_secrets_are_masked() {
     let file = setup.agent_file(
         "hub = [\"hub-a.example:4433\", \"hub-b.example:4433\"]\nallow = [\"10.0.0.0/8\", \"jenkins.internal:8080\"]\nmetrics = \"off\"\n",
     );
-    let out = valid(&["agent", "--config", s(&file)], &[]);
-    assert!(out.contains("hub-b.example"), "{out}");
-    assert!(out.contains("jenkins.internal"), "{out}");
-    assert!(out.contains("metrics: Off"), "{out}");
-    assert!(
-        !out.contains("rna_secret_token_value"),
-        "the token is masked: {out}"
+    let text = valid(&["agent", "--config", s(&file)], &[]);
+    let out = table(&text);
+    assert_eq!(
+        list(&out, "hub"),
+        ["hub-a.example:4433", "hub-b.example:4433"]
     );
+    assert_eq!(list(&out, "allow"), ["10.0.0.0/8", "jenkins.internal:8080"]);
+    assert_eq!(key(&out, "metrics"), "off");
+    assert!(
+        !text.contains("rna_secret_token_value") && !text.contains("PRIVATE KEY"),
+        "secrets appear only as paths: {text}"
+    );
+    assert_eq!(key(&out, "token_file"), s(&setup.path("token.txt")));
 
-    let out = valid(
+    let out = table(&valid(
         &["agent", "--config", s(&file), "--allow", "192.168.0.0/16"],
         &[("RNA_HUB", "hub-c.example:4433")],
-    );
-    assert!(
-        out.contains("hub-c.example") && !out.contains("hub-a.example"),
-        "{out}"
-    );
-    assert!(
-        out.contains("192.168.0.0") && !out.contains("jenkins.internal"),
-        "{out}"
-    );
+    ));
+    assert_eq!(list(&out, "hub"), ["hub-c.example:4433"]);
+    assert_eq!(list(&out, "allow"), ["192.168.0.0/16"]);
 }
 
 #[test]
@@ -189,7 +199,7 @@ fn bad_values_name_file_and_key() {
     assert_eq!(
         refused(&["agent", "--config", s(&file)], &[]),
         format!(
-            "rna: {}: hub[1]: invalid hub address \"x:y\": expected host:port",
+            "rna: {}: hub[1]: invalid hub address \"x:y\": expected host or host:port",
             s(&file)
         )
     );
@@ -209,14 +219,47 @@ fn bad_values_name_file_and_key() {
             s(&file)
         )
     );
-    let file = setup.hub_file("grace = 30\n");
-    let line = refused(&["hub", "--config", s(&file)], &[]);
-    assert!(
-        line.starts_with(&format!(
-            "rna: {}: invalid type: integer `30`, expected a string",
+    // A value of the wrong type names its key and line.
+    let file = setup.agent_file("hub = \"127.0.0.1:4433\"\n");
+    assert_eq!(
+        refused(&["agent", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: hub: invalid type: string \"127.0.0.1:4433\", expected a sequence (line 6)",
             s(&file)
-        )),
-        "{line}"
+        )
+    );
+    let file = setup.hub_file("max_handshakes = \"many\"\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: max_handshakes: invalid type: string \"many\", expected usize (line 5)",
+            s(&file)
+        )
+    );
+    // A duration is a string with a unit or a whole number of seconds, nothing else.
+    let file = setup.hub_file("grace = 1.5\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: grace: invalid type: floating point `1.5`, expected a duration: a number of seconds or a string such as \"10s\" (line 5)",
+            s(&file)
+        )
+    );
+    let file = setup.hub_file("grace = -1\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: grace: invalid duration \"-1\": expected a number with a unit ms, s, m, h or d (e.g. 10s)",
+            s(&file)
+        )
+    );
+    let file = setup.hub_file("grace = 0\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: grace: invalid duration \"0\": must be greater than zero",
+            s(&file)
+        )
     );
     let file = setup.hub_file("heartbeat_interval = \"20s\"\nheartbeat_timeout = \"10s\"\n");
     assert_eq!(
@@ -329,26 +372,28 @@ fn worker_threads_come_from_flag_env_or_file_and_are_checked() {
     let setup = Setup::new();
     let default = rna::runtime::default_worker_threads();
     let bare = setup.hub_file("");
+    let threads = |out: &str| {
+        table(out)
+            .get("worker_threads")
+            .and_then(|v| v.as_integer())
+    };
     let out = valid(&["hub", "--config", s(&bare)], &[]);
-    assert!(
-        out.contains(&format!("worker_threads: {default},")),
-        "default: {out}"
-    );
+    assert_eq!(threads(&out), Some(default as i64), "default: {out}");
     let file = setup.hub_file("worker_threads = 3\n");
     let out = valid(&["hub", "--config", s(&file)], &[]);
-    assert!(out.contains("worker_threads: 3,"), "file: {out}");
+    assert_eq!(threads(&out), Some(3), "file: {out}");
     let env = [("RNA_WORKER_THREADS", "5")];
     let out = valid(&["hub", "--config", s(&file)], &env);
-    assert!(out.contains("worker_threads: 5,"), "env over file: {out}");
+    assert_eq!(threads(&out), Some(5), "env over file: {out}");
     let out = valid(
         &["hub", "--config", s(&file), "--worker-threads", "2"],
         &env,
     );
-    assert!(out.contains("worker_threads: 2,"), "flag over env: {out}");
+    assert_eq!(threads(&out), Some(2), "flag over env: {out}");
 
     let agent = setup.agent_file("hub = [\"hub.example:4433\"]\nworker_threads = 4\n");
     let out = valid(&["agent", "--config", s(&agent)], &[]);
-    assert!(out.contains("worker_threads: 4,"), "agent file: {out}");
+    assert_eq!(threads(&out), Some(4), "agent file: {out}");
     let agent = setup.agent_file("hub = [\"hub.example:4433\"]\nworker_threads = 0\n");
     assert_eq!(
         refused(&["agent", "--config", s(&agent)], &[]),
@@ -364,4 +409,413 @@ fn worker_threads_come_from_flag_env_or_file_and_are_checked() {
         ),
         "rna: command line: worker_threads: 2000 must be between 1 and 1024"
     );
+}
+
+/// `--check-config` output for `args`, written to `name` in a fresh folder and checked again
+/// as a config file: the second run must print exactly the same keys and values.
+fn reads_back_the_same(setup: &Setup, command: &str, args: &[&str], name: &str) -> toml::Table {
+    let mut all = vec![command];
+    all.extend_from_slice(args);
+    let first = valid(&all, &[]);
+    // Another folder: printed paths must not depend on where the file is.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let copy = elsewhere.path().join(name);
+    std::fs::write(&copy, &first).expect("write printed file");
+    let second = valid(&[command, "--config", s(&copy)], &[]);
+    let body = |out: &str| out.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(body(&first), body(&second), "{command} output read back");
+    assert!(!first.contains(&setup.dir.path().join("nothing").display().to_string()));
+    table(&first)
+}
+
+/// The keys of an example file, which documents every key (some as comments, `# key = …`).
+fn example_keys(name: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
+    let text = std::fs::read_to_string(path).expect("read example");
+    let mut keys: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim_start_matches(['#', ' ']).split_once(" = "))
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[test]
+fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_same() {
+    let setup = Setup::new();
+    // Every key set, defaults left to the program where a file leaves them out.
+    let hub = setup.hub_file(
+        "listen = \"127.0.0.1:5001\"\nsocks_no_auth = \"edge@acme/prod\"\ngrace = 45\n\
+         state_dir = \"state\"\nlog_format = \"text\"\nlog_level = \"info\"\n\
+         congestion = \"bbr\"\nmax_frame = 2048\n",
+    );
+    let out = reads_back_the_same(&setup, "hub", &["--config", s(&hub)], "hub.toml");
+    let mut keys: Vec<String> = out.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, example_keys("hub.toml"), "every hub key is printed");
+    assert_eq!(key(&out, "grace"), "45s");
+    assert_eq!(
+        key(&out, "heartbeat_interval"),
+        "10s",
+        "defaults are printed"
+    );
+    assert_eq!(
+        key(&out, "key"),
+        s(&setup.path("hub-key.pem")),
+        "paths only"
+    );
+    assert_eq!(key(&out, "state_dir"), s(&setup.path("state")));
+
+    std::fs::write(setup.path("kubeconfig"), "apiVersion: v1\nkind: Config\n").expect("write");
+    let agent = setup.agent_file(
+        "hub = [\"hub-a.example\", \"[::1]:5000\"]\nserver_name = \"hub.example\"\n\
+         allow = [\"10.0.0.0/8\", \"jenkins.internal:8080\"]\ndeny = [\"10.9.0.0/16\"]\n\
+         dial_timeout = \"500ms\"\nmetrics = \"127.0.0.1:0\"\nkubeconfig = \"kubeconfig\"\n\
+         kube_context = \"prod\"\nkube_namespace = [\"shop\"]\n\
+         kube_resource = [\"deployments.apps\"]\nkube_inventory_interval = 90\n\
+         log_format = \"json\"\nlog_level = \"debug\"\n",
+    );
+    let out = reads_back_the_same(&setup, "agent", &["--config", s(&agent)], "agent.toml");
+    let mut keys: Vec<String> = out.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        example_keys("agent.toml"),
+        "every agent key is printed"
+    );
+    assert_eq!(list(&out, "hub"), ["hub-a.example:4433", "[::1]:5000"]);
+    assert_eq!(key(&out, "dial_timeout"), "500ms");
+    assert_eq!(key(&out, "kube_inventory_interval"), "90s");
+    assert_eq!(key(&out, "kubeconfig"), s(&setup.path("kubeconfig")));
+    assert_eq!(list(&out, "kube_resource"), ["deployments.apps"]);
+
+    // The command line's values are printed too, and read back the same.
+    let out = reads_back_the_same(
+        &setup,
+        "agent",
+        &[
+            "--hub",
+            "hub.example",
+            "--name",
+            "edge",
+            "--ca",
+            s(&setup.path("ca.pem")),
+            "--cert",
+            s(&setup.path("agent-edge.pem")),
+            "--key",
+            s(&setup.path("agent-edge-key.pem")),
+            "--token-file",
+            s(&setup.path("token.txt")),
+        ],
+        "agent.toml",
+    );
+    assert_eq!(key(&out, "metrics"), "127.0.0.1:4434", "the default");
+    assert_eq!(out.get("kubernetes").and_then(|v| v.as_bool()), Some(false));
+}
+
+#[test]
+fn every_duration_key_takes_a_bare_number_of_seconds() {
+    let setup = Setup::new();
+    for (command, example) in [("hub", "hub.toml"), ("agent", "agent.toml")] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(example);
+        let text = std::fs::read_to_string(path).expect("read example");
+        // Keys set or shown commented out (`# kube_timeout = "60s"`) with a duration.
+        let mut durations: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.trim_start_matches(['#', ' ']).split_once(" = "))
+            .filter(|(_, value)| {
+                format!("v = {value}")
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|t| t.get("v").and_then(|v| v.as_str().map(str::to_string)))
+                    .is_some_and(|d| rna::config::parse_duration(&d).is_ok())
+            })
+            .map(|(k, _)| k.to_string())
+            .collect();
+        durations.sort();
+        durations.dedup();
+        let least = if command == "hub" { 8 } else { 2 };
+        assert!(durations.len() >= least, "{example}: {durations:?}");
+        // Rising values in key order, so heartbeat_timeout stays above heartbeat_interval.
+        let seconds = |i: usize| 10 * (i + 1);
+        let lines: String = durations
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} = {}\n", seconds(i)))
+            .collect();
+        let file = if command == "hub" {
+            setup.hub_file(&lines)
+        } else {
+            setup.agent_file(&format!(
+                "hub = [\"hub.example\"]\nkubernetes = true\nkubeconfig = \"kubeconfig\"\n{lines}"
+            ))
+        };
+        std::fs::write(setup.path("kubeconfig"), "apiVersion: v1\nkind: Config\n").expect("write");
+        let out = table(&valid(&[command, "--config", s(&file)], &[]));
+        for (i, k) in durations.iter().enumerate() {
+            let want =
+                rna::config::format_duration(std::time::Duration::from_secs(seconds(i) as u64));
+            assert_eq!(key(&out, k), want, "{command} {k}");
+        }
+    }
+}
+
+#[test]
+fn check_config_refuses_a_key_of_another_certificate_and_a_certificate_of_another_ca() {
+    let setup = Setup::new();
+    // Another CA, with its own hub and agent certificates.
+    let other = setup.path("other");
+    rna::certs::init_dir(&other, &["127.0.0.1".to_string()], false).expect("other CA");
+    rna::certs::issue_agent_files(&other, "edge", false).expect("other agent");
+    let other = |f: &str| s(&setup.path("other").join(f)).to_string();
+
+    let hub = setup.hub_file("");
+    assert_eq!(
+        refused(
+            &["hub", "--config", s(&hub), "--key", &other("hub-key.pem")],
+            &[]
+        ),
+        format!(
+            "rna: command line: key: {}: not the key of the certificate {}",
+            other("hub-key.pem"),
+            s(&setup.path("hub.pem"))
+        )
+    );
+    let line = refused(
+        &[
+            "hub",
+            "--config",
+            s(&hub),
+            "--cert",
+            &other("hub.pem"),
+            "--key",
+            &other("hub-key.pem"),
+        ],
+        &[],
+    );
+    assert!(
+        line.starts_with(&format!(
+            "rna: command line: cert: {}: not a certificate of the CA {}: ",
+            other("hub.pem"),
+            s(&setup.path("ca.pem"))
+        )),
+        "{line}"
+    );
+    // An agent certificate is not a hub certificate, even from the right CA.
+    let line = refused(
+        &[
+            "hub",
+            "--config",
+            s(&hub),
+            "--cert",
+            s(&setup.path("agent-edge.pem")),
+            "--key",
+            s(&setup.path("agent-edge-key.pem")),
+        ],
+        &[],
+    );
+    assert!(line.contains("not a certificate of the CA"), "{line}");
+
+    let agent = setup.agent_file("hub = [\"hub.example\"]\n");
+    assert_eq!(
+        refused(
+            &[
+                "agent",
+                "--config",
+                s(&agent),
+                "--key",
+                &other("agent-edge-key.pem")
+            ],
+            &[]
+        ),
+        format!(
+            "rna: command line: key: {}: not the key of the certificate {}",
+            other("agent-edge-key.pem"),
+            s(&setup.path("agent-edge.pem"))
+        )
+    );
+    let line = refused(
+        &[
+            "agent",
+            "--config",
+            s(&agent),
+            "--cert",
+            &other("agent-edge.pem"),
+            "--key",
+            &other("agent-edge-key.pem"),
+        ],
+        &[],
+    );
+    assert!(
+        line.starts_with(&format!(
+            "rna: command line: cert: {}: not a certificate of the CA {}: ",
+            other("agent-edge.pem"),
+            s(&setup.path("ca.pem"))
+        )),
+        "{line}"
+    );
+    // The matching pairs still pass.
+    valid(&["hub", "--config", s(&hub)], &[]);
+    valid(&["agent", "--config", s(&agent)], &[]);
+}
+
+#[test]
+fn a_hub_without_a_port_is_dialed_on_the_default_port() {
+    let setup = Setup::new();
+    let file = setup.agent_file("");
+    let out = table(&valid(
+        &[
+            "agent",
+            "--config",
+            s(&file),
+            "--hub",
+            "hub.example,[::1],10.0.0.5:5000",
+        ],
+        &[],
+    ));
+    assert_eq!(
+        list(&out, "hub"),
+        ["hub.example:4433", "[::1]:4433", "10.0.0.5:5000"]
+    );
+    // The hub listens on that same port by default.
+    let out = table(&valid(&["hub", "--config", s(&setup.hub_file(""))], &[]));
+    assert_eq!(key(&out, "listen"), "0.0.0.0:4433");
+}
+
+#[test]
+fn log_options_are_global_and_shown_once_apart_from_each_commands_flags() {
+    for command in [
+        &["hub"][..],
+        &["agent"],
+        &["dev"],
+        &["token", "list"],
+        &["kube"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let out = rna(&args, &[]);
+        assert!(out.status.success(), "{command:?}");
+        let help = stdout(&out);
+        let (own, global) = help
+            .split_once("\nGlobal options:\n")
+            .unwrap_or_else(|| panic!("{command:?}: no Global options section:\n{help}"));
+        for flag in ["--log-format", "--log-level"] {
+            assert!(
+                !own.contains(flag),
+                "{command:?}: {flag} among its own flags"
+            );
+            assert_eq!(global.matches(flag).count(), 1, "{command:?}: {flag}");
+        }
+    }
+    // Before or after the command name.
+    let setup = Setup::new();
+    let hub = setup.hub_file("");
+    for args in [
+        &["--log-format", "json", "hub", "--config", s(&hub)][..],
+        &["hub", "--config", s(&hub), "--log-format", "json"],
+    ] {
+        let out = table(&valid(args, &[]));
+        assert_eq!(key(&out, "log_format"), "json", "{args:?}");
+    }
+}
+
+#[test]
+fn a_token_is_revoked_by_its_id_or_by_the_whole_token() {
+    let setup = Setup::new();
+    let store = setup.path("store.toml");
+    let create = || {
+        let out = rna(
+            &[
+                "token",
+                "create",
+                "--store",
+                s(&store),
+                "--tenant",
+                "acme/prod",
+                "--scope",
+                "proxy",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+    let whole = create();
+    let by_id = create();
+    let id = |token: &str| token.split('_').nth(1).expect("id").to_string();
+    for (arg, revoked) in [(whole.clone(), id(&whole)), (id(&by_id), id(&by_id))] {
+        let out = rna(&["token", "revoke", "--store", s(&store), &arg], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), format!("revoked {revoked}\n"));
+    }
+    let listing = stdout(&rna(&["token", "list", "--store", s(&store)], &[]));
+    for token in [&whole, &by_id] {
+        let row = listing
+            .lines()
+            .find(|l| l.starts_with(&id(token)))
+            .unwrap_or_else(|| panic!("{listing}"));
+        assert!(row.contains("revoked"), "{row}");
+    }
+    // Something that looks like a token but is not one is refused, and its text not echoed.
+    let out = rna(
+        &[
+            "token",
+            "revoke",
+            "--store",
+            s(&store),
+            "rna_0123456789ab_notasecretatall",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "rna: \"rna_0123456789ab\"…: not a token (rna_ followed by 12 and 48 hex digits); give the whole token or its id from `rna token list`"
+    );
+}
+
+/// `rna … | head -1`: the reader is gone before anything is written. The process ends quietly
+/// with success instead of panicking on the broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let setup = Setup::new();
+    let hub = setup.hub_file("");
+    let store = setup.path("store.toml");
+    let out = rna(
+        &[
+            "token",
+            "create",
+            "--store",
+            s(&store),
+            "--tenant",
+            "acme/prod",
+            "--scope",
+            "proxy",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    for args in [
+        &["hub", "--config", s(&hub), "--check-config"][..],
+        &["token", "list", "--store", s(&store)],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(RNA)
+            .args(args)
+            .env("RNA_LOG_FORMAT", "text")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run rna");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
 }

@@ -1564,11 +1564,14 @@ fn cluster_mode_settings_come_from_flags_environment_and_file() {
     let (ok, text) = check(&[], &[]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("Kubeconfig") && text.contains("\"shop\""),
+        text.contains("\nkubeconfig = \"") && text.contains("kube_namespace = [\"shop\"]"),
         "{text}"
     );
-    assert!(text.contains("plural: \"deployments\""), "{text}");
-    assert!(text.contains("inventory_interval: 90s"), "{text}");
+    assert!(
+        text.contains("kube_resource = [\"deployments.apps\"]"),
+        "{text}"
+    );
+    assert!(text.contains("kube_inventory_interval = \"90s\""), "{text}");
     // A flag wins over the file; the environment too.
     let (ok, text) = check(&["--kube-namespace", "payments"], &[]);
     assert!(
@@ -1580,12 +1583,15 @@ fn cluster_mode_settings_come_from_flags_environment_and_file() {
         &[("RNA_KUBE_RESOURCE", "configmaps,widgets.example.com")],
     );
     assert!(
-        ok && text.contains("\"widgets\"") && !text.contains("\"deployments\""),
+        ok && text.contains("kube_resource = [\"configmaps\", \"widgets.example.com\"]"),
         "{text}"
     );
     // Off explicitly.
     let (ok, text) = check(&["--kubernetes=false"], &[]);
-    assert!(ok && text.contains("kube: None"), "{text}");
+    assert!(
+        ok && text.contains("kubernetes = false") && !text.contains("kube_namespace"),
+        "{text}"
+    );
     // Bad values name their key.
     let (ok, text) = check(&["--kube-resource", "Deployments"], &[]);
     assert!(

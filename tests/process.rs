@@ -469,6 +469,8 @@ async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
         &format!("{certs}/agent-edge-key.pem"),
         "--token-file",
         &d("token.txt"),
+        "--metrics",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -496,4 +498,110 @@ async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
         rejoined.is_ok(),
         "the agent did not learn of the restart from a stateless reset"
     );
+}
+
+/// `rna dev --socks-no-auth` prints a line without credentials next to the usual one, both
+/// work as printed, and the hub's "no state folder" advice (meaningless when hub and agent
+/// live and die together) is not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rna_dev_without_auth_prints_both_working_lines_and_no_state_folder_advice() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut dev = rna_command([
+        "dev",
+        "--dir",
+        state.to_str().unwrap(),
+        "--socks",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--socks-no-auth",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let stderr = dev.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut all = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // One reader for both lines: a second one would miss what the first had buffered.
+    let mut stdout = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    let curls = within("two curl lines", async {
+        let mut curls = Vec::new();
+        while curls.len() < 2 {
+            match stdout.next_line().await.unwrap() {
+                Some(line) if line.starts_with("curl ") => curls.push(line),
+                Some(_) => {}
+                None => panic!("output ended after {curls:?}"),
+            }
+        }
+        curls
+    })
+    .await;
+    let (with_token, without) = (&curls[0], &curls[1]);
+    assert!(with_token.contains("socks5h://local:rna_"), "{with_token}");
+    let words: Vec<&str> = without.split_whitespace().collect();
+    assert_eq!(words.len(), 4, "{without}");
+    assert_eq!(words[1], "--proxy");
+    assert!(
+        words[2].starts_with("socks5h://127.0.0.1:") && !words[2].contains('@'),
+        "{without}"
+    );
+    for line in [with_token, without] {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--proxy", words[2], words[3]])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{line}");
+    }
+    signal(&dev, "-TERM");
+    let status = within("rna dev to exit", dev.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = within("rna dev's log", log).await.unwrap();
+    assert!(log.contains("hub serving"), "{log}");
+    assert!(!log.contains("no state folder"), "{log}");
+}
+
+/// The agent's default metrics address taken (by this test, or by whatever else holds it on
+/// this machine: the test works either way) does not stop the agent: it warns and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_default_metrics_port_is_taken_still_starts() {
+    let default = rna::config::DEFAULT_AGENT_METRICS;
+    assert_ne!(default.port(), 9090, "Prometheus' own port");
+    assert!(
+        !(9100..=9999).contains(&default.port()),
+        "the exporter range"
+    );
+    let _held = std::net::TcpListener::bind(default);
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let mut args = world.agent_process_args("busy-metrics", &token);
+    let at = args.iter().position(|a| a == "--metrics").unwrap();
+    args.drain(at..at + 2);
+    let (_agent, mut log) = spawn_logged(&args);
+    let line = wait_line(&mut log, "health and metrics endpoint not served").await;
+    assert!(line.contains(&default.to_string()), "{line}");
+    wait_line(&mut log, "connected to hub").await;
+    world.wait_sessions(TENANT, "busy-metrics", 1).await;
+    // An address asked for explicitly must be free: the agent refuses to start without it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut args = world.agent_process_args("busy-metrics", &token);
+    let at = args.iter().position(|a| a == "--metrics").unwrap();
+    args[at + 1] = taken.local_addr().unwrap().to_string();
+    let (mut strict, mut log) = spawn_logged(&args);
+    wait_line(&mut log, "binding the agent's metrics endpoint").await;
+    let status = within("the agent to exit", strict.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    world.stop().await;
 }

@@ -569,7 +569,15 @@ mod tests {
             assert_eq!((t.host.as_str(), t.port), (host, default), "{s}");
         }
         for bad in [
-            ":4433", "hub:0", "hub:x", "::1:4433", "hub:70000", "hub:", "", "[]", "[hub]",
+            ":4433",
+            "hub:0",
+            "hub:x",
+            "::1:4433",
+            "hub:70000",
+            "hub:",
+            "",
+            "[]",
+            "[hub]",
         ] {
             assert!(bad.parse::<HubTarget>().is_err(), "{bad}");
         }

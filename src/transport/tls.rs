@@ -97,9 +97,9 @@ impl Material {
         let provider = provider();
         rustls::sign::CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider)
             .map_err(|e| match e {
-                rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch,
-                other => TlsError::Rustls(other),
-            })?;
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch,
+            other => TlsError::Rustls(other),
+        })?;
         let (end_entity, intermediates) = self
             .chain
             .split_first()
