@@ -344,3 +344,40 @@ fn every_default_in_the_settings_table_is_the_programs_own() {
     }
     assert!(checked > 25, "{checked} defaults checked");
 }
+
+/// Shell commands of a document's `sh` blocks, continuation lines joined.
+fn commands(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open = false;
+    for line in shell_lines(text) {
+        if open {
+            if let Some(last) = out.last_mut() {
+                last.push(' ');
+                last.push_str(line.trim_end_matches('\\').trim());
+            }
+        } else {
+            out.push(line.trim_end_matches('\\').trim().to_string());
+        }
+        open = line.ends_with('\\');
+    }
+    out
+}
+
+#[test]
+fn token_files_are_written_under_umask_077() {
+    for doc in ["README.md", "docs/operations.md"] {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(doc))
+            .expect("read doc");
+        let writes: Vec<String> = commands(&text)
+            .into_iter()
+            .filter(|c| c.contains("rna token create") && c.contains(" > "))
+            .collect();
+        assert!(!writes.is_empty(), "{doc}: no token written to a file");
+        for command in writes {
+            assert!(
+                command.starts_with("(umask 077 && ") && command.ends_with(')'),
+                "{doc}: a token file is written with the default umask: {command}"
+            );
+        }
+    }
+}
