@@ -94,12 +94,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// (`90s`, `5m`, `1500ms`), so a printed configuration parses back to the same value.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 || ms == 0 {
+    if !ms.is_multiple_of(1000) || ms == 0 {
         return format!("{ms}ms");
     }
     let s = d.as_secs();
     for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s % size == 0 {
+        if s.is_multiple_of(size) {
             return format!("{}{unit}", s / size);
         }
     }
@@ -1391,6 +1391,103 @@ mod tests {
         let err =
             kube_settings(None, None, None, vec!["shop".into()], vec![], None, false).unwrap_err();
         assert_eq!(err.0, "kube_namespace");
+    }
+
+    #[test]
+    fn durations_print_in_the_largest_exact_unit_and_parse_back() {
+        let table = [
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(45), "45s"),
+            (Duration::from_secs(60), "1m"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_secs(86_400 * 3), "3d"),
+        ];
+        for (d, text) in table {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+    }
+
+    /// The configuration a printed file gives is the one that was printed, field for field
+    /// (compared through the validated configuration's debug form).
+    #[test]
+    fn printed_files_give_the_same_validated_configuration() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        crate::certs::init_dir(dir, &["127.0.0.1".to_string()], false).unwrap();
+        crate::certs::issue_agent_files(dir, "edge", false).unwrap();
+        std::fs::write(dir.join("tokens.toml"), "").unwrap();
+        std::fs::write(dir.join("token.txt"), "rna_x\n").unwrap();
+        std::fs::write(dir.join("kubeconfig"), "apiVersion: v1\nkind: Config\n").unwrap();
+
+        let hub = dir.join("hub.toml");
+        std::fs::write(
+            &hub,
+            "ca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub-key.pem\"\n\
+             tokens = \"tokens.toml\"\ngrace = 45\nheartbeat_interval = \"1500ms\"\n\
+             socks_no_auth = \"edge@acme/prod\"\nmax_frame = 2048\ncongestion = \"bbr\"\n\
+             state_dir = \"state\"\nmetrics_per_agent = true\n",
+        )
+        .unwrap();
+        let (options, log, sources) =
+            merge_hub(Some(&hub), HubOptions::default(), LogOptions::default()).unwrap();
+        let config = hub_config(options.clone(), &sources).unwrap();
+        let printed = hub_file_text(&options, &config, &log).unwrap();
+        let copy = dir.join("printed-hub.toml");
+        std::fs::write(&copy, &printed).unwrap();
+        let (again, log_again, sources) =
+            merge_hub(Some(&copy), HubOptions::default(), LogOptions::default()).unwrap();
+        let reread = hub_config(again.clone(), &sources).unwrap();
+        assert_eq!(format!("{config:?}"), format!("{reread:?}"));
+        assert_eq!(hub_file_text(&again, &reread, &log_again).unwrap(), printed);
+
+        let agent = dir.join("agent.toml");
+        std::fs::write(
+            &agent,
+            "hub = [\"hub.example\", \"[::1]:5000\"]\nname = \"edge\"\nca = \"ca.pem\"\n\
+             cert = \"agent-edge.pem\"\nkey = \"agent-edge-key.pem\"\n\
+             token_file = \"token.txt\"\nallow = [\"10.0.0.0/8\", \"*.svc.local:443\"]\n\
+             deny = [\"10.9.0.0/16\"]\ndial_timeout = 3\nmetrics = \"off\"\n\
+             kubeconfig = \"kubeconfig\"\nkube_context = \"prod\"\n\
+             kube_namespace = [\"shop\"]\nkube_resource = [\"deployments.apps\"]\n\
+             kube_inventory_interval = \"90s\"\nserver_name = \"hub.example\"\n",
+        )
+        .unwrap();
+        let (options, log, sources) =
+            merge_agent(Some(&agent), AgentOptions::default(), LogOptions::default()).unwrap();
+        let settings = agent_settings(options.clone(), &sources).unwrap();
+        let printed = agent_file_text(&options, &settings, &log).unwrap();
+        let copy = dir.join("printed-agent.toml");
+        std::fs::write(&copy, &printed).unwrap();
+        let (again, log_again, sources) =
+            merge_agent(Some(&copy), AgentOptions::default(), LogOptions::default()).unwrap();
+        let reread = agent_settings(again.clone(), &sources).unwrap();
+        assert_eq!(format!("{settings:?}"), format!("{reread:?}"));
+        assert_eq!(
+            agent_file_text(&again, &reread, &log_again).unwrap(),
+            printed
+        );
+        assert!(!printed.contains("rna_x"), "{printed}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key_they_are_at() {
+        let text = "name = \"edge\"\nhub = [\n  \"a:1\",\n  2,\n]\nmax_streams = \"x\"\n";
+        let err = parse_agent_file(text, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "agent.toml: hub: invalid type: integer `2`, expected a string (line 4)"
+        );
+        // A broken document names no key: there is none to name.
+        let err = parse_agent_file("hub = [\n", Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agent.toml: "), "{err}");
+        assert!(!err.starts_with("agent.toml: hub: "), "{err}");
     }
 
     #[test]
