@@ -16,7 +16,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::agent::kube::{in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule};
+use crate::agent::kube::{
+    in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule, SecretRef,
+};
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
@@ -219,6 +221,9 @@ pub struct HubOptions {
     /// [default: 60s].
     #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
     pub kube_timeout: Option<Duration>,
+    /// Kubernetes waits one token may have running at once; one more gets 429 [default: 8].
+    #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
+    pub max_kube_waits_per_token: Option<usize>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -297,6 +302,11 @@ pub struct AgentOptions {
     /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
     #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
     pub kube_inventory_interval: Option<Duration>,
+    /// Secrets holding the agent's own credentials, as NAME (in the agent's namespace) or
+    /// NAMESPACE/NAME: no Kubernetes command reads or changes them; repeat
+    /// [default: rna-agent-tls,rna-agent-token].
+    #[arg(long, env = "RNA_KUBE_PROTECTED_SECRET", value_delimiter = ',')]
+    pub kube_protected_secret: Vec<SecretRef>,
 }
 
 /// Where the values in force came from, so an error names the file only for a value that the
@@ -371,7 +381,7 @@ merge_options!(
     heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
     max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
-    state_dir, kube_timeout, worker_threads;
+    state_dir, kube_timeout, worker_threads, max_kube_waits_per_token;
 );
 
 merge_options!(
@@ -379,7 +389,7 @@ merge_options!(
     server_name, name, ca, cert, key, token_file, dial_timeout, max_streams, metrics,
     max_pending_dials, max_frame, congestion, kubernetes, kubeconfig, kube_context,
     kube_inventory_interval, worker_threads;
-    hub, allow, deny, kube_namespace, kube_resource
+    hub, allow, deny, kube_namespace, kube_resource, kube_protected_secret
 );
 
 /// The hub's TOML file, as written (values checked when converted).
@@ -411,6 +421,7 @@ struct HubFile {
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
     kube_timeout: Option<String>,
+    max_kube_waits_per_token: Option<usize>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -441,6 +452,7 @@ struct AgentFile {
     kube_namespace: Option<Vec<String>>,
     kube_resource: Option<Vec<String>>,
     kube_inventory_interval: Option<String>,
+    kube_protected_secret: Option<Vec<String>>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -625,6 +637,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
         state_dir: c.path(f.state_dir),
         kube_timeout: c.parse("kube_timeout", f.kube_timeout, parse_duration)?,
+        max_kube_waits_per_token: f.max_kube_waits_per_token,
         worker_threads: f.worker_threads,
     };
     let log = LogOptions {
@@ -674,6 +687,11 @@ pub fn parse_agent_file(
             "kube_inventory_interval",
             f.kube_inventory_interval,
             parse_duration,
+        )?,
+        kube_protected_secret: c.list(
+            "kube_protected_secret",
+            f.kube_protected_secret,
+            SecretRef::from_str,
         )?,
         worker_threads: f.worker_threads,
     };
@@ -855,6 +873,10 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         }
         caps.kube_request = n;
     }
+    if let Some(n) = o.max_kube_waits_per_token {
+        caps.kube_waits_per_token =
+            at_least_one(n).map_err(|m| invalid("max_kube_waits_per_token", m))?;
+    }
     if let Some(c) = o.congestion {
         config.limits.congestion = c;
     }
@@ -996,6 +1018,11 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         in_cluster_detected(),
     )
     .map_err(|(key, message)| invalid(key, message))?;
+    if let Some(kube) = config.kube.as_mut() {
+        if !o.kube_protected_secret.is_empty() {
+            kube.protected_secrets = o.kube_protected_secret;
+        }
+    }
     // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
     if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
         kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;

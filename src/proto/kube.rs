@@ -30,6 +30,10 @@ pub const MAX_KUBE_REPLY: usize = 16 * 1024 * 1024;
 /// Largest inventory report.
 pub const MAX_INVENTORY: usize = 2 * 1024 * 1024;
 
+/// The reason of a wait the agent refuses because it runs as many waits as it allows: the
+/// hub counts these refusals as its own cap.
+pub const TOO_MANY_WAITS: &str = "TooManyWaits";
+
 /// The capability an agent announces in Hello when it can run Kubernetes commands.
 pub const CAPABILITY: &str = "kubernetes";
 
@@ -75,6 +79,19 @@ pub struct ObjectRef {
     pub namespace: Option<String>,
     /// Object name (empty for list).
     pub name: String,
+}
+
+impl ObjectRef {
+    /// Whether this names core Secrets (`v1` and `Secret`, `secret` or `secrets`), the kind
+    /// whose contents are credentials: audit lines mark such commands.
+    pub fn is_secret(&self) -> bool {
+        is_secret_kind(&self.api_version, &self.kind)
+    }
+}
+
+/// Whether `api_version` and `kind` (a kind or a resource name) name core Secrets.
+pub fn is_secret_kind(api_version: &str, kind: &str) -> bool {
+    api_version == "v1" && matches!(kind, "Secret" | "secret" | "secrets")
 }
 
 /// What to wait for.
