@@ -676,3 +676,81 @@ async fn the_cli_names_the_bad_file_and_line_and_prints_the_end_of_a_wait_once()
     assert_eq!(lines.last().unwrap()["type"], "done");
     c.agent.stop().await;
 }
+
+#[test]
+fn the_shipped_role_cannot_read_secrets_and_the_agent_protects_the_secrets_it_mounts() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
+    use rna::agent::kube::guard::DEFAULT_PROTECTED_SECRETS;
+
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/agent.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect();
+    let of = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap().clone();
+    let role: ClusterRole = serde_json::from_value(of("ClusterRole")).unwrap();
+    let mut secret_verbs = Vec::new();
+    for rule in role.rules.unwrap() {
+        let core = rule
+            .api_groups
+            .unwrap_or_default()
+            .iter()
+            .any(|g| g.is_empty());
+        if core
+            && rule
+                .resources
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r == "secrets")
+        {
+            secret_verbs.extend(rule.verbs);
+        }
+    }
+    secret_verbs.sort();
+    // Server-side apply needs create and patch; nothing reads.
+    assert_eq!(secret_verbs, ["create", "delete", "patch"]);
+
+    // The Secrets the pod mounts are exactly the ones the agent protects by default, in its
+    // own namespace.
+    let deployment: Deployment = serde_json::from_value(of("Deployment")).unwrap();
+    assert_eq!(deployment.metadata.namespace.as_deref(), Some("rna-system"));
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let mut mounted: Vec<String> = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+        .collect();
+    mounted.sort();
+    assert_eq!(mounted, DEFAULT_PROTECTED_SECRETS);
+
+    // The commented per-namespace widening is a valid Role and RoleBinding for the agent.
+    let start = text
+        .find("  #   apiVersion: rbac.authorization.k8s.io/v1")
+        .unwrap();
+    let example: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with("  #   "))
+        .map(|l| format!("{}\n", &l[6..]))
+        .collect();
+    let parts: Vec<Value> = serde_saphyr::from_multiple::<Value>(&example).unwrap();
+    assert_eq!(parts.len(), 2, "{example}");
+    let role: Role = serde_json::from_value(parts[0].clone()).unwrap();
+    let rule = &role.rules.unwrap()[0];
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&["secrets".to_string()][..])
+    );
+    assert!(rule.verbs.contains(&"get".to_string()));
+    let binding: RoleBinding = serde_json::from_value(parts[1].clone()).unwrap();
+    assert_eq!(binding.metadata.namespace, role.metadata.namespace);
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("rna-agent", Some("rna-system"))
+    );
+}
