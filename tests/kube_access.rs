@@ -754,3 +754,122 @@ fn the_shipped_role_cannot_read_secrets_and_the_agent_protects_the_secrets_it_mo
         ("rna-agent", Some("rna-system"))
     );
 }
+
+/// `rna ROLE --config FILE ARGS --check-config` with `env` only: success and all output.
+fn check_config(
+    role: &str,
+    file: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String) {
+    let mut cmd = std::process::Command::new(RNA);
+    cmd.arg(role)
+        .arg("--config")
+        .arg(file)
+        .args(args)
+        .arg("--check-config");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RNA_") || k == "KUBERNETES_SERVICE_HOST" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The printed configuration without whitespace, so its pretty layout does not matter.
+fn compact(text: &str) -> String {
+    text.split_whitespace().collect()
+}
+
+#[test]
+fn protected_secrets_and_the_wait_cap_come_from_flags_environment_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    rna::certs::init_dir(dir.path(), &["127.0.0.1".to_string()], false).unwrap();
+    rna::certs::issue_agent_files(dir.path(), "edge", false).unwrap();
+    std::fs::write(dir.path().join("token.txt"), "rna_x\n").unwrap();
+    std::fs::write(dir.path().join("tokens.toml"), "").unwrap();
+    std::fs::write(
+        dir.path().join("kubeconfig"),
+        "apiVersion: v1\nkind: Config\n",
+    )
+    .unwrap();
+    let agent = dir.path().join("agent.toml");
+    let base = "hub = [\"127.0.0.1:4433\"]\nname = \"edge\"\nca = \"ca.pem\"\ncert = \"agent-edge.pem\"\nkey = \"agent-edge-key.pem\"\ntoken_file = \"token.txt\"\nkubeconfig = \"kubeconfig\"\n";
+    std::fs::write(&agent, base).unwrap();
+    let (ok, text) = check_config("agent", &agent, &[], &[]);
+    assert!(ok, "{text}");
+    assert!(
+        compact(&text).contains("protected_secrets:[SecretRef{namespace:None,name:\"rna-agent-tls\",},SecretRef{namespace:None,name:\"rna-agent-token\",},]"),
+        "{text}"
+    );
+    std::fs::write(
+        &agent,
+        format!("{base}kube_protected_secret = [\"vault/agent-key\", \"hub-token\"]\n"),
+    )
+    .unwrap();
+    let (ok, text) = check_config("agent", &agent, &[], &[]);
+    assert!(ok, "{text}");
+    assert!(
+        compact(&text).contains("protected_secrets:[SecretRef{namespace:Some(\"vault\",),name:\"agent-key\",},SecretRef{namespace:None,name:\"hub-token\",},]"),
+        "{text}"
+    );
+    // The environment and a flag win over the file.
+    let (ok, text) = check_config(
+        "agent",
+        &agent,
+        &[],
+        &[("RNA_KUBE_PROTECTED_SECRET", "a,b")],
+    );
+    assert!(
+        ok && compact(&text).contains("name:\"a\",},SecretRef{namespace:None,name:\"b\",},]"),
+        "{text}"
+    );
+    let (ok, text) = check_config("agent", &agent, &["--kube-protected-secret", "x/y"], &[]);
+    assert!(
+        ok && compact(&text).contains("[SecretRef{namespace:Some(\"x\",),name:\"y\",},]"),
+        "{text}"
+    );
+    // A bad entry names its key and place.
+    std::fs::write(
+        &agent,
+        format!("{base}kube_protected_secret = [\"ok\", \"Bad/Name\"]\n"),
+    )
+    .unwrap();
+    let (ok, text) = check_config("agent", &agent, &[], &[]);
+    assert!(
+        !ok && text.contains("kube_protected_secret[1]")
+            && text.contains("invalid Secret \"Bad/Name\""),
+        "{text}"
+    );
+
+    let hub = dir.path().join("hub.toml");
+    let base =
+        "ca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub-key.pem\"\ntokens = \"tokens.toml\"\n";
+    std::fs::write(&hub, base).unwrap();
+    let (ok, text) = check_config("hub", &hub, &[], &[]);
+    assert!(
+        ok && compact(&text).contains("kube_waits_per_token:8,"),
+        "{text}"
+    );
+    std::fs::write(&hub, format!("{base}max_kube_waits_per_token = 3\n")).unwrap();
+    let (ok, text) = check_config("hub", &hub, &[], &[]);
+    assert!(
+        ok && compact(&text).contains("kube_waits_per_token:3,"),
+        "{text}"
+    );
+    let (ok, text) = check_config("hub", &hub, &[], &[("RNA_MAX_KUBE_WAITS_PER_TOKEN", "5")]);
+    assert!(
+        ok && compact(&text).contains("kube_waits_per_token:5,"),
+        "{text}"
+    );
+    let (ok, text) = check_config("hub", &hub, &["--max-kube-waits-per-token", "0"], &[]);
+    assert!(
+        !ok && text.contains("max_kube_waits_per_token") && text.contains("must be at least 1"),
+        "{text}"
+    );
+}
