@@ -37,7 +37,8 @@ fn logs() -> &'static Captured {
     })
 }
 
-/// A hub, the fake API (default namespace `default`), and an agent in cluster mode.
+/// A hub, the fake API, and an agent in cluster mode whose own namespace (its kubeconfig
+/// context's, as a pod's would be its ServiceAccount's) is `own_namespace`.
 struct Cluster {
     world: World,
     fake: FakeKube,
@@ -50,13 +51,16 @@ struct Cluster {
     admin: String,
 }
 
-async fn cluster(tune: impl FnOnce(&mut rna::hub::HubConfig)) -> Cluster {
+async fn cluster(own_namespace: &str, tune: impl FnOnce(&mut rna::hub::HubConfig)) -> Cluster {
     logs();
     let world = World::start_with(tune).await;
     let fake = FakeKube::start().await;
     let agent_token = world.agent_token(TENANT);
     let mut config = world.agent_config(AGENT, &agent_token);
     let path = fake.kubeconfig(world.dir.path(), "kubeconfig", None);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("namespace: default", &format!("namespace: {own_namespace}"));
+    std::fs::write(&path, text).unwrap();
     let mut settings = KubeSettings::new(KubeSource::Kubeconfig {
         path,
         context: None,
@@ -182,7 +186,8 @@ const DB_PASSWORD: &str = "czNjcjN0"; // base64 of "s3cr3t"
 const AGENT_TOKEN_DATA: &str = "cm5hX2FnZW50X3Rva2Vu"; // base64 of "rna_agent_token"
 
 /// Seeds the Secrets of the test: an application Secret with a client-side-apply annotation,
-/// the agent's own token Secret (in its namespace, `default`), and a ServiceAccount token.
+/// the agent's own Secrets (in its namespace, `rna-system`), a Secret of the same name
+/// elsewhere, and a ServiceAccount token.
 fn seed_secrets(fake: &FakeKube) {
     fake.seed(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
     fake.seed(
@@ -193,10 +198,22 @@ fn seed_secrets(fake: &FakeKube) {
             "team": "payments"}},
         "data": {"password": DB_PASSWORD}}),
     );
+    fake.seed(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "rna-system"}}));
     fake.seed(
         json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {"name": "rna-agent-token", "namespace": "default"},
+        "metadata": {"name": "rna-agent-token", "namespace": "rna-system"},
         "data": {"token": AGENT_TOKEN_DATA}}),
+    );
+    fake.seed(
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "rna-agent-tls", "namespace": "rna-system"},
+        "data": {"tls.key": "a2V5"}}),
+    );
+    // A Secret of the same name in another namespace is not the agent's.
+    fake.seed(
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "rna-agent-token", "namespace": "shop"},
+        "data": {"token": "b3RoZXI="}}),
     );
     fake.seed(json!({"apiVersion": "v1", "kind": "Secret",
         "type": "kubernetes.io/service-account-token",
@@ -224,11 +241,11 @@ fn assert_forbidden_secret(r: &ApiResponse, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_every_scope() {
-    let c = cluster(|_| {}).await;
+    let c = cluster("rna-system", |_| {}).await;
     seed_secrets(&c.fake);
     let base = format!("/api/v1/agents/{AGENT}/kube");
     let db = format!("{base}/v1/Secret/db-password?namespace=shop");
-    let own = format!("{base}/v1/Secret/rna-agent-token?namespace=default");
+    let own = format!("{base}/v1/Secret/rna-agent-token?namespace=rna-system");
     let sa_token = format!("{base}/v1/Secret/builder-token?namespace=shop");
 
     // Read-only: metadata only, for get and list; the annotation that copies the data too.
@@ -252,8 +269,9 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
         assert!(item.get("data").is_none(), "{item}");
         names.push(item["metadata"]["name"].as_str().unwrap().to_string());
     }
-    // A ServiceAccount token is never listed, whatever the scope.
-    assert_eq!(names, ["db-password"]);
+    // A ServiceAccount token is never listed, whatever the scope; a Secret that only shares
+    // a name with the agent's is.
+    assert_eq!(names, ["db-password", "rna-agent-token"]);
     assert!(!r.body.windows(8).any(|w| w == DB_PASSWORD.as_bytes()));
     // Other kinds are untouched for a reader.
     let r = get(&reader, &format!("{base}/v1/Namespace/shop")).await;
@@ -265,13 +283,15 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
     let admin = client(&c.world, &c.admin);
     for (who, api) in [("reader", &reader), ("ops", &ops), ("admin", &admin)] {
         assert_forbidden_secret(&get(api, &own).await, &format!("{who} get own"));
+        let tls = format!("{base}/v1/Secret/rna-agent-tls?namespace=rna-system");
+        assert_forbidden_secret(&get(api, &tls).await, &format!("{who} get own key"));
         assert_forbidden_secret(&get(api, &sa_token).await, &format!("{who} get sa token"));
-        let r = get(api, &format!("{base}/v1/secrets?namespace=default")).await;
+        let r = get(api, &format!("{base}/v1/secrets?namespace=rna-system")).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["items"], json!([]), "{who}: own Secret listed");
         let (status, body) = wait(
             api,
-            json!({"apiVersion": "v1", "kind": "Secret", "namespace": "default",
+            json!({"apiVersion": "v1", "kind": "Secret", "namespace": "rna-system",
                    "name": "rna-agent-token", "for": "condition=Ready", "timeout": "5s"}),
         )
         .await;
@@ -280,16 +300,24 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
     }
     let r = get(&reader, &format!("{base}/v1/secrets")).await;
     assert_eq!(r.status, 200);
-    let all = String::from_utf8_lossy(&r.body).into_owned();
-    assert!(
-        !all.contains("rna-agent-token") && !all.contains("builder-token"),
-        "{all}"
-    );
+    let listed: Vec<String> = r.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}/{}",
+                i["metadata"]["namespace"].as_str().unwrap(),
+                i["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(listed, ["shop/db-password", "shop/rna-agent-token"]);
     for (who, api) in [("ops", &ops), ("admin", &admin)] {
         assert_forbidden_secret(&delete(api, &own).await, &format!("{who} delete own"));
         let r = apply(
             api,
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: rna-agent-token\n  namespace: default\nstringData:\n  token: attacker\n",
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: rna-agent-token\n  namespace: rna-system\nstringData:\n  token: attacker\n",
         )
         .await;
         assert_forbidden_secret(&r, &format!("{who} apply own"));
@@ -304,7 +332,7 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
     }
     let stored = c
         .fake
-        .object("", "secrets", "default", "rna-agent-token")
+        .object("", "secrets", "rna-system", "rna-agent-token")
         .expect("the agent's Secret is still there");
     assert_eq!(stored["data"]["token"], AGENT_TOKEN_DATA);
     assert!(c.fake.object("", "secrets", "shop", "mint").is_none());
@@ -313,11 +341,19 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
         .object("", "secrets", "shop", "builder-token")
         .is_some());
 
-    // exec:infra:op (and admin) read other Secrets whole, and may apply them.
+    // exec:infra:op (and admin) read other Secrets whole, and may apply them; a Secret of
+    // the same name in another namespace is not the agent's.
     for (who, api) in [("ops", &ops), ("admin", &admin)] {
         let r = get(api, &db).await;
         assert_eq!(r.status, 200, "{who}");
         assert_eq!(r.json()["data"]["password"], DB_PASSWORD, "{who}");
+        let r = get(
+            api,
+            &format!("{base}/v1/Secret/rna-agent-token?namespace=shop"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{who}");
+        assert_eq!(r.json()["data"]["token"], "b3RoZXI=", "{who}");
     }
     let r = apply(
         &ops,
@@ -338,14 +374,16 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
     let shown: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["metadata"]["name"], "db-password");
     assert!(shown.get("data").is_none(), "{out}");
-    let (code, out, err) = cli(
-        &c.world,
-        &c.ops,
-        &["get", "secret/db-password", "-n", "shop", "-o", "json"],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains(DB_PASSWORD), "{out}");
+    for token in [&c.ops, &c.admin] {
+        let (code, out, err) = cli(
+            &c.world,
+            token,
+            &["get", "secret/db-password", "-n", "shop", "-o", "json"],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(DB_PASSWORD), "{out}");
+    }
     for token in [&c.reader, &c.ops, &c.admin] {
         let (code, out, err) = cli(
             &c.world,
@@ -354,7 +392,7 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
                 "get",
                 "secret/rna-agent-token",
                 "-n",
-                "default",
+                "rna-system",
                 "-o",
                 "json",
             ],
@@ -364,11 +402,12 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
         assert!(out.is_empty(), "{out}");
         assert!(
             err.contains("Forbidden")
-                && err
-                    .contains("secret default/rna-agent-token holds this agent's own credentials"),
+                && err.contains(
+                    "secret rna-system/rna-agent-token holds this agent's own credentials"
+                ),
             "{err}"
         );
-        let (code, out, err) = cli(&c.world, token, &["list", "secrets", "-n", "default"]).await;
+        let (code, out, err) = cli(&c.world, token, &["list", "secrets", "-n", "rna-system"]).await;
         assert_eq!(code, 0, "{err}");
         assert!(!out.contains("rna-agent-token"), "{out}");
     }
@@ -376,7 +415,7 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
         let (code, _, err) = cli(
             &c.world,
             token,
-            &["delete", "secret/rna-agent-token", "-n", "default"],
+            &["delete", "secret/rna-agent-token", "-n", "rna-system"],
         )
         .await;
         assert_eq!(code, 1, "{err}");
@@ -384,7 +423,7 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
     }
     assert!(c
         .fake
-        .object("", "secrets", "default", "rna-agent-token")
+        .object("", "secrets", "rna-system", "rna-agent-token")
         .is_some());
 
     // Audit lines of hub (with status) and agent (without) mark Secret access, and only it.
@@ -398,14 +437,10 @@ async fn secret_contents_need_exec_and_the_agents_own_secrets_are_refused_to_eve
     let hub_line = line(&["name=\"db-password\"", "status=200", "verb=\"get\""])
         .expect("hub audit line of the Secret read");
     assert!(hub_line.contains("secret=true"), "{hub_line}");
-    let agent_line = line(&["name=\"db-password\"", "verb=\"get\""])
-        .filter(|l| !l.contains("status="))
-        .or_else(|| {
-            text.lines()
-                .filter(|l| l.contains("kubernetes command") && !l.contains("status="))
-                .find(|l| l.contains("name=\"db-password\""))
-                .map(str::to_string)
-        })
+    let agent_line = text
+        .lines()
+        .filter(|l| l.contains("kubernetes command") && !l.contains("status="))
+        .find(|l| l.contains("name=\"db-password\"") && l.contains("verb=\"get\""))
         .expect("agent audit line of the Secret read");
     assert!(agent_line.contains("secret=true"), "{agent_line}");
     let refused = line(&["name=\"rna-agent-token\"", "status=403"]).expect("refusal audited");
@@ -449,7 +484,7 @@ const CONFIG: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\n 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_token_fills_only_its_own_wait_allowance_and_applies_still_run() {
-    let c = cluster(|h| h.caps.kube_waits_per_token = 3).await;
+    let c = cluster("default", |h| h.caps.kube_waits_per_token = 3).await;
     let ops = client(&c.world, &c.ops);
     let r = apply(
         &ops,
@@ -516,7 +551,7 @@ async fn a_read_token_fills_only_its_own_wait_allowance_and_applies_still_run() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_never_take_the_agents_last_command_slots() {
-    let c = cluster(|h| h.caps.kube_waits_per_token = 1000).await;
+    let c = cluster("default", |h| h.caps.kube_waits_per_token = 1000).await;
     let ops = client(&c.world, &c.ops);
     let r = apply(
         &ops,
@@ -580,7 +615,7 @@ async fn waits_never_take_the_agents_last_command_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_names_the_bad_file_and_line_and_prints_the_end_of_a_wait_once() {
-    let c = cluster(|_| {}).await;
+    let c = cluster("default", |_| {}).await;
     let dir = c.world.dir.path();
     let good = dir.join("good.yaml");
     std::fs::write(&good, CONFIG.replace("shop", "default")).unwrap();
