@@ -712,6 +712,44 @@ async fn the_cli_names_the_bad_file_and_line_and_prints_the_end_of_a_wait_once()
     c.agent.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_role_that_cannot_read_secrets_apply_still_writes_them() {
+    let c = cluster("rna-system", |_| {}).await;
+    c.fake.forbid_reads("secrets");
+    let ops = client(&c.world, &c.ops);
+    let secret = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: api-key\n  namespace: shop\nstringData:\n  key: k1\n";
+    // Server-side apply needs no read: the Secret is written, its outcome unknown.
+    let r = apply(&ops, secret).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["results"][1]["outcome"], "applied", "{}", r.json());
+    let stored = c.fake.object("", "secrets", "shop", "api-key").unwrap();
+    assert_eq!(stored["metadata"]["name"], "api-key");
+    let r = apply(&ops, &secret.replace("k1", "k2")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["results"][1]["outcome"], "applied");
+    // Reading is RBAC's refusal, relayed with its own Status.
+    let r = get(
+        &ops,
+        &format!("/api/v1/agents/{AGENT}/kube/v1/Secret/api-key?namespace=shop"),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["kind"], "api");
+    assert_eq!(r.json()["status"]["reason"], "Forbidden");
+    // The agent's own Secrets are refused before any call, so never written either.
+    let r = apply(
+        &ops,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: rna-agent-tls\n  namespace: rna-system\nstringData:\n  a: b\n",
+    )
+    .await;
+    assert_forbidden_secret(&r, "apply own key without read access");
+    assert!(c
+        .fake
+        .object("", "secrets", "rna-system", "rna-agent-tls")
+        .is_none());
+    c.agent.stop().await;
+}
+
 #[test]
 fn the_shipped_role_cannot_read_secrets_and_the_agent_protects_the_secrets_it_mounts() {
     use k8s_openapi::api::apps::v1::Deployment;
