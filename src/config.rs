@@ -16,7 +16,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::kube::{in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule};
+use crate::agent::kube::{
+    in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule, SecretRef,
+};
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
@@ -284,6 +286,9 @@ pub struct HubOptions {
     /// [default: 60s].
     #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
     pub kube_timeout: Option<Duration>,
+    /// Kubernetes waits one token may have running at once; one more gets 429 [default: 8].
+    #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
+    pub max_kube_waits_per_token: Option<usize>,
 }
 
 /// Agent settings from flags and environment (`None` or empty: not given).
@@ -362,6 +367,11 @@ pub struct AgentOptions {
     /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
     #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
     pub kube_inventory_interval: Option<Duration>,
+    /// Secrets holding the agent's own credentials, as NAME (in the agent's namespace) or
+    /// NAMESPACE/NAME: no Kubernetes command reads or changes them; repeat
+    /// [default: rna-agent-tls,rna-agent-token].
+    #[arg(long, env = "RNA_KUBE_PROTECTED_SECRET", value_delimiter = ',')]
+    pub kube_protected_secret: Vec<SecretRef>,
 }
 
 /// Where the values in force came from, so an error names the file only for a value that the
@@ -436,7 +446,7 @@ merge_options!(
     heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
     max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
-    state_dir, kube_timeout, worker_threads;
+    state_dir, kube_timeout, worker_threads, max_kube_waits_per_token;
 );
 
 merge_options!(
@@ -444,7 +454,7 @@ merge_options!(
     server_name, name, ca, cert, key, token_file, dial_timeout, max_streams, metrics,
     max_pending_dials, max_frame, congestion, kubernetes, kubeconfig, kube_context,
     kube_inventory_interval, worker_threads;
-    hub, allow, deny, kube_namespace, kube_resource
+    hub, allow, deny, kube_namespace, kube_resource, kube_protected_secret
 );
 
 /// The hub's TOML file, as written (values checked when converted). `--check-config` prints
@@ -478,6 +488,7 @@ struct HubFile {
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
     kube_timeout: Option<FileDuration>,
+    max_kube_waits_per_token: Option<usize>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -508,6 +519,7 @@ struct AgentFile {
     kube_namespace: Option<Vec<String>>,
     kube_resource: Option<Vec<String>>,
     kube_inventory_interval: Option<FileDuration>,
+    kube_protected_secret: Option<Vec<String>>,
     worker_threads: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -711,6 +723,7 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
         state_dir: c.path(f.state_dir),
         kube_timeout: c.duration("kube_timeout", f.kube_timeout)?,
+        max_kube_waits_per_token: f.max_kube_waits_per_token,
         worker_threads: f.worker_threads,
     };
     let log = LogOptions {
@@ -758,6 +771,11 @@ pub fn parse_agent_file(
         kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
         kube_inventory_interval: c
             .duration("kube_inventory_interval", f.kube_inventory_interval)?,
+        kube_protected_secret: c.list(
+            "kube_protected_secret",
+            f.kube_protected_secret,
+            SecretRef::from_str,
+        )?,
         worker_threads: f.worker_threads,
     };
     let log = LogOptions {
@@ -969,6 +987,10 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         }
         caps.kube_request = n;
     }
+    if let Some(n) = o.max_kube_waits_per_token {
+        caps.kube_waits_per_token =
+            at_least_one(n).map_err(|m| invalid("max_kube_waits_per_token", m))?;
+    }
     if let Some(c) = o.congestion {
         config.limits.congestion = c;
     }
@@ -1131,6 +1153,11 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         in_cluster_detected(),
     )
     .map_err(|(key, message)| invalid(key, message))?;
+    if let Some(kube) = config.kube.as_mut() {
+        if !o.kube_protected_secret.is_empty() {
+            kube.protected_secrets = o.kube_protected_secret;
+        }
+    }
     // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
     if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
         kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
@@ -1285,6 +1312,7 @@ pub fn hub_file_text(
         congestion: congestion_name(config.limits.congestion),
         state_dir: config.state_dir.as_deref().map(shown),
         kube_timeout: d(config.kube_timeout),
+        max_kube_waits_per_token: Some(config.caps.kube_waits_per_token),
         worker_threads: Some(config.worker_threads),
         log_format,
         log_level,
@@ -1341,6 +1369,12 @@ pub fn agent_file_text(
         kube_namespace: kube.map(|k| k.allow.namespaces.clone()),
         kube_resource: kube.map(|k| k.allow.resources.iter().map(|r| r.to_string()).collect()),
         kube_inventory_interval: kube.and_then(|k| d(k.inventory_interval)),
+        kube_protected_secret: kube.map(|k| {
+            k.protected_secrets
+                .iter()
+                .map(|r| r.to_string())
+                .collect()
+        }),
         worker_threads: Some(settings.worker_threads),
         log_format,
         log_level,

@@ -299,7 +299,9 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
             force,
             output,
         } => {
-            let mut body = String::new();
+            // Each file is parsed here, so an error names its file and the line within it;
+            // the hub gets the objects as one JSON array.
+            let mut objects = Vec::new();
             for f in &files {
                 let text = if f.as_os_str() == "-" {
                     let mut s = String::new();
@@ -311,10 +313,20 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                     std::fs::read_to_string(f)
                         .map_err(|e| usage(format!("{}: {e}", f.display())))?
                 };
-                // Documents of several files are one stream of YAML documents.
-                body.push_str("\n---\n");
-                body.push_str(&text);
+                let shown = if f.as_os_str() == "-" {
+                    "standard input".to_string()
+                } else {
+                    f.display().to_string()
+                };
+                // The parser's snippet calls its text `<input>`: name the file there too.
+                let docs = rna::hub::kube_api::split_documents(&text)
+                    .map_err(|e| usage(format!("{shown}: {}", e.replace("<input>", &shown))))?;
+                objects.extend(docs);
             }
+            if objects.is_empty() {
+                return Err(usage("no objects in the given files"));
+            }
+            let body = Value::Array(objects).to_string();
             let path = ctx.agent_path("kube/apply")
                 + &ctx.query(&[
                     ("namespace", namespace),
@@ -325,7 +337,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                 .send(
                     http::Method::POST,
                     &path,
-                    Some(("application/yaml", Bytes::from(body))),
+                    Some(("application/json", Bytes::from(body))),
                 )
                 .await?;
             if !r.ok() {
@@ -473,6 +485,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
             });
             let path = ctx.agent_path("kube/wait");
             let mut last: Option<Value> = None;
+            let mut printed: Option<String> = None;
             let r = ctx
                 .client
                 .stream_lines(
@@ -484,6 +497,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                         if v.get("type").and_then(Value::as_str) == Some("progress") {
                             if let Some(m) = v.get("message").and_then(Value::as_str) {
                                 println!("{m}");
+                                printed = Some(m.to_string());
                             }
                         }
                         last = Some(v);
@@ -500,8 +514,11 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
             let last = last.unwrap_or(Value::Null);
             match last.get("type").and_then(Value::as_str) {
                 Some("done") => {
+                    // An agent that also sent the final state as progress has said it already.
                     if let Some(m) = last.get("message").and_then(Value::as_str) {
-                        println!("{m}");
+                        if printed.as_deref() != Some(m) {
+                            println!("{m}");
+                        }
                     }
                     Ok(())
                 }

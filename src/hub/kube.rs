@@ -4,6 +4,7 @@
 //!
 //! Hub path: admin API → registry → command stream → agent.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -111,6 +112,50 @@ impl KubeCallError {
     }
 }
 
+/// The Kubernetes waits each token has running, so one token cannot hold an agent's command
+/// slots ([`super::HubCaps::kube_waits_per_token`]).
+#[derive(Debug, Default)]
+pub(crate) struct WaitSlots {
+    /// Token id → waits running.
+    running: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl WaitSlots {
+    /// One more wait for `token_id`, or `None` when it has `max` running already.
+    pub(crate) fn try_take(self: &Arc<Self>, token_id: &str, max: usize) -> Option<WaitSlot> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let n = running.entry(token_id.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(WaitSlot {
+            slots: self.clone(),
+            token_id: token_id.to_string(),
+        })
+    }
+}
+
+/// One running wait of a token; dropping it frees the slot.
+#[derive(Debug)]
+pub(crate) struct WaitSlot {
+    slots: Arc<WaitSlots>,
+    token_id: String,
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut running = self.slots.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = running.get_mut(&self.token_id) {
+            *n = n.saturating_sub(1);
+            // Forget idle tokens, so the map stays as small as the waits in flight.
+            if *n == 0 {
+                running.remove(&self.token_id);
+            }
+        }
+    }
+}
+
 /// Picks the session a command for (tenant, agent) goes to.
 pub(crate) fn pick(
     shared: &Shared,
@@ -196,9 +241,21 @@ pub(crate) async fn call(
             return Err(stream_err(e.to_string()));
         }
         loop {
-            let reply = read_frame_limited::<KubeReply, _>(&mut recv, MAX_KUBE_REPLY)
-                .await
-                .map_err(|e| stream_err(e.to_string()))?;
+            let read = read_frame_limited::<KubeReply, _>(&mut recv, MAX_KUBE_REPLY);
+            let reply = match &progress {
+                // A caller that went away ends the command even while no progress comes (a
+                // stalled wait), so it holds no slot at the hub or the agent. Dropping the
+                // read mid-frame is fine: the stream is abandoned.
+                Some(tx) => tokio::select! {
+                    r = read => r,
+                    _ = tx.closed() => {
+                        let _ = recv.stop(StreamCode::Reset.into());
+                        return Err(stream_err("caller went away".into()));
+                    }
+                },
+                None => read.await,
+            }
+            .map_err(|e| stream_err(e.to_string()))?;
             match reply {
                 Some(KubeReply::Progress(event)) => {
                     if let Some(tx) = &progress {

@@ -22,7 +22,7 @@ use super::api::{bearer, error};
 use super::kube::{call, pick, timeout_for, KubeCallError};
 use super::Shared;
 use crate::auth::{Grant, Scope, Tenant};
-use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor};
+use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor, TOO_MANY_WAITS};
 
 /// The Kubernetes routes, merged into the admin API router.
 pub(crate) fn routes(max_request: usize) -> Router<Arc<Shared>> {
@@ -115,20 +115,74 @@ fn caller(grant: &Grant) -> Caller {
     }
 }
 
+/// Removes what a Secret holds from an answer for a caller without `exec:infra:op`: `data`,
+/// `stringData` and the `kubectl.kubernetes.io/last-applied-configuration` annotation (a
+/// client-side apply copies the whole Secret there) of every core Secret in it, the object
+/// itself or a list's items. Returns the answer and whether it held a Secret.
+pub fn redact_secrets(answer: String) -> (String, bool) {
+    // Cheap test first: the agent writes `"kind":"Secret"` for every Secret it returns.
+    if !answer.contains("\"Secret\"") {
+        return (answer, false);
+    }
+    let Ok(mut value) = serde_json::from_str::<Value>(&answer) else {
+        return (answer, false);
+    };
+    let mut seen = false;
+    let mut strip = |o: &mut Value| {
+        let text = |f: &str| o.get(f).and_then(Value::as_str).unwrap_or("").to_string();
+        if !crate::proto::kube::is_secret_kind(&text("apiVersion"), &text("kind")) {
+            return;
+        }
+        seen = true;
+        if let Some(map) = o.as_object_mut() {
+            map.remove("data");
+            map.remove("stringData");
+        }
+        if let Some(annotations) = o
+            .pointer_mut("/metadata/annotations")
+            .and_then(Value::as_object_mut)
+        {
+            annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    };
+    strip(&mut value);
+    if let Some(items) = value.get_mut("items").and_then(Value::as_array_mut) {
+        items.iter_mut().for_each(&mut strip);
+    }
+    if seen {
+        (value.to_string(), true)
+    } else {
+        (answer, false)
+    }
+}
+
+/// What one audit line says about a command: which objects, and whether Secrets are among
+/// them.
+struct Audited<'a> {
+    verb: &'static str,
+    kind: &'a str,
+    namespace: &'a str,
+    name: &'a str,
+    secret: bool,
+}
+
 /// One audit line per command: who, which agent, what, outcome, duration. Never contents.
-#[allow(clippy::too_many_arguments)]
 fn audit(
     metrics: &crate::hub::metrics::Metrics,
     grant: &Grant,
     tenant: &Tenant,
     agent: &str,
-    verb: &'static str,
-    kind: &str,
-    namespace: &str,
-    name: &str,
+    what: Audited<'_>,
     outcome: Result<(), &KubeCallError>,
     started: Instant,
 ) {
+    let Audited {
+        verb,
+        kind,
+        namespace,
+        name,
+        secret,
+    } = what;
     let (label, code, reason) = match outcome {
         Ok(()) => ("ok", 200, String::new()),
         Err(e) => ("failed", e.http_status(), e.reason()),
@@ -141,7 +195,7 @@ fn audit(
     metrics.kube_command(verb, class, started.elapsed().as_secs_f64());
     info!(target: "rna::audit", tenant = %tenant, caller_tenant = %grant.tenant,
         token_id = %grant.token_id, token_label = grant.label.as_deref().unwrap_or(""),
-        agent, verb, kind, namespace, name, outcome = label, status = code, reason,
+        agent, verb, kind, namespace, name, secret, outcome = label, status = code, reason,
         duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
 }
 
@@ -241,7 +295,18 @@ fn truthy(v: &Option<String>) -> Result<bool, String> {
 
 /// Splits a body of YAML or JSON documents into objects: multi-document YAML, a JSON object,
 /// a JSON array, and `List` kinds (their items) are all accepted; empty documents are skipped.
+/// A body without any object is refused.
 pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
+    let out = split_documents(text)?;
+    if out.is_empty() {
+        return Err("no objects in the body".into());
+    }
+    Ok(out)
+}
+
+/// [`parse_documents`] that accepts a text without objects (a file of comments among
+/// several). Line numbers in errors are those of `text`.
+pub fn split_documents(text: &str) -> Result<Vec<Value>, String> {
     let trimmed = text.trim_start();
     let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(trimmed) {
@@ -277,9 +342,6 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
             }
             _ => return Err(format!("document {} is not an object", i + 1)),
         }
-    }
-    if out.is_empty() {
-        return Err("no objects in the body".into());
     }
     Ok(out)
 }
@@ -336,6 +398,9 @@ async fn apply(
         cur.as_str().unwrap_or("?").to_string()
     };
     let kinds: Vec<String> = docs.iter().map(|d| field(d, &["kind"])).collect();
+    let secret = docs.iter().any(|d| {
+        crate::proto::kube::is_secret_kind(&field(d, &["apiVersion"]), &field(d, &["kind"]))
+    });
     let names: Vec<String> = docs
         .iter()
         .map(|d| field(d, &["metadata", "name"]))
@@ -356,10 +421,13 @@ async fn apply(
         &grant,
         &tenant,
         &agent,
-        "apply",
-        &kinds.join(","),
-        &ns,
-        &names.join(","),
+        Audited {
+            verb: "apply",
+            kind: &kinds.join(","),
+            namespace: &ns,
+            name: &names.join(","),
+            secret,
+        },
         result.as_ref().map(|_| ()),
         started,
     );
@@ -388,17 +456,30 @@ async fn run_audited(
     request: &KubeRequest,
     started: Instant,
 ) -> Response {
-    let result = run(shared, grant, tenant, agent, request).await;
+    let mut secret = request.target().is_some_and(ObjectRef::is_secret);
+    let mut result = run(shared, grant, tenant, agent, request).await;
+    if !grant.has(Scope::ExecInfraOp) {
+        // Reading a Secret's contents is as strong as writing: a read-only caller sees its
+        // metadata only, whatever the agent's role allows.
+        result = result.map(|answer| {
+            let (answer, held) = redact_secrets(answer);
+            secret |= held;
+            answer
+        });
+    }
     let t = request.target();
     audit(
         &shared.metrics,
         grant,
         tenant,
         agent,
-        request.verb(),
-        t.map_or("", |t| t.kind.as_str()),
-        t.and_then(|t| t.namespace.as_deref()).unwrap_or(""),
-        t.map_or("", |t| t.name.as_str()),
+        Audited {
+            verb: request.verb(),
+            kind: t.map_or("", |t| t.kind.as_str()),
+            namespace: t.and_then(|t| t.namespace.as_deref()).unwrap_or(""),
+            name: t.map_or("", |t| t.name.as_str()),
+            secret,
+        },
         result.as_ref().map(|_| ()),
         started,
     );
@@ -622,6 +703,7 @@ async fn wait(
         return error(StatusCode::BAD_REQUEST, "wait needs an object name");
     }
     let namespace = w.namespace.filter(|n| !n.is_empty());
+    let secret = crate::proto::kube::is_secret_kind(&w.api_version, &w.kind);
     let request = KubeRequest::Wait {
         target: ObjectRef {
             api_version: w.api_version,
@@ -632,6 +714,20 @@ async fn wait(
         condition,
         timeout_ms: timeout.as_millis() as u64,
     };
+    // Taken before the agent is asked, held until the wait ends (the task below owns it).
+    let max = shared.config.caps.kube_waits_per_token;
+    let Some(slot) = shared.kube_waits.try_take(&grant.token_id, max) else {
+        shared.metrics.cap_refused("kube_waits_per_token");
+        info!(%agent, token_id = %grant.token_id, max,
+            "Kubernetes wait refused: the token runs its allowance of waits");
+        let message = format!(
+            "token {} already runs {max} Kubernetes waits (max_kube_waits_per_token); retry \
+             when one ends",
+            grant.token_id
+        );
+        let body = json!({"error": message, "reason": TOO_MANY_WAITS, "code": 429});
+        return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+    };
     let session = match pick(&shared, &tenant, &agent) {
         Ok(s) => s,
         Err(e) => {
@@ -640,10 +736,13 @@ async fn wait(
                 &grant,
                 &tenant,
                 &agent,
-                "wait",
-                &w.kind,
-                namespace.as_deref().unwrap_or(""),
-                &w.name,
+                Audited {
+                    verb: "wait",
+                    kind: &w.kind,
+                    namespace: namespace.as_deref().unwrap_or(""),
+                    name: &w.name,
+                    secret,
+                },
                 Err(&e),
                 started,
             );
@@ -657,17 +756,25 @@ async fn wait(
     let task_tenant = tenant.clone();
     let task_agent = agent.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let budget = timeout_for(&task_shared, &request);
         let result = call(&session, caller(&task_grant), &request, budget, Some(tx)).await;
+        if matches!(&result, Err(KubeCallError::Failed(f)) if f.reason == TOO_MANY_WAITS) {
+            // The agent keeps command slots free of waits: its refusal is a cap too.
+            task_shared.metrics.cap_refused("kube_agent_waits");
+        }
         audit(
             &task_shared.metrics,
             &task_grant,
             &task_tenant,
             &task_agent,
-            "wait",
-            &w.kind,
-            namespace.as_deref().unwrap_or(""),
-            &w.name,
+            Audited {
+                verb: "wait",
+                kind: &w.kind,
+                namespace: namespace.as_deref().unwrap_or(""),
+                name: &w.name,
+                secret,
+            },
             result.as_ref().map(|_| ()),
             started,
         );

@@ -109,6 +109,10 @@ pub struct HubCaps {
     /// protocol's 4 MiB; a larger one is answered 413 `RequestTooLarge`
     /// (`cap="kube_request"`).
     pub kube_request: usize,
+    /// Kubernetes waits one token may have running at once; one more is answered 429
+    /// `TooManyWaits` (`cap="kube_waits_per_token"`), so a read-only token cannot hold an
+    /// agent's command slots for hours.
+    pub kube_waits_per_token: usize,
 }
 
 impl Default for HubCaps {
@@ -121,6 +125,7 @@ impl Default for HubCaps {
             max_frame: crate::proto::codec::MAX_FRAME,
             stream_idle_timeout: Duration::from_secs(3600),
             kube_request: crate::proto::kube::MAX_KUBE_REQUEST,
+            kube_waits_per_token: 8,
         }
     }
 }
@@ -207,6 +212,8 @@ pub(crate) struct Shared {
     pub(crate) cut_streams: CancellationToken,
     /// One permit per agent handshake in progress ([`HubCaps::handshakes`]).
     pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// Kubernetes waits running per token ([`HubCaps::kube_waits_per_token`]).
+    pub(crate) kube_waits: Arc<kube::WaitSlots>,
 }
 
 impl Shared {
@@ -348,6 +355,7 @@ impl Hub {
             reloads: tokio::sync::watch::Sender::new(0),
             cut_streams: CancellationToken::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
+            kube_waits: Arc::default(),
         });
         Ok(Hub {
             shared,

@@ -30,6 +30,10 @@ pub const MAX_KUBE_REPLY: usize = 16 * 1024 * 1024;
 /// Largest inventory report.
 pub const MAX_INVENTORY: usize = 2 * 1024 * 1024;
 
+/// The reason of a wait the agent refuses because it runs as many waits as it allows: the
+/// hub counts these refusals as its own cap.
+pub const TOO_MANY_WAITS: &str = "TooManyWaits";
+
 /// The capability an agent announces in Hello when it can run Kubernetes commands.
 pub const CAPABILITY: &str = "kubernetes";
 
@@ -75,6 +79,21 @@ pub struct ObjectRef {
     pub namespace: Option<String>,
     /// Object name (empty for list).
     pub name: String,
+}
+
+impl ObjectRef {
+    /// Whether this names core Secrets (`v1` and `Secret`, `secret` or `secrets`, in any
+    /// case), the kind whose contents are credentials: audit lines mark such commands.
+    pub fn is_secret(&self) -> bool {
+        is_secret_kind(&self.api_version, &self.kind)
+    }
+}
+
+/// Whether `api_version` and `kind` (a kind or a resource name, in any case, as the agent's
+/// discovery resolves them) name core Secrets.
+pub fn is_secret_kind(api_version: &str, kind: &str) -> bool {
+    api_version == "v1"
+        && (kind.eq_ignore_ascii_case("secret") || kind.eq_ignore_ascii_case("secrets"))
 }
 
 /// What to wait for.
@@ -341,6 +360,20 @@ mod tests {
             let frame = encode(&h).unwrap();
             let got: StreamHeader = read_frame(&mut &frame[..]).await.unwrap().unwrap();
             assert_eq!(got, h);
+        }
+    }
+
+    #[test]
+    fn secrets_are_told_by_core_version_and_any_spelling() {
+        for kind in ["Secret", "secret", "secrets", "SECRETS"] {
+            assert!(is_secret_kind("v1", kind), "{kind}");
+        }
+        for (v, kind) in [
+            ("v1", "ConfigMap"),
+            ("example.com/v1", "Secret"),
+            ("v1", "secretz"),
+        ] {
+            assert!(!is_secret_kind(v, kind), "{v} {kind}");
         }
     }
 

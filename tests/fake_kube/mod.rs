@@ -150,6 +150,9 @@ struct Shared {
     /// Serve GET requests without credentials (as a cluster whose RBAC lets
     /// `system:anonymous` read): client-go sends no bearer token over plain HTTP.
     anonymous_reads: std::sync::atomic::AtomicBool,
+    /// Resources (plurals) the caller may not get, list or watch, as a role without those
+    /// verbs: reads are answered 403 as RBAC answers them.
+    forbidden_reads: Mutex<BTreeSet<String>>,
     /// Added before answering object requests (discovery stays fast): a slow API server.
     delay: Mutex<Duration>,
 }
@@ -187,6 +190,7 @@ impl FakeKube {
             changed: tokio::sync::watch::Sender::new(0),
             step: Duration::from_millis(40),
             anonymous_reads: std::sync::atomic::AtomicBool::new(false),
+            forbidden_reads: Mutex::new(BTreeSet::new()),
             delay: Mutex::new(Duration::ZERO),
         });
         let fake = FakeKube {
@@ -307,6 +311,16 @@ impl FakeKube {
     /// Every request seen so far, as `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).requests.clone()
+    }
+
+    /// Refuses get, list and watch of `plural` with 403, as RBAC without those verbs does;
+    /// create, patch and delete still work.
+    pub fn forbid_reads(&self, plural: &str) {
+        self.shared
+            .forbidden_reads
+            .lock()
+            .unwrap()
+            .insert(plural.to_string());
     }
 
     /// Lets GET requests without credentials through (see `anonymous_reads`).
@@ -479,6 +493,20 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     };
     let q = query_map(query.as_deref());
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if method == Method::GET && segments.len() >= 3 {
+        let forbidden = shared.forbidden_reads.lock().unwrap().clone();
+        if let Some(plural) = segments[2..].iter().find(|s| forbidden.contains(**s)) {
+            return status(
+                403,
+                "Forbidden",
+                format!(
+                    "{plural} is forbidden: User \"system:serviceaccount:rna-system:rna-agent\" \
+                     cannot get resource \"{plural}\""
+                ),
+                Some(json!({"kind": plural})),
+            );
+        }
+    }
     let defs = defs(&lock(&shared));
     match segments.as_slice() {
         ["version"] => json_response(

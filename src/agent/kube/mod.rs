@@ -5,6 +5,7 @@
 
 pub mod allow;
 pub mod discovery;
+pub mod guard;
 pub mod wait;
 
 use std::path::PathBuf;
@@ -26,13 +27,15 @@ use tracing::{info, warn};
 use crate::proto::codec::{encode_limited, read_frame_limited};
 use crate::proto::kube::{
     FailureKind, Inventory, KubeFailure, KubeHeader, KubeReply, KubeRequest, ObjectRef,
-    ResourceInfo, WaitFor, MAX_KUBE_REPLY, MAX_KUBE_REQUEST,
+    ResourceInfo, WaitFor, MAX_KUBE_REPLY, MAX_KUBE_REQUEST, TOO_MANY_WAITS,
 };
 use crate::proto::StreamCode;
 
 use allow::Target;
 pub use allow::{KubeAllow, ResourceRule};
 use discovery::{DiscoveryCache, DiscoveryError, Resolved};
+use guard::SecretGuard;
+pub use guard::SecretRef;
 use wait::Eval;
 
 /// The field manager of every server-side apply.
@@ -41,6 +44,11 @@ pub const FIELD_MANAGER: &str = "rna";
 /// Commands one agent runs at once; more wait (within their timeout) so a burst from the
 /// hubs cannot flood the API server with the agent's identity.
 pub const MAX_CONCURRENT_COMMANDS: usize = 32;
+
+/// Waits one agent runs at once: fewer than [`MAX_CONCURRENT_COMMANDS`], so long waits can
+/// never hold every slot and block applies, gets and deletes. One more wait is refused at
+/// once with 429 `TooManyWaits` rather than queued for up to an hour.
+pub const MAX_CONCURRENT_WAITS: usize = MAX_CONCURRENT_COMMANDS - 8;
 
 /// Where the agent's Kubernetes identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,16 +76,20 @@ pub struct KubeSettings {
     /// Whether a failure to load the identity stops the agent (asked for explicitly) or only
     /// disables cluster mode (detected in-cluster environment).
     pub required: bool,
+    /// The Secrets the agent runs with, which no command may read or change.
+    pub protected_secrets: Vec<SecretRef>,
 }
 
 impl KubeSettings {
-    /// Settings for `source` with no allow list and a 5-minute inventory refresh.
+    /// Settings for `source` with no allow list, a 5-minute inventory refresh and the shipped
+    /// manifest's Secrets protected.
     pub fn new(source: KubeSource) -> Self {
         KubeSettings {
             source,
             allow: KubeAllow::default(),
             inventory_interval: Duration::from_secs(300),
             required: true,
+            protected_secrets: guard::default_protected(),
         }
     }
 }
@@ -129,6 +141,28 @@ fn bad_request(message: impl Into<String>) -> KubeFailure {
 
 fn not_allowed(message: impl Into<String>) -> KubeFailure {
     failure(FailureKind::NotAllowed, 403, "NotAllowedByAgent", message)
+}
+
+/// The refusal of a command on a protected Secret: 403 `Forbidden` with a whole Kubernetes
+/// Status, as the API server itself would refuse it, so clients that read Statuses show it.
+fn forbidden_secret(namespace: &str, name: &str, message: String) -> KubeFailure {
+    let status = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "Forbidden",
+        "details": {"name": name, "kind": "secrets", "namespace": namespace},
+        "code": 403,
+    });
+    KubeFailure {
+        kind: FailureKind::NotAllowed,
+        code: 403,
+        reason: "Forbidden".into(),
+        message,
+        details: Some(status.to_string()),
+    }
 }
 
 /// Maps a kube-rs error to what the caller sees: a Kubernetes Status keeps its own code and
@@ -183,6 +217,10 @@ pub struct KubeExecutor {
     changed: tokio::sync::watch::Sender<u64>,
     /// Bounds the commands running at once ([`MAX_CONCURRENT_COMMANDS`]).
     permits: tokio::sync::Semaphore,
+    /// Bounds the waits running at once ([`MAX_CONCURRENT_WAITS`]).
+    wait_permits: tokio::sync::Semaphore,
+    /// The agent's own Secrets and ServiceAccount tokens, never read or changed.
+    guard: SecretGuard,
 }
 
 impl std::fmt::Debug for KubeExecutor {
@@ -218,7 +256,11 @@ impl KubeExecutor {
         };
         let default_namespace = config.default_namespace.clone();
         let client = Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))?;
+        // In a pod the identity's default namespace is the pod's own (the ServiceAccount's
+        // namespace file), where the manifest keeps the agent's Secrets.
+        let guard = SecretGuard::new(&settings.protected_secrets, &default_namespace);
         Ok(KubeExecutor {
+            guard,
             client,
             default_namespace,
             allow: settings.allow.clone(),
@@ -227,6 +269,7 @@ impl KubeExecutor {
             inventory: tokio::sync::Mutex::new(None),
             changed: tokio::sync::watch::Sender::new(0),
             permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_COMMANDS),
+            wait_permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_WAITS),
         })
     }
 
@@ -420,10 +463,30 @@ impl KubeExecutor {
             }
         }
         self.check(&resolved, ns.as_deref(), Some(&name))?;
+        let secret = guard::is_secrets(&resolved.resource.group, &resolved.resource.plural);
+        let ns_text = ns.as_deref().unwrap_or("");
+        if secret {
+            // Names the agent's own Secret, or would mint a ServiceAccount token.
+            if let Some(why) = self.guard.refuses_object(&doc) {
+                return Err(forbidden_secret(ns_text, &name, why));
+            }
+        }
         let object: DynamicObject =
             serde_json::from_value(doc).map_err(|e| bad_request(format!("{kind} {name}: {e}")))?;
         let api = self.api(&resolved, ns.as_deref());
-        let before = api.get_opt(&name).await.map_err(from_kube)?;
+        let before = match api.get_opt(&name).await {
+            Ok(b) => Some(b),
+            // The shipped role may create and patch Secrets but not read them: server-side
+            // apply needs no read, only the created/changed outcome is then unknown.
+            Err(kube::Error::Api(status)) if secret && status.code == 403 => None,
+            Err(e) => return Err(from_kube(e)),
+        };
+        if let Some(Some(existing)) = before.as_ref().filter(|_| secret) {
+            let value = serde_json::to_value(existing).unwrap_or(Value::Null);
+            if let Some(why) = self.guard.refuses_object(&value) {
+                return Err(forbidden_secret(ns_text, &name, why));
+            }
+        }
         let mut params = PatchParams::apply(FIELD_MANAGER);
         params.force = force;
         params.dry_run = dry_run;
@@ -434,9 +497,10 @@ impl KubeExecutor {
         // Compared without status and bookkeeping: a controller updating status between the
         // read and the apply must not make an unchanged apply look changed.
         let outcome = match &before {
-            None => "created",
-            Some(b) if comparable(b) == comparable(&after) => "unchanged",
-            Some(_) => "changed",
+            None => "applied",
+            Some(None) => "created",
+            Some(Some(b)) if comparable(b) == comparable(&after) => "unchanged",
+            Some(Some(_)) => "changed",
         };
         let result = json!({
             "apiVersion": resolved.resource.api_version,
@@ -456,12 +520,26 @@ impl KubeExecutor {
         let resolved = self.resolve(&target.api_version, &target.kind).await?;
         let ns = self.namespace_for(&resolved, target.namespace.as_deref());
         self.check(&resolved, ns.as_deref(), Some(&target.name))?;
+        let secret = guard::is_secrets(&resolved.resource.group, &resolved.resource.plural);
+        let ns_text = ns.as_deref().unwrap_or("");
+        if secret {
+            if let Some(why) = self.guard.refuses_name(ns_text, &target.name) {
+                return Err(forbidden_secret(ns_text, &target.name, why));
+            }
+        }
         let object = self
             .api(&resolved, ns.as_deref())
             .get(&target.name)
             .await
             .map_err(from_kube)?;
-        Ok(typed(object, &resolved).to_string())
+        let value = typed(object, &resolved);
+        if secret {
+            // A ServiceAccount token is known only once read: refuse before it leaves.
+            if let Some(why) = self.guard.refuses_object(&value) {
+                return Err(forbidden_secret(ns_text, &target.name, why));
+            }
+        }
+        Ok(value.to_string())
     }
 
     async fn list(&self, target: &ObjectRef, params: &ListParams) -> Result<String, KubeFailure> {
@@ -479,6 +557,7 @@ impl KubeExecutor {
             .map_err(from_kube)?;
         let is_namespaces =
             resolved.resource.group.is_empty() && resolved.resource.plural == "namespaces";
+        let secret = guard::is_secrets(&resolved.resource.group, &resolved.resource.plural);
         let items: Vec<Value> = list
             .items
             .into_iter()
@@ -490,6 +569,8 @@ impl KubeExecutor {
                         .is_some_and(|n| self.allow.allows_namespace(n))
             })
             .map(|o| typed(o, &resolved))
+            // The agent's own Secrets and ServiceAccount tokens are left out of any list.
+            .filter(|o| !secret || self.guard.refuses_object(o).is_none())
             .collect();
         Ok(json!({
             "apiVersion": resolved.resource.api_version,
@@ -526,6 +607,24 @@ impl KubeExecutor {
         let resolved = self.resolve(&target.api_version, &target.kind).await?;
         let ns = self.namespace_for(&resolved, target.namespace.as_deref());
         self.check(&resolved, ns.as_deref(), Some(&target.name))?;
+        if guard::is_secrets(&resolved.resource.group, &resolved.resource.plural) {
+            let ns_text = ns.as_deref().unwrap_or("");
+            if let Some(why) = self.guard.refuses_name(ns_text, &target.name) {
+                return Err(forbidden_secret(ns_text, &target.name, why));
+            }
+            // A ServiceAccount token is told by its type; when the role cannot read Secrets
+            // the type is unknown and only the name list applies.
+            let existing = self
+                .api(&resolved, ns.as_deref())
+                .get_opt(&target.name)
+                .await;
+            if let Ok(Some(o)) = existing {
+                let value = serde_json::to_value(&o).unwrap_or(Value::Null);
+                if let Some(why) = self.guard.refuses_object(&value) {
+                    return Err(forbidden_secret(ns_text, &target.name, why));
+                }
+            }
+        }
         let params = DeleteParams {
             dry_run,
             propagation_policy,
@@ -584,6 +683,13 @@ impl KubeExecutor {
         }
         let ns = self.namespace_for(&resolved, target.namespace.as_deref());
         self.check(&resolved, ns.as_deref(), Some(&target.name))?;
+        let secret = guard::is_secrets(&resolved.resource.group, &resolved.resource.plural);
+        let ns_text = ns.clone().unwrap_or_default();
+        if secret {
+            if let Some(why) = self.guard.refuses_name(&ns_text, &target.name) {
+                return Err(forbidden_secret(&ns_text, &target.name, why));
+            }
+        }
         let api = self.api(&resolved, ns.as_deref());
         let kind = resolved.resource.kind.clone();
         let describe = match &ns {
@@ -595,6 +701,12 @@ impl KubeExecutor {
             // Judges one state of the object (None: it does not exist), reports what is
             // missing when that changed, and gives the answer once there is one.
             let mut settle = |obj: Option<&DynamicObject>| -> Option<Result<String, KubeFailure>> {
+                if let Some(o) = obj.filter(|_| secret) {
+                    let value = serde_json::to_value(o).unwrap_or(Value::Null);
+                    if let Some(why) = self.guard.refuses_object(&value) {
+                        return Some(Err(forbidden_secret(&ns_text, &target.name, why)));
+                    }
+                }
                 let eval = match (obj, condition) {
                     (None, WaitFor::Deleted) => Eval::Met(format!("{describe} is deleted")),
                     (None, _) => Eval::Pending(format!("{describe} does not exist yet")),
@@ -605,9 +717,13 @@ impl KubeExecutor {
                 };
                 if eval.message() != last {
                     last = eval.message().to_string();
-                    let event = json!({"type": "progress", "object": describe, "message": last});
-                    // A full channel only drops a progress line, never the final answer.
-                    let _ = progress.try_send(event.to_string());
+                    // The final state is said once, by the answer, not also as progress.
+                    if matches!(eval, Eval::Pending(_)) {
+                        let event =
+                            json!({"type": "progress", "object": describe, "message": last});
+                        // A full channel only drops a progress line, never the final answer.
+                        let _ = progress.try_send(event.to_string());
+                    }
                 }
                 match eval {
                     Eval::Met(m) => Some(Ok(m)),
@@ -842,20 +958,27 @@ fn humanize(d: Duration) -> String {
     }
 }
 
-/// What a command was about, for the audit line: kind, namespace, name.
-fn audit_target(request: &KubeRequest) -> (String, String, String) {
+/// What a command was about, for the audit line: kind, namespace, name, and whether it
+/// touches Secrets.
+fn audit_target(request: &KubeRequest) -> (String, String, String, bool) {
     match request.target() {
         Some(t) => (
             t.kind.clone(),
             t.namespace.clone().unwrap_or_default(),
             t.name.clone(),
+            t.is_secret(),
         ),
         None => {
             // apply: the kinds and names of its objects (never their contents)
             let mut kinds = Vec::new();
             let mut names = Vec::new();
+            let mut secret = false;
             if let KubeRequest::Apply { objects, .. } = request {
                 if let Ok(Value::Array(docs)) = serde_json::from_str::<Value>(objects) {
+                    secret = docs.iter().any(|d| {
+                        let text = |f: &str| d.get(f).and_then(Value::as_str).unwrap_or("");
+                        crate::proto::kube::is_secret_kind(text("apiVersion"), text("kind"))
+                    });
                     for d in docs.iter().take(20) {
                         kinds.push(
                             d.get("kind")
@@ -873,7 +996,7 @@ fn audit_target(request: &KubeRequest) -> (String, String, String) {
                     }
                 }
             }
-            (kinds.join(","), String::new(), names.join(","))
+            (kinds.join(","), String::new(), names.join(","), secret)
         }
     }
 }
@@ -911,7 +1034,7 @@ pub async fn serve_command(
         }
     };
     let verb = request.verb();
-    let (kind, namespace, name) = audit_target(&request);
+    let (kind, namespace, name, secret) = audit_target(&request);
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let outcome = match &executor {
         None => Err(failure(
@@ -921,14 +1044,37 @@ pub async fn serve_command(
             format!("agent {agent} has no Kubernetes access (cluster mode is off)"),
         )),
         Some(executor) => {
+            // A wait takes its own slot first, or is refused at once: the slots left over
+            // stay free for commands that change or read the cluster.
+            let wait_slot = match request {
+                KubeRequest::Wait { .. } => Some(executor.wait_permits.try_acquire()),
+                _ => None,
+            };
             let run = tokio::time::timeout(timeout, async {
+                if let Some(Err(_)) = &wait_slot {
+                    return Err(failure(
+                        FailureKind::NotAllowed,
+                        429,
+                        TOO_MANY_WAITS,
+                        format!(
+                            "agent {agent} already runs {MAX_CONCURRENT_WAITS} waits; retry when \
+                             one ends"
+                        ),
+                    ));
+                }
                 // Waiting for a permit counts against the command's own timeout.
                 let _permit = executor.permits.acquire().await;
                 executor.execute(request, &tx).await
             });
             tokio::pin!(run);
+            // The hub stops the stream when its caller went away: a wait that reports no
+            // progress must still end then, not hold its slot until its timeout.
+            let stopped = send.stopped();
+            tokio::pin!(stopped);
             loop {
                 tokio::select! {
+                    _ = &mut stopped => break Err(failure(FailureKind::Unavailable, 499,
+                        "Cancelled", "the hub closed the command stream")),
                     done = &mut run => break match done {
                         Ok(r) => r,
                         Err(_) => Err(failure(FailureKind::Timeout, 504, "Timeout",
@@ -965,7 +1111,7 @@ pub async fn serve_command(
     let _ = send.finish();
     info!(target: "rna::audit", tenant = %header.caller.tenant, token_id = %header.caller.token_id,
         token_label = header.caller.label.as_deref().unwrap_or(""), agent, verb, kind, namespace,
-        name, outcome = label, reason, duration_ms = started.elapsed().as_millis() as u64,
+        name, secret, outcome = label, reason, duration_ms = started.elapsed().as_millis() as u64,
         "kubernetes command");
 }
 
