@@ -207,14 +207,18 @@ pub(crate) struct Shared {
     pub(crate) cut_streams: CancellationToken,
     /// One permit per agent handshake in progress ([`HubCaps::handshakes`]).
     pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// SOCKS connections by token, reset when their token stops being valid.
+    pub(crate) socks_tokens: Arc<socks::TokenStreams>,
 }
 
 impl Shared {
-    /// Closes every agent session whose token was revoked, removed or has expired. Runs after
-    /// each reload and on every poll tick, so expiry needs no file change.
+    /// Closes every agent session, and resets every SOCKS connection, whose token was
+    /// revoked, removed or has expired. Runs after each reload and on every poll tick, so
+    /// expiry needs no file change.
     pub(crate) fn close_sessions_without_token(&self) {
         let store = self.tokens.current();
         let now = std::time::SystemTime::now();
+        self.socks_tokens.cut_without_token(&store, now);
         for session in self.registry.sessions() {
             if store.is_live(&session.token_id, now) || session.closed_by_hub().is_some() {
                 continue;
@@ -348,6 +352,7 @@ impl Hub {
             reloads: tokio::sync::watch::Sender::new(0),
             cut_streams: CancellationToken::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
+            socks_tokens: Arc::default(),
         });
         Ok(Hub {
             shared,
