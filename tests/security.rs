@@ -328,3 +328,55 @@ async fn metadata_and_embedded_ipv4_forms_are_refused_before_any_connect() {
     agent.stop().await;
     world.stop().await;
 }
+
+/// An `admin` token reaches any tenant's agent by naming the tenant in the SOCKS user name,
+/// `agent@organization/environment`; without it, its own tenant. Any other token naming
+/// another tenant gets exactly the answer of an agent that does not exist, and naming its
+/// own tenant changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_tokens_name_a_tenant_in_the_socks_user() {
+    let world = World::start().await;
+    let http = http_server().await;
+    let globex_token = world.agent_token(GLOBEX);
+    let _globex = world.connect_agent(GLOBEX, "edge", &globex_token, 1).await;
+    let acme_proxy = world.token(ACME, &[rna::auth::Scope::Proxy]);
+    let admin = world.token(ACME, &[rna::auth::Scope::Admin]);
+
+    assert!(
+        fetch(world.socks, "edge@globex/prod", &admin, Dest::Ip(http))
+            .await
+            .is_ok(),
+        "admin reaches another tenant's agent by naming the tenant"
+    );
+    assert!(
+        fetch(
+            world.socks,
+            "edge@globex/prod",
+            &globex_token,
+            Dest::Ip(http)
+        )
+        .await
+        .is_ok(),
+        "naming one's own tenant is allowed"
+    );
+    // Without a tenant, the admin token's own tenant (acme) has no agent "edge".
+    assert_eq!(
+        fetch(world.socks, "edge", &admin, Dest::Ip(http))
+            .await
+            .err(),
+        Some(0x04)
+    );
+    // A token of acme naming globex: answered like a missing agent, byte for byte.
+    let (foreign, _) = raw_answer(world.socks, "edge@globex/prod", &acme_proxy, http).await;
+    let (missing, _) = raw_answer(world.socks, "nowhere", &acme_proxy, http).await;
+    assert_eq!(foreign, missing);
+    assert_eq!(&foreign[..4], &[5, 0x04, 0, 1], "host unreachable");
+    // A malformed tenant is refused at authentication.
+    assert_eq!(
+        socks_connect(world.socks, "edge@globex", &admin, Dest::Ip(http))
+            .await
+            .err(),
+        Some(0xff)
+    );
+    world.stop().await;
+}
