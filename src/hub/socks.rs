@@ -879,7 +879,9 @@ mod tests {
     #[test]
     fn user_names_name_an_agent_and_maybe_a_tenant() {
         let token = "rna_17c7aa00ff11_0123456789abcdef0123456789abcdef0123456789abcdef";
-        let table: &[(&str, Option<(&str, Option<&str>)>, &str)] = &[
+        /// User name, its agent and tenant (if it names them), how it is logged.
+        type Case<'a> = (&'a str, Option<(&'a str, Option<&'a str>)>, &'a str);
+        let table: &[Case] = &[
             ("edge", Some(("edge", None)), "user \"edge\""),
             (
                 "edge@globex/prod",
