@@ -73,9 +73,11 @@ pub struct NoAuthRoute {
 pub struct SocksLimits {
     /// The greeting, authentication and request must complete within this.
     pub greeting_timeout: Duration,
-    /// Connections from one client IP still in the greeting.
+    /// Connections from one client still in the greeting; IPv6 clients are counted per
+    /// /64. A newcomer over it is refused.
     pub half_open_per_ip: usize,
-    /// Connections in the greeting from all clients.
+    /// Connections in the greeting from all clients. When full, a newcomer is admitted and
+    /// the oldest half-open connection of the client holding the most is closed.
     pub half_open_total: usize,
 }
 
