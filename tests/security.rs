@@ -359,6 +359,14 @@ async fn admin_tokens_name_a_tenant_in_the_socks_user() {
         .is_ok(),
         "naming one's own tenant is allowed"
     );
+    // curl takes the user percent-encoded, as the README shows.
+    let url = format!("http://127.0.0.1:{}/", http.port());
+    let (code, body) = curl(world.socks, "edge%40globex%2Fprod", &admin, &[&url]).await;
+    assert_eq!(
+        code, 0,
+        "curl with a percent-encoded tenant in the user name"
+    );
+    assert!(body.ends_with(b"hello from the private network\n"));
     // Without a tenant, the admin token's own tenant (acme) has no agent "edge".
     assert_eq!(
         fetch(world.socks, "edge", &admin, Dest::Ip(http))
