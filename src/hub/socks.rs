@@ -428,17 +428,18 @@ async fn serve_request(
         cut,
     )
     .await;
-    if token_cut.as_ref().is_some_and(|cut| cut.is_cancelled()) {
-        info!(stream = %stream_id, %destination, sent = outcome.sent, received = outcome.received,
-            "stream reset: its token was revoked or expired");
-    }
     metrics.streams_open().dec();
     drop(slot);
     if let Some(RelayError::Idle(quiet)) = &outcome.error {
         metrics.cap_refused("stream_idle_timeout");
         info!(stream = %stream_id, %destination, "stream closed: idle for {quiet:?}");
     }
+    let token_gone = token_cut.as_ref().is_some_and(|cut| cut.is_cancelled());
     match outcome.error {
+        // The relay's own "cut" names the shutdown grace; this cut was the token's.
+        Some(RelayError::Cut) if token_gone => info!(stream = %stream_id, %destination,
+            sent = outcome.sent, received = outcome.received,
+            "stream reset: its token was revoked or expired"),
         None => debug!(stream = %stream_id, %destination, sent = outcome.sent,
             received = outcome.received, "stream finished"),
         Some(e) => debug!(stream = %stream_id, %destination, sent = outcome.sent,
