@@ -236,10 +236,12 @@ pub struct HubOptions {
     /// Time a SOCKS client has for greeting, authentication and request [default: 10s].
     #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration)]
     pub socks_greeting_timeout: Option<Duration>,
-    /// SOCKS connections one client IP may have in the greeting at once [default: 256].
+    /// SOCKS connections one client (IPv4 address or IPv6 /64) may have in the greeting at
+    /// once [default: 256].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP")]
     pub socks_half_open_per_ip: Option<usize>,
-    /// SOCKS connections in the greeting from all clients at once [default: 4096].
+    /// SOCKS connections in the greeting from all clients at once; when full, the busiest
+    /// client's oldest one is closed for a newcomer [default: 4096].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
     pub socks_half_open_total: Option<usize>,
     /// Time an agent has to answer a tunnel request [default: 15s].

@@ -34,6 +34,8 @@ async fn fetch(socks: SocketAddr, token: &str, http: SocketAddr) -> Vec<u8> {
     body
 }
 
+/// A full half-open set makes room for a newcomer by dropping the oldest connection of the
+/// source that holds the most, instead of refusing the newcomer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn half_open_connections_in_total_are_capped() {
     let world = World::start_with(|c| {
@@ -51,21 +53,111 @@ async fn half_open_connections_in_total_are_capped() {
         s.read_exact(&mut choice).await.unwrap();
         stalled.push(s);
     }
-    // A client from a third address is under its own cap but over the total.
+    // A client from a third address is under its own cap but over the total: it is served,
+    // and the oldest connection of 127.0.0.2 (which holds four) is dropped for it.
     let mut seventh = connect_from(IpAddr::from([127, 0, 0, 9]), world.socks)
         .await
         .unwrap();
-    let _ = seventh.write_all(&[5, 1, 2]).await;
+    seventh.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    within(
+        "the newcomer's method choice",
+        seventh.read_exact(&mut choice),
+    )
+    .await
+    .unwrap();
+    assert_eq!(choice, [5, 2]);
     let mut buf = Vec::new();
     let _ = within(
-        "the capped connection to close",
-        seventh.read_to_end(&mut buf),
+        "the oldest half-open connection to close",
+        stalled[0].read_to_end(&mut buf),
     )
     .await;
     assert!(buf.is_empty(), "{buf:?}");
     assert_eq!(world.hub.metrics().socks_refusals("half_open_total"), 1);
     assert_eq!(world.hub.metrics().socks_refusals("half_open_per_ip"), 0);
     drop(stalled);
+    world.stop().await;
+}
+
+/// Unauthenticated connections from 16 sources, each reconnecting as soon as the hub drops
+/// it, keep the half-open set full; a valid client from another source still gets through
+/// every time, because room is made by dropping the busiest source's oldest connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_half_open_flood_from_many_sources_never_locks_out_a_valid_client() {
+    const SOURCES: u8 = 16;
+    const PER_SOURCE: usize = 8;
+    const TOTAL: usize = 64;
+    // The flood opens and closes sockets fast: tests that count this process's file
+    // descriptors must not run meanwhile.
+    let _serial = SERIAL.lock().await;
+    let world = World::start_with(|c| {
+        c.socks_limits.half_open_per_ip = PER_SOURCE;
+        c.socks_limits.half_open_total = TOTAL;
+        c.socks_limits.greeting_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let http = http_server().await;
+
+    // Twice as many flood connections as the total allows: the set stays full.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut flood = Vec::new();
+    for source in 0..SOURCES {
+        for _ in 0..PER_SOURCE {
+            let (stop, socks) = (stop.clone(), world.socks);
+            flood.push(tokio::spawn(async move {
+                let from = IpAddr::from([127, 0, 2, 1 + source]);
+                while !stop.is_cancelled() {
+                    let Ok(mut s) = connect_from(from, socks).await else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let _ = s.write_all(&[5, 1, 2]).await;
+                    let mut rest = Vec::new();
+                    tokio::select! {
+                        _ = s.read_to_end(&mut rest) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    // A flood, not a busy loop that starves the rest of a loaded machine.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
+    }
+    eventually("the flood to fill the half-open set", || {
+        world.hub.metrics().socks_refusals("half_open_total") >= TOTAL as u64
+    })
+    .await;
+
+    let dropped = || world.hub.metrics().socks_refusals("half_open_total");
+    let before = dropped();
+    for attempt in 0..20 {
+        // A connection is dropped only when the set is full, and a flood connection takes
+        // the dropped one's place: right after the next drop, the set is full again.
+        let seen = dropped();
+        eventually("the flood to fill the set again", || dropped() > seen).await;
+        let body = within(
+            &format!("valid client {attempt}"),
+            fetch(world.socks, &token, http),
+        )
+        .await;
+        assert!(
+            body.ends_with(b"hello from the private network\n"),
+            "attempt {attempt}"
+        );
+    }
+    println!(
+        "half-open connections dropped for newcomers while 20 valid clients were served: {}",
+        dropped() - before
+    );
+
+    stop.cancel();
+    for task in flood {
+        within("a flood task to end", task).await.unwrap();
+    }
+    agent.stop().await;
     world.stop().await;
 }
 

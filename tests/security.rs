@@ -218,3 +218,173 @@ async fn every_spelling_of_a_forbidden_address_is_refused() {
     agent.stop().await;
     world.stop().await;
 }
+
+/// Cloud metadata addresses beyond 169.254.169.254, link-local, and the IPv6 forms that carry
+/// a forbidden IPv4 address are refused by the default policy before any connection attempt:
+/// a listener on the loopback address they carry sees no connection, and the refusal comes
+/// as "not allowed" (0x02), not as the timeout or unreachable a dial would end in. A broad
+/// allow rule (a pod range holding Alibaba's metadata address) does not open them either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metadata_and_embedded_ipv4_forms_are_refused_before_any_connect() {
+    let world = World::start().await;
+    let token = world.agent_token(ACME);
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = connections.clone();
+    let listener = tcp_server(move |_s| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async {}
+    })
+    .await;
+    let port = listener.port();
+    let mut config = world.agent_config("edge", &token);
+    config.policy = Policy::default();
+    let agent = world.spawn_agent(config);
+    world.wait_sessions(ACME, "edge", 1).await;
+
+    let v6 = |text: &str, port: u16| Dest::Ip(SocketAddr::new(text.parse().unwrap(), port));
+    let cases: Vec<(&str, Dest)> = vec![
+        (
+            "Alibaba Cloud metadata",
+            Dest::Ip("100.100.100.200:80".parse().unwrap()),
+        ),
+        (
+            "Azure WireServer",
+            Dest::Ip("168.63.129.16:80".parse().unwrap()),
+        ),
+        ("GCP IPv6 metadata", v6("fd20:ce::254", 80)),
+        ("NAT64 metadata", v6("64:ff9b::a9fe:a9fe", 80)),
+        ("IPv4-compatible metadata", v6("::a9fe:a9fe", 80)),
+        ("IPv6 link-local", v6("fe80::1", port)),
+        (
+            "IPv4 link-local",
+            Dest::Ip(SocketAddr::from(([169, 254, 1, 1], port))),
+        ),
+        ("IPv4-compatible loopback", v6("::7f00:1", port)),
+        ("NAT64 loopback", v6("64:ff9b::7f00:1", port)),
+        ("IPv4-mapped loopback", v6("::ffff:127.0.0.1", port)),
+    ];
+    for (what, dest) in cases {
+        let started = Instant::now();
+        let reply = within(what, socks_connect(world.socks, "edge", &token, dest))
+            .await
+            .err();
+        assert_eq!(reply, Some(0x02), "{what} must be refused as not allowed");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: refused after {:?}, as if dialed",
+            started.elapsed()
+        );
+    }
+
+    // A broad allow list, as an operator writes for a pod network, opens its ranges but not
+    // the metadata or loopback addresses inside them or carried by IPv6 forms.
+    agent.handle.set_policy(Policy::new(
+        vec![
+            "100.64.0.0/10".parse().unwrap(),
+            "0.0.0.0/0".parse().unwrap(),
+            "::/0".parse().unwrap(),
+        ],
+        vec![],
+    ));
+    for (what, dest) in [
+        (
+            "Alibaba Cloud metadata",
+            Dest::Ip("100.100.100.200:80".parse().unwrap()),
+        ),
+        ("NAT64 loopback", v6("64:ff9b::7f00:1", port)),
+        ("IPv4-compatible loopback", v6("::7f00:1", port)),
+        ("IPv6 link-local", v6("fe80::1", port)),
+    ] {
+        let reply = within(what, socks_connect(world.socks, "edge", &token, dest))
+            .await
+            .err();
+        assert_eq!(
+            reply,
+            Some(0x02),
+            "{what} must stay refused under a broad allow list"
+        );
+    }
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a refused destination was connected to"
+    );
+
+    // Only a rule naming the exact address opens it: the listener is reached through the
+    // NAT64-free forms once its address is allowed.
+    agent.handle.set_policy(Policy::new(
+        vec![format!("127.0.0.1:{port}").parse().unwrap()],
+        vec![],
+    ));
+    assert!(
+        socks_connect(world.socks, "edge", &token, v6("::ffff:127.0.0.1", port))
+            .await
+            .is_ok()
+    );
+    eventually("the allowed connection to arrive", || {
+        connections.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    agent.stop().await;
+    world.stop().await;
+}
+
+/// An `admin` token reaches any tenant's agent by naming the tenant in the SOCKS user name,
+/// `agent@organization/environment`; without it, its own tenant. Any other token naming
+/// another tenant gets exactly the answer of an agent that does not exist, and naming its
+/// own tenant changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_tokens_name_a_tenant_in_the_socks_user() {
+    let world = World::start().await;
+    let http = http_server().await;
+    let globex_token = world.agent_token(GLOBEX);
+    let _globex = world.connect_agent(GLOBEX, "edge", &globex_token, 1).await;
+    let acme_proxy = world.token(ACME, &[rna::auth::Scope::Proxy]);
+    let admin = world.token(ACME, &[rna::auth::Scope::Admin]);
+
+    assert!(
+        fetch(world.socks, "edge@globex/prod", &admin, Dest::Ip(http))
+            .await
+            .is_ok(),
+        "admin reaches another tenant's agent by naming the tenant"
+    );
+    assert!(
+        fetch(
+            world.socks,
+            "edge@globex/prod",
+            &globex_token,
+            Dest::Ip(http)
+        )
+        .await
+        .is_ok(),
+        "naming one's own tenant is allowed"
+    );
+    // curl takes the user percent-encoded, as the README shows.
+    let url = format!("http://127.0.0.1:{}/", http.port());
+    let (code, body) = curl(world.socks, "edge%40globex%2Fprod", &admin, &[&url]).await;
+    assert_eq!(
+        code, 0,
+        "curl with a percent-encoded tenant in the user name"
+    );
+    assert!(body.ends_with(b"hello from the private network\n"));
+    // Without a tenant, the admin token's own tenant (acme) has no agent "edge".
+    assert_eq!(
+        fetch(world.socks, "edge", &admin, Dest::Ip(http))
+            .await
+            .err(),
+        Some(0x04)
+    );
+    // A token of acme naming globex: answered like a missing agent, byte for byte.
+    let (foreign, _) = raw_answer(world.socks, "edge@globex/prod", &acme_proxy, http).await;
+    let (missing, _) = raw_answer(world.socks, "nowhere", &acme_proxy, http).await;
+    assert_eq!(foreign, missing);
+    assert_eq!(&foreign[..4], &[5, 0x04, 0, 1], "host unreachable");
+    // A malformed tenant is refused at authentication.
+    assert_eq!(
+        socks_connect(world.socks, "edge@globex", &admin, Dest::Ip(http))
+            .await
+            .err(),
+        Some(0xff)
+    );
+    world.stop().await;
+}

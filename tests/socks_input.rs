@@ -196,3 +196,67 @@ async fn half_open_connections_per_client_are_capped() {
     drop(first);
     world.stop().await;
 }
+
+/// A token revoked while a client sits in its greeting is refused: at authentication when it
+/// was revoked before the credentials came, and at the request when it was revoked after
+/// them. Another token's client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_revoked_during_the_greeting_is_refused() {
+    let world =
+        World::start_with(|c| c.socks_limits.greeting_timeout = Duration::from_secs(30)).await;
+    let agent_token = world.agent_token(TENANT);
+    let _agent = world
+        .connect_agent(TENANT, "prod-cluster", &agent_token, 1)
+        .await;
+    let http = http_server().await;
+    let proxy = world.token(TENANT, &[rna::auth::Scope::Proxy]);
+    let request = {
+        let mut r = vec![5, 1, 0, 1, 127, 0, 0, 1];
+        r.extend_from_slice(&http.port().to_be_bytes());
+        r
+    };
+
+    // Authenticated, then revoked before the request: the request is refused, 0x02.
+    let mut authed = TcpStream::connect(world.socks).await.unwrap();
+    authed
+        .write_all(&greeting_and_auth("prod-cluster", &proxy))
+        .await
+        .unwrap();
+    let mut reply = [0u8; 4];
+    authed.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [5, 2, 1, 0], "authenticated");
+    // Opened, method chosen, credentials not yet sent.
+    let mut early = TcpStream::connect(world.socks).await.unwrap();
+    early.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    early.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 2]);
+
+    world.revoke(&proxy);
+
+    authed.write_all(&request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = within("the refused request", authed.read_to_end(&mut answer)).await;
+    assert_eq!(
+        answer.get(..2),
+        Some(&[5u8, 0x02][..]),
+        "not allowed: {answer:?}"
+    );
+
+    let mut auth = greeting_and_auth("prod-cluster", &proxy);
+    auth.drain(..3);
+    early.write_all(&auth).await.unwrap();
+    let mut status = [0u8; 2];
+    within("the authentication answer", early.read_exact(&mut status))
+        .await
+        .unwrap();
+    assert_eq!(status, [1, 1], "authentication refused");
+
+    // Others are not affected.
+    assert!(
+        socks_connect(world.socks, "prod-cluster", &agent_token, Dest::Ip(http))
+            .await
+            .is_ok()
+    );
+    world.stop().await;
+}

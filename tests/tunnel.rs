@@ -414,3 +414,105 @@ async fn shutdown_drains_in_flight_streams_and_sends_agents_away() {
     .await;
     assert_eq!(status.sessions_total, 1);
 }
+
+/// A curl download through the hub, writing to `out`, that runs until killed.
+fn curl_download(
+    socks: std::net::SocketAddr,
+    token: &str,
+    http: std::net::SocketAddr,
+    out: &std::path::Path,
+) -> tokio::process::Child {
+    assert!(have_curl(), "curl must be installed (.ci/run installs it)");
+    tokio::process::Command::new("curl")
+        .args(["-sS", "--limit-rate", "4M", "-o"])
+        .arg(out)
+        .arg("--proxy")
+        .arg(format!("socks5h://prod-cluster:{token}@{socks}"))
+        .arg(format!(
+            "http://127.0.0.1:{}/bytes/10000000000",
+            http.port()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn curl")
+}
+
+fn size_of(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Revoking a `proxy` token resets the SOCKS connections it opened within 2 s, as it closes
+/// agent sessions: a curl download in progress is cut, while another token's download
+/// continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_a_proxy_token_cuts_its_transfers_within_two_seconds() {
+    let world = World::start().await;
+    let agent_token = world.agent_token(TENANT);
+    let _agent = world
+        .connect_agent(TENANT, "prod-cluster", &agent_token, 1)
+        .await;
+    let http = http_server().await;
+    let revoked = world.token(TENANT, &[rna::auth::Scope::Proxy]);
+    let kept = world.token(TENANT, &[rna::auth::Scope::Proxy]);
+    let (cut_out, kept_out) = (
+        world.dir.path().join("cut.bin"),
+        world.dir.path().join("kept.bin"),
+    );
+    let mut cut = curl_download(world.socks, &revoked, http, &cut_out);
+    let mut other = curl_download(world.socks, &kept, http, &kept_out);
+    eventually("both downloads to be under way", || {
+        size_of(&cut_out) > 1 << 20 && size_of(&kept_out) > 1 << 20
+    })
+    .await;
+
+    let revoked_at = std::time::Instant::now();
+    world.revoke(&revoked);
+    let status = within("the revoked token's download to end", cut.wait())
+        .await
+        .unwrap();
+    let took = revoked_at.elapsed();
+    println!("download of the revoked token cut {took:?} after revocation");
+    assert!(took < Duration::from_secs(2), "cut only after {took:?}");
+    assert!(!status.success(), "the transfer must fail, not end cleanly");
+
+    // The other token's download goes on.
+    let at_cut = size_of(&kept_out);
+    eventually("the other download to go on", || {
+        size_of(&kept_out) > at_cut + (1 << 20)
+    })
+    .await;
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other download must still run"
+    );
+    other.kill().await.unwrap();
+    world.stop().await;
+}
+
+/// An expiring `proxy` token's connections are reset once it expires, without any change
+/// to the store file (the hub's poll notices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_proxy_token_cuts_its_transfers() {
+    let world = World::start().await;
+    let agent_token = world.agent_token(TENANT);
+    let _agent = world
+        .connect_agent(TENANT, "prod-cluster", &agent_token, 1)
+        .await;
+    let http = http_server().await;
+    let ttl = Duration::from_secs(3);
+    let expiring = world.token_with_ttl(TENANT, &[rna::auth::Scope::Proxy], Some(ttl));
+    let made = std::time::Instant::now();
+    let mut s = download_in_progress(world.socks, "prod-cluster", &expiring, http).await;
+    let ended = within("the expired token's transfer to be reset", drain(&mut s)).await;
+    let took = made.elapsed();
+    println!("transfer of a token with a {ttl:?} lifetime reset after {took:?}");
+    assert!(ended.is_err(), "reset expected, got a clean end: {ended:?}");
+    // Expiry is kept in whole seconds; the hub polls every 100 ms in tests.
+    assert!(
+        took < ttl + Duration::from_secs(3),
+        "reset only after {took:?}"
+    );
+    world.stop().await;
+}

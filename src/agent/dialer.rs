@@ -286,6 +286,22 @@ mod tests {
         }
     }
 
+    /// The refusal the hub hears names why no rule matched, here the port.
+    #[tokio::test]
+    async fn refusals_name_the_port_no_rule_covers() {
+        let dialer = Dialer::new(
+            Policy::new(vec!["127.0.0.1:8000".parse().unwrap()], vec![]),
+            Duration::from_secs(5),
+        );
+        let err = dialer.dial(&open("127.0.0.1", 8001)).await.unwrap_err();
+        assert_eq!(err.code, DialFailure::NotAllowed);
+        assert_eq!(
+            err.message,
+            "policy refuses 127.0.0.1:8001 (127.0.0.1:8001: 127.0.0.1 is a loopback address and \
+             no allow rule covers port 8001 of it (rule 127.0.0.1/32:8000 allows only port 8000))"
+        );
+    }
+
     #[test]
     fn pending_dial_caps_are_clamped() {
         let d = Dialer::new(Policy::default(), Duration::from_secs(1)).with_max_pending(usize::MAX);

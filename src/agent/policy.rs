@@ -2,8 +2,10 @@
 //!
 //! The agent owns its exposure. Rules are checked after DNS resolution, on every address a name
 //! resolves to, so a name cannot smuggle a forbidden address: `metadata.evil.example` resolving
-//! to 169.254.169.254 is refused exactly like the literal address. Cloud metadata, the agent's
-//! own loopback and the unspecified address are denied unless an allow rule names their network.
+//! to 169.254.169.254 is refused exactly like the literal address. Cloud metadata, link-local,
+//! the agent's own loopback and the unspecified address are denied unless an allow rule names
+//! them. IPv4 carried inside IPv6 (mapped `::ffff:0:0/96`, compatible `::/96`, NAT64
+//! `64:ff9b::/96`) is judged as the IPv4 address it carries.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -31,9 +33,9 @@ impl RuleError {
     }
 }
 
-/// A network in CIDR form: an address and a prefix length. IPv4-mapped IPv6 networks and
-/// addresses (`::ffff:a.b.c.d`) are converted to IPv4 before any check, so an IPv4 rule also
-/// covers the mapped form a client may ask for.
+/// A network in CIDR form: an address and a prefix length. IPv6 networks and addresses that
+/// carry an IPv4 address (see [`judged`]) are converted to IPv4 before any check, so an IPv4
+/// rule also covers the IPv6 forms a client may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Net {
     /// The network's base address, with no host bits set.
@@ -63,10 +65,10 @@ impl Net {
         self.prefix
     }
 
-    /// Whether `ip` (after `to_canonical`) lies in this network. An IPv4 network never
+    /// Whether `ip` (after [`judged`]) lies in this network. An IPv4 network never
     /// contains an IPv6 address and the other way round.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
+        let ip = judged(ip);
         match (self.addr, ip) {
             (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
                 mask(ip, self.prefix) == self.addr
@@ -136,14 +138,40 @@ fn max_prefix(addr: IpAddr) -> u8 {
     }
 }
 
-/// Converts an IPv4-mapped IPv6 network of prefix >= 96 to IPv4; `None` if the prefix is too long.
+/// Converts an IPv6 network of prefix >= 96 that carries IPv4 (see [`judged`]) to IPv4;
+/// `None` if the prefix is too long.
 fn canonical_net(addr: IpAddr, prefix: u8) -> Option<(IpAddr, u8)> {
     if prefix > max_prefix(addr) {
         return None;
     }
-    match (addr, addr.to_canonical()) {
+    match (addr, judged(addr)) {
         (IpAddr::V6(_), v4 @ IpAddr::V4(_)) if prefix >= 96 => Some((v4, prefix - 96)),
         _ => Some((addr, prefix)),
+    }
+}
+
+/// The address the policy judges `ip` as: the IPv4 address an IPv6 address carries in its
+/// last 32 bits when it is IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible (`::/96`, except
+/// `::` and `::1`, which are IPv6's own unspecified and loopback) or NAT64 (`64:ff9b::/96`,
+/// RFC 6052), and `ip` itself otherwise.
+///
+/// Each of these forms reaches the IPv4 host on some network (a dual-stack socket, an old
+/// stack, a NAT64 gateway), so `64:ff9b::a9fe:a9fe` must be refused exactly like
+/// 169.254.169.254 and a deny rule of an IPv4 network must cover them too.
+pub fn judged(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    let bits = u128::from(v6);
+    let high = bits >> 32;
+    let carries_v4 = high == 0xffff // ::ffff:a.b.c.d
+        || high == 0x0064_ff9b_0000_0000_0000_0000 // 64:ff9b::a.b.c.d
+        || (high == 0 && bits > 1); // ::a.b.c.d, but not :: or ::1
+    if carries_v4 {
+        // Truncation keeps exactly the low 32 bits, the embedded IPv4 address.
+        IpAddr::V4(Ipv4Addr::from(bits as u32))
+    } else {
+        ip
     }
 }
 
@@ -449,29 +477,119 @@ impl From<Rule> for String {
 }
 
 /// Why a destination was refused (one readable reason).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denied {
-    /// The address is in a range denied unless an allow rule names its network.
-    #[error("{addr} is a {what} address, denied unless an allow rule names its network")]
+    /// The address is in a range denied unless an allow rule names it.
     DefaultDenied {
-        /// The refused address (canonical: IPv4-mapped addresses shown as IPv4).
+        /// The refused address, as judged (IPv4 carried in IPv6 shown as IPv4).
         addr: IpAddr,
-        /// "cloud metadata", "loopback" or "unspecified".
+        /// The port asked for.
+        port: u16,
+        /// "cloud metadata", "link-local", "loopback" or "unspecified".
         what: &'static str,
+        /// The allow rule that came closest to opening it, and why it did not.
+        near: Option<NearMiss>,
     },
     /// A deny rule covers the destination.
-    #[error("denied by rule {rule}")]
     DenyRule {
         /// The rule, in its text form.
         rule: String,
     },
     /// There is an allow list and no rule of it covers the destination.
-    #[error("not in the allow list")]
-    NotAllowed,
+    NotAllowed {
+        /// The refused address, as judged.
+        addr: IpAddr,
+        /// The port asked for.
+        port: u16,
+        /// The allow rule that came closest to covering it, and why it did not.
+        near: Option<NearMiss>,
+    },
     /// Port 0 cannot be dialed.
-    #[error("port 0 cannot be dialed")]
     BadPort,
 }
+
+/// An allow rule that almost covered a refused destination: what a person reading the
+/// refusal needs to fix the rule or the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NearMiss {
+    /// The rule covers the address but only on another port.
+    OtherPort {
+        /// The rule, in its text form.
+        rule: String,
+        /// The only port it covers.
+        port: u16,
+    },
+    /// A network rule covers the address but is broader than the default-denied range (or,
+    /// for a cloud metadata address, is not that exact address), so it does not open it.
+    Broader {
+        /// The rule, in its text form.
+        rule: String,
+    },
+    /// A host rule matches the name asked for, but host rules never open a default-denied
+    /// address: a name may resolve anywhere.
+    HostRule {
+        /// The rule, in its text form.
+        rule: String,
+    },
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denied::DefaultDenied {
+                addr,
+                port,
+                what,
+                near: Some(NearMiss::OtherPort { rule, port: only }),
+            } => write!(
+                f,
+                "{addr} is a {what} address and no allow rule covers port {port} of it \
+                 (rule {rule} allows only port {only})"
+            ),
+            Denied::DefaultDenied {
+                addr, what, near, ..
+            } => {
+                let names = if *what == METADATA {
+                    "that exact address"
+                } else {
+                    "its network"
+                };
+                write!(
+                    f,
+                    "{addr} is a {what} address, denied unless an allow rule names {names}"
+                )?;
+                match near {
+                    Some(NearMiss::Broader { rule }) => {
+                        write!(f, " (rule {rule} is broader and does not open it)")
+                    }
+                    Some(NearMiss::HostRule { rule }) => write!(
+                        f,
+                        " (host rule {rule} matches the name, but only a network rule opens it)"
+                    ),
+                    _ => Ok(()),
+                }
+            }
+            Denied::DenyRule { rule } => write!(f, "denied by rule {rule}"),
+            Denied::NotAllowed {
+                addr,
+                port,
+                near: Some(NearMiss::OtherPort { rule, port: only }),
+            } => write!(
+                f,
+                "no allow rule covers port {port} of {addr} (rule {rule} allows only port {only})"
+            ),
+            Denied::NotAllowed { addr, port, .. } => {
+                write!(f, "no allow rule covers {}", SocketAddr::new(*addr, *port))
+            }
+            Denied::BadPort => f.write_str("port 0 cannot be dialed"),
+        }
+    }
+}
+
+impl std::error::Error for Denied {}
+
+/// What a cloud metadata range is called; only a rule naming the exact address opens one.
+const METADATA: &str = "cloud metadata";
 
 /// A range denied unless explicitly allowed, and what to call it in a refusal.
 struct DefaultRange {
@@ -494,16 +612,42 @@ const fn v6(segments: [u16; 8], prefix: u8) -> Net {
     }
 }
 
-const DEFAULT_DENIED: [DefaultRange; 6] = [
-    // Link-local, where every major cloud serves instance metadata and credentials.
+/// Checked in order: the first range containing an address names it, so the single
+/// metadata addresses come before the link-local networks that hold some of them.
+const DEFAULT_DENIED: [DefaultRange; 11] = [
+    // Instance metadata and credentials of AWS, GCP, Azure, Oracle, OpenStack and more.
     DefaultRange {
-        net: v4(169, 254, 0, 0, 16),
-        what: "cloud metadata",
+        net: v4(169, 254, 169, 254, 32),
+        what: METADATA,
+    },
+    // Alibaba Cloud's metadata service, inside the 100.64.0.0/10 range pods often use.
+    DefaultRange {
+        net: v4(100, 100, 100, 200, 32),
+        what: METADATA,
+    },
+    // Azure's WireServer, which hands out the VM's provisioning data and certificates.
+    DefaultRange {
+        net: v4(168, 63, 129, 16, 32),
+        what: METADATA,
     },
     // AWS's IPv6 instance metadata endpoint.
     DefaultRange {
         net: v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254], 128),
-        what: "cloud metadata",
+        what: METADATA,
+    },
+    // GCP's IPv6 metadata server.
+    DefaultRange {
+        net: v6([0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254], 128),
+        what: METADATA,
+    },
+    // Link-local: cloud DNS, time and metadata helpers live here, never a service to proxy.
+    DefaultRange {
+        net: v4(169, 254, 0, 0, 16),
+        what: "link-local",
+    },
+    DefaultRange {
+        net: v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),
+        what: "link-local",
     },
     DefaultRange {
         net: v4(127, 0, 0, 0, 8),
@@ -528,10 +672,11 @@ fn default_range(ip: IpAddr) -> Option<&'static DefaultRange> {
     DEFAULT_DENIED.iter().find(|range| range.net.contains(ip))
 }
 
-/// The ranges denied unless explicitly allowed: 169.254.0.0/16 and fd00:ec2::254/128 (cloud
-/// metadata, link-local), 127.0.0.0/8 and ::1 (loopback), 0.0.0.0/8 and :: (unspecified — Linux
-/// connects 0.0.0.0 to the local host). Returns what the range is called, for `ip` after
-/// `to_canonical`.
+/// The ranges denied unless explicitly allowed: the cloud metadata addresses
+/// 169.254.169.254, 100.100.100.200, 168.63.129.16, fd00:ec2::254 and fd20:ce::254 (opened
+/// only by a rule naming that exact address), link-local 169.254.0.0/16 and fe80::/10,
+/// loopback 127.0.0.0/8 and ::1, unspecified 0.0.0.0/8 and :: (Linux connects 0.0.0.0 to the
+/// local host). Returns what the range is called, for `ip` as [`judged`].
 pub fn default_denied(ip: IpAddr) -> Option<&'static str> {
     default_range(ip).map(|range| range.what)
 }
@@ -567,12 +712,14 @@ impl Policy {
     }
 
     /// Checks one resolved destination. `host` is the name the client asked for (None when it
-    /// asked for an IP literal). In order: port 0 is refused; any matching deny rule refuses;
-    /// a default-denied address passes only through an allow rule of a network inside its
-    /// range (never through a host rule); then, if there is an allow list, some rule must
-    /// cover the destination.
+    /// asked for an IP literal). The address is judged as [`judged`] says (IPv4 carried in
+    /// IPv6 as that IPv4 address). In order: port 0 is refused; any matching deny rule
+    /// refuses; a default-denied address passes only through an allow rule of a network
+    /// inside its range (for cloud metadata: naming exactly that address; never a host rule);
+    /// then, if there is an allow list, some rule must cover the destination. A refusal names
+    /// the allow rule that came closest and why it did not apply.
     pub fn check(&self, host: Option<&str>, addr: SocketAddr) -> Result<(), Denied> {
-        let ip = addr.ip().to_canonical();
+        let ip = judged(addr.ip());
         let port = addr.port();
         if port == 0 {
             return Err(Denied::BadPort);
@@ -586,33 +733,76 @@ impl Policy {
             if self.loopback && range.what == "loopback" {
                 return Ok(());
             }
-            let unlocked = self.allow.iter().any(|rule| match rule {
-                Rule::Net { net, .. } => {
-                    range.net.contains_net(net) && rule.matches(None, ip, port)
-                }
+            let opens = |rule: &Rule| match rule {
+                Rule::Net { net, .. } => range.net.contains_net(net) && net.contains(ip),
                 Rule::Host { .. } => false,
-            });
-            return if unlocked {
-                Ok(())
-            } else {
-                Err(Denied::DefaultDenied {
-                    addr: ip,
-                    what: range.what,
-                })
             };
+            if self
+                .allow
+                .iter()
+                .any(|rule| opens(rule) && rule.matches(None, ip, port))
+            {
+                return Ok(());
+            }
+            let near = self
+                .other_port(|rule| opens(rule))
+                .or_else(|| {
+                    self.allow.iter().find_map(|rule| match rule {
+                        Rule::Net { net, .. } if net.contains(ip) => Some(NearMiss::Broader {
+                            rule: rule.to_string(),
+                        }),
+                        _ => None,
+                    })
+                })
+                .or_else(|| {
+                    self.allow.iter().find_map(|rule| match rule {
+                        Rule::Host { .. } if rule.matches(host, ip, port) => {
+                            Some(NearMiss::HostRule {
+                                rule: rule.to_string(),
+                            })
+                        }
+                        _ => None,
+                    })
+                });
+            return Err(Denied::DefaultDenied {
+                addr: ip,
+                port,
+                what: range.what,
+                near,
+            });
         }
         if self.allow.is_empty() || self.allow.iter().any(|rule| rule.matches(host, ip, port)) {
-            Ok(())
-        } else {
-            Err(Denied::NotAllowed)
+            return Ok(());
         }
+        let near = self.other_port(|rule| match rule {
+            Rule::Net { net, .. } => net.contains(ip),
+            Rule::Host { pattern, .. } => host.is_some_and(|h| host_matches(pattern, h)),
+        });
+        Err(Denied::NotAllowed {
+            addr: ip,
+            port,
+            near,
+        })
+    }
+
+    /// The first allow rule with a port for which `covers` holds: it would have matched but
+    /// for the port.
+    fn other_port(&self, covers: impl Fn(&Rule) -> bool) -> Option<NearMiss> {
+        self.allow.iter().find_map(|rule| match rule {
+            Rule::Net { port: Some(p), .. } | Rule::Host { port: Some(p), .. } if covers(rule) => {
+                Some(NearMiss::OtherPort {
+                    rule: rule.to_string(),
+                    port: *p,
+                })
+            }
+            _ => None,
+        })
     }
 
     /// The allow rules, in the order given.
     pub fn allow_rules(&self) -> &[Rule] {
         &self.allow
     }
-
     /// The deny rules, in the order given.
     pub fn deny_rules(&self) -> &[Rule] {
         &self.deny
@@ -813,9 +1003,28 @@ mod tests {
         let table = [
             ("169.254.169.254", Some("cloud metadata")),
             ("::ffff:169.254.169.254", Some("cloud metadata")),
-            ("169.254.1.1", Some("cloud metadata")),
+            ("169.254.1.1", Some("link-local")),
+            ("169.254.169.253", Some("link-local")),
             ("fd00:ec2::254", Some("cloud metadata")),
             ("fd00:ec2::253", None),
+            ("100.100.100.200", Some("cloud metadata")),
+            ("100.100.100.201", None),
+            ("168.63.129.16", Some("cloud metadata")),
+            ("fd20:ce::254", Some("cloud metadata")),
+            ("fe80::1", Some("link-local")),
+            ("febf:ffff::1", Some("link-local")),
+            ("fec0::1", None),
+            // IPv4 carried in IPv6: mapped, compatible and NAT64 forms are the IPv4 address.
+            ("64:ff9b::a9fe:a9fe", Some("cloud metadata")),
+            ("64:ff9b::169.254.169.254", Some("cloud metadata")),
+            ("64:ff9b::6464:64c8", Some("cloud metadata")),
+            ("::a9fe:a9fe", Some("cloud metadata")),
+            ("::ffff:168.63.129.16", Some("cloud metadata")),
+            ("::7f00:1", Some("loopback")),
+            ("64:ff9b::7f00:1", Some("loopback")),
+            ("::0.0.0.2", Some("unspecified")),
+            ("64:ff9b::a00:1", None),
+            ("64:ff9b:1::a9fe:a9fe", None),
             ("127.0.0.1", Some("loopback")),
             ("127.255.255.254", Some("loopback")),
             ("::ffff:127.0.0.1", Some("loopback")),
@@ -845,15 +1054,83 @@ mod tests {
     fn run(table: &[Case]) {
         for (allow, deny, host, addr, want) in table {
             let policy = Policy::new(rules(allow), rules(deny));
-            let got = policy.check(*host, sock(addr));
-            assert_eq!(&got, want, "allow {allow:?} deny {deny:?}: {host:?} {addr}");
+            let addr = sock(addr);
+            let got = policy.check(*host, addr);
+            // The tables leave out the port (and, for `NotAllowed`, the address) of a refusal:
+            // they are the case's own, as judged.
+            let want = match want.clone() {
+                Err(Denied::DefaultDenied {
+                    addr: ip,
+                    what,
+                    near,
+                    ..
+                }) => Err(Denied::DefaultDenied {
+                    addr: ip,
+                    port: addr.port(),
+                    what,
+                    near,
+                }),
+                Err(Denied::NotAllowed { near, .. }) => Err(Denied::NotAllowed {
+                    addr: judged(addr.ip()),
+                    port: addr.port(),
+                    near,
+                }),
+                other => other,
+            };
+            assert_eq!(got, want, "allow {allow:?} deny {deny:?}: {host:?} {addr}");
         }
     }
 
     fn default_denied_err(addr: &str, what: &'static str) -> Result<(), Denied> {
         Err(Denied::DefaultDenied {
             addr: addr.parse().unwrap(),
+            port: 0,
             what,
+            near: None,
+        })
+    }
+
+    /// `want` with the near miss `near`.
+    fn near(want: Result<(), Denied>, near: NearMiss) -> Result<(), Denied> {
+        match want {
+            Err(Denied::DefaultDenied {
+                addr, port, what, ..
+            }) => Err(Denied::DefaultDenied {
+                addr,
+                port,
+                what,
+                near: Some(near),
+            }),
+            Err(Denied::NotAllowed { addr, port, .. }) => Err(Denied::NotAllowed {
+                addr,
+                port,
+                near: Some(near),
+            }),
+            other => other,
+        }
+    }
+
+    fn other_port(rule: &str, port: u16) -> NearMiss {
+        NearMiss::OtherPort {
+            rule: rule.into(),
+            port,
+        }
+    }
+
+    fn broader(rule: &str) -> NearMiss {
+        NearMiss::Broader { rule: rule.into() }
+    }
+
+    fn host_rule(rule: &str) -> NearMiss {
+        NearMiss::HostRule { rule: rule.into() }
+    }
+
+    /// `NotAllowed` of the case's own address and port, with no near miss.
+    fn not_allowed() -> Result<(), Denied> {
+        Err(Denied::NotAllowed {
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: 0,
+            near: None,
         })
     }
 
@@ -947,21 +1224,30 @@ mod tests {
                 &[],
                 None,
                 "127.0.0.1:23",
-                default_denied_err("127.0.0.1", "loopback"),
+                near(
+                    default_denied_err("127.0.0.1", "loopback"),
+                    other_port("127.0.0.1/32:22", 22),
+                ),
             ),
             (
                 &["0.0.0.0/0"],
                 &[],
                 None,
                 "127.0.0.1:22",
-                default_denied_err("127.0.0.1", "loopback"),
+                near(
+                    default_denied_err("127.0.0.1", "loopback"),
+                    broader("0.0.0.0/0"),
+                ),
             ),
             (
                 &["0.0.0.0/0"],
                 &[],
                 None,
                 "169.254.169.254:80",
-                default_denied_err("169.254.169.254", "cloud metadata"),
+                near(
+                    default_denied_err("169.254.169.254", "cloud metadata"),
+                    broader("0.0.0.0/0"),
+                ),
             ),
             (&["0.0.0.0/0"], &[], None, "10.0.0.1:80", Ok(())),
             (
@@ -969,21 +1255,27 @@ mod tests {
                 &[],
                 None,
                 "[::1]:22",
-                default_denied_err("::1", "loopback"),
+                near(default_denied_err("::1", "loopback"), broader("::/0")),
             ),
             (
                 &["localhost"],
                 &[],
                 Some("localhost"),
                 "127.0.0.1:22",
-                default_denied_err("127.0.0.1", "loopback"),
+                near(
+                    default_denied_err("127.0.0.1", "loopback"),
+                    host_rule("localhost"),
+                ),
             ),
             (
                 &["*.internal"],
                 &[],
                 Some("metadata.google.internal"),
                 "169.254.169.254:80",
-                default_denied_err("169.254.169.254", "cloud metadata"),
+                near(
+                    default_denied_err("169.254.169.254", "cloud metadata"),
+                    host_rule("*.internal"),
+                ),
             ),
             (&["::1"], &[], None, "[::1]:22", Ok(())),
             (
@@ -1008,13 +1300,7 @@ mod tests {
                 "0.0.0.0:22",
                 default_denied_err("0.0.0.0", "unspecified"),
             ),
-            (
-                &["127.0.0.0/8"],
-                &[],
-                None,
-                "10.0.0.1:22",
-                Err(Denied::NotAllowed),
-            ),
+            (&["127.0.0.0/8"], &[], None, "10.0.0.1:22", not_allowed()),
         ]);
     }
 
@@ -1098,8 +1384,14 @@ mod tests {
         ];
         run(&[
             (allow, &[], None, "10.1.1.1:443", Ok(())),
-            (allow, &[], None, "10.1.1.1:80", Err(Denied::NotAllowed)),
-            (allow, &[], None, "192.168.0.1:443", Err(Denied::NotAllowed)),
+            (
+                allow,
+                &[],
+                None,
+                "10.1.1.1:80",
+                near(not_allowed(), other_port("10.0.0.0/8:443", 443)),
+            ),
+            (allow, &[], None, "192.168.0.1:443", not_allowed()),
             (
                 allow,
                 &[],
@@ -1119,15 +1411,9 @@ mod tests {
                 &[],
                 Some("jenkins.internal"),
                 "192.168.0.9:22",
-                Err(Denied::NotAllowed),
+                near(not_allowed(), other_port("jenkins.internal:8080", 8080)),
             ),
-            (
-                allow,
-                &[],
-                None,
-                "192.168.0.9:8080",
-                Err(Denied::NotAllowed),
-            ),
+            (allow, &[], None, "192.168.0.9:8080", not_allowed()),
             (
                 allow,
                 &[],
@@ -1147,24 +1433,30 @@ mod tests {
                 &[],
                 Some("svc.cluster.local"),
                 "172.20.0.1:80",
-                Err(Denied::NotAllowed),
+                not_allowed(),
             ),
             (
                 allow,
                 &[],
                 Some("evilsvc.cluster.local"),
                 "172.20.0.1:80",
-                Err(Denied::NotAllowed),
+                not_allowed(),
             ),
             (
                 allow,
                 &[],
                 Some("svc.cluster.local.evil.com"),
                 "172.20.0.1:80",
-                Err(Denied::NotAllowed),
+                not_allowed(),
             ),
             (allow, &[], None, "[fd12::1]:443", Ok(())),
-            (allow, &[], None, "[fd12::1]:444", Err(Denied::NotAllowed)),
+            (
+                allow,
+                &[],
+                None,
+                "[fd12::1]:444",
+                near(not_allowed(), other_port("[fd00::/8]:443", 443)),
+            ),
         ]);
     }
 
@@ -1268,10 +1560,10 @@ mod tests {
 
         let narrow = Policy::new(rules(&["10.0.0.0/8"]), rules(&["127.0.0.1:22"])).allow_loopback();
         assert_eq!(narrow.check(None, sock("127.0.0.1:8080")), Ok(()));
-        assert_eq!(
+        assert!(matches!(
             narrow.check(None, sock("192.168.0.1:80")),
-            Err(Denied::NotAllowed)
-        );
+            Err(Denied::NotAllowed { near: None, .. })
+        ));
         assert!(matches!(
             narrow.check(None, sock("127.0.0.1:22")),
             Err(Denied::DenyRule { .. })
@@ -1288,7 +1580,21 @@ mod tests {
                 "169.254.169.254:80",
                 concat!(
                     "169.254.169.254 is a cloud metadata address, ",
+                    "denied unless an allow rule names that exact address"
+                ),
+            ),
+            (
+                "169.254.1.1:80",
+                concat!(
+                    "169.254.1.1 is a link-local address, ",
                     "denied unless an allow rule names its network"
+                ),
+            ),
+            (
+                "[64:ff9b::a9fe:a9fe]:80",
+                concat!(
+                    "169.254.169.254 is a cloud metadata address, ",
+                    "denied unless an allow rule names that exact address"
                 ),
             ),
             ("10.9.0.1:80", "denied by rule 10.9.0.0/16"),
@@ -1300,7 +1606,268 @@ mod tests {
                 want
             );
         }
-        assert_eq!(Denied::NotAllowed.to_string(), "not in the allow list");
+    }
+
+    /// A refusal names what kept each allow rule from matching: the port, a rule broader than
+    /// a default-denied range, or a host rule where only a network rule opens the address.
+    #[test]
+    fn refusals_name_why_no_rule_matched() {
+        let table: &[(&[&str], Option<&str>, &str, &str)] = &[
+            (
+                &["127.0.0.1:8000"],
+                None,
+                "127.0.0.1:8001",
+                concat!(
+                    "127.0.0.1 is a loopback address and no allow rule covers port 8001 of it ",
+                    "(rule 127.0.0.1/32:8000 allows only port 8000)"
+                ),
+            ),
+            (
+                &["10.0.0.0/8:443", "127.0.0.0/8:5432"],
+                None,
+                "127.0.0.1:22",
+                concat!(
+                    "127.0.0.1 is a loopback address and no allow rule covers port 22 of it ",
+                    "(rule 127.0.0.0/8:5432 allows only port 5432)"
+                ),
+            ),
+            (
+                &["0.0.0.0/0"],
+                None,
+                "127.0.0.1:22",
+                concat!(
+                    "127.0.0.1 is a loopback address, denied unless an allow rule names its ",
+                    "network (rule 0.0.0.0/0 is broader and does not open it)"
+                ),
+            ),
+            (
+                &["100.64.0.0/10"],
+                None,
+                "100.100.100.200:80",
+                concat!(
+                    "100.100.100.200 is a cloud metadata address, denied unless an allow rule ",
+                    "names that exact address (rule 100.64.0.0/10 is broader and does not open it)"
+                ),
+            ),
+            (
+                &["169.254.0.0/16"],
+                None,
+                "169.254.169.254:80",
+                concat!(
+                    "169.254.169.254 is a cloud metadata address, denied unless an allow rule ",
+                    "names that exact address (rule 169.254.0.0/16 is broader and does not open it)"
+                ),
+            ),
+            (
+                &["localhost"],
+                Some("localhost"),
+                "127.0.0.1:22",
+                concat!(
+                    "127.0.0.1 is a loopback address, denied unless an allow rule names its ",
+                    "network (host rule localhost matches the name, but only a network rule ",
+                    "opens it)"
+                ),
+            ),
+            (
+                &["10.0.0.0/8:443"],
+                None,
+                "10.1.1.1:80",
+                "no allow rule covers port 80 of 10.1.1.1 (rule 10.0.0.0/8:443 allows only port 443)",
+            ),
+            (
+                &["jenkins.internal:8080"],
+                Some("jenkins.internal"),
+                "192.168.0.9:22",
+                concat!(
+                    "no allow rule covers port 22 of 192.168.0.9 ",
+                    "(rule jenkins.internal:8080 allows only port 8080)"
+                ),
+            ),
+            (
+                &["10.0.0.0/8:443"],
+                None,
+                "192.168.0.1:443",
+                "no allow rule covers 192.168.0.1:443",
+            ),
+            (
+                &["[fd00::/8]:443"],
+                None,
+                "[2001:db8::1]:443",
+                "no allow rule covers [2001:db8::1]:443",
+            ),
+            (
+                &["[fd00::/8]:443"],
+                None,
+                "[fd12::1]:444",
+                "no allow rule covers port 444 of fd12::1 (rule [fd00::/8]:443 allows only port 443)",
+            ),
+        ];
+        for (allow, host, addr, want) in table {
+            let policy = Policy::new(rules(allow), vec![]);
+            let got = policy.check(*host, sock(addr)).unwrap_err().to_string();
+            assert_eq!(&got, want, "allow {allow:?}: {host:?} {addr}");
+        }
+    }
+
+    /// Metadata addresses, link-local and every IPv6 form that carries a forbidden IPv4
+    /// address are refused by default; broad rules do not open metadata, exact ones do; IPv4
+    /// rules (allow and deny) apply to the IPv6 forms of their addresses.
+    #[test]
+    fn metadata_and_embedded_ipv4_are_judged_as_ipv4() {
+        let md = |addr: &str| default_denied_err(addr, METADATA);
+        let link = |addr: &str| default_denied_err(addr, "link-local");
+        run(&[
+            (&[], &[], None, "100.100.100.200:80", md("100.100.100.200")),
+            (&[], &[], None, "168.63.129.16:80", md("168.63.129.16")),
+            (&[], &[], None, "[fd20:ce::254]:80", md("fd20:ce::254")),
+            (
+                &[],
+                &[],
+                None,
+                "[64:ff9b::a9fe:a9fe]:80",
+                md("169.254.169.254"),
+            ),
+            (&[], &[], None, "[::a9fe:a9fe]:80", md("169.254.169.254")),
+            (
+                &[],
+                &[],
+                None,
+                "[::ffff:a9fe:a9fe]:80",
+                md("169.254.169.254"),
+            ),
+            (
+                &[],
+                &[],
+                None,
+                "[64:ff9b::6464:64c8]:80",
+                md("100.100.100.200"),
+            ),
+            (
+                &[],
+                &[],
+                None,
+                "[::7f00:1]:22",
+                default_denied_err("127.0.0.1", "loopback"),
+            ),
+            (
+                &[],
+                &[],
+                None,
+                "[64:ff9b::7f00:1]:22",
+                default_denied_err("127.0.0.1", "loopback"),
+            ),
+            (&[], &[], None, "[fe80::1]:22", link("fe80::1")),
+            (&[], &[], None, "[fe80::1%2]:22", link("fe80::1")),
+            (&[], &[], None, "169.254.1.1:22", link("169.254.1.1")),
+            (&[], &[], None, "[64:ff9b::a00:1]:80", Ok(())),
+            (&[], &[], None, "100.64.0.1:80", Ok(())),
+            // A broad rule opens its range but not the metadata address inside it.
+            (&["100.64.0.0/10"], &[], None, "100.100.0.1:80", Ok(())),
+            (
+                &["100.64.0.0/10"],
+                &[],
+                None,
+                "100.100.100.200:80",
+                Err(Denied::DefaultDenied {
+                    addr: "100.100.100.200".parse().unwrap(),
+                    port: 0,
+                    what: METADATA,
+                    near: Some(NearMiss::Broader {
+                        rule: "100.64.0.0/10".into(),
+                    }),
+                }),
+            ),
+            (&["169.254.0.0/16"], &[], None, "169.254.1.1:80", Ok(())),
+            (
+                &["169.254.0.0/16"],
+                &[],
+                None,
+                "169.254.169.254:80",
+                Err(Denied::DefaultDenied {
+                    addr: "169.254.169.254".parse().unwrap(),
+                    port: 0,
+                    what: METADATA,
+                    near: Some(NearMiss::Broader {
+                        rule: "169.254.0.0/16".into(),
+                    }),
+                }),
+            ),
+            (&["fe80::/64"], &[], None, "[fe80::1]:22", Ok(())),
+            // Only a rule naming the exact address opens it, in any of its forms.
+            (
+                &["100.100.100.200"],
+                &[],
+                None,
+                "100.100.100.200:80",
+                Ok(()),
+            ),
+            (
+                &["168.63.129.16:80"],
+                &[],
+                None,
+                "[::ffff:168.63.129.16]:80",
+                Ok(()),
+            ),
+            (
+                &["169.254.169.254"],
+                &[],
+                None,
+                "[64:ff9b::a9fe:a9fe]:80",
+                Ok(()),
+            ),
+            (
+                &["[fd20:ce::254]:80"],
+                &[],
+                None,
+                "[fd20:ce::254]:80",
+                Ok(()),
+            ),
+            // IPv4 rules cover the IPv6 forms of their addresses, for allow and deny alike.
+            (&["10.0.0.0/8"], &[], None, "[64:ff9b::a00:1]:80", Ok(())),
+            (&["10.0.0.0/8"], &[], None, "[::a00:1]:80", Ok(())),
+            (
+                &[],
+                &["10.9.0.0/16"],
+                None,
+                "[64:ff9b::a09:1]:80",
+                Err(Denied::DenyRule {
+                    rule: "10.9.0.0/16".into(),
+                }),
+            ),
+            (
+                &["10.0.0.0/8"],
+                &[],
+                None,
+                "[64:ff9b::b00:1]:80",
+                not_allowed(),
+            ),
+            // An IPv6 rule of a NAT64 or compatible network is read as its IPv4 network.
+            (
+                &["[64:ff9b::a00:0/104]:80"],
+                &[],
+                None,
+                "10.1.2.3:80",
+                Ok(()),
+            ),
+            (&["::1"], &[], None, "[::1]:22", Ok(())),
+        ]);
+        assert_eq!(
+            rule("64:ff9b::a00:0/104").to_string(),
+            "10.0.0.0/8",
+            "a NAT64 network is shown as the IPv4 network it carries"
+        );
+        assert_eq!(
+            judged("::".parse().unwrap()),
+            "::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            judged("::1".parse().unwrap()),
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            judged("::2".parse().unwrap()),
+            "0.0.0.2".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tracing::{debug, info, Instrument};
 use super::dialer::Dialer;
 use super::kube::{serve_command, KubeExecutor};
 use super::AgentConfig;
+use crate::auth::{mask_tokens, Masked};
 use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
 use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
@@ -344,11 +345,12 @@ async fn serve_stream(
 
 /// One tunnel stream after its header: dial, answer, relay.
 async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>, open: Open) {
-    let destination = format!("{}:{}", open.host, open.port);
+    // The host name is the SOCKS client's text: token-shaped parts are masked in logs.
+    let destination = mask_tokens(&format!("{}:{}", open.host, open.port)).into_owned();
     let tcp = match dialer.dial(&open).await {
         Ok(tcp) => tcp,
         Err(e) => {
-            info!(%destination, code = ?e.code, "dial failed: {}", e.message);
+            info!(%destination, code = ?e.code, "dial failed: {}", Masked(&e.message));
             let reply = OpenReply::Failed {
                 code: e.code,
                 message: e.message,

@@ -6,10 +6,12 @@
 //! file keeps only the SHA-256 of the whole token text, so reading the file does not reveal
 //! a usable token.
 
+mod mask;
 mod store;
 mod time;
 mod token;
 
+pub use mask::{mask_tokens, Masked};
 pub use store::{read_secret_file, ReloadingStore, StoreError, TokenRecord, TokenStore};
 pub use time::{format_rfc3339, parse_ttl, unix_now};
 pub use token::{

@@ -73,9 +73,11 @@ pub struct NoAuthRoute {
 pub struct SocksLimits {
     /// The greeting, authentication and request must complete within this.
     pub greeting_timeout: Duration,
-    /// Connections from one client IP still in the greeting.
+    /// Connections from one client still in the greeting; IPv6 clients are counted per
+    /// /64. A newcomer over it is refused.
     pub half_open_per_ip: usize,
-    /// Connections in the greeting from all clients.
+    /// Connections in the greeting from all clients. When full, a newcomer is admitted and
+    /// the oldest half-open connection of the client holding the most is closed.
     pub half_open_total: usize,
 }
 
@@ -214,14 +216,18 @@ pub(crate) struct Shared {
     pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
     /// Kubernetes waits running per token ([`HubCaps::kube_waits_per_token`]).
     pub(crate) kube_waits: Arc<kube::WaitSlots>,
+    /// SOCKS connections by token, reset when their token stops being valid.
+    pub(crate) socks_tokens: Arc<socks::TokenStreams>,
 }
 
 impl Shared {
-    /// Closes every agent session whose token was revoked, removed or has expired. Runs after
-    /// each reload and on every poll tick, so expiry needs no file change.
+    /// Closes every agent session, and resets every SOCKS connection, whose token was
+    /// revoked, removed or has expired. Runs after each reload and on every poll tick, so
+    /// expiry needs no file change.
     pub(crate) fn close_sessions_without_token(&self) {
         let store = self.tokens.current();
         let now = std::time::SystemTime::now();
+        self.socks_tokens.cut_without_token(&store, now);
         for session in self.registry.sessions() {
             if store.is_live(&session.token_id, now) || session.closed_by_hub().is_some() {
                 continue;
@@ -356,6 +362,7 @@ impl Hub {
             cut_streams: CancellationToken::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
             kube_waits: Arc::default(),
+            socks_tokens: Arc::default(),
         });
         Ok(Hub {
             shared,

@@ -1,11 +1,12 @@
-//! The SOCKS5 front (RFC 1928 with RFC 1929 user/password): the user name names the agent,
-//! the password is a token with scope `proxy`; CONNECT is routed to the agent, whose
-//! answer becomes the SOCKS reply. Parsing is fast-socks5's low-level protocol steps; the
-//! RFC 1929 sub-negotiation is ours, so authentication is async, bounded and never logs the
-//! password.
+//! The SOCKS5 front (RFC 1928 with RFC 1929 user/password): the user name names the agent
+//! (`agent`, or `agent@organization/environment` for an `admin` token), the password is a
+//! token with scope `proxy`; CONNECT is routed to the agent, whose answer becomes the SOCKS
+//! reply. Parsing is fast-socks5's low-level protocol steps; the RFC 1929 sub-negotiation is
+//! ours, so authentication is async, bounded and never logs the password. A connection lives
+//! only as long as its token: revoking it (or its expiry) resets the connection.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::router::{self, RouteError};
 use super::{NoAuthRoute, Shared};
-use crate::auth::{Scope, Tenant, TokenStore};
+use crate::auth::{Masked, Scope, Tenant, TokenStore};
 use crate::certs::valid_agent_name;
 use crate::proto::{Host, Open};
 use crate::transport::relay::{relay, Direction, RelayError};
@@ -38,10 +39,11 @@ pub enum GreetError {
     #[error("malformed RFC 1929 authentication: {0}")]
     Auth(&'static str),
     /// The credentials were refused.
-    #[error("authentication refused for user {user:?}: {reason}")]
+    #[error("authentication refused for {who}: {reason}")]
     Refused {
-        /// The user name (agent) the client asked for.
-        user: String,
+        /// The user name as it may be logged ([`describe_user`]): quoted when it is an agent
+        /// name, otherwise only its length.
+        who: String,
         /// Why (never the password).
         reason: String,
     },
@@ -61,8 +63,8 @@ impl SocksFront {
     pub(crate) fn new(shared: Arc<Shared>, listener: TcpListener) -> Self {
         let limits = &shared.config.socks_limits;
         let half_open = Arc::new(HalfOpen {
-            per_ip: Mutex::new(HashMap::new()),
-            max_per_ip: limits.half_open_per_ip,
+            state: Mutex::new(HalfOpenState::default()),
+            max_per_source: limits.half_open_per_ip,
             max_total: limits.half_open_total,
         });
         SocksFront {
@@ -88,8 +90,8 @@ impl SocksFront {
                     }
                 },
             };
-            let guard = match self.half_open.admit(peer.ip()) {
-                Ok(g) => g,
+            let (guard, evicted) = match self.half_open.admit(peer.ip()) {
+                Ok(admitted) => admitted,
                 Err(reason) => {
                     self.shared.metrics.socks_refused(reason);
                     debug!(client = %peer, "SOCKS connection refused: {reason}");
@@ -97,6 +99,11 @@ impl SocksFront {
                     continue;
                 }
             };
+            if let Some(source) = evicted {
+                self.shared.metrics.socks_refused("half_open_total");
+                debug!(client = %peer, evicted = %source,
+                    "SOCKS greeting limit reached: dropped the oldest half-open connection of the busiest source");
+            }
             let shared = self.shared.clone();
             streams.spawn(
                 handle(shared, tcp, peer, guard)
@@ -106,45 +113,140 @@ impl SocksFront {
     }
 }
 
-/// Counts connections still in the greeting, per client IP and in total.
-struct HalfOpen {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_per_ip: usize,
-    max_total: usize,
-}
+/// Where a half-open connection comes from, for its per-source count: the IPv4 address, or
+/// the /64 network of an IPv6 address (one host usually holds a whole /64, so counting
+/// single IPv6 addresses would give it millions of allowances).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Source(IpAddr);
 
-impl HalfOpen {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<HalfOpenGuard, &'static str> {
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = map.values().sum();
-        if total >= self.max_total {
-            return Err("half_open_total");
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let net = u128::from(v6) & !((1u128 << 64) - 1);
+                Source(IpAddr::V6(Ipv6Addr::from(net)))
+            }
+            v4 => Source(v4),
         }
-        let count = map.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
-            return Err("half_open_per_ip");
-        }
-        *count += 1;
-        Ok(HalfOpenGuard {
-            owner: self.clone(),
-            ip,
-        })
     }
 }
 
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V6(net) => write!(f, "{net}/64"),
+            IpAddr::V4(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// Connections still in the greeting, per source and in total. A source at its own cap is
+/// refused; when the total is full, the oldest half-open connection of the source holding
+/// the most is dropped to make room, so a flood from a few sources cannot lock out a client
+/// from anywhere else.
+struct HalfOpen {
+    state: Mutex<HalfOpenState>,
+    max_per_source: usize,
+    max_total: usize,
+}
+
+#[derive(Default)]
+struct HalfOpenState {
+    /// Per source, its half-open connections by admission number (oldest first), each with
+    /// the token that drops it.
+    sources: HashMap<Source, BTreeMap<u64, CancellationToken>>,
+    total: usize,
+    next: u64,
+}
+
+impl HalfOpen {
+    /// Admits a connection from `ip`, returning its guard and the source whose oldest
+    /// half-open connection was dropped to make room, if one was.
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+    ) -> Result<(HalfOpenGuard, Option<Source>), &'static str> {
+        let source = Source::of(ip);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held = state.sources.get(&source).map_or(0, BTreeMap::len);
+        if held >= self.max_per_source {
+            return Err("half_open_per_ip");
+        }
+        let mut evicted = None;
+        if state.total >= self.max_total {
+            evicted = state.evict_busiest();
+            if evicted.is_none() {
+                return Err("half_open_total");
+            }
+        }
+        let seq = state.next;
+        state.next += 1;
+        let drop_me = CancellationToken::new();
+        state
+            .sources
+            .entry(source)
+            .or_default()
+            .insert(seq, drop_me.clone());
+        state.total += 1;
+        Ok((
+            HalfOpenGuard {
+                owner: self.clone(),
+                source,
+                seq,
+                dropped: drop_me,
+            },
+            evicted,
+        ))
+    }
+}
+
+impl HalfOpenState {
+    /// Drops the oldest half-open connection of the source holding the most (the oldest
+    /// among equals) and returns that source.
+    fn evict_busiest(&mut self) -> Option<Source> {
+        let (&source, _) = self
+            .sources
+            .iter()
+            .filter_map(|(source, held)| {
+                held.keys()
+                    .next()
+                    .map(|&oldest| (source, (held.len(), oldest)))
+            })
+            .max_by(|(_, (a_len, a_oldest)), (_, (b_len, b_oldest))| {
+                a_len.cmp(b_len).then(b_oldest.cmp(a_oldest))
+            })?;
+        let held = self.sources.get_mut(&source)?;
+        let (_, drop_it) = held.pop_first()?;
+        if held.is_empty() {
+            self.sources.remove(&source);
+        }
+        self.total -= 1;
+        drop_it.cancel();
+        Some(source)
+    }
+}
+
+/// One admitted half-open connection; leaves the count when dropped.
 struct HalfOpenGuard {
     owner: Arc<HalfOpen>,
-    ip: IpAddr,
+    source: Source,
+    seq: u64,
+    /// Fired when the connection is dropped to make room for a newcomer.
+    dropped: CancellationToken,
 }
 
 impl Drop for HalfOpenGuard {
     fn drop(&mut self) {
-        let mut map = self.owner.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.ip);
+        let mut state = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(held) = state.sources.get_mut(&self.source) else {
+            return;
+        };
+        // An evicted connection was already taken out of the count.
+        if held.remove(&self.seq).is_some() {
+            if held.is_empty() {
+                state.sources.remove(&self.source);
             }
+            state.total -= 1;
         }
     }
 }
@@ -152,8 +254,17 @@ impl Drop for HalfOpenGuard {
 /// Who an authenticated SOCKS client is and where it goes.
 #[derive(Debug, Clone)]
 struct Caller {
+    /// The tenant whose agent is asked for: the token's own, or the one an `admin` token
+    /// named with `agent@organization/environment`.
     tenant: Tenant,
     agent: String,
+    /// The id of the token that authenticated the client (`None` for the loopback no-auth
+    /// route): checked again when the request is routed, and the connection is reset when
+    /// the token stops being valid.
+    token_id: Option<String>,
+    /// Set when a token that is not `admin` named another tenant: the request is answered
+    /// exactly like one for an agent that does not exist.
+    foreign: bool,
 }
 
 type Request<S> = (
@@ -165,10 +276,16 @@ type Request<S> = (
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, guard: HalfOpenGuard) {
     let timeout = shared.config.socks_limits.greeting_timeout;
-    let tokens = shared.tokens.current();
     let no_auth = shared.config.socks_no_auth.as_ref();
-    let greeted = tokio::time::timeout(timeout, greet(&tokens, no_auth, tcp)).await;
-    drop(tokens);
+    let greeting = tokio::time::timeout(timeout, greet(&*shared.tokens, no_auth, tcp));
+    let greeted = tokio::select! {
+        greeted = greeting => greeted,
+        () = guard.dropped.cancelled() => {
+            // Counted when it was chosen (`half_open_total`), where the newcomer is known.
+            debug!(client = %peer, "SOCKS client dropped: oldest half-open connection of the busiest source, to make room");
+            return;
+        }
+    };
     drop(guard);
     let (proto, caller, cmd, target) = match greeted {
         Err(_) => {
@@ -182,7 +299,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, guard: Ha
                 _ => "bad_greeting",
             };
             shared.metrics.socks_refused(reason);
-            info!(client = %peer, "SOCKS client refused: {e}");
+            info!(client = %peer, "SOCKS client refused: {}", Masked(&e.to_string()));
             return;
         }
         Ok(Ok(request)) => request,
@@ -213,13 +330,34 @@ async fn serve_request(
         Ok(open) => open,
         Err((code, why)) => {
             shared.metrics.socks_reply(reply_name(code));
-            info!(client = %peer, "SOCKS request refused: {why}");
+            info!(client = %peer, "SOCKS request refused: {}", Masked(&why));
             let _ = proto.reply_error(&reply_error(code)).await;
             return;
         }
     };
     let destination = format!("{}:{}", open.host, open.port);
-    let tunnel = match router::open_tunnel(&shared, &caller.tenant, &caller.agent, &open).await {
+    let destination = Masked(&destination);
+    // Joined before the token is checked again, so a revocation landing between the check
+    // and the end of the relay still resets this connection.
+    let token_cut = caller
+        .token_id
+        .as_ref()
+        .map(|id| shared.socks_tokens.enter(id));
+    if let Some(id) = &caller.token_id {
+        if !shared.tokens.current().is_live(id, SystemTime::now()) {
+            shared.metrics.socks_reply(reply_name(0x02));
+            info!(client = %peer, %destination, token_id = %id,
+                "SOCKS request refused: token revoked or expired since authentication");
+            let _ = proto.reply_error(&reply_error(0x02)).await;
+            return;
+        }
+    }
+    let routed = if caller.foreign {
+        Err(RouteError::NoAgent)
+    } else {
+        router::open_tunnel(&shared, &caller.tenant, &caller.agent, &open).await
+    };
+    let tunnel = match routed {
         Ok(t) => t,
         Err(e) => {
             let code = e.socks_reply();
@@ -228,12 +366,21 @@ async fn serve_request(
                 RouteError::NoAgent => {
                     info!(client = %peer, %destination, "SOCKS request refused: agent not connected")
                 }
-                other => info!(client = %peer, %destination, "SOCKS request failed: {other}"),
+                other => info!(client = %peer, %destination, "SOCKS request failed: {}",
+                    Masked(&other.to_string())),
             }
             let _ = proto.reply_error(&reply_error(code)).await;
             return;
         }
     };
+    if token_cut.as_ref().is_some_and(|cut| cut.is_cancelled()) {
+        shared.metrics.socks_reply(reply_name(0x02));
+        info!(client = %peer, %destination,
+            "SOCKS request refused: token revoked or expired while the agent dialed");
+        router::abort(tunnel.send, tunnel.recv);
+        let _ = proto.reply_error(&reply_error(0x02)).await;
+        return;
+    }
     let router::Tunnel {
         slot,
         send,
@@ -255,6 +402,15 @@ async fn serve_request(
     let stream_id = send.id();
     tracing::Span::current().record("stream", tracing::field::display(stream_id));
     let idle = Some(shared.config.caps.stream_idle_timeout);
+    let cut = async {
+        match &token_cut {
+            Some(token) => tokio::select! {
+                () = shared.cut_streams.cancelled() => {}
+                () = token.cancelled() => {}
+            },
+            None => shared.cut_streams.cancelled().await,
+        }
+    };
     let outcome = relay(
         tcp,
         send,
@@ -269,7 +425,7 @@ async fn serve_request(
                 session.add_from_agent(n);
             }
         },
-        shared.cut_streams.cancelled(),
+        cut,
     )
     .await;
     metrics.streams_open().dec();
@@ -278,7 +434,12 @@ async fn serve_request(
         metrics.cap_refused("stream_idle_timeout");
         info!(stream = %stream_id, %destination, "stream closed: idle for {quiet:?}");
     }
+    let token_gone = token_cut.as_ref().is_some_and(|cut| cut.is_cancelled());
     match outcome.error {
+        // The relay's own "cut" names the shutdown grace; this cut was the token's.
+        Some(RelayError::Cut) if token_gone => info!(stream = %stream_id, %destination,
+            sent = outcome.sent, received = outcome.received,
+            "stream reset: its token was revoked or expired"),
         None => debug!(stream = %stream_id, %destination, sent = outcome.sent,
             received = outcome.received, "stream finished"),
         Some(e) => debug!(stream = %stream_id, %destination, sent = outcome.sent,
@@ -372,7 +533,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (proto, caller, cmd, target) = greet(tokens, no_auth, stream).await?;
-    let open = if cmd == Socks5Command::TCPConnect {
+    let open = if caller.foreign {
+        Err(0x04)
+    } else if cmd == Socks5Command::TCPConnect {
         to_open(target).map_err(|(code, _)| code)
     } else {
         Err(0x07)
@@ -389,10 +552,29 @@ where
     })
 }
 
+/// Where the front reads tokens: the store as it is at the moment credentials arrive, so a
+/// token revoked while a client sat in its greeting is refused.
+trait Tokens {
+    /// Runs `f` on the store as it is now.
+    fn with_current<R>(&self, f: impl FnOnce(&TokenStore) -> R) -> R;
+}
+
+impl Tokens for crate::auth::ReloadingStore {
+    fn with_current<R>(&self, f: impl FnOnce(&TokenStore) -> R) -> R {
+        f(&self.current())
+    }
+}
+
+impl Tokens for TokenStore {
+    fn with_current<R>(&self, f: impl FnOnce(&TokenStore) -> R) -> R {
+        f(self)
+    }
+}
+
 /// Reads greeting, authentication and request. Not cancel-safe (runs under a timeout that
 /// abandons the connection).
 async fn greet<S>(
-    tokens: &TokenStore,
+    tokens: &impl Tokens,
     no_auth: Option<&NoAuthRoute>,
     stream: S,
 ) -> Result<Request<S>, GreetError>
@@ -414,14 +596,17 @@ where
     let (authed, caller) = match started {
         MethodStarted::TokenAuth(mut auth) => {
             let (user, password) = auth.read_credentials().await?;
-            match authorize(tokens, &user, &password) {
+            match tokens.with_current(|store| authorize(store, &user, &password)) {
                 Ok(caller) => {
                     auth.reply(true).await?;
                     (Socks5ServerProtocol::finish_auth(auth), caller)
                 }
                 Err(reason) => {
                     let _ = auth.reply(false).await;
-                    return Err(GreetError::Refused { user, reason });
+                    return Err(GreetError::Refused {
+                        who: describe_user(&user),
+                        reason,
+                    });
                 }
             }
         }
@@ -430,6 +615,8 @@ where
             let caller = Caller {
                 tenant: route.tenant,
                 agent: route.agent,
+                token_id: None,
+                foreign: false,
             };
             (auth.finish_auth(), caller)
         }
@@ -438,17 +625,161 @@ where
     Ok((proto, caller, cmd, target))
 }
 
-fn authorize(tokens: &TokenStore, user: &str, password: &str) -> Result<Caller, String> {
-    if !valid_agent_name(user) {
-        return Err("user name is not a valid agent name".into());
+/// Splits a SOCKS user name into the agent and the tenant it names, if any:
+/// `agent` or `agent@organization/environment`. `None` if it is neither.
+fn parse_user(user: &str) -> Option<(&str, Option<Tenant>)> {
+    let (agent, tenant) = match user.split_once('@') {
+        Some((agent, tenant)) => (agent, Some(tenant.parse::<Tenant>().ok()?)),
+        None => (user, None),
+    };
+    valid_agent_name(agent).then_some((agent, tenant))
+}
+
+/// The user name as it may appear in a log line: quoted when it is an agent name (with its
+/// tenant), otherwise only its length, since a client that swapped user name and password
+/// sends its token there.
+pub fn describe_user(user: &str) -> String {
+    match parse_user(user) {
+        Some(_) => format!("user {:?}", Masked(user).to_string()),
+        None => format!(
+            "a user name of {} bytes that is not an agent name",
+            user.len()
+        ),
     }
+}
+
+fn authorize(tokens: &TokenStore, user: &str, password: &str) -> Result<Caller, String> {
+    let Some((agent, named)) = parse_user(user) else {
+        return Err(
+            "user name is not an agent name (agent, or agent@organization/environment)".into(),
+        );
+    };
     let grant = tokens
         .authorize(password, Scope::Proxy, SystemTime::now())
         .map_err(|e| e.to_string())?;
+    // Another tenant's agent must look exactly like a missing one, so a token that may not
+    // see the named tenant is not refused here but answered "host unreachable" on routing.
+    let (tenant, foreign) = match named {
+        None => (grant.tenant.clone(), false),
+        Some(tenant) if grant.sees_tenant(&tenant) => (tenant, false),
+        Some(_) => (grant.tenant.clone(), true),
+    };
     Ok(Caller {
-        tenant: grant.tenant,
-        agent: user.to_string(),
+        tenant,
+        agent: agent.to_string(),
+        token_id: Some(grant.token_id),
+        foreign,
     })
+}
+
+/// SOCKS connections by the id of the token that authenticated them, so those of a token
+/// that was revoked, removed or expired are reset (as agent sessions are closed).
+#[derive(Debug, Default)]
+pub(crate) struct TokenStreams {
+    by_token: Mutex<HashMap<String, TokenEntry>>,
+}
+
+#[derive(Debug)]
+struct TokenEntry {
+    /// Cancelled to reset every connection of the token.
+    cut: CancellationToken,
+    /// Connections holding a [`TokenStreamGuard`] of this entry.
+    holders: usize,
+    /// Tells this entry from a later one of the same id (after a cut, a token made live
+    /// again by editing the store starts afresh).
+    generation: u64,
+}
+
+/// A connection's membership in [`TokenStreams`]; `cancelled()` fires when its token stops
+/// being valid.
+#[derive(Debug)]
+pub(crate) struct TokenStreamGuard {
+    owner: Arc<TokenStreams>,
+    id: String,
+    generation: u64,
+    cut: CancellationToken,
+}
+
+impl TokenStreams {
+    /// Joins a connection authenticated by token `id`.
+    pub(crate) fn enter(self: &Arc<Self>, id: &str) -> TokenStreamGuard {
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut map = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(id.to_string()).or_insert_with(|| TokenEntry {
+            cut: CancellationToken::new(),
+            holders: 0,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        });
+        entry.holders += 1;
+        TokenStreamGuard {
+            owner: self.clone(),
+            id: id.to_string(),
+            generation: entry.generation,
+            cut: entry.cut.clone(),
+        }
+    }
+
+    /// Resets the connections of every token that `store` no longer accepts at `now`;
+    /// returns how many connections that was.
+    pub(crate) fn cut_without_token(&self, store: &TokenStore, now: SystemTime) -> usize {
+        let mut map = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cut = 0;
+        map.retain(|id, entry| {
+            if store.is_live(id, now) {
+                return true;
+            }
+            let why = match store.get(id) {
+                Some(r) if !r.revoked => "token expired",
+                Some(_) => "token revoked",
+                None => "token removed from the store",
+            };
+            warn!(token_id = %id, connections = entry.holders,
+                "resetting SOCKS connections: {why}");
+            entry.cut.cancel();
+            cut += entry.holders;
+            false
+        });
+        cut
+    }
+
+    /// Tokens with connections now (for tests of the bookkeeping).
+    #[cfg(test)]
+    fn tokens(&self) -> usize {
+        self.by_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+impl TokenStreamGuard {
+    /// Completes when the token stops being valid. Cancel-safe.
+    pub(crate) async fn cancelled(&self) {
+        self.cut.cancelled().await
+    }
+
+    /// Whether the token already stopped being valid.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cut.is_cancelled()
+    }
+}
+
+impl Drop for TokenStreamGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .owner
+            .by_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = map.get_mut(&self.id) {
+            if entry.generation == self.generation {
+                entry.holders -= 1;
+                if entry.holders == 0 {
+                    map.remove(&self.id);
+                }
+            }
+        }
+    }
 }
 
 /// RFC 1929 username/password, method 0x02, checked against the token store.
@@ -544,6 +875,147 @@ mod tests {
         let long = vec!["a".repeat(63); 4].join(".");
         assert_eq!(long.len(), 255);
         assert!(!valid_host_name(&long));
+    }
+
+    #[test]
+    fn user_names_name_an_agent_and_maybe_a_tenant() {
+        let token = "rna_17c7aa00ff11_0123456789abcdef0123456789abcdef0123456789abcdef";
+        /// User name, its agent and tenant (if it names them), how it is logged.
+        type Case<'a> = (&'a str, Option<(&'a str, Option<&'a str>)>, &'a str);
+        let table: &[Case] = &[
+            ("edge", Some(("edge", None)), "user \"edge\""),
+            (
+                "edge@globex/prod",
+                Some(("edge", Some("globex/prod"))),
+                "user \"edge@globex/prod\"",
+            ),
+            (
+                "edge@globex",
+                None,
+                "a user name of 11 bytes that is not an agent name",
+            ),
+            (
+                "@acme/prod",
+                None,
+                "a user name of 10 bytes that is not an agent name",
+            ),
+            (
+                "ed ge",
+                None,
+                "a user name of 5 bytes that is not an agent name",
+            ),
+            (
+                token,
+                None,
+                "a user name of 65 bytes that is not an agent name",
+            ),
+            // Short enough to be an agent name, shaped like a token: masked all the same.
+            (
+                "rna_17c7aa00ff11_abc",
+                Some(("rna_17c7aa00ff11_abc", None)),
+                "user \"rna_17c7aa00ff11_***\"",
+            ),
+        ];
+        for (user, want, shown) in table {
+            let got =
+                parse_user(user).map(|(agent, tenant)| (agent, tenant.map(|t| t.to_string())));
+            let want = want.map(|(agent, tenant)| (agent, tenant.map(str::to_string)));
+            assert_eq!(got, want, "{user}");
+            assert_eq!(describe_user(user), *shown, "{user}");
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_per_64() {
+        let table = [
+            ("10.1.2.3", "10.1.2.3"),
+            ("::ffff:10.1.2.3", "10.1.2.3"),
+            ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+            ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+            ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+            ("::1", "::/64"),
+        ];
+        for (ip, want) in table {
+            assert_eq!(Source::of(ip.parse().unwrap()).to_string(), want, "{ip}");
+        }
+    }
+
+    fn half_open(per_source: usize, total: usize) -> Arc<HalfOpen> {
+        Arc::new(HalfOpen {
+            state: Mutex::new(HalfOpenState::default()),
+            max_per_source: per_source,
+            max_total: total,
+        })
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_full_half_open_set_drops_the_busiest_sources_oldest() {
+        let limits = half_open(2, 4);
+        // One /64 is one source: its third connection is refused whatever the address.
+        let (a1, _) = limits.admit(ip("2001:db8::1")).unwrap();
+        let (a2, _) = limits.admit(ip("2001:db8::2")).unwrap();
+        assert_eq!(
+            limits.admit(ip("2001:db8::3")).err(),
+            Some("half_open_per_ip")
+        );
+        let (b1, _) = limits.admit(ip("10.0.0.1")).unwrap();
+        let (c1, evicted) = limits.admit(ip("10.0.0.2")).unwrap();
+        assert_eq!(evicted, None);
+        // Full: a newcomer drops the oldest connection of the busiest source (the /64).
+        let (d1, evicted) = limits.admit(ip("10.0.0.3")).unwrap();
+        assert_eq!(evicted, Some(Source::of(ip("2001:db8::9"))));
+        assert!(a1.dropped.is_cancelled());
+        assert!(!a2.dropped.is_cancelled());
+        // Among equals (one each), the oldest goes.
+        let (_e1, evicted) = limits.admit(ip("10.0.0.4")).unwrap();
+        assert_eq!(evicted, Some(Source::of(ip("2001:db8::2"))));
+        assert!(a2.dropped.is_cancelled());
+        let (_f1, evicted) = limits.admit(ip("10.0.0.5")).unwrap();
+        assert_eq!(evicted, Some(Source::of(ip("10.0.0.1"))));
+        assert!(b1.dropped.is_cancelled());
+        // Dropping evicted guards changes nothing; dropping a live one frees its place.
+        drop((a1, a2, b1));
+        assert_eq!(limits.state.lock().unwrap().total, 4);
+        drop(c1);
+        let (_g1, evicted) = limits.admit(ip("10.0.0.6")).unwrap();
+        assert_eq!(evicted, None);
+        assert!(!d1.dropped.is_cancelled());
+    }
+
+    #[test]
+    fn token_streams_are_cut_when_the_token_stops_being_valid() {
+        let mut store = TokenStore::default();
+        let now = SystemTime::now();
+        let tenant: Tenant = "acme/prod".parse().unwrap();
+        let (_, kept) = store
+            .create(tenant.clone(), vec![Scope::Proxy], None, None, now)
+            .unwrap();
+        let (_, revoked) = store
+            .create(tenant, vec![Scope::Proxy], None, None, now)
+            .unwrap();
+        let streams = Arc::new(TokenStreams::default());
+        let k1 = streams.enter(&kept.id);
+        let r1 = streams.enter(&revoked.id);
+        let r2 = streams.enter(&revoked.id);
+        assert_eq!(streams.cut_without_token(&store, now), 0);
+        store.revoke(&revoked.id).unwrap();
+        assert_eq!(streams.cut_without_token(&store, now), 2);
+        assert!(r1.is_cancelled() && r2.is_cancelled());
+        assert!(!k1.is_cancelled());
+        assert_eq!(streams.tokens(), 1);
+        // A later connection of the same id is a new entry; the old guards leave it alone.
+        let r3 = streams.enter(&revoked.id);
+        drop((r1, r2));
+        assert_eq!(streams.tokens(), 2);
+        drop((r3, k1));
+        assert_eq!(streams.tokens(), 0);
+        let gone = streams.enter("ffffffffffff");
+        assert_eq!(streams.cut_without_token(&store, now), 1);
+        assert!(gone.is_cancelled());
     }
 
     #[test]
