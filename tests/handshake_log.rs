@@ -36,7 +36,11 @@ async fn failed_handshakes_are_logged_at_a_bounded_rate() {
             .map(|_| endpoint.connect(world.quic, "localhost").unwrap())
             .collect();
         for attempt in attempts {
-            assert!(within("a refused handshake", attempt).await.is_err());
+            // TLS 1.3: the client may finish before the hub has judged its certificate; then
+            // the hub's close follows.
+            if let Ok(conn) = within("a refused handshake", attempt).await {
+                within("the hub's close", conn.closed()).await;
+            }
         }
     }
     let metrics = world.hub.metrics().clone();

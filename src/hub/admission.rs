@@ -61,6 +61,7 @@ impl SourceCounts {
     }
 
     /// Source blocks with a handshake in progress (the map never holds more).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
@@ -126,6 +127,7 @@ impl Gate {
     }
 
     /// The per-source counts (for tests and the bound on their size).
+    #[cfg(test)]
     pub(crate) fn sources(&self) -> &SourceCounts {
         &self.sources
     }
