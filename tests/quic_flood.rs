@@ -17,13 +17,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Distinct Initials captured from a real QUIC client (each its own connection ID and
-/// ClientHello); the flood replays them from many sources.
-const INITIALS: usize = 1500;
+/// ClientHello); the flood replays them from many sources. More than the hub's 256
+/// handshake slots, so accepting every Initial would fill them all.
+const INITIALS: usize = 400;
 /// Sources of the flood: 127.0.0.2 … 127.0.0.201, one UDP socket each.
 const SOURCES: u8 = 200;
 /// Initials per second the flood sends: about a hundred times the 26 per second that used
 /// to hold every handshake slot.
 const RATE: u64 = 2500;
+/// How long the flood lasts at least: longer than the TLS deadline, so the few unvalidated
+/// handshakes the hub accepts below its Retry threshold expire and are replaced meanwhile.
+const FLOOD: Duration = Duration::from_secs(8);
 
 /// Starts `n` QUIC connections towards a plain UDP socket and keeps the first datagram of
 /// each: a real, padded Initial carrying a ClientHello, never followed by anything.
@@ -185,7 +189,9 @@ async fn an_initial_flood_from_many_sources_locks_no_agent_out() {
         .map(|s| s.id)
         .collect();
 
+    let capture = Instant::now();
     let initials = capture_initials(&world, INITIALS).await;
+    eprintln!("captured {INITIALS} Initials in {:?}", capture.elapsed());
     let flood = Flood::start(world.quic, initials).await;
     // A second of flood first: enough to fill every handshake slot many times over if Initials
     // from unvalidated sources were all accepted.
@@ -217,6 +223,21 @@ async fn an_initial_flood_from_many_sources_locks_no_agent_out() {
     .await
     .ends_with(hello));
     let in_flood = flood.packets();
+    // Still under the flood, after the TLS deadline passed: the same again.
+    while flood.started.elapsed() < FLOOD {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        within("SOCKS via edge", fetch(world.socks, "edge", &acme, http))
+            .await
+            .ends_with(hello)
+    );
+    assert!(within(
+        "SOCKS via fresh",
+        fetch(world.socks, "fresh", &globex, http)
+    )
+    .await
+    .ends_with(hello));
     let (packets, sent, received, seconds) = flood.stop().await;
 
     let rate = packets as f64 / seconds;
@@ -260,7 +281,68 @@ async fn an_initial_flood_from_many_sources_locks_no_agent_out() {
         "{session_before:?} {session_after:?}"
     );
     assert_eq!(established.handle.status().sessions_total, 1);
+    assert_eq!(fresh.handle.status().sessions_total, 1);
     fresh.stop().await;
     established.stop().await;
     world.stop().await;
+}
+
+/// Sends one Initial from each of `initials.len()` sources, never answering, and returns
+/// (bytes sent, bytes the hub sent back) once the hub has given up on every handshake it
+/// started and a second more has passed.
+async fn reflection(world: &World, initials: &[Vec<u8>], started: impl Fn() -> u64) -> (u64, u64) {
+    let mut sockets = Vec::new();
+    for i in 0..initials.len() {
+        let source = Ipv4Addr::new(127, 0, 1, 1 + i as u8);
+        sockets.push(UdpSocket::bind((source, 0)).await.unwrap());
+    }
+    let mut sent = 0;
+    for (socket, initial) in sockets.iter().zip(initials) {
+        socket.send_to(initial, world.quic).await.unwrap();
+        sent += initial.len() as u64;
+    }
+    let metrics = world.hub.metrics().clone();
+    eventually("every handshake to be given up", || {
+        metrics.handshake_failures("tls_timeout") + metrics.quic_retries() >= started()
+    })
+    .await;
+    let mut received = 0;
+    let mut buf = vec![0u8; 65_536];
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+    for socket in &sockets {
+        while let Ok(Ok((n, _))) = tokio::time::timeout_at(quiet, socket.recv_from(&mut buf)).await
+        {
+            received += n as u64;
+        }
+    }
+    (sent, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reflection_toward_unvalidated_sources_with_and_without_retry() {
+    const SOURCES: usize = 40;
+    for (threshold, what) in [(usize::MAX, "without Retry"), (0, "with Retry")] {
+        let world = World::start_with(|c| {
+            c.caps.retry_threshold = threshold;
+            c.caps.tls_timeout = Duration::from_secs(3);
+        })
+        .await;
+        let initials = capture_initials(&world, SOURCES).await;
+        let (sent, received) = reflection(&world, &initials, || SOURCES as u64).await;
+        let factor = received as f64 / sent as f64;
+        eprintln!("{what}: {SOURCES} Initials, {sent} bytes; hub sent back {received} bytes (factor {factor:.3})");
+        let m = world.hub.metrics();
+        if threshold == 0 {
+            assert_eq!(m.quic_retries(), SOURCES as u64);
+            assert!(factor < 1.0, "{factor}");
+        } else {
+            assert_eq!(m.quic_retries(), 0);
+            assert_eq!(m.handshake_failures("tls_timeout"), SOURCES as u64);
+            // RFC 9000 §8.1: at most three times what an unvalidated address sent while the
+            // handshake runs; the close packet when the hub gives up at its TLS deadline comes
+            // on top (about 140 bytes for each 1200-byte Initial).
+            assert!(factor > 1.0 && factor <= 3.25, "{factor}");
+        }
+        world.stop().await;
+    }
 }
