@@ -441,8 +441,9 @@ impl Hub {
             let sessions = sessions.clone();
             let sessions_stop = sessions_stop.clone();
             tokio::spawn(async move {
-                // Writes the summary of failure lines held back by the rate limit.
-                let mut flush = tokio::time::interval(FAILURE_LOG_WINDOW);
+                // Writes the summary of failure lines held back by the rate limit; checked ten
+                // times per window so it comes out soon after its window ends.
+                let mut flush = tokio::time::interval(FAILURE_LOG_WINDOW / 10);
                 flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     let incoming = tokio::select! {

@@ -100,8 +100,8 @@ pub(crate) async fn serve(
             return;
         }
         Err(_) => {
-            // Dropping `connecting` abandons the connection; a peer that never finished TLS
-            // gets no more packets from us.
+            // Dropping `connecting` abandons the connection: a peer that never finished TLS
+            // gets one close packet and nothing more.
             failed(&HandshakeError::TlsTimeout);
             return;
         }
