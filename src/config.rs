@@ -258,6 +258,20 @@ pub struct HubOptions {
     /// [default: 256].
     #[arg(long, env = "RNA_MAX_HANDSHAKES")]
     pub max_handshakes: Option<usize>,
+    /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);
+    /// more are refused [default: 16].
+    #[arg(long, env = "RNA_MAX_HANDSHAKES_PER_SOURCE")]
+    pub max_handshakes_per_source: Option<usize>,
+    /// Handshakes in progress from which on new addresses must answer a QUIC Retry before any
+    /// TLS work; 0 asks every new address [default: 32].
+    #[arg(long, env = "RNA_RETRY_THRESHOLD")]
+    pub retry_threshold: Option<usize>,
+    /// Time for an agent's QUIC and TLS handshake [default: 5s].
+    #[arg(long, env = "RNA_TLS_TIMEOUT", value_parser = parse_duration)]
+    pub tls_timeout: Option<Duration>,
+    /// Time after TLS for an agent to send Hello [default: 5s].
+    #[arg(long, env = "RNA_HELLO_TIMEOUT", value_parser = parse_duration)]
+    pub hello_timeout: Option<Duration>,
     /// Tunnel streams open or opening on one agent connection; more are answered 0x01
     /// [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS_PER_AGENT")]
@@ -447,6 +461,7 @@ merge_options!(
     listen, socks, api, ca, cert, key, tokens, socks_no_auth, heartbeat_interval,
     heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
+    max_handshakes_per_source, retry_threshold, tls_timeout, hello_timeout,
     max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
     state_dir, kube_timeout, worker_threads, max_kube_waits_per_token;
 );
@@ -483,6 +498,10 @@ struct HubFile {
     token_poll: Option<FileDuration>,
     metrics_per_agent: Option<bool>,
     max_handshakes: Option<usize>,
+    max_handshakes_per_source: Option<usize>,
+    retry_threshold: Option<usize>,
+    tls_timeout: Option<FileDuration>,
+    hello_timeout: Option<FileDuration>,
     max_streams_per_agent: Option<usize>,
     max_frame: Option<usize>,
     max_kube_request: Option<usize>,
@@ -718,6 +737,10 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         token_poll: c.duration("token_poll", f.token_poll)?,
         metrics_per_agent: f.metrics_per_agent,
         max_handshakes: f.max_handshakes,
+        max_handshakes_per_source: f.max_handshakes_per_source,
+        retry_threshold: f.retry_threshold,
+        tls_timeout: c.duration("tls_timeout", f.tls_timeout)?,
+        hello_timeout: c.duration("hello_timeout", f.hello_timeout)?,
         max_streams_per_agent: f.max_streams_per_agent,
         max_frame: f.max_frame,
         max_kube_request: f.max_kube_request,
@@ -968,6 +991,19 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let caps = &mut config.caps;
     if let Some(n) = o.max_handshakes {
         caps.handshakes = at_least_one(n).map_err(|m| invalid("max_handshakes", m))?;
+    }
+    if let Some(n) = o.max_handshakes_per_source {
+        caps.handshakes_per_source =
+            at_least_one(n).map_err(|m| invalid("max_handshakes_per_source", m))?;
+    }
+    if let Some(n) = o.retry_threshold {
+        caps.retry_threshold = n;
+    }
+    if let Some(t) = o.tls_timeout {
+        caps.tls_timeout = t;
+    }
+    if let Some(t) = o.hello_timeout {
+        caps.hello_timeout = t;
     }
     if let Some(n) = o.max_streams_per_agent {
         caps.streams_per_agent =
@@ -1307,6 +1343,10 @@ pub fn hub_file_text(
         token_poll: d(config.token_poll),
         metrics_per_agent: Some(config.metrics_per_agent),
         max_handshakes: Some(config.caps.handshakes),
+        max_handshakes_per_source: Some(config.caps.handshakes_per_source),
+        retry_threshold: Some(config.caps.retry_threshold),
+        tls_timeout: d(config.caps.tls_timeout),
+        hello_timeout: d(config.caps.hello_timeout),
         max_streams_per_agent: Some(config.caps.streams_per_agent),
         max_frame: Some(config.caps.max_frame),
         max_kube_request: Some(config.caps.kube_request),
@@ -1572,7 +1612,8 @@ mod tests {
     fn caps_come_from_files_and_are_checked() {
         let (hub, _) = parse_hub_file(
             "max_handshakes = 3\nmax_streams_per_agent = 4\nmax_frame = 2048\n\
-             stream_idle_timeout = \"90s\"\n",
+             stream_idle_timeout = \"90s\"\nmax_handshakes_per_source = 2\n\
+             retry_threshold = 0\ntls_timeout = \"2s\"\nhello_timeout = \"3s\"\n",
             Path::new("hub.toml"),
         )
         .unwrap();
@@ -1580,6 +1621,10 @@ mod tests {
         assert_eq!(hub.max_streams_per_agent, Some(4));
         assert_eq!(hub.max_frame, Some(2048));
         assert_eq!(hub.stream_idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(hub.max_handshakes_per_source, Some(2));
+        assert_eq!(hub.retry_threshold, Some(0));
+        assert_eq!(hub.tls_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(hub.hello_timeout, Some(Duration::from_secs(3)));
         let (agent, _) = parse_agent_file(
             "max_pending_dials = 5\nmax_frame = 1024\ncongestion = \"bbr\"\n",
             Path::new("agent.toml"),

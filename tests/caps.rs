@@ -228,7 +228,7 @@ async fn five_hundred_slowloris_clients_do_not_stop_a_normal_client() {
 async fn quic_handshakes_in_progress_are_capped() {
     let world = World::start_with(|c| {
         c.caps.handshakes = 1;
-        c.limits.handshake_timeout = Duration::from_secs(3);
+        c.caps.hello_timeout = Duration::from_secs(3);
     })
     .await;
     let token = world.agent_token(TENANT);
@@ -267,6 +267,78 @@ async fn quic_handshakes_in_progress_are_capped() {
         }
         other => panic!("unexpected close: {other}"),
     }
+    agent.stop().await;
+    world.stop().await;
+}
+
+/// A client endpoint holding an agent certificate (as a leaked one would), sending from the
+/// loopback address `from`.
+fn client_from(world: &World, from: IpAddr, name: &str) -> quinn::Endpoint {
+    let cert = world.ca.issue_agent(name).unwrap();
+    let tls =
+        rna::transport::ClientTls::from_pem(&world.ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
+            .unwrap();
+    let endpoint =
+        rna::transport::agent_endpoint(world.quic, &tls, &rna::transport::Limits::default())
+            .unwrap();
+    endpoint
+        .rebind(std::net::UdpSocket::bind(SocketAddr::new(from, 0)).unwrap())
+        .unwrap();
+    endpoint
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quic_handshakes_per_source_are_capped() {
+    let world = World::start_with(|c| {
+        c.caps.handshakes_per_source = 2;
+        // Every new address answers a Retry first, so every handshake counts for its source.
+        c.caps.retry_threshold = 0;
+        c.caps.hello_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+
+    // From 127.0.0.2, two clients with an agent certificate finish TLS and never send Hello:
+    // they hold both handshake slots of their source.
+    let source = IpAddr::from([127, 0, 0, 2]);
+    let endpoint = client_from(&world, source, "staller");
+    let mut stallers = Vec::new();
+    for _ in 0..2 {
+        let conn = within(
+            "a staller's TLS handshake",
+            endpoint.connect(world.quic, "localhost").unwrap(),
+        )
+        .await
+        .unwrap();
+        stallers.push(conn);
+    }
+    // A third from the same address is refused before any TLS work.
+    let third = within(
+        "the third handshake",
+        endpoint.connect(world.quic, "localhost").unwrap(),
+    )
+    .await;
+    match third {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => assert_eq!(
+            close.error_code,
+            quinn::TransportErrorCode::CONNECTION_REFUSED,
+            "{close}"
+        ),
+        Err(other) => panic!("expected CONNECTION_REFUSED, got {other}"),
+        Ok(_) => panic!("a third handshake from one source was accepted"),
+    }
+    let m = world.hub.metrics();
+    assert_eq!(m.cap_refusals("quic_handshakes_per_source"), 1);
+    assert_eq!(m.cap_refusals("quic_handshakes"), 0);
+    // All three first had to prove their address.
+    assert!(m.quic_retries() >= 3, "{} retries", m.quic_retries());
+
+    // An agent from another address registers meanwhile, and serves.
+    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let http = http_server().await;
+    let body = fetch(world.socks, &token, http).await;
+    assert!(body.ends_with(b"hello from the private network\n"));
+    drop(stallers);
     agent.stop().await;
     world.stop().await;
 }

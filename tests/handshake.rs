@@ -231,3 +231,58 @@ async fn assert_refused_and_counted(
     let line = format!(r#"rna_agent_sessions_total{{event="closed",reason="{reason}"}} 1"#);
     assert!(metrics.contains(&line), "{line} in {metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_tls_phase_has_its_own_short_deadline() {
+    let world = World::start_with(|c| {
+        c.caps.tls_timeout = Duration::from_secs(1);
+        c.caps.hello_timeout = Duration::from_secs(30);
+    })
+    .await;
+
+    // A client whose first Initial reaches the hub and nothing after: a relay forwards that
+    // one datagram and drops everything else, both ways.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let hub = world.quic;
+    let (forwarded_tx, forwarded) = tokio::sync::oneshot::channel();
+    let relay_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        let (n, _) = relay.recv_from(&mut buf).await.unwrap();
+        relay.send_to(&buf[..n], hub).await.unwrap();
+        let _ = forwarded_tx.send(std::time::Instant::now());
+        loop {
+            if relay.recv_from(&mut buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let cert = world.ca.issue_agent("mute").unwrap();
+    let tls = ClientTls::from_pem(&world.ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+    let endpoint =
+        rna::transport::agent_endpoint(relay_addr, &tls, &rna::transport::Limits::default())
+            .unwrap();
+    let _connecting = endpoint.connect(relay_addr, "localhost").unwrap();
+    let sent = within("the Initial to be forwarded", forwarded)
+        .await
+        .unwrap();
+
+    let metrics = world.hub.metrics().clone();
+    eventually("the TLS deadline", || {
+        metrics.handshake_failures("tls_timeout") == 1
+    })
+    .await;
+    let took = sent.elapsed();
+    eprintln!("a handshake stuck in TLS was given up after {took:?}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    // Far below the 30 s allowed for Hello, and below the old 10 s budget for both.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(metrics.handshake_failures("timeout"), 0);
+
+    // The slot is free: an agent registers.
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, "after", &token, 1).await;
+    relay_task.abort();
+    agent.stop().await;
+    world.stop().await;
+}

@@ -20,6 +20,7 @@ pub struct Metrics {
     socks_requests: Family<Labels, Counter>,
     socks_refused: Family<Labels, Counter>,
     cap_refusals: Family<Labels, Counter>,
+    quic_retries: Counter,
     kube_commands: Family<Labels, Counter>,
     kube_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     streams_open: Gauge,
@@ -65,6 +66,7 @@ impl Metrics {
             socks_requests: Family::default(),
             socks_refused: Family::default(),
             cap_refusals: Family::default(),
+            quic_retries: Counter::default(),
             kube_commands: Family::default(),
             // 1 ms … ~65 s.
             kube_seconds: Family::new_with_constructor(|| {
@@ -121,6 +123,11 @@ impl Metrics {
             "cap_refusals",
             "Work refused or cut off because a resource cap was reached, by cap",
             m.cap_refusals.clone(),
+        );
+        r.register(
+            "quic_retries",
+            "Agent connection attempts from unvalidated addresses answered with a QUIC Retry",
+            m.quic_retries.clone(),
         );
         r.register(
             "kube_commands",
@@ -252,6 +259,16 @@ impl Metrics {
         self.cap_refusals
             .get_or_create(&vec![("cap", cap.into())])
             .inc();
+    }
+
+    /// A connection attempt was answered with a QUIC Retry.
+    pub fn quic_retry(&self) {
+        self.quic_retries.inc();
+    }
+
+    /// Retries sent so far.
+    pub fn quic_retries(&self) -> u64 {
+        self.quic_retries.get()
     }
 
     /// A Kubernetes command ended; `outcome` is `ok` or the HTTP status class it failed with.

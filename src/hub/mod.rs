@@ -3,6 +3,7 @@
 //!
 //! Hub path: SOCKS front → router → registry → tunnel stream → relay.
 
+mod admission;
 pub mod api;
 pub mod kube;
 pub mod kube_api;
@@ -31,6 +32,11 @@ use crate::transport::{self, Limits, ServerTls, TransportError};
 
 pub use metrics::Metrics;
 pub use registry::{AgentInfo, AgentSession, Registry};
+
+/// Window of the rate limit on WARN lines for failed handshakes.
+const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Failed handshakes logged one by one per window; the rest are summed up in one line.
+const FAILURE_LOG_BURST: u32 = 10;
 
 /// Errors starting or running the hub.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +104,22 @@ pub struct HubCaps {
     /// Agent connections in the handshake (QUIC, TLS, Hello) at once; more are refused
     /// before any cryptographic work (`cap="quic_handshakes"`).
     pub handshakes: usize,
+    /// Handshakes at once from one source block (an IPv4 address, an IPv6 /64) whose address
+    /// is validated; more are refused (`cap="quic_handshakes_per_source"`), so one sender
+    /// cannot take every slot.
+    pub handshakes_per_source: usize,
+    /// Handshakes in progress from which on a connection attempt from an address not yet
+    /// validated is answered with a QUIC Retry (counted in `rna_quic_retries_total`); 0 asks
+    /// every new address. Spoofed sources never answer a Retry, so they hold at most this
+    /// many slots and are sent less than they send.
+    pub retry_threshold: usize,
+    /// Time for the QUIC and TLS handshake, from the first packet; short, so attempts that
+    /// never finish free their slot soon (`rna_handshake_failures_total{reason="tls_timeout"}`).
+    pub tls_timeout: Duration,
+    /// Time, after TLS, for the agent to open its control stream and send Hello; an agent
+    /// sends it at once, so this is only reached by a client that holds a certificate and no
+    /// intent to register (closed `handshake_timeout`, `reason="timeout"`).
+    pub hello_timeout: Duration,
     /// Tunnel streams open or being opened on one agent connection; a SOCKS request beyond
     /// it is answered 0x01 (`cap="streams_per_agent"`).
     pub streams_per_agent: usize,
@@ -121,6 +143,10 @@ impl Default for HubCaps {
     fn default() -> Self {
         HubCaps {
             handshakes: 256,
+            handshakes_per_source: 16,
+            retry_threshold: 32,
+            tls_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(5),
             // As many as an agent grants by default (`Limits::tunnel_streams`), so one agent
             // carries 10,000 and more concurrent streams out of the box.
             streams_per_agent: 16_384,
@@ -212,12 +238,14 @@ pub(crate) struct Shared {
     /// Fired when the shutdown grace is over: streams still open are reset, so their clients
     /// see an RST rather than a clean end of a truncated transfer.
     pub(crate) cut_streams: CancellationToken,
-    /// One permit per agent handshake in progress ([`HubCaps::handshakes`]).
-    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
     /// Kubernetes waits running per token ([`HubCaps::kube_waits_per_token`]).
     pub(crate) kube_waits: Arc<kube::WaitSlots>,
     /// SOCKS connections by token, reset when their token stops being valid.
     pub(crate) socks_tokens: Arc<socks::TokenStreams>,
+    /// Handshake slots in total and per source, and the Retry rule ([`HubCaps`]).
+    pub(crate) gate: admission::Gate,
+    /// Rate limit of the WARN lines for failed handshakes.
+    pub(crate) failure_log: admission::FailureLog,
 }
 
 impl Shared {
@@ -347,10 +375,11 @@ impl Hub {
             ),
             None => None,
         };
-        let handshakes = config
-            .caps
-            .handshakes
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let gate = admission::Gate::new(
+            config.caps.handshakes,
+            config.caps.handshakes_per_source,
+            config.caps.retry_threshold,
+        );
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -360,9 +389,10 @@ impl Hub {
             draining: AtomicBool::new(false),
             reloads: tokio::sync::watch::Sender::new(0),
             cut_streams: CancellationToken::new(),
-            handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
             kube_waits: Arc::default(),
             socks_tokens: Arc::default(),
+            gate,
+            failure_log: admission::FailureLog::new(FAILURE_LOG_WINDOW, FAILURE_LOG_BURST),
         });
         Ok(Hub {
             shared,
@@ -426,21 +456,42 @@ impl Hub {
             let sessions = sessions.clone();
             let sessions_stop = sessions_stop.clone();
             tokio::spawn(async move {
+                // Writes the summary of failure lines held back by the rate limit; checked ten
+                // times per window so it comes out soon after its window ends.
+                let mut flush = tokio::time::interval(FAILURE_LOG_WINDOW / 10);
+                flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     let incoming = tokio::select! {
                         _ = stop.cancelled() => break,
+                        _ = flush.tick() => {
+                            shared.failure_log.flush();
+                            continue;
+                        }
                         incoming = endpoint.accept() => match incoming {
                             Some(i) => i,
                             None => break,
                         },
                     };
                     let remote = incoming.remote_address();
-                    let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-                        shared.metrics.cap_refused("quic_handshakes");
-                        debug!(%remote, "agent connection refused: {} handshakes in progress",
-                            shared.config.caps.handshakes);
-                        incoming.refuse();
-                        continue;
+                    let validated = incoming.remote_address_validated();
+                    let permit = match shared.gate.admit(remote.ip(), validated) {
+                        admission::Admission::Accept(slot) => slot,
+                        admission::Admission::Retry => {
+                            shared.metrics.quic_retry();
+                            if let Err(e) = incoming.retry() {
+                                // Only possible for a validated address, which admit never
+                                // sends here; drop it without an answer.
+                                e.into_incoming().ignore();
+                            }
+                            continue;
+                        }
+                        admission::Admission::Refuse(cap) => {
+                            shared.metrics.cap_refused(cap);
+                            debug!(%remote, cap, in_progress = shared.gate.in_progress(),
+                                "agent connection refused: handshake cap reached");
+                            incoming.refuse();
+                            continue;
+                        }
                     };
                     let shared = shared.clone();
                     let cancel = sessions_stop.clone();

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{info, Instrument};
 
+use super::admission::HandshakeSlot;
 use super::registry::AgentSession;
 use super::Shared;
 use crate::auth::{AuthError, Scope};
@@ -22,11 +23,14 @@ use crate::transport::control::{
 /// Why the hub refused an agent during the handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    /// QUIC or TLS failed: wrong CA, no client certificate, expired certificate, timeout.
+    /// QUIC or TLS failed: wrong CA, no client certificate, expired certificate.
     #[error("TLS handshake failed: {0}")]
     Tls(String),
-    /// The handshake did not finish in time.
-    #[error("handshake timed out")]
+    /// The QUIC and TLS handshake did not finish within its deadline.
+    #[error("TLS handshake timed out")]
+    TlsTimeout,
+    /// The control stream and Hello did not arrive in time after TLS.
+    #[error("no Hello in time")]
     Timeout,
     /// The agent never opened its control stream or sent Hello.
     #[error("no Hello: {0}")]
@@ -53,6 +57,7 @@ impl HandshakeError {
     pub fn label(&self) -> &'static str {
         match self {
             HandshakeError::Tls(_) => "tls",
+            HandshakeError::TlsTimeout => "tls_timeout",
             HandshakeError::Timeout => "timeout",
             HandshakeError::NoHello(_) => "no_hello",
             HandshakeError::Refused { code, .. } => code.as_str(),
@@ -65,49 +70,57 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
     cancel: CancellationToken,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_slot: HandshakeSlot,
 ) {
-    // One budget for the whole handshake: TLS, the control stream and Hello together.
-    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+    let remote = incoming.remote_address();
+    // Failures are logged through the hub's rate limit: a flood of them must not become a
+    // flood of log lines. The counters see every one.
+    let failed = |err: &HandshakeError| {
+        shared.metrics.handshake_failed(err.label());
+        shared
+            .failure_log
+            .failed(err.label(), format_args!("{err} (from {remote})"));
+    };
+    // The TLS phase has its own short deadline: a sender that starts handshakes and never
+    // finishes them frees its slot soon, whatever time Hello is allowed.
+    let tls_deadline = tokio::time::Instant::now() + shared.config.caps.tls_timeout;
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            shared.metrics.handshake_failed("tls");
-            warn!("agent connection refused before the handshake: {e}");
+            failed(&HandshakeError::Tls(format!(
+                "refused before the handshake: {e}"
+            )));
             return;
         }
     };
-    let connection = match tokio::time::timeout_at(deadline, connecting).await {
+    let connection = match tokio::time::timeout_at(tls_deadline, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            let err = HandshakeError::Tls(e.to_string());
-            shared.metrics.handshake_failed(err.label());
-            warn!("agent refused: {err}");
+            failed(&HandshakeError::Tls(e.to_string()));
             return;
         }
         Err(_) => {
-            shared.metrics.handshake_failed("timeout");
-            warn!("agent refused: TLS handshake timed out");
+            // Dropping `connecting` abandons the connection: a peer that never finished TLS
+            // gets one close packet and nothing more.
+            failed(&HandshakeError::TlsTimeout);
             return;
         }
     };
-    let handshaken = handshake(&shared, &connection, deadline).await;
-    drop(handshake_permit);
+    let hello_deadline = tokio::time::Instant::now() + shared.config.caps.hello_timeout;
+    let handshaken = handshake(&shared, &connection, hello_deadline).await;
+    drop(handshake_slot);
     let (session, mut send, mut reader) = match handshaken {
         Ok(ok) => ok,
         Err(err) => {
-            shared.metrics.handshake_failed(err.label());
+            failed(&err);
             match &err {
                 HandshakeError::Refused { code, reason } => {
-                    warn!(code = %code, "agent refused: {reason}");
                     connection.close((*code).into(), reason.as_bytes());
                 }
                 HandshakeError::Timeout => {
-                    warn!("agent refused: {err}");
                     connection.close(CloseCode::HandshakeTimeout.into(), b"handshake timed out");
                 }
-                other => {
-                    warn!("agent refused: {other}");
+                _ => {
                     connection.close(CloseCode::Protocol.into(), b"no hello");
                 }
             }

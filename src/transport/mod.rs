@@ -166,7 +166,8 @@ pub struct Limits {
     pub agent_keep_alive: Duration,
     /// A connection silent for this long is dead.
     pub idle_timeout: Duration,
-    /// Time allowed for the QUIC and TLS handshake.
+    /// Time the agent allows for its whole handshake (QUIC, TLS, Hello, Welcome). The hub
+    /// has its own, separate deadlines for TLS and for Hello (`HubCaps`).
     pub handshake_timeout: Duration,
     /// QUIC handshakes the hub keeps in progress at once; more are refused before work.
     pub max_incoming: usize,

@@ -1,0 +1,351 @@
+//! Admission of agent connection attempts before any TLS work: a QUIC Retry for addresses not
+//! yet validated once the hub is busy, handshake slots per source and in total, and a
+//! rate-limited log of failed handshakes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::warn;
+
+/// The block of addresses one sender is assumed to control: one IPv4 address (/32), or one
+/// IPv6 /64 (a single host usually has a whole /64, so counting /128s would be no cap).
+/// IPv4-mapped IPv6 addresses (a hub on `[::]`) count as the IPv4 address they carry.
+pub fn source_block(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
+/// What the hub does with a new QUIC connection attempt.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// Start the handshake, holding these slots until it ends.
+    Accept(HandshakeSlot),
+    /// Answer with a QUIC Retry (RFC 9000 §8.1.2): a real agent comes back at once with a
+    /// token proving its address; a spoofed source never does, and costs one small packet.
+    Retry,
+    /// Refuse with `CONNECTION_REFUSED`; the label is the cap that was full.
+    Refuse(&'static str),
+}
+
+/// Handshakes in progress per source block, only for addresses that proved they receive our
+/// packets. Unvalidated attempts are left out on purpose: a spoofer could otherwise fill the
+/// quota of a victim's address and lock its agents out; they are bounded by the Retry
+/// threshold instead.
+#[derive(Debug, Default)]
+pub(crate) struct SourceCounts(Mutex<HashMap<IpAddr, usize>>);
+
+impl SourceCounts {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // A panic while holding the lock leaves a count that is still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one slot of `block` unless it already holds `cap`.
+    fn take(self: &Arc<Self>, block: IpAddr, cap: usize) -> Option<SourceSlot> {
+        let mut counts = self.lock();
+        let n = counts.entry(block).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            counts: self.clone(),
+            block,
+        })
+    }
+
+    /// Source blocks with a handshake in progress (the map never holds more).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// One handshake of a source block; freed on drop.
+#[derive(Debug)]
+struct SourceSlot {
+    counts: Arc<SourceCounts>,
+    block: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(&self.block) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                // Empty entries are removed, so the map is bounded by the handshakes in progress.
+                counts.remove(&self.block);
+            }
+        }
+    }
+}
+
+/// The slots one handshake holds (in total, and of its source block when validated); both are
+/// given back when it is dropped, at the end of the handshake.
+#[derive(Debug)]
+pub(crate) struct HandshakeSlot {
+    _total: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
+
+/// The admission rules, with the state they need.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// One permit per handshake in progress.
+    total: Arc<Semaphore>,
+    /// How many permits `total` started with.
+    capacity: usize,
+    per_source: usize,
+    retry_threshold: usize,
+    sources: Arc<SourceCounts>,
+}
+
+impl Gate {
+    /// `capacity` handshakes in total, `per_source` per validated source block; unvalidated
+    /// addresses are asked for a Retry once `retry_threshold` handshakes are in progress.
+    pub(crate) fn new(capacity: usize, per_source: usize, retry_threshold: usize) -> Gate {
+        let capacity = capacity.min(Semaphore::MAX_PERMITS);
+        Gate {
+            total: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            per_source,
+            retry_threshold,
+            sources: Arc::default(),
+        }
+    }
+
+    /// Handshakes in progress now.
+    pub(crate) fn in_progress(&self) -> usize {
+        self.capacity.saturating_sub(self.total.available_permits())
+    }
+
+    /// The per-source counts (for tests and the bound on their size).
+    #[cfg(test)]
+    pub(crate) fn sources(&self) -> &SourceCounts {
+        &self.sources
+    }
+
+    /// Decides for one attempt from `remote`; `validated` is whether its address is proven
+    /// (it came back with a Retry token). Cheap and synchronous: it runs on the accept loop.
+    pub(crate) fn admit(&self, remote: IpAddr, validated: bool) -> Admission {
+        if !validated {
+            // Past the threshold (or with no slot left), an address must first prove it is
+            // real. Refusals therefore only ever go to validated addresses, and an unvalidated
+            // one is never sent more than the Retry packet, smaller than its Initial.
+            if self.in_progress() >= self.retry_threshold.min(self.capacity) {
+                return Admission::Retry;
+            }
+            return match self.total.clone().try_acquire_owned() {
+                Ok(total) => Admission::Accept(HandshakeSlot {
+                    _total: total,
+                    _source: None,
+                }),
+                Err(_) => Admission::Retry,
+            };
+        }
+        let Some(source) = self.sources.take(source_block(remote), self.per_source) else {
+            return Admission::Refuse("quic_handshakes_per_source");
+        };
+        match self.total.clone().try_acquire_owned() {
+            Ok(total) => Admission::Accept(HandshakeSlot {
+                _total: total,
+                _source: Some(source),
+            }),
+            Err(_) => Admission::Refuse("quic_handshakes"),
+        }
+    }
+}
+
+/// Individual WARN lines for failed handshakes, at most `burst` per window; the rest are
+/// counted and summed up in one line when the window ends. A flood of bad handshakes would
+/// otherwise write a line per packet (megabytes per minute); the per-reason counters in
+/// `rna_handshake_failures_total` still see every one.
+#[derive(Debug)]
+pub(crate) struct FailureLog {
+    window: Duration,
+    burst: u32,
+    state: Mutex<FailureWindow>,
+}
+
+#[derive(Debug)]
+struct FailureWindow {
+    started: Instant,
+    logged: u32,
+    suppressed: BTreeMap<&'static str, u64>,
+}
+
+impl FailureLog {
+    /// Up to `burst` lines per `window`.
+    pub(crate) fn new(window: Duration, burst: u32) -> FailureLog {
+        FailureLog {
+            window,
+            burst,
+            state: Mutex::new(FailureWindow {
+                started: Instant::now(),
+                logged: 0,
+                suppressed: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FailureWindow> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Logs one failed handshake (`reason` is its metric label) unless this window's burst is
+    /// spent, in which case it is only counted for the summary.
+    pub(crate) fn failed(&self, reason: &'static str, line: std::fmt::Arguments<'_>) {
+        let mut state = self.lock();
+        let summary = self.roll(&mut state);
+        let log = state.logged < self.burst;
+        if log {
+            state.logged += 1;
+        } else {
+            *state.suppressed.entry(reason).or_insert(0) += 1;
+        }
+        drop(state);
+        if let Some((total, reasons)) = summary {
+            self.summarise(total, &reasons);
+        }
+        if log {
+            warn!(reason, "agent refused: {line}");
+        }
+    }
+
+    /// Ends the window if it is over, writing the summary of what it did not log. Called on
+    /// a timer too, so the last window of a flood is reported when the flood stops.
+    pub(crate) fn flush(&self) {
+        let summary = self.roll(&mut self.lock());
+        if let Some((total, reasons)) = summary {
+            self.summarise(total, &reasons);
+        }
+    }
+
+    /// Starts a new window if the current one is over; returns what the old one suppressed.
+    fn roll(&self, state: &mut FailureWindow) -> Option<(u64, String)> {
+        if state.started.elapsed() < self.window {
+            return None;
+        }
+        state.started = Instant::now();
+        state.logged = 0;
+        let suppressed = std::mem::take(&mut state.suppressed);
+        let total: u64 = suppressed.values().sum();
+        (total > 0).then(|| {
+            let reasons = suppressed
+                .iter()
+                .map(|(reason, n)| format!("{reason}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            (total, reasons)
+        })
+    }
+
+    fn summarise(&self, total: u64, reasons: &str) {
+        warn!(suppressed = total, reasons, window = ?self.window,
+            "{total} more agent handshakes failed without a line each ({reasons}); \
+             rna_handshake_failures_total counts them all");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_block_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let cases: [(&str, &str); 5] = [
+            ("192.0.2.7", "192.0.2.7"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+            ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::"),
+            ("2001:db8:1:2::1", "2001:db8:1:2::"),
+            ("2001:db8:1:3::1", "2001:db8:1:3::"),
+        ];
+        for (ip, block) in cases {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(source_block(ip), block.parse::<IpAddr>().unwrap(), "{ip}");
+        }
+    }
+
+    fn accepted(a: Admission) -> HandshakeSlot {
+        match a {
+            Admission::Accept(slot) => slot,
+            other => panic!("expected Accept, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unvalidated_addresses_get_a_retry_past_the_threshold_and_never_a_refusal() {
+        let gate = Gate::new(4, 1, 2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        // Below the threshold, unvalidated attempts are accepted and not counted per source.
+        let a = accepted(gate.admit(ip, false));
+        let b = accepted(gate.admit(ip, false));
+        assert_eq!(gate.sources().len(), 0);
+        assert!(matches!(gate.admit(ip, false), Admission::Retry));
+        // A validated one still has room, in total and for its source.
+        let c = accepted(gate.admit(ip, true));
+        assert_eq!(gate.in_progress(), 3);
+        // Its block holds its one handshake: a second from the same /32 is refused.
+        assert!(matches!(
+            gate.admit(ip, true),
+            Admission::Refuse("quic_handshakes_per_source")
+        ));
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let d = accepted(gate.admit(other, true));
+        // Full: validated attempts are refused, unvalidated ones still only get a Retry.
+        let third: IpAddr = "192.0.2.3".parse().unwrap();
+        assert!(matches!(
+            gate.admit(third, true),
+            Admission::Refuse("quic_handshakes")
+        ));
+        assert!(matches!(gate.admit(third, false), Admission::Retry));
+        drop((a, b, c, d));
+        assert_eq!(gate.in_progress(), 0);
+        assert_eq!(gate.sources().len(), 0, "empty source entries are removed");
+    }
+
+    #[test]
+    fn a_zero_threshold_asks_every_unvalidated_address_for_a_retry() {
+        let gate = Gate::new(4, 4, 0);
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(matches!(gate.admit(ip, false), Admission::Retry));
+        let _slot = accepted(gate.admit(ip, true));
+        // The same /64 shares the count.
+        let sibling: IpAddr = "2001:db8::2".parse().unwrap();
+        let _second = accepted(gate.admit(sibling, true));
+        assert_eq!(gate.sources().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_lines_past_the_burst_are_summed_up_per_window() {
+        let log = FailureLog::new(Duration::from_secs(10), 2);
+        for _ in 0..5 {
+            log.failed("tls", format_args!("x"));
+        }
+        log.failed("timeout", format_args!("y"));
+        {
+            let state = log.lock();
+            assert_eq!(state.logged, 2);
+            assert_eq!(state.suppressed.get("tls"), Some(&3));
+            assert_eq!(state.suppressed.get("timeout"), Some(&1));
+        }
+        // Nothing rolls before the window is over.
+        log.flush();
+        assert_eq!(log.lock().suppressed.len(), 2);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let mut state = log.lock();
+        assert_eq!(
+            log.roll(&mut state),
+            Some((4, "timeout=1 tls=3".to_string()))
+        );
+        assert_eq!(state.logged, 0);
+        assert!(state.suppressed.is_empty());
+    }
+}
