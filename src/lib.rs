@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod hub;
+pub mod listen;
 pub mod notify;
 pub mod proto;
 pub mod runtime;
