@@ -450,13 +450,15 @@ async fn sign_in_and_sign_out_refuse_other_sites() {
     ];
     let old_browser_own = [("origin", "http://hub.example:8080")];
     let script: [(&str, &str); 0] = [];
-    // (request headers, status, what Set-Cookie must be: the login, cleared, or none)
+    // What Set-Cookie must be: the login, cleared, or absent.
     enum Cookie {
         Login,
         Cleared,
         None,
     }
-    let form_cases: [(&[(&str, &str)], u16, Cookie); 7] = [
+    /// Request headers, the status wanted, and the Set-Cookie wanted.
+    type Case<'a> = (&'a [(&'a str, &'a str)], u16, Cookie);
+    let form_cases: [Case; 7] = [
         (&cross, 403, Cookie::None),
         (&sibling, 403, Cookie::None),
         (&old_browser_cross, 403, Cookie::None),
@@ -465,7 +467,7 @@ async fn sign_in_and_sign_out_refuse_other_sites() {
         (&old_browser_own, 303, Cookie::Login),
         (&script, 303, Cookie::Login),
     ];
-    let link_cases: [(&[(&str, &str)], u16, Cookie); 5] = [
+    let link_cases: [Case; 5] = [
         (&[("sec-fetch-site", "cross-site")], 403, Cookie::None),
         (&[("sec-fetch-site", "same-site")], 403, Cookie::None),
         (&[("sec-fetch-site", "same-origin")], 403, Cookie::None),
@@ -473,7 +475,7 @@ async fn sign_in_and_sign_out_refuse_other_sites() {
         (&script, 403, Cookie::None),
         (&[("sec-fetch-site", "none")], 303, Cookie::Login),
     ];
-    let sign_out_cases: [(&[(&str, &str)], u16, Cookie); 5] = [
+    let sign_out_cases: [Case; 5] = [
         (&cross, 403, Cookie::None),
         (&old_browser_cross, 403, Cookie::None),
         (&opaque, 403, Cookie::None),
