@@ -292,7 +292,8 @@ pub async fn serve_http<F>(
 pub struct Deadline {
     /// How long the body may take to arrive after the head.
     pub timeout: Duration,
-    /// Largest body accepted (413 beyond); the routes' own limits still apply after it.
+    /// Largest body read ahead of the route (at least every route's own limit): memory held
+    /// per request stays bounded; a longer body is the route's to refuse.
     pub max_body: usize,
     /// Whether the answer must also be ready within `timeout` (off for routes that run
     /// long commands under their own deadline).
@@ -300,8 +301,9 @@ pub struct Deadline {
 }
 
 /// Middleware (`axum::middleware::from_fn_with_state(deadline, request_deadline)`): reads the
-/// whole body within the deadline (408 when it does not arrive, 413 when it is too large),
-/// then runs the route, bounded by the same deadline when `bound_answer` (503 when late).
+/// whole body within the deadline (408 when it does not arrive; a body over `max_body` reaches
+/// the route as the length-limit error its extractor turns into 413), then runs the route,
+/// bounded by the same deadline when `bound_answer` (503 when late).
 pub async fn request_deadline(
     State(deadline): State<Deadline>,
     request: Request,
@@ -311,17 +313,12 @@ pub async fn request_deadline(
     let (parts, body) = request.into_parts();
     let read = Limited::new(body, deadline.max_body).collect();
     let body = match tokio::time::timeout(deadline.timeout, read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return closing(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-        }
-        Ok(Err(e)) => {
-            debug!("reading a request body failed: {e}");
-            return closing(StatusCode::BAD_REQUEST, "request body could not be read\n");
-        }
+        Ok(Ok(collected)) => Body::from(collected.to_bytes()),
+        // Too large, or broken: the route answers as it would have (its own 413, after its
+        // own authorization), since its body extractor meets the same error.
+        Ok(Err(e)) => Body::new(http_body_util::StreamBody::new(futures_util::stream::once(
+            async move { Err::<hyper::body::Frame<axum::body::Bytes>, _>(e) },
+        ))),
         Err(_) => {
             debug!(timeout = ?deadline.timeout, "request body did not arrive in time");
             return closing(
@@ -330,7 +327,7 @@ pub async fn request_deadline(
             );
         }
     };
-    let request = Request::from_parts(parts, Body::from(body));
+    let request = Request::from_parts(parts, body);
     if !deadline.bound_answer {
         return next.run(request).await;
     }
