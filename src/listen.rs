@@ -249,6 +249,9 @@ pub async fn serve_http<F>(
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     let tasks = TaskTracker::new();
+    // Refusals are logged at most once a second, with how many there were since.
+    let mut refusals_logged: Option<Instant> = None;
+    let mut refusals_unlogged = 0u64;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -258,8 +261,14 @@ pub async fn serve_http<F>(
             Ok(g) => g,
             Err(cap) => {
                 refused(cap);
-                debug!(listener = acceptor.what, client = %peer, ?cap,
-                    "connection refused: connection cap reached");
+                refusals_unlogged += 1;
+                if refusals_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                    warn!(listener = acceptor.what, client = %peer, ?cap,
+                        refused = refusals_unlogged,
+                        "connections refused: connection cap reached");
+                    refusals_logged = Some(Instant::now());
+                    refusals_unlogged = 0;
+                }
                 // Best effort and never waiting: a client that does not read gets nothing.
                 let _ = tcp.try_write(OVER_CAP);
                 continue;
