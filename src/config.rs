@@ -819,10 +819,10 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
     let api = &mut config.api_limits;
     if let Some(t) = o.api_header_timeout {
-        api.header_timeout = positive(t).map_err(|m| invalid("api_header_timeout", m))?;
+        api.header_timeout = t;
     }
     if let Some(t) = o.api_request_timeout {
-        api.request_timeout = positive(t).map_err(|m| invalid("api_request_timeout", m))?;
+        api.request_timeout = t;
     }
     if let Some(n) = o.api_max_connections {
         api.max_connections = at_least_one(n).map_err(|m| invalid("api_max_connections", m))?;
@@ -913,14 +913,6 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         ));
     }
     Ok(config)
-}
-
-/// A deadline of zero would cut off every client at once.
-fn positive(d: Duration) -> Result<Duration, String> {
-    if d.is_zero() {
-        return Err("must be longer than 0".into());
-    }
-    Ok(d)
 }
 
 fn at_least_one(n: usize) -> Result<usize, String> {

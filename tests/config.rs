@@ -365,3 +365,56 @@ fn worker_threads_come_from_flag_env_or_file_and_are_checked() {
         "rna: command line: worker_threads: 2000 must be between 1 and 1024"
     );
 }
+
+#[test]
+fn admin_api_limits_come_from_flag_env_or_file_and_are_checked() {
+    let setup = Setup::new();
+    let bare = setup.hub_file("");
+    let out = valid(&["hub", "--config", s(&bare)], &[]);
+    for want in [
+        "header_timeout: 10s,",
+        "request_timeout: 30s,",
+        "max_connections: 1024,",
+        "max_connections_per_ip: 64,",
+    ] {
+        assert!(out.contains(want), "default {want}: {out}");
+    }
+    let file = setup.hub_file(
+        "api_header_timeout = \"3s\"\napi_request_timeout = \"4s\"\napi_max_connections = 10\n\
+         api_max_connections_per_ip = 2\n",
+    );
+    let out = valid(&["hub", "--config", s(&file)], &[]);
+    for want in [
+        "header_timeout: 3s,",
+        "request_timeout: 4s,",
+        "max_connections: 10,",
+        "max_connections_per_ip: 2,",
+    ] {
+        assert!(out.contains(want), "file {want}: {out}");
+    }
+    let env = [
+        ("RNA_API_HEADER_TIMEOUT", "5s"),
+        ("RNA_API_MAX_CONNECTIONS_PER_IP", "7"),
+    ];
+    let out = valid(&["hub", "--config", s(&file)], &env);
+    assert!(out.contains("header_timeout: 5s,"), "env over file: {out}");
+    assert!(out.contains("max_connections_per_ip: 7,"), "env: {out}");
+    assert!(
+        out.contains("request_timeout: 4s,"),
+        "file for the rest: {out}"
+    );
+    let out = valid(
+        &["hub", "--config", s(&file), "--api-request-timeout", "9s"],
+        &env,
+    );
+    assert!(out.contains("request_timeout: 9s,"), "flag: {out}");
+
+    let zero = setup.hub_file("api_max_connections = 0\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&zero)], &[]),
+        format!("rna: {}: api_max_connections: must be at least 1", s(&zero))
+    );
+    let zero = setup.hub_file("api_header_timeout = \"0s\"\n");
+    assert!(refused(&["hub", "--config", s(&zero)], &[])
+        .ends_with("api_header_timeout: invalid duration \"0s\": must be greater than zero"));
+}
