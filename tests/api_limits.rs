@@ -415,3 +415,50 @@ async fn descriptor_exhaustion_backs_off_with_bounded_logs_and_service_resumes()
     let status = within("hub exits", child.wait()).await.unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_metrics_endpoint_has_the_same_caps() {
+    let world = World::start().await;
+    let token = world.agent_token("acme/prod");
+    let agent = world.connect_agent("acme/prod", "edge", &token, 1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(rna::agent::admin::serve(
+        listener,
+        agent.handle.clone(),
+        stop.clone(),
+    ));
+    let per_ip = rna::listen::HttpLimits::default().max_connections_per_ip;
+    let attacker: IpAddr = [127, 0, 0, 1].into();
+    let _slow = slowloris(per_ip, attacker, addr).await;
+    let mut extra = connect_from(attacker, addr).await;
+    let reply = within("503 over the per-IP cap", until_closed(&mut extra)).await;
+    assert!(
+        reply.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert_eq!(
+        agent
+            .handle
+            .metrics()
+            .cap_refusals("metrics_connections_per_ip"),
+        1
+    );
+    let mut other = connect_from([127, 0, 0, 3].into(), addr).await;
+    other
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = within("readyz from another address", until_closed(&mut other)).await;
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    stop.cancel();
+    within("metrics endpoint stops", served).await.unwrap();
+    agent.stop().await;
+    world.stop().await;
+}
