@@ -87,22 +87,32 @@ impl Acceptor {
         loop {
             match self.listener.accept().await {
                 Ok(accepted) => {
-                    if self.failing {
+                    self.backoff = MIN_BACKOFF;
+                    // Said once, and within the same one-line-a-second budget as the errors,
+                    // so a listener flapping at the descriptor limit cannot flood the log.
+                    if self.failing && self.may_log() {
                         info!(
                             listener = self.what,
                             unlogged_errors = self.suppressed,
                             "accepting connections again"
                         );
+                        self.logged();
                         self.failing = false;
-                        self.suppressed = 0;
-                        self.last_log = None;
                     }
-                    self.backoff = MIN_BACKOFF;
                     return accepted;
                 }
                 Err(e) => {
                     self.failing = true;
-                    self.report(&e);
+                    if self.may_log() {
+                        warn!(
+                            listener = self.what,
+                            unlogged_errors = self.suppressed,
+                            "accept failed, backing off: {e}"
+                        );
+                        self.logged();
+                    } else {
+                        self.suppressed += 1;
+                    }
                     if !is_per_connection(&e) {
                         tokio::time::sleep(self.backoff).await;
                         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -112,20 +122,14 @@ impl Acceptor {
         }
     }
 
-    fn report(&mut self, e: &io::Error) {
-        let now = Instant::now();
-        match self.last_log {
-            Some(at) if now.duration_since(at) < LOG_EVERY => self.suppressed += 1,
-            _ => {
-                warn!(
-                    listener = self.what,
-                    unlogged_errors = self.suppressed,
-                    "accept failed, backing off: {e}"
-                );
-                self.last_log = Some(now);
-                self.suppressed = 0;
-            }
-        }
+    /// Whether a line may be written now: at most one per [`LOG_EVERY`].
+    fn may_log(&self) -> bool {
+        self.last_log.is_none_or(|at| at.elapsed() >= LOG_EVERY)
+    }
+
+    fn logged(&mut self) {
+        self.last_log = Some(Instant::now());
+        self.suppressed = 0;
     }
 }
 
