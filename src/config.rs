@@ -208,6 +208,21 @@ pub struct HubOptions {
     /// Admin API and status page address [default: 127.0.0.1:8080].
     #[arg(long, env = "RNA_API")]
     pub api: Option<SocketAddr>,
+    /// Time a client of the admin API has to send a request head, from connecting or from
+    /// the previous answer on a kept-alive connection [default: 10s].
+    #[arg(long, env = "RNA_API_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub api_header_timeout: Option<Duration>,
+    /// Time an admin API request has for its body, and a quick answer to be ready
+    /// (Kubernetes commands have their own deadlines) [default: 30s].
+    #[arg(long, env = "RNA_API_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub api_request_timeout: Option<Duration>,
+    /// Admin API connections open at once; more are answered 503 [default: 1024].
+    #[arg(long, env = "RNA_API_MAX_CONNECTIONS")]
+    pub api_max_connections: Option<usize>,
+    /// Admin API connections one client IP may have open at once; more are answered 503
+    /// [default: 64].
+    #[arg(long, env = "RNA_API_MAX_CONNECTIONS_PER_IP")]
+    pub api_max_connections_per_ip: Option<usize>,
     /// CA that agent certificates must chain to.
     #[arg(long, env = "RNA_CA")]
     pub ca: Option<PathBuf>,
@@ -458,7 +473,8 @@ fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
 
 merge_options!(
     HubOptions;
-    listen, socks, api, ca, cert, key, tokens, socks_no_auth, heartbeat_interval,
+    listen, socks, api, api_header_timeout, api_request_timeout, api_max_connections,
+    api_max_connections_per_ip, ca, cert, key, tokens, socks_no_auth, heartbeat_interval,
     heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
     max_handshakes_per_source, retry_threshold, tls_timeout, hello_timeout,
@@ -483,6 +499,10 @@ struct HubFile {
     listen: Option<String>,
     socks: Option<String>,
     api: Option<String>,
+    api_header_timeout: Option<FileDuration>,
+    api_request_timeout: Option<FileDuration>,
+    api_max_connections: Option<usize>,
+    api_max_connections_per_ip: Option<usize>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -722,6 +742,10 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         listen: c.parse("listen", f.listen, parse_addr)?,
         socks: c.parse("socks", f.socks, parse_addr)?,
         api: c.parse("api", f.api, parse_addr)?,
+        api_header_timeout: c.duration("api_header_timeout", f.api_header_timeout)?,
+        api_request_timeout: c.duration("api_request_timeout", f.api_request_timeout)?,
+        api_max_connections: f.api_max_connections,
+        api_max_connections_per_ip: f.api_max_connections_per_ip,
         ca: c.path(f.ca),
         cert: c.path(f.cert),
         key: c.path(f.key),
@@ -946,6 +970,20 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
+    let api = &mut config.api_limits;
+    if let Some(t) = o.api_header_timeout {
+        api.header_timeout = t;
+    }
+    if let Some(t) = o.api_request_timeout {
+        api.request_timeout = t;
+    }
+    if let Some(n) = o.api_max_connections {
+        api.max_connections = at_least_one(n).map_err(|m| invalid("api_max_connections", m))?;
+    }
+    if let Some(n) = o.api_max_connections_per_ip {
+        api.max_connections_per_ip =
+            at_least_one(n).map_err(|m| invalid("api_max_connections_per_ip", m))?;
+    }
     if let Some(route) = o.socks_no_auth {
         config.socks_no_auth =
             Some(parse_no_auth(&route).map_err(|m| invalid("socks_no_auth", m))?);
@@ -1325,6 +1363,10 @@ pub fn hub_file_text(
         listen: Some(config.listen.to_string()),
         socks: Some(config.socks.to_string()),
         api: config.api.map(|a| a.to_string()),
+        api_header_timeout: d(config.api_limits.header_timeout),
+        api_request_timeout: d(config.api_limits.request_timeout),
+        api_max_connections: Some(config.api_limits.max_connections),
+        api_max_connections_per_ip: Some(config.api_limits.max_connections_per_ip),
         ca: options.ca.as_deref().map(shown),
         cert: options.cert.as_deref().map(shown),
         key: options.key.as_deref().map(shown),

@@ -109,6 +109,8 @@ impl DevState {
                     Scope::Proxy,
                     Scope::ReadInfraData,
                     Scope::ExecInfraOp,
+                    // So the same token also reads the hub's /metrics.
+                    Scope::ReadMetrics,
                 ];
                 let (token, _) =
                     store.create(Self::tenant(), scopes, None, Some("dev".into()), now)?;

@@ -152,7 +152,8 @@ enum TokenCommand {
         /// Tenant, organization/environment.
         #[arg(long, env = "RNA_TENANT")]
         tenant: Tenant,
-        /// Scope; repeat: connect:agentHub, proxy, read:infra:data, exec:infra:op, admin.
+        /// Scope; repeat: connect:agentHub, proxy, read:infra:data, exec:infra:op, read:metrics,
+        /// admin.
         #[arg(
             long = "scope",
             env = "RNA_SCOPES",
@@ -464,17 +465,12 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
     let handle = agent.handle();
     let shutdown = CancellationToken::new();
     if let Some(listener) = admin {
-        let app = rna::agent::admin::app(handle.clone());
-        let stop = shutdown.clone();
         info!(metrics = %listener.local_addr()?, "agent health and metrics endpoint");
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!("agent metrics endpoint failed: {e}");
-            }
-        });
+        tokio::spawn(rna::agent::admin::serve(
+            listener,
+            handle.clone(),
+            shutdown.clone(),
+        ));
     }
     // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file).
     let reload_handle = handle.clone();

@@ -819,3 +819,56 @@ fn a_closed_stdout_ends_the_command_quietly() {
         assert_eq!(stderr(&out), "", "{args:?}");
     }
 }
+
+#[test]
+fn admin_api_limits_come_from_flag_env_or_file_and_are_checked() {
+    let setup = Setup::new();
+    let bare = setup.hub_file("");
+    let out = valid(&["hub", "--config", s(&bare)], &[]);
+    for want in [
+        "api_header_timeout = \"10s\"\n",
+        "api_request_timeout = \"30s\"\n",
+        "api_max_connections = 1024\n",
+        "api_max_connections_per_ip = 64\n",
+    ] {
+        assert!(out.contains(want), "default {want}: {out}");
+    }
+    let file = setup.hub_file(
+        "api_header_timeout = \"3s\"\napi_request_timeout = \"4s\"\napi_max_connections = 10\n\
+         api_max_connections_per_ip = 2\n",
+    );
+    let out = valid(&["hub", "--config", s(&file)], &[]);
+    for want in [
+        "api_header_timeout = \"3s\"\n",
+        "api_request_timeout = \"4s\"\n",
+        "api_max_connections = 10\n",
+        "api_max_connections_per_ip = 2\n",
+    ] {
+        assert!(out.contains(want), "file {want}: {out}");
+    }
+    let env = [
+        ("RNA_API_HEADER_TIMEOUT", "5s"),
+        ("RNA_API_MAX_CONNECTIONS_PER_IP", "7"),
+    ];
+    let out = valid(&["hub", "--config", s(&file)], &env);
+    assert!(out.contains("api_header_timeout = \"5s\"\n"), "env over file: {out}");
+    assert!(out.contains("api_max_connections_per_ip = 7\n"), "env: {out}");
+    assert!(
+        out.contains("api_request_timeout = \"4s\"\n"),
+        "file for the rest: {out}"
+    );
+    let out = valid(
+        &["hub", "--config", s(&file), "--api-request-timeout", "9s"],
+        &env,
+    );
+    assert!(out.contains("api_request_timeout = \"9s\"\n"), "flag: {out}");
+
+    let zero = setup.hub_file("api_max_connections = 0\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&zero)], &[]),
+        format!("rna: {}: api_max_connections: must be at least 1", s(&zero))
+    );
+    let zero = setup.hub_file("api_header_timeout = \"0s\"\n");
+    assert!(refused(&["hub", "--config", s(&zero)], &[])
+        .ends_with("api_header_timeout: invalid duration \"0s\": must be greater than zero"));
+}

@@ -877,7 +877,7 @@ fn protected_secrets_and_the_wait_cap_come_from_flags_environment_and_file() {
     let (ok, text) = check_config("agent", &agent, &[], &[]);
     assert!(ok, "{text}");
     assert!(
-        compact(&text).contains("protected_secrets:[SecretRef{namespace:None,name:\"rna-agent-tls\",},SecretRef{namespace:None,name:\"rna-agent-token\",},]"),
+        compact(&text).contains("kube_protected_secret=[\"rna-agent-tls\",\"rna-agent-token\"]"),
         "{text}"
     );
     std::fs::write(
@@ -888,7 +888,7 @@ fn protected_secrets_and_the_wait_cap_come_from_flags_environment_and_file() {
     let (ok, text) = check_config("agent", &agent, &[], &[]);
     assert!(ok, "{text}");
     assert!(
-        compact(&text).contains("protected_secrets:[SecretRef{namespace:Some(\"vault\",),name:\"agent-key\",},SecretRef{namespace:None,name:\"hub-token\",},]"),
+        compact(&text).contains("kube_protected_secret=[\"vault/agent-key\",\"hub-token\"]"),
         "{text}"
     );
     // The environment and a flag win over the file.
@@ -899,12 +899,12 @@ fn protected_secrets_and_the_wait_cap_come_from_flags_environment_and_file() {
         &[("RNA_KUBE_PROTECTED_SECRET", "a,b")],
     );
     assert!(
-        ok && compact(&text).contains("name:\"a\",},SecretRef{namespace:None,name:\"b\",},]"),
+        ok && compact(&text).contains("kube_protected_secret=[\"a\",\"b\"]"),
         "{text}"
     );
     let (ok, text) = check_config("agent", &agent, &["--kube-protected-secret", "x/y"], &[]);
     assert!(
-        ok && compact(&text).contains("[SecretRef{namespace:Some(\"x\",),name:\"y\",},]"),
+        ok && compact(&text).contains("kube_protected_secret=[\"x/y\"]"),
         "{text}"
     );
     // A bad entry names its key and place.
@@ -926,18 +926,18 @@ fn protected_secrets_and_the_wait_cap_come_from_flags_environment_and_file() {
     std::fs::write(&hub, base).unwrap();
     let (ok, text) = check_config("hub", &hub, &[], &[]);
     assert!(
-        ok && compact(&text).contains("kube_waits_per_token:8,"),
+        ok && compact(&text).contains("max_kube_waits_per_token=8"),
         "{text}"
     );
     std::fs::write(&hub, format!("{base}max_kube_waits_per_token = 3\n")).unwrap();
     let (ok, text) = check_config("hub", &hub, &[], &[]);
     assert!(
-        ok && compact(&text).contains("kube_waits_per_token:3,"),
+        ok && compact(&text).contains("max_kube_waits_per_token=3"),
         "{text}"
     );
     let (ok, text) = check_config("hub", &hub, &[], &[("RNA_MAX_KUBE_WAITS_PER_TOKEN", "5")]);
     assert!(
-        ok && compact(&text).contains("kube_waits_per_token:5,"),
+        ok && compact(&text).contains("max_kube_waits_per_token=5"),
         "{text}"
     );
     let (ok, text) = check_config("hub", &hub, &["--max-kube-waits-per-token", "0"], &[]);

@@ -1,5 +1,6 @@
 //! After a scripted session the hub's and the agent's /metrics expositions hold exactly the
-//! expected values (parsed from the text served over HTTP).
+//! expected values (parsed from the text served over HTTP); the hub's are only for a token
+//! with `read:metrics`, since they name every tenant.
 
 mod common;
 
@@ -66,6 +67,26 @@ async fn get_ok(addr: SocketAddr, path: &str) -> String {
     body
 }
 
+/// GET with `Authorization: Bearer <token>` when given: the status code and the body.
+async fn get_with(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    within("response", s.read_to_end(&mut out)).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    (status, body.to_string())
+}
+
 /// An echo server: returns every byte it reads.
 async fn echo_server() -> SocketAddr {
     tcp_server(|mut s: tokio::net::TcpStream| async move {
@@ -83,9 +104,9 @@ async fn counters_match_a_scripted_session() {
     let agent_admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_metrics = agent_admin.local_addr().unwrap();
     tokio::spawn(async move {
-        let app = rna::agent::admin::app(agent.handle.clone());
+        let handle = agent.handle.clone();
         let _keep = agent;
-        let _ = axum::serve(agent_admin, app).await;
+        rna::agent::admin::serve(agent_admin, handle, Default::default()).await;
     });
 
     // An agent with a token of the wrong scope is refused in the handshake.
@@ -138,7 +159,10 @@ async fn counters_match_a_scripted_session() {
     let total: usize = sizes.iter().sum();
     eventually("streams closed", || metrics.streams_open().get() == 0).await;
 
-    let hub = parse(&get_ok(world.api, "/metrics").await);
+    let scraper = world.token("ops/monitoring", &[Scope::ReadMetrics]);
+    let (status, text) = get_with(world.api, "/metrics", Some(&scraper)).await;
+    assert_eq!(status, 200, "{text}");
+    let hub = parse(&text);
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
         get(
@@ -245,5 +269,47 @@ async fn counters_match_a_scripted_session() {
         1.0
     );
     assert_eq!(get_ok(agent_metrics, "/readyz").await, "ready\n");
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn hub_metrics_name_tenants_only_to_a_metrics_token() {
+    let world = World::start().await;
+    let token = world.agent_token("acme/prod");
+    let _agent = world.connect_agent("acme/prod", "edge", &token, 1).await;
+    let proxy = world.token("acme/prod", &[Scope::Proxy]);
+    let read = world.token("acme/prod", &[Scope::ReadInfraData]);
+
+    // Without a token, or with a token of other scopes (even of that very tenant), the
+    // answer is 401 or 403 and names no tenant.
+    for (token, want) in [
+        (None, 401),
+        (Some("rna_000000000000_0000"), 401),
+        (Some(proxy.as_str()), 403),
+        (Some(read.as_str()), 403),
+    ] {
+        let (status, body) = get_with(world.api, "/metrics", token).await;
+        assert_eq!(status, want, "{token:?}: {body}");
+        assert!(
+            !body.contains("acme") && !body.contains("rna_agents_connected"),
+            "{body}"
+        );
+    }
+
+    // A `read:metrics` token of any tenant, and an admin token, read every series.
+    for scopes in [&[Scope::ReadMetrics][..], &[Scope::Admin][..]] {
+        let scraper = world.token("ops/monitoring", scopes);
+        let (status, body) = get_with(world.api, "/metrics", Some(&scraper)).await;
+        assert_eq!(status, 200, "{scopes:?}: {body}");
+        let samples = parse(&body);
+        assert_eq!(
+            get(&samples, "rna_agents_connected", &[("tenant", "acme/prod")]),
+            1.0
+        );
+    }
+
+    // Health and readiness stay open to anyone.
+    assert_eq!(get_ok(world.api, "/healthz").await, "ok\n");
+    assert_eq!(get_ok(world.api, "/readyz").await, "ready\n");
     world.stop().await;
 }

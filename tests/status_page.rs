@@ -98,6 +98,9 @@ fn dechunk(mut rest: &str) -> String {
     out
 }
 
+/// What a browser sends with a navigation the user started (address bar, bookmark).
+const DIRECT: &[(&str, &str)] = &[("Sec-Fetch-Site", "none")];
+
 async fn get(api: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Reply {
     request(api, "GET", target, headers, "").await
 }
@@ -250,7 +253,7 @@ async fn login_cookie_bearer_and_tenant_scope() {
         "rna_000000000000_000000000000000000000000000000000000000000000000",
         "nope",
     ] {
-        let r = get(api, &format!("/?token={bad}"), &[]).await;
+        let r = get(api, &format!("/?token={bad}"), DIRECT).await;
         assert_eq!(r.status, 401, "{bad}");
         assert!(r.body.contains("id=\"error\""), "{}", r.body);
         assert!(r.body.contains("<form"), "{}", r.body);
@@ -268,8 +271,8 @@ async fn login_cookie_bearer_and_tenant_scope() {
         );
     }
 
-    // `?token=` logs in: 303 to `/` and a cookie the page script cannot read.
-    let r = get(api, &format!("/?token={acme_read}"), &[]).await;
+    // `?token=` opened directly logs in: 303 to `/` and a cookie the page script cannot read.
+    let r = get(api, &format!("/?token={acme_read}"), DIRECT).await;
     assert_eq!(r.status, 303);
     assert_eq!(r.header("location"), Some("/"));
     let set = r.header("set-cookie").unwrap();
@@ -299,7 +302,9 @@ async fn login_cookie_bearer_and_tenant_scope() {
     let gateway = row(&r.body, "db-gateway").unwrap();
     assert_eq!(cell(gateway, "in"), "2.9 MiB");
     assert!(cell(gateway, "out").ends_with(" B"), "{gateway}");
-    assert!(r.body.contains("href=\"/sign-out\""));
+    assert!(r
+        .body
+        .contains("<form method=\"post\" action=\"/sign-out\""));
     assert!(
         !r.body.contains("<script") && !r.body.contains("http://") && !r.body.contains("https://")
     );
@@ -327,7 +332,7 @@ async fn login_cookie_bearer_and_tenant_scope() {
     assert!(row(&r.body, "db-gateway").is_some() && row(&r.body, "k8s-eu-west").is_some());
 
     // Another tenant's token sees its own agent and none of acme's, on the page and the API.
-    let r = get(api, &format!("/?token={globex_read}"), &[]).await;
+    let r = get(api, &format!("/?token={globex_read}"), DIRECT).await;
     assert_eq!(r.status, 303);
     let r = get(api, "/", &[("Cookie", &cookie_pair(&r))]).await;
     assert_eq!(r.status, 200);
@@ -363,13 +368,21 @@ async fn login_cookie_bearer_and_tenant_scope() {
 
     // A valid token without read:infra:data is refused with 403, and shows nothing.
     let agent_token = world.agent_token("acme/prod");
-    let r = get(api, &format!("/?token={agent_token}"), &[]).await;
+    let r = get(api, &format!("/?token={agent_token}"), DIRECT).await;
     assert_eq!(r.status, 403);
     assert!(r.header("set-cookie").is_none());
     assert!(r.body.contains("read:infra:data") && !r.body.contains("db-gateway"));
 
-    // Sign out clears the cookie; a revoked token's cookie stops working.
-    let r = get(api, "/sign-out", &[("Cookie", &cookie)]).await;
+    // Sign out (a POST from the page) clears the cookie; a revoked token's cookie stops
+    // working.
+    let r = request(
+        api,
+        "POST",
+        "/sign-out",
+        &[("Cookie", &cookie), ("Sec-Fetch-Site", "same-origin")],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 303);
     assert_eq!(r.header("location"), Some("/"));
     let set = r.header("set-cookie").unwrap();
@@ -381,6 +394,149 @@ async fn login_cookie_bearer_and_tenant_scope() {
     let r = get(api, "/", &[("Cookie", &cookie)]).await;
     assert_eq!(r.status, 401);
     assert!(r.body.contains("token was revoked"), "{}", r.body);
+}
+
+/// One request through the admin API's router, without a socket: status, Set-Cookie, body.
+async fn oneshot(
+    world: &World,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> (u16, Option<String>, String) {
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "hub.example:8080");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if method == "POST" {
+        req = req.header("content-type", "application/x-www-form-urlencoded");
+    }
+    let req = req.body(axum::body::Body::from(body)).unwrap();
+    let resp = world.hub.api_router().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, cookie, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_and_sign_out_refuse_other_sites() {
+    let world = World::start().await;
+    let read = world.token("acme/prod", &[Scope::ReadInfraData]);
+    let login = format!("rna_token={read}");
+    let cross = [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "https://evil.example"),
+    ];
+    // Same site is not same origin: a sibling host must not sign the user in either.
+    let sibling = [
+        ("sec-fetch-site", "same-site"),
+        ("origin", "http://other.hub.example"),
+    ];
+    let old_browser_cross = [("origin", "https://evil.example")];
+    let opaque = [("origin", "null")];
+    let own_page = [
+        ("sec-fetch-site", "same-origin"),
+        ("origin", "http://hub.example:8080"),
+    ];
+    let old_browser_own = [("origin", "http://hub.example:8080")];
+    let script: [(&str, &str); 0] = [];
+    // What Set-Cookie must be: the login, cleared, or absent.
+    enum Cookie {
+        Login,
+        Cleared,
+        None,
+    }
+    /// Request headers, the status wanted, and the Set-Cookie wanted.
+    type Case<'a> = (&'a [(&'a str, &'a str)], u16, Cookie);
+    let form_cases: [Case; 7] = [
+        (&cross, 403, Cookie::None),
+        (&sibling, 403, Cookie::None),
+        (&old_browser_cross, 403, Cookie::None),
+        (&opaque, 403, Cookie::None),
+        (&own_page, 303, Cookie::Login),
+        (&old_browser_own, 303, Cookie::Login),
+        (&script, 303, Cookie::Login),
+    ];
+    let link_cases: [Case; 5] = [
+        (&[("sec-fetch-site", "cross-site")], 403, Cookie::None),
+        (&[("sec-fetch-site", "same-site")], 403, Cookie::None),
+        (&[("sec-fetch-site", "same-origin")], 403, Cookie::None),
+        // Without Fetch Metadata nothing tells a link on another site from a typed URL.
+        (&script, 403, Cookie::None),
+        (&[("sec-fetch-site", "none")], 303, Cookie::Login),
+    ];
+    let sign_out_cases: [Case; 5] = [
+        (&cross, 403, Cookie::None),
+        (&old_browser_cross, 403, Cookie::None),
+        (&opaque, 403, Cookie::None),
+        (&own_page, 303, Cookie::Cleared),
+        (&script, 303, Cookie::Cleared),
+    ];
+    let check = |what: &str, got: (u16, Option<String>, String), status: u16, cookie: &Cookie| {
+        let (got_status, set_cookie, body) = got;
+        assert_eq!(got_status, status, "{what}: {body}");
+        match cookie {
+            Cookie::Login => assert!(
+                set_cookie.as_deref().is_some_and(|c| c.starts_with(&login)),
+                "{what}: {set_cookie:?}"
+            ),
+            Cookie::Cleared => assert!(
+                set_cookie
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("rna_token=;") && c.contains("Max-Age=0")),
+                "{what}: {set_cookie:?}"
+            ),
+            Cookie::None => {
+                assert_eq!(set_cookie, None, "{what}");
+                assert!(
+                    body.contains("<form"),
+                    "{what}: the login form says why: {body}"
+                );
+            }
+        }
+    };
+    for (headers, status, cookie) in &form_cases {
+        let got = oneshot(&world, "POST", "/", headers, format!("token={read}")).await;
+        check(&format!("POST / {headers:?}"), got, *status, cookie);
+    }
+    for (headers, status, cookie) in &link_cases {
+        let got = oneshot(
+            &world,
+            "GET",
+            &format!("/?token={read}"),
+            headers,
+            String::new(),
+        )
+        .await;
+        check(&format!("GET /?token= {headers:?}"), got, *status, cookie);
+    }
+    for (headers, status, cookie) in &sign_out_cases {
+        let mut headers = headers.to_vec();
+        headers.push(("cookie", &login));
+        let got = oneshot(&world, "POST", "/sign-out", &headers, String::new()).await;
+        check(&format!("POST /sign-out {headers:?}"), got, *status, cookie);
+    }
+    // A link (or an image) cannot sign anyone out: sign-out is POST only.
+    let (status, set_cookie, _) = oneshot(
+        &world,
+        "GET",
+        "/sign-out",
+        &[("sec-fetch-site", "cross-site"), ("cookie", &login)],
+        String::new(),
+    )
+    .await;
+    assert_eq!((status, set_cookie), (405, None));
+    world.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

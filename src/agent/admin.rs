@@ -5,14 +5,18 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{middleware, Router};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
 use super::AgentHandle;
+use crate::listen::{request_deadline, serve_http, Acceptor, ConnectionCap, Deadline, HttpLimits};
 use crate::proto::DialFailure;
 
 type Labels = Vec<(&'static str, String)>;
@@ -119,6 +123,35 @@ impl AgentMetrics {
             .get_or_create(&vec![("outcome", outcome.to_string())])
             .inc();
     }
+}
+
+/// Serves [`app`] on `listener` until `stop` fires, with the same header and request deadlines
+/// and connection caps as the hub's admin API (their defaults); refusals are counted in
+/// `rna_agent_cap_refusals_total{cap="metrics_connections"|"metrics_connections_per_ip"}`.
+/// Accept errors (out of descriptors) back off instead of spinning.
+pub async fn serve(listener: TcpListener, handle: AgentHandle, stop: CancellationToken) {
+    let limits = HttpLimits::default();
+    let deadline = Deadline {
+        timeout: limits.request_timeout,
+        // Every route is a GET; a body is never needed.
+        max_body: 1024,
+        bound_answer: true,
+    };
+    let app = app(handle.clone()).layer(middleware::from_fn_with_state(deadline, request_deadline));
+    let metrics = handle.metrics().clone();
+    serve_http(
+        Acceptor::new(listener, "agent metrics"),
+        app,
+        &limits,
+        stop,
+        move |cap| {
+            metrics.cap_refused(match cap {
+                ConnectionCap::Total => "metrics_connections",
+                ConnectionCap::PerIp => "metrics_connections_per_ip",
+            })
+        },
+    )
+    .await;
 }
 
 /// The endpoint's router; tests call it without binding a socket.

@@ -23,6 +23,10 @@ pub enum Scope {
     /// `exec:infra:op`: run operations on the infrastructure.
     #[serde(rename = "exec:infra:op")]
     ExecInfraOp,
+    /// `read:metrics`: read the hub's Prometheus metrics, which count every tenant (so the
+    /// token's own tenant does not narrow them); for the monitoring system only.
+    #[serde(rename = "read:metrics")]
+    ReadMetrics,
     /// `admin`: every scope, in every tenant.
     #[serde(rename = "admin")]
     Admin,
@@ -30,11 +34,12 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in their sort order.
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::ConnectAgentHub,
         Scope::Proxy,
         Scope::ReadInfraData,
         Scope::ExecInfraOp,
+        Scope::ReadMetrics,
         Scope::Admin,
     ];
 
@@ -45,6 +50,7 @@ impl Scope {
             Scope::Proxy => "proxy",
             Scope::ReadInfraData => "read:infra:data",
             Scope::ExecInfraOp => "exec:infra:op",
+            Scope::ReadMetrics => "read:metrics",
             Scope::Admin => "admin",
         }
     }
@@ -323,6 +329,7 @@ mod tests {
             (Scope::Proxy, "proxy"),
             (Scope::ReadInfraData, "read:infra:data"),
             (Scope::ExecInfraOp, "exec:infra:op"),
+            (Scope::ReadMetrics, "read:metrics"),
             (Scope::Admin, "admin"),
         ];
         assert_eq!(names.map(|(scope, _)| scope), Scope::ALL);

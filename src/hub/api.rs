@@ -1,5 +1,6 @@
-//! The hub's admin API (axum): health, readiness, Prometheus metrics, the agents list, and
-//! the agents status page (`GET /`, rendered in [`super::status`]).
+//! The hub's admin API (axum): health, readiness, Prometheus metrics (token with
+//! `read:metrics`), the agents list, and the agents status page (`GET /`, rendered in
+//! [`super::status`]).
 //! Errors become HTTP statuses here, at the edge, and nowhere else.
 
 use std::sync::atomic::Ordering;
@@ -9,30 +10,50 @@ use std::time::SystemTime;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
 use serde::Serialize;
 
 use super::registry::AgentInfo;
 use super::{status, Shared};
 use crate::auth::{AuthError, Grant, Scope};
+use crate::listen::{request_deadline, Deadline};
 
-/// The admin API router; tests call it without binding a socket.
+/// Largest form body of the status page's sign-in.
+const LOGIN_FORM_LIMIT: usize = 4096;
+
+/// The admin API router with its request deadlines; tests call it without binding a socket.
+/// Quick answers (status page, health, metrics, agents list) must be ready within
+/// `--api-request-timeout`; Kubernetes commands only have to receive their body within it,
+/// since they run under their own deadlines (`--kube-timeout`, the wait's timeout).
 pub(crate) fn app(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let timeout = shared.config.api_limits.request_timeout;
+    let max_body = shared.config.caps.kube_request.max(LOGIN_FORM_LIMIT);
+    let deadline = |bound_answer| {
+        middleware::from_fn_with_state(
+            Deadline {
+                timeout,
+                max_body,
+                bound_answer,
+            },
+            request_deadline,
+        )
+    };
+    let quick = Router::new()
         .route(
             "/",
             get(status::page)
                 .post(status::login_form)
-                .layer(DefaultBodyLimit::max(4096)),
+                .layer(DefaultBodyLimit::max(LOGIN_FORM_LIMIT)),
         )
-        .route("/sign-out", get(status::sign_out))
+        .route("/sign-out", post(status::sign_out))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
-        .merge(super::kube_api::routes(shared.config.caps.kube_request))
-        .with_state(shared)
+        .layer(deadline(true));
+    let commands = super::kube_api::routes(shared.config.caps.kube_request).layer(deadline(false));
+    quick.merge(commands).with_state(shared)
 }
 
 async fn healthz() -> &'static str {
@@ -47,7 +68,12 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// `GET /metrics`: its series name every tenant (`rna_agents_connected{tenant=...}`), so only
+/// a token with `read:metrics` (or `admin`) reads them.
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(resp) = bearer(&shared, &headers, Scope::ReadMetrics) {
+        return *resp;
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{ReloadingStore, StoreError, Tenant};
+use crate::listen::{Acceptor, ConnectionCap, HttpLimits};
 use crate::proto::CloseCode;
 use crate::transport::control::Heartbeat;
 use crate::transport::{self, Limits, ServerTls, TransportError};
@@ -60,9 +61,6 @@ pub enum HubError {
     /// Unauthenticated SOCKS was asked for on an address other machines can reach.
     #[error("--socks-no-auth is only allowed when SOCKS listens on a loopback address, not {0}")]
     NoAuthNotLoopback(SocketAddr),
-    /// The admin API server failed.
-    #[error("admin API: {0}")]
-    Api(std::io::Error),
 }
 
 /// Where unauthenticated SOCKS clients go (loopback-only `--socks-no-auth`).
@@ -167,6 +165,8 @@ pub struct HubConfig {
     pub socks: SocketAddr,
     /// TCP address of the admin API, if served.
     pub api: Option<SocketAddr>,
+    /// Deadlines and connection caps of the admin API.
+    pub api_limits: HttpLimits,
     /// The hub's certificate and the CA agents must chain to.
     pub tls: ServerTls,
     /// The token store file.
@@ -205,6 +205,7 @@ impl HubConfig {
             listen,
             socks,
             api: None,
+            api_limits: HttpLimits::default(),
             tls,
             tokens,
             socks_no_auth: None,
@@ -320,6 +321,12 @@ impl HubHandle {
     /// Re-reads the token store now (SIGHUP); sessions of revoked tokens are closed.
     pub fn reload_tokens(&self) -> Result<(), StoreError> {
         self.shared.reload_tokens(true).map(|_| ())
+    }
+
+    /// The admin API's router with its request deadlines, as served on `--api`; tests call
+    /// it without a socket.
+    pub fn api_router(&self) -> axum::Router {
+        api::app(self.shared.clone())
     }
 }
 
@@ -516,10 +523,23 @@ impl Hub {
         let api_task = api.map(|listener| {
             let app = api::app(shared.clone());
             let stop = api_stop.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
+                let limits = shared.config.api_limits.clone();
+                let metrics = shared.metrics.clone();
+                crate::listen::serve_http(
+                    Acceptor::new(listener, "admin API"),
+                    app,
+                    &limits,
+                    stop,
+                    move |cap| {
+                        metrics.cap_refused(match cap {
+                            ConnectionCap::Total => "api_connections",
+                            ConnectionCap::PerIp => "api_connections_per_ip",
+                        })
+                    },
+                )
+                .await
             })
         });
 
@@ -569,9 +589,7 @@ impl Hub {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         api_stop.cancel();
         if let Some(task) = api_task {
-            if let Ok(Err(e)) = task.await {
-                return Err(HubError::Api(e));
-            }
+            let _ = task.await;
         }
         info!("hub stopped");
         Ok(())

@@ -26,6 +26,7 @@ use super::router::{self, RouteError};
 use super::{NoAuthRoute, Shared};
 use crate::auth::{Masked, Scope, Tenant, TokenStore};
 use crate::certs::valid_agent_name;
+use crate::listen::Acceptor;
 use crate::proto::{Host, Open};
 use crate::transport::relay::{relay, Direction, RelayError};
 
@@ -55,7 +56,7 @@ pub enum GreetError {
 /// The SOCKS5 listener and its per-client bounds.
 pub(crate) struct SocksFront {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Acceptor,
     half_open: Arc<HalfOpen>,
 }
 
@@ -69,26 +70,20 @@ impl SocksFront {
         });
         SocksFront {
             shared,
-            listener,
+            listener: Acceptor::new(listener, "SOCKS5"),
             half_open,
         }
     }
 
     /// Accepts until `stop` fires; every connection runs in `streams` so shutdown can drain
     /// them.
-    pub(crate) async fn run(self, stop: CancellationToken, streams: TaskTracker) {
+    pub(crate) async fn run(mut self, stop: CancellationToken, streams: TaskTracker) {
         loop {
+            // Accept errors (EMFILE and the like) back off and are logged at most once a
+            // second inside the acceptor, so the connections we have keep being served.
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Usually EMFILE: keep serving the connections we have.
-                        warn!("SOCKS accept failed: {e}");
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                },
+                accepted = self.listener.accept() => accepted,
             };
             let (guard, evicted) = match self.half_open.admit(peer.ip()) {
                 Ok(admitted) => admitted,

@@ -1,8 +1,12 @@
 //! The agents status page at `GET /` of the admin API: server-rendered HTML, one row per
 //! agent connection, seen through the same tenant scope as `GET /api/v1/agents`.
 //!
-//! Who may see it: a bearer token in `Authorization`, or a cookie set by a login (`?token=`
-//! or the login form's POST) that answers 303 to `/` so the token leaves the URL. Everything
+//! Who may see it: a bearer token in `Authorization`, or a cookie set by a login that answers
+//! 303 to `/` so the token leaves the URL. Logins and sign-outs change what the browser is
+//! signed in as, so a page of another site must not cause them (login CSRF): the login form's POST and the sign-out POST are refused
+//! (403) when the browser says they came from another site (`Sec-Fetch-Site`, or else
+//! `Origin` against `Host`), and a `?token=` link logs in only when the browser says the
+//! user opened it directly (`Sec-Fetch-Site: none`: typed, pasted, bookmarked). Everything
 //! shown that came from the network (agent names, versions, OS strings) is escaped.
 
 use std::fmt::{self, Write as _};
@@ -15,6 +19,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+
+use tracing::info;
 
 use super::api::{authorize, visible_agents};
 use super::registry::AgentInfo;
@@ -30,20 +36,41 @@ pub(crate) const REFRESH_SECONDS: u64 = 5;
 /// Longest token text accepted from a login; real tokens are 69 characters.
 const MAX_TOKEN_LEN: usize = 256;
 
-/// `GET /`: the status page, or a login (`?token=`), or the login form.
+/// `GET /`: the status page, or a login (`?token=`, opened directly only), or the login form.
 pub(crate) async fn page(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
     if let Some(token) = uri.query().and_then(|q| form_value(q, "token")) {
+        if !opened_directly(&headers) {
+            info!(
+                site = header_text(&headers, SEC_FETCH_SITE),
+                "status page: sign-in link refused, it was not opened directly"
+            );
+            return html(
+                StatusCode::FORBIDDEN,
+                login_page(Some(
+                    "a sign-in link works only when opened directly (typed, pasted or \
+                     bookmarked); sign in here instead",
+                )),
+            );
+        }
         return login(&shared, &token);
     }
     show(&shared, &headers)
 }
 
-/// `POST /`: the login form (`application/x-www-form-urlencoded`, field `token`).
-pub(crate) async fn login_form(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+/// `POST /`: the login form (`application/x-www-form-urlencoded`, field `token`), from this
+/// hub's own page only.
+pub(crate) async fn login_form(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(resp) = same_site(&headers, "sign-in") {
+        return *resp;
+    }
     let token = std::str::from_utf8(&body)
         .ok()
         .and_then(|b| form_value(b, "token"));
@@ -53,12 +80,74 @@ pub(crate) async fn login_form(State(shared): State<Arc<Shared>>, body: Bytes) -
     }
 }
 
-/// `GET /sign-out`: clears the cookie and goes back to the login form.
-pub(crate) async fn sign_out() -> Response {
+/// `POST /sign-out`: clears the cookie and goes back to the login form; from this hub's own
+/// page only, so another site cannot sign the user out.
+pub(crate) async fn sign_out(headers: HeaderMap) -> Response {
+    if let Err(resp) = same_site(&headers, "sign-out") {
+        return *resp;
+    }
     let mut resp = redirect_home();
     resp.headers_mut()
         .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
     resp
+}
+
+/// Fetch Metadata request header (W3C Fetch Metadata): which site caused the request.
+const SEC_FETCH_SITE: &str = "sec-fetch-site";
+
+/// A header's text for a log line.
+fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> &str {
+    headers
+        .get(name)
+        .map_or("-", |v| v.to_str().unwrap_or("(not text)"))
+}
+
+/// Whether the browser says the user started this navigation (address bar, bookmark), not a
+/// page. A request without the header is refused too: every current browser sends it, and
+/// scripts use `Authorization` instead of a sign-in link.
+fn opened_directly(headers: &HeaderMap) -> bool {
+    headers
+        .get(SEC_FETCH_SITE)
+        .is_some_and(|v| v.as_bytes() == b"none")
+}
+
+/// Refuses (403, the login form) a state-changing request that a page of another site sent.
+/// Browsers send `Sec-Fetch-Site` or at least `Origin` with every cross-site POST; a request
+/// with neither comes from a script, not from a page, and cannot carry a victim's cookie.
+fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
+    let allowed = match headers.get(SEC_FETCH_SITE) {
+        Some(site) => matches!(site.as_bytes(), b"same-origin" | b"none"),
+        None => match headers.get(header::ORIGIN) {
+            None => true,
+            Some(origin) => origin_is_host(origin.as_bytes(), headers.get(header::HOST)),
+        },
+    };
+    if allowed {
+        return Ok(());
+    }
+    info!(
+        site = header_text(headers, SEC_FETCH_SITE),
+        origin = header_text(headers, header::ORIGIN),
+        "status page: cross-site {what} refused"
+    );
+    Err(Box::new(html(
+        StatusCode::FORBIDDEN,
+        login_page(Some(&format!(
+            "{what} refused: the request came from another site"
+        ))),
+    )))
+}
+
+/// Whether `Origin` (RFC 6454 section 7: `scheme://host[:port]`, or `null`) names the host
+/// the request was sent to.
+fn origin_is_host(origin: &[u8], host: Option<&HeaderValue>) -> bool {
+    let Some(host) = host.map(HeaderValue::as_bytes).filter(|h| !h.is_empty()) else {
+        return false;
+    };
+    let rest = origin
+        .strip_prefix(b"http://")
+        .or_else(|| origin.strip_prefix(b"https://"));
+    rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
 }
 
 const CLEAR_COOKIE: &str = "rna_token=; Max-Age=0; HttpOnly; SameSite=Strict; Path=/";
@@ -295,6 +384,11 @@ impl fmt::Display for Esc<'_> {
     }
 }
 
+/// Sign-out is a POST (a link could be followed by any page); the form is checked like the
+/// login's.
+const SIGN_OUT: &str = "<form method=\"post\" action=\"/sign-out\" class=\"inline\">\
+     <button type=\"submit\" id=\"sign-out\">Sign out</button></form>";
+
 const STYLE: &str = "\
 body{font:13px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:20px;color:#1f2328;background:#fff}\
 h1{font-size:20px;margin:0 0 4px}\
@@ -308,7 +402,7 @@ tr:hover td{background:#f6f8fa}\
 .stale{color:#cf222e;font-weight:600}\
 .banner{background:#fff8c5;border:1px solid #d4a72c;padding:8px 12px;margin-bottom:16px}\
 pre{background:#f6f8fa;border:1px solid #d0d7de;padding:12px;overflow-x:auto}\
-form{margin:16px 0}input{font:inherit;padding:6px;width:28em}button{font:inherit;padding:6px 14px}\
+form{margin:16px 0}form.inline{display:inline;margin:0}input{font:inherit;padding:6px;width:28em}button{font:inherit;padding:6px 14px}\
 .error{color:#cf222e}";
 
 fn head(out: &mut String, title: &str, refresh: bool) {
@@ -342,7 +436,7 @@ pub(crate) fn render(view: &View<'_>) -> String {
         "<header><div><h1>Agents</h1><span class=\"muted\" id=\"summary\">{count} connection{} \
          &middot; {scope} &middot; as of <time datetime=\"{now}\">{now_text}</time> &middot; \
          refreshes every {REFRESH_SECONDS} s</span></div>\
-         <a href=\"/sign-out\" id=\"sign-out\">Sign out</a></header>",
+         {SIGN_OUT}</header>",
         if count == 1 { "" } else { "s" },
         now = format_rfc3339(view.now_unix),
         now_text = human_time(view.now_unix),
@@ -471,9 +565,11 @@ fn forbidden_page() -> String {
     head(&mut out, "rna hub: not allowed", false);
     out.push_str(
         "<h1>Agents</h1><p class=\"error\" id=\"error\">This token lacks the \
-         <code>read:infra:data</code> scope.</p><p><a href=\"/sign-out\">Sign out</a> and \
-         sign in with another token.</p></body></html>\n",
+         <code>read:infra:data</code> scope.</p><p>Sign out and sign in with another token. \
+         ",
     );
+    out.push_str(SIGN_OUT);
+    out.push_str("</p></body></html>\n");
     out
 }
 
@@ -585,7 +681,7 @@ mod tests {
             ">2</td>",
             "title=\"5550080 bytes\">5.3 MiB</td>",
             "title=\"512 bytes\">512 B</td>",
-            "href=\"/sign-out\"",
+            "<form method=\"post\" action=\"/sign-out\"",
         ] {
             assert!(page.contains(want), "missing {want:?} in {page}");
         }
