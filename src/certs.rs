@@ -412,7 +412,7 @@ fn refuse_existing(paths: &[PathBuf]) -> Result<(), CertError> {
 /// Loads all certificates from a PEM file (rustls_pki_types::CertificateDer<'static>), error if
 /// none.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let bytes = fs::read(path).map_err(io_error(path))?;
+    let bytes = read_pem_file(path)?;
     certs_from_pem(&bytes).map_err(|message| CertError::Pem {
         path: path.to_path_buf(),
         message,
@@ -422,10 +422,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
 /// Loads one private key (PKCS#8, PKCS#1 or SEC1) from a PEM file (PrivateKeyDer<'static>),
 /// error if none.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    let bytes = fs::read(path).map_err(io_error(path))?;
+    let bytes = read_pem_file(path)?;
     key_from_pem(&bytes).map_err(|message| CertError::Pem {
         path: path.to_path_buf(),
         message,
+    })
+}
+
+/// Reads a PEM file of at most [`MAX_PEM_FILE`](crate::fsutil::MAX_PEM_FILE) bytes; a FIFO or
+/// device is refused rather than read.
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, CertError> {
+    crate::fsutil::read_bytes(path, crate::fsutil::MAX_PEM_FILE).map_err(|e| CertError::Io {
+        path: e.path,
+        source: e.problem.into(),
     })
 }
 

@@ -505,9 +505,9 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn read_text(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+    crate::fsutil::read_text(path, crate::fsutil::MAX_CONFIG_FILE).map_err(|e| ConfigError::Read {
         file: path.display().to_string(),
-        cause,
+        cause: e.problem.into(),
     })
 }
 

@@ -193,7 +193,8 @@ fn main() -> ExitCode {
     let prepared = match prepare(cli.command, cli.log) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("rna: {e:#}");
+            // The whole chain, each cause once (many errors also print their cause).
+            eprintln!("rna: {}", rna::fsutil::error_chain(e.as_ref()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -229,7 +230,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(work)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rna: {e:#}");
+            eprintln!("rna: {}", rna::fsutil::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

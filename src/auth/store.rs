@@ -123,9 +123,11 @@ pub struct TokenStore {
 impl TokenStore {
     /// Reads and validates the store file; a missing file is an `Io` error of kind `NotFound`.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
-        let text = fs::read_to_string(path).map_err(|source| StoreError::Io {
-            path: path.to_owned(),
-            source,
+        let text = crate::fsutil::read_text(path, crate::fsutil::MAX_TOKEN_STORE).map_err(|e| {
+            StoreError::Io {
+                path: e.path,
+                source: e.problem.into(),
+            }
         })?;
         Self::parse(&text, path)
     }
@@ -450,7 +452,8 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, StoreError> {
         path: path.to_owned(),
         source,
     };
-    let text = fs::read_to_string(path).map_err(io_err)?;
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_SECRET_FILE)
+        .map_err(|e| io_err(e.problem.into()))?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(StoreError::EmptySecret(path.to_owned()));
