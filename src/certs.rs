@@ -60,6 +60,9 @@ pub enum CertError {
     /// A file would be overwritten without `force`.
     #[error("{} already exists (use --force to overwrite it)", .0.display())]
     Exists(PathBuf),
+    /// The file to write is a symbolic link; rna never writes through one.
+    #[error("{} is a symbolic link; rna does not write through links (remove it, or give --dir a folder without links)", .0.display())]
+    Symlink(PathBuf),
     /// The certificate has no subject common name, so it names no agent.
     #[error("certificate has no subject common name")]
     NoCommonName,
@@ -467,8 +470,9 @@ fn key_from_pem(bytes: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
     })
 }
 
-/// Writes a file with mode 0600 (for keys and token files), create_new unless force (then
-/// truncate, and the mode is reset to 0600 even if the old file was more open).
+/// Writes a file with mode 0600 (for keys and token files), create_new unless force (then a
+/// new file replaces the old one by rename, so the mode is 0600 even if the old file was more
+/// open). A symbolic link at `path` is refused, never followed.
 pub fn write_private(path: &Path, contents: &[u8], force: bool) -> Result<(), CertError> {
     write_file(path, contents, force, 0o600)
 }
@@ -479,21 +483,64 @@ fn write_public(path: &Path, contents: &[u8], force: bool) -> Result<(), CertErr
 }
 
 fn write_file(path: &Path, contents: &[u8], force: bool, mode: u32) -> Result<(), CertError> {
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
+    // A link at the target could point anywhere (another user's file, a system file): never
+    // write through it, even with --force.
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(CertError::Symlink(path.to_path_buf()));
     }
+    if !force {
+        // `create_new` (O_EXCL) fails on any existing name, a link included.
+        let mut file = create_new_file(path, mode)?;
+        file.write_all(contents).map_err(io_error(path))?;
+        return file.sync_all().map_err(io_error(path));
+    }
+    // Overwrite by writing a new file beside it and renaming it over the old name: rename
+    // replaces the name itself, never a file a link at that name points to, and readers see
+    // the old or the new file, never half of one.
+    let name = path.file_name().ok_or_else(|| CertError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let temp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let written = create_new_file(&temp, mode).and_then(|mut file| {
+        file.write_all(contents).map_err(io_error(&temp))?;
+        file.sync_all().map_err(io_error(&temp))?;
+        fs::rename(&temp, path).map_err(io_error(path))
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written?;
+    // Make the rename itself durable.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Creates `path` exclusively with `mode`, refusing to follow a link at that name.
+fn create_new_file(path: &Path, mode: u32) -> Result<fs::File, CertError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
+        options
+            .mode(mode)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
     #[cfg(not(unix))]
     let _ = mode;
-    let mut file = options.open(path).map_err(|source| {
+    let file = options.open(path).map_err(|source| {
         if source.kind() == io::ErrorKind::AlreadyExists {
             CertError::Exists(path.to_path_buf())
         } else {
@@ -503,15 +550,14 @@ fn write_file(path: &Path, contents: &[u8], force: bool, mode: u32) -> Result<()
             }
         }
     })?;
-    // `mode` applies only when the file is created; an overwritten file keeps its old mode.
+    // The umask may have narrowed `mode`; set it exactly (0644 stays readable).
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io_error(path))?;
     }
-    file.write_all(contents).map_err(io_error(path))?;
-    file.sync_all().map_err(io_error(path))
+    Ok(file)
 }
 
 /// PEM-encodes DER (RFC 7468: base64 with padding, 64-character lines).
@@ -844,6 +890,28 @@ mod tests {
             );
         }
         assert_eq!(fs::read(&path).unwrap(), b"2");
+    }
+
+    #[test]
+    fn a_link_at_the_target_is_never_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let link = tmp.path().join("key.pem");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        for force in [false, true] {
+            let err = write_private(&link, b"key", force).unwrap_err();
+            assert!(matches!(err, CertError::Symlink(_)), "force {force}: {err}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        // A dangling link is refused too (it would create its target).
+        let dangling = tmp.path().join("dangling.pem");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        assert!(write_public(&dangling, b"cert", true).is_err());
+        assert!(!tmp.path().join("nowhere").exists());
+        // Nothing but the files made here is left behind (no temporary file).
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 3);
     }
 
     #[test]

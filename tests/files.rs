@@ -157,3 +157,42 @@ async fn devices_fifos_and_huge_files_are_refused_with_the_file_named() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_force_does_not_write_through_a_symbolic_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let dir = certs.display().to_string();
+    let init = ["certs", "init", "--dir", &dir, "--hub-name", "127.0.0.1"];
+    assert_eq!(run(&init).await.0, 0);
+    assert_eq!(run(&["certs", "agent", "--dir", &dir, "a1"]).await.0, 0);
+    // Someone who can write the folder points the key files at a file of their choice.
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    for file in ["hub-key.pem", "agent-a1-key.pem"] {
+        std::fs::remove_file(certs.join(file)).unwrap();
+        std::os::unix::fs::symlink(&victim, certs.join(file)).unwrap();
+    }
+    let mut forced = init.to_vec();
+    forced.push("--force");
+    for args in [forced, vec!["certs", "agent", "--dir", &dir, "a1", "--force"]] {
+        let (code, stderr) = run(&args).await;
+        assert_ne!(code, 0, "{args:?}: {stderr}");
+        assert!(stderr.contains("symbolic link"), "{args:?}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    }
+    // Without links, --force replaces the files (by rename: a new inode, mode 0600 kept).
+    use std::os::unix::fs::MetadataExt;
+    let key = certs.join("agent-a1-key.pem");
+    std::fs::remove_file(&key).unwrap();
+    std::fs::write(&key, "old").unwrap();
+    let before = std::fs::metadata(&key).unwrap().ino();
+    let (code, stderr) = run(&["certs", "agent", "--dir", &dir, "a1", "--force"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let after = std::fs::metadata(&key).unwrap();
+    assert_ne!(after.ino(), before);
+    assert_eq!(after.mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&key)
+        .unwrap()
+        .contains("PRIVATE KEY"));
+}
