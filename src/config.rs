@@ -958,6 +958,7 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| tls_error(sources, files, e))?;
     let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
     let mut config = AgentConfig::new(o.hub, name, tls, token);
+    config.token_file = Some(token_file);
     if let Some(name) = o.server_name {
         crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
         config.server_name = Some(name);

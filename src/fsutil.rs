@@ -45,7 +45,10 @@ impl fmt::Display for FileProblem {
                 write!(f, "is {kind}, not a regular file; give the path of a file")
             }
             FileProblem::TooLarge(limit) => {
-                write!(f, "is larger than {limit} bytes, the most rna reads from it")
+                write!(
+                    f,
+                    "is larger than {limit} bytes, the most rna reads from it"
+                )
             }
             FileProblem::NotText => write!(f, "is not UTF-8 text"),
         }
@@ -175,7 +178,10 @@ mod tests {
         assert_eq!(read_bytes(&path, 5).unwrap(), b"12345");
         let err = read_bytes(&path, 4).unwrap_err();
         assert!(matches!(err.problem, FileProblem::TooLarge(4)), "{err}");
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
         let missing = read_bytes(&dir.path().join("none"), 5).unwrap_err();
         assert!(
             matches!(&missing.problem, FileProblem::Io(e) if e.kind() == io::ErrorKind::NotFound)
@@ -209,8 +215,8 @@ mod tests {
             read_stream_text(&b"abc"[..], "standard input", 3).unwrap(),
             "abc"
         );
-        let err = read_stream_text(std::io::repeat(0).take(10_000), "standard input", 100)
-            .unwrap_err();
+        let err =
+            read_stream_text(std::io::repeat(0).take(10_000), "standard input", 100).unwrap_err();
         assert!(err.contains("larger than 100 bytes"), "{err}");
     }
 

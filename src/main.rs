@@ -437,9 +437,20 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
             }
         });
     }
-    // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file).
+    // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file)
+    // and the token file, and retries at once any hub the agent was waiting to retry.
     let reload_handle = handle.clone();
     let reload: Reload = Box::new(move || {
+        let token = match reload_handle.reload_token() {
+            Ok(()) => {
+                info!("SIGHUP: token file read; retrying hubs now");
+                true
+            }
+            Err(e) => {
+                warn!("SIGHUP: cannot read the token file: {e}");
+                false
+            }
+        };
         let merged = merge_agent(file.as_deref(), cli.clone(), LogOptions::default());
         match merged {
             Ok((options, _, _)) => {
@@ -450,7 +461,7 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
                     "SIGHUP: policy reloaded"
                 );
                 reload_handle.set_policy(policy);
-                true
+                token
             }
             Err(e) => {
                 warn!("SIGHUP: keeping the previous policy: {e}");

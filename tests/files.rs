@@ -105,7 +105,11 @@ async fn devices_fifos_and_huge_files_are_refused_with_the_file_named() {
     let mut hub_config = hub(&store, &hub_cert);
     hub_config.extend(["--config".to_string(), fifo.clone()]);
     let cases: Vec<(Vec<String>, &str, &str)> = vec![
-        (agent("/dev/zero", &agent_cert), "/dev/zero", "character device"),
+        (
+            agent("/dev/zero", &agent_cert),
+            "/dev/zero",
+            "character device",
+        ),
         (agent(&fifo, &agent_cert), &fifo, "FIFO"),
         (agent(&huge, &agent_cert), &huge, "larger than 65536 bytes"),
         (agent(&huge, "/dev/zero"), "/dev/zero", "character device"),
@@ -175,7 +179,10 @@ async fn certs_force_does_not_write_through_a_symbolic_link() {
     }
     let mut forced = init.to_vec();
     forced.push("--force");
-    for args in [forced, vec!["certs", "agent", "--dir", &dir, "a1", "--force"]] {
+    for args in [
+        forced,
+        vec!["certs", "agent", "--dir", &dir, "a1", "--force"],
+    ] {
         let (code, stderr) = run(&args).await;
         assert_ne!(code, 0, "{args:?}: {stderr}");
         assert!(stderr.contains("symbolic link"), "{args:?}: {stderr}");

@@ -231,3 +231,106 @@ async fn assert_refused_and_counted(
     let line = format!(r#"rna_agent_sessions_total{{event="closed",reason="{reason}"}} 1"#);
     assert!(metrics.contains(&line), "{line} in {metrics}");
 }
+
+/// Writes `token` to a file the way an operator does (mode 0600) and returns its path.
+fn write_token_file(world: &World, file: &str, token: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = world.dir.path().join(file);
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The id (`rna_<id>_…`) of a token.
+fn token_id(token: &str) -> String {
+    token.split('_').nth(1).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_token_is_used_without_restarting_the_agent() {
+    let world = World::start().await;
+    let old = world.agent_token(TENANT);
+    let file = write_token_file(&world, "token.txt", &old);
+    let mut config = world.agent_config("rotating", &old);
+    config.token_file = Some(file.clone());
+    // The pacing an operator gets, not the tests' faster one.
+    config.backoff = rna::agent::Backoff::default();
+    let agent = world.spawn_agent(config);
+    world.wait_sessions(TENANT, "rotating", 1).await;
+
+    // Rotate in the order of docs/operations.md: revoke the old token (the hub closes the
+    // session and refuses the agent's quick retry), then write the new one into the file.
+    world.revoke(&old);
+    within(
+        "the old token to be refused",
+        agent.handle.wait_until(|s| {
+            matches!(&s.last_error, Some(SessionError::Rejected { code, .. })
+                if *code == CloseCode::TokenRevoked)
+        }),
+    )
+    .await;
+    let new = world.agent_token(TENANT);
+    let written = std::time::Instant::now();
+    write_token_file(&world, "token.txt", &new);
+    world.wait_sessions(TENANT, "rotating", 1).await;
+    let took = written.elapsed();
+    let tenant = TENANT.parse().unwrap();
+    let sessions = world.hub.registry().sessions_of(&tenant, "rotating");
+    assert_eq!(sessions[0].token_id, token_id(&new));
+    // The first retry after a refusal comes within 1 s (the second within 2 s).
+    assert!(took < Duration::from_secs(6), "reconnected after {took:?}");
+    eprintln!("reconnected with the new token {took:?} after it was written");
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_added_to_the_store_is_accepted_within_seconds_without_polling() {
+    // Polling so slow that only the store watch can explain a reload.
+    let world = World::start_with(|c| c.token_poll = Duration::from_secs(3600)).await;
+    // `rna token create` prints a token; the agent starts before the hub has seen it.
+    let mut store = TokenStore::load(&world.tokens).unwrap();
+    let (secret, _) = store
+        .create(
+            TENANT.parse().unwrap(),
+            vec![Scope::ConnectAgentHub],
+            None,
+            None,
+            SystemTime::now(),
+        )
+        .unwrap();
+    let token = secret.expose().to_string();
+    let mut config = world.agent_config("fresh", &token);
+    config.backoff = rna::agent::Backoff::default();
+    let agent = world.spawn_agent(config);
+    let status = within(
+        "the unknown token to be refused",
+        agent.handle.wait_until(|s| s.last_error.is_some()),
+    )
+    .await;
+    assert!(
+        matches!(&status.last_error, Some(SessionError::Rejected { code, .. })
+            if *code == CloseCode::BadToken),
+        "{status:?}"
+    );
+
+    // Now the store file gets the token, as `rna token create` saves it.
+    let mut reloads = world.hub.token_reloads();
+    reloads.borrow_and_update();
+    let saved = std::time::Instant::now();
+    store.save(&world.tokens).unwrap();
+    within("the hub to see the store change", reloads.changed())
+        .await
+        .unwrap();
+    let seen = saved.elapsed();
+    world.wait_sessions(TENANT, "fresh", 1).await;
+    let accepted = saved.elapsed();
+    assert!(seen < Duration::from_secs(2), "store seen after {seen:?}");
+    assert!(
+        accepted < Duration::from_secs(4),
+        "accepted after {accepted:?}"
+    );
+    eprintln!("store change seen after {seen:?}, agent accepted after {accepted:?}");
+    agent.stop().await;
+    world.stop().await;
+}

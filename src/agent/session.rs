@@ -13,6 +13,7 @@ use tracing::{debug, info, Instrument};
 use super::dialer::Dialer;
 use super::kube::{serve_command, KubeExecutor};
 use super::AgentConfig;
+use crate::auth::Secret;
 use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
 use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
@@ -94,12 +95,24 @@ pub struct Established {
     max_frame: usize,
 }
 
-/// Connects to the hub at `addr` and registers. Fails with the hub's reason when refused.
+/// Connects to the hub at `addr` and registers with `config.token`. Fails with the hub's
+/// reason when refused.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     server_name: &str,
     config: &AgentConfig,
+) -> Result<Established, SessionError> {
+    connect_with_token(endpoint, addr, server_name, config, &config.token).await
+}
+
+/// Like [`connect`], registering with `token` (the token file as read for this attempt).
+pub async fn connect_with_token(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    config: &AgentConfig,
+    token: &Secret,
 ) -> Result<Established, SessionError> {
     let timeout = config.limits.handshake_timeout;
     let connecting = endpoint
@@ -117,7 +130,7 @@ pub async fn connect(
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
         capabilities: config.capabilities.clone(),
-        token: config.token.clone(),
+        token: token.clone(),
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;

@@ -457,21 +457,23 @@ impl Hub {
             })
         });
 
-        // Token store follower.
+        // Token store follower: a save is seen at once through the folder watch; the poll
+        // stays as a fallback (no inotify, network file systems) and closes expired sessions.
         let watcher = {
             let shared = shared.clone();
             let stop = stop_accepting.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(shared.config.token_poll);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut watch = shared.tokens.watch();
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => {
-                            if let Ok(false) = shared.reload_tokens(false) {
-                                shared.close_sessions_without_token();
-                            }
-                        }
+                        _ = tick.tick() => {}
+                        _ = watch.changed() => {}
+                    }
+                    if let Ok(false) = shared.reload_tokens(false) {
+                        shared.close_sessions_without_token();
                     }
                 }
             })
