@@ -334,3 +334,27 @@ async fn a_token_added_to_the_store_is_accepted_within_seconds_without_polling()
     agent.stop().await;
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_hub_listening_is_reported_as_quic_over_udp_with_what_to_check() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    // A UDP port where nothing answers: bound, never read.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut config = world.agent_config("lonely", &token);
+    config.hubs = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    config.limits.handshake_timeout = Duration::from_millis(500);
+    let err = refusal(&world, config).await;
+    let text = err.to_string();
+    assert!(matches!(err, SessionError::Timeout { .. }), "{err:?}");
+    for part in [
+        format!("no answer from the hub at 127.0.0.1:{port} within 500ms"),
+        "QUIC, which is UDP".to_string(),
+        format!("listening on UDP port {port}"),
+        "firewalls".to_string(),
+    ] {
+        assert!(text.contains(&part), "{part:?} in {text}");
+    }
+    world.stop().await;
+}

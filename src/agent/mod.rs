@@ -537,7 +537,7 @@ impl Supervisor {
                         break;
                     }
                     if end.going_away {
-                        info!("hub is going away: {}; reconnecting", end.reason);
+                        info!("{}; reconnecting", end.reason);
                         // Replicas restart together: spread the reconnects a little.
                         Duration::from_millis(50)
                     } else if up_since.elapsed() >= STABLE_SESSION {
@@ -559,9 +559,16 @@ impl Supervisor {
                         SessionError::Tls(_) => refused.next_delay(),
                         _ => retry.next_delay(),
                     };
-                    match refusal_hint(&e, &self.config) {
-                        Some(hint) => error!(retry_in = ?delay, "{e}; {hint}"),
-                        None => error!(retry_in = ?delay, "{e}"),
+                    match (&e, refusal_hint(&e, &self.config)) {
+                        // Routine during a hub restart: the hub refuses while it drains.
+                        (SessionError::Busy(_), _) => info!(retry_in = ?delay, "{e}; retrying"),
+                        (SessionError::Rejected { .. } | SessionError::Tls(_), hint) => {
+                            match hint {
+                                Some(hint) => error!(retry_in = ?delay, "{e}; {hint}"),
+                                None => error!(retry_in = ?delay, "{e}"),
+                            }
+                        }
+                        _ => warn!(retry_in = ?delay, "{e}"),
                     }
                     self.status.send_modify(|s| s.last_error = Some(e.clone()));
                     delay

@@ -499,7 +499,10 @@ impl Hub {
             let _ = tokio::time::timeout(Duration::from_secs(1), streams.wait()).await;
         }
         sessions_stop.cancel();
-        endpoint.close(CloseCode::GoingAway.into(), b"hub shutting down");
+        endpoint.close(
+            CloseCode::GoingAway.into(),
+            session::SHUTDOWN_REASON.as_bytes(),
+        );
         sessions.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -19,6 +19,9 @@ use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
 };
 
+/// The close reason of a shutdown, as agents read it and both logs print it.
+pub(crate) const SHUTDOWN_REASON: &str = "hub shutting down";
+
 /// Why the hub refused an agent during the handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -69,6 +72,7 @@ pub(crate) async fn serve(
 ) {
     // One budget for the whole handshake: TLS, the control stream and Hello together.
     let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+    let remote = incoming.remote_address();
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -80,9 +84,18 @@ pub(crate) async fn serve(
     let connection = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            let err = HandshakeError::Tls(e.to_string());
-            shared.metrics.handshake_failed(err.label());
-            warn!("agent refused: {err}");
+            shared.metrics.handshake_failed("tls");
+            match (&e, crate::transport::tls::tls_failure(&e)) {
+                // The agent gave up (its own timeout, or it is stopping): not a refusal.
+                (quinn::ConnectionError::ApplicationClosed(_), _) => {
+                    info!("agent at {remote} ended its handshake: {e}");
+                }
+                (_, Some(failure)) => {
+                    let why = crate::transport::tls::explain_for_hub(&failure, remote);
+                    warn!("TLS handshake failed: {why}");
+                }
+                _ => warn!("TLS handshake with an agent at {remote} failed: {e}"),
+            }
             return;
         }
         Err(_) => {
@@ -175,11 +188,24 @@ async fn run_session(
             _ => (CloseCode::Normal, "connection_lost"),
         },
     };
-    session.close(code, label);
+    // A shutdown reads the same to the agent, in this log and in the hub's own shutdown line;
+    // the metric label stays `hub_shutdown`.
+    let detail = match end {
+        ControlEnd::Cancelled => SHUTDOWN_REASON.to_string(),
+        other => other.to_string(),
+    };
+    session.close(
+        code,
+        if code == CloseCode::GoingAway {
+            SHUTDOWN_REASON
+        } else {
+            label
+        },
+    );
     shared
         .metrics
         .session_closed(session.tenant.as_str(), metric_agent.as_deref(), label);
-    info!(reason = label, detail = %end,
+    info!(reason = label, detail = %detail,
         streams = session.streams_total(), "agent disconnected");
 }
 
