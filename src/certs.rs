@@ -23,6 +23,8 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const LEAF_VALIDITY: Duration = Duration::from_secs(825 * 24 * 60 * 60);
 /// 9999-12-31T23:59:59Z: the last instant an X.509 time (GeneralizedTime) can hold.
 const LAST_X509_SECOND: u64 = 253_402_300_799;
+/// How long before a certificate's expiry hub and agent start warning about it.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// The longest agent name: one DNS label, so names fit in host names and SNI-like places.
 const MAX_AGENT_NAME: usize = 63;
 
@@ -203,6 +205,17 @@ impl Ca {
     /// Hub server cert: SANs = names (each parsed as IP address if it parses, else DNS name);
     /// CN = first name; EKU ServerAuth; validity 825 days.
     pub fn issue_hub(&self, names: &[String]) -> Result<IssuedCert, CertError> {
+        let (not_before, not_after) = window_from_now(LEAF_VALIDITY)?;
+        self.issue_hub_with_validity(names, not_before, not_after)
+    }
+
+    /// Like [`issue_hub`](Ca::issue_hub) with an explicit validity window (tests of expiry).
+    pub fn issue_hub_with_validity(
+        &self,
+        names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert, CertError> {
         let first = names.first().ok_or(CertError::NoHubName)?;
         let mut sans = Vec::with_capacity(names.len());
         for name in names {
@@ -219,7 +232,6 @@ impl Ca {
         params.distinguished_name = subject(first);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let (not_before, not_after) = window_from_now(LEAF_VALIDITY)?;
         self.issue_leaf(params, not_before, not_after)
     }
 
@@ -328,6 +340,93 @@ pub fn common_name(cert_der: &[u8]) -> Result<String, CertError> {
         .as_str()
         .map(str::to_string)
         .map_err(|e| CertError::Certificate(format!("subject common name: {e}")))
+}
+
+/// The last instant a DER certificate is valid (its `notAfter`).
+pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, CertError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::Certificate(e.to_string()))?;
+    let secs = x509.validity().not_after.timestamp();
+    let secs = u64::try_from(secs).map_err(|_| CertError::Validity("notAfter before 1970"))?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// The `notAfter` of the first certificate in a PEM file, for `rna certs` to print (`None`
+/// for a key file).
+pub fn file_expiry(path: &Path) -> Option<SystemTime> {
+    let certs = load_certs(path).ok()?;
+    not_after(certs.first()?.as_ref()).ok()
+}
+
+/// A warning for a certificate that expires within [`EXPIRY_WARNING`] of `now` (or has
+/// expired): `what` names it ("this hub's certificate"). `None` while it has longer to live.
+pub fn expiry_warning(what: &str, not_after: SystemTime, now: SystemTime) -> Option<String> {
+    let at = crate::auth::format_rfc3339(
+        not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    match not_after.duration_since(now) {
+        Ok(left) if left > EXPIRY_WARNING => None,
+        Ok(left) => Some(format!(
+            "{what} expires in {} days, at {at}; renew it before then (docs/operations.md, \
+             Certificates)",
+            left.as_secs() / 86_400
+        )),
+        Err(_) => Some(format!(
+            "{what} expired at {at}; renew it (docs/operations.md, Certificates)"
+        )),
+    }
+}
+
+/// Logs a warning for each certificate of `expiries` (`(role, notAfter)`, as
+/// `ServerTls::expiries` gives them) that expires within [`EXPIRY_WARNING`]; `whose` names
+/// the owner of the non-CA ones ("this hub's").
+pub fn warn_expiring(expiries: &[(&'static str, SystemTime)], whose: &str) {
+    let now = SystemTime::now();
+    for (role, not_after) in expiries {
+        let what = match *role {
+            "ca" => "the CA certificate (--ca)".to_string(),
+            _ => format!("{whose} certificate (--cert)"),
+        };
+        if let Some(warning) = expiry_warning(&what, *not_after, now) {
+            tracing::warn!(role = *role, "{warning}");
+        }
+    }
+}
+
+/// `rna_certificate_expiry_timestamp_seconds{role}`: when each certificate a process uses
+/// expires (`role` = `hub`, `agent` or `ca`; the agent also reports the `hub` certificate it
+/// was shown), so an alert can fire long before a certificate lapses.
+#[derive(Debug, Clone, Default)]
+pub struct ExpiryMetric(
+    prometheus_client::metrics::family::Family<
+        Vec<(&'static str, String)>,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+);
+
+impl ExpiryMetric {
+    /// Registers the gauge family in `registry` (prefixed `rna_` by the registry).
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> ExpiryMetric {
+        let metric = ExpiryMetric::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate in use expires (Unix time), by role",
+            metric.0.clone(),
+        );
+        metric
+    }
+
+    /// Records when the certificate of `role` expires.
+    pub fn set(&self, role: &str, not_after: SystemTime) {
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.0
+            .get_or_create(&vec![("role", role.to_string())])
+            .set(secs);
+    }
 }
 
 /// `rna certs init`: writes ca.pem, ca-key.pem, hub.pem, hub-key.pem into `dir` (created if
@@ -912,6 +1011,27 @@ mod tests {
         assert!(!tmp.path().join("nowhere").exists());
         // Nothing but the files made here is left behind (no temporary file).
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn expiry_warnings_start_30_days_before() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(expiry_warning("x", now + 31 * day, now), None);
+        let soon = expiry_warning("this hub's certificate", now + 10 * day, now).unwrap();
+        assert!(
+            soon.starts_with("this hub's certificate expires in 10 days, at 2027-"),
+            "{soon}"
+        );
+        assert!(soon.contains("renew it"), "{soon}");
+        let gone = expiry_warning("x", now - day, now).unwrap();
+        assert!(gone.starts_with("x expired at "), "{gone}");
+        let ca = Ca::generate("test CA").unwrap();
+        let hub = ca
+            .issue_hub_with_validity(&["localhost".into()], now - day, now + 10 * day)
+            .unwrap();
+        let der = parse(&hub.cert_pem);
+        assert_eq!(not_after(&der).unwrap(), now + 10 * day);
     }
 
     #[test]

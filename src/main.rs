@@ -601,6 +601,26 @@ async fn dev(args: DevArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wrote PATH`, with the expiry of a certificate, so nobody is surprised by it later.
+fn print_written(path: &std::path::Path) {
+    match rna::certs::file_expiry(path) {
+        Some(not_after) => {
+            let secs = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let days = not_after
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs() / 86_400);
+            println!(
+                "wrote {} (expires {}, in {days} days)",
+                path.display(),
+                rna::auth::format_rfc3339(secs)
+            );
+        }
+        None => println!("wrote {}", path.display()),
+    }
+}
+
 fn certs(cmd: CertsCommand) -> Result<()> {
     match cmd {
         CertsCommand::Init {
@@ -610,13 +630,13 @@ fn certs(cmd: CertsCommand) -> Result<()> {
         } => {
             let written = rna::certs::init_dir(&dir, &hub_names, force)?;
             for path in written {
-                println!("wrote {}", path.display());
+                print_written(&path);
             }
         }
         CertsCommand::Agent { dir, name, force } => {
             let (cert, key) = rna::certs::issue_agent_files(&dir, &name, force)?;
-            println!("wrote {}", cert.display());
-            println!("wrote {}", key.display());
+            print_written(&cert);
+            print_written(&key);
         }
     }
     Ok(())

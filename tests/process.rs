@@ -793,3 +793,107 @@ async fn a_busy_port_is_reported_once() {
     assert!(line.contains(&listen), "{line}");
     assert_eq!(line.matches("in use").count(), 1, "{line} ({cause})");
 }
+
+/// `rna certs` says when each certificate expires; hub and agent whose certificates expire in
+/// 10 days warn about their own and the peer's; both export the expiry as a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_near_expiry_are_announced_and_exported() {
+    let install = Install::new("edge").await;
+    let certs = install.path("certs");
+    // `rna certs agent` output names the expiry (825 days from one day ago).
+    let (code, out) = run_rna(&["certs", "agent", "--dir", &certs, "other"]).await;
+    assert_eq!(code, 0);
+    let line = out
+        .lines()
+        .find(|l| l.contains("agent-other.pem"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("(expires 20") && line.contains("in 823 days"),
+        "{line}"
+    );
+
+    // Certificates from the same CA that end in 10 days.
+    let ca = rna::certs::Ca::from_pem(
+        &std::fs::read_to_string(format!("{certs}/ca.pem")).unwrap(),
+        &std::fs::read_to_string(format!("{certs}/ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let ends = now + 10 * day;
+    let hub = ca
+        .issue_hub_with_validity(&["127.0.0.1".to_string()], now - day, ends)
+        .unwrap();
+    let agent = ca
+        .issue_agent_with_validity("edge", now - day, ends)
+        .unwrap();
+    let short = install.path("short");
+    std::fs::create_dir_all(&short).unwrap();
+    for (file, text) in [
+        ("ca.pem", ca.cert_pem()),
+        ("hub.pem", hub.cert_pem),
+        ("hub-key.pem", hub.key_pem),
+        ("agent-edge.pem", agent.cert_pem),
+        ("agent-edge-key.pem", agent.key_pem),
+    ] {
+        std::fs::write(format!("{short}/{file}"), text).unwrap();
+    }
+    let hub_args = hub_process_args(&short, &install.path("tokens.toml"), "127.0.0.1:0", &[]);
+    let (_hub, mut hub_log) = spawn_logged(&hub_args);
+    let serving = wait_line(&mut hub_log, "hub serving").await;
+    let own = wait_line(&mut hub_log, "this hub's certificate (--cert) expires in").await;
+    assert!(
+        own.contains("WARN") && own.contains("docs/operations.md"),
+        "{own}"
+    );
+    let quic = field(&serving, "quic");
+    let api: std::net::SocketAddr = field(&serving, "api").parse().unwrap();
+
+    let args = install.agent_args(&quic, "edge", &format!("{short}/ca.pem"), &short, &[]);
+    let (_agent, mut agent_log) = spawn_logged(&args);
+    let metrics_line = wait_line(&mut agent_log, "agent health and metrics endpoint").await;
+    let agent_metrics: std::net::SocketAddr = field(&metrics_line, "metrics").parse().unwrap();
+    wait_line(&mut agent_log, "connected to hub").await;
+    let lines = [
+        wait_line(
+            &mut agent_log,
+            "this agent's certificate (--cert) expires in",
+        )
+        .await,
+        wait_line(&mut agent_log, "the hub's certificate expires in").await,
+        wait_line(&mut hub_log, "the certificate of agent edge expires in").await,
+    ];
+    for line in &lines {
+        assert!(line.contains("WARN"), "{line}");
+        assert!(
+            line.contains("expires in 9 days") || line.contains("expires in 10 days"),
+            "{line}"
+        );
+    }
+
+    let expected = ends
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (addr, role) in [
+        (api, "hub"),
+        (agent_metrics, "agent"),
+        (agent_metrics, "hub"),
+    ] {
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let name = format!("rna_certificate_expiry_timestamp_seconds{{role=\"{role}\"}} ");
+        let value: u64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+            .trim()
+            .parse()
+            .unwrap();
+        // X.509 times have whole seconds.
+        assert!(
+            value.abs_diff(expected) <= 1,
+            "{role}: {value} vs {expected}"
+        );
+    }
+}

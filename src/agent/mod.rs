@@ -319,6 +319,10 @@ impl Agent {
     /// Connects to every hub address and serves until `shutdown` fires, then closes each
     /// session with a normal code.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        for (role, not_after) in self.config.tls.expiries() {
+            self.metrics.certificate_expiry(role, not_after);
+        }
+        crate::certs::warn_expiring(&self.config.tls.expiries(), "this agent's");
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
         for target in config.hubs.clone() {
@@ -515,6 +519,7 @@ impl Supervisor {
                     refused = self.refused_backoff();
                     info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
                         "connected to hub");
+                    self.check_certificates(&established.connection);
                     self.metrics.hub_connection(true);
                     self.status.send_modify(|s| {
                         s.connected += 1;
@@ -588,6 +593,31 @@ impl Supervisor {
 }
 
 impl Supervisor {
+    /// Warns from 30 days before the agent's certificate, the CA or the hub's certificate
+    /// expires (checked at every connection, so a long-running agent warns too), and records
+    /// the hub's expiry as a metric.
+    fn check_certificates(&self, connection: &quinn::Connection) {
+        crate::certs::warn_expiring(&self.config.tls.expiries(), "this agent's");
+        let hub = connection
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| chain.first().and_then(|c| crate::certs::not_after(c).ok()));
+        if let Some(not_after) = hub {
+            self.metrics.certificate_expiry("hub", not_after);
+            let warning = crate::certs::expiry_warning(
+                "the hub's certificate",
+                not_after,
+                std::time::SystemTime::now(),
+            );
+            if let Some(warning) = warning {
+                warn!("{warning}");
+            }
+        }
+    }
+
     /// Waits `delay`, or less when a token reload wakes the agent; true when cancelled.
     async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
         tokio::select! {

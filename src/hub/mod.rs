@@ -457,6 +457,24 @@ impl Hub {
             })
         });
 
+        // Certificate expiry: a warning from 30 days before, checked at start and daily.
+        for (role, not_after) in shared.config.tls.expiries() {
+            shared.metrics.certificate_expiry(role, not_after);
+        }
+        {
+            let shared = shared.clone();
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move {
+                loop {
+                    crate::certs::warn_expiring(&shared.config.tls.expiries(), "this hub's");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(24 * 60 * 60)) => {}
+                    }
+                }
+            });
+        }
+
         // Token store follower: a save is seen at once through the folder watch; the poll
         // stays as a fallback (no inotify, network file systems) and closes expired sessions.
         let watcher = {

@@ -230,6 +230,12 @@ async fn handshake(
             format!("client certificate: {e}"),
         )
     })?;
+    if let Ok(not_after) = certs::not_after(cert.as_ref()) {
+        let what = format!("the certificate of agent {cert_name}");
+        if let Some(warning) = certs::expiry_warning(&what, not_after, SystemTime::now()) {
+            warn!("{warning}");
+        }
+    }
 
     let (mut send, mut recv) = tokio::time::timeout_at(deadline, connection.accept_bi())
         .await

@@ -76,6 +76,18 @@ impl Material {
         })
     }
 
+    /// `(role, notAfter)` of our own certificate and of the first CA certificate.
+    fn expiries(&self, role: &'static str) -> Vec<(&'static str, std::time::SystemTime)> {
+        let mut out = Vec::new();
+        if let Some(t) = self.chain.first().and_then(|c| certs::not_after(c).ok()) {
+            out.push((role, t));
+        }
+        if let Some(t) = self.ca.first().and_then(|c| certs::not_after(c).ok()) {
+            out.push(("ca", t));
+        }
+        out
+    }
+
     fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         Ok(Material {
             ca: certs::parse_certs(ca)?,
@@ -98,6 +110,11 @@ impl ServerTls {
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         Material::from_pem(ca, cert, key).map(ServerTls)
+    }
+
+    /// When the hub's certificate (`"hub"`) and the CA (`"ca"`) expire.
+    pub fn expiries(&self) -> Vec<(&'static str, std::time::SystemTime)> {
+        self.0.expiries("hub")
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
@@ -131,6 +148,11 @@ impl ClientTls {
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         Material::from_pem(ca, cert, key).map(ClientTls)
+    }
+
+    /// When the agent's certificate (`"agent"`) and the CA (`"ca"`) expire.
+    pub fn expiries(&self) -> Vec<(&'static str, std::time::SystemTime)> {
+        self.0.expiries("agent")
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
