@@ -542,7 +542,7 @@ impl Supervisor {
                         break;
                     }
                     if end.going_away {
-                        info!("{}; reconnecting", end.reason);
+                        info!("hub is going away: {}; reconnecting", end.reason);
                         // Replicas restart together: spread the reconnects a little.
                         Duration::from_millis(50)
                     } else if up_since.elapsed() >= STABLE_SESSION {
