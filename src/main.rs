@@ -384,13 +384,8 @@ async fn hub(config: HubConfig) -> Result<()> {
     let hub = Hub::bind(config).await?;
     let shutdown = CancellationToken::new();
     let handle = hub.handle();
-    let reload: Reload = Box::new(move || {
-        let result = handle.reload_tokens();
-        if let Err(e) = &result {
-            warn!("SIGHUP: keeping the previous tokens: {e}");
-        }
-        result.is_ok()
-    });
+    // The hub logs a failed reload itself ("keeping the previous tokens"), once.
+    let reload: Reload = Box::new(move || handle.reload_tokens().is_ok());
     watch_signals(shutdown.clone(), Some(reload))?;
     rna::notify::ready(&format!(
         "serving: QUIC {}, SOCKS5 {}",

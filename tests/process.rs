@@ -897,3 +897,26 @@ async fn certificates_near_expiry_are_announced_and_exported() {
         );
     }
 }
+
+/// A broken token store is reported once per reload: once when the save is noticed, once for
+/// a SIGHUP, never again by the signal handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_token_store_is_reported_once_per_reload() {
+    let install = Install::new("edge").await;
+    let store = install.path("tokens.toml");
+    let args = hub_process_args(&install.path("certs"), &store, "127.0.0.1:0", &[]);
+    let (mut hub, mut hub_log) = spawn_logged(&args);
+    wait_line(&mut hub_log, "hub serving").await;
+    std::fs::write(&store, "garbage [\n").unwrap();
+    let first = wait_line(&mut hub_log, "keeping the previous tokens").await;
+    assert!(first.contains("tokens.toml: line 1"), "{first}");
+    signal(&hub, "-HUP");
+    wait_line(&mut hub_log, "SIGHUP: reloading").await;
+    let second = wait_line(&mut hub_log, "tokens.toml: line 1").await;
+    assert!(second.contains("keeping the previous tokens"), "{second}");
+    signal(&hub, "-TERM");
+    within("the hub to exit", hub.wait()).await.unwrap();
+    let rest = lines_so_far(&mut hub_log);
+    let repeats: Vec<&String> = rest.iter().filter(|l| l.contains("line 1")).collect();
+    assert!(repeats.is_empty(), "reported again: {repeats:?}");
+}
