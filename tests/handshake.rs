@@ -358,3 +358,33 @@ async fn no_hub_listening_is_reported_as_quic_over_udp_with_what_to_check() {
     }
     world.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_reload_retries_at_once_instead_of_waiting_out_the_backoff() {
+    let world = World::start().await;
+    let file = write_token_file(&world, "token.txt", "rna_000000000000_unknown");
+    let mut config = world.agent_config("patient", "rna_000000000000_unknown");
+    config.token_file = Some(file);
+    // A refusal backoff far longer than the test may take.
+    config.backoff.refused = Duration::from_secs(60);
+    config.backoff.refused_max = Duration::from_secs(60);
+    let agent = world.spawn_agent(config);
+    within(
+        "the unknown token to be refused",
+        agent.handle.wait_until(|s| s.last_error.is_some()),
+    )
+    .await;
+    let token = world.agent_token(TENANT);
+    write_token_file(&world, "token.txt", &token);
+    // What SIGHUP does in `rna agent`.
+    let reloaded = std::time::Instant::now();
+    agent.handle.reload_token().unwrap();
+    world.wait_sessions(TENANT, "patient", 1).await;
+    assert!(
+        reloaded.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        reloaded.elapsed()
+    );
+    agent.stop().await;
+    world.stop().await;
+}
