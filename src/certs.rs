@@ -23,6 +23,8 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const LEAF_VALIDITY: Duration = Duration::from_secs(825 * 24 * 60 * 60);
 /// 9999-12-31T23:59:59Z: the last instant an X.509 time (GeneralizedTime) can hold.
 const LAST_X509_SECOND: u64 = 253_402_300_799;
+/// How long before a certificate's expiry hub and agent start warning about it.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// The longest agent name: one DNS label, so names fit in host names and SNI-like places.
 const MAX_AGENT_NAME: usize = 63;
 
@@ -60,6 +62,9 @@ pub enum CertError {
     /// A file would be overwritten without `force`.
     #[error("{} already exists (use --force to overwrite it)", .0.display())]
     Exists(PathBuf),
+    /// The file to write is a symbolic link; rna never writes through one.
+    #[error("{} is a symbolic link; rna does not write through links (remove it, or give --dir a folder without links)", .0.display())]
+    Symlink(PathBuf),
     /// The certificate has no subject common name, so it names no agent.
     #[error("certificate has no subject common name")]
     NoCommonName,
@@ -200,6 +205,17 @@ impl Ca {
     /// Hub server cert: SANs = names (each parsed as IP address if it parses, else DNS name);
     /// CN = first name; EKU ServerAuth; validity 825 days.
     pub fn issue_hub(&self, names: &[String]) -> Result<IssuedCert, CertError> {
+        let (not_before, not_after) = window_from_now(LEAF_VALIDITY)?;
+        self.issue_hub_with_validity(names, not_before, not_after)
+    }
+
+    /// Like [`issue_hub`](Ca::issue_hub) with an explicit validity window (tests of expiry).
+    pub fn issue_hub_with_validity(
+        &self,
+        names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert, CertError> {
         let first = names.first().ok_or(CertError::NoHubName)?;
         let mut sans = Vec::with_capacity(names.len());
         for name in names {
@@ -216,7 +232,6 @@ impl Ca {
         params.distinguished_name = subject(first);
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let (not_before, not_after) = window_from_now(LEAF_VALIDITY)?;
         self.issue_leaf(params, not_before, not_after)
     }
 
@@ -327,6 +342,93 @@ pub fn common_name(cert_der: &[u8]) -> Result<String, CertError> {
         .map_err(|e| CertError::Certificate(format!("subject common name: {e}")))
 }
 
+/// The last instant a DER certificate is valid (its `notAfter`).
+pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, CertError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::Certificate(e.to_string()))?;
+    let secs = x509.validity().not_after.timestamp();
+    let secs = u64::try_from(secs).map_err(|_| CertError::Validity("notAfter before 1970"))?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// The `notAfter` of the first certificate in a PEM file, for `rna certs` to print (`None`
+/// for a key file).
+pub fn file_expiry(path: &Path) -> Option<SystemTime> {
+    let certs = load_certs(path).ok()?;
+    not_after(certs.first()?.as_ref()).ok()
+}
+
+/// A warning for a certificate that expires within [`EXPIRY_WARNING`] of `now` (or has
+/// expired): `what` names it ("this hub's certificate"). `None` while it has longer to live.
+pub fn expiry_warning(what: &str, not_after: SystemTime, now: SystemTime) -> Option<String> {
+    let at = crate::auth::format_rfc3339(
+        not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    match not_after.duration_since(now) {
+        Ok(left) if left > EXPIRY_WARNING => None,
+        Ok(left) => Some(format!(
+            "{what} expires in {} days, at {at}; renew it before then (docs/operations.md, \
+             Certificates)",
+            left.as_secs() / 86_400
+        )),
+        Err(_) => Some(format!(
+            "{what} expired at {at}; renew it (docs/operations.md, Certificates)"
+        )),
+    }
+}
+
+/// Logs a warning for each certificate of `expiries` (`(role, notAfter)`, as
+/// `ServerTls::expiries` gives them) that expires within [`EXPIRY_WARNING`]; `whose` names
+/// the owner of the non-CA ones ("this hub's").
+pub fn warn_expiring(expiries: &[(&'static str, SystemTime)], whose: &str) {
+    let now = SystemTime::now();
+    for (role, not_after) in expiries {
+        let what = match *role {
+            "ca" => "the CA certificate (--ca)".to_string(),
+            _ => format!("{whose} certificate (--cert)"),
+        };
+        if let Some(warning) = expiry_warning(&what, *not_after, now) {
+            tracing::warn!(role = *role, "{warning}");
+        }
+    }
+}
+
+/// `rna_certificate_expiry_timestamp_seconds{role}`: when each certificate a process uses
+/// expires (`role` = `hub`, `agent` or `ca`; the agent also reports the `hub` certificate it
+/// was shown), so an alert can fire long before a certificate lapses.
+#[derive(Debug, Clone, Default)]
+pub struct ExpiryMetric(
+    prometheus_client::metrics::family::Family<
+        Vec<(&'static str, String)>,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+);
+
+impl ExpiryMetric {
+    /// Registers the gauge family in `registry` (prefixed `rna_` by the registry).
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> ExpiryMetric {
+        let metric = ExpiryMetric::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate in use expires (Unix time), by role",
+            metric.0.clone(),
+        );
+        metric
+    }
+
+    /// Records when the certificate of `role` expires.
+    pub fn set(&self, role: &str, not_after: SystemTime) {
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.0
+            .get_or_create(&vec![("role", role.to_string())])
+            .set(secs);
+    }
+}
+
 /// `rna certs init`: writes ca.pem, ca-key.pem, hub.pem, hub-key.pem into `dir` (created if
 /// missing) and returns their paths in that order. Keys get mode 0600. Unless `force`, an
 /// existing file is never overwritten (`CertError::Exists`) and nothing is written at all.
@@ -412,7 +514,7 @@ fn refuse_existing(paths: &[PathBuf]) -> Result<(), CertError> {
 /// Loads all certificates from a PEM file (rustls_pki_types::CertificateDer<'static>), error if
 /// none.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let bytes = fs::read(path).map_err(io_error(path))?;
+    let bytes = read_pem_file(path)?;
     certs_from_pem(&bytes).map_err(|message| CertError::Pem {
         path: path.to_path_buf(),
         message,
@@ -422,10 +524,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
 /// Loads one private key (PKCS#8, PKCS#1 or SEC1) from a PEM file (PrivateKeyDer<'static>),
 /// error if none.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    let bytes = fs::read(path).map_err(io_error(path))?;
+    let bytes = read_pem_file(path)?;
     key_from_pem(&bytes).map_err(|message| CertError::Pem {
         path: path.to_path_buf(),
         message,
+    })
+}
+
+/// Reads a PEM file of at most [`MAX_PEM_FILE`](crate::fsutil::MAX_PEM_FILE) bytes; a FIFO or
+/// device is refused rather than read.
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, CertError> {
+    crate::fsutil::read_bytes(path, crate::fsutil::MAX_PEM_FILE).map_err(|e| CertError::Io {
+        path: e.path,
+        source: e.problem.into(),
     })
 }
 
@@ -458,8 +569,9 @@ fn key_from_pem(bytes: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
     })
 }
 
-/// Writes a file with mode 0600 (for keys and token files), create_new unless force (then
-/// truncate, and the mode is reset to 0600 even if the old file was more open).
+/// Writes a file with mode 0600 (for keys and token files), create_new unless force (then a
+/// new file replaces the old one by rename, so the mode is 0600 even if the old file was more
+/// open). A symbolic link at `path` is refused, never followed.
 pub fn write_private(path: &Path, contents: &[u8], force: bool) -> Result<(), CertError> {
     write_file(path, contents, force, 0o600)
 }
@@ -470,21 +582,64 @@ fn write_public(path: &Path, contents: &[u8], force: bool) -> Result<(), CertErr
 }
 
 fn write_file(path: &Path, contents: &[u8], force: bool, mode: u32) -> Result<(), CertError> {
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
+    // A link at the target could point anywhere (another user's file, a system file): never
+    // write through it, even with --force.
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(CertError::Symlink(path.to_path_buf()));
     }
+    if !force {
+        // `create_new` (O_EXCL) fails on any existing name, a link included.
+        let mut file = create_new_file(path, mode)?;
+        file.write_all(contents).map_err(io_error(path))?;
+        return file.sync_all().map_err(io_error(path));
+    }
+    // Overwrite by writing a new file beside it and renaming it over the old name: rename
+    // replaces the name itself, never a file a link at that name points to, and readers see
+    // the old or the new file, never half of one.
+    let name = path.file_name().ok_or_else(|| CertError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let temp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let written = create_new_file(&temp, mode).and_then(|mut file| {
+        file.write_all(contents).map_err(io_error(&temp))?;
+        file.sync_all().map_err(io_error(&temp))?;
+        fs::rename(&temp, path).map_err(io_error(path))
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written?;
+    // Make the rename itself durable.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Creates `path` exclusively with `mode`, refusing to follow a link at that name.
+fn create_new_file(path: &Path, mode: u32) -> Result<fs::File, CertError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
+        options
+            .mode(mode)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
     #[cfg(not(unix))]
     let _ = mode;
-    let mut file = options.open(path).map_err(|source| {
+    let file = options.open(path).map_err(|source| {
         if source.kind() == io::ErrorKind::AlreadyExists {
             CertError::Exists(path.to_path_buf())
         } else {
@@ -494,15 +649,14 @@ fn write_file(path: &Path, contents: &[u8], force: bool, mode: u32) -> Result<()
             }
         }
     })?;
-    // `mode` applies only when the file is created; an overwritten file keeps its old mode.
+    // The umask may have narrowed `mode`; set it exactly (0644 stays readable).
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io_error(path))?;
     }
-    file.write_all(contents).map_err(io_error(path))?;
-    file.sync_all().map_err(io_error(path))
+    Ok(file)
 }
 
 /// PEM-encodes DER (RFC 7468: base64 with padding, 64-character lines).
@@ -835,6 +989,49 @@ mod tests {
             );
         }
         assert_eq!(fs::read(&path).unwrap(), b"2");
+    }
+
+    #[test]
+    fn a_link_at_the_target_is_never_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let link = tmp.path().join("key.pem");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        for force in [false, true] {
+            let err = write_private(&link, b"key", force).unwrap_err();
+            assert!(matches!(err, CertError::Symlink(_)), "force {force}: {err}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        // A dangling link is refused too (it would create its target).
+        let dangling = tmp.path().join("dangling.pem");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        assert!(write_public(&dangling, b"cert", true).is_err());
+        assert!(!tmp.path().join("nowhere").exists());
+        // Nothing but the files made here is left behind (no temporary file).
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn expiry_warnings_start_30_days_before() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(expiry_warning("x", now + 31 * day, now), None);
+        let soon = expiry_warning("this hub's certificate", now + 10 * day, now).unwrap();
+        assert!(
+            soon.starts_with("this hub's certificate expires in 10 days, at 2027-"),
+            "{soon}"
+        );
+        assert!(soon.contains("renew it"), "{soon}");
+        let gone = expiry_warning("x", now - day, now).unwrap();
+        assert!(gone.starts_with("x expired at "), "{gone}");
+        let ca = Ca::generate("test CA").unwrap();
+        let hub = ca
+            .issue_hub_with_validity(&["localhost".into()], now - day, now + 10 * day)
+            .unwrap();
+        let der = parse(&hub.cert_pem);
+        assert_eq!(not_after(&der).unwrap(), now + 10 * day);
     }
 
     #[test]

@@ -633,9 +633,9 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn read_text(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+    crate::fsutil::read_text(path, crate::fsutil::MAX_CONFIG_FILE).map_err(|e| ConfigError::Read {
         file: path.display().to_string(),
-        cause,
+        cause: e.problem.into(),
     })
 }
 
@@ -1191,6 +1191,7 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     tls.check().map_err(|e| tls_error(sources, files, e))?;
     let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
     let mut config = AgentConfig::new(o.hub, name, tls, token);
+    config.token_file = Some(token_file);
     if let Some(name) = o.server_name {
         crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
         config.server_name = Some(name);

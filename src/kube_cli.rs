@@ -2,7 +2,6 @@
 //! channel. Exit codes: 0 success, 1 Kubernetes refused (message printed), 2 usage,
 //! 3 agent unavailable.
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -304,14 +303,15 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
             let mut objects = Vec::new();
             for f in &files {
                 let text = if f.as_os_str() == "-" {
-                    let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .map_err(|e| usage(format!("standard input: {e}")))?;
-                    s
+                    rna::fsutil::read_stream_text(
+                        std::io::stdin(),
+                        "standard input",
+                        rna::fsutil::MAX_MANIFEST,
+                    )
+                    .map_err(usage)?
                 } else {
-                    std::fs::read_to_string(f)
-                        .map_err(|e| usage(format!("{}: {e}", f.display())))?
+                    rna::fsutil::read_text(f, rna::fsutil::MAX_MANIFEST)
+                        .map_err(|e| usage(e.to_string()))?
                 };
                 let shown = if f.as_os_str() == "-" {
                     "standard input".to_string()

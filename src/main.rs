@@ -219,7 +219,8 @@ fn main() -> ExitCode {
     let prepared = match prepare(cli.command, cli.log) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("rna: {e:#}");
+            // The whole chain, each cause once (many errors also print their cause).
+            eprintln!("rna: {}", rna::fsutil::error_chain(e.as_ref()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -255,7 +256,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(work)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rna: {e:#}");
+            eprintln!("rna: {}", rna::fsutil::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -411,13 +412,8 @@ async fn hub(config: HubConfig) -> Result<()> {
     let hub = Hub::bind(config).await?;
     let shutdown = CancellationToken::new();
     let handle = hub.handle();
-    let reload: Reload = Box::new(move || {
-        let result = handle.reload_tokens();
-        if let Err(e) = &result {
-            warn!("SIGHUP: keeping the previous tokens: {e}");
-        }
-        result.is_ok()
-    });
+    // The hub logs a failed reload itself ("keeping the previous tokens"), once.
+    let reload: Reload = Box::new(move || handle.reload_tokens().is_ok());
     watch_signals(shutdown.clone(), Some(reload))?;
     rna::notify::ready(&format!(
         "serving: QUIC {}, SOCKS5 {}",
@@ -472,9 +468,20 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
             shutdown.clone(),
         ));
     }
-    // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file).
+    // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file)
+    // and the token file, and retries at once any hub the agent was waiting to retry.
     let reload_handle = handle.clone();
     let reload: Reload = Box::new(move || {
+        let token = match reload_handle.reload_token() {
+            Ok(()) => {
+                info!("SIGHUP: token file read; retrying hubs now");
+                true
+            }
+            Err(e) => {
+                warn!("SIGHUP: cannot read the token file: {e}");
+                false
+            }
+        };
         let merged = merge_agent(file.as_deref(), cli.clone(), LogOptions::default());
         match merged {
             Ok((options, _, _)) => {
@@ -485,7 +492,7 @@ async fn agent(settings: AgentSettings, file: Option<PathBuf>, cli: AgentOptions
                     "SIGHUP: policy reloaded"
                 );
                 reload_handle.set_policy(policy);
-                true
+                token
             }
             Err(e) => {
                 warn!("SIGHUP: keeping the previous policy: {e}");
@@ -631,6 +638,26 @@ async fn dev(args: DevArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wrote PATH`, with the expiry of a certificate, so nobody is surprised by it later.
+fn print_written(path: &std::path::Path) {
+    match rna::certs::file_expiry(path) {
+        Some(not_after) => {
+            let secs = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let days = not_after
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs() / 86_400);
+            out!(
+                "wrote {} (expires {}, in {days} days)",
+                path.display(),
+                rna::auth::format_rfc3339(secs)
+            );
+        }
+        None => out!("wrote {}", path.display()),
+    }
+}
+
 fn certs(cmd: CertsCommand) -> Result<()> {
     match cmd {
         CertsCommand::Init {
@@ -640,13 +667,13 @@ fn certs(cmd: CertsCommand) -> Result<()> {
         } => {
             let written = rna::certs::init_dir(&dir, &hub_names, force)?;
             for path in written {
-                out!("wrote {}", path.display());
+                print_written(&path);
             }
         }
         CertsCommand::Agent { dir, name, force } => {
             let (cert, key) = rna::certs::issue_agent_files(&dir, &name, force)?;
-            out!("wrote {}", cert.display());
-            out!("wrote {}", key.display());
+            print_written(&cert);
+            print_written(&key);
         }
     }
     Ok(())

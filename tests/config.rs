@@ -346,7 +346,8 @@ fn unreadable_keys_name_the_key_and_where_it_was_given() {
     assert_eq!(
         line,
         format!(
-            "rna: command line: key: cannot read or write {}: Is a directory (os error 21)",
+            "rna: command line: key: cannot read or write {}: is a folder, not a regular file; \
+             give the path of a file",
             s(&folder)
         )
     );

@@ -286,3 +286,160 @@ async fn the_tls_phase_has_its_own_short_deadline() {
     agent.stop().await;
     world.stop().await;
 }
+
+/// Writes `token` to a file the way an operator does (mode 0600) and returns its path.
+fn write_token_file(world: &World, file: &str, token: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = world.dir.path().join(file);
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The id (`rna_<id>_…`) of a token.
+fn token_id(token: &str) -> String {
+    token.split('_').nth(1).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_token_is_used_without_restarting_the_agent() {
+    let world = World::start().await;
+    let old = world.agent_token(TENANT);
+    let file = write_token_file(&world, "token.txt", &old);
+    let mut config = world.agent_config("rotating", &old);
+    config.token_file = Some(file.clone());
+    // The pacing an operator gets, not the tests' faster one.
+    config.backoff = rna::agent::Backoff::default();
+    let agent = world.spawn_agent(config);
+    world.wait_sessions(TENANT, "rotating", 1).await;
+
+    // Rotate in the order of docs/operations.md: revoke the old token (the hub closes the
+    // session and refuses the agent's quick retry), then write the new one into the file.
+    world.revoke(&old);
+    within(
+        "the old token to be refused",
+        agent.handle.wait_until(|s| {
+            matches!(&s.last_error, Some(SessionError::Rejected { code, .. })
+                if *code == CloseCode::TokenRevoked)
+        }),
+    )
+    .await;
+    let new = world.agent_token(TENANT);
+    let written = std::time::Instant::now();
+    write_token_file(&world, "token.txt", &new);
+    world.wait_sessions(TENANT, "rotating", 1).await;
+    let took = written.elapsed();
+    let tenant = TENANT.parse().unwrap();
+    let sessions = world.hub.registry().sessions_of(&tenant, "rotating");
+    assert_eq!(sessions[0].token_id, token_id(&new));
+    // The first retry after a refusal comes within 1 s (the second within 2 s).
+    assert!(took < Duration::from_secs(6), "reconnected after {took:?}");
+    eprintln!("reconnected with the new token {took:?} after it was written");
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_added_to_the_store_is_accepted_within_seconds_without_polling() {
+    // Polling so slow that only the store watch can explain a reload.
+    let world = World::start_with(|c| c.token_poll = Duration::from_secs(3600)).await;
+    // `rna token create` prints a token; the agent starts before the hub has seen it.
+    let mut store = TokenStore::load(&world.tokens).unwrap();
+    let (secret, _) = store
+        .create(
+            TENANT.parse().unwrap(),
+            vec![Scope::ConnectAgentHub],
+            None,
+            None,
+            SystemTime::now(),
+        )
+        .unwrap();
+    let token = secret.expose().to_string();
+    let mut config = world.agent_config("fresh", &token);
+    config.backoff = rna::agent::Backoff::default();
+    let agent = world.spawn_agent(config);
+    let status = within(
+        "the unknown token to be refused",
+        agent.handle.wait_until(|s| s.last_error.is_some()),
+    )
+    .await;
+    assert!(
+        matches!(&status.last_error, Some(SessionError::Rejected { code, .. })
+            if *code == CloseCode::BadToken),
+        "{status:?}"
+    );
+
+    // Now the store file gets the token, as `rna token create` saves it.
+    let mut reloads = world.hub.token_reloads();
+    reloads.borrow_and_update();
+    let saved = std::time::Instant::now();
+    store.save(&world.tokens).unwrap();
+    within("the hub to see the store change", reloads.changed())
+        .await
+        .unwrap();
+    let seen = saved.elapsed();
+    world.wait_sessions(TENANT, "fresh", 1).await;
+    let accepted = saved.elapsed();
+    assert!(seen < Duration::from_secs(2), "store seen after {seen:?}");
+    assert!(
+        accepted < Duration::from_secs(4),
+        "accepted after {accepted:?}"
+    );
+    eprintln!("store change seen after {seen:?}, agent accepted after {accepted:?}");
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_hub_listening_is_reported_as_quic_over_udp_with_what_to_check() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    // A UDP port where nothing answers: bound, never read.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut config = world.agent_config("lonely", &token);
+    config.hubs = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    config.limits.handshake_timeout = Duration::from_millis(500);
+    let err = refusal(&world, config).await;
+    let text = err.to_string();
+    assert!(matches!(err, SessionError::Timeout { .. }), "{err:?}");
+    for part in [
+        format!("no answer from the hub at 127.0.0.1:{port} within 500ms"),
+        "QUIC, which is UDP".to_string(),
+        format!("listening on UDP port {port}"),
+        "firewalls".to_string(),
+    ] {
+        assert!(text.contains(&part), "{part:?} in {text}");
+    }
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_reload_retries_at_once_instead_of_waiting_out_the_backoff() {
+    let world = World::start().await;
+    let file = write_token_file(&world, "token.txt", "rna_000000000000_unknown");
+    let mut config = world.agent_config("patient", "rna_000000000000_unknown");
+    config.token_file = Some(file);
+    // A refusal backoff far longer than the test may take.
+    config.backoff.refused = Duration::from_secs(60);
+    config.backoff.refused_max = Duration::from_secs(60);
+    let agent = world.spawn_agent(config);
+    within(
+        "the unknown token to be refused",
+        agent.handle.wait_until(|s| s.last_error.is_some()),
+    )
+    .await;
+    let token = world.agent_token(TENANT);
+    write_token_file(&world, "token.txt", &token);
+    // What SIGHUP does in `rna agent`.
+    let reloaded = std::time::Instant::now();
+    agent.handle.reload_token().unwrap();
+    world.wait_sessions(TENANT, "patient", 1).await;
+    assert!(
+        reloaded.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        reloaded.elapsed()
+    );
+    agent.stop().await;
+    world.stop().await;
+}

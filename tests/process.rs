@@ -605,3 +605,426 @@ async fn an_agent_whose_default_metrics_port_is_taken_still_starts() {
     assert_eq!(status.code(), Some(1));
     world.stop().await;
 }
+
+/// A certificate folder, a token store with one agent token, and the token file: what an
+/// operator makes with `rna certs` and `rna token` before starting hub and agent.
+struct Install {
+    tmp: tempfile::TempDir,
+}
+
+impl Install {
+    async fn new(agent: &str) -> Install {
+        let install = Install {
+            tmp: tempfile::tempdir().unwrap(),
+        };
+        let certs = install.path("certs");
+        let init = ["certs", "init", "--dir", &certs, "--hub-name", "127.0.0.1"];
+        assert_eq!(run_rna(&init).await.0, 0);
+        assert_eq!(
+            run_rna(&["certs", "agent", "--dir", &certs, agent]).await.0,
+            0
+        );
+        let store = install.path("tokens.toml");
+        let (code, token) = run_rna(&[
+            "token",
+            "create",
+            "--store",
+            &store,
+            "--tenant",
+            TENANT,
+            "--scope",
+            "connect:agentHub",
+        ])
+        .await;
+        assert_eq!(code, 0);
+        let file = install.path("token.txt");
+        std::fs::write(&file, token.trim()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        install
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.tmp.path().join(file).display().to_string()
+    }
+
+    /// `rna agent` arguments: `ca` and `cert_dir` pick the CA the agent trusts and the folder
+    /// its certificate comes from; `extra` follows.
+    fn agent_args(
+        &self,
+        hub: &str,
+        name: &str,
+        ca: &str,
+        cert_dir: &str,
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "agent",
+            "--hub",
+            hub,
+            "--name",
+            name,
+            "--ca",
+            ca,
+            "--cert",
+            &format!("{cert_dir}/agent-{name}.pem"),
+            "--key",
+            &format!("{cert_dir}/agent-{name}-key.pem"),
+            "--token-file",
+            &self.path("token.txt"),
+            "--metrics",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+}
+
+/// Every line received so far.
+fn lines_so_far(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Vec<String> {
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.try_recv() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// A certificate from another CA, an agent that trusts another CA, and a wrong hub name:
+/// each side's log says which side refused which certificate and how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_refusals_say_which_side_refused_which_certificate_and_the_fix() {
+    let install = Install::new("edge").await;
+    let certs = install.path("certs");
+    let other = install.path("other");
+    let init = ["certs", "init", "--dir", &other, "--hub-name", "127.0.0.1"];
+    assert_eq!(run_rna(&init).await.0, 0);
+    assert_eq!(
+        run_rna(&["certs", "agent", "--dir", &other, "edge"])
+            .await
+            .0,
+        0
+    );
+    let hub_args = hub_process_args(&certs, &install.path("tokens.toml"), "127.0.0.1:0", &[]);
+    let (_hub, mut hub_log) = spawn_logged(&hub_args);
+    let quic = field(&wait_line(&mut hub_log, "hub serving").await, "quic");
+    let ca = format!("{certs}/ca.pem");
+    let other_ca = format!("{other}/ca.pem");
+
+    // (agent arguments, agent's line, hub's line)
+    let cases: Vec<(Vec<String>, Vec<&str>, Vec<&str>)> = vec![
+        (
+            // The agent's certificate comes from another installation's CA.
+            install.agent_args(&quic, "edge", &ca, &other, &[]),
+            vec![
+                "refused this agent's certificate: it is not signed by the hub's CA",
+                "rna certs agent --dir <the hub's CA folder> edge",
+            ],
+            vec![
+                "refused the certificate of an agent at",
+                "not signed by this hub's CA",
+                "rna certs agent --dir <this hub's CA folder>",
+            ],
+        ),
+        (
+            // The agent trusts another CA than the one that signed the hub's certificate.
+            install.agent_args(&quic, "edge", &other_ca, &certs, &[]),
+            vec![
+                "this agent refused the certificate of the hub at",
+                "not signed by the CA in this agent's --ca",
+            ],
+            vec!["refused this hub's certificate: it is not signed by the CA in the agent's --ca"],
+        ),
+        (
+            // The agent dials a name the hub's certificate does not carry.
+            install.agent_args(
+                &quic,
+                "edge",
+                &ca,
+                &certs,
+                &["--server-name", "hub.wrong.example"],
+            ),
+            vec![
+                "not valid for the name \"hub.wrong.example\"",
+                "set --server-name to a name the hub certificate carries",
+            ],
+            vec![
+                "refused this hub's certificate",
+                "set the agent's --server-name",
+            ],
+        ),
+    ];
+    for (args, agent_says, hub_says) in cases {
+        let (mut agent, mut agent_log) = spawn_logged(&args);
+        let line = wait_line(&mut agent_log, agent_says[0]).await;
+        assert!(line.contains("ERROR"), "{line}");
+        for part in &agent_says {
+            assert!(line.contains(part), "agent: {part:?} in {line}");
+        }
+        let line = wait_line(&mut hub_log, hub_says[0]).await;
+        assert!(line.contains("WARN"), "{line}");
+        for part in &hub_says {
+            assert!(line.contains(part), "hub: {part:?} in {line}");
+        }
+        agent.kill().await.unwrap();
+    }
+}
+
+/// A planned hub restart (SIGTERM, start again): agents log it at INFO, both hubs log no
+/// warning, the going-away reason reads `hub shutting down` on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_hub_restart_logs_no_warnings_or_errors() {
+    let install = Install::new("edge").await;
+    let certs = install.path("certs");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let hub_args = hub_process_args(
+        &certs,
+        &install.path("tokens.toml"),
+        &listen,
+        &["--grace", "1s"],
+    );
+    let (mut hub, mut hub_log) = spawn_logged(&hub_args);
+    let socks: std::net::SocketAddr = field(&wait_line(&mut hub_log, "hub serving").await, "socks")
+        .parse()
+        .unwrap();
+    let agent_args = install.agent_args(
+        &listen,
+        "edge",
+        &format!("{certs}/ca.pem"),
+        &certs,
+        &["--allow", "127.0.0.0/8"],
+    );
+    let (mut agent, mut agent_log) = spawn_logged(&agent_args);
+    wait_line(&mut agent_log, "connected to hub").await;
+    wait_line(&mut hub_log, "agent connected").await;
+    // The session carries a request end to end before the restart begins.
+    let (_, proxy_token) = run_rna(&[
+        "token",
+        "create",
+        "--store",
+        &install.path("tokens.toml"),
+        "--tenant",
+        TENANT,
+        "--scope",
+        "proxy",
+    ])
+    .await;
+    let http = http_server().await;
+    let fetched = within("a request through the agent", async {
+        loop {
+            // The hub sees the new token at once; retry until it has.
+            let (code, body) = curl(
+                socks,
+                "edge",
+                proxy_token.trim(),
+                &[&format!("http://127.0.0.1:{}/bytes/16", http.port())],
+            )
+            .await;
+            if code == 0 {
+                return body;
+            }
+        }
+    })
+    .await;
+    assert_eq!(fetched, pattern(16));
+
+    signal(&hub, "-TERM");
+    let agent_line = wait_line(&mut agent_log, "going_away").await;
+    within("the hub to exit", hub.wait()).await.unwrap();
+    let mut hub_lines = lines_so_far(&mut hub_log);
+    let (mut hub2, mut hub2_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub2_log, "hub serving").await;
+    wait_line(&mut agent_log, "connected to hub").await;
+    wait_line(&mut hub2_log, "agent connected").await;
+    signal(&agent, "-TERM");
+    within("the agent to exit", agent.wait()).await.unwrap();
+    signal(&hub2, "-TERM");
+    within("the second hub to exit", hub2.wait()).await.unwrap();
+    hub_lines.extend(lines_so_far(&mut hub2_log));
+    let mut agent_lines = vec![agent_line.clone()];
+    agent_lines.extend(lines_so_far(&mut agent_log));
+
+    assert!(agent_line.contains("INFO"), "{agent_line}");
+    assert!(agent_line.contains("hub shutting down"), "{agent_line}");
+    for line in &agent_lines {
+        assert!(
+            !line.contains("ERROR") && !line.contains("WARN"),
+            "a planned restart is routine for the agent: {line}"
+        );
+        assert!(!line.contains("hub_shutdown"), "{line}");
+    }
+    for line in &hub_lines {
+        assert!(
+            !line.contains("ERROR") && !line.contains("WARN"),
+            "a planned restart is routine for the hub: {line}"
+        );
+    }
+    let closed = hub_lines
+        .iter()
+        .find(|l| l.contains("agent disconnected"))
+        .expect("the hub logs the session's end");
+    assert!(closed.contains("hub shutting down"), "{closed}");
+}
+
+/// The same error is never printed twice in one message: a port in use names itself once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_is_reported_once() {
+    let install = Install::new("edge").await;
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = busy.local_addr().unwrap().to_string();
+    let args = hub_process_args(
+        &install.path("certs"),
+        &install.path("tokens.toml"),
+        &listen,
+        &[],
+    );
+    let out = within(
+        "the hub to fail",
+        Command::new(RNA).args(&args).stdin(Stdio::null()).output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cause = std::io::Error::from(std::io::ErrorKind::AddrInUse).to_string();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("rna: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert!(line.contains(&listen), "{line}");
+    assert_eq!(line.matches("in use").count(), 1, "{line} ({cause})");
+}
+
+/// `rna certs` says when each certificate expires; hub and agent whose certificates expire in
+/// 10 days warn about their own and the peer's; both export the expiry as a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_near_expiry_are_announced_and_exported() {
+    let install = Install::new("edge").await;
+    let certs = install.path("certs");
+    // `rna certs agent` output names the expiry (825 days from one day ago).
+    let (code, out) = run_rna(&["certs", "agent", "--dir", &certs, "other"]).await;
+    assert_eq!(code, 0);
+    let line = out
+        .lines()
+        .find(|l| l.contains("agent-other.pem"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("(expires 20") && line.contains("in 823 days"),
+        "{line}"
+    );
+
+    // Certificates from the same CA that end in 10 days.
+    let ca = rna::certs::Ca::from_pem(
+        &std::fs::read_to_string(format!("{certs}/ca.pem")).unwrap(),
+        &std::fs::read_to_string(format!("{certs}/ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let ends = now + 10 * day;
+    let hub = ca
+        .issue_hub_with_validity(&["127.0.0.1".to_string()], now - day, ends)
+        .unwrap();
+    let agent = ca
+        .issue_agent_with_validity("edge", now - day, ends)
+        .unwrap();
+    let short = install.path("short");
+    std::fs::create_dir_all(&short).unwrap();
+    for (file, text) in [
+        ("ca.pem", ca.cert_pem()),
+        ("hub.pem", hub.cert_pem),
+        ("hub-key.pem", hub.key_pem),
+        ("agent-edge.pem", agent.cert_pem),
+        ("agent-edge-key.pem", agent.key_pem),
+    ] {
+        std::fs::write(format!("{short}/{file}"), text).unwrap();
+    }
+    let hub_args = hub_process_args(&short, &install.path("tokens.toml"), "127.0.0.1:0", &[]);
+    let (_hub, mut hub_log) = spawn_logged(&hub_args);
+    let serving = wait_line(&mut hub_log, "hub serving").await;
+    let own = wait_line(&mut hub_log, "this hub's certificate (--cert) expires in").await;
+    assert!(
+        own.contains("WARN") && own.contains("docs/operations.md"),
+        "{own}"
+    );
+    let quic = field(&serving, "quic");
+    let api: std::net::SocketAddr = field(&serving, "api").parse().unwrap();
+
+    let args = install.agent_args(&quic, "edge", &format!("{short}/ca.pem"), &short, &[]);
+    let (_agent, mut agent_log) = spawn_logged(&args);
+    let metrics_line = wait_line(&mut agent_log, "agent health and metrics endpoint").await;
+    let agent_metrics: std::net::SocketAddr = field(&metrics_line, "metrics").parse().unwrap();
+    wait_line(&mut agent_log, "connected to hub").await;
+    let lines = [
+        wait_line(
+            &mut agent_log,
+            "this agent's certificate (--cert) expires in",
+        )
+        .await,
+        wait_line(&mut agent_log, "the hub's certificate expires in").await,
+        wait_line(&mut hub_log, "the certificate of agent edge expires in").await,
+    ];
+    for line in &lines {
+        assert!(line.contains("WARN"), "{line}");
+        assert!(
+            line.contains("expires in 9 days") || line.contains("expires in 10 days"),
+            "{line}"
+        );
+    }
+
+    let expected = ends
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (addr, role) in [
+        (api, "hub"),
+        (agent_metrics, "agent"),
+        (agent_metrics, "hub"),
+    ] {
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let name = format!("rna_certificate_expiry_timestamp_seconds{{role=\"{role}\"}} ");
+        let value: u64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+            .trim()
+            .parse()
+            .unwrap();
+        // X.509 times have whole seconds.
+        assert!(
+            value.abs_diff(expected) <= 1,
+            "{role}: {value} vs {expected}"
+        );
+    }
+}
+
+/// A broken token store is reported once per reload: once when the save is noticed, once for
+/// a SIGHUP, never again by the signal handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_token_store_is_reported_once_per_reload() {
+    let install = Install::new("edge").await;
+    let store = install.path("tokens.toml");
+    let args = hub_process_args(&install.path("certs"), &store, "127.0.0.1:0", &[]);
+    let (mut hub, mut hub_log) = spawn_logged(&args);
+    wait_line(&mut hub_log, "hub serving").await;
+    std::fs::write(&store, "garbage [\n").unwrap();
+    let first = wait_line(&mut hub_log, "keeping the previous tokens").await;
+    assert!(first.contains("tokens.toml: line 1"), "{first}");
+    signal(&hub, "-HUP");
+    wait_line(&mut hub_log, "SIGHUP: reloading").await;
+    let second = wait_line(&mut hub_log, "tokens.toml: line 1").await;
+    assert!(second.contains("keeping the previous tokens"), "{second}");
+    signal(&hub, "-TERM");
+    within("the hub to exit", hub.wait()).await.unwrap();
+    let rest = lines_so_far(&mut hub_log);
+    let repeats: Vec<&String> = rest.iter().filter(|l| l.contains("line 1")).collect();
+    assert!(repeats.is_empty(), "reported again: {repeats:?}");
+}

@@ -29,6 +29,9 @@ pub struct AgentMetrics {
     reconnects: Counter,
     dials: Family<Labels, Counter>,
     cap_refusals: Family<Labels, Counter>,
+    /// `rna_certificate_expiry_timestamp_seconds{role}`: the agent's certificate, the CA,
+    /// and the hub certificate last shown.
+    certificate_expiry: crate::certs::ExpiryMetric,
 }
 
 impl Default for AgentMetrics {
@@ -46,6 +49,7 @@ impl AgentMetrics {
             reconnects: Counter::default(),
             dials: Family::default(),
             cap_refusals: Family::default(),
+            certificate_expiry: Default::default(),
             registry,
         };
         let mut m = m;
@@ -70,7 +74,13 @@ impl AgentMetrics {
             "Work refused because a resource cap was reached, by cap",
             m.cap_refusals.clone(),
         );
+        m.certificate_expiry = crate::certs::ExpiryMetric::register(&mut m.registry);
         m
+    }
+
+    /// Records when a certificate the agent uses or was shown expires.
+    pub fn certificate_expiry(&self, role: &str, not_after: std::time::SystemTime) {
+        self.certificate_expiry.set(role, not_after);
     }
 
     /// The exposition text.

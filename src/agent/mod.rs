@@ -4,6 +4,7 @@
 //! Agent path: session → policy → dialer → relay.
 
 pub mod admin;
+pub mod backoff;
 pub mod dialer;
 pub mod kube;
 pub mod policy;
@@ -12,18 +13,20 @@ pub mod session;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
-use crate::auth::Secret;
+use crate::auth::{Secret, StoreError};
+use crate::proto::CloseCode;
 use crate::transport::{self, ClientTls, Limits, TransportError};
 
+pub use backoff::Retry;
 pub use dialer::{DialError, Dialer};
 pub use policy::{Policy, Rule};
 pub use session::SessionError;
@@ -95,16 +98,19 @@ impl fmt::Display for HubTarget {
     }
 }
 
-/// Reconnect pacing.
+/// Reconnect pacing (see [`Retry`]: every maximum includes the jitter).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     /// First delay after a failure.
     pub min: Duration,
     /// Longest delay after transient failures.
     pub max: Duration,
-    /// First delay after the hub refused us for a reason that will not fix itself
-    /// (bad token, wrong certificate); grows up to 10× this.
+    /// First delay after the hub refused us for a reason an operator must fix (token,
+    /// certificate). Short, because the fix (a new token written to the token file, a token
+    /// just added to the hub's store) should take effect at once.
     pub refused: Duration,
+    /// Longest delay after refusals, so a forgotten agent does not hammer the hub.
+    pub refused_max: Duration,
 }
 
 impl Default for Backoff {
@@ -112,7 +118,8 @@ impl Default for Backoff {
         Backoff {
             min: Duration::from_millis(200),
             max: Duration::from_secs(30),
-            refused: Duration::from_secs(30),
+            refused: Duration::from_secs(1),
+            refused_max: Duration::from_secs(60),
         }
     }
 }
@@ -128,8 +135,12 @@ pub struct AgentConfig {
     pub name: String,
     /// CA, certificate and key.
     pub tls: ClientTls,
-    /// Machine credential with scope `connect:agentHub`.
+    /// Machine credential with scope `connect:agentHub`, as read at start.
     pub token: Secret,
+    /// The file the token came from: read again before every connection attempt and on
+    /// [`AgentHandle::reload_token`], so a rotated token needs no restart (`None`: the token
+    /// above is used as is).
+    pub token_file: Option<PathBuf>,
     /// Which destinations may be dialed.
     pub policy: Policy,
     /// Resolution plus connection time allowed per destination.
@@ -161,6 +172,7 @@ impl AgentConfig {
             name,
             tls,
             token,
+            token_file: None,
             policy: Policy::default(),
             dial_timeout: Duration::from_secs(10),
             limits: Limits::default(),
@@ -192,6 +204,8 @@ pub struct AgentHandle {
     dialer: Arc<Dialer>,
     metrics: Arc<admin::AgentMetrics>,
     endpoints: Endpoints,
+    token_file: Option<PathBuf>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// The QUIC endpoints of the agent's hub connections, by hub address.
@@ -201,6 +215,18 @@ impl AgentHandle {
     /// Replaces the dial policy (SIGHUP); streams already connected are not touched.
     pub fn set_policy(&self, policy: Policy) {
         self.dialer.set_policy(policy);
+    }
+
+    /// Reads the token file again (SIGHUP) and ends every wait between connection attempts,
+    /// so a rotated token is tried at once. Returns whether the file could be read; each
+    /// attempt reads it again anyway. Sessions already established keep their session.
+    pub fn reload_token(&self) -> Result<(), StoreError> {
+        let read = match &self.token_file {
+            Some(path) => crate::auth::load_secret_file(path).map(|_| ()),
+            None => Ok(()),
+        };
+        self.wake.notify_waiters();
+        read
     }
 
     /// The agent's metrics.
@@ -253,6 +279,7 @@ pub struct Agent {
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
     metrics: Arc<admin::AgentMetrics>,
     endpoints: Endpoints,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -283,6 +310,7 @@ impl Agent {
             status: Arc::new(tokio::sync::watch::Sender::new(AgentStatus::default())),
             metrics,
             endpoints: Endpoints::default(),
+            wake: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -293,12 +321,18 @@ impl Agent {
             dialer: self.dialer.clone(),
             metrics: self.metrics.clone(),
             endpoints: self.endpoints.clone(),
+            token_file: self.config.token_file.clone(),
+            wake: self.wake.clone(),
         }
     }
 
     /// Connects to every hub address and serves until `shutdown` fires, then closes each
     /// session with a normal code.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        for (role, not_after) in self.config.tls.expiries() {
+            self.metrics.certificate_expiry(role, not_after);
+        }
+        crate::certs::warn_expiring(&self.config.tls.expiries(), "this agent's");
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
         for target in config.hubs.clone() {
@@ -309,6 +343,7 @@ impl Agent {
                 status: self.status.clone(),
                 metrics: self.metrics.clone(),
                 endpoints: self.endpoints.clone(),
+                wake: self.wake.clone(),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
@@ -368,6 +403,8 @@ struct Supervisor {
     status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
     metrics: Arc<admin::AgentMetrics>,
     endpoints: Endpoints,
+    /// Ends the waits between connection attempts (a token reload).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Supervisor {
@@ -413,11 +450,11 @@ impl Supervisor {
                 }
                 Ok(Err(e)) => {
                     warn!("cannot resolve hub {target}: {e}");
-                    retry.next().unwrap_or(self.config.backoff.max)
+                    retry.next_delay()
                 }
                 Err(_) => {
                     warn!("resolving hub {target} timed out");
-                    retry.next().unwrap_or(self.config.backoff.max)
+                    retry.next_delay()
                 }
             };
             tokio::select! {
@@ -429,23 +466,22 @@ impl Supervisor {
         tasks.wait().await;
     }
 
-    fn backoff(&self) -> backon::ExponentialBackoff {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(self.config.backoff.min)
-            .with_max_delay(self.config.backoff.max)
-            .with_jitter()
-            .without_max_times()
-            .build()
+    /// Pacing after connection failures and lost sessions.
+    fn backoff(&self) -> Retry {
+        Retry::new(self.config.backoff.min, self.config.backoff.max)
     }
 
-    fn refused_backoff(&self) -> backon::ExponentialBackoff {
-        let first = self.config.backoff.refused;
-        backon::ExponentialBuilder::default()
-            .with_min_delay(first)
-            .with_max_delay(first * 10)
-            .with_jitter()
-            .without_max_times()
-            .build()
+    /// Pacing after refusals an operator must fix (token, certificate).
+    fn refused_backoff(&self) -> Retry {
+        Retry::new(self.config.backoff.refused, self.config.backoff.refused_max)
+    }
+
+    /// The token for the next attempt: the token file as it is now, when there is one.
+    fn current_token(&self) -> Result<Secret, StoreError> {
+        match &self.config.token_file {
+            Some(path) => crate::auth::load_secret_file(path),
+            None => Ok(self.config.token.clone()),
+        }
     }
 
     /// Connects to one hub address, serves the session, and reconnects with jittered
@@ -471,9 +507,21 @@ impl Supervisor {
                 self.metrics.reconnect();
             }
             first = false;
+            let token = match self.current_token() {
+                Ok(token) => token,
+                Err(e) => {
+                    let delay = refused.next_delay();
+                    error!(retry_in = ?delay,
+                        "cannot read the token file: {e}; the agent reads it again before each attempt");
+                    if self.pause(delay, &cancel).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = session::connect(&endpoint, addr, &server_name, &self.config) => r,
+                r = session::connect_with_token(&endpoint, addr, &server_name, &self.config, &token) => r,
             };
             let delay = match attempt {
                 Ok(established) => {
@@ -481,6 +529,7 @@ impl Supervisor {
                     refused = self.refused_backoff();
                     info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
                         "connected to hub");
+                    self.check_certificates(&established.connection);
                     self.metrics.hub_connection(true);
                     self.status.send_modify(|s| {
                         s.connected += 1;
@@ -514,27 +563,34 @@ impl Supervisor {
                         IMMEDIATE_RECONNECT
                     } else {
                         warn!("session ended: {}; reconnecting", end.reason);
-                        retry.next().unwrap_or(self.config.backoff.max)
+                        retry.next_delay()
                     }
                 }
                 Err(e) => {
                     let delay = match &e {
                         SessionError::Rejected { code, .. } if code.is_permanent() => {
-                            refused.next().unwrap_or(self.config.backoff.refused * 10)
+                            refused.next_delay()
                         }
-                        SessionError::Tls(_) => {
-                            refused.next().unwrap_or(self.config.backoff.refused * 10)
-                        }
-                        _ => retry.next().unwrap_or(self.config.backoff.max),
+                        SessionError::Tls(_) => refused.next_delay(),
+                        _ => retry.next_delay(),
                     };
-                    error!(retry_in = ?delay, "{e}");
+                    match (&e, refusal_hint(&e, &self.config)) {
+                        // Routine during a hub restart: the hub refuses while it drains.
+                        (SessionError::Busy(_), _) => info!(retry_in = ?delay, "{e}; retrying"),
+                        (SessionError::Rejected { .. } | SessionError::Tls(_), hint) => {
+                            match hint {
+                                Some(hint) => error!(retry_in = ?delay, "{e}; {hint}"),
+                                None => error!(retry_in = ?delay, "{e}"),
+                            }
+                        }
+                        _ => warn!(retry_in = ?delay, "{e}"),
+                    }
                     self.status.send_modify(|s| s.last_error = Some(e.clone()));
                     delay
                 }
             };
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+            if self.pause(delay, &cancel).await {
+                break;
             }
         }
         self.endpoints
@@ -546,9 +602,113 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Warns from 30 days before the agent's certificate, the CA or the hub's certificate
+    /// expires (checked at every connection, so a long-running agent warns too), and records
+    /// the hub's expiry as a metric.
+    fn check_certificates(&self, connection: &quinn::Connection) {
+        crate::certs::warn_expiring(&self.config.tls.expiries(), "this agent's");
+        let hub = connection
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| chain.first().and_then(|c| crate::certs::not_after(c).ok()));
+        if let Some(not_after) = hub {
+            self.metrics.certificate_expiry("hub", not_after);
+            let warning = crate::certs::expiry_warning(
+                "the hub's certificate",
+                not_after,
+                std::time::SystemTime::now(),
+            );
+            if let Some(warning) = warning {
+                warn!("{warning}");
+            }
+        }
+    }
+
+    /// Waits `delay`, or less when a token reload wakes the agent; true when cancelled.
+    async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
+            _ = self.wake.notified() => false,
+        }
+    }
+}
+
+/// What an operator should do about a refusal, for its log line.
+fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
+    let SessionError::Rejected { code, .. } = e else {
+        return None;
+    };
+    let file = config
+        .token_file
+        .as_ref()
+        .map_or_else(|| "the token file".to_string(), |p| p.display().to_string());
+    let create = format!(
+        "create one with: rna token create --tenant <organization/environment> \
+         --scope connect:agentHub --label {} and write it to {file} (read again before \
+         every attempt; no restart needed)",
+        config.name
+    );
+    let hint = match code {
+        CloseCode::BadToken => format!("the hub does not know this token; {create}"),
+        CloseCode::TokenRevoked => format!("this token was revoked; {create}"),
+        CloseCode::TokenExpired => format!("this token has expired; {create}"),
+        CloseCode::MissingScope => format!("this token may not register agents; {create}"),
+        CloseCode::CertificateMismatch => format!(
+            "the certificate names another agent: issue one for this name with \
+             rna certs agent --dir <the hub's CA folder> {}, or run with the --name the \
+             certificate names",
+            config.name
+        ),
+        CloseCode::VersionMismatch => {
+            "run the same rna release as the hub (its protocol version differs)".to_string()
+        }
+        _ => return None,
+    };
+    Some(hint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_refusal_says_what_to_do() {
+        let ca = crate::certs::Ca::generate("hint CA").unwrap();
+        let cert = ca.issue_agent("edge").unwrap();
+        let tls =
+            crate::transport::ClientTls::from_pem(&ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
+                .unwrap();
+        let target: HubTarget = "127.0.0.1:4433".parse().unwrap();
+        let mut config =
+            AgentConfig::new(vec![target], "edge".into(), tls, Secret::new("t".into()));
+        config.token_file = Some(PathBuf::from("/etc/rna/token"));
+        let rejected = |code| SessionError::Rejected {
+            code,
+            reason: "why".into(),
+        };
+        for code in [
+            CloseCode::BadToken,
+            CloseCode::TokenRevoked,
+            CloseCode::TokenExpired,
+            CloseCode::MissingScope,
+        ] {
+            let hint = refusal_hint(&rejected(code), &config).unwrap();
+            assert!(
+                hint.contains("create one with: rna token create --tenant")
+                    && hint.contains("--scope connect:agentHub --label edge")
+                    && hint.contains("/etc/rna/token"),
+                "{code}: {hint}"
+            );
+        }
+        let hint = refusal_hint(&rejected(CloseCode::CertificateMismatch), &config).unwrap();
+        assert!(hint.contains("rna certs agent --dir"), "{hint}");
+        assert!(refusal_hint(&rejected(CloseCode::HeartbeatTimeout), &config).is_none());
+    }
 
     #[test]
     fn hub_targets_parse() {

@@ -13,7 +13,7 @@ use tracing::{debug, info, Instrument};
 use super::dialer::Dialer;
 use super::kube::{serve_command, KubeExecutor};
 use super::AgentConfig;
-use crate::auth::{mask_tokens, Masked};
+use crate::auth::{mask_tokens, Masked, Secret};
 use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
 use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
@@ -23,6 +23,7 @@ use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
 };
 use crate::transport::relay::relay;
+use crate::transport::tls::{self, CertProblem};
 
 /// Time the hub has to send the stream header after opening a tunnel stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,13 +34,35 @@ pub enum SessionError {
     /// The connection could not be started (bad address, endpoint closed).
     #[error("cannot connect: {0}")]
     Connect(String),
-    /// The hub closed the connection at the transport level during the handshake: usually
-    /// TLS (the hub does not trust our certificate, or we do not trust the hub's).
-    #[error("TLS handshake refused: {0}")]
+    /// The hub refused new connections before the handshake: it is shutting down (a restart)
+    /// or at its handshake cap. Transient, and routine during a restart.
+    #[error("the hub at {0} refused new connections (it is shutting down or busy)")]
+    Busy(SocketAddr),
+    /// The TLS handshake failed; the message says which side refused which certificate and
+    /// what to do.
+    #[error("{0}")]
     Tls(String),
-    /// No answer in time.
-    #[error("hub did not answer within {0:?}")]
-    Timeout(Duration),
+    /// Nothing came back from the address: no hub listening, or UDP blocked on the way.
+    #[error(
+        "no answer from the hub at {addr} within {after:?}: rna connects over QUIC, which is \
+         UDP; check that the hub is running and listening on UDP port {port} of that address, \
+         and that firewalls on the way allow UDP to {addr}",
+        port = addr.port()
+    )]
+    Timeout {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// How long the agent waited.
+        after: Duration,
+    },
+    /// The hub completed the QUIC handshake but did not answer Hello in time (overloaded).
+    #[error("the hub at {addr} accepted the connection but did not answer Hello within {after:?}")]
+    NoWelcome {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// How long the agent waited.
+        after: Duration,
+    },
     /// The hub refused this agent, with a typed code.
     #[error("hub refused this agent: {reason} (code {code})")]
     Rejected {
@@ -53,9 +76,20 @@ pub enum SessionError {
     Protocol(String),
 }
 
+/// What the agent knows about one connection attempt, for messages that say what to fix.
+#[derive(Debug, Clone, Copy)]
+struct Attempt<'a> {
+    addr: SocketAddr,
+    server_name: &'a str,
+    agent: &'a str,
+}
+
 impl SessionError {
-    /// Interprets how the hub closed a connection that was being set up.
-    fn from_connection(e: ConnectionError) -> Self {
+    /// Interprets how a connection that was being set up ended.
+    fn from_connection(e: ConnectionError, at: &Attempt<'_>) -> Self {
+        if let Some(failure) = tls::tls_failure(&e) {
+            return SessionError::Tls(explain_tls(&failure, at));
+        }
         match e {
             ConnectionError::ApplicationClosed(close) => {
                 let reason = String::from_utf8_lossy(&close.reason).into_owned();
@@ -72,12 +106,67 @@ impl SessionError {
             ConnectionError::ConnectionClosed(close)
                 if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
             {
-                SessionError::Connect(format!("hub refused the connection: {close}"))
+                SessionError::Busy(at.addr)
             }
-            ConnectionError::ConnectionClosed(close) => SessionError::Tls(close.to_string()),
-            ConnectionError::TransportError(e) => SessionError::Tls(e.to_string()),
-            ConnectionError::TimedOut => SessionError::Timeout(Duration::ZERO),
+            ConnectionError::ConnectionClosed(close) => SessionError::Tls(format!(
+                "the hub at {} closed the handshake: {close}",
+                at.addr
+            )),
+            ConnectionError::TransportError(e) => {
+                SessionError::Tls(format!("handshake with the hub at {} failed: {e}", at.addr))
+            }
+            ConnectionError::TimedOut => SessionError::Timeout {
+                addr: at.addr,
+                after: Duration::ZERO,
+            },
             other => SessionError::Connect(other.to_string()),
+        }
+    }
+}
+
+/// Which side refused which certificate, and the fix.
+fn explain_tls(failure: &tls::TlsFailure, at: &Attempt<'_>) -> String {
+    let detail = &failure.detail;
+    let hub = at.addr;
+    if failure.refused_here {
+        match failure.problem {
+            CertProblem::WrongName => format!(
+                "this agent refused the certificate of the hub at {hub}: it is not valid for \
+                 the name {name:?} ({detail}); set --server-name to a name the hub \
+                 certificate carries, or remake it with rna certs init --hub-name {name}",
+                name = at.server_name
+            ),
+            CertProblem::WrongCa => format!(
+                "this agent refused the certificate of the hub at {hub}: it is not signed by \
+                 the CA in this agent's --ca ({detail}); give the agent the ca.pem of the CA \
+                 folder that made the hub's certificate"
+            ),
+            CertProblem::Expired => format!(
+                "this agent refused the certificate of the hub at {hub}: it has expired or is \
+                 not yet valid ({detail}); renew the hub's certificate (docs/operations.md, \
+                 Certificates) or check both clocks"
+            ),
+            CertProblem::Missing | CertProblem::Other => {
+                format!("this agent refused the certificate of the hub at {hub} ({detail})")
+            }
+        }
+    } else {
+        let agent = at.agent;
+        match failure.problem {
+            CertProblem::WrongCa | CertProblem::WrongName => format!(
+                "the hub at {hub} refused this agent's certificate: it is not signed by the \
+                 hub's CA ({detail}); make one with rna certs agent --dir <the hub's CA \
+                 folder> {agent}"
+            ),
+            CertProblem::Expired => format!(
+                "the hub at {hub} refused this agent's certificate: it has expired or is not \
+                 yet valid ({detail}); make a new one with rna certs agent --dir <the hub's CA \
+                 folder> {agent} --force, or check both clocks"
+            ),
+            CertProblem::Missing => format!(
+                "the hub at {hub} refused this agent: it presented no certificate ({detail})"
+            ),
+            CertProblem::Other => format!("the hub at {hub} refused the TLS handshake ({detail})"),
         }
     }
 }
@@ -95,20 +184,51 @@ pub struct Established {
     max_frame: usize,
 }
 
-/// Connects to the hub at `addr` and registers. Fails with the hub's reason when refused.
+/// Connects to the hub at `addr` and registers with `config.token`. Fails with the hub's
+/// reason when refused.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     server_name: &str,
     config: &AgentConfig,
 ) -> Result<Established, SessionError> {
+    connect_with_token(endpoint, addr, server_name, config, &config.token).await
+}
+
+/// Like [`connect`], registering with `token` (the token file as read for this attempt).
+pub async fn connect_with_token(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    config: &AgentConfig,
+    token: &Secret,
+) -> Result<Established, SessionError> {
     let timeout = config.limits.handshake_timeout;
+    let at = Attempt {
+        addr,
+        server_name,
+        agent: &config.name,
+    };
     let connecting = endpoint
         .connect(addr, server_name)
         .map_err(|e| SessionError::Connect(e.to_string()))?;
     let connection = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => return Err(SessionError::Timeout(timeout)),
-        Ok(Err(e)) => return Err(SessionError::from_connection(e)),
+        Err(_) => {
+            return Err(SessionError::Timeout {
+                addr,
+                after: timeout,
+            })
+        }
+        Ok(Err(e)) => {
+            let e = match e {
+                ConnectionError::TimedOut => SessionError::Timeout {
+                    addr,
+                    after: timeout,
+                },
+                e => SessionError::from_connection(e, &at),
+            };
+            return Err(e);
+        }
         Ok(Ok(c)) => c,
     };
     let hello = Control::Hello(Hello {
@@ -118,7 +238,7 @@ pub async fn connect(
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
         capabilities: config.capabilities.clone(),
-        token: config.token.clone(),
+        token: token.clone(),
     });
     let attempt = async {
         let (mut send, mut recv) = connection.open_bi().await?;
@@ -133,12 +253,17 @@ pub async fn connect(
     // In TLS 1.3 the client finishes its handshake before the hub has checked the client
     // certificate, so a refusal often shows up only here, as the connection's close reason.
     let closed = |connection: &quinn::Connection| {
-        connection.close_reason().map(SessionError::from_connection)
+        connection
+            .close_reason()
+            .map(|e| SessionError::from_connection(e, &at))
     };
     match outcome {
         Err(_) => {
             connection.close(CloseCode::HandshakeTimeout.into(), b"no answer to hello");
-            Err(SessionError::Timeout(timeout))
+            Err(SessionError::NoWelcome {
+                addr,
+                after: timeout,
+            })
         }
         Ok(Err(e)) => Err(closed(&connection).unwrap_or(SessionError::Connect(e.to_string()))),
         Ok(Ok((send, recv, reply))) => match reply {
@@ -397,10 +522,34 @@ mod tests {
                 reason: bytes::Bytes::new(),
             })
         };
-        let busy =
-            SessionError::from_connection(close(quinn::TransportErrorCode::CONNECTION_REFUSED));
-        assert!(matches!(busy, SessionError::Connect(_)), "{busy:?}");
-        let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)));
+        let at = Attempt {
+            addr: "127.0.0.1:4433".parse().unwrap(),
+            server_name: "hub.example.com",
+            agent: "edge",
+        };
+        let busy = SessionError::from_connection(
+            close(quinn::TransportErrorCode::CONNECTION_REFUSED),
+            &at,
+        );
+        assert!(matches!(busy, SessionError::Busy(_)), "{busy:?}");
+        let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)), &at);
         assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
+    }
+
+    #[test]
+    fn no_answer_says_quic_over_udp_and_what_to_check() {
+        let err = SessionError::Timeout {
+            addr: "192.0.2.7:4433".parse().unwrap(),
+            after: Duration::from_secs(10),
+        };
+        let text = err.to_string();
+        for part in [
+            "no answer from the hub at 192.0.2.7:4433 within 10s",
+            "QUIC, which is UDP",
+            "hub is running and listening on UDP port 4433",
+            "firewalls on the way allow UDP to 192.0.2.7:4433",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
     }
 }

@@ -12,7 +12,10 @@ mod time;
 mod token;
 
 pub use mask::{mask_tokens, Masked};
-pub use store::{read_secret_file, ReloadingStore, StoreError, TokenRecord, TokenStore};
+pub use store::{
+    load_secret_file, read_secret_file, ReloadingStore, StoreError, StoreWatch, TokenRecord,
+    TokenStore,
+};
 pub use time::{format_rfc3339, parse_ttl, unix_now};
 pub use token::{
     token_id, AuthError, Grant, ParseScopeError, ParseTenantError, Scope, Secret, Tenant,

@@ -123,9 +123,11 @@ pub struct TokenStore {
 impl TokenStore {
     /// Reads and validates the store file; a missing file is an `Io` error of kind `NotFound`.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
-        let text = fs::read_to_string(path).map_err(|source| StoreError::Io {
-            path: path.to_owned(),
-            source,
+        let text = crate::fsutil::read_text(path, crate::fsutil::MAX_TOKEN_STORE).map_err(|e| {
+            StoreError::Io {
+                path: e.path,
+                source: e.problem.into(),
+            }
         })?;
         Self::parse(&text, path)
     }
@@ -446,15 +448,7 @@ fn toml_string(s: &str) -> String {
 /// Reads a secret (a token) from a file: surrounding whitespace and the trailing newline are
 /// trimmed; an empty file is an error. Warns when the file is readable by group or others.
 pub fn read_secret_file(path: &Path) -> Result<Secret, StoreError> {
-    let io_err = |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let text = fs::read_to_string(path).map_err(io_err)?;
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err(StoreError::EmptySecret(path.to_owned()));
-    }
+    let secret = load_secret_file(path)?;
     if let Ok(meta) = fs::metadata(path) {
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(
@@ -462,6 +456,22 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, StoreError> {
                 "secret file is readable by group or others; chmod 600 it"
             );
         }
+    }
+    Ok(secret)
+}
+
+/// Like [`read_secret_file`] without the mode warning, for files read again and again (the
+/// agent reads its token file before every connection attempt).
+pub fn load_secret_file(path: &Path) -> Result<Secret, StoreError> {
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_SECRET_FILE).map_err(|e| {
+        StoreError::Io {
+            path: path.to_owned(),
+            source: e.problem.into(),
+        }
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(StoreError::EmptySecret(path.to_owned()));
     }
     Ok(Secret::new(secret.to_owned()))
 }
@@ -566,6 +576,107 @@ impl ReloadingStore {
             return Ok(false);
         }
         self.reload().map(|_| true)
+    }
+}
+
+impl ReloadingStore {
+    /// Starts watching the store's folder for changes (Linux: inotify), so the hub reloads a
+    /// store the moment it is saved instead of at the next poll. The folder is watched, not
+    /// the file, because saves replace the file by rename (and Kubernetes Secret mounts swap
+    /// a link). Without inotify the watch never fires and the periodic check alone remains.
+    /// Must be called inside a Tokio runtime.
+    pub fn watch(&self) -> StoreWatch {
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        match StoreWatch::start(dir) {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(),
+                    "cannot watch the token store's folder ({e}); checking it periodically only");
+                StoreWatch { fd: None }
+            }
+        }
+    }
+}
+
+/// Change notifications for the token store's folder; see [`ReloadingStore::watch`].
+#[derive(Debug)]
+pub struct StoreWatch {
+    /// The inotify descriptor, non-blocking and registered with the runtime; `None` when
+    /// watching is not possible.
+    #[cfg(target_os = "linux")]
+    fd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    #[cfg(not(target_os = "linux"))]
+    fd: Option<()>,
+}
+
+impl StoreWatch {
+    #[cfg(target_os = "linux")]
+    fn start(dir: &Path) -> io::Result<StoreWatch> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+        // A finished write or a rename into the folder; not every MODIFY, which would read
+        // a file half written by an editor.
+        inotify::add_watch(&fd, dir, WatchFlags::CLOSE_WRITE | WatchFlags::MOVED_TO)?;
+        // `AsyncFd::new` is deprecated because an arbitrary `AsRawFd` may close or change its
+        // descriptor while registered; an `OwnedFd` cannot (it owns one open descriptor until
+        // dropped, which happens only with the `AsyncFd`), so the contract holds here.
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::new(fd)?;
+        Ok(StoreWatch { fd: Some(fd) })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn start(_dir: &Path) -> io::Result<StoreWatch> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "file-change notification is only implemented for Linux",
+        ))
+    }
+
+    /// Waits until something in the folder was written or renamed into it (the caller then
+    /// compares the store file's stamp, so unrelated files cost one `stat`). Never returns
+    /// when watching is off or failed. Cancel-safe: an event not yet read stays queued.
+    pub async fn changed(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(fd) = &self.fd {
+            match Self::next_events(fd).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!("token store watch failed ({e}); checking it periodically only");
+                    self.fd = None;
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    }
+
+    /// Reads every queued event; returns once at least one was read.
+    #[cfg(target_os = "linux")]
+    async fn next_events(fd: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>) -> io::Result<()> {
+        use std::mem::MaybeUninit;
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        loop {
+            let mut guard = fd.readable().await?;
+            let read = guard.try_io(|fd| {
+                let mut reader = rustix::fs::inotify::Reader::new(fd.get_ref(), &mut buf);
+                let mut events = 0usize;
+                loop {
+                    match reader.next() {
+                        Ok(_) => events += 1,
+                        Err(rustix::io::Errno::AGAIN) if events > 0 => return Ok(()),
+                        Err(e) => return Err(io::Error::from(e)),
+                    }
+                }
+            });
+            match read {
+                Ok(result) => return result,
+                // Nothing to read after all: readiness is cleared, wait again.
+                Err(_would_block) => continue,
+            }
+        }
     }
 }
 
@@ -999,6 +1110,32 @@ label = "ci"
         let missing = dir.path().join("missing");
         let err = read_secret_file(&missing).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_watch_fires_when_the_store_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        TokenStore::default().save(&path).unwrap();
+        let reloading = ReloadingStore::open(&path).unwrap();
+        let mut watch = reloading.watch();
+        assert!(watch.fd.is_some(), "inotify is available on Linux");
+        let mut store = TokenStore::load(&path).unwrap();
+        store
+            .create(
+                "acme/prod".parse().unwrap(),
+                vec![Scope::Proxy],
+                None,
+                None,
+                SystemTime::now(),
+            )
+            .unwrap();
+        store.save(&path).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("the save is noticed without polling");
+        assert!(reloading.reload_if_changed().unwrap());
+        assert_eq!(reloading.current().len(), 1);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Metrics {
     bytes_to_agent: Counter,
     bytes_from_agent: Counter,
     token_reloads: Family<Labels, Counter>,
+    /// `rna_certificate_expiry_timestamp_seconds{role}` of the hub's certificate and CA.
+    certificate_expiry: crate::certs::ExpiryMetric,
 }
 
 impl Default for Metrics {
@@ -82,6 +84,7 @@ impl Metrics {
             bytes_to_agent: Counter::default(),
             bytes_from_agent: Counter::default(),
             token_reloads: Family::default(),
+            certificate_expiry: Default::default(),
             registry,
         };
         let mut m = m;
@@ -173,6 +176,7 @@ impl Metrics {
             "Token store reloads, by result",
             m.token_reloads.clone(),
         );
+        m.certificate_expiry = crate::certs::ExpiryMetric::register(&mut m.registry);
         m
     }
 
@@ -319,6 +323,11 @@ impl Metrics {
             &self.bytes_from_agent
         };
         counter.inc_by(n as u64);
+    }
+
+    /// Records when a certificate the hub uses expires.
+    pub fn certificate_expiry(&self, role: &str, not_after: std::time::SystemTime) {
+        self.certificate_expiry.set(role, not_after);
     }
 
     /// Records a token store reload.

@@ -543,21 +543,41 @@ impl Hub {
             })
         });
 
-        // Token store follower.
+        // Certificate expiry: a warning from 30 days before, checked at start and daily.
+        for (role, not_after) in shared.config.tls.expiries() {
+            shared.metrics.certificate_expiry(role, not_after);
+        }
+        {
+            let shared = shared.clone();
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move {
+                loop {
+                    crate::certs::warn_expiring(&shared.config.tls.expiries(), "this hub's");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(24 * 60 * 60)) => {}
+                    }
+                }
+            });
+        }
+
+        // Token store follower: a save is seen at once through the folder watch; the poll
+        // stays as a fallback (no inotify, network file systems) and closes expired sessions.
         let watcher = {
             let shared = shared.clone();
             let stop = stop_accepting.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(shared.config.token_poll);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut watch = shared.tokens.watch();
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => {
-                            if let Ok(false) = shared.reload_tokens(false) {
-                                shared.close_sessions_without_token();
-                            }
-                        }
+                        _ = tick.tick() => {}
+                        _ = watch.changed() => {}
+                    }
+                    if let Ok(false) = shared.reload_tokens(false) {
+                        shared.close_sessions_without_token();
                     }
                 }
             })
@@ -583,7 +603,10 @@ impl Hub {
             let _ = tokio::time::timeout(Duration::from_secs(1), streams.wait()).await;
         }
         sessions_stop.cancel();
-        endpoint.close(CloseCode::GoingAway.into(), b"hub shutting down");
+        endpoint.close(
+            CloseCode::GoingAway.into(),
+            session::SHUTDOWN_REASON.as_bytes(),
+        );
         sessions.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::admission::HandshakeSlot;
 use super::registry::AgentSession;
@@ -19,6 +19,9 @@ use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
 };
+
+/// The close reason of a shutdown, as agents read it and both logs print it.
+pub(crate) const SHUTDOWN_REASON: &str = "hub shutting down";
 
 /// Why the hub refused an agent during the handshake.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +99,17 @@ pub(crate) async fn serve(
     let connection = match tokio::time::timeout_at(tls_deadline, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            failed(&HandshakeError::Tls(e.to_string()));
+            match (&e, crate::transport::tls::tls_failure(&e)) {
+                // The agent gave up (its own timeout, or it is stopping): not a refusal.
+                (quinn::ConnectionError::ApplicationClosed(_), _) => {
+                    shared.metrics.handshake_failed("tls");
+                    info!("agent at {remote} ended its handshake: {e}");
+                }
+                (_, Some(failure)) => failed(&HandshakeError::Tls(
+                    crate::transport::tls::explain_for_hub(&failure, remote),
+                )),
+                _ => failed(&HandshakeError::Tls(e.to_string())),
+            }
             return;
         }
         Err(_) => {
@@ -188,11 +201,24 @@ async fn run_session(
             _ => (CloseCode::Normal, "connection_lost"),
         },
     };
-    session.close(code, label);
+    // A shutdown reads the same to the agent, in this log and in the hub's own shutdown line;
+    // the metric label stays `hub_shutdown`.
+    let detail = match end {
+        ControlEnd::Cancelled => SHUTDOWN_REASON.to_string(),
+        other => other.to_string(),
+    };
+    session.close(
+        code,
+        if code == CloseCode::GoingAway {
+            SHUTDOWN_REASON
+        } else {
+            label
+        },
+    );
     shared
         .metrics
         .session_closed(session.tenant.as_str(), metric_agent.as_deref(), label);
-    info!(reason = label, detail = %end,
+    info!(reason = label, detail = %detail,
         streams = session.streams_total(), "agent disconnected");
 }
 
@@ -217,6 +243,12 @@ async fn handshake(
             format!("client certificate: {e}"),
         )
     })?;
+    if let Ok(not_after) = certs::not_after(cert.as_ref()) {
+        let what = format!("the certificate of agent {cert_name}");
+        if let Some(warning) = certs::expiry_warning(&what, not_after, SystemTime::now()) {
+            warn!("{warning}");
+        }
+    }
 
     let (mut send, mut recv) = tokio::time::timeout_at(deadline, connection.accept_bi())
         .await

@@ -81,7 +81,8 @@ impl EndpointKey {
             path: path.clone(),
             message,
         };
-        match std::fs::read(&path) {
+        // The key is 32 bytes; anything much larger (or a device) is refused unread.
+        match crate::fsutil::read_bytes(&path, 1024).map_err(|e| std::io::Error::from(e.problem)) {
             Ok(bytes) => {
                 let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
                     fail(format!(

@@ -82,6 +82,18 @@ impl Material {
         })
     }
 
+    /// `(role, notAfter)` of our own certificate and of the first CA certificate.
+    fn expiries(&self, role: &'static str) -> Vec<(&'static str, std::time::SystemTime)> {
+        let mut out = Vec::new();
+        if let Some(t) = self.chain.first().and_then(|c| certs::not_after(c).ok()) {
+            out.push((role, t));
+        }
+        if let Some(t) = self.ca.first().and_then(|c| certs::not_after(c).ok()) {
+            out.push(("ca", t));
+        }
+        out
+    }
+
     fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         Ok(Material {
             ca: certs::parse_certs(ca)?,
@@ -152,6 +164,11 @@ impl ServerTls {
         self.0.check(false)
     }
 
+    /// When the hub's certificate (`"hub"`) and the CA (`"ca"`) expire.
+    pub fn expiries(&self) -> Vec<(&'static str, std::time::SystemTime)> {
+        self.0.expiries("hub")
+    }
+
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots(&self.0.ca)?),
@@ -191,6 +208,11 @@ impl ClientTls {
         self.0.check(true)
     }
 
+    /// When the agent's certificate (`"agent"`) and the CA (`"ca"`) expire.
+    pub fn expiries(&self) -> Vec<(&'static str, std::time::SystemTime)> {
+        self.0.expiries("agent")
+    }
+
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -204,4 +226,216 @@ impl ClientTls {
 /// Checks that `name` can be used as the TLS server name of a hub.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))
+}
+
+/// What was wrong with a certificate in a failed handshake, as far as the error tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertProblem {
+    /// Not signed by the CA the verifying side trusts (another installation's CA).
+    WrongCa,
+    /// Not valid for the name the agent dialed (the hub's certificate only).
+    WrongName,
+    /// Expired or not yet valid.
+    Expired,
+    /// No certificate was presented.
+    Missing,
+    /// Anything else the TLS layer refused.
+    Other,
+}
+
+/// A TLS handshake failure: which side refused, why, and the TLS layer's own words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFailure {
+    /// True when this side refused the peer's certificate; false when the peer refused ours.
+    pub refused_here: bool,
+    /// The problem with the certificate.
+    pub problem: CertProblem,
+    /// The TLS error or alert, for the end of the log line.
+    pub detail: String,
+}
+
+/// TLS alerts (RFC 8446 §6.2) a verifier sends for certificate problems.
+const ALERT_BAD_CERTIFICATE: u8 = 42;
+const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
+const ALERT_UNKNOWN_CA: u8 = 48;
+const ALERT_DECRYPT_ERROR: u8 = 51;
+const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Reads a failed QUIC handshake as a TLS certificate failure, or `None` when it was not one.
+/// quinn reports a failure this side detected as `TransportError` (with rustls' message) and
+/// one the peer detected as `ConnectionClosed` carrying the TLS alert (QUIC error code
+/// `0x100 + alert`, RFC 9001 §4.8); both print alike, which is why this tells them apart.
+pub fn tls_failure(e: &quinn::ConnectionError) -> Option<TlsFailure> {
+    let (refused_here, code, reason) = match e {
+        quinn::ConnectionError::TransportError(t) => (true, u64::from(t.code), t.reason.clone()),
+        quinn::ConnectionError::ConnectionClosed(c) => (
+            false,
+            u64::from(c.error_code),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        _ => return None,
+    };
+    if !(0x100..=0x1ff).contains(&code) {
+        return None;
+    }
+    let alert = (code & 0xff) as u8;
+    // rustls' messages: `Debug` names for most certificate errors, sentences for some.
+    let said = |words: &[&str]| words.iter().any(|w| reason.contains(w));
+    let problem = if said(&["BadSignature", "UnknownIssuer"]) {
+        CertProblem::WrongCa
+    } else if said(&["NotValidForName", "not valid for name"]) {
+        CertProblem::WrongName
+    } else if said(&[
+        "Expired",
+        "certificate expired",
+        "NotValidYet",
+        "not valid yet",
+    ]) {
+        CertProblem::Expired
+    } else if said(&["NoCertificatesPresented", "sent no certificates"]) {
+        CertProblem::Missing
+    } else {
+        match alert {
+            ALERT_UNKNOWN_CA | ALERT_DECRYPT_ERROR => CertProblem::WrongCa,
+            ALERT_BAD_CERTIFICATE => CertProblem::WrongName,
+            ALERT_CERTIFICATE_EXPIRED => CertProblem::Expired,
+            ALERT_CERTIFICATE_REQUIRED => CertProblem::Missing,
+            _ => CertProblem::Other,
+        }
+    };
+    let detail = if reason.is_empty() {
+        format!("TLS alert {alert}")
+    } else {
+        format!("TLS: {reason}")
+    };
+    Some(TlsFailure {
+        refused_here,
+        problem,
+        detail,
+    })
+}
+
+/// The hub's log line for a failed agent handshake: which side refused which certificate,
+/// and what to do.
+pub fn explain_for_hub(failure: &TlsFailure, remote: std::net::SocketAddr) -> String {
+    let detail = &failure.detail;
+    if failure.refused_here {
+        match failure.problem {
+            CertProblem::WrongCa | CertProblem::WrongName => format!(
+                "refused the certificate of an agent at {remote}: it is not signed by this \
+                 hub's CA ({detail}); issue the agent's certificate with rna certs agent --dir \
+                 <this hub's CA folder> <agent name>"
+            ),
+            CertProblem::Expired => format!(
+                "refused the certificate of an agent at {remote}: it has expired or is not yet \
+                 valid ({detail}); make a new one with rna certs agent --dir <this hub's CA \
+                 folder> <agent name> --force, or check both clocks"
+            ),
+            CertProblem::Missing => {
+                format!("refused an agent at {remote}: it presented no certificate ({detail})")
+            }
+            CertProblem::Other => {
+                format!("refused the TLS handshake of an agent at {remote} ({detail})")
+            }
+        }
+    } else {
+        match failure.problem {
+            CertProblem::WrongName => format!(
+                "the agent at {remote} refused this hub's certificate ({detail}): usually the \
+                 name the agent dials is not in the certificate; set the agent's --server-name \
+                 to a name the certificate carries, or remake it with rna certs init --hub-name \
+                 <that name>"
+            ),
+            CertProblem::WrongCa => format!(
+                "the agent at {remote} refused this hub's certificate: it is not signed by the \
+                 CA in the agent's --ca ({detail}); give the agent this hub's ca.pem"
+            ),
+            CertProblem::Expired => format!(
+                "the agent at {remote} refused this hub's certificate: it has expired or is not \
+                 yet valid ({detail}); renew it (docs/operations.md, Certificates) or check both \
+                 clocks"
+            ),
+            CertProblem::Missing | CertProblem::Other => {
+                format!("the agent at {remote} refused the TLS handshake ({detail})")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(alert: u8, reason: &str) -> quinn::ConnectionError {
+        quinn::ConnectionError::TransportError(quinn_proto::TransportError {
+            code: quinn::TransportErrorCode::crypto(alert),
+            frame: None,
+            reason: reason.into(),
+        })
+    }
+
+    fn remote(alert: u8) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(alert),
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    /// (error, refused here, problem): rustls' words for local failures, the alert alone for
+    /// the peer's.
+    #[test]
+    fn handshake_failures_say_which_side_and_what() {
+        let table = [
+            (
+                local(51, "invalid peer certificate: BadSignature"),
+                true,
+                CertProblem::WrongCa,
+            ),
+            (
+                local(48, "invalid peer certificate: UnknownIssuer"),
+                true,
+                CertProblem::WrongCa,
+            ),
+            (
+                local(
+                    42,
+                    "invalid peer certificate: certificate not valid for name \"x\"; …",
+                ),
+                true,
+                CertProblem::WrongName,
+            ),
+            (
+                local(45, "invalid peer certificate: certificate expired: …"),
+                true,
+                CertProblem::Expired,
+            ),
+            (
+                local(116, "peer sent no certificates"),
+                true,
+                CertProblem::Missing,
+            ),
+            (remote(51), false, CertProblem::WrongCa),
+            (remote(48), false, CertProblem::WrongCa),
+            (remote(42), false, CertProblem::WrongName),
+            (remote(45), false, CertProblem::Expired),
+            (remote(116), false, CertProblem::Missing),
+            (remote(80), false, CertProblem::Other),
+        ];
+        for (error, here, problem) in table {
+            let failure = tls_failure(&error).expect("a TLS failure");
+            assert_eq!(
+                (failure.refused_here, failure.problem),
+                (here, problem),
+                "{error}"
+            );
+        }
+        assert!(tls_failure(&quinn::ConnectionError::TimedOut).is_none());
+        let refused = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        });
+        assert!(tls_failure(&refused).is_none());
+    }
 }
