@@ -204,6 +204,22 @@ pub struct HubOptions {
     /// larger one gets 413 [default: 4194304].
     #[arg(long, env = "RNA_MAX_KUBE_REQUEST")]
     pub max_kube_request: Option<usize>,
+    /// Sessions one agent name may hold in its tenant at once; more are refused
+    /// too_many_sessions [default: 16].
+    #[arg(long, env = "RNA_MAX_SESSIONS_PER_AGENT")]
+    pub max_sessions_per_agent: Option<usize>,
+    /// Sessions registered with one token at once; more are refused too_many_sessions
+    /// [default: 1024].
+    #[arg(long, env = "RNA_MAX_SESSIONS_PER_TOKEN")]
+    pub max_sessions_per_token: Option<usize>,
+    /// Least time between two inventory reports read from one agent session, up to 20s; a
+    /// sooner one waits its turn [default: 5s].
+    #[arg(long, env = "RNA_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    pub inventory_interval: Option<Duration>,
+    /// Inventory reads through the admin API served at once per tenant; more wait up to
+    /// 10 s, then get 429 [default: 4].
+    #[arg(long, env = "RNA_MAX_HEAVY_REQUESTS_PER_TENANT")]
+    pub max_heavy_requests_per_tenant: Option<usize>,
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
@@ -371,7 +387,8 @@ merge_options!(
     heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
     max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
-    state_dir, kube_timeout, worker_threads;
+    state_dir, kube_timeout, worker_threads, max_sessions_per_agent, max_sessions_per_token,
+    inventory_interval, max_heavy_requests_per_tenant;
 );
 
 merge_options!(
@@ -407,6 +424,10 @@ struct HubFile {
     max_streams_per_agent: Option<usize>,
     max_frame: Option<usize>,
     max_kube_request: Option<usize>,
+    max_sessions_per_agent: Option<usize>,
+    max_sessions_per_token: Option<usize>,
+    inventory_interval: Option<String>,
+    max_heavy_requests_per_tenant: Option<usize>,
     stream_idle_timeout: Option<String>,
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
@@ -617,6 +638,10 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         max_streams_per_agent: f.max_streams_per_agent,
         max_frame: f.max_frame,
         max_kube_request: f.max_kube_request,
+        max_sessions_per_agent: f.max_sessions_per_agent,
+        max_sessions_per_token: f.max_sessions_per_token,
+        inventory_interval: c.parse("inventory_interval", f.inventory_interval, parse_duration)?,
+        max_heavy_requests_per_tenant: f.max_heavy_requests_per_tenant,
         stream_idle_timeout: c.parse(
             "stream_idle_timeout",
             f.stream_idle_timeout,
@@ -854,6 +879,28 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
             ));
         }
         caps.kube_request = n;
+    }
+    if let Some(n) = o.max_sessions_per_agent {
+        caps.sessions_per_agent =
+            at_least_one(n).map_err(|m| invalid("max_sessions_per_agent", m))?;
+    }
+    if let Some(n) = o.max_sessions_per_token {
+        caps.sessions_per_token =
+            at_least_one(n).map_err(|m| invalid("max_sessions_per_token", m))?;
+    }
+    if let Some(t) = o.inventory_interval {
+        // The agent waits 30 s for the hub to take a report; a turn must come before that.
+        if t > Duration::from_secs(20) {
+            return Err(invalid(
+                "inventory_interval",
+                format!("{t:?} is longer than 20s"),
+            ));
+        }
+        caps.inventory_interval = t;
+    }
+    if let Some(n) = o.max_heavy_requests_per_tenant {
+        caps.heavy_requests_per_tenant =
+            at_least_one(n).map_err(|m| invalid("max_heavy_requests_per_tenant", m))?;
     }
     if let Some(c) = o.congestion {
         config.limits.congestion = c;

@@ -109,6 +109,20 @@ pub struct HubCaps {
     /// protocol's 4 MiB; a larger one is answered 413 `RequestTooLarge`
     /// (`cap="kube_request"`).
     pub kube_request: usize,
+    /// Sessions one agent name may hold in its tenant at once (replicas, reconnects not yet
+    /// noticed); one more is refused `too_many_sessions (0x23)`
+    /// (`cap="sessions_per_agent"`).
+    pub sessions_per_agent: usize,
+    /// Sessions registered with one token at once; one more is refused
+    /// `too_many_sessions (0x23)` (`cap="sessions_per_token"`).
+    pub sessions_per_token: usize,
+    /// Least time between two inventory reports the hub reads from one session: a report
+    /// sent sooner waits for its turn, and one sent while another waits is refused with
+    /// stream code 0x102 (`cap="inventory_interval"`).
+    pub inventory_interval: Duration,
+    /// Inventory reads through the admin API served at once per tenant; more wait for a
+    /// turn up to 10 s, then get 429 (`cap="heavy_requests_per_tenant"`).
+    pub heavy_requests_per_tenant: usize,
 }
 
 impl Default for HubCaps {
@@ -121,6 +135,13 @@ impl Default for HubCaps {
             max_frame: crate::proto::codec::MAX_FRAME,
             stream_idle_timeout: Duration::from_secs(3600),
             kube_request: crate::proto::kube::MAX_KUBE_REQUEST,
+            // Replicas sharing a name, doubled during a rolling update, plus sessions of
+            // reconnected agents the hub has not yet noticed are gone.
+            sessions_per_agent: 16,
+            // One token is often shared by all agents of a tenant.
+            sessions_per_token: 1024,
+            inventory_interval: Duration::from_secs(5),
+            heavy_requests_per_tenant: 4,
         }
     }
 }
@@ -207,6 +228,9 @@ pub(crate) struct Shared {
     pub(crate) cut_streams: CancellationToken,
     /// One permit per agent handshake in progress ([`HubCaps::handshakes`]).
     pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// Turns for large admin API answers per tenant
+    /// ([`HubCaps::heavy_requests_per_tenant`]).
+    pub(crate) heavy: kube::HeavyRequests,
 }
 
 impl Shared {
@@ -338,6 +362,7 @@ impl Hub {
             .caps
             .handshakes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let config_heavy = config.caps.heavy_requests_per_tenant;
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -348,6 +373,7 @@ impl Hub {
             reloads: tokio::sync::watch::Sender::new(0),
             cut_streams: CancellationToken::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
+            heavy: kube::HeavyRequests::new(config_heavy),
         });
         Ok(Hub {
             shared,
