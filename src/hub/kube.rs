@@ -369,8 +369,7 @@ async fn take_inventory(
                 json_bytes = json.len(),
                 "inventory received"
             );
-            session.set_inventory_json(json);
-            shared.registry.touch();
+            shared.registry.store_inventory(&session, json);
             let _ = send.finish();
         }
         Ok(None) => {

@@ -369,8 +369,25 @@ impl Registry {
         }
     }
 
-    /// Tells waiters that something about a session changed (an inventory arrived).
+    /// Tells waiters that something about a session changed.
     pub fn touch(&self) {
+        self.changed();
+    }
+
+    /// Stores `session`'s new inventory report (JSON) and forgets the older reports of the
+    /// other sessions of its (tenant, name): callers are served the freshest one only, so
+    /// one agent name holds one report however many sessions it has.
+    pub fn store_inventory(&self, session: &AgentSession, json: Bytes) {
+        let key = (session.tenant.clone(), session.name.clone());
+        {
+            let agents = lock(&self.agents);
+            for other in agents.get(&key).into_iter().flatten() {
+                if other.id != session.id {
+                    *lock(&other.inventory) = None;
+                }
+            }
+            session.set_inventory_json(json);
+        }
         self.changed();
     }
 

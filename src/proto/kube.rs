@@ -333,7 +333,7 @@ fn inv_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error>
 }
 
 fn inv_namespaces<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    bounds::opt_strings(d, "inventory namespaces", MAX_NAMESPACES, MAX_NAME_LEN)
+    bounds::opt_names(d, "inventory namespaces", MAX_NAMESPACES, MAX_NAME_LEN)
 }
 
 fn inv_resources<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ResourceInfo>, D::Error> {
@@ -345,11 +345,11 @@ fn inv_errors<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
 }
 
 fn res_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    bounds::string(d, "resource name", MAX_NAME_LEN)
+    bounds::name(d, "resource name", MAX_NAME_LEN)
 }
 
 fn res_words<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    bounds::strings(
+    bounds::names(
         d,
         "resource verbs or short names",
         MAX_RESOURCE_WORDS,
@@ -558,6 +558,13 @@ mod tests {
                     ..Inventory::default()
                 },
                 "resource name: a string of 254 bytes",
+            ),
+            (
+                Inventory {
+                    namespaces: Some(vec!["\u{1}".repeat(10)]),
+                    ..Inventory::default()
+                },
+                "inventory namespaces: a name with a control character",
             ),
             (
                 Inventory {
