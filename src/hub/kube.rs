@@ -233,46 +233,97 @@ pub(crate) async fn call(
 }
 
 /// Turns for admin API reads that send large answers (inventories), per tenant: one
-/// tenant's parallel readers wait for each other, never for another tenant's.
+/// tenant's parallel readers wait for each other, never for another tenant's, and together
+/// they are sent at most a set number of bytes per second, so one tenant's readers cannot
+/// keep the hub's worker threads busy copying megabytes while other tenants wait.
 #[derive(Debug)]
 pub(crate) struct HeavyRequests {
     /// Requests served at once per tenant ([`HubCaps::heavy_requests_per_tenant`](super::HubCaps::heavy_requests_per_tenant)).
     per_tenant: usize,
-    /// One semaphore per tenant that asked; tenants come from valid tokens only.
-    tenants: std::sync::Mutex<HashMap<Tenant, Arc<Semaphore>>>,
+    /// Bytes per second per tenant ([`HubCaps::heavy_bytes_per_second`](super::HubCaps::heavy_bytes_per_second)).
+    rate: u64,
+    /// Per tenant that asked; tenants come from valid tokens only.
+    tenants: std::sync::Mutex<HashMap<Tenant, Arc<TenantTurns>>>,
+}
+
+/// One tenant's share of [`HeavyRequests`].
+#[derive(Debug)]
+struct TenantTurns {
+    /// One permit per request served at once.
+    semaphore: Arc<Semaphore>,
+    /// When the tenant's byte budget lets the next slice go out.
+    next_send: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// A turn of one tenant: held while its answer is sent.
+#[derive(Debug)]
+pub(crate) struct HeavyTurn {
+    _permit: OwnedSemaphorePermit,
+    tenant: Arc<TenantTurns>,
+    rate: u64,
+}
+
+impl HeavyTurn {
+    /// Waits until the tenant's byte budget allows sending `bytes` more. Cancel-safe (a
+    /// cancelled wait keeps its reservation, which only slows the tenant).
+    pub(crate) async fn pace(&self, bytes: usize) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        let start = {
+            let mut next = self
+                .tenant
+                .next_send
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + cost;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 impl HeavyRequests {
-    /// Turns for `per_tenant` requests at once per tenant.
-    pub(crate) fn new(per_tenant: usize) -> Self {
+    /// Turns for `per_tenant` requests at once per tenant, sent at `rate` bytes per second
+    /// per tenant.
+    pub(crate) fn new(per_tenant: usize, rate: u64) -> Self {
         HeavyRequests {
             per_tenant: per_tenant.clamp(1, Semaphore::MAX_PERMITS),
+            rate: rate.max(1),
             tenants: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// Waits up to `wait` for a turn of `tenant`; `None` if none came.
-    pub(crate) async fn turn(
-        &self,
-        tenant: &Tenant,
-        wait: Duration,
-    ) -> Option<OwnedSemaphorePermit> {
-        let semaphore = {
+    pub(crate) async fn turn(&self, tenant: &Tenant, wait: Duration) -> Option<HeavyTurn> {
+        let turns = {
             let mut tenants = self
                 .tenants
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             tenants
                 .entry(tenant.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant)))
+                .or_insert_with(|| {
+                    Arc::new(TenantTurns {
+                        semaphore: Arc::new(Semaphore::new(self.per_tenant)),
+                        next_send: std::sync::Mutex::new(tokio::time::Instant::now()),
+                    })
+                })
                 .clone()
         };
-        tokio::time::timeout(wait, semaphore.acquire_owned())
+        let permit = tokio::time::timeout(wait, turns.semaphore.clone().acquire_owned())
             .await
             .ok()?
-            .ok()
+            .ok()?;
+        Some(HeavyTurn {
+            _permit: permit,
+            tenant: turns,
+            rate: self.rate,
+        })
     }
 }
+
+/// Inventory reports decoded at once, hub-wide (every hub in the process shares them).
+static DECODING: Semaphore = Semaphore::const_new(2);
 
 /// How long an agent may take to send a whole inventory report once its turn came.
 const INVENTORY_READ: Duration = Duration::from_secs(30);
@@ -345,7 +396,12 @@ async fn take_inventory(
                 Ok(Ok(Some(body))) => body,
             };
         // Decoding up to 2 MiB and writing its JSON take milliseconds of CPU: not on the
-        // threads that move every tenant's bytes.
+        // threads that move every tenant's bytes, and a few at a time hub-wide, so many
+        // agents reporting at once neither take every CPU nor hold many decoded copies.
+        let _decoding = DECODING
+            .acquire()
+            .await
+            .map_err(|e| InventoryError::Task(e.to_string()))?;
         let made = tokio::task::spawn_blocking(move || {
             let AgentStream::Inventory(inventory) =
                 decode_body_limited::<AgentStream>(&body, MAX_INVENTORY)?;

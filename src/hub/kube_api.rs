@@ -4,6 +4,7 @@
 //! Kubernetes Status keeps its code, an unknown agent is 404 (also for another tenant's), an
 //! agent without cluster mode 409, an offline agent 503.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -13,7 +14,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -146,6 +146,9 @@ fn audit(
         duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
 }
 
+/// Largest slice of a stored inventory written before yielding to other tasks.
+const BODY_SLICE: usize = 64 * 1024;
+
 /// How long an inventory read waits for its tenant's turn before 429.
 const HEAVY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -239,11 +242,19 @@ async fn inventory(
     };
     head.pop();
     head.extend_from_slice(b",\"inventory\":");
-    let chunks = [Bytes::from(head), inv, Bytes::from_static(b"}")];
-    // The turn is held until the body has been sent (or the caller went away).
-    let body = futures_util::stream::iter(chunks).map(move |chunk| {
-        let _held = &turn;
-        Ok::<_, std::convert::Infallible>(chunk)
+    let chunks = VecDeque::from([Bytes::from(head), inv, Bytes::from_static(b"}")]);
+    // Sent in slices (views of the shared bytes, no copies) paced to the tenant's byte
+    // budget, with a yield between them, so writing megabytes to fast readers never holds
+    // a worker thread from other tenants' streams. The turn is held until the body has
+    // been sent (or the caller went away).
+    let body = futures_util::stream::unfold((chunks, turn), |(mut chunks, turn)| async move {
+        let mut next = chunks.pop_front()?;
+        if next.len() > BODY_SLICE {
+            chunks.push_front(next.split_off(BODY_SLICE));
+        }
+        turn.pace(next.len()).await;
+        tokio::task::yield_now().await;
+        Some((Ok::<_, std::convert::Infallible>(next), (chunks, turn)))
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

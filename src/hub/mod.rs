@@ -123,6 +123,9 @@ pub struct HubCaps {
     /// Inventory reads through the admin API served at once per tenant; more wait for a
     /// turn up to 10 s, then get 429 (`cap="heavy_requests_per_tenant"`).
     pub heavy_requests_per_tenant: usize,
+    /// Bytes per second the answers of those reads are sent at, per tenant together (a
+    /// 3 MB inventory takes about 0.1 s at the default 32 MiB/s).
+    pub heavy_bytes_per_second: u64,
 }
 
 impl Default for HubCaps {
@@ -142,6 +145,7 @@ impl Default for HubCaps {
             sessions_per_token: 1024,
             inventory_interval: Duration::from_secs(5),
             heavy_requests_per_tenant: 4,
+            heavy_bytes_per_second: 32 * 1024 * 1024,
         }
     }
 }
@@ -362,7 +366,10 @@ impl Hub {
             .caps
             .handshakes
             .min(tokio::sync::Semaphore::MAX_PERMITS);
-        let config_heavy = config.caps.heavy_requests_per_tenant;
+        let heavy = kube::HeavyRequests::new(
+            config.caps.heavy_requests_per_tenant,
+            config.caps.heavy_bytes_per_second,
+        );
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -373,7 +380,7 @@ impl Hub {
             reloads: tokio::sync::watch::Sender::new(0),
             cut_streams: CancellationToken::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshakes)),
-            heavy: kube::HeavyRequests::new(config_heavy),
+            heavy,
         });
         Ok(Hub {
             shared,

@@ -222,13 +222,13 @@ async fn handshake(
             if e.is_too_large() {
                 shared.metrics.cap_refused("frame_size");
             }
+            let err = HandshakeError::refused(CloseCode::Protocol, format!("bad Hello frame: {e}"));
             if e.is_over_bound() {
                 shared.metrics.cap_refused("decoded_size");
+                // The frame was read whole: the agent can still be told why in-band.
+                return Err(reject(connection, &mut send, err).await);
             }
-            return Err(HandshakeError::refused(
-                CloseCode::Protocol,
-                format!("bad Hello frame: {e}"),
-            ));
+            return Err(err);
         }
         Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
         Ok(Ok(Some(Control::Hello(hello)))) => hello,
