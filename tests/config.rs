@@ -365,3 +365,45 @@ fn worker_threads_come_from_flag_env_or_file_and_are_checked() {
         "rna: command line: worker_threads: 2000 must be between 1 and 1024"
     );
 }
+
+#[test]
+fn session_and_inventory_caps_come_from_flag_or_file_and_are_checked() {
+    let setup = Setup::new();
+    let file = setup.hub_file(
+        "max_sessions_per_agent = 7\nmax_sessions_per_token = 70\ninventory_interval = \"2s\"\n\
+         max_heavy_requests_per_tenant = 3\n",
+    );
+    let out = valid(&["hub", "--config", s(&file)], &[]);
+    for want in [
+        "sessions_per_agent: 7,",
+        "sessions_per_token: 70,",
+        "inventory_interval: 2s,",
+        "heavy_requests_per_tenant: 3,",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    let out = valid(
+        &["hub", "--config", s(&file), "--max-sessions-per-agent", "2"],
+        &[],
+    );
+    assert!(
+        out.contains("sessions_per_agent: 2,"),
+        "flag over file: {out}"
+    );
+    let file = setup.hub_file("inventory_interval = \"30s\"\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: inventory_interval: 30s is longer than 20s",
+            s(&file)
+        )
+    );
+    let file = setup.hub_file("max_sessions_per_token = 0\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: max_sessions_per_token: must be at least 1",
+            s(&file)
+        )
+    );
+}
