@@ -127,12 +127,6 @@ async fn run_session(
     reader: &mut control::ControlReader,
     cancel: CancellationToken,
 ) {
-    // Streams the agent opens (inventory reports) end with its connection. The session was
-    // registered by the handshake (caps checked); streams opened meanwhile wait in quinn.
-    tokio::spawn(
-        super::kube::accept_agent_streams(shared.clone(), session.clone())
-            .instrument(tracing::Span::current()),
-    );
     let metric_agent = shared
         .config
         .metrics_per_agent
@@ -257,6 +251,13 @@ async fn handshake(
         grant.token_id,
         connection.clone(),
     ));
+    // Streams the agent opens (inventory reports) end with its connection, also when it is
+    // refused below. Started before the session is visible in the registry, so a
+    // registered session is fully set up.
+    tokio::spawn(
+        super::kube::accept_agent_streams(shared.clone(), session.clone())
+            .instrument(tracing::info_span!("agent", agent = %session.name, tenant = %session.tenant, session = id)),
+    );
     // Registered before Welcome, so the caps are checked and the slot taken in one step.
     let caps = &shared.config.caps;
     if let Err(cap) = shared.registry.admit(
