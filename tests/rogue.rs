@@ -98,8 +98,12 @@ async fn sessions_are_capped_per_agent_name_and_per_token() {
     assert_eq!(code, CloseCode::TooManySessions, "{reason}");
     assert!(reason.contains("token"), "{reason}");
     assert_eq!(world.hub.metrics().cap_refusals("sessions_per_token"), 1);
-    // The agent reads the code readably.
-    assert_eq!(code.to_string(), "too_many_sessions (0x23)");
+    // The agent's log line for it names the cap and the code.
+    let line = SessionError::Rejected { code, reason }.to_string();
+    assert!(
+        line.contains("--max-sessions-per-token") && line.contains("too_many_sessions (0x23)"),
+        "{line}"
+    );
     // Another tenant's agent is not affected.
     let other = world.agent_token("globex/prod");
     let _fine = session(&world, "rogue", &other, vec![]).await.unwrap();
