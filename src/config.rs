@@ -302,6 +302,22 @@ pub struct HubOptions {
     /// larger one gets 413 [default: 4194304].
     #[arg(long, env = "RNA_MAX_KUBE_REQUEST")]
     pub max_kube_request: Option<usize>,
+    /// Sessions one agent name may hold in its tenant at once; more are refused
+    /// too_many_sessions [default: 16].
+    #[arg(long, env = "RNA_MAX_SESSIONS_PER_AGENT")]
+    pub max_sessions_per_agent: Option<usize>,
+    /// Sessions registered with one token at once; more are refused too_many_sessions
+    /// [default: 1024].
+    #[arg(long, env = "RNA_MAX_SESSIONS_PER_TOKEN")]
+    pub max_sessions_per_token: Option<usize>,
+    /// Least time between two inventory reports read from one agent session, up to 20s; a
+    /// sooner one waits its turn [default: 5s].
+    #[arg(long, env = "RNA_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    pub inventory_interval: Option<Duration>,
+    /// Inventory reads through the admin API served at once per tenant; more wait up to
+    /// 10 s, then get 429 [default: 4].
+    #[arg(long, env = "RNA_MAX_HEAVY_REQUESTS_PER_TENANT")]
+    pub max_heavy_requests_per_tenant: Option<usize>,
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     pub congestion: Option<Congestion>,
@@ -479,7 +495,8 @@ merge_options!(
     socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
     max_handshakes_per_source, retry_threshold, tls_timeout, hello_timeout,
     max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
-    state_dir, kube_timeout, worker_threads, max_kube_waits_per_token;
+    state_dir, kube_timeout, worker_threads, max_kube_waits_per_token, max_sessions_per_agent,
+    max_sessions_per_token, inventory_interval, max_heavy_requests_per_tenant;
 );
 
 merge_options!(
@@ -525,6 +542,10 @@ struct HubFile {
     max_streams_per_agent: Option<usize>,
     max_frame: Option<usize>,
     max_kube_request: Option<usize>,
+    max_sessions_per_agent: Option<usize>,
+    max_sessions_per_token: Option<usize>,
+    inventory_interval: Option<FileDuration>,
+    max_heavy_requests_per_tenant: Option<usize>,
     stream_idle_timeout: Option<FileDuration>,
     congestion: Option<String>,
     state_dir: Option<PathBuf>,
@@ -768,6 +789,10 @@ pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions
         max_streams_per_agent: f.max_streams_per_agent,
         max_frame: f.max_frame,
         max_kube_request: f.max_kube_request,
+        max_sessions_per_agent: f.max_sessions_per_agent,
+        max_sessions_per_token: f.max_sessions_per_token,
+        inventory_interval: c.duration("inventory_interval", f.inventory_interval)?,
+        max_heavy_requests_per_tenant: f.max_heavy_requests_per_tenant,
         stream_idle_timeout: c.duration("stream_idle_timeout", f.stream_idle_timeout)?,
         congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
         state_dir: c.path(f.state_dir),
@@ -1066,6 +1091,28 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     if let Some(n) = o.max_kube_waits_per_token {
         caps.kube_waits_per_token =
             at_least_one(n).map_err(|m| invalid("max_kube_waits_per_token", m))?;
+    }
+    if let Some(n) = o.max_sessions_per_agent {
+        caps.sessions_per_agent =
+            at_least_one(n).map_err(|m| invalid("max_sessions_per_agent", m))?;
+    }
+    if let Some(n) = o.max_sessions_per_token {
+        caps.sessions_per_token =
+            at_least_one(n).map_err(|m| invalid("max_sessions_per_token", m))?;
+    }
+    if let Some(t) = o.inventory_interval {
+        // The agent waits 30 s for the hub to take a report; a turn must come before that.
+        if t > Duration::from_secs(20) {
+            return Err(invalid(
+                "inventory_interval",
+                format!("{t:?} is longer than 20s"),
+            ));
+        }
+        caps.inventory_interval = t;
+    }
+    if let Some(n) = o.max_heavy_requests_per_tenant {
+        caps.heavy_requests_per_tenant =
+            at_least_one(n).map_err(|m| invalid("max_heavy_requests_per_tenant", m))?;
     }
     if let Some(c) = o.congestion {
         config.limits.congestion = c;
@@ -1398,6 +1445,10 @@ pub fn hub_file_text(
         state_dir: config.state_dir.as_deref().map(shown),
         kube_timeout: d(config.kube_timeout),
         max_kube_waits_per_token: Some(config.caps.kube_waits_per_token),
+        max_sessions_per_agent: Some(config.caps.sessions_per_agent),
+        max_sessions_per_token: Some(config.caps.sessions_per_token),
+        inventory_interval: d(config.caps.inventory_interval),
+        max_heavy_requests_per_tenant: Some(config.caps.heavy_requests_per_tenant),
         worker_threads: Some(config.worker_threads),
         log_format,
         log_level,

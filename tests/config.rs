@@ -873,3 +873,45 @@ fn admin_api_limits_come_from_flag_env_or_file_and_are_checked() {
     assert!(refused(&["hub", "--config", s(&zero)], &[])
         .ends_with("api_header_timeout: invalid duration \"0s\": must be greater than zero"));
 }
+
+#[test]
+fn session_and_inventory_caps_come_from_flag_or_file_and_are_checked() {
+    let setup = Setup::new();
+    let file = setup.hub_file(
+        "max_sessions_per_agent = 7\nmax_sessions_per_token = 70\ninventory_interval = \"2s\"\n\
+         max_heavy_requests_per_tenant = 3\n",
+    );
+    let out = valid(&["hub", "--config", s(&file)], &[]);
+    for want in [
+        "max_sessions_per_agent = 7\n",
+        "max_sessions_per_token = 70\n",
+        "inventory_interval = \"2s\"\n",
+        "max_heavy_requests_per_tenant = 3\n",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    let out = valid(
+        &["hub", "--config", s(&file), "--max-sessions-per-agent", "2"],
+        &[],
+    );
+    assert!(
+        out.contains("max_sessions_per_agent = 2\n"),
+        "flag over file: {out}"
+    );
+    let file = setup.hub_file("inventory_interval = \"30s\"\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: inventory_interval: 30s is longer than 20s",
+            s(&file)
+        )
+    );
+    let file = setup.hub_file("max_sessions_per_token = 0\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: max_sessions_per_token: must be at least 1",
+            s(&file)
+        )
+    );
+}

@@ -9,13 +9,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 use super::registry::{AgentSession, KubePick};
 use super::Shared;
 use crate::auth::Tenant;
-use crate::proto::codec::{encode, encode_limited, read_frame_limited};
+use crate::proto::codec::{
+    decode_body_limited, encode, encode_limited, read_body_limited, read_frame_limited, CodecError,
+};
 use crate::proto::kube::{
     AgentStream, Caller, KubeFailure, KubeHeader, KubeReply, KubeRequest, StreamHeader,
     MAX_INVENTORY, MAX_KUBE_REPLY, MAX_KUBE_REQUEST,
@@ -285,45 +288,215 @@ pub(crate) async fn call(
     }
 }
 
+/// Turns for admin API reads that send large answers (inventories), per tenant: one
+/// tenant's parallel readers wait for each other, never for another tenant's, and together
+/// they are sent at most a set number of bytes per second, so one tenant's readers cannot
+/// keep the hub's worker threads busy copying megabytes while other tenants wait.
+#[derive(Debug)]
+pub(crate) struct HeavyRequests {
+    /// Requests served at once per tenant ([`HubCaps::heavy_requests_per_tenant`](super::HubCaps::heavy_requests_per_tenant)).
+    per_tenant: usize,
+    /// Bytes per second per tenant ([`HubCaps::heavy_bytes_per_second`](super::HubCaps::heavy_bytes_per_second)).
+    rate: u64,
+    /// Per tenant that asked; tenants come from valid tokens only.
+    tenants: std::sync::Mutex<HashMap<Tenant, Arc<TenantTurns>>>,
+}
+
+/// One tenant's share of [`HeavyRequests`].
+#[derive(Debug)]
+struct TenantTurns {
+    /// One permit per request served at once.
+    semaphore: Arc<Semaphore>,
+    /// When the tenant's byte budget lets the next slice go out.
+    next_send: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// A turn of one tenant: held while its answer is sent.
+#[derive(Debug)]
+pub(crate) struct HeavyTurn {
+    _permit: OwnedSemaphorePermit,
+    tenant: Arc<TenantTurns>,
+    rate: u64,
+}
+
+impl HeavyTurn {
+    /// Waits until the tenant's byte budget allows sending `bytes` more. Cancel-safe (a
+    /// cancelled wait keeps its reservation, which only slows the tenant).
+    pub(crate) async fn pace(&self, bytes: usize) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        let start = {
+            let mut next = self
+                .tenant
+                .next_send
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + cost;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
+impl HeavyRequests {
+    /// Turns for `per_tenant` requests at once per tenant, sent at `rate` bytes per second
+    /// per tenant.
+    pub(crate) fn new(per_tenant: usize, rate: u64) -> Self {
+        HeavyRequests {
+            per_tenant: per_tenant.clamp(1, Semaphore::MAX_PERMITS),
+            rate: rate.max(1),
+            tenants: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits up to `wait` for a turn of `tenant`; `None` if none came.
+    pub(crate) async fn turn(&self, tenant: &Tenant, wait: Duration) -> Option<HeavyTurn> {
+        let turns = {
+            let mut tenants = self
+                .tenants
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            tenants
+                .entry(tenant.clone())
+                .or_insert_with(|| {
+                    Arc::new(TenantTurns {
+                        semaphore: Arc::new(Semaphore::new(self.per_tenant)),
+                        next_send: std::sync::Mutex::new(tokio::time::Instant::now()),
+                    })
+                })
+                .clone()
+        };
+        let permit = tokio::time::timeout(wait, turns.semaphore.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        Some(HeavyTurn {
+            _permit: permit,
+            tenant: turns,
+            rate: self.rate,
+        })
+    }
+}
+
+/// Inventory reports decoded at once, hub-wide (every hub in the process shares them).
+static DECODING: Semaphore = Semaphore::const_new(2);
+
+/// How long an agent may take to send a whole inventory report once its turn came.
+const INVENTORY_READ: Duration = Duration::from_secs(30);
+
 /// Accepts the streams an agent opens (inventory reports) until its connection ends.
+///
+/// One report per session is read at a time, and no sooner than
+/// [`HubCaps::inventory_interval`](super::HubCaps::inventory_interval) after the previous
+/// one: a sooner report waits for its turn (quinn's flow control holds its bytes), and a
+/// report opened while another waits is refused with [`StreamCode::TooSoon`]. Decoding and
+/// the JSON the admin API serves are made once, off the I/O threads.
 pub(crate) async fn accept_agent_streams(shared: Arc<Shared>, session: Arc<AgentSession>) {
     loop {
-        let (mut send, mut recv) = match session.connection.accept_bi().await {
+        let (send, recv) = match session.connection.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
         };
         let shared = shared.clone();
         let session = session.clone();
-        tokio::spawn(async move {
-            let read = tokio::time::timeout(
-                Duration::from_secs(30),
-                read_frame_limited::<AgentStream, _>(&mut recv, MAX_INVENTORY),
-            )
-            .await;
-            match read {
-                Ok(Ok(Some(AgentStream::Inventory(inventory)))) => {
-                    debug!(
-                        resources = inventory.resources.len(),
-                        namespaces = inventory.namespaces.as_ref().map_or(0, Vec::len),
-                        "inventory received"
-                    );
-                    session.set_inventory(inventory);
-                    shared.registry.touch();
-                    let _ = send.finish();
-                }
-                Ok(Ok(None)) => {
-                    let _ = send.finish();
-                }
-                Ok(Err(e)) => {
-                    info!(agent = %session.name, "agent stream refused: {e}");
-                    let _ = send.reset(StreamCode::BadHeader.into());
-                    let _ = recv.stop(StreamCode::BadHeader.into());
-                }
-                Err(_) => {
-                    let _ = send.reset(StreamCode::BadHeader.into());
-                    let _ = recv.stop(StreamCode::BadHeader.into());
+        tokio::spawn(take_inventory(shared, session, send, recv));
+    }
+}
+
+/// Why an inventory stream was not stored.
+#[derive(Debug, thiserror::Error)]
+enum InventoryError {
+    /// The frame could not be read or decoded (too large, over a bound, malformed).
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    /// The agent did not send the whole report in time.
+    #[error("not sent within {0:?}")]
+    Timeout(Duration),
+    /// The decoding task failed.
+    #[error("decoding failed: {0}")]
+    Task(String),
+}
+
+async fn take_inventory(
+    shared: Arc<Shared>,
+    session: Arc<AgentSession>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode| {
+        let _ = send.reset(code.into());
+        let _ = recv.stop(code.into());
+    };
+    let Some(_turn) = session.inventory_turn() else {
+        shared.metrics.cap_refused("inventory_interval");
+        info!(agent = %session.name, "inventory report refused: another one is waiting for its turn");
+        refuse(&mut send, &mut recv, StreamCode::TooSoon);
+        return;
+    };
+    let interval = shared.config.caps.inventory_interval;
+    if let Some(due) = session.inventory_due(interval) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = session.connection.closed() => return,
+        }
+    }
+    session.inventory_taken();
+    let stored = async {
+        let body =
+            match tokio::time::timeout(INVENTORY_READ, read_body_limited(&mut recv, MAX_INVENTORY))
+                .await
+            {
+                Err(_) => return Err(InventoryError::Timeout(INVENTORY_READ)),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Ok(Some(body))) => body,
+            };
+        // Decoding up to 2 MiB and writing its JSON take milliseconds of CPU: not on the
+        // threads that move every tenant's bytes, and a few at a time hub-wide, so many
+        // agents reporting at once neither take every CPU nor hold many decoded copies.
+        let _decoding = DECODING
+            .acquire()
+            .await
+            .map_err(|e| InventoryError::Task(e.to_string()))?;
+        let made = tokio::task::spawn_blocking(move || {
+            let AgentStream::Inventory(inventory) =
+                decode_body_limited::<AgentStream>(&body, MAX_INVENTORY)?;
+            let json =
+                serde_json::to_vec(&inventory).map_err(|e| InventoryError::Task(e.to_string()))?;
+            Ok::<_, InventoryError>((
+                Bytes::from(json),
+                inventory.resources.len(),
+                inventory.namespaces.as_ref().map_or(0, Vec::len),
+            ))
+        })
+        .await
+        .map_err(|e| InventoryError::Task(e.to_string()))??;
+        Ok(Some(made))
+    };
+    match stored.await {
+        Ok(Some((json, resources, namespaces))) => {
+            debug!(
+                resources,
+                namespaces,
+                json_bytes = json.len(),
+                "inventory received"
+            );
+            shared.registry.store_inventory(&session, json);
+            let _ = send.finish();
+        }
+        Ok(None) => {
+            let _ = send.finish();
+        }
+        Err(e) => {
+            if let InventoryError::Codec(c) = &e {
+                if c.is_too_large() {
+                    shared.metrics.cap_refused("frame_size");
+                } else if c.is_over_bound() {
+                    shared.metrics.cap_refused("decoded_size");
                 }
             }
-        });
+            info!(agent = %session.name, "inventory report refused: {e}");
+            refuse(&mut send, &mut recv, StreamCode::BadHeader);
+        }
     }
 }

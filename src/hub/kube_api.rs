@@ -4,6 +4,7 @@
 //! Kubernetes Status keeps its code, an unknown agent is 404 (also for another tenant's), an
 //! agent without cluster mode 409, an offline agent 503.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -199,6 +200,12 @@ fn audit(
         duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
 }
 
+/// Largest slice of a stored inventory written before yielding to other tasks.
+const BODY_SLICE: usize = 64 * 1024;
+
+/// How long an inventory read waits for its tenant's turn before 429.
+const HEAVY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Deserialize, Default)]
 struct TenantQuery {
     tenant: Option<String>,
@@ -236,30 +243,39 @@ async fn inventory(
     let kubernetes = sessions
         .iter()
         .any(|s| s.has_capability(crate::proto::kube::CAPABILITY));
+    // One tenant's parallel readers of large inventories take turns among themselves.
+    let Some(turn) = shared.heavy.turn(&tenant, HEAVY_WAIT).await else {
+        shared.metrics.cap_refused("heavy_requests_per_tenant");
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many inventory reads of tenant {} at once; try again",
+                tenant.as_str()
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return resp;
+    };
     // The freshest report among the agent's sessions (replicas report the same cluster).
     let best = sessions
         .iter()
-        .filter_map(|s| s.inventory().map(|(inv, at)| (s.id, inv, at)))
+        .filter_map(|s| s.inventory_json().map(|(json, at)| (s.id, json, at)))
         .max_by_key(|(_, _, at)| *at);
     let first = &sessions[0];
     let (session_id, inv, reported, age) = match best {
-        Some((id, inv, at)) => {
+        Some((id, json, at)) => {
             let unix = at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let age = SystemTime::now()
                 .duration_since(at)
                 .map_or(0.0, |d| d.as_secs_f64());
-            (
-                Some(id),
-                serde_json::to_value(inv).unwrap_or(Value::Null),
-                json!(unix),
-                json!(age),
-            )
+            (Some(id), json, json!(unix), json!(age))
         }
-        None => (None, Value::Null, Value::Null, Value::Null),
+        None => (None, Bytes::from_static(b"null"), Value::Null, Value::Null),
     };
-    Json(json!({
+    let head = json!({
         "agent": agent,
         "tenant": tenant.as_str(),
         "sessions": sessions.len(),
@@ -271,9 +287,34 @@ async fn inventory(
         "sessionId": session_id,
         "reportedAtUnix": reported,
         "ageSeconds": age,
-        "inventory": inv,
-    }))
-    .into_response()
+    });
+    // The inventory's JSON was made once when it arrived: spliced in, never re-serialized
+    // or copied. The object's closing brace is dropped and put back after it.
+    let mut head = match serde_json::to_vec(&head) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    head.pop();
+    head.extend_from_slice(b",\"inventory\":");
+    let chunks = VecDeque::from([Bytes::from(head), inv, Bytes::from_static(b"}")]);
+    // Sent in slices (views of the shared bytes, no copies) paced to the tenant's byte
+    // budget, with a yield between them, so writing megabytes to fast readers never holds
+    // a worker thread from other tenants' streams. The turn is held until the body has
+    // been sent (or the caller went away).
+    let body = futures_util::stream::unfold((chunks, turn), |(mut chunks, turn)| async move {
+        let mut next = chunks.pop_front()?;
+        if next.len() > BODY_SLICE {
+            chunks.push_front(next.split_off(BODY_SLICE));
+        }
+        turn.pace(next.len()).await;
+        tokio::task::yield_now().await;
+        Some((Ok::<_, std::convert::Infallible>(next), (chunks, turn)))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize, Default)]

@@ -135,6 +135,23 @@ pub struct HubCaps {
     /// `TooManyWaits` (`cap="kube_waits_per_token"`), so a read-only token cannot hold an
     /// agent's command slots for hours.
     pub kube_waits_per_token: usize,
+    /// Sessions one agent name may hold in its tenant at once (replicas, reconnects not yet
+    /// noticed); one more is refused `too_many_sessions (0x23)`
+    /// (`cap="sessions_per_agent"`).
+    pub sessions_per_agent: usize,
+    /// Sessions registered with one token at once; one more is refused
+    /// `too_many_sessions (0x23)` (`cap="sessions_per_token"`).
+    pub sessions_per_token: usize,
+    /// Least time between two inventory reports the hub reads from one session: a report
+    /// sent sooner waits for its turn, and one sent while another waits is refused with
+    /// stream code 0x102 (`cap="inventory_interval"`).
+    pub inventory_interval: Duration,
+    /// Inventory reads through the admin API served at once per tenant; more wait for a
+    /// turn up to 10 s, then get 429 (`cap="heavy_requests_per_tenant"`).
+    pub heavy_requests_per_tenant: usize,
+    /// Bytes per second the answers of those reads are sent at, per tenant together (a
+    /// 3 MB inventory takes about 0.1 s at the default 32 MiB/s).
+    pub heavy_bytes_per_second: u64,
 }
 
 impl Default for HubCaps {
@@ -152,6 +169,14 @@ impl Default for HubCaps {
             stream_idle_timeout: Duration::from_secs(3600),
             kube_request: crate::proto::kube::MAX_KUBE_REQUEST,
             kube_waits_per_token: 8,
+            // Replicas sharing a name, doubled during a rolling update, plus sessions of
+            // reconnected agents the hub has not yet noticed are gone.
+            sessions_per_agent: 16,
+            // One token is often shared by all agents of a tenant.
+            sessions_per_token: 1024,
+            inventory_interval: Duration::from_secs(5),
+            heavy_requests_per_tenant: 4,
+            heavy_bytes_per_second: 32 * 1024 * 1024,
         }
     }
 }
@@ -247,6 +272,9 @@ pub(crate) struct Shared {
     pub(crate) gate: admission::Gate,
     /// Rate limit of the WARN lines for failed handshakes.
     pub(crate) failure_log: admission::FailureLog,
+    /// Turns for large admin API answers per tenant
+    /// ([`HubCaps::heavy_requests_per_tenant`]).
+    pub(crate) heavy: kube::HeavyRequests,
 }
 
 impl Shared {
@@ -387,6 +415,10 @@ impl Hub {
             config.caps.handshakes_per_source,
             config.caps.retry_threshold,
         );
+        let heavy = kube::HeavyRequests::new(
+            config.caps.heavy_requests_per_tenant,
+            config.caps.heavy_bytes_per_second,
+        );
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -400,6 +432,7 @@ impl Hub {
             socks_tokens: Arc::default(),
             gate,
             failure_log: admission::FailureLog::new(FAILURE_LOG_WINDOW, FAILURE_LOG_BURST),
+            heavy,
         });
         Ok(Hub {
             shared,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::auth::Tenant;
@@ -52,8 +53,14 @@ pub struct AgentSession {
     bytes_from_agent: AtomicU64,
     /// Bytes relayed from clients towards the agent.
     bytes_to_agent: AtomicU64,
-    /// The agent's last inventory report on this connection, and when it arrived.
-    inventory: Mutex<Option<(Inventory, SystemTime)>>,
+    /// The agent's last inventory report on this connection, as the JSON the admin API
+    /// serves (made once on receipt and shared by every reader), and when it arrived.
+    inventory: Mutex<Option<(Bytes, SystemTime)>>,
+    /// Held by the one inventory report being waited for or read; a second one meanwhile
+    /// is refused.
+    inventory_turn: Arc<tokio::sync::Semaphore>,
+    /// When the last inventory report was taken, so the next waits out the interval.
+    inventory_taken: Mutex<Option<Instant>>,
     /// Kubernetes commands in flight on this connection (the least busy session gets the next).
     kube_commands: AtomicUsize,
 }
@@ -91,6 +98,8 @@ impl AgentSession {
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
             inventory: Mutex::new(None),
+            inventory_turn: Arc::new(tokio::sync::Semaphore::new(1)),
+            inventory_taken: Mutex::new(None),
             kube_commands: AtomicUsize::new(0),
         }
     }
@@ -100,14 +109,37 @@ impl AgentSession {
         self.capabilities.iter().any(|c| c == capability)
     }
 
-    /// Stores an inventory report.
-    pub fn set_inventory(&self, inventory: Inventory) {
-        *lock(&self.inventory) = Some((inventory, SystemTime::now()));
+    /// Stores an inventory report, already serialized as JSON.
+    pub fn set_inventory_json(&self, json: Bytes) {
+        *lock(&self.inventory) = Some((json, SystemTime::now()));
     }
 
-    /// The last inventory report and when it arrived.
-    pub fn inventory(&self) -> Option<(Inventory, SystemTime)> {
+    /// The last inventory report as JSON, shared (no copy), and when it arrived.
+    pub fn inventory_json(&self) -> Option<(Bytes, SystemTime)> {
         lock(&self.inventory).clone()
+    }
+
+    /// The last inventory report, parsed back from its JSON, and when it arrived. For tools
+    /// and tests: the admin API serves [`inventory_json`](Self::inventory_json) as is.
+    pub fn inventory(&self) -> Option<(Inventory, SystemTime)> {
+        let (json, at) = self.inventory_json()?;
+        serde_json::from_slice(&json).ok().map(|inv| (inv, at))
+    }
+
+    /// The right to read the next inventory report of this session, if no other report
+    /// holds it; the caller then waits [`inventory_due`](Self::inventory_due).
+    pub fn inventory_turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inventory_turn.clone().try_acquire_owned().ok()
+    }
+
+    /// When the next inventory report may be read: `interval` after the last one taken.
+    pub fn inventory_due(&self, interval: Duration) -> Option<Instant> {
+        lock(&self.inventory_taken).map(|t| t + interval)
+    }
+
+    /// Records that an inventory report was taken now (read, whatever its fate).
+    pub fn inventory_taken(&self) {
+        *lock(&self.inventory_taken) = Some(Instant::now());
     }
 
     /// Counts a Kubernetes command on this session until the guard is dropped.
@@ -276,6 +308,33 @@ impl Drop for StreamSlot {
     }
 }
 
+/// Which session cap refused a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionCap {
+    /// The agent name already holds this many sessions in its tenant.
+    #[error("the agent already holds {limit} sessions (--max-sessions-per-agent)")]
+    PerAgent {
+        /// The cap in force.
+        limit: usize,
+    },
+    /// The token already holds this many sessions.
+    #[error("its token already holds {limit} sessions (--max-sessions-per-token)")]
+    PerToken {
+        /// The cap in force.
+        limit: usize,
+    },
+}
+
+impl SessionCap {
+    /// The `cap` label of `rna_cap_refusals_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionCap::PerAgent { .. } => "sessions_per_agent",
+            SessionCap::PerToken { .. } => "sessions_per_token",
+        }
+    }
+}
+
 type Key = (Tenant, String);
 
 /// The connected agents of this hub.
@@ -310,8 +369,25 @@ impl Registry {
         }
     }
 
-    /// Tells waiters that something about a session changed (an inventory arrived).
+    /// Tells waiters that something about a session changed.
     pub fn touch(&self) {
+        self.changed();
+    }
+
+    /// Stores `session`'s new inventory report (JSON) and forgets the older reports of the
+    /// other sessions of its (tenant, name): callers are served the freshest one only, so
+    /// one agent name holds one report however many sessions it has.
+    pub fn store_inventory(&self, session: &AgentSession, json: Bytes) {
+        let key = (session.tenant.clone(), session.name.clone());
+        {
+            let agents = lock(&self.agents);
+            for other in agents.get(&key).into_iter().flatten() {
+                if other.id != session.id {
+                    *lock(&other.inventory) = None;
+                }
+            }
+            session.set_inventory_json(json);
+        }
         self.changed();
     }
 
@@ -319,7 +395,36 @@ impl Registry {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// Adds a session.
+    /// Adds a session if its agent name and its token are under their caps: at most
+    /// `per_agent` sessions of one (tenant, name) and `per_token` of one token. Checked and
+    /// inserted under one lock, so concurrent handshakes cannot overshoot.
+    pub fn admit(
+        &self,
+        session: Arc<AgentSession>,
+        per_agent: usize,
+        per_token: usize,
+    ) -> Result<(), SessionCap> {
+        let key = (session.tenant.clone(), session.name.clone());
+        let mut agents = lock(&self.agents);
+        let of_agent = agents.get(&key).map_or(0, Vec::len);
+        if of_agent >= per_agent {
+            return Err(SessionCap::PerAgent { limit: per_agent });
+        }
+        let of_token = agents
+            .values()
+            .flatten()
+            .filter(|s| s.token_id == session.token_id)
+            .count();
+        if of_token >= per_token {
+            return Err(SessionCap::PerToken { limit: per_token });
+        }
+        agents.entry(key).or_default().push(session);
+        drop(agents);
+        self.changed();
+        Ok(())
+    }
+
+    /// Adds a session without checking caps.
     pub fn insert(&self, session: Arc<AgentSession>) {
         let key = (session.tenant.clone(), session.name.clone());
         lock(&self.agents).entry(key).or_default().push(session);

@@ -153,13 +153,6 @@ async fn run_session(
     reader: &mut control::ControlReader,
     cancel: CancellationToken,
 ) {
-    // Streams the agent opens (inventory reports) end with its connection. Started before
-    // the session is visible in the registry, so a registered session is fully set up.
-    tokio::spawn(
-        super::kube::accept_agent_streams(shared.clone(), session.clone())
-            .instrument(tracing::Span::current()),
-    );
-    shared.registry.insert(session.clone());
     let metric_agent = shared
         .config
         .metrics_per_agent
@@ -268,10 +261,13 @@ async fn handshake(
             if e.is_too_large() {
                 shared.metrics.cap_refused("frame_size");
             }
-            return Err(HandshakeError::refused(
-                CloseCode::Protocol,
-                format!("bad Hello frame: {e}"),
-            ));
+            let err = HandshakeError::refused(CloseCode::Protocol, format!("bad Hello frame: {e}"));
+            if e.is_over_bound() {
+                shared.metrics.cap_refused("decoded_size");
+                // The frame was read whole: the agent can still be told why in-band.
+                return Err(reject(connection, &mut send, err).await);
+            }
+            return Err(err);
         }
         Ok(Ok(None)) => return Err(HandshakeError::NoHello("control stream ended".into())),
         Ok(Ok(Some(Control::Hello(hello)))) => hello,
@@ -283,40 +279,12 @@ async fn handshake(
         }
     };
 
-    let checked = check_hello(shared, &hello, &cert_name);
-    let grant = match checked {
+    let grant = match check_hello(shared, &hello, &cert_name) {
         Ok(grant) => grant,
-        Err(err) => {
-            if let HandshakeError::Refused { code, reason } = &err {
-                // Tell the agent why in-band too; the close frame carries the same code.
-                let msg = Control::Rejected {
-                    code: *code,
-                    reason: reason.clone(),
-                };
-                if let Ok(frame) = encode(&msg) {
-                    let _ = send.write_all(&frame).await;
-                    let _ = send.finish();
-                    // Give the frame a moment to reach the agent before the close.
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
-                }
-            }
-            return Err(err);
-        }
+        Err(err) => return Err(reject(connection, &mut send, err).await),
     };
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    let welcome = Welcome {
-        session_id: id,
-        heartbeat_interval_ms: duration_ms(shared.config.heartbeat.interval),
-        heartbeat_timeout_ms: duration_ms(shared.config.heartbeat.timeout),
-        tenant: grant.tenant.to_string(),
-    };
-    let frame =
-        encode(&Control::Welcome(welcome)).map_err(|e| HandshakeError::NoHello(e.to_string()))?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
     let session = Arc::new(AgentSession::new(
         id,
         grant.tenant,
@@ -328,7 +296,71 @@ async fn handshake(
         grant.token_id,
         connection.clone(),
     ));
+    // Streams the agent opens (inventory reports) end with its connection, also when it is
+    // refused below. Started before the session is visible in the registry, so a
+    // registered session is fully set up.
+    tokio::spawn(
+        super::kube::accept_agent_streams(shared.clone(), session.clone())
+            .instrument(tracing::info_span!("agent", agent = %session.name, tenant = %session.tenant, session = id)),
+    );
+    // Registered before Welcome, so the caps are checked and the slot taken in one step.
+    let caps = &shared.config.caps;
+    if let Err(cap) = shared.registry.admit(
+        session.clone(),
+        caps.sessions_per_agent,
+        caps.sessions_per_token,
+    ) {
+        shared.metrics.cap_refused(cap.label());
+        let err = HandshakeError::refused(
+            CloseCode::TooManySessions,
+            format!(
+                "agent {:?} in {}: {cap}",
+                session.name,
+                session.tenant.as_str()
+            ),
+        );
+        return Err(reject(connection, &mut send, err).await);
+    }
+    let welcome = Welcome {
+        session_id: id,
+        heartbeat_interval_ms: duration_ms(shared.config.heartbeat.interval),
+        heartbeat_timeout_ms: duration_ms(shared.config.heartbeat.timeout),
+        tenant: session.tenant.to_string(),
+    };
+    let sent = match encode(&Control::Welcome(welcome)) {
+        Ok(frame) => send
+            .write_all(&frame)
+            .await
+            .map_err(|e| HandshakeError::NoHello(e.to_string())),
+        Err(e) => Err(HandshakeError::NoHello(e.to_string())),
+    };
+    if let Err(e) = sent {
+        shared.registry.remove(&session);
+        return Err(e);
+    }
     Ok((session, send, control::control_reader(recv, max_frame)))
+}
+
+/// Tells the agent in-band why it is refused (the close frame carries the same code), then
+/// hands the error back for the caller to close the connection with.
+async fn reject(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    err: HandshakeError,
+) -> HandshakeError {
+    if let HandshakeError::Refused { code, reason } = &err {
+        let msg = Control::Rejected {
+            code: *code,
+            reason: reason.clone(),
+        };
+        if let Ok(frame) = encode(&msg) {
+            let _ = send.write_all(&frame).await;
+            let _ = send.finish();
+            // Give the frame a moment to reach the agent before the close.
+            let _ = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
+        }
+    }
+    err
 }
 
 fn duration_ms(d: Duration) -> u64 {

@@ -32,6 +32,12 @@ pub enum CodecError {
     /// The bytes are not a valid message.
     #[error("malformed frame: {0}")]
     Malformed(#[from] postcard::Error),
+    /// A list or string in the message is longer than its bound (see [`bounds`]); the
+    /// text names the field, e.g. `capabilities: 65336 entries, at most 32 allowed`.
+    ///
+    /// [`bounds`]: super::bounds
+    #[error("message over its bounds: {0}")]
+    OverBound(String),
     /// The stream ended inside a frame.
     #[error("stream ended inside a frame")]
     Truncated,
@@ -83,14 +89,21 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     decode_body_limited(body, MAX_FRAME)
 }
 
-fn decode_body_limited<T: DeserializeOwned>(body: &[u8], max: usize) -> Result<T, CodecError> {
+/// Like [`decode_body`] with a cap of `max` bytes, for frames read with [`read_body_limited`]
+/// and decoded elsewhere (off the I/O threads, for large ones).
+pub fn decode_body_limited<T: DeserializeOwned>(body: &[u8], max: usize) -> Result<T, CodecError> {
     if body.len() > max {
         return Err(CodecError::TooLarge {
             len: body.len(),
             max,
         });
     }
-    let (msg, rest) = postcard::take_from_bytes(body)?;
+    super::bounds::clear();
+    let (msg, rest) =
+        postcard::take_from_bytes(body).map_err(|e| match (e, super::bounds::take_refusal()) {
+            (postcard::Error::SerdeDeCustom, Some(why)) => CodecError::OverBound(why),
+            (e, _) => CodecError::Malformed(e),
+        })?;
     if !rest.is_empty() {
         return Err(CodecError::Malformed(
             postcard::Error::DeserializeBadEncoding,
@@ -120,6 +133,19 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
+    match read_body_limited(reader, max).await? {
+        Some(body) => decode_body_limited(&body, max).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads the body of one frame of at most `max` bytes without decoding it; `Ok(None)` if
+/// the stream ended cleanly before the frame. The announced length is checked before
+/// anything is allocated. Not cancel-safe.
+pub async fn read_body_limited<R>(reader: &mut R, max: usize) -> Result<Option<Vec<u8>>, CodecError>
+where
+    R: AsyncRead + Unpin,
+{
     let mut prefix = [0u8; PREFIX];
     let mut filled = 0;
     while filled < PREFIX {
@@ -145,7 +171,7 @@ where
             CodecError::Io(e)
         }
     })?;
-    decode_body_limited(&body, max).map(Some)
+    Ok(Some(body))
 }
 
 /// A `tokio_util` codec for a stream of frames of one message type; its `FramedRead` is
@@ -176,6 +202,12 @@ impl CodecError {
     /// Whether the peer announced a frame over the cap (counted as a cap refusal).
     pub fn is_too_large(&self) -> bool {
         matches!(self, CodecError::TooLarge { .. })
+    }
+
+    /// Whether the frame fit its cap but a list or string inside it did not (counted as a
+    /// cap refusal, `cap="decoded_size"`).
+    pub fn is_over_bound(&self) -> bool {
+        matches!(self, CodecError::OverBound(_))
     }
 }
 
@@ -274,6 +306,7 @@ mod tests {
                 CodecError::Truncated => "truncated",
                 CodecError::TooLarge { .. } => "too large",
                 CodecError::Malformed(_) => "malformed",
+                CodecError::OverBound(_) => "over bound",
                 CodecError::Io(_) => "io",
             };
             assert_eq!(kind, want, "{bytes:?}");

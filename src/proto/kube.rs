@@ -15,9 +15,9 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use super::Open;
+use super::{bounds, Open};
 
 /// Largest command request body (the API server's own request limit is 3 MiB; apply bodies
 /// with several documents stay below this).
@@ -33,6 +33,30 @@ pub const MAX_INVENTORY: usize = 2 * 1024 * 1024;
 /// The reason of a wait the agent refuses because it runs as many waits as it allows: the
 /// hub counts these refusals as its own cap.
 pub const TOO_MANY_WAITS: &str = "TooManyWaits";
+
+/// Most namespaces one inventory may list.
+pub const MAX_NAMESPACES: usize = 16_384;
+
+/// Most API resources one inventory may list (a cluster with several large CRD sets has a
+/// few thousand).
+pub const MAX_RESOURCES: usize = 4_096;
+
+/// Most verbs or short names of one resource (Kubernetes defines eight standard verbs).
+pub const MAX_RESOURCE_WORDS: usize = 16;
+
+/// Longest name in an inventory (namespace, group, version, kind, plural, verb, short name):
+/// a DNS subdomain, the longest name Kubernetes allows for these.
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Most collection errors one inventory may carry, and the longest of them in bytes.
+pub const MAX_INVENTORY_ERRORS: usize = 64;
+
+/// Longest readable text in an inventory or a failure reason (an error, a version string).
+pub const MAX_TEXT_LEN: usize = 4_096;
+
+/// Longest message of a [`KubeFailure`], in bytes (a Kubernetes Status message listing
+/// many validation errors fits).
+pub const MAX_FAILURE_MESSAGE: usize = 64 * 1024;
 
 /// The capability an agent announces in Hello when it can run Kubernetes commands.
 pub const CAPABILITY: &str = "kubernetes";
@@ -229,11 +253,21 @@ pub struct KubeFailure {
     /// The HTTP status to answer with (the Kubernetes Status code for API errors).
     pub code: u16,
     /// Machine-readable reason (`NotFound`, `Conflict`, `Forbidden`, …).
+    #[serde(deserialize_with = "failure_reason")]
     pub reason: String,
-    /// Readable message.
+    /// Readable message (at most [`MAX_FAILURE_MESSAGE`] bytes).
+    #[serde(deserialize_with = "failure_message")]
     pub message: String,
     /// Extra JSON (the Kubernetes Status `details`, partial apply results), if any.
     pub details: Option<String>,
+}
+
+fn failure_reason<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounds::string(d, "failure reason", MAX_TEXT_LEN)
+}
+
+fn failure_message<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounds::string(d, "failure message", MAX_FAILURE_MESSAGE)
 }
 
 impl fmt::Display for KubeFailure {
@@ -284,42 +318,90 @@ pub enum AgentStream {
 }
 
 /// What the agent knows about its cluster, reported on connect and periodically.
+///
+/// Every list and string is bounded while decoding (`MAX_*` constants here), so a report
+/// within the 2 MiB frame cap decodes to a few MiB at most, whatever its contents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     /// Kubernetes server version (`gitVersion`), if readable.
+    #[serde(deserialize_with = "inv_text")]
     pub server_version: Option<String>,
     /// Server platform (`linux/amd64`).
+    #[serde(deserialize_with = "inv_text")]
     pub platform: Option<String>,
     /// Number of nodes, if the ServiceAccount may list them.
     pub node_count: Option<u64>,
-    /// Namespaces the agent may act in (listed, then filtered by its allow list).
+    /// Namespaces the agent may act in (listed, then filtered by its allow list); at most
+    /// [`MAX_NAMESPACES`].
+    #[serde(deserialize_with = "inv_namespaces")]
     pub namespaces: Option<Vec<String>>,
-    /// API resources the agent may act on (after its allow list).
+    /// API resources the agent may act on (after its allow list); at most
+    /// [`MAX_RESOURCES`].
+    #[serde(deserialize_with = "inv_resources")]
     pub resources: Vec<ResourceInfo>,
-    /// What could not be collected, and why (e.g. nodes are forbidden).
+    /// What could not be collected, and why (e.g. nodes are forbidden); at most
+    /// [`MAX_INVENTORY_ERRORS`] of [`MAX_TEXT_LEN`] bytes.
+    #[serde(deserialize_with = "inv_errors")]
     pub errors: Vec<String>,
     /// When the agent collected it, unix seconds.
     pub collected_unix: u64,
 }
 
-/// One API resource from discovery.
+fn inv_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    bounds::opt_string(d, "inventory version or platform", MAX_TEXT_LEN)
+}
+
+fn inv_namespaces<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    bounds::opt_names(d, "inventory namespaces", MAX_NAMESPACES, MAX_NAME_LEN)
+}
+
+fn inv_resources<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ResourceInfo>, D::Error> {
+    bounds::list(d, "inventory resources", MAX_RESOURCES)
+}
+
+fn inv_errors<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    bounds::strings(d, "inventory errors", MAX_INVENTORY_ERRORS, MAX_TEXT_LEN)
+}
+
+fn res_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounds::name(d, "resource name", MAX_NAME_LEN)
+}
+
+fn res_words<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    bounds::names(
+        d,
+        "resource verbs or short names",
+        MAX_RESOURCE_WORDS,
+        MAX_NAME_LEN,
+    )
+}
+
+/// One API resource from discovery. Names are at most [`MAX_NAME_LEN`] bytes, verbs and
+/// short names at most [`MAX_RESOURCE_WORDS`] each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceInfo {
     /// API group (`""` for core).
+    #[serde(deserialize_with = "res_name")]
     pub group: String,
     /// Version (the group's preferred version).
+    #[serde(deserialize_with = "res_name")]
     pub version: String,
     /// Kind.
+    #[serde(deserialize_with = "res_name")]
     pub kind: String,
     /// Plural resource name.
+    #[serde(deserialize_with = "res_name")]
     pub plural: String,
     /// Singular name.
+    #[serde(deserialize_with = "res_name")]
     pub singular: String,
     /// Whether objects live in namespaces.
     pub namespaced: bool,
     /// Verbs the API supports on it.
+    #[serde(deserialize_with = "res_words")]
     pub verbs: Vec<String>,
     /// Short names (`deploy`).
+    #[serde(deserialize_with = "res_words")]
     pub short_names: Vec<String>,
 }
 
@@ -438,5 +520,124 @@ mod tests {
         assert!(read_frame_limited::<KubeRequest, _>(&mut &frame[..], 1024)
             .await
             .is_err());
+    }
+
+    fn resource(words: usize, name_len: usize) -> ResourceInfo {
+        ResourceInfo {
+            group: "g".repeat(name_len),
+            version: "v1".into(),
+            kind: "Thing".into(),
+            plural: "things".into(),
+            singular: "thing".into(),
+            namespaced: true,
+            verbs: vec!["get".into(); words],
+            short_names: vec![],
+        }
+    }
+
+    /// Decodes `inv` as the hub does (frame cap `MAX_INVENTORY`), returning the refusal.
+    fn refusal(inv: Inventory) -> Option<String> {
+        let body = postcard::to_stdvec(&AgentStream::Inventory(inv)).unwrap();
+        assert!(body.len() <= MAX_INVENTORY, "{} bytes", body.len());
+        match crate::proto::codec::decode_body_limited::<AgentStream>(&body, MAX_INVENTORY) {
+            Ok(_) => None,
+            Err(e) => {
+                assert!(e.is_over_bound(), "{e}");
+                Some(e.to_string())
+            }
+        }
+    }
+
+    #[test]
+    fn inventory_lists_and_names_are_bounded_while_decoding() {
+        let ok = Inventory {
+            namespaces: Some(vec!["n".repeat(MAX_NAME_LEN); 1000]),
+            resources: vec![resource(MAX_RESOURCE_WORDS, MAX_NAME_LEN); 1000],
+            errors: vec!["e".repeat(MAX_TEXT_LEN); MAX_INVENTORY_ERRORS],
+            ..Inventory::default()
+        };
+        assert_eq!(refusal(ok), None);
+        // The rogue report: a 2 MiB frame of empty namespace names (about 48 MiB decoded).
+        let rogue = Inventory {
+            namespaces: Some(vec![String::new(); MAX_INVENTORY - 16]),
+            ..Inventory::default()
+        };
+        let cases = [
+            (rogue, "inventory namespaces: 2097136 entries"),
+            (
+                Inventory {
+                    namespaces: Some(vec!["n".repeat(MAX_NAME_LEN + 1)]),
+                    ..Inventory::default()
+                },
+                "inventory namespaces: a string of 254 bytes",
+            ),
+            (
+                Inventory {
+                    resources: vec![resource(0, 1); MAX_RESOURCES + 1],
+                    ..Inventory::default()
+                },
+                "inventory resources: 4097 entries",
+            ),
+            (
+                Inventory {
+                    resources: vec![resource(MAX_RESOURCE_WORDS + 1, 1)],
+                    ..Inventory::default()
+                },
+                "resource verbs or short names: 17 entries",
+            ),
+            (
+                Inventory {
+                    resources: vec![resource(1, MAX_NAME_LEN + 1)],
+                    ..Inventory::default()
+                },
+                "resource name: a string of 254 bytes",
+            ),
+            (
+                Inventory {
+                    namespaces: Some(vec!["\u{1}".repeat(10)]),
+                    ..Inventory::default()
+                },
+                "inventory namespaces: a name with a control character",
+            ),
+            (
+                Inventory {
+                    errors: vec![String::new(); MAX_INVENTORY_ERRORS + 1],
+                    ..Inventory::default()
+                },
+                "inventory errors: 65 entries",
+            ),
+            (
+                Inventory {
+                    server_version: Some("v".repeat(MAX_TEXT_LEN + 1)),
+                    ..Inventory::default()
+                },
+                "inventory version or platform",
+            ),
+        ];
+        for (inv, want) in cases {
+            let got = refusal(inv).unwrap_or_default();
+            assert!(got.contains(want), "{got} / {want}");
+        }
+    }
+
+    #[test]
+    fn failure_texts_are_bounded_while_decoding() {
+        let failure = |message: usize| {
+            KubeReply::Done(Err(KubeFailure {
+                kind: FailureKind::Api,
+                code: 422,
+                reason: "Invalid".into(),
+                message: "m".repeat(message),
+                details: None,
+            }))
+        };
+        let fits = postcard::to_stdvec(&failure(MAX_FAILURE_MESSAGE)).unwrap();
+        assert!(
+            crate::proto::codec::decode_body_limited::<KubeReply>(&fits, MAX_KUBE_REPLY).is_ok()
+        );
+        let over = postcard::to_stdvec(&failure(MAX_FAILURE_MESSAGE + 1)).unwrap();
+        let err = crate::proto::codec::decode_body_limited::<KubeReply>(&over, MAX_KUBE_REPLY)
+            .unwrap_err();
+        assert!(err.to_string().contains("failure message"), "{err}");
     }
 }

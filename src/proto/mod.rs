@@ -6,13 +6,14 @@
 //! `Tunnel(Open)`, answered by one [`OpenReply`] from the agent, then raw bytes; a
 //! Kubernetes command stream's is `Kube(..)` (see [`kube`]).
 
+pub mod bounds;
 pub mod codec;
 pub mod kube;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::auth::Secret;
 
@@ -26,6 +27,19 @@ pub const ALPN: &[u8] = b"rna/1";
 /// agent's `--hub host` (no port) dials. Here, below hub and agent, so the two cannot differ.
 pub const DEFAULT_HUB_PORT: u16 = 4433;
 
+/// Most capabilities one [`Hello`] may announce; the hub keeps them for the session's life
+/// and shows them in every agents list, so a frame full of empty ones must not be accepted.
+pub const MAX_CAPABILITIES: usize = 32;
+
+/// Longest capability name in a [`Hello`], in bytes.
+pub const MAX_CAPABILITY_LEN: usize = 64;
+
+/// Longest agent version in a [`Hello`], in bytes (a semver with build metadata fits).
+pub const MAX_VERSION_LEN: usize = 128;
+
+/// Longest `os` or `arch` in a [`Hello`], in bytes.
+pub const MAX_PLATFORM_LEN: usize = 32;
+
 /// The first message of a session, sent by the agent on the control stream.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -33,16 +47,42 @@ pub struct Hello {
     pub protocol: u16,
     /// Agent identifier; must equal the common name of the agent's certificate.
     pub name: String,
-    /// The agent's build version, shown on the hub.
+    /// The agent's build version, shown on the hub (at most [`MAX_VERSION_LEN`] bytes).
+    #[serde(deserialize_with = "hello_version")]
     pub version: String,
-    /// Operating system (`std::env::consts::OS`).
+    /// Operating system (`std::env::consts::OS`, at most [`MAX_PLATFORM_LEN`] bytes).
+    #[serde(deserialize_with = "hello_os")]
     pub os: String,
-    /// CPU architecture (`std::env::consts::ARCH`).
+    /// CPU architecture (`std::env::consts::ARCH`, at most [`MAX_PLATFORM_LEN`] bytes).
+    #[serde(deserialize_with = "hello_arch")]
     pub arch: String,
-    /// What the agent can do beyond TCP relaying (e.g. `kubernetes`).
+    /// What the agent can do beyond TCP relaying (e.g. `kubernetes`); at most
+    /// [`MAX_CAPABILITIES`] of at most [`MAX_CAPABILITY_LEN`] bytes each.
+    #[serde(deserialize_with = "hello_capabilities")]
     pub capabilities: Vec<String>,
     /// The agent's machine credential; needs scope `connect:agentHub`.
     pub token: Secret,
+}
+
+fn hello_version<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounds::string(d, "Hello version", MAX_VERSION_LEN)
+}
+
+fn hello_os<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounds::string(d, "Hello os", MAX_PLATFORM_LEN)
+}
+
+fn hello_arch<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounds::string(d, "Hello arch", MAX_PLATFORM_LEN)
+}
+
+fn hello_capabilities<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    bounds::strings(
+        d,
+        "Hello capabilities",
+        MAX_CAPABILITIES,
+        MAX_CAPABILITY_LEN,
+    )
 }
 
 impl fmt::Debug for Hello {
@@ -203,11 +243,14 @@ pub enum CloseCode {
     GoingAway,
     /// The handshake did not complete in time.
     HandshakeTimeout,
+    /// The agent's name (in its tenant) or its token already holds as many sessions as the
+    /// hub allows; one of them must end first.
+    TooManySessions,
 }
 
 impl CloseCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::Protocol,
         CloseCode::VersionMismatch,
@@ -220,6 +263,7 @@ impl CloseCode {
         CloseCode::HeartbeatTimeout,
         CloseCode::GoingAway,
         CloseCode::HandshakeTimeout,
+        CloseCode::TooManySessions,
     ];
 
     /// The numeric QUIC application error code.
@@ -237,6 +281,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => 0x20,
             CloseCode::GoingAway => 0x21,
             CloseCode::HandshakeTimeout => 0x22,
+            CloseCode::TooManySessions => 0x23,
         }
     }
 
@@ -262,6 +307,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat_timeout",
             CloseCode::GoingAway => "going_away",
             CloseCode::HandshakeTimeout => "handshake_timeout",
+            CloseCode::TooManySessions => "too_many_sessions",
         }
     }
 
@@ -300,6 +346,9 @@ pub enum StreamCode {
     Reset = 0x100,
     /// The stream header was malformed.
     BadHeader = 0x101,
+    /// An agent-opened stream came sooner than the hub accepts another (an inventory
+    /// report while the previous one is still waiting for its turn).
+    TooSoon = 0x102,
 }
 
 impl From<StreamCode> for quinn::VarInt {
@@ -350,5 +399,55 @@ mod tests {
         };
         let text = format!("{hello:?}");
         assert!(!text.contains("supersecret"), "{text}");
+    }
+
+    #[test]
+    fn hello_fields_are_bounded_while_decoding() {
+        let hello = |caps: Vec<String>, version: usize, os: usize, arch: usize| {
+            Control::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                name: "edge".into(),
+                version: "1".repeat(version),
+                os: "o".repeat(os),
+                arch: "a".repeat(arch),
+                capabilities: caps,
+                token: Secret::new("rna_x".into()),
+            })
+        };
+        let decode = |msg: Control| {
+            let frame = codec::encode(&msg).unwrap();
+            codec::decode_body::<Control>(&frame[4..])
+        };
+        let full = vec!["c".repeat(MAX_CAPABILITY_LEN); MAX_CAPABILITIES];
+        assert!(decode(hello(
+            full,
+            MAX_VERSION_LEN,
+            MAX_PLATFORM_LEN,
+            MAX_PLATFORM_LEN
+        ))
+        .is_ok());
+        let cases = [
+            // The rogue Hello: a 64 KiB frame of empty capabilities.
+            (
+                hello(vec![String::new(); 65_000], 1, 1, 1),
+                "Hello capabilities: 65000 entries, at most 32",
+            ),
+            (
+                hello(vec![String::new(); MAX_CAPABILITIES + 1], 1, 1, 1),
+                "Hello capabilities: 33 entries",
+            ),
+            (
+                hello(vec!["c".repeat(MAX_CAPABILITY_LEN + 1)], 1, 1, 1),
+                "Hello capabilities: a string of 65 bytes",
+            ),
+            (hello(vec![], MAX_VERSION_LEN + 1, 1, 1), "Hello version"),
+            (hello(vec![], 1, MAX_PLATFORM_LEN + 1, 1), "Hello os"),
+            (hello(vec![], 1, 1, MAX_PLATFORM_LEN + 1), "Hello arch"),
+        ];
+        for (msg, want) in cases {
+            let err = decode(msg).unwrap_err();
+            assert!(err.is_over_bound(), "{err}");
+            assert!(err.to_string().contains(want), "{err} / {want}");
+        }
     }
 }
