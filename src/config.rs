@@ -1505,12 +1505,8 @@ pub fn agent_file_text(
         kube_namespace: kube.map(|k| k.allow.namespaces.clone()),
         kube_resource: kube.map(|k| k.allow.resources.iter().map(|r| r.to_string()).collect()),
         kube_inventory_interval: kube.and_then(|k| d(k.inventory_interval)),
-        kube_protected_secret: kube.map(|k| {
-            k.protected_secrets
-                .iter()
-                .map(|r| r.to_string())
-                .collect()
-        }),
+        kube_protected_secret: kube
+            .map(|k| k.protected_secrets.iter().map(|r| r.to_string()).collect()),
         worker_threads: Some(settings.worker_threads),
         log_format,
         log_level,

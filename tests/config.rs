@@ -544,8 +544,9 @@ fn every_duration_key_takes_a_bare_number_of_seconds() {
         durations.dedup();
         let least = if command == "hub" { 8 } else { 2 };
         assert!(durations.len() >= least, "{example}: {durations:?}");
-        // Rising values in key order, so heartbeat_timeout stays above heartbeat_interval.
-        let seconds = |i: usize| 10 * (i + 1);
+        // Rising values in key order, so heartbeat_timeout stays above heartbeat_interval;
+        // small enough for every upper bound (inventory_interval: 20 s).
+        let seconds = |i: usize| i + 1;
         let lines: String = durations
             .iter()
             .enumerate()
@@ -852,8 +853,14 @@ fn admin_api_limits_come_from_flag_env_or_file_and_are_checked() {
         ("RNA_API_MAX_CONNECTIONS_PER_IP", "7"),
     ];
     let out = valid(&["hub", "--config", s(&file)], &env);
-    assert!(out.contains("api_header_timeout = \"5s\"\n"), "env over file: {out}");
-    assert!(out.contains("api_max_connections_per_ip = 7\n"), "env: {out}");
+    assert!(
+        out.contains("api_header_timeout = \"5s\"\n"),
+        "env over file: {out}"
+    );
+    assert!(
+        out.contains("api_max_connections_per_ip = 7\n"),
+        "env: {out}"
+    );
     assert!(
         out.contains("api_request_timeout = \"4s\"\n"),
         "file for the rest: {out}"
@@ -862,7 +869,10 @@ fn admin_api_limits_come_from_flag_env_or_file_and_are_checked() {
         &["hub", "--config", s(&file), "--api-request-timeout", "9s"],
         &env,
     );
-    assert!(out.contains("api_request_timeout = \"9s\"\n"), "flag: {out}");
+    assert!(
+        out.contains("api_request_timeout = \"9s\"\n"),
+        "flag: {out}"
+    );
 
     let zero = setup.hub_file("api_max_connections = 0\n");
     assert_eq!(

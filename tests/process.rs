@@ -713,24 +713,22 @@ async fn tls_refusals_say_which_side_refused_which_certificate_and_the_fix() {
     let ca = format!("{certs}/ca.pem");
     let other_ca = format!("{other}/ca.pem");
 
+    // The agent's certificate comes from another installation's CA while it trusts the
+    // hub's: the agent checks its own certificate against its --ca before it dials, so it
+    // never reaches the hub and says which file is wrong.
+    let (mut agent, mut agent_log) =
+        spawn_logged(&install.agent_args(&quic, "edge", &ca, &other, &[]));
+    let line = wait_line(&mut agent_log, "not a certificate of the CA").await;
+    assert!(line.contains("agent-edge.pem"), "{line}");
+    let status = within("the agent to exit", agent.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(2), "{line}");
+
     // (agent arguments, agent's line, hub's line)
     let cases: Vec<(Vec<String>, Vec<&str>, Vec<&str>)> = vec![
         (
-            // The agent's certificate comes from another installation's CA.
-            install.agent_args(&quic, "edge", &ca, &other, &[]),
-            vec![
-                "refused this agent's certificate: it is not signed by the hub's CA",
-                "rna certs agent --dir <the hub's CA folder> edge",
-            ],
-            vec![
-                "refused the certificate of an agent at",
-                "not signed by this hub's CA",
-                "rna certs agent --dir <this hub's CA folder>",
-            ],
-        ),
-        (
-            // The agent trusts another CA than the one that signed the hub's certificate.
-            install.agent_args(&quic, "edge", &other_ca, &certs, &[]),
+            // The agent trusts another CA than the one that signed the hub's certificate (its
+            // own certificate comes from that other CA too, so it passes its own check).
+            install.agent_args(&quic, "edge", &other_ca, &other, &[]),
             vec![
                 "this agent refused the certificate of the hub at",
                 "not signed by the CA in this agent's --ca",
@@ -946,7 +944,22 @@ async fn certificates_near_expiry_are_announced_and_exported() {
     ] {
         std::fs::write(format!("{short}/{file}"), text).unwrap();
     }
-    let hub_args = hub_process_args(&short, &install.path("tokens.toml"), "127.0.0.1:0", &[]);
+    // The hub's /metrics answer only a `read:metrics` token.
+    let store = install.path("tokens.toml");
+    let (code, out) = run_rna(&[
+        "token",
+        "create",
+        "--store",
+        &store,
+        "--tenant",
+        "ops/monitoring",
+        "--scope",
+        "read:metrics",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let metrics_token = out.trim().to_string();
+    let hub_args = hub_process_args(&short, &store, "127.0.0.1:0", &[]);
     let (_hub, mut hub_log) = spawn_logged(&hub_args);
     let serving = wait_line(&mut hub_log, "hub serving").await;
     let own = wait_line(&mut hub_log, "this hub's certificate (--cert) expires in").await;
@@ -988,7 +1001,8 @@ async fn certificates_near_expiry_are_announced_and_exported() {
         (agent_metrics, "agent"),
         (agent_metrics, "hub"),
     ] {
-        let (status, body) = http_get(addr, "/metrics").await;
+        let token = (role == "hub" && addr == api).then_some(metrics_token.as_str());
+        let (status, body) = http_get_as(addr, "/metrics", token).await;
         assert_eq!(status, 200);
         let name = format!("rna_certificate_expiry_timestamp_seconds{{role=\"{role}\"}} ");
         let value: u64 = body
