@@ -41,9 +41,9 @@ enum Command {
     /// token (SOCKS5 on 127.0.0.1:1080).
     Dev(DevArgs),
     /// Run the hub: QUIC for agents, SOCKS5 for clients, the admin API and status page.
-    Hub(HubArgs),
+    Hub(Box<HubArgs>),
     /// Run an agent: dial out to the hub and serve its streams.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Make a CA and certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
