@@ -365,7 +365,7 @@ fn commands(text: &str) -> Vec<String> {
 
 #[test]
 fn token_files_are_written_under_umask_077() {
-    for doc in ["README.md", "docs/operations.md"] {
+    for doc in ["README.md", "docs/operations.md", "docs/kubernetes.md"] {
         let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(doc))
             .expect("read doc");
         let writes: Vec<String> = commands(&text)
