@@ -1,4 +1,5 @@
-//! Token vocabulary: scopes, tenants, masked secrets, grants, and the `rna_<id>_<secret>` text.
+//! Token vocabulary: scopes, grants, and the `rna_<id>_<secret>` text. Tenants and the masked
+//! secret a token travels in are identity rules, in `crate::identity`.
 
 use std::fmt;
 use std::str::FromStr;
