@@ -134,6 +134,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn agent_name_table() {
+        let (longest, too_long) = ("a".repeat(63), "a".repeat(64));
+        let table: &[(&str, bool)] = &[
+            ("edge-1", true),
+            ("A_b-9", true),
+            (&longest, true),
+            ("", false),
+            (&too_long, false),
+            ("dot.ted", false),
+            ("slash/x", false),
+            ("space x", false),
+            ("ünïcode", false),
+        ];
+        for &(name, ok) in table {
+            assert_eq!(valid_agent_name(name), ok, "{name:?}");
+        }
+    }
+
+    #[test]
     fn tenant_table() {
         let part63 = "a".repeat(63);
         let part64 = "a".repeat(64);
