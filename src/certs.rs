@@ -15,6 +15,10 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+// A certificate's common name is an agent name; callers that check names for certificates
+// find the rule here too.
+pub use crate::identity::valid_agent_name;
+
 /// One day, the backdating of `not_before` that absorbs clock skew between machines.
 const SKEW: Duration = Duration::from_secs(24 * 60 * 60);
 /// The CA lives ten years from its creation: replacing it means re-issuing every certificate.
@@ -25,8 +29,6 @@ const LEAF_VALIDITY: Duration = Duration::from_secs(825 * 24 * 60 * 60);
 const LAST_X509_SECOND: u64 = 253_402_300_799;
 /// How long before a certificate's expiry hub and agent start warning about it.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
-/// The longest agent name: one DNS label, so names fit in host names and SNI-like places.
-const MAX_AGENT_NAME: usize = 63;
 
 // File names inside a certificate directory, shared by `init_dir` and `issue_agent_files`.
 const CA_CERT_FILE: &str = "ca.pem";
@@ -316,14 +318,6 @@ fn set_validity(
     Ok(())
 }
 
-/// Whether `name` is a valid agent identifier: `^[A-Za-z0-9_-]{1,63}$`.
-pub fn valid_agent_name(name: &str) -> bool {
-    (1..=MAX_AGENT_NAME).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// The subject common name of a DER certificate (the agent's identity). A certificate with
 /// several common names is refused, since it would name more than one agent.
 pub fn common_name(cert_der: &[u8]) -> Result<String, CertError> {
@@ -361,7 +355,7 @@ pub fn file_expiry(path: &Path) -> Option<SystemTime> {
 /// A warning for a certificate that expires within [`EXPIRY_WARNING`] of `now` (or has
 /// expired): `what` names it ("this hub's certificate"). `None` while it has longer to live.
 pub fn expiry_warning(what: &str, not_after: SystemTime, now: SystemTime) -> Option<String> {
-    let at = crate::auth::format_rfc3339(
+    let at = crate::clock::format_rfc3339(
         not_after
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -659,30 +653,12 @@ fn create_new_file(path: &Path, mode: u32) -> Result<fs::File, CertError> {
     Ok(file)
 }
 
-/// PEM-encodes DER (RFC 7468: base64 with padding, 64-character lines).
+/// PEM-encodes DER (RFC 7468: base64 with padding, 64-character lines) with `\n` line ends,
+/// the form rcgen writes for keys, so every file `rna certs` writes looks alike (the `pem`
+/// crate's default is `\r\n`).
 fn pem_encode(label: &str, der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut base64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let group = (byte(0) << 16) | (byte(1) << 8) | byte(2);
-        for i in 0..4 {
-            // A chunk of n bytes yields n + 1 significant characters, then '=' padding.
-            if i <= chunk.len() {
-                let index = ((group >> (18 - 6 * i)) & 0x3f) as usize;
-                base64.push(ALPHABET.get(index).copied().unwrap_or(b'='));
-            } else {
-                base64.push(b'=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in base64.chunks(64) {
-        out.extend(line.iter().map(|&b| char::from(b)));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
 #[cfg(test)]
@@ -1190,5 +1166,9 @@ mod tests {
         }
         let long = pem_encode("X", &[0u8; 100]);
         assert!(long.lines().all(|l| l.len() <= 64));
+        // Unix line ends only, like the key files beside it, and a final newline.
+        assert!(!long.contains('\r'), "{long:?}");
+        assert!(long.starts_with("-----BEGIN X-----\nAAAA"), "{long:?}");
+        assert!(long.ends_with("AA==\n-----END X-----\n"), "{long:?}");
     }
 }

@@ -3,7 +3,26 @@
 //! Data flows one way through the modules: [`proto`] (wire types, no sockets) ←
 //! [`transport`] (quinn and rustls) ← [`hub`] and [`agent`]; `main.rs` reads flags, signals
 //! and exit codes. Hub and agent never import each other; what both need sits below them
-//! (for example [`listen`]: accept loops that back off, HTTP serving with deadlines and caps).
+//! (for example [`listen`]: accept loops that back off, HTTP serving with deadlines and caps;
+//! [`identity`]: agent names, tenants and the masked token secret; [`metrics`]: the registry
+//! both roles export).
+//!
+//! # Layers
+//!
+//! Every module sits in one layer, lowest first. A module imports only from layers below its
+//! own: never from a layer above, never from another module of its own layer (that is how
+//! hub and agent stay apart). `tests/layers.rs` reads this list and fails on any other edge;
+//! a new module is added here first. docs/architecture.md draws the same picture.
+//!
+//! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`: leaves that
+//!    know nothing of hub or agent
+//! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
+//! 3. `transport`: QUIC and TLS endpoints, the control stream, the relay
+//! 4. `hub`, `agent`: the two roles
+//! 5. `config`, `client`, `dev`: configuration that builds hub and agent settings, the
+//!    admin API client, the state folder of `rna dev`
+//!
+//! `main.rs` (with `kube_cli.rs`, a module of the binary) sits above all of them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -11,11 +30,14 @@ pub mod agent;
 pub mod auth;
 pub mod certs;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod fsutil;
 pub mod hub;
+pub mod identity;
 pub mod listen;
+pub mod metrics;
 pub mod notify;
 pub mod proto;
 pub mod runtime;

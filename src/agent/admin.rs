@@ -6,7 +6,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Router};
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -43,7 +42,7 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let registry = crate::hub::metrics::registry_with_build_info("agent");
+        let registry = crate::metrics::registry_with_build_info("agent");
         let m = AgentMetrics {
             hub_connections: Gauge::default(),
             reconnects: Counter::default(),
@@ -85,9 +84,7 @@ impl AgentMetrics {
 
     /// The exposition text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
-        out
+        crate::metrics::render(&self.registry)
     }
 
     /// A hub session started (`true`) or ended (`false`).
@@ -187,10 +184,7 @@ async fn readyz(State(handle): State<AgentHandle>) -> Response {
 
 async fn metrics(State(handle): State<AgentHandle>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         handle.metrics().render(),
     )
         .into_response()

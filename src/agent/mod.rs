@@ -289,7 +289,7 @@ impl Agent {
         if config.hubs.is_empty() {
             return Err(AgentError::Config("at least one --hub is needed".into()));
         }
-        if !crate::certs::valid_agent_name(&config.name) {
+        if !crate::identity::valid_agent_name(&config.name) {
             return Err(AgentError::Config(format!(
                 "agent name {:?} must match ^[A-Za-z0-9_-]{{1,63}}$",
                 config.name

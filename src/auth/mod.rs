@@ -16,7 +16,10 @@ pub use store::{
     load_secret_file, read_secret_file, ReloadingStore, StoreError, StoreWatch, TokenRecord,
     TokenStore,
 };
-pub use time::{format_rfc3339, parse_ttl, unix_now};
-pub use token::{
-    token_id, AuthError, Grant, ParseScopeError, ParseTenantError, Scope, Secret, Tenant,
-};
+pub use time::{parse_ttl, unix_now};
+// Token listings print expiry instants; the formatting itself is a leaf helper.
+pub use crate::clock::format_rfc3339;
+pub use token::{token_id, AuthError, Grant, ParseScopeError, Scope};
+// The identity rules live in a leaf below `proto`; tokens speak of them all the time, so
+// they are named here too.
+pub use crate::identity::{ParseTenantError, Secret, Tenant};

@@ -15,7 +15,8 @@ use ring::rand::SystemRandom;
 use subtle::ConstantTimeEq;
 
 use super::time::unix_now;
-use super::token::{self, AuthError, Grant, Scope, Secret, Tenant};
+use super::token::{self, AuthError, Grant, Scope};
+use crate::identity::{Secret, Tenant};
 
 /// The longest label, in characters.
 const LABEL_MAX: usize = 128;

@@ -1,7 +1,6 @@
 //! The hub's Prometheus metrics (prometheus-client, `rna_` prefix). Labels are bounded: reasons
 //! and reply codes are fixed sets, tenants are few; never a per-destination label.
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -42,25 +41,10 @@ impl Default for Metrics {
     }
 }
 
-/// An `rna_`-prefixed registry holding `rna_build_info{version, role}` = 1; the hub and the
-/// agent both start from it.
-pub fn registry_with_build_info(role: &str) -> Registry {
-    let mut registry = Registry::with_prefix("rna");
-    let build_info = Family::<Labels, Gauge>::default();
-    build_info
-        .get_or_create(&vec![
-            ("version", env!("CARGO_PKG_VERSION").to_string()),
-            ("role", role.to_string()),
-        ])
-        .set(1);
-    registry.register("build_info", "Build of this process", build_info);
-    registry
-}
-
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let registry = registry_with_build_info("hub");
+        let registry = crate::metrics::registry_with_build_info("hub");
         let m = Metrics {
             agents_connected: Family::default(),
             sessions: Family::default(),
@@ -182,10 +166,7 @@ impl Metrics {
 
     /// The exposition text served at `/metrics`.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        crate::metrics::render(&self.registry)
     }
 
     fn agent_labels(tenant: &str, agent: Option<&str>) -> Labels {

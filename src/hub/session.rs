@@ -382,7 +382,7 @@ fn check_hello(
             ),
         ));
     }
-    if !certs::valid_agent_name(&hello.name) {
+    if !crate::identity::valid_agent_name(&hello.name) {
         return Err(HandshakeError::refused(
             CloseCode::BadName,
             "agent name must match ^[A-Za-z0-9_-]{1,63}$",

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::router::{self, RouteError};
 use super::{NoAuthRoute, Shared};
 use crate::auth::{Masked, Scope, Tenant, TokenStore};
-use crate::certs::valid_agent_name;
+use crate::identity::valid_agent_name;
 use crate::listen::Acceptor;
 use crate::proto::{Host, Open};
 use crate::transport::relay::{relay, Direction, RelayError};

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::auth::Secret;
+use crate::identity::Secret;
 
 /// The protocol version this build speaks; carried in [`Hello`].
 pub const PROTOCOL_VERSION: u16 = 1;
