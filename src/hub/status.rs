@@ -15,14 +15,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{Form, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-
+use serde::Deserialize;
 use tracing::info;
 
-use super::api::{authorize, visible_agents};
+use super::api::{authorize, bearer_token, visible_agents};
 use super::registry::AgentInfo;
 use super::Shared;
 use crate::auth::{format_rfc3339, unix_now, AuthError, Grant, Scope};
@@ -36,13 +36,20 @@ pub(crate) const REFRESH_SECONDS: u64 = 5;
 /// Longest token text accepted from a login; real tokens are 69 characters.
 const MAX_TOKEN_LEN: usize = 256;
 
+/// The `token` field of a sign-in link's query or of the login form.
+#[derive(Deserialize)]
+pub(crate) struct SignIn {
+    token: Option<String>,
+}
+
 /// `GET /`: the status page, or a login (`?token=`, opened directly only), or the login form.
+/// A query that does not decode is no sign-in link: the page is shown as without one.
 pub(crate) async fn page(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    uri: Uri,
+    query: Result<Query<SignIn>, QueryRejection>,
 ) -> Response {
-    if let Some(token) = uri.query().and_then(|q| form_value(q, "token")) {
+    if let Some(token) = query.ok().and_then(|Query(q)| q.token) {
         if !opened_directly(&headers) {
             info!(
                 site = header_text(&headers, SEC_FETCH_SITE),
@@ -63,18 +70,16 @@ pub(crate) async fn page(
 
 /// `POST /`: the login form (`application/x-www-form-urlencoded`, field `token`), from this
 /// hub's own page only.
+/// A body that is not such a form is answered like an empty one.
 pub(crate) async fn login_form(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: Bytes,
+    form: Result<Form<SignIn>, FormRejection>,
 ) -> Response {
     if let Err(resp) = same_site(&headers, "sign-in") {
         return *resp;
     }
-    let token = std::str::from_utf8(&body)
-        .ok()
-        .and_then(|b| form_value(b, "token"));
-    match token {
+    match form.ok().and_then(|Form(f)| f.token) {
         Some(token) => login(&shared, &token),
         None => html(StatusCode::UNAUTHORIZED, login_page(Some("enter a token"))),
     }
@@ -184,23 +189,10 @@ fn login(shared: &Shared, token: &str) -> Response {
 
 /// Renders the page for the token in `Authorization` or, failing that, in the cookie.
 fn show(shared: &Shared, headers: &HeaderMap) -> Response {
-    let (token, from_cookie) = match headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or_default())
-    {
-        Some(value) => match value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-        {
-            Some(t) => (t.trim().to_string(), false),
-            None => {
-                return html(
-                    StatusCode::UNAUTHORIZED,
-                    login_page(Some("authorization is not a bearer token")),
-                )
-            }
-        },
-        None => match cookie_value(headers, COOKIE) {
+    let (token, from_cookie) = match bearer_token(headers) {
+        Err(e) => return html(StatusCode::UNAUTHORIZED, login_page(Some(&e.to_string()))),
+        Ok(Some(t)) => (t.to_string(), false),
+        Ok(None) => match cookie_value(headers, COOKIE) {
             Some(t) => (t, true),
             None => return html(StatusCode::UNAUTHORIZED, login_page(None)),
         },
@@ -295,37 +287,6 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, v)| *k == name && !v.is_empty())
         .map(|(_, v)| v.trim_matches('"').to_string())
-}
-
-/// The decoded value of `name` in `application/x-www-form-urlencoded` text (a query string
-/// or a form body); `None` when absent or not valid UTF-8 after decoding.
-fn form_value(text: &str, name: &str) -> Option<String> {
-    text.split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((percent_decode(k)?, v))
-        })
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| percent_decode(v))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The address agents dial, as far as the page can tell: the QUIC listen address, with the
@@ -728,19 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn form_and_cookie_parsing() {
-        assert_eq!(
-            form_value("token=rna_a_b", "token").as_deref(),
-            Some("rna_a_b")
-        );
-        assert_eq!(
-            form_value("x=1&token=a%5Fb+c", "token").as_deref(),
-            Some("a_b c")
-        );
-        assert_eq!(form_value("tokenx=1", "token"), None);
-        assert_eq!(form_value("token=%zz", "token"), None);
-        assert_eq!(form_value("token=%", "token"), None);
-        assert_eq!(form_value("token", "token").as_deref(), Some(""));
+    fn cookie_parsing() {
         let mut h = HeaderMap::new();
         h.append(
             header::COOKIE,
