@@ -34,7 +34,7 @@ struct Endpoint {
     html: bool,
 }
 
-const APPLY: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\n  namespace: shop\ndata:\n  a: \"2\"\n";
+const APPLY: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fresh\n  namespace: shop\ndata:\n  a: \"2\"\n";
 const WAIT: &str = r#"{"apiVersion":"v1","kind":"ConfigMap","namespace":"shop","name":"gone","for":"delete","timeout":"20s"}"#;
 
 fn endpoints() -> Vec<Endpoint> {
@@ -172,6 +172,7 @@ async fn call(world: &World, e: &Endpoint, authorization: Option<&str>) -> (u16,
 async fn every_endpoint_scope_tenant_and_token_state() {
     let world = World::start().await;
     let fake = FakeKube::start().await;
+    fake.seed(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
     fake.seed(json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "app", "namespace": "shop"}, "data": {"a": "1"}}));
     fake.seed(json!({"apiVersion": "v1", "kind": "Secret",
