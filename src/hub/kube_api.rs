@@ -613,7 +613,7 @@ async fn wait(
             reason: TOO_MANY_WAITS,
         });
     };
-    let session = pick(&shared, &tenant, &agent).map_err(|e| {
+    let session = pick(&shared, &tenant, &agent).inspect_err(|e| {
         audit(
             &shared.metrics,
             &grant,
@@ -626,10 +626,9 @@ async fn wait(
                 name: &w.name,
                 secret,
             },
-            Err(&e),
+            Err(e),
             started,
         );
-        e
     })?;
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
