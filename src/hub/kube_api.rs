@@ -1,8 +1,9 @@
 //! The admin API's Kubernetes endpoints: an agent's inventory, and apply, get, list, delete
 //! and wait through its command channel. Scopes: `read:infra:data` to read and wait,
-//! `exec:infra:op` to apply and delete. Errors become HTTP statuses here, at the edge: a
-//! Kubernetes Status keeps its code, an unknown agent is 404 (also for another tenant's), an
-//! agent without cluster mode 409, an offline agent 503.
+//! `exec:infra:op` to apply and delete, each checked by the [`Authorized`] extractor. Handlers
+//! return [`ApiError`], which becomes the HTTP status at the edge: a Kubernetes Status keeps
+//! its code, an unknown agent is 404 (also for another tenant's), an agent without cluster
+//! mode 409, an offline agent 503.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -36,6 +36,23 @@ pub(crate) const REFRESH_SECONDS: u64 = 5;
 /// Longest token text accepted from a login; real tokens are 69 characters.
 const MAX_TOKEN_LEN: usize = 256;
 
+/// A refused status-page request: an HTML page (the login form with the reason, or the 403
+/// page), never the API's JSON, since a person reads it. Boxed: a `Response` is large.
+pub(crate) struct Refusal(Box<Response>);
+
+impl Refusal {
+    /// The login form with `status` and the reason, if any.
+    fn login(status: StatusCode, message: Option<&str>) -> Self {
+        Refusal(Box::new(html(status, login_page(message))))
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
 /// The `token` field of a sign-in link's query or of the login form.
 #[derive(Deserialize)]
 pub(crate) struct SignIn {
@@ -48,20 +65,20 @@ pub(crate) async fn page(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     query: Result<Query<SignIn>, QueryRejection>,
-) -> Response {
+) -> Result<Response, Refusal> {
     if let Some(token) = query.ok().and_then(|Query(q)| q.token) {
         if !opened_directly(&headers) {
             info!(
                 site = header_text(&headers, SEC_FETCH_SITE),
                 "status page: sign-in link refused, it was not opened directly"
             );
-            return html(
+            return Err(Refusal::login(
                 StatusCode::FORBIDDEN,
-                login_page(Some(
+                Some(
                     "a sign-in link works only when opened directly (typed, pasted or \
                      bookmarked); sign in here instead",
-                )),
-            );
+                ),
+            ));
         }
         return login(&shared, &token);
     }
@@ -75,26 +92,20 @@ pub(crate) async fn login_form(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     form: Result<Form<SignIn>, FormRejection>,
-) -> Response {
-    if let Err(resp) = same_site(&headers, "sign-in") {
-        return *resp;
-    }
-    match form.ok().and_then(|Form(f)| f.token) {
-        Some(token) => login(&shared, &token),
-        None => html(StatusCode::UNAUTHORIZED, login_page(Some("enter a token"))),
-    }
+) -> Result<Response, Refusal> {
+    same_site(&headers, "sign-in")?;
+    let token = form.ok().and_then(|Form(f)| f.token).unwrap_or_default();
+    login(&shared, &token)
 }
 
 /// `POST /sign-out`: clears the cookie and goes back to the login form; from this hub's own
 /// page only, so another site cannot sign the user out.
-pub(crate) async fn sign_out(headers: HeaderMap) -> Response {
-    if let Err(resp) = same_site(&headers, "sign-out") {
-        return *resp;
-    }
+pub(crate) async fn sign_out(headers: HeaderMap) -> Result<Response, Refusal> {
+    same_site(&headers, "sign-out")?;
     let mut resp = redirect_home();
     resp.headers_mut()
         .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
-    resp
+    Ok(resp)
 }
 
 /// Fetch Metadata request header (W3C Fetch Metadata): which site caused the request.
@@ -119,7 +130,7 @@ fn opened_directly(headers: &HeaderMap) -> bool {
 /// Refuses (403, the login form) a state-changing request that a page of another site sent.
 /// Browsers send `Sec-Fetch-Site` or at least `Origin` with every cross-site POST; a request
 /// with neither comes from a script, not from a page, and cannot carry a victim's cookie.
-fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
+fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Refusal> {
     let allowed = match headers.get(SEC_FETCH_SITE) {
         Some(site) => matches!(site.as_bytes(), b"same-origin" | b"none"),
         None => match headers.get(header::ORIGIN) {
@@ -135,12 +146,12 @@ fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
         origin = header_text(headers, header::ORIGIN),
         "status page: cross-site {what} refused"
     );
-    Err(Box::new(html(
+    Err(Refusal::login(
         StatusCode::FORBIDDEN,
-        login_page(Some(&format!(
+        Some(&format!(
             "{what} refused: the request came from another site"
-        ))),
-    )))
+        )),
+    ))
 }
 
 /// Whether `Origin` (RFC 6454 section 7: `scheme://host[:port]`, or `null`) names the host
@@ -159,48 +170,40 @@ const CLEAR_COOKIE: &str = "rna_token=; Max-Age=0; HttpOnly; SameSite=Strict; Pa
 
 /// Checks a token presented to log in; on success the cookie is set and the browser is sent
 /// to `/`, so the token leaves the address bar and the history.
-fn login(shared: &Shared, token: &str) -> Response {
+fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
     let token = token.trim();
     if token.is_empty() {
-        return html(StatusCode::UNAUTHORIZED, login_page(Some("enter a token")));
+        return Err(Refusal::login(
+            StatusCode::UNAUTHORIZED,
+            Some("enter a token"),
+        ));
     }
+    let malformed = || Refusal::login(StatusCode::UNAUTHORIZED, Some("token is malformed"));
     if token.len() > MAX_TOKEN_LEN {
-        return html(
-            StatusCode::UNAUTHORIZED,
-            login_page(Some("token is malformed")),
-        );
+        return Err(malformed());
     }
-    if let Err(resp) = check(shared, token, false) {
-        return *resp;
-    }
+    check(shared, token, false)?;
     // A token that verified is `rna_<hex>_<hex>`: always a valid cookie value.
-    let Ok(cookie) = HeaderValue::from_str(&format!(
+    let cookie = HeaderValue::from_str(&format!(
         "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
-    )) else {
-        return html(
-            StatusCode::UNAUTHORIZED,
-            login_page(Some("token is malformed")),
-        );
-    };
+    ))
+    .map_err(|_| malformed())?;
     let mut resp = redirect_home();
     resp.headers_mut().insert(header::SET_COOKIE, cookie);
-    resp
+    Ok(resp)
 }
 
 /// Renders the page for the token in `Authorization` or, failing that, in the cookie.
-fn show(shared: &Shared, headers: &HeaderMap) -> Response {
-    let (token, from_cookie) = match bearer_token(headers) {
-        Err(e) => return html(StatusCode::UNAUTHORIZED, login_page(Some(&e.to_string()))),
-        Ok(Some(t)) => (t.to_string(), false),
-        Ok(None) => match cookie_value(headers, COOKIE) {
-            Some(t) => (t, true),
-            None => return html(StatusCode::UNAUTHORIZED, login_page(None)),
-        },
+fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
+    let bearer = bearer_token(headers)
+        .map_err(|e| Refusal::login(StatusCode::UNAUTHORIZED, Some(&e.to_string())))?;
+    let (token, from_cookie) = match bearer {
+        Some(t) => (t.to_string(), false),
+        None => cookie_value(headers, COOKIE)
+            .map(|t| (t, true))
+            .ok_or_else(|| Refusal::login(StatusCode::UNAUTHORIZED, None))?,
     };
-    let grant = match check(shared, &token, from_cookie) {
-        Ok(grant) => grant,
-        Err(resp) => return *resp,
-    };
+    let grant = check(shared, &token, from_cookie)?;
     let agents = visible_agents(shared, &grant);
     let view = View {
         agents: &agents,
@@ -214,12 +217,12 @@ fn show(shared: &Shared, headers: &HeaderMap) -> Response {
         now_unix: unix_now(SystemTime::now()),
         draining: shared.draining.load(Ordering::SeqCst),
     };
-    html(StatusCode::OK, render(&view))
+    Ok(html(StatusCode::OK, render(&view)))
 }
 
 /// Verifies `token` for reading the inventory. A refusal is the login form (401) or, for a
 /// valid token without the scope, a 403 page; a stale cookie is cleared.
-fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Box<Response>> {
+fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Refusal> {
     authorize(shared, token, Scope::ReadInfraData).map_err(|e| {
         let mut resp = match e {
             AuthError::MissingScope(_) => html(StatusCode::FORBIDDEN, forbidden_page()),
@@ -232,7 +235,7 @@ fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Box<R
             resp.headers_mut()
                 .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
         }
-        Box::new(resp)
+        Refusal(Box::new(resp))
     })
 }
 
