@@ -23,10 +23,10 @@ const AGENT: &str = "edge";
 
 /// One endpoint of the admin API: how to call it, the scope it needs, and what an allowed
 /// caller gets.
-struct Endpoint {
-    method: &'static str,
-    path: &'static str,
-    body: Option<&'static str>,
+struct Endpoint<'a> {
+    method: &'a str,
+    path: &'a str,
+    body: Option<&'a str>,
     scope: Scope,
     /// Whether it addresses one agent (so another tenant's token gets 404, not the answer).
     agent: bool,
@@ -37,7 +37,7 @@ struct Endpoint {
 const APPLY: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fresh\n  namespace: shop\ndata:\n  a: \"2\"\n";
 const WAIT: &str = r#"{"apiVersion":"v1","kind":"ConfigMap","namespace":"shop","name":"gone","for":"delete","timeout":"20s"}"#;
 
-fn endpoints() -> Vec<Endpoint> {
+fn endpoints() -> Vec<Endpoint<'static>> {
     let api = |method, path, body, scope, agent| Endpoint {
         method,
         path,
@@ -133,7 +133,7 @@ enum Want {
     Allowed,
 }
 
-async fn call(world: &World, e: &Endpoint, authorization: Option<&str>) -> (u16, String, bool) {
+async fn call(world: &World, e: &Endpoint<'_>, authorization: Option<&str>) -> (u16, String, bool) {
     let mut req = axum::http::Request::builder()
         .method(e.method)
         .uri(e.path)
@@ -308,13 +308,74 @@ async fn every_endpoint_scope_tenant_and_token_state() {
         (status, body.replace("ghost", "edge")),
         (edge_status, edge_body)
     );
+
+    // An admin token picks the tenant with `?tenant=` on every agent route, the wait
+    // included (its body may name it too); the agent exists only in its own tenant.
+    let admin = format!("Bearer {}", world.token(OTHER, &[Scope::Admin]));
+    let wait_in_other = WAIT.replace("\"for\"", "\"tenant\":\"globex/dev\",\"for\"");
+    let cases: [(&str, &str, Option<&str>, u16); 6] = [
+        (
+            "GET",
+            "/api/v1/agents/edge/kube/v1/ConfigMap/app?namespace=shop&tenant=acme/prod",
+            None,
+            200,
+        ),
+        (
+            "GET",
+            "/api/v1/agents/edge/kube/v1/ConfigMap/app?namespace=shop&tenant=globex/dev",
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/api/v1/agents/edge/inventory?tenant=globex/dev",
+            None,
+            404,
+        ),
+        (
+            "GET",
+            "/api/v1/agents/edge/inventory?tenant=nonsense",
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/agents/edge/kube/wait?tenant=globex/dev",
+            Some(WAIT),
+            404,
+        ),
+        (
+            "POST",
+            "/api/v1/agents/edge/kube/wait",
+            Some(wait_in_other.as_str()),
+            404,
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let e = Endpoint {
+            method,
+            path,
+            body,
+            scope: Scope::Admin,
+            agent: true,
+            html: false,
+        };
+        let (status, body, _) = call(&world, &e, Some(&admin)).await;
+        assert_eq!(status, want, "admin {method} {path}: {body}");
+        if want == 404 {
+            assert!(body.contains("AgentNotFound"), "{path}: {body}");
+        }
+        if want == 400 {
+            assert!(body.contains("\"tenant: "), "{path}: {body}");
+        }
+    }
     agent.stop().await;
     world.stop().await;
 }
 
 /// What an allowed caller sees: its tenant's agents only, Secret data only with
 /// `exec:infra:op`, and the real answer of each command.
-fn check_allowed(e: &Endpoint, caller: &Caller, body: &str, row: &str) {
+fn check_allowed(e: &Endpoint<'_>, caller: &Caller, body: &str, row: &str) {
     let Caller::Token { scope, tenant } = caller else {
         panic!("only tokens are allowed: {row}");
     };
