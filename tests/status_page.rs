@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -11,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use rna::auth::Scope;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// One HTTP/1.1 response, read whole.
 #[derive(Debug)]
@@ -30,79 +28,50 @@ impl Reply {
     }
 }
 
-/// Sends one request with `Connection: close` and reads the whole response.
+/// One request through the admin API's router, without a socket, read whole.
 async fn request(
-    api: SocketAddr,
+    world: &World,
     method: &str,
     target: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
-    let mut s = within("admin API connect", TcpStream::connect(api))
-        .await
-        .unwrap();
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "hub.example:8080");
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        req = req.header(*k, *v);
     }
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    within("admin API response", s.read_to_end(&mut raw))
+    let req = req.body(axum::body::Body::from(body.to_string())).unwrap();
+    let resp = within("admin API response", world.hub.api_router().oneshot(req))
         .await
         .unwrap();
-    let raw = String::from_utf8(raw).expect("the admin API answers UTF-8");
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .expect("a complete response head");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
         .collect();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
+    let body = within(
+        "admin API body",
+        axum::body::to_bytes(resp.into_body(), 16 << 20),
+    )
+    .await
+    .unwrap();
     Reply {
         status,
         headers,
-        body,
+        body: String::from_utf8(body.to_vec()).expect("the admin API answers UTF-8"),
     }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-    out
 }
 
 /// What a browser sends with a navigation the user started (address bar, bookmark).
 const DIRECT: &[(&str, &str)] = &[("Sec-Fetch-Site", "none")];
 
-async fn get(api: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Reply {
-    request(api, "GET", target, headers, "").await
+async fn get(world: &World, target: &str, headers: &[(&str, &str)]) -> Reply {
+    request(world, "GET", target, headers, "").await
 }
 
 /// The `name=value` part of the reply's Set-Cookie.
@@ -232,7 +201,7 @@ async fn scene() -> Scene {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_cookie_bearer_and_tenant_scope() {
     let Scene { world, _agents } = scene().await;
-    let api = world.api;
+    let api = &world;
     let acme_read = world.token("acme/prod", &[Scope::ReadInfraData]);
     let globex_read = world.token("globex/dev", &[Scope::ReadInfraData]);
 
@@ -396,7 +365,7 @@ async fn login_cookie_bearer_and_tenant_scope() {
     assert!(r.body.contains("token was revoked"), "{}", r.body);
 }
 
-/// One request through the admin API's router, without a socket: status, Set-Cookie, body.
+/// A form request through the router: status, Set-Cookie, body.
 async fn oneshot(
     world: &World,
     method: &str,
@@ -404,28 +373,13 @@ async fn oneshot(
     headers: &[(&str, &str)],
     body: String,
 ) -> (u16, Option<String>, String) {
-    use tower::ServiceExt;
-    let mut req = axum::http::Request::builder()
-        .method(method)
-        .uri(target)
-        .header("host", "hub.example:8080");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
+    let mut headers = headers.to_vec();
     if method == "POST" {
-        req = req.header("content-type", "application/x-www-form-urlencoded");
+        headers.push(("content-type", "application/x-www-form-urlencoded"));
     }
-    let req = req.body(axum::body::Body::from(body)).unwrap();
-    let resp = world.hub.api_router().oneshot(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let cookie = resp
-        .headers()
-        .get("set-cookie")
-        .map(|v| v.to_str().unwrap().to_string());
-    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, cookie, String::from_utf8_lossy(&body).into_owned())
+    let r = request(world, method, target, &headers, &body).await;
+    let cookie = r.header("set-cookie").map(str::to_string);
+    (r.status, cookie, r.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,12 +497,7 @@ async fn sign_in_and_sign_out_refuse_other_sites() {
 async fn empty_state_says_how_to_connect_a_first_agent() {
     let world = World::start().await;
     let read = world.token("acme/prod", &[Scope::ReadInfraData]);
-    let r = get(
-        world.api,
-        "/",
-        &[("Authorization", &format!("Bearer {read}"))],
-    )
-    .await;
+    let r = get(&world, "/", &[("Authorization", &format!("Bearer {read}"))]).await;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("0 connections"), "{}", r.body);
     assert!(r.body.contains("No agent is connected in tenant acme/prod"));

@@ -1,8 +1,9 @@
 //! The admin API's Kubernetes endpoints: an agent's inventory, and apply, get, list, delete
 //! and wait through its command channel. Scopes: `read:infra:data` to read and wait,
-//! `exec:infra:op` to apply and delete. Errors become HTTP statuses here, at the edge: a
-//! Kubernetes Status keeps its code, an unknown agent is 404 (also for another tenant's), an
-//! agent without cluster mode 409, an offline agent 503.
+//! `exec:infra:op` to apply and delete, each checked by the [`Authorized`] extractor. Handlers
+//! return [`ApiError`], which becomes the HTTP status at the edge: a Kubernetes Status keeps
+//! its code, an unknown agent is 404 (also for another tenant's), an agent without cluster
+//! mode 409, an offline agent 503.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,16 +11,16 @@ use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
-use super::api::{bearer, error};
+use super::api::{tenant_for, ApiError, Authorized, ExecInfraOp, ReadInfraData};
 use super::kube::{call, pick, timeout_for, KubeCallError};
 use super::Shared;
 use crate::auth::{Grant, Scope, Tenant};
@@ -38,74 +39,6 @@ pub(crate) fn routes(max_request: usize) -> Router<Arc<Shared>> {
             "/api/v1/agents/{agent}/kube/{*path}",
             get(read).delete(delete),
         )
-}
-
-fn status(code: u16) -> StatusCode {
-    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-/// The JSON error body of a failed command: message, reason, code, and the Kubernetes Status
-/// (and partial apply results) when there are any.
-fn call_error(e: &KubeCallError) -> Response {
-    let code = e.http_status();
-    let mut body = json!({
-        "error": e.to_string(),
-        "reason": e.reason(),
-        "code": code,
-    });
-    if let KubeCallError::Failed(f) = e {
-        body["error"] = Value::String(f.message.clone());
-        body["kind"] = Value::String(f.kind.as_str().into());
-        if let Some(details) = f
-            .details
-            .as_deref()
-            .and_then(|d| serde_json::from_str::<Value>(d).ok())
-        {
-            match details {
-                Value::Object(map) if map.contains_key("applied") => {
-                    for (k, v) in map {
-                        body[k] = v;
-                    }
-                }
-                status => body["status"] = status,
-            }
-        }
-    }
-    (status(code), Json(body)).into_response()
-}
-
-/// The tenant whose agent the caller addresses: its own, or for an admin token the `tenant`
-/// query parameter or the only tenant that has an agent of this name.
-fn tenant_for(
-    shared: &Shared,
-    grant: &Grant,
-    agent: &str,
-    asked: Option<&str>,
-) -> Result<Tenant, Box<Response>> {
-    if !grant.is_admin() {
-        return Ok(grant.tenant.clone());
-    }
-    if let Some(t) = asked {
-        return t
-            .parse()
-            .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("tenant: {e}"))));
-    }
-    let tenants = shared.registry.tenants_of(agent);
-    match tenants.len() {
-        0 => Ok(grant.tenant.clone()),
-        1 => Ok(tenants[0].clone()),
-        _ => Err(Box::new(error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "agent {agent:?} exists in several tenants ({}): add ?tenant=",
-                tenants
-                    .iter()
-                    .map(Tenant::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ))),
-    }
 }
 
 fn caller(grant: &Grant) -> Caller {
@@ -206,27 +139,11 @@ const BODY_SLICE: usize = 64 * 1024;
 /// How long an inventory read waits for its tenant's turn before 429.
 const HEAVY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-#[derive(Deserialize, Default)]
-struct TenantQuery {
-    tenant: Option<String>,
-}
-
 async fn inventory(
     State(shared): State<Arc<Shared>>,
     Path(agent): Path<String>,
-    Query(q): Query<TenantQuery>,
-    headers: HeaderMap,
-) -> Response {
-    let (_, tenant) = match authorize(
-        &shared,
-        &headers,
-        Scope::ReadInfraData,
-        &agent,
-        q.tenant.as_deref(),
-    ) {
-        Ok(ok) => ok,
-        Err(resp) => return *resp,
-    };
+    Authorized { tenant, .. }: Authorized<ReadInfraData>,
+) -> Result<Response, ApiError> {
     let sessions: Vec<_> = shared
         .registry
         .sessions_of(&tenant, &agent)
@@ -238,7 +155,7 @@ async fn inventory(
             Err(e) => e,
             Ok(_) => KubeCallError::NoAgent(agent.clone()),
         };
-        return call_error(&e);
+        return Err(e.into());
     }
     let kubernetes = sessions
         .iter()
@@ -246,16 +163,10 @@ async fn inventory(
     // One tenant's parallel readers of large inventories take turns among themselves.
     let Some(turn) = shared.heavy.turn(&tenant, HEAVY_WAIT).await else {
         shared.metrics.cap_refused("heavy_requests_per_tenant");
-        let mut resp = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many inventory reads of tenant {} at once; try again",
-                tenant.as_str()
-            ),
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return resp;
+        return Err(ApiError::Busy(format!(
+            "too many inventory reads of tenant {} at once; try again",
+            tenant.as_str()
+        )));
     };
     // The freshest report among the agent's sessions (replicas report the same cluster).
     let best = sessions
@@ -290,10 +201,8 @@ async fn inventory(
     });
     // The inventory's JSON was made once when it arrived: spliced in, never re-serialized
     // or copied. The object's closing brace is dropped and put back after it.
-    let mut head = match serde_json::to_vec(&head) {
-        Ok(h) => h,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
+    let mut head = serde_json::to_vec(&head)
+        .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     head.pop();
     head.extend_from_slice(b",\"inventory\":");
     let chunks = VecDeque::from([Bytes::from(head), inv, Bytes::from_static(b"}")]);
@@ -310,11 +219,11 @@ async fn inventory(
         tokio::task::yield_now().await;
         Some((Ok::<_, std::convert::Infallible>(next), (chunks, turn)))
     });
-    (
+    Ok((
         [(header::CONTENT_TYPE, "application/json")],
         Body::from_stream(body),
     )
-        .into_response()
+        .into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -323,7 +232,6 @@ struct ApplyQuery {
     dry_run: Option<String>,
     force: Option<String>,
     namespace: Option<String>,
-    tenant: Option<String>,
 }
 
 fn truthy(v: &Option<String>) -> Result<bool, String> {
@@ -391,43 +299,24 @@ async fn apply(
     State(shared): State<Arc<Shared>>,
     Path(agent): Path<String>,
     Query(q): Query<ApplyQuery>,
-    headers: HeaderMap,
+    Authorized { grant, tenant, .. }: Authorized<ExecInfraOp>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (grant, tenant) = match authorize(
-        &shared,
-        &headers,
-        Scope::ExecInfraOp,
-        &agent,
-        q.tenant.as_deref(),
-    ) {
-        Ok(ok) => ok,
-        Err(resp) => return *resp,
-    };
-    let (dry_run, force) = match (truthy(&q.dry_run), truthy(&q.force)) {
-        (Ok(d), Ok(f)) => (d, f),
-        (Err(e), _) => return error(StatusCode::BAD_REQUEST, format!("dryRun: {e}")),
-        (_, Err(e)) => return error(StatusCode::BAD_REQUEST, format!("force: {e}")),
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+    let dry_run = truthy(&q.dry_run).map_err(|e| bad(format!("dryRun: {e}")))?;
+    let force = truthy(&q.force).map_err(|e| bad(format!("force: {e}")))?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             shared.metrics.cap_refused("kube_request");
             let max = shared.config.caps.kube_request;
             info!(%agent, max, "Kubernetes apply refused: body over the request cap");
-            return call_error(&KubeCallError::TooLarge { len: max + 1, max });
+            ApiError::Kube(KubeCallError::TooLarge { len: max + 1, max })
+        } else {
+            ApiError::Status(e.status(), e.body_text())
         }
-        Err(e) => return error(e.status(), e.body_text()),
-    };
-    let text = match std::str::from_utf8(&body) {
-        Ok(t) => t,
-        Err(_) => return error(StatusCode::BAD_REQUEST, "the body is not UTF-8 text"),
-    };
-    let docs = match parse_documents(text) {
-        Ok(d) => d,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+    })?;
+    let text = std::str::from_utf8(&body).map_err(|_| bad("the body is not UTF-8 text"))?;
+    let docs = parse_documents(text).map_err(bad)?;
     let field = |d: &Value, path: &[&str]| {
         let mut cur = d;
         for p in path {
@@ -475,17 +364,9 @@ async fn apply(
     respond(result)
 }
 
-/// The bearer token with `scope`, and the tenant whose agent it may reach.
-fn authorize(
-    shared: &Shared,
-    headers: &HeaderMap,
-    scope: Scope,
-    agent: &str,
-    tenant: Option<&str>,
-) -> Result<(Grant, Tenant), Box<Response>> {
-    let grant = bearer(shared, headers, scope)?;
-    let tenant = tenant_for(shared, &grant, agent, tenant)?;
-    Ok((grant, tenant))
+/// A 400 with `message`: the request names something the route cannot use.
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(message.into())
 }
 
 /// Runs a command about one object or kind, writes its audit line, and answers.
@@ -496,7 +377,7 @@ async fn run_audited(
     agent: &str,
     request: &KubeRequest,
     started: Instant,
-) -> Response {
+) -> Result<Response, ApiError> {
     let mut secret = request.target().is_some_and(ObjectRef::is_secret);
     let mut result = run(shared, grant, tenant, agent, request).await;
     if !grant.has(Scope::ExecInfraOp) {
@@ -545,11 +426,9 @@ async fn run(
     .await
 }
 
-fn respond(result: Result<String, KubeCallError>) -> Response {
-    match result {
-        Ok(answer) => ([(header::CONTENT_TYPE, "application/json")], answer).into_response(),
-        Err(e) => call_error(&e),
-    }
+fn respond(result: Result<String, KubeCallError>) -> Result<Response, ApiError> {
+    let answer = result?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
 
 /// Whether a path segment is a core API version (`v1`, `v2beta1`) rather than a group.
@@ -599,30 +478,16 @@ struct ReadQuery {
     limit: Option<u32>,
     #[serde(rename = "continue")]
     continue_token: Option<String>,
-    tenant: Option<String>,
 }
 
 async fn read(
     State(shared): State<Arc<Shared>>,
     Path((agent, path)): Path<(String, String)>,
     Query(q): Query<ReadQuery>,
-    headers: HeaderMap,
-) -> Response {
+    Authorized { grant, tenant, .. }: Authorized<ReadInfraData>,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (grant, tenant) = match authorize(
-        &shared,
-        &headers,
-        Scope::ReadInfraData,
-        &agent,
-        q.tenant.as_deref(),
-    ) {
-        Ok(ok) => ok,
-        Err(resp) => return *resp,
-    };
-    let (api_version, kind, name) = match parse_object_path(&path) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+    let (api_version, kind, name) = parse_object_path(&path).map_err(bad)?;
     let namespace = q.namespace.filter(|n| !n.is_empty());
     let target = ObjectRef {
         api_version,
@@ -649,35 +514,20 @@ struct DeleteQuery {
     namespace: Option<String>,
     propagation_policy: Option<String>,
     dry_run: Option<String>,
-    tenant: Option<String>,
 }
 
 async fn delete(
     State(shared): State<Arc<Shared>>,
     Path((agent, path)): Path<(String, String)>,
     Query(q): Query<DeleteQuery>,
-    headers: HeaderMap,
-) -> Response {
+    Authorized { grant, tenant, .. }: Authorized<ExecInfraOp>,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (grant, tenant) = match authorize(
-        &shared,
-        &headers,
-        Scope::ExecInfraOp,
-        &agent,
-        q.tenant.as_deref(),
-    ) {
-        Ok(ok) => ok,
-        Err(resp) => return *resp,
+    let (api_version, kind, name) = match parse_object_path(&path).map_err(bad)? {
+        (v, k, Some(n)) => (v, k, n),
+        _ => return Err(bad("delete needs an object name")),
     };
-    let (api_version, kind, name) = match parse_object_path(&path) {
-        Ok((v, k, Some(n))) => (v, k, n),
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "delete needs an object name"),
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let dry_run = match truthy(&q.dry_run) {
-        Ok(d) => d,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("dryRun: {e}")),
-    };
+    let dry_run = truthy(&q.dry_run).map_err(|e| bad(format!("dryRun: {e}")))?;
     let namespace = q.namespace.filter(|n| !n.is_empty());
     let request = KubeRequest::Delete {
         target: ObjectRef {
@@ -714,34 +564,27 @@ const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 async fn wait(
     State(shared): State<Arc<Shared>>,
     Path(agent): Path<String>,
-    headers: HeaderMap,
+    auth: Authorized<ReadInfraData>,
     body: Bytes,
-) -> Response {
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let grant = match bearer(&shared, &headers, Scope::ReadInfraData) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
+    let grant = auth.grant;
+    let w: WaitBody = serde_json::from_slice(&body).map_err(|e| bad(format!("wait body: {e}")))?;
+    // An admin may name the tenant in the body as well as in `?tenant=`.
+    let tenant = match w.tenant.as_deref() {
+        Some(asked) => tenant_for(&shared, &grant, &agent, Some(asked))?,
+        None => auth.tenant,
     };
-    let w: WaitBody = match serde_json::from_slice(&body) {
-        Ok(w) => w,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("wait body: {e}")),
-    };
-    let tenant = match tenant_for(&shared, &grant, &agent, w.tenant.as_deref()) {
-        Ok(t) => t,
-        Err(resp) => return *resp,
-    };
-    let condition: WaitFor = match w.for_.parse() {
-        Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+    let condition: WaitFor = w.for_.parse().map_err(bad)?;
     let timeout = match w.timeout.as_deref().map(crate::config::parse_duration) {
         None => std::time::Duration::from_secs(300),
-        Some(Ok(t)) if t <= MAX_WAIT => t,
-        Some(Ok(_)) => return error(StatusCode::BAD_REQUEST, "timeout: at most 1h"),
-        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("timeout: {e}")),
+        Some(t) => t.map_err(|e| bad(format!("timeout: {e}")))?,
     };
+    if timeout > MAX_WAIT {
+        return Err(bad("timeout: at most 1h"));
+    }
     if w.name.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "wait needs an object name");
+        return Err(bad("wait needs an object name"));
     }
     let namespace = w.namespace.filter(|n| !n.is_empty());
     let secret = crate::proto::kube::is_secret_kind(&w.api_version, &w.kind);
@@ -766,30 +609,28 @@ async fn wait(
              when one ends",
             grant.token_id
         );
-        let body = json!({"error": message, "reason": TOO_MANY_WAITS, "code": 429});
-        return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+        return Err(ApiError::Allowance {
+            message,
+            reason: TOO_MANY_WAITS,
+        });
     };
-    let session = match pick(&shared, &tenant, &agent) {
-        Ok(s) => s,
-        Err(e) => {
-            audit(
-                &shared.metrics,
-                &grant,
-                &tenant,
-                &agent,
-                Audited {
-                    verb: "wait",
-                    kind: &w.kind,
-                    namespace: namespace.as_deref().unwrap_or(""),
-                    name: &w.name,
-                    secret,
-                },
-                Err(&e),
-                started,
-            );
-            return call_error(&e);
-        }
-    };
+    let session = pick(&shared, &tenant, &agent).inspect_err(|e| {
+        audit(
+            &shared.metrics,
+            &grant,
+            &tenant,
+            &agent,
+            Audited {
+                verb: "wait",
+                kind: &w.kind,
+                namespace: namespace.as_deref().unwrap_or(""),
+                name: &w.name,
+                secret,
+            },
+            Err(e),
+            started,
+        );
+    })?;
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
     let task_grant = grant.clone();
@@ -829,9 +670,12 @@ async fn wait(
         Some(event) => event,
         None => {
             return match done_rx.await {
-                Ok(Ok(answer)) => ndjson(Body::from(format!("{answer}\n"))),
-                Ok(Err(e)) => call_error(&e),
-                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "wait task ended"),
+                Ok(Ok(answer)) => Ok(ndjson(Body::from(format!("{answer}\n")))),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(ApiError::Status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "wait task ended".into(),
+                )),
             }
         }
     };
@@ -860,7 +704,7 @@ async fn wait(
         };
         Some((Ok(Bytes::from(line + "\n")), (None, rx, None)))
     });
-    ndjson(Body::from_stream(stream))
+    Ok(ndjson(Body::from_stream(stream)))
 }
 
 fn ndjson(body: Body) -> Response {

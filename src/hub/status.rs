@@ -15,14 +15,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{Form, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-
+use serde::Deserialize;
 use tracing::info;
 
-use super::api::{authorize, visible_agents};
+use super::api::{authorize, bearer_token, visible_agents};
 use super::registry::AgentInfo;
 use super::Shared;
 use crate::auth::{format_rfc3339, unix_now, AuthError, Grant, Scope};
@@ -36,25 +36,49 @@ pub(crate) const REFRESH_SECONDS: u64 = 5;
 /// Longest token text accepted from a login; real tokens are 69 characters.
 const MAX_TOKEN_LEN: usize = 256;
 
+/// A refused status-page request: an HTML page (the login form with the reason, or the 403
+/// page), never the API's JSON, since a person reads it. Boxed: a `Response` is large.
+pub(crate) struct Refusal(Box<Response>);
+
+impl Refusal {
+    /// The login form with `status` and the reason, if any.
+    fn login(status: StatusCode, message: Option<&str>) -> Self {
+        Refusal(Box::new(html(status, login_page(message))))
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+/// The `token` field of a sign-in link's query or of the login form.
+#[derive(Deserialize)]
+pub(crate) struct SignIn {
+    token: Option<String>,
+}
+
 /// `GET /`: the status page, or a login (`?token=`, opened directly only), or the login form.
+/// A query that does not decode is no sign-in link: the page is shown as without one.
 pub(crate) async fn page(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    uri: Uri,
-) -> Response {
-    if let Some(token) = uri.query().and_then(|q| form_value(q, "token")) {
+    query: Result<Query<SignIn>, QueryRejection>,
+) -> Result<Response, Refusal> {
+    if let Some(token) = query.ok().and_then(|Query(q)| q.token) {
         if !opened_directly(&headers) {
             info!(
                 site = header_text(&headers, SEC_FETCH_SITE),
                 "status page: sign-in link refused, it was not opened directly"
             );
-            return html(
+            return Err(Refusal::login(
                 StatusCode::FORBIDDEN,
-                login_page(Some(
+                Some(
                     "a sign-in link works only when opened directly (typed, pasted or \
                      bookmarked); sign in here instead",
-                )),
-            );
+                ),
+            ));
         }
         return login(&shared, &token);
     }
@@ -63,33 +87,25 @@ pub(crate) async fn page(
 
 /// `POST /`: the login form (`application/x-www-form-urlencoded`, field `token`), from this
 /// hub's own page only.
+/// A body that is not such a form is answered like an empty one.
 pub(crate) async fn login_form(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(resp) = same_site(&headers, "sign-in") {
-        return *resp;
-    }
-    let token = std::str::from_utf8(&body)
-        .ok()
-        .and_then(|b| form_value(b, "token"));
-    match token {
-        Some(token) => login(&shared, &token),
-        None => html(StatusCode::UNAUTHORIZED, login_page(Some("enter a token"))),
-    }
+    form: Result<Form<SignIn>, FormRejection>,
+) -> Result<Response, Refusal> {
+    same_site(&headers, "sign-in")?;
+    let token = form.ok().and_then(|Form(f)| f.token).unwrap_or_default();
+    login(&shared, &token)
 }
 
 /// `POST /sign-out`: clears the cookie and goes back to the login form; from this hub's own
 /// page only, so another site cannot sign the user out.
-pub(crate) async fn sign_out(headers: HeaderMap) -> Response {
-    if let Err(resp) = same_site(&headers, "sign-out") {
-        return *resp;
-    }
+pub(crate) async fn sign_out(headers: HeaderMap) -> Result<Response, Refusal> {
+    same_site(&headers, "sign-out")?;
     let mut resp = redirect_home();
     resp.headers_mut()
         .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
-    resp
+    Ok(resp)
 }
 
 /// Fetch Metadata request header (W3C Fetch Metadata): which site caused the request.
@@ -114,7 +130,7 @@ fn opened_directly(headers: &HeaderMap) -> bool {
 /// Refuses (403, the login form) a state-changing request that a page of another site sent.
 /// Browsers send `Sec-Fetch-Site` or at least `Origin` with every cross-site POST; a request
 /// with neither comes from a script, not from a page, and cannot carry a victim's cookie.
-fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
+fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Refusal> {
     let allowed = match headers.get(SEC_FETCH_SITE) {
         Some(site) => matches!(site.as_bytes(), b"same-origin" | b"none"),
         None => match headers.get(header::ORIGIN) {
@@ -130,12 +146,12 @@ fn same_site(headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
         origin = header_text(headers, header::ORIGIN),
         "status page: cross-site {what} refused"
     );
-    Err(Box::new(html(
+    Err(Refusal::login(
         StatusCode::FORBIDDEN,
-        login_page(Some(&format!(
+        Some(&format!(
             "{what} refused: the request came from another site"
-        ))),
-    )))
+        )),
+    ))
 }
 
 /// Whether `Origin` (RFC 6454 section 7: `scheme://host[:port]`, or `null`) names the host
@@ -154,61 +170,40 @@ const CLEAR_COOKIE: &str = "rna_token=; Max-Age=0; HttpOnly; SameSite=Strict; Pa
 
 /// Checks a token presented to log in; on success the cookie is set and the browser is sent
 /// to `/`, so the token leaves the address bar and the history.
-fn login(shared: &Shared, token: &str) -> Response {
+fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
     let token = token.trim();
     if token.is_empty() {
-        return html(StatusCode::UNAUTHORIZED, login_page(Some("enter a token")));
+        return Err(Refusal::login(
+            StatusCode::UNAUTHORIZED,
+            Some("enter a token"),
+        ));
     }
+    let malformed = || Refusal::login(StatusCode::UNAUTHORIZED, Some("token is malformed"));
     if token.len() > MAX_TOKEN_LEN {
-        return html(
-            StatusCode::UNAUTHORIZED,
-            login_page(Some("token is malformed")),
-        );
+        return Err(malformed());
     }
-    if let Err(resp) = check(shared, token, false) {
-        return *resp;
-    }
+    check(shared, token, false)?;
     // A token that verified is `rna_<hex>_<hex>`: always a valid cookie value.
-    let Ok(cookie) = HeaderValue::from_str(&format!(
+    let cookie = HeaderValue::from_str(&format!(
         "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
-    )) else {
-        return html(
-            StatusCode::UNAUTHORIZED,
-            login_page(Some("token is malformed")),
-        );
-    };
+    ))
+    .map_err(|_| malformed())?;
     let mut resp = redirect_home();
     resp.headers_mut().insert(header::SET_COOKIE, cookie);
-    resp
+    Ok(resp)
 }
 
 /// Renders the page for the token in `Authorization` or, failing that, in the cookie.
-fn show(shared: &Shared, headers: &HeaderMap) -> Response {
-    let (token, from_cookie) = match headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or_default())
-    {
-        Some(value) => match value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-        {
-            Some(t) => (t.trim().to_string(), false),
-            None => {
-                return html(
-                    StatusCode::UNAUTHORIZED,
-                    login_page(Some("authorization is not a bearer token")),
-                )
-            }
-        },
-        None => match cookie_value(headers, COOKIE) {
-            Some(t) => (t, true),
-            None => return html(StatusCode::UNAUTHORIZED, login_page(None)),
-        },
+fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
+    let bearer = bearer_token(headers)
+        .map_err(|e| Refusal::login(StatusCode::UNAUTHORIZED, Some(&e.to_string())))?;
+    let (token, from_cookie) = match bearer {
+        Some(t) => (t.to_string(), false),
+        None => cookie_value(headers, COOKIE)
+            .map(|t| (t, true))
+            .ok_or_else(|| Refusal::login(StatusCode::UNAUTHORIZED, None))?,
     };
-    let grant = match check(shared, &token, from_cookie) {
-        Ok(grant) => grant,
-        Err(resp) => return *resp,
-    };
+    let grant = check(shared, &token, from_cookie)?;
     let agents = visible_agents(shared, &grant);
     let view = View {
         agents: &agents,
@@ -222,12 +217,12 @@ fn show(shared: &Shared, headers: &HeaderMap) -> Response {
         now_unix: unix_now(SystemTime::now()),
         draining: shared.draining.load(Ordering::SeqCst),
     };
-    html(StatusCode::OK, render(&view))
+    Ok(html(StatusCode::OK, render(&view)))
 }
 
 /// Verifies `token` for reading the inventory. A refusal is the login form (401) or, for a
 /// valid token without the scope, a 403 page; a stale cookie is cleared.
-fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Box<Response>> {
+fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Refusal> {
     authorize(shared, token, Scope::ReadInfraData).map_err(|e| {
         let mut resp = match e {
             AuthError::MissingScope(_) => html(StatusCode::FORBIDDEN, forbidden_page()),
@@ -240,7 +235,7 @@ fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Box<R
             resp.headers_mut()
                 .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
         }
-        Box::new(resp)
+        Refusal(Box::new(resp))
     })
 }
 
@@ -295,37 +290,6 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, v)| *k == name && !v.is_empty())
         .map(|(_, v)| v.trim_matches('"').to_string())
-}
-
-/// The decoded value of `name` in `application/x-www-form-urlencoded` text (a query string
-/// or a form body); `None` when absent or not valid UTF-8 after decoding.
-fn form_value(text: &str, name: &str) -> Option<String> {
-    text.split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((percent_decode(k)?, v))
-        })
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| percent_decode(v))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The address agents dial, as far as the page can tell: the QUIC listen address, with the
@@ -728,19 +692,7 @@ mod tests {
     }
 
     #[test]
-    fn form_and_cookie_parsing() {
-        assert_eq!(
-            form_value("token=rna_a_b", "token").as_deref(),
-            Some("rna_a_b")
-        );
-        assert_eq!(
-            form_value("x=1&token=a%5Fb+c", "token").as_deref(),
-            Some("a_b c")
-        );
-        assert_eq!(form_value("tokenx=1", "token"), None);
-        assert_eq!(form_value("token=%zz", "token"), None);
-        assert_eq!(form_value("token=%", "token"), None);
-        assert_eq!(form_value("token", "token").as_deref(), Some(""));
+    fn cookie_parsing() {
         let mut h = HeaderMap::new();
         h.append(
             header::COOKIE,
