@@ -1123,6 +1123,14 @@ async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audite
         .collect();
     assert_eq!(plurals, ["namespaces", "configmaps"]);
 
+    // A token pasted where a name goes is never written to the audit lines.
+    let pasted = get(
+        &c.api,
+        &format!("{base}/v1/ConfigMap/{}?namespace=shop", c.ops),
+    )
+    .await;
+    assert_ne!(pasted.status, 200);
+
     // One audit line on the hub and one on the agent per command; no contents, no secrets.
     let token_id = c.ops.split('_').nth(1).unwrap().to_string();
     let text = log_text();
@@ -1162,7 +1170,8 @@ async fn the_agent_allow_list_is_checked_before_any_call_and_commands_are_audite
         "{refused:?}"
     );
     assert!(!text.contains("hunter2-secret"));
-    assert!(!text.contains(&c.ops));
+    let leaks: Vec<&str> = text.lines().filter(|l| l.contains(&c.ops)).collect();
+    assert!(leaks.is_empty(), "{leaks:?}");
     assert!(!text.contains(&c.fake.token));
     c.agent.stop().await;
 }

@@ -23,7 +23,7 @@ use tracing::info;
 use super::api::{tenant_for, ApiError, Authorized, ExecInfraOp, ReadInfraData};
 use super::kube::{call, pick, timeout_for, KubeCallError};
 use super::Shared;
-use crate::auth::{Grant, Scope, Tenant};
+use crate::auth::{mask_tokens, Grant, Masked, Scope, Tenant};
 use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor, TOO_MANY_WAITS};
 
 /// The Kubernetes routes, merged into the admin API router.
@@ -127,9 +127,18 @@ fn audit(
         _ => "failed",
     };
     metrics.kube_command(verb, class, started.elapsed().as_secs_f64());
+    // Every text here came from the caller (path, query, body): token-shaped text is masked.
+    let (agent, kind, namespace, name) = (
+        mask_tokens(agent),
+        mask_tokens(kind),
+        mask_tokens(namespace),
+        mask_tokens(name),
+    );
+    let reason = mask_tokens(&reason);
     info!(target: "rna::audit", tenant = %tenant, caller_tenant = %grant.tenant,
         token_id = %grant.token_id, token_label = grant.label.as_deref().unwrap_or(""),
-        agent, verb, kind, namespace, name, secret, outcome = label, status = code, reason,
+        agent = agent.as_ref(), verb, kind = kind.as_ref(), namespace = namespace.as_ref(),
+        name = name.as_ref(), secret, outcome = label, status = code, reason = reason.as_ref(),
         duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
 }
 
@@ -309,7 +318,7 @@ async fn apply(
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             shared.metrics.cap_refused("kube_request");
             let max = shared.config.caps.kube_request;
-            info!(%agent, max, "Kubernetes apply refused: body over the request cap");
+            info!(agent = %Masked(&agent), max, "Kubernetes apply refused: body over the request cap");
             ApiError::Kube(KubeCallError::TooLarge { len: max + 1, max })
         } else {
             ApiError::Status(e.status(), e.body_text())
@@ -602,7 +611,7 @@ async fn wait(
     let max = shared.config.caps.kube_waits_per_token;
     let Some(slot) = shared.kube_waits.try_take(&grant.token_id, max) else {
         shared.metrics.cap_refused("kube_waits_per_token");
-        info!(%agent, token_id = %grant.token_id, max,
+        info!(agent = %Masked(&agent), token_id = %grant.token_id, max,
             "Kubernetes wait refused: the token runs its allowance of waits");
         let message = format!(
             "token {} already runs {max} Kubernetes waits (max_kube_waits_per_token); retry \

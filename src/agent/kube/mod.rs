@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::auth::mask_tokens;
 use crate::proto::codec::{encode_limited, read_frame_limited};
 use crate::proto::kube::{
     FailureKind, Inventory, KubeFailure, KubeHeader, KubeReply, KubeRequest, ObjectRef,
@@ -1109,10 +1110,18 @@ pub async fn serve_command(
         let _ = write_reply(&mut send, &too_large).await;
     }
     let _ = send.finish();
+    // Names, kinds and reasons come from the caller: token-shaped text is masked.
+    let (kind_m, namespace_m, name_m) = (
+        mask_tokens(&kind),
+        mask_tokens(&namespace),
+        mask_tokens(&name),
+    );
+    let reason = mask_tokens(&reason);
     info!(target: "rna::audit", tenant = %header.caller.tenant, token_id = %header.caller.token_id,
-        token_label = header.caller.label.as_deref().unwrap_or(""), agent, verb, kind, namespace,
-        name, secret, outcome = label, reason, duration_ms = started.elapsed().as_millis() as u64,
-        "kubernetes command");
+        token_label = header.caller.label.as_deref().unwrap_or(""), agent, verb,
+        kind = kind_m.as_ref(), namespace = namespace_m.as_ref(), name = name_m.as_ref(), secret,
+        outcome = label, reason = reason.as_ref(),
+        duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
 }
 
 async fn write_reply(send: &mut SendStream, reply: &KubeReply) -> Result<(), String> {
