@@ -23,7 +23,7 @@ COPY . .
 # The tree copied in has no .git (see .dockerignore): pass the commit for `rna --version`,
 # e.g. --build-arg RNA_GIT_COMMIT=$(git rev-parse --short=12 HEAD).
 ARG RNA_GIT_COMMIT=unknown
-ARG SOURCE_DATE_EPOCH
+ARG SOURCE_DATE_EPOCH=
 RUN cargo build --release --locked --bin rna \
     && packaging/image-rootfs.sh target/release/rna /rootfs
 

@@ -238,11 +238,12 @@ deb() {
         fail "the package has maintainer scripts"
     fi
 
-    # A minimal Debian with systemd (so verify finds sysinit.target and /bin/kill), made
+    # A minimal Debian with systemd and procps (so verify finds sysinit.target and
+    # the ExecReload /bin/kill), made
     # from the package mirror: no image registry needed.
     say "deb: mmdebstrap a scratch root and install the package"
     local chroot_dir=$work/debian
-    mmdebstrap --quiet --variant=minbase --include=systemd bookworm "$chroot_dir" >/dev/null
+    mmdebstrap --quiet --variant=minbase --include=systemd,procps bookworm "$chroot_dir" >/dev/null
     dpkg --root="$chroot_dir" --force-script-chrootless -i "$pkg" >/dev/null
     say "deb: the checks refuse broken installs"
     selftest_deb "$chroot_dir"
@@ -305,7 +306,7 @@ arm64() {
     if grep -rnE 'target_arch *= *"(x86|x86_64)"|core::arch::x86|std::arch::x86|asm!' src build.rs; then
         fail "x86-only code in src/"
     fi
-    say "arm64: OK ($(wc -l <"$work/tree-arm64") crates in the tree)"
+    say "arm64: OK ($(wc -l <"$work/tree-arm64") lines in cargo tree)"
 }
 
 steps=("$@")
