@@ -212,7 +212,10 @@ check_deb_root() {
         grep -q '^ExecStart=/usr/bin/rna ' "$rootdir/lib/systemd/system/$unit" || { fail "$unit does not run /usr/bin/rna"; return 1; }
     done
     local out
-    if ! out=$(systemd-analyze verify --root="$rootdir" rna-hub.service rna-agent.service rna-agent@prod.service 2>&1); then
+    # Warnings count: systemd "ignores" a line it cannot parse, which would silently drop a
+    # setting of the unit.
+    if ! out=$(systemd-analyze verify --root="$rootdir" rna-hub.service rna-agent.service rna-agent@prod.service 2>&1) \
+        || [ -n "$out" ]; then
         fail "systemd-analyze verify: $out"; return 1
     fi
     local shown
