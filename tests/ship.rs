@@ -302,3 +302,54 @@ fn man_pages_into_an_unwritable_place_fail_with_one_line() {
         "{stderr}"
     );
 }
+
+/// The kustomize base renders (with the kubectl the tests already need), every workload in
+/// it runs the image the Dockerfile builds at this version, and no manifest names an image of
+/// its own; the Dockerfile's runtime stage is non-root with `rna` as entrypoint.
+#[test]
+fn the_kustomize_base_runs_the_image_the_dockerfile_builds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let version = env!("CARGO_PKG_VERSION");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let runtime = dockerfile
+        .split("FROM scratch AS runtime")
+        .nth(1)
+        .expect("a runtime stage FROM scratch");
+    for line in [
+        format!("ARG VERSION={version}"),
+        "USER 65532:65532".to_string(),
+        "ENTRYPOINT [\"/usr/bin/rna\"]".to_string(),
+    ] {
+        assert!(runtime.lines().any(|l| l.trim() == line), "no `{line}`");
+    }
+    for label in ["version", "source", "licenses"] {
+        assert!(
+            runtime.contains(&format!("org.opencontainers.image.{label}=")),
+            "no {label} label"
+        );
+    }
+
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root.join("deploy/kubernetes"))
+        .output()
+        .expect("run kubectl (Debian: kubernetes-client; .ci/run installs it)");
+    let rendered = stdout(&out);
+    let images: Vec<&str> = rendered
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert_eq!(images.len(), 2, "{rendered}");
+    for image in images {
+        assert_eq!(image, format!("localhost/rna:{version}"));
+    }
+    for file in ["agent.yaml", "hub.yaml"] {
+        let text = std::fs::read_to_string(root.join("deploy/kubernetes").join(file)).unwrap();
+        for line in text.lines().filter(|l| l.trim().starts_with("image:")) {
+            assert!(
+                line.trim().starts_with("image: rna "),
+                "{file} names an image the base does not set: {line}"
+            );
+        }
+    }
+}
