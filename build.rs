@@ -40,6 +40,12 @@ fn main() {
 /// The abbreviated commit of HEAD; `None` outside a git checkout or without git. Registers
 /// HEAD and the ref it names for rerun, so a new commit restamps the binary.
 fn git_commit() -> Option<String> {
+    // A source tarball unpacked inside another checkout must not take that checkout's commit.
+    let top = PathBuf::from(git(&["rev-parse", "--show-toplevel"])?);
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    if top.canonicalize().ok()? != manifest.canonicalize().ok()? {
+        return None;
+    }
     let head = git(&["rev-parse", "--short=12", "HEAD"])?;
     for path in [git(&["rev-parse", "--git-path", "HEAD"]), head_ref_path()]
         .into_iter()
