@@ -47,9 +47,16 @@ fn git_commit() -> Option<String> {
         return None;
     }
     let head = git(&["rev-parse", "--short=12", "HEAD"])?;
-    for path in [git(&["rev-parse", "--git-path", "HEAD"]), head_ref_path()]
-        .into_iter()
-        .flatten()
+    // HEAD and its ref file change on checkout and commit; the reflog of HEAD and packed-refs
+    // cover a ref that is packed (no file of its own) when it moves.
+    for path in [
+        git(&["rev-parse", "--git-path", "HEAD"]),
+        head_ref_path(),
+        git(&["rev-parse", "--git-path", "logs/HEAD"]),
+        git(&["rev-parse", "--git-path", "packed-refs"]),
+    ]
+    .into_iter()
+    .flatten()
     {
         // A path that does not exist would make cargo rerun this script every time.
         if Path::new(&path).exists() {
