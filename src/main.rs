@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod kube_cli;
+mod ship;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -27,7 +28,13 @@ use rna::transport::{ClientTls, ServerTls};
 
 /// rna: reach private networks through an agent that only dials out.
 #[derive(Parser, Debug)]
-#[command(name = "rna", version, about, propagate_version = true)]
+#[command(
+    name = "rna",
+    version,
+    long_version = ship::LONG_VERSION,
+    about,
+    propagate_version = true
+)]
 struct Cli {
     #[command(flatten)]
     log: LogOptions,
@@ -54,6 +61,11 @@ enum Command {
     /// wait, inventory. Exit codes: 0 success, 1 Kubernetes refused, 2 usage, 3 agent
     /// unavailable.
     Kube(kube_cli::KubeArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completions(ship::CompletionsArgs),
+    /// Write the man pages, generated from this command line, into a folder.
+    #[command(hide = true)]
+    Manpages(ship::ManpagesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -318,6 +330,18 @@ fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
             Work::Token(cmd)
         }
         Command::Kube(args) => Work::Kube(args),
+        Command::Completions(args) => {
+            let script = ship::completions(&args, &mut Cli::command());
+            out!("{}", String::from_utf8_lossy(&script).trim_end());
+            return Ok(Prepared::Done);
+        }
+        Command::Manpages(args) => {
+            ship::manpages(&args, Cli::command()).with_context(|| {
+                format!("cannot write the man pages into {}", args.dir.display())
+            })?;
+            out!("wrote the man pages into {}", args.dir.display());
+            return Ok(Prepared::Done);
+        }
     };
     Ok(Prepared::Run(Box::new(work)))
 }
