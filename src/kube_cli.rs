@@ -259,17 +259,17 @@ fn split_target(target: &str, name: Option<String>) -> Result<(String, String), 
 
 fn print_objects(objects: &[Value], whole: &Value, output: Output) -> Result<(), Exit> {
     match output {
-        Output::Table => print!("{}", table(objects)),
+        Output::Table => out!("{}", table(objects).trim_end_matches('\n')),
         Output::Name => {
             for o in objects {
-                println!("{}", object_name(o));
+                out!("{}", object_name(o));
             }
         }
-        Output::Json => println!(
+        Output::Json => out!(
             "{}",
             serde_json::to_string_pretty(whole).unwrap_or_else(|_| whole.to_string())
         ),
-        Output::Yaml => print!("{}", to_yaml(whole).map_err(usage)?),
+        Output::Yaml => out!("{}", to_yaml(whole).map_err(usage)?.trim_end_matches('\n')),
     }
     Ok(())
 }
@@ -344,14 +344,14 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                 // Say what was applied before the refusal.
                 if let Some(applied) = r.json().get("applied").and_then(Value::as_array) {
                     for a in applied {
-                        println!("{}", apply_line(a, dry_run));
+                        out!("{}", apply_line(a, dry_run));
                     }
                 }
                 return Err(refused(&r));
             }
             let answer = r.json();
             if output.is_some() {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&answer).unwrap_or_default()
                 );
@@ -362,7 +362,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                     .into_iter()
                     .flatten()
                 {
-                    println!("{}", apply_line(a, dry_run));
+                    out!("{}", apply_line(a, dry_run));
                 }
             }
             Ok(())
@@ -455,7 +455,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
             let state = a.get("state").and_then(Value::as_str).unwrap_or("deleted");
             let shown = json!({"apiVersion": a["apiVersion"], "kind": a["kind"], "metadata": {"name": a["name"]}});
             let dry = if dry_run { " (dry run)" } else { "" };
-            println!("{} {state}{dry}", object_name(&shown));
+            out!("{} {state}{dry}", object_name(&shown));
             Ok(())
         }
         KubeCommand::Wait {
@@ -496,7 +496,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                         let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
                         if v.get("type").and_then(Value::as_str) == Some("progress") {
                             if let Some(m) = v.get("message").and_then(Value::as_str) {
-                                println!("{m}");
+                                out!("{m}");
                                 printed = Some(m.to_string());
                             }
                         }
@@ -517,7 +517,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                     // An agent that also sent the final state as progress has said it already.
                     if let Some(m) = last.get("message").and_then(Value::as_str) {
                         if printed.as_deref() != Some(m) {
-                            println!("{m}");
+                            out!("{m}");
                         }
                     }
                     Ok(())
@@ -568,11 +568,11 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                             })
                             .unwrap_or_else(|| "-".into())
                     };
-                    println!("agent:          {}", text("/agent"));
-                    println!("tenant:         {}", text("/tenant"));
-                    println!("kubernetes:     {}", text("/kubernetes"));
-                    println!("server version: {}", text("/inventory/server_version"));
-                    println!("nodes:          {}", text("/inventory/node_count"));
+                    out!("agent:          {}", text("/agent"));
+                    out!("tenant:         {}", text("/tenant"));
+                    out!("kubernetes:     {}", text("/kubernetes"));
+                    out!("server version: {}", text("/inventory/server_version"));
+                    out!("nodes:          {}", text("/inventory/node_count"));
                     let namespaces = inv
                         .pointer("/inventory/namespaces")
                         .and_then(Value::as_array)
@@ -583,13 +583,13 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                                 .join(", ")
                         })
                         .unwrap_or_else(|| "-".into());
-                    println!("namespaces:     {namespaces}");
+                    out!("namespaces:     {namespaces}");
                     let count = inv
                         .pointer("/inventory/resources")
                         .and_then(Value::as_array)
                         .map_or(0, Vec::len);
-                    println!("resources:      {count}");
-                    println!("age:            {}s", text("/ageSeconds"));
+                    out!("resources:      {count}");
+                    out!("age:            {}s", text("/ageSeconds"));
                     Ok(())
                 }
             }

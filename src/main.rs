@@ -1,6 +1,8 @@
 //! The `rna` command: hub, agent, certificates, tokens and the embedded `dev` default.
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod output;
 mod kube_cli;
 mod ship;
 
@@ -199,31 +201,6 @@ enum TokenCommand {
 
 /// Exit code for configuration and usage errors (clap uses it too).
 const EXIT_USAGE: u8 = 2;
-
-/// Writes one line to stdout. A reader that went away (`rna hub --check-config | head -1`)
-/// ends the process quietly with success, as SIGPIPE ends a C filter: nobody is left to read
-/// an error, and a panic would only add noise on stderr.
-fn emit(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    let written = stdout
-        .write_fmt(line)
-        .and_then(|()| stdout.write_all(b"\n"))
-        .and_then(|()| stdout.flush());
-    match written {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        Err(e) => {
-            eprintln!("rna: cannot write to stdout: {e}");
-            std::process::exit(1);
-        }
-    }
-}
-
-/// `println!` through [`emit`].
-macro_rules! out {
-    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

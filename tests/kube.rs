@@ -221,6 +221,43 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `rna kube` for `AGENT` with its stdout a pipe whose reader is already closed: the exit
+/// code and stderr.
+async fn cli_to_closed_stdout(world: &World, token: &str, args: &[&str]) -> (Option<i32>, String) {
+    let token_file = world.dir.path().join("cli-token-closed-stdout");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut all: Vec<String> = vec![
+        "kube".into(),
+        "--api".into(),
+        format!("http://{}", world.api),
+        "--token-file".into(),
+        token_file.display().to_string(),
+        "--agent".into(),
+        AGENT.into(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    within(
+        "rna kube with a closed stdout",
+        tokio::task::spawn_blocking(move || {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            let out = std::process::Command::new(RNA)
+                .args(&all)
+                .stdin(Stdio::null())
+                .stdout(writer)
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }),
+    )
+    .await
+    .unwrap()
+}
+
 async fn cli(world: &World, token: &str, agent: &str, args: &[&str]) -> (i32, String, String) {
     let token_file = world
         .dir
@@ -690,6 +727,13 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
         out,
         "namespace/default\nnamespace/kube-system\nnamespace/shop\n"
     );
+    // `rna kube list … | head -1`: a reader gone before anything is written ends the command
+    // quietly with success, in every output format.
+    for format in ["name", "table", "json", "yaml"] {
+        let (code, err) =
+            cli_to_closed_stdout(&c.world, &ops, &["list", "namespaces", "-o", format]).await;
+        assert_eq!((code, err.as_str()), (Some(0), ""), "-o {format}");
+    }
     let (_, out, err) = cli(
         &c.world,
         &ops,
