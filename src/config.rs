@@ -70,43 +70,9 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `500ms`, `10s`, `5m`, `2h`, `1d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("invalid duration {s:?}: expected a number with a unit ms, s, m, h or d (e.g. 10s)")
-    };
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
-        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
-        "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(bad)?),
-        _ => return Err(bad()),
-    };
-    if d.is_zero() {
-        return Err(format!("invalid duration {s:?}: must be greater than zero"));
-    }
-    Ok(d)
-}
-
-/// Writes `d` the way [`parse_duration`] reads it, in the largest unit that keeps it exact
-/// (`90s`, `5m`, `1500ms`), so a printed configuration parses back to the same value.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) || ms == 0 {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s.is_multiple_of(size) {
-            return format!("{}{unit}", s / size);
-        }
-    }
-    format!("{s}s")
-}
+/// Durations are read and printed by the one parser below every layer; re-exported for the
+/// callers that know them from here.
+pub use crate::duration::{format_duration, parse_duration};
 
 /// A duration as a file writes it: a string with a unit (`"10s"`) or an integer number of
 /// seconds, as flags accept a bare number. Kept as text and checked by [`parse_duration`], so
@@ -1559,23 +1525,6 @@ mod tests {
         assert_eq!(err.0, "kube_namespace");
     }
 
-    #[test]
-    fn durations_print_in_the_largest_exact_unit_and_parse_back() {
-        let table = [
-            (Duration::from_millis(500), "500ms"),
-            (Duration::from_millis(1500), "1500ms"),
-            (Duration::from_secs(45), "45s"),
-            (Duration::from_secs(60), "1m"),
-            (Duration::from_secs(90), "90s"),
-            (Duration::from_secs(7200), "2h"),
-            (Duration::from_secs(86_400 * 3), "3d"),
-        ];
-        for (d, text) in table {
-            assert_eq!(format_duration(d), text);
-            assert_eq!(parse_duration(text), Ok(d), "{text}");
-        }
-    }
-
     /// The configuration a printed file gives is the one that was printed, field for field
     /// (compared through the validated configuration's debug form).
     #[test]
@@ -1654,24 +1603,6 @@ mod tests {
             .to_string();
         assert!(err.starts_with("agent.toml: "), "{err}");
         assert!(!err.starts_with("agent.toml: hub: "), "{err}");
-    }
-
-    #[test]
-    fn durations_parse() {
-        let ok = [
-            ("500ms", Duration::from_millis(500)),
-            ("10", Duration::from_secs(10)),
-            ("10s", Duration::from_secs(10)),
-            ("5m", Duration::from_secs(300)),
-            ("2h", Duration::from_secs(7200)),
-            ("1d", Duration::from_secs(86_400)),
-        ];
-        for (s, d) in ok {
-            assert_eq!(parse_duration(s), Ok(d), "{s}");
-        }
-        for bad in ["", "s", "10x", "-1s", "0s", "1.5s", "99999999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

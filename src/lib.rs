@@ -13,6 +13,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod duration;
 pub mod fsutil;
 pub mod hub;
 pub mod listen;

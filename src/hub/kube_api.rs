@@ -734,7 +734,7 @@ async fn wait(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let timeout = match w.timeout.as_deref().map(crate::config::parse_duration) {
+    let timeout = match w.timeout.as_deref().map(crate::duration::parse_duration) {
         None => std::time::Duration::from_secs(300),
         Some(Ok(t)) if t <= MAX_WAIT => t,
         Some(Ok(_)) => return error(StatusCode::BAD_REQUEST, "timeout: at most 1h"),
