@@ -1382,6 +1382,120 @@ pub fn agent_file_text(
 mod tests {
     use super::*;
 
+    settings! {
+        /// A command with two keys, each declared once, to show what one entry gives.
+        DemoOptions, file DemoFile, in force from config: Duration, options;
+        /// How long to wait.
+        #[arg(long, env = "RNA_DEMO_WAIT", value_parser = parse_duration)]
+        wait: Option<Duration> => Some(*config);
+        /// Where to look; repeat.
+        #[arg(long, env = "RNA_DEMO_PLACE", value_delimiter = ',')]
+        place: Vec<PathBuf> => Some(options.place.clone());
+    }
+
+    /// One entry is a flag with its variable, a file key read with its checks and relative
+    /// paths, a merge that prefers the command line, and a printed key that reads back.
+    #[test]
+    fn one_entry_is_a_flag_a_variable_a_file_key_a_merge_and_a_printed_key() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: DemoOptions,
+        }
+        let command = Cli::command();
+        let wait = command
+            .get_arguments()
+            .find(|a| a.get_id() == "wait")
+            .expect("--wait");
+        assert_eq!(wait.get_long(), Some("wait"));
+        assert_eq!(
+            wait.get_env().and_then(|e| e.to_str()),
+            Some("RNA_DEMO_WAIT")
+        );
+        let cli = Cli::try_parse_from(["demo", "--wait", "90s"]).expect("flags parse");
+        assert_eq!(cli.options.wait, Some(Duration::from_secs(90)));
+        assert!(Cli::try_parse_from(["demo", "--wait", "soon"]).is_err());
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("demo.toml");
+        std::fs::write(
+            &file,
+            "wait = 5\nplace = [\"a\", \"/b\"]\nlog_level = \"debug\"\n",
+        )
+        .expect("write");
+        let (from_file, log) = DemoOptions::read_file(&file).expect("file reads");
+        assert_eq!(from_file.wait, Some(Duration::from_secs(5)));
+        assert_eq!(from_file.place, [tmp.path().join("a"), PathBuf::from("/b")]);
+        assert_eq!(log.log_level.as_deref(), Some("debug"));
+        let err = DemoOptions::parse_file("wait = \"soon\"\n", Path::new("demo.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("demo.toml: wait: invalid duration \"soon\""),
+            "{err}"
+        );
+        let err = DemoOptions::parse_file("wai = 1\n", Path::new("demo.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "demo.toml: wai: unknown key (did you mean `wait`?) (line 1)"
+        );
+
+        let (merged, _, sources) =
+            merge(Some(&file), cli.options, LogOptions::default()).expect("merge");
+        assert_eq!(merged.wait, Some(Duration::from_secs(90)), "the flag wins");
+        assert_eq!(merged.place, from_file.place, "the file fills the rest");
+        assert_eq!(sources.of("wait"), "command line");
+        assert_eq!(sources.of("place[1]"), file.display().to_string());
+
+        let printed = to_toml(&merged.in_force(&Duration::from_secs(60), &log)).expect("print");
+        let copy = tmp.path().join("printed.toml");
+        std::fs::write(&copy, &printed).expect("write");
+        let (again, _) = DemoOptions::read_file(&copy).expect("printed file reads");
+        assert_eq!(again.wait, Some(Duration::from_secs(60)), "{printed}");
+        assert_eq!(again.place, merged.place, "{printed}");
+        assert!(printed.contains("wait = \"1m\""), "{printed}");
+    }
+
+    /// Every flag of hub and agent is a key of their files under the same name, and its
+    /// variable is `RNA_` and the key in capitals: the three spellings come from one name.
+    #[test]
+    fn every_flag_is_a_file_key_and_an_rna_variable() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        enum Cli {
+            Hub(Box<HubOptions>),
+            Agent(Box<AgentOptions>),
+        }
+        let command = Cli::command();
+        for (name, keys) in [
+            ("hub", accepted_keys::<HubFile>()),
+            ("agent", accepted_keys::<AgentFile>()),
+        ] {
+            let sub = command.find_subcommand(name).expect("subcommand");
+            let flags: Vec<_> = sub
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(|l| (l, a.get_env())))
+                .filter(|(l, _)| *l != "help")
+                .collect();
+            assert!(flags.len() > 20, "{flags:?}");
+            for (flag, env) in &flags {
+                let key = flag.replace('-', "_");
+                assert!(keys.contains(&key), "{name}: --{flag} is no file key");
+                let env = env.and_then(|e| e.to_str()).unwrap_or_default();
+                assert_eq!(
+                    env,
+                    format!("RNA_{}", key.to_uppercase()),
+                    "{name} --{flag}"
+                );
+            }
+            // The file has the flags and the two log keys (global flags of every command).
+            assert_eq!(keys.len(), flags.len() + 2, "{name}: {keys:?}");
+        }
+    }
+
     #[test]
     fn cluster_mode_is_decided_once() {
         let kc = || Some(PathBuf::from("/k"));
