@@ -22,7 +22,6 @@ use crate::agent::kube::{
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
-use crate::transport::control::Heartbeat;
 use crate::transport::{ClientTls, Congestion, ServerTls};
 
 /// A configuration error, naming where the bad value came from.
@@ -312,6 +311,34 @@ macro_rules! slot {
     };
 }
 
+/// Where a key's value in force is: `field(place)` or `field(place, check)` is a field of
+/// the validated configuration that the key sets (through `check`, a `fn(T) -> Result<T,
+/// String>`) and prints from; `show(expression)` is printed from `expression` (an `Option`)
+/// and validated by hand, because the key has rules of its own.
+macro_rules! in_force {
+    (field($place:expr $(, $check:expr)?)) => {
+        Some($place)
+    };
+    (show($show:expr)) => {
+        $show
+    };
+}
+
+/// Sets a `field` key's place from the options, when given; `show` keys are set by hand.
+macro_rules! apply {
+    ($o:ident, $sources:ident, $key:ident, field($place:expr)) => {
+        if let Some(value) = $o.$key {
+            $place = value;
+        }
+    };
+    ($o:ident, $sources:ident, $key:ident, field($place:expr, $check:expr)) => {
+        if let Some(value) = $o.$key {
+            $place = $check(value).map_err(|m| $sources.invalid(stringify!($key), m))?;
+        }
+    };
+    ($o:ident, $sources:ident, $key:ident, show($show:expr)) => {};
+}
+
 /// The form of a key: its own type unless the entry names another with `as`.
 macro_rules! form {
     ($ty:ty) => {
@@ -324,9 +351,10 @@ macro_rules! form {
 
 /// One command's settings, each key written once: its doc comment (the `--help` text), its
 /// clap attributes, its type (`Option<T>` or `Vec<T>`, optionally `as` another [`Form`]) and
-/// where its value in force is read after validation (`=> expression`, for `--check-config`).
-/// From this list come the clap options struct, the file struct (with `deny_unknown_fields`
-/// and the log keys), reading a file into options, merging, and printing.
+/// where its value in force is (`=> field(...)` or `=> show(...)`, see [`in_force!`]). From
+/// this list come the clap options struct, the file struct (with `deny_unknown_fields` and
+/// the log keys), reading a file into options, merging, setting the `field` keys into the
+/// validated configuration, and printing.
 macro_rules! settings {
     (
         $(#[doc = $sdoc:literal])*
@@ -334,7 +362,7 @@ macro_rules! settings {
         $(
             $(#[doc = $doc:literal])*
             #[arg($($arg:tt)*)]
-            $key:ident: $kind:ident<$ty:ty> $(as $form:ty)? => $show:expr;
+            $key:ident: $kind:ident<$ty:ty> $(as $form:ty)? => $how:ident($($place:tt)*);
         )*
     ) => {
         $(#[doc = $sdoc])*
@@ -396,11 +424,20 @@ macro_rules! settings {
         }
 
         impl $options {
+            /// Checks the `field` keys that were given and writes them into `$c`, whose
+            /// defaults they replace; an error names the key and where it came from.
+            fn apply(&self, $c: &mut $config, sources: &Sources) -> Result<(), ConfigError> {
+                $(apply!(self, sources, $key, $how($($place)*));)*
+                Ok(())
+            }
+
             /// The values in force, read from the validated `$c`, as the file's keys.
             fn in_force(&self, $c: &$config, log: &LogOptions) -> $file {
                 let $o = self;
                 $file {
-                    $($key: slot!(show $kind ($show), form!($ty $(, $form)?)),)*
+                    $($key: slot!(
+                        show $kind (in_force!($how($($place)*))), form!($ty $(, $form)?)
+                    ),)*
                     log_format: log.log_format.as_ref().map(<LogFormat as Form>::show),
                     log_level: log.log_level.clone(),
                 }
@@ -436,142 +473,147 @@ settings! {
     HubOptions, file HubFile, in force from config: HubConfig, options;
     /// UDP address agents connect to [default: 0.0.0.0:4433].
     #[arg(long, env = "RNA_LISTEN")]
-    listen: Option<SocketAddr> => Some(config.listen);
+    listen: Option<SocketAddr> => show(Some(config.listen));
     /// SOCKS5 address [default: 127.0.0.1:1080].
     #[arg(long, env = "RNA_SOCKS")]
-    socks: Option<SocketAddr> => Some(config.socks);
+    socks: Option<SocketAddr> => show(Some(config.socks));
     /// Admin API and status page address [default: 127.0.0.1:8080].
     #[arg(long, env = "RNA_API")]
-    api: Option<SocketAddr> => config.api;
+    api: Option<SocketAddr> => show(config.api);
     /// Time a client of the admin API has to send a request head, from connecting or from
     /// the previous answer on a kept-alive connection [default: 10s].
     #[arg(long, env = "RNA_API_HEADER_TIMEOUT", value_parser = parse_duration)]
-    api_header_timeout: Option<Duration> => Some(config.api_limits.header_timeout);
+    api_header_timeout: Option<Duration> => field(config.api_limits.header_timeout);
     /// Time an admin API request has for its body, and a quick answer to be ready
     /// (Kubernetes commands have their own deadlines) [default: 30s].
     #[arg(long, env = "RNA_API_REQUEST_TIMEOUT", value_parser = parse_duration)]
-    api_request_timeout: Option<Duration> => Some(config.api_limits.request_timeout);
+    api_request_timeout: Option<Duration> => field(config.api_limits.request_timeout);
     /// Admin API connections open at once; more are answered 503 [default: 1024].
     #[arg(long, env = "RNA_API_MAX_CONNECTIONS")]
-    api_max_connections: Option<usize> => Some(config.api_limits.max_connections);
+    api_max_connections: Option<usize> => field(config.api_limits.max_connections, at_least_one);
     /// Admin API connections one client IP may have open at once; more are answered 503
     /// [default: 64].
     #[arg(long, env = "RNA_API_MAX_CONNECTIONS_PER_IP")]
-    api_max_connections_per_ip: Option<usize> => Some(config.api_limits.max_connections_per_ip);
+    api_max_connections_per_ip: Option<usize> =>
+        field(config.api_limits.max_connections_per_ip, at_least_one);
     /// CA that agent certificates must chain to.
     #[arg(long, env = "RNA_CA")]
-    ca: Option<PathBuf> => options.ca.clone();
+    ca: Option<PathBuf> => show(options.ca.clone());
     /// Hub certificate (PEM).
     #[arg(long, env = "RNA_CERT")]
-    cert: Option<PathBuf> => options.cert.clone();
+    cert: Option<PathBuf> => show(options.cert.clone());
     /// Hub private key (PEM).
     #[arg(long, env = "RNA_KEY")]
-    key: Option<PathBuf> => options.key.clone();
+    key: Option<PathBuf> => show(options.key.clone());
     /// Token store (see `rna token`).
     #[arg(long, env = "RNA_TOKENS")]
-    tokens: Option<PathBuf> => Some(config.tokens.clone());
+    tokens: Option<PathBuf> => show(Some(config.tokens.clone()));
     /// Accept SOCKS5 clients without credentials and route them to AGENT@TENANT (only when
     /// --socks is a loopback address).
     #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
     socks_no_auth: Option<String> =>
-        config.socks_no_auth.as_ref().map(|r| format!("{}@{}", r.agent, r.tenant));
+        show(config.socks_no_auth.as_ref().map(|r| format!("{}@{}", r.agent, r.tenant)));
     /// Heartbeat interval announced to agents [default: 10s].
     #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
-    heartbeat_interval: Option<Duration> => Some(config.heartbeat.interval);
+    heartbeat_interval: Option<Duration> => field(config.heartbeat.interval);
     /// Silence after which an agent connection is closed [default: 30s].
     #[arg(long, env = "RNA_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
-    heartbeat_timeout: Option<Duration> => Some(config.heartbeat.timeout);
+    heartbeat_timeout: Option<Duration> => field(config.heartbeat.timeout);
     /// Time in-flight streams get to finish on shutdown [default: 30s].
     #[arg(long, env = "RNA_GRACE", value_parser = parse_duration)]
-    grace: Option<Duration> => Some(config.grace);
+    grace: Option<Duration> => field(config.grace);
     /// Time a SOCKS client has for greeting, authentication and request [default: 10s].
     #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration)]
-    socks_greeting_timeout: Option<Duration> => Some(config.socks_limits.greeting_timeout);
+    socks_greeting_timeout: Option<Duration> => field(config.socks_limits.greeting_timeout);
     /// SOCKS connections one client (IPv4 address or IPv6 /64) may have in the greeting at
     /// once [default: 256].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP")]
-    socks_half_open_per_ip: Option<usize> => Some(config.socks_limits.half_open_per_ip);
+    socks_half_open_per_ip: Option<usize> => field(config.socks_limits.half_open_per_ip);
     /// SOCKS connections in the greeting from all clients at once; when full, the busiest
     /// client's oldest one is closed for a newcomer [default: 4096].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
-    socks_half_open_total: Option<usize> => Some(config.socks_limits.half_open_total);
+    socks_half_open_total: Option<usize> => field(config.socks_limits.half_open_total);
     /// Time an agent has to answer a tunnel request [default: 15s].
     #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration)]
-    open_timeout: Option<Duration> => Some(config.open_timeout);
+    open_timeout: Option<Duration> => field(config.open_timeout);
     /// How often the token store file is checked for changes [default: 2s].
     #[arg(long, env = "RNA_TOKEN_POLL", value_parser = parse_duration)]
-    token_poll: Option<Duration> => Some(config.token_poll);
+    token_poll: Option<Duration> => field(config.token_poll);
     /// Label metrics with the agent name too (one series per agent: opt in only when the
     /// number of agents is bounded) [default: false].
     #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
-    metrics_per_agent: Option<bool> => Some(config.metrics_per_agent);
+    metrics_per_agent: Option<bool> => field(config.metrics_per_agent);
     /// Agent connections in the handshake at once; more are refused before any TLS work
     /// [default: 256].
     #[arg(long, env = "RNA_MAX_HANDSHAKES")]
-    max_handshakes: Option<usize> => Some(config.caps.handshakes);
+    max_handshakes: Option<usize> => field(config.caps.handshakes, at_least_one);
     /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);
     /// more are refused [default: 16].
     #[arg(long, env = "RNA_MAX_HANDSHAKES_PER_SOURCE")]
-    max_handshakes_per_source: Option<usize> => Some(config.caps.handshakes_per_source);
+    max_handshakes_per_source: Option<usize> =>
+        field(config.caps.handshakes_per_source, at_least_one);
     /// Handshakes in progress from which on new addresses must answer a QUIC Retry before any
     /// TLS work; 0 asks every new address [default: 32].
     #[arg(long, env = "RNA_RETRY_THRESHOLD")]
-    retry_threshold: Option<usize> => Some(config.caps.retry_threshold);
+    retry_threshold: Option<usize> => field(config.caps.retry_threshold);
     /// Time for an agent's QUIC and TLS handshake [default: 5s].
     #[arg(long, env = "RNA_TLS_TIMEOUT", value_parser = parse_duration)]
-    tls_timeout: Option<Duration> => Some(config.caps.tls_timeout);
+    tls_timeout: Option<Duration> => field(config.caps.tls_timeout);
     /// Time after TLS for an agent to send Hello [default: 5s].
     #[arg(long, env = "RNA_HELLO_TIMEOUT", value_parser = parse_duration)]
-    hello_timeout: Option<Duration> => Some(config.caps.hello_timeout);
+    hello_timeout: Option<Duration> => field(config.caps.hello_timeout);
     /// Tunnel streams open or opening on one agent connection; more are answered 0x01
     /// [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS_PER_AGENT")]
-    max_streams_per_agent: Option<usize> => Some(config.caps.streams_per_agent);
+    max_streams_per_agent: Option<usize> => field(config.caps.streams_per_agent, at_least_one);
     /// Largest protocol frame accepted from an agent, in bytes, 1024 to 65536
     /// [default: 65536].
     #[arg(long, env = "RNA_MAX_FRAME")]
-    max_frame: Option<usize> => Some(config.caps.max_frame);
+    max_frame: Option<usize> => field(config.caps.max_frame, frame_size);
     /// A tunnel stream with no byte moving either way for this long is reset [default: 1h].
     #[arg(long, env = "RNA_STREAM_IDLE_TIMEOUT", value_parser = parse_duration)]
-    stream_idle_timeout: Option<Duration> => Some(config.caps.stream_idle_timeout);
+    stream_idle_timeout: Option<Duration> => field(config.caps.stream_idle_timeout);
     /// Largest Kubernetes apply body through the admin API, in bytes, 1024 to 4194304; a
     /// larger one gets 413 [default: 4194304].
     #[arg(long, env = "RNA_MAX_KUBE_REQUEST")]
-    max_kube_request: Option<usize> => Some(config.caps.kube_request);
+    max_kube_request: Option<usize> => field(config.caps.kube_request, kube_request_size);
     /// Sessions one agent name may hold in its tenant at once; more are refused
     /// too_many_sessions [default: 16].
     #[arg(long, env = "RNA_MAX_SESSIONS_PER_AGENT")]
-    max_sessions_per_agent: Option<usize> => Some(config.caps.sessions_per_agent);
+    max_sessions_per_agent: Option<usize> => field(config.caps.sessions_per_agent, at_least_one);
     /// Sessions registered with one token at once; more are refused too_many_sessions
     /// [default: 1024].
     #[arg(long, env = "RNA_MAX_SESSIONS_PER_TOKEN")]
-    max_sessions_per_token: Option<usize> => Some(config.caps.sessions_per_token);
+    max_sessions_per_token: Option<usize> => field(config.caps.sessions_per_token, at_least_one);
     /// Least time between two inventory reports read from one agent session, up to 20s; a
     /// sooner one waits its turn [default: 5s].
     #[arg(long, env = "RNA_INVENTORY_INTERVAL", value_parser = parse_duration)]
-    inventory_interval: Option<Duration> => Some(config.caps.inventory_interval);
+    inventory_interval: Option<Duration> =>
+        field(config.caps.inventory_interval, inventory_interval);
     /// Inventory reads through the admin API served at once per tenant; more wait up to
     /// 10 s, then get 429 [default: 4].
     #[arg(long, env = "RNA_MAX_HEAVY_REQUESTS_PER_TENANT")]
-    max_heavy_requests_per_tenant: Option<usize> => Some(config.caps.heavy_requests_per_tenant);
+    max_heavy_requests_per_tenant: Option<usize> =>
+        field(config.caps.heavy_requests_per_tenant, at_least_one);
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
-    congestion: Option<Congestion> => Some(config.limits.congestion);
+    congestion: Option<Congestion> => field(config.limits.congestion);
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
-    worker_threads: Option<usize> => Some(config.worker_threads);
+    worker_threads: Option<usize> => field(config.worker_threads, worker_threads);
     /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
     /// restart at once); created if missing.
     #[arg(long, env = "RNA_STATE_DIR")]
-    state_dir: Option<PathBuf> => config.state_dir.clone();
+    state_dir: Option<PathBuf> => show(config.state_dir.clone());
     /// Time a Kubernetes command (other than wait, which has its own timeout) may take
     /// [default: 60s].
     #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
-    kube_timeout: Option<Duration> => Some(config.kube_timeout);
+    kube_timeout: Option<Duration> => field(config.kube_timeout);
     /// Kubernetes waits one token may have running at once; one more gets 429 [default: 8].
     #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
-    max_kube_waits_per_token: Option<usize> => Some(config.caps.kube_waits_per_token);
+    max_kube_waits_per_token: Option<usize> =>
+        field(config.caps.kube_waits_per_token, at_least_one);
 }
 
 settings! {
@@ -580,84 +622,86 @@ settings! {
     /// Hub address (host:port, or host for port 4433); repeat for several hubs. Every
     /// address a name resolves to gets its own connection.
     #[arg(long, env = "RNA_HUB", value_delimiter = ',')]
-    hub: Vec<HubTarget> => Some(settings.config.hubs.clone());
+    hub: Vec<HubTarget> => show(Some(settings.config.hubs.clone()));
     /// TLS name to verify the hub as [default: the host of --hub].
     #[arg(long, env = "RNA_SERVER_NAME")]
-    server_name: Option<String> => settings.config.server_name.clone();
+    server_name: Option<String> => show(settings.config.server_name.clone());
     /// Agent identifier; must equal the certificate's common name.
     #[arg(long, env = "RNA_NAME")]
-    name: Option<String> => Some(settings.config.name.clone());
+    name: Option<String> => show(Some(settings.config.name.clone()));
     /// CA to verify the hub with.
     #[arg(long, env = "RNA_CA")]
-    ca: Option<PathBuf> => options.ca.clone();
+    ca: Option<PathBuf> => show(options.ca.clone());
     /// Agent certificate (PEM).
     #[arg(long, env = "RNA_CERT")]
-    cert: Option<PathBuf> => options.cert.clone();
+    cert: Option<PathBuf> => show(options.cert.clone());
     /// Agent private key (PEM).
     #[arg(long, env = "RNA_KEY")]
-    key: Option<PathBuf> => options.key.clone();
+    key: Option<PathBuf> => show(options.key.clone());
     /// File holding the agent's token (scope connect:agentHub).
     #[arg(long, env = "RNA_TOKEN_FILE")]
-    token_file: Option<PathBuf> => options.token_file.clone();
+    token_file: Option<PathBuf> => show(options.token_file.clone());
     /// Destinations the agent may dial: CIDR, IP, host or *.domain, optionally :port.
     /// Without any, everything but the default-denied ranges is allowed.
     #[arg(long, env = "RNA_ALLOW", value_delimiter = ',')]
-    allow: Vec<Rule> => Some(settings.config.policy.allow_rules().to_vec());
+    allow: Vec<Rule> => show(Some(settings.config.policy.allow_rules().to_vec()));
     /// Destinations the agent refuses (checked first).
     #[arg(long, env = "RNA_DENY", value_delimiter = ',')]
-    deny: Vec<Rule> => Some(settings.config.policy.deny_rules().to_vec());
+    deny: Vec<Rule> => show(Some(settings.config.policy.deny_rules().to_vec()));
     /// Time allowed to resolve and connect one destination [default: 10s].
     #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration)]
-    dial_timeout: Option<Duration> => Some(settings.config.dial_timeout);
+    dial_timeout: Option<Duration> => field(settings.config.dial_timeout);
     /// Tunnel streams the hub may have open on this agent's connection [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS")]
-    max_streams: Option<u32> => Some(settings.config.limits.tunnel_streams);
+    max_streams: Option<u32> => field(settings.config.limits.tunnel_streams, at_least_one);
     /// Address of the agent's /healthz, /readyz and /metrics, or `off`; the default is skipped
     /// with a warning when its port is taken [default: 127.0.0.1:4434].
     #[arg(long, env = "RNA_METRICS")]
     metrics: Option<String> =>
-        Some(settings.metrics.addr().map_or_else(|| "off".to_string(), |a| a.to_string()));
+        show(Some(settings.metrics.addr().map_or_else(|| "off".to_string(), |a| a.to_string())));
     /// Dials in progress at once; more tunnel requests fail at once [default: 256].
     #[arg(long, env = "RNA_MAX_PENDING_DIALS")]
-    max_pending_dials: Option<usize> => Some(settings.config.max_pending_dials);
+    max_pending_dials: Option<usize> => field(settings.config.max_pending_dials, at_least_one);
     /// Largest protocol frame accepted from a hub, in bytes, 1024 to 65536 [default: 65536].
     #[arg(long, env = "RNA_MAX_FRAME")]
-    max_frame: Option<usize> => Some(settings.config.max_frame);
+    max_frame: Option<usize> => field(settings.config.max_frame, frame_size);
     /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
-    congestion: Option<Congestion> => Some(settings.config.limits.congestion);
+    congestion: Option<Congestion> => field(settings.config.limits.congestion);
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
-    worker_threads: Option<usize> => Some(settings.worker_threads);
+    worker_threads: Option<usize> => field(settings.worker_threads, worker_threads);
     /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
     /// kubeconfig identity [default: on when the in-cluster environment is detected or
     /// --kubeconfig is given].
     #[arg(long, env = "RNA_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
-    kubernetes: Option<bool> => kubernetes_in_force(settings);
+    kubernetes: Option<bool> => show(kubernetes_in_force(settings));
     /// Kubeconfig to act with instead of the in-cluster ServiceAccount (turns cluster mode on).
     #[arg(long, env = "RNA_KUBECONFIG")]
-    kubeconfig: Option<PathBuf> => kubeconfig_in_force(settings).map(|(path, _)| path.clone());
+    kubeconfig: Option<PathBuf> =>
+        show(kubeconfig_in_force(settings).map(|(path, _)| path.clone()));
     /// Context of --kubeconfig to use [default: its current context].
     #[arg(long, env = "RNA_KUBE_CONTEXT")]
     kube_context: Option<String> =>
-        kubeconfig_in_force(settings).and_then(|(_, context)| context.clone());
+        show(kubeconfig_in_force(settings).and_then(|(_, context)| context.clone()));
     /// Namespaces Kubernetes commands may touch; repeat [default: all that RBAC allows].
     #[arg(long, env = "RNA_KUBE_NAMESPACE", value_delimiter = ',')]
-    kube_namespace: Vec<String> as Namespace => kube(settings).map(|k| k.allow.namespaces.clone());
+    kube_namespace: Vec<String> as Namespace =>
+        show(kube(settings).map(|k| k.allow.namespaces.clone()));
     /// Resources Kubernetes commands may touch, as plural[.group] (deployments.apps,
     /// configmaps, *.example.com); repeat [default: all that RBAC allows].
     #[arg(long, env = "RNA_KUBE_RESOURCE", value_delimiter = ',')]
-    kube_resource: Vec<ResourceRule> => kube(settings).map(|k| k.allow.resources.clone());
+    kube_resource: Vec<ResourceRule> => show(kube(settings).map(|k| k.allow.resources.clone()));
     /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
     #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
-    kube_inventory_interval: Option<Duration> => kube(settings).map(|k| k.inventory_interval);
+    kube_inventory_interval: Option<Duration> => show(kube(settings).map(|k| k.inventory_interval));
     /// Secrets holding the agent's own credentials, as NAME (in the agent's namespace) or
     /// NAMESPACE/NAME: no Kubernetes command reads or changes them; repeat
     /// [default: rna-agent-tls,rna-agent-token].
     #[arg(long, env = "RNA_KUBE_PROTECTED_SECRET", value_delimiter = ',')]
     kube_protected_secret: Vec<SecretRef> =>
-        kube(settings).map(|k| k.protected_secrets.clone());
+        show(kube(settings).map(|k| k.protected_secrets.clone()));
 }
 
 /// Where the values in force came from, so an error names the file only for a value that the
@@ -915,7 +959,7 @@ fn tls_error(
 
 macro_rules! required {
     ($opt:expr, $key:literal, $flag:literal, $env:literal) => {
-        $opt.ok_or(ConfigError::Missing {
+        $opt.clone().ok_or(ConfigError::Missing {
             key: $key,
             flag: $flag,
             env: $env,
@@ -949,130 +993,19 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
-    let api = &mut config.api_limits;
-    if let Some(t) = o.api_header_timeout {
-        api.header_timeout = t;
+    config.state_dir = o.state_dir.clone();
+    if let Some(route) = &o.socks_no_auth {
+        config.socks_no_auth = Some(parse_no_auth(route).map_err(|m| invalid("socks_no_auth", m))?);
     }
-    if let Some(t) = o.api_request_timeout {
-        api.request_timeout = t;
-    }
-    if let Some(n) = o.api_max_connections {
-        api.max_connections = at_least_one(n).map_err(|m| invalid("api_max_connections", m))?;
-    }
-    if let Some(n) = o.api_max_connections_per_ip {
-        api.max_connections_per_ip =
-            at_least_one(n).map_err(|m| invalid("api_max_connections_per_ip", m))?;
-    }
-    if let Some(route) = o.socks_no_auth {
-        config.socks_no_auth =
-            Some(parse_no_auth(&route).map_err(|m| invalid("socks_no_auth", m))?);
-    }
-    let heartbeat = Heartbeat {
-        interval: o.heartbeat_interval.unwrap_or(config.heartbeat.interval),
-        timeout: o.heartbeat_timeout.unwrap_or(config.heartbeat.timeout),
-    };
-    if heartbeat.timeout <= heartbeat.interval {
+    o.apply(&mut config, sources)?;
+    if config.heartbeat.timeout <= config.heartbeat.interval {
         return Err(invalid(
             "heartbeat_timeout",
             format!(
                 "{:?} must be longer than heartbeat_interval {:?}",
-                heartbeat.timeout, heartbeat.interval
+                config.heartbeat.timeout, config.heartbeat.interval
             ),
         ));
-    }
-    config.heartbeat = heartbeat;
-    if let Some(g) = o.grace {
-        config.grace = g;
-    }
-    let limits = &mut config.socks_limits;
-    if let Some(t) = o.socks_greeting_timeout {
-        limits.greeting_timeout = t;
-    }
-    if let Some(n) = o.socks_half_open_per_ip {
-        limits.half_open_per_ip = n;
-    }
-    if let Some(n) = o.socks_half_open_total {
-        limits.half_open_total = n;
-    }
-    if let Some(t) = o.open_timeout {
-        config.open_timeout = t;
-    }
-    if let Some(t) = o.token_poll {
-        config.token_poll = t;
-    }
-    config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
-    config.state_dir = o.state_dir;
-    if let Some(t) = o.kube_timeout {
-        config.kube_timeout = t;
-    }
-    let caps = &mut config.caps;
-    if let Some(n) = o.max_handshakes {
-        caps.handshakes = at_least_one(n).map_err(|m| invalid("max_handshakes", m))?;
-    }
-    if let Some(n) = o.max_handshakes_per_source {
-        caps.handshakes_per_source =
-            at_least_one(n).map_err(|m| invalid("max_handshakes_per_source", m))?;
-    }
-    if let Some(n) = o.retry_threshold {
-        caps.retry_threshold = n;
-    }
-    if let Some(t) = o.tls_timeout {
-        caps.tls_timeout = t;
-    }
-    if let Some(t) = o.hello_timeout {
-        caps.hello_timeout = t;
-    }
-    if let Some(n) = o.max_streams_per_agent {
-        caps.streams_per_agent =
-            at_least_one(n).map_err(|m| invalid("max_streams_per_agent", m))?;
-    }
-    if let Some(n) = o.max_frame {
-        caps.max_frame = frame_size(n).map_err(|m| invalid("max_frame", m))?;
-    }
-    if let Some(t) = o.stream_idle_timeout {
-        caps.stream_idle_timeout = t;
-    }
-    if let Some(n) = o.max_kube_request {
-        let max = crate::proto::kube::MAX_KUBE_REQUEST;
-        if !(MIN_FRAME..=max).contains(&n) {
-            return Err(invalid(
-                "max_kube_request",
-                format!("{n} must be between {MIN_FRAME} and {max} bytes"),
-            ));
-        }
-        caps.kube_request = n;
-    }
-    if let Some(n) = o.max_kube_waits_per_token {
-        caps.kube_waits_per_token =
-            at_least_one(n).map_err(|m| invalid("max_kube_waits_per_token", m))?;
-    }
-    if let Some(n) = o.max_sessions_per_agent {
-        caps.sessions_per_agent =
-            at_least_one(n).map_err(|m| invalid("max_sessions_per_agent", m))?;
-    }
-    if let Some(n) = o.max_sessions_per_token {
-        caps.sessions_per_token =
-            at_least_one(n).map_err(|m| invalid("max_sessions_per_token", m))?;
-    }
-    if let Some(t) = o.inventory_interval {
-        // The agent waits 30 s for the hub to take a report; a turn must come before that.
-        if t > Duration::from_secs(20) {
-            return Err(invalid(
-                "inventory_interval",
-                format!("{t:?} is longer than 20s"),
-            ));
-        }
-        caps.inventory_interval = t;
-    }
-    if let Some(n) = o.max_heavy_requests_per_tenant {
-        caps.heavy_requests_per_tenant =
-            at_least_one(n).map_err(|m| invalid("max_heavy_requests_per_tenant", m))?;
-    }
-    if let Some(c) = o.congestion {
-        config.limits.congestion = c;
-    }
-    if let Some(n) = o.worker_threads {
-        config.worker_threads = worker_threads(n).map_err(|m| invalid("worker_threads", m))?;
     }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
@@ -1086,11 +1019,30 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     Ok(config)
 }
 
-fn at_least_one(n: usize) -> Result<usize, String> {
-    if n == 0 {
+fn at_least_one<T: Default + PartialEq>(n: T) -> Result<T, String> {
+    if n == T::default() {
         return Err("must be at least 1".into());
     }
     Ok(n)
+}
+
+/// The admin API's cap on a Kubernetes apply body: at least a frame, at most what the
+/// command channel carries.
+fn kube_request_size(n: usize) -> Result<usize, String> {
+    let max = crate::proto::kube::MAX_KUBE_REQUEST;
+    if !(MIN_FRAME..=max).contains(&n) {
+        return Err(format!("{n} must be between {MIN_FRAME} and {max} bytes"));
+    }
+    Ok(n)
+}
+
+/// The least time between two inventory reports of one session. The agent waits 30 s for
+/// the hub to take a report; a turn must come before that.
+fn inventory_interval(t: Duration) -> Result<Duration, String> {
+    if t > Duration::from_secs(20) {
+        return Err(format!("{t:?} is longer than 20s"));
+    }
+    Ok(t)
 }
 
 /// The smallest frame cap: Hello with a long name, token and capabilities fits well below.
@@ -1160,10 +1112,6 @@ pub struct AgentSettings {
 /// Validates agent options into the agent's configuration, reading certificates and token.
 pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
     let invalid = |key: &str, message: String| sources.invalid(key, message);
-    let worker_threads = match o.worker_threads {
-        Some(n) => worker_threads(n).map_err(|m| invalid("worker_threads", m))?,
-        None => crate::runtime::default_worker_threads(),
-    };
     if o.hub.is_empty() {
         return Err(ConfigError::Missing {
             key: "hub",
@@ -1191,31 +1139,13 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     // The hub would refuse such a certificate at every handshake; say so now.
     tls.check().map_err(|e| tls_error(sources, files, e))?;
     let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
-    let mut config = AgentConfig::new(o.hub, name, tls, token);
+    let mut config = AgentConfig::new(o.hub.clone(), name, tls, token);
     config.token_file = Some(token_file);
-    if let Some(name) = o.server_name {
+    if let Some(name) = o.server_name.clone() {
         crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
         config.server_name = Some(name);
     }
-    config.policy = Policy::new(o.allow, o.deny);
-    if let Some(t) = o.dial_timeout {
-        config.dial_timeout = t;
-    }
-    if let Some(n) = o.max_streams {
-        if n == 0 {
-            return Err(invalid("max_streams", "must be at least 1".into()));
-        }
-        config.limits.tunnel_streams = n;
-    }
-    if let Some(n) = o.max_pending_dials {
-        config.max_pending_dials = at_least_one(n).map_err(|m| invalid("max_pending_dials", m))?;
-    }
-    if let Some(n) = o.max_frame {
-        config.max_frame = frame_size(n).map_err(|m| invalid("max_frame", m))?;
-    }
-    if let Some(c) = o.congestion {
-        config.limits.congestion = c;
-    }
+    config.policy = Policy::new(o.allow.clone(), o.deny.clone());
     let metrics = match o.metrics.as_deref() {
         None => MetricsListen::Default(DEFAULT_AGENT_METRICS),
         Some("off") => MetricsListen::Off,
@@ -1223,28 +1153,30 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     };
     config.kube = kube_settings(
         o.kubernetes,
-        o.kubeconfig,
-        o.kube_context,
-        o.kube_namespace,
-        o.kube_resource,
+        o.kubeconfig.clone(),
+        o.kube_context.clone(),
+        o.kube_namespace.clone(),
+        o.kube_resource.clone(),
         o.kube_inventory_interval,
         in_cluster_detected(),
     )
     .map_err(|(key, message)| invalid(key, message))?;
     if let Some(kube) = config.kube.as_mut() {
         if !o.kube_protected_secret.is_empty() {
-            kube.protected_secrets = o.kube_protected_secret;
+            kube.protected_secrets = o.kube_protected_secret.clone();
         }
     }
     // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
     if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
         kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
     }
-    Ok(AgentSettings {
+    let mut settings = AgentSettings {
         config,
         metrics,
-        worker_threads,
-    })
+        worker_threads: crate::runtime::default_worker_threads(),
+    };
+    o.apply(&mut settings, sources)?;
+    Ok(settings)
 }
 
 /// A worker thread count, 1 to [`crate::runtime::MAX_WORKER_THREADS`].
@@ -1387,10 +1319,10 @@ mod tests {
         DemoOptions, file DemoFile, in force from config: Duration, options;
         /// How long to wait.
         #[arg(long, env = "RNA_DEMO_WAIT", value_parser = parse_duration)]
-        wait: Option<Duration> => Some(*config);
+        wait: Option<Duration> => field(*config, inventory_interval);
         /// Where to look; repeat.
         #[arg(long, env = "RNA_DEMO_PLACE", value_delimiter = ',')]
-        place: Vec<PathBuf> => Some(options.place.clone());
+        place: Vec<PathBuf> => show(Some(options.place.clone()));
     }
 
     /// One entry is a flag with its variable, a file key read with its checks and relative
@@ -1413,19 +1345,19 @@ mod tests {
             wait.get_env().and_then(|e| e.to_str()),
             Some("RNA_DEMO_WAIT")
         );
-        let cli = Cli::try_parse_from(["demo", "--wait", "90s"]).expect("flags parse");
-        assert_eq!(cli.options.wait, Some(Duration::from_secs(90)));
+        let cli = Cli::try_parse_from(["demo", "--wait", "9s"]).expect("flags parse");
+        assert_eq!(cli.options.wait, Some(Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["demo", "--wait", "soon"]).is_err());
 
         let tmp = tempfile::tempdir().expect("tempdir");
         let file = tmp.path().join("demo.toml");
         std::fs::write(
             &file,
-            "wait = 5\nplace = [\"a\", \"/b\"]\nlog_level = \"debug\"\n",
+            "wait = 30\nplace = [\"a\", \"/b\"]\nlog_level = \"debug\"\n",
         )
         .expect("write");
         let (from_file, log) = DemoOptions::read_file(&file).expect("file reads");
-        assert_eq!(from_file.wait, Some(Duration::from_secs(5)));
+        assert_eq!(from_file.wait, Some(Duration::from_secs(30)));
         assert_eq!(from_file.place, [tmp.path().join("a"), PathBuf::from("/b")]);
         assert_eq!(log.log_level.as_deref(), Some("debug"));
         let err = DemoOptions::parse_file("wait = \"soon\"\n", Path::new("demo.toml"))
@@ -1443,20 +1375,35 @@ mod tests {
             "demo.toml: wai: unknown key (did you mean `wait`?) (line 1)"
         );
 
+        // The file's value is checked as it is set, and the error names the file.
+        let (file_only, _, sources) =
+            merge(Some(&file), DemoOptions::default(), LogOptions::default()).expect("merge");
+        let mut config = Duration::from_secs(1);
+        let err = file_only
+            .apply(&mut config, &sources)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("{}: wait: 30s is longer than 20s", file.display())
+        );
+
         let (merged, _, sources) =
             merge(Some(&file), cli.options, LogOptions::default()).expect("merge");
-        assert_eq!(merged.wait, Some(Duration::from_secs(90)), "the flag wins");
+        assert_eq!(merged.wait, Some(Duration::from_secs(9)), "the flag wins");
         assert_eq!(merged.place, from_file.place, "the file fills the rest");
         assert_eq!(sources.of("wait"), "command line");
         assert_eq!(sources.of("place[1]"), file.display().to_string());
+        merged.apply(&mut config, &sources).expect("9s is allowed");
+        assert_eq!(config, Duration::from_secs(9));
 
-        let printed = to_toml(&merged.in_force(&Duration::from_secs(60), &log)).expect("print");
+        let printed = to_toml(&merged.in_force(&config, &log)).expect("print");
         let copy = tmp.path().join("printed.toml");
         std::fs::write(&copy, &printed).expect("write");
         let (again, _) = DemoOptions::read_file(&copy).expect("printed file reads");
-        assert_eq!(again.wait, Some(Duration::from_secs(60)), "{printed}");
+        assert_eq!(again.wait, Some(Duration::from_secs(9)), "{printed}");
         assert_eq!(again.place, merged.place, "{printed}");
-        assert!(printed.contains("wait = \"1m\""), "{printed}");
+        assert!(printed.contains("wait = \"9s\""), "{printed}");
     }
 
     /// Every flag of hub and agent is a key of their files under the same name, and its
