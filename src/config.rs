@@ -671,7 +671,7 @@ settings! {
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
-    worker_threads: Option<usize> => field(settings.worker_threads, worker_threads);
+    worker_threads: Option<usize> => show(Some(settings.worker_threads));
     /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
     /// kubeconfig identity [default: on when the in-cluster environment is detected or
     /// --kubeconfig is given].
@@ -1112,6 +1112,11 @@ pub struct AgentSettings {
 /// Validates agent options into the agent's configuration, reading certificates and token.
 pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
     let invalid = |key: &str, message: String| sources.invalid(key, message);
+    // Checked before any file is read, so a bad count is the first line the agent prints.
+    let worker_threads = match o.worker_threads {
+        Some(n) => worker_threads(n).map_err(|m| invalid("worker_threads", m))?,
+        None => crate::runtime::default_worker_threads(),
+    };
     if o.hub.is_empty() {
         return Err(ConfigError::Missing {
             key: "hub",
@@ -1173,7 +1178,7 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     let mut settings = AgentSettings {
         config,
         metrics,
-        worker_threads: crate::runtime::default_worker_threads(),
+        worker_threads,
     };
     o.apply(&mut settings, sources)?;
     Ok(settings)
