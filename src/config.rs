@@ -22,7 +22,6 @@ use crate::agent::kube::{
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
 use crate::auth::{read_secret_file, Tenant};
 use crate::hub::{HubConfig, NoAuthRoute};
-use crate::transport::control::Heartbeat;
 use crate::transport::{ClientTls, Congestion, ServerTls};
 
 /// A configuration error, naming where the bad value came from.
@@ -70,43 +69,9 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `500ms`, `10s`, `5m`, `2h`, `1d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("invalid duration {s:?}: expected a number with a unit ms, s, m, h or d (e.g. 10s)")
-    };
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
-        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
-        "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(bad)?),
-        _ => return Err(bad()),
-    };
-    if d.is_zero() {
-        return Err(format!("invalid duration {s:?}: must be greater than zero"));
-    }
-    Ok(d)
-}
-
-/// Writes `d` the way [`parse_duration`] reads it, in the largest unit that keeps it exact
-/// (`90s`, `5m`, `1500ms`), so a printed configuration parses back to the same value.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) || ms == 0 {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s.is_multiple_of(size) {
-            return format!("{}{unit}", s / size);
-        }
-    }
-    format!("{s}s")
-}
+/// Durations are read and printed by the one parser below every layer; re-exported for the
+/// callers that know them from here.
+pub use crate::duration::{format_duration, parse_duration};
 
 /// A duration as a file writes it: a string with a unit (`"10s"`) or an integer number of
 /// seconds, as flags accept a bare number. Kept as text and checked by [`parse_duration`], so
@@ -196,229 +161,547 @@ impl LogOptions {
     }
 }
 
-/// Hub settings from flags and environment (`None`: not given).
-#[derive(Debug, Clone, Default, Args)]
-pub struct HubOptions {
+/// How one key's value is written in a file: the type serde reads and writes, and the two
+/// conversions. Text values are read through `FromStr` (or the key's own check) after serde,
+/// so a bad value is reported as `file: key[i]: message`, while a value of the wrong TOML type
+/// keeps serde's message and line.
+trait Form {
+    /// The value as the options hold it.
+    type Value;
+    /// The value as the file holds it.
+    type File: Serialize + serde::de::DeserializeOwned + fmt::Debug;
+    /// Reads a file value; `base` is the file's folder, which relative paths start from.
+    fn read(file: Self::File, base: Option<&Path>) -> Result<Self::Value, String>;
+    /// Writes a value in force the way [`Form::read`] reads it back.
+    fn show(value: &Self::Value) -> Self::File;
+}
+
+/// Numbers and booleans are TOML's own types: a string where a number belongs gets serde's
+/// "invalid type" message with its line.
+macro_rules! native_form {
+    ($($t:ty),*) => {$(
+        impl Form for $t {
+            type Value = $t;
+            type File = $t;
+            fn read(file: $t, _: Option<&Path>) -> Result<$t, String> {
+                Ok(file)
+            }
+            fn show(value: &$t) -> $t {
+                *value
+            }
+        }
+    )*};
+}
+native_form!(usize, u32, bool);
+
+/// Values written as text, read through `FromStr` and printed through `Display`.
+macro_rules! text_form {
+    ($($t:ty),*) => {$(
+        impl Form for $t {
+            type Value = $t;
+            type File = String;
+            fn read(file: String, _: Option<&Path>) -> Result<$t, String> {
+                file.parse().map_err(|e| format!("{e}"))
+            }
+            fn show(value: &$t) -> String {
+                value.to_string()
+            }
+        }
+    )*};
+}
+text_form!(String, HubTarget, Rule, ResourceRule, SecretRef);
+
+impl Form for SocketAddr {
+    type Value = SocketAddr;
+    type File = String;
+    fn read(file: String, _: Option<&Path>) -> Result<SocketAddr, String> {
+        parse_addr(&file)
+    }
+    fn show(value: &SocketAddr) -> String {
+        value.to_string()
+    }
+}
+
+impl Form for Duration {
+    type Value = Duration;
+    type File = FileDuration;
+    fn read(file: FileDuration, _: Option<&Path>) -> Result<Duration, String> {
+        parse_duration(&file.0)
+    }
+    fn show(value: &Duration) -> FileDuration {
+        FileDuration(format_duration(*value))
+    }
+}
+
+impl Form for PathBuf {
+    type Value = PathBuf;
+    type File = PathBuf;
+    /// Relative paths in a file are relative to the file's folder.
+    fn read(file: PathBuf, base: Option<&Path>) -> Result<PathBuf, String> {
+        Ok(match base {
+            Some(base) if file.is_relative() => base.join(file),
+            _ => file,
+        })
+    }
+    /// Absolute, so the printed file reads the same files from any folder.
+    fn show(value: &PathBuf) -> PathBuf {
+        std::path::absolute(value).unwrap_or_else(|_| value.clone())
+    }
+}
+
+impl Form for Congestion {
+    type Value = Congestion;
+    type File = String;
+    fn read(file: String, _: Option<&Path>) -> Result<Congestion, String> {
+        Congestion::from_str(&file)
+    }
+    fn show(value: &Congestion) -> String {
+        use clap::ValueEnum;
+        value
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Form for LogFormat {
+    type Value = LogFormat;
+    type File = String;
+    fn read(file: String, _: Option<&Path>) -> Result<LogFormat, String> {
+        LogFormat::from_str(&file)
+    }
+    fn show(value: &LogFormat) -> String {
+        match value {
+            LogFormat::Text => "text".to_string(),
+            LogFormat::Json => "json".to_string(),
+        }
+    }
+}
+
+/// A Kubernetes namespace in a file: checked as it is read, so the error names its index.
+/// Flags take any text; cluster-mode validation checks those.
+struct Namespace;
+
+impl Form for Namespace {
+    type Value = String;
+    type File = String;
+    fn read(file: String, _: Option<&Path>) -> Result<String, String> {
+        parse_namespace(&file)
+    }
+    fn show(value: &String) -> String {
+        value.clone()
+    }
+}
+
+/// The pieces of code that differ between a key holding one value (`Option<T>`: `None` when
+/// not given) and a key holding a list (`Vec<T>`: empty when not given; a list is taken whole
+/// from one source).
+macro_rules! slot {
+    (file Option $f:ty) => { Option<<$f as Form>::File> };
+    (file Vec $f:ty) => { Option<Vec<<$f as Form>::File>> };
+    (given Option $v:expr) => { $v.is_some() };
+    (given Vec $v:expr) => { !$v.is_empty() };
+    (or Option $high:expr, $low:expr) => { $high.or($low) };
+    (or Vec $high:expr, $low:expr) => { or_vec($high, $low) };
+    (read Option $c:ident, $key:expr, $v:expr, $f:ty) => { $c.one::<$f>($key, $v)? };
+    (read Vec $c:ident, $key:expr, $v:expr, $f:ty) => { $c.list::<$f>($key, $v)? };
+    (show Option $v:expr, $f:ty) => { $v.as_ref().map(<$f as Form>::show) };
+    (show Vec $v:expr, $f:ty) => {
+        $v.map(|list| list.iter().map(<$f as Form>::show).collect::<Vec<_>>())
+    };
+}
+
+/// Where a key's value in force is: `field(place)` or `field(place, check)` is a field of
+/// the validated configuration that the key sets (through `check`, a `fn(T) -> Result<T,
+/// String>`) and prints from; `show(expression)` is printed from `expression` (an `Option`)
+/// and validated by hand, because the key has rules of its own.
+macro_rules! in_force {
+    (field($place:expr $(, $check:expr)?)) => {
+        Some($place)
+    };
+    (show($show:expr)) => {
+        $show
+    };
+}
+
+/// Sets a `field` key's place from the options, when given; `show` keys are set by hand.
+macro_rules! apply {
+    ($o:ident, $sources:ident, $key:ident, field($place:expr)) => {
+        if let Some(value) = $o.$key {
+            $place = value;
+        }
+    };
+    ($o:ident, $sources:ident, $key:ident, field($place:expr, $check:expr)) => {
+        if let Some(value) = $o.$key {
+            $place = $check(value).map_err(|m| $sources.invalid(stringify!($key), m))?;
+        }
+    };
+    ($o:ident, $sources:ident, $key:ident, show($show:expr)) => {};
+}
+
+/// The form of a key: its own type unless the entry names another with `as`.
+macro_rules! form {
+    ($ty:ty) => {
+        $ty
+    };
+    ($ty:ty, $form:ty) => {
+        $form
+    };
+}
+
+/// One command's settings, each key written once: its doc comment (the `--help` text), its
+/// clap attributes, its type (`Option<T>` or `Vec<T>`, optionally `as` another [`Form`]) and
+/// where its value in force is (`=> field(...)` or `=> show(...)`, see [`in_force!`]). From
+/// this list come the clap options struct, the file struct (with `deny_unknown_fields` and
+/// the log keys), reading a file into options, merging, setting the `field` keys into the
+/// validated configuration, and printing.
+macro_rules! settings {
+    (
+        $(#[doc = $sdoc:literal])*
+        $options:ident, file $file:ident, in force from $c:ident: $config:ty, $o:ident;
+        $(
+            $(#[doc = $doc:literal])*
+            #[arg($($arg:tt)*)]
+            $key:ident: $kind:ident<$ty:ty> $(as $form:ty)? => $how:ident($($place:tt)*);
+        )*
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Debug, Clone, Default, Args)]
+        pub struct $options {
+            $(
+                $(#[doc = $doc])*
+                #[arg($($arg)*)]
+                pub $key: $kind<$ty>,
+            )*
+        }
+
+        /// The command's TOML file, as written: the same keys and the log keys. Values are
+        /// checked as they become options; `--check-config` prints the configuration in force
+        /// in this form.
+        #[derive(Debug, Default, Deserialize, Serialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct $file {
+            $(
+                $(#[doc = $doc])*
+                $key: slot!(file $kind form!($ty $(, $form)?)),
+            )*
+            log_format: Option<<LogFormat as Form>::File>,
+            log_level: Option<String>,
+        }
+
+        impl Options for $options {
+            fn given(&self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $(if slot!(given $kind self.$key) {
+                    keys.push(stringify!($key));
+                })*
+                keys
+            }
+
+            fn or(self, lower: $options) -> $options {
+                $options {
+                    $($key: slot!(or $kind self.$key, lower.$key),)*
+                }
+            }
+
+            fn parse_file(text: &str, path: &Path) -> Result<($options, LogOptions), ConfigError> {
+                let (file, origin): ($file, String) = parse_toml(text, path)?;
+                let checker = Checker {
+                    origin: &origin,
+                    base: path.parent(),
+                };
+                let options = $options {
+                    $($key: slot!(
+                        read $kind checker, stringify!($key), file.$key, form!($ty $(, $form)?)
+                    ),)*
+                };
+                let log = LogOptions {
+                    log_format: checker.one::<LogFormat>("log_format", file.log_format)?,
+                    log_level: file.log_level,
+                };
+                Ok((options, log))
+            }
+        }
+
+        impl $options {
+            /// Checks the `field` keys that were given and writes them into `$c`, whose
+            /// defaults they replace; an error names the key and where it came from.
+            fn apply(&self, $c: &mut $config, sources: &Sources) -> Result<(), ConfigError> {
+                $(apply!(self, sources, $key, $how($($place)*));)*
+                Ok(())
+            }
+
+            /// The values in force, read from the validated `$c`, as the file's keys.
+            fn in_force(&self, $c: &$config, log: &LogOptions) -> $file {
+                let $o = self;
+                $file {
+                    $($key: slot!(
+                        show $kind (in_force!($how($($place)*))), form!($ty $(, $form)?)
+                    ),)*
+                    log_format: log.log_format.as_ref().map(<LogFormat as Form>::show),
+                    log_level: log.log_level.clone(),
+                }
+            }
+        }
+    };
+}
+
+/// What [`merge`] needs of an options type; [`settings!`] implements it.
+trait Options: Sized {
+    /// The keys this holds a value for.
+    fn given(&self) -> Vec<&'static str>;
+    /// `self` where given, else `lower`. Lists are taken whole from one source.
+    fn or(self, lower: Self) -> Self;
+    /// Parses the text of a file; `path` names it in errors and anchors relative paths.
+    fn parse_file(text: &str, path: &Path) -> Result<(Self, LogOptions), ConfigError>;
+    /// Reads a file into options (and its log settings).
+    fn read_file(path: &Path) -> Result<(Self, LogOptions), ConfigError> {
+        Self::parse_file(&read_text(path)?, path)
+    }
+}
+
+fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
+    if high.is_empty() {
+        low
+    } else {
+        high
+    }
+}
+
+settings! {
+    /// Hub settings from flags and environment (`None`: not given).
+    HubOptions, file HubFile, in force from config: HubConfig, options;
     /// UDP address agents connect to [default: 0.0.0.0:4433].
     #[arg(long, env = "RNA_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    listen: Option<SocketAddr> => show(Some(config.listen));
     /// SOCKS5 address [default: 127.0.0.1:1080].
     #[arg(long, env = "RNA_SOCKS")]
-    pub socks: Option<SocketAddr>,
+    socks: Option<SocketAddr> => show(Some(config.socks));
     /// Admin API and status page address [default: 127.0.0.1:8080].
     #[arg(long, env = "RNA_API")]
-    pub api: Option<SocketAddr>,
+    api: Option<SocketAddr> => show(config.api);
     /// Time a client of the admin API has to send a request head, from connecting or from
     /// the previous answer on a kept-alive connection [default: 10s].
     #[arg(long, env = "RNA_API_HEADER_TIMEOUT", value_parser = parse_duration)]
-    pub api_header_timeout: Option<Duration>,
+    api_header_timeout: Option<Duration> => field(config.api_limits.header_timeout);
     /// Time an admin API request has for its body, and a quick answer to be ready
     /// (Kubernetes commands have their own deadlines) [default: 30s].
     #[arg(long, env = "RNA_API_REQUEST_TIMEOUT", value_parser = parse_duration)]
-    pub api_request_timeout: Option<Duration>,
+    api_request_timeout: Option<Duration> => field(config.api_limits.request_timeout);
     /// Admin API connections open at once; more are answered 503 [default: 1024].
     #[arg(long, env = "RNA_API_MAX_CONNECTIONS")]
-    pub api_max_connections: Option<usize>,
+    api_max_connections: Option<usize> => field(config.api_limits.max_connections, at_least_one);
     /// Admin API connections one client IP may have open at once; more are answered 503
     /// [default: 64].
     #[arg(long, env = "RNA_API_MAX_CONNECTIONS_PER_IP")]
-    pub api_max_connections_per_ip: Option<usize>,
+    api_max_connections_per_ip: Option<usize> =>
+        field(config.api_limits.max_connections_per_ip, at_least_one);
     /// CA that agent certificates must chain to.
     #[arg(long, env = "RNA_CA")]
-    pub ca: Option<PathBuf>,
+    ca: Option<PathBuf> => show(options.ca.clone());
     /// Hub certificate (PEM).
     #[arg(long, env = "RNA_CERT")]
-    pub cert: Option<PathBuf>,
+    cert: Option<PathBuf> => show(options.cert.clone());
     /// Hub private key (PEM).
     #[arg(long, env = "RNA_KEY")]
-    pub key: Option<PathBuf>,
+    key: Option<PathBuf> => show(options.key.clone());
     /// Token store (see `rna token`).
     #[arg(long, env = "RNA_TOKENS")]
-    pub tokens: Option<PathBuf>,
+    tokens: Option<PathBuf> => show(Some(config.tokens.clone()));
     /// Accept SOCKS5 clients without credentials and route them to AGENT@TENANT (only when
     /// --socks is a loopback address).
     #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
-    pub socks_no_auth: Option<String>,
+    socks_no_auth: Option<String> =>
+        show(config.socks_no_auth.as_ref().map(|r| format!("{}@{}", r.agent, r.tenant)));
     /// Heartbeat interval announced to agents [default: 10s].
     #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
+    heartbeat_interval: Option<Duration> => field(config.heartbeat.interval);
     /// Silence after which an agent connection is closed [default: 30s].
     #[arg(long, env = "RNA_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
-    pub heartbeat_timeout: Option<Duration>,
+    heartbeat_timeout: Option<Duration> => field(config.heartbeat.timeout);
     /// Time in-flight streams get to finish on shutdown [default: 30s].
     #[arg(long, env = "RNA_GRACE", value_parser = parse_duration)]
-    pub grace: Option<Duration>,
+    grace: Option<Duration> => field(config.grace);
     /// Time a SOCKS client has for greeting, authentication and request [default: 10s].
     #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration)]
-    pub socks_greeting_timeout: Option<Duration>,
+    socks_greeting_timeout: Option<Duration> => field(config.socks_limits.greeting_timeout);
     /// SOCKS connections one client (IPv4 address or IPv6 /64) may have in the greeting at
     /// once [default: 256].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP")]
-    pub socks_half_open_per_ip: Option<usize>,
+    socks_half_open_per_ip: Option<usize> => field(config.socks_limits.half_open_per_ip);
     /// SOCKS connections in the greeting from all clients at once; when full, the busiest
     /// client's oldest one is closed for a newcomer [default: 4096].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
-    pub socks_half_open_total: Option<usize>,
+    socks_half_open_total: Option<usize> => field(config.socks_limits.half_open_total);
     /// Time an agent has to answer a tunnel request [default: 15s].
     #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration)]
-    pub open_timeout: Option<Duration>,
+    open_timeout: Option<Duration> => field(config.open_timeout);
     /// How often the token store file is checked for changes [default: 2s].
     #[arg(long, env = "RNA_TOKEN_POLL", value_parser = parse_duration)]
-    pub token_poll: Option<Duration>,
+    token_poll: Option<Duration> => field(config.token_poll);
     /// Label metrics with the agent name too (one series per agent: opt in only when the
     /// number of agents is bounded) [default: false].
     #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
-    pub metrics_per_agent: Option<bool>,
+    metrics_per_agent: Option<bool> => field(config.metrics_per_agent);
     /// Agent connections in the handshake at once; more are refused before any TLS work
     /// [default: 256].
     #[arg(long, env = "RNA_MAX_HANDSHAKES")]
-    pub max_handshakes: Option<usize>,
+    max_handshakes: Option<usize> => field(config.caps.handshakes, at_least_one);
     /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);
     /// more are refused [default: 16].
     #[arg(long, env = "RNA_MAX_HANDSHAKES_PER_SOURCE")]
-    pub max_handshakes_per_source: Option<usize>,
+    max_handshakes_per_source: Option<usize> =>
+        field(config.caps.handshakes_per_source, at_least_one);
     /// Handshakes in progress from which on new addresses must answer a QUIC Retry before any
     /// TLS work; 0 asks every new address [default: 32].
     #[arg(long, env = "RNA_RETRY_THRESHOLD")]
-    pub retry_threshold: Option<usize>,
+    retry_threshold: Option<usize> => field(config.caps.retry_threshold);
     /// Time for an agent's QUIC and TLS handshake [default: 5s].
     #[arg(long, env = "RNA_TLS_TIMEOUT", value_parser = parse_duration)]
-    pub tls_timeout: Option<Duration>,
+    tls_timeout: Option<Duration> => field(config.caps.tls_timeout);
     /// Time after TLS for an agent to send Hello [default: 5s].
     #[arg(long, env = "RNA_HELLO_TIMEOUT", value_parser = parse_duration)]
-    pub hello_timeout: Option<Duration>,
+    hello_timeout: Option<Duration> => field(config.caps.hello_timeout);
     /// Tunnel streams open or opening on one agent connection; more are answered 0x01
     /// [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS_PER_AGENT")]
-    pub max_streams_per_agent: Option<usize>,
+    max_streams_per_agent: Option<usize> => field(config.caps.streams_per_agent, at_least_one);
     /// Largest protocol frame accepted from an agent, in bytes, 1024 to 65536
     /// [default: 65536].
     #[arg(long, env = "RNA_MAX_FRAME")]
-    pub max_frame: Option<usize>,
+    max_frame: Option<usize> => field(config.caps.max_frame, frame_size);
     /// A tunnel stream with no byte moving either way for this long is reset [default: 1h].
     #[arg(long, env = "RNA_STREAM_IDLE_TIMEOUT", value_parser = parse_duration)]
-    pub stream_idle_timeout: Option<Duration>,
+    stream_idle_timeout: Option<Duration> => field(config.caps.stream_idle_timeout);
     /// Largest Kubernetes apply body through the admin API, in bytes, 1024 to 4194304; a
     /// larger one gets 413 [default: 4194304].
     #[arg(long, env = "RNA_MAX_KUBE_REQUEST")]
-    pub max_kube_request: Option<usize>,
+    max_kube_request: Option<usize> => field(config.caps.kube_request, kube_request_size);
     /// Sessions one agent name may hold in its tenant at once; more are refused
     /// too_many_sessions [default: 16].
     #[arg(long, env = "RNA_MAX_SESSIONS_PER_AGENT")]
-    pub max_sessions_per_agent: Option<usize>,
+    max_sessions_per_agent: Option<usize> => field(config.caps.sessions_per_agent, at_least_one);
     /// Sessions registered with one token at once; more are refused too_many_sessions
     /// [default: 1024].
     #[arg(long, env = "RNA_MAX_SESSIONS_PER_TOKEN")]
-    pub max_sessions_per_token: Option<usize>,
+    max_sessions_per_token: Option<usize> => field(config.caps.sessions_per_token, at_least_one);
     /// Least time between two inventory reports read from one agent session, up to 20s; a
     /// sooner one waits its turn [default: 5s].
     #[arg(long, env = "RNA_INVENTORY_INTERVAL", value_parser = parse_duration)]
-    pub inventory_interval: Option<Duration>,
+    inventory_interval: Option<Duration> =>
+        field(config.caps.inventory_interval, inventory_interval);
     /// Inventory reads through the admin API served at once per tenant; more wait up to
     /// 10 s, then get 429 [default: 4].
     #[arg(long, env = "RNA_MAX_HEAVY_REQUESTS_PER_TENANT")]
-    pub max_heavy_requests_per_tenant: Option<usize>,
+    max_heavy_requests_per_tenant: Option<usize> =>
+        field(config.caps.heavy_requests_per_tenant, at_least_one);
     /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
-    pub congestion: Option<Congestion>,
+    congestion: Option<Congestion> => field(config.limits.congestion);
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    worker_threads: Option<usize> => field(config.worker_threads, worker_threads);
     /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
     /// restart at once); created if missing.
     #[arg(long, env = "RNA_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf> => show(config.state_dir.clone());
     /// Time a Kubernetes command (other than wait, which has its own timeout) may take
     /// [default: 60s].
     #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
-    pub kube_timeout: Option<Duration>,
+    kube_timeout: Option<Duration> => field(config.kube_timeout);
     /// Kubernetes waits one token may have running at once; one more gets 429 [default: 8].
     #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
-    pub max_kube_waits_per_token: Option<usize>,
+    max_kube_waits_per_token: Option<usize> =>
+        field(config.caps.kube_waits_per_token, at_least_one);
 }
 
-/// Agent settings from flags and environment (`None` or empty: not given).
-#[derive(Debug, Clone, Default, Args)]
-pub struct AgentOptions {
+settings! {
+    /// Agent settings from flags and environment (`None` or empty: not given).
+    AgentOptions, file AgentFile, in force from settings: AgentSettings, options;
     /// Hub address (host:port, or host for port 4433); repeat for several hubs. Every
     /// address a name resolves to gets its own connection.
     #[arg(long, env = "RNA_HUB", value_delimiter = ',')]
-    pub hub: Vec<HubTarget>,
+    hub: Vec<HubTarget> => show(Some(settings.config.hubs.clone()));
     /// TLS name to verify the hub as [default: the host of --hub].
     #[arg(long, env = "RNA_SERVER_NAME")]
-    pub server_name: Option<String>,
+    server_name: Option<String> => show(settings.config.server_name.clone());
     /// Agent identifier; must equal the certificate's common name.
     #[arg(long, env = "RNA_NAME")]
-    pub name: Option<String>,
+    name: Option<String> => show(Some(settings.config.name.clone()));
     /// CA to verify the hub with.
     #[arg(long, env = "RNA_CA")]
-    pub ca: Option<PathBuf>,
+    ca: Option<PathBuf> => show(options.ca.clone());
     /// Agent certificate (PEM).
     #[arg(long, env = "RNA_CERT")]
-    pub cert: Option<PathBuf>,
+    cert: Option<PathBuf> => show(options.cert.clone());
     /// Agent private key (PEM).
     #[arg(long, env = "RNA_KEY")]
-    pub key: Option<PathBuf>,
+    key: Option<PathBuf> => show(options.key.clone());
     /// File holding the agent's token (scope connect:agentHub).
     #[arg(long, env = "RNA_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
+    token_file: Option<PathBuf> => show(options.token_file.clone());
     /// Destinations the agent may dial: CIDR, IP, host or *.domain, optionally :port.
     /// Without any, everything but the default-denied ranges is allowed.
     #[arg(long, env = "RNA_ALLOW", value_delimiter = ',')]
-    pub allow: Vec<Rule>,
+    allow: Vec<Rule> => show(Some(settings.config.policy.allow_rules().to_vec()));
     /// Destinations the agent refuses (checked first).
     #[arg(long, env = "RNA_DENY", value_delimiter = ',')]
-    pub deny: Vec<Rule>,
+    deny: Vec<Rule> => show(Some(settings.config.policy.deny_rules().to_vec()));
     /// Time allowed to resolve and connect one destination [default: 10s].
     #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration)]
-    pub dial_timeout: Option<Duration>,
+    dial_timeout: Option<Duration> => field(settings.config.dial_timeout);
     /// Tunnel streams the hub may have open on this agent's connection [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS")]
-    pub max_streams: Option<u32>,
+    max_streams: Option<u32> => field(settings.config.limits.tunnel_streams, at_least_one);
     /// Address of the agent's /healthz, /readyz and /metrics, or `off`; the default is skipped
     /// with a warning when its port is taken [default: 127.0.0.1:4434].
     #[arg(long, env = "RNA_METRICS")]
-    pub metrics: Option<String>,
+    metrics: Option<String> =>
+        show(Some(settings.metrics.addr().map_or_else(|| "off".to_string(), |a| a.to_string())));
     /// Dials in progress at once; more tunnel requests fail at once [default: 256].
     #[arg(long, env = "RNA_MAX_PENDING_DIALS")]
-    pub max_pending_dials: Option<usize>,
+    max_pending_dials: Option<usize> => field(settings.config.max_pending_dials, at_least_one);
     /// Largest protocol frame accepted from a hub, in bytes, 1024 to 65536 [default: 65536].
     #[arg(long, env = "RNA_MAX_FRAME")]
-    pub max_frame: Option<usize>,
+    max_frame: Option<usize> => field(settings.config.max_frame, frame_size);
     /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
-    pub congestion: Option<Congestion>,
+    congestion: Option<Congestion> => field(settings.config.limits.congestion);
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    worker_threads: Option<usize> => show(Some(settings.worker_threads));
     /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
     /// kubeconfig identity [default: on when the in-cluster environment is detected or
     /// --kubeconfig is given].
     #[arg(long, env = "RNA_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
-    pub kubernetes: Option<bool>,
+    kubernetes: Option<bool> => show(kubernetes_in_force(settings));
     /// Kubeconfig to act with instead of the in-cluster ServiceAccount (turns cluster mode on).
     #[arg(long, env = "RNA_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    kubeconfig: Option<PathBuf> =>
+        show(kubeconfig_in_force(settings).map(|(path, _)| path.clone()));
     /// Context of --kubeconfig to use [default: its current context].
     #[arg(long, env = "RNA_KUBE_CONTEXT")]
-    pub kube_context: Option<String>,
+    kube_context: Option<String> =>
+        show(kubeconfig_in_force(settings).and_then(|(_, context)| context.clone()));
     /// Namespaces Kubernetes commands may touch; repeat [default: all that RBAC allows].
     #[arg(long, env = "RNA_KUBE_NAMESPACE", value_delimiter = ',')]
-    pub kube_namespace: Vec<String>,
+    kube_namespace: Vec<String> as Namespace =>
+        show(kube(settings).map(|k| k.allow.namespaces.clone()));
     /// Resources Kubernetes commands may touch, as plural[.group] (deployments.apps,
     /// configmaps, *.example.com); repeat [default: all that RBAC allows].
     #[arg(long, env = "RNA_KUBE_RESOURCE", value_delimiter = ',')]
-    pub kube_resource: Vec<ResourceRule>,
+    kube_resource: Vec<ResourceRule> => show(kube(settings).map(|k| k.allow.resources.clone()));
     /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
     #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
-    pub kube_inventory_interval: Option<Duration>,
+    kube_inventory_interval: Option<Duration> => show(kube(settings).map(|k| k.inventory_interval));
     /// Secrets holding the agent's own credentials, as NAME (in the agent's namespace) or
     /// NAMESPACE/NAME: no Kubernetes command reads or changes them; repeat
     /// [default: rna-agent-tls,rna-agent-token].
     #[arg(long, env = "RNA_KUBE_PROTECTED_SECRET", value_delimiter = ',')]
-    pub kube_protected_secret: Vec<SecretRef>,
+    kube_protected_secret: Vec<SecretRef> =>
+        show(kube(settings).map(|k| k.protected_secrets.clone()));
 }
 
 /// Where the values in force came from, so an error names the file only for a value that the
@@ -453,140 +736,6 @@ impl Sources {
     }
 }
 
-/// `given()` (the keys holding a value: `Some` or a non-empty list) and `or()` (field by
-/// field, `self` where given, else `lower`; lists are taken whole from one source) for an
-/// options type, from one list of its fields. The struct literal in `or` makes the compiler
-/// refuse a list that misses a field.
-macro_rules! merge_options {
-    ($ty:ident; $($opt:ident),* ; $($list:ident),*) => {
-        impl $ty {
-            /// The keys this holds a value for.
-            pub fn given(&self) -> Vec<&'static str> {
-                let mut keys = Vec::new();
-                $(if self.$opt.is_some() { keys.push(stringify!($opt)); })*
-                $(if !self.$list.is_empty() { keys.push(stringify!($list)); })*
-                keys
-            }
-
-            /// `self` where given, else `lower`. Lists are taken whole from one source.
-            pub fn or(self, lower: $ty) -> $ty {
-                $ty {
-                    $($opt: self.$opt.or(lower.$opt),)*
-                    $($list: or_vec(self.$list, lower.$list),)*
-                }
-            }
-        }
-    };
-}
-
-fn or_vec<T>(high: Vec<T>, low: Vec<T>) -> Vec<T> {
-    if high.is_empty() {
-        low
-    } else {
-        high
-    }
-}
-
-merge_options!(
-    HubOptions;
-    listen, socks, api, api_header_timeout, api_request_timeout, api_max_connections,
-    api_max_connections_per_ip, ca, cert, key, tokens, socks_no_auth, heartbeat_interval,
-    heartbeat_timeout, grace, socks_greeting_timeout, socks_half_open_per_ip,
-    socks_half_open_total, open_timeout, token_poll, metrics_per_agent, max_handshakes,
-    max_handshakes_per_source, retry_threshold, tls_timeout, hello_timeout,
-    max_streams_per_agent, max_frame, max_kube_request, stream_idle_timeout, congestion,
-    state_dir, kube_timeout, worker_threads, max_kube_waits_per_token, max_sessions_per_agent,
-    max_sessions_per_token, inventory_interval, max_heavy_requests_per_tenant;
-);
-
-merge_options!(
-    AgentOptions;
-    server_name, name, ca, cert, key, token_file, dial_timeout, max_streams, metrics,
-    max_pending_dials, max_frame, congestion, kubernetes, kubeconfig, kube_context,
-    kube_inventory_interval, worker_threads;
-    hub, allow, deny, kube_namespace, kube_resource, kube_protected_secret
-);
-
-/// The hub's TOML file, as written (values checked when converted). `--check-config` prints
-/// the configuration in force in this form. Duration keys take a string with a unit or an
-/// integer number of seconds.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct HubFile {
-    listen: Option<String>,
-    socks: Option<String>,
-    api: Option<String>,
-    api_header_timeout: Option<FileDuration>,
-    api_request_timeout: Option<FileDuration>,
-    api_max_connections: Option<usize>,
-    api_max_connections_per_ip: Option<usize>,
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    tokens: Option<PathBuf>,
-    socks_no_auth: Option<String>,
-    heartbeat_interval: Option<FileDuration>,
-    heartbeat_timeout: Option<FileDuration>,
-    grace: Option<FileDuration>,
-    socks_greeting_timeout: Option<FileDuration>,
-    socks_half_open_per_ip: Option<usize>,
-    socks_half_open_total: Option<usize>,
-    open_timeout: Option<FileDuration>,
-    token_poll: Option<FileDuration>,
-    metrics_per_agent: Option<bool>,
-    max_handshakes: Option<usize>,
-    max_handshakes_per_source: Option<usize>,
-    retry_threshold: Option<usize>,
-    tls_timeout: Option<FileDuration>,
-    hello_timeout: Option<FileDuration>,
-    max_streams_per_agent: Option<usize>,
-    max_frame: Option<usize>,
-    max_kube_request: Option<usize>,
-    max_sessions_per_agent: Option<usize>,
-    max_sessions_per_token: Option<usize>,
-    inventory_interval: Option<FileDuration>,
-    max_heavy_requests_per_tenant: Option<usize>,
-    stream_idle_timeout: Option<FileDuration>,
-    congestion: Option<String>,
-    state_dir: Option<PathBuf>,
-    kube_timeout: Option<FileDuration>,
-    max_kube_waits_per_token: Option<usize>,
-    worker_threads: Option<usize>,
-    log_format: Option<String>,
-    log_level: Option<String>,
-}
-
-/// The agent's TOML file, as written.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct AgentFile {
-    hub: Option<Vec<String>>,
-    server_name: Option<String>,
-    name: Option<String>,
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    token_file: Option<PathBuf>,
-    allow: Option<Vec<String>>,
-    deny: Option<Vec<String>>,
-    dial_timeout: Option<FileDuration>,
-    max_streams: Option<u32>,
-    metrics: Option<String>,
-    max_pending_dials: Option<usize>,
-    max_frame: Option<usize>,
-    congestion: Option<String>,
-    kubernetes: Option<bool>,
-    kubeconfig: Option<PathBuf>,
-    kube_context: Option<String>,
-    kube_namespace: Option<Vec<String>>,
-    kube_resource: Option<Vec<String>>,
-    kube_inventory_interval: Option<FileDuration>,
-    kube_protected_secret: Option<Vec<String>>,
-    worker_threads: Option<usize>,
-    log_format: Option<String>,
-    log_level: Option<String>,
-}
-
 /// Converts file values, naming the file and key in errors.
 struct Checker<'a> {
     origin: &'a str,
@@ -594,57 +743,35 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn parse<T, E: fmt::Display>(
+    fn invalid(&self, key: String, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            key,
+            message,
+        }
+    }
+
+    fn one<F: Form>(
         &self,
         key: &str,
-        value: Option<String>,
-        parse: impl Fn(&str) -> Result<T, E>,
-    ) -> Result<Option<T>, ConfigError> {
+        value: Option<F::File>,
+    ) -> Result<Option<F::Value>, ConfigError> {
         value
-            .map(|v| {
-                parse(&v).map_err(|e| ConfigError::Invalid {
-                    origin: self.origin.to_string(),
-                    key: key.to_string(),
-                    message: e.to_string(),
-                })
-            })
+            .map(|v| F::read(v, self.base).map_err(|m| self.invalid(key.to_string(), m)))
             .transpose()
     }
 
-    fn list<T, E: fmt::Display>(
+    fn list<F: Form>(
         &self,
         key: &str,
-        values: Option<Vec<String>>,
-        parse: impl Fn(&str) -> Result<T, E>,
-    ) -> Result<Vec<T>, ConfigError> {
+        values: Option<Vec<F::File>>,
+    ) -> Result<Vec<F::Value>, ConfigError> {
         values
             .unwrap_or_default()
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(i, v)| {
-                parse(v).map_err(|e| ConfigError::Invalid {
-                    origin: self.origin.to_string(),
-                    key: format!("{key}[{i}]"),
-                    message: e.to_string(),
-                })
-            })
+            .map(|(i, v)| F::read(v, self.base).map_err(|m| self.invalid(format!("{key}[{i}]"), m)))
             .collect()
-    }
-
-    fn duration(
-        &self,
-        key: &str,
-        value: Option<FileDuration>,
-    ) -> Result<Option<Duration>, ConfigError> {
-        self.parse(key, value.map(|d| d.0), parse_duration)
-    }
-
-    /// Relative paths in a file are relative to the file's folder.
-    fn path(&self, p: Option<PathBuf>) -> Option<PathBuf> {
-        p.map(|p| match self.base {
-            Some(base) if p.is_relative() => base.join(p),
-            _ => p,
-        })
     }
 }
 
@@ -709,7 +836,7 @@ fn unknown_key(message: &str) -> Option<(String, String)> {
         .unwrap_or_default();
     let closest = expected
         .iter()
-        .map(|k| (edit_distance(key, k), *k))
+        .map(|k| (strsim::levenshtein(key, k), *k))
         .min()
         .filter(|(d, _)| *d <= (key.len() / 3).max(1));
     let message = match closest {
@@ -717,23 +844,6 @@ fn unknown_key(message: &str) -> Option<(String, String)> {
         None => "unknown key".to_string(),
     };
     Some((key.to_string(), message))
-}
-
-/// Levenshtein distance, for "did you mean".
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + cost);
-            prev = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
 }
 
 /// ` (line N)` for a span in `text`.
@@ -747,127 +857,16 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
-/// Reads a hub file into options (and its log settings).
-pub fn read_hub_file(path: &Path) -> Result<(HubOptions, LogOptions), ConfigError> {
-    parse_hub_file(&read_text(path)?, path)
-}
-
-/// Parses the text of a hub file; `path` names it in errors and anchors relative paths.
-pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions), ConfigError> {
-    let (f, origin): (HubFile, String) = parse_toml(text, path)?;
-    let c = Checker {
-        origin: &origin,
-        base: path.parent(),
-    };
-    let options = HubOptions {
-        listen: c.parse("listen", f.listen, parse_addr)?,
-        socks: c.parse("socks", f.socks, parse_addr)?,
-        api: c.parse("api", f.api, parse_addr)?,
-        api_header_timeout: c.duration("api_header_timeout", f.api_header_timeout)?,
-        api_request_timeout: c.duration("api_request_timeout", f.api_request_timeout)?,
-        api_max_connections: f.api_max_connections,
-        api_max_connections_per_ip: f.api_max_connections_per_ip,
-        ca: c.path(f.ca),
-        cert: c.path(f.cert),
-        key: c.path(f.key),
-        tokens: c.path(f.tokens),
-        socks_no_auth: f.socks_no_auth,
-        heartbeat_interval: c.duration("heartbeat_interval", f.heartbeat_interval)?,
-        heartbeat_timeout: c.duration("heartbeat_timeout", f.heartbeat_timeout)?,
-        grace: c.duration("grace", f.grace)?,
-        socks_greeting_timeout: c.duration("socks_greeting_timeout", f.socks_greeting_timeout)?,
-        socks_half_open_per_ip: f.socks_half_open_per_ip,
-        socks_half_open_total: f.socks_half_open_total,
-        open_timeout: c.duration("open_timeout", f.open_timeout)?,
-        token_poll: c.duration("token_poll", f.token_poll)?,
-        metrics_per_agent: f.metrics_per_agent,
-        max_handshakes: f.max_handshakes,
-        max_handshakes_per_source: f.max_handshakes_per_source,
-        retry_threshold: f.retry_threshold,
-        tls_timeout: c.duration("tls_timeout", f.tls_timeout)?,
-        hello_timeout: c.duration("hello_timeout", f.hello_timeout)?,
-        max_streams_per_agent: f.max_streams_per_agent,
-        max_frame: f.max_frame,
-        max_kube_request: f.max_kube_request,
-        max_sessions_per_agent: f.max_sessions_per_agent,
-        max_sessions_per_token: f.max_sessions_per_token,
-        inventory_interval: c.duration("inventory_interval", f.inventory_interval)?,
-        max_heavy_requests_per_tenant: f.max_heavy_requests_per_tenant,
-        stream_idle_timeout: c.duration("stream_idle_timeout", f.stream_idle_timeout)?,
-        congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
-        state_dir: c.path(f.state_dir),
-        kube_timeout: c.duration("kube_timeout", f.kube_timeout)?,
-        max_kube_waits_per_token: f.max_kube_waits_per_token,
-        worker_threads: f.worker_threads,
-    };
-    let log = LogOptions {
-        log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
-        log_level: f.log_level,
-    };
-    Ok((options, log))
-}
-
-/// Reads an agent file into options (and its log settings).
-pub fn read_agent_file(path: &Path) -> Result<(AgentOptions, LogOptions), ConfigError> {
-    parse_agent_file(&read_text(path)?, path)
-}
-
-/// Parses the text of an agent file; `path` names it in errors and anchors relative paths.
-pub fn parse_agent_file(
-    text: &str,
-    path: &Path,
-) -> Result<(AgentOptions, LogOptions), ConfigError> {
-    let (f, origin): (AgentFile, String) = parse_toml(text, path)?;
-    let c = Checker {
-        origin: &origin,
-        base: path.parent(),
-    };
-    let options = AgentOptions {
-        hub: c.list("hub", f.hub, HubTarget::from_str)?,
-        server_name: f.server_name,
-        name: f.name,
-        ca: c.path(f.ca),
-        cert: c.path(f.cert),
-        key: c.path(f.key),
-        token_file: c.path(f.token_file),
-        allow: c.list("allow", f.allow, Rule::from_str)?,
-        deny: c.list("deny", f.deny, Rule::from_str)?,
-        dial_timeout: c.duration("dial_timeout", f.dial_timeout)?,
-        max_streams: f.max_streams,
-        metrics: f.metrics,
-        max_pending_dials: f.max_pending_dials,
-        max_frame: f.max_frame,
-        congestion: c.parse("congestion", f.congestion, Congestion::from_str)?,
-        kubernetes: f.kubernetes,
-        kubeconfig: c.path(f.kubeconfig),
-        kube_context: f.kube_context,
-        kube_namespace: c.list("kube_namespace", f.kube_namespace, parse_namespace)?,
-        kube_resource: c.list("kube_resource", f.kube_resource, ResourceRule::from_str)?,
-        kube_inventory_interval: c
-            .duration("kube_inventory_interval", f.kube_inventory_interval)?,
-        kube_protected_secret: c.list(
-            "kube_protected_secret",
-            f.kube_protected_secret,
-            SecretRef::from_str,
-        )?,
-        worker_threads: f.worker_threads,
-    };
-    let log = LogOptions {
-        log_format: c.parse("log_format", f.log_format, LogFormat::from_str)?,
-        log_level: f.log_level,
-    };
-    Ok((options, log))
-}
-
-/// Merges command line over file (if any): the options in force and the log settings.
-pub fn merge_hub(
+/// Merges command line over file (if any): the options in force, the log settings, and where
+/// each value came from.
+fn merge<O: Options>(
     file: Option<&Path>,
-    cli: HubOptions,
+    cli: O,
     cli_log: LogOptions,
-) -> Result<(HubOptions, LogOptions, Sources), ConfigError> {
+) -> Result<(O, LogOptions, Sources), ConfigError> {
     match file {
         Some(path) => {
-            let (options, log) = read_hub_file(path)?;
+            let (options, log) = O::read_file(path)?;
             let sources = Sources {
                 file: Some(path.display().to_string()),
                 command_line: cli.given(),
@@ -876,6 +875,15 @@ pub fn merge_hub(
         }
         None => Ok((cli, cli_log, Sources::command_line())),
     }
+}
+
+/// Merges command line over file (if any) for the hub.
+pub fn merge_hub(
+    file: Option<&Path>,
+    cli: HubOptions,
+    cli_log: LogOptions,
+) -> Result<(HubOptions, LogOptions, Sources), ConfigError> {
+    merge(file, cli, cli_log)
 }
 
 /// Merges command line over file (if any) for the agent.
@@ -884,17 +892,7 @@ pub fn merge_agent(
     cli: AgentOptions,
     cli_log: LogOptions,
 ) -> Result<(AgentOptions, LogOptions, Sources), ConfigError> {
-    match file {
-        Some(path) => {
-            let (options, log) = read_agent_file(path)?;
-            let sources = Sources {
-                file: Some(path.display().to_string()),
-                command_line: cli.given(),
-            };
-            Ok((cli.or(options), cli_log.or(log), sources))
-        }
-        None => Ok((cli, cli_log, Sources::command_line())),
-    }
+    merge(file, cli, cli_log)
 }
 
 /// `e` and its causes, `: `-separated.
@@ -961,7 +959,7 @@ fn tls_error(
 
 macro_rules! required {
     ($opt:expr, $key:literal, $flag:literal, $env:literal) => {
-        $opt.ok_or(ConfigError::Missing {
+        $opt.clone().ok_or(ConfigError::Missing {
             key: $key,
             flag: $flag,
             env: $env,
@@ -995,130 +993,19 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
-    let api = &mut config.api_limits;
-    if let Some(t) = o.api_header_timeout {
-        api.header_timeout = t;
+    config.state_dir = o.state_dir.clone();
+    if let Some(route) = &o.socks_no_auth {
+        config.socks_no_auth = Some(parse_no_auth(route).map_err(|m| invalid("socks_no_auth", m))?);
     }
-    if let Some(t) = o.api_request_timeout {
-        api.request_timeout = t;
-    }
-    if let Some(n) = o.api_max_connections {
-        api.max_connections = at_least_one(n).map_err(|m| invalid("api_max_connections", m))?;
-    }
-    if let Some(n) = o.api_max_connections_per_ip {
-        api.max_connections_per_ip =
-            at_least_one(n).map_err(|m| invalid("api_max_connections_per_ip", m))?;
-    }
-    if let Some(route) = o.socks_no_auth {
-        config.socks_no_auth =
-            Some(parse_no_auth(&route).map_err(|m| invalid("socks_no_auth", m))?);
-    }
-    let heartbeat = Heartbeat {
-        interval: o.heartbeat_interval.unwrap_or(config.heartbeat.interval),
-        timeout: o.heartbeat_timeout.unwrap_or(config.heartbeat.timeout),
-    };
-    if heartbeat.timeout <= heartbeat.interval {
+    o.apply(&mut config, sources)?;
+    if config.heartbeat.timeout <= config.heartbeat.interval {
         return Err(invalid(
             "heartbeat_timeout",
             format!(
                 "{:?} must be longer than heartbeat_interval {:?}",
-                heartbeat.timeout, heartbeat.interval
+                config.heartbeat.timeout, config.heartbeat.interval
             ),
         ));
-    }
-    config.heartbeat = heartbeat;
-    if let Some(g) = o.grace {
-        config.grace = g;
-    }
-    let limits = &mut config.socks_limits;
-    if let Some(t) = o.socks_greeting_timeout {
-        limits.greeting_timeout = t;
-    }
-    if let Some(n) = o.socks_half_open_per_ip {
-        limits.half_open_per_ip = n;
-    }
-    if let Some(n) = o.socks_half_open_total {
-        limits.half_open_total = n;
-    }
-    if let Some(t) = o.open_timeout {
-        config.open_timeout = t;
-    }
-    if let Some(t) = o.token_poll {
-        config.token_poll = t;
-    }
-    config.metrics_per_agent = o.metrics_per_agent.unwrap_or(false);
-    config.state_dir = o.state_dir;
-    if let Some(t) = o.kube_timeout {
-        config.kube_timeout = t;
-    }
-    let caps = &mut config.caps;
-    if let Some(n) = o.max_handshakes {
-        caps.handshakes = at_least_one(n).map_err(|m| invalid("max_handshakes", m))?;
-    }
-    if let Some(n) = o.max_handshakes_per_source {
-        caps.handshakes_per_source =
-            at_least_one(n).map_err(|m| invalid("max_handshakes_per_source", m))?;
-    }
-    if let Some(n) = o.retry_threshold {
-        caps.retry_threshold = n;
-    }
-    if let Some(t) = o.tls_timeout {
-        caps.tls_timeout = t;
-    }
-    if let Some(t) = o.hello_timeout {
-        caps.hello_timeout = t;
-    }
-    if let Some(n) = o.max_streams_per_agent {
-        caps.streams_per_agent =
-            at_least_one(n).map_err(|m| invalid("max_streams_per_agent", m))?;
-    }
-    if let Some(n) = o.max_frame {
-        caps.max_frame = frame_size(n).map_err(|m| invalid("max_frame", m))?;
-    }
-    if let Some(t) = o.stream_idle_timeout {
-        caps.stream_idle_timeout = t;
-    }
-    if let Some(n) = o.max_kube_request {
-        let max = crate::proto::kube::MAX_KUBE_REQUEST;
-        if !(MIN_FRAME..=max).contains(&n) {
-            return Err(invalid(
-                "max_kube_request",
-                format!("{n} must be between {MIN_FRAME} and {max} bytes"),
-            ));
-        }
-        caps.kube_request = n;
-    }
-    if let Some(n) = o.max_kube_waits_per_token {
-        caps.kube_waits_per_token =
-            at_least_one(n).map_err(|m| invalid("max_kube_waits_per_token", m))?;
-    }
-    if let Some(n) = o.max_sessions_per_agent {
-        caps.sessions_per_agent =
-            at_least_one(n).map_err(|m| invalid("max_sessions_per_agent", m))?;
-    }
-    if let Some(n) = o.max_sessions_per_token {
-        caps.sessions_per_token =
-            at_least_one(n).map_err(|m| invalid("max_sessions_per_token", m))?;
-    }
-    if let Some(t) = o.inventory_interval {
-        // The agent waits 30 s for the hub to take a report; a turn must come before that.
-        if t > Duration::from_secs(20) {
-            return Err(invalid(
-                "inventory_interval",
-                format!("{t:?} is longer than 20s"),
-            ));
-        }
-        caps.inventory_interval = t;
-    }
-    if let Some(n) = o.max_heavy_requests_per_tenant {
-        caps.heavy_requests_per_tenant =
-            at_least_one(n).map_err(|m| invalid("max_heavy_requests_per_tenant", m))?;
-    }
-    if let Some(c) = o.congestion {
-        config.limits.congestion = c;
-    }
-    if let Some(n) = o.worker_threads {
-        config.worker_threads = worker_threads(n).map_err(|m| invalid("worker_threads", m))?;
     }
     if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
         return Err(invalid(
@@ -1132,11 +1019,30 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     Ok(config)
 }
 
-fn at_least_one(n: usize) -> Result<usize, String> {
-    if n == 0 {
+fn at_least_one<T: Default + PartialEq>(n: T) -> Result<T, String> {
+    if n == T::default() {
         return Err("must be at least 1".into());
     }
     Ok(n)
+}
+
+/// The admin API's cap on a Kubernetes apply body: at least a frame, at most what the
+/// command channel carries.
+fn kube_request_size(n: usize) -> Result<usize, String> {
+    let max = crate::proto::kube::MAX_KUBE_REQUEST;
+    if !(MIN_FRAME..=max).contains(&n) {
+        return Err(format!("{n} must be between {MIN_FRAME} and {max} bytes"));
+    }
+    Ok(n)
+}
+
+/// The least time between two inventory reports of one session. The agent waits 30 s for
+/// the hub to take a report; a turn must come before that.
+fn inventory_interval(t: Duration) -> Result<Duration, String> {
+    if t > Duration::from_secs(20) {
+        return Err(format!("{t:?} is longer than 20s"));
+    }
+    Ok(t)
 }
 
 /// The smallest frame cap: Hello with a long name, token and capabilities fits well below.
@@ -1206,6 +1112,7 @@ pub struct AgentSettings {
 /// Validates agent options into the agent's configuration, reading certificates and token.
 pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
     let invalid = |key: &str, message: String| sources.invalid(key, message);
+    // Checked before any file is read, so a bad count is the first line the agent prints.
     let worker_threads = match o.worker_threads {
         Some(n) => worker_threads(n).map_err(|m| invalid("worker_threads", m))?,
         None => crate::runtime::default_worker_threads(),
@@ -1237,31 +1144,13 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     // The hub would refuse such a certificate at every handshake; say so now.
     tls.check().map_err(|e| tls_error(sources, files, e))?;
     let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
-    let mut config = AgentConfig::new(o.hub, name, tls, token);
+    let mut config = AgentConfig::new(o.hub.clone(), name, tls, token);
     config.token_file = Some(token_file);
-    if let Some(name) = o.server_name {
+    if let Some(name) = o.server_name.clone() {
         crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
         config.server_name = Some(name);
     }
-    config.policy = Policy::new(o.allow, o.deny);
-    if let Some(t) = o.dial_timeout {
-        config.dial_timeout = t;
-    }
-    if let Some(n) = o.max_streams {
-        if n == 0 {
-            return Err(invalid("max_streams", "must be at least 1".into()));
-        }
-        config.limits.tunnel_streams = n;
-    }
-    if let Some(n) = o.max_pending_dials {
-        config.max_pending_dials = at_least_one(n).map_err(|m| invalid("max_pending_dials", m))?;
-    }
-    if let Some(n) = o.max_frame {
-        config.max_frame = frame_size(n).map_err(|m| invalid("max_frame", m))?;
-    }
-    if let Some(c) = o.congestion {
-        config.limits.congestion = c;
-    }
+    config.policy = Policy::new(o.allow.clone(), o.deny.clone());
     let metrics = match o.metrics.as_deref() {
         None => MetricsListen::Default(DEFAULT_AGENT_METRICS),
         Some("off") => MetricsListen::Off,
@@ -1269,28 +1158,30 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     };
     config.kube = kube_settings(
         o.kubernetes,
-        o.kubeconfig,
-        o.kube_context,
-        o.kube_namespace,
-        o.kube_resource,
+        o.kubeconfig.clone(),
+        o.kube_context.clone(),
+        o.kube_namespace.clone(),
+        o.kube_resource.clone(),
         o.kube_inventory_interval,
         in_cluster_detected(),
     )
     .map_err(|(key, message)| invalid(key, message))?;
     if let Some(kube) = config.kube.as_mut() {
         if !o.kube_protected_secret.is_empty() {
-            kube.protected_secrets = o.kube_protected_secret;
+            kube.protected_secrets = o.kube_protected_secret.clone();
         }
     }
     // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
     if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
         kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
     }
-    Ok(AgentSettings {
+    let mut settings = AgentSettings {
         config,
         metrics,
         worker_threads,
-    })
+    };
+    o.apply(&mut settings, sources)?;
+    Ok(settings)
 }
 
 /// A worker thread count, 1 to [`crate::runtime::MAX_WORKER_THREADS`].
@@ -1375,22 +1266,27 @@ pub fn kube_settings(
     Ok(Some(settings))
 }
 
-/// A path as printed: absolute, so the printed file reads the same files from any folder.
-fn shown(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+/// Cluster mode as printed: off and asked-for are written out; only detected is left out, so
+/// the printed file detects it the same way.
+fn kubernetes_in_force(settings: &AgentSettings) -> Option<bool> {
+    match kube(settings) {
+        None => Some(false),
+        Some(k) if k.required => Some(true),
+        Some(_) => None,
+    }
 }
 
-fn congestion_name(c: Congestion) -> Option<String> {
-    use clap::ValueEnum;
-    c.to_possible_value().map(|v| v.get_name().to_string())
+/// Cluster mode's settings, if it is on.
+fn kube(settings: &AgentSettings) -> Option<&KubeSettings> {
+    settings.config.kube.as_ref()
 }
 
-fn log_keys(log: &LogOptions) -> (Option<String>, Option<String>) {
-    let format = log.log_format.map(|f| match f {
-        LogFormat::Text => "text".to_string(),
-        LogFormat::Json => "json".to_string(),
-    });
-    (format, log.log_level.clone())
+/// The kubeconfig and context cluster mode acts with, if it uses a kubeconfig.
+fn kubeconfig_in_force(settings: &AgentSettings) -> Option<(&PathBuf, &Option<String>)> {
+    match kube(settings).map(|k| &k.source) {
+        Some(KubeSource::Kubeconfig { path, context }) => Some((path, context)),
+        _ => None,
+    }
 }
 
 fn to_toml<T: Serialize>(file: &T) -> Result<String, ConfigError> {
@@ -1405,55 +1301,7 @@ pub fn hub_file_text(
     config: &HubConfig,
     log: &LogOptions,
 ) -> Result<String, ConfigError> {
-    let (log_format, log_level) = log_keys(log);
-    let d = |d: Duration| Some(FileDuration::from(d));
-    let file = HubFile {
-        listen: Some(config.listen.to_string()),
-        socks: Some(config.socks.to_string()),
-        api: config.api.map(|a| a.to_string()),
-        api_header_timeout: d(config.api_limits.header_timeout),
-        api_request_timeout: d(config.api_limits.request_timeout),
-        api_max_connections: Some(config.api_limits.max_connections),
-        api_max_connections_per_ip: Some(config.api_limits.max_connections_per_ip),
-        ca: options.ca.as_deref().map(shown),
-        cert: options.cert.as_deref().map(shown),
-        key: options.key.as_deref().map(shown),
-        tokens: Some(shown(&config.tokens)),
-        socks_no_auth: config
-            .socks_no_auth
-            .as_ref()
-            .map(|r| format!("{}@{}", r.agent, r.tenant)),
-        heartbeat_interval: d(config.heartbeat.interval),
-        heartbeat_timeout: d(config.heartbeat.timeout),
-        grace: d(config.grace),
-        socks_greeting_timeout: d(config.socks_limits.greeting_timeout),
-        socks_half_open_per_ip: Some(config.socks_limits.half_open_per_ip),
-        socks_half_open_total: Some(config.socks_limits.half_open_total),
-        open_timeout: d(config.open_timeout),
-        token_poll: d(config.token_poll),
-        metrics_per_agent: Some(config.metrics_per_agent),
-        max_handshakes: Some(config.caps.handshakes),
-        max_handshakes_per_source: Some(config.caps.handshakes_per_source),
-        retry_threshold: Some(config.caps.retry_threshold),
-        tls_timeout: d(config.caps.tls_timeout),
-        hello_timeout: d(config.caps.hello_timeout),
-        max_streams_per_agent: Some(config.caps.streams_per_agent),
-        max_frame: Some(config.caps.max_frame),
-        max_kube_request: Some(config.caps.kube_request),
-        stream_idle_timeout: d(config.caps.stream_idle_timeout),
-        congestion: congestion_name(config.limits.congestion),
-        state_dir: config.state_dir.as_deref().map(shown),
-        kube_timeout: d(config.kube_timeout),
-        max_kube_waits_per_token: Some(config.caps.kube_waits_per_token),
-        max_sessions_per_agent: Some(config.caps.sessions_per_agent),
-        max_sessions_per_token: Some(config.caps.sessions_per_token),
-        inventory_interval: d(config.caps.inventory_interval),
-        max_heavy_requests_per_tenant: Some(config.caps.heavy_requests_per_tenant),
-        worker_threads: Some(config.worker_threads),
-        log_format,
-        log_level,
-    };
-    to_toml(&file)
+    to_toml(&options.in_force(config, log))
 }
 
 /// The agent configuration in force (defaults included) as the keys of its configuration
@@ -1464,59 +1312,141 @@ pub fn agent_file_text(
     settings: &AgentSettings,
     log: &LogOptions,
 ) -> Result<String, ConfigError> {
-    let config = &settings.config;
-    let (log_format, log_level) = log_keys(log);
-    let d = |d: Duration| Some(FileDuration::from(d));
-    let strings = |v: &[Rule]| Some(v.iter().map(|r| r.to_string()).collect::<Vec<_>>());
-    let kube = config.kube.as_ref();
-    let (kubeconfig, kube_context) = match kube.map(|k| &k.source) {
-        Some(KubeSource::Kubeconfig { path, context }) => (Some(shown(path)), context.clone()),
-        _ => (None, None),
-    };
-    let file = AgentFile {
-        hub: Some(config.hubs.iter().map(|h| h.to_string()).collect()),
-        server_name: config.server_name.clone(),
-        name: Some(config.name.clone()),
-        ca: options.ca.as_deref().map(shown),
-        cert: options.cert.as_deref().map(shown),
-        key: options.key.as_deref().map(shown),
-        token_file: options.token_file.as_deref().map(shown),
-        allow: strings(config.policy.allow_rules()),
-        deny: strings(config.policy.deny_rules()),
-        dial_timeout: d(config.dial_timeout),
-        max_streams: Some(config.limits.tunnel_streams),
-        metrics: Some(
-            settings
-                .metrics
-                .addr()
-                .map_or_else(|| "off".to_string(), |a| a.to_string()),
-        ),
-        max_pending_dials: Some(config.max_pending_dials),
-        max_frame: Some(config.max_frame),
-        congestion: congestion_name(config.limits.congestion),
-        // Only detected (not asked for): left out, so the file detects it the same way.
-        kubernetes: match kube {
-            None => Some(false),
-            Some(k) if k.required => Some(true),
-            Some(_) => None,
-        },
-        kubeconfig,
-        kube_context,
-        kube_namespace: kube.map(|k| k.allow.namespaces.clone()),
-        kube_resource: kube.map(|k| k.allow.resources.iter().map(|r| r.to_string()).collect()),
-        kube_inventory_interval: kube.and_then(|k| d(k.inventory_interval)),
-        kube_protected_secret: kube
-            .map(|k| k.protected_secrets.iter().map(|r| r.to_string()).collect()),
-        worker_threads: Some(settings.worker_threads),
-        log_format,
-        log_level,
-    };
-    to_toml(&file)
+    to_toml(&options.in_force(settings, log))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    settings! {
+        /// A command with two keys, each declared once, to show what one entry gives.
+        DemoOptions, file DemoFile, in force from config: Duration, options;
+        /// How long to wait.
+        #[arg(long, env = "RNA_DEMO_WAIT", value_parser = parse_duration)]
+        wait: Option<Duration> => field(*config, inventory_interval);
+        /// Where to look; repeat.
+        #[arg(long, env = "RNA_DEMO_PLACE", value_delimiter = ',')]
+        place: Vec<PathBuf> => show(Some(options.place.clone()));
+    }
+
+    /// One entry is a flag with its variable, a file key read with its checks and relative
+    /// paths, a merge that prefers the command line, and a printed key that reads back.
+    #[test]
+    fn one_entry_is_a_flag_a_variable_a_file_key_a_merge_and_a_printed_key() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: DemoOptions,
+        }
+        let command = Cli::command();
+        let wait = command
+            .get_arguments()
+            .find(|a| a.get_id() == "wait")
+            .expect("--wait");
+        assert_eq!(wait.get_long(), Some("wait"));
+        assert_eq!(
+            wait.get_env().and_then(|e| e.to_str()),
+            Some("RNA_DEMO_WAIT")
+        );
+        let cli = Cli::try_parse_from(["demo", "--wait", "9s"]).expect("flags parse");
+        assert_eq!(cli.options.wait, Some(Duration::from_secs(9)));
+        assert!(Cli::try_parse_from(["demo", "--wait", "soon"]).is_err());
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("demo.toml");
+        std::fs::write(
+            &file,
+            "wait = 30\nplace = [\"a\", \"/b\"]\nlog_level = \"debug\"\n",
+        )
+        .expect("write");
+        let (from_file, log) = DemoOptions::read_file(&file).expect("file reads");
+        assert_eq!(from_file.wait, Some(Duration::from_secs(30)));
+        assert_eq!(from_file.place, [tmp.path().join("a"), PathBuf::from("/b")]);
+        assert_eq!(log.log_level.as_deref(), Some("debug"));
+        let err = DemoOptions::parse_file("wait = \"soon\"\n", Path::new("demo.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("demo.toml: wait: invalid duration \"soon\""),
+            "{err}"
+        );
+        let err = DemoOptions::parse_file("wai = 1\n", Path::new("demo.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "demo.toml: wai: unknown key (did you mean `wait`?) (line 1)"
+        );
+
+        // The file's value is checked as it is set, and the error names the file.
+        let (file_only, _, sources) =
+            merge(Some(&file), DemoOptions::default(), LogOptions::default()).expect("merge");
+        let mut config = Duration::from_secs(1);
+        let err = file_only
+            .apply(&mut config, &sources)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("{}: wait: 30s is longer than 20s", file.display())
+        );
+
+        let (merged, _, sources) =
+            merge(Some(&file), cli.options, LogOptions::default()).expect("merge");
+        assert_eq!(merged.wait, Some(Duration::from_secs(9)), "the flag wins");
+        assert_eq!(merged.place, from_file.place, "the file fills the rest");
+        assert_eq!(sources.of("wait"), "command line");
+        assert_eq!(sources.of("place[1]"), file.display().to_string());
+        merged.apply(&mut config, &sources).expect("9s is allowed");
+        assert_eq!(config, Duration::from_secs(9));
+
+        let printed = to_toml(&merged.in_force(&config, &log)).expect("print");
+        let copy = tmp.path().join("printed.toml");
+        std::fs::write(&copy, &printed).expect("write");
+        let (again, _) = DemoOptions::read_file(&copy).expect("printed file reads");
+        assert_eq!(again.wait, Some(Duration::from_secs(9)), "{printed}");
+        assert_eq!(again.place, merged.place, "{printed}");
+        assert!(printed.contains("wait = \"9s\""), "{printed}");
+    }
+
+    /// Every flag of hub and agent is a key of their files under the same name, and its
+    /// variable is `RNA_` and the key in capitals: the three spellings come from one name.
+    #[test]
+    fn every_flag_is_a_file_key_and_an_rna_variable() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        enum Cli {
+            Hub(Box<HubOptions>),
+            Agent(Box<AgentOptions>),
+        }
+        let command = Cli::command();
+        for (name, keys) in [
+            ("hub", accepted_keys::<HubFile>()),
+            ("agent", accepted_keys::<AgentFile>()),
+        ] {
+            let sub = command.find_subcommand(name).expect("subcommand");
+            let flags: Vec<_> = sub
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(|l| (l, a.get_env())))
+                .filter(|(l, _)| *l != "help")
+                .collect();
+            assert!(flags.len() > 20, "{flags:?}");
+            for (flag, env) in &flags {
+                let key = flag.replace('-', "_");
+                assert!(keys.contains(&key), "{name}: --{flag} is no file key");
+                let env = env.and_then(|e| e.to_str()).unwrap_or_default();
+                assert_eq!(
+                    env,
+                    format!("RNA_{}", key.to_uppercase()),
+                    "{name} --{flag}"
+                );
+            }
+            // The file has the flags and the two log keys (global flags of every command).
+            assert_eq!(keys.len(), flags.len() + 2, "{name}: {keys:?}");
+        }
+    }
 
     #[test]
     fn cluster_mode_is_decided_once() {
@@ -1557,23 +1487,6 @@ mod tests {
         let err =
             kube_settings(None, None, None, vec!["shop".into()], vec![], None, false).unwrap_err();
         assert_eq!(err.0, "kube_namespace");
-    }
-
-    #[test]
-    fn durations_print_in_the_largest_exact_unit_and_parse_back() {
-        let table = [
-            (Duration::from_millis(500), "500ms"),
-            (Duration::from_millis(1500), "1500ms"),
-            (Duration::from_secs(45), "45s"),
-            (Duration::from_secs(60), "1m"),
-            (Duration::from_secs(90), "90s"),
-            (Duration::from_secs(7200), "2h"),
-            (Duration::from_secs(86_400 * 3), "3d"),
-        ];
-        for (d, text) in table {
-            assert_eq!(format_duration(d), text);
-            assert_eq!(parse_duration(text), Ok(d), "{text}");
-        }
     }
 
     /// The configuration a printed file gives is the one that was printed, field for field
@@ -1641,7 +1554,7 @@ mod tests {
     #[test]
     fn type_errors_name_the_key_they_are_at() {
         let text = "name = \"edge\"\nhub = [\n  \"a:1\",\n  2,\n]\nmax_streams = \"x\"\n";
-        let err = parse_agent_file(text, Path::new("agent.toml"))
+        let err = AgentOptions::parse_file(text, Path::new("agent.toml"))
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -1649,29 +1562,11 @@ mod tests {
             "agent.toml: hub: invalid type: integer `2`, expected a string (line 4)"
         );
         // A broken document names no key: there is none to name.
-        let err = parse_agent_file("hub = [\n", Path::new("agent.toml"))
+        let err = AgentOptions::parse_file("hub = [\n", Path::new("agent.toml"))
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("agent.toml: "), "{err}");
         assert!(!err.starts_with("agent.toml: hub: "), "{err}");
-    }
-
-    #[test]
-    fn durations_parse() {
-        let ok = [
-            ("500ms", Duration::from_millis(500)),
-            ("10", Duration::from_secs(10)),
-            ("10s", Duration::from_secs(10)),
-            ("5m", Duration::from_secs(300)),
-            ("2h", Duration::from_secs(7200)),
-            ("1d", Duration::from_secs(86_400)),
-        ];
-        for (s, d) in ok {
-            assert_eq!(parse_duration(s), Ok(d), "{s}");
-        }
-        for bad in ["", "s", "10x", "-1s", "0s", "1.5s", "99999999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]
@@ -1700,7 +1595,7 @@ mod tests {
 
     #[test]
     fn caps_come_from_files_and_are_checked() {
-        let (hub, _) = parse_hub_file(
+        let (hub, _) = HubOptions::parse_file(
             "max_handshakes = 3\nmax_streams_per_agent = 4\nmax_frame = 2048\n\
              stream_idle_timeout = \"90s\"\nmax_handshakes_per_source = 2\n\
              retry_threshold = 0\ntls_timeout = \"2s\"\nhello_timeout = \"3s\"\n",
@@ -1715,7 +1610,7 @@ mod tests {
         assert_eq!(hub.retry_threshold, Some(0));
         assert_eq!(hub.tls_timeout, Some(Duration::from_secs(2)));
         assert_eq!(hub.hello_timeout, Some(Duration::from_secs(3)));
-        let (agent, _) = parse_agent_file(
+        let (agent, _) = AgentOptions::parse_file(
             "max_pending_dials = 5\nmax_frame = 1024\ncongestion = \"bbr\"\n",
             Path::new("agent.toml"),
         )
@@ -1723,7 +1618,7 @@ mod tests {
         assert_eq!(agent.max_pending_dials, Some(5));
         assert_eq!(agent.max_frame, Some(1024));
         assert_eq!(agent.congestion, Some(Congestion::Bbr));
-        let err = parse_agent_file("congestion = \"reno\"\n", Path::new("agent.toml"))
+        let err = AgentOptions::parse_file("congestion = \"reno\"\n", Path::new("agent.toml"))
             .unwrap_err()
             .to_string();
         assert!(
@@ -1743,7 +1638,7 @@ mod tests {
         assert!(frame_size(65537).is_err());
         assert!(frame_size(65536).is_ok());
         assert_eq!(at_least_one(0).unwrap_err(), "must be at least 1");
-        let err = parse_hub_file("stream_idle_timeout = \"soon\"\n", Path::new("hub.toml"))
+        let err = HubOptions::parse_file("stream_idle_timeout = \"soon\"\n", Path::new("hub.toml"))
             .unwrap_err()
             .to_string();
         assert!(
@@ -1757,7 +1652,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("hub.toml");
         std::fs::write(&file, "state_dir = \"state\"\n").unwrap();
-        let (from_file, _) = read_hub_file(&file).unwrap();
+        let (from_file, _) = HubOptions::read_file(&file).unwrap();
         assert_eq!(from_file.state_dir, Some(tmp.path().join("state")));
         let cli = HubOptions {
             state_dir: Some(PathBuf::from("/var/lib/rna")),
@@ -1790,7 +1685,7 @@ mod tests {
     #[test]
     fn examples_parse_and_document_every_key() {
         let hub = example("hub.toml");
-        let (options, log) = read_hub_file(&hub).expect("examples/hub.toml parses");
+        let (options, log) = HubOptions::read_file(&hub).expect("examples/hub.toml parses");
         assert!(options.listen.is_some() && log.log_format.is_some());
         let text = std::fs::read_to_string(&hub).expect("read example");
         let keys = accepted_keys::<HubFile>();
@@ -1803,7 +1698,7 @@ mod tests {
         }
 
         let agent = example("agent.toml");
-        let (options, _) = read_agent_file(&agent).expect("examples/agent.toml parses");
+        let (options, _) = AgentOptions::read_file(&agent).expect("examples/agent.toml parses");
         assert_eq!(options.allow.len(), 3);
         let text = std::fs::read_to_string(&agent).expect("read example");
         let keys = accepted_keys::<AgentFile>();

@@ -470,7 +470,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
             if let Err(e) = for_.parse::<rna::proto::kube::WaitFor>() {
                 return Err(usage(e));
             }
-            if let Err(e) = rna::config::parse_duration(&timeout) {
+            if let Err(e) = rna::duration::parse_duration(&timeout) {
                 return Err(usage(format!("--timeout: {e}")));
             }
             let t = ctx.resolve(&type_, api_version.as_deref()).await?;

@@ -14,7 +14,7 @@
 //! hub and agent stay apart). `tests/layers.rs` reads this list and fails on any other edge;
 //! a new module is added here first. docs/architecture.md draws the same picture.
 //!
-//! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`: leaves that
+//! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`, `duration`: leaves that
 //!    know nothing of hub or agent
 //! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
 //! 3. `transport`: QUIC and TLS endpoints, the control stream, the relay
@@ -33,6 +33,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod duration;
 pub mod fsutil;
 pub mod hub;
 pub mod identity;

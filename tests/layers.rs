@@ -11,13 +11,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Edges the layer order forbids that are being removed on another line of work. Each entry
-/// is (file, imported module). Keep this list empty once they are gone.
-///
-/// `hub/kube_api.rs` reads a wait timeout with `config::parse_duration`; the duration parser
-/// moves into a leaf module of its own, which removes this edge.
-const KNOWN_EDGES: &[(&str, &str)] = &[("src/hub/kube_api.rs", "config")];
-
 /// One import of a top-level module, where it was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Edge {
@@ -370,7 +363,7 @@ fn violations(src_dir: &Path) -> Vec<String> {
             let Some(&theirs) = layers.get(&edge.target) else {
                 continue; // Not a top-level module (e.g. a re-exported item of the root).
             };
-            if theirs < own || KNOWN_EDGES.contains(&(shown.as_str(), edge.target.as_str())) {
+            if theirs < own {
                 continue;
             }
             let why = if theirs == own {

@@ -585,7 +585,7 @@ async fn wait(
         None => auth.tenant,
     };
     let condition: WaitFor = w.for_.parse().map_err(bad)?;
-    let timeout = match w.timeout.as_deref().map(crate::config::parse_duration) {
+    let timeout = match w.timeout.as_deref().map(crate::duration::parse_duration) {
         None => std::time::Duration::from_secs(300),
         Some(t) => t.map_err(|e| bad(format!("timeout: {e}")))?,
     };
