@@ -877,6 +877,20 @@ fn merge<O: Options>(
     }
 }
 
+/// Parses the text of a hub configuration file, as `--config` reads it: `path` names the
+/// file in errors and anchors its relative paths. The `config_files` fuzz target drives it.
+pub fn parse_hub_file(text: &str, path: &Path) -> Result<(HubOptions, LogOptions), ConfigError> {
+    HubOptions::parse_file(text, path)
+}
+
+/// Parses the text of an agent configuration file; see [`parse_hub_file`].
+pub fn parse_agent_file(
+    text: &str,
+    path: &Path,
+) -> Result<(AgentOptions, LogOptions), ConfigError> {
+    AgentOptions::parse_file(text, path)
+}
+
 /// Merges command line over file (if any) for the hub.
 pub fn merge_hub(
     file: Option<&Path>,
