@@ -137,12 +137,11 @@ async fn socks_replies_are_precise() {
     let http = http_server().await;
 
     // Wrong password: curl reports a proxy handshake failure (exit 97).
-    if have_curl() {
-        let url = format!("http://127.0.0.1:{}/", http.port());
-        let wrong = "rna_000000000000_000000000000000000000000000000000000000000000000";
-        let (code, _) = curl(world.socks, "prod-cluster", wrong, &[&url]).await;
-        assert_eq!(code, 97);
-    }
+    assert!(have_curl(), "curl must be installed (.ci/run installs it)");
+    let url = format!("http://127.0.0.1:{}/", http.port());
+    let wrong = "rna_000000000000_000000000000000000000000000000000000000000000000";
+    let (code, _) = curl(world.socks, "prod-cluster", wrong, &[&url]).await;
+    assert_eq!(code, 97);
     assert_eq!(
         socks_connect(world.socks, "prod-cluster", "not-a-token", Dest::Ip(http))
             .await

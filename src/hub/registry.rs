@@ -478,14 +478,19 @@ impl Registry {
     ) -> Option<StreamSlot> {
         let agents = lock(&self.agents);
         let list = agents.get(&(tenant.clone(), name.to_string()))?;
-        let session = list
+        let live: Vec<&Arc<AgentSession>> = list
             .iter()
             .filter(|s| s.connection.close_reason().is_none() && !exclude.contains(&s.id))
-            .min_by_key(|s| {
-                let stale = lock(&s.last_heartbeat).elapsed() > fresh;
-                (stale, s.open_streams(), s.streams_total())
-            })?
-            .clone();
+            .collect();
+        let loads: Vec<Load> = live
+            .iter()
+            .map(|s| Load {
+                stale: lock(&s.last_heartbeat).elapsed() > fresh,
+                open: s.open_streams(),
+                total: s.streams_total(),
+            })
+            .collect();
+        let session = Arc::clone(live[least_loaded(&loads)?]);
         session.open_streams.fetch_add(1, Ordering::Relaxed);
         session.streams_total.fetch_add(1, Ordering::Relaxed);
         Some(StreamSlot { session })
@@ -583,6 +588,61 @@ impl Registry {
             if rx.changed().await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// What the choice of a replica looks at, for one live session of an agent name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Load {
+    /// Not heard from within the freshness window: it may be dead but not yet timed out.
+    pub(crate) stale: bool,
+    /// Streams open on it now.
+    pub(crate) open: usize,
+    /// Streams it served so far.
+    pub(crate) total: u64,
+}
+
+/// The index of the replica a new stream goes to: a fresh one before a stale one, then the
+/// fewest open streams, then the fewest served so far (so new replicas catch up), the first
+/// of equals. `None` when there is none.
+pub(crate) fn least_loaded(loads: &[Load]) -> Option<usize> {
+    loads
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, l)| (l.stale, l.open, l.total))
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(stale: bool, open: usize, total: u64) -> Load {
+        Load { stale, open, total }
+    }
+
+    #[test]
+    fn least_loaded_prefers_fresh_then_fewest_open_then_fewest_served() {
+        let table: &[(&[Load], Option<usize>)] = &[
+            (&[], None),
+            (&[load(false, 3, 10)], Some(0)),
+            // Fewest open streams wins.
+            (&[load(false, 3, 10), load(false, 1, 50)], Some(1)),
+            // Equal open streams: fewest served so far.
+            (&[load(false, 2, 50), load(false, 2, 10)], Some(1)),
+            // A stale replica loses even when idle.
+            (&[load(true, 0, 0), load(false, 9, 900)], Some(1)),
+            // Only stale ones: the least loaded of them.
+            (&[load(true, 4, 1), load(true, 2, 1)], Some(1)),
+            // Complete ties: the first.
+            (
+                &[load(false, 1, 1), load(false, 1, 1), load(false, 1, 1)],
+                Some(0),
+            ),
+        ];
+        for (loads, want) in table {
+            assert_eq!(least_loaded(loads), *want, "{loads:?}");
         }
     }
 }
