@@ -9,7 +9,6 @@ mod fake_kube;
 
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,17 +24,7 @@ const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines are checked in them).
 fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("rna::audit=info"))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .try_init();
-        captured
-    })
+    process_logs("rna::audit=info")
 }
 
 fn log_text() -> String {
@@ -204,85 +193,12 @@ spec:
 "#;
 
 fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(RNA)
-        .arg("kube")
-        .args(args)
-        .env_remove("RNA_HUB_API")
-        .env_remove("RNA_API_TOKEN_FILE")
-        .env_remove("RNA_AGENT")
-        .env_remove("RNA_TENANT")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `rna kube` for `AGENT` with its stdout a pipe whose reader is already closed: the exit
-/// code and stderr.
-async fn cli_to_closed_stdout(world: &World, token: &str, args: &[&str]) -> (Option<i32>, String) {
-    let token_file = world.dir.path().join("cli-token-closed-stdout");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let mut all: Vec<String> = vec![
-        "kube".into(),
-        "--api".into(),
-        format!("http://{}", world.api),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--agent".into(),
-        AGENT.into(),
-    ];
-    all.extend(args.iter().map(|s| s.to_string()));
-    within(
-        "rna kube with a closed stdout",
-        tokio::task::spawn_blocking(move || {
-            let (reader, writer) = std::io::pipe().unwrap();
-            drop(reader);
-            let out = std::process::Command::new(RNA)
-                .args(&all)
-                .stdin(Stdio::null())
-                .stdout(writer)
-                .stderr(Stdio::piped())
-                .output()
-                .unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }),
-    )
-    .await
-    .unwrap()
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    run_rna_kube(&args, false)
 }
 
 async fn cli(world: &World, token: &str, agent: &str, args: &[&str]) -> (i32, String, String) {
-    let token_file = world
-        .dir
-        .path()
-        .join(format!("cli-token-{}", &token[4..16]));
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let mut all: Vec<String> = vec![
-        "--api".into(),
-        format!("http://{}", world.api),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--agent".into(),
-        agent.into(),
-    ];
-    all.extend(args.iter().map(|s| s.to_string()));
-    let joined: Vec<String> = all.clone();
-    within(
-        "rna kube",
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = joined.iter().map(String::as_str).collect();
-            run_cli(&refs)
-        }),
-    )
-    .await
-    .unwrap()
+    world_kube_cli(world, token, agent, args, false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -730,9 +646,9 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     // `rna kube list … | head -1`: a reader gone before anything is written ends the command
     // quietly with success, in every output format.
     for format in ["name", "table", "json", "yaml"] {
-        let (code, err) =
-            cli_to_closed_stdout(&c.world, &ops, &["list", "namespaces", "-o", format]).await;
-        assert_eq!((code, err.as_str()), (Some(0), ""), "-o {format}");
+        let args = ["list", "namespaces", "-o", format];
+        let (code, _, err) = world_kube_cli(&c.world, &ops, AGENT, &args, true).await;
+        assert_eq!((code, err.as_str()), (0, ""), "-o {format}");
     }
     let (_, out, err) = cli(
         &c.world,

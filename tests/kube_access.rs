@@ -7,8 +7,6 @@
 mod common;
 mod fake_kube;
 
-use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,17 +22,7 @@ const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines of hub and agent are checked in them).
 fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("rna::audit=info"))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .try_init();
-        captured
-    })
+    process_logs("rna::audit=info")
 }
 
 /// A hub, the fake API, and an agent in cluster mode whose own namespace (its kubeconfig
@@ -144,42 +132,7 @@ async fn wait(api: &ApiClient, body: Value) -> (u16, Vec<Value>) {
 
 /// `rna kube --api … --token-file … --agent prod-cluster ARGS`: exit code, stdout, stderr.
 async fn cli(world: &World, token: &str, args: &[&str]) -> (i32, String, String) {
-    let token_file = world
-        .dir
-        .path()
-        .join(format!("cli-token-{}", &token[4..16]));
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let mut all: Vec<String> = vec![
-        "kube".into(),
-        "--api".into(),
-        format!("http://{}", world.api),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--agent".into(),
-        AGENT.into(),
-    ];
-    all.extend(args.iter().map(|s| s.to_string()));
-    within(
-        "rna kube",
-        tokio::task::spawn_blocking(move || {
-            let out = std::process::Command::new(RNA)
-                .args(&all)
-                .env_remove("RNA_HUB_API")
-                .env_remove("RNA_API_TOKEN_FILE")
-                .env_remove("RNA_AGENT")
-                .env_remove("RNA_TENANT")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }),
-    )
-    .await
-    .unwrap()
+    world_kube_cli(world, token, AGENT, args, false).await
 }
 
 const DB_PASSWORD: &str = "czNjcjN0"; // base64 of "s3cr3t"

@@ -4,25 +4,13 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use common::*;
 
 const TENANT: &str = "acme/prod";
 
 /// Log lines of this test process at info, as an operator sees them.
 fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .try_init();
-        captured
-    })
+    process_logs("info")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -973,6 +973,79 @@ impl std::io::Write for Captured {
     }
 }
 
+/// `rna kube ARGS` with the kube command's `RNA_*` variables cleared: the exit code (-1 when
+/// killed by a signal), stdout and stderr. With `closed_stdout`, stdout is a pipe whose
+/// reader is already gone (`rna kube … | head`).
+pub fn run_rna_kube(args: &[String], closed_stdout: bool) -> (i32, String, String) {
+    let mut command = std::process::Command::new(RNA);
+    command
+        .arg("kube")
+        .args(args)
+        .env_remove("RNA_HUB_API")
+        .env_remove("RNA_API_TOKEN_FILE")
+        .env_remove("RNA_AGENT")
+        .env_remove("RNA_TENANT")
+        .stdin(Stdio::null());
+    if closed_stdout {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        command.stdout(writer).stderr(Stdio::piped());
+    }
+    let out = command.output().expect("run rna kube");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `rna kube --api <the world's API> --token-file <token> --agent AGENT ARGS`, off the
+/// runtime and bounded in time; see [`run_rna_kube`].
+pub async fn world_kube_cli(
+    world: &World,
+    token: &str,
+    agent: &str,
+    args: &[&str],
+    closed_stdout: bool,
+) -> (i32, String, String) {
+    let token_file = world
+        .dir
+        .path()
+        .join(format!("cli-token-{}", &token[4..16]));
+    std::fs::write(&token_file, format!("{token}\n")).expect("write token file");
+    let mut all: Vec<String> = vec![
+        "--api".into(),
+        format!("http://{}", world.api),
+        "--token-file".into(),
+        token_file.display().to_string(),
+        "--agent".into(),
+        agent.into(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    within(
+        "rna kube",
+        tokio::task::spawn_blocking(move || run_rna_kube(&all, closed_stdout)),
+    )
+    .await
+    .expect("rna kube task")
+}
+
+/// The log lines of this test process, captured once for the whole process with the
+/// tracing filter `filter` (the first call's filter holds: one subscriber per process).
+pub fn process_logs(filter: &str) -> &'static Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        captured
+    })
+}
+
 /// Arguments of an `rna hub` process whose CA, certificate and key are in `certs` under the
 /// names `rna certs init` gives them, with its token store at `store`, QUIC on `listen`, and
 /// SOCKS and the admin API on free ports; `extra` arguments follow.
