@@ -76,16 +76,7 @@ pub fn names<'de, D: Deserializer<'de>>(
     count: usize,
     len: usize,
 ) -> Result<Vec<String>, D::Error> {
-    VecSeed {
-        what,
-        max: count,
-        element: StringSeed {
-            what,
-            max: len,
-            name: true,
-        },
-    }
-    .deserialize(d)
+    list_seed(what, count, len, true).deserialize(d)
 }
 
 /// `Option` of [`names`].
@@ -95,15 +86,7 @@ pub fn opt_names<'de, D: Deserializer<'de>>(
     count: usize,
     len: usize,
 ) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_option(OptionVisitor(VecSeed {
-        what,
-        max: count,
-        element: StringSeed {
-            what,
-            max: len,
-            name: true,
-        },
-    }))
+    d.deserialize_option(OptionVisitor(list_seed(what, count, len, true)))
 }
 
 /// `Option` of [`string`].
@@ -126,16 +109,7 @@ pub fn strings<'de, D: Deserializer<'de>>(
     count: usize,
     len: usize,
 ) -> Result<Vec<String>, D::Error> {
-    VecSeed {
-        what,
-        max: count,
-        element: StringSeed {
-            what,
-            max: len,
-            name: false,
-        },
-    }
-    .deserialize(d)
+    list_seed(what, count, len, false).deserialize(d)
 }
 
 /// `Option` of [`strings`].
@@ -231,6 +205,20 @@ struct VecSeed<S> {
     what: &'static str,
     max: usize,
     element: S,
+}
+
+/// The seed of a list of at most `count` strings of at most `len` bytes each; `name` also
+/// refuses control characters. `what` names the field in either refusal.
+fn list_seed(what: &'static str, count: usize, len: usize, name: bool) -> VecSeed<StringSeed> {
+    VecSeed {
+        what,
+        max: count,
+        element: StringSeed {
+            what,
+            max: len,
+            name,
+        },
+    }
 }
 
 impl<S> VecSeed<S> {
