@@ -13,16 +13,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// A request head that never ends: the slowloris client's first bytes.
 const PARTIAL_HEAD: &[u8] = b"GET / HTTP/1.1\r\nHost: hub\r\nX-Slow: ";
 
 /// Connects to `to` from the loopback address `from` (any of 127.0.0.0/8).
 async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.bind(SocketAddr::new(from, 0)).expect("bind");
-    within("connect", socket.connect(to))
+    within("connect", tcp_connect_from(from, to))
         .await
         .expect("connect")
 }

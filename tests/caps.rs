@@ -9,29 +9,21 @@ use std::time::Duration;
 use common::*;
 use rna::proto::CloseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const TENANT: &str = "acme/prod";
 const AGENT: &str = "edge";
 
 /// Connects to `to` from the loopback address `from` (any of 127.0.0.0/8).
 async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from, 0))?;
-    socket.connect(to).await
+    tcp_connect_from(from, to).await
 }
 
 /// One small HTTP exchange through the tunnel.
 async fn fetch(socks: SocketAddr, token: &str, http: SocketAddr) -> Vec<u8> {
-    let mut s = socks_connect(socks, AGENT, token, Dest::Ip(http))
+    socks_fetch(socks, AGENT, token, Dest::Ip(http))
         .await
-        .expect("SOCKS connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = Vec::new();
-    s.read_to_end(&mut body).await.unwrap();
-    body
+        .expect("SOCKS connect")
 }
 
 /// A full half-open set makes room for a newcomer by dropping the oldest connection of the

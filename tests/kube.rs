@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::*;
 use fake_kube::FakeKube;
 use rna::agent::kube::{KubeAllow, KubeSettings, KubeSource};
-use rna::auth::{Scope, Secret};
+use rna::auth::Scope;
 use rna::client::{ApiClient, ApiResponse};
 use serde_json::{json, Value};
 
@@ -71,7 +71,7 @@ async fn cluster_tuned(allow: KubeAllow, tune: impl FnOnce(&mut rna::hub::HubCon
     config.kube = Some(settings);
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
-    wait_inventory(&world, AGENT).await;
+    wait_inventory(&world, TENANT, AGENT).await;
     let ops = world.token(TENANT, &[Scope::ReadInfraData, Scope::ExecInfraOp]);
     let api = client(&world, &ops);
     Cluster {
@@ -82,35 +82,6 @@ async fn cluster_tuned(allow: KubeAllow, tune: impl FnOnce(&mut rna::hub::HubCon
         ops,
         api,
     }
-}
-
-async fn wait_inventory(world: &World, agent: &str) {
-    let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
-    within(
-        "the agent's inventory",
-        world.hub.registry().wait_until(|r| {
-            r.sessions_of(&tenant, agent)
-                .iter()
-                .any(|s| s.inventory().is_some())
-        }),
-    )
-    .await;
-}
-
-fn client(world: &World, token: &str) -> ApiClient {
-    ApiClient::new(&format!("http://{}", world.api), Secret::new(token.into())).unwrap()
-}
-
-async fn get(api: &ApiClient, path: &str) -> ApiResponse {
-    within(path, api.request(http::Method::GET, path, None))
-        .await
-        .unwrap()
-}
-
-async fn delete(api: &ApiClient, path: &str) -> ApiResponse {
-    within(path, api.request(http::Method::DELETE, path, None))
-        .await
-        .unwrap()
 }
 
 async fn apply(api: &ApiClient, query: &str, yaml: &str) -> ApiResponse {
@@ -781,24 +752,9 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     c.agent.stop().await;
 }
 
-/// Reads a wait answer: every NDJSON line.
+/// Reads a wait answer on `AGENT`: every NDJSON line.
 async fn wait_lines(api: &ApiClient, body: Value) -> (u16, Vec<Value>) {
-    let mut lines = Vec::new();
-    let r = within(
-        "wait",
-        api.stream_lines(
-            http::Method::POST,
-            &format!("/api/v1/agents/{AGENT}/kube/wait"),
-            Some(("application/json", Bytes::from(body.to_string()))),
-            |l| lines.push(serde_json::from_str::<Value>(l).unwrap()),
-        ),
-    )
-    .await
-    .unwrap();
-    if r.status != 200 {
-        return (r.status, vec![r.json()]);
-    }
-    (r.status, lines)
+    kube_wait_lines(api, AGENT, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1590,7 +1546,7 @@ async fn the_inventory_is_reported_periodically_and_again_after_a_reconnect() {
     config.kube = Some(settings);
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
-    wait_inventory(&world, AGENT).await;
+    wait_inventory(&world, TENANT, AGENT).await;
     let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
     let registry = world.hub.registry();
     let first = registry.sessions_of(&tenant, AGENT)[0].clone();

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::*;
 use fake_kube::FakeKube;
 use rna::agent::kube::{KubeSettings, KubeSource, MAX_CONCURRENT_WAITS};
-use rna::auth::{Scope, Secret};
+use rna::auth::Scope;
 use rna::client::{ApiClient, ApiResponse};
 use serde_json::{json, Value};
 
@@ -57,16 +57,7 @@ async fn cluster(own_namespace: &str, tune: impl FnOnce(&mut rna::hub::HubConfig
     config.kube = Some(settings);
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
-    let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
-    within(
-        "the agent's inventory",
-        world.hub.registry().wait_until(|r| {
-            r.sessions_of(&tenant, AGENT)
-                .iter()
-                .any(|s| s.inventory().is_some())
-        }),
-    )
-    .await;
+    wait_inventory(&world, TENANT, AGENT).await;
     let reader = world.token(TENANT, &[Scope::ReadInfraData]);
     let ops = world.token(TENANT, &[Scope::ReadInfraData, Scope::ExecInfraOp]);
     let admin = world.token("ops/all", &[Scope::Admin]);
@@ -78,22 +69,6 @@ async fn cluster(own_namespace: &str, tune: impl FnOnce(&mut rna::hub::HubConfig
         ops,
         admin,
     }
-}
-
-fn client(world: &World, token: &str) -> ApiClient {
-    ApiClient::new(&format!("http://{}", world.api), Secret::new(token.into())).unwrap()
-}
-
-async fn get(api: &ApiClient, path: &str) -> ApiResponse {
-    within(path, api.request(http::Method::GET, path, None))
-        .await
-        .unwrap()
-}
-
-async fn delete(api: &ApiClient, path: &str) -> ApiResponse {
-    within(path, api.request(http::Method::DELETE, path, None))
-        .await
-        .unwrap()
 }
 
 async fn apply(api: &ApiClient, yaml: &str) -> ApiResponse {
@@ -110,24 +85,9 @@ async fn apply(api: &ApiClient, yaml: &str) -> ApiResponse {
     .unwrap()
 }
 
-/// A wait through the API: status and its NDJSON lines (or the error body).
+/// A wait on `AGENT` through the API: status and its NDJSON lines (or the error body).
 async fn wait(api: &ApiClient, body: Value) -> (u16, Vec<Value>) {
-    let mut lines = Vec::new();
-    let r = within(
-        "wait",
-        api.stream_lines(
-            http::Method::POST,
-            &format!("/api/v1/agents/{AGENT}/kube/wait"),
-            Some(("application/json", Bytes::from(body.to_string()))),
-            |l| lines.push(serde_json::from_str::<Value>(l).unwrap()),
-        ),
-    )
-    .await
-    .unwrap();
-    if r.status != 200 {
-        return (r.status, vec![r.json()]);
-    }
-    (r.status, lines)
+    kube_wait_lines(api, AGENT, body).await
 }
 
 /// `rna kube --api … --token-file … --agent prod-cluster ARGS`: exit code, stdout, stderr.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -164,15 +164,9 @@ impl Flood {
 
 /// One small HTTP exchange through `agent`'s tunnel.
 async fn fetch(socks: SocketAddr, agent: &str, token: &str, http: SocketAddr) -> Vec<u8> {
-    let mut s = socks_connect(socks, agent, token, Dest::Ip(http))
+    socks_fetch(socks, agent, token, Dest::Ip(http))
         .await
-        .expect("SOCKS connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = Vec::new();
-    s.read_to_end(&mut body).await.unwrap();
-    body
+        .expect("SOCKS connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

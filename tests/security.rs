@@ -17,13 +17,7 @@ const ACME: &str = "acme/prod";
 const GLOBEX: &str = "globex/prod";
 
 async fn fetch(socks: SocketAddr, agent: &str, token: &str, dest: Dest<'_>) -> Result<Vec<u8>, u8> {
-    let mut s = socks_connect(socks, agent, token, dest).await?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = Vec::new();
-    s.read_to_end(&mut body).await.unwrap();
-    Ok(body)
+    socks_fetch(socks, agent, token, dest).await
 }
 
 /// The raw bytes of the hub's answer to a CONNECT for `agent`, and how long it took.

@@ -1070,3 +1070,93 @@ pub fn hub_process_args(certs: &str, store: &str, listen: &str, extra: &[&str]) 
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
+
+/// An admin API client for `token` on the world's hub.
+pub fn client(world: &World, token: &str) -> rna::client::ApiClient {
+    rna::client::ApiClient::new(
+        &format!("http://{}", world.api),
+        rna::auth::Secret::new(token.into()),
+    )
+    .unwrap()
+}
+
+/// GET `path` on the admin API, bounded in time.
+pub async fn get(api: &rna::client::ApiClient, path: &str) -> rna::client::ApiResponse {
+    within(path, api.request(http::Method::GET, path, None))
+        .await
+        .unwrap()
+}
+
+/// DELETE `path` on the admin API, bounded in time.
+pub async fn delete(api: &rna::client::ApiClient, path: &str) -> rna::client::ApiResponse {
+    within(path, api.request(http::Method::DELETE, path, None))
+        .await
+        .unwrap()
+}
+
+/// A Kubernetes wait on `agent` through the API: the status and every NDJSON line (or the
+/// error body as the only line).
+pub async fn kube_wait_lines(
+    api: &rna::client::ApiClient,
+    agent: &str,
+    body: serde_json::Value,
+) -> (u16, Vec<serde_json::Value>) {
+    let mut lines = Vec::new();
+    let r = within(
+        "wait",
+        api.stream_lines(
+            http::Method::POST,
+            &format!("/api/v1/agents/{agent}/kube/wait"),
+            Some(("application/json", bytes::Bytes::from(body.to_string()))),
+            |l| lines.push(serde_json::from_str::<serde_json::Value>(l).unwrap()),
+        ),
+    )
+    .await
+    .unwrap();
+    if r.status != 200 {
+        return (r.status, vec![r.json()]);
+    }
+    (r.status, lines)
+}
+
+/// Waits until an agent `agent` of `tenant` has reported its inventory to the hub.
+pub async fn wait_inventory(world: &World, tenant: &str, agent: &str) {
+    let tenant: rna::auth::Tenant = tenant.parse().unwrap();
+    within(
+        "the agent's inventory",
+        world.hub.registry().wait_until(|r| {
+            r.sessions_of(&tenant, agent)
+                .iter()
+                .any(|s| s.inventory().is_some())
+        }),
+    )
+    .await;
+}
+
+/// One small HTTP/1.1 exchange (`GET /`, the server closes) through `agent`'s tunnel: the
+/// whole answer, or the SOCKS reply code that refused the CONNECT.
+pub async fn socks_fetch(
+    socks: SocketAddr,
+    agent: &str,
+    token: &str,
+    dest: Dest<'_>,
+) -> Result<Vec<u8>, u8> {
+    let mut s = socks_connect(socks, agent, token, dest).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await.unwrap();
+    Ok(body)
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8), so one
+/// test can be many clients.
+pub async fn tcp_connect_from(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
