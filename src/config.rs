@@ -108,12 +108,6 @@ impl Serialize for FileDuration {
     }
 }
 
-impl From<Duration> for FileDuration {
-    fn from(d: Duration) -> Self {
-        FileDuration(format_duration(d))
-    }
-}
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]

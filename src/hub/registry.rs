@@ -369,11 +369,6 @@ impl Registry {
         }
     }
 
-    /// Tells waiters that something about a session changed.
-    pub fn touch(&self) {
-        self.changed();
-    }
-
     /// Stores `session`'s new inventory report (JSON) and forgets the older reports of the
     /// other sessions of its (tenant, name): callers are served the freshest one only, so
     /// one agent name holds one report however many sessions it has.
@@ -422,13 +417,6 @@ impl Registry {
         drop(agents);
         self.changed();
         Ok(())
-    }
-
-    /// Adds a session without checking caps.
-    pub fn insert(&self, session: Arc<AgentSession>) {
-        let key = (session.tenant.clone(), session.name.clone());
-        lock(&self.agents).entry(key).or_default().push(session);
-        self.changed();
     }
 
     /// Forgets a session at once (its connection died or was closed).

@@ -6,7 +6,7 @@
 //! only as long as its token: revoking it (or its expiry) resets the connection.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -116,13 +116,7 @@ struct Source(IpAddr);
 
 impl Source {
     fn of(ip: IpAddr) -> Source {
-        match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let net = u128::from(v6) & !((1u128 << 64) - 1);
-                Source(IpAddr::V6(Ipv6Addr::from(net)))
-            }
-            v4 => Source(v4),
-        }
+        Source(super::admission::source_block(ip))
     }
 }
 

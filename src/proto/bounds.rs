@@ -119,15 +119,7 @@ pub fn opt_strings<'de, D: Deserializer<'de>>(
     count: usize,
     len: usize,
 ) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_option(OptionVisitor(VecSeed {
-        what,
-        max: count,
-        element: StringSeed {
-            what,
-            max: len,
-            name: false,
-        },
-    }))
+    d.deserialize_option(OptionVisitor(list_seed(what, count, len, false)))
 }
 
 /// A list of at most `count` elements, each bounded by its own type's decoder.
