@@ -903,22 +903,6 @@ pub fn merge_agent(
     merge(file, cli, cli_log)
 }
 
-/// `e` and its causes, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        // Some errors already print their cause.
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = c.source();
-    }
-    text
-}
-
 /// A TLS loading or checking error, reported under the key whose file failed (`ca`, `cert`
 /// or `key`), found by the path the error names; a key that is not the certificate's is
 /// reported under `key`, other failures (a certificate the CA did not issue) under `cert`,
@@ -962,7 +946,7 @@ fn tls_error(
         .iter()
         .find(|(_, file)| failed.is_some_and(|f| f == file))
         .map_or("cert", |(key, _)| key);
-    sources.invalid(key, chain(&e))
+    sources.invalid(key, crate::fsutil::error_chain(&e))
 }
 
 macro_rules! required {
@@ -992,7 +976,7 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     // first handshake; say so now, in --check-config too.
     tls.check().map_err(|e| tls_error(sources, files, e))?;
     if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
-        return Err(invalid("tokens", chain(&e)));
+        return Err(invalid("tokens", crate::fsutil::error_chain(&e)));
     }
     let listen = o.listen.unwrap_or(SocketAddr::from((
         [0, 0, 0, 0],
@@ -1151,11 +1135,13 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     let tls = ClientTls::load(&ca, &cert, &key).map_err(|e| tls_error(sources, files, e))?;
     // The hub would refuse such a certificate at every handshake; say so now.
     tls.check().map_err(|e| tls_error(sources, files, e))?;
-    let token = read_secret_file(&token_file).map_err(|e| invalid("token_file", chain(&e)))?;
+    let token = read_secret_file(&token_file)
+        .map_err(|e| invalid("token_file", crate::fsutil::error_chain(&e)))?;
     let mut config = AgentConfig::new(o.hub.clone(), name, tls, token);
     config.token_file = Some(token_file);
     if let Some(name) = o.server_name.clone() {
-        crate::transport::tls::server_name(&name).map_err(|e| invalid("server_name", chain(&e)))?;
+        crate::transport::tls::server_name(&name)
+            .map_err(|e| invalid("server_name", crate::fsutil::error_chain(&e)))?;
         config.server_name = Some(name);
     }
     config.policy = Policy::new(o.allow.clone(), o.deny.clone());
@@ -1181,7 +1167,8 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     }
     // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
     if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
-        kube::config::Kubeconfig::read_from(path).map_err(|e| invalid("kubeconfig", chain(&e)))?;
+        kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| invalid("kubeconfig", crate::fsutil::error_chain(&e)))?;
     }
     let mut settings = AgentSettings {
         config,

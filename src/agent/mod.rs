@@ -329,10 +329,11 @@ impl Agent {
     /// Connects to every hub address and serves until `shutdown` fires, then closes each
     /// session with a normal code.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        for (role, not_after) in self.config.tls.expiries() {
+        let expiries = self.config.tls.expiries();
+        for &(role, not_after) in &expiries {
             self.metrics.certificate_expiry(role, not_after);
         }
-        crate::certs::warn_expiring(&self.config.tls.expiries(), "this agent's");
+        crate::certs::warn_expiring(&expiries, "this agent's");
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
         for target in config.hubs.clone() {

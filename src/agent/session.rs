@@ -13,7 +13,7 @@ use tracing::{debug, info, Instrument};
 use super::dialer::Dialer;
 use super::kube::{serve_command, KubeExecutor};
 use super::AgentConfig;
-use crate::auth::{mask_tokens, Masked, Secret};
+use crate::auth::{Masked, Secret};
 use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
 use crate::proto::kube::{AgentStream, StreamHeader, MAX_INVENTORY};
 use crate::proto::{
@@ -470,12 +470,13 @@ async fn serve_stream(
 
 /// One tunnel stream after its header: dial, answer, relay.
 async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Dialer>, open: Open) {
-    // The host name is the SOCKS client's text: token-shaped parts are masked in logs.
-    let destination = mask_tokens(&format!("{}:{}", open.host, open.port)).into_owned();
+    // The host name is the SOCKS client's text: token-shaped parts are masked in logs, and
+    // only when a line is written (`Masked` masks as it formats).
+    let destination = format!("{}:{}", open.host, open.port);
     let tcp = match dialer.dial(&open).await {
         Ok(tcp) => tcp,
         Err(e) => {
-            info!(%destination, code = ?e.code, "dial failed: {}", Masked(&e.message));
+            info!(destination = %Masked(&destination), code = ?e.code, "dial failed: {}", Masked(&e.message));
             let reply = OpenReply::Failed {
                 code: e.code,
                 message: e.message,
@@ -501,10 +502,10 @@ async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
     let outcome = relay(tcp, send, recv, None, |_, _| {}, std::future::pending()).await;
     match outcome.error {
         None => {
-            debug!(%destination, sent = outcome.sent, received = outcome.received, "stream finished")
+            debug!(destination = %Masked(&destination), sent = outcome.sent, received = outcome.received, "stream finished")
         }
         Some(e) => {
-            debug!(%destination, sent = outcome.sent, received = outcome.received, "stream reset: {e}")
+            debug!(destination = %Masked(&destination), sent = outcome.sent, received = outcome.received, "stream reset: {e}")
         }
     }
 }
