@@ -18,7 +18,7 @@ use axum::{middleware, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::kube::KubeCallError;
+use super::kube_channel::KubeCallError;
 use super::registry::AgentInfo;
 use super::{status, Shared};
 use crate::auth::{AuthError, Grant, Scope, Tenant};

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use super::api::{tenant_for, ApiError, Authorized, ExecInfraOp, ReadInfraData};
-use super::kube::{call, pick, timeout_for, KubeCallError};
+use super::kube_channel::{call, pick, timeout_for, KubeCallError};
 use super::Shared;
 use crate::auth::{mask_tokens, Grant, Masked, Scope, Tenant};
 use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor, TOO_MANY_WAITS};
@@ -160,7 +160,7 @@ async fn inventory(
         .filter(|s| s.connection.close_reason().is_none())
         .collect();
     if sessions.is_empty() {
-        let e = match super::kube::pick(&shared, &tenant, &agent) {
+        let e = match super::kube_channel::pick(&shared, &tenant, &agent) {
             Err(e) => e,
             Ok(_) => KubeCallError::NoAgent(agent.clone()),
         };

@@ -5,8 +5,8 @@
 
 mod admission;
 pub mod api;
-pub mod kube;
 pub mod kube_api;
+pub mod kube_channel;
 pub mod metrics;
 pub mod registry;
 pub mod router;
@@ -265,7 +265,7 @@ pub(crate) struct Shared {
     /// see an RST rather than a clean end of a truncated transfer.
     pub(crate) cut_streams: CancellationToken,
     /// Kubernetes waits running per token ([`HubCaps::kube_waits_per_token`]).
-    pub(crate) kube_waits: Arc<kube::WaitSlots>,
+    pub(crate) kube_waits: Arc<kube_channel::WaitSlots>,
     /// SOCKS connections by token, reset when their token stops being valid.
     pub(crate) socks_tokens: Arc<socks::TokenStreams>,
     /// Handshake slots in total and per source, and the Retry rule ([`HubCaps`]).
@@ -274,7 +274,7 @@ pub(crate) struct Shared {
     pub(crate) failure_log: admission::FailureLog,
     /// Turns for large admin API answers per tenant
     /// ([`HubCaps::heavy_requests_per_tenant`]).
-    pub(crate) heavy: kube::HeavyRequests,
+    pub(crate) heavy: kube_channel::HeavyRequests,
 }
 
 impl Shared {
@@ -415,7 +415,7 @@ impl Hub {
             config.caps.handshakes_per_source,
             config.caps.retry_threshold,
         );
-        let heavy = kube::HeavyRequests::new(
+        let heavy = kube_channel::HeavyRequests::new(
             config.caps.heavy_requests_per_tenant,
             config.caps.heavy_bytes_per_second,
         );

@@ -300,7 +300,7 @@ async fn handshake(
     // refused below. Started before the session is visible in the registry, so a
     // registered session is fully set up.
     tokio::spawn(
-        super::kube::accept_agent_streams(shared.clone(), session.clone())
+        super::kube_channel::accept_agent_streams(shared.clone(), session.clone())
             .instrument(tracing::info_span!("agent", agent = %session.name, tenant = %session.tenant, session = id)),
     );
     // Registered before Welcome, so the caps are checked and the slot taken in one step.
