@@ -1,10 +1,17 @@
 //! Waiting for an object to meet a condition: rollout complete (the rules of
-//! `kubectl rollout status`), a status condition, or deletion. Pure evaluation here; the
-//! watch loop lives in the executor.
+//! `kubectl rollout status`), a status condition, or deletion. The evaluation is pure; the
+//! executor's watch loop below feeds it each state of the object.
 
-use serde_json::Value;
+use std::time::Duration;
 
-use crate::proto::kube::WaitFor;
+use futures_util::StreamExt;
+use kube::api::{DynamicObject, WatchEvent, WatchParams};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::{bad_request, failure, from_kube, guard, humanize, KubeExecutor, KubeFailure};
+use crate::proto::kube::{FailureKind, ObjectRef, WaitFor};
 
 /// Where an object stands against a condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +192,140 @@ fn rollout(kind: &str, obj: &Value) -> Eval {
         other => Eval::Failed(format!(
             "rollout status is only known for Deployment, StatefulSet and DaemonSet, not {other}"
         )),
+    }
+}
+
+impl KubeExecutor {
+    pub(super) async fn wait(
+        &self,
+        target: &ObjectRef,
+        condition: &WaitFor,
+        timeout: Duration,
+        progress: &mpsc::Sender<String>,
+    ) -> Result<String, KubeFailure> {
+        if target.name.is_empty() {
+            return Err(bad_request("wait needs an object name"));
+        }
+        let resolved = self.resolve(&target.api_version, &target.kind).await?;
+        if *condition == WaitFor::Rollout
+            && !matches!(
+                resolved.resource.kind.as_str(),
+                "Deployment" | "StatefulSet" | "DaemonSet"
+            )
+        {
+            return Err(bad_request(format!(
+                "rollout status is only known for Deployment, StatefulSet and DaemonSet, not {}",
+                resolved.resource.kind
+            )));
+        }
+        let ns = self.namespace_for(&resolved, target.namespace.as_deref());
+        self.check(&resolved, ns.as_deref(), Some(&target.name))?;
+        self.guard_secret(&resolved, ns.as_deref(), &target.name, None)?;
+        let secret = guard::is_secrets(&resolved.resource.group, &resolved.resource.plural);
+        let api = self.api(&resolved, ns.as_deref());
+        let kind = resolved.resource.kind.clone();
+        let describe = match &ns {
+            Some(ns) => format!("{kind} {ns}/{}", target.name),
+            None => format!("{kind} {}", target.name),
+        };
+        let mut last = String::new();
+        let work = async {
+            // Judges one state of the object (None: it does not exist), reports what is
+            // missing when that changed, and gives the answer once there is one.
+            let mut settle = |obj: Option<&DynamicObject>| -> Option<Result<String, KubeFailure>> {
+                if let Some(o) = obj.filter(|_| secret) {
+                    let value = serde_json::to_value(o).unwrap_or(Value::Null);
+                    if let Err(refused) =
+                        self.guard_secret(&resolved, ns.as_deref(), &target.name, Some(&value))
+                    {
+                        return Some(Err(refused));
+                    }
+                }
+                let eval = match (obj, condition) {
+                    (None, WaitFor::Deleted) => Eval::Met(format!("{describe} is deleted")),
+                    (None, _) => Eval::Pending(format!("{describe} does not exist yet")),
+                    (Some(o), c) => match serde_json::to_value(o) {
+                        Ok(v) => evaluate(&kind, &v, c),
+                        Err(e) => Eval::Failed(format!("{describe}: {e}")),
+                    },
+                };
+                if eval.message() != last {
+                    last = eval.message().to_string();
+                    // The final state is said once, by the answer, not also as progress.
+                    if matches!(eval, Eval::Pending(_)) {
+                        let event =
+                            json!({"type": "progress", "object": describe, "message": last});
+                        // A full channel only drops a progress line, never the final answer.
+                        let _ = progress.try_send(event.to_string());
+                    }
+                }
+                match eval {
+                    Eval::Met(m) => Some(Ok(m)),
+                    Eval::Failed(m) => {
+                        Some(Err(failure(FailureKind::Api, 422, "RolloutFailed", m)))
+                    }
+                    Eval::Pending(_) => None,
+                }
+            };
+            loop {
+                let current = api.get_opt(&target.name).await.map_err(from_kube)?;
+                if let Some(answer) = settle(current.as_ref()) {
+                    return answer;
+                }
+                let version = current
+                    .as_ref()
+                    .and_then(|o| o.metadata.resource_version.clone())
+                    .unwrap_or_else(|| "0".into());
+                let params = WatchParams::default()
+                    .fields(&format!("metadata.name={}", target.name))
+                    .timeout(290);
+                let mut events = match api.watch(&params, &version).await {
+                    Ok(s) => s.boxed(),
+                    Err(e) => {
+                        warn!("watch of {describe} failed, reading again: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(event) = events.next().await {
+                    let obj = match event {
+                        Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => Some(o),
+                        Ok(WatchEvent::Deleted(_)) => None,
+                        Ok(WatchEvent::Bookmark(_)) => continue,
+                        // 410 Gone and friends: read the object again and watch anew, after
+                        // a pause so a failing watch cannot spin.
+                        Ok(WatchEvent::Error(_)) | Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            break;
+                        }
+                    };
+                    if let Some(answer) = settle(obj.as_ref()) {
+                        return answer;
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(message)) => Ok(
+                json!({"type": "done", "met": true, "object": describe, "message": message})
+                    .to_string(),
+            ),
+            Ok(Err(f)) => Err(f),
+            Err(_) => Err(failure(
+                FailureKind::Timeout,
+                504,
+                "Timeout",
+                format!(
+                    "timed out after {} waiting for {describe}: {}",
+                    humanize(timeout),
+                    if last.is_empty() {
+                        "no answer yet"
+                    } else {
+                        last.as_str()
+                    }
+                ),
+            )),
+        }
     }
 }
 
