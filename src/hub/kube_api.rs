@@ -25,6 +25,10 @@ use super::kube_channel::{call, pick, timeout_for, KubeCallError};
 use super::Shared;
 use crate::auth::{mask_tokens, Grant, Masked, Scope, Tenant};
 use crate::proto::kube::{Caller, KubeRequest, ObjectRef, WaitFor, TOO_MANY_WAITS};
+use input::truthy;
+pub use input::{parse_documents, parse_object_path, split_documents};
+
+mod input;
 
 /// The Kubernetes routes, merged into the admin API router.
 pub(crate) fn routes(max_request: usize) -> Router<Arc<Shared>> {
@@ -92,54 +96,103 @@ pub fn redact_secrets(answer: String) -> (String, bool) {
 
 /// What one audit line says about a command: which objects, and whether Secrets are among
 /// them.
-struct Audited<'a> {
+struct Audited {
     verb: &'static str,
-    kind: &'a str,
-    namespace: &'a str,
-    name: &'a str,
+    kind: String,
+    namespace: String,
+    name: String,
     secret: bool,
 }
 
-/// One audit line per command: who, which agent, what, outcome, duration. Never contents.
-fn audit(
-    metrics: &crate::hub::metrics::Metrics,
-    grant: &Grant,
-    tenant: &Tenant,
-    agent: &str,
-    what: Audited<'_>,
-    outcome: Result<(), &KubeCallError>,
+impl Audited {
+    /// A command about one object or kind: its target.
+    fn of(request: &KubeRequest) -> Audited {
+        let t = request.target();
+        Audited {
+            verb: request.verb(),
+            kind: t.map_or("", |t| t.kind.as_str()).to_string(),
+            namespace: t
+                .and_then(|t| t.namespace.as_deref())
+                .unwrap_or("")
+                .to_string(),
+            name: t.map_or("", |t| t.name.as_str()).to_string(),
+            secret: t.is_some_and(ObjectRef::is_secret),
+        }
+    }
+}
+
+/// One caller's command to one agent: what sending it and its audit line need. Every
+/// handler's command goes through [`Call::send`] and is audited by [`Call::audit`].
+struct Call {
+    shared: Arc<Shared>,
+    grant: Grant,
+    tenant: Tenant,
+    agent: String,
     started: Instant,
-) {
-    let Audited {
-        verb,
-        kind,
-        namespace,
-        name,
-        secret,
-    } = what;
-    let (label, code, reason) = match outcome {
-        Ok(()) => ("ok", 200, String::new()),
-        Err(e) => ("failed", e.http_status(), e.reason()),
-    };
-    let class = match code {
-        200..=299 => "ok",
-        400..=499 => "refused",
-        _ => "failed",
-    };
-    metrics.kube_command(verb, class, started.elapsed().as_secs_f64());
-    // Every text here came from the caller (path, query, body): token-shaped text is masked.
-    let (agent, kind, namespace, name) = (
-        mask_tokens(agent),
-        mask_tokens(kind),
-        mask_tokens(namespace),
-        mask_tokens(name),
-    );
-    let reason = mask_tokens(&reason);
-    info!(target: "rna::audit", tenant = %tenant, caller_tenant = %grant.tenant,
-        token_id = %grant.token_id, token_label = grant.label.as_deref().unwrap_or(""),
-        agent = agent.as_ref(), verb, kind = kind.as_ref(), namespace = namespace.as_ref(),
-        name = name.as_ref(), secret, outcome = label, status = code, reason = reason.as_ref(),
-        duration_ms = started.elapsed().as_millis() as u64, "kubernetes command");
+}
+
+impl Call {
+    /// Sends `request` to a live session of the agent and waits for its answer; a wait's
+    /// progress events go to `progress`.
+    async fn send(
+        &self,
+        request: &KubeRequest,
+        progress: Option<mpsc::Sender<String>>,
+    ) -> Result<String, KubeCallError> {
+        let session = pick(&self.shared, &self.tenant, &self.agent)?;
+        let budget = timeout_for(&self.shared, request);
+        call(&session, caller(&self.grant), request, budget, progress).await
+    }
+
+    /// Sends `request`, writes its audit line, and turns the agent's answer into the response.
+    async fn answer(&self, request: &KubeRequest, mut what: Audited) -> Result<Response, ApiError> {
+        let mut result = self.send(request, None).await;
+        if !self.grant.has(Scope::ExecInfraOp) {
+            // Reading a Secret's contents is as strong as writing: a read-only caller sees
+            // its metadata only, whatever the agent's role allows.
+            result = result.map(|answer| {
+                let (answer, held) = redact_secrets(answer);
+                what.secret |= held;
+                answer
+            });
+        }
+        self.audit(&what, result.as_ref().map(|_| ()));
+        let answer = result?;
+        Ok(([(header::CONTENT_TYPE, "application/json")], answer).into_response())
+    }
+
+    /// One audit line per command: who, which agent, what, outcome, duration. Never contents.
+    fn audit(&self, what: &Audited, outcome: Result<(), &KubeCallError>) {
+        let (label, code, reason) = match outcome {
+            Ok(()) => ("ok", 200, String::new()),
+            Err(e) => ("failed", e.http_status(), e.reason()),
+        };
+        let class = match code {
+            200..=299 => "ok",
+            400..=499 => "refused",
+            _ => "failed",
+        };
+        let (grant, verb, secret) = (&self.grant, what.verb, what.secret);
+        let elapsed = self.started.elapsed();
+        self.shared
+            .metrics
+            .kube_command(verb, class, elapsed.as_secs_f64());
+        // Every text here came from the caller (path, query, body): token-shaped text is
+        // masked.
+        let (agent, kind, namespace, name) = (
+            mask_tokens(&self.agent),
+            mask_tokens(&what.kind),
+            mask_tokens(&what.namespace),
+            mask_tokens(&what.name),
+        );
+        let reason = mask_tokens(&reason);
+        info!(target: "rna::audit", tenant = %self.tenant, caller_tenant = %grant.tenant,
+            token_id = %grant.token_id, token_label = grant.label.as_deref().unwrap_or(""),
+            agent = agent.as_ref(), verb, kind = kind.as_ref(), namespace = namespace.as_ref(),
+            name = name.as_ref(), secret, outcome = label, status = code,
+            reason = reason.as_ref(), duration_ms = elapsed.as_millis() as u64,
+            "kubernetes command");
+    }
 }
 
 /// Largest slice of a stored inventory written before yielding to other tasks.
@@ -243,67 +296,6 @@ struct ApplyQuery {
     namespace: Option<String>,
 }
 
-fn truthy(v: &Option<String>) -> Result<bool, String> {
-    match v.as_deref() {
-        None | Some("false") | Some("0") | Some("") => Ok(false),
-        Some("true") | Some("1") | Some("All") => Ok(true),
-        Some(other) => Err(format!("{other:?}: expected true or false")),
-    }
-}
-
-/// Splits a body of YAML or JSON documents into objects: multi-document YAML, a JSON object,
-/// a JSON array, and `List` kinds (their items) are all accepted; empty documents are skipped.
-/// A body without any object is refused.
-pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    let out = split_documents(text)?;
-    if out.is_empty() {
-        return Err("no objects in the body".into());
-    }
-    Ok(out)
-}
-
-/// [`parse_documents`] that accepts a text without objects (a file of comments among
-/// several). Line numbers in errors are those of `text`.
-pub fn split_documents(text: &str) -> Result<Vec<Value>, String> {
-    let trimmed = text.trim_start();
-    let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        match serde_json::from_str::<Value>(trimmed) {
-            Ok(Value::Array(items)) => items,
-            Ok(v) => vec![v],
-            Err(e) => return Err(format!("invalid JSON: {e}")),
-        }
-    } else {
-        serde_saphyr::from_multiple::<Value>(text).map_err(|e| format!("invalid YAML: {e}"))?
-    };
-    let mut out = Vec::new();
-    for (i, doc) in docs.into_iter().enumerate() {
-        match doc {
-            Value::Null => continue,
-            Value::Object(ref map) => {
-                let is_list = map
-                    .get("kind")
-                    .and_then(Value::as_str)
-                    .is_some_and(|k| k.ends_with("List"))
-                    && map.get("items").is_some_and(Value::is_array);
-                if is_list {
-                    if let Some(Value::Array(items)) = map.get("items") {
-                        out.extend(items.iter().cloned());
-                    }
-                } else {
-                    for field in ["apiVersion", "kind"] {
-                        if !map.get(field).is_some_and(Value::is_string) {
-                            return Err(format!("document {}: no {field}", i + 1));
-                        }
-                    }
-                    out.push(doc);
-                }
-            }
-            _ => return Err(format!("document {} is not an object", i + 1)),
-        }
-    }
-    Ok(out)
-}
-
 async fn apply(
     State(shared): State<Arc<Shared>>,
     Path(agent): Path<String>,
@@ -336,146 +328,41 @@ async fn apply(
         }
         cur.as_str().unwrap_or("?").to_string()
     };
-    let kinds: Vec<String> = docs.iter().map(|d| field(d, &["kind"])).collect();
-    let secret = docs.iter().any(|d| {
-        crate::proto::kube::is_secret_kind(&field(d, &["apiVersion"]), &field(d, &["kind"]))
-    });
-    let names: Vec<String> = docs
-        .iter()
-        .map(|d| field(d, &["metadata", "name"]))
-        .collect();
+    let joined = |path: &[&str]| {
+        docs.iter()
+            .map(|d| field(d, path))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let namespace = q.namespace.filter(|n| !n.is_empty());
+    let what = Audited {
+        verb: "apply",
+        kind: joined(&["kind"]),
+        namespace: namespace.clone().unwrap_or_default(),
+        name: joined(&["metadata", "name"]),
+        secret: docs.iter().any(|d| {
+            crate::proto::kube::is_secret_kind(&field(d, &["apiVersion"]), &field(d, &["kind"]))
+        }),
+    };
     let request = KubeRequest::Apply {
         objects: Value::Array(docs).to_string(),
-        namespace: q.namespace.filter(|n| !n.is_empty()),
+        namespace,
         dry_run,
         force,
     };
-    let ns = match &request {
-        KubeRequest::Apply { namespace, .. } => namespace.clone().unwrap_or_default(),
-        _ => String::new(),
-    };
-    let result = run(&shared, &grant, &tenant, &agent, &request).await;
-    audit(
-        &shared.metrics,
-        &grant,
-        &tenant,
-        &agent,
-        Audited {
-            verb: "apply",
-            kind: &kinds.join(","),
-            namespace: &ns,
-            name: &names.join(","),
-            secret,
-        },
-        result.as_ref().map(|_| ()),
+    let cmd = Call {
+        shared,
+        grant,
+        tenant,
+        agent,
         started,
-    );
-    respond(result)
+    };
+    cmd.answer(&request, what).await
 }
 
 /// A 400 with `message`: the request names something the route cannot use.
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
-}
-
-/// Runs a command about one object or kind, writes its audit line, and answers.
-async fn run_audited(
-    shared: &Shared,
-    grant: &Grant,
-    tenant: &Tenant,
-    agent: &str,
-    request: &KubeRequest,
-    started: Instant,
-) -> Result<Response, ApiError> {
-    let mut secret = request.target().is_some_and(ObjectRef::is_secret);
-    let mut result = run(shared, grant, tenant, agent, request).await;
-    if !grant.has(Scope::ExecInfraOp) {
-        // Reading a Secret's contents is as strong as writing: a read-only caller sees its
-        // metadata only, whatever the agent's role allows.
-        result = result.map(|answer| {
-            let (answer, held) = redact_secrets(answer);
-            secret |= held;
-            answer
-        });
-    }
-    let t = request.target();
-    audit(
-        &shared.metrics,
-        grant,
-        tenant,
-        agent,
-        Audited {
-            verb: request.verb(),
-            kind: t.map_or("", |t| t.kind.as_str()),
-            namespace: t.and_then(|t| t.namespace.as_deref()).unwrap_or(""),
-            name: t.map_or("", |t| t.name.as_str()),
-            secret,
-        },
-        result.as_ref().map(|_| ()),
-        started,
-    );
-    respond(result)
-}
-
-async fn run(
-    shared: &Shared,
-    grant: &Grant,
-    tenant: &Tenant,
-    agent: &str,
-    request: &KubeRequest,
-) -> Result<String, KubeCallError> {
-    let session = pick(shared, tenant, agent)?;
-    call(
-        &session,
-        caller(grant),
-        request,
-        timeout_for(shared, request),
-        None,
-    )
-    .await
-}
-
-fn respond(result: Result<String, KubeCallError>) -> Result<Response, ApiError> {
-    let answer = result?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], answer).into_response())
-}
-
-/// Whether a path segment is a core API version (`v1`, `v2beta1`) rather than a group.
-fn is_core_version(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix('v') else {
-        return false;
-    };
-    let digits = rest.chars().take_while(char::is_ascii_digit).count();
-    if digits == 0 {
-        return false;
-    }
-    let tail = &rest[digits..];
-    tail.is_empty()
-        || ["alpha", "beta"].iter().any(|p| {
-            tail.strip_prefix(p)
-                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
-        })
-}
-
-/// `v1/ConfigMap[/name]` or `apps/v1/Deployment[/name]` → (apiVersion, kind, name).
-pub fn parse_object_path(path: &str) -> Result<(String, String, Option<String>), String> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let bad = || {
-        format!(
-            "{path:?}: expected {{apiVersion}}/{{kind}}[/{{name}}], e.g. v1/ConfigMap/app or \
-             apps/v1/Deployment/web"
-        )
-    };
-    let (api_version, rest) = match parts.first() {
-        Some(v) if is_core_version(v) => (v.to_string(), &parts[1..]),
-        Some(g) if parts.len() >= 3 => (format!("{g}/{}", parts[1]), &parts[2..]),
-        _ => return Err(bad()),
-    };
-    match rest {
-        [kind] => Ok((api_version, kind.to_string(), None)),
-        [kind, name] => Ok((api_version, kind.to_string(), Some(name.to_string()))),
-        _ => Err(bad()),
-    }
 }
 
 #[derive(Deserialize, Default)]
@@ -514,7 +401,14 @@ async fn read(
             continue_token: q.continue_token.filter(|s| !s.is_empty()),
         },
     };
-    run_audited(&shared, &grant, &tenant, &agent, &request, started).await
+    let cmd = Call {
+        shared,
+        grant,
+        tenant,
+        agent,
+        started,
+    };
+    cmd.answer(&request, Audited::of(&request)).await
 }
 
 #[derive(Deserialize, Default)]
@@ -548,7 +442,14 @@ async fn delete(
         propagation: q.propagation_policy.filter(|p| !p.is_empty()),
         dry_run,
     };
-    run_audited(&shared, &grant, &tenant, &agent, &request, started).await
+    let cmd = Call {
+        shared,
+        grant,
+        tenant,
+        agent,
+        started,
+    };
+    cmd.answer(&request, Audited::of(&request)).await
 }
 
 /// The body of `POST …/kube/wait`.
@@ -595,14 +496,12 @@ async fn wait(
     if w.name.is_empty() {
         return Err(bad("wait needs an object name"));
     }
-    let namespace = w.namespace.filter(|n| !n.is_empty());
-    let secret = crate::proto::kube::is_secret_kind(&w.api_version, &w.kind);
     let request = KubeRequest::Wait {
         target: ObjectRef {
             api_version: w.api_version,
-            kind: w.kind.clone(),
-            namespace: namespace.clone(),
-            name: w.name.clone(),
+            kind: w.kind,
+            namespace: w.namespace.filter(|n| !n.is_empty()),
+            name: w.name,
         },
         condition,
         timeout_ms: timeout.as_millis() as u64,
@@ -623,52 +522,24 @@ async fn wait(
             reason: TOO_MANY_WAITS,
         });
     };
-    let session = pick(&shared, &tenant, &agent).inspect_err(|e| {
-        audit(
-            &shared.metrics,
-            &grant,
-            &tenant,
-            &agent,
-            Audited {
-                verb: "wait",
-                kind: &w.kind,
-                namespace: namespace.as_deref().unwrap_or(""),
-                name: &w.name,
-                secret,
-            },
-            Err(e),
-            started,
-        );
-    })?;
+    let what = Audited::of(&request);
+    let cmd = Call {
+        shared,
+        grant,
+        tenant,
+        agent,
+        started,
+    };
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
-    let task_grant = grant.clone();
-    let task_shared = shared.clone();
-    let task_tenant = tenant.clone();
-    let task_agent = agent.clone();
     tokio::spawn(async move {
         let _slot = slot;
-        let budget = timeout_for(&task_shared, &request);
-        let result = call(&session, caller(&task_grant), &request, budget, Some(tx)).await;
+        let result = cmd.send(&request, Some(tx)).await;
         if matches!(&result, Err(KubeCallError::Failed(f)) if f.reason == TOO_MANY_WAITS) {
             // The agent keeps command slots free of waits: its refusal is a cap too.
-            task_shared.metrics.cap_refused("kube_agent_waits");
+            cmd.shared.metrics.cap_refused("kube_agent_waits");
         }
-        audit(
-            &task_shared.metrics,
-            &task_grant,
-            &task_tenant,
-            &task_agent,
-            Audited {
-                verb: "wait",
-                kind: &w.kind,
-                namespace: namespace.as_deref().unwrap_or(""),
-                name: &w.name,
-                secret,
-            },
-            result.as_ref().map(|_| ()),
-            started,
-        );
+        cmd.audit(&what, result.as_ref().map(|_| ()));
         let _ = done_tx.send(result);
     });
     // Answer with an HTTP error when the command fails before any progress (bad kind,
@@ -718,62 +589,4 @@ async fn wait(
 
 fn ndjson(body: Body) -> Response {
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn object_paths_parse() {
-        let ok = [
-            ("v1/ConfigMap", ("v1", "ConfigMap", None)),
-            ("v1/ConfigMap/app", ("v1", "ConfigMap", Some("app"))),
-            (
-                "apps/v1/Deployment/web",
-                ("apps/v1", "Deployment", Some("web")),
-            ),
-            (
-                "example.com/v1alpha1/widgets",
-                ("example.com/v1alpha1", "widgets", None),
-            ),
-            ("v2beta1/X", ("v2beta1", "X", None)),
-        ];
-        for (path, (v, k, n)) in ok {
-            let got = parse_object_path(path).unwrap();
-            assert_eq!(
-                (got.0.as_str(), got.1.as_str(), got.2.as_deref()),
-                (v, k, n),
-                "{path}"
-            );
-        }
-        for bad in ["", "v1", "apps/v1", "apps/v1/Deployment/web/x", "v1/a/b/c"] {
-            assert!(parse_object_path(bad).is_err(), "{bad}");
-        }
-        assert!(!is_core_version("version"));
-        assert!(!is_core_version("v1beta"));
-        assert!(is_core_version("v10"));
-    }
-
-    #[test]
-    fn documents_parse_from_yaml_and_json() {
-        let yaml = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: \"1\"\n";
-        let docs = parse_documents(yaml).unwrap();
-        assert_eq!(docs.len(), 2);
-        assert_eq!(docs[1]["data"]["a"], "1");
-        let list = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"}}]}"#;
-        assert_eq!(parse_documents(list).unwrap().len(), 1);
-        let arr = r#"[{"apiVersion":"v1","kind":"Pod"},{"apiVersion":"v1","kind":"Pod"}]"#;
-        assert_eq!(parse_documents(arr).unwrap().len(), 2);
-        for bad in [
-            "",
-            "---\n",
-            "kind: Pod\n",
-            "- a\n- b\n",
-            "{",
-            "apiVersion: v1\nkind: [x\n",
-        ] {
-            assert!(parse_documents(bad).is_err(), "{bad:?}");
-        }
-    }
 }
