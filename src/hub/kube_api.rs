@@ -318,31 +318,14 @@ async fn apply(
     })?;
     let text = std::str::from_utf8(&body).map_err(|_| bad("the body is not UTF-8 text"))?;
     let docs = parse_documents(text).map_err(bad)?;
-    let field = |d: &Value, path: &[&str]| {
-        let mut cur = d;
-        for p in path {
-            cur = match cur.get(p) {
-                Some(v) => v,
-                None => return String::from("?"),
-            };
-        }
-        cur.as_str().unwrap_or("?").to_string()
-    };
-    let joined = |path: &[&str]| {
-        docs.iter()
-            .map(|d| field(d, path))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let (kind, name, secret) = crate::proto::kube::apply_summary(&docs, usize::MAX);
     let namespace = q.namespace.filter(|n| !n.is_empty());
     let what = Audited {
         verb: "apply",
-        kind: joined(&["kind"]),
+        kind,
         namespace: namespace.clone().unwrap_or_default(),
-        name: joined(&["metadata", "name"]),
-        secret: docs.iter().any(|d| {
-            crate::proto::kube::is_secret_kind(&field(d, &["apiVersion"]), &field(d, &["kind"]))
-        }),
+        name,
+        secret,
     };
     let request = KubeRequest::Apply {
         objects: Value::Array(docs).to_string(),

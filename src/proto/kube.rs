@@ -120,6 +120,26 @@ pub fn is_secret_kind(api_version: &str, kind: &str) -> bool {
         && (kind.eq_ignore_ascii_case("secret") || kind.eq_ignore_ascii_case("secrets"))
 }
 
+/// What an apply's audit line says about its documents, on the hub and on the agent alike:
+/// their kinds and names joined by commas (`?` where one is missing), of at most `max`
+/// documents, and whether any of them is a core Secret. Never their contents.
+pub fn apply_summary(docs: &[serde_json::Value], max: usize) -> (String, String, bool) {
+    let text = |d: &serde_json::Value, path: &str| {
+        d.pointer(path)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let joined = |path: &str| {
+        let parts: Vec<String> = docs.iter().take(max).map(|d| text(d, path)).collect();
+        parts.join(",")
+    };
+    let secret = docs
+        .iter()
+        .any(|d| is_secret_kind(&text(d, "/apiVersion"), &text(d, "/kind")));
+    (joined("/kind"), joined("/metadata/name"), secret)
+}
+
 /// What to wait for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WaitFor {
@@ -421,6 +441,32 @@ mod tests {
     use super::*;
     use crate::proto::codec::{encode, encode_limited, read_frame, read_frame_limited};
     use crate::proto::Host;
+
+    #[test]
+    fn apply_summaries_name_kinds_and_names_only() {
+        let docs = [
+            serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "v"}}),
+            serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}),
+            serde_json::json!({"apiVersion": "apps/v1", "kind": 7, "metadata": {}}),
+        ];
+        let table = [
+            (usize::MAX, ("ConfigMap,Secret,?", "a,s,?", true)),
+            (1, ("ConfigMap", "a", true)),
+            (0, ("", "", true)),
+        ];
+        for (max, (kinds, names, secret)) in table {
+            let got = apply_summary(&docs, max);
+            assert_eq!(
+                (got.0.as_str(), got.1.as_str(), got.2),
+                (kinds, names, secret),
+                "{max}"
+            );
+        }
+        let plain = apply_summary(&docs[..1], 20);
+        assert!(!plain.2);
+        let not_core = [serde_json::json!({"apiVersion": "example.com/v1", "kind": "Secret"})];
+        assert!(!apply_summary(&not_core, 20).2);
+    }
 
     #[tokio::test]
     async fn headers_tell_tunnel_and_command_streams_apart() {

@@ -13,8 +13,8 @@ use super::{failure, humanize, KubeExecutor, MAX_CONCURRENT_WAITS};
 use crate::auth::mask_tokens;
 use crate::proto::codec::{encode_limited, read_frame_limited};
 use crate::proto::kube::{
-    FailureKind, KubeHeader, KubeReply, KubeRequest, MAX_KUBE_REPLY, MAX_KUBE_REQUEST,
-    TOO_MANY_WAITS,
+    apply_summary, FailureKind, KubeHeader, KubeReply, KubeRequest, MAX_KUBE_REPLY,
+    MAX_KUBE_REQUEST, TOO_MANY_WAITS,
 };
 use crate::proto::StreamCode;
 
@@ -30,33 +30,14 @@ fn audit_target(request: &KubeRequest) -> (String, String, String, bool) {
         ),
         None => {
             // apply: the kinds and names of its objects (never their contents)
-            let mut kinds = Vec::new();
-            let mut names = Vec::new();
-            let mut secret = false;
-            if let KubeRequest::Apply { objects, .. } = request {
-                if let Ok(Value::Array(docs)) = serde_json::from_str::<Value>(objects) {
-                    secret = docs.iter().any(|d| {
-                        let text = |f: &str| d.get(f).and_then(Value::as_str).unwrap_or("");
-                        crate::proto::kube::is_secret_kind(text("apiVersion"), text("kind"))
-                    });
-                    for d in docs.iter().take(20) {
-                        kinds.push(
-                            d.get("kind")
-                                .and_then(Value::as_str)
-                                .unwrap_or("?")
-                                .to_string(),
-                        );
-                        names.push(
-                            d.get("metadata")
-                                .and_then(|m| m.get("name"))
-                                .and_then(Value::as_str)
-                                .unwrap_or("?")
-                                .to_string(),
-                        );
-                    }
+            let docs: Vec<Value> = match request {
+                KubeRequest::Apply { objects, .. } => {
+                    serde_json::from_str(objects).unwrap_or_default()
                 }
-            }
-            (kinds.join(","), String::new(), names.join(","), secret)
+                _ => Vec::new(),
+            };
+            let (kinds, names, secret) = apply_summary(&docs, 20);
+            (kinds, String::new(), names, secret)
         }
     }
 }
