@@ -1,0 +1,1 @@
+//! HTTP proxy egress for the agent (CONNECT).
