@@ -192,8 +192,7 @@ async fn pair(mux: &str) -> (Side, Side) {
     let hub = ca.issue_hub(&["localhost".into()]).expect("hub cert");
     let agent = ca.issue_agent("bench").expect("agent cert");
     let server = ServerTls::from_pem(&ca.cert_pem(), &hub.cert_pem, &hub.key_pem).expect("tls");
-    let client =
-        ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem).expect("tls");
+    let client = ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem).expect("tls");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
         server.rustls_config(ALPN).expect("server config"),
     ));
@@ -354,7 +353,11 @@ async fn main() {
     let (hub, agent) = pair(&mux).await;
     // Streams first, while the heap is fresh, so the memory figure is the streams' own.
     let (seen, secs, per) = many(&hub, &agent, answer).await;
-    let how = if answer { "agent answers each" } else { "agent silent" };
+    let how = if answer {
+        "agent answers each"
+    } else {
+        "agent silent"
+    };
     println!(
         "{mux}: {MANY} streams opened by the hub, {how}: {seen} reached the agent in \
          {secs:.2} s, {per:.1} KiB RSS per stream (both ends)"

@@ -7,8 +7,6 @@
 //! heap-allocated futures an object-safe async trait would need.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +15,10 @@ use rustls::pki_types::CertificateDer;
 use web_transport_trait::{RecvStream as _, SendStream as _, Session as _};
 
 use super::tcp::TcpSession;
+
+/// How long a failed TCP stream operation waits for its session's end reason. qmux records
+/// the reason right after failing the streams, so this is only ever a scheduling delay.
+const SESSION_END_WAIT: Duration = Duration::from_secs(1);
 
 /// Which transport carries a session: for logs, the agents API and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,20 +131,37 @@ impl StreamError {
     fn from_write(e: quinn::WriteError) -> StreamError {
         match e {
             quinn::WriteError::Stopped(code) => StreamError::Stopped(code.into_inner()),
-            quinn::WriteError::ConnectionLost(e) => {
-                StreamError::Session(SessionEnd::from_quic(&e))
-            }
+            quinn::WriteError::ConnectionLost(e) => StreamError::Session(SessionEnd::from_quic(&e)),
             quinn::WriteError::ClosedStream => StreamError::Closed,
             other => StreamError::Other(other.to_string()),
         }
     }
 
-    fn from_tcp(e: qmux::Error, closed_here: bool) -> StreamError {
+    /// A QMux stream error; one that is about the session reads the session's end reason
+    /// (qmux fails the streams with a bare "closed" just before it records why).
+    async fn from_tcp(e: qmux::Error, t: &TcpSession) -> StreamError {
         match e {
             qmux::Error::StreamReset(code) => StreamError::Reset(code.into_inner()),
             qmux::Error::StreamStop(code) => StreamError::Stopped(code.into_inner()),
             qmux::Error::StreamClosed => StreamError::Closed,
-            other => StreamError::Session(SessionEnd::from_tcp(&other, closed_here)),
+            other => {
+                let end = tokio::time::timeout(SESSION_END_WAIT, t.mux().closed()).await;
+                let e = end.unwrap_or(other);
+                StreamError::Session(SessionEnd::from_tcp(&e, t.closed_here()))
+            }
+        }
+    }
+
+    /// [`StreamError::from_tcp`] for callers that cannot wait.
+    fn from_tcp_now(e: qmux::Error, t: &TcpSession) -> StreamError {
+        match e {
+            qmux::Error::StreamReset(code) => StreamError::Reset(code.into_inner()),
+            qmux::Error::StreamStop(code) => StreamError::Stopped(code.into_inner()),
+            qmux::Error::StreamClosed => StreamError::Closed,
+            other => {
+                let e = t.mux().closed().now_or_never().unwrap_or(other);
+                StreamError::Session(SessionEnd::from_tcp(&e, t.closed_here()))
+            }
         }
     }
 }
@@ -185,9 +204,9 @@ impl Session {
                 Ok((s, r)) => Ok((SendStream::Quic(s), RecvStream::Quic(r))),
                 Err(e) => Err(StreamError::Session(SessionEnd::from_quic(&e))),
             },
-            Session::Tcp(t) => match t.mux.open_bi().await {
+            Session::Tcp(t) => match t.mux().open_bi().await {
                 Ok((s, r)) => Ok(tcp_pair(t, s, r)),
-                Err(e) => Err(t_err(t, e)),
+                Err(e) => Err(StreamError::from_tcp(e, t).await),
             },
         }
     }
@@ -199,9 +218,9 @@ impl Session {
                 Ok((s, r)) => Ok((SendStream::Quic(s), RecvStream::Quic(r))),
                 Err(e) => Err(StreamError::Session(SessionEnd::from_quic(&e))),
             },
-            Session::Tcp(t) => match t.mux.accept_bi().await {
+            Session::Tcp(t) => match t.mux().accept_bi().await {
                 Ok((s, r)) => Ok(tcp_pair(t, s, r)),
-                Err(e) => Err(t_err(t, e)),
+                Err(e) => Err(StreamError::from_tcp(e, t).await),
             },
         }
     }
@@ -220,8 +239,8 @@ impl Session {
         match self {
             Session::Quic(c) => SessionEnd::from_quic(&c.closed().await),
             Session::Tcp(t) => {
-                let e = t.mux.closed().await;
-                SessionEnd::from_tcp(&e, t.closed_here.load(Ordering::Acquire))
+                let e = t.mux().closed().await;
+                SessionEnd::from_tcp(&e, t.closed_here())
             }
         }
     }
@@ -260,29 +279,15 @@ impl Session {
 }
 
 fn tcp_pair(t: &TcpSession, s: qmux::SendStream, r: qmux::RecvStream) -> (SendStream, RecvStream) {
-    (
-        SendStream::Tcp(s, t.closed_here.clone()),
-        RecvStream::Tcp(r, t.closed_here.clone()),
-    )
-}
-
-fn t_err(t: &TcpSession, e: qmux::Error) -> StreamError {
-    StreamError::from_tcp(e, t.closed_here.load(Ordering::Acquire))
-}
-
-fn here(flag: &Arc<std::sync::atomic::AtomicBool>) -> bool {
-    flag.load(Ordering::Acquire)
+    (SendStream::Tcp(s, t.clone()), RecvStream::Tcp(r, t.clone()))
 }
 
 /// The sending half of a stream. Dropping it unfinished resets it (code 0), as quinn does.
 pub enum SendStream {
     /// A QUIC stream.
     Quic(quinn::SendStream),
-    /// A QMux stream, with its session's "closed here" flag.
-    Tcp(
-        qmux::SendStream,
-        Arc<std::sync::atomic::AtomicBool>,
-    ),
+    /// A QMux stream, with its session (for the end reason, and to keep it open).
+    Tcp(qmux::SendStream, TcpSession),
 }
 
 impl std::fmt::Debug for SendStream {
@@ -300,11 +305,10 @@ impl SendStream {
     pub async fn write_all(&mut self, buf: &[u8]) -> Result<(), StreamError> {
         match self {
             SendStream::Quic(s) => s.write_all(buf).await.map_err(StreamError::from_write),
-            SendStream::Tcp(s, f) => s
-                .write_all(buf)
-                .await
-                .map(|_| ())
-                .map_err(|e| StreamError::from_tcp(e, here(f))),
+            SendStream::Tcp(s, t) => match s.write_all(buf).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(StreamError::from_tcp(e, t).await),
+            },
         }
     }
 
@@ -312,10 +316,10 @@ impl SendStream {
     pub async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), StreamError> {
         match self {
             SendStream::Quic(s) => s.write_chunk(chunk).await.map_err(StreamError::from_write),
-            SendStream::Tcp(s, f) => s
-                .write_chunk(chunk)
-                .await
-                .map_err(|e| StreamError::from_tcp(e, here(f))),
+            SendStream::Tcp(s, t) => match s.write_chunk(chunk).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StreamError::from_tcp(e, t).await),
+            },
         }
     }
 
@@ -323,7 +327,7 @@ impl SendStream {
     pub fn finish(&mut self) -> Result<(), StreamError> {
         match self {
             SendStream::Quic(s) => s.finish().map_err(|_| StreamError::Closed),
-            SendStream::Tcp(s, f) => s.finish().map_err(|e| StreamError::from_tcp(e, here(f))),
+            SendStream::Tcp(s, f) => s.finish().map_err(|e| StreamError::from_tcp_now(e, f)),
         }
     }
 
@@ -349,10 +353,10 @@ impl SendStream {
                 }
                 Err(other) => Err(StreamError::Other(other.to_string())),
             },
-            SendStream::Tcp(s, f) => match s.closed().await {
+            SendStream::Tcp(s, t) => match s.closed().await {
                 Ok(()) => Ok(None),
                 Err(qmux::Error::StreamStop(code)) => Ok(Some(code.into_inner())),
-                Err(e) => Err(StreamError::from_tcp(e, here(f))),
+                Err(e) => Err(StreamError::from_tcp(e, t).await),
             },
         }
     }
@@ -372,11 +376,8 @@ impl SendStream {
 pub enum RecvStream {
     /// A QUIC stream.
     Quic(quinn::RecvStream),
-    /// A QMux stream, with its session's "closed here" flag.
-    Tcp(
-        qmux::RecvStream,
-        Arc<std::sync::atomic::AtomicBool>,
-    ),
+    /// A QMux stream, with its session (for the end reason, and to keep it open).
+    Tcp(qmux::RecvStream, TcpSession),
 }
 
 impl std::fmt::Debug for RecvStream {
@@ -397,10 +398,10 @@ impl RecvStream {
                 .await
                 .map(|c| c.map(|c| c.bytes))
                 .map_err(StreamError::from_read),
-            RecvStream::Tcp(r, f) => r
-                .read_chunk(max)
-                .await
-                .map_err(|e| StreamError::from_tcp(e, here(f))),
+            RecvStream::Tcp(r, t) => match r.read_chunk(max).await {
+                Ok(chunk) => Ok(chunk),
+                Err(e) => Err(StreamError::from_tcp(e, t).await),
+            },
         }
     }
 

@@ -145,19 +145,19 @@ impl TcpServer {
     }
 
     /// TLS and QMux handshakes on an accepted connection, within the handshake deadline.
-    pub async fn handshake(&self, tcp: TcpStream, remote: SocketAddr) -> Result<TcpSession, TcpError> {
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> Result<TcpSession, TcpError> {
         let limit = self.limits.handshake_timeout;
         let work = async {
             let _ = tcp.set_nodelay(true);
             let stats = socket_stats(&tcp);
-            let tls = self
-                .acceptor
-                .accept(tcp)
-                .await
-                .map_err(|e| TcpError::Tls {
-                    addr: remote,
-                    detail: tls_detail(&e),
-                })?;
+            let tls = self.acceptor.accept(tcp).await.map_err(|e| TcpError::Tls {
+                addr: remote,
+                detail: tls_detail(&e),
+            })?;
             let (_, conn) = tls.get_ref();
             check_alpn(conn.alpn_protocol(), remote)?;
             let peer = conn.peer_certificates().map(|c| c.to_vec());
@@ -257,7 +257,10 @@ fn check_alpn(alpn: Option<&[u8]>, addr: SocketAddr) -> Result<(), TcpError> {
 
 /// rustls' own words for a handshake failure (tokio-rustls wraps them in an `io::Error`).
 fn tls_detail(e: &std::io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         Some(tls) => tls.to_string(),
         None => e.to_string(),
     }
@@ -279,24 +282,27 @@ fn mux_error(e: qmux::Error, addr: SocketAddr) -> TcpError {
     TcpError::Mux { addr, source: e }
 }
 
-/// One hub–agent session over TLS/TCP.
+/// One hub–agent session over TLS/TCP. Clones share the session; it closes when the last
+/// clone and the last of its streams are gone (streams hold a clone, as quinn's do).
 #[derive(Clone)]
-pub struct TcpSession {
-    /// The QMux session; clones share it.
-    pub(crate) mux: qmux::Session,
+pub struct TcpSession(Arc<Inner>);
+
+struct Inner {
+    /// The QMux session.
+    mux: qmux::Session,
     /// The peer's certificate chain as TLS verified it.
-    peer: Option<Arc<Vec<CertificateDer<'static>>>>,
+    peer: Option<Vec<CertificateDer<'static>>>,
     /// The peer's address (for a proxied agent: the hub address it asked for).
     remote: SocketAddr,
     /// Set when this side closed, so the end reads as "closed here", not "closed by peer"
     /// (qmux reports both as the same close).
-    pub(crate) closed_here: Arc<AtomicBool>,
+    closed_here: AtomicBool,
 }
 
 impl std::fmt::Debug for TcpSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpSession")
-            .field("remote", &self.remote)
+            .field("remote", &self.0.remote)
             .finish()
     }
 }
@@ -307,35 +313,45 @@ impl TcpSession {
         peer: Option<Vec<CertificateDer<'static>>>,
         remote: SocketAddr,
     ) -> Self {
-        TcpSession {
+        TcpSession(Arc::new(Inner {
             mux,
-            peer: peer.map(Arc::new),
+            peer,
             remote,
-            closed_here: Arc::new(AtomicBool::new(false)),
-        }
+            closed_here: AtomicBool::new(false),
+        }))
+    }
+
+    /// The QMux session underneath.
+    pub(crate) fn mux(&self) -> &qmux::Session {
+        &self.0.mux
+    }
+
+    /// Whether this side closed the session.
+    pub(crate) fn closed_here(&self) -> bool {
+        self.0.closed_here.load(Ordering::Acquire)
     }
 
     /// The peer's certificate chain, leaf first.
     pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
-        self.peer.as_ref().map(|p| p.as_ref().clone())
+        self.0.peer.clone()
     }
 
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
-        self.remote
+        self.0.remote
     }
 
     /// Closes the session with an application code the peer reads back.
     pub fn close(&self, code: u32, reason: &str) {
         // A session the peer already ended stays "closed by the peer".
-        if self.mux.closed().now_or_never().is_none() {
-            self.closed_here.store(true, Ordering::Release);
+        if self.0.mux.closed().now_or_never().is_none() {
+            self.0.closed_here.store(true, Ordering::Release);
         }
-        self.mux.close(code, reason);
+        self.0.mux.close(code, reason);
     }
 
     /// The smoothed round-trip time: the kernel's for the TCP connection, else QMux's ping.
     pub fn rtt(&self) -> Option<Duration> {
-        self.mux.stats().rtt()
+        self.0.mux.stats().rtt()
     }
 }
