@@ -39,11 +39,14 @@ pub enum ProxyError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The proxy answered 407: it wants credentials, or refused the ones given.
-    #[error("proxy {proxy} refused the credentials (407 Proxy Authentication Required){hint}")]
+    /// The proxy answered 407 (or 401, which some proxies, tinyproxy among them, send for
+    /// CONNECT): it wants credentials, or refused the ones given.
+    #[error("proxy {proxy} refused the credentials ({status}){hint}")]
     Auth {
         /// The proxy (`host:port`).
         proxy: String,
+        /// Code and reason phrase, e.g. `407 Proxy Authentication Required`.
+        status: String,
         /// What to do about it.
         hint: &'static str,
     },
@@ -456,10 +459,17 @@ async fn tunnel(
         proxy: name.clone(),
         detail,
     })?;
+    let status = if reason.is_empty() {
+        code.to_string()
+    } else {
+        format!("{code} {reason}")
+    };
     match code {
         200..=299 => Ok(tcp),
-        407 => Err(ProxyError::Auth {
+        // The tunnel is not open yet, so an authentication status is the proxy's own.
+        401 | 407 => Err(ProxyError::Auth {
             proxy: name,
+            status,
             hint: if proxy.has_credentials() {
                 ""
             } else {
@@ -469,11 +479,7 @@ async fn tunnel(
         _ => Err(ProxyError::Status {
             proxy: name,
             target,
-            status: if reason.is_empty() {
-                code.to_string()
-            } else {
-                format!("{code} {reason}")
-            },
+            status,
         }),
     }
 }
