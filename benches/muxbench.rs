@@ -91,7 +91,7 @@ impl Rx {
 /// Opens and accepts streams on one side of a session.
 #[derive(Clone)]
 enum Side {
-    Q(qmux::Session),
+    Q(Box<qmux::Session>),
     Y {
         open: mpsc::UnboundedSender<oneshot::Sender<yamux::Stream>>,
         accept: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<yamux::Stream>>>,
@@ -220,7 +220,10 @@ async fn pair(mux: &str) -> (Side, Side) {
                 qmux::Session::accept(s, qmux_config()),
                 qmux::Session::connect(c, qmux_config())
             );
-            (Side::Q(s.expect("qmux")), Side::Q(c.expect("qmux")))
+            (
+                Side::Q(Box::new(s.expect("qmux"))),
+                Side::Q(Box::new(c.expect("qmux"))),
+            )
         }
         "yamux" => (
             yamux_side(server_tls, yamux::Mode::Server),

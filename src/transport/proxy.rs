@@ -591,7 +591,14 @@ mod tests {
 
     #[test]
     fn proxy_urls_parse_and_never_print_the_password() {
-        let table: &[(&str, &str, u16, Option<(&str, &str)>)] = &[
+        /// (URL, host, port, (user, password)).
+        type Case = (
+            &'static str,
+            &'static str,
+            u16,
+            Option<(&'static str, &'static str)>,
+        );
+        let table: &[Case] = &[
             ("http://proxy.corp:3128", "proxy.corp", 3128, None),
             ("proxy.corp:3128", "proxy.corp", 3128, None),
             ("http://proxy.corp", "proxy.corp", 1080, None),
