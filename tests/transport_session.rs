@@ -391,3 +391,73 @@ async fn a_stalled_reader_does_not_stall_another_stream() {
         let _ = writer.await;
     }
 }
+
+/// A TCP peer that never starts TLS, or speaks something else, costs the hub one bounded
+/// handshake and a precise error; the listener goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_handshakes_are_bounded_and_refuse_non_tls() {
+    use tokio::io::AsyncWriteExt;
+    let c = certs();
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = TcpServer::new(listener, &c.hub, &limits).unwrap();
+    let addr = server.local_addr().unwrap();
+
+    // Silent after connecting: the deadline ends it.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tcp, remote) = server.accept().await.unwrap();
+    let started = std::time::Instant::now();
+    let err = bounded("silent", server.handshake(tcp, remote))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, tcp::TcpError::Timeout { .. }),
+        "{err:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("not done within 500ms"), "{err}");
+
+    // Plain HTTP instead of TLS: a TLS error at once, not a wait.
+    let mut http = tokio::net::TcpStream::connect(addr).await.unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .await
+        .unwrap();
+    let (tcp, remote) = server.accept().await.unwrap();
+    let err = bounded("http", server.handshake(tcp, remote))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tcp::TcpError::Tls { .. }), "{err:?}");
+
+    // A real agent is still served.
+    let accepted = tokio::spawn(async move {
+        let (tcp, remote) = server.accept().await.unwrap();
+        server.handshake(tcp, remote).await.map(Session::from)
+    });
+    let agent = tcp::connect(addr, "localhost", &c.agent, &limits)
+        .await
+        .unwrap();
+    let hub = accepted.await.unwrap().unwrap();
+    assert_eq!(Session::from(agent).transport().as_str(), "tcp");
+    assert_eq!(hub.transport().as_str(), "tcp");
+}
+
+/// Both transports report a round-trip time and their name, for logs and metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_report_rtt_and_transport_name() {
+    for kind in BOTH {
+        let (hub, agent) = pair(kind).await;
+        let (mut send, _recv) = hub.open_bi().await.unwrap();
+        send.write_all(b"x").await.unwrap();
+        let _accepted = bounded("accept", agent.accept_bi()).await.unwrap();
+        for side in [&hub, &agent] {
+            let rtt = side.rtt().unwrap_or_else(|| panic!("{kind}: no RTT"));
+            assert!(rtt < Duration::from_secs(5), "{kind}: {rtt:?}");
+            assert_eq!(side.transport().as_str(), kind.to_string());
+        }
+        assert_eq!(TransportKind::Quic.as_str(), "quic");
+        assert_eq!(TransportKind::Tcp.as_str(), "tcp");
+    }
+}
