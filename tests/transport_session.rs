@@ -444,14 +444,25 @@ async fn tcp_handshakes_are_bounded_and_refuse_non_tls() {
     assert_eq!(hub.transport().as_str(), "tcp");
 }
 
-/// Both transports report a round-trip time and their name, for logs and metrics.
+/// Both transports report a round-trip time, an activity counter, stream numbers and their
+/// name, for logs, heartbeats and metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_report_rtt_and_transport_name() {
+async fn sessions_report_rtt_activity_stream_ids_and_transport_name() {
     for kind in BOTH {
         let (hub, agent) = pair(kind).await;
         let (mut send, _recv) = hub.open_bi().await.unwrap();
         send.write_all(b"x").await.unwrap();
         let _accepted = bounded("accept", agent.accept_bi()).await.unwrap();
+        // Streams are numbered apart; data that arrives moves the activity counter.
+        let (mut second, _r) = hub.open_bi().await.unwrap();
+        assert_ne!(send.id(), second.id(), "{kind}");
+        let before = agent.activity();
+        second.write_all(b"more").await.unwrap();
+        let (_s, mut r) = bounded("accept", agent.accept_bi()).await.unwrap();
+        let mut buf = [0u8; 4];
+        bounded("read", r.read(&mut buf)).await.unwrap();
+        assert!(agent.activity() > before, "{kind}");
+        assert_eq!(hub.path().is_some(), kind == TransportKind::Quic, "{kind}");
         for side in [&hub, &agent] {
             let rtt = side.rtt().unwrap_or_else(|| panic!("{kind}: no RTT"));
             assert!(rtt < Duration::from_secs(5), "{kind}: {rtt:?}");

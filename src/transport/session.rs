@@ -276,18 +276,57 @@ impl Session {
             Session::Tcp(t) => t.rtt(),
         }
     }
+
+    /// A counter that moves whenever stream data arrives from the peer, so traffic can count
+    /// as a sign of life next to heartbeats. QUIC: stream frames received; TCP: stream bytes
+    /// read (TCP's own delivery is in order, so data read is data the peer sent). Compare
+    /// two readings of the same session only.
+    pub fn activity(&self) -> u64 {
+        match self {
+            Session::Quic(c) => c.stats().frame_rx.stream,
+            Session::Tcp(t) => t.received(),
+        }
+    }
+
+    /// Path facts only QUIC has (TCP hides loss and MTU in the kernel): `None` on TCP.
+    pub fn path(&self) -> Option<PathFacts> {
+        match self {
+            Session::Quic(c) => {
+                let path = c.stats().path;
+                Some(PathFacts {
+                    lost_packets: path.lost_packets,
+                    mtu: path.current_mtu,
+                })
+            }
+            Session::Tcp(_) => None,
+        }
+    }
+}
+
+/// Packet-level facts of a QUIC path, for the agents API and diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathFacts {
+    /// Packets declared lost so far.
+    pub lost_packets: u64,
+    /// The path MTU discovery has reached, in bytes.
+    pub mtu: u16,
 }
 
 fn tcp_pair(t: &TcpSession, s: qmux::SendStream, r: qmux::RecvStream) -> (SendStream, RecvStream) {
-    (SendStream::Tcp(s, t.clone()), RecvStream::Tcp(r, t.clone()))
+    let id = t.next_stream();
+    (
+        SendStream::Tcp(s, t.clone(), id),
+        RecvStream::Tcp(r, t.clone()),
+    )
 }
 
 /// The sending half of a stream. Dropping it unfinished resets it (code 0), as quinn does.
 pub enum SendStream {
     /// A QUIC stream.
     Quic(quinn::SendStream),
-    /// A QMux stream, with its session (for the end reason, and to keep it open).
-    Tcp(qmux::SendStream, TcpSession),
+    /// A QMux stream, with its session (for the end reason, and to keep it open) and its
+    /// number in the session.
+    Tcp(qmux::SendStream, TcpSession, u64),
 }
 
 impl std::fmt::Debug for SendStream {
@@ -305,7 +344,7 @@ impl SendStream {
     pub async fn write_all(&mut self, buf: &[u8]) -> Result<(), StreamError> {
         match self {
             SendStream::Quic(s) => s.write_all(buf).await.map_err(StreamError::from_write),
-            SendStream::Tcp(s, t) => match s.write_all(buf).await {
+            SendStream::Tcp(s, t, _) => match s.write_all(buf).await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(StreamError::from_tcp(e, t).await),
             },
@@ -316,10 +355,18 @@ impl SendStream {
     pub async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), StreamError> {
         match self {
             SendStream::Quic(s) => s.write_chunk(chunk).await.map_err(StreamError::from_write),
-            SendStream::Tcp(s, t) => match s.write_chunk(chunk).await {
+            SendStream::Tcp(s, t, _) => match s.write_chunk(chunk).await {
                 Ok(()) => Ok(()),
                 Err(e) => Err(StreamError::from_tcp(e, t).await),
             },
+        }
+    }
+
+    /// The stream's number in its session, for log lines (QUIC: the stream index).
+    pub fn id(&self) -> u64 {
+        match self {
+            SendStream::Quic(s) => s.id().index(),
+            SendStream::Tcp(_, _, id) => *id,
         }
     }
 
@@ -327,7 +374,7 @@ impl SendStream {
     pub fn finish(&mut self) -> Result<(), StreamError> {
         match self {
             SendStream::Quic(s) => s.finish().map_err(|_| StreamError::Closed),
-            SendStream::Tcp(s, f) => s.finish().map_err(|e| StreamError::from_tcp_now(e, f)),
+            SendStream::Tcp(s, f, _) => s.finish().map_err(|e| StreamError::from_tcp_now(e, f)),
         }
     }
 
@@ -338,7 +385,7 @@ impl SendStream {
                 // Err only when already finished or reset: nothing left to abandon.
                 let _ = s.reset(quinn::VarInt::from_u32(code));
             }
-            SendStream::Tcp(s, _) => s.reset(code),
+            SendStream::Tcp(s, _, _) => s.reset(code),
         }
     }
 
@@ -353,7 +400,7 @@ impl SendStream {
                 }
                 Err(other) => Err(StreamError::Other(other.to_string())),
             },
-            SendStream::Tcp(s, t) => match s.closed().await {
+            SendStream::Tcp(s, t, _) => match s.closed().await {
                 Ok(()) => Ok(None),
                 Err(qmux::Error::StreamStop(code)) => Ok(Some(code.into_inner())),
                 Err(e) => Err(StreamError::from_tcp(e, t).await),
@@ -367,7 +414,7 @@ impl SendStream {
             SendStream::Quic(s) => {
                 let _ = s.set_priority(priority);
             }
-            SendStream::Tcp(s, _) => s.set_priority(priority),
+            SendStream::Tcp(s, _, _) => s.set_priority(priority),
         }
     }
 }
@@ -399,7 +446,12 @@ impl RecvStream {
                 .map(|c| c.map(|c| c.bytes))
                 .map_err(StreamError::from_read),
             RecvStream::Tcp(r, t) => match r.read_chunk(max).await {
-                Ok(chunk) => Ok(chunk),
+                Ok(chunk) => {
+                    if let Some(c) = &chunk {
+                        t.note_received(c.len());
+                    }
+                    Ok(chunk)
+                }
                 Err(e) => Err(StreamError::from_tcp(e, t).await),
             },
         }

@@ -7,7 +7,7 @@
 //! are in docs/protocol.md, "TCP transport".
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -297,6 +297,11 @@ struct Inner {
     /// Set when this side closed, so the end reads as "closed here", not "closed by peer"
     /// (qmux reports both as the same close).
     closed_here: AtomicBool,
+    /// Streams opened or accepted so far: numbers them for log lines (qmux does not expose
+    /// its stream IDs).
+    streams: AtomicU64,
+    /// Stream bytes the application has read: the session's activity counter.
+    received: AtomicU64,
 }
 
 impl std::fmt::Debug for TcpSession {
@@ -318,12 +323,29 @@ impl TcpSession {
             peer,
             remote,
             closed_here: AtomicBool::new(false),
+            streams: AtomicU64::new(0),
+            received: AtomicU64::new(0),
         }))
     }
 
     /// The QMux session underneath.
     pub(crate) fn mux(&self) -> &qmux::Session {
         &self.0.mux
+    }
+
+    /// The next stream number of this session.
+    pub(crate) fn next_stream(&self) -> u64 {
+        self.0.streams.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts stream bytes read.
+    pub(crate) fn note_received(&self, n: usize) {
+        self.0.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Stream bytes read so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.0.received.load(Ordering::Relaxed)
     }
 
     /// Whether this side closed the session.
