@@ -472,3 +472,54 @@ async fn sessions_report_rtt_activity_stream_ids_and_transport_name() {
         assert_eq!(TransportKind::Tcp.as_str(), "tcp");
     }
 }
+
+/// The TCP connection under a session vanishing mid-transfer (the peer killed, a middlebox
+/// dropping it) fails the open streams: a reader never takes it for a clean end of stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_tcp_connection_fails_streams_never_a_clean_end() {
+    let c = certs();
+    let limits = Limits::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = TcpServer::new(listener, &c.hub, &limits).unwrap();
+    let hub_addr = server.local_addr().unwrap();
+    // A TCP relay between agent and hub that the test can cut: both its sockets close, as
+    // when the agent's process is killed.
+    let middle = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let middle_addr = middle.local_addr().unwrap();
+    let relay = tokio::spawn(async move {
+        let (mut from_agent, _) = middle.accept().await.unwrap();
+        let mut to_hub = tokio::net::TcpStream::connect(hub_addr).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut from_agent, &mut to_hub).await;
+    });
+    let accepted = tokio::spawn(async move {
+        let (tcp, remote) = server.accept().await.unwrap();
+        server.handshake(tcp, remote).await.map(Session::from)
+    });
+    let agent = Session::from(
+        tcp::connect(middle_addr, "localhost", &c.agent, &limits)
+            .await
+            .unwrap(),
+    );
+    let hub = accepted.await.unwrap().unwrap();
+
+    // The agent sends part of an answer on a hub-opened stream, then its connection is gone.
+    let (mut send, mut recv) = hub.open_bi().await.unwrap();
+    send.write_all(b"open").await.unwrap();
+    let (mut a_send, _a_recv) = bounded("accept", agent.accept_bi()).await.unwrap();
+    a_send.write_all(&[1u8; 100_000]).await.unwrap();
+    let mut first = [0u8; 1];
+    bounded("read", recv.read(&mut first)).await.unwrap();
+    relay.abort();
+    let _ = relay.await;
+
+    let outcome = bounded("hub read", recv.read_to_end(1 << 20)).await;
+    assert!(
+        matches!(outcome, Err(StreamError::Session(SessionEnd::Failed(_)))),
+        "a cut connection must fail the stream: {outcome:?}"
+    );
+    assert!(
+        matches!(bounded("hub", hub.closed()).await, SessionEnd::Failed(_)),
+        "the hub's session ends as failed"
+    );
+    drop((a_send, agent));
+}
