@@ -523,3 +523,18 @@ async fn a_vanished_tcp_connection_fails_streams_never_a_clean_end() {
     );
     drop((a_send, agent));
 }
+
+/// Dropping a send half finishes it, as quinn does, on both transports: code written for one
+/// behaves the same on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_send_half_finishes_it() {
+    for kind in BOTH {
+        let (hub, agent) = pair(kind).await;
+        let (mut send, _recv) = hub.open_bi().await.unwrap();
+        send.write_all(b"last words").await.unwrap();
+        drop(send);
+        let (_a_send, mut a_recv) = bounded("accept", agent.accept_bi()).await.unwrap();
+        let got = bounded("read", a_recv.read_to_end(1024)).await;
+        assert_eq!(got, Ok(b"last words".to_vec()), "{kind}");
+    }
+}

@@ -320,13 +320,24 @@ fn tcp_pair(t: &TcpSession, s: qmux::SendStream, r: qmux::RecvStream) -> (SendSt
     )
 }
 
-/// The sending half of a stream. Dropping it unfinished resets it (code 0), as quinn does.
+/// The sending half of a stream. Dropping it finishes it (unless it was reset), as quinn's
+/// does: the peer reads what was written, then the end. Abort with [`SendStream::reset`].
 pub enum SendStream {
     /// A QUIC stream.
     Quic(quinn::SendStream),
     /// A QMux stream, with its session (for the end reason, and to keep it open) and its
     /// number in the session.
     Tcp(qmux::SendStream, TcpSession, u64),
+}
+
+impl Drop for SendStream {
+    fn drop(&mut self) {
+        // qmux resets a stream dropped unfinished, quinn finishes it; finish here so both
+        // behave like quinn. Err means already finished or reset: nothing to do.
+        if let SendStream::Tcp(s, _, _) = self {
+            let _ = s.finish();
+        }
+    }
 }
 
 impl std::fmt::Debug for SendStream {
@@ -419,7 +430,8 @@ impl SendStream {
     }
 }
 
-/// The receiving half of a stream. Dropping it unfinished stops it (code 0), as quinn does.
+/// The receiving half of a stream. Dropping it before the end stops it (code 0) on both
+/// transports, as quinn's does.
 pub enum RecvStream {
     /// A QUIC stream.
     Quic(quinn::RecvStream),
