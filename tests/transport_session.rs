@@ -538,3 +538,53 @@ async fn dropping_a_send_half_finishes_it() {
         assert_eq!(got, Ok(b"last words".to_vec()), "{kind}");
     }
 }
+
+/// Keep-alive and idle timeout on TCP: a quiet but healthy session outlives several idle
+/// timeouts (the keep-alive pings keep it open); a session whose peer goes silent (a relay in
+/// between stops forwarding, the TCP connection stays up) ends as timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_keep_alive_holds_a_quiet_session_and_silence_times_out() {
+    let c = certs();
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = TcpServer::new(listener, &c.hub, &limits).unwrap();
+    let hub_addr = server.local_addr().unwrap();
+    let middle = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let middle_addr = middle.local_addr().unwrap();
+    let (freeze, frozen) = tokio::sync::oneshot::channel::<()>();
+    let _relay = tokio::spawn(async move {
+        let (mut from_agent, _) = middle.accept().await.unwrap();
+        let mut to_hub = tokio::net::TcpStream::connect(hub_addr).await.unwrap();
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut from_agent, &mut to_hub) => {}
+            _ = frozen => {}
+        }
+        // Frozen: both connections stay open, nothing is forwarded any more.
+        std::future::pending::<()>().await;
+        drop((from_agent, to_hub));
+    });
+    let accepted = tokio::spawn(async move {
+        let (tcp, remote) = server.accept().await.unwrap();
+        server.handshake(tcp, remote).await.map(Session::from)
+    });
+    let agent = Session::from(
+        tcp::connect(middle_addr, "localhost", &c.agent, &limits)
+            .await
+            .unwrap(),
+    );
+    let hub = accepted.await.unwrap().unwrap();
+
+    // Quiet for three idle timeouts: neither side may end the session.
+    let quiet = tokio::time::timeout(Duration::from_secs(3), hub.closed()).await;
+    assert!(quiet.is_err(), "a quiet session ended: {quiet:?}");
+    assert_eq!(agent.close_reason(), None);
+
+    freeze.send(()).unwrap();
+    let end = bounded("hub notices the silence", hub.closed()).await;
+    assert_eq!(end, SessionEnd::TimedOut);
+    let end = bounded("agent notices the silence", agent.closed()).await;
+    assert_eq!(end, SessionEnd::TimedOut);
+}
