@@ -588,3 +588,79 @@ async fn tcp_keep_alive_holds_a_quiet_session_and_silence_times_out() {
     let end = bounded("agent notices the silence", agent.closed()).await;
     assert_eq!(end, SessionEnd::TimedOut);
 }
+
+/// TCP handshakes in progress are capped like QUIC's (`max_incoming`): past the cap a
+/// connection is refused before any TLS work, and a slot frees when a handshake ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_handshakes_in_progress_are_capped() {
+    let c = certs();
+    let limits = Limits {
+        max_incoming: 2,
+        handshake_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = std::sync::Arc::new(TcpServer::new(listener, &c.hub, &limits).unwrap());
+    let addr = server.local_addr().unwrap();
+    let mut silent = Vec::new();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let (tcp, remote) = server.accept().await.unwrap();
+        let server = server.clone();
+        let started = started_tx.clone();
+        pending.push(tokio::spawn(async move {
+            let handshake = server.handshake(tcp, remote);
+            tokio::pin!(handshake);
+            // Poll once so the slot is taken, then say so, then run to the end.
+            let first = futures_poll_once(&mut handshake).await;
+            started.send(()).unwrap();
+            match first {
+                Some(r) => r,
+                None => handshake.await,
+            }
+        }));
+    }
+    for _ in 0..2 {
+        bounded("slots taken", started_rx.recv()).await.unwrap();
+    }
+    let third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tcp, remote) = server.accept().await.unwrap();
+    let err = bounded("third", server.handshake(tcp, remote))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, tcp::TcpError::Busy { limit: 2, .. }),
+        "{err:?}"
+    );
+    drop(third);
+    // The silent ones end at their deadline, and a real agent gets a slot again.
+    for p in pending {
+        let r = bounded("silent", p).await.unwrap();
+        assert!(matches!(r, Err(tcp::TcpError::Timeout { .. })), "{r:?}");
+    }
+    let accepted = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let (tcp, remote) = server.accept().await.unwrap();
+            server.handshake(tcp, remote).await
+        }
+    });
+    tcp::connect(addr, "localhost", &c.agent, &limits)
+        .await
+        .unwrap();
+    bounded("agent", accepted).await.unwrap().unwrap();
+    drop(silent);
+}
+
+/// Polls a future once: its output if it finished, else `None` (it stays pinned for later).
+async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *f).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}

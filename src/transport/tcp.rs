@@ -71,6 +71,15 @@ pub enum TcpError {
         /// qmux's error.
         source: qmux::Error,
     },
+    /// The hub already has `max_incoming` TCP handshakes in progress; this one was refused
+    /// before any TLS work.
+    #[error("refused {addr}: {limit} handshakes already in progress")]
+    Busy {
+        /// The peer.
+        addr: SocketAddr,
+        /// The cap (`max_incoming`).
+        limit: usize,
+    },
     /// The whole handshake (TLS and QMux parameters) took longer than allowed.
     #[error("handshake with {addr} not done within {limit:?}")]
     Timeout {
@@ -112,6 +121,9 @@ pub struct TcpServer {
     acceptor: TlsAcceptor,
     /// Streams, windows, deadlines: the same as the QUIC endpoint's.
     limits: Limits,
+    /// Handshakes in progress, at most `max_incoming` (as QUIC's), so a flood of TCP
+    /// connections cannot make the hub do TLS work without bound.
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for TcpServer {
@@ -130,6 +142,7 @@ impl TcpServer {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             limits: limits.clone(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_incoming)),
         })
     }
 
@@ -145,11 +158,18 @@ impl TcpServer {
     }
 
     /// TLS and QMux handshakes on an accepted connection, within the handshake deadline.
+    /// Refused at once, before any TLS work, while `max_incoming` others are in progress.
     pub async fn handshake(
         &self,
         tcp: TcpStream,
         remote: SocketAddr,
     ) -> Result<TcpSession, TcpError> {
+        let Ok(_permit) = self.handshakes.clone().try_acquire_owned() else {
+            return Err(TcpError::Busy {
+                addr: remote,
+                limit: self.limits.max_incoming,
+            });
+        };
         let limit = self.limits.handshake_timeout;
         let work = async {
             let _ = tcp.set_nodelay(true);
