@@ -2,7 +2,10 @@
 //! quinn limit set explicitly (quinn's defaults are sized for browsers, not for a hub).
 
 pub mod control;
+pub mod proxy;
 pub mod relay;
+pub mod session;
+pub mod tcp;
 pub mod tls;
 
 use std::net::{SocketAddr, UdpSocket};

@@ -170,6 +170,13 @@ impl ServerTls {
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
+        let config = self.rustls_config(ALPN)?;
+        QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    }
+
+    /// The rustls server configuration both transports use: TLS 1.3 only, a client
+    /// certificate chained to the CA required, `alpn` the only protocol offered, no 0-RTT.
+    pub fn rustls_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots(&self.0.ca)?),
             provider(),
@@ -180,10 +187,10 @@ impl ServerTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.0.chain.clone(), self.0.key.clone_key())?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         // 0-RTT data could be replayed; the protocol does not need it.
         config.max_early_data_size = 0;
-        QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+        Ok(config)
     }
 }
 
@@ -214,12 +221,19 @@ impl ClientTls {
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
+        let config = self.rustls_config(ALPN)?;
+        QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    }
+
+    /// The rustls client configuration both transports use: TLS 1.3 only, the hub verified
+    /// against the CA, the agent's certificate presented, `alpn` the only protocol offered.
+    pub fn rustls_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots(&self.0.ca)?)
             .with_client_auth_cert(self.0.chain.clone(), self.0.key.clone_key())?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
-        QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
     }
 }
 

@@ -1,0 +1,399 @@
+//! TLS 1.3 over TCP: the transport for networks that block outbound UDP or allow only an HTTP
+//! proxy. Same certificates and client-certificate check as QUIC, its own ALPN, and QUIC's
+//! stream semantics (per-stream flow control, reset/stop/close with a code) carried by QMux
+//! (draft-ietf-quic-qmux, the `qmux` crate) inside the TLS connection.
+//!
+//! The multiplexer was chosen by measurement (docs/decisions.md); its wire format and limits
+//! are in docs/protocol.md, "TCP transport".
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use web_transport_trait::{Session as _, Stats as _};
+
+use super::tls::{server_name, ClientTls, ServerTls, TlsError};
+use super::Limits;
+
+/// ALPN identifier of the hub–agent protocol over TLS/TCP. Distinct from QUIC's `rna/1` so a
+/// TCP peer can never be mistaken for a QUIC one, and so the framing can change on its own.
+pub const TCP_ALPN: &[u8] = b"rna-tcp/1";
+
+/// QMux wire format spoken inside the TLS connection: draft-02 (records, ping, reset-at).
+/// Both ends are rna, so there is nothing to negotiate.
+const QMUX_VERSION: qmux::Version = qmux::Version::QMux02;
+
+/// Largest QMux record (the frame-size bound) either side accepts, in bytes. A record carries
+/// one frame; 16,382 is the draft's default, fits one TLS record (16 KiB) with its header, and
+/// bounds what a peer can make us buffer before a frame is parsed.
+pub const MAX_RECORD_SIZE: u64 = 16_382;
+
+/// Why a TCP session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    /// The TCP connection could not be made (refused, unreachable, timed out).
+    #[error("TCP to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Config(#[from] TlsError),
+    /// The TLS handshake failed: a certificate refused by either side, or not TLS at all.
+    #[error("TLS handshake with {addr}: {detail}")]
+    Tls {
+        /// The peer.
+        addr: SocketAddr,
+        /// rustls' error or the alert the peer sent.
+        detail: String,
+    },
+    /// TLS completed but the peer did not choose `rna-tcp/1`.
+    #[error("{addr} did not negotiate ALPN rna-tcp/1")]
+    Alpn {
+        /// The peer.
+        addr: SocketAddr,
+    },
+    /// The QMux session could not be established (the peer sent no transport parameters, or
+    /// broke the protocol).
+    #[error("session setup with {addr}: {source}")]
+    Mux {
+        /// The peer.
+        addr: SocketAddr,
+        /// qmux's error.
+        source: qmux::Error,
+    },
+    /// The hub already has `max_incoming` TCP handshakes in progress; this one was refused
+    /// before any TLS work.
+    #[error("refused {addr}: {limit} handshakes already in progress")]
+    Busy {
+        /// The peer.
+        addr: SocketAddr,
+        /// The cap (`max_incoming`).
+        limit: usize,
+    },
+    /// The whole handshake (TLS and QMux parameters) took longer than allowed.
+    #[error("handshake with {addr} not done within {limit:?}")]
+    Timeout {
+        /// The peer.
+        addr: SocketAddr,
+        /// The deadline.
+        limit: Duration,
+    },
+}
+
+/// QMux settings from the shared transport limits, so TCP and QUIC sessions grant the same
+/// streams and windows. `incoming_bidi` is how many streams the peer may open towards us.
+fn mux_config(limits: &Limits, incoming_bidi: u32) -> qmux::Config {
+    let mut c = qmux::Config::negotiated(QMUX_VERSION, None);
+    c.max_streams_bidi = u64::from(incoming_bidi);
+    // rna uses bidirectional streams only, as on QUIC.
+    c.max_streams_uni = 0;
+    c.max_stream_data_uni = 0;
+    c.max_data = u64::from(limits.connection_window);
+    c.max_stream_data_bidi_local = u64::from(limits.stream_window);
+    c.max_stream_data_bidi_remote = u64::from(limits.stream_window);
+    // qmux sends a keep-alive ping every third of the idle timeout while the session is
+    // quiet, so NAT and proxy bindings stay open and a dead peer is noticed within it.
+    c.max_idle_timeout = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    c.max_record_size = MAX_RECORD_SIZE;
+    // Datagrams are not used (UDP ASSOCIATE is not offered over TCP).
+    c.max_datagram_frame_size = 0;
+    // Bounded again below by the whole-handshake deadline; this one covers the parameters.
+    c.handshake_timeout = limits.handshake_timeout;
+    c.rtt_interval = Duration::from_secs(5);
+    c
+}
+
+/// The hub's side: a bound TCP listener, its TLS acceptor and limits.
+pub struct TcpServer {
+    /// Bound by the caller (tests bind port 0).
+    listener: TcpListener,
+    /// TLS 1.3, client certificate required, ALPN `rna-tcp/1`.
+    acceptor: TlsAcceptor,
+    /// Streams, windows, deadlines: the same as the QUIC endpoint's.
+    limits: Limits,
+    /// Handshakes in progress, at most `max_incoming` (as QUIC's), so a flood of TCP
+    /// connections cannot make the hub do TLS work without bound.
+    handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for TcpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpServer")
+            .field("local", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl TcpServer {
+    /// Serves TLS/TCP sessions on an already-bound listener.
+    pub fn new(listener: TcpListener, tls: &ServerTls, limits: &Limits) -> Result<Self, TcpError> {
+        let config = tls.rustls_config(TCP_ALPN)?;
+        Ok(TcpServer {
+            listener,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            limits: limits.clone(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_incoming)),
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts the next TCP connection; cheap, so the accept loop never waits on a peer.
+    /// Run [`TcpServer::handshake`] on it in its own task. Cancel-safe.
+    pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        self.listener.accept().await
+    }
+
+    /// TLS and QMux handshakes on an accepted connection, within the handshake deadline.
+    /// Refused at once, before any TLS work, while `max_incoming` others are in progress.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> Result<TcpSession, TcpError> {
+        let Ok(_permit) = self.handshakes.clone().try_acquire_owned() else {
+            return Err(TcpError::Busy {
+                addr: remote,
+                limit: self.limits.max_incoming,
+            });
+        };
+        let limit = self.limits.handshake_timeout;
+        let work = async {
+            let _ = tcp.set_nodelay(true);
+            let stats = socket_stats(&tcp);
+            let tls = self.acceptor.accept(tcp).await.map_err(|e| TcpError::Tls {
+                addr: remote,
+                detail: tls_detail(&e),
+            })?;
+            let (_, conn) = tls.get_ref();
+            check_alpn(conn.alpn_protocol(), remote)?;
+            let peer = conn.peer_certificates().map(|c| c.to_vec());
+            let config = mux_config(&self.limits, self.limits.agent_streams);
+            let session = qmux::Session::accept(transport(tls, stats), config)
+                .await
+                .map_err(|e| mux_error(e, remote))?;
+            Ok(TcpSession::new(session, peer, remote))
+        };
+        tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or(Err(TcpError::Timeout {
+                addr: remote,
+                limit,
+            }))
+    }
+}
+
+/// Dials the hub over TCP and sets up a session, all within the handshake deadline.
+pub async fn connect(
+    addr: SocketAddr,
+    name: &str,
+    tls: &ClientTls,
+    limits: &Limits,
+) -> Result<TcpSession, TcpError> {
+    let limit = limits.handshake_timeout;
+    let work = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| TcpError::Connect { addr, source })?;
+        connect_over(tcp, addr, name, tls, limits).await
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or(Err(TcpError::Timeout { addr, limit }))
+}
+
+/// Sets up a session over a TCP connection that is already open: directly to the hub, or a
+/// tunnel an HTTP proxy opened with CONNECT. `remote` is the hub's address as the caller
+/// knows it (for messages). The caller bounds the time.
+pub async fn connect_over(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    name: &str,
+    tls: &ClientTls,
+    limits: &Limits,
+) -> Result<TcpSession, TcpError> {
+    let _ = tcp.set_nodelay(true);
+    let stats = socket_stats(&tcp);
+    let connector = TlsConnector::from(Arc::new(tls.rustls_config(TCP_ALPN)?));
+    let stream = connector
+        .connect(server_name(name)?, tcp)
+        .await
+        .map_err(|e| TcpError::Tls {
+            addr: remote,
+            detail: tls_detail(&e),
+        })?;
+    let (_, conn) = stream.get_ref();
+    check_alpn(conn.alpn_protocol(), remote)?;
+    let peer = conn.peer_certificates().map(|c| c.to_vec());
+    // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
+    // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
+    let session = qmux::Session::connect(
+        transport(stream, stats),
+        mux_config(limits, limits.tunnel_streams),
+    )
+    .await
+    .map_err(|e| mux_error(e, remote))?;
+    Ok(TcpSession::new(session, peer, remote))
+}
+
+fn transport<T>(stream: T, stats: Option<qmux::SharedSocketStats>) -> qmux::transport::Stream<T>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let t = qmux::transport::Stream::new(stream, QMUX_VERSION, MAX_RECORD_SIZE);
+    match stats {
+        Some(s) => t.with_socket_stats(s),
+        None => t,
+    }
+}
+
+/// The kernel's TCP statistics (round-trip time) for the session's socket.
+fn socket_stats(tcp: &TcpStream) -> Option<qmux::SharedSocketStats> {
+    qmux::TcpStats::new(tcp)
+        .ok()
+        .map(|s| Arc::new(s) as qmux::SharedSocketStats)
+}
+
+fn check_alpn(alpn: Option<&[u8]>, addr: SocketAddr) -> Result<(), TcpError> {
+    if alpn == Some(TCP_ALPN) {
+        Ok(())
+    } else {
+        Err(TcpError::Alpn { addr })
+    }
+}
+
+/// rustls' own words for a handshake failure (tokio-rustls wraps them in an `io::Error`).
+fn tls_detail(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// A failed QMux setup: a TLS alert read while waiting is a TLS failure, the rest is QMux's.
+fn mux_error(e: qmux::Error, addr: SocketAddr) -> TcpError {
+    if let qmux::Error::Io(io) = &e {
+        if io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return TcpError::Tls {
+                addr,
+                detail: tls_detail(io),
+            };
+        }
+    }
+    TcpError::Mux { addr, source: e }
+}
+
+/// One hub–agent session over TLS/TCP. Clones share the session; it closes when the last
+/// clone and the last of its streams are gone (streams hold a clone, as quinn's do).
+#[derive(Clone)]
+pub struct TcpSession(Arc<Inner>);
+
+struct Inner {
+    /// The QMux session.
+    mux: qmux::Session,
+    /// The peer's certificate chain as TLS verified it.
+    peer: Option<Vec<CertificateDer<'static>>>,
+    /// The peer's address (for a proxied agent: the hub address it asked for).
+    remote: SocketAddr,
+    /// Set when this side closed, so the end reads as "closed here", not "closed by peer"
+    /// (qmux reports both as the same close).
+    closed_here: AtomicBool,
+    /// Streams opened or accepted so far: numbers them for log lines (qmux does not expose
+    /// its stream IDs).
+    streams: AtomicU64,
+    /// Stream bytes the application has read: the session's activity counter.
+    received: AtomicU64,
+}
+
+impl std::fmt::Debug for TcpSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSession")
+            .field("remote", &self.0.remote)
+            .finish()
+    }
+}
+
+impl TcpSession {
+    fn new(
+        mux: qmux::Session,
+        peer: Option<Vec<CertificateDer<'static>>>,
+        remote: SocketAddr,
+    ) -> Self {
+        TcpSession(Arc::new(Inner {
+            mux,
+            peer,
+            remote,
+            closed_here: AtomicBool::new(false),
+            streams: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }))
+    }
+
+    /// The QMux session underneath.
+    pub(crate) fn mux(&self) -> &qmux::Session {
+        &self.0.mux
+    }
+
+    /// The next stream number of this session.
+    pub(crate) fn next_stream(&self) -> u64 {
+        self.0.streams.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts stream bytes read.
+    pub(crate) fn note_received(&self, n: usize) {
+        self.0.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Stream bytes read so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.0.received.load(Ordering::Relaxed)
+    }
+
+    /// Whether this side closed the session.
+    pub(crate) fn closed_here(&self) -> bool {
+        self.0.closed_here.load(Ordering::Acquire)
+    }
+
+    /// The peer's certificate chain, leaf first.
+    pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.0.peer.clone()
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.0.remote
+    }
+
+    /// Closes the session with an application code the peer reads back.
+    pub fn close(&self, code: u32, reason: &str) {
+        // A session the peer already ended stays "closed by the peer".
+        if self.0.mux.closed().now_or_never().is_none() {
+            self.0.closed_here.store(true, Ordering::Release);
+        }
+        self.0.mux.close(code, reason);
+    }
+
+    /// The smoothed round-trip time: the kernel's for the TCP connection, else QMux's ping.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.0.mux.stats().rtt()
+    }
+}
