@@ -1,8 +1,8 @@
 //! rna: an agent and a hub that carry SOCKS5 connections over one outbound QUIC connection.
 //!
 //! Data flows one way through the modules: [`proto`] (wire types, no sockets) ←
-//! [`transport`] (quinn and rustls) ← [`hub`] and [`agent`]; `main.rs` reads flags, signals
-//! and exit codes. Hub and agent never import each other; what both need sits below them
+//! [`transport`] (quinn and rustls) ← [`hub`] and [`agent`]; the binary (`main.rs` and
+//! `src/cli/`) reads flags, signals and exit codes. Hub and agent never import each other; what both need sits below them
 //! (for example [`listen`]: accept loops that back off, HTTP serving with deadlines and caps;
 //! [`identity`]: agent names, tenants and the masked token secret; [`metrics`]: the registry
 //! both roles export).
@@ -19,17 +19,18 @@
 //! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
 //! 3. `transport`: QUIC and TLS endpoints, the control stream, the relay
 //! 4. `hub`, `agent`: the two roles
-//! 5. `config`, `client`, `dev`: configuration that builds hub and agent settings, the
-//!    admin API client, the state folder of `rna dev`
+//! 5. `config`, `admin_client`, `dev`: configuration that builds hub and agent settings, the
+//!    admin API client, `rna dev` (its state folder and the hub and agent it runs)
 //!
-//! `main.rs` (with `kube_cli.rs`, a module of the binary) sits above all of them.
+//! The binary, `main.rs` with its modules in `src/cli/` (one per subcommand), sits above all
+//! of them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin_client;
 pub mod agent;
 pub mod auth;
 pub mod certs;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use fake_kube::FakeKube;
+use rna::admin_client::{ApiClient, ApiResponse};
 use rna::agent::kube::{KubeSettings, KubeSource, MAX_CONCURRENT_WAITS};
 use rna::auth::Scope;
-use rna::client::{ApiClient, ApiResponse};
 use serde_json::{json, Value};
 
 const TENANT: &str = "acme/prod";

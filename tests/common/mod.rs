@@ -1072,8 +1072,8 @@ pub fn hub_process_args(certs: &str, store: &str, listen: &str, extra: &[&str]) 
 }
 
 /// An admin API client for `token` on the world's hub.
-pub fn client(world: &World, token: &str) -> rna::client::ApiClient {
-    rna::client::ApiClient::new(
+pub fn client(world: &World, token: &str) -> rna::admin_client::ApiClient {
+    rna::admin_client::ApiClient::new(
         &format!("http://{}", world.api),
         rna::auth::Secret::new(token.into()),
     )
@@ -1081,14 +1081,17 @@ pub fn client(world: &World, token: &str) -> rna::client::ApiClient {
 }
 
 /// GET `path` on the admin API, bounded in time.
-pub async fn get(api: &rna::client::ApiClient, path: &str) -> rna::client::ApiResponse {
+pub async fn get(api: &rna::admin_client::ApiClient, path: &str) -> rna::admin_client::ApiResponse {
     within(path, api.request(http::Method::GET, path, None))
         .await
         .unwrap()
 }
 
 /// DELETE `path` on the admin API, bounded in time.
-pub async fn delete(api: &rna::client::ApiClient, path: &str) -> rna::client::ApiResponse {
+pub async fn delete(
+    api: &rna::admin_client::ApiClient,
+    path: &str,
+) -> rna::admin_client::ApiResponse {
     within(path, api.request(http::Method::DELETE, path, None))
         .await
         .unwrap()
@@ -1097,7 +1100,7 @@ pub async fn delete(api: &rna::client::ApiClient, path: &str) -> rna::client::Ap
 /// A Kubernetes wait on `agent` through the API: the status and every NDJSON line (or the
 /// error body as the only line).
 pub async fn kube_wait_lines(
-    api: &rna::client::ApiClient,
+    api: &rna::admin_client::ApiClient,
     agent: &str,
     body: serde_json::Value,
 ) -> (u16, Vec<serde_json::Value>) {

@@ -5,15 +5,17 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use rna::auth::read_secret_file;
-use rna::client::{
-    encode, object_name, resolve_type, table, to_yaml, ApiClient, Refusal, ResolvedType, EXIT_OK,
-    EXIT_UNAVAILABLE, EXIT_USAGE,
+use rna::admin_client::{
+    encode, resolve_type, ApiClient, ApiResponse, Refusal, ResolvedType, EXIT_OK, EXIT_UNAVAILABLE,
+    EXIT_USAGE,
 };
+use rna::auth::read_secret_file;
 use rna::proto::kube::ResourceInfo;
+
+use super::kube_output::{apply_line, object_name, print_inventory_summary, print_objects, Output};
 
 /// Flags shared by every `rna kube` command.
 #[derive(Args, Debug)]
@@ -32,19 +34,6 @@ pub struct KubeArgs {
     tenant: Option<String>,
     #[command(subcommand)]
     command: KubeCommand,
-}
-
-/// Output formats of objects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    /// A table: namespace, name, creation time.
-    Table,
-    /// `kind[.group]/name` per object.
-    Name,
-    /// JSON.
-    Json,
-    /// YAML.
-    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,7 +149,7 @@ fn usage(message: impl std::fmt::Display) -> Exit {
     Exit(EXIT_USAGE)
 }
 
-fn refused(r: &rna::client::ApiResponse) -> Exit {
+fn refused(r: &ApiResponse) -> Exit {
     let refusal = Refusal::from_response(r);
     eprintln!("rna kube: {refusal}");
     Exit(refusal.exit_code())
@@ -198,7 +187,7 @@ impl Ctx {
         method: http::Method,
         path: &str,
         body: Option<(&str, Bytes)>,
-    ) -> Result<rna::client::ApiResponse, Exit> {
+    ) -> Result<ApiResponse, Exit> {
         self.client.request(method, path, body).await.map_err(|e| {
             eprintln!("rna kube: {e}");
             Exit(e.exit_code())
@@ -255,23 +244,6 @@ fn split_target(target: &str, name: Option<String>) -> Result<(String, String), 
             "{target:?}: give TYPE/NAME (deployments/web) or TYPE NAME"
         ))),
     }
-}
-
-fn print_objects(objects: &[Value], whole: &Value, output: Output) -> Result<(), Exit> {
-    match output {
-        Output::Table => out!("{}", table(objects).trim_end_matches('\n')),
-        Output::Name => {
-            for o in objects {
-                out!("{}", object_name(o));
-            }
-        }
-        Output::Json => out!(
-            "{}",
-            serde_json::to_string_pretty(whole).unwrap_or_else(|_| whole.to_string())
-        ),
-        Output::Yaml => out!("{}", to_yaml(whole).map_err(usage)?.trim_end_matches('\n')),
-    }
-    Ok(())
 }
 
 /// Runs one `rna kube` command; returns the exit code.
@@ -387,7 +359,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                 return Err(refused(&r));
             }
             let object = r.json();
-            print_objects(std::slice::from_ref(&object), &object, output)
+            print_objects(std::slice::from_ref(&object), &object, output).map_err(usage)
         }
         KubeCommand::List {
             type_,
@@ -420,7 +392,7 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                 eprintln!("No resources found.");
                 return Ok(());
             }
-            print_objects(&items, &list, output)
+            print_objects(&items, &list, output).map_err(usage)
         }
         KubeCommand::Delete {
             target,
@@ -557,54 +529,13 @@ async fn run_inner(args: KubeArgs) -> Result<(), Exit> {
                     } else {
                         output
                     },
-                ),
+                )
+                .map_err(usage),
                 Output::Table => {
-                    let text = |p: &str| {
-                        inv.pointer(p)
-                            .map(|v| match v {
-                                Value::String(s) => s.clone(),
-                                Value::Null => "-".into(),
-                                other => other.to_string(),
-                            })
-                            .unwrap_or_else(|| "-".into())
-                    };
-                    out!("agent:          {}", text("/agent"));
-                    out!("tenant:         {}", text("/tenant"));
-                    out!("kubernetes:     {}", text("/kubernetes"));
-                    out!("server version: {}", text("/inventory/server_version"));
-                    out!("nodes:          {}", text("/inventory/node_count"));
-                    let namespaces = inv
-                        .pointer("/inventory/namespaces")
-                        .and_then(Value::as_array)
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(Value::as_str)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_else(|| "-".into());
-                    out!("namespaces:     {namespaces}");
-                    let count = inv
-                        .pointer("/inventory/resources")
-                        .and_then(Value::as_array)
-                        .map_or(0, Vec::len);
-                    out!("resources:      {count}");
-                    out!("age:            {}s", text("/ageSeconds"));
+                    print_inventory_summary(&inv);
                     Ok(())
                 }
             }
         }
     }
-}
-
-/// `deployment.apps/web created` (` (dry run)`).
-fn apply_line(a: &Value, dry_run: bool) -> String {
-    let shown =
-        json!({"apiVersion": a["apiVersion"], "kind": a["kind"], "metadata": {"name": a["name"]}});
-    let outcome = a
-        .get("outcome")
-        .and_then(Value::as_str)
-        .unwrap_or("applied");
-    let dry = if dry_run { " (dry run)" } else { "" };
-    format!("{} {outcome}{dry}", object_name(&shown))
 }

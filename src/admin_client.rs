@@ -1,6 +1,7 @@
 //! A client of the hub's admin API for `rna kube`: requests with a bearer token, resource
-//! type names resolved through the agent's inventory, output as a table, names, JSON or
-//! YAML, and the exit code each answer maps to.
+//! type names resolved through the agent's inventory, and the exit code each answer maps to.
+//! How objects are printed (table, names, JSON, YAML) is the command line's business, in the
+//! binary's `cli::kube_output`.
 
 use std::fmt;
 
@@ -337,91 +338,9 @@ pub fn resolve_type(resources: &[ResourceInfo], name: &str) -> Result<ResolvedTy
     })
 }
 
-/// `deployment.apps/web`, `configmap/app`: kubectl's `-o name`.
-pub fn object_name(object: &Value) -> String {
-    let kind = object
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let api_version = object
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let group = api_version.split_once('/').map(|(g, _)| g);
-    let name = object
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    match group {
-        Some(g) => format!("{kind}.{g}/{name}"),
-        None => format!("{kind}/{name}"),
-    }
-}
-
-/// A plain table of objects: NAMESPACE (when any object has one), NAME, CREATED.
-pub fn table(objects: &[Value]) -> String {
-    let text = |o: &Value, p: &str| {
-        o.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let with_ns = objects
-        .iter()
-        .any(|o| !text(o, "/metadata/namespace").is_empty());
-    let rows: Vec<Vec<String>> = objects
-        .iter()
-        .map(|o| {
-            let mut row = Vec::new();
-            if with_ns {
-                row.push(text(o, "/metadata/namespace"));
-            }
-            row.push(text(o, "/metadata/name"));
-            row.push(text(o, "/metadata/creationTimestamp"));
-            row
-        })
-        .collect();
-    let mut header = Vec::new();
-    if with_ns {
-        header.push("NAMESPACE".to_string());
-    }
-    header.push("NAME".to_string());
-    header.push("CREATED".to_string());
-    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
-    for row in &rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows.iter()) {
-        let cells: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i + 1 == row.len() {
-                    c.clone()
-                } else {
-                    format!("{c:<w$}", w = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(&cells.join("   "));
-        out.push('\n');
-    }
-    out
-}
-
-/// JSON as YAML text.
-pub fn to_yaml(v: &Value) -> Result<String, String> {
-    serde_saphyr::to_string(v).map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn r(group: &str, kind: &str, plural: &str, short: &[&str]) -> ResourceInfo {
         ResourceInfo {
@@ -466,19 +385,7 @@ mod tests {
     }
 
     #[test]
-    fn names_tables_and_exit_codes() {
-        let d = json!({"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "web", "namespace": "shop", "creationTimestamp": "2026-01-02T03:04:05Z"}});
-        let c = json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "app-config-long", "namespace": "shop", "creationTimestamp": "2026-01-02T03:04:06Z"}});
-        assert_eq!(object_name(&d), "deployment.apps/web");
-        assert_eq!(object_name(&c), "configmap/app-config-long");
-        assert_eq!(
-            table(&[d, c]),
-            "NAMESPACE   NAME              CREATED\n\
-             shop        web               2026-01-02T03:04:05Z\n\
-             shop        app-config-long   2026-01-02T03:04:06Z\n"
-        );
+    fn exit_codes_and_encoding() {
         let refusal = |status, reason: &str| Refusal {
             status,
             reason: reason.into(),

@@ -23,5 +23,5 @@ pub(crate) fn emit(line: std::fmt::Arguments<'_>) {
 
 /// `println!` through [`emit`].
 macro_rules! out {
-    ($($arg:tt)*) => { $crate::output::emit(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::cli::output::emit(format_args!($($arg)*)) };
 }

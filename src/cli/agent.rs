@@ -1,0 +1,148 @@
+//! `rna agent`: validate the configuration (or print it with `--check-config`), then dial
+//! out to the hubs until SIGTERM; SIGHUP re-reads the token file and the allow and deny rules.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use rna::agent::{Agent, Policy};
+use rna::config::{
+    agent_file_text, agent_settings, merge_agent, AgentOptions, AgentSettings, LogOptions,
+    MetricsListen,
+};
+
+use super::CliError;
+
+/// Flags of `rna agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// TOML configuration file; flags and RNA_* variables override its values. SIGHUP
+    /// re-reads its allow and deny rules.
+    #[arg(long, env = "RNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and read every file it names), then exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(flatten)]
+    options: AgentOptions,
+}
+
+/// A valid agent configuration, with what SIGHUP needs to merge it again.
+pub struct Prepared {
+    /// The settings in force.
+    pub settings: AgentSettings,
+    /// The configuration file, re-read on SIGHUP.
+    file: Option<PathBuf>,
+    /// Flags and variables as given: on SIGHUP they still win over the file.
+    cli: AgentOptions,
+}
+
+/// Merges file, flags and variables into valid agent settings and sets up logging. `None`
+/// when `--check-config` printed the configuration in force and nothing is left to do.
+pub fn prepare(args: AgentArgs, log: LogOptions) -> Result<Option<Prepared>, CliError> {
+    let cli = args.options.clone();
+    let (options, log, sources) = merge_agent(args.config.as_deref(), args.options, log)?;
+    crate::init_logging(&log);
+    let settings = agent_settings(options.clone(), &sources)?;
+    if args.check_config {
+        // A TOML comment, then the keys in force: the output is a valid agent file.
+        out!("# {}: configuration is valid", super::origin(&args.config));
+        out!("{}", agent_file_text(&options, &settings, &log)?.trim_end());
+        return Ok(None);
+    }
+    Ok(Some(Prepared {
+        settings,
+        file: args.config,
+        cli,
+    }))
+}
+
+/// Runs the agent until SIGTERM or SIGINT, with its health and metrics endpoint when asked.
+pub async fn run(prepared: Prepared) -> Result<(), CliError> {
+    let Prepared {
+        settings: AgentSettings {
+            config, metrics, ..
+        },
+        file,
+        cli,
+    } = prepared;
+    let admin = match metrics {
+        MetricsListen::On(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                CliError::io(format!("binding the agent's metrics endpoint on {addr}"), e)
+            })?)
+        }
+        // Nobody asked for this address: another agent or exporter on the host must not stop
+        // the agent from starting.
+        MetricsListen::Default(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                warn!(
+                    metrics = %addr,
+                    "agent health and metrics endpoint not served: cannot bind the default \
+                     address ({e}); give --metrics ADDRESS or --metrics off"
+                );
+                None
+            }
+        },
+        MetricsListen::Off => None,
+    };
+    info!(
+        name = %config.name,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "agent starting"
+    );
+    let agent = Agent::new(config)?;
+    let handle = agent.handle();
+    let shutdown = CancellationToken::new();
+    if let Some(listener) = admin {
+        info!(metrics = %listener.local_addr()?, "agent health and metrics endpoint");
+        tokio::spawn(rna::agent::admin::serve(
+            listener,
+            handle.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // SIGHUP re-reads the allow and deny rules (flags and variables still win over the file)
+    // and the token file, and retries at once any hub the agent was waiting to retry.
+    let reload_handle = handle.clone();
+    let reload: crate::Reload = Box::new(move || {
+        let token = match reload_handle.reload_token() {
+            Ok(()) => {
+                info!("SIGHUP: token file read; retrying hubs now");
+                true
+            }
+            Err(e) => {
+                warn!("SIGHUP: cannot read the token file: {e}");
+                false
+            }
+        };
+        let merged = merge_agent(file.as_deref(), cli.clone(), LogOptions::default());
+        match merged {
+            Ok((options, _, _)) => {
+                let policy = Policy::new(options.allow, options.deny);
+                info!(
+                    allow = policy.allow_rules().len(),
+                    deny = policy.deny_rules().len(),
+                    "SIGHUP: policy reloaded"
+                );
+                reload_handle.set_policy(policy);
+                token
+            }
+            Err(e) => {
+                warn!("SIGHUP: keeping the previous policy: {e}");
+                false
+            }
+        }
+    });
+    crate::watch_signals(shutdown.clone(), Some(reload))?;
+    // Ready after local setup, not after a hub answers: a hub outage must not turn into a
+    // restart storm of every agent.
+    rna::notify::ready("started; connecting to hubs");
+    rna::notify::spawn_watchdog(shutdown.clone());
+    agent.run(shutdown).await?;
+    rna::notify::stopping("stopped");
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! `rna hub`: validate the configuration (or print it with `--check-config`), then serve
+//! until SIGTERM; SIGHUP reloads the token store.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use rna::config::{hub_config, hub_file_text, merge_hub, HubOptions, LogOptions};
+use rna::hub::{Hub, HubConfig};
+
+use super::CliError;
+
+/// Flags of `rna hub`.
+#[derive(Args, Debug)]
+pub struct HubArgs {
+    /// TOML configuration file; flags and RNA_* variables override its values.
+    #[arg(long, env = "RNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and read every file it names), then exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(flatten)]
+    options: HubOptions,
+}
+
+/// Merges file, flags and variables into a valid hub configuration and sets up logging.
+/// `None` when `--check-config` printed the configuration in force and nothing is left to do.
+pub fn prepare(args: HubArgs, log: LogOptions) -> Result<Option<HubConfig>, CliError> {
+    let (options, log, sources) = merge_hub(args.config.as_deref(), args.options, log)?;
+    crate::init_logging(&log);
+    let config = hub_config(options.clone(), &sources)?;
+    if args.check_config {
+        // A TOML comment, then the keys in force: the output is a valid hub file.
+        out!("# {}: configuration is valid", super::origin(&args.config));
+        out!("{}", hub_file_text(&options, &config, &log)?.trim_end());
+        return Ok(None);
+    }
+    Ok(Some(config))
+}
+
+/// Serves until SIGTERM or SIGINT, telling systemd when it is ready and when it stops.
+pub async fn run(config: HubConfig) -> Result<(), CliError> {
+    let hub = Hub::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let handle = hub.handle();
+    // The hub logs a failed reload itself ("keeping the previous tokens"), once.
+    let reload: crate::Reload = Box::new(move || handle.reload_tokens().is_ok());
+    crate::watch_signals(shutdown.clone(), Some(reload))?;
+    rna::notify::ready(&format!(
+        "serving: QUIC {}, SOCKS5 {}",
+        hub.quic_addr(),
+        hub.socks_addr()
+    ));
+    rna::notify::spawn_watchdog(shutdown.clone());
+    let result = hub.run(shutdown).await;
+    rna::notify::stopping("stopped");
+    result?;
+    Ok(())
+}
