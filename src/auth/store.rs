@@ -105,6 +105,16 @@ pub enum StoreError {
     Random,
 }
 
+impl StoreError {
+    /// An `Io` error of `path` from a read or write of it that failed.
+    fn file(path: &Path, e: crate::fsutil::FileError) -> StoreError {
+        StoreError::Io {
+            path: path.to_owned(),
+            source: e.problem.into(),
+        }
+    }
+}
+
 /// The file layout: `[[token]]` tables.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,12 +132,8 @@ pub struct TokenStore {
 impl TokenStore {
     /// Reads and validates the store file; a missing file is an `Io` error of kind `NotFound`.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
-        let text = crate::fsutil::read_text(path, crate::fsutil::MAX_TOKEN_STORE).map_err(|e| {
-            StoreError::Io {
-                path: e.path,
-                source: e.problem.into(),
-            }
-        })?;
+        let text = crate::fsutil::read_text(path, crate::fsutil::MAX_TOKEN_STORE)
+            .map_err(|e| StoreError::file(path, e))?;
         Self::parse(&text, path)
     }
 
@@ -226,12 +232,8 @@ impl TokenStore {
             });
         }
         let mode = crate::fsutil::FileMode::KeepOr(0o600);
-        crate::fsutil::replace_file(path, self.to_toml().as_bytes(), mode).map_err(|e| {
-            StoreError::Io {
-                path: path.to_owned(),
-                source: e.problem.into(),
-            }
-        })
+        crate::fsutil::replace_file(path, self.to_toml().as_bytes(), mode)
+            .map_err(|e| StoreError::file(path, e))
     }
 
     /// Makes a new token and adds its record; returns the token text (shown once) and record.
@@ -431,12 +433,8 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, StoreError> {
 /// Like [`read_secret_file`] without the mode warning, for files read again and again (the
 /// agent reads its token file before every connection attempt).
 pub fn load_secret_file(path: &Path) -> Result<Secret, StoreError> {
-    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_SECRET_FILE).map_err(|e| {
-        StoreError::Io {
-            path: path.to_owned(),
-            source: e.problem.into(),
-        }
-    })?;
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_SECRET_FILE)
+        .map_err(|e| StoreError::file(path, e))?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(StoreError::EmptySecret(path.to_owned()));

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::settings::{at_least_one, frame_size, worker_threads, MIN_FRAME};
+use super::settings::{at_least_one, bytes_from_frame_to, frame_size, worker_threads};
 use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
 use crate::auth::Tenant;
 use crate::hub::{HubConfig, NoAuthRoute};
@@ -203,11 +203,7 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
 /// The admin API's cap on a Kubernetes apply body: at least a frame, at most what the
 /// command channel carries.
 fn kube_request_size(n: usize) -> Result<usize, String> {
-    let max = crate::proto::kube::MAX_KUBE_REQUEST;
-    if !(MIN_FRAME..=max).contains(&n) {
-        return Err(format!("{n} must be between {MIN_FRAME} and {max} bytes"));
-    }
-    Ok(n)
+    bytes_from_frame_to(n, crate::proto::kube::MAX_KUBE_REQUEST)
 }
 
 /// The least time between two inventory reports of one session. The agent waits 30 s for

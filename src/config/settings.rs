@@ -363,7 +363,11 @@ pub(super) const MIN_FRAME: usize = 1024;
 
 /// A frame cap: at least [`MIN_FRAME`], at most what the codec reads.
 pub(super) fn frame_size(n: usize) -> Result<usize, String> {
-    let max = crate::proto::codec::MAX_FRAME;
+    bytes_from_frame_to(n, crate::proto::codec::MAX_FRAME)
+}
+
+/// A size in bytes from [`MIN_FRAME`] to `max`.
+pub(super) fn bytes_from_frame_to(n: usize, max: usize) -> Result<usize, String> {
     if !(MIN_FRAME..=max).contains(&n) {
         return Err(format!("{n} must be between {MIN_FRAME} and {max} bytes"));
     }
