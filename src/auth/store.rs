@@ -1,5 +1,5 @@
 //! The token store: the TOML file of hashed tokens, and verifying presented tokens against
-//! it. Following the file as it changes is [`reload`](super::reload)'s job.
+//! it. Following the file as it changes is `reload.rs`'s job.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -1,6 +1,6 @@
 //! The PKI of one rna installation: a CA, the hub's server certificate and the agents' client
 //! certificates, made with rcgen, written to disk with private keys at mode 0600 (see
-//! [`issue`]), and read back and checked here: names, expiry, PEM files.
+//! `issue.rs`), and read back and checked here: names, expiry, PEM files.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,11 @@
 //! is `None` when neither was given). A file is read into the same types, every value checked
 //! with an error that names the file and the key (`agent.toml: hub[1]: invalid hub address
 //! "x:y"`). The two are merged field by field, defaults fill the rest, and the result is
-//! turned into the library's [`HubConfig`] / [`AgentConfig`] with every file they name read.
+//! turned into the library's [`HubConfig`](crate::hub::HubConfig) /
+//! [`AgentConfig`](crate::agent::AgentConfig) with every file they name read.
+//!
+//! A new key is one entry in its command's list (`hub.rs` or `agent.rs`): `settings.rs` makes
+//! its flag, variable, file key, merge and printed form, `file.rs` reads it from files.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -327,7 +327,7 @@ macro_rules! settings {
     };
 }
 
-/// What [`merge`] needs of an options type; [`settings!`] implements it.
+/// What [`merge`](super::merge) needs of an options type; [`settings!`] implements it.
 pub(super) trait Options: Sized {
     /// The keys this holds a value for.
     fn given(&self) -> Vec<&'static str>;
