@@ -5,13 +5,18 @@
 //! a file far larger than anything rna expects. [`read_bytes`] refuses what is not a regular
 //! file before reading a byte, and stops at a stated size, so no such path can hang or exhaust
 //! a process. It lives below every other module so hub, agent and CLI all use it.
+//!
+//! Files rna writes for others to read (the token store, keys and certificates) are replaced
+//! whole by [`replace_file`], so a reader never sees half of one.
 
 use std::error::Error;
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest token (secret) file read: a token is under 100 bytes.
 pub const MAX_SECRET_FILE: u64 = 64 * 1024;
@@ -149,6 +154,91 @@ pub fn read_stream_text(input: impl Read, what: &str, limit: u64) -> Result<Stri
     String::from_utf8(bytes).map_err(|_| format!("{what}: not UTF-8 text"))
 }
 
+/// The permissions of a file [`replace_file`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileMode {
+    /// Exactly this mode (the umask does not narrow it), owned by the writer.
+    Exactly(u32),
+    /// The mode, owner and group of the file being replaced (an operator may have given
+    /// another group read access); this mode when there is none yet.
+    KeepOr(u32),
+}
+
+/// Creates `path` exclusively (an existing name, a link included, is `AlreadyExists`) with
+/// exactly `mode`: a link at that name is never followed, and the umask does not narrow the
+/// mode (a certificate stays readable at 0644).
+pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(file)
+}
+
+/// The folder a file path is in: its parent, or `.` for a bare file name.
+pub fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Replaces the file at `path` with `bytes`: a new file is written beside it (same folder,
+/// created exclusively, with `mode`), fsynced, renamed over `path`, and the folder fsynced so
+/// the rename lasts. Readers see the old or the new file, never half of one; a link at `path`
+/// is replaced itself, never written through. On error the new file is removed and the error
+/// names the file that failed (the new file, `path` or the folder).
+pub fn replace_file(path: &Path, bytes: &[u8], mode: FileMode) -> Result<(), FileError> {
+    let fail = |path: &Path, e: io::Error| FileError {
+        path: path.to_path_buf(),
+        problem: FileProblem::Io(e),
+    };
+    let Some(name) = path.file_name() else {
+        let e = io::Error::new(io::ErrorKind::InvalidInput, "not a file path");
+        return Err(fail(path, e));
+    };
+    let dir = folder_of(path);
+    // Process id and a counter: two writers, in this process or another, never share a name.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let temp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let existing = match mode {
+        FileMode::KeepOr(_) => std::fs::metadata(path).ok(),
+        FileMode::Exactly(_) => None,
+    };
+    let mode = match (mode, &existing) {
+        (FileMode::KeepOr(_), Some(meta)) => meta.mode() & 0o7777,
+        (FileMode::KeepOr(mode) | FileMode::Exactly(mode), _) => mode,
+    };
+    let mut file = create_new(&temp, mode).map_err(|e| fail(&temp, e))?;
+    let written = (|| {
+        if let Some(meta) = &existing {
+            // Changing the owner needs privileges; keeping ours is the safe fallback.
+            let _ = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()));
+            // A new owner may have cleared set-id bits; set the mode again.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        file.write_all(bytes)?;
+        file.sync_all()
+    })()
+    .map_err(|e| fail(&temp, e))
+    .and_then(|()| std::fs::rename(&temp, path).map_err(|e| fail(path, e)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail(dir, e))
+}
+
 /// An error and its causes, `: `-separated, each cause left out when the text so far already
 /// says it: many errors print their cause in their own message and also return it as their
 /// `source`, and a reader should see each fact once.
@@ -245,5 +335,62 @@ mod tests {
             error_chain(&e),
             format!("cannot read or write x: {}", busy())
         );
+    }
+
+    #[test]
+    fn replace_file_swaps_the_whole_file_with_the_asked_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        replace_file(&path, b"old", FileMode::KeepOr(0o600)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&path), 0o600, "a new file gets the mode asked for");
+        // A reader holding the old file keeps reading the old bytes: the name moved to a new
+        // file, nothing was written into the old one.
+        let mut reader = File::open(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        replace_file(&path, b"new", FileMode::KeepOr(0o600)).unwrap();
+        let mut old = String::new();
+        reader.read_to_string(&mut old).unwrap();
+        assert_eq!(old, "old");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(mode(&path), 0o640, "KeepOr keeps the replaced file's mode");
+        replace_file(&path, b"key", FileMode::Exactly(0o600)).unwrap();
+        assert_eq!(mode(&path), 0o600, "Exactly sets the mode asked for");
+        // A link at the name is replaced, never written through.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"untouched").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        replace_file(&link, b"file", FileMode::Exactly(0o644)).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+        assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(mode(&link), 0o644);
+        let names = |d: &Path| {
+            let mut n: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(dir.path()), ["link", "store", "target"]);
+    }
+
+    #[test]
+    fn replace_file_leaves_no_temporary_file_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder that is not empty cannot be renamed over: the rename fails.
+        let path = dir.path().join("taken");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), b"x").unwrap();
+        let err = replace_file(&path, b"bytes", FileMode::Exactly(0o600)).unwrap_err();
+        assert_eq!(err.path, path, "{err}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["taken"], "the new file was removed");
+        let err = replace_file(Path::new("/"), b"", FileMode::Exactly(0o600)).unwrap_err();
+        assert!(err.to_string().contains("not a file path"), "{err}");
     }
 }

@@ -7,15 +7,14 @@
 //! a usable token.
 
 mod mask;
+mod reload;
 mod store;
 mod time;
 mod token;
 
 pub use mask::{mask_tokens, Masked};
-pub use store::{
-    load_secret_file, read_secret_file, ReloadingStore, StoreError, StoreWatch, TokenRecord,
-    TokenStore,
-};
+pub use reload::{ReloadingStore, StoreWatch};
+pub use store::{load_secret_file, read_secret_file, StoreError, TokenRecord, TokenStore};
 pub use time::{parse_ttl, unix_now};
 // Token listings print expiry instants; the formatting itself is a leaf helper.
 pub use crate::clock::format_rfc3339;

@@ -45,12 +45,7 @@ pub fn string<'de, D: Deserializer<'de>>(
     what: &'static str,
     max: usize,
 ) -> Result<String, D::Error> {
-    StringSeed {
-        what,
-        max,
-        name: false,
-    }
-    .deserialize(d)
+    StringSeed::text(what, max).deserialize(d)
 }
 
 /// A name of at most `max` bytes without control characters (Kubernetes names are DNS
@@ -61,32 +56,7 @@ pub fn name<'de, D: Deserializer<'de>>(
     what: &'static str,
     max: usize,
 ) -> Result<String, D::Error> {
-    StringSeed {
-        what,
-        max,
-        name: true,
-    }
-    .deserialize(d)
-}
-
-/// A list of at most `count` names of at most `len` bytes each (see [`name`]).
-pub fn names<'de, D: Deserializer<'de>>(
-    d: D,
-    what: &'static str,
-    count: usize,
-    len: usize,
-) -> Result<Vec<String>, D::Error> {
-    list_seed(what, count, len, true).deserialize(d)
-}
-
-/// `Option` of [`names`].
-pub fn opt_names<'de, D: Deserializer<'de>>(
-    d: D,
-    what: &'static str,
-    count: usize,
-    len: usize,
-) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_option(OptionVisitor(list_seed(what, count, len, true)))
+    StringSeed::name(what, max).deserialize(d)
 }
 
 /// `Option` of [`string`].
@@ -95,11 +65,7 @@ pub fn opt_string<'de, D: Deserializer<'de>>(
     what: &'static str,
     max: usize,
 ) -> Result<Option<String>, D::Error> {
-    d.deserialize_option(OptionVisitor(StringSeed {
-        what,
-        max,
-        name: false,
-    }))
+    optional(d, StringSeed::text(what, max))
 }
 
 /// A list of at most `count` strings of at most `len` bytes each.
@@ -109,7 +75,7 @@ pub fn strings<'de, D: Deserializer<'de>>(
     count: usize,
     len: usize,
 ) -> Result<Vec<String>, D::Error> {
-    list_seed(what, count, len, false).deserialize(d)
+    list_seed(what, count, StringSeed::text(what, len)).deserialize(d)
 }
 
 /// `Option` of [`strings`].
@@ -119,7 +85,36 @@ pub fn opt_strings<'de, D: Deserializer<'de>>(
     count: usize,
     len: usize,
 ) -> Result<Option<Vec<String>>, D::Error> {
-    d.deserialize_option(OptionVisitor(list_seed(what, count, len, false)))
+    optional(d, list_seed(what, count, StringSeed::text(what, len)))
+}
+
+/// A list of at most `count` names of at most `len` bytes each (see [`name`]).
+pub fn names<'de, D: Deserializer<'de>>(
+    d: D,
+    what: &'static str,
+    count: usize,
+    len: usize,
+) -> Result<Vec<String>, D::Error> {
+    list_seed(what, count, StringSeed::name(what, len)).deserialize(d)
+}
+
+/// `Option` of [`names`].
+pub fn opt_names<'de, D: Deserializer<'de>>(
+    d: D,
+    what: &'static str,
+    count: usize,
+    len: usize,
+) -> Result<Option<Vec<String>>, D::Error> {
+    optional(d, list_seed(what, count, StringSeed::name(what, len)))
+}
+
+/// An optional value read through `seed`: every `opt_` function above is this around its
+/// plain one.
+fn optional<'de, D: Deserializer<'de>, S: DeserializeSeed<'de>>(
+    d: D,
+    seed: S,
+) -> Result<Option<S::Value>, D::Error> {
+    d.deserialize_option(OptionVisitor(seed))
 }
 
 /// A list of at most `count` elements, each bounded by its own type's decoder.
@@ -128,12 +123,7 @@ pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     what: &'static str,
     count: usize,
 ) -> Result<Vec<T>, D::Error> {
-    VecSeed {
-        what,
-        max: count,
-        element: PhantomData::<T>,
-    }
-    .deserialize(d)
+    list_seed(what, count, PhantomData::<T>).deserialize(d)
 }
 
 /// Reads one string, refusing it before the copy when it is too long.
@@ -146,6 +136,24 @@ struct StringSeed {
 }
 
 impl StringSeed {
+    /// Any text of at most `max` bytes.
+    fn text(what: &'static str, max: usize) -> StringSeed {
+        StringSeed {
+            what,
+            max,
+            name: false,
+        }
+    }
+
+    /// A name: at most `max` bytes, no control characters.
+    fn name(what: &'static str, max: usize) -> StringSeed {
+        StringSeed {
+            what,
+            max,
+            name: true,
+        }
+    }
+
     fn check<E: de::Error>(&self, v: &str) -> Result<(), E> {
         if v.len() > self.max {
             return Err(refuse(format!(
@@ -199,17 +207,13 @@ struct VecSeed<S> {
     element: S,
 }
 
-/// The seed of a list of at most `count` strings of at most `len` bytes each; `name` also
-/// refuses control characters. `what` names the field in either refusal.
-fn list_seed(what: &'static str, count: usize, len: usize, name: bool) -> VecSeed<StringSeed> {
+/// The seed of a list of at most `count` elements, each read through `element`; `what` names
+/// the field when the list is too long.
+fn list_seed<S>(what: &'static str, count: usize, element: S) -> VecSeed<S> {
     VecSeed {
         what,
         max: count,
-        element: StringSeed {
-            what,
-            max: len,
-            name,
-        },
+        element,
     }
 }
 
@@ -390,5 +394,66 @@ mod tests {
         assert!(postcard::from_bytes::<Sample>(&wire).is_err());
         let refusal = take_refusal().unwrap_or_default();
         assert!(refusal.contains("names: 4 entries"), "{refusal}");
+    }
+
+    /// Names and their `Option` share one list reader: both refuse a control character and
+    /// a long list, and the `Option` reads a missing list as `None`.
+    #[test]
+    fn names_and_optional_names_hold_the_same_bounds() {
+        #[derive(Debug, Serialize, Deserialize, PartialEq)]
+        struct Names {
+            #[serde(deserialize_with = "two_names")]
+            plain: Vec<String>,
+            #[serde(deserialize_with = "maybe_two_names")]
+            maybe: Option<Vec<String>>,
+        }
+        fn two_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+            super::names(d, "plain", 2, 4)
+        }
+        fn maybe_two_names<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<String>>, D::Error> {
+            opt_names(d, "maybe", 2, 4)
+        }
+        let list = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases = [
+            (list(&["a", "b"]), Some(list(&["c"])), None),
+            (list(&[]), None, None),
+            (
+                list(&["a\u{1b}"]),
+                None,
+                Some("plain: a name with a control character"),
+            ),
+            (
+                list(&[]),
+                Some(list(&["\n"])),
+                Some("maybe: a name with a control character"),
+            ),
+            (list(&["a", "b", "c"]), None, Some("plain: 3 entries")),
+            (
+                list(&[]),
+                Some(list(&["a", "b", "c"])),
+                Some("maybe: 3 entries"),
+            ),
+            (
+                list(&[]),
+                Some(list(&["abcde"])),
+                Some("maybe: a string of 5 bytes"),
+            ),
+        ];
+        for (plain, maybe, want) in cases {
+            let value = Names { plain, maybe };
+            let wire = postcard::to_stdvec(&value).unwrap();
+            clear();
+            let got = postcard::from_bytes::<Names>(&wire);
+            match want {
+                None => assert_eq!(got.unwrap(), value),
+                Some(text) => {
+                    assert!(got.is_err(), "{value:?}");
+                    let refusal = take_refusal().unwrap_or_default();
+                    assert!(refusal.contains(text), "{refusal} / {text}");
+                }
+            }
+        }
     }
 }

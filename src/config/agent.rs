@@ -1,0 +1,332 @@
+//! The agent's settings: its one list of keys, and their validation into
+//! [`AgentSettings`], cluster mode included.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::settings::{at_least_one, frame_size, parse_addr, worker_threads, Form};
+use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
+use crate::agent::kube::{
+    in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule, SecretRef,
+};
+use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
+use crate::auth::read_secret_file;
+use crate::transport::{ClientTls, Congestion};
+
+/// A Kubernetes namespace in a file: checked as it is read, so the error names its index.
+/// Flags take any text; cluster-mode validation checks those.
+struct Namespace;
+
+impl Form for Namespace {
+    type Value = String;
+    type File = String;
+    fn read(file: String, _: Option<&Path>) -> Result<String, String> {
+        parse_namespace(&file)
+    }
+    fn show(value: &String) -> String {
+        value.clone()
+    }
+}
+
+settings! {
+    /// Agent settings from flags and environment (`None` or empty: not given).
+    AgentOptions, file AgentFile, in force from settings: AgentSettings, options;
+    /// Hub address (host:port, or host for port 4433); repeat for several hubs. Every
+    /// address a name resolves to gets its own connection.
+    #[arg(long, env = "RNA_HUB", value_delimiter = ',')]
+    hub: Vec<HubTarget> => show(Some(settings.config.hubs.clone()));
+    /// TLS name to verify the hub as [default: the host of --hub].
+    #[arg(long, env = "RNA_SERVER_NAME")]
+    server_name: Option<String> => show(settings.config.server_name.clone());
+    /// Agent identifier; must equal the certificate's common name.
+    #[arg(long, env = "RNA_NAME")]
+    name: Option<String> => show(Some(settings.config.name.clone()));
+    /// CA to verify the hub with.
+    #[arg(long, env = "RNA_CA")]
+    ca: Option<PathBuf> => show(options.ca.clone());
+    /// Agent certificate (PEM).
+    #[arg(long, env = "RNA_CERT")]
+    cert: Option<PathBuf> => show(options.cert.clone());
+    /// Agent private key (PEM).
+    #[arg(long, env = "RNA_KEY")]
+    key: Option<PathBuf> => show(options.key.clone());
+    /// File holding the agent's token (scope connect:agentHub).
+    #[arg(long, env = "RNA_TOKEN_FILE")]
+    token_file: Option<PathBuf> => show(options.token_file.clone());
+    /// Destinations the agent may dial: CIDR, IP, host or *.domain, optionally :port.
+    /// Without any, everything but the default-denied ranges is allowed.
+    #[arg(long, env = "RNA_ALLOW", value_delimiter = ',')]
+    allow: Vec<Rule> => show(Some(settings.config.policy.allow_rules().to_vec()));
+    /// Destinations the agent refuses (checked first).
+    #[arg(long, env = "RNA_DENY", value_delimiter = ',')]
+    deny: Vec<Rule> => show(Some(settings.config.policy.deny_rules().to_vec()));
+    /// Time allowed to resolve and connect one destination [default: 10s].
+    #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration)]
+    dial_timeout: Option<Duration> => field(settings.config.dial_timeout);
+    /// Tunnel streams the hub may have open on this agent's connection [default: 16384].
+    #[arg(long, env = "RNA_MAX_STREAMS")]
+    max_streams: Option<u32> => field(settings.config.limits.tunnel_streams, at_least_one);
+    /// Address of the agent's /healthz, /readyz and /metrics, or `off`; the default is skipped
+    /// with a warning when its port is taken [default: 127.0.0.1:4434].
+    #[arg(long, env = "RNA_METRICS")]
+    metrics: Option<String> =>
+        show(Some(settings.metrics.addr().map_or_else(|| "off".to_string(), |a| a.to_string())));
+    /// Dials in progress at once; more tunnel requests fail at once [default: 256].
+    #[arg(long, env = "RNA_MAX_PENDING_DIALS")]
+    max_pending_dials: Option<usize> => field(settings.config.max_pending_dials, at_least_one);
+    /// Largest protocol frame accepted from a hub, in bytes, 1024 to 65536 [default: 65536].
+    #[arg(long, env = "RNA_MAX_FRAME")]
+    max_frame: Option<usize> => field(settings.config.max_frame, frame_size);
+    /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
+    #[arg(long, env = "RNA_CONGESTION")]
+    congestion: Option<Congestion> => field(settings.config.limits.congestion);
+    /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
+    /// per CPU].
+    #[arg(long, env = "RNA_WORKER_THREADS")]
+    worker_threads: Option<usize> => show(Some(settings.worker_threads));
+    /// Cluster mode: run the hub's Kubernetes commands as this agent's ServiceAccount or
+    /// kubeconfig identity [default: on when the in-cluster environment is detected or
+    /// --kubeconfig is given].
+    #[arg(long, env = "RNA_KUBERNETES", num_args = 0..=1, default_missing_value = "true")]
+    kubernetes: Option<bool> => show(kubernetes_in_force(settings));
+    /// Kubeconfig to act with instead of the in-cluster ServiceAccount (turns cluster mode on).
+    #[arg(long, env = "RNA_KUBECONFIG")]
+    kubeconfig: Option<PathBuf> =>
+        show(kubeconfig_in_force(settings).map(|(path, _)| path.clone()));
+    /// Context of --kubeconfig to use [default: its current context].
+    #[arg(long, env = "RNA_KUBE_CONTEXT")]
+    kube_context: Option<String> =>
+        show(kubeconfig_in_force(settings).and_then(|(_, context)| context.clone()));
+    /// Namespaces Kubernetes commands may touch; repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_NAMESPACE", value_delimiter = ',')]
+    kube_namespace: Vec<String> as Namespace =>
+        show(kube(settings).map(|k| k.allow.namespaces.clone()));
+    /// Resources Kubernetes commands may touch, as plural[.group] (deployments.apps,
+    /// configmaps, *.example.com); repeat [default: all that RBAC allows].
+    #[arg(long, env = "RNA_KUBE_RESOURCE", value_delimiter = ',')]
+    kube_resource: Vec<ResourceRule> => show(kube(settings).map(|k| k.allow.resources.clone()));
+    /// How often the Kubernetes inventory is collected and reported to the hubs [default: 5m].
+    #[arg(long, env = "RNA_KUBE_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    kube_inventory_interval: Option<Duration> => show(kube(settings).map(|k| k.inventory_interval));
+    /// Secrets holding the agent's own credentials, as NAME (in the agent's namespace) or
+    /// NAMESPACE/NAME: no Kubernetes command reads or changes them; repeat
+    /// [default: rna-agent-tls,rna-agent-token].
+    #[arg(long, env = "RNA_KUBE_PROTECTED_SECRET", value_delimiter = ',')]
+    kube_protected_secret: Vec<SecretRef> =>
+        show(kube(settings).map(|k| k.protected_secrets.clone()));
+}
+
+/// The agent's health and metrics address when none is given: loopback, port 4434, next to
+/// the hub's 4433 and outside Prometheus' own 9090 and its exporter range 9100-9999 (see
+/// docs/decisions.md).
+pub const DEFAULT_AGENT_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4434);
+
+/// Where the agent serves health and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Not served.
+    Off,
+    /// Served on this address, which was asked for: failing to bind it stops the agent.
+    On(SocketAddr),
+    /// Served on [`DEFAULT_AGENT_METRICS`], nobody asked for it: if another program (or a
+    /// second agent) holds the port, the agent warns and runs without the endpoint.
+    Default(SocketAddr),
+}
+
+impl MetricsListen {
+    /// The address served, if any.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            MetricsListen::Off => None,
+            MetricsListen::On(a) | MetricsListen::Default(a) => Some(*a),
+        }
+    }
+}
+
+/// The agent's validated settings.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// The agent's configuration.
+    pub config: AgentConfig,
+    /// Health and metrics endpoint.
+    pub metrics: MetricsListen,
+    /// Worker threads of the process's runtime.
+    pub worker_threads: usize,
+}
+
+/// Validates agent options into the agent's configuration, reading certificates and token.
+pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSettings, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
+    // Checked before any file is read, so a bad count is the first line the agent prints.
+    let worker_threads = match o.worker_threads {
+        Some(n) => worker_threads(n).map_err(|m| invalid("worker_threads", m))?,
+        None => crate::runtime::default_worker_threads(),
+    };
+    if o.hub.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "hub",
+            flag: "hub",
+            env: "HUB",
+        });
+    }
+    let name = required(&o.name, "name", "name", "NAME")?;
+    if !crate::certs::valid_agent_name(&name) {
+        return Err(invalid(
+            "name",
+            format!("{name:?} must match ^[A-Za-z0-9_-]{{1,63}}$"),
+        ));
+    }
+    let files = TlsFiles::required(&o.ca, &o.cert, &o.key)?;
+    let token_file = required(&o.token_file, "token_file", "token-file", "TOKEN_FILE")?;
+    let tls = files.load(sources, ClientTls::load, ClientTls::check)?;
+    let token = read_secret_file(&token_file)
+        .map_err(|e| invalid("token_file", crate::fsutil::error_chain(&e)))?;
+    let mut config = AgentConfig::new(o.hub.clone(), name, tls, token);
+    config.token_file = Some(token_file);
+    if let Some(name) = o.server_name.clone() {
+        crate::transport::tls::server_name(&name)
+            .map_err(|e| invalid("server_name", crate::fsutil::error_chain(&e)))?;
+        config.server_name = Some(name);
+    }
+    config.policy = Policy::new(o.allow.clone(), o.deny.clone());
+    let metrics = match o.metrics.as_deref() {
+        None => MetricsListen::Default(DEFAULT_AGENT_METRICS),
+        Some("off") => MetricsListen::Off,
+        Some(addr) => MetricsListen::On(parse_addr(addr).map_err(|e| invalid("metrics", e))?),
+    };
+    config.kube = kube_settings(
+        o.kubernetes,
+        o.kubeconfig.clone(),
+        o.kube_context.clone(),
+        o.kube_namespace.clone(),
+        o.kube_resource.clone(),
+        o.kube_inventory_interval,
+        in_cluster_detected(),
+    )
+    .map_err(|(key, message)| invalid(key, message))?;
+    if let Some(kube) = config.kube.as_mut() {
+        if !o.kube_protected_secret.is_empty() {
+            kube.protected_secrets = o.kube_protected_secret.clone();
+        }
+    }
+    // Read the kubeconfig now, so a broken one fails here (and in --check-config) with its key.
+    if let Some(KubeSource::Kubeconfig { path, .. }) = config.kube.as_ref().map(|k| &k.source) {
+        kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| invalid("kubeconfig", crate::fsutil::error_chain(&e)))?;
+    }
+    let mut settings = AgentSettings {
+        config,
+        metrics,
+        worker_threads,
+    };
+    o.apply(&mut settings, sources)?;
+    Ok(settings)
+}
+
+/// A namespace name (RFC 1123 label).
+pub(super) fn parse_namespace(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid namespace {s:?}: expected a DNS label (lowercase letters, digits, -)"
+        ))
+    }
+}
+
+/// Decides cluster mode: explicit `kubernetes` wins; otherwise a kubeconfig or a detected
+/// in-cluster environment turns it on. Errors name the key at fault.
+pub fn kube_settings(
+    kubernetes: Option<bool>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    namespaces: Vec<String>,
+    resources: Vec<ResourceRule>,
+    inventory_interval: Option<Duration>,
+    in_cluster: bool,
+) -> Result<Option<KubeSettings>, (&'static str, String)> {
+    for ns in &namespaces {
+        parse_namespace(ns).map_err(|e| ("kube_namespace", e))?;
+    }
+    let on = kubernetes.unwrap_or(kubeconfig.is_some() || in_cluster);
+    if !on {
+        if kubernetes == Some(false) || (namespaces.is_empty() && resources.is_empty()) {
+            return Ok(None);
+        }
+        return Err((
+            "kube_namespace",
+            "an allow list for Kubernetes commands was given but cluster mode is off: give \
+             --kubeconfig, run in a cluster, or set --kubernetes"
+                .into(),
+        ));
+    }
+    if context.is_some() && kubeconfig.is_none() {
+        return Err(("kube_context", "needs --kubeconfig".into()));
+    }
+    let source = match kubeconfig {
+        Some(path) => KubeSource::Kubeconfig { path, context },
+        None if in_cluster => KubeSource::InCluster,
+        None => {
+            return Err((
+                "kubernetes",
+                "cluster mode needs --kubeconfig outside a Kubernetes pod (no in-cluster \
+                 ServiceAccount found)"
+                    .into(),
+            ))
+        }
+    };
+    let mut settings = KubeSettings::new(source);
+    settings.allow = KubeAllow {
+        namespaces,
+        resources,
+    };
+    if let Some(i) = inventory_interval {
+        settings.inventory_interval = i;
+    }
+    // Asked for explicitly (flag or kubeconfig): a broken identity stops the agent. Only
+    // detected: it turns cluster mode off with a warning.
+    settings.required = kubernetes == Some(true) || settings.source != KubeSource::InCluster;
+    Ok(Some(settings))
+}
+
+/// Cluster mode as printed: off and asked-for are written out; only detected is left out, so
+/// the printed file detects it the same way.
+fn kubernetes_in_force(settings: &AgentSettings) -> Option<bool> {
+    match kube(settings) {
+        None => Some(false),
+        Some(k) if k.required => Some(true),
+        Some(_) => None,
+    }
+}
+
+/// Cluster mode's settings, if it is on.
+fn kube(settings: &AgentSettings) -> Option<&KubeSettings> {
+    settings.config.kube.as_ref()
+}
+
+/// The kubeconfig and context cluster mode acts with, if it uses a kubeconfig.
+fn kubeconfig_in_force(settings: &AgentSettings) -> Option<(&PathBuf, &Option<String>)> {
+    match kube(settings).map(|k| &k.source) {
+        Some(KubeSource::Kubeconfig { path, context }) => Some((path, context)),
+        _ => None,
+    }
+}
+
+/// The agent configuration in force (defaults included) as the keys of its configuration
+/// file, for `--check-config`: pasted into a file, it gives the same configuration. The token
+/// appears only as the path of its file; paths are absolute.
+pub fn agent_file_text(
+    options: &AgentOptions,
+    settings: &AgentSettings,
+    log: &LogOptions,
+) -> Result<String, ConfigError> {
+    to_toml(&options.in_force(settings, log))
+}

@@ -1,0 +1,242 @@
+//! The hub's settings: its one list of keys, and their validation into a [`HubConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::settings::{at_least_one, bytes_from_frame_to, frame_size, worker_threads};
+use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
+use crate::auth::Tenant;
+use crate::hub::{HubConfig, NoAuthRoute};
+use crate::transport::{Congestion, ServerTls};
+
+settings! {
+    /// Hub settings from flags and environment (`None`: not given).
+    HubOptions, file HubFile, in force from config: HubConfig, options;
+    /// UDP address agents connect to [default: 0.0.0.0:4433].
+    #[arg(long, env = "RNA_LISTEN")]
+    listen: Option<SocketAddr> => show(Some(config.listen));
+    /// SOCKS5 address [default: 127.0.0.1:1080].
+    #[arg(long, env = "RNA_SOCKS")]
+    socks: Option<SocketAddr> => show(Some(config.socks));
+    /// Admin API and status page address [default: 127.0.0.1:8080].
+    #[arg(long, env = "RNA_API")]
+    api: Option<SocketAddr> => show(config.api);
+    /// Time a client of the admin API has to send a request head, from connecting or from
+    /// the previous answer on a kept-alive connection [default: 10s].
+    #[arg(long, env = "RNA_API_HEADER_TIMEOUT", value_parser = parse_duration)]
+    api_header_timeout: Option<Duration> => field(config.api_limits.header_timeout);
+    /// Time an admin API request has for its body, and a quick answer to be ready
+    /// (Kubernetes commands have their own deadlines) [default: 30s].
+    #[arg(long, env = "RNA_API_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    api_request_timeout: Option<Duration> => field(config.api_limits.request_timeout);
+    /// Admin API connections open at once; more are answered 503 [default: 1024].
+    #[arg(long, env = "RNA_API_MAX_CONNECTIONS")]
+    api_max_connections: Option<usize> => field(config.api_limits.max_connections, at_least_one);
+    /// Admin API connections one client IP may have open at once; more are answered 503
+    /// [default: 64].
+    #[arg(long, env = "RNA_API_MAX_CONNECTIONS_PER_IP")]
+    api_max_connections_per_ip: Option<usize> =>
+        field(config.api_limits.max_connections_per_ip, at_least_one);
+    /// CA that agent certificates must chain to.
+    #[arg(long, env = "RNA_CA")]
+    ca: Option<PathBuf> => show(options.ca.clone());
+    /// Hub certificate (PEM).
+    #[arg(long, env = "RNA_CERT")]
+    cert: Option<PathBuf> => show(options.cert.clone());
+    /// Hub private key (PEM).
+    #[arg(long, env = "RNA_KEY")]
+    key: Option<PathBuf> => show(options.key.clone());
+    /// Token store (see `rna token`).
+    #[arg(long, env = "RNA_TOKENS")]
+    tokens: Option<PathBuf> => show(Some(config.tokens.clone()));
+    /// Accept SOCKS5 clients without credentials and route them to AGENT@TENANT (only when
+    /// --socks is a loopback address).
+    #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
+    socks_no_auth: Option<String> =>
+        show(config.socks_no_auth.as_ref().map(|r| format!("{}@{}", r.agent, r.tenant)));
+    /// Heartbeat interval announced to agents [default: 10s].
+    #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    heartbeat_interval: Option<Duration> => field(config.heartbeat.interval);
+    /// Silence after which an agent connection is closed [default: 30s].
+    #[arg(long, env = "RNA_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
+    heartbeat_timeout: Option<Duration> => field(config.heartbeat.timeout);
+    /// Time in-flight streams get to finish on shutdown [default: 30s].
+    #[arg(long, env = "RNA_GRACE", value_parser = parse_duration)]
+    grace: Option<Duration> => field(config.grace);
+    /// Time a SOCKS client has for greeting, authentication and request [default: 10s].
+    #[arg(long, env = "RNA_SOCKS_GREETING_TIMEOUT", value_parser = parse_duration)]
+    socks_greeting_timeout: Option<Duration> => field(config.socks_limits.greeting_timeout);
+    /// SOCKS connections one client (IPv4 address or IPv6 /64) may have in the greeting at
+    /// once [default: 256].
+    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_PER_IP")]
+    socks_half_open_per_ip: Option<usize> => field(config.socks_limits.half_open_per_ip);
+    /// SOCKS connections in the greeting from all clients at once; when full, the busiest
+    /// client's oldest one is closed for a newcomer [default: 4096].
+    #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
+    socks_half_open_total: Option<usize> => field(config.socks_limits.half_open_total);
+    /// Time an agent has to answer a tunnel request [default: 15s].
+    #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration)]
+    open_timeout: Option<Duration> => field(config.open_timeout);
+    /// How often the token store file is checked for changes [default: 2s].
+    #[arg(long, env = "RNA_TOKEN_POLL", value_parser = parse_duration)]
+    token_poll: Option<Duration> => field(config.token_poll);
+    /// Label metrics with the agent name too (one series per agent: opt in only when the
+    /// number of agents is bounded) [default: false].
+    #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
+    metrics_per_agent: Option<bool> => field(config.metrics_per_agent);
+    /// Agent connections in the handshake at once; more are refused before any TLS work
+    /// [default: 256].
+    #[arg(long, env = "RNA_MAX_HANDSHAKES")]
+    max_handshakes: Option<usize> => field(config.caps.handshakes, at_least_one);
+    /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);
+    /// more are refused [default: 16].
+    #[arg(long, env = "RNA_MAX_HANDSHAKES_PER_SOURCE")]
+    max_handshakes_per_source: Option<usize> =>
+        field(config.caps.handshakes_per_source, at_least_one);
+    /// Handshakes in progress from which on new addresses must answer a QUIC Retry before any
+    /// TLS work; 0 asks every new address [default: 32].
+    #[arg(long, env = "RNA_RETRY_THRESHOLD")]
+    retry_threshold: Option<usize> => field(config.caps.retry_threshold);
+    /// Time for an agent's QUIC and TLS handshake [default: 5s].
+    #[arg(long, env = "RNA_TLS_TIMEOUT", value_parser = parse_duration)]
+    tls_timeout: Option<Duration> => field(config.caps.tls_timeout);
+    /// Time after TLS for an agent to send Hello [default: 5s].
+    #[arg(long, env = "RNA_HELLO_TIMEOUT", value_parser = parse_duration)]
+    hello_timeout: Option<Duration> => field(config.caps.hello_timeout);
+    /// Tunnel streams open or opening on one agent connection; more are answered 0x01
+    /// [default: 16384].
+    #[arg(long, env = "RNA_MAX_STREAMS_PER_AGENT")]
+    max_streams_per_agent: Option<usize> => field(config.caps.streams_per_agent, at_least_one);
+    /// Largest protocol frame accepted from an agent, in bytes, 1024 to 65536
+    /// [default: 65536].
+    #[arg(long, env = "RNA_MAX_FRAME")]
+    max_frame: Option<usize> => field(config.caps.max_frame, frame_size);
+    /// A tunnel stream with no byte moving either way for this long is reset [default: 1h].
+    #[arg(long, env = "RNA_STREAM_IDLE_TIMEOUT", value_parser = parse_duration)]
+    stream_idle_timeout: Option<Duration> => field(config.caps.stream_idle_timeout);
+    /// Largest Kubernetes apply body through the admin API, in bytes, 1024 to 4194304; a
+    /// larger one gets 413 [default: 4194304].
+    #[arg(long, env = "RNA_MAX_KUBE_REQUEST")]
+    max_kube_request: Option<usize> => field(config.caps.kube_request, kube_request_size);
+    /// Sessions one agent name may hold in its tenant at once; more are refused
+    /// too_many_sessions [default: 16].
+    #[arg(long, env = "RNA_MAX_SESSIONS_PER_AGENT")]
+    max_sessions_per_agent: Option<usize> => field(config.caps.sessions_per_agent, at_least_one);
+    /// Sessions registered with one token at once; more are refused too_many_sessions
+    /// [default: 1024].
+    #[arg(long, env = "RNA_MAX_SESSIONS_PER_TOKEN")]
+    max_sessions_per_token: Option<usize> => field(config.caps.sessions_per_token, at_least_one);
+    /// Least time between two inventory reports read from one agent session, up to 20s; a
+    /// sooner one waits its turn [default: 5s].
+    #[arg(long, env = "RNA_INVENTORY_INTERVAL", value_parser = parse_duration)]
+    inventory_interval: Option<Duration> =>
+        field(config.caps.inventory_interval, inventory_interval);
+    /// Inventory reads through the admin API served at once per tenant; more wait up to
+    /// 10 s, then get 429 [default: 4].
+    #[arg(long, env = "RNA_MAX_HEAVY_REQUESTS_PER_TENANT")]
+    max_heavy_requests_per_tenant: Option<usize> =>
+        field(config.caps.heavy_requests_per_tenant, at_least_one);
+    /// Congestion controller for data sent to agents: cubic or bbr [default: cubic].
+    #[arg(long, env = "RNA_CONGESTION")]
+    congestion: Option<Congestion> => field(config.limits.congestion);
+    /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
+    /// per CPU].
+    #[arg(long, env = "RNA_WORKER_THREADS")]
+    worker_threads: Option<usize> => field(config.worker_threads, worker_threads);
+    /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
+    /// restart at once); created if missing.
+    #[arg(long, env = "RNA_STATE_DIR")]
+    state_dir: Option<PathBuf> => show(config.state_dir.clone());
+    /// Time a Kubernetes command (other than wait, which has its own timeout) may take
+    /// [default: 60s].
+    #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
+    kube_timeout: Option<Duration> => field(config.kube_timeout);
+    /// Kubernetes waits one token may have running at once; one more gets 429 [default: 8].
+    #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
+    max_kube_waits_per_token: Option<usize> =>
+        field(config.caps.kube_waits_per_token, at_least_one);
+}
+
+/// Validates hub options into the hub's configuration, reading the certificate files.
+pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
+    let files = TlsFiles::required(&o.ca, &o.cert, &o.key)?;
+    let tokens = required(&o.tokens, "tokens", "tokens", "TOKENS")?;
+    let tls = files.load(sources, ServerTls::load, ServerTls::check)?;
+    if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
+        return Err(invalid("tokens", crate::fsutil::error_chain(&e)));
+    }
+    let listen = o.listen.unwrap_or(SocketAddr::from((
+        [0, 0, 0, 0],
+        crate::proto::DEFAULT_HUB_PORT,
+    )));
+    let socks = o.socks.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1080)));
+    let mut config = HubConfig::new(listen, socks, tls, tokens);
+    config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
+    config.state_dir = o.state_dir.clone();
+    if let Some(route) = &o.socks_no_auth {
+        config.socks_no_auth = Some(parse_no_auth(route).map_err(|m| invalid("socks_no_auth", m))?);
+    }
+    o.apply(&mut config, sources)?;
+    if config.heartbeat.timeout <= config.heartbeat.interval {
+        return Err(invalid(
+            "heartbeat_timeout",
+            format!(
+                "{:?} must be longer than heartbeat_interval {:?}",
+                config.heartbeat.timeout, config.heartbeat.interval
+            ),
+        ));
+    }
+    if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
+        return Err(invalid(
+            "socks_no_auth",
+            format!(
+                "only allowed when socks listens on a loopback address, not {}",
+                config.socks
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// The admin API's cap on a Kubernetes apply body: at least a frame, at most what the
+/// command channel carries.
+fn kube_request_size(n: usize) -> Result<usize, String> {
+    bytes_from_frame_to(n, crate::proto::kube::MAX_KUBE_REQUEST)
+}
+
+/// The least time between two inventory reports of one session. The agent waits 30 s for
+/// the hub to take a report; a turn must come before that.
+pub(super) fn inventory_interval(t: Duration) -> Result<Duration, String> {
+    if t > Duration::from_secs(20) {
+        return Err(format!("{t:?} is longer than 20s"));
+    }
+    Ok(t)
+}
+
+/// `AGENT@TENANT`, the route of `socks_no_auth`.
+fn parse_no_auth(route: &str) -> Result<NoAuthRoute, String> {
+    let (agent, tenant) = route
+        .split_once('@')
+        .ok_or_else(|| format!("{route:?}: expected AGENT@TENANT"))?;
+    if !crate::certs::valid_agent_name(agent) {
+        return Err(format!("{agent:?} is not a valid agent name"));
+    }
+    let tenant: Tenant = tenant.parse().map_err(|e| format!("{e}"))?;
+    Ok(NoAuthRoute {
+        agent: agent.to_string(),
+        tenant,
+    })
+}
+
+/// The hub configuration in force (defaults included) as the keys of its configuration file,
+/// for `--check-config`: pasted into a file, it gives the same configuration. Secrets appear
+/// only as the paths of their files; paths are absolute.
+pub fn hub_file_text(
+    options: &HubOptions,
+    config: &HubConfig,
+    log: &LogOptions,
+) -> Result<String, ConfigError> {
+    to_toml(&options.in_force(config, log))
+}
