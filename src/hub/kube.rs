@@ -398,20 +398,20 @@ async fn take_inventory(
         let _ = send.reset(code.into());
         let _ = recv.stop(code.into());
     };
-    let Some(_turn) = session.inventory_turn() else {
+    let Some(mut turn) = session.inventory_turn() else {
         shared.metrics.cap_refused("inventory_interval");
         info!(agent = %session.name, "inventory report refused: another one is waiting for its turn");
         refuse(&mut send, &mut recv, StreamCode::TooSoon);
         return;
     };
     let interval = shared.config.caps.inventory_interval;
-    if let Some(due) = session.inventory_due(interval) {
+    if let Some(due) = turn.due(interval) {
         tokio::select! {
             _ = tokio::time::sleep_until(due.into()) => {}
             _ = session.connection.closed() => return,
         }
     }
-    session.inventory_taken();
+    turn.taken();
     let stored = async {
         let body =
             match tokio::time::timeout(INVENTORY_READ, read_body_limited(&mut recv, MAX_INVENTORY))
