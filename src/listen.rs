@@ -7,11 +7,12 @@
 //! a log line per try. And an HTTP server without deadlines keeps every half-sent request (and
 //! its descriptor) for as long as the client likes.
 
-use std::collections::HashMap;
+mod log_budget;
+mod slots;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -26,6 +27,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+pub use log_budget::LogBudget;
+pub use slots::{KeyedSlots, Slot, SlotsFull};
 
 /// First pause after an accept error that is not about one connection (`EMFILE`, `ENFILE`,
 /// `ENOBUFS`, ...); doubled on every further error in a row, up to [`MAX_BACKOFF`].
@@ -50,10 +54,8 @@ pub struct Acceptor {
     what: &'static str,
     /// Pause before the next accept after an error; reset by a success.
     backoff: Duration,
-    /// When the last error line was written.
-    last_log: Option<Instant>,
-    /// Errors since the last line that were not logged.
-    suppressed: u64,
+    /// One line per [`LOG_EVERY`], with the errors not logged since the last one.
+    log: LogBudget,
     /// Whether errors happened since the last success, so recovery is logged once.
     failing: bool,
 }
@@ -65,8 +67,7 @@ impl Acceptor {
             listener,
             what,
             backoff: MIN_BACKOFF,
-            last_log: None,
-            suppressed: 0,
+            log: LogBudget::per(LOG_EVERY),
             failing: false,
         }
     }
@@ -90,28 +91,26 @@ impl Acceptor {
                     self.backoff = MIN_BACKOFF;
                     // Said once, and within the same one-line-a-second budget as the errors,
                     // so a listener flapping at the descriptor limit cannot flood the log.
-                    if self.failing && self.may_log() {
-                        info!(
-                            listener = self.what,
-                            unlogged_errors = self.suppressed,
-                            "accepting connections again"
-                        );
-                        self.logged();
-                        self.failing = false;
+                    if self.failing {
+                        if let Some(unlogged) = self.log.line() {
+                            info!(
+                                listener = self.what,
+                                unlogged_errors = unlogged,
+                                "accepting connections again"
+                            );
+                            self.failing = false;
+                        }
                     }
                     return accepted;
                 }
                 Err(e) => {
                     self.failing = true;
-                    if self.may_log() {
+                    if let Some(unlogged) = self.log.event() {
                         warn!(
                             listener = self.what,
-                            unlogged_errors = self.suppressed,
+                            unlogged_errors = unlogged,
                             "accept failed, backing off: {e}"
                         );
-                        self.logged();
-                    } else {
-                        self.suppressed += 1;
                     }
                     if !is_per_connection(&e) {
                         tokio::time::sleep(self.backoff).await;
@@ -120,16 +119,6 @@ impl Acceptor {
                 }
             }
         }
-    }
-
-    /// Whether a line may be written now: at most one per [`LOG_EVERY`].
-    fn may_log(&self) -> bool {
-        self.last_log.is_none_or(|at| at.elapsed() >= LOG_EVERY)
-    }
-
-    fn logged(&mut self) {
-        self.last_log = Some(Instant::now());
-        self.suppressed = 0;
     }
 }
 
@@ -181,49 +170,17 @@ pub enum ConnectionCap {
     PerIp,
 }
 
-/// Counts open connections per client IP and in total.
-#[derive(Debug)]
-struct Connections {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_total: usize,
-    max_per_ip: usize,
-}
-
-impl Connections {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionGuard, ConnectionCap> {
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = map.values().sum();
-        if total >= self.max_total {
-            return Err(ConnectionCap::Total);
-        }
-        let count = map.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
-            return Err(ConnectionCap::PerIp);
-        }
-        *count += 1;
-        Ok(ConnectionGuard {
-            owner: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// One admitted connection; dropping it frees its place.
-struct ConnectionGuard {
-    owner: Arc<Connections>,
+/// Takes a place for a connection from `ip` in `open` (capped in total when `open` was made,
+/// and per address at `max_per_ip`), or names the cap that is full.
+fn admit(
+    open: &KeyedSlots<IpAddr>,
     ip: IpAddr,
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        let mut map = self.owner.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
+    max_per_ip: usize,
+) -> Result<Slot<IpAddr>, ConnectionCap> {
+    open.take(ip, max_per_ip).map_err(|full| match full {
+        SlotsFull::Total => ConnectionCap::Total,
+        SlotsFull::Key => ConnectionCap::PerIp,
+    })
 }
 
 /// What a client over a connection cap reads before the connection closes.
@@ -243,35 +200,28 @@ pub async fn serve_http<F>(
 ) where
     F: Fn(ConnectionCap) + Send + Sync + 'static,
 {
-    let open = Arc::new(Connections {
-        per_ip: Mutex::new(HashMap::new()),
-        max_total: limits.max_connections,
-        max_per_ip: limits.max_connections_per_ip,
-    });
+    let open = KeyedSlots::new(Some(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     let tasks = TaskTracker::new();
     // Refusals are logged at most once a second, with how many there were since.
-    let mut refusals_logged: Option<Instant> = None;
-    let mut refusals_unlogged = 0u64;
+    let mut refusals = LogBudget::per(LOG_EVERY);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = acceptor.accept() => accepted,
         };
-        let guard = match open.admit(peer.ip()) {
+        let guard = match admit(&open, peer.ip(), limits.max_connections_per_ip) {
             Ok(g) => g,
             Err(cap) => {
                 refused(cap);
-                refusals_unlogged += 1;
-                if refusals_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                if let Some(unlogged) = refusals.event() {
+                    // This refusal and those that went without a line since the last.
                     warn!(listener = acceptor.what, client = %peer, ?cap,
-                        refused = refusals_unlogged,
+                        refused = unlogged + 1,
                         "connections refused: connection cap reached");
-                    refusals_logged = Some(Instant::now());
-                    refusals_unlogged = 0;
                 }
                 // Best effort and never waiting: a client that does not read gets nothing.
                 let _ = tcp.try_write(OVER_CAP);
@@ -369,22 +319,18 @@ mod tests {
 
     #[test]
     fn caps_count_per_ip_and_in_total_and_free_on_drop() {
-        let c = Arc::new(Connections {
-            per_ip: Mutex::new(HashMap::new()),
-            max_total: 3,
-            max_per_ip: 2,
-        });
+        let c = KeyedSlots::new(Some(3));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let a1 = c.admit(a).unwrap();
-        let _a2 = c.admit(a).unwrap();
-        assert_eq!(c.admit(a).err(), Some(ConnectionCap::PerIp));
-        let _b1 = c.admit(b).unwrap();
-        assert_eq!(c.admit(b).err(), Some(ConnectionCap::Total));
+        let a1 = admit(&c, a, 2).unwrap();
+        let a2 = admit(&c, a, 2).unwrap();
+        assert_eq!(admit(&c, a, 2).err(), Some(ConnectionCap::PerIp));
+        let b1 = admit(&c, b, 2).unwrap();
+        assert_eq!(admit(&c, b, 2).err(), Some(ConnectionCap::Total));
         drop(a1);
-        assert!(c.admit(b).is_ok());
-        let map = c.per_ip.lock().unwrap();
-        assert!(map.values().all(|n| *n > 0), "no zero entries kept");
+        let b2 = admit(&c, b, 2).unwrap();
+        drop((a2, b1, b2));
+        assert_eq!((c.total(), c.keys()), (0, 0), "no zero entries kept");
     }
 
     #[test]

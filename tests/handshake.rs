@@ -415,6 +415,36 @@ async fn no_hub_listening_is_reported_as_quic_over_udp_with_what_to_check() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_hub_is_reported_with_the_wait_the_agent_really_allowed() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut config = world.agent_config("patient", &token);
+    config.hubs = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    // The QUIC idle timeout is the shorter bound here, so quinn gives up first (TimedOut)
+    // and the message must name that wait, not the longer handshake timeout nor zero.
+    config.limits.handshake_timeout = Duration::from_secs(20);
+    config.limits.idle_timeout = Duration::from_millis(700);
+    let err = refusal(&world, config).await;
+    assert_eq!(
+        err,
+        SessionError::Timeout {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            after: Duration::from_millis(700),
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "no answer from the hub at 127.0.0.1:{port} within 700ms"
+        )),
+        "{text}"
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_token_reload_retries_at_once_instead_of_waiting_out_the_backoff() {
     let world = World::start().await;
     let file = write_token_file(&world, "token.txt", "rna_000000000000_unknown");

@@ -974,13 +974,16 @@ async fn certificates_near_expiry_are_announced_and_exported() {
     let (_agent, mut agent_log) = spawn_logged(&args);
     let metrics_line = wait_line(&mut agent_log, "agent health and metrics endpoint").await;
     let agent_metrics: std::net::SocketAddr = field(&metrics_line, "metrics").parse().unwrap();
+    // The agent reads its own certificate once at start, before it connects; the hub's
+    // certificate it sees on the connection.
+    let own = wait_line(
+        &mut agent_log,
+        "this agent's certificate (--cert) expires in",
+    )
+    .await;
     wait_line(&mut agent_log, "connected to hub").await;
     let lines = [
-        wait_line(
-            &mut agent_log,
-            "this agent's certificate (--cert) expires in",
-        )
-        .await,
+        own,
         wait_line(&mut agent_log, "the hub's certificate expires in").await,
         wait_line(&mut hub_log, "the certificate of agent edge expires in").await,
     ];

@@ -9,6 +9,7 @@ pub mod dialer;
 pub mod kube;
 pub mod policy;
 pub mod session;
+mod supervisor;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,16 +21,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::auth::{Secret, StoreError};
-use crate::proto::CloseCode;
 use crate::transport::{self, ClientTls, Limits, TransportError};
 
 pub use backoff::Retry;
 pub use dialer::{DialError, Dialer};
 pub use policy::{Policy, Rule};
 pub use session::SessionError;
+use supervisor::Supervisor;
 
 /// Errors starting the agent.
 #[derive(Debug, thiserror::Error)]
@@ -329,13 +330,17 @@ impl Agent {
     /// Connects to every hub address and serves until `shutdown` fires, then closes each
     /// session with a normal code.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        // Parsed once: the material does not change while the agent runs.
         let expiries = self.config.tls.expiries();
-        for &(role, not_after) in &expiries {
-            self.metrics.certificate_expiry(role, not_after);
-        }
-        crate::certs::warn_expiring(&expiries, "this agent's");
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
+        let own_certificates = shutdown.child_token();
+        let watch = tokio::spawn(supervisor::watch_own_certificates(
+            expiries,
+            self.metrics.clone(),
+            supervisor::OWN_CERTIFICATE_CHECK,
+            own_certificates.clone(),
+        ));
         for target in config.hubs.clone() {
             let me = Supervisor {
                 config: config.clone(),
@@ -352,6 +357,8 @@ impl Agent {
         }
         tasks.close();
         tasks.wait().await;
+        own_certificates.cancel();
+        let _ = watch.await;
         Ok(())
     }
 
@@ -389,327 +396,9 @@ impl Agent {
     }
 }
 
-/// A session that lasted this long earns an immediate reconnect when it ends; shorter ones
-/// back off, so a hub that accepts and then drops us is never hammered.
-const STABLE_SESSION: Duration = Duration::from_secs(1);
-
-/// Delay of that immediate reconnect.
-const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
-
-#[derive(Clone)]
-struct Supervisor {
-    config: Arc<AgentConfig>,
-    kube: Option<Arc<kube::KubeExecutor>>,
-    dialer: Arc<Dialer>,
-    status: Arc<tokio::sync::watch::Sender<AgentStatus>>,
-    metrics: Arc<admin::AgentMetrics>,
-    endpoints: Endpoints,
-    /// Ends the waits between connection attempts (a token reload).
-    wake: Arc<tokio::sync::Notify>,
-}
-
-impl Supervisor {
-    /// Keeps one connection per address the hub name resolves to.
-    async fn follow(self, target: HubTarget, cancel: CancellationToken) {
-        let mut connectors: HashMap<SocketAddr, CancellationToken> = HashMap::new();
-        let tasks = TaskTracker::new();
-        let mut retry = self.backoff();
-        loop {
-            let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
-            let delay = match tokio::time::timeout(Duration::from_secs(10), lookup).await {
-                Ok(Ok(addrs)) => {
-                    let mut addrs: Vec<SocketAddr> = addrs.collect();
-                    addrs.sort();
-                    addrs.dedup();
-                    connectors.retain(|addr, token| {
-                        let keep = addrs.contains(addr);
-                        if !keep {
-                            info!(%addr, "hub address no longer resolves; closing its session");
-                            token.cancel();
-                        }
-                        keep
-                    });
-                    for addr in addrs {
-                        if connectors.contains_key(&addr) {
-                            continue;
-                        }
-                        let token = cancel.child_token();
-                        connectors.insert(addr, token.clone());
-                        let me = self.clone();
-                        let name = self
-                            .config
-                            .server_name
-                            .clone()
-                            .unwrap_or_else(|| target.host.clone());
-                        tasks.spawn(
-                            me.connect_loop(addr, name, token)
-                                .instrument(tracing::info_span!("conn", %addr)),
-                        );
-                    }
-                    retry = self.backoff();
-                    self.config.resolve_interval
-                }
-                Ok(Err(e)) => {
-                    warn!("cannot resolve hub {target}: {e}");
-                    retry.next_delay()
-                }
-                Err(_) => {
-                    warn!("resolving hub {target} timed out");
-                    retry.next_delay()
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        tasks.close();
-        tasks.wait().await;
-    }
-
-    /// Pacing after connection failures and lost sessions.
-    fn backoff(&self) -> Retry {
-        Retry::new(self.config.backoff.min, self.config.backoff.max)
-    }
-
-    /// Pacing after refusals an operator must fix (token, certificate).
-    fn refused_backoff(&self) -> Retry {
-        Retry::new(self.config.backoff.refused, self.config.backoff.refused_max)
-    }
-
-    /// The token for the next attempt: the token file as it is now, when there is one.
-    fn current_token(&self) -> Result<Secret, StoreError> {
-        match &self.config.token_file {
-            Some(path) => crate::auth::load_secret_file(path),
-            None => Ok(self.config.token.clone()),
-        }
-    }
-
-    /// Connects to one hub address, serves the session, and reconnects with jittered
-    /// backoff until cancelled.
-    async fn connect_loop(self, addr: SocketAddr, server_name: String, cancel: CancellationToken) {
-        let endpoint = match transport::agent_endpoint(addr, &self.config.tls, &self.config.limits)
-        {
-            Ok(e) => e,
-            Err(e) => {
-                error!("cannot create a QUIC endpoint: {e}");
-                return;
-            }
-        };
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, endpoint.clone());
-        let mut retry = self.backoff();
-        let mut refused = self.refused_backoff();
-        let mut first = true;
-        loop {
-            if !first {
-                self.metrics.reconnect();
-            }
-            first = false;
-            let token = match self.current_token() {
-                Ok(token) => token,
-                Err(e) => {
-                    let delay = refused.next_delay();
-                    error!(retry_in = ?delay,
-                        "cannot read the token file: {e}; the agent reads it again before each attempt");
-                    if self.pause(delay, &cancel).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let attempt = tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = session::connect_with_token(&endpoint, addr, &server_name, &self.config, &token) => r,
-            };
-            let delay = match attempt {
-                Ok(established) => {
-                    retry = self.backoff();
-                    refused = self.refused_backoff();
-                    info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
-                        "connected to hub");
-                    self.check_certificates(&established.connection);
-                    self.metrics.hub_connection(true);
-                    self.status.send_modify(|s| {
-                        s.connected += 1;
-                        s.sessions_total += 1;
-                        s.last_error = None;
-                    });
-                    let up_since = std::time::Instant::now();
-                    let end = session::run(
-                        established,
-                        self.dialer.clone(),
-                        self.kube.clone(),
-                        &self.config.name,
-                        &cancel,
-                    )
-                    .await;
-                    self.metrics.hub_connection(false);
-                    self.status
-                        .send_modify(|s| s.connected = s.connected.saturating_sub(1));
-                    if cancel.is_cancelled() {
-                        break;
-                    }
-                    if end.going_away {
-                        info!("hub is going away: {}; reconnecting", end.reason);
-                        // Replicas restart together: spread the reconnects a little.
-                        Duration::from_millis(50)
-                    } else if up_since.elapsed() >= STABLE_SESSION {
-                        // A session that had been up is worth one immediate retry: a hub that
-                        // restarted (its stateless reset ends our session) answers at once.
-                        // Failures after that back off as usual.
-                        warn!("session ended: {}; reconnecting now", end.reason);
-                        IMMEDIATE_RECONNECT
-                    } else {
-                        warn!("session ended: {}; reconnecting", end.reason);
-                        retry.next_delay()
-                    }
-                }
-                Err(e) => {
-                    let delay = match &e {
-                        SessionError::Rejected { code, .. } if code.is_permanent() => {
-                            refused.next_delay()
-                        }
-                        SessionError::Tls(_) => refused.next_delay(),
-                        _ => retry.next_delay(),
-                    };
-                    match (&e, refusal_hint(&e, &self.config)) {
-                        // Routine during a hub restart: the hub refuses while it drains.
-                        (SessionError::Busy(_), _) => info!(retry_in = ?delay, "{e}; retrying"),
-                        (SessionError::Rejected { .. } | SessionError::Tls(_), hint) => {
-                            match hint {
-                                Some(hint) => error!(retry_in = ?delay, "{e}; {hint}"),
-                                None => error!(retry_in = ?delay, "{e}"),
-                            }
-                        }
-                        _ => warn!(retry_in = ?delay, "{e}"),
-                    }
-                    self.status.send_modify(|s| s.last_error = Some(e.clone()));
-                    delay
-                }
-            };
-            if self.pause(delay, &cancel).await {
-                break;
-            }
-        }
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr);
-        endpoint.close(crate::proto::CloseCode::Normal.into(), b"agent stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    }
-}
-
-impl Supervisor {
-    /// Warns from 30 days before the agent's certificate, the CA or the hub's certificate
-    /// expires (checked at every connection, so a long-running agent warns too), and records
-    /// the hub's expiry as a metric.
-    fn check_certificates(&self, connection: &quinn::Connection) {
-        crate::certs::warn_expiring(&self.config.tls.expiries(), "this agent's");
-        let hub = connection
-            .peer_identity()
-            .and_then(|id| {
-                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .and_then(|chain| chain.first().and_then(|c| crate::certs::not_after(c).ok()));
-        if let Some(not_after) = hub {
-            self.metrics.certificate_expiry("hub", not_after);
-            let warning = crate::certs::expiry_warning(
-                "the hub's certificate",
-                not_after,
-                std::time::SystemTime::now(),
-            );
-            if let Some(warning) = warning {
-                warn!("{warning}");
-            }
-        }
-    }
-
-    /// Waits `delay`, or less when a token reload wakes the agent; true when cancelled.
-    async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = cancel.cancelled() => true,
-            _ = tokio::time::sleep(delay) => false,
-            _ = self.wake.notified() => false,
-        }
-    }
-}
-
-/// What an operator should do about a refusal, for its log line.
-fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
-    let SessionError::Rejected { code, .. } = e else {
-        return None;
-    };
-    let file = config
-        .token_file
-        .as_ref()
-        .map_or_else(|| "the token file".to_string(), |p| p.display().to_string());
-    let create = format!(
-        "create one with: rna token create --tenant <organization/environment> \
-         --scope connect:agentHub --label {} and write it to {file} (read again before \
-         every attempt; no restart needed)",
-        config.name
-    );
-    let hint = match code {
-        CloseCode::BadToken => format!("the hub does not know this token; {create}"),
-        CloseCode::TokenRevoked => format!("this token was revoked; {create}"),
-        CloseCode::TokenExpired => format!("this token has expired; {create}"),
-        CloseCode::MissingScope => format!("this token may not register agents; {create}"),
-        CloseCode::CertificateMismatch => format!(
-            "the certificate names another agent: issue one for this name with \
-             rna certs agent --dir <the hub's CA folder> {}, or run with the --name the \
-             certificate names",
-            config.name
-        ),
-        CloseCode::VersionMismatch => {
-            "run the same rna release as the hub (its protocol version differs)".to_string()
-        }
-        _ => return None,
-    };
-    Some(hint)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_refusal_says_what_to_do() {
-        let ca = crate::certs::Ca::generate("hint CA").unwrap();
-        let cert = ca.issue_agent("edge").unwrap();
-        let tls =
-            crate::transport::ClientTls::from_pem(&ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
-                .unwrap();
-        let target: HubTarget = "127.0.0.1:4433".parse().unwrap();
-        let mut config =
-            AgentConfig::new(vec![target], "edge".into(), tls, Secret::new("t".into()));
-        config.token_file = Some(PathBuf::from("/etc/rna/token"));
-        let rejected = |code| SessionError::Rejected {
-            code,
-            reason: "why".into(),
-        };
-        for code in [
-            CloseCode::BadToken,
-            CloseCode::TokenRevoked,
-            CloseCode::TokenExpired,
-            CloseCode::MissingScope,
-        ] {
-            let hint = refusal_hint(&rejected(code), &config).unwrap();
-            assert!(
-                hint.contains("create one with: rna token create --tenant")
-                    && hint.contains("--scope connect:agentHub --label edge")
-                    && hint.contains("/etc/rna/token"),
-                "{code}: {hint}"
-            );
-        }
-        let hint = refusal_hint(&rejected(CloseCode::CertificateMismatch), &config).unwrap();
-        assert!(hint.contains("rna certs agent --dir"), "{hint}");
-        assert!(refusal_hint(&rejected(CloseCode::HeartbeatTimeout), &config).is_none());
-    }
 
     #[test]
     fn hub_targets_parse() {

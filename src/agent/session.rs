@@ -82,6 +82,10 @@ struct Attempt<'a> {
     addr: SocketAddr,
     server_name: &'a str,
     agent: &'a str,
+    /// How long the agent waits for the hub before it gives up on the attempt: the handshake
+    /// timeout, or the QUIC idle timeout when that is shorter (quinn then ends the attempt
+    /// first, as `TimedOut`). Reported in the "no answer" message, whichever path saw it.
+    patience: Duration,
 }
 
 impl SessionError {
@@ -117,7 +121,7 @@ impl SessionError {
             }
             ConnectionError::TimedOut => SessionError::Timeout {
                 addr: at.addr,
-                after: Duration::ZERO,
+                after: at.patience,
             },
             other => SessionError::Connect(other.to_string()),
         }
@@ -208,27 +212,21 @@ pub async fn connect_with_token(
         addr,
         server_name,
         agent: &config.name,
+        patience: timeout.min(config.limits.idle_timeout),
     };
     let connecting = endpoint
         .connect(addr, server_name)
         .map_err(|e| SessionError::Connect(e.to_string()))?;
+    // The deadline and quinn's own idle timeout both end an attempt nobody answers; both
+    // become the same error through `from_connection`.
     let connection = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => {
-            return Err(SessionError::Timeout {
-                addr,
-                after: timeout,
-            })
+            return Err(SessionError::from_connection(
+                ConnectionError::TimedOut,
+                &at,
+            ))
         }
-        Ok(Err(e)) => {
-            let e = match e {
-                ConnectionError::TimedOut => SessionError::Timeout {
-                    addr,
-                    after: timeout,
-                },
-                e => SessionError::from_connection(e, &at),
-            };
-            return Err(e);
-        }
+        Ok(Err(e)) => return Err(SessionError::from_connection(e, &at)),
         Ok(Ok(c)) => c,
     };
     let hello = Control::Hello(Hello {
@@ -527,6 +525,7 @@ mod tests {
             addr: "127.0.0.1:4433".parse().unwrap(),
             server_name: "hub.example.com",
             agent: "edge",
+            patience: Duration::from_secs(10),
         };
         let busy = SessionError::from_connection(
             close(quinn::TransportErrorCode::CONNECTION_REFUSED),
@@ -535,6 +534,29 @@ mod tests {
         assert!(matches!(busy, SessionError::Busy(_)), "{busy:?}");
         let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)), &at);
         assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
+    }
+
+    #[test]
+    fn a_quic_timeout_reports_how_long_the_agent_waited() {
+        let at = Attempt {
+            addr: "192.0.2.7:4433".parse().unwrap(),
+            server_name: "hub.example.com",
+            agent: "edge",
+            patience: Duration::from_millis(1500),
+        };
+        let err = SessionError::from_connection(ConnectionError::TimedOut, &at);
+        assert_eq!(
+            err,
+            SessionError::Timeout {
+                addr: at.addr,
+                after: Duration::from_millis(1500),
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains("no answer from the hub at 192.0.2.7:4433 within 1.5s"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,14 +2,15 @@
 //! yet validated once the hub is busy, handshake slots per source and in total, and a
 //! rate-limited log of failed handshakes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tracing::warn;
+
+use crate::listen::{KeyedSlots, LogBudget, Slot};
 
 /// The block of addresses one sender is assumed to control: one IPv4 address (/32), or one
 /// IPv6 /64 (a single host usually has a whole /64, so counting /128s would be no cap).
@@ -36,63 +37,15 @@ pub(crate) enum Admission {
 /// Handshakes in progress per source block, only for addresses that proved they receive our
 /// packets. Unvalidated attempts are left out on purpose: a spoofer could otherwise fill the
 /// quota of a victim's address and lock its agents out; they are bounded by the Retry
-/// threshold instead.
-#[derive(Debug, Default)]
-pub(crate) struct SourceCounts(Mutex<HashMap<IpAddr, usize>>);
-
-impl SourceCounts {
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-        // A panic while holding the lock leaves a count that is still usable.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Takes one slot of `block` unless it already holds `cap`.
-    fn take(self: &Arc<Self>, block: IpAddr, cap: usize) -> Option<SourceSlot> {
-        let mut counts = self.lock();
-        let n = counts.entry(block).or_insert(0);
-        if *n >= cap {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            counts: self.clone(),
-            block,
-        })
-    }
-
-    /// Source blocks with a handshake in progress (the map never holds more).
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
-}
-
-/// One handshake of a source block; freed on drop.
-#[derive(Debug)]
-struct SourceSlot {
-    counts: Arc<SourceCounts>,
-    block: IpAddr,
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock();
-        if let Some(n) = counts.get_mut(&self.block) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                // Empty entries are removed, so the map is bounded by the handshakes in progress.
-                counts.remove(&self.block);
-            }
-        }
-    }
-}
+/// threshold instead. The total is capped by [`Gate`]'s semaphore, not here.
+type SourceCounts = KeyedSlots<IpAddr>;
 
 /// The slots one handshake holds (in total, and of its source block when validated); both are
 /// given back when it is dropped, at the end of the handshake.
 #[derive(Debug)]
 pub(crate) struct HandshakeSlot {
     _total: OwnedSemaphorePermit,
-    _source: Option<SourceSlot>,
+    _source: Option<Slot<IpAddr>>,
 }
 
 /// The admission rules, with the state they need.
@@ -104,7 +57,7 @@ pub(crate) struct Gate {
     capacity: usize,
     per_source: usize,
     retry_threshold: usize,
-    sources: Arc<SourceCounts>,
+    sources: SourceCounts,
 }
 
 impl Gate {
@@ -117,7 +70,7 @@ impl Gate {
             capacity,
             per_source,
             retry_threshold,
-            sources: Arc::default(),
+            sources: SourceCounts::default(),
         }
     }
 
@@ -150,7 +103,7 @@ impl Gate {
                 Err(_) => Admission::Retry,
             };
         }
-        let Some(source) = self.sources.take(source_block(remote), self.per_source) else {
+        let Ok(source) = self.sources.take(source_block(remote), self.per_source) else {
             return Admission::Refuse("quic_handshakes_per_source");
         };
         match self.total.clone().try_acquire_owned() {
@@ -170,14 +123,14 @@ impl Gate {
 #[derive(Debug)]
 pub(crate) struct FailureLog {
     window: Duration,
-    burst: u32,
     state: Mutex<FailureWindow>,
 }
 
 #[derive(Debug)]
 struct FailureWindow {
-    started: Instant,
-    logged: u32,
+    /// The line budget of the window and the count of failures it did not log.
+    budget: LogBudget,
+    /// Those failures again, by reason, for the summary.
     suppressed: BTreeMap<&'static str, u64>,
 }
 
@@ -186,10 +139,8 @@ impl FailureLog {
     pub(crate) fn new(window: Duration, burst: u32) -> FailureLog {
         FailureLog {
             window,
-            burst,
             state: Mutex::new(FailureWindow {
-                started: Instant::now(),
-                logged: 0,
+                budget: LogBudget::new(window, burst),
                 suppressed: BTreeMap::new(),
             }),
         }
@@ -203,11 +154,11 @@ impl FailureLog {
     /// spent, in which case it is only counted for the summary.
     pub(crate) fn failed(&self, reason: &'static str, line: std::fmt::Arguments<'_>) {
         let mut state = self.lock();
-        let summary = self.roll(&mut state);
-        let log = state.logged < self.burst;
-        if log {
-            state.logged += 1;
-        } else {
+        let summary = Self::roll(&mut state);
+        // After the roll nothing is pending, so the count `line` hands back is always zero.
+        let log = state.budget.line().is_some();
+        if !log {
+            state.budget.unlogged();
             *state.suppressed.entry(reason).or_insert(0) += 1;
         }
         drop(state);
@@ -222,29 +173,21 @@ impl FailureLog {
     /// Ends the window if it is over, writing the summary of what it did not log. Called on
     /// a timer too, so the last window of a flood is reported when the flood stops.
     pub(crate) fn flush(&self) {
-        let summary = self.roll(&mut self.lock());
+        let summary = Self::roll(&mut self.lock());
         if let Some((total, reasons)) = summary {
             self.summarise(total, &reasons);
         }
     }
 
-    /// Starts a new window if the current one is over; returns what the old one suppressed.
-    fn roll(&self, state: &mut FailureWindow) -> Option<(u64, String)> {
-        if state.started.elapsed() < self.window {
-            return None;
-        }
-        state.started = Instant::now();
-        state.logged = 0;
-        let suppressed = std::mem::take(&mut state.suppressed);
-        let total: u64 = suppressed.values().sum();
-        (total > 0).then(|| {
-            let reasons = suppressed
-                .iter()
-                .map(|(reason, n)| format!("{reason}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            (total, reasons)
-        })
+    /// Ends the window if it is over; returns what it did not log, in total and by reason.
+    fn roll(state: &mut FailureWindow) -> Option<(u64, String)> {
+        let total = state.budget.roll()?;
+        let reasons = std::mem::take(&mut state.suppressed)
+            .iter()
+            .map(|(reason, n)| format!("{reason}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Some((total, reasons))
     }
 
     fn summarise(&self, total: u64, reasons: &str) {
@@ -287,7 +230,7 @@ mod tests {
         // Below the threshold, unvalidated attempts are accepted and not counted per source.
         let a = accepted(gate.admit(ip, false));
         let b = accepted(gate.admit(ip, false));
-        assert_eq!(gate.sources().len(), 0);
+        assert_eq!(gate.sources().keys(), 0);
         assert!(matches!(gate.admit(ip, false), Admission::Retry));
         // A validated one still has room, in total and for its source.
         let c = accepted(gate.admit(ip, true));
@@ -308,7 +251,7 @@ mod tests {
         assert!(matches!(gate.admit(third, false), Admission::Retry));
         drop((a, b, c, d));
         assert_eq!(gate.in_progress(), 0);
-        assert_eq!(gate.sources().len(), 0, "empty source entries are removed");
+        assert_eq!(gate.sources().keys(), 0, "empty source entries are removed");
     }
 
     #[test]
@@ -320,7 +263,7 @@ mod tests {
         // The same /64 shares the count.
         let sibling: IpAddr = "2001:db8::2".parse().unwrap();
         let _second = accepted(gate.admit(sibling, true));
-        assert_eq!(gate.sources().len(), 1);
+        assert_eq!(gate.sources().keys(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -332,7 +275,6 @@ mod tests {
         log.failed("timeout", format_args!("y"));
         {
             let state = log.lock();
-            assert_eq!(state.logged, 2);
             assert_eq!(state.suppressed.get("tls"), Some(&3));
             assert_eq!(state.suppressed.get("timeout"), Some(&1));
         }
@@ -342,10 +284,17 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         let mut state = log.lock();
         assert_eq!(
-            log.roll(&mut state),
+            FailureLog::roll(&mut state),
             Some((4, "timeout=1 tls=3".to_string()))
         );
-        assert_eq!(state.logged, 0);
         assert!(state.suppressed.is_empty());
+        assert_eq!(FailureLog::roll(&mut state), None, "summed up once");
+        drop(state);
+        // The next window logs its own burst again.
+        log.failed("tls", format_args!("z"));
+        log.failed("tls", format_args!("z"));
+        assert!(log.lock().suppressed.is_empty());
+        log.failed("tls", format_args!("z"));
+        assert_eq!(log.lock().suppressed.get("tls"), Some(&1));
     }
 }

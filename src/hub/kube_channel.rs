@@ -118,46 +118,17 @@ impl KubeCallError {
 /// The Kubernetes waits each token has running, so one token cannot hold an agent's command
 /// slots ([`super::HubCaps::kube_waits_per_token`]).
 #[derive(Debug, Default)]
-pub(crate) struct WaitSlots {
-    /// Token id → waits running.
-    running: std::sync::Mutex<HashMap<String, usize>>,
-}
+pub(crate) struct WaitSlots(crate::listen::KeyedSlots<String>);
 
 impl WaitSlots {
     /// One more wait for `token_id`, or `None` when it has `max` running already.
-    pub(crate) fn try_take(self: &Arc<Self>, token_id: &str, max: usize) -> Option<WaitSlot> {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let n = running.entry(token_id.to_string()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(WaitSlot {
-            slots: self.clone(),
-            token_id: token_id.to_string(),
-        })
+    pub(crate) fn try_take(&self, token_id: &str, max: usize) -> Option<WaitSlot> {
+        self.0.take(token_id.to_string(), max).ok()
     }
 }
 
 /// One running wait of a token; dropping it frees the slot.
-#[derive(Debug)]
-pub(crate) struct WaitSlot {
-    slots: Arc<WaitSlots>,
-    token_id: String,
-}
-
-impl Drop for WaitSlot {
-    fn drop(&mut self) {
-        let mut running = self.slots.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = running.get_mut(&self.token_id) {
-            *n = n.saturating_sub(1);
-            // Forget idle tokens, so the map stays as small as the waits in flight.
-            if *n == 0 {
-                running.remove(&self.token_id);
-            }
-        }
-    }
-}
+pub(crate) type WaitSlot = crate::listen::Slot<String>;
 
 /// Picks the session a command for (tenant, agent) goes to.
 pub(crate) fn pick(
@@ -427,20 +398,20 @@ async fn take_inventory(
         let _ = send.reset(code.into());
         let _ = recv.stop(code.into());
     };
-    let Some(_turn) = session.inventory_turn() else {
+    let Some(mut turn) = session.inventory_turn() else {
         shared.metrics.cap_refused("inventory_interval");
         info!(agent = %session.name, "inventory report refused: another one is waiting for its turn");
         refuse(&mut send, &mut recv, StreamCode::TooSoon);
         return;
     };
     let interval = shared.config.caps.inventory_interval;
-    if let Some(due) = session.inventory_due(interval) {
+    if let Some(due) = turn.due(interval) {
         tokio::select! {
             _ = tokio::time::sleep_until(due.into()) => {}
             _ = session.connection.closed() => return,
         }
     }
-    session.inventory_taken();
+    turn.taken();
     let stored = async {
         let body =
             match tokio::time::timeout(INVENTORY_READ, read_body_limited(&mut recv, MAX_INVENTORY))

@@ -11,11 +11,11 @@ pub mod metrics;
 pub mod registry;
 pub mod router;
 pub mod session;
+mod settings;
 pub mod socks;
 mod status;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,14 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::auth::{ReloadingStore, StoreError, Tenant};
-use crate::listen::{Acceptor, ConnectionCap, HttpLimits};
+use crate::auth::{ReloadingStore, StoreError};
+use crate::listen::{Acceptor, ConnectionCap};
 use crate::proto::CloseCode;
-use crate::transport::control::Heartbeat;
-use crate::transport::{self, Limits, ServerTls, TransportError};
+use crate::transport::{self, TransportError};
 
 pub use metrics::Metrics;
 pub use registry::{AgentInfo, AgentSession, Registry};
+pub use settings::{HubCaps, HubConfig, NoAuthRoute, SocksLimits};
 
 /// Window of the rate limit on WARN lines for failed handshakes.
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
@@ -61,192 +61,6 @@ pub enum HubError {
     /// Unauthenticated SOCKS was asked for on an address other machines can reach.
     #[error("--socks-no-auth is only allowed when SOCKS listens on a loopback address, not {0}")]
     NoAuthNotLoopback(SocketAddr),
-}
-
-/// Where unauthenticated SOCKS clients go (loopback-only `--socks-no-auth`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoAuthRoute {
-    /// The agent to route to.
-    pub agent: String,
-    /// The agent's tenant.
-    pub tenant: Tenant,
-}
-
-/// Bounds on SOCKS clients before they are authenticated.
-#[derive(Debug, Clone)]
-pub struct SocksLimits {
-    /// The greeting, authentication and request must complete within this.
-    pub greeting_timeout: Duration,
-    /// Connections from one client still in the greeting; IPv6 clients are counted per
-    /// /64. A newcomer over it is refused.
-    pub half_open_per_ip: usize,
-    /// Connections in the greeting from all clients. When full, a newcomer is admitted and
-    /// the oldest half-open connection of the client holding the most is closed.
-    pub half_open_total: usize,
-}
-
-impl Default for SocksLimits {
-    fn default() -> Self {
-        SocksLimits {
-            greeting_timeout: Duration::from_secs(10),
-            half_open_per_ip: 256,
-            half_open_total: 4096,
-        }
-    }
-}
-
-/// Resource caps of the hub beyond the SOCKS pre-authentication bounds. Each refusal is
-/// counted in `rna_cap_refusals_total{cap=...}`.
-#[derive(Debug, Clone)]
-pub struct HubCaps {
-    /// Agent connections in the handshake (QUIC, TLS, Hello) at once; more are refused
-    /// before any cryptographic work (`cap="quic_handshakes"`).
-    pub handshakes: usize,
-    /// Handshakes at once from one source block (an IPv4 address, an IPv6 /64) whose address
-    /// is validated; more are refused (`cap="quic_handshakes_per_source"`), so one sender
-    /// cannot take every slot.
-    pub handshakes_per_source: usize,
-    /// Handshakes in progress from which on a connection attempt from an address not yet
-    /// validated is answered with a QUIC Retry (counted in `rna_quic_retries_total`); 0 asks
-    /// every new address. Spoofed sources never answer a Retry, so they hold at most this
-    /// many slots and are sent less than they send.
-    pub retry_threshold: usize,
-    /// Time for the QUIC and TLS handshake, from the first packet; short, so attempts that
-    /// never finish free their slot soon (`rna_handshake_failures_total{reason="tls_timeout"}`).
-    pub tls_timeout: Duration,
-    /// Time, after TLS, for the agent to open its control stream and send Hello; an agent
-    /// sends it at once, so this is only reached by a client that holds a certificate and no
-    /// intent to register (closed `handshake_timeout`, `reason="timeout"`).
-    pub hello_timeout: Duration,
-    /// Tunnel streams open or being opened on one agent connection; a SOCKS request beyond
-    /// it is answered 0x01 (`cap="streams_per_agent"`).
-    pub streams_per_agent: usize,
-    /// Largest frame body accepted from an agent (Hello, control frames, Open replies); a
-    /// longer one closes the connection with a protocol error (`cap="frame_size"`).
-    pub max_frame: usize,
-    /// A tunnel stream with no byte moving either way for this long is reset on both sides
-    /// (`cap="stream_idle_timeout"`).
-    pub stream_idle_timeout: Duration,
-    /// Largest body of a Kubernetes apply request through the admin API, at most the
-    /// protocol's 4 MiB; a larger one is answered 413 `RequestTooLarge`
-    /// (`cap="kube_request"`).
-    pub kube_request: usize,
-    /// Kubernetes waits one token may have running at once; one more is answered 429
-    /// `TooManyWaits` (`cap="kube_waits_per_token"`), so a read-only token cannot hold an
-    /// agent's command slots for hours.
-    pub kube_waits_per_token: usize,
-    /// Sessions one agent name may hold in its tenant at once (replicas, reconnects not yet
-    /// noticed); one more is refused `too_many_sessions (0x23)`
-    /// (`cap="sessions_per_agent"`).
-    pub sessions_per_agent: usize,
-    /// Sessions registered with one token at once; one more is refused
-    /// `too_many_sessions (0x23)` (`cap="sessions_per_token"`).
-    pub sessions_per_token: usize,
-    /// Least time between two inventory reports the hub reads from one session: a report
-    /// sent sooner waits for its turn, and one sent while another waits is refused with
-    /// stream code 0x102 (`cap="inventory_interval"`).
-    pub inventory_interval: Duration,
-    /// Inventory reads through the admin API served at once per tenant; more wait for a
-    /// turn up to 10 s, then get 429 (`cap="heavy_requests_per_tenant"`).
-    pub heavy_requests_per_tenant: usize,
-    /// Bytes per second the answers of those reads are sent at, per tenant together (a
-    /// 3 MB inventory takes about 0.1 s at the default 32 MiB/s).
-    pub heavy_bytes_per_second: u64,
-}
-
-impl Default for HubCaps {
-    fn default() -> Self {
-        HubCaps {
-            handshakes: 256,
-            handshakes_per_source: 16,
-            retry_threshold: 32,
-            tls_timeout: Duration::from_secs(5),
-            hello_timeout: Duration::from_secs(5),
-            // As many as an agent grants by default (`Limits::tunnel_streams`), so one agent
-            // carries 10,000 and more concurrent streams out of the box.
-            streams_per_agent: 16_384,
-            max_frame: crate::proto::codec::MAX_FRAME,
-            stream_idle_timeout: Duration::from_secs(3600),
-            kube_request: crate::proto::kube::MAX_KUBE_REQUEST,
-            kube_waits_per_token: 8,
-            // Replicas sharing a name, doubled during a rolling update, plus sessions of
-            // reconnected agents the hub has not yet noticed are gone.
-            sessions_per_agent: 16,
-            // One token is often shared by all agents of a tenant.
-            sessions_per_token: 1024,
-            inventory_interval: Duration::from_secs(5),
-            heavy_requests_per_tenant: 4,
-            heavy_bytes_per_second: 32 * 1024 * 1024,
-        }
-    }
-}
-
-/// Everything the hub needs, validated.
-#[derive(Debug, Clone)]
-pub struct HubConfig {
-    /// UDP address agents connect to.
-    pub listen: SocketAddr,
-    /// TCP address of the SOCKS5 front.
-    pub socks: SocketAddr,
-    /// TCP address of the admin API, if served.
-    pub api: Option<SocketAddr>,
-    /// Deadlines and connection caps of the admin API.
-    pub api_limits: HttpLimits,
-    /// The hub's certificate and the CA agents must chain to.
-    pub tls: ServerTls,
-    /// The token store file.
-    pub tokens: PathBuf,
-    /// Route for unauthenticated SOCKS clients (loopback only).
-    pub socks_no_auth: Option<NoAuthRoute>,
-    /// QUIC limits of agent connections.
-    pub limits: Limits,
-    /// Heartbeat timing announced to agents.
-    pub heartbeat: Heartbeat,
-    /// Pre-authentication SOCKS bounds.
-    pub socks_limits: SocksLimits,
-    /// Caps on handshakes, streams, frames and idle streams.
-    pub caps: HubCaps,
-    /// How long the agent may take to answer `Open` (it dials within its own timeout).
-    pub open_timeout: Duration,
-    /// On shutdown, how long in-flight streams may continue.
-    pub grace: Duration,
-    /// How often the token store file is checked for changes.
-    pub token_poll: Duration,
-    /// Label session metrics with the agent name too (opt in: one series per agent).
-    pub metrics_per_agent: bool,
-    /// Folder for state that must survive restarts (the endpoint key). Without it every start
-    /// makes a new key, and agents of a restarted hub notice only at their idle timeout.
-    pub state_dir: Option<PathBuf>,
-    /// How long a Kubernetes command (other than wait, which has its own) may take.
-    pub kube_timeout: Duration,
-    /// Worker threads of the process's runtime (read by `main` before the hub starts).
-    pub worker_threads: usize,
-}
-
-impl HubConfig {
-    /// A configuration with the defaults for everything but addresses, TLS and tokens.
-    pub fn new(listen: SocketAddr, socks: SocketAddr, tls: ServerTls, tokens: PathBuf) -> Self {
-        HubConfig {
-            listen,
-            socks,
-            api: None,
-            api_limits: HttpLimits::default(),
-            tls,
-            tokens,
-            socks_no_auth: None,
-            limits: Limits::default(),
-            heartbeat: Heartbeat::default(),
-            socks_limits: SocksLimits::default(),
-            caps: HubCaps::default(),
-            open_timeout: Duration::from_secs(15),
-            grace: Duration::from_secs(30),
-            token_poll: Duration::from_secs(2),
-            metrics_per_agent: false,
-            state_dir: None,
-            kube_timeout: Duration::from_secs(60),
-            worker_threads: crate::runtime::default_worker_threads(),
-        }
-    }
 }
 
 /// State shared by the hub's tasks.

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
@@ -215,19 +214,12 @@ async fn run_session(
         streams = session.streams_total(), "agent disconnected");
 }
 
-/// The certificate chain the agent presented (quinn gives it as `Box<dyn Any>`).
-fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
-    let identity = connection.peer_identity()?;
-    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    chain.first().cloned()
-}
-
 async fn handshake(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
     deadline: tokio::time::Instant,
 ) -> Result<(Arc<AgentSession>, quinn::SendStream, control::ControlReader), HandshakeError> {
-    let cert = peer_certificate(connection).ok_or_else(|| {
+    let cert = crate::transport::tls::peer_certificate(connection).ok_or_else(|| {
         HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
     })?;
     let cert_name = certs::common_name(cert.as_ref()).map_err(|e| {

@@ -237,6 +237,16 @@ impl ClientTls {
     }
 }
 
+/// The end-entity certificate the peer of `connection` presented: the agent's client
+/// certificate on the hub, the hub's certificate on the agent. quinn hands the chain over as
+/// `Box<dyn Any>`; this is the one place that knows its type. `None` before the handshake is
+/// done or when the peer sent none.
+pub fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
 /// Checks that `name` can be used as the TLS server name of a hub.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))
