@@ -213,10 +213,8 @@ async fn every_endpoint_scope_tenant_and_token_state() {
     // Expiry is checked against the clock; wait (bounded) until it has passed.
     let probe = &endpoints()[1];
     let bearer_expired = format!("Bearer {expired}");
-    within("the token to expire", async {
-        while call(&world, probe, Some(&bearer_expired)).await.0 != 401 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    eventually_async("the token to expire", async || {
+        call(&world, probe, Some(&bearer_expired)).await.0 == 401
     })
     .await;
     callers.extend([

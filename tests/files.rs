@@ -5,27 +5,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 
 use common::*;
 
 /// Runs `rna` to completion (bounded by [`WAIT`]) and returns (exit code, stderr).
 async fn run(args: &[&str]) -> (i32, String) {
-    let out = within(
-        &format!("rna {args:?} to exit"),
-        tokio::process::Command::new(RNA)
-            .args(args)
-            .env("RNA_LOG_FORMAT", "text")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Rna::new(args).run_async().await;
+    (out.code(), out.stderr)
 }
 
 fn mkfifo(path: &Path) {

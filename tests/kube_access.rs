@@ -441,19 +441,14 @@ async fn a_read_token_fills_only_its_own_wait_allowance_and_applies_still_run() 
 
     // A wait that ends frees its slot: the token may wait again.
     waits.remove(0).abort();
-    within("a freed wait slot", async {
-        loop {
-            let (status, _) = wait(
-                &reader,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
-                       "name": "app", "for": "condition=Never", "timeout": "1s"}),
-            )
-            .await;
-            if status != 429 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually_async("a freed wait slot", async || {
+        let (status, _) = wait(
+            &reader,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
+                   "name": "app", "for": "condition=Never", "timeout": "1s"}),
+        )
+        .await;
+        status != 429
     })
     .await;
     for w in waits {
@@ -505,19 +500,14 @@ async fn waits_never_take_the_agents_last_command_slots() {
     assert!(started.elapsed() < Duration::from_secs(20));
     // A caller that goes away frees the agent's slot although its wait reports nothing more.
     waits.remove(0).abort();
-    within("a freed agent wait slot", async {
-        loop {
-            let (status, _) = wait(
-                &reader,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
-                       "name": "app", "for": "condition=Never", "timeout": "1s"}),
-            )
-            .await;
-            if status != 429 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually_async("a freed agent wait slot", async || {
+        let (status, _) = wait(
+            &reader,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
+                   "name": "app", "for": "condition=Never", "timeout": "1s"}),
+        )
+        .await;
+        status != 429
     })
     .await;
     for w in waits {
@@ -748,23 +738,16 @@ fn check_config(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String) {
-    let mut cmd = std::process::Command::new(RNA);
-    cmd.arg(role)
-        .arg("--config")
-        .arg(file)
-        .args(args)
-        .arg("--check-config");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("RNA_") || k == "KUBERNETES_SERVICE_HOST" {
-            cmd.env_remove(k);
-        }
+    let mut rna = Rna::new([role, "--config"]).arg(file);
+    for a in args {
+        rna = rna.arg(a);
     }
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let out = rna
+        .arg("--check-config")
+        .env_remove("RNA_LOG_FORMAT")
+        .envs(env)
+        .run();
+    (out.status.success(), out.stdout + &out.stderr)
 }
 
 /// The printed configuration without whitespace, so its pretty layout does not matter.

@@ -101,28 +101,14 @@ impl Pki {
     /// Starts an agent process with a config file holding its policy.
     async fn agent(&self, quic: &str) -> (Child, mpsc::UnboundedReceiver<String>) {
         self.write_policy("deny = []");
-        let args: Vec<String> = [
-            "agent",
-            "--config",
-            &self.path("agent.toml"),
-            "--hub",
+        let args = agent_process_args(
             quic,
-            "--name",
             "edge",
-            "--ca",
             &self.path("ca.pem"),
-            "--cert",
-            &self.path("agent-edge.pem"),
-            "--key",
-            &self.path("agent-edge-key.pem"),
-            "--token-file",
+            &self.dir.path().display().to_string(),
             &self.path("token.txt"),
-            "--metrics",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            &["--config", &self.path("agent.toml")],
+        );
         let (child, mut log) = spawn_logged(&args);
         wait_line(&mut log, "connected to hub").await;
         (child, log)

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::auth::{Secret, StoreError};
 use crate::proto::CloseCode;
@@ -151,6 +151,9 @@ pub struct AgentConfig {
     pub capabilities: Vec<String>,
     /// Reconnect pacing.
     pub backoff: Backoff,
+    /// A session up this long earns an immediate reconnect when it ends; shorter ones back
+    /// off, so a hub that accepts and then drops the agent is never hammered.
+    pub stable_session: Duration,
     /// How often hub names are resolved again (new replicas, moved hubs).
     pub resolve_interval: Duration,
     /// Dials (resolution plus connect) in progress at once; a tunnel request beyond it is
@@ -178,6 +181,7 @@ impl AgentConfig {
             limits: Limits::default(),
             capabilities: Vec::new(),
             backoff: Backoff::default(),
+            stable_session: Duration::from_secs(1),
             resolve_interval: Duration::from_secs(30),
             max_pending_dials: 256,
             max_frame: crate::proto::codec::MAX_FRAME,
@@ -389,10 +393,6 @@ impl Agent {
     }
 }
 
-/// A session that lasted this long earns an immediate reconnect when it ends; shorter ones
-/// back off, so a hub that accepts and then drops us is never hammered.
-const STABLE_SESSION: Duration = Duration::from_secs(1);
-
 /// Delay of that immediate reconnect.
 const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
 
@@ -538,14 +538,23 @@ impl Supervisor {
                         s.last_error = None;
                     });
                     let up_since = std::time::Instant::now();
-                    let end = session::run(
+                    let run = session::run(
                         established,
                         self.dialer.clone(),
                         self.kube.clone(),
                         &self.config.name,
                         &cancel,
-                    )
-                    .await;
+                    );
+                    tokio::pin!(run);
+                    // The moment the session turns stable is logged, so an operator (and a
+                    // test) can tell when a drop stops costing a backoff.
+                    let end = tokio::select! {
+                        end = &mut run => end,
+                        () = tokio::time::sleep(self.config.stable_session) => {
+                            debug!("session stable; a drop now reconnects at once");
+                            run.await
+                        }
+                    };
                     self.metrics.hub_connection(false);
                     self.status
                         .send_modify(|s| s.connected = s.connected.saturating_sub(1));
@@ -556,7 +565,7 @@ impl Supervisor {
                         info!("hub is going away: {}; reconnecting", end.reason);
                         // Replicas restart together: spread the reconnects a little.
                         Duration::from_millis(50)
-                    } else if up_since.elapsed() >= STABLE_SESSION {
+                    } else if up_since.elapsed() >= self.config.stable_session {
                         // A session that had been up is worth one immediate retry: a hub that
                         // restarted (its stateless reset ends our session) answers at once.
                         // Failures after that back off as usual.
