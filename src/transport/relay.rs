@@ -236,7 +236,7 @@ async fn stream_to_tcp<M: Fn(Direction, usize)>(
 async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io::Result<()> {
     let mut first = 0;
     while first < chunks.len() {
-        let mut written = {
+        let written = {
             let mut slices = [IoSlice::new(&[]); QUIC_CHUNKS];
             let live = &chunks[first..];
             for (slot, chunk) in slices.iter_mut().zip(live) {
@@ -248,20 +248,78 @@ async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while written > 0 && first < chunks.len() {
-            let len = chunks[first].len();
-            if written >= len {
-                written -= len;
-                first += 1;
-            } else {
-                chunks[first].advance(written);
-                written = 0;
-            }
-        }
-        // Empty chunks (none are expected) are skipped.
-        while first < chunks.len() && chunks[first].is_empty() {
-            first += 1;
-        }
+        first = consume(chunks, first, written);
     }
     Ok(())
+}
+
+/// Takes `written` bytes off the front of `chunks[first..]` (a short `writev` may end inside
+/// a chunk) and returns the index of the first chunk with bytes left, skipping empty ones.
+fn consume(chunks: &mut [Bytes], mut first: usize, mut written: usize) -> usize {
+    while written > 0 && first < chunks.len() {
+        let len = chunks[first].len();
+        if written >= len {
+            written -= len;
+            first += 1;
+        } else {
+            chunks[first].advance(written);
+            written = 0;
+        }
+    }
+    // Empty chunks (none are expected) are skipped.
+    while first < chunks.len() && chunks[first].is_empty() {
+        first += 1;
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `chunks` after a `writev` of `written` bytes: the index of the next chunk to write
+    /// and what is left of every chunk from there.
+    fn after(chunks: &[&str], first: usize, written: usize) -> (usize, Vec<String>) {
+        let mut chunks: Vec<Bytes> = chunks
+            .iter()
+            .map(|c| Bytes::copy_from_slice(c.as_bytes()))
+            .collect();
+        let next = consume(&mut chunks, first, written);
+        let left = chunks[next..]
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        (next, left)
+    }
+
+    /// Chunks, the first to write, bytes written; the next chunk and what is left.
+    type Case<'a> = (&'a [&'a str], usize, usize, usize, &'a [&'a str]);
+
+    #[test]
+    fn a_short_write_resumes_exactly_where_it_ended() {
+        let cases: [Case; 8] = [
+            // Everything written.
+            (&["abc", "de"], 0, 5, 2, &[]),
+            // A write that ends between two chunks.
+            (&["abc", "de"], 0, 3, 1, &["de"]),
+            // One that ends inside a chunk keeps the rest of it, in order.
+            (&["abc", "de"], 0, 2, 0, &["c", "de"]),
+            (&["abc", "de", "fgh"], 0, 4, 1, &["e", "fgh"]),
+            // Resuming from a later chunk.
+            (&["abc", "de", "fgh"], 1, 3, 2, &["gh"]),
+            // Empty chunks are skipped, before and after what was written.
+            (&["", "ab", "", "c"], 0, 2, 3, &["c"]),
+            (&["ab", "", ""], 0, 2, 3, &[]),
+            // Nothing written yet: only leading empty chunks go.
+            (&["", "ab"], 0, 0, 1, &["ab"]),
+        ];
+        for (chunks, first, written, next, left) in cases {
+            let want: Vec<String> = left.iter().map(|s| s.to_string()).collect();
+            assert_eq!(
+                after(chunks, first, written),
+                (next, want),
+                "{chunks:?} from {first} after writing {written}"
+            );
+        }
+    }
 }
