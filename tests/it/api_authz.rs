@@ -4,14 +4,11 @@
 //! The agent runs in cluster mode against the fake Kubernetes API, so an allowed request is
 //! answered for real; Secret contents reach only tokens with `exec:infra:op`.
 
-mod common;
-mod fake_kube;
-
 use std::time::Duration;
 
+use crate::common::*;
+use crate::fake_kube::FakeKube;
 use axum::body::Body;
-use common::*;
-use fake_kube::FakeKube;
 use rna::agent::kube::{KubeSettings, KubeSource};
 use rna::auth::Scope;
 use serde_json::{json, Value};

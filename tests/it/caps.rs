@@ -1,12 +1,10 @@
 //! Resource caps: each one refuses the excess with a precise answer, counts the refusal in a
 //! metric, and leaves everyone else served.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rna::proto::CloseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

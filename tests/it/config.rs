@@ -1,11 +1,9 @@
 //! Configuration from flags, `RNA_*` variables and TOML files: precedence, and the exact
 //! message of every error path. Runs the real binary with `--check-config`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{Ran, Rna};
+use crate::common::{Ran, Rna};
 
 /// A folder with a CA, hub and agent certificates, a token store and a token file.
 struct Setup {

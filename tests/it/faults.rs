@@ -2,13 +2,11 @@
 //! that stops reading, destinations that never answer or black-hole, and an agent whose UDP
 //! address changes mid-transfer. After each, every resource is back to its baseline.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rna::transport::control::Heartbeat;
 use rna::transport::Congestion;
 use sha2::{Digest, Sha256};

@@ -2,11 +2,9 @@
 //! error naming it (never read without limit, never a hang), and `rna certs --force` does not
 //! write through a symbolic link.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `rna` to completion (bounded by [`WAIT`]) and returns (exit code, stderr).
 async fn run(args: &[&str]) -> (i32, String) {

@@ -4,15 +4,12 @@
 //! without cluster mode (409) or offline (503), the agent's allow list, audit lines, kubectl
 //! through the hub's SOCKS5 front, and the shipped manifests.
 
-mod common;
-mod fake_kube;
-
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::*;
+use crate::fake_kube::FakeKube;
 use bytes::Bytes;
-use common::*;
-use fake_kube::FakeKube;
 use rna::agent::kube::{KubeAllow, KubeSettings, KubeSource};
 use rna::auth::Scope;
 use rna::client::{ApiClient, ApiResponse};
@@ -23,7 +20,7 @@ const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines are checked in them).
 fn logs() -> &'static Captured {
-    process_logs("rna::audit=info")
+    process_logs()
 }
 
 fn log_text() -> String {

@@ -4,14 +4,11 @@
 //! waits bounded per token at the hub and per agent, so reads cannot block applies; and the
 //! CLI's apply errors and wait output.
 
-mod common;
-mod fake_kube;
-
 use std::time::Duration;
 
+use crate::common::*;
+use crate::fake_kube::FakeKube;
 use bytes::Bytes;
-use common::*;
-use fake_kube::FakeKube;
 use rna::agent::kube::{KubeSettings, KubeSource, MAX_CONCURRENT_WAITS};
 use rna::auth::Scope;
 use rna::client::{ApiClient, ApiResponse};
@@ -22,7 +19,7 @@ const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines of hub and agent are checked in them).
 fn logs() -> &'static Captured {
-    process_logs("rna::audit=info")
+    process_logs()
 }
 
 /// A hub, the fake API, and an agent in cluster mode whose own namespace (its kubeconfig

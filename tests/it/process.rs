@@ -1,9 +1,7 @@
 //! The real binary: an agent process killed mid-transfer and restarted, and `rna dev` used
 //! exactly as its printed line says.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 use tokio::process::Command;
 

@@ -2,15 +2,13 @@
 //! like): a new agent still connects within seconds, an established agent keeps its session,
 //! SOCKS keeps answering, and the hub sends those sources no more bytes than it gets from them.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;

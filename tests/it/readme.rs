@@ -3,12 +3,10 @@
 //! prints the hub's and agent's configuration in force, and from each command's `--help`,
 //! which clap builds from the flag definitions).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::Rna;
+use crate::common::Rna;
 
 fn readme() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))

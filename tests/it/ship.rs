@@ -2,12 +2,10 @@
 //! target; `rna completions` and the man pages come from the same clap definitions the binary
 //! parses, so every subcommand and flag the binary takes appears in them.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::{Ran, Rna};
+use crate::common::{Ran, Rna};
 
 /// `rna ARGS` with the default log format.
 fn rna(args: &[&str]) -> Ran {

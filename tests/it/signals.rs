@@ -1,14 +1,12 @@
 //! Signals on the real binary: SIGTERM drains in-flight transfers within `--grace` and exits 0
 //! in time; SIGHUP reloads tokens (hub) and policy (agent) without dropping a transfer.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use rna::auth::{Scope, TokenStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

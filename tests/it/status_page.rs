@@ -1,13 +1,11 @@
 //! The agents status page at `GET /` of the hub's admin API: who may see it (bearer, login
 //! cookie, tenant scope), what it shows, and how it renders in headless Chromium.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rna::auth::Scope;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,12 +1,10 @@
 //! The systemd units: `systemd-analyze verify` accepts them, `systemd-analyze security` rates
 //! them well, and their ExecStart lines are valid `rna` command lines.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Rna, RNA};
+use crate::common::{Rna, RNA};
 const UNITS: [&str; 3] = ["rna-hub.service", "rna-agent.service", "rna-agent@.service"];
 
 fn repo(path: &str) -> PathBuf {

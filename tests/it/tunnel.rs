@@ -1,10 +1,8 @@
 //! End-to-end: curl and raw SOCKS5 clients through an in-process hub and agent on loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TENANT: &str = "acme/prod";

@@ -1213,15 +1213,16 @@ pub async fn world_kube_cli(
     .expect("rna kube task")
 }
 
-/// The log lines of this test process, captured once for the whole process with the
-/// tracing filter `filter` (the first call's filter holds: one subscriber per process).
-pub fn process_logs(filter: &str) -> &'static Captured {
+/// The log lines of this test process at info (audit lines included), captured once for the
+/// whole process: one subscriber per process, so every test that reads logs shares this one
+/// and looks only for lines of its own (its tokens, names and addresses).
+pub fn process_logs() -> &'static Captured {
     static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
     LOGS.get_or_init(|| {
         let captured = Captured::default();
         let writer = captured.clone();
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .try_init();
