@@ -56,13 +56,19 @@ pub struct World {
 /// Polls `cond` every 10 ms until it holds, failing after 20 s. For state that has no change
 /// notification (counters, gauges, /proc); never a fixed sleep.
 pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    within(what, async {
+    assert!(settles(cond).await, "timed out waiting for {what}");
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or 20 s have passed (false), for callers
+/// that explain a failure with more than a name.
+pub async fn settles(mut cond: impl FnMut() -> bool) -> bool {
+    let poll = async {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         while !cond() {
             tick.tick().await;
         }
-    })
-    .await
+    };
+    tokio::time::timeout(WAIT, poll).await.is_ok()
 }
 
 /// Polls the async `probe` every 20 ms until it returns a value, failing after 20 s; for
@@ -637,24 +643,19 @@ impl World {
     /// Polls until the footprint is back to `baseline` (streams, dials and sessions equal;
     /// file descriptors and tasks no more than at baseline); fails the test otherwise.
     pub async fn assert_no_leaks(&self, baseline: &Footprint, agents: &[&TestAgent]) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let now = self.footprint(agents);
-            let ok = now.streams_open == baseline.streams_open
+        let mut now = self.footprint(agents);
+        let back = settles(|| {
+            now = self.footprint(agents);
+            now.streams_open == baseline.streams_open
                 && now.streams_pending == baseline.streams_pending
                 && now.session_streams == baseline.session_streams
                 && now.sessions == baseline.sessions
                 && now.pending_dials == baseline.pending_dials
                 && now.fds <= baseline.fds
-                && now.tasks <= baseline.tasks;
-            if ok {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("resources leaked: baseline {baseline:?}, now {now:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                && now.tasks <= baseline.tasks
+        })
+        .await;
+        assert!(back, "resources leaked: baseline {baseline:?}, now {now:?}");
     }
 }
 
