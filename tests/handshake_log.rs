@@ -1,6 +1,9 @@
 //! Failed agent handshakes are logged at a bounded rate: a burst of lines, then one summary
 //! per window that accounts for every failure it did not log on its own.
 
+// Its own binary, not a module of tests/it: it installs the process-wide log subscriber and
+// judges every line captured, which other tests in the same process would add to.
+#[path = "it/common/mod.rs"]
 mod common;
 
 use common::*;

@@ -1,6 +1,9 @@
 //! No secret in any log line: a whole session (registration, SOCKS authentication, a refused
 //! password, a transfer) is logged at trace level and searched for the token and key bytes.
 
+// Its own binary, not a module of tests/it: it installs the process-wide log subscriber and
+// judges every line captured, which other tests in the same process would add to.
+#[path = "it/common/mod.rs"]
 mod common;
 
 use common::*;

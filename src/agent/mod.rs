@@ -152,6 +152,9 @@ pub struct AgentConfig {
     pub capabilities: Vec<String>,
     /// Reconnect pacing.
     pub backoff: Backoff,
+    /// A session up this long earns an immediate reconnect when it ends; shorter ones back
+    /// off, so a hub that accepts and then drops the agent is never hammered.
+    pub stable_session: Duration,
     /// How often hub names are resolved again (new replicas, moved hubs).
     pub resolve_interval: Duration,
     /// Dials (resolution plus connect) in progress at once; a tunnel request beyond it is
@@ -179,6 +182,7 @@ impl AgentConfig {
             limits: Limits::default(),
             capabilities: Vec::new(),
             backoff: Backoff::default(),
+            stable_session: Duration::from_secs(1),
             resolve_interval: Duration::from_secs(30),
             max_pending_dials: 256,
             max_frame: crate::proto::codec::MAX_FRAME,

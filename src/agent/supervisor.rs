@@ -9,17 +9,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::{admin, kube, session, AgentConfig, AgentStatus, Dialer, Endpoints, HubTarget};
 use super::{Retry, SessionError};
 use crate::auth::{Secret, StoreError};
 use crate::proto::CloseCode;
 use crate::transport;
-
-/// A session that lasted this long earns an immediate reconnect when it ends; shorter ones
-/// back off, so a hub that accepts and then drops us is never hammered.
-const STABLE_SESSION: Duration = Duration::from_secs(1);
 
 /// Delay of that immediate reconnect.
 const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
@@ -174,14 +170,23 @@ impl Supervisor {
                         s.last_error = None;
                     });
                     let up_since = std::time::Instant::now();
-                    let end = session::run(
+                    let run = session::run(
                         established,
                         self.dialer.clone(),
                         self.kube.clone(),
                         &self.config.name,
                         &cancel,
-                    )
-                    .await;
+                    );
+                    tokio::pin!(run);
+                    // The moment the session turns stable is logged, so an operator (and a
+                    // test) can tell when a drop stops costing a backoff.
+                    let end = tokio::select! {
+                        end = &mut run => end,
+                        () = tokio::time::sleep(self.config.stable_session) => {
+                            debug!("session stable; a drop now reconnects at once");
+                            run.await
+                        }
+                    };
                     self.metrics.hub_connection(false);
                     self.status
                         .send_modify(|s| s.connected = s.connected.saturating_sub(1));
@@ -192,7 +197,7 @@ impl Supervisor {
                         info!("hub is going away: {}; reconnecting", end.reason);
                         // Replicas restart together: spread the reconnects a little.
                         Duration::from_millis(50)
-                    } else if up_since.elapsed() >= STABLE_SESSION {
+                    } else if up_since.elapsed() >= self.config.stable_session {
                         // A session that had been up is worth one immediate retry: a hub that
                         // restarted (its stateless reset ends our session) answers at once.
                         // Failures after that back off as usual.

@@ -64,6 +64,10 @@ settings! {
     /// Time allowed to resolve and connect one destination [default: 10s].
     #[arg(long, env = "RNA_DIAL_TIMEOUT", value_parser = parse_duration)]
     dial_timeout: Option<Duration> => field(settings.config.dial_timeout);
+    /// Time a session must stay up to earn an immediate reconnect when it drops; shorter
+    /// sessions back off [default: 1s].
+    #[arg(long, env = "RNA_STABLE_SESSION", value_parser = parse_duration)]
+    stable_session: Option<Duration> => field(settings.config.stable_session);
     /// Tunnel streams the hub may have open on this agent's connection [default: 16384].
     #[arg(long, env = "RNA_MAX_STREAMS")]
     max_streams: Option<u32> => field(settings.config.limits.tunnel_streams, at_least_one);

@@ -87,33 +87,62 @@ pub(crate) async fn open_tunnel(
     let fresh = shared.config.heartbeat.interval * 2;
     let mut failed = Vec::new();
     loop {
-        let slot = match shared.registry.pick_excluding(tenant, name, &failed, fresh) {
-            Some(slot) => slot,
-            None if failed.is_empty() => return Err(RouteError::NoAgent),
-            None => {
-                return Err(RouteError::Stream(
-                    "every session of the agent failed".into(),
-                ))
+        let slot = shared.registry.pick_excluding(tenant, name, &failed, fresh);
+        let cap = shared.config.caps.streams_per_agent;
+        let slot = match admit(slot, failed.len(), cap) {
+            Ok(slot) => slot,
+            Err(e) => {
+                if matches!(e, RouteError::AtCapacity(_)) {
+                    shared.metrics.cap_refused("streams_per_agent");
+                }
+                return Err(e);
             }
         };
-        let cap = shared.config.caps.streams_per_agent;
-        // The least loaded session was picked: if it is over the cap, every session is.
-        if slot.session().open_streams() > cap {
-            shared.metrics.cap_refused("streams_per_agent");
-            return Err(RouteError::AtCapacity(cap));
-        }
         match open_on(shared, slot, open).await {
             Ok(tunnel) => return Ok(tunnel),
-            Err((id, RouteError::Stream(why))) => {
+            Err((id, e)) if worth_another_session(&e) => {
                 tracing::debug!(
                     session = id,
-                    "tunnel stream failed, trying another session: {why}"
+                    "tunnel stream failed, trying another session: {e}"
                 );
                 failed.push(id);
             }
             Err((_, other)) => return Err(other),
         }
     }
+}
+
+/// Something that holds a session's open-stream count: a registry slot, or in tests a plain
+/// number.
+trait Loaded {
+    fn open_streams(&self) -> usize;
+}
+
+impl Loaded for StreamSlot {
+    fn open_streams(&self) -> usize {
+        self.session().open_streams()
+    }
+}
+
+/// The routing decision on what the registry picked, after `failed` sessions of the agent
+/// already failed at the connection level: open on the slot, or the final answer. The
+/// registry picks the least loaded session, so one over the cap means every session is.
+fn admit<S: Loaded>(picked: Option<S>, failed: usize, cap: usize) -> Result<S, RouteError> {
+    match picked {
+        None if failed == 0 => Err(RouteError::NoAgent),
+        None => Err(RouteError::Stream(
+            "every session of the agent failed".into(),
+        )),
+        Some(slot) if slot.open_streams() > cap => Err(RouteError::AtCapacity(cap)),
+        Some(slot) => Ok(slot),
+    }
+}
+
+/// Whether a failed open is tried again on another session of the agent: only a failure of
+/// the stream or connection (a session that died unnoticed). The agent's own answers and a
+/// timeout are final.
+fn worth_another_session(e: &RouteError) -> bool {
+    matches!(e, RouteError::Stream(_))
 }
 
 async fn open_on(
@@ -189,5 +218,116 @@ impl<'a> PendingGauge<'a> {
 impl Drop for PendingGauge<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Loaded for usize {
+        fn open_streams(&self) -> usize {
+            *self
+        }
+    }
+
+    fn decision(picked: Option<usize>, failed: usize, cap: usize) -> String {
+        match admit(picked, failed, cap) {
+            Ok(open) => format!("open on the session with {open} streams"),
+            Err(e) => format!("{e} (SOCKS {:#04x})", e.socks_reply()),
+        }
+    }
+
+    #[test]
+    fn routing_decisions() {
+        let cases = [
+            // Nothing of that name (or another tenant's agent): host unreachable.
+            (None, 0, 8, "no such agent (SOCKS 0x04)"),
+            // Every session failed at the connection level: general failure, not "no agent".
+            (
+                None,
+                2,
+                8,
+                "tunnel stream: every session of the agent failed (SOCKS 0x01)",
+            ),
+            (Some(0), 0, 8, "open on the session with 0 streams"),
+            // The stream being opened is counted already: at the cap is still allowed.
+            (Some(8), 0, 8, "open on the session with 8 streams"),
+            (
+                Some(9),
+                0,
+                8,
+                "agent has 8 streams open, the most allowed per connection (SOCKS 0x01)",
+            ),
+            (Some(3), 1, 8, "open on the session with 3 streams"),
+        ];
+        for (picked, failed, cap, want) in cases {
+            assert_eq!(
+                decision(picked, failed, cap),
+                want,
+                "picked {picked:?} after {failed} failures, cap {cap}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_stream_failures_are_tried_on_another_session() {
+        let dial = |code| RouteError::Dial {
+            code,
+            message: String::new(),
+        };
+        let cases = [
+            (RouteError::Stream("connection lost".into()), true),
+            (RouteError::Timeout(Duration::from_secs(10)), false),
+            (RouteError::NoAgent, false),
+            (RouteError::Draining, false),
+            (RouteError::AtCapacity(8), false),
+            (dial(DialFailure::Refused), false),
+            (dial(DialFailure::NotAllowed), false),
+        ];
+        for (err, retry) in cases {
+            assert_eq!(worth_another_session(&err), retry, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn route_errors_map_to_socks_replies() {
+        let dial = |code| RouteError::Dial {
+            code,
+            message: String::new(),
+        };
+        let cases = [
+            (RouteError::NoAgent, 0x04),
+            (RouteError::Draining, 0x01),
+            (RouteError::AtCapacity(1), 0x01),
+            (RouteError::Timeout(Duration::from_secs(1)), 0x06),
+            (RouteError::Stream("x".into()), 0x01),
+            (dial(DialFailure::NotAllowed), 0x02),
+            (dial(DialFailure::NetworkUnreachable), 0x03),
+            (dial(DialFailure::HostUnreachable), 0x04),
+            (dial(DialFailure::Refused), 0x05),
+            (dial(DialFailure::TimedOut), 0x06),
+            (dial(DialFailure::General), 0x01),
+        ];
+        for (err, reply) in cases {
+            assert_eq!(err.socks_reply(), reply, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn a_cancelled_open_leaves_the_pending_gauge_where_it_was() {
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let held = PendingGauge::enter(&gauge);
+        let also = PendingGauge::enter(&gauge);
+        assert_eq!(gauge.get(), 2);
+        drop(held);
+        assert_eq!(gauge.get(), 1);
+        // A future dropped mid-open drops its guard the same way.
+        let open = async move {
+            let _pending = also;
+            std::future::pending::<()>().await
+        };
+        drop(open);
+        assert_eq!(gauge.get(), 0);
     }
 }

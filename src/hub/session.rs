@@ -176,23 +176,14 @@ async fn run_session(
     };
     // Forget the session before anything else, so no new stream is routed to it.
     shared.registry.remove(&session);
-    let (code, label) = match (&end, session.closed_by_hub()) {
-        (_, Some(code)) => (code, code.as_str()),
-        (ControlEnd::Timeout(_), _) => (CloseCode::HeartbeatTimeout, "heartbeat_timeout"),
-        (ControlEnd::Protocol(_), _) => (CloseCode::Protocol, "protocol_error"),
-        (ControlEnd::FrameTooLarge(_), _) => {
-            shared.metrics.cap_refused("frame_size");
-            (CloseCode::Protocol, "protocol_error")
-        }
-        (ControlEnd::Cancelled, _) => (CloseCode::GoingAway, "hub_shutdown"),
-        (ControlEnd::PeerFinished, _) => (CloseCode::Normal, "agent_closed"),
-        (ControlEnd::Stream(_), _) => match session.connection.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(_)) => {
-                (CloseCode::Normal, "agent_closed")
-            }
-            _ => (CloseCode::Normal, "connection_lost"),
-        },
-    };
+    if matches!(end, ControlEnd::FrameTooLarge(_)) && session.closed_by_hub().is_none() {
+        shared.metrics.cap_refused("frame_size");
+    }
+    let agent_closed = matches!(
+        session.connection.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(_))
+    );
+    let (code, label) = session_end(&end, session.closed_by_hub(), agent_closed);
     // A shutdown reads the same to the agent, in this log and in the hub's own shutdown line;
     // the metric label stays `hub_shutdown`.
     let detail = match end {
@@ -212,6 +203,28 @@ async fn run_session(
         .session_closed(session.tenant.as_str(), metric_agent.as_deref(), label);
     info!(reason = label, detail = %detail,
         streams = session.streams_total(), "agent disconnected");
+}
+
+/// How a session that ended with `end` is closed and counted: the close code and the metric
+/// label. A close the hub already decided (`closed_by_hub`: revocation, a cap) wins;
+/// `agent_closed` says the agent closed the connection itself, which tells an orderly end
+/// from a lost connection when the control stream merely failed.
+fn session_end(
+    end: &ControlEnd,
+    closed_by_hub: Option<CloseCode>,
+    agent_closed: bool,
+) -> (CloseCode, &'static str) {
+    match (end, closed_by_hub) {
+        (_, Some(code)) => (code, code.as_str()),
+        (ControlEnd::Timeout(_), _) => (CloseCode::HeartbeatTimeout, "heartbeat_timeout"),
+        (ControlEnd::Protocol(_) | ControlEnd::FrameTooLarge(_), _) => {
+            (CloseCode::Protocol, "protocol_error")
+        }
+        (ControlEnd::Cancelled, _) => (CloseCode::GoingAway, "hub_shutdown"),
+        (ControlEnd::PeerFinished, _) => (CloseCode::Normal, "agent_closed"),
+        (ControlEnd::Stream(_), _) if agent_closed => (CloseCode::Normal, "agent_closed"),
+        (ControlEnd::Stream(_), _) => (CloseCode::Normal, "connection_lost"),
+    }
 }
 
 async fn handshake(
@@ -365,6 +378,21 @@ fn check_hello(
     hello: &Hello,
     cert_name: &str,
 ) -> Result<crate::auth::Grant, HandshakeError> {
+    check_identity(hello, cert_name)?;
+    let store = shared.tokens.current();
+    store
+        .authorize(
+            hello.token.expose(),
+            Scope::ConnectAgentHub,
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            HandshakeError::refused(token_close(&e), format!("agent {:?}: {e}", hello.name))
+        })
+}
+
+/// The checks on Hello that need no token store: protocol version, name, certificate subject.
+fn check_identity(hello: &Hello, cert_name: &str) -> Result<(), HandshakeError> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(HandshakeError::refused(
             CloseCode::VersionMismatch,
@@ -389,20 +417,180 @@ fn check_hello(
             ),
         ));
     }
-    let store = shared.tokens.current();
-    store
-        .authorize(
-            hello.token.expose(),
-            Scope::ConnectAgentHub,
-            SystemTime::now(),
-        )
-        .map_err(|e| {
-            let code = match e {
-                AuthError::Malformed | AuthError::Unknown => CloseCode::BadToken,
-                AuthError::Revoked => CloseCode::TokenRevoked,
-                AuthError::Expired => CloseCode::TokenExpired,
-                AuthError::MissingScope(_) => CloseCode::MissingScope,
+    Ok(())
+}
+
+/// The close code an agent whose token failed with `e` is refused with.
+fn token_close(e: &AuthError) -> CloseCode {
+    match e {
+        AuthError::Malformed | AuthError::Unknown => CloseCode::BadToken,
+        AuthError::Revoked => CloseCode::TokenRevoked,
+        AuthError::Expired => CloseCode::TokenExpired,
+        AuthError::MissingScope(_) => CloseCode::MissingScope,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Secret;
+
+    #[test]
+    fn a_session_end_maps_to_one_close_code_and_label() {
+        let stream = || ControlEnd::Stream("connection lost".into());
+        let cases: Vec<(ControlEnd, Option<CloseCode>, bool, CloseCode, &str)> = vec![
+            // What the hub already decided wins over how the control stream ended.
+            (
+                stream(),
+                Some(CloseCode::TokenRevoked),
+                false,
+                CloseCode::TokenRevoked,
+                "token_revoked",
+            ),
+            (
+                ControlEnd::Cancelled,
+                Some(CloseCode::TooManySessions),
+                false,
+                CloseCode::TooManySessions,
+                "too_many_sessions",
+            ),
+            (
+                ControlEnd::Timeout(Duration::from_secs(8)),
+                None,
+                false,
+                CloseCode::HeartbeatTimeout,
+                "heartbeat_timeout",
+            ),
+            (
+                ControlEnd::Protocol("bad frame".into()),
+                None,
+                false,
+                CloseCode::Protocol,
+                "protocol_error",
+            ),
+            (
+                ControlEnd::FrameTooLarge("too long".into()),
+                None,
+                false,
+                CloseCode::Protocol,
+                "protocol_error",
+            ),
+            (
+                ControlEnd::Cancelled,
+                None,
+                false,
+                CloseCode::GoingAway,
+                "hub_shutdown",
+            ),
+            (
+                ControlEnd::PeerFinished,
+                None,
+                false,
+                CloseCode::Normal,
+                "agent_closed",
+            ),
+            // A failed control stream is an orderly end only if the agent closed the connection.
+            (stream(), None, true, CloseCode::Normal, "agent_closed"),
+            (stream(), None, false, CloseCode::Normal, "connection_lost"),
+        ];
+        for (end, by_hub, agent_closed, code, label) in cases {
+            assert_eq!(
+                session_end(&end, by_hub, agent_closed),
+                (code, label),
+                "{end:?} closed by hub {by_hub:?}, agent closed {agent_closed}"
+            );
+        }
+    }
+
+    fn hello(protocol: u16, name: &str) -> Hello {
+        Hello {
+            protocol,
+            name: name.into(),
+            version: "0.1.0".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            capabilities: Vec::new(),
+            token: Secret::new("rna_x".into()),
+        }
+    }
+
+    #[test]
+    fn hello_checks_refuse_with_the_code_of_the_first_failure() {
+        let v = PROTOCOL_VERSION;
+        let long = "a".repeat(64);
+        let cases: Vec<(Hello, &str, Option<CloseCode>)> = vec![
+            (hello(v, "edge"), "edge", None),
+            (
+                hello(v + 1, "edge"),
+                "edge",
+                Some(CloseCode::VersionMismatch),
+            ),
+            // The version is checked before anything else.
+            (
+                hello(v + 1, "bad name"),
+                "other",
+                Some(CloseCode::VersionMismatch),
+            ),
+            (hello(v, "bad name"), "bad name", Some(CloseCode::BadName)),
+            (hello(v, ""), "", Some(CloseCode::BadName)),
+            (hello(v, &long), &long, Some(CloseCode::BadName)),
+            (
+                hello(v, "edge"),
+                "other",
+                Some(CloseCode::CertificateMismatch),
+            ),
+            (
+                hello(v, "edge"),
+                "Edge",
+                Some(CloseCode::CertificateMismatch),
+            ),
+        ];
+        for (hello, cert, want) in cases {
+            let got = match check_identity(&hello, cert) {
+                Ok(()) => None,
+                Err(HandshakeError::Refused { code, .. }) => Some(code),
+                Err(other) => panic!("{other:?}"),
             };
-            HandshakeError::refused(code, format!("agent {:?}: {e}", hello.name))
-        })
+            assert_eq!(
+                got, want,
+                "Hello {:?} v{} with certificate {cert:?}",
+                hello.name, hello.protocol
+            );
+        }
+    }
+
+    #[test]
+    fn token_failures_map_to_their_close_codes() {
+        let cases = [
+            (AuthError::Malformed, CloseCode::BadToken),
+            // Unknown and malformed look the same to the agent.
+            (AuthError::Unknown, CloseCode::BadToken),
+            (AuthError::Revoked, CloseCode::TokenRevoked),
+            (AuthError::Expired, CloseCode::TokenExpired),
+            (
+                AuthError::MissingScope(Scope::ConnectAgentHub),
+                CloseCode::MissingScope,
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(token_close(&err), code, "{err}");
+        }
+    }
+
+    #[test]
+    fn handshake_failures_have_distinct_metric_labels() {
+        let cases = [
+            (HandshakeError::Tls("x".into()), "tls"),
+            (HandshakeError::TlsTimeout, "tls_timeout"),
+            (HandshakeError::Timeout, "timeout"),
+            (HandshakeError::NoHello("x".into()), "no_hello"),
+            (
+                HandshakeError::refused(CloseCode::BadToken, "x"),
+                CloseCode::BadToken.as_str(),
+            ),
+        ];
+        for (err, label) in cases {
+            assert_eq!(err.label(), label, "{err:?}");
+        }
+    }
 }

@@ -236,7 +236,7 @@ async fn stream_to_tcp<M: Fn(Direction, usize)>(
 async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io::Result<()> {
     let mut first = 0;
     while first < chunks.len() {
-        let mut written = {
+        let written = {
             let mut slices = [IoSlice::new(&[]); QUIC_CHUNKS];
             let live = &chunks[first..];
             for (slot, chunk) in slices.iter_mut().zip(live) {
@@ -248,20 +248,255 @@ async fn write_all_vectored(tcp: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> io
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while written > 0 && first < chunks.len() {
-            let len = chunks[first].len();
-            if written >= len {
-                written -= len;
-                first += 1;
-            } else {
-                chunks[first].advance(written);
-                written = 0;
-            }
-        }
-        // Empty chunks (none are expected) are skipped.
-        while first < chunks.len() && chunks[first].is_empty() {
-            first += 1;
-        }
+        first = consume(chunks, first, written);
     }
     Ok(())
+}
+
+/// Takes `written` bytes off the front of `chunks[first..]` (a short `writev` may end inside
+/// a chunk) and returns the index of the first chunk with bytes left, skipping empty ones.
+fn consume(chunks: &mut [Bytes], mut first: usize, mut written: usize) -> usize {
+    while written > 0 && first < chunks.len() {
+        let len = chunks[first].len();
+        if written >= len {
+            written -= len;
+            first += 1;
+        } else {
+            chunks[first].advance(written);
+            written = 0;
+        }
+    }
+    // Empty chunks (none are expected) are skipped.
+    while first < chunks.len() && chunks[first].is_empty() {
+        first += 1;
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `chunks` after a `writev` of `written` bytes: the index of the next chunk to write
+    /// and what is left of every chunk from there.
+    fn after(chunks: &[&str], first: usize, written: usize) -> (usize, Vec<String>) {
+        let mut chunks: Vec<Bytes> = chunks
+            .iter()
+            .map(|c| Bytes::copy_from_slice(c.as_bytes()))
+            .collect();
+        let next = consume(&mut chunks, first, written);
+        let left = chunks[next..]
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        (next, left)
+    }
+
+    /// A QUIC connection on loopback (hub and agent endpoints with certificates made here)
+    /// and a TCP connection: the relay's stream and socket, and the peers of each.
+    struct Pair {
+        /// The relay's side of the TCP connection.
+        tcp: TcpStream,
+        /// The relay's side of the stream.
+        stream: (SendStream, RecvStream),
+        /// The TCP peer.
+        tcp_peer: TcpStream,
+        /// The stream's peer.
+        peer: (SendStream, RecvStream),
+        /// Kept so the connection stays open.
+        _endpoints: (
+            quinn::Endpoint,
+            quinn::Endpoint,
+            quinn::Connection,
+            quinn::Connection,
+        ),
+    }
+
+    async fn pair() -> Pair {
+        use crate::transport::{
+            agent_endpoint, hub_endpoint, ClientTls, EndpointKey, Limits, ServerTls,
+        };
+        crate::transport::tls::install_provider();
+        let ca = crate::certs::Ca::generate("relay test CA").unwrap();
+        let hub_cert = ca.issue_hub(&["localhost".to_string()]).unwrap();
+        let agent_cert = ca.issue_agent("edge").unwrap();
+        let server =
+            ServerTls::from_pem(&ca.cert_pem(), &hub_cert.cert_pem, &hub_cert.key_pem).unwrap();
+        let client =
+            ClientTls::from_pem(&ca.cert_pem(), &agent_cert.cert_pem, &agent_cert.key_pem).unwrap();
+        let limits = Limits::default();
+        let hub = hub_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &server,
+            &limits,
+            &EndpointKey::random().unwrap(),
+        )
+        .unwrap();
+        let hub_addr = hub.local_addr().unwrap();
+        let agent = agent_endpoint(hub_addr, &client, &limits).unwrap();
+        let (agent_conn, hub_conn) = tokio::join!(
+            async { agent.connect(hub_addr, "localhost").unwrap().await.unwrap() },
+            async { hub.accept().await.unwrap().await.unwrap() },
+        );
+        // A stream exists for the peer once something was sent on it.
+        let (mut send, recv) = agent_conn.open_bi().await.unwrap();
+        send.write_all(b"!").await.unwrap();
+        let (peer_send, mut peer_recv) = hub_conn.accept_bi().await.unwrap();
+        let mut first = [0u8; 1];
+        peer_recv.read_exact(&mut first).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tcp_peer, tcp) = tokio::join!(
+            async {
+                TcpStream::connect(listener.local_addr().unwrap())
+                    .await
+                    .unwrap()
+            },
+            async { listener.accept().await.unwrap().0 },
+        );
+        Pair {
+            tcp,
+            stream: (send, recv),
+            tcp_peer,
+            peer: (peer_send, peer_recv),
+            _endpoints: (hub, agent, hub_conn, agent_conn),
+        }
+    }
+
+    /// Every wait of these tests is bounded: a hang fails instead of blocking.
+    async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("timed out")
+    }
+
+    fn run(
+        p_tcp: TcpStream,
+        stream: (SendStream, RecvStream),
+    ) -> tokio::task::JoinHandle<RelayOutcome> {
+        tokio::spawn(relay(
+            p_tcp,
+            stream.0,
+            stream.1,
+            None,
+            |_, _| {},
+            std::future::pending(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_fin_becomes_a_finish_and_the_other_direction_keeps_flowing() {
+        let Pair {
+            tcp,
+            stream,
+            mut tcp_peer,
+            peer: (mut peer_send, mut peer_recv),
+            _endpoints,
+        } = pair().await;
+        let relay = run(tcp, stream);
+        // The TCP peer sends and half-closes: the stream peer reads it, then the finish.
+        tcp_peer.write_all(b"ping").await.unwrap();
+        tcp_peer.shutdown().await.unwrap();
+        let got = bounded(peer_recv.read_to_end(1024)).await.unwrap();
+        assert_eq!(got, b"ping");
+        // The other direction is still open, and its finish becomes a FIN.
+        peer_send.write_all(b"pong").await.unwrap();
+        peer_send.finish().unwrap();
+        let mut back = Vec::new();
+        bounded(tcp_peer.read_to_end(&mut back)).await.unwrap();
+        assert_eq!(back, b"pong");
+        let outcome = bounded(relay).await.unwrap();
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!((outcome.sent, outcome.received), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn a_stream_reset_becomes_a_tcp_reset_never_a_clean_end() {
+        let Pair {
+            tcp,
+            stream,
+            mut tcp_peer,
+            peer: (mut peer_send, mut peer_recv),
+            _endpoints,
+        } = pair().await;
+        let relay = run(tcp, stream);
+        peer_send.write_all(b"part of a transfer").await.unwrap();
+        let mut part = [0u8; 18];
+        bounded(tcp_peer.read_exact(&mut part)).await.unwrap();
+        peer_send.reset(StreamCode::Reset.into()).unwrap();
+        let outcome = bounded(relay).await.unwrap();
+        assert!(
+            matches!(outcome.error, Some(RelayError::StreamRead(_))),
+            "{:?}",
+            outcome.error
+        );
+        let mut rest = Vec::new();
+        let err = bounded(tcp_peer.read_to_end(&mut rest)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        // The stream's other half is stopped too.
+        let stopped = bounded(peer_recv.read_to_end(1024)).await.unwrap_err();
+        assert!(
+            matches!(stopped, quinn::ReadToEndError::Read(ReadError::Reset(_))),
+            "{stopped:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tcp_reset_becomes_a_stream_reset() {
+        let Pair {
+            tcp,
+            stream,
+            tcp_peer,
+            peer: (_peer_send, mut peer_recv),
+            _endpoints,
+        } = pair().await;
+        let relay = run(tcp, stream);
+        // Closing with zero linger sends an RST.
+        tcp_peer.set_zero_linger().unwrap();
+        drop(tcp_peer);
+        let outcome = bounded(relay).await.unwrap();
+        assert!(
+            matches!(
+                outcome.error,
+                Some(RelayError::TcpRead(_) | RelayError::TcpWrite(_))
+            ),
+            "{:?}",
+            outcome.error
+        );
+        let err = bounded(peer_recv.read_to_end(1024)).await.unwrap_err();
+        assert!(
+            matches!(err, quinn::ReadToEndError::Read(ReadError::Reset(_))),
+            "{err:?}"
+        );
+    }
+
+    /// Chunks, the first to write, bytes written; the next chunk and what is left.
+    type Case<'a> = (&'a [&'a str], usize, usize, usize, &'a [&'a str]);
+
+    #[test]
+    fn a_short_write_resumes_exactly_where_it_ended() {
+        let cases: [Case; 8] = [
+            // Everything written.
+            (&["abc", "de"], 0, 5, 2, &[]),
+            // A write that ends between two chunks.
+            (&["abc", "de"], 0, 3, 1, &["de"]),
+            // One that ends inside a chunk keeps the rest of it, in order.
+            (&["abc", "de"], 0, 2, 0, &["c", "de"]),
+            (&["abc", "de", "fgh"], 0, 4, 1, &["e", "fgh"]),
+            // Resuming from a later chunk.
+            (&["abc", "de", "fgh"], 1, 3, 2, &["gh"]),
+            // Empty chunks are skipped, before and after what was written.
+            (&["", "ab", "", "c"], 0, 2, 3, &["c"]),
+            (&["ab", "", ""], 0, 2, 3, &[]),
+            // Nothing written yet: only leading empty chunks go.
+            (&["", "ab"], 0, 0, 1, &["ab"]),
+        ];
+        for (chunks, first, written, next, left) in cases {
+            let want: Vec<String> = left.iter().map(|s| s.to_string()).collect();
+            assert_eq!(
+                after(chunks, first, written),
+                (next, want),
+                "{chunks:?} from {first} after writing {written}"
+            );
+        }
+    }
 }

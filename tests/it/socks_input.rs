@@ -1,11 +1,9 @@
 //! Malformed SOCKS5 input: each gets a clear close or reply, and the hub keeps serving a valid
 //! client at the same time.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,12 +2,10 @@
 //! expected values (parsed from the text served over HTTP); the hub's are only for a token
 //! with `read:metrics`, since they name every tenant.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use rna::auth::Scope;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -2,9 +2,8 @@
 //! message of every error path. Runs the real binary with `--check-config`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
+use crate::common::{Ran, Rna};
 
 /// A folder with a CA, hub and agent certificates, a token store and a token file.
 struct Setup {
@@ -51,25 +50,18 @@ impl Setup {
     }
 }
 
-fn rna(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(RNA);
-    cmd.args(args).env("RNA_LOG_FORMAT", "text");
-    // Nothing from the calling environment may leak into the precedence checks.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RNA_") && key != "RNA_LOG_FORMAT" {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run rna")
+/// `rna ARGS` with `env` and nothing of the calling environment's `RNA_*` variables, which
+/// must not leak into the precedence checks.
+fn rna(args: &[&str], env: &[(&str, &str)]) -> Ran {
+    Rna::new(args).envs(env).run()
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+fn stdout(o: &Ran) -> String {
+    o.stdout.clone()
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+fn stderr(o: &Ran) -> String {
+    o.stderr.clone()
 }
 
 /// Runs `--check-config`, expecting success, and returns the printed configuration.
@@ -808,15 +800,7 @@ fn a_closed_stdout_ends_the_command_quietly() {
         &["hub", "--config", s(&hub), "--check-config"][..],
         &["token", "list", "--store", s(&store)],
     ] {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(reader);
-        let out = Command::new(RNA)
-            .args(args)
-            .env("RNA_LOG_FORMAT", "text")
-            .stdout(writer)
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .expect("run rna");
+        let out = Rna::new(args).closed_stdout().run();
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
         assert_eq!(stderr(&out), "", "{args:?}");
     }

@@ -4,14 +4,12 @@
 //! Both measure the process itself (`/proc/PID/status`, `curl -w`), so they run one at a
 //! time.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rna::agent::session::{connect, Established};
 use rna::agent::HubTarget;
 use rna::auth::Scope;

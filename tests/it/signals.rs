@@ -1,14 +1,12 @@
 //! Signals on the real binary: SIGTERM drains in-flight transfers within `--grace` and exits 0
 //! in time; SIGHUP reloads tokens (hub) and policy (agent) without dropping a transfer.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::common::*;
 use rna::auth::{Scope, TokenStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -101,28 +99,14 @@ impl Pki {
     /// Starts an agent process with a config file holding its policy.
     async fn agent(&self, quic: &str) -> (Child, mpsc::UnboundedReceiver<String>) {
         self.write_policy("deny = []");
-        let args: Vec<String> = [
-            "agent",
-            "--config",
-            &self.path("agent.toml"),
-            "--hub",
+        let args = agent_process_args(
             quic,
-            "--name",
             "edge",
-            "--ca",
             &self.path("ca.pem"),
-            "--cert",
-            &self.path("agent-edge.pem"),
-            "--key",
-            &self.path("agent-edge-key.pem"),
-            "--token-file",
+            &self.dir.path().display().to_string(),
             &self.path("token.txt"),
-            "--metrics",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            &["--config", &self.path("agent.toml")],
+        );
         let (child, mut log) = spawn_logged(&args);
         wait_line(&mut log, "connected to hub").await;
         (child, log)

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
+use crate::common::{Rna, RNA};
 const UNITS: [&str; 3] = ["rna-hub.service", "rna-agent.service", "rna-agent@.service"];
 
 fn repo(path: &str) -> PathBuf {
@@ -125,17 +125,8 @@ fn check_exec_start(unit: &str, credentials: &Path, instance: &str) {
             _ => a,
         })
         .collect();
-    let out = Command::new(RNA)
-        .args(&args)
-        .arg("--check-config")
-        .env("RNA_LOG_FORMAT", "text")
-        .output()
-        .expect("run rna");
-    assert!(
-        out.status.success(),
-        "{unit}: {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Rna::new(&args).arg("--check-config").run();
+    assert!(out.status.success(), "{unit}: {args:?}: {}", out.stderr);
 }
 
 #[test]

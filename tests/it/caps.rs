@@ -1,12 +1,10 @@
 //! Resource caps: each one refuses the excess with a precise answer, counts the refusal in a
 //! metric, and leaves everyone else served.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rna::proto::CloseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -192,10 +190,8 @@ async fn five_hundred_slowloris_clients_do_not_stop_a_normal_client() {
         }));
     }
     // Let every slow client get in.
-    within("500 slow clients to be admitted", async {
-        while open_fds() < baseline.fds + 900 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("500 slow clients to be admitted", || {
+        open_fds() >= baseline.fds + 900
     })
     .await;
 
@@ -241,10 +237,8 @@ async fn quic_handshakes_in_progress_are_capped() {
 
     // A real agent meanwhile is refused before any work, and gets in once the slot frees.
     let agent = world.spawn_agent(world.agent_config(AGENT, &token));
-    within("a refusal to be counted", async {
-        while world.hub.metrics().cap_refusals("quic_handshakes") == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("a refusal to be counted", || {
+        world.hub.metrics().cap_refusals("quic_handshakes") > 0
     })
     .await;
     assert_eq!(world.hub.registry().len(), 0);
@@ -355,20 +349,15 @@ async fn streams_per_agent_connection_are_capped() {
 
     // A freed slot is usable again.
     drop(first);
-    within("the slot to free", async {
-        loop {
-            let open: usize = world
-                .hub
-                .registry()
-                .sessions()
-                .iter()
-                .map(|s| s.open_streams())
-                .sum();
-            if open == 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("the slot to free", || {
+        let open: usize = world
+            .hub
+            .registry()
+            .sessions()
+            .iter()
+            .map(|s| s.open_streams())
+            .sum();
+        open == 1
     })
     .await;
     let body = fetch(world.socks, &token, http).await;
@@ -402,10 +391,8 @@ async fn pending_dials_per_agent_are_capped() {
             })
         })
         .collect();
-    within("two dials to be pending", async {
-        while agent.handle.pending_dials() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually("two dials to be pending", || {
+        agent.handle.pending_dials() >= 2
     })
     .await;
     // A third request is answered at once with a general failure, and counted.

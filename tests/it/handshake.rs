@@ -1,11 +1,9 @@
 //! Agent registration: every refusal has its own close code and metric, and refused agents do
 //! not disturb the agents that are allowed in.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 use rna::agent::SessionError;
 use rna::auth::{Scope, TokenStore};
 use rna::certs::Ca;

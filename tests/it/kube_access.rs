@@ -4,15 +4,11 @@
 //! waits bounded per token at the hub and per agent, so reads cannot block applies; and the
 //! CLI's apply errors and wait output.
 
-mod common;
-mod fake_kube;
-
 use std::time::Duration;
 
+use crate::common::*;
+use crate::fake_kube::FakeKube;
 use bytes::Bytes;
-use common::*;
-use fake_kube::FakeKube;
-use rna::admin_client::{ApiClient, ApiResponse};
 use rna::agent::kube::{KubeSettings, KubeSource, MAX_CONCURRENT_WAITS};
 use rna::auth::Scope;
 use serde_json::{json, Value};
@@ -22,7 +18,7 @@ const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines of hub and agent are checked in them).
 fn logs() -> &'static Captured {
-    process_logs("rna::audit=info")
+    process_logs()
 }
 
 /// A hub, the fake API, and an agent in cluster mode whose own namespace (its kubeconfig
@@ -441,19 +437,14 @@ async fn a_read_token_fills_only_its_own_wait_allowance_and_applies_still_run() 
 
     // A wait that ends frees its slot: the token may wait again.
     waits.remove(0).abort();
-    within("a freed wait slot", async {
-        loop {
-            let (status, _) = wait(
-                &reader,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
-                       "name": "app", "for": "condition=Never", "timeout": "1s"}),
-            )
-            .await;
-            if status != 429 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually_async("a freed wait slot", async || {
+        let (status, _) = wait(
+            &reader,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
+                   "name": "app", "for": "condition=Never", "timeout": "1s"}),
+        )
+        .await;
+        status != 429
     })
     .await;
     for w in waits {
@@ -505,19 +496,14 @@ async fn waits_never_take_the_agents_last_command_slots() {
     assert!(started.elapsed() < Duration::from_secs(20));
     // A caller that goes away frees the agent's slot although its wait reports nothing more.
     waits.remove(0).abort();
-    within("a freed agent wait slot", async {
-        loop {
-            let (status, _) = wait(
-                &reader,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
-                       "name": "app", "for": "condition=Never", "timeout": "1s"}),
-            )
-            .await;
-            if status != 429 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually_async("a freed agent wait slot", async || {
+        let (status, _) = wait(
+            &reader,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "namespace": "shop",
+                   "name": "app", "for": "condition=Never", "timeout": "1s"}),
+        )
+        .await;
+        status != 429
     })
     .await;
     for w in waits {
@@ -748,23 +734,16 @@ fn check_config(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String) {
-    let mut cmd = std::process::Command::new(RNA);
-    cmd.arg(role)
-        .arg("--config")
-        .arg(file)
-        .args(args)
-        .arg("--check-config");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("RNA_") || k == "KUBERNETES_SERVICE_HOST" {
-            cmd.env_remove(k);
-        }
+    let mut rna = Rna::new([role, "--config"]).arg(file);
+    for a in args {
+        rna = rna.arg(a);
     }
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let out = rna
+        .arg("--check-config")
+        .env_remove("RNA_LOG_FORMAT")
+        .envs(env)
+        .run();
+    (out.status.success(), out.stdout + &out.stderr)
 }
 
 /// The printed configuration without whitespace, so its pretty layout does not matter.

@@ -56,13 +56,40 @@ pub struct World {
 /// Polls `cond` every 10 ms until it holds, failing after 20 s. For state that has no change
 /// notification (counters, gauges, /proc); never a fixed sleep.
 pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    within(what, async {
+    assert!(settles(cond).await, "timed out waiting for {what}");
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or 20 s have passed (false), for callers
+/// that explain a failure with more than a name.
+pub async fn settles(mut cond: impl FnMut() -> bool) -> bool {
+    let poll = async {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         while !cond() {
             tick.tick().await;
         }
+    };
+    tokio::time::timeout(WAIT, poll).await.is_ok()
+}
+
+/// Polls the async `probe` every 20 ms until it returns a value, failing after 20 s; for
+/// conditions checked by I/O (an HTTP answer, a SOCKS fetch, a refusal that ends). Never a
+/// fixed sleep.
+pub async fn eventually_some<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    within(what, async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            if let Some(value) = probe().await {
+                return value;
+            }
+            tick.tick().await;
+        }
     })
     .await
+}
+
+/// [`eventually_some`] for a yes-or-no condition.
+pub async fn eventually_async(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    eventually_some(what, async || cond().await.then_some(())).await
 }
 
 /// Heartbeats fast enough that a dead agent is noticed within seconds, yet tolerant
@@ -227,28 +254,19 @@ impl World {
             path.display().to_string()
         };
         let ca = write("ca.pem", &self.ca.cert_pem());
-        let cert_path = write(&format!("agent-{name}.pem"), &cert.cert_pem);
-        let key_path = write(&format!("agent-{name}-key.pem"), &cert.key_pem);
+        write(&format!("agent-{name}.pem"), &cert.cert_pem);
+        write(&format!("agent-{name}-key.pem"), &cert.key_pem);
         let token_path = write(&format!("token-{name}.txt"), token);
-        vec![
-            "agent".into(),
-            "--hub".into(),
-            format!("127.0.0.1:{}", self.quic.port()),
-            "--name".into(),
-            name.into(),
-            "--ca".into(),
-            ca,
-            "--cert".into(),
-            cert_path,
-            "--key".into(),
-            key_path,
-            "--token-file".into(),
-            token_path,
-            "--allow".into(),
-            "127.0.0.0/8".into(),
-            "--metrics".into(),
-            "127.0.0.1:0".into(),
-        ]
+        let dir = dir.display().to_string();
+        let hub = format!("127.0.0.1:{}", self.quic.port());
+        agent_process_args(
+            &hub,
+            name,
+            &ca,
+            &dir,
+            &token_path,
+            &["--allow", "127.0.0.0/8"],
+        )
     }
 
     /// Starts the hub's shutdown (as SIGTERM does) without waiting for it.
@@ -625,24 +643,19 @@ impl World {
     /// Polls until the footprint is back to `baseline` (streams, dials and sessions equal;
     /// file descriptors and tasks no more than at baseline); fails the test otherwise.
     pub async fn assert_no_leaks(&self, baseline: &Footprint, agents: &[&TestAgent]) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let now = self.footprint(agents);
-            let ok = now.streams_open == baseline.streams_open
+        let mut now = self.footprint(agents);
+        let back = settles(|| {
+            now = self.footprint(agents);
+            now.streams_open == baseline.streams_open
                 && now.streams_pending == baseline.streams_pending
                 && now.session_streams == baseline.session_streams
                 && now.sessions == baseline.sessions
                 && now.pending_dials == baseline.pending_dials
                 && now.fds <= baseline.fds
-                && now.tasks <= baseline.tasks;
-            if ok {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("resources leaked: baseline {baseline:?}, now {now:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                && now.tasks <= baseline.tasks
+        })
+        .await;
+        assert!(back, "resources leaked: baseline {baseline:?}, now {now:?}");
     }
 }
 
@@ -802,46 +815,228 @@ pub fn never_answering() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Sock
 /// The binary under test.
 pub const RNA: &str = env!("CARGO_BIN_EXE_rna");
 
-/// `rna ARGS` with text logs at info, no stdin, killed when dropped; the caller picks where
-/// stdout and stderr go.
-pub fn rna_command<I, S>(args: I) -> tokio::process::Command
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let mut cmd = tokio::process::Command::new(RNA);
-    cmd.args(args)
-        .env("RNA_LOG_LEVEL", "info")
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
+/// One run of the binary under test, started the same way by every test: no `RNA_*` variable
+/// (nor `KUBERNETES_SERVICE_HOST`) of the calling environment reaches it, so a developer's
+/// shell never changes a result; logs are text; stdin is empty unless given.
+pub struct Rna {
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, Option<String>)>,
+    stdin: Option<Vec<u8>>,
+    stdout: Stdout,
 }
 
-/// Spawns `rna` with text logs at info on stderr, captured as a channel of lines (each
-/// line is echoed to the test output too).
+/// Where a run's standard output goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    Piped,
+    Discarded,
+    Closed,
+}
+
+/// How a finished `rna` ended and what it printed.
+#[derive(Debug)]
+pub struct Ran {
+    /// The exit status.
+    pub status: std::process::ExitStatus,
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+impl Ran {
+    /// The exit code; -1 when a signal ended the process.
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+impl Rna {
+    /// `rna ARGS` with text logs.
+    pub fn new<I, S>(args: I) -> Rna
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Rna {
+            args: args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
+            env: vec![("RNA_LOG_FORMAT".into(), Some("text".into()))],
+            stdin: None,
+            stdout: Stdout::Piped,
+        }
+    }
+
+    /// One more argument.
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Rna {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Sets an environment variable (a later setting of the same key wins).
+    pub fn env(mut self, key: &str, value: &str) -> Rna {
+        self.env.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Sets every `(key, value)` pair.
+    pub fn envs(self, pairs: &[(&str, &str)]) -> Rna {
+        pairs.iter().fold(self, |rna, (k, v)| rna.env(k, v))
+    }
+
+    /// Leaves `key` unset, undoing a default such as `RNA_LOG_FORMAT=text`.
+    pub fn env_remove(mut self, key: &str) -> Rna {
+        self.env.push((key.into(), None));
+        self
+    }
+
+    /// Logs at `level` (`RNA_LOG_LEVEL`, an `EnvFilter` directive).
+    pub fn logs_at(self, level: &str) -> Rna {
+        self.env("RNA_LOG_LEVEL", level)
+    }
+
+    /// Feeds `bytes` on standard input, then closes it.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Rna {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// Standard output is a pipe whose reader is already gone (`rna … | head`).
+    pub fn closed_stdout(mut self) -> Rna {
+        self.stdout = Stdout::Closed;
+        self
+    }
+
+    /// Standard output goes nowhere (a long-running process whose output nobody reads keeps
+    /// no pipe open in the test).
+    pub fn discard_stdout(mut self) -> Rna {
+        self.stdout = Stdout::Discarded;
+        self
+    }
+
+    fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(RNA);
+        cmd.args(&self.args);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("RNA_") || key == "KUBERNETES_SERVICE_HOST" {
+                cmd.env_remove(key.as_ref());
+            }
+        }
+        for (key, value) in &self.env {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        let stdin = if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        cmd.stdin(stdin).stderr(Stdio::piped());
+        match self.stdout {
+            Stdout::Piped => cmd.stdout(Stdio::piped()),
+            Stdout::Discarded => cmd.stdout(Stdio::null()),
+            Stdout::Closed => {
+                let (reader, writer) = std::io::pipe().expect("pipe");
+                drop(reader);
+                cmd.stdout(writer)
+            }
+        };
+        cmd
+    }
+
+    /// Runs to completion on this thread (for `#[test]` functions and `spawn_blocking`).
+    pub fn run(self) -> Ran {
+        let mut child = self.command().spawn().expect("spawn rna");
+        if let Some(bytes) = &self.stdin {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            // A process that exits without reading its input is not this helper's failure.
+            let _ = stdin.write_all(bytes);
+        }
+        let out = child.wait_with_output().expect("run rna");
+        Ran {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs to completion off the runtime, bounded by [`WAIT`].
+    pub async fn run_async(self) -> Ran {
+        let what = format!("rna {:?} to exit", self.args);
+        within(&what, tokio::task::spawn_blocking(move || self.run()))
+            .await
+            .expect("rna runner task")
+    }
+
+    /// Starts it: killed when dropped, every standard error line sent to [`RnaProcess::log`]
+    /// (and echoed to the test output), standard output piped for the caller to take.
+    pub fn spawn(self) -> RnaProcess {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::from(self.command());
+        let mut child = cmd.kill_on_drop(true).spawn().expect("spawn rna");
+        if let Some(bytes) = self.stdin {
+            let mut stdin = child.stdin.take().expect("stdin");
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&bytes).await;
+            });
+        }
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+        let stderr = child.stderr.take().expect("stderr");
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                let _ = tx.send(line);
+            }
+        });
+        RnaProcess { child, log }
+    }
+}
+
+/// A running `rna` started by [`Rna::spawn`].
+pub struct RnaProcess {
+    /// The process; killed when dropped.
+    pub child: tokio::process::Child,
+    /// Its standard error, line by line.
+    pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl RnaProcess {
+    /// Waits for a log line containing `needle`.
+    pub async fn wait_line(&mut self, needle: &str) -> String {
+        wait_line(&mut self.log, needle).await
+    }
+
+    /// Sends `sig` (as `kill` spells it, e.g. `-TERM`).
+    pub fn signal(&self, sig: &str) {
+        signal(&self.child, sig)
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn exit(&mut self) -> std::process::ExitStatus {
+        within("rna to exit", self.child.wait())
+            .await
+            .expect("wait for rna")
+    }
+
+    /// Its standard output, once.
+    pub fn stdout(&mut self) -> tokio::process::ChildStdout {
+        self.child.stdout.take().expect("stdout taken once")
+    }
+}
+
+/// `rna ARGS` with text logs at info; see [`Rna::spawn`]. The child and its log lines.
 pub fn spawn_logged(
     args: &[String],
 ) -> (
     tokio::process::Child,
     tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = rna_command(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn rna");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = child.stderr.take().expect("stderr");
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
+    let p = Rna::new(args).logs_at("info").discard_stdout().spawn();
+    (p.child, p.log)
 }
 
 /// Waits for a log line containing `needle`.
@@ -973,30 +1168,19 @@ impl std::io::Write for Captured {
     }
 }
 
-/// `rna kube ARGS` with the kube command's `RNA_*` variables cleared: the exit code (-1 when
-/// killed by a signal), stdout and stderr. With `closed_stdout`, stdout is a pipe whose
-/// reader is already gone (`rna kube … | head`).
+/// `rna kube ARGS` (see [`Rna`]): the exit code (-1 when killed by a signal), stdout and
+/// stderr. With `closed_stdout`, stdout is a pipe whose reader is already gone
+/// (`rna kube … | head`).
 pub fn run_rna_kube(args: &[String], closed_stdout: bool) -> (i32, String, String) {
-    let mut command = std::process::Command::new(RNA);
-    command
-        .arg("kube")
-        .args(args)
-        .env_remove("RNA_HUB_API")
-        .env_remove("RNA_API_TOKEN_FILE")
-        .env_remove("RNA_AGENT")
-        .env_remove("RNA_TENANT")
-        .stdin(Stdio::null());
-    if closed_stdout {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(reader);
-        command.stdout(writer).stderr(Stdio::piped());
+    let mut rna = Rna::new(["kube"]);
+    for a in args {
+        rna = rna.arg(a);
     }
-    let out = command.output().expect("run rna kube");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    if closed_stdout {
+        rna = rna.closed_stdout();
+    }
+    let ran = rna.env_remove("RNA_LOG_FORMAT").run();
+    (ran.code(), ran.stdout, ran.stderr)
 }
 
 /// `rna kube --api <the world's API> --token-file <token> --agent AGENT ARGS`, off the
@@ -1030,15 +1214,16 @@ pub async fn world_kube_cli(
     .expect("rna kube task")
 }
 
-/// The log lines of this test process, captured once for the whole process with the
-/// tracing filter `filter` (the first call's filter holds: one subscriber per process).
-pub fn process_logs(filter: &str) -> &'static Captured {
+/// The log lines of this test process at info (audit lines included), captured once for the
+/// whole process: one subscriber per process, so every test that reads logs shares this one
+/// and looks only for lines of its own (its tokens, names and addresses).
+pub fn process_logs() -> &'static Captured {
     static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
     LOGS.get_or_init(|| {
         let captured = Captured::default();
         let writer = captured.clone();
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .try_init();
@@ -1066,6 +1251,39 @@ pub fn hub_process_args(certs: &str, store: &str, listen: &str, extra: &[&str]) 
         format!("{certs}/hub-key.pem"),
         "--tokens".into(),
         store.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Arguments of an `rna agent` process named `name` that dials `hub` and trusts the CA in the
+/// file `ca`, whose certificate and key are in `certs` under the names `rna certs agent` gives
+/// them, with its token in `token_file` and its metrics on a free port; `extra` arguments
+/// follow.
+pub fn agent_process_args(
+    hub: &str,
+    name: &str,
+    ca: &str,
+    certs: &str,
+    token_file: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "agent".into(),
+        "--hub".into(),
+        hub.into(),
+        "--name".into(),
+        name.into(),
+        "--ca".into(),
+        ca.into(),
+        "--cert".into(),
+        format!("{certs}/agent-{name}.pem"),
+        "--key".into(),
+        format!("{certs}/agent-{name}-key.pem"),
+        "--token-file".into(),
+        token_file.into(),
+        "--metrics".into(),
+        "127.0.0.1:0".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args

@@ -3,25 +3,18 @@
 //! parses, so every subcommand and flag the binary takes appears in them.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
+use crate::common::{Ran, Rna};
 
-fn rna(args: &[&str]) -> Output {
-    Command::new(RNA)
-        .args(args)
-        .env_remove("RNA_LOG_LEVEL")
-        .output()
-        .expect("run rna")
+/// `rna ARGS` with the default log format.
+fn rna(args: &[&str]) -> Ran {
+    Rna::new(args).env_remove("RNA_LOG_FORMAT").run()
 }
 
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "rna failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn stdout(out: &Ran) -> String {
+    assert!(out.status.success(), "rna failed: {}", out.stderr);
+    out.stdout.clone()
 }
 
 /// The subcommands `rna help` lists (the visible ones), without `help` itself.
@@ -202,7 +195,7 @@ fn bash_completion_completes_subcommands_and_flags() {
 fn completions_refuse_an_unknown_shell() {
     let out = rna(&["completions", "pwsh"]);
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(
         stderr.contains("invalid value 'pwsh'") && stderr.contains("bash, zsh, fish"),
         "{stderr}"
@@ -294,7 +287,7 @@ fn man_pages_into_an_unwritable_place_fail_with_one_line() {
     let target = file.join("man1");
     let out = rna(&["manpages", "--dir", target.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.starts_with("rna: cannot write the man pages into ")
@@ -334,7 +327,12 @@ fn the_kustomize_base_runs_the_image_the_dockerfile_builds() {
         .arg(root.join("deploy/kubernetes"))
         .output()
         .expect("run kubectl (Debian: kubernetes-client; .ci/run installs it)");
-    let rendered = stdout(&out);
+    assert!(
+        out.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
     let images: Vec<&str> = rendered
         .lines()
         .filter_map(|l| l.trim().strip_prefix("image: "))

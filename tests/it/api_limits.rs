@@ -3,15 +3,13 @@
 //! hub's descriptors stay bounded, and everyone else (and everyone after the attacker) is
 //! served.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -152,18 +150,13 @@ async fn per_ip_cap_leaves_other_clients_served_during_the_attack() {
 
     // Once the attacker goes, its address is served again.
     drop(slow);
-    within("healthz from the attacker's address", async {
-        loop {
-            let mut s = connect_from(attacker, world.api).await;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            if until_closed(&mut s).await.starts_with(b"HTTP/1.1 200") {
-                return;
-            }
-            // The hub frees the attacker's places as it notices the closes.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    // The hub frees the attacker's places as it notices the closes.
+    eventually_async("healthz from the attacker's address", async || {
+        let mut s = connect_from(attacker, world.api).await;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        until_closed(&mut s).await.starts_with(b"HTTP/1.1 200")
     })
     .await;
     world.stop().await;
@@ -358,10 +351,8 @@ async fn descriptor_exhaustion_backs_off_with_bounded_logs_and_service_resumes()
         held.push(TcpStream::connect(api).await.unwrap());
     }
     eventually("the hub is out of descriptors", || fds_of(pid) >= NOFILE).await;
-    within("accept errors logged", async {
-        while accept_errors.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("accept errors logged", || {
+        accept_errors.load(Ordering::SeqCst) > 0
     })
     .await;
 
@@ -399,13 +390,8 @@ async fn descriptor_exhaustion_backs_off_with_bounded_logs_and_service_resumes()
 
     // The attacker goes: the hub answers health checks and SOCKS greetings again.
     drop(held);
-    within("admin API and SOCKS served again", async {
-        loop {
-            if healthz_answers(api).await && socks_answers(socks).await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    eventually_async("admin API and SOCKS served again", async || {
+        healthz_answers(api).await && socks_answers(socks).await
     })
     .await;
     wait_line(&mut lines, "accepting connections again").await;

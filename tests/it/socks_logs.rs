@@ -2,15 +2,13 @@
 //! is logged by its length only (a client that swapped user name and password sends its
 //! token there), and anything shaped like a token is masked in every log line.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const TENANT: &str = "acme/prod";
 
 /// Log lines of this test process at info, as an operator sees them.
 fn logs() -> &'static Captured {
-    process_logs("info")
+    process_logs()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

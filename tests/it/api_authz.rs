@@ -4,14 +4,11 @@
 //! The agent runs in cluster mode against the fake Kubernetes API, so an allowed request is
 //! answered for real; Secret contents reach only tokens with `exec:infra:op`.
 
-mod common;
-mod fake_kube;
-
 use std::time::Duration;
 
+use crate::common::*;
+use crate::fake_kube::FakeKube;
 use axum::body::Body;
-use common::*;
-use fake_kube::FakeKube;
 use rna::agent::kube::{KubeSettings, KubeSource};
 use rna::auth::Scope;
 use serde_json::{json, Value};
@@ -213,10 +210,8 @@ async fn every_endpoint_scope_tenant_and_token_state() {
     // Expiry is checked against the clock; wait (bounded) until it has passed.
     let probe = &endpoints()[1];
     let bearer_expired = format!("Bearer {expired}");
-    within("the token to expire", async {
-        while call(&world, probe, Some(&bearer_expired)).await.0 != 401 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    eventually_async("the token to expire", async || {
+        call(&world, probe, Some(&bearer_expired)).await.0 == 401
     })
     .await;
     callers.extend([

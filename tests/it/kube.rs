@@ -4,17 +4,12 @@
 //! without cluster mode (409) or offline (503), the agent's allow list, audit lines, kubectl
 //! through the hub's SOCKS5 front, and the shipped manifests.
 
-mod common;
-mod fake_kube;
-
-use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::*;
+use crate::fake_kube::FakeKube;
 use bytes::Bytes;
-use common::*;
-use fake_kube::FakeKube;
-use rna::admin_client::{ApiClient, ApiResponse};
 use rna::agent::kube::{KubeAllow, KubeSettings, KubeSource};
 use rna::auth::Scope;
 use serde_json::{json, Value};
@@ -24,7 +19,7 @@ const AGENT: &str = "prod-cluster";
 
 /// Log lines of this test process (audit lines are checked in them).
 fn logs() -> &'static Captured {
-    process_logs("rna::audit=info")
+    process_logs()
 }
 
 fn log_text() -> String {
@@ -658,32 +653,18 @@ async fn the_cli_applies_gets_lists_deletes_and_waits_with_exact_output() {
     let token_file = c.world.dir.path().join("stdin-token");
     std::fs::write(&token_file, &ops).unwrap();
     let api_url = format!("http://{}", c.world.api);
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new(RNA)
-            .args(["kube", "--api", &api_url, "--token-file"])
-            .arg(&token_file)
-            .args(["--agent", AGENT, "apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(
-                b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: from-stdin, namespace: shop}\n",
-            )
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "configmap/from-stdin created\n"
-    );
+    let out = Rna::new(["kube", "--api", &api_url, "--token-file"])
+        .arg(&token_file)
+        .arg("--agent")
+        .arg(AGENT)
+        .arg("apply")
+        .arg("-f")
+        .arg("-")
+        .env_remove("RNA_LOG_FORMAT")
+        .stdin(&b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: from-stdin, namespace: shop}\n"[..])
+        .run_async()
+        .await;
+    assert_eq!(out.stdout, "configmap/from-stdin created\n");
 
     let (code, out, _) = cli(&c.world, &ops, AGENT, &["inventory"]).await;
     assert_eq!(code, 0);
@@ -839,14 +820,12 @@ async fn wait_follows_a_rollout_and_times_out_precisely() {
         .await
     });
     // Delete only once the agent watches the object, so the deletion is seen by the watch.
-    within("the agent's watch of app-config", async {
-        while !c.fake.requests().iter().any(|r| {
+    eventually("the agent's watch of app-config", || {
+        c.fake.requests().iter().any(|r| {
             r.starts_with("GET /api/v1/namespaces/shop/configmaps?")
                 && r.contains("watch=true")
                 && r.contains("app-config")
-        }) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
     })
     .await;
     let del = delete(
@@ -1389,7 +1368,7 @@ async fn rna_dev_with_a_kubeconfig_has_cluster_mode() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = fake.kubeconfig(dir.path(), "kubeconfig", None);
     let state = dir.path().join("dev");
-    let mut dev = rna_command([
+    let mut dev = Rna::new([
         "dev",
         "--dir",
         state.to_str().unwrap(),
@@ -1400,11 +1379,9 @@ async fn rna_dev_with_a_kubeconfig_has_cluster_mode() {
     ])
     .arg("--kubeconfig")
     .arg(&kubeconfig)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut stdout = dev.stdout.take().unwrap();
+    .logs_at("info")
+    .spawn();
+    let mut stdout = dev.stdout();
     let line = first_line_starting(&mut stdout, "rna kube ").await;
     // The printed command works as printed.
     let mut args: Vec<String> = line
@@ -1421,29 +1398,24 @@ async fn rna_dev_with_a_kubeconfig_has_cluster_mode() {
     .unwrap();
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "namespace/default\nnamespace/kube-system\n");
-    dev.kill().await.unwrap();
+    dev.child.kill().await.unwrap();
 
     // A kubeconfig that cannot be read stops rna dev with the reason.
-    let out = tokio::process::Command::new(RNA)
-        .args([
-            "dev",
-            "--dir",
-            state.to_str().unwrap(),
-            "--socks",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .arg("--kubeconfig")
-        .arg(dir.path().join("missing"))
-        .env("RNA_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .output();
-    let out = within("rna dev with a missing kubeconfig", out)
-        .await
-        .unwrap();
+    let out = Rna::new([
+        "dev",
+        "--dir",
+        state.to_str().unwrap(),
+        "--socks",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+    ])
+    .arg("--kubeconfig")
+    .arg(dir.path().join("missing"))
+    .run_async()
+    .await;
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = &out.stderr;
     assert!(
         err.contains("kubeconfig") && err.contains("missing"),
         "{err}"
@@ -1468,24 +1440,16 @@ fn cluster_mode_settings_come_from_flags_environment_and_file() {
     )
     .unwrap();
     let check = |args: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = std::process::Command::new(RNA);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(&file)
-            .args(args)
-            .arg("--check-config");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("RNA_") || k == "KUBERNETES_SERVICE_HOST" {
-                cmd.env_remove(k);
-            }
+        let mut rna = Rna::new(["agent", "--config"]).arg(&file);
+        for a in args {
+            rna = rna.arg(a);
         }
-        cmd.envs(env.iter().copied());
-        let out = cmd.output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let out = rna
+            .arg("--check-config")
+            .env_remove("RNA_LOG_FORMAT")
+            .envs(env)
+            .run();
+        (out.status.success(), out.stdout + &out.stderr)
     };
     let (ok, text) = check(&[], &[]);
     assert!(ok, "{text}");

@@ -2,30 +2,14 @@
 //! error naming it (never read without limit, never a hang), and `rna certs --force` does not
 //! write through a symbolic link.
 
-mod common;
-
 use std::path::Path;
-use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `rna` to completion (bounded by [`WAIT`]) and returns (exit code, stderr).
 async fn run(args: &[&str]) -> (i32, String) {
-    let out = within(
-        &format!("rna {args:?} to exit"),
-        tokio::process::Command::new(RNA)
-            .args(args)
-            .env("RNA_LOG_FORMAT", "text")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Rna::new(args).run_async().await;
+    (out.code(), out.stderr)
 }
 
 fn mkfifo(path: &Path) {

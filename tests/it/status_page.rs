@@ -1,13 +1,11 @@
 //! The agents status page at `GET /` of the hub's admin API: who may see it (bearer, login
 //! cookie, tenant scope), what it shows, and how it renders in headless Chromium.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rna::auth::Scope;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -182,14 +180,9 @@ async fn scene() -> Scene {
     drop(s);
     // Every session has measured a heartbeat round trip and closed its stream, so the page
     // shows settled numbers. The registry signals membership changes, not these counters.
-    within("heartbeat RTTs and closed streams", async {
-        loop {
-            let infos = world.hub.registry().infos(None);
-            if infos.len() == 3 && infos.iter().all(|i| i.rtt_ms > 0.0 && i.open_streams == 0) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("heartbeat RTTs and closed streams", || {
+        let infos = world.hub.registry().infos(None);
+        infos.len() == 3 && infos.iter().all(|i| i.rtt_ms > 0.0 && i.open_streams == 0)
     })
     .await;
     Scene {

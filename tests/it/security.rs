@@ -3,12 +3,10 @@
 //! names that resolve to one. (Token revocation closing a live session is proven in
 //! `handshake.rs`; no secret in trace-level logs in `secrets.rs`.)
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rna::agent::Policy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

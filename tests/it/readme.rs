@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
-const RNA: &str = env!("CARGO_BIN_EXE_rna");
+use crate::common::Rna;
 
 fn readme() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
@@ -131,20 +130,9 @@ fn values(cell: &str) -> Option<Vec<String>> {
 }
 
 fn run(args: &[&str]) -> String {
-    let mut cmd = Command::new(RNA);
-    cmd.args(args).env("RNA_LOG_FORMAT", "text");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RNA_") && key != "RNA_LOG_FORMAT" || key == "KUBERNETES_SERVICE_HOST" {
-            cmd.env_remove(key);
-        }
-    }
-    let out = cmd.output().expect("run rna");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let out = Rna::new(args).run();
+    assert!(out.status.success(), "{args:?}: {}", out.stderr);
+    out.stdout
 }
 
 /// Every `[default: …]` that `--help` shows for an argument with `[env: VAR=]`, by variable.

@@ -1,10 +1,8 @@
 //! End-to-end: curl and raw SOCKS5 clients through an in-process hub and agent on loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TENANT: &str = "acme/prod";
@@ -376,18 +374,14 @@ async fn shutdown_drains_in_flight_streams_and_sends_agents_away() {
     world.begin_shutdown();
     // Draining: not ready, and no new SOCKS connections.
     let readyz = format!("http://{}/readyz", world.api);
-    let code = within("readyz to turn 503", async {
-        loop {
-            let out = tokio::process::Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &readyz])
-                .output()
-                .await
-                .unwrap();
-            let code = String::from_utf8_lossy(&out.stdout).to_string();
-            if code != "200" {
-                return code;
-            }
-        }
+    let code = eventually_some("readyz to turn 503", async || {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &readyz])
+            .output()
+            .await
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        (code != "200").then_some(code)
     })
     .await;
     assert_eq!(code, "503");

@@ -2,13 +2,11 @@
 //! that stops reading, destinations that never answer or black-hole, and an agent whose UDP
 //! address changes mid-transfer. After each, every resource is back to its baseline.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rna::transport::control::Heartbeat;
 use rna::transport::Congestion;
 use sha2::{Digest, Sha256};
@@ -51,6 +49,44 @@ async fn read_head(s: &mut TcpStream) -> Vec<u8> {
             return buf[at + 4..].to_vec();
         }
     }
+}
+
+/// A destination that answers any request with an endless HTTP body. The watch says whether
+/// a write of it is held back right now (the socket's send buffer is full because nobody
+/// downstream reads): the event that flow control has reached it.
+async fn endless_server() -> (SocketAddr, tokio::sync::watch::Receiver<bool>) {
+    let (held_back, watch) = tokio::sync::watch::channel(false);
+    let held_back = std::sync::Arc::new(held_back);
+    let addr = tcp_server(move |mut s: TcpStream| {
+        let held_back = held_back.clone();
+        async move {
+            let mut head = [0u8; 1024];
+            if s.read(&mut head).await.is_err() {
+                return;
+            }
+            let header = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n";
+            if s.write_all(header).await.is_err() {
+                return;
+            }
+            let chunk = pattern(64 * 1024);
+            loop {
+                match s.try_write(&chunk) {
+                    // Let the runtime's other tasks run between writes that succeed.
+                    Ok(_) => tokio::task::yield_now().await,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        held_back.send_replace(true);
+                        if s.writable().await.is_err() {
+                            return;
+                        }
+                        held_back.send_replace(false);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+    })
+    .await;
+    (addr, watch)
 }
 
 /// Downloads `len` bytes through the tunnel; returns the SHA-256 of what arrived.
@@ -238,40 +274,26 @@ async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
     let token = world.agent_token(TENANT);
     let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
     let http = http_server().await;
+    let (endless, mut held_back) = endless_server().await;
     let baseline = world.footprint(&[&agent]);
 
     // The stalled client asks for a lot and never reads past the head.
-    let mut stalled = socks_connect(world.socks, AGENT, &token, Dest::Ip(http))
+    let mut stalled = socks_connect(world.socks, AGENT, &token, Dest::Ip(endless))
         .await
         .unwrap();
     stalled
-        .write_all(b"GET /bytes/100000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
     let _ = read_head(&mut stalled).await;
-    // Wait until its stream window is full: the hub's bytes counter stops moving.
-    let from_agent = || {
-        world
-            .hub
-            .registry()
-            .infos(None)
-            .iter()
-            .map(|i| i.bytes_in)
-            .sum::<u64>()
-    };
-    let mut last = from_agent();
-    within("the stalled stream to fill its window", async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let now = from_agent();
-            if now == last && now > 0 {
-                return;
-            }
-            last = now;
-        }
-    })
-    .await;
-    let stalled_bytes = from_agent();
+    // Flow control reaches back from the stalled client through hub, stream and agent to the
+    // destination, whose writes are then held back.
+    within(
+        "the stalled stream to hold back its destination",
+        held_back.wait_for(|held| *held),
+    )
+    .await
+    .unwrap();
 
     // Meanwhile a second client moves 64 MiB over the same agent connection, and the
     // control stream keeps beating: pongs keep coming back.
@@ -302,6 +324,18 @@ async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
     }
     let ((got, sha), took) = within("the concurrent transfer", transfer).await.unwrap();
     let answered = pongs() - pongs_before;
+    // The stalled stream never drained: its destination is still held back, and what the hub
+    // received of it is what its window and buffers hold (the count includes both response
+    // heads too, so it errs high).
+    assert!(*held_back.borrow(), "the stalled stream drained");
+    let from_agent: u64 = world
+        .hub
+        .registry()
+        .infos(None)
+        .iter()
+        .map(|i| i.bytes_in)
+        .sum();
+    let stalled_bytes = from_agent - len;
     println!(
         "64 MiB beside a stalled stream in {took:.1?}; stalled stream holds {stalled_bytes} \
          bytes; longest control-stream silence {worst_silence:.2}s; {answered} pings answered"
@@ -453,14 +487,9 @@ async fn agent_address_change_mid_transfer_keeps_the_session() {
     assert_eq!(new_local.len(), 1);
 
     // Same session (no new handshake), now seen from the new port.
-    let moved = within("the hub to see the new address", async {
-        loop {
-            let after = world.hub.registry().infos(None);
-            if after.len() == 1 && after[0].remote_address.port() == new_local[0].port() {
-                return after;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let moved = eventually_some("the hub to see the new address", async || {
+        let after = world.hub.registry().infos(None);
+        (after.len() == 1 && after[0].remote_address.port() == new_local[0].port()).then_some(after)
     })
     .await;
     assert_eq!(moved[0].session_id, before[0].session_id);

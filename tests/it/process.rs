@@ -1,30 +1,18 @@
 //! The real binary: an agent process killed mid-transfer and restarted, and `rna dev` used
 //! exactly as its printed line says.
 
-mod common;
+use crate::common::*;
 
-use std::process::Stdio;
-
-use common::*;
-
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const TENANT: &str = "acme/prod";
-
-fn spawn_rna(args: &[String]) -> Child {
-    rna_command(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_agent_resets_clients_and_a_restarted_one_serves_again() {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
     let args = world.agent_process_args("vm-agent", &token);
-    let mut agent = spawn_rna(&args);
+    let mut agent = spawn_logged(&args).0;
     world.wait_sessions(TENANT, "vm-agent", 1).await;
     let http = http_server().await;
     let baseline = world.footprint(&[]);
@@ -47,7 +35,7 @@ async fn killed_agent_resets_clients_and_a_restarted_one_serves_again() {
     );
 
     // Restart the agent process: it reconnects and serves new requests.
-    let _agent = spawn_rna(&args);
+    let _agent = spawn_logged(&args).0;
     world.wait_sessions(TENANT, "vm-agent", 1).await;
     let (code, body) = curl(
         world.socks,
@@ -83,7 +71,7 @@ async fn rna_dev_prints_a_working_line_and_exits_cleanly_on_sigterm() {
     let http = http_server().await;
 
     for run in 0..2 {
-        let mut dev = spawn_rna(&args);
+        let mut dev = Rna::new(&args).logs_at("info").spawn().child;
         let mut stdout = dev.stdout.take().unwrap();
         let line = first_line_starting(&mut stdout, "curl ").await;
         // `curl --proxy socks5h://local:<token>@127.0.0.1:<port> http://example.internal/`
@@ -124,8 +112,8 @@ async fn replicas_cover_for_a_killed_agent() {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
     let args = world.agent_process_args("replicated", &token);
-    let mut first = spawn_rna(&args);
-    let _second = spawn_rna(&args);
+    let mut first = spawn_logged(&args).0;
+    let _second = spawn_logged(&args).0;
     world.wait_sessions(TENANT, "replicated", 2).await;
     let http = http_server().await;
     let url = format!("http://127.0.0.1:{}/bytes/1000", http.port());
@@ -143,19 +131,14 @@ async fn replicas_cover_for_a_killed_agent() {
 
 /// Runs `rna` to completion and returns (exit code, stdout).
 async fn run_rna(args: &[&str]) -> (i32, String) {
-    let out = Command::new(RNA)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    if !out.status.success() {
-        eprintln!("rna {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let ran = Rna::new(args)
+        .env_remove("RNA_LOG_FORMAT")
+        .run_async()
+        .await;
+    if !ran.status.success() {
+        eprintln!("rna {args:?}: {}", ran.stderr);
     }
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-    )
+    (ran.code(), ran.stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -240,28 +223,14 @@ async fn the_deployment_walkthrough_works_with_the_real_binary() {
     let quic = field(&serving, "quic");
     let socks: std::net::SocketAddr = field(&serving, "socks").parse().unwrap();
 
-    let agent_args: Vec<String> = [
-        "agent",
-        "--hub",
+    let agent_args = agent_process_args(
         &quic,
-        "--name",
         "edge",
-        "--ca",
         &format!("{certs}/ca.pem"),
-        "--cert",
-        &format!("{certs}/agent-edge.pem"),
-        "--key",
-        &format!("{certs}/agent-edge-key.pem"),
-        "--token-file",
+        &certs,
         &d("token.txt"),
-        "--allow",
-        "127.0.0.0/8",
-        "--metrics",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &["--allow", "127.0.0.0/8"],
+    );
     let (agent, mut agent_log) = spawn_logged(&agent_args);
     let starting = wait_line(&mut agent_log, "agent starting").await;
     let default = rna::runtime::default_worker_threads().to_string();
@@ -455,30 +424,22 @@ async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let agent_args: Vec<String> = [
-        "agent",
-        "--hub",
+    // A short stable-session threshold, and the moment it passes is logged (debug): the
+    // session has earned an immediate reconnect when the hub dies.
+    let agent_args = agent_process_args(
         &format!("127.0.0.1:{port}"),
-        "--name",
         "edge",
-        "--ca",
         &format!("{certs}/ca.pem"),
-        "--cert",
-        &format!("{certs}/agent-edge.pem"),
-        "--key",
-        &format!("{certs}/agent-edge-key.pem"),
-        "--token-file",
+        &certs,
         &d("token.txt"),
-        "--metrics",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (_agent, mut agent_log) = spawn_logged(&agent_args);
-    wait_line(&mut agent_log, "connected to hub").await;
-    // Let the session be up long enough to earn an immediate reconnect.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        &["--stable-session", "200ms"],
+    );
+    let mut agent = Rna::new(&agent_args)
+        .logs_at("info,rna::agent=debug")
+        .spawn();
+    agent.wait_line("connected to hub").await;
+    agent.wait_line("session stable").await;
+    let mut agent_log = agent.log;
 
     hub.kill().await.unwrap();
     let (_hub, mut hub_log) = spawn_logged(&hub_args);
@@ -508,7 +469,7 @@ async fn rna_dev_without_auth_prints_both_working_lines_and_no_state_folder_advi
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut dev = rna_command([
+    let mut dev = Rna::new([
         "dev",
         "--dir",
         state.to_str().unwrap(),
@@ -518,23 +479,19 @@ async fn rna_dev_without_auth_prints_both_working_lines_and_no_state_folder_advi
         "127.0.0.1:0",
         "--socks-no-auth",
     ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let stderr = dev.stderr.take().unwrap();
+    .logs_at("info")
+    .spawn();
+    let mut log_lines = std::mem::replace(&mut dev.log, tokio::sync::mpsc::unbounded_channel().1);
     let log = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
         let mut all = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
+        while let Some(line) = log_lines.recv().await {
             all.push_str(&line);
             all.push('\n');
         }
         all
     });
     // One reader for both lines: a second one would miss what the first had buffered.
-    let mut stdout = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    let mut stdout = tokio::io::BufReader::new(dev.stdout()).lines();
     let curls = within("two curl lines", async {
         let mut curls = Vec::new();
         while curls.len() < 2 {
@@ -565,8 +522,8 @@ async fn rna_dev_without_auth_prints_both_working_lines_and_no_state_folder_advi
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{line}");
     }
-    signal(&dev, "-TERM");
-    let status = within("rna dev to exit", dev.wait()).await.unwrap();
+    dev.signal("-TERM");
+    let status = dev.exit().await;
     assert_eq!(status.code(), Some(0));
     let log = within("rna dev's log", log).await.unwrap();
     assert!(log.contains("hub serving"), "{log}");
@@ -658,28 +615,7 @@ impl Install {
         cert_dir: &str,
         extra: &[&str],
     ) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "agent",
-            "--hub",
-            hub,
-            "--name",
-            name,
-            "--ca",
-            ca,
-            "--cert",
-            &format!("{cert_dir}/agent-{name}.pem"),
-            "--key",
-            &format!("{cert_dir}/agent-{name}-key.pem"),
-            "--token-file",
-            &self.path("token.txt"),
-            "--metrics",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
+        agent_process_args(hub, name, ca, cert_dir, &self.path("token.txt"), extra)
     }
 }
 
@@ -815,20 +751,11 @@ async fn a_planned_hub_restart_logs_no_warnings_or_errors() {
     ])
     .await;
     let http = http_server().await;
-    let fetched = within("a request through the agent", async {
-        loop {
-            // The hub sees the new token at once; retry until it has.
-            let (code, body) = curl(
-                socks,
-                "edge",
-                proxy_token.trim(),
-                &[&format!("http://127.0.0.1:{}/bytes/16", http.port())],
-            )
-            .await;
-            if code == 0 {
-                return body;
-            }
-        }
+    // The hub sees the new token once it reloads its store; retry until it has.
+    let url = format!("http://127.0.0.1:{}/bytes/16", http.port());
+    let fetched = eventually_some("a request through the agent", async || {
+        let (code, body) = curl(socks, "edge", proxy_token.trim(), &[&url]).await;
+        (code == 0).then_some(body)
     })
     .await;
     assert_eq!(fetched, pattern(16));
@@ -883,14 +810,12 @@ async fn a_busy_port_is_reported_once() {
         &listen,
         &[],
     );
-    let out = within(
-        "the hub to fail",
-        Command::new(RNA).args(&args).stdin(Stdio::null()).output(),
-    )
-    .await
-    .unwrap();
+    let out = Rna::new(&args)
+        .env_remove("RNA_LOG_FORMAT")
+        .run_async()
+        .await;
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     let cause = std::io::Error::from(std::io::ErrorKind::AddrInUse).to_string();
     let line = stderr
         .lines()

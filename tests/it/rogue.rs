@@ -3,11 +3,9 @@
 //! reports are capped, each refusal is counted under its own label, and the hub keeps
 //! serving everyone else.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rna::agent::session::{connect, Established};
 use rna::agent::SessionError;
 use rna::proto::codec::encode_limited;

@@ -1,0 +1,35 @@
+//! The integration tests, in one binary so that the helpers in `common` and the fake
+//! Kubernetes API in `fake_kube` are compiled and linked once. Each module is what used to
+//! be one test file; run one with `cargo test --test it MODULE::`.
+//!
+//! Two tests keep binaries of their own: `tests/handshake_log.rs` and `tests/secrets.rs`
+//! each install the process-wide log subscriber (at their own level) and judge every line it
+//! captures, which the tests of other modules, running in the same process, would add to.
+
+mod common;
+mod fake_kube;
+
+mod api_authz;
+mod api_limits;
+mod caps;
+mod config;
+mod faults;
+mod files;
+mod handshake;
+mod kube;
+mod kube_access;
+mod layers;
+mod metrics;
+mod process;
+mod quic_flood;
+mod readme;
+mod rogue;
+mod rogue_process;
+mod security;
+mod ship;
+mod signals;
+mod socks_input;
+mod socks_logs;
+mod status_page;
+mod systemd;
+mod tunnel;
