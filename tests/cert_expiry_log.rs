@@ -1,6 +1,9 @@
 //! The agent reads its own certificate's expiry once at start and warns about it then (and on
 //! a daily timer), not again on every connection to every hub address.
 
+// Its own binary, not a module of tests/it: it installs the process-wide log subscriber and
+// counts the warnings captured, which other tests in the same process would add to.
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, SystemTime};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::common::*;
 use crate::fake_kube::FakeKube;
 use bytes::Bytes;
+use rna::admin_client::{ApiClient, ApiResponse};
 use rna::agent::kube::{KubeAllow, KubeSettings, KubeSource};
 use rna::auth::Scope;
 use serde_json::{json, Value};

@@ -2,9 +2,10 @@
 //! Kubernetes API in `fake_kube` are compiled and linked once. Each module is what used to
 //! be one test file; run one with `cargo test --test it MODULE::`.
 //!
-//! Two tests keep binaries of their own: `tests/handshake_log.rs` and `tests/secrets.rs`
-//! each install the process-wide log subscriber (at their own level) and judge every line it
-//! captures, which the tests of other modules, running in the same process, would add to.
+//! Three tests keep binaries of their own: `tests/handshake_log.rs`, `tests/secrets.rs` and
+//! `tests/cert_expiry_log.rs` each install the process-wide log subscriber (at their own
+//! level) and judge every line it captures, which the tests of other modules, running in the
+//! same process, would add to.
 
 mod common;
 mod fake_kube;
@@ -13,6 +14,7 @@ mod api_authz;
 mod api_limits;
 mod caps;
 mod config;
+mod dev;
 mod faults;
 mod files;
 mod handshake;
@@ -21,6 +23,7 @@ mod kube_access;
 mod layers;
 mod metrics;
 mod process;
+mod proxy;
 mod quic_flood;
 mod readme;
 mod rogue;
@@ -32,4 +35,5 @@ mod socks_input;
 mod socks_logs;
 mod status_page;
 mod systemd;
+mod transport_session;
 mod tunnel;

@@ -1,11 +1,10 @@
 //! `rna::dev::run` in-process: the hub and agent `rna dev` runs, on port 0, used through
 //! SOCKS5 with curl exactly as its printed line says, and stopped by its cancellation token.
 
-mod common;
 
 use std::net::SocketAddr;
 
-use common::*;
+use crate::common::*;
 use rna::dev::{DevOptions, DevReady};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
