@@ -1,7 +1,6 @@
 //! `rna::dev::run` in-process: the hub and agent `rna dev` runs, on port 0, used through
 //! SOCKS5 with curl exactly as its printed line says, and stopped by its cancellation token.
 
-
 use std::net::SocketAddr;
 
 use crate::common::*;
