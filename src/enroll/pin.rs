@@ -28,7 +28,7 @@ pub fn ca_pin(cert_der: &[u8]) -> Result<CaPin, EnrollError> {
 
 /// Why the pinned verifier refused a hub; carried inside rustls' error so the agent's log line
 /// says it.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 enum PinRefusal {
     /// The hub sent only its own certificate, so there is no CA to compare with the pin.
     #[error("the hub sent no CA certificate in its chain, so it cannot be checked against the join token's CA pin")]
@@ -50,6 +50,13 @@ pub struct PinnedHubVerifier {
     provider: Arc<CryptoProvider>,
     /// The CA certificate that matched the pin in the last accepted handshake.
     matched: Mutex<Option<CertificateDer<'static>>>,
+}
+
+/// rustls prints the error it carries with `Debug`: make that the readable sentence.
+impl fmt::Debug for PinRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl fmt::Debug for PinnedHubVerifier {
