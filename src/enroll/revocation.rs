@@ -125,7 +125,8 @@ mod tests {
     #[test]
     fn revoke_by_serial_or_name_table() {
         let acme: Tenant = "acme/prod".parse().unwrap();
-        let cases: Vec<(&str, Option<&Tenant>, Result<Vec<&str>, &str>)> = vec![
+        type Case<'a> = (&'a str, Option<&'a Tenant>, Result<Vec<&'a str>, &'a str>);
+        let cases: Vec<Case> = vec![
             ("0b", None, Ok(vec!["0b"])),
             ("edge", None, Ok(vec!["0a", "0c", "0b"])),
             ("edge", Some(&acme), Ok(vec!["0a", "0b"])),
