@@ -17,7 +17,8 @@
 //! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`, `duration`: leaves that
 //!    know nothing of hub or agent
 //! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
-//! 3. `transport`: QUIC and TLS endpoints, the control stream, the relay
+//! 3. `transport`, `enroll`: QUIC and TLS endpoints, the control stream, the relay; join
+//!    tokens, CSRs, the CA pin and the certificate lifecycle of agent enrollment
 //! 4. `hub`, `agent`: the two roles
 //! 5. `config`, `admin_client`, `dev`: configuration that builds hub and agent settings, the
 //!    admin API client, `rna dev` (its state folder and the hub and agent it runs)
@@ -35,6 +36,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod duration;
+pub mod enroll;
 pub mod fsutil;
 pub mod hub;
 pub mod identity;
