@@ -9,11 +9,8 @@
 //! records it ([`issued`]); revocations persist ([`revocation`]); agents renew at two thirds of
 //! the lifetime ([`renew`]). docs/protocol.md describes the formats.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod csr;
 pub mod issued;
@@ -126,50 +123,14 @@ fn read_state<T: serde::de::DeserializeOwned>(
 fn write_state<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), EnrollError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| EnrollError::state(path, e))?;
     bytes.push(b'\n');
-    replace_private(path, &bytes).map_err(|e| EnrollError::state(path, e))
-}
-
-/// Replaces `path` with `bytes`: a new 0600 file beside it, fsync, rename over `path`, fsync
-/// the folder, so a reader (or a hub restarted after a crash) sees the old or the new list,
-/// never half of one. A link at `path` is replaced, never written through.
-///
-/// Private until the shared atomic-write helper of `fsutil` is on this branch; then this
-/// becomes a call to it.
-fn replace_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    static WRITES: AtomicU64 = AtomicU64::new(0);
-    let temp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        WRITES.fetch_add(1, Ordering::Relaxed)
-    ));
-    let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&temp);
-        return Err(e);
-    }
-    File::open(dir).and_then(|d| d.sync_all())
+    crate::fsutil::replace_file(path, &bytes, crate::fsutil::FileMode::Exactly(0o600))
+        .map_err(|e| EnrollError::state(path, e.problem))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn state_files_are_replaced_whole_and_private() {

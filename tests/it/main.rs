@@ -15,6 +15,7 @@ mod api_limits;
 mod caps;
 mod config;
 mod dev;
+mod enroll;
 mod faults;
 mod files;
 mod handshake;

@@ -2,8 +2,6 @@
 //! the hub whose CA matches the join token's pin and sends nothing before that; a certificate
 //! signed from an agent's CSR passes the hub's client-certificate check and carries its tenant.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use common::within;
+use crate::common::within;
 
 const HUB_NAME: &str = "hub.example.com";
 const SECRET: &[u8] = b"rna_join_0123456789ab.the-secret-part";
