@@ -174,13 +174,9 @@ impl TcpServer {
         let work = async {
             let _ = tcp.set_nodelay(true);
             let stats = socket_stats(&tcp);
-            let tls = self.acceptor.accept(tcp).await.map_err(|e| TcpError::Tls {
-                addr: remote,
-                detail: tls_detail(&e),
-            })?;
-            let (_, conn) = tls.get_ref();
-            check_alpn(conn.alpn_protocol(), remote)?;
-            let peer = conn.peer_certificates().map(|c| c.to_vec());
+            let tls = self.acceptor.accept(tcp).await;
+            let tls = tls.map_err(|e| tls_failed(remote, &e))?;
+            let peer = negotiated(tls.get_ref().1, remote)?;
             let config = mux_config(&self.limits, self.limits.agent_streams);
             let session = qmux::Session::accept(transport(tls, stats), config)
                 .await
@@ -231,13 +227,8 @@ pub async fn connect_over(
     let stream = connector
         .connect(server_name(name)?, tcp)
         .await
-        .map_err(|e| TcpError::Tls {
-            addr: remote,
-            detail: tls_detail(&e),
-        })?;
-    let (_, conn) = stream.get_ref();
-    check_alpn(conn.alpn_protocol(), remote)?;
-    let peer = conn.peer_certificates().map(|c| c.to_vec());
+        .map_err(|e| tls_failed(remote, &e))?;
+    let peer = negotiated(stream.get_ref().1, remote)?;
     // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
     // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
     let session = qmux::Session::connect(
@@ -267,11 +258,23 @@ fn socket_stats(tcp: &TcpStream) -> Option<qmux::SharedSocketStats> {
         .map(|s| Arc::new(s) as qmux::SharedSocketStats)
 }
 
-fn check_alpn(alpn: Option<&[u8]>, addr: SocketAddr) -> Result<(), TcpError> {
-    if alpn == Some(TCP_ALPN) {
-        Ok(())
-    } else {
-        Err(TcpError::Alpn { addr })
+/// After a completed handshake with `addr`, on either side: the protocol must be
+/// `rna-tcp/1`; returns the peer's certificate chain as TLS verified it.
+fn negotiated(
+    conn: &rustls::CommonState,
+    addr: SocketAddr,
+) -> Result<Option<Vec<CertificateDer<'static>>>, TcpError> {
+    if conn.alpn_protocol() != Some(TCP_ALPN) {
+        return Err(TcpError::Alpn { addr });
+    }
+    Ok(conn.peer_certificates().map(|c| c.to_vec()))
+}
+
+/// A TLS handshake with `addr` that failed, on either side.
+fn tls_failed(addr: SocketAddr, e: &std::io::Error) -> TcpError {
+    TcpError::Tls {
+        addr,
+        detail: tls_detail(e),
     }
 }
 
