@@ -673,26 +673,24 @@ mod tests {
         let hub = example("hub.toml");
         let (options, log) = HubOptions::read_file(&hub).expect("examples/hub.toml parses");
         assert!(options.listen.is_some() && log.log_format.is_some());
-        let text = std::fs::read_to_string(&hub).expect("read example");
-        let keys = accepted_keys::<HubFile>();
-        assert!(keys.len() > 15, "{keys:?}");
-        for key in keys {
-            assert!(
-                text.contains(&format!("{key} = ")),
-                "examples/hub.toml lacks {key}"
-            );
-        }
+        documents_every_key(&hub, accepted_keys::<HubFile>(), 15);
 
         let agent = example("agent.toml");
         let (options, _) = AgentOptions::read_file(&agent).expect("examples/agent.toml parses");
         assert_eq!(options.allow.len(), 3);
-        let text = std::fs::read_to_string(&agent).expect("read example");
-        let keys = accepted_keys::<AgentFile>();
-        assert!(keys.len() > 12, "{keys:?}");
+        documents_every_key(&agent, accepted_keys::<AgentFile>(), 12);
+    }
+
+    /// `file` sets each of `keys` (more than `fewest` of them, so a broken key list cannot
+    /// pass unnoticed).
+    fn documents_every_key(file: &Path, keys: Vec<String>, fewest: usize) {
+        let text = std::fs::read_to_string(file).expect("read example");
+        assert!(keys.len() > fewest, "{keys:?}");
         for key in keys {
             assert!(
                 text.contains(&format!("{key} = ")),
-                "examples/agent.toml lacks {key}"
+                "examples/{} lacks {key}",
+                file.file_name().unwrap_or_default().to_string_lossy()
             );
         }
     }
