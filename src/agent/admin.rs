@@ -16,9 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::AgentHandle;
 use crate::listen::{request_deadline, serve_http, Acceptor, ConnectionCap, Deadline, HttpLimits};
+use crate::metrics::{count_by, counted_by, Labels};
 use crate::proto::DialFailure;
-
-type Labels = Vec<(&'static str, String)>;
 
 /// The agent's metrics.
 #[derive(Debug)]
@@ -103,16 +102,12 @@ impl AgentMetrics {
 
     /// Something was refused because the cap `cap` was reached.
     pub fn cap_refused(&self, cap: &'static str) {
-        self.cap_refusals
-            .get_or_create(&vec![("cap", cap.to_string())])
-            .inc();
+        count_by(&self.cap_refusals, "cap", cap);
     }
 
     /// Refusals so far by one cap.
     pub fn cap_refusals(&self, cap: &'static str) -> u64 {
-        self.cap_refusals
-            .get(&vec![("cap", cap.to_string())])
-            .map_or(0, |c| c.get())
+        counted_by(&self.cap_refusals, "cap", cap)
     }
 
     /// A dial finished: `None` for success.
@@ -126,9 +121,7 @@ impl AgentMetrics {
             Some(DialFailure::TimedOut) => "timed_out",
             Some(DialFailure::General) => "failed",
         };
-        self.dials
-            .get_or_create(&vec![("outcome", outcome.to_string())])
-            .inc();
+        count_by(&self.dials, "outcome", outcome);
     }
 }
 

@@ -43,16 +43,15 @@ pub struct Prepared {
 /// when `--check-config` printed the configuration in force and nothing is left to do.
 pub fn prepare(args: AgentArgs, log: LogOptions) -> Result<Option<Prepared>, CliError> {
     let cli = args.options.clone();
-    let (options, log, sources) = merge_agent(args.config.as_deref(), args.options, log)?;
-    crate::init_logging(&log);
-    let settings = agent_settings(options.clone(), &sources)?;
-    if args.check_config {
-        // A TOML comment, then the keys in force: the output is a valid agent file.
-        out!("# {}: configuration is valid", super::origin(&args.config));
-        out!("{}", agent_file_text(&options, &settings, &log)?.trim_end());
-        return Ok(None);
-    }
-    Ok(Some(Prepared {
+    let settings = super::in_force(
+        &args.config,
+        args.check_config,
+        (args.options, log),
+        merge_agent,
+        agent_settings,
+        agent_file_text,
+    )?;
+    Ok(settings.map(|settings| Prepared {
         settings,
         file: args.config,
         cli,

@@ -27,16 +27,14 @@ pub struct HubArgs {
 /// Merges file, flags and variables into a valid hub configuration and sets up logging.
 /// `None` when `--check-config` printed the configuration in force and nothing is left to do.
 pub fn prepare(args: HubArgs, log: LogOptions) -> Result<Option<HubConfig>, CliError> {
-    let (options, log, sources) = merge_hub(args.config.as_deref(), args.options, log)?;
-    crate::init_logging(&log);
-    let config = hub_config(options.clone(), &sources)?;
-    if args.check_config {
-        // A TOML comment, then the keys in force: the output is a valid hub file.
-        out!("# {}: configuration is valid", super::origin(&args.config));
-        out!("{}", hub_file_text(&options, &config, &log)?.trim_end());
-        return Ok(None);
-    }
-    Ok(Some(config))
+    super::in_force(
+        &args.config,
+        args.check_config,
+        (args.options, log),
+        merge_hub,
+        hub_config,
+        hub_file_text,
+    )
 }
 
 /// Serves until SIGTERM or SIGINT, telling systemd when it is ready and when it stops.

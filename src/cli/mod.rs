@@ -14,12 +14,12 @@ pub mod kube_output;
 pub mod ship;
 pub mod token;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rna::agent::AgentError;
 use rna::auth::StoreError;
 use rna::certs::CertError;
-use rna::config::ConfigError;
+use rna::config::{ConfigError, LogOptions, Sources};
 use rna::dev::DevError;
 use rna::hub::HubError;
 
@@ -69,6 +69,29 @@ impl CliError {
             source,
         }
     }
+}
+
+/// Merges the configuration `file` (if any) under the command line, sets up logging and
+/// validates what is in force. With `check` (`--check-config`) it prints that as a file of
+/// the role's keys and returns `None`: nothing is left to do.
+fn in_force<O: Clone, C>(
+    file: &Option<PathBuf>,
+    check: bool,
+    (cli, log): (O, LogOptions),
+    merge: impl FnOnce(Option<&Path>, O, LogOptions) -> Result<(O, LogOptions, Sources), ConfigError>,
+    validate: impl FnOnce(O, &Sources) -> Result<C, ConfigError>,
+    print: impl FnOnce(&O, &C, &LogOptions) -> Result<String, ConfigError>,
+) -> Result<Option<C>, CliError> {
+    let (options, log, sources) = merge(file.as_deref(), cli, log)?;
+    crate::init_logging(&log);
+    let config = validate(options.clone(), &sources)?;
+    if !check {
+        return Ok(Some(config));
+    }
+    // A TOML comment, then the keys in force: the output is a valid file of the role.
+    out!("# {}: configuration is valid", origin(file));
+    out!("{}", print(&options, &config, &log)?.trim_end());
+    Ok(None)
 }
 
 /// Where a configuration came from, for `--check-config`'s first line.

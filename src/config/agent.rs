@@ -17,17 +17,7 @@ use crate::transport::{ClientTls, Congestion};
 /// A Kubernetes namespace in a file: checked as it is read, so the error names its index.
 /// Flags take any text; cluster-mode validation checks those.
 struct Namespace;
-
-impl Form for Namespace {
-    type Value = String;
-    type File = String;
-    fn read(file: String, _: Option<&Path>) -> Result<String, String> {
-        parse_namespace(&file)
-    }
-    fn show(value: &String) -> String {
-        value.clone()
-    }
-}
+checked_form!(Namespace => String, parse_namespace);
 
 settings! {
     /// Agent settings from flags and environment (`None` or empty: not given).

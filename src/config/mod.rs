@@ -487,30 +487,18 @@ mod tests {
         std::fs::write(dir.join("token.txt"), "rna_x\n").unwrap();
         std::fs::write(dir.join("kubeconfig"), "apiVersion: v1\nkind: Config\n").unwrap();
 
-        let hub = dir.join("hub.toml");
-        std::fs::write(
-            &hub,
+        reads_back_as_printed(
+            &dir.join("hub.toml"),
             "ca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub-key.pem\"\n\
              tokens = \"tokens.toml\"\ngrace = 45\nheartbeat_interval = \"1500ms\"\n\
              socks_no_auth = \"edge@acme/prod\"\nmax_frame = 2048\ncongestion = \"bbr\"\n\
              state_dir = \"state\"\nmetrics_per_agent = true\n",
-        )
-        .unwrap();
-        let (options, log, sources) =
-            merge_hub(Some(&hub), HubOptions::default(), LogOptions::default()).unwrap();
-        let config = hub_config(options.clone(), &sources).unwrap();
-        let printed = hub_file_text(&options, &config, &log).unwrap();
-        let copy = dir.join("printed-hub.toml");
-        std::fs::write(&copy, &printed).unwrap();
-        let (again, log_again, sources) =
-            merge_hub(Some(&copy), HubOptions::default(), LogOptions::default()).unwrap();
-        let reread = hub_config(again.clone(), &sources).unwrap();
-        assert_eq!(format!("{config:?}"), format!("{reread:?}"));
-        assert_eq!(hub_file_text(&again, &reread, &log_again).unwrap(), printed);
-
-        let agent = dir.join("agent.toml");
-        std::fs::write(
-            &agent,
+            merge_hub,
+            hub_config,
+            hub_file_text,
+        );
+        let printed = reads_back_as_printed(
+            &dir.join("agent.toml"),
             "hub = [\"hub.example\", \"[::1]:5000\"]\nname = \"edge\"\nca = \"ca.pem\"\n\
              cert = \"agent-edge.pem\"\nkey = \"agent-edge-key.pem\"\n\
              token_file = \"token.txt\"\nallow = [\"10.0.0.0/8\", \"*.svc.local:443\"]\n\
@@ -518,23 +506,35 @@ mod tests {
              kubeconfig = \"kubeconfig\"\nkube_context = \"prod\"\n\
              kube_namespace = [\"shop\"]\nkube_resource = [\"deployments.apps\"]\n\
              kube_inventory_interval = \"90s\"\nserver_name = \"hub.example\"\n",
-        )
-        .unwrap();
-        let (options, log, sources) =
-            merge_agent(Some(&agent), AgentOptions::default(), LogOptions::default()).unwrap();
-        let settings = agent_settings(options.clone(), &sources).unwrap();
-        let printed = agent_file_text(&options, &settings, &log).unwrap();
-        let copy = dir.join("printed-agent.toml");
-        std::fs::write(&copy, &printed).unwrap();
-        let (again, log_again, sources) =
-            merge_agent(Some(&copy), AgentOptions::default(), LogOptions::default()).unwrap();
-        let reread = agent_settings(again.clone(), &sources).unwrap();
-        assert_eq!(format!("{settings:?}"), format!("{reread:?}"));
-        assert_eq!(
-            agent_file_text(&again, &reread, &log_again).unwrap(),
-            printed
+            merge_agent,
+            agent_settings,
+            agent_file_text,
         );
         assert!(!printed.contains("rna_x"), "{printed}");
+    }
+
+    /// Writes `text` to `file`, prints the configuration it gives beside it and reads that
+    /// back: the same validated configuration and the same printed text. Returns the text.
+    fn reads_back_as_printed<O: Default + Clone, C: fmt::Debug>(
+        file: &Path,
+        text: &str,
+        merge: impl Fn(Option<&Path>, O, LogOptions) -> Result<(O, LogOptions, Sources), ConfigError>,
+        validate: impl Fn(O, &Sources) -> Result<C, ConfigError>,
+        print: impl Fn(&O, &C, &LogOptions) -> Result<String, ConfigError>,
+    ) -> String {
+        std::fs::write(file, text).unwrap();
+        let (options, log, sources) =
+            merge(Some(file), O::default(), LogOptions::default()).unwrap();
+        let config = validate(options.clone(), &sources).unwrap();
+        let printed = print(&options, &config, &log).unwrap();
+        let copy = file.with_extension("printed.toml");
+        std::fs::write(&copy, &printed).unwrap();
+        let (again, log_again, sources) =
+            merge(Some(&copy), O::default(), LogOptions::default()).unwrap();
+        let reread = validate(again.clone(), &sources).unwrap();
+        assert_eq!(format!("{config:?}"), format!("{reread:?}"));
+        assert_eq!(print(&again, &reread, &log_again).unwrap(), printed);
+        printed
     }
 
     #[test]
@@ -673,26 +673,24 @@ mod tests {
         let hub = example("hub.toml");
         let (options, log) = HubOptions::read_file(&hub).expect("examples/hub.toml parses");
         assert!(options.listen.is_some() && log.log_format.is_some());
-        let text = std::fs::read_to_string(&hub).expect("read example");
-        let keys = accepted_keys::<HubFile>();
-        assert!(keys.len() > 15, "{keys:?}");
-        for key in keys {
-            assert!(
-                text.contains(&format!("{key} = ")),
-                "examples/hub.toml lacks {key}"
-            );
-        }
+        documents_every_key(&hub, accepted_keys::<HubFile>(), 15);
 
         let agent = example("agent.toml");
         let (options, _) = AgentOptions::read_file(&agent).expect("examples/agent.toml parses");
         assert_eq!(options.allow.len(), 3);
-        let text = std::fs::read_to_string(&agent).expect("read example");
-        let keys = accepted_keys::<AgentFile>();
-        assert!(keys.len() > 12, "{keys:?}");
+        documents_every_key(&agent, accepted_keys::<AgentFile>(), 12);
+    }
+
+    /// `file` sets each of `keys` (more than `fewest` of them, so a broken key list cannot
+    /// pass unnoticed).
+    fn documents_every_key(file: &Path, keys: Vec<String>, fewest: usize) {
+        let text = std::fs::read_to_string(file).expect("read example");
+        assert!(keys.len() > fewest, "{keys:?}");
         for key in keys {
             assert!(
                 text.contains(&format!("{key} = ")),
-                "examples/agent.toml lacks {key}"
+                "examples/{} lacks {key}",
+                file.file_name().unwrap_or_default().to_string_lossy()
             );
         }
     }

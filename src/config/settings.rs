@@ -100,16 +100,43 @@ macro_rules! text_form {
 }
 text_form!(String, HubTarget, Rule, ResourceRule, SecretRef);
 
-impl Form for SocketAddr {
-    type Value = SocketAddr;
-    type File = String;
-    fn read(file: String, _: Option<&Path>) -> Result<SocketAddr, String> {
-        parse_addr(&file)
-    }
-    fn show(value: &SocketAddr) -> String {
-        value.to_string()
-    }
+/// Values written as text and read through a check of the key's own instead of `FromStr`
+/// (`$form` may be a marker type whose value is `$value`); printed through `Display`.
+macro_rules! checked_form {
+    ($form:ty => $value:ty, $check:path) => {
+        impl Form for $form {
+            type Value = $value;
+            type File = String;
+            fn read(file: String, _: Option<&Path>) -> Result<$value, String> {
+                $check(&file)
+            }
+            fn show(value: &$value) -> String {
+                value.to_string()
+            }
+        }
+    };
 }
+checked_form!(SocketAddr => SocketAddr, parse_addr);
+
+/// Choices written by their command-line names: read through `FromStr`, printed through
+/// clap's `ValueEnum` name, so a printed file and a flag spell a choice alike.
+macro_rules! choice_form {
+    ($($t:ty),*) => {$(
+        impl Form for $t {
+            type Value = $t;
+            type File = String;
+            fn read(file: String, _: Option<&Path>) -> Result<$t, String> {
+                <$t>::from_str(&file)
+            }
+            fn show(value: &$t) -> String {
+                clap::ValueEnum::to_possible_value(value)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            }
+        }
+    )*};
+}
+choice_form!(Congestion, LogFormat);
 
 impl Form for Duration {
     type Value = Duration;
@@ -135,35 +162,6 @@ impl Form for PathBuf {
     /// Absolute, so the printed file reads the same files from any folder.
     fn show(value: &PathBuf) -> PathBuf {
         std::path::absolute(value).unwrap_or_else(|_| value.clone())
-    }
-}
-
-impl Form for Congestion {
-    type Value = Congestion;
-    type File = String;
-    fn read(file: String, _: Option<&Path>) -> Result<Congestion, String> {
-        Congestion::from_str(&file)
-    }
-    fn show(value: &Congestion) -> String {
-        use clap::ValueEnum;
-        value
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
-    }
-}
-
-impl Form for LogFormat {
-    type Value = LogFormat;
-    type File = String;
-    fn read(file: String, _: Option<&Path>) -> Result<LogFormat, String> {
-        LogFormat::from_str(&file)
-    }
-    fn show(value: &LogFormat) -> String {
-        match value {
-            LogFormat::Text => "text".to_string(),
-            LogFormat::Json => "json".to_string(),
-        }
     }
 }
 
@@ -388,4 +386,33 @@ pub(super) fn worker_threads(n: usize) -> Result<usize, String> {
 pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("invalid address {s:?}: expected ip:port"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every choice a file holds reads back as itself, spelled as its flag spells it.
+    fn reads_back<T: Form<Value = T, File = String> + clap::ValueEnum + PartialEq + fmt::Debug>(
+        names: &[&str],
+    ) {
+        let shown: Vec<String> = T::value_variants().iter().map(T::show).collect();
+        assert_eq!(shown, names);
+        for (value, name) in T::value_variants().iter().zip(names) {
+            assert_eq!(T::read(name.to_string(), None).as_ref(), Ok(value));
+        }
+    }
+
+    #[test]
+    fn choices_are_printed_as_their_flags_spell_them_and_read_back() {
+        reads_back::<Congestion>(&["cubic", "bbr"]);
+        reads_back::<LogFormat>(&["text", "json"]);
+        assert!(LogFormat::read("xml".into(), None)
+            .unwrap_err()
+            .contains("expected text or json"));
+        assert_eq!(
+            SocketAddr::read("127.0.0.1:80".into(), None).map(|a| SocketAddr::show(&a)),
+            Ok("127.0.0.1:80".to_string())
+        );
+    }
 }

@@ -132,6 +132,18 @@ struct Call {
 }
 
 impl Call {
+    /// A command of `grant`'s caller to `agent` of `tenant`, timed from now: handlers start
+    /// it before they read the request, so the audit's duration covers parsing too.
+    fn start(shared: Arc<Shared>, grant: Grant, tenant: Tenant, agent: String) -> Self {
+        Call {
+            shared,
+            grant,
+            tenant,
+            agent,
+            started: Instant::now(),
+        }
+    }
+
     /// Sends `request` to a live session of the agent and waits for its answer; a wait's
     /// progress events go to `progress`.
     async fn send(
@@ -303,14 +315,14 @@ async fn apply(
     Authorized { grant, tenant, .. }: Authorized<ExecInfraOp>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
+    let cmd = Call::start(shared, grant, tenant, agent);
     let dry_run = truthy(&q.dry_run).map_err(|e| bad(format!("dryRun: {e}")))?;
     let force = truthy(&q.force).map_err(|e| bad(format!("force: {e}")))?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            shared.metrics.cap_refused("kube_request");
-            let max = shared.config.caps.kube_request;
-            info!(agent = %Masked(&agent), max, "Kubernetes apply refused: body over the request cap");
+            cmd.shared.metrics.cap_refused("kube_request");
+            let max = cmd.shared.config.caps.kube_request;
+            info!(agent = %Masked(&cmd.agent), max, "Kubernetes apply refused: body over the request cap");
             ApiError::Kube(KubeCallError::TooLarge { len: max + 1, max })
         } else {
             ApiError::Status(e.status(), e.body_text())
@@ -319,7 +331,7 @@ async fn apply(
     let text = std::str::from_utf8(&body).map_err(|_| bad("the body is not UTF-8 text"))?;
     let docs = parse_documents(text).map_err(bad)?;
     let (kind, name, secret) = crate::proto::kube::apply_summary(&docs, usize::MAX);
-    let namespace = q.namespace.filter(|n| !n.is_empty());
+    let namespace = given(q.namespace);
     let what = Audited {
         verb: "apply",
         kind,
@@ -333,19 +345,32 @@ async fn apply(
         dry_run,
         force,
     };
-    let cmd = Call {
-        shared,
-        grant,
-        tenant,
-        agent,
-        started,
-    };
     cmd.answer(&request, what).await
 }
 
 /// A 400 with `message`: the request names something the route cannot use.
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
+}
+
+/// A query or body value as the command takes it: an empty one (`?namespace=`) counts as not
+/// given, as kubectl treats an empty flag.
+fn given(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// The object an `…/kube/objects/{path}` route names in `namespace`, and whether the path
+/// names one object (a get or delete) rather than all of a kind (a list).
+fn object_at(path: &str, namespace: Option<String>) -> Result<(ObjectRef, bool), ApiError> {
+    let (api_version, kind, name) = parse_object_path(path).map_err(bad)?;
+    let named = name.is_some();
+    let target = ObjectRef {
+        api_version,
+        kind,
+        namespace: given(namespace),
+        name: name.unwrap_or_default(),
+    };
+    Ok((target, named))
 }
 
 #[derive(Deserialize, Default)]
@@ -365,31 +390,18 @@ async fn read(
     Query(q): Query<ReadQuery>,
     Authorized { grant, tenant, .. }: Authorized<ReadInfraData>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (api_version, kind, name) = parse_object_path(&path).map_err(bad)?;
-    let namespace = q.namespace.filter(|n| !n.is_empty());
-    let target = ObjectRef {
-        api_version,
-        kind,
-        namespace,
-        name: name.clone().unwrap_or_default(),
-    };
-    let request = match name {
-        Some(_) => KubeRequest::Get(target),
-        None => KubeRequest::List {
+    let cmd = Call::start(shared, grant, tenant, agent);
+    let (target, named) = object_at(&path, q.namespace)?;
+    let request = if named {
+        KubeRequest::Get(target)
+    } else {
+        KubeRequest::List {
             target,
-            label_selector: q.label_selector.filter(|s| !s.is_empty()),
-            field_selector: q.field_selector.filter(|s| !s.is_empty()),
+            label_selector: given(q.label_selector),
+            field_selector: given(q.field_selector),
             limit: q.limit,
-            continue_token: q.continue_token.filter(|s| !s.is_empty()),
-        },
-    };
-    let cmd = Call {
-        shared,
-        grant,
-        tenant,
-        agent,
-        started,
+            continue_token: given(q.continue_token),
+        }
     };
     cmd.answer(&request, Audited::of(&request)).await
 }
@@ -408,29 +420,16 @@ async fn delete(
     Query(q): Query<DeleteQuery>,
     Authorized { grant, tenant, .. }: Authorized<ExecInfraOp>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (api_version, kind, name) = match parse_object_path(&path).map_err(bad)? {
-        (v, k, Some(n)) => (v, k, n),
-        _ => return Err(bad("delete needs an object name")),
-    };
+    let cmd = Call::start(shared, grant, tenant, agent);
+    let (target, named) = object_at(&path, q.namespace)?;
+    if !named {
+        return Err(bad("delete needs an object name"));
+    }
     let dry_run = truthy(&q.dry_run).map_err(|e| bad(format!("dryRun: {e}")))?;
-    let namespace = q.namespace.filter(|n| !n.is_empty());
     let request = KubeRequest::Delete {
-        target: ObjectRef {
-            api_version,
-            kind,
-            namespace,
-            name,
-        },
-        propagation: q.propagation_policy.filter(|p| !p.is_empty()),
+        target,
+        propagation: given(q.propagation_policy),
         dry_run,
-    };
-    let cmd = Call {
-        shared,
-        grant,
-        tenant,
-        agent,
-        started,
     };
     cmd.answer(&request, Audited::of(&request)).await
 }
@@ -483,7 +482,7 @@ async fn wait(
         target: ObjectRef {
             api_version: w.api_version,
             kind: w.kind,
-            namespace: w.namespace.filter(|n| !n.is_empty()),
+            namespace: given(w.namespace),
             name: w.name,
         },
         condition,
@@ -572,4 +571,35 @@ async fn wait(
 
 fn ndjson(body: Body) -> Response {
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_routes_name_one_object_or_a_kind_and_empty_values_are_not_given() {
+        let (one, named) = object_at("apps/v1/Deployment/web", Some("prod".into())).unwrap();
+        assert!(named);
+        assert_eq!(
+            (
+                one.api_version.as_str(),
+                one.kind.as_str(),
+                one.name.as_str()
+            ),
+            ("apps/v1", "Deployment", "web")
+        );
+        assert_eq!(one.namespace.as_deref(), Some("prod"));
+        let (all, named) = object_at("v1/ConfigMap", Some(String::new())).unwrap();
+        assert!(!named);
+        assert_eq!((all.kind.as_str(), all.name.as_str()), ("ConfigMap", ""));
+        assert_eq!(all.namespace, None, "an empty namespace is not given");
+        assert!(matches!(
+            object_at("Deployment", None),
+            Err(ApiError::BadRequest(m)) if m.contains("expected {apiVersion}/{kind}")
+        ));
+        assert_eq!(given(Some(String::new())), None);
+        assert_eq!(given(Some("x".into())).as_deref(), Some("x"));
+        assert_eq!(given(None), None);
+    }
 }

@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+use crate::metrics::{count_by, counted_by, Labels};
 
 /// Every metric the hub exports.
 #[derive(Debug)]
@@ -199,51 +199,37 @@ impl Metrics {
 
     /// An agent connection was refused during the handshake.
     pub fn handshake_failed(&self, reason: &'static str) {
-        self.handshake_failures
-            .get_or_create(&vec![("reason", reason.into())])
-            .inc();
+        count_by(&self.handshake_failures, "reason", reason);
     }
 
     /// Refusals so far for one handshake failure reason.
     pub fn handshake_failures(&self, reason: &'static str) -> u64 {
-        self.handshake_failures
-            .get(&vec![("reason", reason.into())])
-            .map_or(0, |c| c.get())
+        counted_by(&self.handshake_failures, "reason", reason)
     }
 
     /// A SOCKS5 request was answered with `reply`.
     pub fn socks_reply(&self, reply: &'static str) {
-        self.socks_requests
-            .get_or_create(&vec![("reply", reply.into())])
-            .inc();
+        count_by(&self.socks_requests, "reply", reply);
     }
 
     /// Requests answered so far with one reply.
     pub fn socks_replies(&self, reply: &'static str) -> u64 {
-        self.socks_requests
-            .get(&vec![("reply", reply.into())])
-            .map_or(0, |c| c.get())
+        counted_by(&self.socks_requests, "reply", reply)
     }
 
     /// A SOCKS5 connection was dropped before authentication (cap, timeout, bad greeting).
     pub fn socks_refused(&self, reason: &'static str) {
-        self.socks_refused
-            .get_or_create(&vec![("reason", reason.into())])
-            .inc();
+        count_by(&self.socks_refused, "reason", reason);
     }
 
     /// Refusals so far for one reason.
     pub fn socks_refusals(&self, reason: &'static str) -> u64 {
-        self.socks_refused
-            .get(&vec![("reason", reason.into())])
-            .map_or(0, |c| c.get())
+        counted_by(&self.socks_refused, "reason", reason)
     }
 
     /// Something was refused (or a stream cut off) because the cap `cap` was reached.
     pub fn cap_refused(&self, cap: &'static str) {
-        self.cap_refusals
-            .get_or_create(&vec![("cap", cap.into())])
-            .inc();
+        count_by(&self.cap_refusals, "cap", cap);
     }
 
     /// A connection attempt was answered with a QUIC Retry.
@@ -271,9 +257,7 @@ impl Metrics {
 
     /// Refusals so far by one cap.
     pub fn cap_refusals(&self, cap: &'static str) -> u64 {
-        self.cap_refusals
-            .get(&vec![("cap", cap.into())])
-            .map_or(0, |c| c.get())
+        counted_by(&self.cap_refusals, "cap", cap)
     }
 
     /// The open-streams gauge.
@@ -314,8 +298,6 @@ impl Metrics {
     /// Records a token store reload.
     pub fn token_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.token_reloads
-            .get_or_create(&vec![("result", result.into())])
-            .inc();
+        count_by(&self.token_reloads, "result", result);
     }
 }

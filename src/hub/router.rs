@@ -270,12 +270,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_stream_failures_are_tried_on_another_session() {
-        let dial = |code| RouteError::Dial {
+    /// The agent's refusal with `code`.
+    fn dial(code: DialFailure) -> RouteError {
+        RouteError::Dial {
             code,
             message: String::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn only_stream_failures_are_tried_on_another_session() {
         let cases = [
             (RouteError::Stream("connection lost".into()), true),
             (RouteError::Timeout(Duration::from_secs(10)), false),
@@ -292,10 +296,6 @@ mod tests {
 
     #[test]
     fn route_errors_map_to_socks_replies() {
-        let dial = |code| RouteError::Dial {
-            code,
-            message: String::new(),
-        };
         let cases = [
             (RouteError::NoAgent, 0x04),
             (RouteError::Draining, 0x01),

@@ -292,17 +292,17 @@ mod tests {
         (next, left)
     }
 
-    /// A QUIC connection on loopback (hub and agent endpoints with certificates made here)
-    /// and a TCP connection: the relay's stream and socket, and the peers of each.
+    /// A relay running between a QUIC stream on loopback (hub and agent endpoints with
+    /// certificates made here) and a TCP connection, and the peers of each.
     struct Pair {
-        /// The relay's side of the TCP connection.
-        tcp: TcpStream,
-        /// The relay's side of the stream.
-        stream: (SendStream, RecvStream),
+        /// The running relay and its outcome.
+        relay: tokio::task::JoinHandle<RelayOutcome>,
         /// The TCP peer.
         tcp_peer: TcpStream,
-        /// The stream's peer.
-        peer: (SendStream, RecvStream),
+        /// The stream peer's sending half.
+        peer_send: SendStream,
+        /// The stream peer's receiving half.
+        peer_recv: RecvStream,
         /// Kept so the connection stays open.
         _endpoints: (
             quinn::Endpoint,
@@ -353,11 +353,19 @@ mod tests {
             },
             async { listener.accept().await.unwrap().0 },
         );
-        Pair {
+        let relay = tokio::spawn(relay(
             tcp,
-            stream: (send, recv),
+            send,
+            recv,
+            None,
+            |_, _| {},
+            std::future::pending(),
+        ));
+        Pair {
+            relay,
             tcp_peer,
-            peer: (peer_send, peer_recv),
+            peer_send,
+            peer_recv,
             _endpoints: (hub, agent, hub_conn, agent_conn),
         }
     }
@@ -369,71 +377,45 @@ mod tests {
             .expect("timed out")
     }
 
-    fn run(
-        p_tcp: TcpStream,
-        stream: (SendStream, RecvStream),
-    ) -> tokio::task::JoinHandle<RelayOutcome> {
-        tokio::spawn(relay(
-            p_tcp,
-            stream.0,
-            stream.1,
-            None,
-            |_, _| {},
-            std::future::pending(),
-        ))
-    }
-
     #[tokio::test]
     async fn a_fin_becomes_a_finish_and_the_other_direction_keeps_flowing() {
-        let Pair {
-            tcp,
-            stream,
-            mut tcp_peer,
-            peer: (mut peer_send, mut peer_recv),
-            _endpoints,
-        } = pair().await;
-        let relay = run(tcp, stream);
+        let mut p = pair().await;
         // The TCP peer sends and half-closes: the stream peer reads it, then the finish.
-        tcp_peer.write_all(b"ping").await.unwrap();
-        tcp_peer.shutdown().await.unwrap();
-        let got = bounded(peer_recv.read_to_end(1024)).await.unwrap();
+        p.tcp_peer.write_all(b"ping").await.unwrap();
+        p.tcp_peer.shutdown().await.unwrap();
+        let got = bounded(p.peer_recv.read_to_end(1024)).await.unwrap();
         assert_eq!(got, b"ping");
         // The other direction is still open, and its finish becomes a FIN.
-        peer_send.write_all(b"pong").await.unwrap();
-        peer_send.finish().unwrap();
+        p.peer_send.write_all(b"pong").await.unwrap();
+        p.peer_send.finish().unwrap();
         let mut back = Vec::new();
-        bounded(tcp_peer.read_to_end(&mut back)).await.unwrap();
+        bounded(p.tcp_peer.read_to_end(&mut back)).await.unwrap();
         assert_eq!(back, b"pong");
-        let outcome = bounded(relay).await.unwrap();
+        let outcome = bounded(p.relay).await.unwrap();
         assert!(outcome.error.is_none(), "{:?}", outcome.error);
         assert_eq!((outcome.sent, outcome.received), (4, 4));
     }
 
     #[tokio::test]
     async fn a_stream_reset_becomes_a_tcp_reset_never_a_clean_end() {
-        let Pair {
-            tcp,
-            stream,
-            mut tcp_peer,
-            peer: (mut peer_send, mut peer_recv),
-            _endpoints,
-        } = pair().await;
-        let relay = run(tcp, stream);
-        peer_send.write_all(b"part of a transfer").await.unwrap();
+        let mut p = pair().await;
+        p.peer_send.write_all(b"part of a transfer").await.unwrap();
         let mut part = [0u8; 18];
-        bounded(tcp_peer.read_exact(&mut part)).await.unwrap();
-        peer_send.reset(StreamCode::Reset.into()).unwrap();
-        let outcome = bounded(relay).await.unwrap();
+        bounded(p.tcp_peer.read_exact(&mut part)).await.unwrap();
+        p.peer_send.reset(StreamCode::Reset.into()).unwrap();
+        let outcome = bounded(p.relay).await.unwrap();
         assert!(
             matches!(outcome.error, Some(RelayError::StreamRead(_))),
             "{:?}",
             outcome.error
         );
         let mut rest = Vec::new();
-        let err = bounded(tcp_peer.read_to_end(&mut rest)).await.unwrap_err();
+        let err = bounded(p.tcp_peer.read_to_end(&mut rest))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         // The stream's other half is stopped too.
-        let stopped = bounded(peer_recv.read_to_end(1024)).await.unwrap_err();
+        let stopped = bounded(p.peer_recv.read_to_end(1024)).await.unwrap_err();
         assert!(
             matches!(stopped, quinn::ReadToEndError::Read(ReadError::Reset(_))),
             "{stopped:?}"
@@ -442,18 +424,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_tcp_reset_becomes_a_stream_reset() {
-        let Pair {
-            tcp,
-            stream,
-            tcp_peer,
-            peer: (_peer_send, mut peer_recv),
-            _endpoints,
-        } = pair().await;
-        let relay = run(tcp, stream);
+        let mut p = pair().await;
         // Closing with zero linger sends an RST.
-        tcp_peer.set_zero_linger().unwrap();
-        drop(tcp_peer);
-        let outcome = bounded(relay).await.unwrap();
+        p.tcp_peer.set_zero_linger().unwrap();
+        drop(p.tcp_peer);
+        let outcome = bounded(p.relay).await.unwrap();
         assert!(
             matches!(
                 outcome.error,
@@ -462,7 +437,7 @@ mod tests {
             "{:?}",
             outcome.error
         );
-        let err = bounded(peer_recv.read_to_end(1024)).await.unwrap_err();
+        let err = bounded(p.peer_recv.read_to_end(1024)).await.unwrap_err();
         assert!(
             matches!(err, quinn::ReadToEndError::Read(ReadError::Reset(_))),
             "{err:?}"

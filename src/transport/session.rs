@@ -200,28 +200,16 @@ impl Session {
     /// The peer learns of the stream when the first byte (or a finish) is sent on it.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), StreamError> {
         match self {
-            Session::Quic(c) => match c.open_bi().await {
-                Ok((s, r)) => Ok((SendStream::Quic(s), RecvStream::Quic(r))),
-                Err(e) => Err(StreamError::Session(SessionEnd::from_quic(&e))),
-            },
-            Session::Tcp(t) => match t.mux().open_bi().await {
-                Ok((s, r)) => Ok(tcp_pair(t, s, r)),
-                Err(e) => Err(StreamError::from_tcp(e, t).await),
-            },
+            Session::Quic(c) => quic_streams(c.open_bi().await),
+            Session::Tcp(t) => tcp_streams(t, t.mux().open_bi().await).await,
         }
     }
 
     /// Accepts the next stream the peer opened. Cancel-safe.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), StreamError> {
         match self {
-            Session::Quic(c) => match c.accept_bi().await {
-                Ok((s, r)) => Ok((SendStream::Quic(s), RecvStream::Quic(r))),
-                Err(e) => Err(StreamError::Session(SessionEnd::from_quic(&e))),
-            },
-            Session::Tcp(t) => match t.mux().accept_bi().await {
-                Ok((s, r)) => Ok(tcp_pair(t, s, r)),
-                Err(e) => Err(StreamError::from_tcp(e, t).await),
-            },
+            Session::Quic(c) => quic_streams(c.accept_bi().await),
+            Session::Tcp(t) => tcp_streams(t, t.mux().accept_bi().await).await,
         }
     }
 
@@ -312,12 +300,32 @@ pub struct PathFacts {
     pub mtu: u16,
 }
 
-fn tcp_pair(t: &TcpSession, s: qmux::SendStream, r: qmux::RecvStream) -> (SendStream, RecvStream) {
-    let id = t.next_stream();
-    (
-        SendStream::Tcp(s, t.clone(), id),
-        RecvStream::Tcp(r, t.clone()),
-    )
+/// A QUIC stream opened or accepted, as a session stream; a refusal is the session's end.
+fn quic_streams(
+    streams: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+) -> Result<(SendStream, RecvStream), StreamError> {
+    match streams {
+        Ok((s, r)) => Ok((SendStream::Quic(s), RecvStream::Quic(r))),
+        Err(e) => Err(StreamError::Session(SessionEnd::from_quic(&e))),
+    }
+}
+
+/// A stream of the TCP fallback opened or accepted, numbered for the session's counters; a
+/// refusal says how the session ended when it did.
+async fn tcp_streams(
+    t: &TcpSession,
+    streams: Result<(qmux::SendStream, qmux::RecvStream), qmux::Error>,
+) -> Result<(SendStream, RecvStream), StreamError> {
+    match streams {
+        Ok((s, r)) => {
+            let id = t.next_stream();
+            Ok((
+                SendStream::Tcp(s, t.clone(), id),
+                RecvStream::Tcp(r, t.clone()),
+            ))
+        }
+        Err(e) => Err(StreamError::from_tcp(e, t).await),
+    }
 }
 
 /// The sending half of a stream. Dropping it finishes it (unless it was reset), as quinn's

@@ -174,13 +174,9 @@ impl TcpServer {
         let work = async {
             let _ = tcp.set_nodelay(true);
             let stats = socket_stats(&tcp);
-            let tls = self.acceptor.accept(tcp).await.map_err(|e| TcpError::Tls {
-                addr: remote,
-                detail: tls_detail(&e),
-            })?;
-            let (_, conn) = tls.get_ref();
-            check_alpn(conn.alpn_protocol(), remote)?;
-            let peer = conn.peer_certificates().map(|c| c.to_vec());
+            let tls = self.acceptor.accept(tcp).await;
+            let tls = tls.map_err(|e| tls_failed(remote, &e))?;
+            let peer = negotiated(tls.get_ref().1, remote)?;
             let config = mux_config(&self.limits, self.limits.agent_streams);
             let session = qmux::Session::accept(transport(tls, stats), config)
                 .await
@@ -231,13 +227,8 @@ pub async fn connect_over(
     let stream = connector
         .connect(server_name(name)?, tcp)
         .await
-        .map_err(|e| TcpError::Tls {
-            addr: remote,
-            detail: tls_detail(&e),
-        })?;
-    let (_, conn) = stream.get_ref();
-    check_alpn(conn.alpn_protocol(), remote)?;
-    let peer = conn.peer_certificates().map(|c| c.to_vec());
+        .map_err(|e| tls_failed(remote, &e))?;
+    let peer = negotiated(stream.get_ref().1, remote)?;
     // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
     // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
     let session = qmux::Session::connect(
@@ -267,11 +258,23 @@ fn socket_stats(tcp: &TcpStream) -> Option<qmux::SharedSocketStats> {
         .map(|s| Arc::new(s) as qmux::SharedSocketStats)
 }
 
-fn check_alpn(alpn: Option<&[u8]>, addr: SocketAddr) -> Result<(), TcpError> {
-    if alpn == Some(TCP_ALPN) {
-        Ok(())
-    } else {
-        Err(TcpError::Alpn { addr })
+/// After a completed handshake with `addr`, on either side: the protocol must be
+/// `rna-tcp/1`; returns the peer's certificate chain as TLS verified it.
+fn negotiated(
+    conn: &rustls::CommonState,
+    addr: SocketAddr,
+) -> Result<Option<Vec<CertificateDer<'static>>>, TcpError> {
+    if conn.alpn_protocol() != Some(TCP_ALPN) {
+        return Err(TcpError::Alpn { addr });
+    }
+    Ok(conn.peer_certificates().map(|c| c.to_vec()))
+}
+
+/// A TLS handshake with `addr` that failed, on either side.
+fn tls_failed(addr: SocketAddr, e: &std::io::Error) -> TcpError {
+    TcpError::Tls {
+        addr,
+        detail: tls_detail(e),
     }
 }
 
@@ -395,5 +398,76 @@ impl TcpSession {
     /// The smoothed round-trip time: the kernel's for the TCP connection, else QMux's ping.
     pub fn rtt(&self) -> Option<Duration> {
         self.0.mux.stats().rtt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS 1.3 handshake in memory between `client` and `server`.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return (client, server);
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn both_sides_keep_the_peer_chain_and_refuse_a_handshake_without_rna_tcp() {
+        super::super::tls::install_provider();
+        let ca = crate::certs::Ca::generate("tcp test CA").unwrap();
+        let hub = ca.issue_hub(&["localhost".to_string()]).unwrap();
+        let agent = ca.issue_agent("edge").unwrap();
+        let server = ServerTls::from_pem(&ca.cert_pem(), &hub.cert_pem, &hub.key_pem)
+            .unwrap()
+            .rustls_config(TCP_ALPN)
+            .unwrap();
+        let client = ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem)
+            .unwrap()
+            .rustls_config(TCP_ALPN)
+            .unwrap();
+        let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+
+        let (c, s) = handshake(client.clone(), server.clone());
+        let agent_chain = negotiated(&s, addr).unwrap().unwrap_or_default();
+        let hub_chain = negotiated(&c, addr).unwrap().unwrap_or_default();
+        assert!(!agent_chain.is_empty() && !hub_chain.is_empty());
+        assert_ne!(agent_chain[0], hub_chain[0]);
+
+        // A client that offers no protocol completes TLS but is not a `rna-tcp/1` peer.
+        let mut bare = client;
+        bare.alpn_protocols.clear();
+        let (_, s) = handshake(bare, server);
+        assert!(
+            matches!(negotiated(&s, addr), Err(TcpError::Alpn { addr: a }) if a == addr),
+            "{:?}",
+            negotiated(&s, addr)
+        );
+        let e = std::io::Error::other(rustls::Error::NoCertificatesPresented);
+        assert!(matches!(
+            tls_failed(addr, &e),
+            TcpError::Tls { addr: a, detail } if a == addr && detail.contains("no certificates")
+        ));
     }
 }
