@@ -17,7 +17,8 @@
 //! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`, `duration`: leaves that
 //!    know nothing of hub or agent
 //! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
-//! 3. `transport`: QUIC and TLS endpoints, the control stream, the relay
+//! 3. `transport`, `oidc`: QUIC and TLS endpoints, the control stream, the relay; JWTs from
+//!    trusted OIDC issuers and the client-credentials flow
 //! 4. `hub`, `agent`: the two roles
 //! 5. `config`, `client`, `dev`: configuration that builds hub and agent settings, the
 //!    admin API client, the state folder of `rna dev`
@@ -40,6 +41,7 @@ pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod oidc;
 pub mod proto;
 pub mod runtime;
 pub mod transport;
