@@ -373,11 +373,7 @@ mod tests {
         .unwrap();
         assert_eq!(ok.access_token.expose(), "a.b.c");
         assert_eq!(ok.expires_in, Duration::from_secs(60));
-        assert_eq!(
-            format!("{ok:?}").contains("a.b.c"),
-            false,
-            "token is masked"
-        );
+        assert!(!format!("{ok:?}").contains("a.b.c"), "token is masked");
         let default =
             parse_response("u", br#"{"access_token":"t","token_type":"bearer"}"#).unwrap();
         assert_eq!(default.expires_in, ASSUMED_LIFETIME);
