@@ -161,12 +161,22 @@ async fn client_credentials_token_verifies_through_discovery() {
     let scope = "connect:agentHub read:infra:data";
     let es = issuer.token(&issuer.client("edge", scope)).await;
     let rs = issuer.token(&issuer.client("edge-rs", scope)).await;
+    let ps = issuer.token(&issuer.client("edge-ps", scope)).await;
+    let ed = issuer.token(&issuer.client("edge-ed", scope)).await;
     let mut post = issuer.client("edge-post", scope);
     post.auth = TokenAuth::Body;
     let post = issuer.token(&post).await;
     assert_eq!(part(&es, 0)["alg"], "ES256");
     assert_eq!(part(&rs, 0)["alg"], "RS256");
-    for (token, client) in [(&es, "edge"), (&rs, "edge-rs"), (&post, "edge-post")] {
+    assert_eq!(part(&ps, 0)["alg"], "PS256");
+    assert_eq!(part(&ed, 0)["alg"], "EdDSA");
+    for (token, client) in [
+        (&es, "edge"),
+        (&rs, "edge-rs"),
+        (&ps, "edge-ps"),
+        (&ed, "edge-ed"),
+        (&post, "edge-post"),
+    ] {
         let g = v
             .verify(token)
             .await
@@ -182,7 +192,7 @@ async fn client_credentials_token_verifies_through_discovery() {
         g.require(Scope::ConnectAgentHub).unwrap();
         assert_eq!(part(token, 1)["exp"].as_i64(), Some(g.expires_at));
     }
-    // One discovery + JWKS fetch served all three.
+    // One discovery + JWKS fetch served all five.
     assert_eq!(v.fetches(&issuer.url), Some(1));
 
     // Another client's tenant claim maps to its own tenant.

@@ -1,5 +1,6 @@
 // A real OIDC issuer for rna's integration tests (tests/oidc.rs): oidc-provider with client
-// credentials and resource indicators giving JWT access tokens, served over https on
+// credentials and resource indicators giving JWT access tokens (ES256, RS256, PS256 and
+// EdDSA keys; the client id picks the algorithm), served over https on
 // 127.0.0.1 with a certificate the test made.
 //
 //   node issuer.mjs CERT.pem KEY.pem
@@ -22,15 +23,29 @@ const ttl = Number(process.env.TOKEN_TTL || 60);
 const audience = 'https://hub.rna.test';
 const scopes = ['connect:agentHub', 'read:infra:data', 'proxy', 'exec:infra:op'];
 // The tenant each client's tokens carry, in the custom `rna_tenant` claim.
-const tenants = { edge: 'acme/prod', 'edge-rs': 'acme/prod', 'edge-post': 'acme/prod', globex: 'globex/prod' };
+const tenants = {
+  edge: 'acme/prod',
+  'edge-rs': 'acme/prod',
+  'edge-ps': 'acme/prod',
+  'edge-ed': 'acme/prod',
+  'edge-post': 'acme/prod',
+  globex: 'globex/prod',
+};
+// The signing algorithm of each client's tokens (ES256 for the others).
+const algs = { 'edge-rs': 'RS256', 'edge-ps': 'PS256', 'edge-ed': 'EdDSA' };
 
 function privateJwk(type, alg) {
-  const options = type === 'ec' ? { namedCurve: 'P-256' } : { modulusLength: 2048 };
+  const options = { ec: { namedCurve: 'P-256' }, rsa: { modulusLength: 2048 }, ed25519: {} }[type];
   const { privateKey } = generateKeyPairSync(type, options);
   return { ...privateKey.export({ format: 'jwk' }), kid: `${alg}-${randomUUID()}`, alg, use: 'sig' };
 }
 
-let keys = [privateJwk('ec', 'ES256'), privateJwk('rsa', 'RS256')];
+let keys = [
+  privateJwk('ec', 'ES256'),
+  privateJwk('rsa', 'RS256'),
+  privateJwk('rsa', 'PS256'),
+  privateJwk('ed25519', 'EdDSA'),
+];
 
 function client(id, method = 'client_secret_basic') {
   return {
@@ -46,7 +61,10 @@ function client(id, method = 'client_secret_basic') {
 
 function provider(issuer) {
   const p = new Provider(issuer, {
-    clients: [client('edge'), client('edge-rs'), client('edge-post', 'client_secret_post'), client('globex')],
+    clients: [
+      ...['edge', 'edge-rs', 'edge-ps', 'edge-ed', 'globex'].map((id) => client(id)),
+      client('edge-post', 'client_secret_post'),
+    ],
     jwks: { keys },
     scopes,
     features: {
@@ -61,7 +79,7 @@ function provider(issuer) {
           audience: resource,
           accessTokenTTL: ttl,
           accessTokenFormat: 'jwt',
-          jwt: { sign: { alg: c.clientId === 'edge-rs' ? 'RS256' : 'ES256' } },
+          jwt: { sign: { alg: algs[c.clientId] || 'ES256' } },
         }),
       },
     },
