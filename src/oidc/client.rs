@@ -245,8 +245,9 @@ impl ClientCredentials {
 
     /// Fetches the first token (its error is returned, so a misconfigured agent fails at
     /// start), then keeps renewing it at 80 % of each lifetime until `shutdown`. A failed
-    /// renewal is retried after 1 s, 2 s, 4 s … up to 30 s, and never later than the
-    /// current token's expiry allows; each failure is one warning line.
+    /// renewal is retried after 1 s, 2 s, 4 s … then every 30 s, until one succeeds or
+    /// `shutdown`; each failure is one warning line. The task ends when every receiver is
+    /// gone.
     pub async fn start(
         self,
         shutdown: CancellationToken,

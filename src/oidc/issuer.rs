@@ -133,8 +133,9 @@ pub enum IssuerConfigError {
     /// Two entries name the same issuer.
     #[error("OIDC issuer {0:?} is listed twice")]
     Duplicate(String),
-    /// No audience is listed: a token for any service of the organisation would pass.
-    #[error("OIDC issuer {0:?}: audiences must list at least one audience")]
+    /// No audience (or an empty one) is listed: a token for any service of the
+    /// organisation would pass.
+    #[error("OIDC issuer {0:?}: audiences must list at least one non-empty audience")]
     NoAudience(String),
     /// Neither or both of `tenant_claim` and `tenant`.
     #[error("OIDC issuer {0:?}: set exactly one of tenant_claim and tenant")]
@@ -186,7 +187,7 @@ impl IssuerConfig {
         if super::fetch::check_https(&self.url).is_err() {
             return Err(IssuerConfigError::NotHttps(url()));
         }
-        if self.audiences.iter().all(|a| a.is_empty()) {
+        if self.audiences.is_empty() || self.audiences.iter().any(|a| a.is_empty()) {
             return Err(IssuerConfigError::NoAudience(url()));
         }
         if self.tenant_claim.is_some() == self.tenant.is_some() {
@@ -751,6 +752,10 @@ mod tests {
         );
         assert_eq!(
             bad(&|c| c.audiences.clear()),
+            IssuerConfigError::NoAudience(u())
+        );
+        assert_eq!(
+            bad(&|c| c.audiences.push(String::new())),
             IssuerConfigError::NoAudience(u())
         );
         assert_eq!(
