@@ -780,6 +780,21 @@ mod tests {
         ));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn periodic_refresh_runs_every_interval_until_shutdown() {
+        let Fixture { _dir, verifier, .. } = fixture(|_| {});
+        let verifier = Arc::new(verifier);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(verifier.clone().run_refresher(shutdown.clone()));
+        // Paused time: the runtime jumps from timer to timer, so three hours pass at once.
+        tokio::time::sleep(Duration::from_secs(3 * 3600 + 1)).await;
+        assert_eq!(verifier.fetches(ISS), Some(3));
+        shutdown.cancel();
+        task.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(verifier.fetches(ISS), Some(3), "no refresh after shutdown");
+    }
+
     #[test]
     fn jwt_shape() {
         assert!(looks_like_jwt("eyJh.eyJp.c2ln"));
