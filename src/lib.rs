@@ -17,8 +17,9 @@
 //! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`, `duration`: leaves that
 //!    know nothing of hub or agent
 //! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
-//! 3. `transport`, `enroll`: QUIC and TLS endpoints, the control stream, the relay; join
-//!    tokens, CSRs, the CA pin and the certificate lifecycle of agent enrollment
+//! 3. `transport`, `enroll`, `oidc`: QUIC and TLS endpoints, the control stream, the relay;
+//!    join tokens, CSRs, the CA pin and the certificate lifecycle of agent enrollment; JWTs
+//!    from trusted OIDC issuers and the client-credentials flow
 //! 4. `hub`, `agent`: the two roles
 //! 5. `config`, `admin_client`, `dev`: configuration that builds hub and agent settings, the
 //!    admin API client, `rna dev` (its state folder and the hub and agent it runs)
@@ -43,6 +44,7 @@ pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod oidc;
 pub mod proto;
 pub mod runtime;
 pub mod transport;
