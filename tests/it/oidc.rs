@@ -6,15 +6,13 @@
 //!
 //! Needs node and `npm ci` in tests/oidc (.ci/run does it).
 
-
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::{init_logs, within};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use crate::common::{init_logs, within};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer as CaIssuer, KeyPair};
 use rna::auth::Scope;
 use rna::identity::Secret;
