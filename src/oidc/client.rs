@@ -24,6 +24,10 @@ pub const DEFAULT_SCOPE: &str = "connect:agentHub";
 /// The lifetime assumed when the answer has no `expires_in` (RFC 6749 §5.1 only recommends
 /// it): short, so a token of unknown lifetime is replaced early rather than late.
 const ASSUMED_LIFETIME: Duration = Duration::from_secs(300);
+/// The longest lifetime believed: an issuer's `expires_in` beyond a day is read as a day, so
+/// the token is renewed at least daily and no answer, however large, can overflow the
+/// renewal time.
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// The longest pause between two failed attempts.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 
@@ -323,7 +327,7 @@ pub fn parse_response(url: &str, body: &[u8]) -> Result<TokenResponse, ClientErr
     let expires_in = match doc.get("expires_in") {
         None => ASSUMED_LIFETIME,
         Some(v) => match v.as_u64() {
-            Some(secs) if secs > 0 => Duration::from_secs(secs),
+            Some(secs) if secs > 0 => Duration::from_secs(secs).min(MAX_LIFETIME),
             _ => return Err(bad("expires_in is not a positive whole number")),
         },
     };
@@ -378,6 +382,14 @@ mod tests {
         let default =
             parse_response("u", br#"{"access_token":"t","token_type":"bearer"}"#).unwrap();
         assert_eq!(default.expires_in, ASSUMED_LIFETIME);
+        // A lifetime too large to add to a clock reading is read as the longest believed.
+        let huge = parse_response(
+            "u",
+            br#"{"access_token":"t","token_type":"Bearer","expires_in":18446744073709551615}"#,
+        )
+        .unwrap();
+        assert_eq!(huge.expires_in, MAX_LIFETIME);
+        let _ = tokio::time::Instant::now() + huge.expires_in;
         for (body, why) in [
             (&b"nope"[..], "answer is not JSON"),
             (br#"{"token_type":"Bearer"}"#, "no access_token"),

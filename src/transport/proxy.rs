@@ -169,7 +169,9 @@ impl ProxyUrl {
 impl fmt::Display for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.credentials {
-            Some(c) => write!(f, "http://{}:MASKED@{}", c.user, self.authority()),
+            // The whole user information is masked: some proxies take their secret as the
+            // user name with an empty password.
+            Some(_) => write!(f, "http://MASKED@{}", self.authority()),
             None => write!(f, "http://{}", self.authority()),
         }
     }
@@ -627,7 +629,8 @@ mod tests {
         let url = ProxyUrl::parse("http://agent:s3cret@proxy:3128").unwrap();
         for shown in [url.to_string(), format!("{url:?}")] {
             assert!(!shown.contains("s3cret"), "{shown}");
-            assert!(shown.contains("agent:MASKED@proxy:3128"), "{shown}");
+            assert!(!shown.contains("agent"), "{shown}");
+            assert!(shown.contains("http://MASKED@proxy:3128"), "{shown}");
         }
         for bad in [
             "https://proxy:3128",
