@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
+    SignatureAlgorithm, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
@@ -131,6 +131,30 @@ pub fn requested_agent(csr_der: &[u8]) -> Result<String, EnrollError> {
     Ok(name.to_owned())
 }
 
+/// The algorithm of the CSR's own key, read from its SubjectPublicKeyInfo; `None` for a key
+/// the hub does not sign.
+fn key_algorithm_of(csr_der: &[u8]) -> Option<&'static SignatureAlgorithm> {
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der).ok()?;
+    let spki = &csr.certification_request_info.subject_pki.algorithm;
+    let curve = match &spki.parameters {
+        Some(p) => Some(p.as_oid().ok()?.to_id_string()),
+        None => None,
+    };
+    key_algorithm(&spki.algorithm.to_id_string(), curve.as_deref())
+}
+
+/// The signing algorithm for a key type (RFC 5480 §2.1.1 and §2.1.1.1, RFC 8410 §3): the key
+/// algorithm's OID and, for EC keys, the named curve.
+fn key_algorithm(oid: &str, curve: Option<&str>) -> Option<&'static SignatureAlgorithm> {
+    match (oid, curve) {
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => Some(&PKCS_ECDSA_P256_SHA256),
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => Some(&PKCS_ECDSA_P384_SHA384),
+        ("1.3.101.112", None) => Some(&PKCS_ED25519),
+        _ => None,
+    }
+}
+
 /// A certificate the hub signed for an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedCert {
@@ -214,16 +238,13 @@ impl Signer {
                     }
                     e => bad_request(format!("CSR refused: {e}")),
                 })?;
+        // rcgen names the key after the CSR's signature algorithm, which the requester
+        // chooses; the key's own SubjectPublicKeyInfo must say the same, or the certificate
+        // would describe a key of another curve.
         let alg = csr.public_key.algorithm();
-        if ![
-            &PKCS_ECDSA_P256_SHA256,
-            &PKCS_ECDSA_P384_SHA384,
-            &PKCS_ED25519,
-        ]
-        .contains(&alg)
-        {
+        if key_algorithm_of(csr_der) != Some(alg) {
             return Err(bad_request(
-                "CSR key must be ECDSA P-256, ECDSA P-384 or Ed25519",
+                "CSR key must be ECDSA P-256, ECDSA P-384 or Ed25519, signed with its own algorithm",
             ));
         }
         let backdate = MAX_BACKDATE.min(lifetime / 10);
@@ -361,6 +382,42 @@ pub fn agent_identity(cert_der: &[u8]) -> Result<AgentIdentity, EnrollError> {
 mod tests {
     use super::*;
     use crate::certs::Ca;
+
+    #[test]
+    fn the_key_type_comes_from_the_key_not_the_signature() {
+        let ec = "1.2.840.10045.2.1";
+        for (oid, curve, want) in [
+            (
+                ec,
+                Some("1.2.840.10045.3.1.7"),
+                Some(&PKCS_ECDSA_P256_SHA256),
+            ),
+            (ec, Some("1.3.132.0.34"), Some(&PKCS_ECDSA_P384_SHA384)),
+            ("1.3.101.112", None, Some(&PKCS_ED25519)),
+            // P-521, an EC key without a named curve, RSA, Ed448: not signed.
+            (ec, Some("1.3.132.0.35"), None),
+            (ec, None, None),
+            ("1.2.840.113549.1.1.1", None, None),
+            ("1.3.101.113", None, None),
+            // Parameters on an Ed25519 key are malformed (RFC 8410 §3).
+            ("1.3.101.112", Some("1.2.840.10045.3.1.7"), None),
+        ] {
+            assert_eq!(key_algorithm(oid, curve), want, "{oid} {curve:?}");
+        }
+        // Real CSRs: each key type is read back from the key itself.
+        for alg in [
+            &PKCS_ECDSA_P256_SHA256,
+            &PKCS_ECDSA_P384_SHA384,
+            &PKCS_ED25519,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, "edge");
+            let csr = params.serialize_request(&key).unwrap();
+            assert_eq!(key_algorithm_of(csr.der()), Some(alg));
+        }
+        assert_eq!(key_algorithm_of(b"not a csr"), None);
+    }
 
     fn admission(tenant: &str, agent: &str) -> Admission {
         Admission {
