@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{read_state, write_state, EnrollError, RevocationList, SignedCert};
+use super::{load_by_serial, save_by_serial, BySerial, EnrollError, RevocationList, SignedCert};
 use crate::identity::Tenant;
 
 /// The largest issued-certificate log read: about 50,000 certificates.
@@ -65,23 +65,14 @@ pub struct IssuedLog {
 impl IssuedLog {
     /// Reads the log; a missing file is an empty log (a hub's first start).
     pub fn load(path: &Path) -> Result<IssuedLog, EnrollError> {
-        let records: Vec<IssuedRecord> = read_state(path, MAX_ISSUED_FILE)?.unwrap_or_default();
-        let mut log = IssuedLog::default();
-        for record in records {
-            if log.records.contains_key(&record.serial) {
-                return Err(EnrollError::state(
-                    path,
-                    format!("serial {} appears twice", record.serial),
-                ));
-            }
-            log.records.insert(record.serial.clone(), record);
-        }
-        Ok(log)
+        Ok(IssuedLog {
+            records: load_by_serial(path, MAX_ISSUED_FILE)?,
+        })
     }
 
     /// Writes the log atomically (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), EnrollError> {
-        write_state(path, &self.records.values().collect::<Vec<_>>())
+        save_by_serial(path, &self.records)
     }
 
     /// Adds a record; a serial already logged is refused, since a serial must name one
@@ -154,6 +145,12 @@ impl IssuedLog {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+}
+
+impl BySerial for IssuedRecord {
+    fn serial(&self) -> &str {
+        &self.serial
     }
 }
 

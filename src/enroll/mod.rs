@@ -119,6 +119,42 @@ fn read_state<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A record of a state file kept by certificate serial: the issued-certificate log and the
+/// revocation list.
+trait BySerial: serde::Serialize + serde::de::DeserializeOwned {
+    /// The serial that names the record.
+    fn serial(&self) -> &str;
+}
+
+/// Reads a state file of records by serial; a missing file holds none (a hub's first start),
+/// and a serial listed twice is refused, since a serial names one certificate.
+fn load_by_serial<T: BySerial>(
+    path: &Path,
+    limit: u64,
+) -> Result<std::collections::BTreeMap<String, T>, EnrollError> {
+    let listed: Vec<T> = read_state(path, limit)?.unwrap_or_default();
+    let mut records = std::collections::BTreeMap::new();
+    for record in listed {
+        let serial = record.serial().to_owned();
+        if records.contains_key(&serial) {
+            return Err(EnrollError::state(
+                path,
+                format!("serial {serial} appears twice"),
+            ));
+        }
+        records.insert(serial, record);
+    }
+    Ok(records)
+}
+
+/// Writes records by serial as a list, atomically (mode 0600).
+fn save_by_serial<T: BySerial>(
+    path: &Path,
+    records: &std::collections::BTreeMap<String, T>,
+) -> Result<(), EnrollError> {
+    write_state(path, &records.values().collect::<Vec<_>>())
+}
+
 /// Writes a JSON state file atomically with mode 0600.
 fn write_state<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), EnrollError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| EnrollError::state(path, e))?;

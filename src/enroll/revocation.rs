@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{read_state, write_state, EnrollError, IssuedLog};
+use super::{load_by_serial, save_by_serial, BySerial, EnrollError, IssuedLog};
 use crate::identity::Tenant;
 
 /// The largest revocation list read.
@@ -36,23 +36,14 @@ pub struct RevocationList {
 impl RevocationList {
     /// Reads the list; a missing file is an empty list (a hub's first start).
     pub fn load(path: &Path) -> Result<RevocationList, EnrollError> {
-        let entries: Vec<Revoked> = read_state(path, MAX_REVOCATION_FILE)?.unwrap_or_default();
-        let mut list = RevocationList::default();
-        for entry in entries {
-            if list.entries.contains_key(&entry.serial) {
-                return Err(EnrollError::state(
-                    path,
-                    format!("serial {} appears twice", entry.serial),
-                ));
-            }
-            list.entries.insert(entry.serial.clone(), entry);
-        }
-        Ok(list)
+        Ok(RevocationList {
+            entries: load_by_serial(path, MAX_REVOCATION_FILE)?,
+        })
     }
 
     /// Writes the list atomically (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), EnrollError> {
-        write_state(path, &self.entries.values().collect::<Vec<_>>())
+        save_by_serial(path, &self.entries)
     }
 
     /// Revokes what `target` names in `log`: the certificate with that serial, else every
@@ -103,6 +94,12 @@ impl RevocationList {
     /// Every entry, by serial.
     pub fn entries(&self) -> impl Iterator<Item = &Revoked> {
         self.entries.values()
+    }
+}
+
+impl BySerial for Revoked {
+    fn serial(&self) -> &str {
+        &self.serial
     }
 }
 
