@@ -336,7 +336,7 @@ pub async fn run(
         agent_handle.wait_until(|s| s.connected > 0).await;
         if cluster_mode {
             registry
-                .wait_until(|r| r.sessions().iter().any(|s| s.inventory().is_some()))
+                .wait_until(|r| r.sessions().iter().any(|s| s.inventory_json().is_some()))
                 .await;
         }
     };

@@ -18,6 +18,7 @@ pub use store::{load_secret_file, read_secret_file, StoreError, TokenRecord, Tok
 pub use time::{parse_ttl, unix_now};
 // Token listings print expiry instants; the formatting itself is a leaf helper.
 pub use crate::clock::format_rfc3339;
+pub(crate) use token::{hex, is_lower_hex};
 pub use token::{token_id, AuthError, Grant, ParseScopeError, Scope};
 // The identity rules live in a leaf below `proto`; tokens speak of them all the time, so
 // they are named here too.

@@ -151,7 +151,7 @@ const PREFIX: &str = "rna_";
 const TOKEN_LEN: usize = PREFIX.len() + 2 * ID_BYTES + 1 + 2 * SECRET_BYTES;
 
 /// Whether `s` is exactly `len` lowercase hex digits.
-pub(super) fn is_lower_hex(s: &str, len: usize) -> bool {
+pub(crate) fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
@@ -199,7 +199,7 @@ pub(super) fn generate(rng: &SystemRandom) -> Result<(String, Secret), ring::err
 }
 
 /// Lowercase hex encoding.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -26,7 +26,7 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// Leaf certificates live 825 days, the longest validity clients commonly still accept.
 const LEAF_VALIDITY: Duration = Duration::from_secs(825 * 24 * 60 * 60);
 /// 9999-12-31T23:59:59Z: the last instant an X.509 time (GeneralizedTime) can hold.
-pub(super) const LAST_X509_SECOND: u64 = 253_402_300_799;
+pub(crate) const LAST_X509_SECOND: u64 = 253_402_300_799;
 
 // File names inside a certificate directory, shared by `init_dir` and `issue_agent_files`.
 const CA_CERT_FILE: &str = "ca.pem";

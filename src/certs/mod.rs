@@ -11,6 +11,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 mod issue;
 
+pub(crate) use issue::LAST_X509_SECOND;
 pub use issue::{init_dir, issue_agent_files, write_private, Ca, IssuedCert};
 
 // A certificate's common name is an agent name; callers that check names for certificates
@@ -259,7 +260,7 @@ mod tests {
 
     use rustls_pki_types::ServerName;
 
-    use super::issue::{pem_encode, write_public, LAST_X509_SECOND};
+    use super::issue::{pem_encode, write_public};
     use super::*;
     use std::net::Ipv4Addr;
     use x509_parser::extensions::GeneralName;

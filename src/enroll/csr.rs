@@ -19,7 +19,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use x509_parser::prelude::FromDer;
 
-use super::{hex, Admission, EnrollError, RefusalCode};
+use super::{Admission, EnrollError, RefusalCode};
+use crate::auth::hex;
 use crate::identity::{valid_agent_name, Secret, Tenant};
 
 /// Agent certificates live 30 days unless the hub is told otherwise.
@@ -259,7 +260,7 @@ impl Signer {
             crate::auth::unix_now(not_after),
         );
         // X.509 times stop at the end of year 9999.
-        if not_after_secs > 253_402_300_799 {
+        if not_after_secs > crate::certs::LAST_X509_SECOND {
             return Err(clock());
         }
         let mut serial = [0u8; SERIAL_BYTES];

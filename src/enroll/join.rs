@@ -11,7 +11,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{hex, EnrollError, RefusalCode};
+use super::{EnrollError, RefusalCode};
+use crate::auth::{hex, is_lower_hex};
 use crate::clock::format_rfc3339;
 use crate::identity::{valid_agent_name, Secret, Tenant};
 
@@ -43,11 +44,6 @@ fn malformed(why: impl fmt::Display) -> EnrollError {
         RefusalCode::Malformed,
         format!("join token is malformed: {why}"),
     )
-}
-
-/// Whether `s` is exactly `len` lowercase hex digits.
-fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Decodes lowercase hex of the right length (checked by the caller).

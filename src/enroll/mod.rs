@@ -92,17 +92,6 @@ impl EnrollError {
     }
 }
 
-/// Lowercase hex encoding.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
-
 /// Reads a JSON state file of at most `limit` bytes; a missing file is `Ok(None)`.
 fn read_state<T: serde::de::DeserializeOwned>(
     path: &Path,

@@ -155,10 +155,9 @@ impl FailureLog {
     pub(crate) fn failed(&self, reason: &'static str, line: std::fmt::Arguments<'_>) {
         let mut state = self.lock();
         let summary = Self::roll(&mut state);
-        // After the roll nothing is pending, so the count `line` hands back is always zero.
-        let log = state.budget.line().is_some();
+        // After the roll nothing is pending, so the count `event` hands back is always zero.
+        let log = state.budget.event().is_some();
         if !log {
-            state.budget.unlogged();
             *state.suppressed.entry(reason).or_insert(0) += 1;
         }
         drop(state);

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIGroup, APIResourceList};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use tracing::warn;
 
-use super::{from_kube, now_unix, KubeAllow, KubeExecutor};
+use super::{from_kube, KubeAllow, KubeExecutor};
 use crate::proto::kube::{Inventory, ResourceInfo};
 
 /// How long a collected inventory is handed out again instead of asking the API server,
@@ -89,7 +89,7 @@ impl KubeExecutor {
 
     async fn collect_inventory(&self) -> Inventory {
         let mut inv = Inventory {
-            collected_unix: now_unix(),
+            collected_unix: crate::auth::unix_now(std::time::SystemTime::now()),
             ..Default::default()
         };
         match self.client.apiserver_version().await {

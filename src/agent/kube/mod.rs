@@ -17,7 +17,7 @@ mod serve;
 pub mod wait;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -111,12 +111,6 @@ pub enum KubeError {
     /// The client could not be built.
     #[error("Kubernetes client: {0}")]
     Client(String),
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn failure(kind: FailureKind, code: u16, reason: &str, message: impl Into<String>) -> KubeFailure {
