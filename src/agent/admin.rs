@@ -23,7 +23,7 @@ use crate::proto::DialFailure;
 #[derive(Debug)]
 pub struct AgentMetrics {
     registry: Registry,
-    hub_connections: Gauge,
+    hub_connections: Family<Labels, Gauge>,
     reconnects: Counter,
     dials: Family<Labels, Counter>,
     cap_refusals: Family<Labels, Counter>,
@@ -43,7 +43,7 @@ impl AgentMetrics {
     pub fn new() -> Self {
         let registry = crate::metrics::registry_with_build_info("agent");
         let m = AgentMetrics {
-            hub_connections: Gauge::default(),
+            hub_connections: Family::default(),
             reconnects: Counter::default(),
             dials: Family::default(),
             cap_refusals: Family::default(),
@@ -54,7 +54,7 @@ impl AgentMetrics {
         let r = &mut m.registry;
         r.register(
             "agent_hub_connections",
-            "Hub sessions established now",
+            "Hub sessions established now, by transport (quic, tcp)",
             m.hub_connections.clone(),
         );
         r.register(
@@ -86,12 +86,15 @@ impl AgentMetrics {
         crate::metrics::render(&self.registry)
     }
 
-    /// A hub session started (`true`) or ended (`false`).
-    pub fn hub_connection(&self, up: bool) {
+    /// A hub session over `transport` started (`true`) or ended (`false`).
+    pub fn hub_connection(&self, transport: &'static str, up: bool) {
+        let gauge = self
+            .hub_connections
+            .get_or_create(&vec![("transport", transport.to_string())]);
         if up {
-            self.hub_connections.inc();
+            gauge.inc();
         } else {
-            self.hub_connections.dec();
+            gauge.dec();
         }
     }
 

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::auth::{Secret, StoreError};
+use crate::transport::proxy::ProxySettings;
 use crate::transport::{self, ClientTls, Limits, TransportError};
 
 pub use backoff::Retry;
@@ -165,6 +166,60 @@ pub struct AgentConfig {
     pub max_frame: usize,
     /// Cluster mode: run the hub's Kubernetes commands (`None`: off).
     pub kube: Option<kube::KubeSettings>,
+    /// QUIC, TLS over TCP, or QUIC with a fallback to TCP (`--transport`).
+    pub transport: TransportMode,
+    /// With `auto`: how long a QUIC handshake may take before TCP is tried.
+    pub quic_fallback_after: Duration,
+    /// With `auto`, while on TCP: how often QUIC is tried again.
+    pub quic_probe_interval: Duration,
+    /// The HTTP proxy for TCP sessions, and the hubs reached without it.
+    pub proxy: ProxySettings,
+}
+
+/// How the agent reaches its hubs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TransportMode {
+    /// QUIC; TLS over TCP when no QUIC handshake completes within
+    /// [`AgentConfig::quic_fallback_after`] or UDP cannot be sent, and back to QUIC when a
+    /// probe finds it working. Straight to TCP when a proxy is in effect.
+    #[default]
+    Auto,
+    /// QUIC only (UDP).
+    Quic,
+    /// TLS over TCP only (directly or through the proxy); never UDP.
+    Tcp,
+}
+
+impl TransportMode {
+    /// `auto`, `quic` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportMode::Auto => "auto",
+            TransportMode::Quic => "quic",
+            TransportMode::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for TransportMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransportMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TransportMode::Auto),
+            "quic" => Ok(TransportMode::Quic),
+            "tcp" => Ok(TransportMode::Tcp),
+            other => Err(format!(
+                "unknown transport {other:?}: use auto, quic or tcp"
+            )),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -187,6 +242,10 @@ impl AgentConfig {
             max_pending_dials: 256,
             max_frame: crate::proto::codec::MAX_FRAME,
             kube: None,
+            transport: TransportMode::Auto,
+            quic_fallback_after: Duration::from_secs(5),
+            quic_probe_interval: Duration::from_secs(600),
+            proxy: ProxySettings::default(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{ConnectionError, RecvStream, SendStream};
+use quinn::ConnectionError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, Instrument};
@@ -22,8 +22,12 @@ use crate::proto::{
 use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
 };
+use crate::transport::proxy::ProxyUrl;
 use crate::transport::relay::relay;
+use crate::transport::session::{RecvStream, SendStream, Session};
+use crate::transport::tcp::{self, TcpError};
 use crate::transport::tls::{self, CertProblem};
+use crate::transport::{self};
 
 /// Time the hub has to send the stream header after opening a tunnel stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,6 +78,28 @@ pub enum SessionError {
     /// The hub broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// No TCP connection to the hub's address (the TLS/TCP transport).
+    #[error("TCP to {addr}: {reason}")]
+    TcpConnect {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// Refused, unreachable, no answer in N s.
+        reason: String,
+    },
+    /// The HTTP proxy did not open a tunnel: unreachable, refused the credentials (407), or
+    /// answered with another status; never the hub's fault.
+    #[error("{0}")]
+    Proxy(String),
+    /// Neither transport reached the hub (`--transport auto`): what each attempt met.
+    #[error("cannot reach the hub: QUIC to {addr} (UDP): {quic}; TCP to {addr}: {tcp}")]
+    Unreachable {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// Why QUIC failed, e.g. `no answer in 5 s`.
+        quic: String,
+        /// Why TCP failed, e.g. `connection refused`.
+        tcp: String,
+    },
 }
 
 /// What the agent knows about one connection attempt, for messages that say what to fix.
@@ -128,6 +154,34 @@ impl SessionError {
     }
 }
 
+impl SessionError {
+    /// Why a session that was being set up ended, or `None` while it is alive. QUIC tells
+    /// TLS refusals and transport errors apart; a TLS/TCP session's refusals were read during
+    /// its setup, so only the hub's close code is left to read here.
+    fn from_session(session: &Session, at: &Attempt<'_>) -> Option<Self> {
+        if let Session::Quic(c) = session {
+            return c
+                .close_reason()
+                .map(|e| SessionError::from_connection(e, at));
+        }
+        Some(match session.close_reason()? {
+            transport::session::SessionEnd::ClosedByPeer { code, reason } => {
+                match CloseCode::from_code(code) {
+                    Some(code) => SessionError::Rejected { code, reason },
+                    None => {
+                        SessionError::Protocol(format!("closed with unknown code {code}: {reason}"))
+                    }
+                }
+            }
+            transport::session::SessionEnd::TimedOut => SessionError::NoWelcome {
+                addr: at.addr,
+                after: at.patience,
+            },
+            other => SessionError::Connect(other.to_string()),
+        })
+    }
+}
+
 /// Which side refused which certificate, and the fix.
 fn explain_tls(failure: &tls::TlsFailure, at: &Attempt<'_>) -> String {
     let detail = &failure.detail;
@@ -178,8 +232,8 @@ fn explain_tls(failure: &tls::TlsFailure, at: &Attempt<'_>) -> String {
 /// An established session, ready to [`run`].
 #[derive(Debug)]
 pub struct Established {
-    /// The connection to the hub.
-    pub connection: quinn::Connection,
+    /// The session with the hub (QUIC or TLS/TCP).
+    pub connection: Session,
     /// The hub's Welcome.
     pub welcome: Welcome,
     send: SendStream,
@@ -188,8 +242,8 @@ pub struct Established {
     max_frame: usize,
 }
 
-/// Connects to the hub at `addr` and registers with `config.token`. Fails with the hub's
-/// reason when refused.
+/// Connects to the hub at `addr` over QUIC and registers with `config.token`. Fails with the
+/// hub's reason when refused.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -207,27 +261,137 @@ pub async fn connect_with_token(
     config: &AgentConfig,
     token: &Secret,
 ) -> Result<Established, SessionError> {
-    let timeout = config.limits.handshake_timeout;
+    let session = dial_quic(
+        endpoint,
+        addr,
+        server_name,
+        config,
+        config.limits.handshake_timeout,
+    )
+    .await?;
+    register(session, addr, server_name, config, token).await
+}
+
+/// The QUIC and TLS handshake with the hub at `addr`, given up after `patience` (or the
+/// idle timeout, when shorter).
+pub async fn dial_quic(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    config: &AgentConfig,
+    patience: Duration,
+) -> Result<Session, SessionError> {
     let at = Attempt {
         addr,
         server_name,
         agent: &config.name,
-        patience: timeout.min(config.limits.idle_timeout),
+        patience: patience.min(config.limits.idle_timeout),
     };
     let connecting = endpoint
         .connect(addr, server_name)
         .map_err(|e| SessionError::Connect(e.to_string()))?;
     // The deadline and quinn's own idle timeout both end an attempt nobody answers; both
     // become the same error through `from_connection`.
-    let connection = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => {
-            return Err(SessionError::from_connection(
-                ConnectionError::TimedOut,
-                &at,
-            ))
+    match tokio::time::timeout(patience, connecting).await {
+        Err(_) => Err(SessionError::from_connection(
+            ConnectionError::TimedOut,
+            &at,
+        )),
+        Ok(Err(e)) => Err(SessionError::from_connection(e, &at)),
+        Ok(Ok(c)) => Ok(Session::from(c)),
+    }
+}
+
+/// The TLS handshake with the hub over TCP: straight to `addr`, or through `proxy` with
+/// `CONNECT host:port` (the proxy resolves the name), within the handshake timeout.
+pub async fn dial_tcp(
+    addr: SocketAddr,
+    host: &str,
+    server_name: &str,
+    config: &AgentConfig,
+    proxy: Option<&ProxyUrl>,
+) -> Result<Session, SessionError> {
+    let at = Attempt {
+        addr,
+        server_name,
+        agent: &config.name,
+        patience: config.limits.handshake_timeout,
+    };
+    let limits = &config.limits;
+    let dialed = match proxy {
+        None => tcp::connect(addr, server_name, &config.tls, limits).await,
+        Some(proxy) => {
+            let tunnel = crate::transport::proxy::connect(
+                proxy,
+                host,
+                addr.port(),
+                limits.handshake_timeout,
+            )
+            .await
+            .map_err(|e| SessionError::Proxy(e.to_string()))?;
+            let work = tcp::connect_over(tunnel, addr, server_name, &config.tls, limits);
+            tokio::time::timeout(limits.handshake_timeout, work)
+                .await
+                .unwrap_or(Err(TcpError::Timeout {
+                    addr,
+                    limit: limits.handshake_timeout,
+                }))
         }
-        Ok(Err(e)) => return Err(SessionError::from_connection(e, &at)),
-        Ok(Ok(c)) => c,
+    };
+    match dialed {
+        Ok(session) => Ok(Session::from(session)),
+        Err(TcpError::Tls { failure, .. }) => Err(SessionError::Tls(explain_tls(&failure, &at))),
+        Err(TcpError::Connect { source, .. }) => Err(SessionError::TcpConnect {
+            addr,
+            reason: io_reason(&source),
+        }),
+        Err(TcpError::Timeout { limit, .. }) => Err(SessionError::TcpConnect {
+            addr,
+            reason: format!("no answer in {}", seconds(limit)),
+        }),
+        Err(e) => Err(SessionError::Connect(e.to_string())),
+    }
+}
+
+/// A connection failure in the words of the messages: `connection refused`.
+fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "connection refused".into(),
+        ErrorKind::ConnectionReset => "connection reset".into(),
+        ErrorKind::TimedOut => "timed out".into(),
+        ErrorKind::PermissionDenied => "not permitted (a local firewall?)".into(),
+        ErrorKind::HostUnreachable => "host unreachable".into(),
+        ErrorKind::NetworkUnreachable => "network unreachable".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// `5 s`, `1.5 s`: a duration as the fallback messages print it.
+pub(crate) fn seconds(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{} s", d.as_secs_f64())
+    }
+}
+
+/// Hello and the hub's answer on a session whose TLS handshake is done, whichever transport
+/// carries it. Fails with the hub's reason when refused.
+pub async fn register(
+    connection: Session,
+    addr: SocketAddr,
+    server_name: &str,
+    config: &AgentConfig,
+    token: &Secret,
+) -> Result<Established, SessionError> {
+    let timeout = config.limits.handshake_timeout;
+    let at = Attempt {
+        addr,
+        server_name,
+        agent: &config.name,
+        patience: timeout.min(config.limits.idle_timeout),
     };
     let hello = Control::Hello(Hello {
         protocol: PROTOCOL_VERSION,
@@ -239,25 +403,23 @@ pub async fn connect_with_token(
         token: token.clone(),
     });
     let attempt = async {
-        let (mut send, mut recv) = connection.open_bi().await?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(std::io::Error::other)?;
         // Heartbeats and control messages go out before any queued tunnel data.
-        let _ = send.set_priority(CONTROL_PRIORITY);
+        send.set_priority(CONTROL_PRIORITY);
         let frame = encode(&hello).map_err(|e| std::io::Error::other(e.to_string()))?;
-        send.write_all(&frame).await?;
+        send.write_all(&frame)
+            .await
+            .map_err(std::io::Error::other)?;
         let reply = read_frame::<Control, _>(&mut recv).await;
         Ok::<_, std::io::Error>((send, recv, reply))
     };
     let outcome = tokio::time::timeout(timeout, attempt).await;
     // In TLS 1.3 the client finishes its handshake before the hub has checked the client
     // certificate, so a refusal often shows up only here, as the connection's close reason.
-    let closed = |connection: &quinn::Connection| {
-        connection
-            .close_reason()
-            .map(|e| SessionError::from_connection(e, &at))
-    };
+    let closed = |connection: &Session| SessionError::from_session(connection, &at);
     match outcome {
         Err(_) => {
-            connection.close(CloseCode::HandshakeTimeout.into(), b"no answer to hello");
+            connection.close(CloseCode::HandshakeTimeout.code(), "no answer to hello");
             Err(SessionError::NoWelcome {
                 addr,
                 after: timeout,
@@ -273,11 +435,11 @@ pub async fn connect_with_token(
                 max_frame: config.max_frame,
             }),
             Ok(Some(Control::Rejected { code, reason })) => {
-                connection.close(code.into(), b"rejected");
+                connection.close(code.code(), "rejected");
                 Err(SessionError::Rejected { code, reason })
             }
             Ok(Some(other)) => {
-                connection.close(CloseCode::Protocol.into(), b"expected welcome");
+                connection.close(CloseCode::Protocol.code(), "expected welcome");
                 Err(SessionError::Protocol(format!(
                     "expected Welcome, got {}",
                     control::kind(&other)
@@ -303,14 +465,23 @@ pub struct SessionEnd {
     pub going_away: bool,
 }
 
+/// How long a draining session waits after telling the hub `GoingAway` before it counts its
+/// streams: a stream the hub opened just before it read the message still arrives.
+const DRAIN_SETTLE: Duration = Duration::from_millis(500);
+
 /// Serves an established session: heartbeats, tunnel streams and Kubernetes commands (and
 /// inventory reports in cluster mode), until the connection ends or `cancel` fires.
+///
+/// When `drain` fires (the agent has made a newer session to the same hub), the session
+/// tells the hub `GoingAway` so no new stream comes to it, lets the streams in flight finish,
+/// then closes normally: make-before-break, no running transfer breaks.
 pub async fn run(
     established: Established,
     dialer: Arc<Dialer>,
     kube: Option<Arc<KubeExecutor>>,
     agent: &str,
     cancel: &CancellationToken,
+    drain: &CancellationToken,
 ) -> SessionEnd {
     let Established {
         connection,
@@ -324,12 +495,12 @@ pub async fn run(
         timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(150)),
     };
     let streams = TaskTracker::new();
-    if let Some(kube) = &kube {
-        streams.spawn(
+    let inventory = kube.as_ref().map(|kube| {
+        tokio::spawn(
             report_inventory(connection.clone(), kube.clone())
                 .instrument(tracing::info_span!("inventory")),
-        );
-    }
+        )
+    });
     let accept = async {
         loop {
             match connection.accept_bi().await {
@@ -346,33 +517,36 @@ pub async fn run(
             }
         }
     };
-    let end = tokio::select! {
-        end = heartbeat_loop(&connection, &mut send, &mut reader, heartbeat, cancel, |_| {}) => end,
-        e = accept => ControlEnd::Stream(e.to_string()),
+    let drained = async {
+        drain.cancelled().await;
+        tokio::time::sleep(DRAIN_SETTLE + connection.rtt().unwrap_or_default()).await;
+        streams.close();
+        streams.wait().await;
     };
-    let path = connection.stats().path;
-    // Path facts for diagnosing throughput: MTU discovery's result and loss.
-    debug!(
-        mtu = path.current_mtu,
-        lost_packets = path.lost_packets,
-        black_holes = path.black_holes_detected,
-        probes_sent = path.sent_plpmtud_probes,
-        probes_lost = path.lost_plpmtud_probes,
-        "hub connection path"
-    );
+    let end = tokio::select! {
+        end = heartbeat_loop(&connection, &mut send, &mut reader, heartbeat, cancel, Some(drain), |_| {}) => end,
+        e = accept => ControlEnd::Stream(e.to_string()),
+        () = drained => ControlEnd::Moved,
+    };
+    if let Some(path) = connection.path() {
+        // Path facts for diagnosing throughput: MTU discovery's result and loss.
+        debug!(
+            mtu = path.mtu,
+            lost_packets = path.lost_packets,
+            "hub connection path"
+        );
+    }
+    let closed = connection.close_reason();
     let going_away = matches!(
-        connection.close_reason(),
-        Some(ConnectionError::ApplicationClosed(ref c))
-            if c.error_code.into_inner() == u64::from(CloseCode::GoingAway.code())
+        closed,
+        Some(transport::session::SessionEnd::ClosedByPeer { code, .. })
+            if code == u64::from(CloseCode::GoingAway.code())
     );
-    let reason = match connection.close_reason() {
-        Some(ConnectionError::ApplicationClosed(c)) => {
-            let code = CloseCode::from_code(c.error_code.into_inner())
-                .map_or_else(|| c.error_code.to_string(), |c| c.to_string());
-            format!(
-                "hub closed the session: {code}: {}",
-                String::from_utf8_lossy(&c.reason)
-            )
+    let reason = match closed {
+        Some(transport::session::SessionEnd::ClosedByPeer { code, reason }) => {
+            let code =
+                CloseCode::from_code(code).map_or_else(|| code.to_string(), |c| c.to_string());
+            format!("hub closed the session: {code}: {reason}")
         }
         Some(other) => other.to_string(),
         None => end.to_string(),
@@ -386,14 +560,17 @@ pub async fn run(
         }
         _ => CloseCode::Normal,
     };
-    connection.close(code.into(), b"agent closing");
+    connection.close(code.code(), "agent closing");
     streams.close();
+    if let Some(task) = inventory {
+        task.abort();
+    }
     SessionEnd { reason, going_away }
 }
 
 /// Reports the inventory when the session starts, then every interval and whenever a
 /// command changed what it lists, until the connection ends.
-async fn report_inventory(connection: quinn::Connection, kube: Arc<KubeExecutor>) {
+async fn report_inventory(connection: Session, kube: Arc<KubeExecutor>) {
     let mut changes = kube.inventory_changes();
     loop {
         let inventory = kube.inventory().await;
@@ -455,8 +632,8 @@ async fn serve_stream(
                 Ok(Ok(_)) => "no header".to_string(),
             };
             info!("stream refused: {why}");
-            let _ = send.reset(StreamCode::BadHeader.into());
-            let _ = recv.stop(StreamCode::BadHeader.into());
+            send.reset(StreamCode::BadHeader.into());
+            recv.stop(StreamCode::BadHeader.into());
             return;
         }
     };
@@ -494,7 +671,7 @@ async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
         Err(_) => return,
     };
     if send.write_all(&frame).await.is_err() {
-        let _ = recv.stop(StreamCode::Reset.into());
+        recv.stop(StreamCode::Reset.into());
         return;
     }
     let outcome = relay(tcp, send, recv, None, |_, _| {}, std::future::pending()).await;

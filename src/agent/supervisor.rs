@@ -12,10 +12,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::{admin, kube, session, AgentConfig, AgentStatus, Dialer, Endpoints, HubTarget};
-use super::{Retry, SessionError};
+use super::{Retry, SessionError, TransportMode};
 use crate::auth::{Secret, StoreError};
 use crate::proto::CloseCode;
 use crate::transport;
+use crate::transport::proxy::ProxyUrl;
+use crate::transport::session::{Session, TransportKind};
 
 /// Delay of that immediate reconnect.
 const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
@@ -43,6 +45,30 @@ pub(super) struct Supervisor {
 impl Supervisor {
     /// Keeps one connection per address the hub name resolves to.
     pub(super) async fn follow(self, target: HubTarget, cancel: CancellationToken) {
+        let server_name = self
+            .config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| target.host.clone());
+        let proxied = self.config.transport != TransportMode::Quic
+            && self
+                .config
+                .proxy
+                .for_hub(&target.host, target.port)
+                .is_some();
+        if proxied {
+            // The proxy resolves the hub's name (`CONNECT host:port`), so the agent keeps one
+            // session per hub name there; the address is only a label when it is not literal.
+            let addr = target.host.parse::<std::net::IpAddr>().map_or_else(
+                |_| SocketAddr::from(([0, 0, 0, 0], target.port)),
+                |ip| SocketAddr::new(ip, target.port),
+            );
+            self.clone()
+                .connect_loop(addr, target.host.clone(), server_name, cancel)
+                .instrument(tracing::info_span!("conn", via = "proxy"))
+                .await;
+            return;
+        }
         let mut connectors: HashMap<SocketAddr, CancellationToken> = HashMap::new();
         let tasks = TaskTracker::new();
         let mut retry = self.backoff();
@@ -68,13 +94,8 @@ impl Supervisor {
                         let token = cancel.child_token();
                         connectors.insert(addr, token.clone());
                         let me = self.clone();
-                        let name = self
-                            .config
-                            .server_name
-                            .clone()
-                            .unwrap_or_else(|| target.host.clone());
                         tasks.spawn(
-                            me.connect_loop(addr, name, token)
+                            me.connect_loop(addr, target.host.clone(), server_name.clone(), token)
                                 .instrument(tracing::info_span!("conn", %addr)),
                         );
                     }
@@ -118,94 +139,115 @@ impl Supervisor {
     }
 
     /// Connects to one hub address, serves the session, and reconnects with jittered
-    /// backoff until cancelled.
-    async fn connect_loop(self, addr: SocketAddr, server_name: String, cancel: CancellationToken) {
-        let endpoint = match transport::agent_endpoint(addr, &self.config.tls, &self.config.limits)
-        {
-            Ok(e) => e,
-            Err(e) => {
-                error!("cannot create a QUIC endpoint: {e}");
-                return;
+    /// backoff until cancelled. `host` is the hub's name as given (a proxy is asked for
+    /// `host:port`); `addr` is one address it resolved to.
+    async fn connect_loop(
+        self,
+        addr: SocketAddr,
+        host: String,
+        server_name: String,
+        cancel: CancellationToken,
+    ) {
+        let mode = self.config.transport;
+        let configured_proxy = self.config.proxy.for_hub(&host, addr.port()).cloned();
+        let proxy = match mode {
+            TransportMode::Quic => {
+                if let Some(p) = &configured_proxy {
+                    warn!(proxy = %p, "--transport quic sends UDP straight to the hub: the HTTP proxy is not used");
+                }
+                None
             }
+            _ => configured_proxy,
         };
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, endpoint.clone());
+        if let Some(p) = &proxy {
+            info!(proxy = %p, "reaching the hub over TCP through the HTTP proxy");
+        }
+        let wants_quic = match mode {
+            TransportMode::Quic => true,
+            TransportMode::Auto => proxy.is_none(),
+            TransportMode::Tcp => false,
+        };
+        let endpoint = if wants_quic {
+            match transport::agent_endpoint(addr, &self.config.tls, &self.config.limits) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    error!("cannot create a QUIC endpoint: {e}");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(endpoint) = &endpoint {
+            self.endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(addr, endpoint.clone());
+        }
+        let dial = Dial {
+            addr,
+            host,
+            server_name,
+            proxy,
+            endpoint,
+        };
         let mut retry = self.backoff();
         let mut refused = self.refused_backoff();
         let mut first = true;
+        // A session made while another was still up (a QUIC probe from TCP): served next.
+        let mut ready: Option<session::Established> = None;
         loop {
-            if !first {
-                self.metrics.reconnect();
-            }
-            first = false;
-            let token = match self.current_token() {
-                Ok(token) => token,
-                Err(e) => {
-                    let delay = refused.next_delay();
-                    error!(retry_in = ?delay,
-                        "cannot read the token file: {e}; the agent reads it again before each attempt");
-                    if self.pause(delay, &cancel).await {
-                        break;
+            let attempt = match ready.take() {
+                Some(established) => Ok(established),
+                None => {
+                    if !first {
+                        self.metrics.reconnect();
                     }
-                    continue;
+                    first = false;
+                    let token = match self.current_token() {
+                        Ok(token) => token,
+                        Err(e) => {
+                            let delay = refused.next_delay();
+                            error!(retry_in = ?delay,
+                                "cannot read the token file: {e}; the agent reads it again before each attempt");
+                            if self.pause(delay, &cancel).await {
+                                break;
+                            }
+                            continue;
+                        }
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        r = self.attempt(&dial, &token) => r,
+                    }
                 }
-            };
-            let attempt = tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = session::connect_with_token(&endpoint, addr, &server_name, &self.config, &token) => r,
             };
             let delay = match attempt {
                 Ok(established) => {
                     retry = self.backoff();
                     refused = self.refused_backoff();
-                    info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
-                        "connected to hub");
-                    self.check_hub_certificate(&established.connection);
-                    self.metrics.hub_connection(true);
-                    self.status.send_modify(|s| {
-                        s.connected += 1;
-                        s.sessions_total += 1;
-                        s.last_error = None;
-                    });
-                    let up_since = std::time::Instant::now();
-                    let run = session::run(
-                        established,
-                        self.dialer.clone(),
-                        self.kube.clone(),
-                        &self.config.name,
-                        &cancel,
-                    );
-                    tokio::pin!(run);
-                    // The moment the session turns stable is logged, so an operator (and a
-                    // test) can tell when a drop stops costing a backoff.
-                    let end = tokio::select! {
-                        end = &mut run => end,
-                        () = tokio::time::sleep(self.config.stable_session) => {
-                            debug!("session stable; a drop now reconnects at once");
-                            run.await
+                    match self.serve(established, &dial, &cancel).await {
+                        Served::Moved(next) => {
+                            ready = Some(next);
+                            continue;
                         }
-                    };
-                    self.metrics.hub_connection(false);
-                    self.status
-                        .send_modify(|s| s.connected = s.connected.saturating_sub(1));
-                    if cancel.is_cancelled() {
-                        break;
-                    }
-                    if end.going_away {
-                        info!("hub is going away: {}; reconnecting", end.reason);
-                        // Replicas restart together: spread the reconnects a little.
-                        Duration::from_millis(50)
-                    } else if up_since.elapsed() >= self.config.stable_session {
-                        // A session that had been up is worth one immediate retry: a hub that
-                        // restarted (its stateless reset ends our session) answers at once.
-                        // Failures after that back off as usual.
-                        warn!("session ended: {}; reconnecting now", end.reason);
-                        IMMEDIATE_RECONNECT
-                    } else {
-                        warn!("session ended: {}; reconnecting", end.reason);
-                        retry.next_delay()
+                        Served::Ended { .. } if cancel.is_cancelled() => break,
+                        Served::Ended { end, up } => {
+                            if end.going_away {
+                                info!("hub is going away: {}; reconnecting", end.reason);
+                                // Replicas restart together: spread the reconnects a little.
+                                Duration::from_millis(50)
+                            } else if up >= self.config.stable_session {
+                                // A session that had been up is worth one immediate retry: a
+                                // hub that restarted (its stateless reset ends our session)
+                                // answers at once. Failures after that back off as usual.
+                                warn!("session ended: {}; reconnecting now", end.reason);
+                                IMMEDIATE_RECONNECT
+                            } else {
+                                warn!("session ended: {}; reconnecting", end.reason);
+                                retry.next_delay()
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -235,12 +277,243 @@ impl Supervisor {
                 break;
             }
         }
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr);
-        endpoint.close(crate::proto::CloseCode::Normal.into(), b"agent stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let Some(endpoint) = &dial.endpoint {
+            self.endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&addr);
+            endpoint.close(crate::proto::CloseCode::Normal.into(), b"agent stopping");
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+    }
+
+    /// One connection attempt on the transport `--transport` asks for; with `auto`, QUIC
+    /// first and TCP when QUIC gets no answer in time or UDP cannot be sent at all.
+    async fn attempt(
+        &self,
+        dial: &Dial,
+        token: &Secret,
+    ) -> Result<session::Established, SessionError> {
+        let config = &self.config;
+        let Dial {
+            addr,
+            host,
+            server_name,
+            proxy,
+            endpoint,
+        } = dial;
+        let addr = *addr;
+        let session = match (config.transport, endpoint) {
+            (TransportMode::Quic, Some(endpoint)) => {
+                let patience = config.limits.handshake_timeout;
+                session::dial_quic(endpoint, addr, server_name, config, patience).await?
+            }
+            (TransportMode::Auto, Some(endpoint)) => {
+                let quic = match udp_blocked(addr) {
+                    Some(why) => Err(why),
+                    None => {
+                        let patience = config.quic_fallback_after;
+                        match session::dial_quic(endpoint, addr, server_name, config, patience)
+                            .await
+                        {
+                            Ok(s) => Ok(s),
+                            Err(SessionError::Timeout { after, .. }) => {
+                                Err(format!("no answer in {}", session::seconds(after)))
+                            }
+                            Err(SessionError::Connect(why)) => Err(why),
+                            Err(other) => return Err(other),
+                        }
+                    }
+                };
+                match quic {
+                    Ok(s) => s,
+                    Err(quic) => {
+                        info!("QUIC to {addr} (UDP): {quic}; trying TLS over TCP");
+                        match session::dial_tcp(addr, host, server_name, config, None).await {
+                            Ok(s) => s,
+                            Err(SessionError::TcpConnect { reason, .. }) => {
+                                return Err(SessionError::Unreachable {
+                                    addr,
+                                    quic,
+                                    tcp: reason,
+                                })
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+            _ => session::dial_tcp(addr, host, server_name, config, proxy.as_ref()).await?,
+        };
+        session::register(session, addr, server_name, config, token).await
+    }
+
+    /// Serves an established session until it ends, or, for an `auto` agent on TCP, until a
+    /// QUIC probe made a new session: the old one then drains in the background (the hub
+    /// routes nothing new to it, its streams finish) and the new one is handed back.
+    async fn serve(
+        &self,
+        established: session::Established,
+        dial: &Dial,
+        cancel: &CancellationToken,
+    ) -> Served {
+        let transport = established.connection.transport();
+        info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
+            %transport, "connected to hub");
+        self.check_hub_certificate(&established.connection);
+        self.metrics.hub_connection(transport.as_str(), true);
+        self.status.send_modify(|s| {
+            s.connected += 1;
+            s.sessions_total += 1;
+            s.last_error = None;
+        });
+        let up_since = std::time::Instant::now();
+        let drain = CancellationToken::new();
+        let mut run = {
+            let me = self.clone();
+            let cancel = cancel.clone();
+            let drain = drain.clone();
+            tokio::spawn(
+                async move {
+                    session::run(
+                        established,
+                        me.dialer.clone(),
+                        me.kube.clone(),
+                        &me.config.name,
+                        &cancel,
+                        &drain,
+                    )
+                    .await
+                }
+                .in_current_span(),
+            )
+        };
+        let probe = async {
+            match (&dial.endpoint, self.config.transport, transport) {
+                (Some(endpoint), TransportMode::Auto, TransportKind::Tcp) => {
+                    self.probe_quic(endpoint, dial).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(probe);
+        // The moment the session turns stable is logged, so an operator (and a test) can
+        // tell when a drop stops costing a backoff.
+        let stable = tokio::time::sleep(self.config.stable_session);
+        tokio::pin!(stable);
+        let mut stable_seen = false;
+        let ended = loop {
+            tokio::select! {
+                end = &mut run => break end,
+                () = &mut stable, if !stable_seen => {
+                    stable_seen = true;
+                    debug!("session stable; a drop now reconnects at once");
+                }
+                next = &mut probe => {
+                    info!(session = next.welcome.session_id,
+                        "QUIC reaches the hub again: moving from TLS over TCP to QUIC; the TCP \
+                         session closes once its streams have finished");
+                    drain.cancel();
+                    let me = self.clone();
+                    tokio::spawn(
+                        async move {
+                            let end = run.await;
+                            me.session_over(transport);
+                            match end {
+                                Ok(end) => info!("TCP session closed: {}", end.reason),
+                                Err(e) => warn!("TCP session task failed: {e}"),
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                    return Served::Moved(next);
+                }
+            }
+        };
+        self.session_over(transport);
+        let end = ended.unwrap_or_else(|e| session::SessionEnd {
+            reason: format!("session task failed: {e}"),
+            going_away: false,
+        });
+        Served::Ended {
+            end,
+            up: up_since.elapsed(),
+        }
+    }
+
+    /// Counts a session as ended.
+    fn session_over(&self, transport: TransportKind) {
+        self.metrics.hub_connection(transport.as_str(), false);
+        self.status
+            .send_modify(|s| s.connected = s.connected.saturating_sub(1));
+    }
+
+    /// Tries QUIC every `quic_probe_interval` until a session registers over it.
+    async fn probe_quic(&self, endpoint: &quinn::Endpoint, dial: &Dial) -> session::Established {
+        let config = &self.config;
+        loop {
+            tokio::time::sleep(config.quic_probe_interval).await;
+            let Ok(token) = self.current_token() else {
+                continue;
+            };
+            let dialed = session::dial_quic(
+                endpoint,
+                dial.addr,
+                &dial.server_name,
+                config,
+                config.quic_fallback_after,
+            )
+            .await;
+            let registered = match dialed {
+                Ok(s) => session::register(s, dial.addr, &dial.server_name, config, &token).await,
+                Err(e) => Err(e),
+            };
+            match registered {
+                Ok(established) => return established,
+                Err(e) => debug!("QUIC probe to {}: {e}; staying on TCP", dial.addr),
+            }
+        }
+    }
+}
+
+/// Where and how one hub address is dialed.
+struct Dial {
+    addr: SocketAddr,
+    host: String,
+    server_name: String,
+    /// The HTTP proxy for TCP sessions, when one is in effect for this hub.
+    proxy: Option<ProxyUrl>,
+    /// The QUIC endpoint, unless the agent only uses TCP here.
+    endpoint: Option<quinn::Endpoint>,
+}
+
+/// How serving a session ended.
+enum Served {
+    /// The session ended after being up for `up`.
+    Ended {
+        end: session::SessionEnd,
+        up: Duration,
+    },
+    /// A QUIC probe made this newer session; the old one is draining.
+    Moved(session::Established),
+}
+
+/// Why UDP to `addr` cannot be sent at all, found at once (no route, a local firewall that
+/// refuses with EPERM), or `None` when a datagram leaves. The datagram is empty: a QUIC
+/// endpoint drops it unread.
+fn udp_blocked(addr: SocketAddr) -> Option<String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(local).ok()?;
+    if let Err(e) = socket.connect(addr) {
+        return Some(format!("cannot send UDP: {e}"));
+    }
+    match socket.send(&[]) {
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot send UDP: {e}")),
     }
 }
 
@@ -248,8 +521,10 @@ impl Supervisor {
     /// Records the expiry of the hub's certificate on this connection as a metric, and warns
     /// from 30 days before it. The agent's own certificate and CA are checked by
     /// [`watch_own_certificates`], not per connection.
-    fn check_hub_certificate(&self, connection: &quinn::Connection) {
-        let hub = transport::tls::peer_certificate(connection)
+    fn check_hub_certificate(&self, connection: &Session) {
+        let hub = connection
+            .peer_certificates()
+            .and_then(|chain| chain.into_iter().next())
             .and_then(|cert| crate::certs::not_after(&cert).ok());
         if let Some(not_after) = hub {
             self.metrics.certificate_expiry("hub", not_after);

@@ -10,8 +10,9 @@ use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources,
 use crate::agent::kube::{
     in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule, SecretRef,
 };
-use crate::agent::{AgentConfig, HubTarget, Policy, Rule};
+use crate::agent::{AgentConfig, HubTarget, Policy, Rule, TransportMode};
 use crate::auth::read_secret_file;
+use crate::transport::proxy::ProxySettings;
 use crate::transport::{ClientTls, Congestion};
 
 /// A Kubernetes namespace in a file: checked as it is read, so the error names its index.
@@ -75,6 +76,26 @@ settings! {
     /// Congestion controller for data sent to hubs: cubic or bbr [default: cubic].
     #[arg(long, env = "RNA_CONGESTION")]
     congestion: Option<Congestion> => field(settings.config.limits.congestion);
+    /// How to reach the hub: quic (UDP), tcp (TLS over TCP, also through --proxy), or auto:
+    /// QUIC, falling back to TCP when no QUIC handshake completes within
+    /// --quic-fallback-after, and back to QUIC when a probe finds it working [default: auto].
+    #[arg(long, env = "RNA_TRANSPORT")]
+    transport: Option<TransportMode> => field(settings.config.transport);
+    /// With --transport auto: how long a QUIC handshake may take before TCP is tried
+    /// [default: 5s].
+    #[arg(long, env = "RNA_QUIC_FALLBACK_AFTER", value_parser = parse_duration)]
+    quic_fallback_after: Option<Duration> => field(settings.config.quic_fallback_after);
+    /// With --transport auto, while on TCP: how often QUIC is tried again; the agent moves
+    /// to QUIC without breaking running transfers [default: 10m].
+    #[arg(long, env = "RNA_QUIC_PROBE_INTERVAL", value_parser = parse_duration)]
+    quic_probe_interval: Option<Duration> => field(settings.config.quic_probe_interval);
+    /// HTTP proxy for TCP sessions, http://[USER:PASSWORD@]HOST:PORT (sent CONNECT with
+    /// Basic credentials); without it, https_proxy, HTTPS_PROXY, all_proxy and ALL_PROXY
+    /// are read, and NO_PROXY (curl's rules) names hubs reached directly. A proxy in effect
+    /// makes --transport auto use TCP.
+    #[arg(long, env = "RNA_PROXY", value_name = "URL")]
+    proxy: Option<String> =>
+        show(settings.config.proxy.proxy.as_ref().map(|p| p.to_string()));
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
@@ -185,6 +206,8 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         config.server_name = Some(name);
     }
     config.policy = Policy::new(o.allow.clone(), o.deny.clone());
+    config.proxy = ProxySettings::resolve(o.proxy.as_deref(), |name| std::env::var(name).ok())
+        .map_err(|e| invalid("proxy", e.to_string()))?;
     let metrics = match o.metrics.as_deref() {
         None => MetricsListen::Default(DEFAULT_AGENT_METRICS),
         Some("off") => MetricsListen::Off,

@@ -7,15 +7,21 @@ use std::time::Duration;
 use super::settings::{at_least_one, bytes_from_frame_to, frame_size, worker_threads};
 use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
 use crate::auth::Tenant;
-use crate::hub::{HubConfig, NoAuthRoute};
+use crate::hub::{HubConfig, NoAuthRoute, TcpListen};
 use crate::transport::{Congestion, ServerTls};
 
 settings! {
     /// Hub settings from flags and environment (`None`: not given).
     HubOptions, file HubFile, in force from config: HubConfig, options;
-    /// UDP address agents connect to [default: 0.0.0.0:4433].
+    /// Address agents connect to: UDP for QUIC, and the same TCP port for the TLS/TCP
+    /// fallback unless --tcp-listen says otherwise [default: 0.0.0.0:4433].
     #[arg(long, env = "RNA_LISTEN")]
     listen: Option<SocketAddr> => show(Some(config.listen));
+    /// Where agents connect over TLS/TCP, the fallback for networks that block UDP or allow
+    /// only an HTTP proxy: an address, `same` (the TCP port of --listen) or `off`
+    /// [default: same].
+    #[arg(long, env = "RNA_TCP_LISTEN", value_name = "ADDR|same|off")]
+    tcp_listen: Option<TcpListen> => field(config.tcp_listen);
     /// SOCKS5 address [default: 127.0.0.1:1080].
     #[arg(long, env = "RNA_SOCKS")]
     socks: Option<SocketAddr> => show(Some(config.socks));

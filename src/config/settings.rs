@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{format_duration, parse_duration, ConfigError, LogFormat, LogOptions};
 use crate::agent::kube::{ResourceRule, SecretRef};
-use crate::agent::{HubTarget, Rule};
+use crate::agent::{HubTarget, Rule, TransportMode};
+use crate::hub::TcpListen;
 use crate::transport::Congestion;
 
 /// A duration as a file writes it: a string with a unit (`"10s"`) or an integer number of
@@ -98,7 +99,7 @@ macro_rules! text_form {
         }
     )*};
 }
-text_form!(String, HubTarget, Rule, ResourceRule, SecretRef);
+text_form!(String, HubTarget, Rule, ResourceRule, SecretRef, TcpListen);
 
 /// Values written as text and read through a check of the key's own instead of `FromStr`
 /// (`$form` may be a marker type whose value is `$value`); printed through `Display`.
@@ -136,7 +137,7 @@ macro_rules! choice_form {
         }
     )*};
 }
-choice_form!(Congestion, LogFormat);
+choice_form!(Congestion, LogFormat, TransportMode);
 
 impl Form for Duration {
     type Value = Duration;

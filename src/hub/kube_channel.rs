@@ -24,6 +24,7 @@ use crate::proto::kube::{
     MAX_INVENTORY, MAX_KUBE_REPLY, MAX_KUBE_REQUEST,
 };
 use crate::proto::StreamCode;
+use crate::transport::session::{RecvStream, SendStream, StreamError};
 
 /// Extra time the hub gives a command beyond the agent's own deadline, so the agent's precise
 /// timeout answer arrives before the hub gives up.
@@ -203,15 +204,15 @@ pub(crate) async fn call(
             .await
             .map_err(|e| stream_err(e.to_string()))?;
         // Commands go ahead of bulk tunnel data on a congested connection.
-        let _ = send.set_priority(1);
+        send.set_priority(1);
         let written = async {
             send.write_all(&head).await?;
             send.write_all(&body).await?;
             send.finish()?;
-            Ok::<_, std::io::Error>(())
+            Ok::<_, StreamError>(())
         };
         if let Err(e) = written.await {
-            let _ = recv.stop(StreamCode::Reset.into());
+            recv.stop(StreamCode::Reset.into());
             return Err(stream_err(e.to_string()));
         }
         loop {
@@ -223,7 +224,7 @@ pub(crate) async fn call(
                 Some(tx) => tokio::select! {
                     r = read => r,
                     _ = tx.closed() => {
-                        let _ = recv.stop(StreamCode::Reset.into());
+                        recv.stop(StreamCode::Reset.into());
                         return Err(stream_err("caller went away".into()));
                     }
                 },
@@ -235,7 +236,7 @@ pub(crate) async fn call(
                     if let Some(tx) = &progress {
                         // The caller went away: stop reading and let the agent notice.
                         if tx.send(event).await.is_err() {
-                            let _ = recv.stop(StreamCode::Reset.into());
+                            recv.stop(StreamCode::Reset.into());
                             return Err(stream_err("caller went away".into()));
                         }
                     }
@@ -391,12 +392,12 @@ enum InventoryError {
 async fn take_inventory(
     shared: Arc<Shared>,
     session: Arc<AgentSession>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
 ) {
-    let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode| {
-        let _ = send.reset(code.into());
-        let _ = recv.stop(code.into());
+    let refuse = |send: &mut SendStream, recv: &mut RecvStream, code: StreamCode| {
+        send.reset(code.into());
+        recv.stop(code.into());
     };
     let Some(mut turn) = session.inventory_turn() else {
         shared.metrics.cap_refused("inventory_interval");

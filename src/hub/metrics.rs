@@ -88,7 +88,7 @@ impl Metrics {
         );
         r.register(
             "agent_sessions",
-            "Agent sessions opened and closed, by event and reason",
+            "Agent sessions opened and closed, by event, reason and transport",
             m.sessions.clone(),
         );
         r.register(
@@ -178,22 +178,36 @@ impl Metrics {
     }
 
     /// An agent session was established; `agent` only when per-agent labels are enabled.
-    pub fn session_opened(&self, tenant: &str, agent: Option<&str>) {
+    pub fn session_opened(&self, tenant: &str, agent: Option<&str>, transport: &'static str) {
         self.agents_connected
             .get_or_create(&Self::agent_labels(tenant, agent))
             .inc();
         self.sessions
-            .get_or_create(&vec![("event", "opened".into()), ("reason", "ok".into())])
+            .get_or_create(&vec![
+                ("event", "opened".into()),
+                ("reason", "ok".into()),
+                ("transport", transport.into()),
+            ])
             .inc();
     }
 
     /// An agent session ended.
-    pub fn session_closed(&self, tenant: &str, agent: Option<&str>, reason: &'static str) {
+    pub fn session_closed(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        reason: &'static str,
+        transport: &'static str,
+    ) {
         self.agents_connected
             .get_or_create(&Self::agent_labels(tenant, agent))
             .dec();
         self.sessions
-            .get_or_create(&vec![("event", "closed".into()), ("reason", reason.into())])
+            .get_or_create(&vec![
+                ("event", "closed".into()),
+                ("reason", reason.into()),
+                ("transport", transport.into()),
+            ])
             .inc();
     }
 

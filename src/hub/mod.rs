@@ -28,11 +28,12 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::{ReloadingStore, StoreError};
 use crate::listen::{Acceptor, ConnectionCap};
 use crate::proto::CloseCode;
+use crate::transport::tcp::TcpServer;
 use crate::transport::{self, TransportError};
 
 pub use metrics::Metrics;
 pub use registry::{AgentInfo, AgentSession, Registry};
-pub use settings::{HubCaps, HubConfig, NoAuthRoute, SocksLimits};
+pub use settings::{HubCaps, HubConfig, NoAuthRoute, SocksLimits, TcpListen};
 
 /// Window of the rate limit on WARN lines for failed handshakes.
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
@@ -61,6 +62,9 @@ pub enum HubError {
     /// Unauthenticated SOCKS was asked for on an address other machines can reach.
     #[error("--socks-no-auth is only allowed when SOCKS listens on a loopback address, not {0}")]
     NoAuthNotLoopback(SocketAddr),
+    /// The TLS/TCP agent listener could not be set up.
+    #[error("TCP agent listener: {0}")]
+    Tcp(String),
 }
 
 /// State shared by the hub's tasks.
@@ -177,6 +181,8 @@ impl HubHandle {
 pub struct Hub {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    /// The TLS/TCP side of the agent listener, unless turned off.
+    tcp: Option<Arc<TcpServer>>,
     socks: TcpListener,
     api: Option<TcpListener>,
 }
@@ -199,12 +205,19 @@ impl Hub {
                 transport::EndpointKey::random()?
             }
         };
-        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits, &key)?;
+        let (endpoint, tcp) = bind_agent_sockets(&config, &key).await?;
         // Keep the port actually bound (`:0` picks one), for the status page's connect line.
         let mut config = config;
         if let Ok(bound) = endpoint.local_addr() {
             config.listen = bound;
         }
+        let tcp = match tcp {
+            Some(listener) => Some(Arc::new(
+                TcpServer::new(listener, &config.tls, &config.limits)
+                    .map_err(|e| HubError::Tcp(e.to_string()))?,
+            )),
+            None => None,
+        };
         let socks = TcpListener::bind(config.socks)
             .await
             .map_err(|source| HubError::Bind {
@@ -251,9 +264,15 @@ impl Hub {
         Ok(Hub {
             shared,
             endpoint,
+            tcp,
             socks,
             api,
         })
+    }
+
+    /// The TCP address agents connect to over TLS/TCP, unless that is off.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|t| t.local_addr().ok())
     }
 
     /// The UDP address agents connect to.
@@ -287,6 +306,7 @@ impl Hub {
         let Hub {
             shared,
             endpoint,
+            tcp,
             socks,
             api,
         } = self;
@@ -297,6 +317,7 @@ impl Hub {
         let sessions_stop = CancellationToken::new();
 
         info!(quic = %endpoint.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            tcp = %tcp.as_ref().and_then(|t| t.local_addr().ok()).map_or_else(|| "off".into(), |a| a.to_string()),
             socks = %socks.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             api = %api.as_ref().and_then(|l| l.local_addr().ok()).map_or_else(|| "off".into(), |a| a.to_string()),
             worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
@@ -319,6 +340,12 @@ impl Hub {
                         _ = stop.cancelled() => break,
                         _ = flush.tick() => {
                             shared.failure_log.flush();
+                            continue;
+                        }
+                        accepted = accept_tcp(tcp.as_deref()) => {
+                            if let Some(tcp) = &tcp {
+                                admit_tcp(&shared, tcp, accepted, &sessions, &sessions_stop).await;
+                            }
                             continue;
                         }
                         incoming = endpoint.accept() => match incoming {
@@ -463,5 +490,97 @@ impl Hub {
         }
         info!("hub stopped");
         Ok(())
+    }
+}
+
+/// The agent listener's sockets: the QUIC endpoint, and the TCP listener on the same port
+/// (or where `--tcp-listen` says). With port 0 the TCP side takes the port UDP was given;
+/// when another program holds that TCP port, both are bound again on a new one.
+async fn bind_agent_sockets(
+    config: &HubConfig,
+    key: &transport::EndpointKey,
+) -> Result<(quinn::Endpoint, Option<TcpListener>), HubError> {
+    let bind_tcp = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| HubError::Bind {
+                what: "agent TCP",
+                addr,
+                source,
+            })
+    };
+    let mut tries = 0;
+    loop {
+        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits, key)?;
+        let tcp = match config.tcp_listen {
+            TcpListen::Off => return Ok((endpoint, None)),
+            TcpListen::At(addr) => return Ok((endpoint, Some(bind_tcp(addr).await?))),
+            TcpListen::SameAsQuic => {
+                let port = endpoint
+                    .local_addr()
+                    .map_or(config.listen.port(), |a| a.port());
+                bind_tcp(SocketAddr::new(config.listen.ip(), port)).await
+            }
+        };
+        match tcp {
+            Ok(listener) => return Ok((endpoint, Some(listener))),
+            Err(e) if config.listen.port() == 0 && tries < 16 => {
+                debug!("{e}; binding both on another port");
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The next TCP connection of the agent listener; never, when it is off. Cancel-safe.
+async fn accept_tcp(
+    tcp: Option<&TcpServer>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some(tcp) => tcp.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Admits an accepted agent TCP connection through the same handshake caps as QUIC (a TCP
+/// peer's address is validated by its handshake) and serves it in its own task.
+async fn admit_tcp(
+    shared: &Arc<Shared>,
+    tcp: &Arc<TcpServer>,
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    sessions: &TaskTracker,
+    sessions_stop: &CancellationToken,
+) {
+    let (stream, remote) = match accepted {
+        Ok(a) => a,
+        Err(e) => {
+            // Out of file descriptors, usually: wait a little instead of spinning.
+            warn!("accepting an agent TCP connection failed: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
+    };
+    match shared.gate.admit(remote.ip(), true) {
+        admission::Admission::Accept(slot) => {
+            sessions.spawn(
+                session::serve_tcp(
+                    shared.clone(),
+                    tcp.clone(),
+                    stream,
+                    remote,
+                    sessions_stop.clone(),
+                    slot,
+                )
+                .instrument(tracing::info_span!("agent_conn", %remote, transport = "tcp")),
+            );
+        }
+        admission::Admission::Refuse(cap) => {
+            shared.metrics.cap_refused(cap);
+            debug!(%remote, cap, in_progress = shared.gate.in_progress(),
+                "agent TCP connection refused: handshake cap reached");
+        }
+        // Only unvalidated addresses are asked for a retry.
+        admission::Admission::Retry => {}
     }
 }

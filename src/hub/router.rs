@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use quinn::{RecvStream, SendStream};
+use crate::transport::session::{RecvStream, SendStream};
 
 use super::registry::StreamSlot;
 use super::Shared;

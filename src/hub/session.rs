@@ -1,6 +1,7 @@
 //! One agent connection on the hub: the TLS handshake, the Hello/Welcome exchange with its
 //! checks, registration, and heartbeats until the connection ends.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,6 +19,8 @@ use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
 };
+use crate::transport::session::{SendStream, Session, SessionEnd};
+use crate::transport::tcp::{TcpError, TcpServer};
 
 /// The close reason of a shutdown, as agents read it and both logs print it.
 pub(crate) const SHUTDOWN_REASON: &str = "hub shutting down";
@@ -67,7 +70,7 @@ impl HandshakeError {
     }
 }
 
-/// Serves one incoming agent connection to its end.
+/// Serves one incoming QUIC agent connection to its end.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
@@ -75,23 +78,17 @@ pub(crate) async fn serve(
     handshake_slot: HandshakeSlot,
 ) {
     let remote = incoming.remote_address();
-    // Failures are logged through the hub's rate limit: a flood of them must not become a
-    // flood of log lines. The counters see every one.
-    let failed = |err: &HandshakeError| {
-        shared.metrics.handshake_failed(err.label());
-        shared
-            .failure_log
-            .failed(err.label(), format_args!("{err} (from {remote})"));
-    };
     // The TLS phase has its own short deadline: a sender that starts handshakes and never
     // finishes them frees its slot soon, whatever time Hello is allowed.
     let tls_deadline = tokio::time::Instant::now() + shared.config.caps.tls_timeout;
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            failed(&HandshakeError::Tls(format!(
-                "refused before the handshake: {e}"
-            )));
+            failed(
+                &shared,
+                remote,
+                &HandshakeError::Tls(format!("refused before the handshake: {e}")),
+            );
             return;
         }
     };
@@ -104,42 +101,95 @@ pub(crate) async fn serve(
                     shared.metrics.handshake_failed("tls");
                     info!("agent at {remote} ended its handshake: {e}");
                 }
-                (_, Some(failure)) => failed(&HandshakeError::Tls(
-                    crate::transport::tls::explain_for_hub(&failure, remote),
-                )),
-                _ => failed(&HandshakeError::Tls(e.to_string())),
+                (_, Some(failure)) => failed(
+                    &shared,
+                    remote,
+                    &HandshakeError::Tls(crate::transport::tls::explain_for_hub(&failure, remote)),
+                ),
+                _ => failed(&shared, remote, &HandshakeError::Tls(e.to_string())),
             }
             return;
         }
         Err(_) => {
             // Dropping `connecting` abandons the connection: a peer that never finished TLS
             // gets one close packet and nothing more.
-            failed(&HandshakeError::TlsTimeout);
+            failed(&shared, remote, &HandshakeError::TlsTimeout);
             return;
         }
     };
+    serve_session(shared, Session::from(connection), cancel, handshake_slot).await;
+}
+
+/// Serves one incoming TLS/TCP agent connection to its end.
+pub(crate) async fn serve_tcp(
+    shared: Arc<Shared>,
+    server: Arc<TcpServer>,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    cancel: CancellationToken,
+    handshake_slot: HandshakeSlot,
+) {
+    let tls_deadline = tokio::time::Instant::now() + shared.config.caps.tls_timeout;
+    let session = match tokio::time::timeout_at(tls_deadline, server.handshake(tcp, remote)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(TcpError::Tls { failure, .. })) => {
+            let line = crate::transport::tls::explain_for_hub(&failure, remote);
+            failed(&shared, remote, &HandshakeError::Tls(line));
+            return;
+        }
+        Ok(Err(TcpError::Timeout { .. })) | Err(_) => {
+            failed(&shared, remote, &HandshakeError::TlsTimeout);
+            return;
+        }
+        Ok(Err(e)) => {
+            failed(&shared, remote, &HandshakeError::Tls(e.to_string()));
+            return;
+        }
+    };
+    serve_session(shared, Session::from(session), cancel, handshake_slot).await;
+}
+
+/// Counts a failed handshake and logs it through the hub's rate limit: a flood of them must
+/// not become a flood of log lines. The counters see every one.
+fn failed(shared: &Shared, remote: SocketAddr, err: &HandshakeError) {
+    shared.metrics.handshake_failed(err.label());
+    shared
+        .failure_log
+        .failed(err.label(), format_args!("{err} (from {remote})"));
+}
+
+/// Hello, registration and heartbeats on a session whose TLS handshake is done, whichever
+/// transport carries it.
+async fn serve_session(
+    shared: Arc<Shared>,
+    connection: Session,
+    cancel: CancellationToken,
+    handshake_slot: HandshakeSlot,
+) {
+    let remote = connection.remote_address();
     let hello_deadline = tokio::time::Instant::now() + shared.config.caps.hello_timeout;
     let handshaken = handshake(&shared, &connection, hello_deadline).await;
     drop(handshake_slot);
     let (session, mut send, mut reader) = match handshaken {
         Ok(ok) => ok,
         Err(err) => {
-            failed(&err);
+            failed(&shared, remote, &err);
             match &err {
                 HandshakeError::Refused { code, reason } => {
-                    connection.close((*code).into(), reason.as_bytes());
+                    connection.close(code.code(), reason);
                 }
                 HandshakeError::Timeout => {
-                    connection.close(CloseCode::HandshakeTimeout.into(), b"handshake timed out");
+                    connection.close(CloseCode::HandshakeTimeout.code(), "handshake timed out");
                 }
                 _ => {
-                    connection.close(CloseCode::Protocol.into(), b"no hello");
+                    connection.close(CloseCode::Protocol.code(), "no hello");
                 }
             }
             return;
         }
     };
-    let span = tracing::info_span!("agent", agent = %session.name, tenant = %session.tenant, session = session.id);
+    let span = tracing::info_span!("agent", agent = %session.name, tenant = %session.tenant,
+        session = session.id, transport = %connection.transport());
     run_session(shared, session, &mut send, &mut reader, cancel)
         .instrument(span)
         .await;
@@ -148,7 +198,7 @@ pub(crate) async fn serve(
 async fn run_session(
     shared: Arc<Shared>,
     session: Arc<AgentSession>,
-    send: &mut quinn::SendStream,
+    send: &mut SendStream,
     reader: &mut control::ControlReader,
     cancel: CancellationToken,
 ) {
@@ -156,16 +206,22 @@ async fn run_session(
         .config
         .metrics_per_agent
         .then(|| session.name.clone());
+    let transport = session.connection.transport().as_str();
     shared
         .metrics
-        .session_opened(session.tenant.as_str(), metric_agent.as_deref());
+        .session_opened(session.tenant.as_str(), metric_agent.as_deref(), transport);
     info!(version = %session.version, os = %session.os, arch = %session.arch,
-        remote = %session.connection.remote_address(), "agent connected");
+        remote = %session.connection.remote_address(), transport = %session.connection.transport(),
+        "agent connected");
 
     let heartbeat = shared.config.heartbeat;
     let end = tokio::select! {
-        end = heartbeat_loop(&session.connection, send, reader, heartbeat, &cancel, |event| match event {
+        end = heartbeat_loop(&session.connection, send, reader, heartbeat, &cancel, None, |event| match event {
             HeartbeatEvent::Seen => session.heard(),
+            HeartbeatEvent::GoingAway => {
+                info!("agent moves to a newer session: no new streams here");
+                session.set_draining();
+            }
             HeartbeatEvent::Rtt(rtt) => {
                 session.set_rtt(rtt);
                 shared.metrics.heartbeat_rtt(rtt.as_secs_f64());
@@ -181,7 +237,7 @@ async fn run_session(
     }
     let agent_closed = matches!(
         session.connection.close_reason(),
-        Some(quinn::ConnectionError::ApplicationClosed(_))
+        Some(SessionEnd::ClosedByPeer { .. })
     );
     let (code, label) = session_end(&end, session.closed_by_hub(), agent_closed);
     // A shutdown reads the same to the agent, in this log and in the hub's own shutdown line;
@@ -198,9 +254,12 @@ async fn run_session(
             label
         },
     );
-    shared
-        .metrics
-        .session_closed(session.tenant.as_str(), metric_agent.as_deref(), label);
+    shared.metrics.session_closed(
+        session.tenant.as_str(),
+        metric_agent.as_deref(),
+        label,
+        transport,
+    );
     info!(reason = label, detail = %detail,
         streams = session.streams_total(), "agent disconnected");
 }
@@ -221,7 +280,7 @@ fn session_end(
             (CloseCode::Protocol, "protocol_error")
         }
         (ControlEnd::Cancelled, _) => (CloseCode::GoingAway, "hub_shutdown"),
-        (ControlEnd::PeerFinished, _) => (CloseCode::Normal, "agent_closed"),
+        (ControlEnd::PeerFinished | ControlEnd::Moved, _) => (CloseCode::Normal, "agent_closed"),
         (ControlEnd::Stream(_), _) if agent_closed => (CloseCode::Normal, "agent_closed"),
         (ControlEnd::Stream(_), _) => (CloseCode::Normal, "connection_lost"),
     }
@@ -229,12 +288,15 @@ fn session_end(
 
 async fn handshake(
     shared: &Arc<Shared>,
-    connection: &quinn::Connection,
+    connection: &Session,
     deadline: tokio::time::Instant,
-) -> Result<(Arc<AgentSession>, quinn::SendStream, control::ControlReader), HandshakeError> {
-    let cert = crate::transport::tls::peer_certificate(connection).ok_or_else(|| {
-        HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
-    })?;
+) -> Result<(Arc<AgentSession>, SendStream, control::ControlReader), HandshakeError> {
+    let cert = connection
+        .peer_certificates()
+        .and_then(|chain| chain.into_iter().next())
+        .ok_or_else(|| {
+            HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
+        })?;
     let cert_name = certs::common_name(cert.as_ref()).map_err(|e| {
         HandshakeError::refused(
             CloseCode::CertificateMismatch,
@@ -253,7 +315,7 @@ async fn handshake(
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(|e| HandshakeError::NoHello(e.to_string()))?;
     // Heartbeats and control messages go out before any queued tunnel data.
-    let _ = send.set_priority(CONTROL_PRIORITY);
+    send.set_priority(CONTROL_PRIORITY);
     let max_frame = shared.config.caps.max_frame;
     let hello = match tokio::time::timeout_at(
         deadline,
@@ -349,8 +411,8 @@ async fn handshake(
 /// Tells the agent in-band why it is refused (the close frame carries the same code), then
 /// hands the error back for the caller to close the connection with.
 async fn reject(
-    connection: &quinn::Connection,
-    send: &mut quinn::SendStream,
+    connection: &Session,
+    send: &mut SendStream,
     err: HandshakeError,
 ) -> HandshakeError {
     if let HandshakeError::Refused { code, reason } = &err {

@@ -133,6 +133,8 @@ impl Default for HubCaps {
 pub struct HubConfig {
     /// UDP address agents connect to.
     pub listen: SocketAddr,
+    /// Where agents connect over TLS/TCP (the fallback for networks without UDP).
+    pub tcp_listen: TcpListen,
     /// TCP address of the SOCKS5 front.
     pub socks: SocketAddr,
     /// TCP address of the admin API, if served.
@@ -175,6 +177,7 @@ impl HubConfig {
     pub fn new(listen: SocketAddr, socks: SocketAddr, tls: ServerTls, tokens: PathBuf) -> Self {
         HubConfig {
             listen,
+            tcp_listen: TcpListen::SameAsQuic,
             socks,
             api: None,
             api_limits: HttpLimits::default(),
@@ -192,6 +195,43 @@ impl HubConfig {
             state_dir: None,
             kube_timeout: Duration::from_secs(60),
             worker_threads: crate::runtime::default_worker_threads(),
+        }
+    }
+}
+
+/// Where the hub serves agents over TLS/TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpListen {
+    /// The TCP port of the QUIC address (`--listen 0.0.0.0:443` serves UDP and TCP 443).
+    #[default]
+    SameAsQuic,
+    /// Not served: agents connect over QUIC only.
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for TcpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(TcpListen::Off),
+            "same" => Ok(TcpListen::SameAsQuic),
+            addr => addr
+                .parse()
+                .map(TcpListen::At)
+                .map_err(|_| format!("{addr:?} is not an address (host:port), `same` or `off`")),
+        }
+    }
+}
+
+impl std::fmt::Display for TcpListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpListen::SameAsQuic => f.write_str("same"),
+            TcpListen::Off => f.write_str("off"),
+            TcpListen::At(addr) => write!(f, "{addr}"),
         }
     }
 }

@@ -449,7 +449,7 @@ fn render_empty(out: &mut String, view: &View<'_>) {
 fn render_table(out: &mut String, view: &View<'_>) {
     out.push_str(
         "<div class=\"scroll\"><table id=\"agents\"><thead><tr>\
-         <th>Agent</th><th>Tenant</th><th>Version</th><th>OS/arch</th><th>Remote address</th>\
+         <th>Agent</th><th>Tenant</th><th>Version</th><th>OS/arch</th><th>Remote address</th><th>Transport</th>\
          <th>Connected since</th><th class=\"num\">Last heartbeat</th><th class=\"num\">RTT</th>\
          <th class=\"num\">Lost packets</th><th class=\"num\">Open streams</th>\
          <th class=\"num\" title=\"bytes from the agent to clients\">Bytes in</th>\
@@ -467,6 +467,7 @@ fn render_table(out: &mut String, view: &View<'_>) {
              <td class=\"c-version\">{version}</td>\
              <td class=\"c-os\">{os}/{arch}</td>\
              <td class=\"c-remote\">{remote}</td>\
+             <td class=\"c-transport\">{transport}</td>\
              <td class=\"c-since\"><time datetime=\"{since}\">{since_text}</time><br>\
              <span class=\"muted\">up {up}</span></td>\
              <td class=\"num c-heartbeat{stale_class}\">{heartbeat:.1} s ago{stale_text}</td>\
@@ -493,7 +494,10 @@ fn render_table(out: &mut String, view: &View<'_>) {
             } else {
                 "&ndash;".to_string()
             },
-            lost = a.lost_packets,
+            transport = a.transport,
+            lost = a
+                .lost_packets
+                .map_or_else(|| "&ndash;".to_string(), |n| n.to_string()),
             total = a.streams_total,
             open = a.open_streams,
             bytes_in = a.bytes_in,
@@ -586,8 +590,9 @@ mod tests {
             connected_since_unix: 1_795_000_000,
             last_heartbeat_seconds_ago: 1.5,
             rtt_ms: 0.42,
-            lost_packets: 3,
-            path_mtu: 1452,
+            transport: "quic",
+            lost_packets: Some(3),
+            path_mtu: Some(1452),
             open_streams: 2,
             streams_total: 9,
             bytes_in: 5 * 1024 * 1024 + 300 * 1024,
@@ -637,6 +642,7 @@ mod tests {
             "<td class=\"c-version\">0.1.0</td>",
             "<td class=\"c-os\">linux/x86_64</td>",
             "<td class=\"c-remote\">127.0.0.1:5000</td>",
+            "<td class=\"c-transport\">quic</td>",
             "<time datetime=\"2026-11-18T11:06:40Z\">2026-11-18 11:06:40 UTC</time><br>\
              <span class=\"muted\">up 5m 00s</span>",
             "<td class=\"num c-heartbeat\">1.5 s ago</td>",

@@ -136,6 +136,10 @@ pub enum Control {
         /// The sequence number of the ping answered.
         seq: u64,
     },
+    /// Agent → hub: open no new stream on this session; the agent has a newer one to the
+    /// same hub (it moved from the TCP fallback back to QUIC) and closes this one once its
+    /// streams in flight have finished.
+    GoingAway,
 }
 
 /// Where a tunnel stream should lead. Names are resolved by the agent, never by the hub.
@@ -333,6 +337,12 @@ impl fmt::Display for CloseCode {
     }
 }
 
+impl From<CloseCode> for u32 {
+    fn from(code: CloseCode) -> Self {
+        code.code()
+    }
+}
+
 impl From<CloseCode> for quinn::VarInt {
     fn from(code: CloseCode) -> Self {
         quinn::VarInt::from_u32(code.code())
@@ -349,6 +359,12 @@ pub enum StreamCode {
     /// An agent-opened stream came sooner than the hub accepts another (an inventory
     /// report while the previous one is still waiting for its turn).
     TooSoon = 0x102,
+}
+
+impl From<StreamCode> for u32 {
+    fn from(code: StreamCode) -> Self {
+        code as u32
+    }
 }
 
 impl From<StreamCode> for quinn::VarInt {

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use quinn::{RecvStream, SendStream};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use super::session::{RecvStream, SendStream, Session};
 use crate::proto::codec::{encode, CodecError, FrameCodec};
 use crate::proto::Control;
 
@@ -68,6 +68,9 @@ pub enum ControlEnd {
     /// Our side is shutting down.
     #[error("shutting down")]
     Cancelled,
+    /// Our side moved to a newer session and this one has drained.
+    #[error("moved to a newer session")]
+    Moved,
 }
 
 /// What the loop observed, for the caller's records.
@@ -77,6 +80,8 @@ pub enum HeartbeatEvent {
     Seen,
     /// A pong answered our ping after this round trip.
     Rtt(Duration),
+    /// The peer said `GoingAway`: open no new stream on this session.
+    GoingAway,
 }
 
 /// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires.
@@ -87,14 +92,17 @@ pub enum HeartbeatEvent {
 /// bulk data for longer than the timeout, while that data keeps arriving. QUIC keep-alive
 /// PINGs do not count, so a peer whose session logic is stuck is still noticed.
 ///
+/// When `going_away` fires, the loop tells the peer [`Control::GoingAway`] once and goes on.
+///
 /// Cancel-safe: it only awaits cancel-safe operations (`FramedRead::next`, interval ticks);
 /// writes are small frames completed before the next await on the reader.
 pub async fn heartbeat_loop<F>(
-    connection: &quinn::Connection,
+    connection: &Session,
     send: &mut SendStream,
     reader: &mut ControlReader,
     heartbeat: Heartbeat,
     cancel: &CancellationToken,
+    going_away: Option<&CancellationToken>,
     mut observe: F,
 ) -> ControlEnd
 where
@@ -102,14 +110,23 @@ where
 {
     let mut ticker = tokio::time::interval(heartbeat.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stream_frames = connection.stats().frame_rx.stream;
+    let mut stream_frames = connection.activity();
     let mut last_seen = Instant::now();
     let mut seq = 0u64;
     let mut outstanding: Option<(u64, Instant)> = None;
+    let mut told = going_away.is_none();
+    let never = CancellationToken::new();
+    let going_away = going_away.unwrap_or(&never);
     loop {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return ControlEnd::Cancelled,
+            _ = going_away.cancelled(), if !told => {
+                told = true;
+                if let Err(e) = write(send, &Control::GoingAway).await {
+                    return e;
+                }
+            }
             frame = reader.next() => {
                 let msg = match frame {
                     None => return ControlEnd::PeerFinished,
@@ -128,6 +145,7 @@ where
                             return e;
                         }
                     }
+                    Control::GoingAway => observe(HeartbeatEvent::GoingAway),
                     Control::Pong { seq: answered } => {
                         if let Some((sent_seq, at)) = outstanding {
                             if sent_seq == answered {
@@ -145,7 +163,7 @@ where
                 }
             }
             _ = ticker.tick() => {
-                let received = connection.stats().frame_rx.stream;
+                let received = connection.activity();
                 if received != stream_frames {
                     stream_frames = received;
                     last_seen = Instant::now();
@@ -182,6 +200,7 @@ pub fn kind(msg: &Control) -> &'static str {
         Control::Rejected { .. } => "Rejected",
         Control::Ping { .. } => "Ping",
         Control::Pong { .. } => "Pong",
+        Control::GoingAway => "GoingAway",
     }
 }
 

@@ -1,5 +1,5 @@
-//! Copies bytes between a TCP connection and a QUIC stream, both ways, keeping half-close and
-//! turning errors into resets.
+//! Copies bytes between a TCP connection and a session stream (QUIC or the TCP fallback),
+//! both ways, keeping half-close and turning errors into resets.
 //!
 //! A FIN on either side becomes a stream finish (or a TCP `shutdown(Write)`), and the other
 //! direction keeps flowing until it ends too. An error or reset on either side aborts both
@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use super::session::{RecvStream, SendStream, StreamError};
 use crate::proto::StreamCode;
 
 /// Bytes read from TCP per stream write at most. Large reads keep per-chunk overhead low on
@@ -57,12 +57,12 @@ pub enum RelayError {
     /// Writing to the TCP peer failed.
     #[error("TCP write: {0}")]
     TcpWrite(io::Error),
-    /// The QUIC peer stopped reading or the connection was lost.
+    /// The stream's peer stopped reading or the session was lost.
     #[error("stream write: {0}")]
-    StreamWrite(WriteError),
-    /// The QUIC peer reset the stream or the connection was lost.
+    StreamWrite(StreamError),
+    /// The stream's peer reset the stream or the session was lost.
     #[error("stream read: {0}")]
-    StreamRead(ReadError),
+    StreamRead(StreamError),
     /// No byte moved in either direction for this long.
     #[error("idle for {0:?}")]
     Idle(Duration),
@@ -154,8 +154,8 @@ where
     };
     if error.is_some() {
         // Abort both directions: the peer of the stream sees a reset, the TCP peer an RST.
-        let _ = send.reset(StreamCode::Reset.into());
-        let _ = recv.stop(StreamCode::Reset.into());
+        send.reset(StreamCode::Reset as u32);
+        recv.stop(StreamCode::Reset as u32);
         let _ = tcp.set_zero_linger();
     } else {
         // Both FINs are exchanged: close normally so queued bytes still reach the peer.
@@ -339,9 +339,11 @@ mod tests {
             async { hub.accept().await.unwrap().await.unwrap() },
         );
         // A stream exists for the peer once something was sent on it.
-        let (mut send, recv) = agent_conn.open_bi().await.unwrap();
+        let agent_session = crate::transport::session::Session::from(agent_conn.clone());
+        let hub_session = crate::transport::session::Session::from(hub_conn.clone());
+        let (mut send, recv) = agent_session.open_bi().await.unwrap();
         send.write_all(b"!").await.unwrap();
-        let (peer_send, mut peer_recv) = hub_conn.accept_bi().await.unwrap();
+        let (peer_send, mut peer_recv) = hub_session.accept_bi().await.unwrap();
         let mut first = [0u8; 1];
         peer_recv.read_exact(&mut first).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -402,7 +404,7 @@ mod tests {
         p.peer_send.write_all(b"part of a transfer").await.unwrap();
         let mut part = [0u8; 18];
         bounded(p.tcp_peer.read_exact(&mut part)).await.unwrap();
-        p.peer_send.reset(StreamCode::Reset.into()).unwrap();
+        p.peer_send.reset(StreamCode::Reset.into());
         let outcome = bounded(p.relay).await.unwrap();
         assert!(
             matches!(outcome.error, Some(RelayError::StreamRead(_))),
@@ -416,10 +418,7 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         // The stream's other half is stopped too.
         let stopped = bounded(p.peer_recv.read_to_end(1024)).await.unwrap_err();
-        assert!(
-            matches!(stopped, quinn::ReadToEndError::Read(ReadError::Reset(_))),
-            "{stopped:?}"
-        );
+        assert!(matches!(stopped, StreamError::Reset(_)), "{stopped:?}");
     }
 
     #[tokio::test]
@@ -438,10 +437,7 @@ mod tests {
             outcome.error
         );
         let err = bounded(p.peer_recv.read_to_end(1024)).await.unwrap_err();
-        assert!(
-            matches!(err, quinn::ReadToEndError::Read(ReadError::Reset(_))),
-            "{err:?}"
-        );
+        assert!(matches!(err, StreamError::Reset(_)), "{err:?}");
     }
 
     /// Chunks, the first to write, bytes written; the next chunk and what is left.

@@ -235,7 +235,10 @@ impl Session {
 
     /// Why the session ended, or `None` while it is alive.
     pub fn close_reason(&self) -> Option<SessionEnd> {
-        self.closed().now_or_never()
+        match self {
+            Session::Quic(c) => c.close_reason().map(|e| SessionEnd::from_quic(&e)),
+            Session::Tcp(_) => self.closed().now_or_never(),
+        }
     }
 
     /// The peer's certificate chain (leaf first) as TLS verified it.
@@ -488,6 +491,38 @@ impl RecvStream {
         }
     }
 
+    /// Up to `chunks.len()` chunks in order: the count, or `None` at the end of the stream.
+    /// Cancel-safe. QUIC hands over what has arrived; on TCP the first chunk is awaited and
+    /// the ones already buffered are taken with it.
+    pub async fn read_chunks(
+        &mut self,
+        chunks: &mut [Bytes],
+    ) -> Result<Option<usize>, StreamError> {
+        if chunks.is_empty() {
+            return Ok(Some(0));
+        }
+        if let RecvStream::Quic(r) = self {
+            return r.read_chunks(chunks).await.map_err(StreamError::from_read);
+        }
+        let Some(first) = self.read_chunk(usize::MAX).await? else {
+            return Ok(None);
+        };
+        chunks[0] = first;
+        let mut n = 1;
+        // qmux's read is cancel-safe: a read that would wait is dropped unfinished, and an
+        // end or error is met again by the next call.
+        while n < chunks.len() {
+            match self.read_chunk(usize::MAX).now_or_never() {
+                Some(Ok(Some(chunk))) => {
+                    chunks[n] = chunk;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok(Some(n))
+    }
+
     /// Reads until the end of the stream, failing with [`StreamError::TooLong`] past
     /// `limit` bytes (checked before the data is kept).
     pub async fn read_to_end(&mut self, limit: usize) -> Result<Vec<u8>, StreamError> {
@@ -509,6 +544,45 @@ impl RecvStream {
                 let _ = r.stop(quinn::VarInt::from_u32(code));
             }
             RecvStream::Tcp(r, _) => r.stop(code),
+        }
+    }
+}
+
+/// Framed readers (`read_frame`, the control stream's `FramedRead`) read session streams
+/// through `AsyncRead`. A reset or a lost session is an `io::Error` wrapping the
+/// [`StreamError`].
+impl tokio::io::AsyncRead for RecvStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        let room = buf.remaining();
+        if room == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        // One read, polled once: qmux's (and quinn's) reads are cancel-safe, keep the wakers
+        // they registered when dropped pending, and lose no data, so nothing need be kept
+        // between polls.
+        let (read, session) = match this {
+            RecvStream::Quic(r) => return std::pin::Pin::new(r).poll_read(cx, buf),
+            RecvStream::Tcp(r, t) => (r.read_chunk(room), t),
+        };
+        let read = std::pin::pin!(read);
+        match read.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(chunk))) => {
+                session.note_received(chunk.len());
+                buf.put_slice(&chunk);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(None)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(std::io::Error::other(
+                StreamError::from_tcp_now(e, session),
+            ))),
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use web_transport_trait::{Session as _, Stats as _};
 
-use super::tls::{server_name, ClientTls, ServerTls, TlsError};
+use super::tls::{rustls_failure, server_name, ClientTls, ServerTls, TlsError, TlsFailure};
 use super::Limits;
 
 /// ALPN identifier of the hub–agent protocol over TLS/TCP. Distinct from QUIC's `rna/1` so a
@@ -49,12 +49,12 @@ pub enum TcpError {
     #[error(transparent)]
     Config(#[from] TlsError),
     /// The TLS handshake failed: a certificate refused by either side, or not TLS at all.
-    #[error("TLS handshake with {addr}: {detail}")]
+    #[error("TLS handshake with {addr}: {}", failure.detail)]
     Tls {
         /// The peer.
         addr: SocketAddr,
-        /// rustls' error or the alert the peer sent.
-        detail: String,
+        /// Which side refused which certificate, with rustls' words or the alert received.
+        failure: TlsFailure,
     },
     /// TLS completed but the peer did not choose `rna-tcp/1`.
     #[error("{addr} did not negotiate ALPN rna-tcp/1")]
@@ -274,18 +274,22 @@ fn negotiated(
 fn tls_failed(addr: SocketAddr, e: &std::io::Error) -> TcpError {
     TcpError::Tls {
         addr,
-        detail: tls_detail(e),
+        failure: tls_detail(e),
     }
 }
 
-/// rustls' own words for a handshake failure (tokio-rustls wraps them in an `io::Error`).
-fn tls_detail(e: &std::io::Error) -> String {
+/// rustls' own reading of a handshake failure (tokio-rustls wraps it in an `io::Error`).
+fn tls_detail(e: &std::io::Error) -> TlsFailure {
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        Some(tls) => tls.to_string(),
-        None => e.to_string(),
+        Some(tls) => rustls_failure(tls),
+        None => TlsFailure {
+            refused_here: true,
+            problem: super::tls::CertProblem::Other,
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -298,7 +302,7 @@ fn mux_error(e: qmux::Error, addr: SocketAddr) -> TcpError {
         {
             return TcpError::Tls {
                 addr,
-                detail: tls_detail(io),
+                failure: tls_detail(io),
             };
         }
     }
@@ -467,7 +471,7 @@ mod tests {
         let e = std::io::Error::other(rustls::Error::NoCertificatesPresented);
         assert!(matches!(
             tls_failed(addr, &e),
-            TcpError::Tls { addr: a, detail } if a == addr && detail.contains("no certificates")
+            TcpError::Tls { addr: a, failure } if a == addr && failure.detail.contains("no certificates")
         ));
     }
 }

@@ -302,7 +302,21 @@ pub fn tls_failure(e: &quinn::ConnectionError) -> Option<TlsFailure> {
     if !(0x100..=0x1ff).contains(&code) {
         return None;
     }
-    let alert = (code & 0xff) as u8;
+    Some(classify(refused_here, (code & 0xff) as u8, &reason))
+}
+
+/// Reads a failed TLS-over-TCP handshake as a certificate failure: an alert received means
+/// the peer refused; any other rustls error is this side's refusal.
+pub fn rustls_failure(e: &rustls::Error) -> TlsFailure {
+    match e {
+        rustls::Error::AlertReceived(alert) => classify(false, u8::from(*alert), ""),
+        other => classify(true, 0, &other.to_string()),
+    }
+}
+
+/// Which certificate problem a TLS failure was: from rustls' words when there are any, else
+/// from the alert code.
+fn classify(refused_here: bool, alert: u8, reason: &str) -> TlsFailure {
     // rustls' messages: `Debug` names for most certificate errors, sentences for some.
     let said = |words: &[&str]| words.iter().any(|w| reason.contains(w));
     let problem = if said(&["BadSignature", "UnknownIssuer"]) {
@@ -332,11 +346,11 @@ pub fn tls_failure(e: &quinn::ConnectionError) -> Option<TlsFailure> {
     } else {
         format!("TLS: {reason}")
     };
-    Some(TlsFailure {
+    TlsFailure {
         refused_here,
         problem,
         detail,
-    })
+    }
 }
 
 /// The hub's log line for a failed agent handshake: which side refused which certificate,

@@ -256,7 +256,14 @@ async fn counters_match_a_scripted_session() {
         ),
         1.0
     );
-    assert_eq!(get(&agent, "rna_agent_hub_connections", &[]), 1.0);
+    assert_eq!(
+        get(
+            &agent,
+            "rna_agent_hub_connections",
+            &[("transport", "quic")]
+        ),
+        1.0
+    );
     assert_eq!(get(&agent, "rna_agent_reconnects_total", &[]), 0.0);
     assert_eq!(
         get(&agent, "rna_agent_dials_total", &[("outcome", "connected")]),

@@ -11,6 +11,7 @@ use rna::agent::SessionError;
 use rna::proto::codec::encode_limited;
 use rna::proto::kube::{AgentStream, Inventory, MAX_INVENTORY};
 use rna::proto::CloseCode;
+use rna::transport::session::{Session, StreamError};
 
 const TENANT: &str = "acme/prod";
 
@@ -41,7 +42,7 @@ fn rejected(result: Result<Established, SessionError>) -> (CloseCode, String) {
 
 /// Sends one inventory report on a stream of its own; `Ok` once the hub has taken it,
 /// `Err(code)` when the hub reset the stream.
-async fn report(conn: &quinn::Connection, inventory: Inventory) -> Result<(), u64> {
+async fn report(conn: &Session, inventory: Inventory) -> Result<(), u64> {
     let frame = encode_limited(&AgentStream::Inventory(inventory), MAX_INVENTORY).unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // The hub may refuse before reading everything: a failed write is its answer too.
@@ -49,7 +50,7 @@ async fn report(conn: &quinn::Connection, inventory: Inventory) -> Result<(), u6
     let _ = send.finish();
     match within("the hub's answer to a report", recv.read_to_end(64)).await {
         Ok(_) => Ok(()),
-        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => Err(code.into_inner()),
+        Err(StreamError::Reset(code)) => Err(code),
         Err(other) => panic!("unexpected end of a report stream: {other:?}"),
     }
 }
@@ -107,7 +108,7 @@ async fn sessions_are_capped_per_agent_name_and_per_token() {
     let _fine = session(&world, "rogue", &other, vec![]).await.unwrap();
     // A session that ends frees its slot.
     let first = held.remove(0);
-    first.connection.close(0u32.into(), b"test: done");
+    first.connection.close(0, "test: done");
     world.wait_sessions(TENANT, "rogue", 2).await;
     held.push(session(&world, "rogue", &token, vec![]).await.unwrap());
     assert_eq!(world.hub.registry().len(), 6);

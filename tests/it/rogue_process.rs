@@ -15,6 +15,7 @@ use rna::agent::HubTarget;
 use rna::auth::Scope;
 use rna::proto::codec::encode_limited;
 use rna::proto::kube::{AgentStream, Inventory, ResourceInfo, MAX_INVENTORY};
+use rna::transport::session::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Peak resident memory of the hub under the flood below, in MiB (measured about 45–70 MiB
@@ -86,7 +87,7 @@ async fn session(
 }
 
 /// Sends one inventory report; true if the hub took it.
-async fn report(conn: &quinn::Connection, inventory: &Inventory) -> bool {
+async fn report(conn: &Session, inventory: &Inventory) -> bool {
     let frame = encode_limited(&AgentStream::Inventory(inventory.clone()), MAX_INVENTORY).unwrap();
     let Ok((mut send, mut recv)) = conn.open_bi().await else {
         return false;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::{RecvStream, SendStream};
+use crate::transport::session::{RecvStream, SendStream};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::info;
@@ -51,7 +51,7 @@ pub async fn serve_command(
     executor: Option<Arc<KubeExecutor>>,
     agent: &str,
 ) {
-    let _ = send.set_priority(1);
+    send.set_priority(1);
     let started = Instant::now();
     let timeout = Duration::from_millis(header.timeout_ms.clamp(100, 24 * 3600 * 1000));
     let read = tokio::time::timeout(
@@ -69,8 +69,8 @@ pub async fn serve_command(
         Ok(r) => r,
         Err(why) => {
             info!("kubernetes command stream refused: {why}");
-            let _ = send.reset(StreamCode::BadHeader.into());
-            let _ = recv.stop(StreamCode::BadHeader.into());
+            send.reset(StreamCode::BadHeader.into());
+            recv.stop(StreamCode::BadHeader.into());
             return;
         }
     };
@@ -110,23 +110,30 @@ pub async fn serve_command(
             tokio::pin!(run);
             // The hub stops the stream when its caller went away: a wait that reports no
             // progress must still end then, not hold its slot until its timeout.
-            let stopped = send.stopped();
-            tokio::pin!(stopped);
+            // `stopped` is cancel-safe, so it is asked anew each turn and a progress event
+            // is written outside the `select!`.
             loop {
-                tokio::select! {
-                    _ = &mut stopped => break Err(failure(FailureKind::Unavailable, 499,
+                let event = tokio::select! {
+                    _ = send.stopped() => break Err(failure(FailureKind::Unavailable, 499,
                         "Cancelled", "the hub closed the command stream")),
                     done = &mut run => break match done {
                         Ok(r) => r,
                         Err(_) => Err(failure(FailureKind::Timeout, 504, "Timeout",
                             format!("the command did not finish within {}", humanize(timeout)))),
                     },
-                    Some(event) = rx.recv() => {
-                        if write_reply(&mut send, &KubeReply::Progress(event)).await.is_err() {
-                            // The hub is gone: stop working for nobody.
-                            break Err(failure(FailureKind::Unavailable, 499, "Cancelled", "the hub closed the command stream"));
-                        }
-                    }
+                    Some(event) = rx.recv() => event,
+                };
+                if write_reply(&mut send, &KubeReply::Progress(event))
+                    .await
+                    .is_err()
+                {
+                    // The hub is gone: stop working for nobody.
+                    break Err(failure(
+                        FailureKind::Unavailable,
+                        499,
+                        "Cancelled",
+                        "the hub closed the command stream",
+                    ));
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! last inventory report, and the slots that count its streams and Kubernetes commands.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::auth::Tenant;
 use crate::proto::kube::Inventory;
+use crate::transport::session::Session;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep serving.
@@ -38,12 +39,15 @@ pub struct AgentSession {
     pub token_id: String,
     /// Wall-clock time the session was established.
     pub connected_since: SystemTime,
-    /// The QUIC connection; tunnel streams are opened on it.
-    pub connection: quinn::Connection,
+    /// The session (QUIC or TLS/TCP); tunnel streams are opened on it.
+    pub connection: Session,
     /// When a frame was last heard on the control stream.
     pub(super) last_heartbeat: Mutex<Instant>,
     /// Last heartbeat round trip, microseconds (0 until measured).
     rtt_micros: AtomicU64,
+    /// The agent said `GoingAway`: it moved to a newer session, and this one only finishes
+    /// the streams it has.
+    draining: AtomicBool,
     /// Why the hub closed this session itself, if it did (for the disconnect log and metric).
     closed_by_hub: Mutex<Option<crate::proto::CloseCode>>,
     /// Tunnel streams currently open.
@@ -77,7 +81,7 @@ impl AgentSession {
         arch: String,
         capabilities: Vec<String>,
         token_id: String,
-        connection: quinn::Connection,
+        connection: Session,
     ) -> Self {
         AgentSession {
             id,
@@ -93,6 +97,7 @@ impl AgentSession {
             last_heartbeat: Mutex::new(Instant::now()),
             closed_by_hub: Mutex::new(None),
             rtt_micros: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
             streams_total: AtomicU64::new(0),
             bytes_from_agent: AtomicU64::new(0),
@@ -143,12 +148,22 @@ impl AgentSession {
     /// Closes the session from the hub's side with `code`, remembering why.
     pub fn close(&self, code: crate::proto::CloseCode, reason: &str) {
         lock(&self.closed_by_hub).get_or_insert(code);
-        self.connection.close(code.into(), reason.as_bytes());
+        self.connection.close(code.code(), reason);
     }
 
     /// The code the hub closed this session with, if it did.
     pub fn closed_by_hub(&self) -> Option<crate::proto::CloseCode> {
         *lock(&self.closed_by_hub)
+    }
+
+    /// Marks the session as draining: no new stream or command is routed to it.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether new streams and commands may go to this session: it is open and not draining.
+    pub fn takes_new_streams(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.connection.close_reason().is_none()
     }
 
     /// Records that the control stream heard from the agent.
@@ -202,8 +217,9 @@ impl AgentSession {
             connected_since_unix: since.as_secs(),
             last_heartbeat_seconds_ago: lock(&self.last_heartbeat).elapsed().as_secs_f64(),
             rtt_ms: self.rtt_micros.load(Ordering::Relaxed) as f64 / 1000.0,
-            lost_packets: self.connection.stats().path.lost_packets,
-            path_mtu: self.connection.stats().path.current_mtu,
+            transport: self.connection.transport().as_str(),
+            lost_packets: self.connection.path().map(|p| p.lost_packets),
+            path_mtu: self.connection.path().map(|p| p.mtu),
             open_streams: self.open_streams(),
             streams_total: self.streams_total(),
             bytes_in: self.bytes_from_agent.load(Ordering::Relaxed),
@@ -229,18 +245,24 @@ pub struct AgentInfo {
     pub arch: String,
     /// Announced capabilities.
     pub capabilities: Vec<String>,
-    /// The agent's current UDP address as the hub sees it.
+    /// The agent's current address as the hub sees it (UDP for QUIC, TCP for the fallback;
+    /// a proxied agent shows its proxy's address).
     pub remote_address: SocketAddr,
+    /// Which transport carries the session: `quic` or `tcp` (TLS over TCP, directly or
+    /// through an HTTP proxy).
+    pub transport: &'static str,
     /// Session start, unix seconds.
     pub connected_since_unix: u64,
     /// Seconds since the control stream last heard from the agent.
     pub last_heartbeat_seconds_ago: f64,
     /// Last heartbeat round trip in milliseconds.
     pub rtt_ms: f64,
-    /// Packets QUIC declared lost on this connection so far.
-    pub lost_packets: u64,
-    /// Largest UDP payload the hub currently sends on this connection (MTU discovery).
-    pub path_mtu: u16,
+    /// Packets QUIC declared lost on this connection so far (`null` over TCP, whose kernel
+    /// hides loss).
+    pub lost_packets: Option<u64>,
+    /// Largest UDP payload the hub currently sends on this connection (MTU discovery;
+    /// `null` over TCP).
+    pub path_mtu: Option<u16>,
     /// Tunnel streams open now.
     pub open_streams: usize,
     /// Tunnel streams opened in this session.

@@ -189,7 +189,7 @@ impl Registry {
         let list = agents.get(&(tenant.clone(), name.to_string()))?;
         let live = list
             .iter()
-            .filter(|s| s.connection.close_reason().is_none() && !exclude.contains(&s.id))
+            .filter(|s| s.takes_new_streams() && !exclude.contains(&s.id))
             .map(|s| {
                 let load = Load {
                     stale: lock(&s.last_heartbeat).elapsed() > fresh,
@@ -211,11 +211,7 @@ impl Registry {
         let agents = lock(&self.agents);
         let live: Vec<&Arc<AgentSession>> = agents
             .get(&key)
-            .map(|l| {
-                l.iter()
-                    .filter(|s| s.connection.close_reason().is_none())
-                    .collect()
-            })
+            .map(|l| l.iter().filter(|s| s.takes_new_streams()).collect())
             .unwrap_or_default();
         if live.is_empty() {
             drop(agents);
