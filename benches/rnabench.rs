@@ -581,7 +581,15 @@ async fn agents(
                 let dialer = dialer.clone();
                 let cancel = cancel.clone();
                 runs.spawn(async move {
-                    session::run(established, dialer, None, "idle", &cancel).await;
+                    session::run(
+                        established,
+                        dialer,
+                        None,
+                        "idle",
+                        &cancel,
+                        &CancellationToken::new(),
+                    )
+                    .await;
                 });
             }
             Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
