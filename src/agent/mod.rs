@@ -464,6 +464,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn transports_parse_by_name() {
+        for mode in [TransportMode::Auto, TransportMode::Quic, TransportMode::Tcp] {
+            assert_eq!(mode.as_str().parse::<TransportMode>(), Ok(mode));
+        }
+        assert_eq!(TransportMode::default(), TransportMode::Auto);
+        let e = "udp".parse::<TransportMode>().unwrap_err();
+        assert!(e.contains("use auto, quic or tcp"), "{e}");
+    }
+
+    #[test]
     fn hub_targets_parse() {
         let ok = [
             ("hub.example.com:4433", "hub.example.com", 4433),

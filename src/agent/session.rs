@@ -370,7 +370,7 @@ fn io_reason(e: &std::io::Error) -> String {
 /// `5 s`, `1.5 s`: a duration as the fallback messages print it.
 pub(crate) fn seconds(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{} s", ms / 1000)
     } else {
         format!("{} s", d.as_secs_f64())
@@ -688,6 +688,21 @@ async fn serve_tunnel(mut send: SendStream, mut recv: RecvStream, dialer: Arc<Di
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn when_nothing_works_the_line_names_both_attempts() {
+        let err = SessionError::Unreachable {
+            addr: "203.0.113.7:443".parse().unwrap(),
+            quic: format!("no answer in {}", seconds(Duration::from_secs(5))),
+            tcp: io_reason(&std::io::ErrorKind::ConnectionRefused.into()),
+        };
+        assert_eq!(
+            err.to_string(),
+            "cannot reach the hub: QUIC to 203.0.113.7:443 (UDP): no answer in 5 s; \
+             TCP to 203.0.113.7:443: connection refused"
+        );
+        assert_eq!(seconds(Duration::from_millis(1500)), "1.5 s");
+    }
 
     #[test]
     fn a_busy_hub_is_a_transient_refusal_and_tls_failures_are_not() {

@@ -228,7 +228,7 @@ impl Supervisor {
                     refused = self.refused_backoff();
                     match self.serve(established, &dial, &cancel).await {
                         Served::Moved(next) => {
-                            ready = Some(next);
+                            ready = Some(*next);
                             continue;
                         }
                         Served::Ended { .. } if cancel.is_cancelled() => break,
@@ -361,12 +361,6 @@ impl Supervisor {
         info!(session = established.welcome.session_id, tenant = %established.welcome.tenant,
             %transport, "connected to hub");
         self.check_hub_certificate(&established.connection);
-        self.metrics.hub_connection(transport.as_str(), true);
-        self.status.send_modify(|s| {
-            s.connected += 1;
-            s.sessions_total += 1;
-            s.last_error = None;
-        });
         let up_since = std::time::Instant::now();
         let drain = CancellationToken::new();
         let mut run = {
@@ -388,6 +382,13 @@ impl Supervisor {
                 .in_current_span(),
             )
         };
+        // Counted once the session's task runs, so whoever sees it connected sees its task.
+        self.metrics.hub_connection(transport.as_str(), true);
+        self.status.send_modify(|s| {
+            s.connected += 1;
+            s.sessions_total += 1;
+            s.last_error = None;
+        });
         let probe = async {
             match (&dial.endpoint, self.config.transport, transport) {
                 (Some(endpoint), TransportMode::Auto, TransportKind::Tcp) => {
@@ -426,7 +427,7 @@ impl Supervisor {
                         }
                         .in_current_span(),
                     );
-                    return Served::Moved(next);
+                    return Served::Moved(Box::new(next));
                 }
             }
         };
@@ -495,7 +496,7 @@ enum Served {
         up: Duration,
     },
     /// A QUIC probe made this newer session; the old one is draining.
-    Moved(session::Established),
+    Moved(Box<session::Established>),
 }
 
 /// Why UDP to `addr` cannot be sent at all, found at once (no route, a local firewall that
@@ -613,6 +614,20 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn udp_that_cannot_leave_is_found_at_once() {
+        // A datagram to a loopback port leaves (nobody need listen).
+        assert_eq!(udp_blocked("127.0.0.1:9".parse().unwrap()), None);
+        // The broadcast address without SO_BROADCAST: the kernel refuses the send itself
+        // (EACCES), as a local firewall refuses with EPERM.
+        let why = udp_blocked("255.255.255.255:4433".parse().unwrap());
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.starts_with("cannot send UDP")),
+            "{why:?}"
+        );
+    }
 
     #[test]
     fn each_refusal_says_what_to_do() {

@@ -235,3 +235,29 @@ impl std::fmt::Display for TcpListen {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tcp_listener_is_an_address_same_or_off_and_prints_back_alike() {
+        for (text, want) in [
+            ("same", TcpListen::SameAsQuic),
+            ("off", TcpListen::Off),
+            (
+                "127.0.0.1:443",
+                TcpListen::At("127.0.0.1:443".parse().unwrap()),
+            ),
+            ("[::1]:8443", TcpListen::At("[::1]:8443".parse().unwrap())),
+        ] {
+            let got: TcpListen = text.parse().unwrap();
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string(), text);
+        }
+        for bad in ["", "on", "443", "hub.example.com:443"] {
+            let e = bad.parse::<TcpListen>().unwrap_err();
+            assert!(e.contains("`same` or `off`"), "{bad}: {e}");
+        }
+    }
+}

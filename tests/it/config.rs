@@ -471,9 +471,10 @@ fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_
          dial_timeout = \"500ms\"\nmetrics = \"127.0.0.1:0\"\nkubeconfig = \"kubeconfig\"\n\
          kube_context = \"prod\"\nkube_namespace = [\"shop\"]\n\
          kube_resource = [\"deployments.apps\"]\nkube_inventory_interval = 90\n\
-         log_format = \"json\"\nlog_level = \"debug\"\n",
+         log_format = \"json\"\nlog_level = \"debug\"\nproxy = \"http://proxy.example:3128\"\n",
     );
     let out = reads_back_the_same(&setup, "agent", &["--config", s(&agent)], "agent.toml");
+    assert_eq!(key(&out, "proxy"), "http://proxy.example:3128");
     let mut keys: Vec<String> = out.keys().cloned().collect();
     keys.sort();
     assert_eq!(
@@ -908,4 +909,46 @@ fn session_and_inventory_caps_come_from_flag_or_file_and_are_checked() {
             s(&file)
         )
     );
+}
+
+#[test]
+fn the_proxy_comes_from_the_flag_or_the_environment_and_its_password_is_never_printed() {
+    let setup = Setup::new();
+    let agent = setup.agent_file("hub = [\"hub.example\"]\n");
+    let args = ["agent", "--config", s(&agent)];
+    // HTTPS_PROXY as curl reads it; the password never reaches the printed configuration.
+    let out = valid(
+        &args,
+        &[("HTTPS_PROXY", "http://ops:s3cret-pw@proxy.internal:3128")],
+    );
+    assert!(!out.contains("s3cret-pw"), "{out}");
+    assert!(!out.contains("ops:"), "{out}");
+    assert!(out.contains("proxy.internal:3128"), "{out}");
+    // The flag wins over the environment.
+    let out = valid(
+        &[&args[..], &["--proxy", "http://other.internal:8080"]].concat(),
+        &[("HTTPS_PROXY", "http://proxy.internal:3128")],
+    );
+    assert!(out.contains("http://other.internal:8080"), "{out}");
+    // Transport and proxy values that mean nothing are refused with the key named.
+    let out = rna(
+        &[
+            &args[..],
+            &["--proxy", "ftp://proxy.internal", "--check-config"],
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("proxy: invalid proxy URL"),
+        "{}",
+        stderr(&out)
+    );
+    let out = rna(
+        &[&args[..], &["--transport", "udp", "--check-config"]].concat(),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("auto"), "{}", stderr(&out));
 }

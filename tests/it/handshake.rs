@@ -226,7 +226,9 @@ async fn assert_refused_and_counted(
     .await;
     assert_eq!(status.connected, 0);
     let metrics = world.hub.metrics().render();
-    let line = format!(r#"rna_agent_sessions_total{{event="closed",reason="{reason}"}} 1"#);
+    let line = format!(
+        r#"rna_agent_sessions_total{{event="closed",reason="{reason}",transport="quic"}} 1"#
+    );
     assert!(metrics.contains(&line), "{line} in {metrics}");
 }
 
@@ -397,6 +399,8 @@ async fn no_hub_listening_is_reported_as_quic_over_udp_with_what_to_check() {
     let port = silent.local_addr().unwrap().port();
     let mut config = world.agent_config("lonely", &token);
     config.hubs = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    // QUIC only: `auto` would go on to TCP (its message is in tests/it/fallback.rs).
+    config.transport = rna::agent::TransportMode::Quic;
     config.limits.handshake_timeout = Duration::from_millis(500);
     let err = refusal(&world, config).await;
     let text = err.to_string();
@@ -420,6 +424,8 @@ async fn a_silent_hub_is_reported_with_the_wait_the_agent_really_allowed() {
     let port = silent.local_addr().unwrap().port();
     let mut config = world.agent_config("patient", &token);
     config.hubs = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    // QUIC only: `auto` would try TCP after its fallback time (tests/it/fallback.rs).
+    config.transport = rna::agent::TransportMode::Quic;
     // The QUIC idle timeout is the shorter bound here, so quinn gives up first (TimedOut)
     // and the message must name that wait, not the longer handshake timeout nor zero.
     config.limits.handshake_timeout = Duration::from_secs(20);

@@ -178,7 +178,7 @@ async fn counters_match_a_scripted_session() {
         get(
             &hub,
             "rna_agent_sessions_total",
-            &[("event", "opened"), ("reason", "ok")]
+            &[("event", "opened"), ("reason", "ok"), ("transport", "quic")]
         ),
         1.0
     );

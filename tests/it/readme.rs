@@ -183,6 +183,7 @@ fn same(readme: &str, program: &str) -> bool {
 /// Rows whose default is prose, not one value: the program's default there depends on the
 /// machine, the environment or another setting.
 const PROSE: &[&str] = &[
+    "RNA_PROXY",
     "RNA_CA",
     "RNA_CERT",
     "RNA_KEY",

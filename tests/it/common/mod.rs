@@ -217,7 +217,8 @@ impl World {
         }
     }
 
-    /// Starts an agent and waits until the hub has registered `count` sessions of it.
+    /// Starts an agent and waits until the hub has registered `count` sessions of it and
+    /// the agent serves them (a footprint taken then counts their tasks).
     pub async fn connect_agent(
         &self,
         tenant: &str,
@@ -227,6 +228,11 @@ impl World {
     ) -> TestAgent {
         let agent = self.spawn_agent(self.agent_config(name, token));
         self.wait_sessions(tenant, name, count).await;
+        within(
+            "the agent to serve its sessions",
+            agent.handle.wait_until(|s| s.connected >= count),
+        )
+        .await;
         agent
     }
 
