@@ -566,7 +566,7 @@ async fn admit_tcp(
             sessions.spawn(
                 session::serve_tcp(
                     shared.clone(),
-                    tcp.clone(),
+                    tcp.handshaker(),
                     stream,
                     remote,
                     sessions_stop.clone(),

@@ -20,7 +20,7 @@ use crate::transport::control::{
     self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
 };
 use crate::transport::session::{SendStream, Session, SessionEnd};
-use crate::transport::tcp::{TcpError, TcpServer};
+use crate::transport::tcp::{TcpError, TcpHandshaker};
 
 /// The close reason of a shutdown, as agents read it and both logs print it.
 pub(crate) const SHUTDOWN_REASON: &str = "hub shutting down";
@@ -123,7 +123,7 @@ pub(crate) async fn serve(
 /// Serves one incoming TLS/TCP agent connection to its end.
 pub(crate) async fn serve_tcp(
     shared: Arc<Shared>,
-    server: Arc<TcpServer>,
+    server: Arc<TcpHandshaker>,
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     cancel: CancellationToken,

@@ -113,17 +113,13 @@ fn mux_config(limits: &Limits, incoming_bidi: u32) -> qmux::Config {
     c
 }
 
-/// The hub's side: a bound TCP listener, its TLS acceptor and limits.
+/// The hub's side: a bound TCP listener and the handshakes of what it accepts.
 pub struct TcpServer {
     /// Bound by the caller (tests bind port 0).
     listener: TcpListener,
-    /// TLS 1.3, client certificate required, ALPN `rna-tcp/1`.
-    acceptor: TlsAcceptor,
-    /// Streams, windows, deadlines: the same as the QUIC endpoint's.
-    limits: Limits,
-    /// Handshakes in progress, at most `max_incoming` (as QUIC's), so a flood of TCP
-    /// connections cannot make the hub do TLS work without bound.
-    handshakes: Arc<tokio::sync::Semaphore>,
+    /// TLS and QMux handshakes; shared with the tasks serving accepted connections, which
+    /// need no listener (so the port closes as soon as the server is dropped).
+    handshaker: Arc<TcpHandshaker>,
 }
 
 impl std::fmt::Debug for TcpServer {
@@ -140,9 +136,11 @@ impl TcpServer {
         let config = tls.rustls_config(TCP_ALPN)?;
         Ok(TcpServer {
             listener,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-            limits: limits.clone(),
-            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_incoming)),
+            handshaker: Arc::new(TcpHandshaker {
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+                limits: limits.clone(),
+                handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_incoming)),
+            }),
         })
     }
 
@@ -152,11 +150,44 @@ impl TcpServer {
     }
 
     /// Accepts the next TCP connection; cheap, so the accept loop never waits on a peer.
-    /// Run [`TcpServer::handshake`] on it in its own task. Cancel-safe.
+    /// Run [`TcpHandshaker::handshake`] on it in its own task. Cancel-safe.
     pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
         self.listener.accept().await
     }
 
+    /// The handshakes of accepted connections, for the tasks that serve them.
+    pub fn handshaker(&self) -> Arc<TcpHandshaker> {
+        self.handshaker.clone()
+    }
+
+    /// [`TcpHandshaker::handshake`] of this server.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> Result<TcpSession, TcpError> {
+        self.handshaker.handshake(tcp, remote).await
+    }
+}
+
+/// The TLS acceptor and limits of the hub's TCP side.
+pub struct TcpHandshaker {
+    /// TLS 1.3, client certificate required, ALPN `rna-tcp/1`.
+    acceptor: TlsAcceptor,
+    /// Streams, windows, deadlines: the same as the QUIC endpoint's.
+    limits: Limits,
+    /// Handshakes in progress, at most `max_incoming` (as QUIC's), so a flood of TCP
+    /// connections cannot make the hub do TLS work without bound.
+    handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for TcpHandshaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpHandshaker").finish_non_exhaustive()
+    }
+}
+
+impl TcpHandshaker {
     /// TLS and QMux handshakes on an accepted connection, within the handshake deadline.
     /// Refused at once, before any TLS work, while `max_incoming` others are in progress.
     pub async fn handshake(
