@@ -20,6 +20,12 @@ use rna::transport::proxy::ProxySettings;
 const TENANT: &str = "acme/prod";
 const PROXY_USER: &str = "egress";
 const PROXY_PASSWORD: &str = "pr0xy-pa55";
+/// The hub's sessions opened and closed, by event, reason and transport.
+const SESSIONS: &str = "rna_agent_sessions_total";
+/// The agent's sessions up now, by transport.
+const CONNECTIONS: &str = "rna_agent_hub_connections";
+/// The agent's connection attempts after the first.
+const RECONNECTS: &str = "rna_agent_reconnects_total";
 
 /// A hub whose agents' port X carries UDP through a gate and TCP straight to the hub.
 struct Gated {
@@ -94,14 +100,10 @@ impl Gated {
 }
 
 /// The sum of the samples of `name` whose labels include every `key="value"` of `labels`
-/// (0 when there is none): reads an OpenMetrics exposition as Prometheus would select it.
+/// (0 when there is none, as a family without samples is not rendered): reads an OpenMetrics
+/// exposition as Prometheus would select it. Names come from the constants below, each of
+/// which some test also sees non-zero, so a misspelt name cannot pass a "never" check.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    // A misspelt name would read as 0 and pass every "never happened" check.
-    let family = name.strip_suffix("_total").unwrap_or(name);
-    assert!(
-        text.contains(&format!("# TYPE {family} ")),
-        "no metric {name} in:\n{text}"
-    );
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))
@@ -195,21 +197,17 @@ async fn with_udp_dropped_an_auto_agent_works_over_tcp() {
         .clone();
     assert_eq!(entry["transport"], "tcp", "{entry}");
     assert_eq!(
-        agent_metric(&agent, "rna_agent_hub_connections", &[("transport", "tcp")]),
+        agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]),
         1.0
     );
     assert_eq!(
-        agent_metric(
-            &agent,
-            "rna_agent_hub_connections",
-            &[("transport", "quic")]
-        ),
+        agent_metric(&agent, CONNECTIONS, &[("transport", "quic")]),
         0.0
     );
     assert_eq!(
         hub_metric(
             world,
-            "rna_agent_sessions_total",
+            SESSIONS,
             &[("event", "opened"), ("transport", "tcp")]
         ),
         1.0
@@ -266,12 +264,12 @@ async fn with_udp_dropped_an_auto_agent_works_over_tcp() {
     assert!(
         hub_metric(
             world,
-            "rna_agent_sessions_total",
+            SESSIONS,
             &[("event", "closed"), ("transport", "tcp")]
         ) >= 1.0
     );
     eventually("the agent to count no TCP session", || {
-        agent_metric(&agent, "rna_agent_hub_connections", &[("transport", "tcp")]) == 0.0
+        agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]) == 0.0
     })
     .await;
     assert_eq!(gated.gate.forwarded(), 0, "UDP reached the hub");
@@ -377,7 +375,7 @@ async fn when_udp_opens_the_agent_moves_to_quic_without_breaking_a_transfer() {
     assert_eq!(
         hub_metric(
             world,
-            "rna_agent_sessions_total",
+            SESSIONS,
             &[
                 ("event", "closed"),
                 ("reason", "agent_closed"),
@@ -387,12 +385,8 @@ async fn when_udp_opens_the_agent_moves_to_quic_without_breaking_a_transfer() {
         1.0
     );
     eventually("the agent to count one QUIC session and no TCP one", || {
-        agent_metric(
-            &agent,
-            "rna_agent_hub_connections",
-            &[("transport", "quic")],
-        ) == 1.0
-            && agent_metric(&agent, "rna_agent_hub_connections", &[("transport", "tcp")]) == 0.0
+        agent_metric(&agent, CONNECTIONS, &[("transport", "quic")]) == 1.0
+            && agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]) == 0.0
     })
     .await;
     assert_eq!(agent.handle.status().connected, 1);
@@ -436,7 +430,7 @@ async fn an_http_proxy_carries_the_session() {
         "the agent sent UDP despite the proxy"
     );
     assert_eq!(
-        agent_metric(&agent, "rna_agent_hub_connections", &[("transport", "tcp")]),
+        agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]),
         1.0
     );
     agent.stop().await;
@@ -475,11 +469,11 @@ async fn a_wrong_proxy_password_is_named_and_retried() {
     assert!(!text.contains("not-the-password"), "{text}");
     // It retries (each attempt after the first counts as a reconnect).
     eventually("two more attempts", || {
-        agent_metric(&agent, "rna_agent_reconnects_total", &[]) >= 2.0
+        agent_metric(&agent, RECONNECTS, &[]) >= 2.0
     })
     .await;
     assert!(
-        tinyproxy.log().matches("CONNECT").count() >= 2,
+        tinyproxy.log().matches("CONNECT 127.0.0.1:").count() >= 2,
         "{}",
         tinyproxy.log()
     );
@@ -518,7 +512,10 @@ async fn no_proxy_naming_the_hub_bypasses_the_proxy() {
     let http = http_server().await;
     fetch_works(world, "direct", &token, http).await;
     let log = tinyproxy.log();
-    assert!(!log.contains("CONNECT"), "the proxy was used:\n{log}");
+    assert!(
+        !log.contains("CONNECT 127.0.0.1:"),
+        "the proxy was used:\n{log}"
+    );
     agent.stop().await;
     gated.world.stop().await;
 }
@@ -538,7 +535,7 @@ async fn transport_quic_never_falls_back_to_tcp() {
     let agent = world.spawn_agent(config);
     // Three attempts of 2 s each: several times the 1 s fallback deadline.
     eventually("three QUIC attempts", || {
-        agent_metric(&agent, "rna_agent_reconnects_total", &[]) >= 2.0
+        agent_metric(&agent, RECONNECTS, &[]) >= 2.0
     })
     .await;
     assert!(started.elapsed() > fallback * 3, "{:?}", started.elapsed());
@@ -553,15 +550,10 @@ async fn transport_quic_never_falls_back_to_tcp() {
     assert_eq!(
         hub_metric(
             world,
-            "rna_agent_sessions_total",
+            SESSIONS,
             &[("event", "opened"), ("transport", "tcp")]
         ),
         0.0
-    );
-    assert_eq!(
-        hub_metric(world, "rna_handshake_failures_total", &[]),
-        0.0,
-        "something reached the hub"
     );
     assert!(gated.gate.received() > 0);
     agent.stop().await;
@@ -676,7 +668,10 @@ fn the_cli_offers_the_transport_flags_and_refuses_bad_values() {
     let dir = tempfile::tempdir().unwrap();
     rna::certs::init_dir(dir.path(), &["127.0.0.1".to_string()], false).unwrap();
     rna::certs::issue_agent_files(dir.path(), "edge", false).unwrap();
-    std::fs::write(dir.path().join("token.txt"), "rna_secret_token_value\n").unwrap();
+    let token = dir.path().join("token.txt");
+    std::fs::write(&token, "rna_secret_token_value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let file = dir.path().join("agent.toml");
     std::fs::write(
         &file,
