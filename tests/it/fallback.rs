@@ -128,6 +128,16 @@ fn hub_metric(world: &World, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&world.hub.metrics().render(), name, labels)
 }
 
+/// Waits until the agent serves the session the hub registered (the hub lists a session as
+/// soon as it sends Welcome; the agent counts it a moment later).
+async fn serving(agent: &TestAgent) {
+    within(
+        "the agent to serve its session",
+        agent.handle.wait_until(|s| s.connected >= 1),
+    )
+    .await;
+}
+
 /// A plain GET through the agent's tunnel answers the test server's greeting.
 async fn fetch_works(world: &World, agent: &str, token: &str, http: SocketAddr) {
     let body = within(
@@ -175,6 +185,7 @@ async fn with_udp_dropped_an_auto_agent_works_over_tcp() {
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, "blocked", 1).await;
     let took = started.elapsed();
+    serving(&agent).await;
     eprintln!("connected over TCP {took:?} after start");
     assert!(took < Duration::from_secs(10), "connected after {took:?}");
     assert!(
@@ -411,6 +422,7 @@ async fn an_http_proxy_carries_the_session() {
         ProxySettings::resolve(None, |name| (name == "HTTPS_PROXY").then(|| url.clone())).unwrap();
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, "proxied", 1).await;
+    serving(&agent).await;
     assert_eq!(gated.transports("proxied"), ["tcp"]);
     let log = tinyproxy.log();
     assert!(
