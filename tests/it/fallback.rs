@@ -453,6 +453,7 @@ async fn an_http_proxy_carries_the_session() {
 /// password) and keeps retrying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_proxy_password_is_named_and_retried() {
+    let logs = process_logs();
     let gated = Gated::start(true).await;
     let world = &gated.world;
     let x = gated.hub_addr();
@@ -495,6 +496,70 @@ async fn a_wrong_proxy_password_is_named_and_retried() {
         0,
         "the agent sent UDP despite the proxy"
     );
+    // The agent's log line says the same, and neither password is in the log.
+    let refusal = format!("proxy 127.0.0.1:{} refused the credentials", tinyproxy.port);
+    let text = logs.text();
+    assert!(text.contains(&refusal), "no log line {refusal:?}");
+    assert!(!text.contains("not-the-password") && !text.contains(PROXY_PASSWORD));
+    agent.stop().await;
+    gated.world.stop().await;
+}
+
+/// What else can go wrong on the way through a proxy reaches the agent's error told apart
+/// from an unreachable hub: a proxy that is not there, and one that refuses the hub's port
+/// (tinyproxy answers 403 for a port it does not allow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_failures_reach_the_agent_told_apart_from_the_hub() {
+    let gated = Gated::start(true).await;
+    let world = &gated.world;
+    let x = gated.hub_addr();
+    let token = world.agent_token(TENANT);
+
+    let closed = closed_port();
+    let mut config = gated.agent_config("noproxy", &token, TransportMode::Auto);
+    let gone = format!("http://127.0.0.1:{closed}");
+    config.proxy = ProxySettings::resolve(Some(&gone), |_| None).unwrap();
+    let agent = world.spawn_agent(config);
+    let status = within(
+        "the unreachable proxy",
+        agent
+            .handle
+            .wait_until(|s| matches!(s.last_error, Some(SessionError::Proxy(_)))),
+    )
+    .await;
+    let text = status.last_error.unwrap().to_string();
+    assert!(
+        text.starts_with(&format!("proxy 127.0.0.1:{closed} unreachable")),
+        "{text}"
+    );
+    agent.stop().await;
+
+    // A proxy that allows CONNECT to another port only.
+    let other = x.port().wrapping_add(1).max(1);
+    let tinyproxy = Tinyproxy::start(PROXY_USER, PROXY_PASSWORD, other).await;
+    let mut config = gated.agent_config("forbidden", &token, TransportMode::Tcp);
+    let url = tinyproxy.url_text(PROXY_PASSWORD);
+    config.proxy = ProxySettings::resolve(Some(&url), |_| None).unwrap();
+    let agent = world.spawn_agent(config);
+    let status = within(
+        "the proxy's 403",
+        agent
+            .handle
+            .wait_until(|s| matches!(s.last_error, Some(SessionError::Proxy(_)))),
+    )
+    .await;
+    let text = status.last_error.unwrap().to_string();
+    assert!(
+        text.starts_with(&format!(
+            "proxy 127.0.0.1:{} refused CONNECT 127.0.0.1:{}: 403",
+            tinyproxy.port,
+            x.port()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(PROXY_PASSWORD), "{text}");
+    assert_eq!(world.hub.registry().len(), 0);
+    assert_eq!(gated.gate.received(), 0);
     agent.stop().await;
     gated.world.stop().await;
 }
