@@ -13,7 +13,7 @@ use crate::fake_kube::FakeKube;
 use rna::agent::kube::{KubeSettings, KubeSource};
 use rna::agent::{AgentConfig, HubTarget, SessionError, TransportMode};
 use rna::auth::Scope;
-use rna::hub::{AgentInfo, HubConfig, TcpListen};
+use rna::hub::{AgentInfo, TcpListen};
 use rna::proto::CloseCode;
 use rna::transport::proxy::ProxySettings;
 
@@ -37,10 +37,6 @@ impl Gated {
     /// The gate closed (UDP dropped); the hub's TCP side on X unless `tcp` is false (then
     /// nothing listens for TCP on X).
     async fn start(tcp: bool) -> Gated {
-        Self::start_with(tcp, |_| {}).await
-    }
-
-    async fn start_with(tcp: bool, tune: impl FnOnce(&mut HubConfig)) -> Gated {
         let mut gate = UdpGate::bind().await;
         let x = gate.addr;
         let world = World::start_with(|c| {
@@ -49,7 +45,6 @@ impl Gated {
             } else {
                 TcpListen::Off
             };
-            tune(c);
         })
         .await;
         assert_ne!(
