@@ -3,9 +3,9 @@
 //! TLS/TCP session from agent to hub; and the errors a proxy can cause, each told apart.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::common::Tinyproxy;
 
 use rna::certs::Ca;
 use rna::transport::proxy::{self, ProxyError, ProxyUrl};
@@ -18,100 +18,6 @@ use tokio::net::TcpListener;
 const USER: &str = "edge";
 const PASSWORD: &str = "pr0xy-s3cret";
 const BOUND: Duration = Duration::from_secs(60);
-
-/// A tinyproxy process; killed when dropped.
-struct Tinyproxy {
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Tinyproxy {
-    /// Starts tinyproxy with Basic auth, allowing CONNECT to `connect_port` only.
-    async fn start(connect_port: u16) -> Tinyproxy {
-        let binary = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or_else(|| {
-                panic!(
-                    "tinyproxy is not installed; this test needs it: apt-get install -y tinyproxy"
-                )
-            });
-        let dir = tempfile::tempdir().unwrap();
-        // A free port: bind port 0, read it, release it for tinyproxy.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = dir.path().join("tinyproxy.log");
-        let conf = dir.path().join("tinyproxy.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nLogLevel Info\n\
-                 LogFile \"{log}\"\nPidFile \"{pid}\"\nAllow 127.0.0.1\n\
-                 BasicAuth {USER} {PASSWORD}\nConnectPort {connect_port}\n",
-                log = log.display(),
-                pid = dir.path().join("tinyproxy.pid").display(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(binary)
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        let mut proxy = Tinyproxy {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        // Ready when it accepts connections.
-        let started = Instant::now();
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            if let Ok(Some(status)) = proxy.child.try_wait() {
-                panic!(
-                    "tinyproxy exited with {status}: {}",
-                    std::fs::read_to_string(&proxy.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                started.elapsed() < BOUND,
-                "tinyproxy did not start listening"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        proxy
-    }
-
-    fn url(&self, password: &str) -> ProxyUrl {
-        ProxyUrl::parse(&format!("http://{USER}:{password}@127.0.0.1:{}", self.port)).unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
 
 /// A hub listening for TLS/TCP sessions on 127.0.0.1:0, and an agent's TLS material.
 async fn hub() -> (TcpServer, SocketAddr, ClientTls) {
@@ -130,7 +36,7 @@ async fn hub() -> (TcpServer, SocketAddr, ClientTls) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_runs_through_an_authenticating_proxy() {
     let (server, hub_addr, agent_tls) = hub().await;
-    let tinyproxy = Tinyproxy::start(hub_addr.port()).await;
+    let tinyproxy = Tinyproxy::start(USER, PASSWORD, hub_addr.port()).await;
     let accepted = tokio::spawn(async move {
         let (tcp, remote) = server.accept().await.unwrap();
         server.handshake(tcp, remote).await.map(Session::from)
@@ -185,7 +91,7 @@ async fn a_session_runs_through_an_authenticating_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_failures_are_told_apart() {
     let (_server, hub_addr, _) = hub().await;
-    let tinyproxy = Tinyproxy::start(hub_addr.port()).await;
+    let tinyproxy = Tinyproxy::start(USER, PASSWORD, hub_addr.port()).await;
 
     // A wrong password: refused credentials (tinyproxy answers CONNECT with 401 where most
     // proxies send 407; both read the same), and the password is not shown.

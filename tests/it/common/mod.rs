@@ -1387,3 +1387,211 @@ pub async fn tcp_connect_from(
     socket.bind(SocketAddr::new(from, 0))?;
     socket.connect(to).await
 }
+
+/// A UDP relay in front of a hub's QUIC port that either drops every datagram (UDP blocked on
+/// the way, as a firewall does) or forwards them both ways, switchable while it runs, and
+/// counts what it saw. Bound first, so a test can give the hub's TCP listener the same port
+/// number: an agent dialing that port then meets the gate over UDP and the hub over TCP.
+pub struct UdpGate {
+    /// Where agents send their UDP to.
+    pub addr: SocketAddr,
+    /// Datagrams that came from agents (dropped or not).
+    pub received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Datagrams sent on, either way.
+    pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    front: Option<tokio::net::UdpSocket>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for UdpGate {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl UdpGate {
+    /// Binds the gate on 127.0.0.1 on a port whose TCP side is free too (so a hub can listen
+    /// there over TCP); closed (dropping) until [`open`](Self::open).
+    pub async fn bind() -> UdpGate {
+        for _ in 0..32 {
+            let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = front.local_addr().unwrap();
+            // The TCP port of that number is free right now; the hub binds it next.
+            if std::net::TcpListener::bind(addr).is_err() {
+                continue;
+            }
+            return UdpGate {
+                addr,
+                received: Default::default(),
+                forwarded: Default::default(),
+                open: Default::default(),
+                front: Some(front),
+                task: None,
+            };
+        }
+        panic!("no loopback port free for both UDP and TCP");
+    }
+
+    /// Starts relaying to the hub's QUIC address `hub` (replies go to the agent address that
+    /// sent last: one agent at a time).
+    pub async fn relay_to(&mut self, hub: SocketAddr) {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let front = Arc::new(self.front.take().expect("relay_to once"));
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(hub).await.unwrap();
+        let (received, forwarded, open) = (
+            self.received.clone(),
+            self.forwarded.clone(),
+            self.open.clone(),
+        );
+        self.task = Some(tokio::spawn(async move {
+            let mut agent: Option<SocketAddr> = None;
+            let mut up = vec![0u8; 65536];
+            let mut down = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut up) => {
+                        let Ok((n, from)) = r else { continue };
+                        received.fetch_add(1, Ordering::Relaxed);
+                        if open.load(Ordering::Relaxed) {
+                            agent = Some(from);
+                            forwarded.fetch_add(1, Ordering::Relaxed);
+                            let _ = back.send(&up[..n]).await;
+                        }
+                    }
+                    r = back.recv(&mut down) => {
+                        let Ok(n) = r else { continue };
+                        if let (true, Some(to)) = (open.load(Ordering::Relaxed), agent) {
+                            forwarded.fetch_add(1, Ordering::Relaxed);
+                            let _ = front.send_to(&down[..n], to).await;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Lets datagrams through from now on.
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops every datagram from now on.
+    pub fn close(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Datagrams received from agents so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Datagrams forwarded so far, both ways.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A tinyproxy process (Debian's package) with Basic auth, on a free loopback port with its
+/// configuration and log in a temporary folder; killed when dropped.
+pub struct Tinyproxy {
+    child: std::process::Child,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    user: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tinyproxy {
+    /// Starts tinyproxy asking for `user` and `password`, allowing CONNECT to `connect_port`
+    /// only, and waits until it accepts connections.
+    pub async fn start(user: &str, password: &str, connect_port: u16) -> Tinyproxy {
+        let binary = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "tinyproxy is not installed; this test needs it: apt-get install -y tinyproxy"
+                )
+            });
+        let dir = tempfile::tempdir().unwrap();
+        // A free port: bind port 0, read it, release it for tinyproxy.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.path().join("tinyproxy.log");
+        let conf = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nLogLevel Info\n\
+                 LogFile \"{log}\"\nPidFile \"{pid}\"\nAllow 127.0.0.1\n\
+                 BasicAuth {user} {password}\nConnectPort {connect_port}\n",
+                log = log.display(),
+                pid = dir.path().join("tinyproxy.pid").display(),
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(binary)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        let mut proxy = Tinyproxy {
+            child,
+            port,
+            user: user.to_string(),
+            log,
+            _dir: dir,
+        };
+        // Ready when it accepts connections.
+        let started = std::time::Instant::now();
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!("tinyproxy exited with {status}: {}", proxy.log());
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "tinyproxy did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy
+    }
+
+    /// `http://USER:PASSWORD@127.0.0.1:PORT` with the given password.
+    pub fn url_text(&self, password: &str) -> String {
+        format!("http://{}:{password}@127.0.0.1:{}", self.user, self.port)
+    }
+
+    /// [`url_text`](Self::url_text), parsed.
+    pub fn url(&self, password: &str) -> rna::transport::proxy::ProxyUrl {
+        rna::transport::proxy::ProxyUrl::parse(&self.url_text(password)).unwrap()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
