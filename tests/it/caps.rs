@@ -238,6 +238,7 @@ async fn agent_handshakes_in_progress_are_capped(transport: TransportMode) {
     assert_eq!(world.hub.registry().len(), 0);
     world.wait_sessions(TENANT, AGENT, 1).await;
     world.assert_transport(TENANT, AGENT, transport);
+    world.wait_answering(TENANT, AGENT, 1).await;
     let closed = within("the staller to be closed", staller.session.closed()).await;
     match closed {
         SessionEnd::ClosedByPeer { code, .. } => {
@@ -372,6 +373,7 @@ async fn pending_dials_per_agent_are_capped(transport: TransportMode) {
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
     world.assert_transport(TENANT, AGENT, transport);
+    world.wait_answering(TENANT, AGENT, 1).await;
     let http = http_server().await;
     let (silent, _fillers, _listener) = never_answering();
     let baseline = world.footprint(&[&agent]);

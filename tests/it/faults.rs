@@ -389,6 +389,7 @@ async fn never_answering_and_black_hole_destinations_time_out_and_free_everythin
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
     world.assert_transport(TENANT, AGENT, transport);
+    world.wait_answering(TENANT, AGENT, 1).await;
     let (silent, _fillers, _listener) = never_answering();
 
     // A black hole: accepts, reads everything, never answers.

@@ -269,7 +269,22 @@ impl World {
         let agent = self.spawn_agent(self.agent_config_over(name, token, transport));
         self.wait_sessions(tenant, name, count).await;
         self.assert_transport(tenant, name, transport);
+        self.wait_answering(tenant, name, count).await;
         agent
+    }
+
+    /// Waits until (tenant, name) has `count` sessions and the agent answered a heartbeat on
+    /// each. The hub registers a session before the agent has read Welcome and started
+    /// serving it; an answered heartbeat means the agent's session task runs, so a
+    /// [`footprint`](Self::footprint) taken after this counts the session's tasks on both
+    /// sides.
+    pub async fn wait_answering(&self, tenant: &str, name: &str, count: usize) {
+        let tenant: rna::auth::Tenant = tenant.parse().unwrap();
+        eventually("the agent to answer a heartbeat on every session", || {
+            let sessions = self.hub.registry().sessions_of(&tenant, name);
+            sessions.len() == count && sessions.iter().all(|s| s.info().rtt_ms > 0.0)
+        })
+        .await;
     }
 
     /// Fails the test unless (tenant, name) has sessions and the hub says every one is
