@@ -370,7 +370,7 @@ fn io_reason(e: &std::io::Error) -> String {
 /// `5 s`, `1.5 s`: a duration as the fallback messages print it.
 pub(crate) fn seconds(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{} s", ms / 1000)
     } else {
         format!("{} s", d.as_secs_f64())

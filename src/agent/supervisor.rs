@@ -228,7 +228,7 @@ impl Supervisor {
                     refused = self.refused_backoff();
                     match self.serve(established, &dial, &cancel).await {
                         Served::Moved(next) => {
-                            ready = Some(next);
+                            ready = Some(*next);
                             continue;
                         }
                         Served::Ended { .. } if cancel.is_cancelled() => break,
@@ -426,7 +426,7 @@ impl Supervisor {
                         }
                         .in_current_span(),
                     );
-                    return Served::Moved(next);
+                    return Served::Moved(Box::new(next));
                 }
             }
         };
@@ -494,8 +494,9 @@ enum Served {
         end: session::SessionEnd,
         up: Duration,
     },
-    /// A QUIC probe made this newer session; the old one is draining.
-    Moved(session::Established),
+    /// A QUIC probe made this newer session; the old one is draining. Boxed: a session
+    /// with its streams is far larger than an end reason.
+    Moved(Box<session::Established>),
 }
 
 /// Why UDP to `addr` cannot be sent at all, found at once (no route, a local firewall that

@@ -200,8 +200,8 @@ async fn open_on(
 
 /// Resets a half-used stream pair (used when the SOCKS client vanished mid-setup).
 pub fn abort(mut send: SendStream, mut recv: RecvStream) {
-    let _ = send.reset(StreamCode::Reset.into());
-    let _ = recv.stop(StreamCode::Reset.into());
+    send.reset(StreamCode::Reset.into());
+    recv.stop(StreamCode::Reset.into());
 }
 
 /// Counts one stream in the pending gauge for as long as it lives, so a cancelled open
