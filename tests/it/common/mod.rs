@@ -398,6 +398,8 @@ pub struct RawSession {
 /// `mod NAME { quic, tcp }`, two `#[tokio::test]`s with the runtime arguments given
 /// (`flavor = "multi_thread", worker_threads = 4` when none are). One body, so both transports
 /// are held to the same behaviour; run one side with `cargo test --test it ::tcp`.
+// The test binaries that include this module but no transport test leave it unused.
+#[allow(unused_macros)]
 macro_rules! on_both_transports {
     ($body:ident) => {
         on_both_transports!($body, flavor = "multi_thread", worker_threads = 4);
@@ -418,6 +420,7 @@ macro_rules! on_both_transports {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use on_both_transports;
 
 impl Drop for World {
