@@ -495,7 +495,8 @@ enum Served {
         end: session::SessionEnd,
         up: Duration,
     },
-    /// A QUIC probe made this newer session; the old one is draining.
+    /// A QUIC probe made this newer session; the old one is draining. Boxed: a session
+    /// with its streams is far larger than an end reason.
     Moved(Box<session::Established>),
 }
 

@@ -5,7 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::common::*;
+use rna::agent::TransportMode;
 use rna::proto::CloseCode;
+use rna::transport::session::SessionEnd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -212,8 +214,10 @@ async fn five_hundred_slowloris_clients_do_not_stop_a_normal_client() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn quic_handshakes_in_progress_are_capped() {
+on_both_transports!(agent_handshakes_in_progress_are_capped);
+/// The handshake cap holds on both transports (the hub counts TCP handshakes in the same
+/// slots as QUIC's, under the same metric label).
+async fn agent_handshakes_in_progress_are_capped(transport: TransportMode) {
     let world = World::start_with(|c| {
         c.caps.handshakes = 1;
         c.caps.hello_timeout = Duration::from_secs(3);
@@ -223,33 +227,22 @@ async fn quic_handshakes_in_progress_are_capped() {
 
     // A client with a valid certificate completes TLS but never sends Hello: it holds the
     // only handshake slot until the handshake deadline.
-    let cert = world.ca.issue_agent("staller").unwrap();
-    let tls =
-        rna::transport::ClientTls::from_pem(&world.ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
-            .unwrap();
-    let limits = rna::transport::Limits::default();
-    let endpoint = rna::transport::agent_endpoint(world.quic, &tls, &limits).unwrap();
-    let staller = endpoint
-        .connect(world.quic, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let staller = world.raw_session("staller", transport).await;
 
     // A real agent meanwhile is refused before any work, and gets in once the slot frees.
-    let agent = world.spawn_agent(world.agent_config(AGENT, &token));
+    let agent = world.spawn_agent(world.agent_config_over(AGENT, &token, transport));
     eventually("a refusal to be counted", || {
         world.hub.metrics().cap_refusals("quic_handshakes") > 0
     })
     .await;
     assert_eq!(world.hub.registry().len(), 0);
     world.wait_sessions(TENANT, AGENT, 1).await;
-    let closed = within("the staller to be closed", staller.closed()).await;
+    world.assert_transport(TENANT, AGENT, transport);
+    world.wait_answering(TENANT, AGENT, 1).await;
+    let closed = within("the staller to be closed", staller.session.closed()).await;
     match closed {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(
-                c.error_code.into_inner(),
-                u64::from(CloseCode::HandshakeTimeout.code())
-            );
+        SessionEnd::ClosedByPeer { code, .. } => {
+            assert_eq!(code, u64::from(CloseCode::HandshakeTimeout.code()));
         }
         other => panic!("unexpected close: {other}"),
     }
@@ -329,11 +322,13 @@ async fn quic_handshakes_per_source_are_capped() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn streams_per_agent_connection_are_capped() {
+on_both_transports!(streams_per_agent_connection_are_capped);
+async fn streams_per_agent_connection_are_capped(transport: TransportMode) {
     let world = World::start_with(|c| c.caps.streams_per_agent = 2).await;
     let token = world.agent_token(TENANT);
-    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let agent = world
+        .connect_agent_over(TENANT, AGENT, &token, 1, transport)
+        .await;
     let http = http_server().await;
     let echo = half_close_server().await;
 
@@ -367,16 +362,18 @@ async fn streams_per_agent_connection_are_capped() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn pending_dials_per_agent_are_capped() {
+on_both_transports!(pending_dials_per_agent_are_capped);
+async fn pending_dials_per_agent_are_capped(transport: TransportMode) {
     let _serial = SERIAL.lock().await;
     let world = World::start().await;
     let token = world.agent_token(TENANT);
-    let mut config = world.agent_config(AGENT, &token);
+    let mut config = world.agent_config_over(AGENT, &token, transport);
     config.max_pending_dials = 2;
     config.dial_timeout = Duration::from_secs(2);
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
+    world.assert_transport(TENANT, AGENT, transport);
+    world.wait_answering(TENANT, AGENT, 1).await;
     let http = http_server().await;
     let (silent, _fillers, _listener) = never_answering();
     let baseline = world.footprint(&[&agent]);
@@ -410,42 +407,30 @@ async fn pending_dials_per_agent_are_capped() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn frames_over_the_cap_close_the_connection_and_others_are_served() {
+on_both_transports!(frames_over_the_cap_close_the_connection_and_others_are_served);
+async fn frames_over_the_cap_close_the_connection_and_others_are_served(transport: TransportMode) {
     let world = World::start_with(|c| c.caps.max_frame = 1024).await;
     let token = world.agent_token(TENANT);
-    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let agent = world
+        .connect_agent_over(TENANT, AGENT, &token, 1, transport)
+        .await;
     let http = http_server().await;
 
     // An agent with a valid certificate announces a 2000-byte Hello.
-    let cert = world.ca.issue_agent("big").unwrap();
-    let tls =
-        rna::transport::ClientTls::from_pem(&world.ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
-            .unwrap();
-    let endpoint =
-        rna::transport::agent_endpoint(world.quic, &tls, &rna::transport::Limits::default())
-            .unwrap();
-    let conn = endpoint
-        .connect(world.quic, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let big = world.raw_session("big", transport).await;
+    assert_eq!(big.session.transport().as_str(), transport.as_str());
+    let (mut send, _recv) = big.session.open_bi().await.unwrap();
     send.write_all(&2000u32.to_be_bytes()).await.unwrap();
     send.write_all(&[0u8; 16]).await.unwrap();
-    match within("the hub to close the connection", conn.closed()).await {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(
-                c.error_code.into_inner(),
-                u64::from(CloseCode::Protocol.code())
-            );
-            let reason = String::from_utf8_lossy(&c.reason).to_string();
+    match within("the hub to close the connection", big.session.closed()).await {
+        SessionEnd::ClosedByPeer { code, reason } => {
+            assert_eq!(code, u64::from(CloseCode::Protocol.code()));
             assert!(reason.contains("exceeds the 1024-byte limit"), "{reason}");
         }
-        // The close frame can be lost on a loaded loopback; the hub, done draining, then
-        // answers our retransmission with a stateless reset. The metric below still proves
-        // which cap closed it.
-        quinn::ConnectionError::Reset => {}
+        // QUIC only: the close frame can be lost on a loaded loopback; the hub, done
+        // draining, then answers our retransmission with a stateless reset. The metric below
+        // still proves which cap closed it. TCP delivers the close or fails the test.
+        SessionEnd::Failed(why) if transport == TransportMode::Quic && why.contains("reset") => {}
         other => panic!("unexpected close: {other}"),
     }
     assert_eq!(world.hub.metrics().cap_refusals("frame_size"), 1);

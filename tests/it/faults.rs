@@ -1,12 +1,15 @@
 //! Faults on the path: a lossy, reordering UDP link between agent and hub, a SOCKS client
 //! that stops reading, destinations that never answer or black-hole, and an agent whose UDP
 //! address changes mid-transfer. After each, every resource is back to its baseline.
+//! The stalled client and the dead destinations run on both transports; the lossy link and
+//! the address change stay on QUIC, whose datagrams and connection migration they exercise.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use rna::agent::TransportMode;
 use rna::transport::control::Heartbeat;
 use rna::transport::Congestion;
 use sha2::{Digest, Sha256};
@@ -267,12 +270,16 @@ async fn twenty_percent_loss_256_mib_each_way_bbr() {
     transfer_over_lossy_link(0.20, 256 << 20, 20, Congestion::Bbr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats() {
+on_both_transports!(a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats);
+async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
+    transport: TransportMode,
+) {
     let _serial = SERIAL.lock().await;
     let world = World::start().await;
     let token = world.agent_token(TENANT);
-    let agent = world.connect_agent(TENANT, AGENT, &token, 1).await;
+    let agent = world
+        .connect_agent_over(TENANT, AGENT, &token, 1, transport)
+        .await;
     let http = http_server().await;
     let (endless, mut held_back) = endless_server().await;
     let baseline = world.footprint(&[&agent]);
@@ -367,18 +374,22 @@ async fn a_client_that_stops_reading_slows_neither_other_streams_nor_heartbeats(
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn never_answering_and_black_hole_destinations_time_out_and_free_everything() {
+on_both_transports!(never_answering_and_black_hole_destinations_time_out_and_free_everything);
+async fn never_answering_and_black_hole_destinations_time_out_and_free_everything(
+    transport: TransportMode,
+) {
     let _serial = SERIAL.lock().await;
     let world = World::start_with(|c| {
         c.caps.stream_idle_timeout = Duration::from_secs(1);
     })
     .await;
     let token = world.agent_token(TENANT);
-    let mut config = world.agent_config(AGENT, &token);
+    let mut config = world.agent_config_over(AGENT, &token, transport);
     config.dial_timeout = Duration::from_secs(1);
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
+    world.assert_transport(TENANT, AGENT, transport);
+    world.wait_answering(TENANT, AGENT, 1).await;
     let (silent, _fillers, _listener) = never_answering();
 
     // A black hole: accepts, reads everything, never answers.

@@ -1,5 +1,6 @@
 //! Signals on the real binary: SIGTERM drains in-flight transfers within `--grace` and exits 0
-//! in time; SIGHUP reloads tokens (hub) and policy (agent) without dropping a transfer.
+//! in time; SIGHUP reloads tokens (hub) and policy (agent) without dropping a transfer. Both
+//! run with the agent on QUIC and on TLS over TCP (`--transport`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::common::*;
+use rna::agent::TransportMode;
 use rna::auth::{Scope, TokenStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -96,8 +98,13 @@ impl Pki {
         (child, log, socks, api, field(&serving, "quic"))
     }
 
-    /// Starts an agent process with a config file holding its policy.
-    async fn agent(&self, quic: &str) -> (Child, mpsc::UnboundedReceiver<String>) {
+    /// Starts an agent process on `transport` with a config file holding its policy; fails
+    /// the test unless its session runs on that transport.
+    async fn agent(
+        &self,
+        quic: &str,
+        transport: TransportMode,
+    ) -> (Child, mpsc::UnboundedReceiver<String>) {
         self.write_policy("deny = []");
         let args = agent_process_args(
             quic,
@@ -105,10 +112,20 @@ impl Pki {
             &self.path("ca.pem"),
             &self.dir.path().display().to_string(),
             &self.path("token.txt"),
-            &["--config", &self.path("agent.toml")],
+            &[
+                "--config",
+                &self.path("agent.toml"),
+                "--transport",
+                transport.as_str(),
+            ],
         );
         let (child, mut log) = spawn_logged(&args);
-        wait_line(&mut log, "connected to hub").await;
+        let connected = wait_line(&mut log, "connected to hub").await;
+        assert_eq!(
+            field(&connected, "transport"),
+            transport.as_str(),
+            "{connected}"
+        );
         (child, log)
     }
 
@@ -133,12 +150,12 @@ async fn read_rest(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     s.read_to_end(&mut out).await.map(|_| out)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_drains_transfers_within_the_grace_and_exits_zero() {
+on_both_transports!(sigterm_drains_transfers_within_the_grace_and_exits_zero);
+async fn sigterm_drains_transfers_within_the_grace_and_exits_zero(transport: TransportMode) {
     let pki = Pki::new();
     let grace = Duration::from_secs(4);
     let (mut hub, mut hub_log, socks, api, quic) = pki.hub(&["--grace", "4s"]).await;
-    let (_agent, mut agent_log) = pki.agent(&quic).await;
+    let (_agent, mut agent_log) = pki.agent(&quic, transport).await;
     let (dest, gate) = gated_server().await;
 
     // Two transfers, each with its first half read: one will be let through, one never.
@@ -194,12 +211,12 @@ async fn sigterm_drains_transfers_within_the_grace_and_exits_zero() {
     wait_line(&mut agent_log, "going away").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sighup_reloads_tokens_and_policy_without_dropping_a_transfer() {
+on_both_transports!(sighup_reloads_tokens_and_policy_without_dropping_a_transfer);
+async fn sighup_reloads_tokens_and_policy_without_dropping_a_transfer(transport: TransportMode) {
     let pki = Pki::new();
     // Only SIGHUP may reload the store in this test: the file poll is an hour away.
     let (mut hub, mut hub_log, socks, api, quic) = pki.hub(&["--token-poll", "1h"]).await;
-    let (agent, mut agent_log) = pki.agent(&quic).await;
+    let (agent, mut agent_log) = pki.agent(&quic, transport).await;
     let (dest, gate) = gated_server().await;
 
     let mut transfer = socks_connect(socks, "edge", &pki.proxy_token, Dest::Ip(dest))

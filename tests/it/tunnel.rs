@@ -1,17 +1,22 @@
 //! End-to-end: curl and raw SOCKS5 clients through an in-process hub and agent on loopback.
+//! Each behaviour test body runs twice, with the agent on QUIC and on TLS over TCP
+//! ([`on_both_transports!`]).
 
 use std::time::Duration;
 
 use crate::common::*;
+use rna::agent::TransportMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TENANT: &str = "acme/prod";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn curl_downloads_and_uploads_64_mib_exactly() {
+on_both_transports!(curl_downloads_and_uploads_64_mib_exactly);
+async fn curl_downloads_and_uploads_64_mib_exactly(transport: TransportMode) {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
-    let _agent = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let _agent = world
+        .connect_agent_over(TENANT, "prod-cluster", &token, 1, transport)
+        .await;
     let http = http_server().await;
     let size = 64 * 1024 * 1024;
 
@@ -50,16 +55,19 @@ async fn curl_downloads_and_uploads_64_mib_exactly() {
 
     let agents = world.hub.registry().infos(None);
     assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].transport, transport.as_str());
     assert!(agents[0].bytes_in >= size as u64, "{agents:?}");
     assert!(agents[0].bytes_out >= size as u64, "{agents:?}");
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn hundred_concurrent_curl_transfers_through_one_agent_are_exact() {
+on_both_transports!(hundred_concurrent_curl_transfers_through_one_agent_are_exact);
+async fn hundred_concurrent_curl_transfers_through_one_agent_are_exact(transport: TransportMode) {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
-    let _agent = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let _agent = world
+        .connect_agent_over(TENANT, "prod-cluster", &token, 1, transport)
+        .await;
     let http = http_server().await;
     let size = 512 * 1024;
     let expected = sha256_hex(&pattern(size));
@@ -88,11 +96,13 @@ async fn hundred_concurrent_curl_transfers_through_one_agent_are_exact() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn half_close_keeps_the_other_direction_and_resets_propagate() {
+on_both_transports!(half_close_keeps_the_other_direction_and_resets_propagate);
+async fn half_close_keeps_the_other_direction_and_resets_propagate(transport: TransportMode) {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
-    let _agent = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let _agent = world
+        .connect_agent_over(TENANT, "prod-cluster", &token, 1, transport)
+        .await;
 
     // Half-close: send, shut our write side, and still receive the whole answer.
     let server = half_close_server().await;
@@ -123,14 +133,16 @@ async fn half_close_keeps_the_other_direction_and_resets_propagate() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn socks_replies_are_precise() {
+on_both_transports!(socks_replies_are_precise);
+async fn socks_replies_are_precise(transport: TransportMode) {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
     let other_token = world.agent_token("other/prod");
-    let _agent = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let _agent = world
+        .connect_agent_over(TENANT, "prod-cluster", &token, 1, transport)
+        .await;
     let _other = world
-        .connect_agent("other/prod", "other-cluster", &other_token, 1)
+        .connect_agent_over("other/prod", "other-cluster", &other_token, 1, transport)
         .await;
     let http = http_server().await;
 
@@ -241,13 +253,14 @@ async fn socks_replies_are_precise() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_agents_with_one_name_share_streams_and_survive_one_loss() {
+on_both_transports!(two_agents_with_one_name_share_streams_and_survive_one_loss);
+async fn two_agents_with_one_name_share_streams_and_survive_one_loss(transport: TransportMode) {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
-    let first = world.spawn_agent(world.agent_config("replicated", &token));
-    let _second = world.spawn_agent(world.agent_config("replicated", &token));
+    let first = world.spawn_agent(world.agent_config_over("replicated", &token, transport));
+    let _second = world.spawn_agent(world.agent_config_over("replicated", &token, transport));
     world.wait_sessions(TENANT, "replicated", 2).await;
+    world.assert_transport(TENANT, "replicated", transport);
     let http = http_server().await;
 
     for _ in 0..10 {
@@ -286,14 +299,16 @@ async fn two_agents_with_one_name_share_streams_and_survive_one_loss() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn agents_list_is_tenant_scoped() {
+on_both_transports!(agents_list_is_tenant_scoped);
+async fn agents_list_is_tenant_scoped(transport: TransportMode) {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
     let other = world.agent_token("other/prod");
-    let _a = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let _a = world
+        .connect_agent_over(TENANT, "prod-cluster", &token, 1, transport)
+        .await;
     let _b = world
-        .connect_agent("other/prod", "prod-cluster", &other, 1)
+        .connect_agent_over("other/prod", "prod-cluster", &other, 1, transport)
         .await;
     let reader = world.token(TENANT, &[rna::auth::Scope::ReadInfraData]);
     let admin = world.token("ops/all", &[rna::auth::Scope::Admin]);
@@ -319,6 +334,8 @@ async fn agents_list_is_tenant_scoped() {
     assert_eq!(agents.len(), 1, "{body}");
     assert_eq!(agents[0]["tenant"], TENANT);
     assert_eq!(agents[0]["name"], "prod-cluster");
+    // The agents API names the transport the session really runs on.
+    assert_eq!(agents[0]["transport"], transport.as_str(), "{body}");
     assert!(agents[0]["remote_address"]
         .as_str()
         .unwrap()
@@ -354,11 +371,13 @@ async fn agents_list_is_tenant_scoped() {
     world.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn shutdown_drains_in_flight_streams_and_sends_agents_away() {
+on_both_transports!(shutdown_drains_in_flight_streams_and_sends_agents_away);
+async fn shutdown_drains_in_flight_streams_and_sends_agents_away(transport: TransportMode) {
     let mut world = World::start_with(|c| c.grace = Duration::from_secs(60)).await;
     let token = world.agent_token(TENANT);
-    let agent = world.connect_agent(TENANT, "prod-cluster", &token, 1).await;
+    let agent = world
+        .connect_agent_over(TENANT, "prod-cluster", &token, 1, transport)
+        .await;
     let http = http_server().await;
     let size: usize = 32 * 1024 * 1024;
 
@@ -437,15 +456,15 @@ fn size_of(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
+on_both_transports!(revoking_a_proxy_token_cuts_its_transfers_within_two_seconds);
 /// Revoking a `proxy` token resets the SOCKS connections it opened within 2 s, as it closes
 /// agent sessions: a curl download in progress is cut, while another token's download
 /// continues.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn revoking_a_proxy_token_cuts_its_transfers_within_two_seconds() {
+async fn revoking_a_proxy_token_cuts_its_transfers_within_two_seconds(transport: TransportMode) {
     let world = World::start().await;
     let agent_token = world.agent_token(TENANT);
     let _agent = world
-        .connect_agent(TENANT, "prod-cluster", &agent_token, 1)
+        .connect_agent_over(TENANT, "prod-cluster", &agent_token, 1, transport)
         .await;
     let http = http_server().await;
     let revoked = world.token(TENANT, &[rna::auth::Scope::Proxy]);
@@ -485,14 +504,14 @@ async fn revoking_a_proxy_token_cuts_its_transfers_within_two_seconds() {
     world.stop().await;
 }
 
+on_both_transports!(an_expired_proxy_token_cuts_its_transfers);
 /// An expiring `proxy` token's connections are reset once it expires, without any change
 /// to the store file (the hub's poll notices).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_expired_proxy_token_cuts_its_transfers() {
+async fn an_expired_proxy_token_cuts_its_transfers(transport: TransportMode) {
     let world = World::start().await;
     let agent_token = world.agent_token(TENANT);
     let _agent = world
-        .connect_agent(TENANT, "prod-cluster", &agent_token, 1)
+        .connect_agent_over(TENANT, "prod-cluster", &agent_token, 1, transport)
         .await;
     let http = http_server().await;
     let ttl = Duration::from_secs(3);

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
-use rna::agent::{Agent, AgentConfig, AgentHandle, HubTarget, Policy};
+use rna::agent::{Agent, AgentConfig, AgentHandle, HubTarget, Policy, TransportMode};
 use rna::auth::{Scope, Secret, TokenStore};
 use rna::certs::Ca;
 use rna::hub::{Hub, HubConfig, HubHandle};
 use rna::transport::control::Heartbeat;
+use rna::transport::session::Session;
 use rna::transport::{ClientTls, ServerTls};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -248,6 +249,105 @@ impl World {
         .await;
     }
 
+    /// [`agent_config`](Self::agent_config) on one transport: `Quic` or `Tcp` (the hub serves
+    /// both on its one port), so a test body can run over either.
+    pub fn agent_config_over(
+        &self,
+        name: &str,
+        token: &str,
+        transport: TransportMode,
+    ) -> AgentConfig {
+        let mut config = self.agent_config(name, token);
+        config.transport = transport;
+        config
+    }
+
+    /// [`connect_agent`](Self::connect_agent) over `transport`; fails the test unless the
+    /// hub registered the sessions on that transport.
+    pub async fn connect_agent_over(
+        &self,
+        tenant: &str,
+        name: &str,
+        token: &str,
+        count: usize,
+        transport: TransportMode,
+    ) -> TestAgent {
+        let agent = self.spawn_agent(self.agent_config_over(name, token, transport));
+        self.wait_sessions(tenant, name, count).await;
+        self.assert_transport(tenant, name, transport);
+        self.wait_answering(tenant, name, count).await;
+        agent
+    }
+
+    /// Waits until (tenant, name) has `count` sessions and the agent answered a heartbeat on
+    /// each. The hub registers a session before the agent has read Welcome and started
+    /// serving it; an answered heartbeat means the agent's session task runs, so a
+    /// [`footprint`](Self::footprint) taken after this counts the session's tasks on both
+    /// sides.
+    pub async fn wait_answering(&self, tenant: &str, name: &str, count: usize) {
+        let tenant: rna::auth::Tenant = tenant.parse().unwrap();
+        eventually("the agent to answer a heartbeat on every session", || {
+            let sessions = self.hub.registry().sessions_of(&tenant, name);
+            sessions.len() == count && sessions.iter().all(|s| s.info().rtt_ms > 0.0)
+        })
+        .await;
+    }
+
+    /// Fails the test unless (tenant, name) has sessions and the hub says every one is
+    /// carried by `transport`: a run meant for TCP cannot pass over QUIC, nor the reverse.
+    pub fn assert_transport(&self, tenant: &str, name: &str, transport: TransportMode) {
+        let tenant: rna::auth::Tenant = tenant.parse().unwrap();
+        let sessions = self.hub.registry().sessions_of(&tenant, name);
+        assert!(!sessions.is_empty(), "no session of {name}");
+        for session in sessions {
+            let info = session.info();
+            assert_eq!(
+                info.transport,
+                transport.as_str(),
+                "session {} of {name} runs over {}, not {transport}",
+                info.session_id,
+                info.transport
+            );
+        }
+    }
+
+    /// A session to the hub with an agent certificate for `name` over `transport` (`Quic` or
+    /// `Tcp`), past TLS and (on TCP) the multiplexer's setup, that has sent nothing: what a
+    /// stalled or hostile client holding a leaked certificate gives the hub.
+    pub async fn raw_session(&self, name: &str, transport: TransportMode) -> RawSession {
+        let cert = self.ca.issue_agent(name).unwrap();
+        let tls = ClientTls::from_pem(&self.ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+        let limits = rna::transport::Limits::default();
+        match transport {
+            TransportMode::Quic => {
+                let endpoint = rna::transport::agent_endpoint(self.quic, &tls, &limits).unwrap();
+                let connection = within(
+                    "a raw QUIC session",
+                    endpoint.connect(self.quic, "localhost").unwrap(),
+                )
+                .await
+                .unwrap();
+                RawSession {
+                    session: connection.into(),
+                    _endpoint: Some(endpoint),
+                }
+            }
+            TransportMode::Tcp => {
+                let session = within(
+                    "a raw TCP session",
+                    rna::transport::tcp::connect(self.quic, "localhost", &tls, &limits),
+                )
+                .await
+                .unwrap();
+                RawSession {
+                    session: session.into(),
+                    _endpoint: None,
+                }
+            }
+            TransportMode::Auto => panic!("a raw session needs a definite transport"),
+        }
+    }
+
     /// Writes the files a real `rna agent` process needs and returns its arguments.
     pub fn agent_process_args(&self, name: &str, token: &str) -> Vec<String> {
         let dir = self.dir.path();
@@ -293,6 +393,41 @@ impl World {
         self.wait_stopped().await;
     }
 }
+
+/// A hub session opened by [`World::raw_session`]; on QUIC it keeps its endpoint alive.
+pub struct RawSession {
+    pub session: Session,
+    _endpoint: Option<quinn::Endpoint>,
+}
+
+/// Runs the test body `NAME(transport: TransportMode)` once per transport: emits
+/// `mod NAME { quic, tcp }`, two `#[tokio::test]`s with the runtime arguments given
+/// (`flavor = "multi_thread", worker_threads = 4` when none are). One body, so both transports
+/// are held to the same behaviour; run one side with `cargo test --test it ::tcp`.
+// The test binaries that include this module but no transport test leave it unused.
+#[allow(unused_macros)]
+macro_rules! on_both_transports {
+    ($body:ident) => {
+        on_both_transports!($body, flavor = "multi_thread", worker_threads = 4);
+    };
+    ($body:ident, $($runtime:tt)+) => {
+        mod $body {
+            use rna::agent::TransportMode;
+
+            #[tokio::test($($runtime)+)]
+            async fn quic() {
+                super::$body(TransportMode::Quic).await
+            }
+
+            #[tokio::test($($runtime)+)]
+            async fn tcp() {
+                super::$body(TransportMode::Tcp).await
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_transports;
 
 impl Drop for World {
     fn drop(&mut self) {
