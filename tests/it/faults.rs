@@ -184,6 +184,7 @@ async fn transfer_over_lossy_link(loss: f64, len: u64, seed: u64, congestion: Co
     config.limits.congestion = congestion;
     let agent = world.spawn_agent(config);
     world.wait_sessions(TENANT, AGENT, 1).await;
+    world.wait_answering(TENANT, AGENT, 1).await;
     let http = http_server().await;
     let want = pattern_sha256(len);
     let baseline = world.footprint(&[&agent]);

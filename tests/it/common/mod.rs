@@ -218,8 +218,8 @@ impl World {
         }
     }
 
-    /// Starts an agent and waits until the hub has registered `count` sessions of it and
-    /// the agent serves them (a footprint taken then counts their tasks).
+    /// Starts an agent and waits until the hub has registered `count` sessions of it and the
+    /// agent serves each ([`wait_answering`](Self::wait_answering)).
     pub async fn connect_agent(
         &self,
         tenant: &str,
@@ -229,11 +229,7 @@ impl World {
     ) -> TestAgent {
         let agent = self.spawn_agent(self.agent_config(name, token));
         self.wait_sessions(tenant, name, count).await;
-        within(
-            "the agent to serve its sessions",
-            agent.handle.wait_until(|s| s.connected >= count),
-        )
-        .await;
+        self.wait_answering(tenant, name, count).await;
         agent
     }
 
