@@ -561,6 +561,8 @@ pub async fn run(
         _ => CloseCode::Normal,
     };
     connection.close(code.code(), "agent closing");
+    // An agent that is stopping exits right after: the close must reach the hub first.
+    connection.flush_close(Duration::from_secs(1)).await;
     streams.close();
     if let Some(task) = inventory {
         task.abort();

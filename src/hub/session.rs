@@ -254,6 +254,8 @@ async fn run_session(
             label
         },
     );
+    // A hub that is stopping exits right after: the close must reach a TCP agent first.
+    session.connection.flush_close(Duration::from_secs(1)).await;
     shared.metrics.session_closed(
         session.tenant.as_str(),
         metric_agent.as_deref(),

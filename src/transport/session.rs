@@ -233,6 +233,16 @@ impl Session {
         }
     }
 
+    /// After [`Session::close`]: resolves once the close has gone out, at most after
+    /// `limit`. QUIC: at once (the endpoint's `wait_idle` sends its closes); TCP: when the
+    /// session's connection is done with (its close frame went to the socket). Call before
+    /// a process may exit, so the peer reads the close code, not a cut connection.
+    pub async fn flush_close(&self, limit: Duration) {
+        if let Session::Tcp(t) = self {
+            let _ = tokio::time::timeout(limit, t.released()).await;
+        }
+    }
+
     /// Why the session ended, or `None` while it is alive.
     pub fn close_reason(&self) -> Option<SessionEnd> {
         match self {

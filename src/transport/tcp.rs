@@ -209,10 +209,11 @@ impl TcpHandshaker {
             let tls = tls.map_err(|e| tls_failed(remote, &e))?;
             let peer = negotiated(tls.get_ref().1, remote)?;
             let config = mux_config(&self.limits, self.limits.agent_streams);
-            let session = qmux::Session::accept(transport(tls, stats), config)
+            let (stream, released) = transport(tls, stats);
+            let session = qmux::Session::accept(stream, config)
                 .await
                 .map_err(|e| mux_error(e, remote))?;
-            Ok(TcpSession::new(session, peer, remote))
+            Ok(TcpSession::new(session, peer, remote, released))
         };
         tokio::time::timeout(limit, work)
             .await
@@ -262,23 +263,89 @@ pub async fn connect_over(
     let peer = negotiated(stream.get_ref().1, remote)?;
     // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
     // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
-    let session = qmux::Session::connect(
-        transport(stream, stats),
-        mux_config(limits, limits.tunnel_streams),
-    )
-    .await
-    .map_err(|e| mux_error(e, remote))?;
-    Ok(TcpSession::new(session, peer, remote))
+    let (stream, released) = transport(stream, stats);
+    let session = qmux::Session::connect(stream, mux_config(limits, limits.tunnel_streams))
+        .await
+        .map_err(|e| mux_error(e, remote))?;
+    Ok(TcpSession::new(session, peer, remote, released))
 }
 
-fn transport<T>(stream: T, stats: Option<qmux::SharedSocketStats>) -> qmux::transport::Stream<T>
+/// The TLS stream wrapped for QMux, and what says when QMux's tasks have let go of it.
+fn transport<T>(
+    stream: T,
+    stats: Option<qmux::SharedSocketStats>,
+) -> (
+    qmux::transport::Stream<Released<T>>,
+    tokio::sync::watch::Receiver<()>,
+)
 where
-    T: AsyncRead + AsyncWrite + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (done, released) = tokio::sync::watch::channel(());
+    let stream = Released {
+        inner: stream,
+        _done: done,
+    };
     let t = qmux::transport::Stream::new(stream, QMUX_VERSION, MAX_RECORD_SIZE);
-    match stats {
+    let t = match stats {
         Some(s) => t.with_socket_stats(s),
         None => t,
+    };
+    (t, released)
+}
+
+/// A session's TLS stream as QMux's reader and writer tasks hold it. When both are done
+/// with it (the session's last frames, its close among them, went to the socket, or the
+/// connection failed), it is dropped, and with it the sender that
+/// [`TcpSession::released`] waits on.
+struct Released<T> {
+    inner: T,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Released<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Released<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -360,6 +427,8 @@ struct Inner {
     streams: AtomicU64,
     /// Stream bytes the application has read: the session's activity counter.
     received: AtomicU64,
+    /// Ends when QMux's tasks have let go of the TLS stream (see [`Released`]).
+    released: tokio::sync::watch::Receiver<()>,
 }
 
 impl std::fmt::Debug for TcpSession {
@@ -375,11 +444,13 @@ impl TcpSession {
         mux: qmux::Session,
         peer: Option<Vec<CertificateDer<'static>>>,
         remote: SocketAddr,
+        released: tokio::sync::watch::Receiver<()>,
     ) -> Self {
         TcpSession(Arc::new(Inner {
             mux,
             peer,
             remote,
+            released,
             closed_here: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -428,6 +499,16 @@ impl TcpSession {
             self.0.closed_here.store(true, Ordering::Release);
         }
         self.0.mux.close(code, reason);
+    }
+
+    /// Resolves once the session's connection is done with: after [`TcpSession::close`],
+    /// when the close frame has gone to the socket and QMux's tasks let go of it (so a
+    /// process may exit without cutting the close short), or when the connection failed.
+    /// Cancel-safe.
+    pub async fn released(&self) {
+        let mut released = self.0.released.clone();
+        // Err once the sender is gone, which is the only thing that ever happens to it.
+        let _ = released.changed().await;
     }
 
     /// The smoothed round-trip time: the kernel's for the TCP connection, else QMux's ping.
