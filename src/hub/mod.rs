@@ -5,6 +5,7 @@
 
 mod admission;
 pub mod api;
+mod enroll;
 pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
@@ -65,6 +66,9 @@ pub enum HubError {
     /// The TLS/TCP agent listener could not be set up.
     #[error("TCP agent listener: {0}")]
     Tcp(String),
+    /// Enrollment could not be set up from the state folder (its CA or key).
+    #[error("enrollment: {0}")]
+    Enroll(#[from] crate::enroll::EnrollError),
 }
 
 /// State shared by the hub's tasks.
@@ -93,6 +97,8 @@ pub(crate) struct Shared {
     /// Turns for large admin API answers per tenant
     /// ([`HubCaps::heavy_requests_per_tenant`]).
     pub(crate) heavy: kube_channel::HeavyRequests,
+    /// Enrollment of agents with join tokens, when the state folder holds the CA key.
+    pub(crate) enroller: Option<Arc<enroll::Enroller>>,
 }
 
 impl Shared {
@@ -205,11 +211,32 @@ impl Hub {
                 transport::EndpointKey::random()?
             }
         };
+        let mut config = config;
+        let enroller = match &config.enrollment {
+            Some(state) => {
+                config.tls = config.tls.with_enrollment(crate::enroll::ENROLL_ALPN);
+                Some(Arc::new(enroll::Enroller::open(
+                    state.clone(),
+                    config.tokens.clone(),
+                    config.agent_cert_lifetime,
+                )?))
+            }
+            None => None,
+        };
         let (endpoint, tcp) = bind_agent_sockets(&config, &key).await?;
         // Keep the port actually bound (`:0` picks one), for the status page's connect line.
-        let mut config = config;
         if let Ok(bound) = endpoint.local_addr() {
             config.listen = bound;
+        }
+        if let Some(state) = &config.enrollment {
+            // `rna token create --join` prints this address in the line agents paste.
+            let address = crate::enroll::HubAddress {
+                names: crate::enroll::state::certificate_names(&state.hub_cert()),
+                port: config.listen.port(),
+            };
+            if let Err(e) = state.save_address(&address) {
+                warn!("join lines will need --hub: {e}");
+            }
         }
         let tcp = match tcp {
             Some(listener) => Some(Arc::new(
@@ -260,6 +287,7 @@ impl Hub {
             gate,
             failure_log: admission::FailureLog::new(FAILURE_LOG_WINDOW, FAILURE_LOG_BURST),
             heavy,
+            enroller,
         });
         Ok(Hub {
             shared,

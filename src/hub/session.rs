@@ -117,6 +117,14 @@ pub(crate) async fn serve(
             return;
         }
     };
+    if let Some(enroller) = shared.enroller.clone() {
+        let alpn = crate::transport::tls::negotiated_alpn(&connection);
+        if alpn.as_deref() == Some(crate::enroll::ENROLL_ALPN) {
+            let session = Session::from(connection);
+            super::enroll::serve(shared, enroller, session, handshake_slot).await;
+            return;
+        }
+    }
     serve_session(shared, Session::from(connection), cancel, handshake_slot).await;
 }
 

@@ -1,0 +1,230 @@
+//! Enrollment on the hub's own listener: a connection that negotiated `rna-enroll/1` sends one
+//! `EnrollRequest` (a join token and a CSR); the hub checks the token, signs the CSR for that
+//! agent and tenant, records the certificate, makes the agent's connect token and answers
+//! with one `EnrollReply`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::admission::HandshakeSlot;
+use super::Shared;
+use crate::auth::{Scope, TokenStore};
+use crate::enroll::wire::{self, ENROLL_DONE, ENROLL_PROTOCOL};
+use crate::enroll::{
+    csr, CertBytes, EnrollError, EnrollReply, EnrollRequest, HubState, Issued, IssuedLog,
+    IssuedRecord, RefusalCode, Signer,
+};
+use crate::identity::Secret;
+use crate::proto::codec;
+use crate::transport::session::Session;
+
+/// How long the hub waits for the agent to read the reply and close, before closing itself.
+const REPLY_READ_TIME: Duration = Duration::from_secs(5);
+
+/// Signs enrolled agents' certificates with the state folder's CA and keeps its records.
+pub(crate) struct Enroller {
+    /// Where join tokens, issued certificates and revocations are kept.
+    state: HubState,
+    /// The CA key and name.
+    signer: Signer,
+    /// The CA certificate (DER) sent back to the agent.
+    ca_der: Vec<u8>,
+    /// The hub's token store, where each enrolled agent's connect token goes.
+    tokens: PathBuf,
+    /// Lifetime of the certificates signed.
+    lifetime: Duration,
+    /// One enrollment at a time: each reads, changes and writes the join tokens, the log and
+    /// the token store, and two at once could spend one single-use token twice.
+    lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Enroller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enroller")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Enroller {
+    /// Reads the CA certificate and key of `state`.
+    pub(crate) fn open(
+        state: HubState,
+        tokens: PathBuf,
+        lifetime: Duration,
+    ) -> Result<Enroller, EnrollError> {
+        let read = |path: PathBuf| {
+            crate::fsutil::read_text(&path, 64 * 1024).map_err(|e| EnrollError::State {
+                path,
+                message: e.problem.to_string(),
+            })
+        };
+        let (ca_pem, key_pem) = (read(state.ca())?, read(state.ca_key())?);
+        let signer = Signer::from_pem(&ca_pem, &key_pem)?;
+        let ca_der = crate::certs::parse_certs(&ca_pem)
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+            .map(|c| c.to_vec())
+            .ok_or_else(|| EnrollError::State {
+                path: state.ca(),
+                message: "no certificate".into(),
+            })?;
+        Ok(Enroller {
+            state,
+            signer,
+            ca_der,
+            tokens,
+            lifetime,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// Checks the request's join token for the agent its CSR names, signs the CSR, spends
+    /// one use of the token and records everything. Blocking (file I/O): run off the I/O
+    /// threads. A refusal spends nothing.
+    fn enroll(&self, request: &EnrollRequest, now: SystemTime) -> Result<Issued, EnrollError> {
+        if request.protocol != ENROLL_PROTOCOL {
+            return Err(refused(
+                RefusalCode::Malformed,
+                format!(
+                    "enrollment protocol {} is not {ENROLL_PROTOCOL}",
+                    request.protocol
+                ),
+            ));
+        }
+        let agent = csr::requested_agent(&request.csr_der)?;
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Read afresh each time: `rna token create --join` adds tokens while the hub runs.
+        let mut book = self.state.load_join_tokens()?;
+        // The use is spent in memory, and saved only once the certificate is signed.
+        let admission = book.redeem(request.join_token.expose(), &agent, None, now)?;
+        let signed = self
+            .signer
+            .sign(&request.csr_der, &admission, self.lifetime, now)?;
+        self.state.save_join_tokens(&book)?;
+        let mut log = IssuedLog::load(&self.state.issued())?;
+        log.add(IssuedRecord::of(&signed, Some(admission.token_id.clone())))?;
+        log.save(&self.state.issued())?;
+        let mut store = TokenStore::load_or_empty(&self.tokens).map_err(unavailable)?;
+        let (connect_token, _) = store
+            .create(
+                admission.tenant.clone(),
+                vec![Scope::ConnectAgentHub],
+                None,
+                Some(format!("agent {agent} (enrolled)")),
+                now,
+            )
+            .map_err(unavailable)?;
+        store.save(&self.tokens).map_err(unavailable)?;
+        info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
+            join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
+        Ok(Issued {
+            chain: vec![CertBytes(signed.cert_der)],
+            ca: CertBytes(self.ca_der.clone()),
+            connect_token: Secret::new(connect_token.expose().to_owned()),
+            serial: signed.serial,
+            not_after: signed.not_after,
+        })
+    }
+}
+
+fn refused(code: RefusalCode, message: String) -> EnrollError {
+    EnrollError::Refused { code, message }
+}
+
+fn unavailable(e: crate::auth::StoreError) -> EnrollError {
+    EnrollError::State {
+        path: PathBuf::from("token store"),
+        message: crate::fsutil::error_chain(&e),
+    }
+}
+
+/// Serves one enrollment connection: one request, one reply, then the connection is closed
+/// with [`ENROLL_DONE`] or the refusal's own close code.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    enroller: Arc<Enroller>,
+    connection: Session,
+    slot: HandshakeSlot,
+) {
+    let remote = connection.remote_address();
+    let deadline = tokio::time::Instant::now() + shared.config.caps.hello_timeout;
+    let exchange = async {
+        let (send, mut recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|e| format!("no request: {e}"))?;
+        let body = codec::read_body_limited(&mut recv, codec::MAX_FRAME)
+            .await
+            .map_err(|e| format!("bad request frame: {e}"))?
+            .ok_or("the request stream ended before the request")?;
+        Ok::<_, String>((send, body))
+    };
+    let (mut send, body) = match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(Ok(got)) => got,
+        Ok(Err(why)) => {
+            warn!("enrollment from {remote} failed: {why}");
+            connection.close(RefusalCode::Malformed.close_code(), &why);
+            return;
+        }
+        Err(_) => {
+            warn!("enrollment from {remote} failed: no request in time");
+            connection.close(
+                crate::proto::CloseCode::HandshakeTimeout.code(),
+                "no enrollment request in time",
+            );
+            return;
+        }
+    };
+    // The handshake is over: the request is read whole.
+    drop(slot);
+    let outcome = match wire::decode_request(&body) {
+        Ok(request) => {
+            let enroller = enroller.clone();
+            tokio::task::spawn_blocking(move || enroller.enroll(&request, SystemTime::now()))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(EnrollError::CannotCreate {
+                        what: "agent certificate",
+                        message: e.to_string(),
+                    })
+                })
+        }
+        Err(e) => Err(refused(
+            RefusalCode::Malformed,
+            format!("enrollment request: {e}"),
+        )),
+    };
+    let (reply, code, reason) = match outcome {
+        Ok(issued) => (EnrollReply::Issued(issued), ENROLL_DONE, "enrolled".into()),
+        Err(e) => {
+            let (code, message) = match e.code() {
+                Some(code) => (code, e.to_string()),
+                None => {
+                    // The detail (a path, a file system error) stays in the hub's log.
+                    warn!("enrollment from {remote} could not be completed: {e}");
+                    (
+                        RefusalCode::Unavailable,
+                        "the hub could not record the certificate; try again".into(),
+                    )
+                }
+            };
+            warn!(code = %code, "enrollment from {remote} refused: {message}");
+            let reply = EnrollReply::Refused {
+                code,
+                message: message.clone(),
+            };
+            (reply, code.close_code(), message)
+        }
+    };
+    if let Ok(frame) = wire::encode_reply(&reply) {
+        let _ = send.write_all(&frame).await;
+        let _ = send.finish();
+    }
+    // The agent closes once it has read the reply; a close now could discard it in flight.
+    let _ = tokio::time::timeout(REPLY_READ_TIME, connection.closed()).await;
+    connection.close(code, &reason);
+}
