@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod dialer;
+pub mod enroll;
 pub mod kube;
 pub mod policy;
 pub mod session;
@@ -29,6 +30,7 @@ use crate::transport::{self, ClientTls, Limits, TransportError};
 
 pub use backoff::Retry;
 pub use dialer::{DialError, Dialer};
+pub use enroll::{AgentState, EnrollmentError};
 pub use policy::{Policy, Rule};
 pub use session::SessionError;
 use supervisor::Supervisor;

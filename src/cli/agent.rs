@@ -7,7 +7,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use rna::agent::{Agent, Policy};
+use rna::agent::{Agent, AgentState, Policy};
 use rna::config::{
     agent_file_text, agent_settings, merge_agent, AgentOptions, AgentSettings, LogOptions,
     MetricsListen,
@@ -25,8 +25,65 @@ pub struct AgentArgs {
     /// Validate the configuration (and read every file it names), then exit.
     #[arg(long)]
     check_config: bool,
+    /// Enroll first with this join token (`rna token create --join` prints the whole line):
+    /// make a key here, check the hub against the token's CA pin, and store the certificate,
+    /// CA and connect token in --state-dir [default: ./rna-agent]. Ignored when that folder
+    /// already holds an enrollment, so the same line also restarts the agent.
+    #[arg(
+        long,
+        env = "RNA_JOIN",
+        hide_env_values = true,
+        value_name = "rna_join_…",
+        conflicts_with = "check_config"
+    )]
+    join: Option<String>,
     #[command(flatten)]
     options: AgentOptions,
+}
+
+/// The agent's state folder when --join is given without --state-dir.
+const DEFAULT_STATE_DIR: &str = "rna-agent";
+
+/// Enrolls with `join` unless the state folder already holds an enrollment, and points the
+/// options at the state folder.
+fn enroll_first(mut options: AgentOptions, join: &str) -> Result<AgentOptions, CliError> {
+    let dir = options
+        .state_dir
+        .get_or_insert_with(|| PathBuf::from(DEFAULT_STATE_DIR))
+        .clone();
+    let state = AgentState::new(&dir);
+    if state.is_enrolled() {
+        info!(state = %dir.display(), "already enrolled: --join is not used again");
+        return Ok(options);
+    }
+    let name = options
+        .name
+        .clone()
+        .ok_or(rna::config::ConfigError::Missing {
+            key: "name",
+            flag: "name",
+            env: "NAME",
+        })?;
+    if options.hub.is_empty() {
+        return Err(rna::config::ConfigError::Missing {
+            key: "hub",
+            flag: "hub",
+            env: "HUB",
+        }
+        .into());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::io("starting the enrollment runtime", e))?;
+    runtime.block_on(rna::agent::enroll::enroll(
+        &options.hub,
+        options.server_name.as_deref(),
+        &name,
+        join,
+        &state,
+    ))?;
+    Ok(options)
 }
 
 /// A valid agent configuration, with what SIGHUP needs to merge it again.
@@ -43,12 +100,19 @@ pub struct Prepared {
 /// when `--check-config` printed the configuration in force and nothing is left to do.
 pub fn prepare(args: AgentArgs, log: LogOptions) -> Result<Option<Prepared>, CliError> {
     let cli = args.options.clone();
+    let join = args.join.clone();
     let settings = super::in_force(
         &args.config,
         args.check_config,
         (args.options, log),
         merge_agent,
-        agent_settings,
+        |options, sources| -> Result<AgentSettings, CliError> {
+            let options = match &join {
+                Some(join) => enroll_first(options, join)?,
+                None => options,
+            };
+            Ok(agent_settings(options, sources)?)
+        },
         agent_file_text,
     )?;
     Ok(settings.map(|settings| Prepared {

@@ -199,7 +199,12 @@ pub(crate) async fn serve(
         )),
     };
     let (reply, code, reason) = match outcome {
-        Ok(issued) => (EnrollReply::Issued(issued), ENROLL_DONE, "enrolled".into()),
+        Ok(issued) => {
+            // The connect token is live before the reply leaves, so the agent's first Hello
+            // finds it without waiting for the store's file watch.
+            let _ = shared.reload_tokens(true);
+            (EnrollReply::Issued(issued), ENROLL_DONE, "enrolled".into())
+        }
         Err(e) => {
             let (code, message) = match e.code() {
                 Some(code) => (code, e.to_string()),
