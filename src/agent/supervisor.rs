@@ -601,6 +601,11 @@ fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
              certificate names",
             config.name
         ),
+        CloseCode::TenantMismatch => format!(
+            "the certificate was enrolled into another tenant than this token's; use the \
+             token enrollment stored with it, or enroll again with a join token of the \
+             token's tenant; {create}"
+        ),
         CloseCode::VersionMismatch => {
             "run the same rna release as the hub (its protocol version differs)".to_string()
         }

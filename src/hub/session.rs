@@ -354,7 +354,7 @@ async fn handshake(
         }
     };
 
-    let grant = match check_hello(shared, &hello, &cert_name) {
+    let grant = match check_hello(shared, &hello, &cert_name, cert.as_ref()) {
         Ok(grant) => grant,
         Err(err) => return Err(reject(connection, &mut send, err).await),
     };
@@ -447,10 +447,11 @@ fn check_hello(
     shared: &Shared,
     hello: &Hello,
     cert_name: &str,
+    cert_der: &[u8],
 ) -> Result<crate::auth::Grant, HandshakeError> {
     check_identity(hello, cert_name)?;
     let store = shared.tokens.current();
-    store
+    let grant = store
         .authorize(
             hello.token.expose(),
             Scope::ConnectAgentHub,
@@ -458,7 +459,29 @@ fn check_hello(
         )
         .map_err(|e| {
             HandshakeError::refused(token_close(&e), format!("agent {:?}: {e}", hello.name))
-        })
+        })?;
+    check_bound_tenant(cert_der, &grant.tenant, &hello.name)?;
+    Ok(grant)
+}
+
+/// An enrolled agent's certificate carries its tenant (`rna://tenant/<org>/<env>/agent/…`),
+/// and only a token of that tenant may go with it, so a certificate of tenant A never serves
+/// tenant B. Certificates without that name (`rna certs agent`) have no tenant to check.
+fn check_bound_tenant(
+    cert_der: &[u8],
+    tenant: &crate::auth::Tenant,
+    agent: &str,
+) -> Result<(), HandshakeError> {
+    match crate::enroll::agent_identity(cert_der) {
+        Ok(identity) if identity.tenant != *tenant => Err(HandshakeError::refused(
+            CloseCode::TenantMismatch,
+            format!(
+                "agent {agent:?}: its certificate is bound to tenant {}, its token is for {tenant}",
+                identity.tenant
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The checks on Hello that need no token store: protocol version, name, certificate subject.

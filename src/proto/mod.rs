@@ -250,11 +250,14 @@ pub enum CloseCode {
     /// The agent's name (in its tenant) or its token already holds as many sessions as the
     /// hub allows; one of them must end first.
     TooManySessions,
+    /// The tenant bound into the agent's certificate (its `rna://tenant/…` URI) is not the
+    /// tenant of its token.
+    TenantMismatch,
 }
 
 impl CloseCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [CloseCode; 13] = [
+    pub const ALL: [CloseCode; 14] = [
         CloseCode::Normal,
         CloseCode::Protocol,
         CloseCode::VersionMismatch,
@@ -268,6 +271,7 @@ impl CloseCode {
         CloseCode::GoingAway,
         CloseCode::HandshakeTimeout,
         CloseCode::TooManySessions,
+        CloseCode::TenantMismatch,
     ];
 
     /// The numeric QUIC application error code.
@@ -286,6 +290,7 @@ impl CloseCode {
             CloseCode::GoingAway => 0x21,
             CloseCode::HandshakeTimeout => 0x22,
             CloseCode::TooManySessions => 0x23,
+            CloseCode::TenantMismatch => 0x05,
         }
     }
 
@@ -312,6 +317,7 @@ impl CloseCode {
             CloseCode::GoingAway => "going_away",
             CloseCode::HandshakeTimeout => "handshake_timeout",
             CloseCode::TooManySessions => "too_many_sessions",
+            CloseCode::TenantMismatch => "tenant_mismatch",
         }
     }
 
@@ -323,6 +329,7 @@ impl CloseCode {
             CloseCode::VersionMismatch
                 | CloseCode::BadName
                 | CloseCode::CertificateMismatch
+                | CloseCode::TenantMismatch
                 | CloseCode::BadToken
                 | CloseCode::TokenRevoked
                 | CloseCode::TokenExpired
