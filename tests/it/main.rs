@@ -16,6 +16,7 @@ mod caps;
 mod config;
 mod dev;
 mod enroll;
+mod enroll_flow;
 mod faults;
 mod files;
 mod handshake;
