@@ -27,7 +27,7 @@ pub struct AgentArgs {
     check_config: bool,
     /// Enroll first with this join token (`rna token create --join` prints the whole line):
     /// make a key here, check the hub against the token's CA pin, and store the certificate,
-    /// CA and connect token in --state-dir [default: ./rna-agent]. Ignored when that folder
+    /// CA and connect token in --state-dir (./rna-agent unless given). Ignored when that folder
     /// already holds an enrollment, so the same line also restarts the agent.
     #[arg(
         long,

@@ -182,8 +182,9 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let state = match &o.state_dir {
         Some(dir) => {
             let state = HubState::new(dir);
+            let certs = o.ca.is_none() || o.cert.is_none() || o.key.is_none();
             state
-                .prepare(&o.hub_name)
+                .prepare(&o.hub_name, certs, o.tokens.is_none())
                 .map_err(|e| invalid("state_dir", e.to_string()))?;
             Some(state)
         }

@@ -100,18 +100,21 @@ impl HubState {
         self.dir.join("hub-address.json")
     }
 
-    /// Creates what is missing: the folder (0700), the CA and a hub certificate for
-    /// `hub_names` (a first start needs at least one name), an empty token store. What exists
-    /// is reused; `hub_names` is then only checked against nothing, since the certificate
-    /// already names the hub.
-    pub fn prepare(&self, hub_names: &[String]) -> Result<(), EnrollError> {
+    /// Creates what is missing: the folder (0700); with `certs`, the CA and a hub certificate
+    /// for `hub_names` (a first start needs at least one name); with `tokens`, an empty token
+    /// store. What exists is reused as it is (its certificate already names the hub).
+    pub fn prepare(
+        &self,
+        hub_names: &[String],
+        certs: bool,
+        tokens: bool,
+    ) -> Result<(), EnrollError> {
         let fail = |path: &Path, message: String| EnrollError::State {
             path: path.to_path_buf(),
             message,
         };
         create_private_dir(&self.dir).map_err(|e| fail(&self.dir, e.to_string()))?;
-        let ca_missing = !self.ca().exists();
-        if ca_missing {
+        if certs && !self.ca().exists() {
             if hub_names.is_empty() {
                 return Err(fail(
                     &self.dir,
@@ -123,11 +126,11 @@ impl HubState {
             crate::certs::init_dir(&self.dir, hub_names, false)
                 .map_err(|e| fail(&self.dir, crate::fsutil::error_chain(&e)))?;
         }
-        let tokens = self.tokens();
-        if !tokens.exists() {
+        let store = self.tokens();
+        if tokens && !store.exists() {
             crate::auth::TokenStore::default()
-                .save(&tokens)
-                .map_err(|e| fail(&tokens, crate::fsutil::error_chain(&e)))?;
+                .save(&store)
+                .map_err(|e| fail(&store, crate::fsutil::error_chain(&e)))?;
         }
         Ok(())
     }
@@ -210,9 +213,13 @@ mod tests {
     fn a_state_folder_is_made_once_private_and_reused() {
         let tmp = tempfile::tempdir().unwrap();
         let state = HubState::new(&tmp.path().join("hub"));
-        let err = state.prepare(&[]).unwrap_err().to_string();
+        state.prepare(&[], false, false).unwrap();
+        assert!(!state.ca().exists() && !state.tokens().exists());
+        let err = state.prepare(&[], true, true).unwrap_err().to_string();
         assert!(err.contains("--hub-name"), "{err}");
-        state.prepare(&["hub.example.com".into()]).unwrap();
+        state
+            .prepare(&["hub.example.com".into()], true, true)
+            .unwrap();
         let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(state.dir().to_path_buf()), 0o700);
         for secret in [state.ca_key(), state.hub_key(), state.tokens()] {
@@ -224,7 +231,7 @@ mod tests {
         );
         let ca = std::fs::read(state.ca()).unwrap();
         // A second start keeps the CA, even without names.
-        state.prepare(&[]).unwrap();
+        state.prepare(&[], true, true).unwrap();
         assert_eq!(std::fs::read(state.ca()).unwrap(), ca);
         assert!(state.load_join_tokens().unwrap().records().next().is_none());
         assert_eq!(state.load_address().unwrap(), None);
