@@ -280,6 +280,23 @@ mod tests {
     }
 
     #[test]
+    fn refusal_close_codes_are_their_own_range_and_read_back() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, code) in RefusalCode::ALL.into_iter().enumerate() {
+            let close = code.close_code();
+            assert_eq!(close, 0x30 + i as u32, "{code}");
+            assert!(seen.insert(close));
+            assert_eq!(RefusalCode::from_close_code(u64::from(close)), Some(code));
+            // The wire value of a refusal is its index too.
+            assert_eq!(postcard::to_stdvec(&code).unwrap(), vec![i as u8]);
+        }
+        assert_eq!(RefusalCode::Spent.close_code(), 0x33);
+        for other in [0u64, 0x05, 0x2f, 0x39, u64::MAX] {
+            assert_eq!(RefusalCode::from_close_code(other), None, "{other:#x}");
+        }
+    }
+
+    #[test]
     fn replies_round_trip_and_check_their_ca() {
         let ca = Ca::generate("rna test CA").unwrap();
         let pin = ca_pin(&ca.cert_der()).unwrap();
