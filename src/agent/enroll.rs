@@ -5,14 +5,15 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::info;
 
 use super::HubTarget;
 use crate::enroll::wire::{self, ENROLL_PROTOCOL};
 use crate::enroll::{
-    agent_identity, make_csr, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier, ENROLL_ALPN,
+    agent_identity, make_csr, renew_at, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier,
+    ENROLL_ALPN,
 };
 use crate::fsutil::{replace_file, FileMode};
 use crate::proto::codec;
@@ -92,6 +93,26 @@ impl AgentState {
         [self.ca(), self.cert(), self.key(), self.token()]
             .iter()
             .all(|p| p.exists())
+    }
+
+    /// What the stored certificate says of renewal at `now`: `Some(false)` while it is in the
+    /// first two thirds of its lifetime, `Some(true)` after (or once expired), `None` when it
+    /// cannot be read or carries no enrolled identity.
+    pub fn renewal_due(&self, now: SystemTime) -> Option<bool> {
+        let chain = crate::certs::load_certs(&self.cert()).ok()?;
+        let identity = agent_identity(chain.first()?).ok()?;
+        let at = |secs: u64| UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+        let due = renew_at(at(identity.not_before)?, at(identity.not_after)?);
+        Some(now >= due)
+    }
+
+    /// Whether the stored certificate is still within its validity at `now`.
+    pub fn still_valid(&self, now: SystemTime) -> bool {
+        crate::certs::load_certs(&self.cert())
+            .ok()
+            .and_then(|chain| chain.first().cloned())
+            .and_then(|cert| crate::certs::not_after(&cert).ok())
+            .is_some_and(|not_after| now < not_after)
     }
 
     fn write(&self, path: PathBuf, bytes: &[u8], mode: u32) -> Result<(), EnrollmentError> {

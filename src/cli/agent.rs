@@ -27,8 +27,9 @@ pub struct AgentArgs {
     check_config: bool,
     /// Enroll first with this join token (`rna token create --join` prints the whole line):
     /// make a key here, check the hub against the token's CA pin, and store the certificate,
-    /// CA and connect token in --state-dir (./rna-agent unless given). Ignored when that folder
-    /// already holds an enrollment, so the same line also restarts the agent.
+    /// CA and connect token in --state-dir (./rna-agent unless given). Not used while that
+    /// folder holds an enrollment in the first two thirds of its certificate's lifetime, so
+    /// the same line also restarts the agent.
     #[arg(
         long,
         env = "RNA_JOIN",
@@ -44,18 +45,35 @@ pub struct AgentArgs {
 /// The agent's state folder when --join is given without --state-dir.
 const DEFAULT_STATE_DIR: &str = "rna-agent";
 
-/// Enrolls with `join` unless the state folder already holds an enrollment, and points the
-/// options at the state folder.
+/// Enrolls with `join` unless the state folder holds an enrollment whose certificate is in
+/// the first two thirds of its life, and points the options at the state folder. A folder
+/// whose certificate is due enrolls again; if that fails while the stored certificate is
+/// still valid, the agent starts with it and says so.
 fn enroll_first(mut options: AgentOptions, join: &str) -> Result<AgentOptions, CliError> {
     let dir = options
         .state_dir
         .get_or_insert_with(|| PathBuf::from(DEFAULT_STATE_DIR))
         .clone();
     let state = AgentState::new(&dir);
-    if state.is_enrolled() {
+    let now = std::time::SystemTime::now();
+    let stored = state.is_enrolled();
+    if stored && state.renewal_due(now) == Some(false) {
         info!(state = %dir.display(), "already enrolled: --join is not used again");
         return Ok(options);
     }
+    match enroll_now(&options, join, &state) {
+        Err(e) if stored && state.still_valid(now) => {
+            warn!(state = %dir.display(),
+                "enrolling again failed, starting with the stored certificate: {e}");
+            Ok(options)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(options),
+    }
+}
+
+/// One enrollment with `join` into `state`.
+fn enroll_now(options: &AgentOptions, join: &str, state: &AgentState) -> Result<(), CliError> {
     let name = options
         .name
         .clone()
@@ -81,9 +99,9 @@ fn enroll_first(mut options: AgentOptions, join: &str) -> Result<AgentOptions, C
         options.server_name.as_deref(),
         &name,
         join,
-        &state,
+        state,
     ))?;
-    Ok(options)
+    Ok(())
 }
 
 /// A valid agent configuration, with what SIGHUP needs to merge it again.

@@ -29,7 +29,11 @@ struct HubProcess {
 
 impl HubProcess {
     async fn start(dir: &Path) -> HubProcess {
-        let mut process = Rna::new([
+        HubProcess::start_with(dir, &[]).await
+    }
+
+    async fn start_with(dir: &Path, extra: &[&str]) -> HubProcess {
+        let hub = Rna::new([
             "hub",
             "--state-dir",
             &dir.display().to_string(),
@@ -41,10 +45,13 @@ impl HubProcess {
             "127.0.0.1:0",
             "--api",
             "127.0.0.1:0",
-        ])
-        .logs_at("info")
-        .discard_stdout()
-        .spawn();
+        ]);
+        let mut process = extra
+            .iter()
+            .fold(hub, |rna, arg| rna.arg(arg))
+            .logs_at("info")
+            .discard_stdout()
+            .spawn();
         let serving = process.wait_line("hub serving").await;
         let socks = field(&serving, "socks").parse().unwrap();
         HubProcess {
@@ -436,4 +443,52 @@ async fn the_enrollment_request_carries_a_csr_and_never_the_private_key() {
     // The CSR is for the stored key: the issued certificate works with it.
     let tls = rna::transport::ClientTls::load(&state.ca(), &state.cert(), &state.key()).unwrap();
     tls.check().unwrap();
+}
+
+/// The serial of the certificate an agent state folder holds.
+fn stored_serial(state: &rna::agent::AgentState) -> String {
+    let chain = rna::certs::load_certs(&state.cert()).unwrap();
+    rna::enroll::agent_identity(&chain[0]).unwrap().serial
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_enrollment_is_replaced_by_enrolling_again_with_a_new_join_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub =
+        HubProcess::start_with(&tmp.path().join("hub"), &["--agent-cert-lifetime", "5s"]).await;
+    let first_line = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    let agent_dir = tmp.path().join("agent");
+    let state = rna::agent::AgentState::new(&agent_dir);
+    let mut first = agent(&argv(&first_line), &agent_dir).spawn();
+    first.wait_line("connected to hub").await;
+    first.signal("-TERM");
+    assert!(first.exit().await.success());
+    let old_serial = stored_serial(&state);
+
+    eventually("the stored certificate to expire", || {
+        !state.still_valid(SystemTime::now())
+    })
+    .await;
+    assert_eq!(state.renewal_due(SystemTime::now()), Some(true));
+    // The spent line cannot renew it, and an expired certificate is no fallback.
+    let ran = agent(&argv(&first_line), &agent_dir).run_async().await;
+    assert_ne!(ran.code(), 0);
+    assert!(ran.stderr.contains("(spent)"), "{}", ran.stderr);
+    assert_eq!(
+        stored_serial(&state),
+        old_serial,
+        "a refusal changes nothing"
+    );
+
+    // A new join token enrolls the same folder again: a new key and certificate.
+    let old_key = std::fs::read(state.key()).unwrap();
+    let second_line = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    let mut second = agent(&argv(&second_line), &agent_dir).spawn();
+    second.wait_line("enrolled").await;
+    second.wait_line("connected to hub").await;
+    assert_ne!(stored_serial(&state), old_serial);
+    assert_ne!(std::fs::read(state.key()).unwrap(), old_key);
+    second.signal("-TERM");
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
 }
