@@ -606,6 +606,9 @@ fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
              token enrollment stored with it, or enroll again with a join token of the \
              token's tenant; {create}"
         ),
+        CloseCode::CertificateRevoked => "the hub revoked this certificate; enroll again \
+            with a new join token (rna token create --join on the hub)"
+            .to_string(),
         CloseCode::VersionMismatch => {
             "run the same rna release as the hub (its protocol version differs)".to_string()
         }

@@ -15,7 +15,7 @@ use crate::auth::{Scope, TokenStore};
 use crate::enroll::wire::{self, ENROLL_DONE, ENROLL_PROTOCOL};
 use crate::enroll::{
     csr, CertBytes, EnrollError, EnrollReply, EnrollRequest, HubState, Issued, IssuedLog,
-    IssuedRecord, RefusalCode, Signer,
+    IssuedRecord, RefusalCode, RevocationList, Signer,
 };
 use crate::identity::Secret;
 use crate::proto::codec;
@@ -39,6 +39,9 @@ pub(crate) struct Enroller {
     /// One enrollment at a time: each reads, changes and writes the join tokens, the log and
     /// the token store, and two at once could spend one single-use token twice.
     lock: Mutex<()>,
+    /// The revocation list as last read, and the file's modification time then: `rna certs
+    /// revoke` writes the file, and the hub follows it.
+    revoked: Mutex<(Option<SystemTime>, Arc<RevocationList>)>,
 }
 
 impl std::fmt::Debug for Enroller {
@@ -79,7 +82,40 @@ impl Enroller {
             tokens,
             lifetime,
             lock: Mutex::new(()),
+            revoked: Mutex::new((None, Arc::default())),
         })
+    }
+
+    /// Re-reads the revocation list if its file changed; `true` when it did. A list that
+    /// cannot be read keeps the previous one (and says so), as the token store does.
+    pub(crate) fn refresh_revocations(&self) -> bool {
+        let path = self.state.revoked();
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mut current = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        if modified.is_some() && current.0 == modified {
+            return false;
+        }
+        match RevocationList::load(&path) {
+            Ok(list) => {
+                let changed = *current.1 != list;
+                *current = (modified, Arc::new(list));
+                changed
+            }
+            Err(e) => {
+                warn!("keeping the previous revocation list: {e}");
+                false
+            }
+        }
+    }
+
+    /// The revocation list in force (refreshed first).
+    pub(crate) fn revocations(&self) -> Arc<RevocationList> {
+        self.refresh_revocations();
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// Checks the request's join token for the agent its CSR names, signs the CSR, spends
@@ -101,6 +137,21 @@ impl Enroller {
         let mut book = self.state.load_join_tokens()?;
         // The use is spent in memory, and saved only once the certificate is signed.
         let admission = book.redeem(request.join_token.expose(), &agent, None, now)?;
+        // A join token made before the agent's certificate was revoked cannot bring it back.
+        let created = book.get(&admission.token_id).map_or(0, |r| r.created);
+        let revoked = RevocationList::load(&self.state.revoked())?;
+        if revoked.entries().any(|r| {
+            r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
+        }) {
+            return Err(refused(
+                RefusalCode::Revoked,
+                format!(
+                    "agent {agent:?} of {} was revoked after join token {} was made; make a new \
+                     join token",
+                    admission.tenant, admission.token_id
+                ),
+            ));
+        }
         let signed = self
             .signer
             .sign(&request.csr_der, &admission, self.lifetime, now)?;

@@ -40,6 +40,8 @@ pub use settings::{HubCaps, HubConfig, NoAuthRoute, SocksLimits, TcpListen};
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// Failed handshakes logged one by one per window; the rest are summed up in one line.
 const FAILURE_LOG_BURST: u32 = 10;
+/// How often the revocation list's file is checked for changes.
+const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
 /// Errors starting or running the hub.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,24 @@ impl Shared {
             warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
                 "closing agent session: {why}");
             session.close(code, why);
+        }
+    }
+
+    /// Closes every session whose certificate is on the revocation list.
+    pub(crate) fn close_revoked_sessions(&self) {
+        for session in self.registry.sessions() {
+            let Some(cert) = session
+                .connection
+                .peer_certificates()
+                .and_then(|chain| chain.into_iter().next())
+            else {
+                continue;
+            };
+            if let Some(serial) = session::revoked_serial(self, cert.as_ref()) {
+                warn!(agent = %session.name, tenant = %session.tenant, %serial,
+                    "closing agent session: certificate revoked");
+                session.close(CloseCode::CertificateRevoked, "certificate revoked");
+            }
         }
     }
 
@@ -484,6 +504,27 @@ impl Hub {
                 }
             })
         };
+
+        // Revocations: `rna certs revoke` writes the list; a revoked agent's sessions close
+        // within a quarter second of the file changing.
+        if let Some(enroller) = shared.enroller.clone() {
+            let shared = shared.clone();
+            let stop = stop_accepting.clone();
+            enroller.refresh_revocations();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REVOCATION_POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if enroller.refresh_revocations() {
+                        shared.close_revoked_sessions();
+                    }
+                }
+            });
+        }
 
         shutdown.cancelled().await;
         shared.draining.store(true, Ordering::SeqCst);

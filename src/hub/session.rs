@@ -461,7 +461,23 @@ fn check_hello(
             HandshakeError::refused(token_close(&e), format!("agent {:?}: {e}", hello.name))
         })?;
     check_bound_tenant(cert_der, &grant.tenant, &hello.name)?;
+    if let Some(serial) = revoked_serial(shared, cert_der) {
+        return Err(HandshakeError::refused(
+            CloseCode::CertificateRevoked,
+            format!("agent {:?}: certificate {serial} is revoked", hello.name),
+        ));
+    }
     Ok(grant)
+}
+
+/// The serial of an enrolled certificate that is on the hub's revocation list.
+pub(crate) fn revoked_serial(shared: &Shared, cert_der: &[u8]) -> Option<String> {
+    let enroller = shared.enroller.as_ref()?;
+    let identity = crate::enroll::agent_identity(cert_der).ok()?;
+    enroller
+        .revocations()
+        .is_revoked(&identity.serial)
+        .then_some(identity.serial)
 }
 
 /// An enrolled agent's certificate carries its tenant (`rna://tenant/<org>/<env>/agent/…`),

@@ -253,11 +253,13 @@ pub enum CloseCode {
     /// The tenant bound into the agent's certificate (its `rna://tenant/…` URI) is not the
     /// tenant of its token.
     TenantMismatch,
+    /// The agent's certificate was revoked on the hub (`rna certs revoke`).
+    CertificateRevoked,
 }
 
 impl CloseCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [CloseCode; 14] = [
+    pub const ALL: [CloseCode; 15] = [
         CloseCode::Normal,
         CloseCode::Protocol,
         CloseCode::VersionMismatch,
@@ -272,6 +274,7 @@ impl CloseCode {
         CloseCode::HandshakeTimeout,
         CloseCode::TooManySessions,
         CloseCode::TenantMismatch,
+        CloseCode::CertificateRevoked,
     ];
 
     /// The numeric QUIC application error code.
@@ -291,6 +294,7 @@ impl CloseCode {
             CloseCode::HandshakeTimeout => 0x22,
             CloseCode::TooManySessions => 0x23,
             CloseCode::TenantMismatch => 0x05,
+            CloseCode::CertificateRevoked => 0x06,
         }
     }
 
@@ -318,6 +322,7 @@ impl CloseCode {
             CloseCode::HandshakeTimeout => "handshake_timeout",
             CloseCode::TooManySessions => "too_many_sessions",
             CloseCode::TenantMismatch => "tenant_mismatch",
+            CloseCode::CertificateRevoked => "certificate_revoked",
         }
     }
 
@@ -330,6 +335,7 @@ impl CloseCode {
                 | CloseCode::BadName
                 | CloseCode::CertificateMismatch
                 | CloseCode::TenantMismatch
+                | CloseCode::CertificateRevoked
                 | CloseCode::BadToken
                 | CloseCode::TokenRevoked
                 | CloseCode::TokenExpired

@@ -25,6 +25,8 @@ struct HubProcess {
     process: RnaProcess,
     dir: PathBuf,
     socks: SocketAddr,
+    /// The agent listener, `127.0.0.1:PORT`.
+    quic: String,
 }
 
 impl HubProcess {
@@ -58,6 +60,7 @@ impl HubProcess {
             process,
             dir: dir.to_path_buf(),
             socks,
+            quic: field(&serving, "quic"),
         }
     }
 
@@ -491,4 +494,62 @@ async fn an_expired_enrollment_is_replaced_by_enrolling_again_with_a_new_join_to
     second.signal("-TERM");
     hub.process.signal("-TERM");
     assert!(hub.process.exit().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocation_closes_the_session_at_once_and_survives_a_hub_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub_dir = tmp.path().join("hub");
+    let mut hub = HubProcess::start(&hub_dir).await;
+    // Two uses: the second must not bring the revoked agent back.
+    let line = hub
+        .join_line("acme/prod", &["--name", "edge", "--uses", "2"])
+        .await;
+    let agent_dir = tmp.path().join("agent");
+    let mut live = agent(&argv(&line), &agent_dir).spawn();
+    live.wait_line("connected to hub").await;
+
+    let revoke = Rna::new(["certs", "revoke", "--state-dir", &hub.state(), "edge"]);
+    let ran = revoke.run_async().await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let revoked_at = std::time::Instant::now();
+    assert!(ran.stdout.starts_with("revoked "), "{}", ran.stdout);
+    let closed = live.wait_line("certificate_revoked").await;
+    let took = revoked_at.elapsed();
+    eprintln!("revocation closed the live session {took:?} after `rna certs revoke` returned");
+    // One second is the goal; the bound allows for a loaded machine.
+    assert!(took < Duration::from_secs(5), "{took:?}: {closed}");
+    hub.process
+        .wait_line("closing agent session: certificate revoked")
+        .await;
+    let listed = Rna::new(["certs", "list", "--state-dir", &hub.state()])
+        .run_async()
+        .await;
+    assert!(listed.stdout.contains("revoked"), "{}", listed.stdout);
+
+    // The join token's second use cannot enroll the revoked name again.
+    let err = refused(argv(&line), &tmp.path().join("again")).await;
+    assert!(err.contains("(revoked)"), "{err}");
+    live.signal("-TERM");
+    assert!(live.exit().await.success());
+
+    // A restarted hub keeps the revocation and the issued certificate.
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
+    let hub = HubProcess::start(&hub_dir).await;
+    let mut after = agent(
+        &["agent".into(), "--hub".into(), hub.quic.clone()],
+        &agent_dir,
+    )
+    .spawn();
+    after.wait_line("certificate_revoked").await;
+    let listed = Rna::new(["certs", "list", "--state-dir", &hub.state()])
+        .run_async()
+        .await;
+    assert!(
+        listed.stdout.contains("edge") && listed.stdout.contains("revoked"),
+        "{}",
+        listed.stdout
+    );
+    after.signal("-TERM");
 }
