@@ -284,3 +284,63 @@ pub(crate) async fn serve(
     let _ = tokio::time::timeout(REPLY_READ_TIME, connection.closed()).await;
     connection.close(code, &reason);
 }
+
+/// `POST /api/v1/agents/{agent}/revoke` (an `admin` token; `?tenant=` when several tenants
+/// have the name): revokes every enrolled certificate of that agent in that tenant, as `rna
+/// certs revoke` does, and closes its sessions at once. 404 when nothing was issued to it,
+/// 409 when this hub does not enroll agents.
+pub(crate) async fn revoke(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    axum::extract::Path(agent): axum::extract::Path<String>,
+    auth: super::api::Authorized<super::api::AdminOnly>,
+) -> Result<axum::Json<serde_json::Value>, super::api::ApiError> {
+    use super::api::ApiError;
+    let enroller = shared.enroller.clone().ok_or_else(|| {
+        ApiError::Status(
+            axum::http::StatusCode::CONFLICT,
+            "this hub does not enroll agents (no CA key in its state folder)".into(),
+        )
+    })?;
+    let tenant = auth.tenant.clone();
+    let revoked = tokio::task::spawn_blocking(move || enroller.revoke(&agent, &tenant))
+        .await
+        .map_err(|e| {
+            ApiError::Status(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })?;
+    let revoked = revoked.map_err(|e| match e {
+        EnrollError::NotFound(message) => {
+            ApiError::Status(axum::http::StatusCode::NOT_FOUND, message)
+        }
+        other => {
+            warn!("revocation through the admin API failed: {other}");
+            ApiError::Status(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the revocation list could not be written".into(),
+            )
+        }
+    })?;
+    if let Some(enroller) = &shared.enroller {
+        enroller.refresh_revocations();
+    }
+    shared.close_revoked_sessions();
+    info!(token_id = %auth.grant.token_id, count = revoked.len(), "certificates revoked through the admin API");
+    Ok(axum::Json(serde_json::json!({ "revoked": revoked })))
+}
+
+impl Enroller {
+    /// Revokes every certificate issued to `agent` in `tenant` and saves the list; the newly
+    /// revoked entries. Blocking (file I/O).
+    fn revoke(
+        &self,
+        agent: &str,
+        tenant: &crate::auth::Tenant,
+    ) -> Result<Vec<crate::enroll::Revoked>, EnrollError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let log = IssuedLog::load(&self.state.issued())?;
+        let mut list = RevocationList::load(&self.state.revoked())?;
+        let now = crate::auth::unix_now(SystemTime::now());
+        let added = list.revoke(&log, agent, Some(tenant), now)?;
+        list.save(&self.state.revoked())?;
+        Ok(added)
+    }
+}

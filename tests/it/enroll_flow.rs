@@ -27,6 +27,8 @@ struct HubProcess {
     socks: SocketAddr,
     /// The agent listener, `127.0.0.1:PORT`.
     quic: String,
+    /// The admin API, `127.0.0.1:PORT`.
+    api: String,
 }
 
 impl HubProcess {
@@ -61,6 +63,7 @@ impl HubProcess {
             dir: dir.to_path_buf(),
             socks,
             quic: field(&serving, "quic"),
+            api: field(&serving, "api"),
         }
     }
 
@@ -552,4 +555,53 @@ async fn revocation_closes_the_session_at_once_and_survives_a_hub_restart() {
         listed.stdout
     );
     after.signal("-TERM");
+}
+
+/// `curl -X POST` with a bearer token: the status code and the body.
+async fn post(url: &str, token: &str) -> (String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-X", "POST", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(url)
+        .output();
+    let out = within("curl", out).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_api_revokes_an_agent_with_an_admin_token_only() {
+    if !have_curl() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::start(&tmp.path().join("hub")).await;
+    let admin = hub.token("ops/admin", "admin").await;
+    let reader = hub.token("acme/prod", "read:infra:data").await;
+    let line = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    let agent_dir = tmp.path().join("agent");
+    let mut live = agent(&argv(&line), &agent_dir).spawn();
+    live.wait_line("connected to hub").await;
+
+    let url = |agent: &str| format!("http://{}/api/v1/agents/{agent}/revoke", hub.api);
+    let (code, body) = post(&url("edge"), &reader).await;
+    assert_eq!(code, "403", "{body}");
+    let (code, body) = post(&url("nobody"), &admin).await;
+    assert_eq!(code, "404", "{body}");
+    assert!(body.contains("nobody"), "{body}");
+    let (code, body) = post(&url("edge"), &admin).await;
+    assert_eq!(code, "200", "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let serial = answer["revoked"][0]["serial"].as_str().unwrap().to_string();
+    assert_eq!(answer["revoked"][0]["tenant"], "acme/prod");
+    let chain = rna::certs::load_certs(&agent_dir.join("agent.pem")).unwrap();
+    assert_eq!(
+        rna::enroll::agent_identity(&chain[0]).unwrap().serial,
+        serial
+    );
+    live.wait_line("certificate_revoked").await;
+    live.signal("-TERM");
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
 }
