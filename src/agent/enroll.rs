@@ -5,15 +5,14 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tracing::info;
 
 use super::HubTarget;
 use crate::enroll::wire::{self, ENROLL_PROTOCOL};
 use crate::enroll::{
-    agent_identity, make_csr, renew_at, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier,
-    ENROLL_ALPN,
+    agent_identity, make_csr, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier, ENROLL_ALPN,
 };
 use crate::fsutil::{replace_file, FileMode};
 use crate::proto::codec;
@@ -100,10 +99,7 @@ impl AgentState {
     /// cannot be read or carries no enrolled identity.
     pub fn renewal_due(&self, now: SystemTime) -> Option<bool> {
         let chain = crate::certs::load_certs(&self.cert()).ok()?;
-        let identity = agent_identity(chain.first()?).ok()?;
-        let at = |secs: u64| UNIX_EPOCH.checked_add(Duration::from_secs(secs));
-        let due = renew_at(at(identity.not_before)?, at(identity.not_after)?);
-        Some(now >= due)
+        crate::enroll::renewal_due(chain.first()?, now)
     }
 
     /// Whether the stored certificate is still within its validity at `now`.

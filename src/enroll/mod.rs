@@ -25,7 +25,7 @@ pub use csr::{agent_identity, make_csr, AgentCsr, AgentIdentity, SignedCert, Sig
 pub use issued::{CertState, IssuedLog, IssuedRecord};
 pub use join::{Admission, CaPin, JoinBook, JoinLine, JoinRecord, JoinToken, NameRule, NewJoin};
 pub use pin::{ca_pin, PinnedHubVerifier};
-pub use renew::{renew_at, renew_in};
+pub use renew::{renew_at, renew_in, renewal_due};
 pub use revocation::{RevocationList, Revoked};
 pub use state::{HubAddress, HubState};
 pub use wire::{CertBytes, EnrollReply, EnrollRequest, Issued, RefusalCode, ENROLL_ALPN};

@@ -311,9 +311,13 @@ async fn handshake(
             format!("client certificate: {e}"),
         )
     })?;
-    if let Ok(not_after) = certs::not_after(cert.as_ref()) {
+    // An enrolled certificate is short-lived by design (30 days): it is warned about once it
+    // is due for renewal, not from its first day as the 30-day rule would.
+    let now = SystemTime::now();
+    let due = crate::enroll::renewal_due(cert.as_ref(), now);
+    if let (Ok(not_after), None | Some(true)) = (certs::not_after(cert.as_ref()), due) {
         let what = format!("the certificate of agent {cert_name}");
-        if let Some(warning) = certs::expiry_warning(&what, not_after, SystemTime::now()) {
+        if let Some(warning) = certs::expiry_warning(&what, not_after, now) {
             warn!("{warning}");
         }
     }

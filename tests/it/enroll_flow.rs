@@ -111,6 +111,25 @@ impl HubProcess {
     }
 }
 
+/// Every log line up to and including the first that contains `needle`.
+async fn lines_until(
+    log: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> Vec<String> {
+    within(needle, async {
+        let mut lines = Vec::new();
+        while let Some(line) = log.recv().await {
+            let found = line.contains(needle);
+            lines.push(line);
+            if found {
+                return lines;
+            }
+        }
+        panic!("the process ended before logging {needle:?}: {lines:#?}");
+    })
+    .await
+}
+
 /// The pasted line as argv, without its leading `rna`.
 fn argv(line: &str) -> Vec<String> {
     let words: Vec<String> = line.split_whitespace().map(String::from).collect();
@@ -154,6 +173,12 @@ async fn a_pasted_join_line_enrolls_connects_and_restarts_from_its_state_folder(
     let mut first = agent(&argv(&line), &agent_dir).spawn();
     first.wait_line("enrolled").await;
     first.wait_line("connected to hub").await;
+    // A fresh 30-day certificate is no reason for the hub to warn about its expiry.
+    let handshake = lines_until(&mut hub.process.log, "agent connected").await;
+    assert!(
+        !handshake.iter().any(|l| l.contains("expires in")),
+        "{handshake:#?}"
+    );
     for (file, want) in [
         ("agent-key.pem", 0o600),
         ("token.txt", 0o600),
