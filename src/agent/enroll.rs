@@ -146,7 +146,7 @@ pub async fn enroll(
         };
         let tls_name = server_name.unwrap_or(&hub.host);
         for addr in addrs {
-            let exchange = exchange(addr, tls_name, &join, &csr.csr_der);
+            let exchange = exchange(addr, tls_name, &join, &csr.csr_der, state);
             let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),
@@ -209,9 +209,25 @@ async fn exchange(
     server_name: &str,
     join: &JoinToken,
     csr_der: &[u8],
+    state: &AgentState,
 ) -> Result<EnrollReply, String> {
-    let (config, _verifier) =
-        PinnedHubVerifier::client_config(join.pin(), ENROLL_ALPN).map_err(|e| e.to_string())?;
+    // An agent enrolling again presents its current certificate while it is valid, so the
+    // hub holds it to its tenant.
+    let current = state
+        .still_valid(SystemTime::now())
+        .then(|| {
+            let chain = crate::certs::load_certs(&state.cert()).ok()?;
+            let key = crate::certs::load_key(&state.key()).ok()?;
+            Some((chain, key))
+        })
+        .flatten();
+    let (config, _verifier) = match current {
+        Some((chain, key)) => {
+            PinnedHubVerifier::client_config_presenting(join.pin(), ENROLL_ALPN, chain, key)
+        }
+        None => PinnedHubVerifier::client_config(join.pin(), ENROLL_ALPN),
+    }
+    .map_err(|e| e.to_string())?;
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| e.to_string())?;
     let local: SocketAddr = if addr.is_ipv6() {

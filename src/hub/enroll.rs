@@ -121,7 +121,15 @@ impl Enroller {
     /// Checks the request's join token for the agent its CSR names, signs the CSR, spends
     /// one use of the token and records everything. Blocking (file I/O): run off the I/O
     /// threads. A refusal spends nothing.
-    fn enroll(&self, request: &EnrollRequest, now: SystemTime) -> Result<Issued, EnrollError> {
+    ///
+    /// `tenant` is the tenant of the certificate the agent presented, if any (an agent
+    /// enrolling again): a join token of another tenant is refused.
+    fn enroll(
+        &self,
+        request: &EnrollRequest,
+        tenant: Option<&crate::auth::Tenant>,
+        now: SystemTime,
+    ) -> Result<Issued, EnrollError> {
         if request.protocol != ENROLL_PROTOCOL {
             return Err(refused(
                 RefusalCode::Malformed,
@@ -136,7 +144,7 @@ impl Enroller {
         // Read afresh each time: `rna token create --join` adds tokens while the hub runs.
         let mut book = self.state.load_join_tokens()?;
         // The use is spent in memory, and saved only once the certificate is signed.
-        let admission = book.redeem(request.join_token.expose(), &agent, None, now)?;
+        let admission = book.redeem(request.join_token.expose(), &agent, tenant, now)?;
         // A join token made before the agent's certificate was revoked cannot bring it back.
         let created = book.get(&admission.token_id).map_or(0, |r| r.created);
         let revoked = RevocationList::load(&self.state.revoked())?;
@@ -232,17 +240,25 @@ pub(crate) async fn serve(
     };
     // The handshake is over: the request is read whole.
     drop(slot);
+    // A certificate presented was checked against the CA by TLS; its tenant binds the agent.
+    let tenant = connection
+        .peer_certificates()
+        .and_then(|chain| chain.into_iter().next())
+        .and_then(|cert| crate::enroll::agent_identity(cert.as_ref()).ok())
+        .map(|identity| identity.tenant);
     let outcome = match wire::decode_request(&body) {
         Ok(request) => {
             let enroller = enroller.clone();
-            tokio::task::spawn_blocking(move || enroller.enroll(&request, SystemTime::now()))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(EnrollError::CannotCreate {
-                        what: "agent certificate",
-                        message: e.to_string(),
-                    })
+            tokio::task::spawn_blocking(move || {
+                enroller.enroll(&request, tenant.as_ref(), SystemTime::now())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(EnrollError::CannotCreate {
+                    what: "agent certificate",
+                    message: e.to_string(),
                 })
+            })
         }
         Err(e) => Err(refused(
             RefusalCode::Malformed,

@@ -630,3 +630,54 @@ async fn the_admin_api_revokes_an_agent_with_an_admin_token_only() {
     hub.process.signal("-TERM");
     assert!(hub.process.exit().await.success());
 }
+
+/// The join token of a printed line.
+fn token_of(line: &str) -> String {
+    line.split(" --join ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_token_of_another_tenant_cannot_enroll_an_agent_of_this_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::start(&tmp.path().join("hub")).await;
+    let hub_target: rna::agent::HubTarget = hub.quic.parse().unwrap();
+    let state = rna::agent::AgentState::new(&tmp.path().join("agent"));
+    let enroll = |line: String| {
+        let (hub, state) = (hub_target.clone(), state.clone());
+        async move {
+            let (token, hubs) = (token_of(&line), [hub]);
+            let enrolling = rna::agent::enroll::enroll(&hubs, None, "edge", &token, &state);
+            within("enrollment", enrolling).await
+        }
+    };
+    let first = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    enroll(first).await.unwrap();
+    let serial = stored_serial(&state);
+
+    // The agent now belongs to acme/prod: a join token of globex/prod is refused, and nothing
+    // it holds changes.
+    let foreign = hub.join_line("globex/prod", &["--name", "edge"]).await;
+    match enroll(foreign).await {
+        Err(rna::agent::EnrollmentError::Refused { code, message }) => {
+            assert_eq!(code, rna::enroll::RefusalCode::TenantMismatch);
+            assert!(
+                message.contains("is for tenant globex/prod, not acme/prod"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stored_serial(&state), serial);
+
+    // A join token of its own tenant enrolls it again.
+    let own = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    let renewed = enroll(own).await.unwrap();
+    assert_ne!(renewed, serial);
+    assert_eq!(stored_serial(&state), renewed);
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
+}
