@@ -190,6 +190,21 @@ impl Enroller {
     }
 }
 
+/// The metric and log-budget label of an enrollment refusal.
+fn enroll_label(code: RefusalCode) -> &'static str {
+    match code {
+        RefusalCode::Malformed => "enroll_malformed",
+        RefusalCode::Unknown => "enroll_unknown",
+        RefusalCode::Expired => "enroll_expired",
+        RefusalCode::Spent => "enroll_spent",
+        RefusalCode::TenantMismatch => "enroll_tenant_mismatch",
+        RefusalCode::NameNotAllowed => "enroll_name_not_allowed",
+        RefusalCode::BadRequest => "enroll_bad_request",
+        RefusalCode::Revoked => "enroll_revoked",
+        RefusalCode::Unavailable => "enroll_unavailable",
+    }
+}
+
 fn refused(code: RefusalCode, message: String) -> EnrollError {
     EnrollError::Refused { code, message }
 }
@@ -225,12 +240,20 @@ pub(crate) async fn serve(
     let (mut send, body) = match tokio::time::timeout_at(deadline, exchange).await {
         Ok(Ok(got)) => got,
         Ok(Err(why)) => {
-            warn!("enrollment from {remote} failed: {why}");
+            shared.metrics.handshake_failed("enroll_malformed");
+            shared.failure_log.failed(
+                "enroll_malformed",
+                format_args!("enrollment from {remote} failed: {why}"),
+            );
             connection.close(RefusalCode::Malformed.close_code(), &why);
             return;
         }
         Err(_) => {
-            warn!("enrollment from {remote} failed: no request in time");
+            shared.metrics.handshake_failed("enroll_timeout");
+            shared.failure_log.failed(
+                "enroll_timeout",
+                format_args!("enrollment from {remote} failed: no request in time"),
+            );
             connection.close(
                 crate::proto::CloseCode::HandshakeTimeout.code(),
                 "no enrollment request in time",
@@ -284,7 +307,14 @@ pub(crate) async fn serve(
                     )
                 }
             };
-            warn!(code = %code, "enrollment from {remote} refused: {message}");
+            // Refusals go through the hub's rate limit of failure lines, as failed agent
+            // handshakes do: a flood of bad join tokens must not become a flood of log lines.
+            let label = enroll_label(code);
+            shared.metrics.handshake_failed(label);
+            shared.failure_log.failed(
+                label,
+                format_args!("enrollment from {remote} refused ({code}): {message}"),
+            );
             let reply = EnrollReply::Refused {
                 code,
                 message: message.clone(),

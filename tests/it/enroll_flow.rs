@@ -284,6 +284,20 @@ async fn spent_expired_and_misnamed_join_tokens_are_refused_precisely() {
     let err = refused(argv(&forged), &tmp.path().join("a6")).await;
     assert!(err.contains("(unknown)"), "{err}");
 
+    // Each refusal is counted by its reason.
+    assert!(have_curl(), "these tests drive curl");
+    let metrics_token = hub.token("ops/monitoring", "read:metrics").await;
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-H"])
+        .arg(format!("Authorization: Bearer {metrics_token}"))
+        .arg(format!("http://{}/metrics", hub.api))
+        .output();
+    let metrics = String::from_utf8(within("curl", out).await.unwrap().stdout).unwrap();
+    for reason in ["spent", "name_not_allowed", "expired", "unknown"] {
+        let line = format!("rna_handshake_failures_total{{reason=\"enroll_{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} not in {metrics}");
+    }
+
     for agent in [&first, &right] {
         agent.signal("-TERM");
     }
