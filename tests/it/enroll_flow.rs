@@ -695,3 +695,107 @@ async fn a_join_token_of_another_tenant_cannot_enroll_an_agent_of_this_one() {
     hub.process.signal("-TERM");
     assert!(hub.process.exit().await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_lines_work_in_a_shell_and_an_unknown_address_is_a_named_placeholder() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A state folder no hub has run from yet: the line says what to replace.
+    let fresh = tmp.path().join("fresh");
+    let ran = Rna::new([
+        "certs",
+        "init",
+        "--dir",
+        fresh.to_str().unwrap(),
+        "--hub-name",
+        "x",
+    ])
+    .run_async()
+    .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let ran = Rna::new([
+        "token",
+        "create",
+        "--join",
+        "--state-dir",
+        fresh.to_str().unwrap(),
+        "--tenant",
+        "acme/prod",
+        "--name",
+        "edge",
+    ])
+    .run_async()
+    .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    assert!(
+        ran.stdout
+            .starts_with("rna agent --hub HUB-HOST:4433 --join rna_join_"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stderr.contains("replace HUB-HOST:4433"),
+        "{}",
+        ran.stderr
+    );
+
+    // A fleet token: the printed line names the agent by its host name, filled in by the shell.
+    let mut hub = HubProcess::start(&tmp.path().join("hub")).await;
+    let line = hub
+        .join_line("acme/prod", &["--name-prefix", "edge-", "--uses", "3"])
+        .await;
+    assert!(line.ends_with(" --name edge-$(hostname -s)"), "{line}");
+    let host = std::process::Command::new("hostname")
+        .arg("-s")
+        .output()
+        .unwrap();
+    let host = String::from_utf8(host.stdout).unwrap().trim().to_string();
+    if !rna::identity::valid_agent_name(&format!("edge-{host}")) {
+        eprintln!("host name {host:?} makes no agent name; the shell part is not checked");
+        return;
+    }
+    let script = line.replacen("rna ", &format!("exec {} ", crate::common::RNA), 1);
+    let agent_dir = tmp.path().join("fleet");
+    let mut member = shell(&script, &agent_dir);
+    member.wait_line("connected to hub").await;
+    let chain = rna::certs::load_certs(&agent_dir.join("agent.pem")).unwrap();
+    let identity = rna::enroll::agent_identity(&chain[0]).unwrap();
+    assert_eq!(identity.agent, format!("edge-{host}"));
+    member.signal("-TERM");
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
+}
+
+/// Runs `script` with `sh -c` as the agent's environment of [`agent`] sets it up, its standard
+/// error followed line by line like an [`RnaProcess`]'s (`exec` makes the pid rna's).
+fn shell(script: &str, state: &Path) -> RnaProcess {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c").arg(script);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RNA_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut child = cmd
+        .env("RNA_STATE_DIR", state)
+        .env("RNA_ALLOW", "127.0.0.0/8")
+        .env("RNA_METRICS", "off")
+        .env("RNA_LOG_FORMAT", "text")
+        .env("RNA_LOG_LEVEL", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let _ = tx.send(line);
+        }
+    });
+    RnaProcess { child, log }
+}
