@@ -559,6 +559,7 @@ pub(super) const OWN_CERTIFICATE_CHECK: Duration = Duration::from_secs(24 * 60 *
 /// again every `every` until `cancel` fires. Cancel-safe.
 pub(super) async fn watch_own_certificates(
     expiries: Vec<(&'static str, std::time::SystemTime)>,
+    renew_at: Option<std::time::SystemTime>,
     metrics: Arc<admin::AgentMetrics>,
     every: Duration,
     cancel: CancellationToken,
@@ -567,7 +568,15 @@ pub(super) async fn watch_own_certificates(
         metrics.certificate_expiry(role, not_after);
     }
     loop {
-        crate::certs::warn_expiring(&expiries, "this agent's");
+        // An enrolled certificate (`renew_at` known) is warned about from its renewal point,
+        // not from 30 days before its end: it only lives 30 days by default.
+        let quiet = renew_at.is_some_and(|at| std::time::SystemTime::now() < at);
+        let warn: Vec<_> = expiries
+            .iter()
+            .filter(|(role, _)| !(quiet && *role == "agent"))
+            .copied()
+            .collect();
+        crate::certs::warn_expiring(&warn, "this agent's");
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

@@ -259,6 +259,11 @@ impl ClientTls {
         self.0.expiries("agent")
     }
 
+    /// The agent's own certificate (the first of its chain).
+    pub fn certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.0.chain.first()
+    }
+
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
         let config = self.rustls_config(ALPN)?;
         QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
