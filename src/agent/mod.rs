@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod dialer;
+pub mod enroll;
 pub mod kube;
 pub mod policy;
 pub mod session;
@@ -29,6 +30,7 @@ use crate::transport::{self, ClientTls, Limits, TransportError};
 
 pub use backoff::Retry;
 pub use dialer::{DialError, Dialer};
+pub use enroll::{AgentState, EnrollmentError};
 pub use policy::{Policy, Rule};
 pub use session::SessionError;
 use supervisor::Supervisor;
@@ -393,13 +395,24 @@ impl Agent {
     /// Connects to every hub address and serves until `shutdown` fires, then closes each
     /// session with a normal code.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        // Parsed once: the material does not change while the agent runs.
+        // Parsed once: the material does not change while the agent runs. An enrolled
+        // certificate is short-lived by design: its expiry is warned about once it is due for
+        // renewal, not from its first day (the metric is always set).
         let expiries = self.config.tls.expiries();
+        let renew_at = self.config.tls.certificate().and_then(|cert| {
+            let identity = crate::enroll::agent_identity(cert).ok()?;
+            let at = |secs| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+            Some(crate::enroll::renew_at(
+                at(identity.not_before)?,
+                at(identity.not_after)?,
+            ))
+        });
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
         let own_certificates = shutdown.child_token();
         let watch = tokio::spawn(supervisor::watch_own_certificates(
             expiries,
+            renew_at,
             self.metrics.clone(),
             supervisor::OWN_CERTIFICATE_CHECK,
             own_certificates.clone(),

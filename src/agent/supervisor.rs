@@ -560,6 +560,7 @@ pub(super) const OWN_CERTIFICATE_CHECK: Duration = Duration::from_secs(24 * 60 *
 /// again every `every` until `cancel` fires. Cancel-safe.
 pub(super) async fn watch_own_certificates(
     expiries: Vec<(&'static str, std::time::SystemTime)>,
+    renew_at: Option<std::time::SystemTime>,
     metrics: Arc<admin::AgentMetrics>,
     every: Duration,
     cancel: CancellationToken,
@@ -568,7 +569,15 @@ pub(super) async fn watch_own_certificates(
         metrics.certificate_expiry(role, not_after);
     }
     loop {
-        crate::certs::warn_expiring(&expiries, "this agent's");
+        // An enrolled certificate (`renew_at` known) is warned about from its renewal point,
+        // not from 30 days before its end: it only lives 30 days by default.
+        let quiet = renew_at.is_some_and(|at| std::time::SystemTime::now() < at);
+        let warn: Vec<_> = expiries
+            .iter()
+            .filter(|(role, _)| !(quiet && *role == "agent"))
+            .copied()
+            .collect();
+        crate::certs::warn_expiring(&warn, "this agent's");
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
@@ -602,6 +611,14 @@ fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
              certificate names",
             config.name
         ),
+        CloseCode::TenantMismatch => format!(
+            "the certificate was enrolled into another tenant than this token's; use the \
+             token enrollment stored with it, or enroll again with a join token of the \
+             token's tenant; {create}"
+        ),
+        CloseCode::CertificateRevoked => "the hub revoked this certificate; enroll again \
+            with a new join token (rna token create --join on the hub)"
+            .to_string(),
         CloseCode::VersionMismatch => {
             "run the same rna release as the hub (its protocol version differs)".to_string()
         }

@@ -7,7 +7,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use rna::agent::{Agent, Policy};
+use rna::agent::{Agent, AgentState, Policy};
 use rna::config::{
     agent_file_text, agent_settings, merge_agent, AgentOptions, AgentSettings, LogOptions,
     MetricsListen,
@@ -25,8 +25,83 @@ pub struct AgentArgs {
     /// Validate the configuration (and read every file it names), then exit.
     #[arg(long)]
     check_config: bool,
+    /// Enroll first with this join token (`rna token create --join` prints the whole line):
+    /// make a key here, check the hub against the token's CA pin, and store the certificate,
+    /// CA and connect token in --state-dir (./rna-agent unless given). Not used while that
+    /// folder holds an enrollment in the first two thirds of its certificate's lifetime, so
+    /// the same line also restarts the agent.
+    #[arg(
+        long,
+        env = "RNA_JOIN",
+        hide_env_values = true,
+        value_name = "rna_join_…",
+        conflicts_with = "check_config"
+    )]
+    join: Option<String>,
     #[command(flatten)]
     options: AgentOptions,
+}
+
+/// The agent's state folder when --join is given without --state-dir.
+const DEFAULT_STATE_DIR: &str = "rna-agent";
+
+/// Enrolls with `join` unless the state folder holds an enrollment whose certificate is in
+/// the first two thirds of its life, and points the options at the state folder. A folder
+/// whose certificate is due enrolls again; if that fails while the stored certificate is
+/// still valid, the agent starts with it and says so.
+fn enroll_first(mut options: AgentOptions, join: &str) -> Result<AgentOptions, CliError> {
+    let dir = options
+        .state_dir
+        .get_or_insert_with(|| PathBuf::from(DEFAULT_STATE_DIR))
+        .clone();
+    let state = AgentState::new(&dir);
+    let now = std::time::SystemTime::now();
+    let stored = state.is_enrolled();
+    if stored && state.renewal_due(now) == Some(false) {
+        info!(state = %dir.display(), "already enrolled: --join is not used again");
+        return Ok(options);
+    }
+    match enroll_now(&options, join, &state) {
+        Err(e) if stored && state.still_valid(now) => {
+            warn!(state = %dir.display(),
+                "enrolling again failed, starting with the stored certificate: {e}");
+            Ok(options)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(options),
+    }
+}
+
+/// One enrollment with `join` into `state`.
+fn enroll_now(options: &AgentOptions, join: &str, state: &AgentState) -> Result<(), CliError> {
+    let name = options
+        .name
+        .clone()
+        .ok_or(rna::config::ConfigError::Missing {
+            key: "name",
+            flag: "name",
+            env: "NAME",
+        })?;
+    if options.hub.is_empty() {
+        return Err(rna::config::ConfigError::Missing {
+            key: "hub",
+            flag: "hub",
+            env: "HUB",
+        }
+        .into());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::io("starting the enrollment runtime", e))?;
+    runtime.block_on(rna::agent::enroll::enroll(
+        &options.hub,
+        options.server_name.as_deref(),
+        &name,
+        join,
+        state,
+    ))?;
+    Ok(())
 }
 
 /// A valid agent configuration, with what SIGHUP needs to merge it again.
@@ -43,12 +118,19 @@ pub struct Prepared {
 /// when `--check-config` printed the configuration in force and nothing is left to do.
 pub fn prepare(args: AgentArgs, log: LogOptions) -> Result<Option<Prepared>, CliError> {
     let cli = args.options.clone();
+    let join = args.join.clone();
     let settings = super::in_force(
         &args.config,
         args.check_config,
         (args.options, log),
         merge_agent,
-        agent_settings,
+        |options, sources| -> Result<AgentSettings, CliError> {
+            let options = match &join {
+                Some(join) => enroll_first(options, join)?,
+                None => options,
+            };
+            Ok(agent_settings(options, sources)?)
+        },
         agent_file_text,
     )?;
     Ok(settings.map(|settings| Prepared {

@@ -1,9 +1,11 @@
-//! `rna certs`: make a CA and the hub's certificate, or an agent's client certificate.
+//! `rna certs`: make a CA and the hub's certificate, or an agent's client certificate; list
+//! and revoke the certificates a hub issued by enrollment.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use clap::Subcommand;
+use rna::enroll::{CertState, HubState, IssuedLog, RevocationList};
 
 use super::CliError;
 
@@ -39,6 +41,26 @@ pub enum CertsCommand {
         #[arg(long, env = "RNA_FORCE")]
         force: bool,
     },
+    /// List the certificates the hub issued by enrollment, with expiry and state.
+    List {
+        /// The hub's state folder (as `rna hub --state-dir`).
+        #[arg(long, env = "RNA_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Revoke enrolled certificates: one serial, or every certificate of an agent name. The
+    /// running hub closes that agent's sessions within a second and refuses the certificate
+    /// from then on, also after a restart; join tokens made before cannot enroll it again.
+    Revoke {
+        /// The hub's state folder (as `rna hub --state-dir`).
+        #[arg(long, env = "RNA_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Only this tenant's agent of that name.
+        #[arg(long, env = "RNA_TENANT")]
+        tenant: Option<rna::auth::Tenant>,
+        /// A serial (from `rna certs list`) or an agent name.
+        #[arg(value_name = "NAME|SERIAL")]
+        target: String,
+    },
 }
 
 /// Runs one `rna certs` subcommand, printing each file written.
@@ -59,6 +81,64 @@ pub fn run(cmd: CertsCommand) -> Result<(), CliError> {
             print_written(&cert);
             print_written(&key);
         }
+        CertsCommand::List { state_dir } => list_issued(&HubState::new(&state_dir))?,
+        CertsCommand::Revoke {
+            state_dir,
+            tenant,
+            target,
+        } => {
+            let state = HubState::new(&state_dir);
+            let fail = |e: rna::enroll::EnrollError| CliError::BadArgument(e.to_string());
+            let log = IssuedLog::load(&state.issued()).map_err(fail)?;
+            let mut list = RevocationList::load(&state.revoked()).map_err(fail)?;
+            let now = rna::auth::unix_now(SystemTime::now());
+            let added = list
+                .revoke(&log, &target, tenant.as_ref(), now)
+                .map_err(fail)?;
+            list.save(&state.revoked()).map_err(fail)?;
+            if added.is_empty() {
+                out!("{target}: already revoked");
+            }
+            for entry in added {
+                out!(
+                    "revoked {} (agent {} of {})",
+                    entry.serial,
+                    entry.agent,
+                    entry.tenant
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rna certs list`: every issued certificate with its state now.
+fn list_issued(state: &HubState) -> Result<(), CliError> {
+    let fail = |e: rna::enroll::EnrollError| CliError::BadArgument(e.to_string());
+    let log = IssuedLog::load(&state.issued()).map_err(fail)?;
+    let revoked = RevocationList::load(&state.revoked()).map_err(fail)?;
+    let now = rna::auth::unix_now(SystemTime::now());
+    out!(
+        "{:<32}  {:<24}  {:<24}  {:<20}  STATE",
+        "SERIAL",
+        "TENANT",
+        "AGENT",
+        "EXPIRES"
+    );
+    for (record, cert_state) in log.list(&revoked, now) {
+        let cert_state = match cert_state {
+            CertState::Valid => "valid",
+            CertState::Expired => "expired",
+            CertState::Revoked => "revoked",
+        };
+        out!(
+            "{:<32}  {:<24}  {:<24}  {:<20}  {}",
+            record.serial,
+            record.tenant.to_string(),
+            record.agent,
+            rna::auth::format_rfc3339(record.not_after),
+            cert_state
+        );
     }
     Ok(())
 }

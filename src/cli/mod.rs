@@ -59,6 +59,9 @@ pub enum CliError {
     /// An argument is not usable; the message says how to fix it.
     #[error("{0}")]
     BadArgument(String),
+    /// The agent could not enroll with its join token.
+    #[error(transparent)]
+    Enroll(#[from] rna::agent::EnrollmentError),
 }
 
 impl CliError {
@@ -74,14 +77,17 @@ impl CliError {
 /// Merges the configuration `file` (if any) under the command line, sets up logging and
 /// validates what is in force. With `check` (`--check-config`) it prints that as a file of
 /// the role's keys and returns `None`: nothing is left to do.
-fn in_force<O: Clone, C>(
+fn in_force<O: Clone, C, E>(
     file: &Option<PathBuf>,
     check: bool,
     (cli, log): (O, LogOptions),
     merge: impl FnOnce(Option<&Path>, O, LogOptions) -> Result<(O, LogOptions, Sources), ConfigError>,
-    validate: impl FnOnce(O, &Sources) -> Result<C, ConfigError>,
+    validate: impl FnOnce(O, &Sources) -> Result<C, E>,
     print: impl FnOnce(&O, &C, &LogOptions) -> Result<String, ConfigError>,
-) -> Result<Option<C>, CliError> {
+) -> Result<Option<C>, CliError>
+where
+    CliError: From<E>,
+{
     let (options, log, sources) = merge(file.as_deref(), cli, log)?;
     crate::init_logging(&log);
     let config = validate(options.clone(), &sources)?;

@@ -10,6 +10,7 @@ use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources,
 use crate::agent::kube::{
     in_cluster_detected, KubeAllow, KubeSettings, KubeSource, ResourceRule, SecretRef,
 };
+use crate::agent::AgentState;
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule, TransportMode};
 use crate::auth::read_secret_file;
 use crate::transport::proxy::ProxySettings;
@@ -30,9 +31,14 @@ settings! {
     /// TLS name to verify the hub as [default: the host of --hub].
     #[arg(long, env = "RNA_SERVER_NAME")]
     server_name: Option<String> => show(settings.config.server_name.clone());
-    /// Agent identifier; must equal the certificate's common name.
+    /// Agent identifier; must equal the certificate's common name [default: the common name
+    /// of the state folder's certificate].
     #[arg(long, env = "RNA_NAME")]
     name: Option<String> => show(Some(settings.config.name.clone()));
+    /// Folder of what enrollment (--join) stored: key, certificate, CA and connect token, the
+    /// defaults of --ca, --cert, --key and --token-file [default with --join: ./rna-agent].
+    #[arg(long, env = "RNA_STATE_DIR")]
+    state_dir: Option<PathBuf> => show(options.state_dir.clone());
     /// CA to verify the hub with.
     #[arg(long, env = "RNA_CA")]
     ca: Option<PathBuf> => show(options.ca.clone());
@@ -185,6 +191,20 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
             flag: "hub",
             env: "HUB",
         });
+    }
+    // A state folder supplies every file not named explicitly, and the agent's name.
+    let mut o = o;
+    if let Some(state) = o.state_dir.as_deref().map(AgentState::new) {
+        o.ca = o.ca.or_else(|| Some(state.ca()));
+        o.cert = o.cert.or_else(|| Some(state.cert()));
+        o.key = o.key.or_else(|| Some(state.key()));
+        o.token_file = o.token_file.or_else(|| Some(state.token()));
+        if o.name.is_none() {
+            o.name = crate::certs::load_certs(&state.cert())
+                .ok()
+                .and_then(|chain| chain.first().cloned())
+                .and_then(|cert| crate::certs::common_name(&cert).ok());
+        }
     }
     let name = required(&o.name, "name", "name", "NAME")?;
     if !crate::certs::valid_agent_name(&name) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::settings::{at_least_one, bytes_from_frame_to, frame_size, worker_threads};
 use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
 use crate::auth::Tenant;
+use crate::enroll::HubState;
 use crate::hub::{HubConfig, NoAuthRoute, TcpListen};
 use crate::transport::{Congestion, ServerTls};
 
@@ -150,10 +151,20 @@ settings! {
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
     worker_threads: Option<usize> => field(config.worker_threads, worker_threads);
-    /// Folder for state kept across restarts (the QUIC endpoint key, so agents learn of a
-    /// restart at once); created if missing.
+    /// Folder for state kept across restarts: the QUIC endpoint key (so agents learn of a
+    /// restart at once) and, unless --ca/--cert/--key/--tokens name other files, the CA, the
+    /// hub certificate and the token store, made on the first start; with the CA key there the
+    /// hub enrolls agents with join tokens. Created (0700) if missing.
     #[arg(long, env = "RNA_STATE_DIR")]
     state_dir: Option<PathBuf> => show(config.state_dir.clone());
+    /// DNS name or IP address agents dial, written into the hub certificate a new state folder
+    /// gets, and printed in join lines; repeat for several.
+    #[arg(long, env = "RNA_HUB_NAME", value_delimiter = ',')]
+    hub_name: Vec<String> => show(Some(options.hub_name.clone()));
+    /// Lifetime of the certificates the hub signs for enrolled agents, 1s to 825d
+    /// [default: 30d].
+    #[arg(long, env = "RNA_AGENT_CERT_LIFETIME", value_parser = parse_duration)]
+    agent_cert_lifetime: Option<Duration> => field(config.agent_cert_lifetime, cert_lifetime);
     /// Time a Kubernetes command (other than wait, which has its own timeout) may take
     /// [default: 60s].
     #[arg(long, env = "RNA_KUBE_TIMEOUT", value_parser = parse_duration)]
@@ -167,8 +178,32 @@ settings! {
 /// Validates hub options into the hub's configuration, reading the certificate files.
 pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigError> {
     let invalid = |key: &str, message: String| sources.invalid(key, message);
-    let files = TlsFiles::required(&o.ca, &o.cert, &o.key)?;
-    let tokens = required(&o.tokens, "tokens", "tokens", "TOKENS")?;
+    // A state folder supplies every file not named explicitly, made on the first start.
+    let state = match &o.state_dir {
+        Some(dir) => {
+            let state = HubState::new(dir);
+            let certs = o.ca.is_none() || o.cert.is_none() || o.key.is_none();
+            state
+                .prepare(&o.hub_name, certs, o.tokens.is_none())
+                .map_err(|e| invalid("state_dir", e.to_string()))?;
+            Some(state)
+        }
+        None => None,
+    };
+    let or_state = |given: &Option<PathBuf>, file: fn(&HubState) -> PathBuf| {
+        given.clone().or_else(|| state.as_ref().map(file))
+    };
+    let files = TlsFiles::required(
+        &or_state(&o.ca, HubState::ca),
+        &or_state(&o.cert, HubState::hub_cert),
+        &or_state(&o.key, HubState::hub_key),
+    )?;
+    let tokens = required(
+        &or_state(&o.tokens, HubState::tokens),
+        "tokens",
+        "tokens",
+        "TOKENS",
+    )?;
     let tls = files.load(sources, ServerTls::load, ServerTls::check)?;
     if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
         return Err(invalid("tokens", crate::fsutil::error_chain(&e)));
@@ -181,6 +216,9 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
     config.state_dir = o.state_dir.clone();
+    // Enrollment signs with the state folder's CA key, so it is offered only when the CA
+    // agents are checked against is that CA.
+    config.enrollment = state.filter(|s| s.ca_key().exists() && files.ca == s.ca());
     if let Some(route) = &o.socks_no_auth {
         config.socks_no_auth = Some(parse_no_auth(route).map_err(|m| invalid("socks_no_auth", m))?);
     }
@@ -210,6 +248,14 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
 /// command channel carries.
 fn kube_request_size(n: usize) -> Result<usize, String> {
     bytes_from_frame_to(n, crate::proto::kube::MAX_KUBE_REQUEST)
+}
+
+/// An enrolled agent's certificate lifetime: what the signer accepts.
+fn cert_lifetime(t: Duration) -> Result<Duration, String> {
+    if t < Duration::from_secs(1) || t > crate::enroll::csr::MAX_CERT_LIFETIME {
+        return Err(format!("{t:?} is not between 1s and 825d"));
+    }
+    Ok(t)
 }
 
 /// The least time between two inventory reports of one session. The agent waits 30 s for

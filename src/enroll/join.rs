@@ -403,7 +403,13 @@ pub fn create(
         created,
         expires,
     };
-    let command = Secret::new(format!("rna agent --hub {hub} --join {text}"));
+    // The agent names itself in its CSR, so the line carries the name: the exact one, or for
+    // a fleet the prefix and the machine's short host name, which the shell fills in.
+    let name = match &record.name {
+        NameRule::Exact(name) => name.clone(),
+        NameRule::Prefix(prefix) => format!("{prefix}$(hostname -s)"),
+    };
+    let command = Secret::new(format!("rna agent --hub {hub} --join {text} --name {name}"));
     Ok((
         JoinLine {
             token: Secret::new(text),
@@ -621,8 +627,13 @@ mod tests {
         assert_eq!(text.len(), JOIN_TOKEN_LEN);
         assert_eq!(
             line.command.expose(),
-            format!("rna agent --hub {HUB} --join {text}")
+            format!("rna agent --hub {HUB} --join {text} --name edge")
         );
+        let (fleet, _) = make(NameRule::Prefix("edge-".into()), 5);
+        assert!(fleet
+            .command
+            .expose()
+            .ends_with(" --name edge-$(hostname -s)"));
         let token = JoinToken::parse(text).unwrap();
         assert_eq!(token.id(), record.id);
         assert_eq!(token.pin(), pin());

@@ -18,14 +18,16 @@ pub mod join;
 pub mod pin;
 pub mod renew;
 pub mod revocation;
+pub mod state;
 pub mod wire;
 
 pub use csr::{agent_identity, make_csr, AgentCsr, AgentIdentity, SignedCert, Signer};
 pub use issued::{CertState, IssuedLog, IssuedRecord};
 pub use join::{Admission, CaPin, JoinBook, JoinLine, JoinRecord, JoinToken, NameRule, NewJoin};
 pub use pin::{ca_pin, PinnedHubVerifier};
-pub use renew::{renew_at, renew_in};
+pub use renew::{renew_at, renew_in, renewal_due};
 pub use revocation::{RevocationList, Revoked};
+pub use state::{HubAddress, HubState};
 pub use wire::{CertBytes, EnrollReply, EnrollRequest, Issued, RefusalCode, ENROLL_ALPN};
 
 /// Why an enrollment step failed. A refusal of what a peer or a user presented carries the

@@ -107,6 +107,31 @@ impl PinnedHubVerifier {
         Ok((config, verifier))
     }
 
+    /// [`PinnedHubVerifier::client_config`] that also presents the agent's current
+    /// certificate: an agent enrolling again shows the hub which tenant it belongs to, and a
+    /// join token of another tenant is refused (`tenant_mismatch`).
+    pub fn client_config_presenting(
+        pin: CaPin,
+        alpn: &[u8],
+        chain: Vec<CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+    ) -> Result<(rustls::ClientConfig, Arc<PinnedHubVerifier>), EnrollError> {
+        let cannot = |e: rustls::Error| EnrollError::CannotCreate {
+            what: "TLS client configuration",
+            message: e.to_string(),
+        };
+        let verifier = Arc::new(PinnedHubVerifier::new(pin));
+        let mut config = rustls::ClientConfig::builder_with_provider(verifier.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cannot)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_client_auth_cert(chain, key)
+            .map_err(cannot)?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok((config, verifier))
+    }
+
     fn refuse(why: PinRefusal) -> rustls::Error {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(why))))
     }

@@ -27,9 +27,42 @@ pub fn renew_in(now: SystemTime, not_before: SystemTime, not_after: SystemTime) 
         .unwrap_or(Duration::ZERO)
 }
 
+/// Whether an enrolled certificate (DER, with its `rna://tenant/…` name) is due for renewal at
+/// `now`: past [`renew_at`], or expired. `None` for a certificate that was not enrolled
+/// (`rna certs agent`), which keeps the 30-day expiry warning of long-lived certificates.
+pub fn renewal_due(cert_der: &[u8], now: SystemTime) -> Option<bool> {
+    let identity = super::agent_identity(cert_der).ok()?;
+    let at = |secs: u64| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+    Some(now >= renew_at(at(identity.not_before)?, at(identity.not_after)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_enrolled_certificates_have_a_renewal_point() {
+        let ca = crate::certs::Ca::generate("rna test CA").unwrap();
+        let signer = super::super::Signer::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
+        let csr = super::super::make_csr("edge").unwrap();
+        let admission = super::super::Admission {
+            token_id: "0123456789ab".into(),
+            tenant: "acme/prod".parse().unwrap(),
+            agent: "edge".into(),
+        };
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 60 * 60);
+        let signed = signer
+            .sign(&csr.csr_der, &admission, 30 * day, now)
+            .unwrap();
+        assert_eq!(renewal_due(&signed.cert_der, now), Some(false));
+        assert_eq!(renewal_due(&signed.cert_der, now + 19 * day), Some(false));
+        assert_eq!(renewal_due(&signed.cert_der, now + 21 * day), Some(true));
+        assert_eq!(renewal_due(&signed.cert_der, now + 31 * day), Some(true));
+        let manual = ca.issue_agent("edge").unwrap();
+        let der = crate::certs::parse_certs(&manual.cert_pem).unwrap();
+        assert_eq!(renewal_due(der[0].as_ref(), now), None);
+    }
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)

@@ -27,6 +27,12 @@ pub const MAX_CHAIN: usize = 4;
 /// The longest refusal message, connect token or serial text.
 pub const MAX_TEXT: usize = 1024;
 
+/// The first QUIC close code of enrollment refusals ([`RefusalCode::close_code`]).
+pub const ENROLL_CLOSE_BASE: u32 = 0x30;
+
+/// The close code of a successful enrollment: the hub is done once the reply is read.
+pub const ENROLL_DONE: u32 = 0x00;
+
 /// Why the hub refused an enrollment. The wire value is the variant's index (postcard), so
 /// variants are only ever appended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,6 +59,36 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
+    /// Every code, in wire order.
+    pub const ALL: [RefusalCode; 9] = [
+        RefusalCode::Malformed,
+        RefusalCode::Unknown,
+        RefusalCode::Expired,
+        RefusalCode::Spent,
+        RefusalCode::TenantMismatch,
+        RefusalCode::NameNotAllowed,
+        RefusalCode::BadRequest,
+        RefusalCode::Revoked,
+        RefusalCode::Unavailable,
+    ];
+
+    /// The QUIC application error code an enrollment connection is closed with after this
+    /// refusal: `0x30` plus the code's index, a range of its own beside the agent session's
+    /// close codes, so a packet capture or a client that missed the reply still sees why.
+    pub fn close_code(self) -> u32 {
+        let index = RefusalCode::ALL
+            .iter()
+            .position(|c| *c == self)
+            .unwrap_or_default();
+        ENROLL_CLOSE_BASE + index as u32
+    }
+
+    /// The refusal a close code names, if it is one.
+    pub fn from_close_code(code: u64) -> Option<RefusalCode> {
+        let index = code.checked_sub(u64::from(ENROLL_CLOSE_BASE))?;
+        RefusalCode::ALL.get(usize::try_from(index).ok()?).copied()
+    }
+
     /// The name used in logs and the admin API.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -241,6 +277,23 @@ mod tests {
         assert_eq!(back.csr_der, csr.csr_der);
         assert_eq!(back.join_token.expose(), token_text());
         assert!(!format!("{back:?}").contains(&"c".repeat(48)));
+    }
+
+    #[test]
+    fn refusal_close_codes_are_their_own_range_and_read_back() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, code) in RefusalCode::ALL.into_iter().enumerate() {
+            let close = code.close_code();
+            assert_eq!(close, 0x30 + i as u32, "{code}");
+            assert!(seen.insert(close));
+            assert_eq!(RefusalCode::from_close_code(u64::from(close)), Some(code));
+            // The wire value of a refusal is its index too.
+            assert_eq!(postcard::to_stdvec(&code).unwrap(), vec![i as u8]);
+        }
+        assert_eq!(RefusalCode::Spent.close_code(), 0x33);
+        for other in [0u64, 0x05, 0x2f, 0x39, u64::MAX] {
+            assert_eq!(RefusalCode::from_close_code(other), None, "{other:#x}");
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub(crate) fn app(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/agents/{agent}/revoke", post(super::enroll::revoke))
         .layer(deadline(true));
     let commands = super::kube_api::routes(shared.config.caps.kube_request).layer(deadline(false));
     quick.merge(commands).with_state(shared)
@@ -259,6 +260,12 @@ impl RequiredScope for ReadInfraData {
 pub(crate) struct ExecInfraOp;
 impl RequiredScope for ExecInfraOp {
     const SCOPE: Scope = Scope::ExecInfraOp;
+}
+
+/// Certificate revocation, which only an `admin` token may do.
+pub(crate) struct AdminOnly;
+impl RequiredScope for AdminOnly {
+    const SCOPE: Scope = Scope::Admin;
 }
 
 /// `/metrics`, whose series name every tenant.

@@ -5,6 +5,7 @@
 
 mod admission;
 pub mod api;
+mod enroll;
 pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
@@ -39,6 +40,8 @@ pub use settings::{HubCaps, HubConfig, NoAuthRoute, SocksLimits, TcpListen};
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// Failed handshakes logged one by one per window; the rest are summed up in one line.
 const FAILURE_LOG_BURST: u32 = 10;
+/// How often the revocation list's file is checked for changes.
+const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
 /// Errors starting or running the hub.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,9 @@ pub enum HubError {
     /// The TLS/TCP agent listener could not be set up.
     #[error("TCP agent listener: {0}")]
     Tcp(String),
+    /// Enrollment could not be set up from the state folder (its CA or key).
+    #[error("enrollment: {0}")]
+    Enroll(#[from] crate::enroll::EnrollError),
 }
 
 /// State shared by the hub's tasks.
@@ -93,6 +99,8 @@ pub(crate) struct Shared {
     /// Turns for large admin API answers per tenant
     /// ([`HubCaps::heavy_requests_per_tenant`]).
     pub(crate) heavy: kube_channel::HeavyRequests,
+    /// Enrollment of agents with join tokens, when the state folder holds the CA key.
+    pub(crate) enroller: Option<Arc<enroll::Enroller>>,
 }
 
 impl Shared {
@@ -115,6 +123,24 @@ impl Shared {
             warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
                 "closing agent session: {why}");
             session.close(code, why);
+        }
+    }
+
+    /// Closes every session whose certificate is on the revocation list.
+    pub(crate) fn close_revoked_sessions(&self) {
+        for session in self.registry.sessions() {
+            let Some(cert) = session
+                .connection
+                .peer_certificates()
+                .and_then(|chain| chain.into_iter().next())
+            else {
+                continue;
+            };
+            if let Some(serial) = session::revoked_serial(self, cert.as_ref()) {
+                warn!(agent = %session.name, tenant = %session.tenant, %serial,
+                    "closing agent session: certificate revoked");
+                session.close(CloseCode::CertificateRevoked, "certificate revoked");
+            }
         }
     }
 
@@ -205,11 +231,32 @@ impl Hub {
                 transport::EndpointKey::random()?
             }
         };
+        let mut config = config;
+        let enroller = match &config.enrollment {
+            Some(state) => {
+                config.tls = config.tls.with_enrollment(crate::enroll::ENROLL_ALPN);
+                Some(Arc::new(enroll::Enroller::open(
+                    state.clone(),
+                    config.tokens.clone(),
+                    config.agent_cert_lifetime,
+                )?))
+            }
+            None => None,
+        };
         let (endpoint, tcp) = bind_agent_sockets(&config, &key).await?;
         // Keep the port actually bound (`:0` picks one), for the status page's connect line.
-        let mut config = config;
         if let Ok(bound) = endpoint.local_addr() {
             config.listen = bound;
+        }
+        if let Some(state) = &config.enrollment {
+            // `rna token create --join` prints this address in the line agents paste.
+            let address = crate::enroll::HubAddress {
+                names: crate::enroll::state::certificate_names(&state.hub_cert()),
+                port: config.listen.port(),
+            };
+            if let Err(e) = state.save_address(&address) {
+                warn!("join lines will need --hub: {e}");
+            }
         }
         let tcp = match tcp {
             Some(listener) => Some(Arc::new(
@@ -260,6 +307,7 @@ impl Hub {
             gate,
             failure_log: admission::FailureLog::new(FAILURE_LOG_WINDOW, FAILURE_LOG_BURST),
             heavy,
+            enroller,
         });
         Ok(Hub {
             shared,
@@ -456,6 +504,27 @@ impl Hub {
                 }
             })
         };
+
+        // Revocations: `rna certs revoke` writes the list; a revoked agent's sessions close
+        // within a quarter second of the file changing.
+        if let Some(enroller) = shared.enroller.clone() {
+            let shared = shared.clone();
+            let stop = stop_accepting.clone();
+            enroller.refresh_revocations();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REVOCATION_POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if enroller.refresh_revocations() {
+                        shared.close_revoked_sessions();
+                    }
+                }
+            });
+        }
 
         shutdown.cancelled().await;
         shared.draining.store(true, Ordering::SeqCst);

@@ -117,6 +117,14 @@ pub(crate) async fn serve(
             return;
         }
     };
+    if let Some(enroller) = shared.enroller.clone() {
+        let alpn = crate::transport::tls::negotiated_alpn(&connection);
+        if alpn.as_deref() == Some(crate::enroll::ENROLL_ALPN) {
+            let session = Session::from(connection);
+            super::enroll::serve(shared, enroller, session, handshake_slot).await;
+            return;
+        }
+    }
     serve_session(shared, Session::from(connection), cancel, handshake_slot).await;
 }
 
@@ -305,9 +313,13 @@ async fn handshake(
             format!("client certificate: {e}"),
         )
     })?;
-    if let Ok(not_after) = certs::not_after(cert.as_ref()) {
+    // An enrolled certificate is short-lived by design (30 days): it is warned about once it
+    // is due for renewal, not from its first day as the 30-day rule would.
+    let now = SystemTime::now();
+    let due = crate::enroll::renewal_due(cert.as_ref(), now);
+    if let (Ok(not_after), None | Some(true)) = (certs::not_after(cert.as_ref()), due) {
         let what = format!("the certificate of agent {cert_name}");
-        if let Some(warning) = certs::expiry_warning(&what, not_after, SystemTime::now()) {
+        if let Some(warning) = certs::expiry_warning(&what, not_after, now) {
             warn!("{warning}");
         }
     }
@@ -348,7 +360,7 @@ async fn handshake(
         }
     };
 
-    let grant = match check_hello(shared, &hello, &cert_name) {
+    let grant = match check_hello(shared, &hello, &cert_name, cert.as_ref()) {
         Ok(grant) => grant,
         Err(err) => return Err(reject(connection, &mut send, err).await),
     };
@@ -441,10 +453,11 @@ fn check_hello(
     shared: &Shared,
     hello: &Hello,
     cert_name: &str,
+    cert_der: &[u8],
 ) -> Result<crate::auth::Grant, HandshakeError> {
     check_identity(hello, cert_name)?;
     let store = shared.tokens.current();
-    store
+    let grant = store
         .authorize(
             hello.token.expose(),
             Scope::ConnectAgentHub,
@@ -452,7 +465,45 @@ fn check_hello(
         )
         .map_err(|e| {
             HandshakeError::refused(token_close(&e), format!("agent {:?}: {e}", hello.name))
-        })
+        })?;
+    check_bound_tenant(cert_der, &grant.tenant, &hello.name)?;
+    if let Some(serial) = revoked_serial(shared, cert_der) {
+        return Err(HandshakeError::refused(
+            CloseCode::CertificateRevoked,
+            format!("agent {:?}: certificate {serial} is revoked", hello.name),
+        ));
+    }
+    Ok(grant)
+}
+
+/// The serial of an enrolled certificate that is on the hub's revocation list.
+pub(crate) fn revoked_serial(shared: &Shared, cert_der: &[u8]) -> Option<String> {
+    let enroller = shared.enroller.as_ref()?;
+    let identity = crate::enroll::agent_identity(cert_der).ok()?;
+    enroller
+        .revocations()
+        .is_revoked(&identity.serial)
+        .then_some(identity.serial)
+}
+
+/// An enrolled agent's certificate carries its tenant (`rna://tenant/<org>/<env>/agent/…`),
+/// and only a token of that tenant may go with it, so a certificate of tenant A never serves
+/// tenant B. Certificates without that name (`rna certs agent`) have no tenant to check.
+fn check_bound_tenant(
+    cert_der: &[u8],
+    tenant: &crate::auth::Tenant,
+    agent: &str,
+) -> Result<(), HandshakeError> {
+    match crate::enroll::agent_identity(cert_der) {
+        Ok(identity) if identity.tenant != *tenant => Err(HandshakeError::refused(
+            CloseCode::TenantMismatch,
+            format!(
+                "agent {agent:?}: its certificate is bound to tenant {}, its token is for {tenant}",
+                identity.tenant
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The checks on Hello that need no token store: protocol version, name, certificate subject.

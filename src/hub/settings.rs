@@ -166,6 +166,12 @@ pub struct HubConfig {
     /// Folder for state that must survive restarts (the endpoint key). Without it every start
     /// makes a new key, and agents of a restarted hub notice only at their idle timeout.
     pub state_dir: Option<PathBuf>,
+    /// Enrollment: the state folder whose CA key signs enrolled agents and whose join tokens
+    /// admit them. `None`: the hub offers no enrollment (no CA key at hand), and its TLS
+    /// offers only the agent protocol, requiring a client certificate.
+    pub enrollment: Option<crate::enroll::HubState>,
+    /// Lifetime of the certificates the hub signs for enrolled agents.
+    pub agent_cert_lifetime: Duration,
     /// How long a Kubernetes command (other than wait, which has its own) may take.
     pub kube_timeout: Duration,
     /// Worker threads of the process's runtime (read by `main` before the hub starts).
@@ -193,6 +199,8 @@ impl HubConfig {
             token_poll: Duration::from_secs(2),
             metrics_per_agent: false,
             state_dir: None,
+            enrollment: None,
+            agent_cert_lifetime: crate::enroll::csr::DEFAULT_CERT_LIFETIME,
             kube_timeout: Duration::from_secs(60),
             worker_threads: crate::runtime::default_worker_threads(),
         }

@@ -250,11 +250,16 @@ pub enum CloseCode {
     /// The agent's name (in its tenant) or its token already holds as many sessions as the
     /// hub allows; one of them must end first.
     TooManySessions,
+    /// The tenant bound into the agent's certificate (its `rna://tenant/…` URI) is not the
+    /// tenant of its token.
+    TenantMismatch,
+    /// The agent's certificate was revoked on the hub (`rna certs revoke`).
+    CertificateRevoked,
 }
 
 impl CloseCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [CloseCode; 13] = [
+    pub const ALL: [CloseCode; 15] = [
         CloseCode::Normal,
         CloseCode::Protocol,
         CloseCode::VersionMismatch,
@@ -268,6 +273,8 @@ impl CloseCode {
         CloseCode::GoingAway,
         CloseCode::HandshakeTimeout,
         CloseCode::TooManySessions,
+        CloseCode::TenantMismatch,
+        CloseCode::CertificateRevoked,
     ];
 
     /// The numeric QUIC application error code.
@@ -286,6 +293,8 @@ impl CloseCode {
             CloseCode::GoingAway => 0x21,
             CloseCode::HandshakeTimeout => 0x22,
             CloseCode::TooManySessions => 0x23,
+            CloseCode::TenantMismatch => 0x05,
+            CloseCode::CertificateRevoked => 0x06,
         }
     }
 
@@ -312,6 +321,8 @@ impl CloseCode {
             CloseCode::GoingAway => "going_away",
             CloseCode::HandshakeTimeout => "handshake_timeout",
             CloseCode::TooManySessions => "too_many_sessions",
+            CloseCode::TenantMismatch => "tenant_mismatch",
+            CloseCode::CertificateRevoked => "certificate_revoked",
         }
     }
 
@@ -323,6 +334,8 @@ impl CloseCode {
             CloseCode::VersionMismatch
                 | CloseCode::BadName
                 | CloseCode::CertificateMismatch
+                | CloseCode::TenantMismatch
+                | CloseCode::CertificateRevoked
                 | CloseCode::BadToken
                 | CloseCode::TokenRevoked
                 | CloseCode::TokenExpired

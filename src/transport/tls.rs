@@ -144,17 +144,31 @@ impl Material {
 
 /// The hub's TLS material: its certificate chain, key, and the CA agents must chain to.
 #[derive(Clone, Debug)]
-pub struct ServerTls(Material);
+pub struct ServerTls(Material, Option<Vec<u8>>);
 
 impl ServerTls {
     /// From PEM files: the CA, the hub's certificate chain and its key.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Material::load(ca, cert, key).map(ServerTls)
+        Material::load(ca, cert, key).map(|m| ServerTls(m, None))
     }
 
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
-        Material::from_pem(ca, cert, key).map(ServerTls)
+        Material::from_pem(ca, cert, key).map(|m| ServerTls(m, None))
+    }
+
+    /// The same material, with QUIC offering `enroll_alpn` next to the agent protocol: a
+    /// fresh agent has no client certificate yet, so one is then asked for but not required
+    /// by TLS (a certificate sent is still checked against the CA, and the hub refuses an
+    /// agent session without one right after the handshake), and the CA certificate follows
+    /// the hub's in the chain, for the agent to check against its join token's pin.
+    pub fn with_enrollment(self, enroll_alpn: &[u8]) -> ServerTls {
+        ServerTls(self.0, Some(enroll_alpn.to_vec()))
+    }
+
+    /// Whether QUIC offers enrollment ([`ServerTls::with_enrollment`]).
+    pub fn offers_enrollment(&self) -> bool {
+        self.1.is_some()
     }
 
     /// Checks that the key is the certificate's and that the certificate is a server
@@ -170,8 +184,33 @@ impl ServerTls {
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
-        let config = self.rustls_config(ALPN)?;
+        let config = match &self.1 {
+            None => self.rustls_config(ALPN)?,
+            Some(enroll) => self.enrollment_config(&[ALPN, enroll])?,
+        };
         QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    }
+
+    /// The server configuration of a hub that enrolls agents: every protocol of `alpns`, a
+    /// client certificate checked when sent but not required, the CA sent after the hub's
+    /// certificate.
+    fn enrollment_config(&self, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(&self.0.ca)?),
+            provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut chain = self.0.chain.clone();
+        chain.extend(self.0.ca.first().cloned());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, self.0.key.clone_key())?;
+        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        config.max_early_data_size = 0;
+        Ok(config)
     }
 
     /// The rustls server configuration both transports use: TLS 1.3 only, a client
@@ -220,6 +259,11 @@ impl ClientTls {
         self.0.expiries("agent")
     }
 
+    /// The agent's own certificate (the first of its chain).
+    pub fn certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.0.chain.first()
+    }
+
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
         let config = self.rustls_config(ALPN)?;
         QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
@@ -245,6 +289,15 @@ pub fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer
     let identity = connection.peer_identity()?;
     let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     chain.first().cloned()
+}
+
+/// The ALPN protocol a QUIC connection negotiated, once its handshake is done.
+pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = connection.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
 }
 
 /// Checks that `name` can be used as the TLS server name of a hub.

@@ -467,6 +467,7 @@ fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_
     std::fs::write(setup.path("kubeconfig"), "apiVersion: v1\nkind: Config\n").expect("write");
     let agent = setup.agent_file(
         "hub = [\"hub-a.example\", \"[::1]:5000\"]\nserver_name = \"hub.example\"\n\
+         state_dir = \"agent-state\"\n\
          allow = [\"10.0.0.0/8\", \"jenkins.internal:8080\"]\ndeny = [\"10.9.0.0/16\"]\n\
          dial_timeout = \"500ms\"\nmetrics = \"127.0.0.1:0\"\nkubeconfig = \"kubeconfig\"\n\
          kube_context = \"prod\"\nkube_namespace = [\"shop\"]\n\

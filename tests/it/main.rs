@@ -16,6 +16,7 @@ mod caps;
 mod config;
 mod dev;
 mod enroll;
+mod enroll_flow;
 mod fallback;
 mod faults;
 mod files;

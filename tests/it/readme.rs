@@ -153,7 +153,7 @@ fn help_defaults(help: &str, into: &mut BTreeMap<String, Vec<String>>, seen: &mu
         let Some(env) = block
             .split("[env: ")
             .nth(1)
-            .and_then(|r| r.split('=').next())
+            .and_then(|r| r.split(['=', ']']).next())
         else {
             continue;
         };
@@ -203,6 +203,8 @@ const PROSE: &[&str] = &[
     "RNA_API_TOKEN_FILE",
     "RNA_AGENT",
     "RNA_HUB_NAMES",
+    "RNA_HUB_NAME",
+    "RNA_JOIN",
     "RNA_TENANT",
     "RNA_SCOPES",
     "RNA_TTL",

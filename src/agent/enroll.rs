@@ -1,0 +1,292 @@
+//! The agent's side of enrollment: make a key and a CSR here, check the hub against the join
+//! token's CA pin before anything secret is sent, send the join token and the CSR, and keep
+//! what the hub issued (certificate, CA, connect token) in the agent's state folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::info;
+
+use super::HubTarget;
+use crate::enroll::wire::{self, ENROLL_PROTOCOL};
+use crate::enroll::{
+    agent_identity, make_csr, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier, ENROLL_ALPN,
+};
+use crate::fsutil::{replace_file, FileMode};
+use crate::proto::codec;
+
+/// Time for the whole exchange with one hub address: QUIC and TLS, request and reply.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why enrollment failed; the message is one line an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollmentError {
+    /// The join token does not parse.
+    #[error("{0}")]
+    Join(crate::enroll::EnrollError),
+    /// The hub refused the join token or the CSR; `code` is its refusal code.
+    #[error("the hub refused enrollment ({code}): {message}")]
+    Refused {
+        /// The hub's refusal code.
+        code: crate::enroll::RefusalCode,
+        /// The hub's message.
+        message: String,
+    },
+    /// No hub could be reached or checked: DNS, QUIC, or a hub whose CA is not the pinned one.
+    #[error("enrollment with {hub} failed: {message}")]
+    Hub {
+        /// The address dialled.
+        hub: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The state folder could not be written.
+    #[error("{}: {message}", path.display())]
+    State {
+        /// The file or folder.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The files of an agent's state folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentState {
+    /// The folder.
+    dir: PathBuf,
+}
+
+impl AgentState {
+    /// The state folder `dir`.
+    pub fn new(dir: &Path) -> AgentState {
+        AgentState {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The hub CA, `ca.pem`.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The agent certificate, `agent.pem`.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("agent.pem")
+    }
+
+    /// The agent key, `agent-key.pem` (0600; made here, never sent).
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("agent-key.pem")
+    }
+
+    /// The connect token, `token.txt` (0600).
+    pub fn token(&self) -> PathBuf {
+        self.dir.join("token.txt")
+    }
+
+    /// Whether an enrollment has left its files here.
+    pub fn is_enrolled(&self) -> bool {
+        [self.ca(), self.cert(), self.key(), self.token()]
+            .iter()
+            .all(|p| p.exists())
+    }
+
+    /// What the stored certificate says of renewal at `now`: `Some(false)` while it is in the
+    /// first two thirds of its lifetime, `Some(true)` after (or once expired), `None` when it
+    /// cannot be read or carries no enrolled identity.
+    pub fn renewal_due(&self, now: SystemTime) -> Option<bool> {
+        let chain = crate::certs::load_certs(&self.cert()).ok()?;
+        crate::enroll::renewal_due(chain.first()?, now)
+    }
+
+    /// Whether the stored certificate is still within its validity at `now`.
+    pub fn still_valid(&self, now: SystemTime) -> bool {
+        crate::certs::load_certs(&self.cert())
+            .ok()
+            .and_then(|chain| chain.first().cloned())
+            .and_then(|cert| crate::certs::not_after(&cert).ok())
+            .is_some_and(|not_after| now < not_after)
+    }
+
+    fn write(&self, path: PathBuf, bytes: &[u8], mode: u32) -> Result<(), EnrollmentError> {
+        replace_file(&path, bytes, FileMode::Exactly(mode)).map_err(|e| EnrollmentError::State {
+            path,
+            message: e.problem.to_string(),
+        })
+    }
+}
+
+/// Enrolls agent `name` with the first hub address that answers, and writes key, certificate,
+/// CA and connect token into `state` (created 0700 if missing). Returns the certificate's
+/// serial.
+pub async fn enroll(
+    hubs: &[HubTarget],
+    server_name: Option<&str>,
+    name: &str,
+    join: &str,
+    state: &AgentState,
+) -> Result<String, EnrollmentError> {
+    let join = JoinToken::parse(join).map_err(EnrollmentError::Join)?;
+    let csr = make_csr(name).map_err(EnrollmentError::Join)?;
+    let mut last = None;
+    for hub in hubs {
+        let what = format!("{}:{}", hub.host, hub.port);
+        let addrs = match tokio::net::lookup_host((hub.host.as_str(), hub.port)).await {
+            Ok(addrs) => addrs.collect::<Vec<_>>(),
+            Err(e) => {
+                last = Some(EnrollmentError::Hub {
+                    hub: what,
+                    message: format!("cannot resolve: {e}"),
+                });
+                continue;
+            }
+        };
+        let tls_name = server_name.unwrap_or(&hub.host);
+        for addr in addrs {
+            let exchange = exchange(addr, tls_name, &join, &csr.csr_der, state);
+            let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),
+            };
+            match outcome {
+                Ok(EnrollReply::Issued(issued)) => {
+                    issued.check_ca(join.pin()).map_err(EnrollmentError::Join)?;
+                    let cert = issued.chain.first().ok_or_else(|| EnrollmentError::Hub {
+                        hub: what.clone(),
+                        message: "the reply holds no certificate".into(),
+                    })?;
+                    let identity = agent_identity(&cert.0).map_err(EnrollmentError::Join)?;
+                    if identity.agent != name {
+                        return Err(EnrollmentError::Hub {
+                            hub: what,
+                            message: format!("the certificate names agent {:?}", identity.agent),
+                        });
+                    }
+                    create_private_dir(&state.dir)?;
+                    let chain: String = issued
+                        .chain
+                        .iter()
+                        .map(|c| pem("CERTIFICATE", &c.0))
+                        .collect();
+                    state.write(state.key(), csr.key_pem.expose().as_bytes(), 0o600)?;
+                    state.write(state.cert(), chain.as_bytes(), 0o644)?;
+                    state.write(
+                        state.ca(),
+                        pem("CERTIFICATE", &issued.ca.0).as_bytes(),
+                        0o644,
+                    )?;
+                    let token = format!("{}\n", issued.connect_token.expose());
+                    state.write(state.token(), token.as_bytes(), 0o600)?;
+                    info!(agent = %name, tenant = %identity.tenant, serial = %issued.serial,
+                        hub = %what, state = %state.dir.display(), "enrolled");
+                    return Ok(issued.serial);
+                }
+                Ok(EnrollReply::Refused { code, message }) => {
+                    return Err(EnrollmentError::Refused { code, message })
+                }
+                Err(message) => {
+                    last = Some(EnrollmentError::Hub {
+                        hub: format!("{what} ({addr})"),
+                        message,
+                    })
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(EnrollmentError::Hub {
+        hub: "(none)".into(),
+        message: "no hub address given (--hub)".into(),
+    }))
+}
+
+/// One enrollment exchange with one address. The pinned verifier fails the handshake on a hub
+/// of another CA, so the request, which holds the join secret, is only written after it.
+async fn exchange(
+    addr: SocketAddr,
+    server_name: &str,
+    join: &JoinToken,
+    csr_der: &[u8],
+    state: &AgentState,
+) -> Result<EnrollReply, String> {
+    // An agent enrolling again presents its current certificate while it is valid, so the
+    // hub holds it to its tenant.
+    let current = state
+        .still_valid(SystemTime::now())
+        .then(|| {
+            let chain = crate::certs::load_certs(&state.cert()).ok()?;
+            let key = crate::certs::load_key(&state.key()).ok()?;
+            Some((chain, key))
+        })
+        .flatten();
+    let (config, _verifier) = match current {
+        Some((chain, key)) => {
+            PinnedHubVerifier::client_config_presenting(join.pin(), ENROLL_ALPN, chain, key)
+        }
+        None => PinnedHubVerifier::client_config(join.pin(), ENROLL_ALPN),
+    }
+    .map_err(|e| e.to_string())?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| e.to_string())?;
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let result = async {
+        let connection = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| match crate::transport::tls::tls_failure(&e) {
+                Some(_) => format!("TLS: {e}"),
+                None => e.to_string(),
+            })?;
+        let request = EnrollRequest {
+            protocol: ENROLL_PROTOCOL,
+            join_token: join.text(),
+            csr_der: csr_der.to_vec(),
+        };
+        let frame = wire::encode_request(&request).map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let body = codec::read_body_limited(&mut recv, codec::MAX_FRAME)
+            .await
+            .map_err(|e| format!("reading the reply: {e}"))?
+            .ok_or_else(|| match connection.close_reason() {
+                Some(reason) => format!("the hub closed the connection: {reason}"),
+                None => "the hub sent no reply".into(),
+            })?;
+        connection.close(quinn::VarInt::from_u32(wire::ENROLL_DONE), b"done");
+        wire::decode_reply(&body).map_err(|e| e.to_string())
+    }
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result
+}
+
+/// PEM text of one DER object.
+fn pem(tag: &str, der: &[u8]) -> String {
+    ::pem::encode(&::pem::Pem::new(tag, der.to_vec()))
+}
+
+/// Creates the state folder with mode 0700 (an existing one keeps its mode).
+fn create_private_dir(dir: &Path) -> Result<(), EnrollmentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| EnrollmentError::State {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })
+}

@@ -1,0 +1,392 @@
+//! Enrollment on the hub's own listener: a connection that negotiated `rna-enroll/1` sends one
+//! `EnrollRequest` (a join token and a CSR); the hub checks the token, signs the CSR for that
+//! agent and tenant, records the certificate, makes the agent's connect token and answers
+//! with one `EnrollReply`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::admission::HandshakeSlot;
+use super::Shared;
+use crate::auth::{Scope, TokenStore};
+use crate::enroll::wire::{self, ENROLL_DONE, ENROLL_PROTOCOL};
+use crate::enroll::{
+    csr, CertBytes, EnrollError, EnrollReply, EnrollRequest, HubState, Issued, IssuedLog,
+    IssuedRecord, RefusalCode, RevocationList, Signer,
+};
+use crate::identity::Secret;
+use crate::proto::codec;
+use crate::transport::session::Session;
+
+/// How long the hub waits for the agent to read the reply and close, before closing itself.
+const REPLY_READ_TIME: Duration = Duration::from_secs(5);
+
+/// Signs enrolled agents' certificates with the state folder's CA and keeps its records.
+pub(crate) struct Enroller {
+    /// Where join tokens, issued certificates and revocations are kept.
+    state: HubState,
+    /// The CA key and name.
+    signer: Signer,
+    /// The CA certificate (DER) sent back to the agent.
+    ca_der: Vec<u8>,
+    /// The hub's token store, where each enrolled agent's connect token goes.
+    tokens: PathBuf,
+    /// Lifetime of the certificates signed.
+    lifetime: Duration,
+    /// One enrollment at a time: each reads, changes and writes the join tokens, the log and
+    /// the token store, and two at once could spend one single-use token twice.
+    lock: Mutex<()>,
+    /// The revocation list as last read, and the file's modification time then: `rna certs
+    /// revoke` writes the file, and the hub follows it.
+    revoked: Mutex<(Option<SystemTime>, Arc<RevocationList>)>,
+}
+
+impl std::fmt::Debug for Enroller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enroller")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Enroller {
+    /// Reads the CA certificate and key of `state`.
+    pub(crate) fn open(
+        state: HubState,
+        tokens: PathBuf,
+        lifetime: Duration,
+    ) -> Result<Enroller, EnrollError> {
+        let read = |path: PathBuf| {
+            crate::fsutil::read_text(&path, 64 * 1024).map_err(|e| EnrollError::State {
+                path,
+                message: e.problem.to_string(),
+            })
+        };
+        let (ca_pem, key_pem) = (read(state.ca())?, read(state.ca_key())?);
+        let signer = Signer::from_pem(&ca_pem, &key_pem)?;
+        let ca_der = crate::certs::parse_certs(&ca_pem)
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+            .map(|c| c.to_vec())
+            .ok_or_else(|| EnrollError::State {
+                path: state.ca(),
+                message: "no certificate".into(),
+            })?;
+        Ok(Enroller {
+            state,
+            signer,
+            ca_der,
+            tokens,
+            lifetime,
+            lock: Mutex::new(()),
+            revoked: Mutex::new((None, Arc::default())),
+        })
+    }
+
+    /// Re-reads the revocation list if its file changed; `true` when it did. A list that
+    /// cannot be read keeps the previous one (and says so), as the token store does.
+    pub(crate) fn refresh_revocations(&self) -> bool {
+        let path = self.state.revoked();
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mut current = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        if modified.is_some() && current.0 == modified {
+            return false;
+        }
+        match RevocationList::load(&path) {
+            Ok(list) => {
+                let changed = *current.1 != list;
+                *current = (modified, Arc::new(list));
+                changed
+            }
+            Err(e) => {
+                warn!("keeping the previous revocation list: {e}");
+                false
+            }
+        }
+    }
+
+    /// The revocation list in force (refreshed first).
+    pub(crate) fn revocations(&self) -> Arc<RevocationList> {
+        self.refresh_revocations();
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Checks the request's join token for the agent its CSR names, signs the CSR, spends
+    /// one use of the token and records everything. Blocking (file I/O): run off the I/O
+    /// threads. A refusal spends nothing.
+    ///
+    /// `tenant` is the tenant of the certificate the agent presented, if any (an agent
+    /// enrolling again): a join token of another tenant is refused.
+    fn enroll(
+        &self,
+        request: &EnrollRequest,
+        tenant: Option<&crate::auth::Tenant>,
+        now: SystemTime,
+    ) -> Result<Issued, EnrollError> {
+        if request.protocol != ENROLL_PROTOCOL {
+            return Err(refused(
+                RefusalCode::Malformed,
+                format!(
+                    "enrollment protocol {} is not {ENROLL_PROTOCOL}",
+                    request.protocol
+                ),
+            ));
+        }
+        let agent = csr::requested_agent(&request.csr_der)?;
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Read afresh each time: `rna token create --join` adds tokens while the hub runs.
+        let mut book = self.state.load_join_tokens()?;
+        // The use is spent in memory, and saved only once the certificate is signed.
+        let admission = book.redeem(request.join_token.expose(), &agent, tenant, now)?;
+        // A join token made before the agent's certificate was revoked cannot bring it back.
+        let created = book.get(&admission.token_id).map_or(0, |r| r.created);
+        let revoked = RevocationList::load(&self.state.revoked())?;
+        if revoked.entries().any(|r| {
+            r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
+        }) {
+            return Err(refused(
+                RefusalCode::Revoked,
+                format!(
+                    "agent {agent:?} of {} was revoked after join token {} was made; make a new \
+                     join token",
+                    admission.tenant, admission.token_id
+                ),
+            ));
+        }
+        let signed = self
+            .signer
+            .sign(&request.csr_der, &admission, self.lifetime, now)?;
+        self.state.save_join_tokens(&book)?;
+        let mut log = IssuedLog::load(&self.state.issued())?;
+        log.add(IssuedRecord::of(&signed, Some(admission.token_id.clone())))?;
+        log.save(&self.state.issued())?;
+        let mut store = TokenStore::load_or_empty(&self.tokens).map_err(unavailable)?;
+        let (connect_token, _) = store
+            .create(
+                admission.tenant.clone(),
+                vec![Scope::ConnectAgentHub],
+                None,
+                Some(format!("agent {agent} (enrolled)")),
+                now,
+            )
+            .map_err(unavailable)?;
+        store.save(&self.tokens).map_err(unavailable)?;
+        info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
+            join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
+        Ok(Issued {
+            chain: vec![CertBytes(signed.cert_der)],
+            ca: CertBytes(self.ca_der.clone()),
+            connect_token: Secret::new(connect_token.expose().to_owned()),
+            serial: signed.serial,
+            not_after: signed.not_after,
+        })
+    }
+}
+
+/// The metric and log-budget label of an enrollment refusal.
+fn enroll_label(code: RefusalCode) -> &'static str {
+    match code {
+        RefusalCode::Malformed => "enroll_malformed",
+        RefusalCode::Unknown => "enroll_unknown",
+        RefusalCode::Expired => "enroll_expired",
+        RefusalCode::Spent => "enroll_spent",
+        RefusalCode::TenantMismatch => "enroll_tenant_mismatch",
+        RefusalCode::NameNotAllowed => "enroll_name_not_allowed",
+        RefusalCode::BadRequest => "enroll_bad_request",
+        RefusalCode::Revoked => "enroll_revoked",
+        RefusalCode::Unavailable => "enroll_unavailable",
+    }
+}
+
+fn refused(code: RefusalCode, message: String) -> EnrollError {
+    EnrollError::Refused { code, message }
+}
+
+fn unavailable(e: crate::auth::StoreError) -> EnrollError {
+    EnrollError::State {
+        path: PathBuf::from("token store"),
+        message: crate::fsutil::error_chain(&e),
+    }
+}
+
+/// Serves one enrollment connection: one request, one reply, then the connection is closed
+/// with [`ENROLL_DONE`] or the refusal's own close code.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    enroller: Arc<Enroller>,
+    connection: Session,
+    slot: HandshakeSlot,
+) {
+    let remote = connection.remote_address();
+    let deadline = tokio::time::Instant::now() + shared.config.caps.hello_timeout;
+    let exchange = async {
+        let (send, mut recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|e| format!("no request: {e}"))?;
+        let body = codec::read_body_limited(&mut recv, codec::MAX_FRAME)
+            .await
+            .map_err(|e| format!("bad request frame: {e}"))?
+            .ok_or("the request stream ended before the request")?;
+        Ok::<_, String>((send, body))
+    };
+    let (mut send, body) = match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(Ok(got)) => got,
+        Ok(Err(why)) => {
+            shared.metrics.handshake_failed("enroll_malformed");
+            shared.failure_log.failed(
+                "enroll_malformed",
+                format_args!("enrollment from {remote} failed: {why}"),
+            );
+            connection.close(RefusalCode::Malformed.close_code(), &why);
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("enroll_timeout");
+            shared.failure_log.failed(
+                "enroll_timeout",
+                format_args!("enrollment from {remote} failed: no request in time"),
+            );
+            connection.close(
+                crate::proto::CloseCode::HandshakeTimeout.code(),
+                "no enrollment request in time",
+            );
+            return;
+        }
+    };
+    // The handshake is over: the request is read whole.
+    drop(slot);
+    // A certificate presented was checked against the CA by TLS; its tenant binds the agent.
+    let tenant = connection
+        .peer_certificates()
+        .and_then(|chain| chain.into_iter().next())
+        .and_then(|cert| crate::enroll::agent_identity(cert.as_ref()).ok())
+        .map(|identity| identity.tenant);
+    let outcome = match wire::decode_request(&body) {
+        Ok(request) => {
+            let enroller = enroller.clone();
+            tokio::task::spawn_blocking(move || {
+                enroller.enroll(&request, tenant.as_ref(), SystemTime::now())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(EnrollError::CannotCreate {
+                    what: "agent certificate",
+                    message: e.to_string(),
+                })
+            })
+        }
+        Err(e) => Err(refused(
+            RefusalCode::Malformed,
+            format!("enrollment request: {e}"),
+        )),
+    };
+    let (reply, code, reason) = match outcome {
+        Ok(issued) => {
+            // The connect token is live before the reply leaves, so the agent's first Hello
+            // finds it without waiting for the store's file watch.
+            let _ = shared.reload_tokens(true);
+            (EnrollReply::Issued(issued), ENROLL_DONE, "enrolled".into())
+        }
+        Err(e) => {
+            let (code, message) = match e.code() {
+                Some(code) => (code, e.to_string()),
+                None => {
+                    // The detail (a path, a file system error) stays in the hub's log.
+                    warn!("enrollment from {remote} could not be completed: {e}");
+                    (
+                        RefusalCode::Unavailable,
+                        "the hub could not record the certificate; try again".into(),
+                    )
+                }
+            };
+            // Refusals go through the hub's rate limit of failure lines, as failed agent
+            // handshakes do: a flood of bad join tokens must not become a flood of log lines.
+            let label = enroll_label(code);
+            shared.metrics.handshake_failed(label);
+            shared.failure_log.failed(
+                label,
+                format_args!("enrollment from {remote} refused ({code}): {message}"),
+            );
+            let reply = EnrollReply::Refused {
+                code,
+                message: message.clone(),
+            };
+            (reply, code.close_code(), message)
+        }
+    };
+    if let Ok(frame) = wire::encode_reply(&reply) {
+        let _ = send.write_all(&frame).await;
+        let _ = send.finish();
+    }
+    // The agent closes once it has read the reply; a close now could discard it in flight.
+    let _ = tokio::time::timeout(REPLY_READ_TIME, connection.closed()).await;
+    connection.close(code, &reason);
+}
+
+/// `POST /api/v1/agents/{agent}/revoke` (an `admin` token; `?tenant=` when several tenants
+/// have the name): revokes every enrolled certificate of that agent in that tenant, as `rna
+/// certs revoke` does, and closes its sessions at once. 404 when nothing was issued to it,
+/// 409 when this hub does not enroll agents.
+pub(crate) async fn revoke(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    axum::extract::Path(agent): axum::extract::Path<String>,
+    auth: super::api::Authorized<super::api::AdminOnly>,
+) -> Result<axum::Json<serde_json::Value>, super::api::ApiError> {
+    use super::api::ApiError;
+    let enroller = shared.enroller.clone().ok_or_else(|| {
+        ApiError::Status(
+            axum::http::StatusCode::CONFLICT,
+            "this hub does not enroll agents (no CA key in its state folder)".into(),
+        )
+    })?;
+    let tenant = auth.tenant.clone();
+    let revoked = tokio::task::spawn_blocking(move || enroller.revoke(&agent, &tenant))
+        .await
+        .map_err(|e| {
+            ApiError::Status(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })?;
+    let revoked = revoked.map_err(|e| match e {
+        EnrollError::NotFound(message) => {
+            ApiError::Status(axum::http::StatusCode::NOT_FOUND, message)
+        }
+        other => {
+            warn!("revocation through the admin API failed: {other}");
+            ApiError::Status(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the revocation list could not be written".into(),
+            )
+        }
+    })?;
+    if let Some(enroller) = &shared.enroller {
+        enroller.refresh_revocations();
+    }
+    shared.close_revoked_sessions();
+    info!(token_id = %auth.grant.token_id, count = revoked.len(), "certificates revoked through the admin API");
+    Ok(axum::Json(serde_json::json!({ "revoked": revoked })))
+}
+
+impl Enroller {
+    /// Revokes every certificate issued to `agent` in `tenant` and saves the list; the newly
+    /// revoked entries. Blocking (file I/O).
+    fn revoke(
+        &self,
+        agent: &str,
+        tenant: &crate::auth::Tenant,
+    ) -> Result<Vec<crate::enroll::Revoked>, EnrollError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let log = IssuedLog::load(&self.state.issued())?;
+        let mut list = RevocationList::load(&self.state.revoked())?;
+        let now = crate::auth::unix_now(SystemTime::now());
+        let added = list.revoke(&log, agent, Some(tenant), now)?;
+        list.save(&self.state.revoked())?;
+        Ok(added)
+    }
+}
