@@ -23,6 +23,7 @@ mod kube;
 mod kube_access;
 mod layers;
 mod metrics;
+mod netns;
 mod oidc;
 mod process;
 mod proxy;
