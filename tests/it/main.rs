@@ -22,6 +22,7 @@ mod handshake;
 mod kube;
 mod kube_access;
 mod layers;
+mod loss_recovery;
 mod metrics;
 mod netns;
 mod oidc;
