@@ -1751,13 +1751,13 @@ async fn run_tests(
             }
         }
     }
-    for i in 0..systems.len() {
-        if !has("M1") || !rnas.contains_key(&systems[i].name) {
+    for sys in systems.iter_mut() {
+        if !has("M1") || !rnas.contains_key(&sys.name) {
             continue;
         }
         // A fresh hub, for the same reason as in C1.
-        fresh(args, target, &mut systems[i], rnas).await?;
-        let sys = &systems[i];
+        fresh(args, target, sys, rnas).await?;
+        let sys = &*sys;
         let rna = rnas
             .get(&sys.name)
             .ok_or_else(|| anyhow!("{} not running", sys.name))?;
