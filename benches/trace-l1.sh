@@ -20,7 +20,8 @@ done
 work=$(mktemp -d /dev/shm/rna-trace.XXXXXX)
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # SIGKILL: a hub given SIGTERM would drain for its grace period first.
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
 }
