@@ -19,10 +19,16 @@ done
 
 work=$(mktemp -d /dev/shm/rna-trace.XXXXXX)
 pids=()
+tracers=()
 cleanup() {
-    # SIGKILL: a hub given SIGTERM would drain for its grace period first.
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # The tracers first (SIGTERM makes strace detach): a traced process killed under strace
+    # can leave strace waiting on it. Then SIGKILL, since a hub given SIGTERM would drain for
+    # its grace period first.
+    for p in "${tracers[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${tracers[@]}"; do
+        for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
+    done
+    for p in "${pids[@]}" "${tracers[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -80,7 +86,7 @@ echo "#   connect p50 $(p50 1) µs, first byte p50 $(p50 2) µs"
 for p in $hub_pid $agent_pid $serve_pid; do
     strace -f -ttt -qq -e trace=network,read,write,readv,writev,sendmsg,recvmsg,sendmmsg,recvmmsg \
         -o "$work/strace.$p" -p "$p" 2>/dev/null &
-    pids+=($!)
+    tracers+=($!)
 done
 # strace -p prints nothing on attach: give the tracers time, and a request to settle on.
 sleep 0.5; request '' ; sleep 0.2
