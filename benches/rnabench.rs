@@ -92,7 +92,8 @@ struct SuiteArgs {
     /// Scratch folder (certificates, configs); put it on tmpfs.
     #[arg(long)]
     work: PathBuf,
-    /// Systems to compare: rna, rna-tcp, rna-base, ssh, direct, rusnel, shadowsocks.
+    /// Systems to compare: rna, rna-tcp, rna-base, rna-base-tcp, ssh, direct, rusnel,
+    /// shadowsocks.
     #[arg(long, value_delimiter = ',', default_value = "rna,rna-tcp,ssh,direct")]
     systems: Vec<String>,
     /// Tests: B1 (with B4), B2, B3, L1, L1-curl, L2, H1, C1, M1, R1.
@@ -1017,23 +1018,23 @@ async fn wait_ready(via: &Via, target: SocketAddr, limit: Duration) -> Result<Du
     }
 }
 
-/// Starts system `name`: `rna` (the agent's default transport), `rna-tcp` (TLS over TCP) or
-/// `rna-base` (the `--rna-base` binary, default transport).
+/// Starts system `name`: `rna` (the agent's default transport), `rna-tcp` (TLS over TCP),
+/// `rna-base` or `rna-base-tcp` (the `--rna-base` binary, default transport or TLS over TCP).
 async fn start_rna(args: &SuiteArgs, name: &str, target: SocketAddr) -> Result<(System, Rna)> {
     let dir = args.work.join(name);
     std::fs::create_dir_all(&dir)?;
     let (bin, transport) = match name {
         "rna" => (args.rna.clone(), None),
         "rna-tcp" => (args.rna.clone(), Some("tcp")),
-        "rna-base" => {
+        "rna-base" | "rna-base-tcp" => {
             let bin = args
                 .rna_base
                 .clone()
-                .ok_or_else(|| anyhow!("system rna-base needs --rna-base PATH"))?;
+                .ok_or_else(|| anyhow!("system {name} needs --rna-base PATH"))?;
             (
                 std::fs::canonicalize(&bin)
                     .with_context(|| format!("--rna-base {}", bin.display()))?,
-                None,
+                name.strip_suffix("-tcp").map(|_| "tcp"),
             )
         }
         other => bail!("unknown rna system {other}"),
@@ -1337,7 +1338,7 @@ async fn start_system(
     rnas: &mut HashMap<String, Rna>,
 ) -> Result<System> {
     Ok(match name {
-        "rna" | "rna-tcp" | "rna-base" => {
+        "rna" | "rna-tcp" | "rna-base" | "rna-base-tcp" => {
             let (s, r) = start_rna(args, name, target).await?;
             rnas.insert(name.to_string(), r);
             s
