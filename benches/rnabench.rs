@@ -1412,7 +1412,11 @@ async fn bounded<T>(
         .map_err(|_| anyhow!("{what}: no result within {limit:?}"))?
 }
 
-async fn suite(args: SuiteArgs) -> Result<()> {
+async fn suite(mut args: SuiteArgs) -> Result<()> {
+    // `--systems` given twice (run.sh's list and one after `--`) appends; a system listed
+    // twice would share its work folder and token with itself, so each runs once.
+    let mut seen = HashSet::new();
+    args.systems.retain(|s| seen.insert(s.clone()));
     let tck = clk_tck();
     std::fs::create_dir_all(&args.work)?;
     let exe = std::env::current_exe()?;
