@@ -3,7 +3,9 @@
 //! `rnabench suite` starts every side itself on 127.0.0.1 (a file server, the rna hub and
 //! agent, sshd with `ssh -R` reverse dynamic SOCKS, Rusnel when given), runs the tests A B A B
 //! for several rounds and prints one JSON line per (test, system, round) and a table of median
-//! ratios. The other subcommands are the separate processes the suite needs: `serve` (the
+//! ratios. `rna` runs the agent with its default transport (QUIC here), `rna-tcp` with
+//! `--transport tcp` (TLS over TCP), and `rna-base` (with `--rna-base`) another rna binary, so a
+//! change is measured against the build before it in one run. The other subcommands are the separate processes the suite needs: `serve` (the
 //! destination), `hold` (a client holding many streams open) and `agents` (many idle,
 //! authenticated agent sessions against one hub).
 //!
@@ -74,6 +76,9 @@ enum Cmd {
         token_file: PathBuf,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// `quic` or `tcp` (TLS over TCP to the same port).
+        #[arg(long, default_value = "quic")]
+        transport: String,
     },
     /// Runs the whole comparison.
     Suite(SuiteArgs),
@@ -87,11 +92,16 @@ struct SuiteArgs {
     /// Scratch folder (certificates, configs); put it on tmpfs.
     #[arg(long)]
     work: PathBuf,
-    /// Systems to compare: rna, ssh, direct, rusnel, shadowsocks.
-    #[arg(long, value_delimiter = ',', default_value = "rna,ssh,direct")]
+    /// Systems to compare: rna, rna-tcp, rna-base, rna-base-tcp, ssh, direct, rusnel,
+    /// shadowsocks.
+    #[arg(long, value_delimiter = ',', default_value = "rna,rna-tcp,ssh,direct")]
     systems: Vec<String>,
-    /// Tests: B1 (with B4), B2, B3, L1, L2, C1, M1, R1.
-    #[arg(long, value_delimiter = ',', default_value = "B1,B2,B3,L1,L2,C1,M1,R1")]
+    /// Tests: B1 (with B4), B2, B3, L1, L1-curl, L2, H1, C1, M1, R1.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "B1,B2,B3,L1,L1-curl,L2,H1,C1,M1,R1"
+    )]
     tests: Vec<String>,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -103,9 +113,19 @@ struct SuiteArgs {
     parallel_bulk: u64,
     #[arg(long, default_value_t = 8)]
     streams: usize,
-    /// Sequential requests of L1.
+    /// Sequential requests of L1 and of L1-curl.
     #[arg(long, default_value_t = 300)]
     l1_count: usize,
+    /// curl, the client of L1-curl and H1.
+    #[arg(long, default_value = "curl")]
+    curl: PathBuf,
+    /// Sequential 1 KiB requests of H1, made while a bulk download runs.
+    #[arg(long, default_value_t = 300)]
+    h1_count: usize,
+    /// Packet loss H1 puts on the hub–agent leg (iptables, both directions); 0 runs H1 without
+    /// loss and without iptables.
+    #[arg(long, default_value_t = 0.01)]
+    h1_loss: f64,
     /// Workers and seconds of L2.
     #[arg(long, default_value_t = 32)]
     l2_workers: usize,
@@ -126,6 +146,9 @@ struct SuiteArgs {
     /// Folder holding shadowsocks-rust's `sslocal` and `ssserver` (system `shadowsocks`).
     #[arg(long)]
     shadowsocks: Option<PathBuf>,
+    /// Another rna binary (system `rna-base`), run with the same settings as `rna`.
+    #[arg(long)]
+    rna_base: Option<PathBuf>,
     /// JSON lines are appended here too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -158,6 +181,7 @@ fn main() -> Result<()> {
             key,
             token_file,
             concurrency,
+            transport,
         } => rt.block_on(agents(
             hub,
             count,
@@ -167,6 +191,7 @@ fn main() -> Result<()> {
             &key,
             &token_file,
             concurrency,
+            &transport,
         )),
         Cmd::Suite(args) => rt.block_on(suite(args)),
     }
@@ -535,12 +560,18 @@ async fn agents(
     key: &Path,
     token_file: &Path,
     concurrency: usize,
+    transport: &str,
 ) -> Result<()> {
     use rna::agent::{session, AgentConfig, Dialer, HubTarget, Policy};
     use rna::transport::{self, ClientTls};
     use tokio_util::sync::CancellationToken;
 
     transport::tls::install_provider();
+    let over_tcp = match transport {
+        "quic" => false,
+        "tcp" => true,
+        other => bail!("--transport {other}: expected quic or tcp"),
+    };
     let tls = ClientTls::load(ca, cert, key)?;
     let token = std::fs::read_to_string(token_file)?.trim().to_string();
     let target = HubTarget {
@@ -568,7 +599,13 @@ async fn agents(
         let config = config.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            session::connect(&endpoint, hub, &hub.ip().to_string(), &config).await
+            let host = hub.ip().to_string();
+            if over_tcp {
+                let s = session::dial_tcp(hub, &host, &host, &config, None).await?;
+                session::register(s, hub, &host, &config, &config.token).await
+            } else {
+                session::connect(&endpoint, hub, &host, &config).await
+            }
         }));
     }
     let mut ok = 0usize;
@@ -797,6 +834,17 @@ fn free_tcp_port() -> Result<u16> {
         .port())
 }
 
+/// A port free for both UDP and TCP: rna's hub serves QUIC and TLS over TCP on one port.
+fn free_udp_tcp_port() -> Result<u16> {
+    for _ in 0..100 {
+        let port = free_udp_port()?;
+        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP in 100 tries")
+}
+
 fn free_udp_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
@@ -824,9 +872,12 @@ struct System {
     agent: Vec<Proc>,
     /// rna only: the admin API and a token that may read it.
     api: Option<(SocketAddr, String)>,
+    /// The hub–agent leg as (protocol, port) on 127.0.0.1: where H1 puts its loss.
+    leg: Option<(&'static str, u16)>,
 }
 
-/// rna only: path MTU and lost packets of the `bench` agent's connection, from the admin API.
+/// rna only: path MTU, lost packets and transport of the `bench` agent's session, from the
+/// admin API.
 async fn path_stats(api: SocketAddr, token: &str) -> Result<Value> {
     let mut s = TcpStream::connect(api).await?;
     let request = format!(
@@ -841,7 +892,10 @@ async fn path_stats(api: SocketAddr, token: &str) -> Result<Value> {
         .as_array()
         .and_then(|a| a.iter().find(|a| a["name"] == "bench"))
         .ok_or_else(|| anyhow!("agent bench not listed"))?;
-    Ok(json!({"path_mtu": agent["path_mtu"], "lost_packets": agent["lost_packets"]}))
+    Ok(
+        json!({"path_mtu": agent["path_mtu"], "lost_packets": agent["lost_packets"],
+               "transport": agent["transport"]}),
+    )
 }
 
 impl System {
@@ -875,9 +929,14 @@ impl System {
 struct Rna {
     bin: PathBuf,
     dir: PathBuf,
+    /// The hub's listen port: UDP for QUIC and TCP for TLS over TCP (`--tcp-listen same`).
     quic: u16,
     socks: u16,
     api: u16,
+    /// The agent's `--transport`, when not its default.
+    transport: Option<&'static str>,
+    /// The hub's `--max-sessions-per-agent`: M1's sessions all carry the agent name `idle`.
+    max_sessions: usize,
 }
 
 impl Rna {
@@ -898,6 +957,10 @@ impl Rna {
             .arg(d.join("tokens.toml"))
             .arg("--state-dir")
             .arg(d.join("hub-state"))
+            .args(["--max-sessions-per-agent", &self.max_sessions.to_string()])
+            // M1 opens its sessions 32 at a time from one address, where real agents come
+            // from many; the default per-source cap (16) would refuse half of its TCP ones.
+            .args(["--max-handshakes-per-source", "64"])
             .args(["--log-level", "warn", "--log-format", "text"])
             .stdout(Stdio::null());
         c
@@ -933,6 +996,9 @@ impl Rna {
             .args(["--metrics", "off"])
             .args(["--log-level", "warn", "--log-format", "text"])
             .stdout(Stdio::null());
+        if let Some(t) = self.transport {
+            c.args(["--transport", t]);
+        }
         c
     }
 }
@@ -952,10 +1018,28 @@ async fn wait_ready(via: &Via, target: SocketAddr, limit: Duration) -> Result<Du
     }
 }
 
-async fn start_rna(args: &SuiteArgs, target: SocketAddr) -> Result<(System, Rna)> {
-    let dir = args.work.join("rna");
+/// Starts system `name`: `rna` (the agent's default transport), `rna-tcp` (TLS over TCP),
+/// `rna-base` or `rna-base-tcp` (the `--rna-base` binary, default transport or TLS over TCP).
+async fn start_rna(args: &SuiteArgs, name: &str, target: SocketAddr) -> Result<(System, Rna)> {
+    let dir = args.work.join(name);
     std::fs::create_dir_all(&dir)?;
-    let bin = &args.rna;
+    let (bin, transport) = match name {
+        "rna" => (args.rna.clone(), None),
+        "rna-tcp" => (args.rna.clone(), Some("tcp")),
+        "rna-base" | "rna-base-tcp" => {
+            let bin = args
+                .rna_base
+                .clone()
+                .ok_or_else(|| anyhow!("system {name} needs --rna-base PATH"))?;
+            (
+                std::fs::canonicalize(&bin)
+                    .with_context(|| format!("--rna-base {}", bin.display()))?,
+                name.strip_suffix("-tcp").map(|_| "tcp"),
+            )
+        }
+        other => bail!("unknown rna system {other}"),
+    };
+    let bin = &bin;
     run_ok(
         Command::new(bin)
             .args([
@@ -989,9 +1073,11 @@ async fn start_rna(args: &SuiteArgs, target: SocketAddr) -> Result<(System, Rna)
     let rna = Rna {
         bin: bin.clone(),
         dir,
-        quic: free_udp_port()?,
+        quic: free_udp_tcp_port()?,
         socks: free_tcp_port()?,
         api: free_tcp_port()?,
+        transport,
+        max_sessions: args.m1_agents + 16,
     };
     let hub = Proc::spawn("rna hub", &mut rna.hub_cmd())?;
     let agent = Proc::spawn("rna agent", &mut rna.agent_cmd(target))?;
@@ -1000,13 +1086,21 @@ async fn start_rna(args: &SuiteArgs, target: SocketAddr) -> Result<(System, Rna)
         auth: Some(("bench".into(), token.clone())),
     };
     let sys = System {
-        name: "rna".into(),
+        name: name.into(),
         via,
         hub: vec![hub],
         agent: vec![agent],
         api: Some((
             SocketAddr::from((Ipv4Addr::LOCALHOST, rna.api)),
             token.clone(),
+        )),
+        leg: Some((
+            if transport == Some("tcp") {
+                "tcp"
+            } else {
+                "udp"
+            },
+            rna.quic,
         )),
     };
     wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
@@ -1078,7 +1172,7 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
             ])
             .stdout(Stdio::null()),
     )?;
-    socks_system("ssh", socks, sshd, client, target).await
+    socks_system("ssh", socks, sshd, client, target, ("tcp", port)).await
 }
 
 /// A peer reached as a plain SOCKS5 proxy on 127.0.0.1:`socks`, once it answers.
@@ -1088,6 +1182,7 @@ async fn socks_system(
     hub: Proc,
     agent: Proc,
     target: SocketAddr,
+    leg: (&'static str, u16),
 ) -> Result<System> {
     let sys = System {
         name: name.into(),
@@ -1098,6 +1193,7 @@ async fn socks_system(
         hub: vec![hub],
         agent: vec![agent],
         api: None,
+        leg: Some(leg),
     };
     wait_ready(&sys.via, target, Duration::from_secs(30)).await?;
     Ok(sys)
@@ -1128,7 +1224,7 @@ async fn start_rusnel(args: &SuiteArgs, bin: &Path, target: SocketAddr) -> Resul
             .arg(format!("R:127.0.0.1:{socks}:socks"))
             .stdout(Stdio::null()),
     )?;
-    socks_system("rusnel", socks, server, client, target).await
+    socks_system("rusnel", socks, server, client, target, ("udp", port)).await
 }
 
 /// shadowsocks-rust: `sslocal` is the SOCKS side (where rna's hub is), `ssserver` dials the
@@ -1162,7 +1258,7 @@ async fn start_shadowsocks(args: &SuiteArgs, bins: &Path, target: SocketAddr) ->
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null()),
     )?;
-    socks_system("shadowsocks", socks, local, server, target).await
+    socks_system("shadowsocks", socks, local, server, target, ("tcp", port)).await
 }
 
 /// Waits until something listens on TCP 127.0.0.1:`port`.
@@ -1215,7 +1311,7 @@ async fn fresh(
     args: &SuiteArgs,
     target: SocketAddr,
     sys: &mut System,
-    rna: &mut Option<Rna>,
+    rnas: &mut HashMap<String, Rna>,
 ) -> Result<()> {
     if !sys.is_tunnel() {
         return Ok(());
@@ -1226,24 +1322,25 @@ async fn fresh(
         hub: vec![],
         agent: vec![],
         api: None,
+        leg: None,
     };
     std::mem::replace(sys, stopped).stop();
-    *sys = start_system(args, &sys.name, target, rna).await?;
+    *sys = start_system(args, &sys.name, target, rnas).await?;
     Ok(())
 }
 
-/// Starts system `name` (its processes, until a request through it succeeds); starting
-/// rna also sets `rna` to its details.
+/// Starts system `name` (its processes, until a request through it succeeds); starting an
+/// rna system also records its details in `rnas`.
 async fn start_system(
     args: &SuiteArgs,
     name: &str,
     target: SocketAddr,
-    rna: &mut Option<Rna>,
+    rnas: &mut HashMap<String, Rna>,
 ) -> Result<System> {
     Ok(match name {
-        "rna" => {
-            let (s, r) = start_rna(args, target).await?;
-            *rna = Some(r);
+        "rna" | "rna-tcp" | "rna-base" | "rna-base-tcp" => {
+            let (s, r) = start_rna(args, name, target).await?;
+            rnas.insert(name.to_string(), r);
             s
         }
         "ssh" => start_ssh(args, target).await?,
@@ -1253,6 +1350,7 @@ async fn start_system(
             hub: vec![],
             agent: vec![],
             api: None,
+            leg: None,
         },
         "rusnel" => {
             let bin = args
@@ -1314,7 +1412,11 @@ async fn bounded<T>(
         .map_err(|_| anyhow!("{what}: no result within {limit:?}"))?
 }
 
-async fn suite(args: SuiteArgs) -> Result<()> {
+async fn suite(mut args: SuiteArgs) -> Result<()> {
+    // `--systems` given twice (run.sh's list and one after `--`) appends; a system listed
+    // twice would share its work folder and token with itself, so each runs once.
+    let mut seen = HashSet::new();
+    args.systems.retain(|s| seen.insert(s.clone()));
     let tck = clk_tck();
     std::fs::create_dir_all(&args.work)?;
     let exe = std::env::current_exe()?;
@@ -1340,11 +1442,11 @@ async fn suite(args: SuiteArgs) -> Result<()> {
     })?;
 
     let mut systems: Vec<System> = Vec::new();
-    let mut rna: Option<Rna> = None;
+    let mut rnas: HashMap<String, Rna> = HashMap::new();
     for name in &args.systems {
-        systems.push(start_system(&args, name, target, &mut rna).await?);
+        systems.push(start_system(&args, name, target, &mut rnas).await?);
     }
-    let result = run_tests(&args, &exe, target, &mut systems, &mut rna, &mut rec, tck).await;
+    let result = run_tests(&args, &exe, target, &mut systems, &mut rnas, &mut rec, tck).await;
     for s in systems {
         s.stop();
     }
@@ -1378,12 +1480,22 @@ fn kib_each(before: u64, after: u64, n: u64) -> f64 {
     (after as f64 - before as f64) / n as f64 / 1024.0
 }
 
+/// The systems in the order of this round: as listed in odd rounds, reversed in even ones, so
+/// no system always runs first (after a restart) or right after the same neighbour.
+fn in_turn(systems: &[System], round: usize) -> Vec<&System> {
+    let mut order: Vec<&System> = systems.iter().collect();
+    if round.is_multiple_of(2) {
+        order.reverse();
+    }
+    order
+}
+
 async fn run_tests(
     args: &SuiteArgs,
     exe: &Path,
     target: SocketAddr,
     systems: &mut [System],
-    rna: &mut Option<Rna>,
+    rnas: &mut HashMap<String, Rna>,
     rec: &mut Recorder,
     tck: f64,
 ) -> Result<()> {
@@ -1396,10 +1508,10 @@ async fn run_tests(
             // streams' worth of state behind (sshd, for one, stays slower for the rest of its
             // life after holding that many channels), and M1/R1 restarted the hub.
             for sys in systems.iter_mut() {
-                fresh(args, target, sys, rna).await?;
+                fresh(args, target, sys, rnas).await?;
             }
         }
-        for sys in systems.iter() {
+        for sys in in_turn(systems, round) {
             if !has("B1") {
                 break;
             }
@@ -1433,7 +1545,7 @@ async fn run_tests(
                 );
             }
         }
-        for sys in systems.iter() {
+        for sys in in_turn(systems, round) {
             if !has("B2") {
                 break;
             }
@@ -1453,7 +1565,7 @@ async fn run_tests(
                 json!({"value": n as f64 / secs / 1e6, "unit": "MB/s", "bytes": n, "secs": secs}),
             );
         }
-        for sys in systems.iter() {
+        for sys in in_turn(systems, round) {
             if !has("B3") {
                 break;
             }
@@ -1484,7 +1596,7 @@ async fn run_tests(
             let jain = sum * sum / (rates.len() as f64 * sq);
             rec.emit("B3", &sys.name, round, json!({"value": (each * args.streams as u64) as f64 / secs / 1e6, "unit": "MB/s", "jain": jain, "stream_mbps": rates}));
         }
-        for sys in systems.iter() {
+        for sys in in_turn(systems, round) {
             if !has("L1") {
                 break;
             }
@@ -1512,7 +1624,66 @@ async fn run_tests(
                 "first_byte_p99_us": percentile(&first, 0.99), "connect_p50_us": percentile(&connect, 0.5),
                 "connect_p99_us": percentile(&connect, 0.99), "requests": first.len()}));
         }
-        for sys in systems.iter() {
+        for sys in in_turn(systems, round) {
+            if !has("L1-curl") {
+                break;
+            }
+            // The client users run: one curl process per request, its own clock
+            // (`time_starttransfer`: from the start of the transfer to the first response byte,
+            // the process start excluded).
+            let mut first = Vec::with_capacity(args.l1_count);
+            let measured = bounded("L1-curl", step, async {
+                for _ in 0..args.l1_count {
+                    first.push(curl_first_byte(&args.curl, &sys.via, target, 1024).await?);
+                }
+                Ok(())
+            })
+            .await;
+            or_note!(rec, "L1-curl", sys, round, measured);
+            first.sort_by(|a, b| a.total_cmp(b));
+            rec.emit(
+                "L1-curl",
+                &sys.name,
+                round,
+                json!({"value": percentile(&first, 0.5), "unit": "us first byte p50 (curl)",
+                "first_byte_p99_us": percentile(&first, 0.99), "requests": first.len()}),
+            );
+        }
+        for sys in in_turn(systems, round) {
+            if !has("H1") {
+                break;
+            }
+            let Some(leg) = sys.leg else {
+                continue;
+            };
+            let loss = if args.h1_loss > 0.0 {
+                Some(or_note!(
+                    rec,
+                    "H1",
+                    sys,
+                    round,
+                    Loss::apply(leg, args.h1_loss)
+                ))
+            } else {
+                None
+            };
+            let measured = bounded("H1", step, head_of_line(args, sys, target)).await;
+            let stats = match &sys.api {
+                Some((api, token)) => path_stats(*api, token).await.ok(),
+                None => None,
+            };
+            drop(loss);
+            let mut line = or_note!(rec, "H1", sys, round, measured);
+            if let (Some(stats), Some(o)) = (stats, line.as_object_mut()) {
+                o.insert("path".into(), stats);
+            }
+            if let Some(o) = line.as_object_mut() {
+                o.insert("loss".into(), json!(args.h1_loss));
+                o.insert("leg".into(), json!(format!("{}/{}", leg.0, leg.1)));
+            }
+            rec.emit("H1", &sys.name, round, line);
+        }
+        for sys in in_turn(systems, round) {
             if !has("L2") {
                 break;
             }
@@ -1561,7 +1732,7 @@ async fn run_tests(
                 }
                 // Fresh processes: allocators keep freed memory, so a second measurement in
                 // the same processes would find the streams' memory already resident.
-                let restarted = fresh(args, target, sys, rna).await;
+                let restarted = fresh(args, target, sys, rnas).await;
                 or_note!(rec, &format!("C1-{count}"), sys, round, restarted);
                 let sys = &*sys;
                 let pids = sys.pids();
@@ -1598,11 +1769,16 @@ async fn run_tests(
             }
         }
     }
-    if let (true, Some(i)) = (has("M1"), systems.iter().position(|s| s.name == "rna")) {
+    for sys in systems.iter_mut() {
+        if !has("M1") || !rnas.contains_key(&sys.name) {
+            continue;
+        }
         // A fresh hub, for the same reason as in C1.
-        fresh(args, target, &mut systems[i], rna).await?;
-        let sys = &systems[i];
-        let rna = rna.as_ref().ok_or_else(|| anyhow!("rna not running"))?;
+        fresh(args, target, sys, rnas).await?;
+        let sys = &*sys;
+        let rna = rnas
+            .get(&sys.name)
+            .ok_or_else(|| anyhow!("{} not running", sys.name))?;
         let pids = sys.hub_pids();
         let before = rss_bytes(&pids);
         let mut gen = Proc::spawn(
@@ -1611,6 +1787,7 @@ async fn run_tests(
                 .arg("agents")
                 .args(rna.agent_identity("idle"))
                 .args(["--count", &args.m1_agents.to_string()])
+                .args(["--transport", rna.transport.unwrap_or("quic")])
                 .stdout(Stdio::piped()),
         )?;
         let report: Value =
@@ -1623,14 +1800,14 @@ async fn run_tests(
         gen.stop(Duration::from_secs(10));
         rec.emit(
             "M1",
-            "rna",
+            &sys.name,
             1,
             json!({"value": per, "unit": "KiB/idle agent (hub RSS)", "ok": ok,
             "failed": report["failed"], "errors": report["errors"], "connect_secs": report["secs"],
             "rss_before": before, "rss_after": after}),
         );
     }
-    if let (true, Some(rna)) = (has("R1"), rna.as_ref()) {
+    if let (true, Some(rna)) = (has("R1"), rnas.get("rna")) {
         let idx = systems
             .iter()
             .position(|s| s.name == "rna")
@@ -1666,6 +1843,167 @@ async fn run_tests(
     Ok(())
 }
 
+/// One GET of `size` bytes with curl through `via`: curl's `time_starttransfer` in µs (from
+/// the start of the transfer, SOCKS handshake included, to the first response byte).
+async fn curl_first_byte(curl: &Path, via: &Via, target: SocketAddr, size: u64) -> Result<f64> {
+    let mut c = tokio::process::Command::new(curl);
+    c.args(["-sS", "-o", "/dev/null", "--max-time", "30"])
+        .args(["-w", "%{http_code} %{time_starttransfer}"]);
+    // Only the proxy given here: none from the environment.
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        c.env_remove(v);
+    }
+    match via {
+        Via::Direct => {
+            c.args(["--noproxy", "*"]);
+        }
+        Via::Socks { proxy, auth } => {
+            c.arg("--proxy").arg(format!("socks5h://{proxy}"));
+            if let Some((u, p)) = auth {
+                c.arg("--proxy-user").arg(format!("{u}:{p}"));
+            }
+        }
+    }
+    c.arg(format!("http://{target}/bytes/{size}"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = c
+        .output()
+        .await
+        .with_context(|| format!("running {curl:?}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let (Some("200"), Some(t)) = (fields.next(), fields.next()) else {
+        bail!(
+            "curl: {} {}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    };
+    let secs: f64 = t.parse().with_context(|| format!("curl time {t:?}"))?;
+    Ok(secs * 1e6)
+}
+
+/// Packet loss on one hub–agent leg of 127.0.0.1, both directions, by iptables' `statistic`
+/// match; the rules go when this is dropped (and `run.sh` removes any left by a killed run:
+/// they carry the comment `rnabench-h1`).
+struct Loss {
+    rules: Vec<Vec<String>>,
+}
+
+impl Loss {
+    fn apply((proto, port): (&str, u16), probability: f64) -> Result<Loss> {
+        let mut loss = Loss { rules: Vec::new() };
+        for side in ["--dport", "--sport"] {
+            let rule: Vec<String> = [
+                "INPUT",
+                "-i",
+                "lo",
+                "-p",
+                proto,
+                side,
+                &port.to_string(),
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability.to_string(),
+                "-m",
+                "comment",
+                "--comment",
+                "rnabench-h1",
+                "-j",
+                "DROP",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            run_ok(Command::new("iptables").args(["-w", "-I"]).args(&rule))
+                .context("H1 needs iptables (Debian package iptables) and root")?;
+            loss.rules.push(rule);
+        }
+        Ok(loss)
+    }
+}
+
+impl Drop for Loss {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            if let Err(e) = run_ok(Command::new("iptables").args(["-w", "-D"]).args(rule)) {
+                eprintln!("rnabench: removing loss rule: {e:#}");
+            }
+        }
+    }
+}
+
+/// H1: sequential 1 KiB requests with curl while one bulk download runs through the same
+/// system; one JSON value with the first-byte p50/p99 and the bulk rate meanwhile.
+async fn head_of_line(args: &SuiteArgs, sys: &System, target: SocketAddr) -> Result<Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicU64::new(0));
+    let bulk = {
+        let (via, stop, moved) = (sys.via.clone(), stop.clone(), moved.clone());
+        tokio::spawn(async move {
+            let mut s = open(&via, target).await?;
+            s.write_all(b"GET /bytes/1099511627776 HTTP/1.1\r\nHost: bench\r\n\r\n")
+                .await?;
+            let mut buf = vec![0u8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    bail!("bulk download ended early");
+                }
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    // Measure only once the bulk transfer is under way.
+    let started = Instant::now();
+    while moved.load(Ordering::Relaxed) < 8 << 20 {
+        if bulk.is_finished() || started.elapsed() > Duration::from_secs(30) {
+            bulk.abort();
+            bail!("the bulk download did not get going");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (t0, bytes0) = (Instant::now(), moved.load(Ordering::Relaxed));
+    let mut first = Vec::with_capacity(args.h1_count);
+    let mut failed: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..args.h1_count {
+        match curl_first_byte(&args.curl, &sys.via, target, 1024).await {
+            Ok(us) => first.push(us),
+            Err(e) => *failed.entry(format!("{e:#}")).or_default() += 1,
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let bulk_mbps = (moved.load(Ordering::Relaxed) - bytes0) as f64 / secs / 1e6;
+    let bulk_alive = !bulk.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    bulk.abort();
+    if first.is_empty() {
+        bail!("H1: no request succeeded: {failed:?}");
+    }
+    first.sort_by(|a, b| a.total_cmp(b));
+    Ok(
+        json!({"value": percentile(&first, 0.5), "unit": "us first byte p50 (curl, bulk running)",
+        "first_byte_p99_us": percentile(&first, 0.99), "first_byte_max_us": first.last(),
+        "requests": first.len(), "failed": failed.values().sum::<usize>(), "errors": failed,
+        "bulk_mbps": bulk_mbps, "bulk_alive": bulk_alive}),
+    )
+}
+
 /// Which systems are compared against rna, and the targets of the issue.
 fn summary(rows: &[Value], args: &SuiteArgs) {
     let mut by: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
@@ -1689,7 +2027,7 @@ fn summary(rows: &[Value], args: &SuiteArgs) {
         }
         if let Some(j) = r["first_byte_p99_us"].as_f64() {
             extra
-                .entry(("L1 p99".into(), s.into()))
+                .entry((format!("{t} p99"), s.into()))
                 .or_default()
                 .push(j);
         }
@@ -1703,7 +2041,7 @@ fn summary(rows: &[Value], args: &SuiteArgs) {
     let systems: Vec<&str> = args.systems.iter().map(String::as_str).collect();
     let mut tests: Vec<String> = units.keys().cloned().collect();
     tests.sort_by_key(|t| {
-        ["B1", "B2", "B3", "B4", "L1", "L2", "C1", "M1", "R1"]
+        ["B1", "B2", "B3", "B4", "L1", "L2", "H1", "C1", "M1", "R1"]
             .iter()
             .position(|p| t.starts_with(p))
             .unwrap_or(99)
@@ -1745,7 +2083,12 @@ fn summary(rows: &[Value], args: &SuiteArgs) {
             .map(|s| (s.to_string(), med(&by, t, s)))
             .collect();
         lines.push((t.clone(), units[t].clone(), vals));
-        for (label, unit) in [("B3 Jain", "Jain index"), ("L1 p99", "us first byte p99")] {
+        for (label, unit) in [
+            ("B3 Jain", "Jain index"),
+            ("L1 p99", "us first byte p99"),
+            ("L1-curl p99", "us first byte p99 (curl)"),
+            ("H1 p99", "us first byte p99 (curl, bulk running)"),
+        ] {
             if t == label.split(' ').next().unwrap_or("") {
                 let vals = systems
                     .iter()
@@ -1754,7 +2097,7 @@ fn summary(rows: &[Value], args: &SuiteArgs) {
                 lines.push((label.into(), unit.into(), vals));
             }
         }
-        if t.starts_with("C1") || t == "M1" {
+        if t.starts_with("C1") || t == "M1" || t == "H1" {
             let label = format!("{t} failed");
             let vals = systems
                 .iter()
@@ -1796,6 +2139,50 @@ fn summary(rows: &[Value], args: &SuiteArgs) {
         &|v| v >= 1.0,
         ">= 1.0",
     ));
+    let p99 = |t: &str, s: &str| med(&extra, &format!("{t} p99"), s);
+    if systems.contains(&"rna-tcp") {
+        targets.push(check(
+            "B1 rna-tcp/ssh",
+            ratio(get("B1", "rna-tcp"), get("B1", "ssh")),
+            &|v| v >= 1.0,
+            ">= 1.0",
+        ));
+        targets.push(check(
+            "B1 rna-tcp/rna",
+            ratio(get("B1", "rna-tcp"), get("B1", "rna")),
+            &|v| v >= 0.9,
+            ">= 0.9",
+        ));
+        targets.push(check(
+            "H1 p99 rna/rna-tcp",
+            ratio(p99("H1", "rna"), p99("H1", "rna-tcp")),
+            &|v| v <= 0.2,
+            "<= 0.2",
+        ));
+    }
+    targets.push(check(
+        "H1 p99 rna/ssh",
+        ratio(p99("H1", "rna"), p99("H1", "ssh")),
+        &|v| v <= 0.2,
+        "<= 0.2",
+    ));
+    for sys in ["rna", "rna-tcp"] {
+        if !systems.contains(&sys) {
+            continue;
+        }
+        targets.push(check(
+            &format!("L1-curl p50 {sys}/ssh"),
+            ratio(get("L1-curl", sys), get("L1-curl", "ssh")),
+            &|v| v <= 0.8,
+            "<= 0.8",
+        ));
+        targets.push(check(
+            &format!("L1-curl p99 {sys}/ssh"),
+            ratio(p99("L1-curl", sys), p99("L1-curl", "ssh")),
+            &|v| v <= 1.0,
+            "<= 1.0",
+        ));
+    }
     if systems.contains(&"rusnel") {
         targets.push(check(
             "B1 rna/rusnel",
@@ -1824,18 +2211,26 @@ fn summary(rows: &[Value], args: &SuiteArgs) {
         &|v| v <= 32.0,
         "<= 32",
     ));
-    targets.push(check(
-        &format!("{c1} failures"),
-        med(&extra, &format!("{c1} failed"), "rna"),
-        &|v| v == 0.0,
-        "= 0",
-    ));
-    targets.push(check(
-        "M1 KiB/idle agent",
-        get("M1", "rna"),
-        &|v| v <= 32.0,
-        "<= 32",
-    ));
+    for sys in ["rna", "rna-tcp"] {
+        if systems.contains(&sys) {
+            targets.push(check(
+                &format!("{c1} failures {sys}"),
+                med(&extra, &format!("{c1} failed"), sys),
+                &|v| v == 0.0,
+                "= 0",
+            ));
+        }
+    }
+    for sys in ["rna", "rna-tcp"] {
+        if systems.contains(&sys) {
+            targets.push(check(
+                &format!("M1 KiB/idle agent {sys}"),
+                get("M1", sys),
+                &|v| v <= 32.0,
+                "<= 32",
+            ));
+        }
+    }
     targets.push(check("R1 p50 s", get("R1", "rna"), &|v| v <= 0.5, "<= 0.5"));
     println!("\nTargets:");
     for t in targets {

@@ -182,6 +182,12 @@ pub struct Limits {
     /// high bound costs nothing on a 1500-byte path and cuts per-packet work several-fold on
     /// jumbo-frame networks (9001 in AWS VPCs) and loopback. At most 6550 (see the default).
     pub max_udp_payload: u16,
+    /// The longest each side asks its peer to hold back an acknowledgement (QUIC ACK
+    /// frequency extension, `max_ack_delay`). A sender's probe timeout waits this long on top
+    /// of the round trip before it resends a lost packet that nothing followed (the last
+    /// packet of a request, an `Open` header), so it bounds how long one loss stalls a small
+    /// request. quinn's default, RFC 9000's 25 ms, made that stall ~27 ms on a fast path.
+    pub max_ack_delay: Duration,
 }
 
 impl Default for Limits {
@@ -203,6 +209,8 @@ impl Default for Limits {
             // fail, read as loss, and MTU discovery's black-hole detector would fall back to
             // 1200 bytes. 6550 × 10 fits, and fits a 9000-byte jumbo frame.
             max_udp_payload: 6550,
+            // Measured with benches' H1 (docs/performance.md); why in docs/decisions.md.
+            max_ack_delay: Duration::from_millis(2),
         }
     }
 }
@@ -231,6 +239,13 @@ impl Limits {
         if self.congestion == Congestion::Bbr {
             t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
+        // Both sides ask for prompt ACKs; the peer's own minimum (1 ms in quinn) still holds.
+        // Every other ack-eliciting packet is acknowledged at once, as without the extension,
+        // and any reordering too (threshold 1), so only the delay for a lone packet changes.
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.max_ack_delay(Some(self.max_ack_delay))
+            .reordering_threshold(VarInt::from_u32(1));
+        t.ack_frequency_config(Some(ack));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
