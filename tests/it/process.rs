@@ -401,11 +401,7 @@ async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
         std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     // A fixed port: the restarted hub must be where the agent's packets go.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_udp_and_tcp_port();
     let hub_args = hub_process_args(
         &certs,
         &store,
@@ -712,11 +708,7 @@ async fn tls_refusals_say_which_side_refused_which_certificate_and_the_fix() {
 async fn a_planned_hub_restart_logs_no_warnings_or_errors() {
     let install = Install::new("edge").await;
     let certs = install.path("certs");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_udp_and_tcp_port();
     let listen = format!("127.0.0.1:{port}");
     let hub_args = hub_process_args(
         &certs,

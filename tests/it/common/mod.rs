@@ -1368,6 +1368,20 @@ pub fn process_logs() -> &'static Captured {
     })
 }
 
+/// A port free on 127.0.0.1 for UDP and for TCP at once, for a hub process that must keep
+/// its `--listen` port across a restart (the hub serves QUIC and its TLS/TCP side on one
+/// port number). Both sockets are released before it returns.
+pub fn free_udp_and_tcp_port() -> u16 {
+    for _ in 0..64 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP in 64 tries");
+}
+
 /// Arguments of an `rna hub` process whose CA, certificate and key are in `certs` under the
 /// names `rna certs init` gives them, with its token store at `store`, QUIC on `listen`, and
 /// SOCKS and the admin API on free ports; `extra` arguments follow.
