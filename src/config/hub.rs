@@ -162,6 +162,10 @@ settings! {
     #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
     max_kube_waits_per_token: Option<usize> =>
         field(config.caps.kube_waits_per_token, at_least_one);
+    /// A TOML file of trusted OIDC issuers (`[[oidc_issuer]]` tables, see
+    /// examples/oidc-issuers.toml); a JWT one of them signed is accepted wherever a token is.
+    #[arg(long, env = "RNA_OIDC_ISSUERS_FILE")]
+    oidc_issuers_file: Option<PathBuf> => show(config.oidc_issuers_file.clone());
 }
 
 /// Validates hub options into the hub's configuration, reading the certificate files.
@@ -181,6 +185,10 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
     config.state_dir = o.state_dir.clone();
+    if let Some(path) = &o.oidc_issuers_file {
+        config.oidc_issuers = load_issuers(path).map_err(|m| invalid("oidc_issuers_file", m))?;
+        config.oidc_issuers_file = Some(path.clone());
+    }
     if let Some(route) = &o.socks_no_auth {
         config.socks_no_auth = Some(parse_no_auth(route).map_err(|m| invalid("socks_no_auth", m))?);
     }
@@ -204,6 +212,52 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         ));
     }
     Ok(config)
+}
+
+/// The trusted-issuers file: `[[oidc_issuer]]` tables, nothing else.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuersFile {
+    #[serde(default)]
+    oidc_issuer: Vec<crate::oidc::IssuerConfig>,
+}
+
+/// Reads and checks the trusted OIDC issuers in `path`: relative `jwks_file` and `ca` paths
+/// start from the file's folder, and every rule (https, audiences, tenant, leeway, duplicates,
+/// readable CA) is checked now, so a bad issuer stops the start and `--check-config` names it.
+/// No key is fetched here: an issuer that is down at start is not a configuration error.
+pub(crate) fn load_issuers(
+    path: &std::path::Path,
+) -> Result<Vec<crate::oidc::IssuerConfig>, String> {
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_CONFIG_FILE)
+        .map_err(|e| e.to_string())?;
+    let file: IssuersFile =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut issuers = file.oidc_issuer;
+    for issuer in &mut issuers {
+        for p in [&mut issuer.jwks_file, &mut issuer.ca]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(jwks) = &issuer.jwks_file {
+            if let Err(e) = std::fs::metadata(jwks) {
+                return Err(format!(
+                    "{}: OIDC issuer {:?}: jwks_file {}: {e}",
+                    path.display(),
+                    issuer.url,
+                    jwks.display()
+                ));
+            }
+        }
+    }
+    crate::oidc::Verifier::new(issuers.clone(), crate::oidc::Tuning::default())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(issuers)
 }
 
 /// The admin API's cap on a Kubernetes apply body: at least a frame, at most what the

@@ -5,6 +5,7 @@
 
 mod admission;
 pub mod api;
+mod credential;
 pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
@@ -65,6 +66,9 @@ pub enum HubError {
     /// The TLS/TCP agent listener could not be set up.
     #[error("TCP agent listener: {0}")]
     Tcp(String),
+    /// A trusted OIDC issuer's settings cannot work.
+    #[error("{0}")]
+    Oidc(#[from] crate::oidc::IssuerConfigError),
 }
 
 /// State shared by the hub's tasks.
@@ -93,6 +97,8 @@ pub(crate) struct Shared {
     /// Turns for large admin API answers per tenant
     /// ([`HubCaps::heavy_requests_per_tenant`]).
     pub(crate) heavy: kube_channel::HeavyRequests,
+    /// The trusted OIDC issuers and their cached keys; `None` when none is configured.
+    pub(crate) oidc: Option<Arc<crate::oidc::Verifier>>,
 }
 
 impl Shared {
@@ -104,6 +110,17 @@ impl Shared {
         let now = std::time::SystemTime::now();
         self.socks_tokens.cut_without_token(&store, now);
         for session in self.registry.sessions() {
+            if credential::is_oidc_id(&session.token_id) {
+                // A JWT session lives until its `exp`; the store knows nothing of it.
+                if session.closed_by_hub().is_none()
+                    && session.credential_expiry() < crate::auth::unix_now(now) as i64
+                {
+                    warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
+                        "closing agent session: JWT expired");
+                    session.close(CloseCode::TokenExpired, "JWT expired");
+                }
+                continue;
+            }
             if store.is_live(&session.token_id, now) || session.closed_by_hub().is_some() {
                 continue;
             }
@@ -246,6 +263,14 @@ impl Hub {
             config.caps.heavy_requests_per_tenant,
             config.caps.heavy_bytes_per_second,
         );
+        let oidc = if config.oidc_issuers.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::oidc::Verifier::new(
+                config.oidc_issuers.clone(),
+                config.oidc_tuning,
+            )?))
+        };
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -260,6 +285,7 @@ impl Hub {
             gate,
             failure_log: admission::FailureLog::new(FAILURE_LOG_WINDOW, FAILURE_LOG_BURST),
             heavy,
+            oidc,
         });
         Ok(Hub {
             shared,
@@ -416,6 +442,22 @@ impl Hub {
                 .await
             })
         });
+
+        // OIDC issuer keys: fetched once at start (an issuer that is down is one warning and
+        // is asked again on the first token naming an unknown key), then hourly; cached keys
+        // keep verifying while an issuer is unreachable.
+        if let Some(verifier) = shared.oidc.clone() {
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move {
+                for (issuer, result) in verifier.refresh_all().await {
+                    match result {
+                        Ok(keys) => info!(%issuer, keys, "OIDC issuer keys fetched"),
+                        Err(e) => warn!(%issuer, "OIDC issuer keys not fetched at start: {e}"),
+                    }
+                }
+                verifier.run_refresher(stop).await;
+            });
+        }
 
         // Certificate expiry: a warning from 30 days before, checked at start and daily.
         for (role, not_after) in shared.config.tls.expiries() {

@@ -346,10 +346,11 @@ async fn handshake(
         }
     };
 
-    let grant = match check_hello(shared, &hello, &cert_name) {
-        Ok(grant) => grant,
+    let caller = match check_hello(shared, &hello, &cert_name).await {
+        Ok(caller) => caller,
         Err(err) => return Err(reject(connection, &mut send, err).await),
     };
+    let grant = caller.grant;
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let session = Arc::new(AgentSession::new(
@@ -363,6 +364,9 @@ async fn handshake(
         grant.token_id,
         connection.clone(),
     ));
+    if let Some(exp) = caller.expires_at {
+        session.set_credential_expiry(exp);
+    }
     // Streams the agent opens (inventory reports) end with its connection, also when it is
     // refused below. Started before the session is visible in the registry, so a
     // registered session is fully set up.
@@ -434,22 +438,18 @@ fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
-/// The checks on Hello, in order: protocol version, name, certificate subject, token.
-fn check_hello(
+/// The checks on Hello, in order: protocol version, name, certificate subject, token (an
+/// opaque token or a JWT from a trusted issuer).
+async fn check_hello(
     shared: &Shared,
     hello: &Hello,
     cert_name: &str,
-) -> Result<crate::auth::Grant, HandshakeError> {
+) -> Result<super::credential::Caller, HandshakeError> {
     check_identity(hello, cert_name)?;
-    let store = shared.tokens.current();
-    store
-        .authorize(
-            hello.token.expose(),
-            Scope::ConnectAgentHub,
-            SystemTime::now(),
-        )
+    super::credential::authorize(shared, hello.token.expose(), Scope::ConnectAgentHub)
+        .await
         .map_err(|e| {
-            HandshakeError::refused(token_close(&e), format!("agent {:?}: {e}", hello.name))
+            HandshakeError::refused(e.close_code(), format!("agent {:?}: {e}", hello.name))
         })
 }
 
@@ -483,7 +483,7 @@ fn check_identity(hello: &Hello, cert_name: &str) -> Result<(), HandshakeError> 
 }
 
 /// The close code an agent whose token failed with `e` is refused with.
-fn token_close(e: &AuthError) -> CloseCode {
+pub(super) fn token_close(e: &AuthError) -> CloseCode {
     match e {
         AuthError::Malformed | AuthError::Unknown => CloseCode::BadToken,
         AuthError::Revoked => CloseCode::TokenRevoked,

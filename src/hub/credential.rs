@@ -1,0 +1,162 @@
+//! The one check of a presented secret: an opaque rna token against the token store, or a
+//! JWT from a trusted OIDC issuer, each mapped to the same [`Grant`] and scope rule, so
+//! the agent's Hello, the admin API and the status page accept both alike.
+
+use std::time::SystemTime;
+
+use crate::auth::{AuthError, Grant, Scope};
+use crate::oidc::issuer::looks_like_jwt;
+use crate::oidc::{Verifier, VerifyError};
+use crate::proto::CloseCode;
+
+use super::Shared;
+
+/// The prefix of a JWT caller's [`Grant::token_id`]: `oidc:<issuer>#<sub>`. It names who
+/// acted in audit lines and per-token caps (one OIDC client is one "token" for the caps,
+/// however many JWTs it fetches), and it can never collide with an opaque token's id.
+pub(crate) const OIDC_ID_PREFIX: &str = "oidc:";
+
+/// A caller whose secret verified and carries the required scope.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// What the caller may do. For a JWT: the tenant from its claim (or issuer), its scopes,
+    /// `token_id` = `oidc:<issuer>#<sub>` and `label` = its `client_id`.
+    pub(crate) grant: Grant,
+    /// For a JWT, its `exp` (Unix seconds): the hub closes a session past it. `None` for an
+    /// opaque token, whose expiry the token store follows.
+    pub(crate) expires_at: Option<i64>,
+}
+
+/// Why a presented secret was refused. Messages never contain the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CredentialError {
+    /// An opaque token that did not verify or lacks the scope.
+    #[error(transparent)]
+    Token(#[from] AuthError),
+    /// A JWT that did not verify or lacks the scope.
+    #[error(transparent)]
+    Jwt(#[from] VerifyError),
+}
+
+impl CredentialError {
+    /// Whether the secret is valid but lacks the scope (403 rather than 401).
+    pub(crate) fn is_missing_scope(&self) -> bool {
+        matches!(
+            self,
+            CredentialError::Token(AuthError::MissingScope(_))
+                | CredentialError::Jwt(VerifyError::MissingScope(_))
+        )
+    }
+
+    /// The close code an agent refused with this error gets.
+    pub(crate) fn close_code(&self) -> CloseCode {
+        match self {
+            CredentialError::Token(e) => super::session::token_close(e),
+            CredentialError::Jwt(VerifyError::Expired(_)) => CloseCode::TokenExpired,
+            CredentialError::Jwt(VerifyError::MissingScope(_)) => CloseCode::MissingScope,
+            CredentialError::Jwt(_) => CloseCode::BadToken,
+        }
+    }
+}
+
+/// Checks `secret` and requires `scope`: a JWT (by its shape) when issuers are trusted,
+/// otherwise an opaque token from the current store. Without trusted issuers a JWT is
+/// refused as a malformed token, exactly as before issuers existed.
+pub(crate) async fn authorize(
+    shared: &Shared,
+    secret: &str,
+    scope: Scope,
+) -> Result<Caller, CredentialError> {
+    match &shared.oidc {
+        Some(verifier) if looks_like_jwt(secret) => authorize_jwt(verifier, secret, scope).await,
+        _ => {
+            let grant = shared
+                .tokens
+                .current()
+                .authorize(secret, scope, SystemTime::now())?;
+            Ok(Caller {
+                grant,
+                expires_at: None,
+            })
+        }
+    }
+}
+
+/// Verifies a JWT and maps it to a [`Caller`].
+async fn authorize_jwt(
+    verifier: &Verifier,
+    token: &str,
+    scope: Scope,
+) -> Result<Caller, CredentialError> {
+    let oidc = verifier.verify(token).await?;
+    oidc.require(scope)?;
+    let mut grant = oidc.grant;
+    grant.token_id = format!("{OIDC_ID_PREFIX}{}#{}", oidc.issuer, oidc.subject);
+    Ok(Caller {
+        grant,
+        expires_at: Some(oidc.expires_at),
+    })
+}
+
+/// Whether `token_id` names a JWT caller (whose validity is its `exp`, not the store).
+pub(crate) fn is_oidc_id(token_id: &str) -> bool {
+    token_id.starts_with(OIDC_ID_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_close_code_and_scope_refusals_are_told_apart() {
+        let issuer = || "https://issuer.example".to_string();
+        let cases = [
+            (
+                CredentialError::Token(AuthError::Unknown),
+                CloseCode::BadToken,
+                false,
+            ),
+            (
+                CredentialError::Token(AuthError::Revoked),
+                CloseCode::TokenRevoked,
+                false,
+            ),
+            (
+                CredentialError::Token(AuthError::Expired),
+                CloseCode::TokenExpired,
+                false,
+            ),
+            (
+                CredentialError::Token(AuthError::MissingScope(Scope::Proxy)),
+                CloseCode::MissingScope,
+                true,
+            ),
+            (
+                CredentialError::Jwt(VerifyError::Expired(issuer())),
+                CloseCode::TokenExpired,
+                false,
+            ),
+            (
+                CredentialError::Jwt(VerifyError::WrongAudience(issuer())),
+                CloseCode::BadToken,
+                false,
+            ),
+            (
+                CredentialError::Jwt(VerifyError::UnknownIssuer(issuer())),
+                CloseCode::BadToken,
+                false,
+            ),
+            (
+                CredentialError::Jwt(VerifyError::MissingScope(Scope::ConnectAgentHub)),
+                CloseCode::MissingScope,
+                true,
+            ),
+        ];
+        for (err, code, scope) in cases {
+            assert_eq!(err.close_code(), code, "{err}");
+            assert_eq!(err.is_missing_scope(), scope, "{err}");
+        }
+        assert!(is_oidc_id("oidc:https://issuer.example#edge"));
+        assert!(!is_oidc_id("0123456789ab"));
+    }
+}
