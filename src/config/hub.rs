@@ -300,3 +300,39 @@ pub fn hub_file_text(
 ) -> Result<String, ConfigError> {
     to_toml(&options.in_force(config, log))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_issuers_parse_and_pass_their_checks() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/oidc-issuers.toml");
+        let text = std::fs::read_to_string(&path).expect("read example");
+        let file: IssuersFile = toml::from_str(&text).expect("examples/oidc-issuers.toml parses");
+        assert_eq!(file.oidc_issuer.len(), 2);
+        for issuer in &file.oidc_issuer {
+            issuer.validate().expect("example issuer is valid");
+        }
+        assert_eq!(
+            file.oidc_issuer[1].tenant.as_ref().map(|t| t.as_str()),
+            Some("acme/ci")
+        );
+    }
+
+    #[test]
+    fn relative_issuer_paths_start_from_the_issuers_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("jwks.json"), "{\"keys\":[]}").expect("write");
+        let path = dir.path().join("issuers.toml");
+        std::fs::write(
+            &path,
+            "[[oidc_issuer]]\nurl = \"https://ci.example\"\naudiences = [\"rna\"]\n\
+             tenant = \"acme/ci\"\njwks_file = \"jwks.json\"\n",
+        )
+        .expect("write");
+        let issuers = load_issuers(&path).expect("loads");
+        assert_eq!(issuers[0].jwks_file, Some(dir.path().join("jwks.json")));
+    }
+}
