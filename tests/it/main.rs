@@ -25,6 +25,7 @@ mod kube_access;
 mod layers;
 mod metrics;
 mod oidc;
+mod oidc_flow;
 mod process;
 mod proxy;
 mod quic_flood;

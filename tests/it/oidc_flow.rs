@@ -1,0 +1,212 @@
+//! OIDC identities through the hub, against the real issuer of tests/oidc (npm's
+//! `oidc-provider`, keys through discovery): a JWT is accepted wherever a token is (the
+//! agent's Hello, the admin API, the status page) with the same scopes and tenants; a JWT
+//! session is closed when its token expires; a rotated issuer key is picked up without a
+//! hub restart.
+
+use std::time::Duration;
+
+use crate::common::*;
+use crate::oidc::{part, start_issuer, TestIssuer};
+use rna::agent::SessionError;
+use rna::auth::Scope;
+use rna::proto::CloseCode;
+
+/// A hub trusting `issuer`, with unknown key ids allowed to trigger a key fetch every second
+/// (the default is 10 s; a test need not wait that long).
+async fn world_trusting(issuer: &TestIssuer) -> World {
+    let config = issuer.config();
+    World::start_with(move |c| {
+        c.oidc_issuers = vec![config];
+        c.oidc_tuning.min_refresh_interval = Duration::from_secs(1);
+    })
+    .await
+}
+
+/// The `error` of a JSON refusal.
+fn error_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jwts_are_accepted_with_the_same_scopes_and_tenants_as_tokens() {
+    let issuer = start_issuer(120).await;
+    let other = start_issuer(120).await;
+    let world = world_trusting(&issuer).await;
+
+    // An agent presenting a JWT with connect:agentHub registers in the tenant its claim names.
+    let agent_jwt = issuer
+        .token(&issuer.client("edge", "connect:agentHub"))
+        .await;
+    assert_eq!(part(&agent_jwt, 1)["rna_tenant"], "acme/prod");
+    let agent = world
+        .connect_agent("acme/prod", "edge", &agent_jwt, 1)
+        .await;
+    // Its session is known by issuer and subject, never by the token text.
+    let session = world
+        .hub
+        .registry()
+        .sessions()
+        .into_iter()
+        .find(|s| s.name == "edge")
+        .expect("edge's session");
+    assert_eq!(session.token_id, format!("oidc:{}#edge", issuer.url));
+    assert_eq!(
+        session.credential_expiry(),
+        part(&agent_jwt, 1)["exp"].as_i64().unwrap()
+    );
+
+    // SOCKS through it works (with an opaque proxy token of the same tenant: a JWT does not
+    // fit in an RFC 1929 password).
+    let http = http_server().await;
+    let proxy = world.token("acme/prod", &[Scope::Proxy]);
+    if have_curl() {
+        let (code, body) = curl(
+            world.socks,
+            "edge",
+            &proxy,
+            &[&format!("http://{http}/bytes/1000")],
+        )
+        .await;
+        assert_eq!(code, 0);
+        assert_eq!(body.len(), 1000);
+    }
+    assert!(socks_connect(world.socks, "edge", &proxy, Dest::Ip(http))
+        .await
+        .is_ok());
+
+    // The admin API accepts a JWT with read:infra:data and shows its tenant's agents.
+    let reader = issuer
+        .token(&issuer.client("edge", "read:infra:data"))
+        .await;
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&reader)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"edge\""), "{body}");
+    // So does the status page.
+    let (status, body) = http_get_as(world.api, "/", Some(&reader)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("edge"), "{body}");
+
+    // A JWT of another tenant sees nothing of acme/prod.
+    let globex = issuer
+        .token(&issuer.client("globex", "read:infra:data"))
+        .await;
+    assert_eq!(part(&globex, 1)["rna_tenant"], "globex/prod");
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&globex)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("edge"), "{body}");
+    let (status, body) =
+        http_get_as(world.api, "/api/v1/agents/edge/inventory", Some(&globex)).await;
+    assert_eq!(status, 404, "{body}");
+
+    // Refused, each with its own status and message.
+    let no_scope = issuer
+        .token(&issuer.client("edge", "connect:agentHub"))
+        .await;
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&no_scope)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_of(&body), "JWT lacks scope read:infra:data");
+
+    let mut wrong_aud = issuer.client("edge", "read:infra:data");
+    wrong_aud.resource = Some("https://other.example".into());
+    let wrong_aud = issuer.token(&wrong_aud).await;
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&wrong_aud)).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        error_of(&body),
+        format!("JWT audience is not accepted by issuer {}", issuer.url)
+    );
+
+    let foreign = other.token(&other.client("edge", "read:infra:data")).await;
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&foreign)).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        error_of(&body),
+        format!("JWT issuer {:?} is not trusted", other.url)
+    );
+
+    // An agent whose JWT lacks connect:agentHub is refused missing_scope; the first agent
+    // keeps serving.
+    let reader_agent = world.spawn_agent(world.agent_config("reader", &reader));
+    within(
+        "the agent without connect:agentHub to be refused",
+        reader_agent.handle.wait_until(|s| {
+            matches!(&s.last_error,
+                Some(SessionError::Rejected { code, .. }) if *code == CloseCode::MissingScope)
+        }),
+    )
+    .await;
+    assert!(socks_connect(world.socks, "edge", &proxy, Dest::Ip(http))
+        .await
+        .is_ok());
+
+    reader_agent.stop().await;
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jwt_session_is_closed_when_its_token_expires() {
+    // Tokens live 4 s; the issuer's leeway (5 s) plays no part in closing a session.
+    let issuer = start_issuer(4).await;
+    let world = world_trusting(&issuer).await;
+    let jwt = issuer
+        .token(&issuer.client("edge", "connect:agentHub"))
+        .await;
+    let agent = world.connect_agent("acme/prod", "short", &jwt, 1).await;
+    // Still there after a few token polls: the store knowing nothing of a JWT is no reason
+    // to close its session.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        world
+            .hub
+            .registry()
+            .count(&"acme/prod".parse().unwrap(), "short"),
+        1
+    );
+    world.wait_sessions("acme/prod", "short", 0).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(now >= part(&jwt, 1)["exp"].as_i64().unwrap());
+    let metrics = world.hub.metrics().render();
+    let line =
+        r#"rna_agent_sessions_total{event="closed",reason="token_expired",transport="quic"} 1"#;
+    assert!(metrics.contains(line), "{line} in {metrics}");
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_issuer_key_is_accepted_without_a_hub_restart() {
+    let issuer = start_issuer(120).await;
+    let world = world_trusting(&issuer).await;
+    let client = issuer.client("edge", "read:infra:data");
+    let before = issuer.token(&client).await;
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&before)).await;
+    assert_eq!(status, 200, "{body}");
+
+    let kid = issuer.rotate().await;
+    let after = issuer.token(&client).await;
+    assert_eq!(part(&after, 0)["kid"].as_str(), Some(kid.as_str()));
+    // The new kid makes the hub fetch the issuer's keys again (at most once a second here):
+    // accepted within a bound, without a restart.
+    eventually_async(
+        "a token signed with the rotated key to be accepted",
+        async || {
+            http_get_as(world.api, "/api/v1/agents", Some(&after))
+                .await
+                .0
+                == 200
+        },
+    )
+    .await;
+    // Tokens signed with the old key, still published, keep working.
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&before)).await;
+    assert_eq!(status, 200, "{body}");
+    world.stop().await;
+}
