@@ -68,7 +68,18 @@ pub(crate) async fn authorize(
     scope: Scope,
 ) -> Result<Caller, CredentialError> {
     match &shared.oidc {
-        Some(verifier) if looks_like_jwt(secret) => authorize_jwt(verifier, secret, scope).await,
+        Some(verifier) if looks_like_jwt(secret) => {
+            let result = authorize_jwt(verifier, secret, scope).await;
+            let (issuer, outcome) = match &result {
+                Ok((issuer, _)) => (issuer.as_str(), "accepted"),
+                Err((issuer, e)) => (issuer.as_deref().unwrap_or("unknown"), outcome(e)),
+            };
+            shared.metrics.oidc_token(issuer, outcome);
+            match result {
+                Ok((_, caller)) => Ok(caller),
+                Err((_, e)) => Err(e.into()),
+            }
+        }
         _ => {
             let grant = shared
                 .tokens
@@ -82,20 +93,62 @@ pub(crate) async fn authorize(
     }
 }
 
-/// Verifies a JWT and maps it to a [`Caller`].
+/// Verifies a JWT and maps it to a [`Caller`]; both results carry the trusted issuer when
+/// one was found (for the metric's label: never the claimed, untrusted `iss`).
 async fn authorize_jwt(
     verifier: &Verifier,
     token: &str,
     scope: Scope,
-) -> Result<Caller, CredentialError> {
-    let oidc = verifier.verify(token).await?;
-    oidc.require(scope)?;
+) -> Result<(String, Caller), (Option<String>, VerifyError)> {
+    let oidc = verifier
+        .verify(token)
+        .await
+        .map_err(|e| (trusted_issuer(&e), e))?;
+    oidc.require(scope)
+        .map_err(|e| (Some(oidc.issuer.clone()), e))?;
     let mut grant = oidc.grant;
     grant.token_id = format!("{OIDC_ID_PREFIX}{}#{}", oidc.issuer, oidc.subject);
-    Ok(Caller {
+    let caller = Caller {
         grant,
         expires_at: Some(oidc.expires_at),
-    })
+    };
+    Ok((oidc.issuer, caller))
+}
+
+/// The trusted issuer a refusal names, if any; `untrusted` for a token of another issuer.
+fn trusted_issuer(e: &VerifyError) -> Option<String> {
+    match e {
+        VerifyError::UnknownIssuer(_) => Some("untrusted".into()),
+        VerifyError::UnknownKid { issuer, .. }
+        | VerifyError::MissingClaim { issuer, .. }
+        | VerifyError::KeysUnavailable(issuer)
+        | VerifyError::BadSignature(issuer)
+        | VerifyError::Expired(issuer)
+        | VerifyError::NotYetValid(issuer)
+        | VerifyError::WrongAudience(issuer)
+        | VerifyError::BadTenant(issuer) => Some(issuer.clone()),
+        VerifyError::Malformed(_) | VerifyError::AlgRefused(_) | VerifyError::MissingScope(_) => {
+            None
+        }
+    }
+}
+
+/// The metric's `result` label of a refusal.
+fn outcome(e: &VerifyError) -> &'static str {
+    match e {
+        VerifyError::Malformed(_) => "malformed",
+        VerifyError::AlgRefused(_) => "alg_refused",
+        VerifyError::UnknownIssuer(_) => "untrusted_issuer",
+        VerifyError::UnknownKid { .. } => "unknown_kid",
+        VerifyError::KeysUnavailable(_) => "keys_unavailable",
+        VerifyError::BadSignature(_) => "bad_signature",
+        VerifyError::Expired(_) => "expired",
+        VerifyError::NotYetValid(_) => "not_yet_valid",
+        VerifyError::WrongAudience(_) => "wrong_audience",
+        VerifyError::MissingClaim { .. } => "missing_claim",
+        VerifyError::BadTenant(_) => "bad_tenant",
+        VerifyError::MissingScope(_) => "missing_scope",
+    }
 }
 
 /// Whether `token_id` names a JWT caller (whose validity is its `exp`, not the store).

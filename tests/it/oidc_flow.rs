@@ -143,6 +143,27 @@ async fn jwts_are_accepted_with_the_same_scopes_and_tenants_as_tokens() {
         .await
         .is_ok());
 
+    // Counted by trusted issuer and result; a foreign token's claimed issuer is no label.
+    let m = world.hub.metrics();
+    assert!(m.oidc_tokens(&issuer.url, "accepted") >= 4);
+    assert_eq!(m.oidc_tokens(&issuer.url, "wrong_audience"), 1);
+    assert_eq!(m.oidc_tokens("untrusted", "untrusted_issuer"), 1);
+    assert_eq!(m.oidc_tokens(&other.url, "untrusted_issuer"), 0);
+    assert!(m.oidc_tokens(&issuer.url, "missing_scope") >= 2);
+    let rendered = m.render();
+    assert!(
+        rendered.contains(&format!(
+            r#"rna_oidc_tokens_total{{issuer="{}",result="wrong_audience"}} 1"#,
+            issuer.url
+        )),
+        "{rendered}"
+    );
+
+    // None of these JWTs would fit in an RFC 1929 password (255 bytes).
+    let lengths = [agent_jwt.len(), reader.len(), globex.len()];
+    eprintln!("JWT lengths from the test issuer (ES256): {lengths:?}");
+    assert!(lengths.iter().all(|&n| n > 255), "{lengths:?}");
+
     reader_agent.stop().await;
     agent.stop().await;
     world.stop().await;
