@@ -22,8 +22,8 @@ pub(crate) struct Caller {
     /// What the caller may do. For a JWT: the tenant from its claim (or issuer), its scopes,
     /// `token_id` = `oidc:<issuer>#<sub>` and `label` = its `client_id`.
     pub(crate) grant: Grant,
-    /// For a JWT, its `exp` (Unix seconds): the hub closes a session past it. `None` for an
-    /// opaque token, whose expiry the token store follows.
+    /// For a JWT, its `exp` plus the issuer's leeway (Unix seconds): the hub closes a session
+    /// past it. `None` for an opaque token, whose expiry the token store follows.
     pub(crate) expires_at: Option<i64>,
 }
 
@@ -110,7 +110,7 @@ async fn authorize_jwt(
     grant.token_id = format!("{OIDC_ID_PREFIX}{}#{}", oidc.issuer, oidc.subject);
     let caller = Caller {
         grant,
-        expires_at: Some(oidc.expires_at),
+        expires_at: Some(oidc.valid_until),
     };
     Ok((oidc.issuer, caller))
 }
