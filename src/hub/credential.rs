@@ -9,7 +9,10 @@ use crate::oidc::issuer::looks_like_jwt;
 use crate::oidc::{Verifier, VerifyError};
 use crate::proto::CloseCode;
 
+use super::registry::AgentSession;
 use super::Shared;
+use crate::identity::Secret;
+use tracing::{info, warn};
 
 /// The prefix of a JWT caller's [`Grant::token_id`]: `oidc:<issuer>#<sub>`. It names who
 /// acted in audit lines and per-token caps (one OIDC client is one "token" for the caps,
@@ -149,6 +152,36 @@ fn outcome(e: &VerifyError) -> &'static str {
         VerifyError::BadTenant(_) => "bad_tenant",
         VerifyError::MissingScope(_) => "missing_scope",
     }
+}
+
+/// Checks a renewed credential an agent sent for its live `session`: it must verify with
+/// `connect:agentHub` and name the same caller (`oidc:<issuer>#<sub>`, or the same opaque
+/// token) and tenant; the session then lives until the new credential's end. Anything else
+/// closes the session with the matching code and one log line.
+pub(crate) async fn reauthenticate(shared: &Shared, session: &AgentSession, token: &Secret) {
+    let refused = match authorize(shared, token.expose(), Scope::ConnectAgentHub).await {
+        Ok(caller)
+            if caller.grant.token_id == session.token_id
+                && caller.grant.tenant == session.tenant =>
+        {
+            if let Some(until) = caller.expires_at {
+                session.set_credential_expiry(until);
+            }
+            info!(token_id = %session.token_id, valid_until = caller.expires_at,
+                "agent re-authenticated its session");
+            return;
+        }
+        Ok(caller) => (
+            CloseCode::BadToken,
+            format!(
+                "re-authentication names another identity ({} in {}) than the session's",
+                caller.grant.token_id, caller.grant.tenant
+            ),
+        ),
+        Err(e) => (e.close_code(), format!("re-authentication refused: {e}")),
+    };
+    warn!(token_id = %session.token_id, "closing agent session: {}", refused.1);
+    session.close(refused.0, &refused.1);
 }
 
 /// Whether `token_id` names a JWT caller (whose validity is its `exp`, not the store).

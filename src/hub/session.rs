@@ -226,6 +226,14 @@ async fn run_session(
                 session.set_rtt(rtt);
                 shared.metrics.heartbeat_rtt(rtt.as_secs_f64());
             }
+            HeartbeatEvent::Reauthenticate(token) => {
+                // Verifying may fetch issuer keys: off the heartbeat loop.
+                let (shared, session) = (shared.clone(), session.clone());
+                tokio::spawn(
+                    async move { super::credential::reauthenticate(&shared, &session, &token).await }
+                        .in_current_span(),
+                );
+            }
         }) => end,
         // The connection can end without the control stream noticing first (close frame).
         reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),

@@ -242,3 +242,154 @@ async fn a_rotated_issuer_key_is_accepted_without_a_hub_restart() {
     assert_eq!(status, 200, "{body}");
     world.stop().await;
 }
+
+/// A session registered by hand with `token` (Hello on the control stream, Welcome read),
+/// which keeps itself heard with a Ping every 300 ms and sends each token that arrives on
+/// the returned channel as `Reauthenticate`. Returns the session, its id and the sender.
+async fn hand_session(
+    world: &World,
+    name: &str,
+    token: &str,
+) -> (
+    rna::transport::session::Session,
+    u64,
+    tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    use futures_util::StreamExt as _;
+    use rna::identity::Secret;
+    use rna::proto::codec::{encode, MAX_FRAME};
+    use rna::proto::{Control, Hello, PROTOCOL_VERSION};
+
+    let raw = world
+        .raw_session(name, rna::agent::TransportMode::Quic)
+        .await;
+    let session = raw.session.clone();
+    let (mut send, recv) = session.open_bi().await.unwrap();
+    let hello = Control::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: name.into(),
+        version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        capabilities: vec![],
+        token: Secret::new(token.into()),
+    });
+    send.write_all(&encode(&hello).unwrap()).await.unwrap();
+    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
+    let id = match within("Welcome", reader.next()).await {
+        Some(Ok(Control::Welcome(w))) => w.session_id,
+        other => panic!("expected Welcome, got {other:?}"),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let _raw = raw;
+        let mut tick = tokio::time::interval(Duration::from_millis(300));
+        let mut seq = 0;
+        loop {
+            let frame = tokio::select! {
+                _ = tick.tick() => { seq += 1; Control::Ping { seq } }
+                token = rx.recv() => match token {
+                    Some(t) => Control::Reauthenticate { token: Secret::new(t) },
+                    None => return,
+                },
+                // The hub's pings: read and dropped, so its writes never stall.
+                frame = reader.next() => match frame {
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                },
+            };
+            if send.write_all(&encode(&frame).unwrap()).await.is_err() {
+                return;
+            }
+        }
+    });
+    (session, id, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_outlives_its_jwt_when_the_agent_reauthenticates() {
+    // Tokens live 4 s and verify for 9 s (leeway 5 s).
+    let issuer = start_issuer(4).await;
+    let world = world_trusting(&issuer).await;
+    let edge = issuer.client("edge", "connect:agentHub");
+    let first = issuer.token(&edge).await;
+    let first_until = part(&first, 1)["exp"].as_i64().unwrap() + 5;
+    let (session, id, renew) = hand_session(&world, "renewing", &first).await;
+    let registered = || {
+        world
+            .hub
+            .registry()
+            .sessions()
+            .into_iter()
+            .find(|s| s.name == "renewing")
+    };
+    assert_eq!(registered().map(|s| s.id), Some(id));
+
+    // Renewed twice before each token's end, each with a fresh JWT of the same client.
+    let mut until = first_until;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let next = issuer.token(&edge).await;
+        let next_until = part(&next, 1)["exp"].as_i64().unwrap() + 5;
+        renew.send(next).unwrap();
+        eventually("the hub to take the renewed token", || {
+            registered().is_some_and(|s| s.credential_expiry() == next_until)
+        })
+        .await;
+        until = next_until;
+    }
+    // Past the first token's end, the same session (same id) is still registered.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    eventually("the first token's end to pass", || now() > first_until + 1).await;
+    assert_eq!(registered().map(|s| s.id), Some(id), "no reconnect");
+    assert!(session.close_reason().is_none());
+
+    // A renewal naming another client (another tenant too) closes the session bad_token.
+    let globex = issuer
+        .token(&issuer.client("globex", "connect:agentHub"))
+        .await;
+    renew.send(globex).unwrap();
+    let end = within("the session to be closed", session.closed()).await;
+    assert!(
+        matches!(&end, rna::transport::session::SessionEnd::ClosedByPeer { code, reason }
+            if *code == u64::from(CloseCode::BadToken.code()) && reason.contains("another identity")),
+        "{end:?}"
+    );
+    assert!(now() <= until, "closed for the identity, not for expiry");
+    world.wait_sessions("acme/prod", "renewing", 0).await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_renewal_closes_the_session_with_its_code() {
+    let issuer = start_issuer(120).await;
+    let world = world_trusting(&issuer).await;
+    let first = issuer
+        .token(&issuer.client("edge", "connect:agentHub"))
+        .await;
+    let (session, _, renew) = hand_session(&world, "renewing", &first).await;
+    // A fresh token of the same client without connect:agentHub: missing_scope.
+    let reader = issuer
+        .token(&issuer.client("edge", "read:infra:data"))
+        .await;
+    renew.send(reader).unwrap();
+    let end = within("the session to be closed", session.closed()).await;
+    assert!(
+        matches!(&end, rna::transport::session::SessionEnd::ClosedByPeer { code, .. }
+            if *code == u64::from(CloseCode::MissingScope.code())),
+        "{end:?}"
+    );
+    assert!(
+        world
+            .hub
+            .metrics()
+            .oidc_tokens(&issuer.url, "missing_scope")
+            >= 1
+    );
+    world.stop().await;
+}
