@@ -86,6 +86,14 @@ async fn jwts_are_accepted_with_the_same_scopes_and_tenants_as_tokens() {
     let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&reader)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"edge\""), "{body}");
+    // So does the client `rna agents` and `rna kube` use.
+    let answer = get(&client(&world, &reader), "/api/v1/agents").await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.json()["agents"][0]["name"] == "edge",
+        "{:?}",
+        answer.json()
+    );
     // So does the status page.
     let (status, body) = http_get_as(world.api, "/", Some(&reader)).await;
     assert_eq!(status, 200, "{body}");
