@@ -68,6 +68,11 @@ pub(crate) async fn start_issuer(ttl: u64) -> TestIssuer {
         script_dir.join("node_modules/oidc-provider").is_dir(),
         "oidc-provider is not installed: run `npm ci` in tests/oidc"
     );
+    // Node starting oidc-provider is CPU-bound for seconds; a dozen tests starting issuers at
+    // once on a loaded 2-core machine starved some past their deadline. Two start at a time,
+    // and each one's deadline counts from its turn.
+    static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _turn = STARTING.acquire().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_pki(dir.path());
     let mut child = Command::new("node")
