@@ -173,6 +173,10 @@ settings! {
     #[arg(long, env = "RNA_MAX_KUBE_WAITS_PER_TOKEN")]
     max_kube_waits_per_token: Option<usize> =>
         field(config.caps.kube_waits_per_token, at_least_one);
+    /// A TOML file of trusted OIDC issuers (`[[oidc_issuer]]` tables, see
+    /// examples/oidc-issuers.toml); a JWT one of them signed is accepted wherever a token is.
+    #[arg(long, env = "RNA_OIDC_ISSUERS_FILE")]
+    oidc_issuers_file: Option<PathBuf> => show(config.oidc_issuers_file.clone());
 }
 
 /// Validates hub options into the hub's configuration, reading the certificate files.
@@ -219,6 +223,10 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     // Enrollment signs with the state folder's CA key, so it is offered only when the CA
     // agents are checked against is that CA.
     config.enrollment = state.filter(|s| s.ca_key().exists() && files.ca == s.ca());
+    if let Some(path) = &o.oidc_issuers_file {
+        config.oidc_issuers = load_issuers(path).map_err(|m| invalid("oidc_issuers_file", m))?;
+        config.oidc_issuers_file = Some(path.clone());
+    }
     if let Some(route) = &o.socks_no_auth {
         config.socks_no_auth = Some(parse_no_auth(route).map_err(|m| invalid("socks_no_auth", m))?);
     }
@@ -242,6 +250,52 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         ));
     }
     Ok(config)
+}
+
+/// The trusted-issuers file: `[[oidc_issuer]]` tables, nothing else.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuersFile {
+    #[serde(default)]
+    oidc_issuer: Vec<crate::oidc::IssuerConfig>,
+}
+
+/// Reads and checks the trusted OIDC issuers in `path`: relative `jwks_file` and `ca` paths
+/// start from the file's folder, and every rule (https, audiences, tenant, leeway, duplicates,
+/// readable CA) is checked now, so a bad issuer stops the start and `--check-config` names it.
+/// No key is fetched here: an issuer that is down at start is not a configuration error.
+pub(crate) fn load_issuers(
+    path: &std::path::Path,
+) -> Result<Vec<crate::oidc::IssuerConfig>, String> {
+    let text = crate::fsutil::read_text(path, crate::fsutil::MAX_CONFIG_FILE)
+        .map_err(|e| e.to_string())?;
+    let file: IssuersFile =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut issuers = file.oidc_issuer;
+    for issuer in &mut issuers {
+        for p in [&mut issuer.jwks_file, &mut issuer.ca]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(jwks) = &issuer.jwks_file {
+            if let Err(e) = std::fs::metadata(jwks) {
+                return Err(format!(
+                    "{}: OIDC issuer {:?}: jwks_file {}: {e}",
+                    path.display(),
+                    issuer.url,
+                    jwks.display()
+                ));
+            }
+        }
+    }
+    crate::oidc::Verifier::new(issuers.clone(), crate::oidc::Tuning::default())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(issuers)
 }
 
 /// The admin API's cap on a Kubernetes apply body: at least a frame, at most what the
@@ -291,4 +345,40 @@ pub fn hub_file_text(
     log: &LogOptions,
 ) -> Result<String, ConfigError> {
     to_toml(&options.in_force(config, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_issuers_parse_and_pass_their_checks() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/oidc-issuers.toml");
+        let text = std::fs::read_to_string(&path).expect("read example");
+        let file: IssuersFile = toml::from_str(&text).expect("examples/oidc-issuers.toml parses");
+        assert_eq!(file.oidc_issuer.len(), 2);
+        for issuer in &file.oidc_issuer {
+            issuer.validate().expect("example issuer is valid");
+        }
+        assert_eq!(
+            file.oidc_issuer[1].tenant.as_ref().map(|t| t.as_str()),
+            Some("acme/ci")
+        );
+    }
+
+    #[test]
+    fn relative_issuer_paths_start_from_the_issuers_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("jwks.json"), "{\"keys\":[]}").expect("write");
+        let path = dir.path().join("issuers.toml");
+        std::fs::write(
+            &path,
+            "[[oidc_issuer]]\nurl = \"https://ci.example\"\naudiences = [\"rna\"]\n\
+             tenant = \"acme/ci\"\njwks_file = \"jwks.json\"\n",
+        )
+        .expect("write");
+        let issuers = load_issuers(&path).expect("loads");
+        assert_eq!(issuers[0].jwks_file, Some(dir.path().join("jwks.json")));
+    }
 }

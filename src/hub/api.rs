@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -18,6 +17,7 @@ use axum::{middleware, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::credential::CredentialError;
 use super::kube_channel::KubeCallError;
 use super::registry::AgentInfo;
 use super::{status, Shared};
@@ -112,12 +112,15 @@ pub(crate) fn visible_agents(shared: &Shared, grant: &Grant) -> Vec<AgentInfo> {
     shared.registry.infos(tenant)
 }
 
-/// Verifies a presented token against the current store and requires `scope`.
-pub(crate) fn authorize(shared: &Shared, token: &str, scope: Scope) -> Result<Grant, AuthError> {
-    shared
-        .tokens
-        .current()
-        .authorize(token, scope, SystemTime::now())
+/// Verifies a presented token (opaque, or a JWT from a trusted issuer) and requires `scope`.
+pub(crate) async fn authorize(
+    shared: &Shared,
+    token: &str,
+    scope: Scope,
+) -> Result<Grant, CredentialError> {
+    super::credential::authorize(shared, token, scope)
+        .await
+        .map(|caller| caller.grant)
 }
 
 /// Everything an admin API request can fail with, and the one place each becomes a status
@@ -152,6 +155,16 @@ pub(crate) enum ApiError {
         /// The machine-readable reason (`TooManyWaits`).
         reason: &'static str,
     },
+}
+
+impl From<CredentialError> for ApiError {
+    fn from(e: CredentialError) -> Self {
+        if e.is_missing_scope() {
+            ApiError::Forbidden(e.to_string())
+        } else {
+            ApiError::Unauthorized(e.to_string())
+        }
+    }
 }
 
 impl From<AuthError> for ApiError {
@@ -300,7 +313,7 @@ impl<S: RequiredScope> FromRequestParts<Arc<Shared>> for Authorized<S> {
     async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers)?
             .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
-        let grant = authorize(shared, token, S::SCOPE)?;
+        let grant = authorize(shared, token, S::SCOPE).await?;
         let agent = Path::<HashMap<String, String>>::from_request_parts(parts, shared)
             .await
             .ok()

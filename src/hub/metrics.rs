@@ -31,6 +31,9 @@ pub struct Metrics {
     bytes_to_agent: Counter,
     bytes_from_agent: Counter,
     token_reloads: Family<Labels, Counter>,
+    /// `rna_oidc_tokens_total{issuer,result}`: JWTs checked, by trusted issuer (or
+    /// `untrusted`/`unknown`, never a claimed `iss`) and outcome.
+    oidc_tokens: Family<Labels, Counter>,
     /// `rna_certificate_expiry_timestamp_seconds{role}` of the hub's certificate and CA.
     certificate_expiry: crate::certs::ExpiryMetric,
 }
@@ -68,6 +71,7 @@ impl Metrics {
             bytes_to_agent: Counter::default(),
             bytes_from_agent: Counter::default(),
             token_reloads: Family::default(),
+            oidc_tokens: Family::default(),
             certificate_expiry: Default::default(),
             registry,
         };
@@ -159,6 +163,11 @@ impl Metrics {
             "token_reloads",
             "Token store reloads, by result",
             m.token_reloads.clone(),
+        );
+        r.register(
+            "oidc_tokens",
+            "JWTs from OIDC issuers checked, by trusted issuer and result",
+            m.oidc_tokens.clone(),
         );
         m.certificate_expiry = crate::certs::ExpiryMetric::register(&mut m.registry);
         m
@@ -313,5 +322,26 @@ impl Metrics {
     pub fn token_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         count_by(&self.token_reloads, "result", result);
+    }
+
+    /// A JWT was checked: `issuer` is a trusted issuer's URL (or `untrusted`, `unknown`),
+    /// `result` one of a fixed set (`accepted`, `expired`, `wrong_audience`, …).
+    pub fn oidc_token(&self, issuer: &str, result: &'static str) {
+        self.oidc_tokens
+            .get_or_create(&vec![
+                ("issuer", issuer.to_string()),
+                ("result", result.into()),
+            ])
+            .inc();
+    }
+
+    /// JWTs checked so far with this issuer and result.
+    pub fn oidc_tokens(&self, issuer: &str, result: &'static str) -> u64 {
+        self.oidc_tokens
+            .get(&vec![
+                ("issuer", issuer.to_string()),
+                ("result", result.into()),
+            ])
+            .map_or(0, |c| c.get())
     }
 }

@@ -5,6 +5,7 @@
 
 mod admission;
 pub mod api;
+mod credential;
 mod enroll;
 pub mod kube_api;
 pub mod kube_channel;
@@ -71,6 +72,9 @@ pub enum HubError {
     /// Enrollment could not be set up from the state folder (its CA or key).
     #[error("enrollment: {0}")]
     Enroll(#[from] crate::enroll::EnrollError),
+    /// A trusted OIDC issuer's settings cannot work.
+    #[error("{0}")]
+    Oidc(#[from] crate::oidc::IssuerConfigError),
 }
 
 /// State shared by the hub's tasks.
@@ -101,6 +105,8 @@ pub(crate) struct Shared {
     pub(crate) heavy: kube_channel::HeavyRequests,
     /// Enrollment of agents with join tokens, when the state folder holds the CA key.
     pub(crate) enroller: Option<Arc<enroll::Enroller>>,
+    /// The trusted OIDC issuers and their cached keys; `None` when none is configured.
+    pub(crate) oidc: Option<Arc<crate::oidc::Verifier>>,
 }
 
 impl Shared {
@@ -112,6 +118,17 @@ impl Shared {
         let now = std::time::SystemTime::now();
         self.socks_tokens.cut_without_token(&store, now);
         for session in self.registry.sessions() {
+            if credential::is_oidc_id(&session.token_id) {
+                // A JWT session lives until its `exp`; the store knows nothing of it.
+                if session.closed_by_hub().is_none()
+                    && session.credential_expiry() < crate::auth::unix_now(now) as i64
+                {
+                    warn!(agent = %session.name, tenant = %session.tenant, token_id = %session.token_id,
+                        "closing agent session: JWT expired");
+                    session.close(CloseCode::TokenExpired, "JWT expired");
+                }
+                continue;
+            }
             if store.is_live(&session.token_id, now) || session.closed_by_hub().is_some() {
                 continue;
             }
@@ -293,6 +310,14 @@ impl Hub {
             config.caps.heavy_requests_per_tenant,
             config.caps.heavy_bytes_per_second,
         );
+        let oidc = if config.oidc_issuers.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::oidc::Verifier::new(
+                config.oidc_issuers.clone(),
+                config.oidc_tuning,
+            )?))
+        };
         let shared = Arc::new(Shared {
             config,
             registry: Arc::new(Registry::new()),
@@ -308,6 +333,7 @@ impl Hub {
             failure_log: admission::FailureLog::new(FAILURE_LOG_WINDOW, FAILURE_LOG_BURST),
             heavy,
             enroller,
+            oidc,
         });
         Ok(Hub {
             shared,
@@ -464,6 +490,22 @@ impl Hub {
                 .await
             })
         });
+
+        // OIDC issuer keys: fetched once at start (an issuer that is down is one warning and
+        // is asked again on the first token naming an unknown key), then hourly; cached keys
+        // keep verifying while an issuer is unreachable.
+        if let Some(verifier) = shared.oidc.clone() {
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move {
+                for (issuer, result) in verifier.refresh_all().await {
+                    match result {
+                        Ok(keys) => info!(%issuer, keys, "OIDC issuer keys fetched"),
+                        Err(e) => warn!(%issuer, "OIDC issuer keys not fetched at start: {e}"),
+                    }
+                }
+                verifier.run_refresher(stop).await;
+            });
+        }
 
         // Certificate expiry: a warning from 30 days before, checked at start and daily.
         for (role, not_after) in shared.config.tls.expiries() {

@@ -234,6 +234,14 @@ async fn run_session(
                 session.set_rtt(rtt);
                 shared.metrics.heartbeat_rtt(rtt.as_secs_f64());
             }
+            HeartbeatEvent::Reauthenticate(token) => {
+                // Verifying may fetch issuer keys: off the heartbeat loop.
+                let (shared, session) = (shared.clone(), session.clone());
+                tokio::spawn(
+                    async move { super::credential::reauthenticate(&shared, &session, &token).await }
+                        .in_current_span(),
+                );
+            }
         }) => end,
         // The connection can end without the control stream noticing first (close frame).
         reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),
@@ -360,10 +368,11 @@ async fn handshake(
         }
     };
 
-    let grant = match check_hello(shared, &hello, &cert_name, cert.as_ref()) {
-        Ok(grant) => grant,
+    let caller = match check_hello(shared, &hello, &cert_name, cert.as_ref()).await {
+        Ok(caller) => caller,
         Err(err) => return Err(reject(connection, &mut send, err).await),
     };
+    let grant = caller.grant;
 
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let session = Arc::new(AgentSession::new(
@@ -377,6 +386,9 @@ async fn handshake(
         grant.token_id,
         connection.clone(),
     ));
+    if let Some(exp) = caller.expires_at {
+        session.set_credential_expiry(exp);
+    }
     // Streams the agent opens (inventory reports) end with its connection, also when it is
     // refused below. Started before the session is visible in the registry, so a
     // registered session is fully set up.
@@ -448,32 +460,28 @@ fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
-/// The checks on Hello, in order: protocol version, name, certificate subject, token.
-fn check_hello(
+/// The checks on Hello, in order: protocol version, name, certificate subject, token (an
+/// opaque token or a JWT from a trusted issuer).
+async fn check_hello(
     shared: &Shared,
     hello: &Hello,
     cert_name: &str,
     cert_der: &[u8],
-) -> Result<crate::auth::Grant, HandshakeError> {
+) -> Result<super::credential::Caller, HandshakeError> {
     check_identity(hello, cert_name)?;
-    let store = shared.tokens.current();
-    let grant = store
-        .authorize(
-            hello.token.expose(),
-            Scope::ConnectAgentHub,
-            SystemTime::now(),
-        )
+    let caller = super::credential::authorize(shared, hello.token.expose(), Scope::ConnectAgentHub)
+        .await
         .map_err(|e| {
-            HandshakeError::refused(token_close(&e), format!("agent {:?}: {e}", hello.name))
+            HandshakeError::refused(e.close_code(), format!("agent {:?}: {e}", hello.name))
         })?;
-    check_bound_tenant(cert_der, &grant.tenant, &hello.name)?;
+    check_bound_tenant(cert_der, &caller.grant.tenant, &hello.name)?;
     if let Some(serial) = revoked_serial(shared, cert_der) {
         return Err(HandshakeError::refused(
             CloseCode::CertificateRevoked,
             format!("agent {:?}: certificate {serial} is revoked", hello.name),
         ));
     }
-    Ok(grant)
+    Ok(caller)
 }
 
 /// The serial of an enrolled certificate that is on the hub's revocation list.
@@ -536,7 +544,7 @@ fn check_identity(hello: &Hello, cert_name: &str) -> Result<(), HandshakeError> 
 }
 
 /// The close code an agent whose token failed with `e` is refused with.
-fn token_close(e: &AuthError) -> CloseCode {
+pub(super) fn token_close(e: &AuthError) -> CloseCode {
     match e {
         AuthError::Malformed | AuthError::Unknown => CloseCode::BadToken,
         AuthError::Revoked => CloseCode::TokenRevoked,

@@ -176,6 +176,14 @@ pub struct HubConfig {
     pub kube_timeout: Duration,
     /// Worker threads of the process's runtime (read by `main` before the hub starts).
     pub worker_threads: usize,
+    /// The file the trusted OIDC issuers were read from, for `--check-config`.
+    pub oidc_issuers_file: Option<PathBuf>,
+    /// Trusted OIDC issuers: a JWT one of them signed is accepted wherever a token is.
+    /// Empty: only opaque tokens are accepted.
+    pub oidc_issuers: Vec<crate::oidc::IssuerConfig>,
+    /// How often issuer keys are fetched (hourly, at most every 10 s on an unknown `kid`);
+    /// tests shorten it.
+    pub oidc_tuning: crate::oidc::Tuning,
 }
 
 impl HubConfig {
@@ -203,6 +211,9 @@ impl HubConfig {
             agent_cert_lifetime: crate::enroll::csr::DEFAULT_CERT_LIFETIME,
             kube_timeout: Duration::from_secs(60),
             worker_threads: crate::runtime::default_worker_threads(),
+            oidc_issuers_file: None,
+            oidc_issuers: Vec::new(),
+            oidc_tuning: crate::oidc::Tuning::default(),
         }
     }
 }

@@ -25,7 +25,7 @@ use tracing::info;
 use super::api::{authorize, bearer_token, visible_agents};
 use super::registry::AgentInfo;
 use super::Shared;
-use crate::auth::{format_rfc3339, unix_now, AuthError, Grant, Scope};
+use crate::auth::{format_rfc3339, unix_now, Grant, Scope};
 
 /// Name of the cookie that carries the token after a login.
 pub(crate) const COOKIE: &str = "rna_token";
@@ -33,8 +33,9 @@ pub(crate) const COOKIE: &str = "rna_token";
 /// Seconds between automatic reloads of the page.
 pub(crate) const REFRESH_SECONDS: u64 = 5;
 
-/// Longest token text accepted from a login; real tokens are 69 characters.
-const MAX_TOKEN_LEN: usize = 256;
+/// Longest token text accepted from a login: opaque tokens are 69 characters, JWTs from
+/// an OIDC issuer are usually under 2 KiB; browsers keep cookies of up to about 4 KiB.
+const MAX_TOKEN_LEN: usize = 3800;
 
 /// A refused status-page request: an HTML page (the login form with the reason, or the 403
 /// page), never the API's JSON, since a person reads it. Boxed: a `Response` is large.
@@ -80,9 +81,9 @@ pub(crate) async fn page(
                 ),
             ));
         }
-        return login(&shared, &token);
+        return login(&shared, &token).await;
     }
-    show(&shared, &headers)
+    show(&shared, &headers).await
 }
 
 /// `POST /`: the login form (`application/x-www-form-urlencoded`, field `token`), from this
@@ -95,7 +96,7 @@ pub(crate) async fn login_form(
 ) -> Result<Response, Refusal> {
     same_site(&headers, "sign-in")?;
     let token = form.ok().and_then(|Form(f)| f.token).unwrap_or_default();
-    login(&shared, &token)
+    login(&shared, &token).await
 }
 
 /// `POST /sign-out`: clears the cookie and goes back to the login form; from this hub's own
@@ -170,7 +171,7 @@ const CLEAR_COOKIE: &str = "rna_token=; Max-Age=0; HttpOnly; SameSite=Strict; Pa
 
 /// Checks a token presented to log in; on success the cookie is set and the browser is sent
 /// to `/`, so the token leaves the address bar and the history.
-fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
+async fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
     let token = token.trim();
     if token.is_empty() {
         return Err(Refusal::login(
@@ -182,8 +183,9 @@ fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(malformed());
     }
-    check(shared, token, false)?;
-    // A token that verified is `rna_<hex>_<hex>`: always a valid cookie value.
+    check(shared, token, false).await?;
+    // A token that verified is `rna_<hex>_<hex>` or a JWT (base64url and dots): always a
+    // valid cookie value.
     let cookie = HeaderValue::from_str(&format!(
         "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
     ))
@@ -194,7 +196,7 @@ fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
 }
 
 /// Renders the page for the token in `Authorization` or, failing that, in the cookie.
-fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
+async fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
     let bearer = bearer_token(headers)
         .map_err(|e| Refusal::login(StatusCode::UNAUTHORIZED, Some(&e.to_string())))?;
     let (token, from_cookie) = match bearer {
@@ -203,7 +205,7 @@ fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
             .map(|t| (t, true))
             .ok_or_else(|| Refusal::login(StatusCode::UNAUTHORIZED, None))?,
     };
-    let grant = check(shared, &token, from_cookie)?;
+    let grant = check(shared, &token, from_cookie).await?;
     let agents = visible_agents(shared, &grant);
     let view = View {
         agents: &agents,
@@ -222,21 +224,23 @@ fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
 
 /// Verifies `token` for reading the inventory. A refusal is the login form (401) or, for a
 /// valid token without the scope, a 403 page; a stale cookie is cleared.
-fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Refusal> {
-    authorize(shared, token, Scope::ReadInfraData).map_err(|e| {
-        let mut resp = match e {
-            AuthError::MissingScope(_) => html(StatusCode::FORBIDDEN, forbidden_page()),
-            other => html(
-                StatusCode::UNAUTHORIZED,
-                login_page(Some(&other.to_string())),
-            ),
-        };
-        if from_cookie {
-            resp.headers_mut()
-                .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
-        }
-        Refusal(Box::new(resp))
-    })
+async fn check(shared: &Shared, token: &str, from_cookie: bool) -> Result<Grant, Refusal> {
+    authorize(shared, token, Scope::ReadInfraData)
+        .await
+        .map_err(|e| {
+            let mut resp = match e {
+                e if e.is_missing_scope() => html(StatusCode::FORBIDDEN, forbidden_page()),
+                other => html(
+                    StatusCode::UNAUTHORIZED,
+                    login_page(Some(&other.to_string())),
+                ),
+            };
+            if from_cookie {
+                resp.headers_mut()
+                    .insert(header::SET_COOKIE, HeaderValue::from_static(CLEAR_COOKIE));
+            }
+            Refusal(Box::new(resp))
+        })
 }
 
 fn redirect_home() -> Response {

@@ -236,8 +236,12 @@ pub struct OidcGrant {
     pub subject: String,
     /// `client_id` (RFC 9068 §2.2), if present.
     pub client_id: Option<String>,
-    /// `exp`, in Unix seconds: the hub closes a session when this passes without a refresh.
+    /// `exp`, in Unix seconds.
     pub expires_at: i64,
+    /// `exp` plus the issuer's leeway: the last second the token verifies, so the hub closes
+    /// a session once this passes (closing at `exp` would let the agent reconnect with the
+    /// same token, accepted within the leeway, only to be closed again).
+    pub valid_until: i64,
 }
 
 impl OidcGrant {
@@ -443,6 +447,7 @@ impl Verifier {
             subject,
             client_id,
             expires_at: exp,
+            valid_until: exp.saturating_add(leeway),
         })
     }
 }
@@ -526,6 +531,7 @@ mod tests {
         assert_eq!(g.subject, "agent-7");
         assert_eq!(g.client_id.as_deref(), Some("edge"));
         assert_eq!(g.expires_at, NOW + 300);
+        assert_eq!(g.valid_until, NOW + 300 + 30, "exp plus the default leeway");
         assert_eq!(g.grant.tenant.as_str(), "acme/prod");
         assert_eq!(g.grant.token_id, "j1");
         assert_eq!(

@@ -140,6 +140,14 @@ pub enum Control {
     /// same hub (it moved from the TCP fallback back to QUIC) and closes this one once its
     /// streams in flight have finished.
     GoingAway,
+    /// Agent → hub: a renewed credential for this live session (a fresh JWT from the same
+    /// OIDC client), so the session outlives the token it registered with. The hub checks it
+    /// like Hello's and closes the session with the matching code when it fails or names
+    /// another identity or tenant. Appended last: variants are encoded by index.
+    Reauthenticate {
+        /// The new token; needs `connect:agentHub`.
+        token: Secret,
+    },
 }
 
 /// Where a tunnel stream should lead. Names are resolved by the agent, never by the hub.
@@ -413,6 +421,23 @@ mod tests {
         for (failure, reply) in table {
             assert_eq!(failure.socks_reply(), reply, "{failure:?}");
         }
+    }
+
+    #[test]
+    fn reauthenticate_is_the_seventh_control_variant_and_masks_its_token() {
+        let msg = Control::Reauthenticate {
+            token: Secret::new("eyJhbGciOiJFUzI1NiJ9.e30.c2ln".into()),
+        };
+        // postcard writes the variant index first: 0..=5 are the older messages.
+        let bytes = postcard::to_allocvec(&msg).unwrap();
+        assert_eq!(bytes[0], 6);
+        match postcard::from_bytes::<Control>(&bytes).unwrap() {
+            Control::Reauthenticate { token } => {
+                assert_eq!(token.expose(), "eyJhbGciOiJFUzI1NiJ9.e30.c2ln")
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+        assert!(!format!("{msg:?}").contains("eyJ"));
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub enum ControlEnd {
 }
 
 /// What the loop observed, for the caller's records.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum HeartbeatEvent {
     /// A frame arrived from the peer.
     Seen,
@@ -82,6 +82,8 @@ pub enum HeartbeatEvent {
     Rtt(Duration),
     /// The peer said `GoingAway`: open no new stream on this session.
     GoingAway,
+    /// The agent sent a renewed credential for this session.
+    Reauthenticate(crate::identity::Secret),
 }
 
 /// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires.
@@ -146,6 +148,9 @@ where
                         }
                     }
                     Control::GoingAway => observe(HeartbeatEvent::GoingAway),
+                    Control::Reauthenticate { token } => {
+                        observe(HeartbeatEvent::Reauthenticate(token))
+                    }
                     Control::Pong { seq: answered } => {
                         if let Some((sent_seq, at)) = outstanding {
                             if sent_seq == answered {
@@ -201,6 +206,7 @@ pub fn kind(msg: &Control) -> &'static str {
         Control::Ping { .. } => "Ping",
         Control::Pong { .. } => "Pong",
         Control::GoingAway => "GoingAway",
+        Control::Reauthenticate { .. } => "Reauthenticate",
     }
 }
 

@@ -445,7 +445,12 @@ fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_
     let hub = setup.hub_file(
         "listen = \"127.0.0.1:5001\"\nsocks_no_auth = \"edge@acme/prod\"\ngrace = 45\n\
          state_dir = \"state\"\nlog_format = \"text\"\nlog_level = \"info\"\n\
-         congestion = \"bbr\"\nmax_frame = 2048\n",
+         congestion = \"bbr\"\nmax_frame = 2048\noidc_issuers_file = \"issuers.toml\"\n",
+    );
+    setup.write(
+        "issuers.toml",
+        "[[oidc_issuer]]\nurl = \"https://issuer.example\"\naudiences = [\"rna\"]\n\
+         tenant_claim = \"rna_tenant\"\n",
     );
     let out = reads_back_the_same(&setup, "hub", &["--config", s(&hub)], "hub.toml");
     let mut keys: Vec<String> = out.keys().cloned().collect();
@@ -463,6 +468,10 @@ fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_
         "paths only"
     );
     assert_eq!(key(&out, "state_dir"), s(&setup.path("state")));
+    assert_eq!(
+        key(&out, "oidc_issuers_file"),
+        s(&setup.path("issuers.toml"))
+    );
 
     std::fs::write(setup.path("kubeconfig"), "apiVersion: v1\nkind: Config\n").expect("write");
     let agent = setup.agent_file(
@@ -952,4 +961,75 @@ fn the_proxy_comes_from_the_flag_or_the_environment_and_its_password_is_never_pr
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("auto"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_config_names_a_bad_oidc_issuer_precisely() {
+    let setup = Setup::new();
+    let hub = setup.hub_file("oidc_issuers_file = \"issuers.toml\"\n");
+    let issuers = setup.path("issuers.toml");
+    let cases = [
+        (
+            "[[oidc_issuer]]\nurl = \"http://issuer.example\"\naudiences = [\"rna\"]\n\
+             tenant_claim = \"t\"\n",
+            "OIDC issuer \"http://issuer.example\": url must be an https URL".to_string(),
+        ),
+        (
+            "[[oidc_issuer]]\nurl = \"https://issuer.example\"\naudiences = []\n\
+             tenant_claim = \"t\"\n",
+            "OIDC issuer \"https://issuer.example\": audiences must list at least one \
+             non-empty audience"
+                .to_string(),
+        ),
+        (
+            "[[oidc_issuer]]\nurl = \"https://issuer.example\"\naudiences = [\"rna\"]\n\
+             tenant_claim = \"t\"\ntenant = \"acme/prod\"\n",
+            "OIDC issuer \"https://issuer.example\": set exactly one of tenant_claim and tenant"
+                .to_string(),
+        ),
+        (
+            "[[oidc_issuer]]\nurl = \"https://issuer.example\"\naudiences = [\"rna\"]\n\
+             tenant_claim = \"t\"\nleeway = \"5m\"\n",
+            "OIDC issuer \"https://issuer.example\": leeway must be at most 60s".to_string(),
+        ),
+        (
+            "[[oidc_issuer]]\nurl = \"https://a.example\"\naudiences = [\"rna\"]\n\
+             tenant = \"acme/prod\"\n[[oidc_issuer]]\nurl = \"https://a.example\"\n\
+             audiences = [\"rna\"]\ntenant = \"acme/prod\"\n",
+            "OIDC issuer \"https://a.example\" is listed twice".to_string(),
+        ),
+        (
+            "[[oidc_issuer]]\nurl = \"https://issuer.example\"\naudiences = [\"rna\"]\n\
+             tenant_claim = \"t\"\nalgorithms = [\"HS256\"]\n",
+            "HS256".to_string(),
+        ),
+        (
+            "[[oidc_issuers]]\nurl = \"https://issuer.example\"\n",
+            "unknown field `oidc_issuers`".to_string(),
+        ),
+        (
+            "[[oidc_issuer]]\nurl = \"https://issuer.example\"\naudiences = [\"rna\"]\n\
+             tenant = \"acme/ci\"\njwks_file = \"missing.json\"\n",
+            format!(
+                "OIDC issuer \"https://issuer.example\": jwks_file {}: No such file",
+                s(&setup.path("missing.json"))
+            ),
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&issuers, text).expect("write issuers");
+        let line = refused(&["hub", "--config", s(&hub)], &[]);
+        let prefix = format!("rna: {}: oidc_issuers_file: {}: ", s(&hub), s(&issuers));
+        assert!(line.starts_with(&prefix), "{line}");
+        assert!(line.contains(&expected), "{line}\nexpected: {expected}");
+    }
+    // A good file passes, and so does an issuer that cannot be reached: keys are fetched by
+    // the running hub, not by the check.
+    std::fs::write(
+        &issuers,
+        "[[oidc_issuer]]\nurl = \"https://127.0.0.1:9\"\naudiences = [\"rna\"]\n\
+         tenant_claim = \"rna_tenant\"\nscope_claim = \"scp\"\n",
+    )
+    .expect("write issuers");
+    valid(&["hub", "--config", s(&hub)], &[]);
 }

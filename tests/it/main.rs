@@ -28,6 +28,7 @@ mod loss_recovery;
 mod metrics;
 mod netns;
 mod oidc;
+mod oidc_flow;
 mod process;
 mod proxy;
 mod quic_flood;

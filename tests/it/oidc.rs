@@ -25,13 +25,13 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 /// The audience the issuer puts in tokens unless another resource is asked for.
-const AUDIENCE: &str = "https://hub.rna.test";
+pub(crate) const AUDIENCE: &str = "https://hub.rna.test";
 
 /// A running issuer process and the files it was given.
-struct TestIssuer {
+pub(crate) struct TestIssuer {
     child: Child,
-    url: String,
-    ca: PathBuf,
+    pub(crate) url: String,
+    pub(crate) ca: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -62,12 +62,17 @@ fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 /// Starts tests/oidc/issuer.mjs with tokens living `ttl` seconds; waits for its `port=` line.
-async fn start_issuer(ttl: u64) -> TestIssuer {
+pub(crate) async fn start_issuer(ttl: u64) -> TestIssuer {
     let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
     assert!(
         script_dir.join("node_modules/oidc-provider").is_dir(),
         "oidc-provider is not installed: run `npm ci` in tests/oidc"
     );
+    // Node starting oidc-provider is CPU-bound for seconds; a dozen tests starting issuers at
+    // once on a loaded 2-core machine starved some past their deadline. Two start at a time,
+    // and each one's deadline counts from its turn.
+    static STARTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _turn = STARTING.acquire().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = make_pki(dir.path());
     let mut child = Command::new("node")
@@ -106,7 +111,7 @@ async fn start_issuer(ttl: u64) -> TestIssuer {
 
 impl TestIssuer {
     /// The trusted-issuer settings rna would have for it (keys through discovery).
-    fn config(&self) -> IssuerConfig {
+    pub(crate) fn config(&self) -> IssuerConfig {
         let mut c = IssuerConfig::new(&self.url, &[AUDIENCE], "rna_tenant");
         c.ca = Some(self.ca.clone());
         c.leeway = Duration::from_secs(5);
@@ -114,7 +119,7 @@ impl TestIssuer {
     }
 
     /// The client-credentials settings of `client` (its secret is `<client>-secret`).
-    fn client(&self, client: &str, scope: &str) -> ClientCredentials {
+    pub(crate) fn client(&self, client: &str, scope: &str) -> ClientCredentials {
         let mut c = ClientCredentials::new(
             TokenEndpoint::Issuer(self.url.clone()),
             client,
@@ -126,7 +131,7 @@ impl TestIssuer {
     }
 
     /// One token through discovery and the token endpoint.
-    async fn token(&self, creds: &ClientCredentials) -> String {
+    pub(crate) async fn token(&self, creds: &ClientCredentials) -> String {
         let fetcher = creds.fetcher().unwrap();
         let url = creds.token_url(&fetcher).await.unwrap();
         let t = creds.fetch(&fetcher, &url).await.unwrap();
@@ -134,7 +139,7 @@ impl TestIssuer {
     }
 
     /// Makes a new signing key; returns its kid.
-    async fn rotate(&self) -> String {
+    pub(crate) async fn rotate(&self) -> String {
         let f = Fetcher::new(Some(&self.ca), Duration::from_secs(10), 4096).unwrap();
         let doc = f
             .get_json(&format!("{}/test/rotate", self.url))
@@ -149,7 +154,7 @@ fn verifier(issuers: Vec<IssuerConfig>, tuning: Tuning) -> Verifier {
 }
 
 /// The decoded header or claims (`part` 0 or 1) of a JWT.
-fn part(token: &str, part: usize) -> serde_json::Value {
+pub(crate) fn part(token: &str, part: usize) -> serde_json::Value {
     let text = token.split('.').nth(part).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(text).unwrap()).unwrap()
 }

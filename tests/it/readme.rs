@@ -214,6 +214,7 @@ const PROSE: &[&str] = &[
     "RNA_CONFIG",
     "RNA_WORKER_THREADS",
     "RNA_STATE_DIR",
+    "RNA_OIDC_ISSUERS_FILE",
 ];
 
 #[test]

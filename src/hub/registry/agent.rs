@@ -58,6 +58,9 @@ pub struct AgentSession {
     bytes_from_agent: AtomicU64,
     /// Bytes relayed from clients towards the agent.
     bytes_to_agent: AtomicU64,
+    /// When the credential the session registered with stops being valid, Unix seconds, for
+    /// a JWT (`exp`); `i64::MAX` for an opaque token, whose validity the token store follows.
+    credential_expiry: std::sync::atomic::AtomicI64,
     /// The agent's last inventory report on this connection, as the JSON the admin API
     /// serves (made once on receipt and shared by every reader), and when it arrived.
     pub(super) inventory: Mutex<Option<(Bytes, SystemTime)>>,
@@ -70,6 +73,17 @@ pub struct AgentSession {
 }
 
 impl AgentSession {
+    /// Records when the session's JWT expires (Unix seconds); the hub closes it after that.
+    pub fn set_credential_expiry(&self, unix: i64) {
+        self.credential_expiry.store(unix, Ordering::Relaxed);
+    }
+
+    /// When the session's credential expires (Unix seconds; `i64::MAX`: it follows the
+    /// token store).
+    pub fn credential_expiry(&self) -> i64 {
+        self.credential_expiry.load(Ordering::Relaxed)
+    }
+
     /// A new session record.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -102,6 +116,7 @@ impl AgentSession {
             streams_total: AtomicU64::new(0),
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
+            credential_expiry: std::sync::atomic::AtomicI64::new(i64::MAX),
             inventory: Mutex::new(None),
             inventory_turns: InventoryTurns::default(),
             kube_commands: AtomicUsize::new(0),
