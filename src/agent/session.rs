@@ -341,6 +341,8 @@ pub async fn dial_tcp(
     match dialed {
         Ok(session) => Ok(Session::from(session)),
         Err(TcpError::Tls { failure, .. }) => Err(SessionError::Tls(explain_tls(&failure, &at))),
+        // Dropped before TLS said anything: the hub is at its handshake cap or shutting down.
+        Err(TcpError::Closed { .. }) => Err(SessionError::Busy(addr)),
         Err(TcpError::Connect { source, .. }) => Err(SessionError::TcpConnect {
             addr,
             reason: io_reason(&source),

@@ -56,6 +56,16 @@ pub enum TcpError {
         /// Which side refused which certificate, with rustls' words or the alert received.
         failure: TlsFailure,
     },
+    /// The peer closed or reset the connection during the TLS handshake, without a TLS
+    /// alert: a hub refusing new connections (its handshake cap, a shutdown), or a peer
+    /// that gave up.
+    #[error("{addr} closed the connection during the TLS handshake: {source}")]
+    Closed {
+        /// The peer.
+        addr: SocketAddr,
+        /// The cause (reset, end of file).
+        source: std::io::Error,
+    },
     /// TLS completed but the peer did not choose `rna-tcp/1`.
     #[error("{addr} did not negotiate ALPN rna-tcp/1")]
     Alpn {
@@ -368,8 +378,19 @@ fn negotiated(
     Ok(conn.peer_certificates().map(|c| c.to_vec()))
 }
 
-/// A TLS handshake with `addr` that failed, on either side.
+/// A TLS handshake with `addr` that failed, on either side: a TLS error or alert, or the
+/// peer closing the connection before TLS said anything (a hub at its handshake cap or
+/// shutting down drops the connection; that is no certificate refusal).
 fn tls_failed(addr: SocketAddr, e: &std::io::Error) -> TcpError {
+    let tls = e
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    if !tls {
+        return TcpError::Closed {
+            addr,
+            source: std::io::Error::new(e.kind(), e.to_string()),
+        };
+    }
     TcpError::Tls {
         addr,
         failure: tls_detail(e),

@@ -831,3 +831,45 @@ fn the_cli_offers_the_transport_flags_and_refuses_bad_values() {
         bad.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_that_drops_tcp_handshakes_reads_as_busy_not_as_a_certificate_refusal() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    // A hub at its handshake cap (or shutting down) drops new TCP connections before TLS
+    // says anything. Here the reset comes once the agent's ClientHello arrived, so it meets
+    // the TLS handshake (a reset at once may end the TCP connect itself).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dropper = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let mut hello = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut hello).await;
+            let _ = tcp.set_zero_linger();
+            drop(tcp);
+        }
+    });
+    let mut config = world.agent_config_over("edge", &token, TransportMode::Tcp);
+    config.hubs = vec![HubTarget {
+        host: "127.0.0.1".into(),
+        port: addr.port(),
+    }];
+    let agent = world.spawn_agent(config);
+    let status = within(
+        "the dropped handshake to be reported",
+        agent.handle.wait_until(|s| s.last_error.is_some()),
+    )
+    .await;
+    let err = status.last_error.unwrap();
+    assert_eq!(err, SessionError::Busy(addr), "{err}");
+    assert!(
+        !err.to_string().contains("certificate"),
+        "a dropped connection is no certificate refusal: {err}"
+    );
+    dropper.abort();
+    agent.stop().await;
+    world.stop().await;
+}
