@@ -98,6 +98,19 @@ fn kind_of(file_type: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Creates `dir` (and its parents) with mode 0700 for the last part, for folders that hold
+/// keys and tokens; an existing folder keeps its mode (an operator may have chosen it).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Reads a whole regular file of at most `limit` bytes. A FIFO, device, socket or folder is
 /// refused without blocking: the file is opened non-blocking (opening a FIFO for reading
 /// would otherwise wait for a writer) and checked on the open descriptor, so swapping the

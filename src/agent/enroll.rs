@@ -165,7 +165,12 @@ pub async fn enroll(
                             message: format!("the certificate names agent {:?}", identity.agent),
                         });
                     }
-                    create_private_dir(&state.dir)?;
+                    crate::fsutil::create_private_dir(&state.dir).map_err(|e| {
+                        EnrollmentError::State {
+                            path: state.dir.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
                     let chain: String = issued
                         .chain
                         .iter()
@@ -273,20 +278,4 @@ async fn exchange(
 /// PEM text of one DER object.
 fn pem(tag: &str, der: &[u8]) -> String {
     ::pem::encode(&::pem::Pem::new(tag, der.to_vec()))
-}
-
-/// Creates the state folder with mode 0700 (an existing one keeps its mode).
-fn create_private_dir(dir: &Path) -> Result<(), EnrollmentError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| EnrollmentError::State {
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        })
 }

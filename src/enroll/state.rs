@@ -113,7 +113,7 @@ impl HubState {
             path: path.to_path_buf(),
             message,
         };
-        create_private_dir(&self.dir).map_err(|e| fail(&self.dir, e.to_string()))?;
+        crate::fsutil::create_private_dir(&self.dir).map_err(|e| fail(&self.dir, e.to_string()))?;
         if certs && !self.ca().exists() {
             if hub_names.is_empty() {
                 return Err(fail(
@@ -189,19 +189,6 @@ pub fn certificate_names(path: &Path) -> Vec<String> {
             _ => None,
         })
         .collect()
-}
-
-/// Creates `dir` (and its parents) with mode 0700 for the last part; an existing folder keeps
-/// its mode (an operator may have chosen it).
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 #[cfg(test)]

@@ -140,11 +140,9 @@ impl StreamError {
     /// A QMux stream error; one that is about the session reads the session's end reason
     /// (qmux fails the streams with a bare "closed" just before it records why).
     async fn from_tcp(e: qmux::Error, t: &TcpSession) -> StreamError {
-        match e {
-            qmux::Error::StreamReset(code) => StreamError::Reset(code.into_inner()),
-            qmux::Error::StreamStop(code) => StreamError::Stopped(code.into_inner()),
-            qmux::Error::StreamClosed => StreamError::Closed,
-            other => {
+        match Self::of_stream(e) {
+            Ok(stream) => stream,
+            Err(other) => {
                 let end = tokio::time::timeout(SESSION_END_WAIT, t.mux().closed()).await;
                 let e = end.unwrap_or(other);
                 StreamError::Session(SessionEnd::from_tcp(&e, t.closed_here()))
@@ -154,14 +152,22 @@ impl StreamError {
 
     /// [`StreamError::from_tcp`] for callers that cannot wait.
     fn from_tcp_now(e: qmux::Error, t: &TcpSession) -> StreamError {
-        match e {
-            qmux::Error::StreamReset(code) => StreamError::Reset(code.into_inner()),
-            qmux::Error::StreamStop(code) => StreamError::Stopped(code.into_inner()),
-            qmux::Error::StreamClosed => StreamError::Closed,
-            other => {
+        match Self::of_stream(e) {
+            Ok(stream) => stream,
+            Err(other) => {
                 let e = t.mux().closed().now_or_never().unwrap_or(other);
                 StreamError::Session(SessionEnd::from_tcp(&e, t.closed_here()))
             }
+        }
+    }
+
+    /// A QMux error about the stream itself, or the error back when it is about the session.
+    fn of_stream(e: qmux::Error) -> Result<StreamError, qmux::Error> {
+        match e {
+            qmux::Error::StreamReset(code) => Ok(StreamError::Reset(code.into_inner())),
+            qmux::Error::StreamStop(code) => Ok(StreamError::Stopped(code.into_inner())),
+            qmux::Error::StreamClosed => Ok(StreamError::Closed),
+            other => Err(other),
         }
     }
 }

@@ -382,46 +382,31 @@ fn negotiated(
 /// peer closing the connection before TLS said anything (a hub at its handshake cap or
 /// shutting down drops the connection; that is no certificate refusal).
 fn tls_failed(addr: SocketAddr, e: &std::io::Error) -> TcpError {
-    let tls = e
-        .get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
-    if !tls {
-        return TcpError::Closed {
+    match rustls_error(e) {
+        Some(tls) => TcpError::Tls {
+            addr,
+            failure: rustls_failure(tls),
+        },
+        None => TcpError::Closed {
             addr,
             source: std::io::Error::new(e.kind(), e.to_string()),
-        };
-    }
-    TcpError::Tls {
-        addr,
-        failure: tls_detail(e),
+        },
     }
 }
 
-/// rustls' own reading of a handshake failure (tokio-rustls wraps it in an `io::Error`).
-fn tls_detail(e: &std::io::Error) -> TlsFailure {
-    match e
-        .get_ref()
+/// rustls' own error inside an `io::Error` (tokio-rustls and QMux wrap it), if it is one.
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(tls) => rustls_failure(tls),
-        None => TlsFailure {
-            refused_here: true,
-            problem: super::tls::CertProblem::Other,
-            detail: e.to_string(),
-        },
-    }
 }
 
 /// A failed QMux setup: a TLS alert read while waiting is a TLS failure, the rest is QMux's.
 fn mux_error(e: qmux::Error, addr: SocketAddr) -> TcpError {
     if let qmux::Error::Io(io) = &e {
-        if io
-            .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-        {
+        if let Some(tls) = rustls_error(io) {
             return TcpError::Tls {
                 addr,
-                failure: tls_detail(io),
+                failure: rustls_failure(tls),
             };
         }
     }
