@@ -17,9 +17,10 @@
 //! 1. `fsutil`, `runtime`, `notify`, `listen`, `identity`, `clock`, `metrics`, `duration`: leaves that
 //!    know nothing of hub or agent
 //! 2. `proto`, `auth`, `certs`: wire messages, tokens and their store, certificates
-//! 3. `transport`, `enroll`, `oidc`: QUIC and TLS endpoints, the control stream, the relay;
-//!    join tokens, CSRs, the CA pin and the certificate lifecycle of agent enrollment; JWTs
-//!    from trusted OIDC issuers and the client-credentials flow
+//! 3. `transport`, `enroll`, `oidc`, `state`: QUIC and TLS endpoints, the control stream, the
+//!    relay; join tokens, CSRs, the CA pin and the certificate lifecycle of agent enrollment;
+//!    JWTs from trusted OIDC issuers and the client-credentials flow; where the hub's shared
+//!    state lives (files or a Kubernetes Secret)
 //! 4. `hub`, `agent`: the two roles
 //! 5. `config`, `admin_client`, `dev`: configuration that builds hub and agent settings, the
 //!    admin API client, `rna dev` (its state folder and the hub and agent it runs)
@@ -47,4 +48,5 @@ pub mod notify;
 pub mod oidc;
 pub mod proto;
 pub mod runtime;
+pub mod state;
 pub mod transport;

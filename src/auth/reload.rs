@@ -70,6 +70,27 @@ impl ReloadingStore {
         })
     }
 
+    /// A store that follows no file: its tokens come from elsewhere (a Kubernetes Secret)
+    /// through [`replace`](Self::replace). [`reload`](Self::reload) has no file to read and
+    /// fails; [`watch`](Self::watch) never fires.
+    pub fn detached(store: TokenStore) -> Self {
+        ReloadingStore {
+            path: PathBuf::new(),
+            state: RwLock::new(Loaded {
+                store: Arc::new(store),
+                stamp: None,
+            }),
+        }
+    }
+
+    /// Puts `store` in use; `true` when its tokens differ from the ones in use.
+    pub fn replace(&self, store: TokenStore) -> bool {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let changed = state.store.to_toml() != store.to_toml();
+        state.store = Arc::new(store);
+        changed
+    }
+
     /// A snapshot of the store in use.
     pub fn current(&self) -> Arc<TokenStore> {
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
@@ -121,6 +142,9 @@ impl ReloadingStore {
     /// a link). Without inotify the watch never fires and the periodic check alone remains.
     /// Must be called inside a Tokio runtime.
     pub fn watch(&self) -> StoreWatch {
+        if self.path.as_os_str().is_empty() {
+            return StoreWatch { fd: None };
+        }
         let dir = crate::fsutil::folder_of(&self.path);
         match StoreWatch::start(dir) {
             Ok(watch) => watch,

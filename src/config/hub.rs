@@ -9,6 +9,7 @@ use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources,
 use crate::auth::Tenant;
 use crate::enroll::HubState;
 use crate::hub::{HubConfig, NoAuthRoute, TcpListen};
+use crate::state::StateLocation;
 use crate::transport::{Congestion, ServerTls};
 
 settings! {
@@ -57,6 +58,11 @@ settings! {
     /// Token store (see `rna token`).
     #[arg(long, env = "RNA_TOKENS")]
     tokens: Option<PathBuf> => show(Some(config.tokens.clone()));
+    /// Where tokens, join tokens, issued certificates and revocations live: `file` (the
+    /// token store and the state folder's files) or `kubernetes://NAMESPACE/NAME`, one Secret
+    /// that every hub replica follows and `rna token`/`rna certs --state` edit [default: file].
+    #[arg(long, env = "RNA_STATE", value_name = "file|kubernetes://NAMESPACE/NAME")]
+    state: Option<StateLocation> => show(Some(config.state.clone()));
     /// Accept SOCKS5 clients without credentials and route them to AGENT@TENANT (only when
     /// --socks is a loopback address).
     #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
@@ -182,13 +188,15 @@ settings! {
 /// Validates hub options into the hub's configuration, reading the certificate files.
 pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigError> {
     let invalid = |key: &str, message: String| sources.invalid(key, message);
+    // With the state in a Kubernetes Secret, no token store file is made, read or needed.
+    let shared_state = o.state.as_ref().is_some_and(StateLocation::is_kubernetes);
     // A state folder supplies every file not named explicitly, made on the first start.
     let state = match &o.state_dir {
         Some(dir) => {
             let state = HubState::new(dir);
             let certs = o.ca.is_none() || o.cert.is_none() || o.key.is_none();
             state
-                .prepare(&o.hub_name, certs, o.tokens.is_none())
+                .prepare(&o.hub_name, certs, o.tokens.is_none() && !shared_state)
                 .map_err(|e| invalid("state_dir", e.to_string()))?;
             Some(state)
         }
@@ -202,15 +210,20 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
         &or_state(&o.cert, HubState::hub_cert),
         &or_state(&o.key, HubState::hub_key),
     )?;
-    let tokens = required(
-        &or_state(&o.tokens, HubState::tokens),
-        "tokens",
-        "tokens",
-        "TOKENS",
-    )?;
+    let tokens = match shared_state {
+        true => PathBuf::new(),
+        false => required(
+            &or_state(&o.tokens, HubState::tokens),
+            "tokens",
+            "tokens",
+            "TOKENS",
+        )?,
+    };
     let tls = files.load(sources, ServerTls::load, ServerTls::check)?;
-    if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
-        return Err(invalid("tokens", crate::fsutil::error_chain(&e)));
+    if !shared_state {
+        if let Err(e) = crate::auth::TokenStore::load_or_empty(&tokens) {
+            return Err(invalid("tokens", crate::fsutil::error_chain(&e)));
+        }
     }
     let listen = o.listen.unwrap_or(SocketAddr::from((
         [0, 0, 0, 0],
@@ -220,6 +233,7 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
     let mut config = HubConfig::new(listen, socks, tls, tokens);
     config.api = Some(o.api.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))));
     config.state_dir = o.state_dir.clone();
+    config.state = o.state.clone().unwrap_or_default();
     // Enrollment signs with the state folder's CA key, so it is offered only when the CA
     // agents are checked against is that CA.
     config.enrollment = state.filter(|s| s.ca_key().exists() && files.ca == s.ca());

@@ -14,6 +14,7 @@ use super::{format_duration, parse_duration, ConfigError, LogFormat, LogOptions}
 use crate::agent::kube::{ResourceRule, SecretRef};
 use crate::agent::{HubTarget, Rule, TransportMode};
 use crate::hub::TcpListen;
+use crate::state::StateLocation;
 use crate::transport::Congestion;
 
 /// A duration as a file writes it: a string with a unit (`"10s"`) or an integer number of
@@ -99,7 +100,15 @@ macro_rules! text_form {
         }
     )*};
 }
-text_form!(String, HubTarget, Rule, ResourceRule, SecretRef, TcpListen);
+text_form!(
+    String,
+    HubTarget,
+    Rule,
+    ResourceRule,
+    SecretRef,
+    TcpListen,
+    StateLocation
+);
 
 /// Values written as text and read through a check of the key's own instead of `FromStr`
 /// (`$form` may be a marker type whose value is `$value`); printed through `Display`.

@@ -70,6 +70,19 @@ impl IssuedLog {
         })
     }
 
+    /// Parses the list from its text (a state document); `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<IssuedLog, EnrollError> {
+        let listed = super::from_state_text(text, origin)?;
+        Ok(IssuedLog {
+            records: super::by_serial(listed, origin)?,
+        })
+    }
+
+    /// The list as its file holds it.
+    pub fn to_text(&self) -> Result<String, EnrollError> {
+        super::to_state_text(&self.records.values().collect::<Vec<_>>())
+    }
+
     /// Writes the log atomically (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), EnrollError> {
         save_by_serial(path, &self.records)

@@ -110,6 +110,23 @@ fn read_state<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A state document as its file holds it (pretty JSON and a newline), for a state kept
+/// elsewhere than in files (a Kubernetes Secret) in the same format.
+pub fn to_state_text<T: serde::Serialize>(value: &T) -> Result<String, EnrollError> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| EnrollError::state(Path::new("state document"), e))?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// Parses a state document; `origin` names it in errors.
+pub fn from_state_text<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &Path,
+) -> Result<T, EnrollError> {
+    serde_json::from_str(text).map_err(|e| EnrollError::state(origin, e))
+}
+
 /// A record of a state file kept by certificate serial: the issued-certificate log and the
 /// revocation list.
 trait BySerial: serde::Serialize + serde::de::DeserializeOwned {
@@ -124,6 +141,14 @@ fn load_by_serial<T: BySerial>(
     limit: u64,
 ) -> Result<std::collections::BTreeMap<String, T>, EnrollError> {
     let listed: Vec<T> = read_state(path, limit)?.unwrap_or_default();
+    by_serial(listed, path)
+}
+
+/// Records by serial from a list; a serial listed twice is refused.
+fn by_serial<T: BySerial>(
+    listed: Vec<T>,
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, T>, EnrollError> {
     let mut records = std::collections::BTreeMap::new();
     for record in listed {
         let serial = record.serial().to_owned();

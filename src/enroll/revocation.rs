@@ -41,6 +41,19 @@ impl RevocationList {
         })
     }
 
+    /// Parses the list from its text (a state document); `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<RevocationList, EnrollError> {
+        let listed = super::from_state_text(text, origin)?;
+        Ok(RevocationList {
+            entries: super::by_serial(listed, origin)?,
+        })
+    }
+
+    /// The list as its file holds it.
+    pub fn to_text(&self) -> Result<String, EnrollError> {
+        super::to_state_text(&self.entries.values().collect::<Vec<_>>())
+    }
+
     /// Writes the list atomically (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), EnrollError> {
         save_by_serial(path, &self.entries)

@@ -14,6 +14,7 @@ pub mod registry;
 pub mod router;
 pub mod session;
 mod settings;
+mod shared_state;
 pub mod socks;
 mod status;
 
@@ -75,6 +76,9 @@ pub enum HubError {
     /// A trusted OIDC issuer's settings cannot work.
     #[error("{0}")]
     Oidc(#[from] crate::oidc::IssuerConfigError),
+    /// The shared state (`--state kubernetes://…`) could not be loaded.
+    #[error("shared state: {0}")]
+    State(#[from] crate::state::StateError),
 }
 
 /// State shared by the hub's tasks.
@@ -107,6 +111,8 @@ pub(crate) struct Shared {
     pub(crate) enroller: Option<Arc<enroll::Enroller>>,
     /// The trusted OIDC issuers and their cached keys; `None` when none is configured.
     pub(crate) oidc: Option<Arc<crate::oidc::Verifier>>,
+    /// The state shared with other replicas in a Kubernetes Secret; `None`: files.
+    pub(crate) shared_state: Option<Arc<shared_state::SharedState>>,
 }
 
 impl Shared {
@@ -163,6 +169,10 @@ impl Shared {
 
     /// Re-reads the token store and closes sessions whose token stopped being valid.
     pub(crate) fn reload_tokens(&self, force: bool) -> Result<bool, StoreError> {
+        if self.shared_state.is_some() {
+            // No file: the Secret's watch applies every change as it comes.
+            return Ok(false);
+        }
         let reloaded = if force {
             self.tokens.reload().map(|_| true)
         } else {
@@ -238,7 +248,14 @@ impl Hub {
         if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
             return Err(HubError::NoAuthNotLoopback(config.socks));
         }
-        let tokens = Arc::new(ReloadingStore::open(&config.tokens)?);
+        let (tokens, shared_state) = match &config.state {
+            crate::state::StateLocation::File => (ReloadingStore::open(&config.tokens)?, None),
+            crate::state::StateLocation::Kubernetes(secret) => {
+                let (state, store) = shared_state::SharedState::open(secret).await?;
+                (ReloadingStore::detached(store), Some(Arc::new(state)))
+            }
+        };
+        let tokens = Arc::new(tokens);
         let key = match &config.state_dir {
             Some(dir) => transport::EndpointKey::load_or_create(dir)?,
             None => {
@@ -273,6 +290,12 @@ impl Hub {
             };
             if let Err(e) = state.save_address(&address) {
                 warn!("join lines will need --hub: {e}");
+            }
+            if let Some(shared) = &shared_state {
+                let ca = crate::fsutil::read_text(&state.ca(), crate::fsutil::MAX_PEM_FILE).ok();
+                if let Err(e) = shared_state::publish_hub(shared, ca, &address).await {
+                    warn!("join lines made with --state will need --hub: {e}");
+                }
             }
         }
         let tcp = match tcp {
@@ -334,6 +357,7 @@ impl Hub {
             heavy,
             enroller,
             oidc,
+            shared_state,
         });
         Ok(Hub {
             shared,
@@ -547,9 +571,22 @@ impl Hub {
             })
         };
 
+        // Shared state: every change another replica or `rna token|certs --state` makes.
+        if let Some(state) = shared.shared_state.clone() {
+            tokio::spawn(shared_state::follow(
+                shared.clone(),
+                state,
+                stop_accepting.clone(),
+            ));
+        }
+
         // Revocations: `rna certs revoke` writes the list; a revoked agent's sessions close
         // within a quarter second of the file changing.
-        if let Some(enroller) = shared.enroller.clone() {
+        if let Some(enroller) = shared
+            .enroller
+            .clone()
+            .filter(|_| shared.shared_state.is_none())
+        {
             let shared = shared.clone();
             let stop = stop_accepting.clone();
             enroller.refresh_revocations();

@@ -486,12 +486,12 @@ async fn check_hello(
 
 /// The serial of an enrolled certificate that is on the hub's revocation list.
 pub(crate) fn revoked_serial(shared: &Shared, cert_der: &[u8]) -> Option<String> {
-    let enroller = shared.enroller.as_ref()?;
+    let list = match &shared.shared_state {
+        Some(state) => state.revocations(),
+        None => shared.enroller.as_ref()?.revocations(),
+    };
     let identity = crate::enroll::agent_identity(cert_der).ok()?;
-    enroller
-        .revocations()
-        .is_revoked(&identity.serial)
-        .then_some(identity.serial)
+    list.is_revoked(&identity.serial).then_some(identity.serial)
 }
 
 /// An enrolled agent's certificate carries its tenant (`rna://tenant/<org>/<env>/agent/…`),

@@ -178,6 +178,10 @@ pub struct HubConfig {
     pub worker_threads: usize,
     /// The file the trusted OIDC issuers were read from, for `--check-config`.
     pub oidc_issuers_file: Option<PathBuf>,
+    /// Where tokens, join tokens, issued certificates and revocations are kept: the files
+    /// (`tokens` and the enrollment state folder), or one Kubernetes Secret that replicas
+    /// share and follow.
+    pub state: crate::state::StateLocation,
     /// Trusted OIDC issuers: a JWT one of them signed is accepted wherever a token is.
     /// Empty: only opaque tokens are accepted.
     pub oidc_issuers: Vec<crate::oidc::IssuerConfig>,
@@ -212,6 +216,7 @@ impl HubConfig {
             kube_timeout: Duration::from_secs(60),
             worker_threads: crate::runtime::default_worker_threads(),
             oidc_issuers_file: None,
+            state: crate::state::StateLocation::File,
             oidc_issuers: Vec::new(),
             oidc_tuning: crate::oidc::Tuning::default(),
         }
