@@ -202,8 +202,8 @@ async fn run(work: Work) -> Result<(), CliError> {
         Work::Dev(args) => dev::run(args).await,
         Work::Hub(config) => hub::run(*config).await,
         Work::Agent(prepared) => agent::run(*prepared).await,
-        Work::Certs(cmd) => certs::run(cmd),
-        Work::Token(cmd) => token::run(cmd),
+        Work::Certs(cmd) => certs::run(cmd).await,
+        Work::Token(cmd) => token::run(cmd).await,
         Work::Kube(_) => Err(CliError::BadArgument(
             "rna kube runs before the server runtime starts".into(),
         )),

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use clap::Subcommand;
 use rna::enroll::{CertState, HubState, IssuedLog, RevocationList};
+use rna::state::{Backend, Documents, FileState, StateLocation};
 
 use super::CliError;
 
@@ -44,16 +45,32 @@ pub enum CertsCommand {
     /// List the certificates the hub issued by enrollment, with expiry and state.
     List {
         /// The hub's state folder (as `rna hub --state-dir`).
-        #[arg(long, env = "RNA_STATE_DIR")]
-        state_dir: PathBuf,
+        #[arg(long, env = "RNA_STATE_DIR", required_unless_present = "state")]
+        state_dir: Option<PathBuf>,
+        /// Where the hub keeps its state: `file` (the state folder) or
+        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share [default: file].
+        #[arg(
+            long,
+            env = "RNA_STATE",
+            value_name = "file|kubernetes://NAMESPACE/NAME"
+        )]
+        state: Option<StateLocation>,
     },
     /// Revoke enrolled certificates: one serial, or every certificate of an agent name. The
     /// running hub closes that agent's sessions within a second and refuses the certificate
     /// from then on, also after a restart; join tokens made before cannot enroll it again.
     Revoke {
         /// The hub's state folder (as `rna hub --state-dir`).
-        #[arg(long, env = "RNA_STATE_DIR")]
-        state_dir: PathBuf,
+        #[arg(long, env = "RNA_STATE_DIR", required_unless_present = "state")]
+        state_dir: Option<PathBuf>,
+        /// Where the hub keeps its state: `file` (the state folder) or
+        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share [default: file].
+        #[arg(
+            long,
+            env = "RNA_STATE",
+            value_name = "file|kubernetes://NAMESPACE/NAME"
+        )]
+        state: Option<StateLocation>,
         /// Only this tenant's agent of that name.
         #[arg(long, env = "RNA_TENANT")]
         tenant: Option<rna::auth::Tenant>,
@@ -64,7 +81,7 @@ pub enum CertsCommand {
 }
 
 /// Runs one `rna certs` subcommand, printing each file written.
-pub fn run(cmd: CertsCommand) -> Result<(), CliError> {
+pub async fn run(cmd: CertsCommand) -> Result<(), CliError> {
     match cmd {
         CertsCommand::Init {
             dir,
@@ -81,21 +98,30 @@ pub fn run(cmd: CertsCommand) -> Result<(), CliError> {
             print_written(&cert);
             print_written(&key);
         }
-        CertsCommand::List { state_dir } => list_issued(&HubState::new(&state_dir))?,
+        CertsCommand::List { state_dir, state } => {
+            let backend = open(state, state_dir).await?;
+            let docs = backend.read().await?;
+            list_issued(&issued(&backend, &docs)?, &revoked(&backend, &docs)?)?;
+        }
         CertsCommand::Revoke {
             state_dir,
             tenant,
             target,
+            state,
         } => {
-            let state = HubState::new(&state_dir);
-            let fail = |e: rna::enroll::EnrollError| CliError::BadArgument(e.to_string());
-            let log = IssuedLog::load(&state.issued()).map_err(fail)?;
-            let mut list = RevocationList::load(&state.revoked()).map_err(fail)?;
+            let backend = open(state, state_dir).await?;
             let now = rna::auth::unix_now(SystemTime::now());
-            let added = list
-                .revoke(&log, &target, tenant.as_ref(), now)
-                .map_err(fail)?;
-            list.save(&state.revoked()).map_err(fail)?;
+            let (added, _) = backend
+                .update(|docs| {
+                    let log = issued(&backend, docs)?;
+                    let mut list = revoked(&backend, docs)?;
+                    let added = list
+                        .revoke(&log, &target, tenant.as_ref(), now)
+                        .map_err(fail)?;
+                    docs.set(rna::state::REVOKED, list.to_text().map_err(fail)?);
+                    Ok::<_, CliError>(added)
+                })
+                .await?;
             if added.is_empty() {
                 out!("{target}: already revoked");
             }
@@ -112,11 +138,47 @@ pub fn run(cmd: CertsCommand) -> Result<(), CliError> {
     Ok(())
 }
 
+fn fail(e: rna::enroll::EnrollError) -> CliError {
+    CliError::BadArgument(e.to_string())
+}
+
+/// The backend of `--state`: the state folder's files, or the shared Secret.
+async fn open(
+    state: Option<StateLocation>,
+    state_dir: Option<PathBuf>,
+) -> Result<Backend, CliError> {
+    let folder = HubState::new(&state_dir.unwrap_or_else(|| PathBuf::from(".")));
+    let files = FileState::new()
+        .with(rna::state::ISSUED, folder.issued())
+        .with(rna::state::REVOKED, folder.revoked());
+    Ok(Backend::open(&state.unwrap_or_default(), files).await?)
+}
+
+/// The issued-certificate log; empty when none exists yet.
+fn issued(backend: &Backend, docs: &Documents) -> Result<IssuedLog, CliError> {
+    match docs.get(rna::state::ISSUED) {
+        Some(text) => {
+            IssuedLog::parse(text, &super::token::doc_origin(backend, rna::state::ISSUED))
+                .map_err(fail)
+        }
+        None => Ok(IssuedLog::default()),
+    }
+}
+
+/// The revocation list; empty when none exists yet.
+fn revoked(backend: &Backend, docs: &Documents) -> Result<RevocationList, CliError> {
+    match docs.get(rna::state::REVOKED) {
+        Some(text) => RevocationList::parse(
+            text,
+            &super::token::doc_origin(backend, rna::state::REVOKED),
+        )
+        .map_err(fail),
+        None => Ok(RevocationList::default()),
+    }
+}
+
 /// `rna certs list`: every issued certificate with its state now.
-fn list_issued(state: &HubState) -> Result<(), CliError> {
-    let fail = |e: rna::enroll::EnrollError| CliError::BadArgument(e.to_string());
-    let log = IssuedLog::load(&state.issued()).map_err(fail)?;
-    let revoked = RevocationList::load(&state.revoked()).map_err(fail)?;
+fn list_issued(log: &IssuedLog, revoked: &RevocationList) -> Result<(), CliError> {
     let now = rna::auth::unix_now(SystemTime::now());
     out!(
         "{:<32}  {:<24}  {:<24}  {:<20}  STATE",
@@ -125,7 +187,7 @@ fn list_issued(state: &HubState) -> Result<(), CliError> {
         "AGENT",
         "EXPIRES"
     );
-    for (record, cert_state) in log.list(&revoked, now) {
+    for (record, cert_state) in log.list(revoked, now) {
         let cert_state = match cert_state {
             CertState::Valid => "valid",
             CertState::Expired => "expired",

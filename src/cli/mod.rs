@@ -59,6 +59,9 @@ pub enum CliError {
     /// An argument is not usable; the message says how to fix it.
     #[error("{0}")]
     BadArgument(String),
+    /// The shared state could not be read or written.
+    #[error(transparent)]
+    State(#[from] rna::state::StateError),
     /// The agent could not enroll with its join token.
     #[error(transparent)]
     Enroll(#[from] rna::agent::EnrollmentError),

@@ -1,12 +1,14 @@
-//! `rna token`: create, list and revoke tokens in a token store file.
+//! `rna token`: create, list and revoke tokens in a token store file, or in the hub's shared
+//! state (`--state kubernetes://NAMESPACE/NAME`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
 
-use rna::auth::{format_rfc3339, parse_ttl, Scope, Tenant, TokenStore};
-use rna::enroll::{HubState, NameRule, NewJoin};
+use rna::auth::{format_rfc3339, parse_ttl, Scope, StoreError, Tenant, TokenStore};
+use rna::enroll::{HubAddress, HubState, JoinBook, NameRule, NewJoin};
+use rna::state::{Backend, Documents, FileState, StateLocation};
 
 use super::CliError;
 
@@ -62,6 +64,15 @@ pub enum TokenCommand {
         /// replaced, before the hub has run].
         #[arg(long, requires = "join")]
         hub: Option<String>,
+        /// Where the hub keeps its state: `file` (the files above) or
+        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share (with the kubeconfig
+        /// kubectl would use) [default: file].
+        #[arg(
+            long,
+            env = "RNA_STATE",
+            value_name = "file|kubernetes://NAMESPACE/NAME"
+        )]
+        state: Option<StateLocation>,
     },
     /// List tokens (never their secrets), and the join tokens of the same folder.
     List {
@@ -71,6 +82,15 @@ pub enum TokenCommand {
         /// The hub's state folder (as `rna hub --state-dir`).
         #[arg(long, env = "RNA_STATE_DIR")]
         state_dir: Option<PathBuf>,
+        /// Where the hub keeps its state: `file` (the files above) or
+        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share (with the kubeconfig
+        /// kubectl would use) [default: file].
+        #[arg(
+            long,
+            env = "RNA_STATE",
+            value_name = "file|kubernetes://NAMESPACE/NAME"
+        )]
+        state: Option<StateLocation>,
     },
     /// Revoke a token by id.
     Revoke {
@@ -80,11 +100,20 @@ pub enum TokenCommand {
         /// Token id (from `rna token list`), or the whole token (`rna_…`).
         #[arg(env = "RNA_TOKEN_ID", value_name = "ID|TOKEN")]
         id: String,
+        /// Where the hub keeps its state: `file` (the files above) or
+        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share (with the kubeconfig
+        /// kubectl would use) [default: file].
+        #[arg(
+            long,
+            env = "RNA_STATE",
+            value_name = "file|kubernetes://NAMESPACE/NAME"
+        )]
+        state: Option<StateLocation>,
     },
 }
 
 /// Runs one `rna token` subcommand.
-pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
+pub async fn run(cmd: TokenCommand) -> Result<(), CliError> {
     match cmd {
         TokenCommand::Create {
             tenant,
@@ -96,9 +125,10 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
             hub,
             store,
             state_dir,
+            state,
             ..
         } => {
-            let state = join_state(store.as_deref(), state_dir.as_deref());
+            let backend = open(state, store, state_dir.as_deref()).await?;
             let rule = match (name, name_prefix) {
                 (Some(name), _) => NameRule::Exact(name),
                 (None, Some(prefix)) => NameRule::Prefix(prefix),
@@ -108,7 +138,7 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
                     ))
                 }
             };
-            create_join(&state, tenant, rule, uses, ttl, hub)?;
+            create_join(&backend, tenant, rule, uses, ttl, hub).await?;
         }
         TokenCommand::Create {
             store,
@@ -117,12 +147,25 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
             scopes,
             ttl,
             label,
+            state,
             ..
         } => {
-            let store = store_path(store, state_dir.as_deref());
-            let mut tokens = TokenStore::load_or_empty(&store)?;
-            let (secret, record) = tokens.create(tenant, scopes, ttl, label, SystemTime::now())?;
-            tokens.save(&store)?;
+            let backend = open(state, store, state_dir.as_deref()).await?;
+            // Made again on a conflicting write, so the token printed is the one stored.
+            let ((secret, record), _) = backend
+                .update(|docs| {
+                    let mut tokens = tokens_or_empty(&backend, docs)?;
+                    let made = tokens.create(
+                        tenant.clone(),
+                        scopes.clone(),
+                        ttl,
+                        label.clone(),
+                        SystemTime::now(),
+                    )?;
+                    docs.set(rna::state::TOKENS, tokens.to_toml());
+                    Ok::<_, CliError>(made)
+                })
+                .await?;
             eprintln!(
                 "created token {} for {} ({}); it is shown only once:",
                 record.id,
@@ -131,12 +174,17 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
             );
             out!("{}", secret.expose());
         }
-        TokenCommand::List { store, state_dir } => {
-            let state = join_state(store.as_deref(), state_dir.as_deref());
-            list_tokens(&store_path(store, state_dir.as_deref()))?;
-            list_join_tokens(&state)?;
+        TokenCommand::List {
+            store,
+            state_dir,
+            state,
+        } => {
+            let backend = open(state, store, state_dir.as_deref()).await?;
+            let docs = backend.read().await?;
+            list_tokens(&tokens(&backend, &docs)?)?;
+            list_join_tokens(&join_book(&backend, &docs)?)?;
         }
-        TokenCommand::Revoke { store, id } => {
+        TokenCommand::Revoke { store, id, state } => {
             let store = store.unwrap_or_else(|| PathBuf::from("tokens.toml"));
             // The whole token names its id: `rna_<id>_<secret>`.
             let id = if id.starts_with("rna_") {
@@ -152,13 +200,75 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
             } else {
                 id
             };
-            let mut tokens = TokenStore::load(&store)?;
-            tokens.revoke(&id)?;
-            tokens.save(&store)?;
+            let backend = open(state, Some(store), None).await?;
+            backend
+                .update(|docs| {
+                    let mut tokens = tokens(&backend, docs)?;
+                    tokens.revoke(&id)?;
+                    docs.set(rna::state::TOKENS, tokens.to_toml());
+                    Ok::<_, CliError>(())
+                })
+                .await?;
             out!("revoked {id}");
         }
     }
     Ok(())
+}
+
+/// The state backend of `--state`: the token store and the state folder's files (as before
+/// `--state` existed), or the shared Secret.
+async fn open(
+    state: Option<StateLocation>,
+    store: Option<PathBuf>,
+    state_dir: Option<&Path>,
+) -> Result<Backend, CliError> {
+    let folder = join_state(store.as_deref(), state_dir);
+    let files = FileState::new()
+        .with(rna::state::TOKENS, store_path(store, state_dir))
+        .with(rna::state::JOIN_TOKENS, folder.join_tokens())
+        .with(rna::state::CA, folder.ca())
+        .with(rna::state::ADDRESS, folder.address());
+    Ok(Backend::open(&state.unwrap_or_default(), files).await?)
+}
+
+/// The token store; a missing one is an error (nothing to list or revoke), named as
+/// `TokenStore::load` names it.
+fn tokens(backend: &Backend, docs: &Documents) -> Result<TokenStore, StoreError> {
+    let path = doc_origin(backend, rna::state::TOKENS);
+    match docs.get(rna::state::TOKENS) {
+        Some(text) => TokenStore::parse(text, &path),
+        None => Err(StoreError::Io {
+            path,
+            source: std::io::ErrorKind::NotFound.into(),
+        }),
+    }
+}
+
+/// The token store, or an empty one when none exists yet (for `token create`).
+fn tokens_or_empty(backend: &Backend, docs: &Documents) -> Result<TokenStore, StoreError> {
+    match docs.get(rna::state::TOKENS) {
+        Some(text) => TokenStore::parse(text, &doc_origin(backend, rna::state::TOKENS)),
+        None => Ok(TokenStore::default()),
+    }
+}
+
+/// The join tokens; none when the document does not exist yet.
+fn join_book(backend: &Backend, docs: &Documents) -> Result<JoinBook, CliError> {
+    match docs.get(rna::state::JOIN_TOKENS) {
+        Some(text) => {
+            rna::enroll::from_state_text(text, &doc_origin(backend, rna::state::JOIN_TOKENS))
+                .map_err(|e| CliError::BadArgument(e.to_string()))
+        }
+        None => Ok(JoinBook::default()),
+    }
+}
+
+/// Where a document is, for messages.
+pub(super) fn doc_origin(backend: &Backend, name: &str) -> PathBuf {
+    match backend {
+        Backend::File(files) => files.path(name).unwrap_or_else(|| PathBuf::from(name)),
+        Backend::Kubernetes(k) => PathBuf::from(format!("Secret {} key {name}", k.object())),
+    }
 }
 
 /// The token store: `--store`, else `tokens.toml` of the state folder, else `tokens.toml`.
@@ -182,8 +292,8 @@ fn join_state(store: Option<&Path>, state_dir: Option<&Path>) -> HubState {
 const HUB_PLACEHOLDER: &str = "HUB-HOST:4433";
 
 /// `rna token create --join`: records the join token and prints the line agents paste.
-fn create_join(
-    state: &HubState,
+async fn create_join(
+    backend: &Backend,
     tenant: Tenant,
     name: NameRule,
     uses: Option<u32>,
@@ -191,24 +301,38 @@ fn create_join(
     hub: Option<String>,
 ) -> Result<(), CliError> {
     let fail = |e: rna::enroll::EnrollError| CliError::BadArgument(e.to_string());
-    let ca = rna::certs::load_certs(&state.ca())?;
-    let ca = ca.first().ok_or_else(|| {
-        CliError::BadArgument(format!("{}: no CA certificate", state.ca().display()))
-    })?;
-    let pin = rna::enroll::ca_pin(ca).map_err(fail)?;
-    let hub = match hub {
+    let docs = backend.read().await?;
+    let ca_origin = doc_origin(backend, rna::state::CA);
+    let ca = docs
+        .get(rna::state::CA)
+        .and_then(|pem| rna::certs::parse_certs(pem).ok())
+        .and_then(|certs| certs.into_iter().next())
+        .ok_or_else(|| {
+            CliError::BadArgument(format!(
+                "{}: no CA certificate (a hub with this state has not started yet)",
+                ca_origin.display()
+            ))
+        })?;
+    let pin = rna::enroll::ca_pin(&ca).map_err(fail)?;
+    let address = match docs.get(rna::state::ADDRESS) {
+        Some(text) => rna::enroll::from_state_text::<HubAddress>(
+            text,
+            &doc_origin(backend, rna::state::ADDRESS),
+        )
+        .map_err(fail)?
+        .first(),
+        None => None,
+    };
+    let hub = match hub.or(address) {
         Some(hub) => hub,
-        None => match state.load_address().map_err(fail)?.and_then(|a| a.first()) {
-            Some(hub) => hub,
-            None => {
-                eprintln!(
-                    "the hub has not recorded its address in {} yet: replace {HUB_PLACEHOLDER} \
-                     below, or give --hub HOST:PORT",
-                    state.dir().display()
-                );
-                HUB_PLACEHOLDER.to_string()
-            }
-        },
+        None => {
+            eprintln!(
+                "the hub has not recorded its address in {} yet: replace {HUB_PLACEHOLDER} \
+                 below, or give --hub HOST:PORT",
+                rna::fsutil::folder_of(&doc_origin(backend, rna::state::ADDRESS)).display()
+            );
+            HUB_PLACEHOLDER.to_string()
+        }
     };
     let mut new = NewJoin::new(tenant, name);
     if let Some(uses) = uses {
@@ -219,9 +343,17 @@ fn create_join(
     }
     let (line, record) =
         rna::enroll::join::create(new, pin, &hub, SystemTime::now()).map_err(fail)?;
-    let mut book = state.load_join_tokens().map_err(fail)?;
-    book.insert(record.clone());
-    state.save_join_tokens(&book).map_err(fail)?;
+    backend
+        .update(|docs| {
+            let mut book = join_book(backend, docs)?;
+            book.insert(record.clone());
+            docs.set(
+                rna::state::JOIN_TOKENS,
+                rna::enroll::to_state_text(&book).map_err(fail)?,
+            );
+            Ok::<_, CliError>(())
+        })
+        .await?;
     eprintln!(
         "created join token {} for agent {} in {} ({} use(s), expires {}); run this line on \
          the agent machine, it is shown only once:",
@@ -235,11 +367,8 @@ fn create_join(
     Ok(())
 }
 
-/// Lists the join tokens of `state`, if it has any.
-fn list_join_tokens(state: &HubState) -> Result<(), CliError> {
-    let book = state
-        .load_join_tokens()
-        .map_err(|e| CliError::BadArgument(e.to_string()))?;
+/// Lists the join tokens, if there are any.
+fn list_join_tokens(book: &JoinBook) -> Result<(), CliError> {
     let now = rna::auth::unix_now(SystemTime::now());
     let mut records = book.records().peekable();
     if records.peek().is_none() {
@@ -283,8 +412,7 @@ fn scope_list(scopes: &[Scope]) -> String {
         .join(",")
 }
 
-fn list_tokens(store: &Path) -> Result<(), CliError> {
-    let tokens = TokenStore::load(store)?;
+fn list_tokens(tokens: &TokenStore) -> Result<(), CliError> {
     let now = rna::auth::unix_now(SystemTime::now());
     out!(
         "{:<12}  {:<24}  {:<44}  {:<20}  {:<8}  LABEL",

@@ -29,13 +29,16 @@ pub(crate) struct Enroller {
     /// Where join tokens, issued certificates and revocations are kept.
     state: HubState,
     /// The CA key and name.
-    signer: Signer,
+    pub(super) signer: Signer,
     /// The CA certificate (DER) sent back to the agent.
-    ca_der: Vec<u8>,
+    pub(super) ca_der: Vec<u8>,
     /// The hub's token store, where each enrolled agent's connect token goes.
     tokens: PathBuf,
     /// Lifetime of the certificates signed.
-    lifetime: Duration,
+    pub(super) lifetime: Duration,
+    /// The state shared with other replicas, when it is kept in Kubernetes: join tokens,
+    /// issued certificates, connect tokens and revocations are read and written there.
+    pub(super) shared_state: Option<Arc<super::shared_state::SharedState>>,
     /// One enrollment at a time: each reads, changes and writes the join tokens, the log and
     /// the token store, and two at once could spend one single-use token twice.
     lock: Mutex<()>,
@@ -81,6 +84,7 @@ impl Enroller {
             ca_der,
             tokens,
             lifetime,
+            shared_state: None,
             lock: Mutex::new(()),
             revoked: Mutex::new((None, Arc::default())),
         })
@@ -140,6 +144,9 @@ impl Enroller {
             ));
         }
         let agent = csr::requested_agent(&request.csr_der)?;
+        if let Some(state) = &self.shared_state {
+            return super::shared_state::enroll(self, state, request, &agent, tenant, now);
+        }
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         // Read afresh each time: `rna token create --join` adds tokens while the hub runs.
         let mut book = self.state.load_join_tokens()?;
@@ -381,6 +388,9 @@ impl Enroller {
         agent: &str,
         tenant: &crate::auth::Tenant,
     ) -> Result<Vec<crate::enroll::Revoked>, EnrollError> {
+        if let Some(state) = &self.shared_state {
+            return super::shared_state::revoke(state, agent, tenant);
+        }
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let log = IssuedLog::load(&self.state.issued())?;
         let mut list = RevocationList::load(&self.state.revoked())?;

@@ -169,8 +169,10 @@ impl Shared {
 
     /// Re-reads the token store and closes sessions whose token stopped being valid.
     pub(crate) fn reload_tokens(&self, force: bool) -> Result<bool, StoreError> {
-        if self.shared_state.is_some() {
-            // No file: the Secret's watch applies every change as it comes.
+        if let Some(state) = &self.shared_state {
+            // No file: the Secret's watch applies every change as it comes; what this replica
+            // wrote itself (an enrollment's connect token) is applied now.
+            state.apply_pending(self);
             return Ok(false);
         }
         let reloaded = if force {
@@ -269,11 +271,13 @@ impl Hub {
         let enroller = match &config.enrollment {
             Some(state) => {
                 config.tls = config.tls.with_enrollment(crate::enroll::ENROLL_ALPN);
-                Some(Arc::new(enroll::Enroller::open(
+                let mut enroller = enroll::Enroller::open(
                     state.clone(),
                     config.tokens.clone(),
                     config.agent_cert_lifetime,
-                )?))
+                )?;
+                enroller.shared_state = shared_state.clone();
+                Some(Arc::new(enroller))
             }
             None => None,
         };

@@ -4,16 +4,21 @@
 //! sessions at once), as the file followers do for a hub on its own.
 
 use std::path::Path;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{HubError, Shared};
-use crate::auth::TokenStore;
-use crate::enroll::RevocationList;
+use crate::auth::{Scope, TokenStore};
+use crate::enroll::{
+    CertBytes, EnrollError, EnrollRequest, Issued, IssuedLog, IssuedRecord, JoinBook, RefusalCode,
+    RevocationList, Revoked,
+};
+use crate::identity::{Secret, Tenant};
 use crate::state::kube::Snapshot;
-use crate::state::{Backend, KubeState, SecretRef};
+use crate::state::{Backend, Documents, KubeState, SecretRef, StateError};
 
 /// The shared state of a hub replica.
 #[derive(Debug)]
@@ -24,6 +29,9 @@ pub(crate) struct SharedState {
     kube: KubeState,
     /// The revocation list in force (the token store is the hub's `tokens`).
     revoked: RwLock<Arc<RevocationList>>,
+    /// Documents this replica wrote and has not applied yet: applied at once by the next
+    /// [`apply_pending`](SharedState::apply_pending), without waiting for the watch.
+    pending: Mutex<Option<Documents>>,
 }
 
 /// What a hub reads its documents as, in messages: the Secret and the key.
@@ -67,6 +75,7 @@ impl SharedState {
                 backend: Backend::Kubernetes(kube.clone()),
                 kube,
                 revoked: RwLock::new(Arc::new(revoked)),
+                pending: Mutex::new(None),
             },
             tokens,
         ))
@@ -78,6 +87,25 @@ impl SharedState {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Applies what this replica wrote last, if that was not applied yet.
+    pub(crate) fn apply_pending(&self, shared: &Shared) {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(docs) = pending {
+            apply(
+                shared,
+                self,
+                &Snapshot {
+                    docs,
+                    version: None,
+                },
+            );
+        }
     }
 
     /// Puts a revocation list in force; `true` when it differs from the one before.
@@ -154,4 +182,145 @@ pub(crate) async fn publish_hub(
         })
         .await
         .map(|_| ())
+}
+
+/// An enrollment step's error: the step's own, or the shared state's (which the agent is told
+/// as `unavailable`, the detail staying in the hub's log).
+struct Step(EnrollError);
+
+impl From<EnrollError> for Step {
+    fn from(e: EnrollError) -> Step {
+        Step(e)
+    }
+}
+
+impl From<StateError> for Step {
+    fn from(e: StateError) -> Step {
+        Step(unavailable("shared state", e))
+    }
+}
+
+impl From<crate::auth::StoreError> for Step {
+    fn from(e: crate::auth::StoreError) -> Step {
+        Step(unavailable("token store", e))
+    }
+}
+
+fn unavailable(what: &str, e: impl std::error::Error + 'static) -> EnrollError {
+    EnrollError::State {
+        path: what.into(),
+        message: crate::fsutil::error_chain(&e),
+    }
+}
+
+/// A JSON document of the state; empty when absent.
+fn doc<T: serde::de::DeserializeOwned + Default>(
+    docs: &Documents,
+    name: &str,
+) -> Result<T, EnrollError> {
+    match docs.get(name) {
+        Some(text) => crate::enroll::from_state_text(text, Path::new(name)),
+        None => Ok(T::default()),
+    }
+}
+
+/// Enrollment with the state in the Secret: spending the join token's use, logging the
+/// certificate and adding the agent's connect token are one write, made only if no other
+/// replica wrote in between (else done again on what it wrote), so two replicas can never
+/// spend one use twice. Blocking: run off the I/O threads, inside the runtime.
+pub(super) fn enroll(
+    enroller: &super::enroll::Enroller,
+    state: &SharedState,
+    request: &EnrollRequest,
+    agent: &str,
+    tenant: Option<&Tenant>,
+    now: SystemTime,
+) -> Result<Issued, EnrollError> {
+    let change = |docs: &mut Documents| -> Result<_, Step> {
+        let mut book: JoinBook = doc(docs, crate::state::JOIN_TOKENS)?;
+        let admission = book.redeem(request.join_token.expose(), agent, tenant, now)?;
+        let created = book.get(&admission.token_id).map_or(0, |r| r.created);
+        let revoked = match docs.get(crate::state::REVOKED) {
+            Some(text) => RevocationList::parse(text, Path::new(crate::state::REVOKED))?,
+            None => RevocationList::default(),
+        };
+        if revoked.entries().any(|r| {
+            r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
+        }) {
+            return Err(Step(EnrollError::Refused {
+                code: RefusalCode::Revoked,
+                message: format!(
+                    "agent {agent:?} of {} was revoked after join token {} was made; make a new \
+                     join token",
+                    admission.tenant, admission.token_id
+                ),
+            }));
+        }
+        let signed = enroller
+            .signer
+            .sign(&request.csr_der, &admission, enroller.lifetime, now)?;
+        docs.set(
+            crate::state::JOIN_TOKENS,
+            crate::enroll::to_state_text(&book)?,
+        );
+        let mut log = match docs.get(crate::state::ISSUED) {
+            Some(text) => IssuedLog::parse(text, Path::new(crate::state::ISSUED))?,
+            None => IssuedLog::default(),
+        };
+        log.add(IssuedRecord::of(&signed, Some(admission.token_id.clone())))?;
+        docs.set(crate::state::ISSUED, log.to_text()?);
+        let mut store = match docs.get(crate::state::TOKENS) {
+            Some(text) => TokenStore::parse(text, Path::new(crate::state::TOKENS))?,
+            None => TokenStore::default(),
+        };
+        let (connect_token, _) = store.create(
+            admission.tenant.clone(),
+            vec![Scope::ConnectAgentHub],
+            None,
+            Some(format!("agent {agent} (enrolled)")),
+            now,
+        )?;
+        docs.set(crate::state::TOKENS, store.to_toml());
+        Ok((signed, connect_token, admission))
+    };
+    let written = tokio::runtime::Handle::current().block_on(state.backend.update(change));
+    let ((signed, connect_token, admission), docs) = written.map_err(|Step(e)| e)?;
+    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) = Some(docs);
+    info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
+        join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
+    Ok(Issued {
+        chain: vec![CertBytes(signed.cert_der)],
+        ca: CertBytes(enroller.ca_der.clone()),
+        connect_token: Secret::new(connect_token.expose().to_owned()),
+        serial: signed.serial,
+        not_after: signed.not_after,
+    })
+}
+
+/// Revokes every certificate issued to `agent` in `tenant` in the Secret (the admin API's
+/// revoke), and puts the new list in force on this replica at once; the others follow
+/// through the watch. Blocking, inside the runtime.
+pub(super) fn revoke(
+    state: &SharedState,
+    agent: &str,
+    tenant: &Tenant,
+) -> Result<Vec<Revoked>, EnrollError> {
+    let now = crate::auth::unix_now(SystemTime::now());
+    let change = |docs: &mut Documents| -> Result<_, Step> {
+        let log = match docs.get(crate::state::ISSUED) {
+            Some(text) => IssuedLog::parse(text, Path::new(crate::state::ISSUED))?,
+            None => IssuedLog::default(),
+        };
+        let mut list = match docs.get(crate::state::REVOKED) {
+            Some(text) => RevocationList::parse(text, Path::new(crate::state::REVOKED))?,
+            None => RevocationList::default(),
+        };
+        let added = list.revoke(&log, agent, Some(tenant), now)?;
+        docs.set(crate::state::REVOKED, list.to_text()?);
+        Ok((added, list))
+    };
+    let written = tokio::runtime::Handle::current().block_on(state.backend.update(change));
+    let ((added, list), _) = written.map_err(|Step(e)| e)?;
+    state.set_revocations(list);
+    Ok(added)
 }

@@ -32,6 +32,11 @@ impl FileState {
         self
     }
 
+    /// The file of document `name`, if one was given.
+    pub fn path(&self, name: &str) -> Option<PathBuf> {
+        self.paths.get(name).cloned()
+    }
+
     /// The version of what is on disk: a digest over every document, so a write can tell
     /// whether another process saved a file since it was read.
     fn version(docs: &Documents) -> String {

@@ -33,6 +33,7 @@ mod process;
 mod proxy;
 mod quic_flood;
 mod readme;
+mod replicas;
 mod rogue;
 mod rogue_process;
 mod security;

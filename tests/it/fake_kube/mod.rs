@@ -155,6 +155,9 @@ struct Shared {
     forbidden_reads: Mutex<BTreeSet<String>>,
     /// Added before answering object requests (discovery stays fast): a slow API server.
     delay: Mutex<Duration>,
+    /// Bumped by [`FakeKube::compact`]: running watches end with 410 Gone, and watches from
+    /// an older resourceVersion are refused the same way, as after an etcd compaction.
+    compactions: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Store> {
@@ -192,6 +195,7 @@ impl FakeKube {
             anonymous_reads: std::sync::atomic::AtomicBool::new(false),
             forbidden_reads: Mutex::new(BTreeSet::new()),
             delay: Mutex::new(Duration::ZERO),
+            compactions: tokio::sync::watch::Sender::new(0),
         });
         let fake = FakeKube {
             addr,
@@ -338,6 +342,14 @@ impl FakeKube {
     /// The current resourceVersion counter.
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared).rv
+    }
+
+    /// Compacts the history as etcd does: every running watch ends with an ERROR event of
+    /// 410 Gone, and a watch from a version up to now is answered the same way, so clients
+    /// must list again.
+    pub fn compact(&self) {
+        let rv = lock(&self.shared).rv;
+        self.shared.compactions.send_replace(rv);
     }
 }
 
@@ -669,6 +681,8 @@ async fn resource(
             }
         }
         (Method::PATCH, Some(name)) => patch(shared, &def, ns, name, q, headers, &body),
+        (Method::POST, None) => create(shared, &def, ns, &body),
+        (Method::PUT, Some(name)) => replace(shared, &def, ns, name, &body),
         (Method::DELETE, Some(name)) => delete(shared, &def, ns, name, q, &body),
         _ => status(
             405,
@@ -816,8 +830,19 @@ fn watch(shared: Arc<Shared>, def: ResDef, ns: String, q: BTreeMap<String, Strin
         .unwrap_or(Duration::from_secs(60));
     let deadline = tokio::time::Instant::now() + timeout;
     let mut changes = shared.changed.subscribe();
+    let mut compactions = shared.compactions.subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "metadata": {}, "status": "Failure", "message": "too old resource version",
+            "reason": "Expired", "code": 410}})
+        .to_string()
+            + "\n";
+        let compacted = *compactions.borrow_and_update();
+        if since != 0 && since <= compacted {
+            let _ = tx.send(Ok(Bytes::from(gone))).await;
+            return;
+        }
         let mut seen = since;
         if since == 0 {
             // From "now": synthetic ADDED for what exists.
@@ -859,6 +884,10 @@ fn watch(shared: Arc<Shared>, def: ResDef, ns: String, q: BTreeMap<String, Strin
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return,
                 r = changes.changed() => if r.is_err() { return },
+                _ = compactions.changed() => {
+                    let _ = tx.send(Ok(Bytes::from(gone))).await;
+                    return;
+                }
             }
         }
     });
@@ -1340,4 +1369,146 @@ fn spawn_rollout(shared: Arc<Shared>, (key, generation): Rollout) {
             }
         }
     });
+}
+
+/// The object of a create or update body, checked against the URL's name and namespace.
+fn object_body(def: &ResDef, ns: &str, name: Option<&str>, body: &[u8]) -> Result<Value, Response> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| status(400, "BadRequest", format!("error decoding JSON: {e}"), None))?;
+    if value["apiVersion"].as_str() != Some(def.group_version().as_str())
+        || value["kind"].as_str() != Some(def.kind.as_str())
+    {
+        return Err(status(
+            400,
+            "BadRequest",
+            "apiVersion or kind does not match the URL".into(),
+            None,
+        ));
+    }
+    let Some(object_name) = value["metadata"]["name"].as_str() else {
+        return Err(status(
+            422,
+            "Invalid",
+            "metadata.name: Required value".into(),
+            None,
+        ));
+    };
+    if name.is_some_and(|n| n != object_name) {
+        return Err(status(
+            400,
+            "BadRequest",
+            "the name of the object does not match the name on the URL".into(),
+            None,
+        ));
+    }
+    if let Some(pns) = value["metadata"]["namespace"].as_str() {
+        if pns != ns {
+            return Err(status(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request".into(), None));
+        }
+    }
+    Ok(value)
+}
+
+/// Stores `value` under `key` as a new version (ADDED or MODIFIED) and wakes the watches.
+fn store_version(
+    shared: &Shared,
+    store: &mut Store,
+    key: Key,
+    mut value: Value,
+    ns: &str,
+    created: bool,
+) -> Value {
+    store.rv += 1;
+    let rv = store.rv;
+    if !ns.is_empty() {
+        value["metadata"]["namespace"] = Value::String(ns.to_string());
+    }
+    value["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+    let owners = store
+        .objects
+        .get(&key)
+        .map(|o| o.owners.clone())
+        .unwrap_or_default();
+    store.objects.insert(
+        key.clone(),
+        Stored {
+            value: value.clone(),
+            owners,
+        },
+    );
+    store.events.push(Event {
+        rv,
+        kind: if created { "ADDED" } else { "MODIFIED" },
+        key,
+        object: value.clone(),
+    });
+    shared.changed.send_modify(|n| *n += 1);
+    value
+}
+
+/// POST: creates the object; 409 AlreadyExists when the name is taken.
+fn create(shared: &Arc<Shared>, def: &ResDef, ns: &str, body: &[u8]) -> Response {
+    let mut value = match object_body(def, ns, None, body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let name = value["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let key: Key = (def.key(), ns.to_string(), name.clone());
+    let mut store = lock(shared);
+    if store.objects.contains_key(&key) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", def.plural),
+            Some(json!({"name": name, "group": def.group, "kind": def.plural})),
+        );
+    }
+    if value["metadata"]
+        .get("resourceVersion")
+        .is_some_and(|v| !v.is_null())
+    {
+        return status(
+            400,
+            "BadRequest",
+            "resourceVersion should not be set on objects to be created".into(),
+            None,
+        );
+    }
+    store.uid += 1;
+    value["metadata"]["uid"] = Value::String(format!("00000000-0000-0000-0000-{:012}", store.uid));
+    value["metadata"]["creationTimestamp"] = Value::String(now_rfc3339());
+    let value = store_version(shared, &mut store, key, value, ns, true);
+    json_response(StatusCode::CREATED, &value)
+}
+
+/// PUT: replaces the object. A resourceVersion in the body is a precondition: another one
+/// than the stored object's is answered 409 Conflict, as the API server does.
+fn replace(shared: &Arc<Shared>, def: &ResDef, ns: &str, name: &str, body: &[u8]) -> Response {
+    let mut value = match object_body(def, ns, Some(name), body) {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let key: Key = (def.key(), ns.to_string(), name.to_string());
+    let mut store = lock(shared);
+    let Some(existing) = store.objects.get(&key).map(|o| o.value.clone()) else {
+        return not_found(def, name);
+    };
+    if let Some(expected) = value["metadata"]["resourceVersion"].as_str() {
+        if Some(expected) != existing["metadata"]["resourceVersion"].as_str() {
+            return status(
+                409,
+                "Conflict",
+                format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", def.plural),
+                Some(json!({"name": name, "group": def.group, "kind": def.plural})),
+            );
+        }
+    }
+    for field in ["uid", "creationTimestamp"] {
+        value["metadata"][field] = existing["metadata"][field].clone();
+    }
+    let value = store_version(shared, &mut store, key, value, ns, false);
+    json_response(StatusCode::OK, &value)
 }

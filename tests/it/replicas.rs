@@ -1,0 +1,408 @@
+//! Hub replicas sharing their state through Kubernetes: three real `rna hub` processes with
+//! `--state kubernetes://…` against the fake API server, `rna token --state …` from an
+//! operator's kubeconfig, and one agent process connected to all three.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{
+    agent_process_args, curl, field, have_curl, http_server, pattern, socks_connect, within, Dest,
+    Rna, RnaProcess,
+};
+use crate::fake_kube::FakeKube;
+
+const STATE: &str = "kubernetes://default/rna-hub-state";
+const TENANT: &str = "acme/prod";
+
+/// One hub process.
+struct Hub {
+    process: RnaProcess,
+    socks: SocketAddr,
+    quic: String,
+}
+
+/// The fake API server, the shared CA and hub certificate, and the hub processes.
+struct Replicas {
+    fake: FakeKube,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    hubs: Vec<Hub>,
+}
+
+impl Replicas {
+    /// `n` hubs, each with a state folder of its own holding the same CA, CA key and hub
+    /// certificate (as replicas mount one Secret), sharing the state in the fake's Secret.
+    async fn start(n: usize) -> Replicas {
+        let fake = FakeKube::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = fake.kubeconfig(dir.path(), "kubeconfig", None);
+        let certs = dir.path().join("certs");
+        let ran = Rna::new(["certs", "init", "--dir", certs.to_str().unwrap()])
+            .arg("--hub-name")
+            .arg("127.0.0.1")
+            .run_async()
+            .await;
+        assert_eq!(ran.code(), 0, "{}", ran.stderr);
+        let mut replicas = Replicas {
+            fake,
+            dir,
+            kubeconfig,
+            hubs: Vec::new(),
+        };
+        for i in 0..n {
+            let hub = replicas.start_hub(i, "127.0.0.1:0").await;
+            replicas.hubs.push(hub);
+        }
+        replicas
+    }
+
+    /// Starts hub `i` (again, after a kill) on `listen`: it serves only once the state is
+    /// loaded.
+    async fn start_hub(&self, i: usize, listen: &str) -> Hub {
+        let state_dir = self.dir.path().join(format!("hub-{i}"));
+        std::fs::create_dir_all(&state_dir).unwrap();
+        for file in ["ca.pem", "ca-key.pem", "hub.pem", "hub-key.pem"] {
+            let to = state_dir.join(file);
+            if !to.exists() {
+                std::fs::copy(self.dir.path().join("certs").join(file), to).unwrap();
+            }
+        }
+        let mut process = self
+            .rna([
+                "hub",
+                "--state",
+                STATE,
+                "--state-dir",
+                state_dir.to_str().unwrap(),
+                "--listen",
+                listen,
+                "--socks",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--heartbeat-interval",
+                "1s",
+                "--heartbeat-timeout",
+                "5s",
+            ])
+            .logs_at("info")
+            .discard_stdout()
+            .spawn();
+        let serving = process.wait_line("hub serving").await;
+        Hub {
+            socks: field(&serving, "socks").parse().unwrap(),
+            quic: field(&serving, "quic"),
+            process,
+        }
+    }
+
+    /// `rna ARGS` with the operator's kubeconfig.
+    fn rna<I, S>(&self, args: I) -> Rna
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Rna::new(args).env("KUBECONFIG", self.kubeconfig.to_str().unwrap())
+    }
+
+    /// `rna token create --state … --tenant acme/prod --scope SCOPES`: the token.
+    async fn token(&self, scopes: &str) -> String {
+        let ran = self
+            .rna([
+                "token", "create", "--state", STATE, "--tenant", TENANT, "--scope", scopes,
+            ])
+            .run_async()
+            .await;
+        assert_eq!(ran.code(), 0, "{}", ran.stderr);
+        ran.stdout.trim().to_string()
+    }
+
+    /// An agent process named `name` with `token`, connected to every hub.
+    async fn agent(&self, name: &str, token: &str) -> RnaProcess {
+        let certs = self.dir.path().join("certs");
+        let ran = Rna::new(["certs", "agent", "--dir", certs.to_str().unwrap(), name])
+            .run_async()
+            .await;
+        assert_eq!(ran.code(), 0, "{}", ran.stderr);
+        let token_file = self.dir.path().join(format!("token-{name}.txt"));
+        std::fs::write(&token_file, token).unwrap();
+        let mut extra = vec!["--allow", "127.0.0.0/8"];
+        for hub in &self.hubs[1..] {
+            extra.extend(["--hub", hub.quic.as_str()]);
+        }
+        let args = agent_process_args(
+            &self.hubs[0].quic,
+            name,
+            certs.join("ca.pem").to_str().unwrap(),
+            certs.to_str().unwrap(),
+            token_file.to_str().unwrap(),
+            &extra,
+        );
+        Rna::new(&args).logs_at("info").discard_stdout().spawn()
+    }
+}
+
+/// Whether SOCKS on `socks` accepts `token` (RFC 1929: a refused login is 0xff here). The
+/// agent `nobody` does not exist, so an accepted login ends in 0x04, never in a stream.
+async fn accepts(socks: SocketAddr, token: &str) -> bool {
+    socks_connect(socks, "nobody", token, Dest::Ip(([127, 0, 0, 1], 9).into()))
+        .await
+        .err()
+        != Some(0xff)
+}
+
+/// Whether `agent` serves through the hub at `socks`: a CONNECT through it succeeds.
+async fn reaches(socks: SocketAddr, agent: &str, token: &str, http: SocketAddr) -> bool {
+    socks_connect(socks, agent, token, Dest::Ip(http))
+        .await
+        .is_ok()
+}
+
+/// Polls `probe` every 20 ms until it is true; the time it took, or `None` past `limit`.
+async fn time_until(limit: Duration, mut probe: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if probe().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Waits (bounded) until `agent` is reachable through every hub.
+async fn wait_everywhere(replicas: &Replicas, agent: &str, token: &str, http: SocketAddr) {
+    for hub in &replicas.hubs {
+        time_until(Duration::from_secs(60), async || {
+            reaches(hub.socks, agent, token, http).await
+        })
+        .await
+        .unwrap_or_else(|| panic!("agent {agent} never connected to hub {}", hub.quic));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_made_with_the_cli_works_on_every_replica_within_a_second() {
+    let replicas = Replicas::start(3).await;
+    // Unknown before: every replica refuses a token it has never seen.
+    let early = replicas.token("proxy").await;
+    let made = Instant::now();
+    for (i, hub) in replicas.hubs.iter().enumerate() {
+        let took = time_until(Duration::from_secs(1), async || {
+            accepts(hub.socks, &early).await
+        })
+        .await;
+        assert!(
+            took.is_some(),
+            "hub {i} did not accept the token within 1 s of `rna token create`"
+        );
+    }
+    eprintln!(
+        "token in force on all three {:?} after the CLI wrote it",
+        made.elapsed()
+    );
+    // A replica started later loads the state before it serves: the token works at once.
+    let late = replicas.start_hub(3, "127.0.0.1:0").await;
+    assert!(accepts(late.socks, &early).await);
+    assert!(
+        !accepts(
+            late.socks,
+            "rna_000000000000_000000000000000000000000000000000000000000000000"
+        )
+        .await
+    );
+    // The Secret holds hashes only, never the token.
+    let secret = replicas
+        .fake
+        .object("", "secrets", "default", "rna-hub-state")
+        .expect("the state Secret");
+    assert!(!secret.to_string().contains(&early));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_through_the_cli_closes_the_agent_on_every_replica_within_two_seconds() {
+    let replicas = Replicas::start(3).await;
+    let http = http_server().await;
+    let client = replicas.token("proxy").await;
+    let connect = replicas.token("connect:agentHub").await;
+    let _agent = replicas.agent("edge", &connect).await;
+    wait_everywhere(&replicas, "edge", &client, http).await;
+
+    // The watch restarts after a compaction (410 Gone) and still follows the Secret.
+    replicas.fake.compact();
+
+    let id = &connect[4..16];
+    let ran = replicas
+        .rna(["token", "revoke", "--state", STATE, id])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let revoked = Instant::now();
+    for (i, hub) in replicas.hubs.iter().enumerate() {
+        let gone = time_until(Duration::from_secs(2), async || {
+            !reaches(hub.socks, "edge", &client, http).await
+        })
+        .await;
+        assert!(
+            gone.is_some(),
+            "hub {i} still routes to the agent 2 s after its token was revoked"
+        );
+    }
+    eprintln!(
+        "agent closed on all three {:?} after the revocation",
+        revoked.elapsed()
+    );
+    let listed = replicas
+        .rna(["token", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_eq!(listed.code(), 0, "{}", listed.stderr);
+    let line = listed
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(id))
+        .expect("the revoked token is listed");
+    assert!(line.contains("revoked"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_writers_at_once_lose_nothing() {
+    let replicas = Replicas::start(1).await;
+    let writers = (0..20).map(|_| {
+        let run = replicas
+            .rna([
+                "token", "create", "--state", STATE, "--tenant", TENANT, "--scope", "proxy",
+            ])
+            .run_async();
+        tokio::spawn(run)
+    });
+    let mut tokens = Vec::new();
+    for writer in writers.collect::<Vec<_>>() {
+        let ran = writer.await.unwrap();
+        assert_eq!(ran.code(), 0, "{}", ran.stderr);
+        tokens.push(ran.stdout.trim().to_string());
+    }
+    let listed = replicas
+        .rna(["token", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_eq!(listed.code(), 0, "{}", listed.stderr);
+    for token in &tokens {
+        assert!(
+            listed.stdout.contains(&token[4..16]),
+            "token {} was lost:\n{}",
+            &token[4..16],
+            listed.stdout
+        );
+    }
+    let writes = replicas
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PUT ") || r.starts_with("POST "))
+        .count();
+    eprintln!("20 tokens stored with {writes} writes (the rest were conflicts, read again)");
+    let hub = &replicas.hubs[0];
+    for token in &tokens {
+        let took = time_until(Duration::from_secs(5), async || {
+            accepts(hub.socks, token).await
+        })
+        .await;
+        assert!(took.is_some(), "the hub never accepted {}", &token[4..16]);
+    }
+}
+
+/// Sends GET /bytes/LEN through `socks` to `agent` and reads the first MiB of the answer.
+async fn start_download(
+    socks: SocketAddr,
+    agent: &str,
+    token: &str,
+    http: SocketAddr,
+    len: usize,
+) -> tokio::net::TcpStream {
+    let mut s = socks_connect(socks, agent, token, Dest::Ip(http))
+        .await
+        .expect("socks connect");
+    s.write_all(
+        format!("GET /bytes/{len} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    s
+}
+
+/// Reads the rest of a download and checks its body is the pattern, byte for byte.
+async fn finish_download(mut s: tokio::net::TcpStream, len: usize) {
+    let mut all = Vec::new();
+    within("the download to finish", s.read_to_end(&mut all))
+        .await
+        .expect("download completes without a reset");
+    let at = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head")
+        + 4;
+    assert_eq!(all.len() - at, len, "body length");
+    assert!(
+        all[at..] == pattern(len)[..],
+        "body differs from what was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_one_replica_leaves_transfers_through_the_others_byte_exact() {
+    if !have_curl() {
+        return;
+    }
+    let mut replicas = Replicas::start(3).await;
+    let http = http_server().await;
+    let client = replicas.token("proxy").await;
+    let connect = replicas.token("connect:agentHub").await;
+    let _agent = replicas.agent("edge", &connect).await;
+    wait_everywhere(&replicas, "edge", &client, http).await;
+
+    // Transfers in the middle of their life through the two survivors.
+    const LEN: usize = 64 * 1024 * 1024;
+    let mut downloads = Vec::new();
+    for hub in &replicas.hubs[1..] {
+        let mut s = start_download(hub.socks, "edge", &client, http, LEN).await;
+        let mut first = vec![0u8; 1 << 20];
+        s.read_exact(&mut first).await.expect("first MiB");
+        downloads.push((s, first));
+    }
+    replicas.hubs[0].process.child.kill().await.unwrap();
+    for (s, first) in downloads {
+        // The first MiB read includes the HTTP head; check the whole transfer together.
+        let mut rest = Vec::new();
+        let mut s = s;
+        within("the download to finish", s.read_to_end(&mut rest))
+            .await
+            .expect("no reset after a replica died");
+        let all = [first, rest].concat();
+        let at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(all.len() - at, LEN);
+        assert!(all[at..] == pattern(LEN)[..], "body differs");
+    }
+    // New transfers through the survivors work, with curl as the SOCKS client.
+    let url = format!("http://127.0.0.1:{}/bytes/1000000", http.port());
+    for hub in &replicas.hubs[1..] {
+        let (code, body) = curl(hub.socks, "edge", &client, &[&url]).await;
+        assert_eq!(code, 0);
+        assert!(body == pattern(1_000_000), "curl body differs");
+    }
+    // The killed replica comes back on its address: it loads the state, and the agent,
+    // which kept its sessions to the others, reconnects to it.
+    let address = replicas.hubs[0].quic.clone();
+    replicas.hubs[0] = replicas.start_hub(0, &address).await;
+    let back = replicas.hubs[0].socks;
+    time_until(Duration::from_secs(60), async || {
+        reaches(back, "edge", &client, http).await
+    })
+    .await
+    .expect("the agent reconnects to the returned replica");
+    let fresh = start_download(back, "edge", &client, http, 100_000).await;
+    finish_download(fresh, 100_000).await;
+}
