@@ -72,7 +72,7 @@ impl SharedState {
             revoked = revoked.entries().count(), "shared state loaded");
         Ok((
             SharedState {
-                backend: Backend::Kubernetes(kube.clone()),
+                backend: Backend::Kubernetes(Box::new(kube.clone())),
                 kube,
                 revoked: RwLock::new(Arc::new(revoked)),
                 pending: Mutex::new(None),

@@ -232,8 +232,9 @@ pub(crate) async fn update<S: Versioned, T, E: From<StateError>>(
 pub enum Backend {
     /// Files (the default).
     File(FileState),
-    /// A Secret shared by hub replicas.
-    Kubernetes(KubeState),
+    /// A Secret shared by hub replicas (boxed: a client is large, and a backend is made
+    /// once).
+    Kubernetes(Box<KubeState>),
 }
 
 impl Backend {
@@ -244,7 +245,7 @@ impl Backend {
         Ok(match location {
             StateLocation::File => Backend::File(files),
             StateLocation::Kubernetes(secret) => {
-                Backend::Kubernetes(KubeState::connect(secret.clone()).await?)
+                Backend::Kubernetes(Box::new(KubeState::connect(secret.clone()).await?))
             }
         })
     }
@@ -253,7 +254,7 @@ impl Backend {
     pub async fn read(&self) -> Result<Documents, StateError> {
         Ok(match self {
             Backend::File(f) => Versioned::read(f).await?.0,
-            Backend::Kubernetes(k) => Versioned::read(k).await?.0,
+            Backend::Kubernetes(k) => Versioned::read(k.as_ref()).await?.0,
         })
     }
 
@@ -265,7 +266,7 @@ impl Backend {
     ) -> Result<(T, Documents), E> {
         match self {
             Backend::File(f) => update(f, change).await,
-            Backend::Kubernetes(k) => update(k, change).await,
+            Backend::Kubernetes(k) => update(k.as_ref(), change).await,
         }
     }
 }

@@ -187,7 +187,10 @@ async fn wait_everywhere(replicas: &Replicas, agent: &str, token: &str, http: So
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_token_made_with_the_cli_works_on_every_replica_within_a_second() {
     let replicas = Replicas::start(3).await;
-    // Unknown before: every replica refuses a token it has never seen.
+    let unknown = "rna_000000000000_000000000000000000000000000000000000000000000000";
+    for hub in &replicas.hubs {
+        assert!(!accepts(hub.socks, unknown).await, "a token nobody made");
+    }
     let early = replicas.token("proxy").await;
     let made = Instant::now();
     for (i, hub) in replicas.hubs.iter().enumerate() {

@@ -1372,6 +1372,8 @@ fn spawn_rollout(shared: Arc<Shared>, (key, generation): Rollout) {
 }
 
 /// The object of a create or update body, checked against the URL's name and namespace.
+// The error is the finished answer, as in the other handlers of this fake.
+#[allow(clippy::result_large_err)]
 fn object_body(def: &ResDef, ns: &str, name: Option<&str>, body: &[u8]) -> Result<Value, Response> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| status(400, "BadRequest", format!("error decoding JSON: {e}"), None))?;
