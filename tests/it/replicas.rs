@@ -409,3 +409,188 @@ async fn killing_one_replica_leaves_transfers_through_the_others_byte_exact() {
     let fresh = start_download(back, "edge", &client, http, 100_000).await;
     finish_download(fresh, 100_000).await;
 }
+
+/// deploy/kubernetes-replicas renders with kubectl, every object parses as its Kubernetes
+/// type, the hub runs as replicas against the state Secret the manifests make, is reachable
+/// per pod (headless Service) and as one (SOCKS and API), keeps a disruption budget, and its
+/// Role grants nothing but reading, following and updating that one Secret.
+#[test]
+fn the_replica_manifests_render_parse_and_limit_the_hub_to_its_state() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
+    use serde_json::Value;
+
+    fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"))
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes-replicas");
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&root)
+        .output()
+        .expect("run kubectl (Debian: kubernetes-client; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect();
+    let in_hub_ns = |d: &&Value| d["metadata"]["namespace"] == "rna-hub";
+    let of_kind = |kind: &str| -> Vec<Value> {
+        docs.iter()
+            .filter(in_hub_ns)
+            .filter(|d| d["kind"] == kind)
+            .cloned()
+            .collect()
+    };
+    let deployment: Deployment = typed(&of_kind("Deployment")[0]);
+    let spec = deployment.spec.as_ref().unwrap();
+    assert!(spec.replicas.unwrap_or(1) >= 2, "at least two replicas");
+    let hub_labels = spec.selector.match_labels.clone().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap();
+    let state = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--state="))
+        .expect("--state");
+    assert_eq!(state, "kubernetes://$(POD_NAMESPACE)/rna-hub-state");
+    let location: rna::state::StateLocation = state
+        .replace("$(POD_NAMESPACE)", "rna-hub")
+        .parse()
+        .unwrap();
+    let rna::state::StateLocation::Kubernetes(secret) = location else {
+        panic!("not a Kubernetes location");
+    };
+    let env = container.env.clone().unwrap();
+    let namespace = env.iter().find(|e| e.name == "POD_NAMESPACE").unwrap();
+    assert_eq!(
+        namespace
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.namespace"
+    );
+    assert!(!args.iter().any(|a| a.starts_with("--tokens")), "{args:?}");
+    let probe = container.readiness_probe.as_ref().unwrap();
+    assert_eq!(
+        probe.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/readyz")
+    );
+    assert!(container.startup_probe.is_some());
+    let account = pod.service_account_name.clone().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(true));
+
+    // The Secret named by --state is one the manifests make (so the hub needs no `create`).
+    let secrets: Vec<Secret> = of_kind("Secret").iter().map(typed).collect();
+    assert!(secrets
+        .iter()
+        .any(|s| s.metadata.name.as_deref() == Some(secret.name.as_str())));
+
+    let services: Vec<Service> = of_kind("Service").iter().map(typed).collect();
+    let selects_hub = |s: &Service| s.spec.as_ref().unwrap().selector.as_ref() == Some(&hub_labels);
+    let headless = services
+        .iter()
+        .filter(|s| selects_hub(s))
+        .find(|s| s.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("None"))
+        .expect("a headless Service: every hub pod in DNS");
+    assert!(headless
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|p| p.port == 4433 && p.protocol.as_deref() == Some("UDP")));
+    assert!(
+        services.iter().filter(|s| selects_hub(s)).any(|s| {
+            let ports: Vec<i32> = s
+                .spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|p| p.port)
+                .collect();
+            ports.contains(&1080) && ports.contains(&8080)
+        }),
+        "a Service for SOCKS and the API"
+    );
+    let pdbs: Vec<PodDisruptionBudget> = of_kind("PodDisruptionBudget").iter().map(typed).collect();
+    assert!(pdbs.iter().any(|p| {
+        let spec = p.spec.as_ref().unwrap();
+        spec.selector.as_ref().unwrap().match_labels.as_ref() == Some(&hub_labels)
+            && (spec.max_unavailable.is_some() || spec.min_available.is_some())
+    }));
+
+    // RBAC: the hub's ServiceAccount is bound to Roles only, and each rule is the state Secret.
+    let bindings: Vec<RoleBinding> = of_kind("RoleBinding").iter().map(typed).collect();
+    let roles: Vec<Role> = of_kind("Role").iter().map(typed).collect();
+    let mut granted = 0;
+    for binding in bindings.iter().filter(|b| {
+        b.subjects
+            .iter()
+            .flatten()
+            .any(|s| s.kind == "ServiceAccount" && s.name == account)
+    }) {
+        assert_eq!(binding.role_ref.kind, "Role");
+        let role = roles
+            .iter()
+            .find(|r| r.metadata.name.as_deref() == Some(binding.role_ref.name.as_str()))
+            .expect("the bound Role");
+        for rule in role.rules.iter().flatten() {
+            granted += 1;
+            assert_eq!(
+                rule.api_groups.as_deref(),
+                Some(&[String::new()][..]),
+                "{rule:?}"
+            );
+            assert_eq!(
+                rule.resources.as_deref(),
+                Some(&["secrets".to_string()][..]),
+                "{rule:?}"
+            );
+            assert_eq!(
+                rule.resource_names.as_deref(),
+                Some(&[secret.name.clone()][..]),
+                "{rule:?}"
+            );
+            assert!(rule.non_resource_urls.is_none(), "{rule:?}");
+            for verb in &rule.verbs {
+                assert!(
+                    ["get", "list", "watch", "update"].contains(&verb.as_str()),
+                    "the hub may not {verb}"
+                );
+            }
+        }
+    }
+    assert!(
+        granted > 0,
+        "the hub's ServiceAccount is bound to its state Role"
+    );
+    for doc in docs.iter().filter(|d| d["kind"] == "ClusterRoleBinding") {
+        let binding: ClusterRoleBinding = typed(doc);
+        assert!(
+            !binding
+                .subjects
+                .iter()
+                .flatten()
+                .any(|s| s.name == account && s.namespace.as_deref() == Some("rna-hub")),
+            "no cluster-wide grant to the hub"
+        );
+    }
+}
