@@ -22,6 +22,7 @@ struct Hub {
     process: RnaProcess,
     socks: SocketAddr,
     quic: String,
+    api: String,
 }
 
 /// The fake API server, the shared CA and hub certificate, and the hub processes.
@@ -95,6 +96,7 @@ impl Replicas {
         Hub {
             socks: field(&serving, "socks").parse().unwrap(),
             quic: field(&serving, "quic"),
+            api: field(&serving, "api"),
             process,
         }
     }
@@ -593,4 +595,153 @@ fn the_replica_manifests_render_parse_and_limit_the_hub_to_its_state() {
             "no cluster-wide grant to the hub"
         );
     }
+}
+
+/// Whether an enrolling agent process enrolled (`true`) or was refused and exited; its log.
+async fn enrollment(process: &mut RnaProcess) -> (bool, String) {
+    within("the agent to enroll or be refused", async {
+        let mut log = String::new();
+        while let Some(line) = process.log.recv().await {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("connected to hub") {
+                return (true, log);
+            }
+        }
+        (false, log)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_enrolling_at_once_never_overspend_a_join_token_and_a_revocation_reaches_all() {
+    let replicas = Replicas::start(3).await;
+    let http = http_server().await;
+    let client = replicas.token("proxy").await;
+    let admin = replicas.token("admin").await;
+    // One join token for a fleet of three, spent by eight agents at once on three replicas.
+    let ran = replicas
+        .rna([
+            "token",
+            "create",
+            "--join",
+            "--state",
+            STATE,
+            "--tenant",
+            TENANT,
+            "--name-prefix",
+            "edge-",
+            "--uses",
+            "3",
+        ])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let words: Vec<&str> = ran.stdout.split_whitespace().collect();
+    let join = words[words.iter().position(|w| *w == "--join").unwrap() + 1].to_string();
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        let dir = replicas.dir.path().join(format!("agent-{i}"));
+        let hub = &replicas.hubs[i % 3].quic;
+        let name = format!("edge-{i}");
+        let process = Rna::new(["agent", "--hub", hub, "--join", &join, "--name", &name])
+            .env("RNA_STATE_DIR", dir.to_str().unwrap())
+            .env("RNA_ALLOW", "127.0.0.0/8")
+            .env("RNA_METRICS", "off")
+            .logs_at("info")
+            .discard_stdout()
+            .spawn();
+        agents.push((name, dir, process));
+    }
+    let mut enrolled = Vec::new();
+    for (name, dir, mut process) in agents {
+        let (ok, log) = enrollment(&mut process).await;
+        if ok {
+            enrolled.push((name, dir, process));
+        } else {
+            assert!(
+                log.contains("(spent)"),
+                "{name} refused for another reason:\n{log}"
+            );
+        }
+    }
+    assert_eq!(
+        enrolled.len(),
+        3,
+        "a join token of 3 uses enrolled {}",
+        enrolled.len()
+    );
+    let listed = replicas
+        .rna(["certs", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_eq!(listed.code(), 0, "{}", listed.stderr);
+    assert_eq!(
+        listed
+            .stdout
+            .lines()
+            .filter(|l| l.contains("edge-"))
+            .count(),
+        3
+    );
+
+    // One enrolled agent restarted from its state folder, connected to all three replicas.
+    let (name, dir, process) = enrolled.remove(0);
+    drop(process);
+    let mut args = vec!["agent".to_string()];
+    for hub in &replicas.hubs {
+        args.extend(["--hub".to_string(), hub.quic.clone()]);
+    }
+    let _agent = Rna::new(&args)
+        .env("RNA_STATE_DIR", dir.to_str().unwrap())
+        .env("RNA_ALLOW", "127.0.0.0/8")
+        .env("RNA_METRICS", "off")
+        .logs_at("info")
+        .discard_stdout()
+        .spawn();
+    wait_everywhere(&replicas, &name, &client, http).await;
+
+    // Revoked through one replica's admin API: its sessions close on all three.
+    let api = rna::admin_client::ApiClient::new(
+        &format!("http://{}", replicas.hubs[1].api),
+        rna::auth::Secret::new(admin),
+    )
+    .unwrap();
+    let answer = within(
+        "revoke",
+        api.request(
+            http::Method::POST,
+            &format!("/api/v1/agents/{name}/revoke"),
+            None,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.json());
+    let revoked = Instant::now();
+    for (i, hub) in replicas.hubs.iter().enumerate() {
+        let gone = time_until(Duration::from_secs(2), async || {
+            !reaches(hub.socks, &name, &client, http).await
+        })
+        .await;
+        assert!(
+            gone.is_some(),
+            "hub {i} still routes to {name} 2 s after its revocation"
+        );
+    }
+    eprintln!(
+        "certificate revocation closed {name} on all three {:?} after the API answered",
+        revoked.elapsed()
+    );
+    let listed = replicas
+        .rna(["certs", "list", "--state", STATE])
+        .run_async()
+        .await;
+    let line = listed
+        .stdout
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap()
+        .to_string();
+    assert!(line.ends_with("revoked"), "{line}");
 }
