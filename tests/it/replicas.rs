@@ -604,7 +604,7 @@ async fn enrollment(process: &mut RnaProcess) -> (bool, String) {
         while let Some(line) = process.log.recv().await {
             log.push_str(&line);
             log.push('\n');
-            if line.contains("connected to hub") {
+            if line.contains(" enrolled agent=") {
                 return (true, log);
             }
         }
