@@ -364,6 +364,39 @@ mod tests {
     }
 
     #[test]
+    fn renewal_requests_round_trip_and_refuse_malformed_bytes() {
+        let csr = make_csr("edge").unwrap();
+        let request = RenewRequest {
+            protocol: ENROLL_PROTOCOL,
+            csr_der: csr.csr_der.clone(),
+        };
+        let frame = encode_renewal(&request).unwrap();
+        // A CSR and nothing secret: not the key, and no join token field at all.
+        let key_der = crate::certs::parse_key(csr.key_pem.expose()).unwrap();
+        assert!(!contains(&frame, key_der.secret_der()));
+        let back = decode_renewal(&frame[4..]).unwrap();
+        assert_eq!(back.csr_der, csr.csr_der);
+        assert_eq!(back.protocol, ENROLL_PROTOCOL);
+        let body = &frame[4..];
+        let over_csr = postcard::to_stdvec(&(1u16, vec![0u8; MAX_CSR + 1])).unwrap();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (Vec::new(), "malformed"),
+            (body[..body.len() - 1].to_vec(), "malformed"),
+            ([body, &[0]].concat(), "malformed"),
+            (over_csr, "csr_der"),
+        ];
+        for (bytes, want) in cases {
+            let err = decode_renewal(&bytes).unwrap_err();
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
+        let err = decode_renewal(&vec![0u8; codec::MAX_FRAME + 1]).unwrap_err();
+        assert!(
+            matches!(err, EnrollError::Codec(CodecError::TooLarge { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn malformed_and_oversized_messages_are_refused() {
         let good = encode_request(&EnrollRequest {
             protocol: ENROLL_PROTOCOL,

@@ -555,3 +555,136 @@ impl Enroller {
         Ok(added)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enroll::{agent_identity, make_csr, Admission};
+
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// An enroller over a fresh state folder, and the identity of a certificate it signed for
+    /// `edge` whose connect token (`token_id`) is in the store.
+    fn enrolled(dir: &std::path::Path) -> (Enroller, AgentIdentity, String) {
+        let state = HubState::new(dir);
+        state.prepare(&["hub.example.com".into()], true, true).unwrap();
+        let enroller = Enroller::open(state.clone(), state.tokens(), 30 * DAY).unwrap();
+        let now = SystemTime::now();
+        let admission = Admission {
+            token_id: "0123456789ab".into(),
+            tenant: "acme/prod".parse().unwrap(),
+            agent: "edge".into(),
+        };
+        let csr = make_csr("edge").unwrap();
+        let signed = enroller
+            .signer
+            .sign(&csr.csr_der, &admission, 30 * DAY, now)
+            .unwrap();
+        let mut store = TokenStore::load_or_empty(&state.tokens()).unwrap();
+        let (_, token) = store
+            .create(
+                admission.tenant.clone(),
+                vec![Scope::ConnectAgentHub],
+                Some(DAY),
+                Some(format!("agent edge {ENROLLED_LABEL}")),
+                now,
+            )
+            .unwrap();
+        store.save(&state.tokens()).unwrap();
+        let mut log = IssuedLog::default();
+        let mut record = IssuedRecord::of(&signed, Some(admission.token_id.clone()));
+        record.connect_token = Some(token.id.clone());
+        log.add(record).unwrap();
+        log.save(&state.issued()).unwrap();
+        let identity = agent_identity(&signed.cert_der).unwrap();
+        (enroller, identity, token.id)
+    }
+
+    fn renewal(agent: &str) -> RenewRequest {
+        RenewRequest {
+            protocol: ENROLL_PROTOCOL,
+            csr_der: make_csr(agent).unwrap().csr_der,
+        }
+    }
+
+    #[test]
+    fn a_renewal_keeps_agent_tenant_and_token_and_moves_the_token_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (enroller, identity, token_id) = enrolled(dir.path());
+        let now = SystemTime::now();
+        let issued = enroller
+            .renew(&renewal("edge"), Some(&identity), now)
+            .unwrap();
+        assert_ne!(issued.serial, identity.serial);
+        assert!(issued.connect_token.expose().is_empty());
+        let renewed = agent_identity(&issued.chain[0].0).unwrap();
+        assert_eq!((renewed.agent.as_str(), &renewed.tenant), ("edge", &identity.tenant));
+        let log = IssuedLog::load(&enroller.state.issued()).unwrap();
+        let record = log.by_serial(&issued.serial).unwrap();
+        assert_eq!(record.connect_token.as_deref(), Some(token_id.as_str()));
+        assert_eq!(record.join_token, None);
+        // The token that went with the old certificate now lasts as long as the new one.
+        let store = TokenStore::load(&enroller.tokens).unwrap();
+        assert_eq!(store.get(&token_id).unwrap().expires, Some(issued.not_after));
+    }
+
+    #[test]
+    fn renewals_without_a_certificate_for_another_name_or_of_a_revoked_one_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (enroller, identity, _) = enrolled(dir.path());
+        let now = SystemTime::now();
+        let code = |r: Result<Issued, EnrollError>| r.unwrap_err().code();
+        assert_eq!(
+            code(enroller.renew(&renewal("edge"), None, now)),
+            Some(RefusalCode::BadRequest)
+        );
+        assert_eq!(
+            code(enroller.renew(&renewal("other"), Some(&identity), now)),
+            Some(RefusalCode::NameNotAllowed)
+        );
+        let old = RenewRequest {
+            protocol: 9,
+            ..renewal("edge")
+        };
+        assert_eq!(
+            code(enroller.renew(&old, Some(&identity), now)),
+            Some(RefusalCode::Malformed)
+        );
+        enroller.revoke("edge", &identity.tenant).unwrap();
+        assert_eq!(
+            code(enroller.renew(&renewal("edge"), Some(&identity), now)),
+            Some(RefusalCode::Revoked)
+        );
+        // Nothing was issued by the refusals.
+        assert_eq!(IssuedLog::load(&enroller.state.issued()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_expired_connect_tokens_of_enrolled_agents_are_pruned() {
+        let mut store = TokenStore::default();
+        let tenant: crate::auth::Tenant = "acme/prod".parse().unwrap();
+        let then = SystemTime::now() - 10 * DAY;
+        let mut make = |ttl: Option<Duration>, label: &str| {
+            store
+                .create(
+                    tenant.clone(),
+                    vec![Scope::ConnectAgentHub],
+                    ttl,
+                    Some(label.to_owned()),
+                    then,
+                )
+                .unwrap()
+                .1
+                .id
+        };
+        let lapsed = make(Some(DAY), "agent edge (enrolled)");
+        let live = make(Some(30 * DAY), "agent core (enrolled)");
+        let forever = make(None, "agent old (enrolled)");
+        let by_hand = make(Some(DAY), "ci pipeline");
+        prune_enrolled_tokens(&mut store, SystemTime::now());
+        assert!(store.get(&lapsed).is_none());
+        for kept in [live, forever, by_hand] {
+            assert!(store.get(&kept).is_some(), "{kept}");
+        }
+    }
+}
