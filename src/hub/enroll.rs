@@ -567,7 +567,9 @@ mod tests {
     /// `edge` whose connect token (`token_id`) is in the store.
     fn enrolled(dir: &std::path::Path) -> (Enroller, AgentIdentity, String) {
         let state = HubState::new(dir);
-        state.prepare(&["hub.example.com".into()], true, true).unwrap();
+        state
+            .prepare(&["hub.example.com".into()], true, true)
+            .unwrap();
         let enroller = Enroller::open(state.clone(), state.tokens(), 30 * DAY).unwrap();
         let now = SystemTime::now();
         let admission = Admission {
@@ -618,14 +620,20 @@ mod tests {
         assert_ne!(issued.serial, identity.serial);
         assert!(issued.connect_token.expose().is_empty());
         let renewed = agent_identity(&issued.chain[0].0).unwrap();
-        assert_eq!((renewed.agent.as_str(), &renewed.tenant), ("edge", &identity.tenant));
+        assert_eq!(
+            (renewed.agent.as_str(), &renewed.tenant),
+            ("edge", &identity.tenant)
+        );
         let log = IssuedLog::load(&enroller.state.issued()).unwrap();
         let record = log.by_serial(&issued.serial).unwrap();
         assert_eq!(record.connect_token.as_deref(), Some(token_id.as_str()));
         assert_eq!(record.join_token, None);
         // The token that went with the old certificate now lasts as long as the new one.
         let store = TokenStore::load(&enroller.tokens).unwrap();
-        assert_eq!(store.get(&token_id).unwrap().expires, Some(issued.not_after));
+        assert_eq!(
+            store.get(&token_id).unwrap().expires,
+            Some(issued.not_after)
+        );
     }
 
     #[test]

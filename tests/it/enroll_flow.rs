@@ -914,6 +914,32 @@ async fn a_certificate_renews_over_the_live_session_without_breaking_a_download(
             if why.contains("refused this agent's certificate") && why.contains("expired")),
         "{refused}"
     );
+    // The agents API shows when each session's certificate expires: renewed ones only now.
+    let first_end =
+        rna::certs::not_after(&rna::certs::load_certs(&old.join("agent.pem")).unwrap()[0])
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+    let reader = hub.token("acme/prod", "read:infra:data").await;
+    let out = tokio::process::Command::new("curl")
+        .args(["-sf", "-H"])
+        .arg(format!("Authorization: Bearer {reader}"))
+        .arg(format!("http://{}/api/v1/agents", hub.api))
+        .output();
+    let out = within("curl", out).await.unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ends: Vec<u64> = listed
+        .as_array()
+        .or_else(|| listed["agents"].as_array())
+        .unwrap()
+        .iter()
+        .map(|a| a["certificate_not_after_unix"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !ends.is_empty() && ends.iter().all(|&end| end > first_end),
+        "{listed}"
+    );
     // The renewing agent is still connected.
     let (code, body) = curl(
         hub.socks,
