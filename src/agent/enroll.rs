@@ -12,10 +12,12 @@ use tracing::info;
 use super::HubTarget;
 use crate::enroll::wire::{self, ENROLL_PROTOCOL};
 use crate::enroll::{
-    agent_identity, make_csr, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier, ENROLL_ALPN,
+    agent_identity, make_csr, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier,
+    RenewRequest, ENROLL_ALPN, RENEW_ALPN,
 };
 use crate::fsutil::{replace_file, FileMode};
 use crate::proto::codec;
+use crate::transport::ClientTls;
 
 /// Time for the whole exchange with one hub address: QUIC and TLS, request and reply.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -65,6 +67,11 @@ impl AgentState {
         AgentState {
             dir: dir.to_path_buf(),
         }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The hub CA, `ca.pem`.
@@ -233,6 +240,23 @@ async fn exchange(
         None => PinnedHubVerifier::client_config(join.pin(), ENROLL_ALPN),
     }
     .map_err(|e| e.to_string())?;
+    let request = EnrollRequest {
+        protocol: ENROLL_PROTOCOL,
+        join_token: join.text(),
+        csr_der: csr_der.to_vec(),
+    };
+    let frame = wire::encode_request(&request).map_err(|e| e.to_string())?;
+    quic_exchange(addr, server_name, config, &frame).await
+}
+
+/// One request frame and one reply over QUIC with the TLS client configuration `config`
+/// (its ALPN names the exchange), then the connection is closed.
+async fn quic_exchange(
+    addr: SocketAddr,
+    server_name: &str,
+    config: rustls::ClientConfig,
+    frame: &[u8],
+) -> Result<EnrollReply, String> {
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| e.to_string())?;
     let local: SocketAddr = if addr.is_ipv6() {
@@ -251,14 +275,8 @@ async fn exchange(
                 Some(_) => format!("TLS: {e}"),
                 None => e.to_string(),
             })?;
-        let request = EnrollRequest {
-            protocol: ENROLL_PROTOCOL,
-            join_token: join.text(),
-            csr_der: csr_der.to_vec(),
-        };
-        let frame = wire::encode_request(&request).map_err(|e| e.to_string())?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        send.write_all(frame).await.map_err(|e| e.to_string())?;
         let _ = send.finish();
         let body = codec::read_body_limited(&mut recv, codec::MAX_FRAME)
             .await
@@ -278,4 +296,138 @@ async fn exchange(
 /// PEM text of one DER object.
 fn pem(tag: &str, der: &[u8]) -> String {
     ::pem::encode(&::pem::Pem::new(tag, der.to_vec()))
+}
+
+/// A certificate renewed over the renewal exchange and written to the state folder.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    /// The TLS material to make new sessions with: the same CA, the new certificate and key.
+    pub tls: ClientTls,
+    /// Lowercase hex of the new certificate's serial.
+    pub serial: String,
+    /// End of the new certificate's validity.
+    pub not_after: SystemTime,
+}
+
+/// Renews the enrolled certificate of agent `name` with the first hub address that answers:
+/// a new key made here (the old one is not reused, so a key lives no longer than its
+/// certificate), a CSR sent over `rna-renew/1` authenticated by the current certificate in
+/// `tls`, the hub verified against the agent's CA as for a session. The new key (0600) and
+/// certificate replace the old ones in `state`; the connect token is kept.
+pub async fn renew(
+    hubs: &[HubTarget],
+    server_name: Option<&str>,
+    name: &str,
+    tls: &ClientTls,
+    state: &AgentState,
+) -> Result<Renewed, EnrollmentError> {
+    let csr = make_csr(name).map_err(EnrollmentError::Join)?;
+    let request = RenewRequest {
+        protocol: ENROLL_PROTOCOL,
+        csr_der: csr.csr_der.clone(),
+    };
+    let frame = wire::encode_renewal(&request).map_err(EnrollmentError::Join)?;
+    let config = tls
+        .rustls_config(RENEW_ALPN)
+        .map_err(|e| EnrollmentError::State {
+            path: state.cert(),
+            message: e.to_string(),
+        })?;
+    let mut last = None;
+    for hub in hubs {
+        let what = format!("{}:{}", hub.host, hub.port);
+        let addrs = match tokio::net::lookup_host((hub.host.as_str(), hub.port)).await {
+            Ok(addrs) => addrs.collect::<Vec<_>>(),
+            Err(e) => {
+                last = Some(EnrollmentError::Hub {
+                    hub: what,
+                    message: format!("cannot resolve: {e}"),
+                });
+                continue;
+            }
+        };
+        let tls_name = server_name.unwrap_or(&hub.host);
+        for addr in addrs {
+            let exchange = quic_exchange(addr, tls_name, config.clone(), &frame);
+            let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),
+            };
+            match outcome {
+                Ok(EnrollReply::Issued(issued)) => {
+                    return keep_renewed(&issued, name, &csr, tls, state, &what)
+                }
+                Ok(EnrollReply::Refused { code, message }) => {
+                    return Err(EnrollmentError::Refused { code, message })
+                }
+                Err(message) => {
+                    last = Some(EnrollmentError::Hub {
+                        hub: format!("{what} ({addr})"),
+                        message,
+                    })
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or(EnrollmentError::Hub {
+        hub: "(none)".into(),
+        message: "no hub address given (--hub)".into(),
+    }))
+}
+
+/// Checks a renewal reply (the same CA, agent and tenant as the current certificate) and
+/// writes the new key and certificate to `state`.
+fn keep_renewed(
+    issued: &crate::enroll::Issued,
+    name: &str,
+    csr: &crate::enroll::AgentCsr,
+    tls: &ClientTls,
+    state: &AgentState,
+    hub: &str,
+) -> Result<Renewed, EnrollmentError> {
+    let bad = |message: String| EnrollmentError::Hub {
+        hub: hub.to_owned(),
+        message,
+    };
+    let cert = issued
+        .chain
+        .first()
+        .ok_or_else(|| bad("the renewal reply holds no certificate".into()))?;
+    let identity = agent_identity(&cert.0).map_err(EnrollmentError::Join)?;
+    let current = tls
+        .certificate()
+        .and_then(|c| agent_identity(c.as_ref()).ok())
+        .ok_or_else(|| bad("the current certificate carries no enrolled identity".into()))?;
+    if identity.agent != name || identity.tenant != current.tenant {
+        return Err(bad(format!(
+            "the renewed certificate names agent {:?} of {}, not {name:?} of {}",
+            identity.agent, identity.tenant, current.tenant
+        )));
+    }
+    let ca_pem = pem("CERTIFICATE", &issued.ca.0);
+    let chain: String = issued
+        .chain
+        .iter()
+        .map(|c| pem("CERTIFICATE", &c.0))
+        .collect();
+    let renewed = ClientTls::from_pem(&ca_pem, &chain, csr.key_pem.expose())
+        .map_err(|e| bad(format!("the renewed certificate cannot be used: {e}")))?;
+    // The reply cannot swap the CA the agent trusts: it must be the one in the state folder.
+    let same_ca = crate::certs::load_certs(&state.ca())
+        .ok()
+        .and_then(|certs| certs.first().map(|c| c.as_ref() == issued.ca.0.as_slice()))
+        .unwrap_or(false);
+    if renewed.check().is_err() || !same_ca {
+        return Err(bad(
+            "the renewed certificate is not one of this agent's CA, valid now".into(),
+        ));
+    }
+    // The key first: a certificate is useless without it, and both files are replaced whole.
+    state.write(state.key(), csr.key_pem.expose().as_bytes(), 0o600)?;
+    state.write(state.cert(), chain.as_bytes(), 0o644)?;
+    Ok(Renewed {
+        tls: renewed,
+        serial: issued.serial.clone(),
+        not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(identity.not_after),
+    })
 }

@@ -9,6 +9,7 @@ pub mod dialer;
 pub mod enroll;
 pub mod kube;
 pub mod policy;
+mod renewal;
 pub mod session;
 mod supervisor;
 
@@ -176,6 +177,10 @@ pub struct AgentConfig {
     pub quic_probe_interval: Duration,
     /// The HTTP proxy for TCP sessions, and the hubs reached without it.
     pub proxy: ProxySettings,
+    /// The state folder an enrolled certificate was read from: the agent renews it there at
+    /// two thirds of its lifetime, over the renewal exchange, without a restart (`None`:
+    /// certificates are managed by hand).
+    pub state: Option<AgentState>,
 }
 
 /// How the agent reaches its hubs.
@@ -248,6 +253,7 @@ impl AgentConfig {
             quic_fallback_after: Duration::from_secs(5),
             quic_probe_interval: Duration::from_secs(600),
             proxy: ProxySettings::default(),
+            state: None,
         }
     }
 }
@@ -410,13 +416,32 @@ impl Agent {
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
         let own_certificates = shutdown.child_token();
+        let tls = Arc::new(renewal::TlsWatch::new(renewal::CurrentTls {
+            generation: 0,
+            tls: config.tls.clone(),
+        }));
         let watch = tokio::spawn(supervisor::watch_own_certificates(
             expiries,
             renew_at,
+            tls.subscribe(),
             self.metrics.clone(),
             supervisor::OWN_CERTIFICATE_CHECK,
             own_certificates.clone(),
         ));
+        // An enrolled certificate from a state folder renews itself while the agent runs.
+        let renewing = match (&config.state, renew_at) {
+            (Some(state), Some(_)) => Some(tokio::spawn(
+                renewal::renew_certificates(
+                    config.clone(),
+                    state.clone(),
+                    tls.clone(),
+                    self.metrics.clone(),
+                    own_certificates.clone(),
+                )
+                .instrument(tracing::info_span!("renewal", agent = %config.name)),
+            )),
+            _ => None,
+        };
         for target in config.hubs.clone() {
             let me = Supervisor {
                 config: config.clone(),
@@ -426,6 +451,8 @@ impl Agent {
                 metrics: self.metrics.clone(),
                 endpoints: self.endpoints.clone(),
                 wake: self.wake.clone(),
+                tls: tls.subscribe(),
+                tls_generation: 0,
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
@@ -435,6 +462,9 @@ impl Agent {
         tasks.wait().await;
         own_certificates.cancel();
         let _ = watch.await;
+        if let Some(renewing) = renewing {
+            let _ = renewing.await;
+        }
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
+use super::renewal::CurrentTls;
 use super::{admin, kube, session, AgentConfig, AgentStatus, Dialer, Endpoints, HubTarget};
 use super::{Retry, SessionError, TransportMode};
 use crate::auth::{Secret, StoreError};
@@ -40,6 +41,10 @@ pub(super) struct Supervisor {
     pub(super) endpoints: Endpoints,
     /// Ends the waits between connection attempts (a token reload).
     pub(super) wake: Arc<tokio::sync::Notify>,
+    /// The client certificate in force, replaced by each renewal.
+    pub(super) tls: tokio::sync::watch::Receiver<CurrentTls>,
+    /// The generation of [`CurrentTls`] that `config.tls` holds.
+    pub(super) tls_generation: u64,
 }
 
 impl Supervisor {
@@ -142,7 +147,7 @@ impl Supervisor {
     /// backoff until cancelled. `host` is the hub's name as given (a proxy is asked for
     /// `host:port`); `addr` is one address it resolved to.
     async fn connect_loop(
-        self,
+        mut self,
         addr: SocketAddr,
         host: String,
         server_name: String,
@@ -184,7 +189,7 @@ impl Supervisor {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(addr, endpoint.clone());
         }
-        let dial = Dial {
+        let mut dial = Dial {
             addr,
             host,
             server_name,
@@ -197,6 +202,7 @@ impl Supervisor {
         // A session made while another was still up (a QUIC probe from TCP): served next.
         let mut ready: Option<session::Established> = None;
         loop {
+            self.follow_renewal(dial.endpoint.as_mut());
             let attempt = match ready.take() {
                 Some(established) => Ok(established),
                 None => {
@@ -398,50 +404,122 @@ impl Supervisor {
             }
         };
         tokio::pin!(probe);
+        let renewed = self.renewed_session(dial);
+        tokio::pin!(renewed);
         // The moment the session turns stable is logged, so an operator (and a test) can
         // tell when a drop stops costing a backoff.
         let stable = tokio::time::sleep(self.config.stable_session);
         tokio::pin!(stable);
         let mut stable_seen = false;
-        let ended = loop {
+        let (next, why) = loop {
             tokio::select! {
-                end = &mut run => break end,
+                end = &mut run => {
+                    self.session_over(transport);
+                    let end = end.unwrap_or_else(|e| session::SessionEnd {
+                        reason: format!("session task failed: {e}"),
+                        going_away: false,
+                    });
+                    return Served::Ended {
+                        end,
+                        up: up_since.elapsed(),
+                    };
+                }
                 () = &mut stable, if !stable_seen => {
                     stable_seen = true;
                     debug!("session stable; a drop now reconnects at once");
                 }
-                next = &mut probe => {
-                    info!(session = next.welcome.session_id,
-                        "QUIC reaches the hub again: moving from TLS over TCP to QUIC; the TCP \
-                         session closes once its streams have finished");
-                    drain.cancel();
-                    let me = self.clone();
-                    tokio::spawn(
-                        async move {
-                            let end = run.await;
-                            me.session_over(transport);
-                            match end {
-                                Ok(end) => info!("TCP session closed: {}", end.reason),
-                                Err(e) => warn!("TCP session task failed: {e}"),
-                            }
-                        }
-                        .in_current_span(),
-                    );
-                    return Served::Moved(Box::new(next));
-                }
+                next = &mut probe => break (
+                    next,
+                    "QUIC reaches the hub again: moving from TLS over TCP to QUIC; the TCP \
+                     session closes once its streams have finished",
+                ),
+                next = &mut renewed => break (
+                    next,
+                    "a new session with the renewed certificate is up: moving to it; the \
+                     previous session closes once its streams have finished",
+                ),
             }
         };
-        self.session_over(transport);
-        let end = ended.unwrap_or_else(|e| session::SessionEnd {
-            reason: format!("session task failed: {e}"),
-            going_away: false,
-        });
-        Served::Ended {
-            end,
-            up: up_since.elapsed(),
-        }
+        info!(session = next.welcome.session_id, "{why}");
+        drain.cancel();
+        let me = self.clone();
+        tokio::spawn(
+            async move {
+                let end = run.await;
+                me.session_over(transport);
+                match end {
+                    Ok(end) => info!(%transport, "previous session closed: {}", end.reason),
+                    Err(e) => warn!(%transport, "previous session task failed: {e}"),
+                }
+            }
+            .in_current_span(),
+        );
+        Served::Moved(Box::new(next))
     }
 
+    /// Makes the QUIC endpoint and the configuration use the newest renewed certificate, if
+    /// the one in force is older.
+    fn follow_renewal(&mut self, endpoint: Option<&mut quinn::Endpoint>) {
+        let current = self.tls.borrow().clone();
+        if current.generation == self.tls_generation {
+            return;
+        }
+        if let Some(endpoint) = endpoint {
+            match transport::agent_client_config(&current.tls, &self.config.limits) {
+                Ok(client) => endpoint.set_default_client_config(client),
+                Err(e) => {
+                    error!("cannot use the renewed certificate for QUIC: {e}");
+                    return;
+                }
+            }
+        }
+        let mut config = (*self.config).clone();
+        config.tls = current.tls;
+        self.config = Arc::new(config);
+        self.tls_generation = current.generation;
+    }
+
+    /// Once a renewal replaced the certificate this session was made with, makes a new
+    /// session with the renewed one, retrying with backoff while the current session serves;
+    /// never returns otherwise. Cancel-safe.
+    async fn renewed_session(&self, dial: &Dial) -> session::Established {
+        let mut tls = self.tls.clone();
+        if tls
+            .wait_for(|c| c.generation > self.tls_generation)
+            .await
+            .is_err()
+        {
+            // The agent is stopping: the session ends through its own cancellation.
+            return std::future::pending().await;
+        }
+        let mut me = self.clone();
+        // quinn keeps the default client configuration per endpoint handle: this handle (the
+        // same socket) gets the renewed one, and the connect loop's own when it takes over.
+        let mut dial = dial.clone();
+        let mut retry = self.backoff();
+        loop {
+            // The newest certificate each time: another renewal may have come meanwhile.
+            me.follow_renewal(dial.endpoint.as_mut());
+            let attempt = match me.current_token() {
+                Ok(token) => me.attempt(&dial, &token).await,
+                Err(e) => Err(SessionError::Connect(format!(
+                    "cannot read the token file: {e}"
+                ))),
+            };
+            match attempt {
+                Ok(next) => return next,
+                Err(e) => {
+                    let delay = retry.next_delay();
+                    warn!(retry_in = ?delay,
+                        "a session with the renewed certificate failed: {e}; the current session goes on");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+impl Supervisor {
     /// Counts a session as ended.
     fn session_over(&self, transport: TransportKind) {
         self.metrics.hub_connection(transport.as_str(), false);
@@ -478,6 +556,7 @@ impl Supervisor {
 }
 
 /// Where and how one hub address is dialed.
+#[derive(Clone)]
 struct Dial {
     addr: SocketAddr,
     host: String,
@@ -555,12 +634,14 @@ impl Supervisor {
 /// once at start, and a warning must still appear for an agent that runs for months.
 pub(super) const OWN_CERTIFICATE_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Records the expiry of the agent's own certificate and CA (`expiries`, read once from its
-/// TLS material at start) as metrics and warns from 30 days before either lapses: now, and
-/// again every `every` until `cancel` fires. Cancel-safe.
+/// Records the expiry of the agent's own certificate and CA (`expiries`, read from its TLS
+/// material at start, then from each renewed certificate `renewed` announces) as metrics and
+/// warns from 30 days before either lapses: now, and again every `every` until `cancel`
+/// fires. Cancel-safe.
 pub(super) async fn watch_own_certificates(
     expiries: Vec<(&'static str, std::time::SystemTime)>,
     renew_at: Option<std::time::SystemTime>,
+    mut renewed: tokio::sync::watch::Receiver<CurrentTls>,
     metrics: Arc<admin::AgentMetrics>,
     every: Duration,
     cancel: CancellationToken,
@@ -568,7 +649,15 @@ pub(super) async fn watch_own_certificates(
     for &(role, not_after) in &expiries {
         metrics.certificate_expiry(role, not_after);
     }
+    let (mut expiries, mut renew_at) = (expiries, renew_at);
     loop {
+        // A renewed certificate replaces the one read at start (its metric is set by the
+        // renewal itself).
+        if renewed.has_changed().unwrap_or(false) {
+            let current = renewed.borrow_and_update().tls.clone();
+            expiries = current.expiries();
+            renew_at = super::renewal::schedule(&current).map(|(at, _)| at);
+        }
         // An enrolled certificate (`renew_at` known) is warned about from its renewal point,
         // not from 30 days before its end: it only lives 30 days by default.
         let quiet = renew_at.is_some_and(|at| std::time::SystemTime::now() < at);

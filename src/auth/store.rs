@@ -373,6 +373,24 @@ impl TokenStore {
         }
     }
 
+    /// Sets when the token with this id expires (unix seconds; `None` never); `NotFound` if
+    /// no token has this id. An enrolled agent's connect token follows its certificate's end.
+    pub fn set_expires(&mut self, id: &str, expires: Option<u64>) -> Result<(), StoreError> {
+        let record = self
+            .tokens
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        record.expires = expires;
+        Ok(())
+    }
+
+    /// Removes every record for which `remove` holds; how many were removed.
+    pub fn remove_where(&mut self, remove: impl Fn(&TokenRecord) -> bool) -> usize {
+        let before = self.tokens.len();
+        self.tokens.retain(|_, record| !remove(record));
+        before - self.tokens.len()
+    }
+
     /// Whether the token with this id would still verify now: it exists, is not revoked and
     /// has not expired. Used to close sessions of revoked tokens after a reload.
     pub fn is_live(&self, id: &str, now: SystemTime) -> bool {

@@ -220,6 +220,11 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         .map_err(|e| invalid("token_file", crate::fsutil::error_chain(&e)))?;
     let mut config = AgentConfig::new(o.hub.clone(), name, tls, token);
     config.token_file = Some(token_file);
+    // A certificate and key of the state folder (not named by hand) renew there as they age.
+    config.state = o.state_dir.as_deref().map(AgentState::new).filter(|state| {
+        o.cert.as_deref() == Some(state.cert().as_path())
+            && o.key.as_deref() == Some(state.key().as_path())
+    });
     if let Some(name) = o.server_name.clone() {
         crate::transport::tls::server_name(&name)
             .map_err(|e| invalid("server_name", crate::fsutil::error_chain(&e)))?;

@@ -28,6 +28,11 @@ pub struct IssuedRecord {
     /// The join token it was enrolled with; `None` for a renewal over a live session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token: Option<String>,
+    /// The id of the connect token that goes with this certificate: made by enrollment, kept
+    /// by a renewal, replaced by a rotation. The hub moves that token's expiry with each
+    /// renewal and revokes it when the certificate is replaced by a new enrollment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_token: Option<String>,
 }
 
 impl IssuedRecord {
@@ -40,6 +45,7 @@ impl IssuedRecord {
             not_before: cert.not_before,
             not_after: cert.not_after,
             join_token,
+            connect_token: None,
         }
     }
 }
@@ -104,6 +110,18 @@ impl IssuedLog {
     /// The certificate with this serial (lowercase hex).
     pub fn by_serial(&self, serial: &str) -> Option<&IssuedRecord> {
         self.records.get(serial)
+    }
+
+    /// Records `token_id` as the connect token of the certificate with this serial; `false`
+    /// when no such certificate is logged.
+    pub fn set_connect_token(&mut self, serial: &str, token_id: &str) -> bool {
+        match self.records.get_mut(serial) {
+            Some(record) => {
+                record.connect_token = Some(token_id.to_owned());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Every certificate issued to this agent name (in any tenant unless `tenant` is given),
@@ -185,6 +203,7 @@ pub(crate) mod tests {
             not_before: nb,
             not_after: na,
             join_token: Some("0123456789ab".into()),
+            connect_token: None,
         }
     }
 

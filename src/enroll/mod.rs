@@ -28,7 +28,10 @@ pub use pin::{ca_pin, PinnedHubVerifier};
 pub use renew::{renew_at, renew_in, renewal_due};
 pub use revocation::{RevocationList, Revoked};
 pub use state::{HubAddress, HubState};
-pub use wire::{CertBytes, EnrollReply, EnrollRequest, Issued, RefusalCode, ENROLL_ALPN};
+pub use wire::{
+    CertBytes, EnrollReply, EnrollRequest, Issued, RefusalCode, RenewRequest, ENROLL_ALPN,
+    RENEW_ALPN,
+};
 
 /// Why an enrollment step failed. A refusal of what a peer or a user presented carries the
 /// [`RefusalCode`] the hub sends back, so each refusal maps once, at the edge, to its wire

@@ -149,7 +149,8 @@ pub struct Issued {
     /// The DER CA certificate the agent trusts the hub with from now on.
     pub ca: CertBytes,
     /// The connect token (`connect:agentHub` in the certificate's tenant) for the session
-    /// handshake.
+    /// handshake. Empty in the reply to a [`RenewRequest`]: the agent keeps its connect
+    /// token, whose expiry the hub moved to the new certificate's end.
     #[serde(deserialize_with = "secret_text")]
     pub connect_token: Secret,
     /// Lowercase hex of the certificate's serial.
@@ -225,6 +226,35 @@ pub fn encode_reply(reply: &EnrollReply) -> Result<Bytes, EnrollError> {
 
 /// Decodes a reply from a frame body.
 pub fn decode_reply(body: &[u8]) -> Result<EnrollReply, EnrollError> {
+    Ok(codec::decode_body(body)?)
+}
+
+/// ALPN of the renewal exchange on the hub's own listener: an enrolled agent presents its
+/// current certificate (required and checked by TLS against the CA and its validity) and
+/// sends one [`RenewRequest`]; the hub answers with one [`EnrollReply`]. A protocol of its
+/// own rather than a variant of [`EnrollRequest`], so each message has one meaning and the
+/// enrollment messages stay as they are.
+pub const RENEW_ALPN: &[u8] = b"rna-renew/1";
+
+/// What an enrolled agent sends to renew: a CSR for a key it made, for the same agent name
+/// as its current certificate. Its identity is the certificate it presented, so the request
+/// carries no secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// [`ENROLL_PROTOCOL`].
+    pub protocol: u16,
+    /// The DER CSR, at most [`MAX_CSR`] bytes.
+    #[serde(deserialize_with = "csr_bytes")]
+    pub csr_der: Vec<u8>,
+}
+
+/// Encodes a renewal request as one frame.
+pub fn encode_renewal(request: &RenewRequest) -> Result<Bytes, EnrollError> {
+    Ok(codec::encode(request)?)
+}
+
+/// Decodes a renewal request from a frame body (read with [`codec::read_body_limited`]).
+pub fn decode_renewal(body: &[u8]) -> Result<RenewRequest, EnrollError> {
     Ok(codec::decode_body(body)?)
 }
 
@@ -331,6 +361,39 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn renewal_requests_round_trip_and_refuse_malformed_bytes() {
+        let csr = make_csr("edge").unwrap();
+        let request = RenewRequest {
+            protocol: ENROLL_PROTOCOL,
+            csr_der: csr.csr_der.clone(),
+        };
+        let frame = encode_renewal(&request).unwrap();
+        // A CSR and nothing secret: not the key, and no join token field at all.
+        let key_der = crate::certs::parse_key(csr.key_pem.expose()).unwrap();
+        assert!(!contains(&frame, key_der.secret_der()));
+        let back = decode_renewal(&frame[4..]).unwrap();
+        assert_eq!(back.csr_der, csr.csr_der);
+        assert_eq!(back.protocol, ENROLL_PROTOCOL);
+        let body = &frame[4..];
+        let over_csr = postcard::to_stdvec(&(1u16, vec![0u8; MAX_CSR + 1])).unwrap();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (Vec::new(), "malformed"),
+            (body[..body.len() - 1].to_vec(), "malformed"),
+            ([body, &[0]].concat(), "malformed"),
+            (over_csr, "csr_der"),
+        ];
+        for (bytes, want) in cases {
+            let err = decode_renewal(&bytes).unwrap_err();
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
+        let err = decode_renewal(&vec![0u8; codec::MAX_FRAME + 1]).unwrap_err();
+        assert!(
+            matches!(err, EnrollError::Codec(CodecError::TooLarge { .. })),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use super::Shared;
 use crate::auth::{Scope, TokenStore};
 use crate::enroll::wire::{self, ENROLL_DONE, ENROLL_PROTOCOL};
 use crate::enroll::{
-    csr, CertBytes, EnrollError, EnrollReply, EnrollRequest, HubState, Issued, IssuedLog,
-    IssuedRecord, RefusalCode, RevocationList, Signer,
+    csr, AgentIdentity, CertBytes, EnrollError, EnrollReply, EnrollRequest, HubState, Issued,
+    IssuedLog, IssuedRecord, RefusalCode, RenewRequest, RevocationList, Signer,
 };
 use crate::identity::Secret;
 use crate::proto::codec;
@@ -126,14 +126,16 @@ impl Enroller {
     /// one use of the token and records everything. Blocking (file I/O): run off the I/O
     /// threads. A refusal spends nothing.
     ///
-    /// `tenant` is the tenant of the certificate the agent presented, if any (an agent
-    /// enrolling again): a join token of another tenant is refused.
+    /// `presented` is the identity of the certificate the agent presented, if any (an agent
+    /// enrolling again): a join token of another tenant is refused, and the connect token
+    /// that went with that certificate is revoked, since the new one replaces it.
     fn enroll(
         &self,
         request: &EnrollRequest,
-        tenant: Option<&crate::auth::Tenant>,
+        presented: Option<&AgentIdentity>,
         now: SystemTime,
     ) -> Result<Issued, EnrollError> {
+        let tenant = presented.map(|identity| &identity.tenant);
         if request.protocol != ENROLL_PROTOCOL {
             return Err(refused(
                 RefusalCode::Malformed,
@@ -172,18 +174,36 @@ impl Enroller {
             .sign(&request.csr_der, &admission, self.lifetime, now)?;
         self.state.save_join_tokens(&book)?;
         let mut log = IssuedLog::load(&self.state.issued())?;
-        log.add(IssuedRecord::of(&signed, Some(admission.token_id.clone())))?;
-        log.save(&self.state.issued())?;
+        let replaced = presented
+            .and_then(|identity| log.by_serial(&identity.serial))
+            .and_then(|record| record.connect_token.clone());
         let mut store = TokenStore::load_or_empty(&self.tokens).map_err(unavailable)?;
-        let (connect_token, _) = store
+        // The token lives as long as the certificate: renewals move its end with the
+        // certificate's, so a lapsed agent's token lapses too and is pruned.
+        let ttl = Duration::from_secs(
+            signed
+                .not_after
+                .saturating_sub(crate::auth::unix_now(now))
+                .max(1),
+        );
+        let (connect_token, record) = store
             .create(
                 admission.tenant.clone(),
                 vec![Scope::ConnectAgentHub],
-                None,
-                Some(format!("agent {agent} (enrolled)")),
+                Some(ttl),
+                Some(format!("agent {agent} {ENROLLED_LABEL}")),
                 now,
             )
             .map_err(unavailable)?;
+        if let Some(old) = &replaced {
+            // Gone already when it was pruned or removed by hand: nothing to revoke then.
+            let _ = store.revoke(old);
+        }
+        prune_enrolled_tokens(&mut store, now);
+        let mut issued = IssuedRecord::of(&signed, Some(admission.token_id.clone()));
+        issued.connect_token = Some(record.id.clone());
+        log.add(issued)?;
+        log.save(&self.state.issued())?;
         store.save(&self.tokens).map_err(unavailable)?;
         info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
             join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
@@ -191,6 +211,104 @@ impl Enroller {
             chain: vec![CertBytes(signed.cert_der)],
             ca: CertBytes(self.ca_der.clone()),
             connect_token: Secret::new(connect_token.expose().to_owned()),
+            serial: signed.serial,
+            not_after: signed.not_after,
+        })
+    }
+}
+
+/// The end of the label of every connect token made by enrollment, by which expired ones
+/// are found and pruned.
+const ENROLLED_LABEL: &str = "(enrolled)";
+
+/// Removes the connect tokens made by enrollment that have expired: their certificate ended
+/// without a renewal, or a newer enrollment replaced them. Without this, every enrollment of
+/// a fleet (a Kubernetes pod enrolls at each start) would leave a token behind forever.
+fn prune_enrolled_tokens(store: &mut TokenStore, now: SystemTime) {
+    let now = crate::auth::unix_now(now);
+    let pruned = store.remove_where(|record| {
+        record
+            .label
+            .as_deref()
+            .is_some_and(|label| label.ends_with(ENROLLED_LABEL))
+            && record.expires.is_some_and(|expires| expires <= now)
+    });
+    if pruned > 0 {
+        info!(pruned, "expired connect tokens of enrolled agents removed");
+    }
+}
+
+impl Enroller {
+    /// Renews the certificate the agent presented (`presented`, checked by TLS against the CA
+    /// and its validity): signs the CSR for the same agent and tenant, logs the new
+    /// certificate with the connect token of the old one and moves that token's expiry to the
+    /// new certificate's end. Refused when no enrolled certificate was presented, when it is
+    /// revoked, or when the CSR names another agent. Blocking (file I/O).
+    fn renew(
+        &self,
+        request: &RenewRequest,
+        presented: Option<&AgentIdentity>,
+        now: SystemTime,
+    ) -> Result<Issued, EnrollError> {
+        if request.protocol != ENROLL_PROTOCOL {
+            return Err(refused(
+                RefusalCode::Malformed,
+                format!(
+                    "renewal protocol {} is not {ENROLL_PROTOCOL}",
+                    request.protocol
+                ),
+            ));
+        }
+        let Some(identity) = presented else {
+            return Err(refused(
+                RefusalCode::BadRequest,
+                "a renewal needs the agent's current enrolled certificate; enroll with a join \
+                 token instead"
+                    .into(),
+            ));
+        };
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let revoked = RevocationList::load(&self.state.revoked())?;
+        if revoked.is_revoked(&identity.serial) {
+            return Err(refused(
+                RefusalCode::Revoked,
+                format!(
+                    "certificate {} of agent {:?} is revoked; enroll again with a new join token",
+                    identity.serial, identity.agent
+                ),
+            ));
+        }
+        let admission = crate::enroll::Admission {
+            token_id: format!("renewal of {}", identity.serial),
+            tenant: identity.tenant.clone(),
+            agent: identity.agent.clone(),
+        };
+        let signed = self
+            .signer
+            .sign(&request.csr_der, &admission, self.lifetime, now)?;
+        let mut log = IssuedLog::load(&self.state.issued())?;
+        let connect_token = log
+            .by_serial(&identity.serial)
+            .and_then(|record| record.connect_token.clone());
+        let mut record = IssuedRecord::of(&signed, None);
+        record.connect_token = connect_token.clone();
+        log.add(record)?;
+        if let Some(id) = &connect_token {
+            let mut store = TokenStore::load_or_empty(&self.tokens).map_err(unavailable)?;
+            match store.set_expires(id, Some(signed.not_after)) {
+                Ok(()) => store.save(&self.tokens).map_err(unavailable)?,
+                // Removed by hand: the agent's next Hello says so; the certificate is fine.
+                Err(e) => warn!(agent = %identity.agent, token_id = %id,
+                    "renewal: the agent's connect token is not in the store: {e}"),
+            }
+        }
+        log.save(&self.state.issued())?;
+        info!(agent = %identity.agent, tenant = %identity.tenant, serial = %signed.serial,
+            previous = %identity.serial, not_after = signed.not_after, "agent certificate renewed");
+        Ok(Issued {
+            chain: vec![CertBytes(signed.cert_der)],
+            ca: CertBytes(self.ca_der.clone()),
+            connect_token: Secret::new(String::new()),
             serial: signed.serial,
             not_after: signed.not_after,
         })
@@ -223,6 +341,41 @@ fn unavailable(e: crate::auth::StoreError) -> EnrollError {
     }
 }
 
+/// Which exchange a connection to the hub's listener asked for by its ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exchange {
+    /// `rna-enroll/1`: a join token and a CSR.
+    Enroll,
+    /// `rna-renew/1`: the current certificate and a CSR.
+    Renew,
+}
+
+impl Exchange {
+    /// The exchange an ALPN names, if it names one.
+    pub(crate) fn of_alpn(alpn: &[u8]) -> Option<Exchange> {
+        if alpn == crate::enroll::ENROLL_ALPN {
+            Some(Exchange::Enroll)
+        } else if alpn == crate::enroll::RENEW_ALPN {
+            Some(Exchange::Renew)
+        } else {
+            None
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Exchange::Enroll => "enrollment",
+            Exchange::Renew => "renewal",
+        }
+    }
+}
+
+/// A decoded request of either exchange.
+enum Request {
+    Enroll(EnrollRequest),
+    Renew(RenewRequest),
+}
+
 /// Serves one enrollment connection: one request, one reply, then the connection is closed
 /// with [`ENROLL_DONE`] or the refusal's own close code.
 pub(crate) async fn serve(
@@ -230,6 +383,7 @@ pub(crate) async fn serve(
     enroller: Arc<Enroller>,
     connection: Session,
     slot: HandshakeSlot,
+    exchange_kind: Exchange,
 ) {
     let remote = connection.remote_address();
     let deadline = tokio::time::Instant::now() + shared.config.caps.hello_timeout;
@@ -270,17 +424,25 @@ pub(crate) async fn serve(
     };
     // The handshake is over: the request is read whole.
     drop(slot);
-    // A certificate presented was checked against the CA by TLS; its tenant binds the agent.
-    let tenant = connection
+    // A certificate presented was checked against the CA (and its validity) by TLS; its
+    // tenant binds the agent, and it is the identity a renewal renews.
+    let presented = connection
         .peer_certificates()
         .and_then(|chain| chain.into_iter().next())
-        .and_then(|cert| crate::enroll::agent_identity(cert.as_ref()).ok())
-        .map(|identity| identity.tenant);
-    let outcome = match wire::decode_request(&body) {
+        .and_then(|cert| crate::enroll::agent_identity(cert.as_ref()).ok());
+    let outcome = match exchange_kind {
+        Exchange::Enroll => wire::decode_request(&body).map(Request::Enroll),
+        Exchange::Renew => wire::decode_renewal(&body).map(Request::Renew),
+    };
+    let outcome = match outcome {
         Ok(request) => {
             let enroller = enroller.clone();
             tokio::task::spawn_blocking(move || {
-                enroller.enroll(&request, tenant.as_ref(), SystemTime::now())
+                let now = SystemTime::now();
+                match request {
+                    Request::Enroll(r) => enroller.enroll(&r, presented.as_ref(), now),
+                    Request::Renew(r) => enroller.renew(&r, presented.as_ref(), now),
+                }
             })
             .await
             .unwrap_or_else(|e| {
@@ -292,7 +454,7 @@ pub(crate) async fn serve(
         }
         Err(e) => Err(refused(
             RefusalCode::Malformed,
-            format!("enrollment request: {e}"),
+            format!("{} request: {e}", exchange_kind.as_str()),
         )),
     };
     let (reply, code, reason) = match outcome {
@@ -320,7 +482,10 @@ pub(crate) async fn serve(
             shared.metrics.handshake_failed(label);
             shared.failure_log.failed(
                 label,
-                format_args!("enrollment from {remote} refused ({code}): {message}"),
+                format_args!(
+                    "{} from {remote} refused ({code}): {message}",
+                    exchange_kind.as_str()
+                ),
             );
             let reply = EnrollReply::Refused {
                 code,
@@ -398,5 +563,146 @@ impl Enroller {
         let added = list.revoke(&log, agent, Some(tenant), now)?;
         list.save(&self.state.revoked())?;
         Ok(added)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enroll::{agent_identity, make_csr, Admission};
+
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// An enroller over a fresh state folder, and the identity of a certificate it signed for
+    /// `edge` whose connect token (`token_id`) is in the store.
+    fn enrolled(dir: &std::path::Path) -> (Enroller, AgentIdentity, String) {
+        let state = HubState::new(dir);
+        state
+            .prepare(&["hub.example.com".into()], true, true)
+            .unwrap();
+        let enroller = Enroller::open(state.clone(), state.tokens(), 30 * DAY).unwrap();
+        let now = SystemTime::now();
+        let admission = Admission {
+            token_id: "0123456789ab".into(),
+            tenant: "acme/prod".parse().unwrap(),
+            agent: "edge".into(),
+        };
+        let csr = make_csr("edge").unwrap();
+        let signed = enroller
+            .signer
+            .sign(&csr.csr_der, &admission, 30 * DAY, now)
+            .unwrap();
+        let mut store = TokenStore::load_or_empty(&state.tokens()).unwrap();
+        let (_, token) = store
+            .create(
+                admission.tenant.clone(),
+                vec![Scope::ConnectAgentHub],
+                Some(DAY),
+                Some(format!("agent edge {ENROLLED_LABEL}")),
+                now,
+            )
+            .unwrap();
+        store.save(&state.tokens()).unwrap();
+        let mut log = IssuedLog::default();
+        let mut record = IssuedRecord::of(&signed, Some(admission.token_id.clone()));
+        record.connect_token = Some(token.id.clone());
+        log.add(record).unwrap();
+        log.save(&state.issued()).unwrap();
+        let identity = agent_identity(&signed.cert_der).unwrap();
+        (enroller, identity, token.id)
+    }
+
+    fn renewal(agent: &str) -> RenewRequest {
+        RenewRequest {
+            protocol: ENROLL_PROTOCOL,
+            csr_der: make_csr(agent).unwrap().csr_der,
+        }
+    }
+
+    #[test]
+    fn a_renewal_keeps_agent_tenant_and_token_and_moves_the_token_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (enroller, identity, token_id) = enrolled(dir.path());
+        let now = SystemTime::now();
+        let issued = enroller
+            .renew(&renewal("edge"), Some(&identity), now)
+            .unwrap();
+        assert_ne!(issued.serial, identity.serial);
+        assert!(issued.connect_token.expose().is_empty());
+        let renewed = agent_identity(&issued.chain[0].0).unwrap();
+        assert_eq!(
+            (renewed.agent.as_str(), &renewed.tenant),
+            ("edge", &identity.tenant)
+        );
+        let log = IssuedLog::load(&enroller.state.issued()).unwrap();
+        let record = log.by_serial(&issued.serial).unwrap();
+        assert_eq!(record.connect_token.as_deref(), Some(token_id.as_str()));
+        assert_eq!(record.join_token, None);
+        // The token that went with the old certificate now lasts as long as the new one.
+        let store = TokenStore::load(&enroller.tokens).unwrap();
+        assert_eq!(
+            store.get(&token_id).unwrap().expires,
+            Some(issued.not_after)
+        );
+    }
+
+    #[test]
+    fn renewals_without_a_certificate_for_another_name_or_of_a_revoked_one_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (enroller, identity, _) = enrolled(dir.path());
+        let now = SystemTime::now();
+        let code = |r: Result<Issued, EnrollError>| r.unwrap_err().code();
+        assert_eq!(
+            code(enroller.renew(&renewal("edge"), None, now)),
+            Some(RefusalCode::BadRequest)
+        );
+        assert_eq!(
+            code(enroller.renew(&renewal("other"), Some(&identity), now)),
+            Some(RefusalCode::NameNotAllowed)
+        );
+        let old = RenewRequest {
+            protocol: 9,
+            ..renewal("edge")
+        };
+        assert_eq!(
+            code(enroller.renew(&old, Some(&identity), now)),
+            Some(RefusalCode::Malformed)
+        );
+        enroller.revoke("edge", &identity.tenant).unwrap();
+        assert_eq!(
+            code(enroller.renew(&renewal("edge"), Some(&identity), now)),
+            Some(RefusalCode::Revoked)
+        );
+        // Nothing was issued by the refusals.
+        assert_eq!(IssuedLog::load(&enroller.state.issued()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_expired_connect_tokens_of_enrolled_agents_are_pruned() {
+        let mut store = TokenStore::default();
+        let tenant: crate::auth::Tenant = "acme/prod".parse().unwrap();
+        let then = SystemTime::now() - 10 * DAY;
+        let mut make = |ttl: Option<Duration>, label: &str| {
+            store
+                .create(
+                    tenant.clone(),
+                    vec![Scope::ConnectAgentHub],
+                    ttl,
+                    Some(label.to_owned()),
+                    then,
+                )
+                .unwrap()
+                .1
+                .id
+        };
+        let lapsed = make(Some(DAY), "agent edge (enrolled)");
+        let live = make(Some(30 * DAY), "agent core (enrolled)");
+        let forever = make(None, "agent old (enrolled)");
+        let by_hand = make(Some(DAY), "ci pipeline");
+        prune_enrolled_tokens(&mut store, SystemTime::now());
+        assert!(store.get(&lapsed).is_none());
+        for kept in [live, forever, by_hand] {
+            assert!(store.get(&kept).is_some(), "{kept}");
+        }
     }
 }

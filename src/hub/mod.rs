@@ -270,7 +270,9 @@ impl Hub {
         let mut config = config;
         let enroller = match &config.enrollment {
             Some(state) => {
-                config.tls = config.tls.with_enrollment(crate::enroll::ENROLL_ALPN);
+                config.tls = config
+                    .tls
+                    .with_enrollment(&[crate::enroll::ENROLL_ALPN, crate::enroll::RENEW_ALPN]);
                 let mut enroller = enroll::Enroller::open(
                     state.clone(),
                     config.tokens.clone(),

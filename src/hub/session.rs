@@ -119,9 +119,9 @@ pub(crate) async fn serve(
     };
     if let Some(enroller) = shared.enroller.clone() {
         let alpn = crate::transport::tls::negotiated_alpn(&connection);
-        if alpn.as_deref() == Some(crate::enroll::ENROLL_ALPN) {
+        if let Some(exchange) = alpn.as_deref().and_then(super::enroll::Exchange::of_alpn) {
             let session = Session::from(connection);
-            super::enroll::serve(shared, enroller, session, handshake_slot).await;
+            super::enroll::serve(shared, enroller, session, handshake_slot, exchange).await;
             return;
         }
     }

@@ -597,6 +597,7 @@ mod tests {
             transport: "quic",
             lost_packets: Some(3),
             path_mtu: Some(1452),
+            certificate_not_after_unix: None,
             open_streams: 2,
             streams_total: 9,
             bytes_in: 5 * 1024 * 1024 + 300 * 1024,

@@ -368,6 +368,19 @@ pub fn agent_endpoint(
     Ok(endpoint)
 }
 
+/// The QUIC client configuration of an agent endpoint for `tls`, as [`agent_endpoint`] sets
+/// it: an agent whose certificate was renewed sets it again on its endpoint.
+pub fn agent_client_config(
+    tls: &ClientTls,
+    limits: &Limits,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
+    client.transport_config(Arc::new(
+        limits.transport(limits.tunnel_streams, limits.agent_keep_alive)?,
+    ));
+    Ok(client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

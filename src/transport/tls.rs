@@ -144,7 +144,7 @@ impl Material {
 
 /// The hub's TLS material: its certificate chain, key, and the CA agents must chain to.
 #[derive(Clone, Debug)]
-pub struct ServerTls(Material, Option<Vec<u8>>);
+pub struct ServerTls(Material, Option<Vec<Vec<u8>>>);
 
 impl ServerTls {
     /// From PEM files: the CA, the hub's certificate chain and its key.
@@ -157,13 +157,17 @@ impl ServerTls {
         Material::from_pem(ca, cert, key).map(|m| ServerTls(m, None))
     }
 
-    /// The same material, with QUIC offering `enroll_alpn` next to the agent protocol: a
+    /// The same material, with QUIC offering `enroll_alpns` (enrollment, renewal) next to
+    /// the agent protocol: a
     /// fresh agent has no client certificate yet, so one is then asked for but not required
     /// by TLS (a certificate sent is still checked against the CA, and the hub refuses an
     /// agent session without one right after the handshake), and the CA certificate follows
     /// the hub's in the chain, for the agent to check against its join token's pin.
-    pub fn with_enrollment(self, enroll_alpn: &[u8]) -> ServerTls {
-        ServerTls(self.0, Some(enroll_alpn.to_vec()))
+    pub fn with_enrollment(self, enroll_alpns: &[&[u8]]) -> ServerTls {
+        ServerTls(
+            self.0,
+            Some(enroll_alpns.iter().map(|a| a.to_vec()).collect()),
+        )
     }
 
     /// Whether QUIC offers enrollment ([`ServerTls::with_enrollment`]).
@@ -186,7 +190,11 @@ impl ServerTls {
     pub(crate) fn quic_config(&self) -> Result<QuicServerConfig, TlsError> {
         let config = match &self.1 {
             None => self.rustls_config(ALPN)?,
-            Some(enroll) => self.enrollment_config(&[ALPN, enroll])?,
+            Some(enroll) => {
+                let mut alpns: Vec<&[u8]> = vec![ALPN];
+                alpns.extend(enroll.iter().map(Vec::as_slice));
+                self.enrollment_config(&alpns)?
+            }
         };
         QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
     }

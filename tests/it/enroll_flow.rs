@@ -5,6 +5,7 @@
 //! CA, and a CSR but never its key to the right one.
 
 use std::net::SocketAddr;
+use std::ops::Not;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,7 +18,7 @@ use rna::enroll::{
 use rna::identity::Secret;
 
 use crate::common::{
-    curl, eventually, field, have_curl, http_server, pattern, within, Rna, RnaProcess,
+    curl, eventually, field, have_curl, http_server, pattern, sha256_hex, within, Rna, RnaProcess,
 };
 
 /// A hub process serving from the state folder `dir`.
@@ -805,4 +806,152 @@ fn shell(script: &str, state: &Path) -> RnaProcess {
         }
     });
     RnaProcess { child, log }
+}
+
+/// The files of an agent state folder copied to `to`, to start an agent from them later.
+fn copy_state(state: &rna::agent::AgentState, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for file in [state.ca(), state.cert(), state.key(), state.token()] {
+        std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_renews_over_the_live_session_without_breaking_a_download() {
+    if !have_curl() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Renewal two thirds into a 6 s lifetime: every 4 s or so, so a download of 10 s or more
+    // spans at least one.
+    let mut hub =
+        HubProcess::start_with(&tmp.path().join("hub"), &["--agent-cert-lifetime", "6s"]).await;
+    let proxy = hub.token("acme/prod", "proxy").await;
+    let line = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    let agent_dir = tmp.path().join("agent");
+    let state = rna::agent::AgentState::new(&agent_dir);
+    let mut live = agent(&argv(&line), &agent_dir).spawn();
+    live.wait_line("connected to hub").await;
+    let first_serial = stored_serial(&state);
+    let old = tmp.path().join("old");
+    copy_state(&state, &old);
+
+    let http = http_server().await;
+    const SIZE: usize = 64 * 1024 * 1024;
+    let url = format!("http://127.0.0.1:{}/bytes/{SIZE}", http.port());
+    let socks = hub.socks;
+    let download = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let got = curl(socks, "edge", &proxy, &["--limit-rate", "6M", &url]).await;
+        (got, started.elapsed())
+    });
+    // The agent renews, makes a new session with the new certificate, and moves to it while
+    // the download still runs on the old one.
+    let renewed = lines_until(&mut live.log, "certificate renewed").await;
+    assert!(
+        !renewed.iter().any(|l| l.contains("renewal failed")),
+        "{renewed:#?}"
+    );
+    lines_until(
+        &mut live.log,
+        "new session with the renewed certificate is up",
+    )
+    .await;
+    assert!(
+        !download.is_finished(),
+        "the download must still run when the agent moves"
+    );
+    let ((code, body), took) = within("the download", download).await.unwrap();
+    eprintln!("64 MiB through SOCKS in {took:?} across a certificate renewal");
+    assert_eq!(code, 0);
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SIZE)));
+
+    // A new certificate and key in the state folder; the key stays private.
+    let serial = stored_serial(&state);
+    assert_ne!(serial, first_serial);
+    assert_eq!(mode(&state.key()), 0o600);
+    let listed = Rna::new(["certs", "list", "--state-dir", &hub.state()])
+        .run_async()
+        .await;
+    assert!(
+        listed.stdout.contains(&serial) && listed.stdout.contains(&first_serial),
+        "{}",
+        listed.stdout
+    );
+    hub.process.wait_line("agent certificate renewed").await;
+
+    // The first certificate, expired now, is refused by the hub (its token is still live).
+    eventually("the first certificate to expire", || {
+        rna::agent::AgentState::new(&old)
+            .still_valid(SystemTime::now())
+            .not()
+    })
+    .await;
+    // `rna agent` itself refuses to start with an expired certificate, so the attempt is
+    // made through the library: the hub's TLS refuses it.
+    rna::transport::tls::install_provider();
+    let tls = rna::transport::ClientTls::load(
+        &old.join("ca.pem"),
+        &old.join("agent.pem"),
+        &old.join("agent-key.pem"),
+    )
+    .unwrap();
+    let hub_addr: SocketAddr = hub.quic.parse().unwrap();
+    let token = rna::auth::read_secret_file(&old.join("token.txt")).unwrap();
+    let config = rna::agent::AgentConfig::new(
+        vec![hub.quic.parse().unwrap()],
+        "edge".into(),
+        tls.clone(),
+        token,
+    );
+    let endpoint = rna::transport::agent_endpoint(hub_addr, &tls, &config.limits).unwrap();
+    let refused = rna::agent::session::connect(&endpoint, hub_addr, "127.0.0.1", &config)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, rna::agent::SessionError::Tls(why)
+            if why.contains("refused this agent's certificate") && why.contains("expired")),
+        "{refused}"
+    );
+    // The agents API shows when each session's certificate expires: renewed ones only now.
+    let first_end =
+        rna::certs::not_after(&rna::certs::load_certs(&old.join("agent.pem")).unwrap()[0])
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+    let reader = hub.token("acme/prod", "read:infra:data").await;
+    let out = tokio::process::Command::new("curl")
+        .args(["-sf", "-H"])
+        .arg(format!("Authorization: Bearer {reader}"))
+        .arg(format!("http://{}/api/v1/agents", hub.api))
+        .output();
+    let out = within("curl", out).await.unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ends: Vec<u64> = listed
+        .as_array()
+        .or_else(|| listed["agents"].as_array())
+        .unwrap()
+        .iter()
+        .map(|a| a["certificate_not_after_unix"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !ends.is_empty() && ends.iter().all(|&end| end > first_end),
+        "{listed}"
+    );
+    // The renewing agent is still connected.
+    let (code, body) = curl(
+        hub.socks,
+        "edge",
+        &hub.token("acme/prod", "proxy").await,
+        &[&format!("http://127.0.0.1:{}/bytes/1000", http.port())],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(body, pattern(1000));
+    live.signal("-TERM");
+    assert!(live.exit().await.success());
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
 }

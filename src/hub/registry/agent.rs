@@ -239,6 +239,13 @@ impl AgentSession {
             streams_total: self.streams_total(),
             bytes_in: self.bytes_from_agent.load(Ordering::Relaxed),
             bytes_out: self.bytes_to_agent.load(Ordering::Relaxed),
+            certificate_not_after_unix: self
+                .connection
+                .peer_certificates()
+                .and_then(|chain| chain.into_iter().next())
+                .and_then(|cert| crate::certs::not_after(&cert).ok())
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
         }
     }
 }
@@ -286,6 +293,9 @@ pub struct AgentInfo {
     pub bytes_in: u64,
     /// Bytes from clients to the agent.
     pub bytes_out: u64,
+    /// When the client certificate of this session expires, unix seconds: an enrolled agent
+    /// renews it at two thirds of its lifetime and moves to a new session.
+    pub certificate_not_after_unix: Option<u64>,
 }
 
 /// Whose turn it is to read a session's inventory report, and when the last was taken.
