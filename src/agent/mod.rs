@@ -176,6 +176,9 @@ pub struct AgentConfig {
     pub quic_probe_interval: Duration,
     /// The HTTP proxy for TCP sessions, and the hubs reached without it.
     pub proxy: ProxySettings,
+    /// OIDC client credentials: when set, the agent presents JWTs from this issuer instead of
+    /// `token` and re-authenticates its live sessions with each renewed one.
+    pub oidc: Option<crate::oidc::ClientCredentials>,
 }
 
 /// How the agent reaches its hubs.
@@ -248,6 +251,7 @@ impl AgentConfig {
             quic_fallback_after: Duration::from_secs(5),
             quic_probe_interval: Duration::from_secs(600),
             proxy: ProxySettings::default(),
+            oidc: None,
         }
     }
 }
@@ -408,6 +412,22 @@ impl Agent {
             ))
         });
         let (config, kube) = self.start_kube().await?;
+        // OIDC tokens are obtained before any connection and kept fresh while the agent runs.
+        let refresher = shutdown.child_token();
+        let oidc = match config.oidc.clone() {
+            Some(creds) => {
+                let endpoint = creds.endpoint_text().to_owned();
+                let mut creds = creds;
+                if creds.egress.is_none() {
+                    creds.egress = oidc_egress(&config.proxy);
+                }
+                let (tokens, task) = creds.keep_fresh(refresher.clone()).map_err(|e| {
+                    AgentError::Config(format!("OIDC client credentials ({endpoint}): {e}"))
+                })?;
+                Some((tokens, task))
+            }
+            None => None,
+        };
         let tasks = TaskTracker::new();
         let own_certificates = shutdown.child_token();
         let watch = tokio::spawn(supervisor::watch_own_certificates(
@@ -426,6 +446,7 @@ impl Agent {
                 metrics: self.metrics.clone(),
                 endpoints: self.endpoints.clone(),
                 wake: self.wake.clone(),
+                tokens: oidc.as_ref().map(|(tokens, _)| tokens.clone()),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
@@ -435,6 +456,10 @@ impl Agent {
         tasks.wait().await;
         own_certificates.cancel();
         let _ = watch.await;
+        refresher.cancel();
+        if let Some((_, task)) = oidc {
+            let _ = task.await;
+        }
         Ok(())
     }
 
@@ -471,6 +496,30 @@ impl Agent {
         }
     }
 }
+
+/// Token requests leave through the agent's HTTP proxy, with the same `NO_PROXY` rules as its
+/// hub sessions (an issuer inside the private network is usually listed there), or directly
+/// when no proxy is in effect.
+fn oidc_egress(proxy: &ProxySettings) -> Option<crate::oidc::fetch::Egress> {
+    proxy.proxy.as_ref()?;
+    let proxy = proxy.clone();
+    Some(crate::oidc::fetch::Egress::new(
+        move |host: &str, port: u16| {
+            let via = proxy.for_hub(host, port)?.clone();
+            let host = host.to_owned();
+            let dialing: crate::oidc::fetch::Dialing = Box::pin(async move {
+                transport::proxy::connect(&via, &host, port, PROXY_CONNECT_LIMIT)
+                    .await
+                    .map_err(std::io::Error::other)
+            });
+            Some(dialing)
+        },
+    ))
+}
+
+/// Time a proxy has to open a tunnel to the token endpoint; the request's own deadline
+/// bounds the whole exchange as well.
+const PROXY_CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
