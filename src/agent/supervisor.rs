@@ -752,5 +752,30 @@ mod tests {
         let hint = refusal_hint(&rejected(CloseCode::CertificateMismatch), &config).unwrap();
         assert!(hint.contains("rna certs agent --dir"), "{hint}");
         assert!(refusal_hint(&rejected(CloseCode::HeartbeatTimeout), &config).is_none());
+
+        // With client credentials the token comes from the issuer: the hint points there and
+        // at the hub's issuers file, never at a token file; certificate hints stay.
+        config.token_file = None;
+        config.oidc = Some(crate::oidc::ClientCredentials::new(
+            crate::oidc::TokenEndpoint::Issuer("https://login.example".into()),
+            "edge-client",
+            Secret::new("s".into()),
+        ));
+        for (code, part) in [
+            (CloseCode::BadToken, "issuers file"),
+            (CloseCode::TokenExpired, "issuers file"),
+            (CloseCode::MissingScope, "--oidc-scope"),
+            (CloseCode::TenantMismatch, "enrolled into"),
+        ] {
+            let hint = refusal_hint(&rejected(code), &config).unwrap();
+            assert!(
+                hint.contains(part)
+                    && hint.contains("edge-client")
+                    && !hint.contains("rna token create"),
+                "{code}: {hint}"
+            );
+        }
+        let hint = refusal_hint(&rejected(CloseCode::CertificateMismatch), &config).unwrap();
+        assert!(hint.contains("rna certs agent --dir"), "{hint}");
     }
 }
