@@ -5,6 +5,7 @@
 //! missing the scope, and a tenant claim of another tenant reaching for an agent. The tokens
 //! are forged here with an ES256 key the hub trusts through a JWK Set file, so each claim can
 //! be set to exactly what the case needs (the real issuer's refusals are in oidc_flow.rs).
+//! Also: SIGHUP makes a running hub read its issuers file again.
 
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ struct Forge {
 }
 
 fn forge() -> Forge {
+    forge_for(ISS)
+}
+
+/// A key the hub trusts as `iss`'s.
+fn forge_for(iss: &str) -> Forge {
     let rng = SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
     let pair =
@@ -44,7 +50,7 @@ fn forge() -> Forge {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, &jwks).unwrap();
-    let mut config = IssuerConfig::new(ISS, &[AUDIENCE], "rna_tenant");
+    let mut config = IssuerConfig::new(iss, &[AUDIENCE], "rna_tenant");
     config.jwks_file = Some(path);
     config.leeway = Duration::from_secs(5);
     Forge {
@@ -313,4 +319,82 @@ async fn every_refused_jwt_has_its_status_close_code_log_line_and_metric() {
     }
     agent.stop().await;
     world.stop().await;
+}
+
+impl Forge {
+    /// This issuer as an `[[oidc_issuer]]` table of the hub's issuers file.
+    fn table(&self) -> String {
+        format!(
+            "[[oidc_issuer]]\nurl = \"{}\"\naudiences = [\"{AUDIENCE}\"]\n\
+             tenant_claim = \"rna_tenant\"\njwks_file = \"{}\"\n",
+            self.config.url,
+            self.config.jwks_file.as_ref().unwrap().display()
+        )
+    }
+
+    /// A good token of this issuer with `read:infra:data`.
+    fn reader(&self) -> String {
+        self.sign(&with(
+            claims("read:infra:data"),
+            "iss",
+            json!(self.config.url),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_issuers_file() {
+    let a = forge_for("https://forge-a.rna.test");
+    let b = forge_for("https://forge-b.rna.test");
+    let dir = tempfile::tempdir().unwrap();
+    rna::certs::init_dir(dir.path(), &["127.0.0.1".to_string()], false).unwrap();
+    let store = dir.path().join("tokens.toml");
+    std::fs::write(&store, "").unwrap();
+    let issuers = dir.path().join("issuers.toml");
+    std::fs::write(&issuers, a.table()).unwrap();
+    let args = hub_process_args(
+        &dir.path().display().to_string(),
+        &store.display().to_string(),
+        "127.0.0.1:0",
+        &["--oidc-issuers-file", &issuers.display().to_string()],
+    );
+    let (hub, mut log) = spawn_logged(&args);
+    let serving = wait_line(&mut log, "hub serving").await;
+    let api: std::net::SocketAddr = field(&serving, "api").parse().unwrap();
+    let status = async |token: &str| http_get_as(api, "/api/v1/agents", Some(token)).await.0;
+    assert_eq!(status(&a.reader()).await, 200);
+    assert_eq!(status(&b.reader()).await, 401, "b is not trusted yet");
+
+    // B added: trusted after SIGHUP, A kept.
+    std::fs::write(&issuers, format!("{}\n{}", a.table(), b.table())).unwrap();
+    signal(&hub, "-HUP");
+    let line = wait_line(&mut log, "OIDC issuers reloaded").await;
+    assert!(
+        line.contains("forge-b.rna.test") && line.contains("kept"),
+        "{line}"
+    );
+    assert_eq!(status(&b.reader()).await, 200);
+    assert_eq!(status(&a.reader()).await, 200);
+
+    // A broken file changes nothing, and says so.
+    std::fs::write(
+        &issuers,
+        "[[oidc_issuer]]\nurl = \"http://forge-c.rna.test\"\naudiences = [\"x\"]\n\
+         tenant = \"acme/prod\"\n",
+    )
+    .unwrap();
+    signal(&hub, "-HUP");
+    let line = wait_line(&mut log, "OIDC issuers not reloaded").await;
+    assert!(line.contains("url must be an https URL"), "{line}");
+    assert_eq!(status(&a.reader()).await, 200);
+    assert_eq!(status(&b.reader()).await, 200);
+
+    // A removed: its tokens are refused from now on.
+    std::fs::write(&issuers, b.table()).unwrap();
+    signal(&hub, "-HUP");
+    let line = wait_line(&mut log, "OIDC issuers reloaded").await;
+    assert!(line.contains("forge-a.rna.test"), "{line}");
+    assert_eq!(status(&a.reader()).await, 401);
+    assert_eq!(status(&b.reader()).await, 200);
+    signal(&hub, "-TERM");
 }
