@@ -1,5 +1,5 @@
 //! `rna hub`: validate the configuration (or print it with `--check-config`), then serve
-//! until SIGTERM; SIGHUP reloads the token store.
+//! until SIGTERM; SIGHUP reloads the token store and the OIDC issuers file.
 
 use std::path::PathBuf;
 
