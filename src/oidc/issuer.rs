@@ -783,6 +783,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reload_keeps_unchanged_issuers_keys_and_is_all_or_nothing() {
+        let f = fixture(|_| {});
+        let token = sign(&f, es256(), &claims());
+        f.verifier.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(f.verifier.fetches(ISS), Some(1));
+        let config = || {
+            let issuers = f.verifier.issuers.read().unwrap();
+            issuers[ISS].config.clone()
+        };
+        let mut other = IssuerConfig::new("https://other.example", &["rna-hub"], "t");
+        other.jwks_file = config().jwks_file;
+
+        // Unchanged: kept with its keys (no new fetch); a new issuer is added.
+        let r = f.verifier.reload(vec![config(), other.clone()]).unwrap();
+        assert_eq!(r.kept, vec![ISS.to_string()]);
+        assert_eq!(r.added, vec!["https://other.example".to_string()]);
+        f.verifier.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(f.verifier.fetches(ISS), Some(1));
+
+        // A list that breaks a rule changes nothing.
+        let mut bad = other.clone();
+        bad.url = "http://plain.example".into();
+        assert!(f.verifier.reload(vec![config(), bad]).is_err());
+        assert_eq!(f.verifier.fetches("https://other.example"), Some(0));
+
+        // Changed settings start a new key cache; a removed issuer's tokens are refused.
+        let mut changed = config();
+        changed.leeway = Duration::from_secs(10);
+        let r = f.verifier.reload(vec![changed]).unwrap();
+        assert_eq!(r.changed, vec![ISS.to_string()]);
+        assert_eq!(r.removed, vec!["https://other.example".to_string()]);
+        assert_eq!(f.verifier.fetches(ISS), Some(0));
+        f.verifier.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(f.verifier.fetches(ISS), Some(1));
+        f.verifier.reload(vec![other]).unwrap();
+        assert_eq!(
+            f.verifier.verify_at(&token, NOW).await,
+            Err(VerifyError::UnknownIssuer(ISS.into()))
+        );
+    }
+
+    #[tokio::test]
     async fn fixed_tenant_and_scp_claim() {
         let f = fixture(|c| {
             c.tenant_claim = None;
