@@ -623,6 +623,7 @@ async fn agents(
                         dialer,
                         None,
                         "idle",
+                        None,
                         &cancel,
                         &CancellationToken::new(),
                     )

@@ -181,6 +181,9 @@ pub struct AgentConfig {
     /// two thirds of its lifetime, over the renewal exchange, without a restart (`None`:
     /// certificates are managed by hand).
     pub state: Option<AgentState>,
+    /// OIDC client credentials: when set, the agent presents JWTs from this issuer instead of
+    /// `token` and re-authenticates its live sessions with each renewed one.
+    pub oidc: Option<crate::oidc::ClientCredentials>,
 }
 
 /// How the agent reaches its hubs.
@@ -254,6 +257,7 @@ impl AgentConfig {
             quic_probe_interval: Duration::from_secs(600),
             proxy: ProxySettings::default(),
             state: None,
+            oidc: None,
         }
     }
 }
@@ -414,6 +418,22 @@ impl Agent {
             ))
         });
         let (config, kube) = self.start_kube().await?;
+        // OIDC tokens are obtained before any connection and kept fresh while the agent runs.
+        let refresher = shutdown.child_token();
+        let oidc = match config.oidc.clone() {
+            Some(creds) => {
+                let endpoint = creds.endpoint_text().to_owned();
+                let mut creds = creds;
+                if creds.egress.is_none() {
+                    creds.egress = oidc_egress(&config.proxy);
+                }
+                let (tokens, task) = creds.keep_fresh(refresher.clone()).map_err(|e| {
+                    AgentError::Config(format!("OIDC client credentials ({endpoint}): {e}"))
+                })?;
+                Some((tokens, task))
+            }
+            None => None,
+        };
         let tasks = TaskTracker::new();
         let own_certificates = shutdown.child_token();
         let tls = Arc::new(renewal::TlsWatch::new(renewal::CurrentTls {
@@ -453,6 +473,7 @@ impl Agent {
                 wake: self.wake.clone(),
                 tls: tls.subscribe(),
                 tls_generation: 0,
+                tokens: oidc.as_ref().map(|(tokens, _)| tokens.clone()),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
@@ -462,6 +483,10 @@ impl Agent {
         tasks.wait().await;
         own_certificates.cancel();
         let _ = watch.await;
+        refresher.cancel();
+        if let Some((_, task)) = oidc {
+            let _ = task.await;
+        }
         if let Some(renewing) = renewing {
             let _ = renewing.await;
         }
@@ -501,6 +526,30 @@ impl Agent {
         }
     }
 }
+
+/// Token requests leave through the agent's HTTP proxy, with the same `NO_PROXY` rules as its
+/// hub sessions (an issuer inside the private network is usually listed there), or directly
+/// when no proxy is in effect.
+fn oidc_egress(proxy: &ProxySettings) -> Option<crate::oidc::fetch::Egress> {
+    proxy.proxy.as_ref()?;
+    let proxy = proxy.clone();
+    Some(crate::oidc::fetch::Egress::new(
+        move |host: &str, port: u16| {
+            let via = proxy.for_hub(host, port)?.clone();
+            let host = host.to_owned();
+            let dialing: crate::oidc::fetch::Dialing = Box::pin(async move {
+                transport::proxy::connect(&via, &host, port, PROXY_CONNECT_LIMIT)
+                    .await
+                    .map_err(std::io::Error::other)
+            });
+            Some(dialing)
+        },
+    ))
+}
+
+/// Time a proxy has to open a tunnel to the token endpoint; the request's own deadline
+/// bounds the whole exchange as well.
+const PROXY_CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

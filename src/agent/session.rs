@@ -20,7 +20,7 @@ use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
 use crate::transport::control::{
-    self, heartbeat_loop, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
+    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
 };
 use crate::transport::proxy::ProxyUrl;
 use crate::transport::relay::relay;
@@ -477,11 +477,16 @@ const DRAIN_SETTLE: Duration = Duration::from_millis(500);
 /// When `drain` fires (the agent has made a newer session to the same hub), the session
 /// tells the hub `GoingAway` so no new stream comes to it, lets the streams in flight finish,
 /// then closes normally: make-before-break, no running transfer breaks.
+///
+/// With `tokens` (an agent holding OIDC client credentials), every token the refresher
+/// publishes after the one this session registered with is sent to the hub as
+/// `Reauthenticate`, so the session outlives each token without a reconnect.
 pub async fn run(
     established: Established,
     dialer: Arc<Dialer>,
     kube: Option<Arc<KubeExecutor>>,
     agent: &str,
+    tokens: Option<super::supervisor::OidcTokens>,
     cancel: &CancellationToken,
     drain: &CancellationToken,
 ) -> SessionEnd {
@@ -525,8 +530,29 @@ pub async fn run(
         streams.close();
         streams.wait().await;
     };
+    let (outbox, mut renewals) = tokio::sync::mpsc::channel::<Control>(2);
+    let reauthenticate = async {
+        let Some(mut tokens) = tokens else {
+            return std::future::pending().await;
+        };
+        // Ends only when the refresher is gone (the agent is stopping) or the session is.
+        while tokens.changed().await.is_ok() {
+            let current = tokens.borrow_and_update().clone();
+            let Some(current) = current else { continue };
+            let renewal = Control::Reauthenticate {
+                token: current.token,
+            };
+            if outbox.send(renewal).await.is_err() {
+                break;
+            }
+            debug!(token = current.number, "renewed OIDC token sent to the hub");
+        }
+        std::future::pending().await
+    };
     let end = tokio::select! {
-        end = heartbeat_loop(&connection, &mut send, &mut reader, heartbeat, cancel, Some(drain), |_| {}) => end,
+        end = heartbeat_loop_with(&connection, &mut send, &mut reader, heartbeat, cancel, Some(drain), Some(&mut renewals), |_| {}) => end,
+        // Never taken: the future above does not end.
+        () = reauthenticate => ControlEnd::Cancelled,
         e = accept => ControlEnd::Stream(e.to_string()),
         () = drained => ControlEnd::Moved,
     };

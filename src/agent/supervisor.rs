@@ -45,7 +45,13 @@ pub(super) struct Supervisor {
     pub(super) tls: tokio::sync::watch::Receiver<CurrentTls>,
     /// The generation of [`CurrentTls`] that `config.tls` holds.
     pub(super) tls_generation: u64,
+    /// The OIDC refresher's current token (`None` until the first), when the agent uses
+    /// client credentials instead of a token file.
+    pub(super) tokens: Option<OidcTokens>,
 }
+
+/// What the OIDC refresher publishes.
+pub(super) type OidcTokens = tokio::sync::watch::Receiver<Option<crate::oidc::CurrentToken>>;
 
 impl Supervisor {
     /// Keeps one connection per address the hub name resolves to.
@@ -143,6 +149,26 @@ impl Supervisor {
         }
     }
 
+    /// The OIDC token for the next attempt: the refresher's current one, or, before the
+    /// first or after the current one expired, the next one it obtains (the refresher logs
+    /// why it has none). Marks it as given to this loop's sessions. `None` when cancelled.
+    async fn oidc_token(
+        &self,
+        tokens: &mut OidcTokens,
+        cancel: &CancellationToken,
+    ) -> Option<Secret> {
+        let fresh = |t: &Option<crate::oidc::CurrentToken>| {
+            t.as_ref()
+                .is_some_and(|t| t.expires_at > tokio::time::Instant::now())
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            current = tokens.wait_for(fresh) => {
+                current.ok().and_then(|t| t.as_ref().map(|t| t.token.clone()))
+            }
+        }
+    }
+
     /// Connects to one hub address, serves the session, and reconnects with jittered
     /// backoff until cancelled. `host` is the hub's name as given (a proxy is asked for
     /// `host:port`); `addr` is one address it resolved to.
@@ -199,6 +225,9 @@ impl Supervisor {
         let mut retry = self.backoff();
         let mut refused = self.refused_backoff();
         let mut first = true;
+        // This loop's view of the OIDC token: marks which token its sessions were given, so
+        // each session re-authenticates with every later one.
+        let mut tokens = self.tokens.clone();
         // A session made while another was still up (a QUIC probe from TCP): served next.
         let mut ready: Option<session::Established> = None;
         loop {
@@ -210,7 +239,14 @@ impl Supervisor {
                         self.metrics.reconnect();
                     }
                     first = false;
-                    let token = match self.current_token() {
+                    let token = match &mut tokens {
+                        Some(tokens) => match self.oidc_token(tokens, &cancel).await {
+                            Some(token) => Ok(token),
+                            None => break,
+                        },
+                        None => self.current_token(),
+                    };
+                    let token = match token {
                         Ok(token) => token,
                         Err(e) => {
                             let delay = refused.next_delay();
@@ -232,7 +268,10 @@ impl Supervisor {
                 Ok(established) => {
                     retry = self.backoff();
                     refused = self.refused_backoff();
-                    match self.serve(established, &dial, &cancel).await {
+                    match self
+                        .serve(established, &dial, tokens.clone(), &cancel)
+                        .await
+                    {
                         Served::Moved(next) => {
                             ready = Some(*next);
                             continue;
@@ -361,6 +400,7 @@ impl Supervisor {
         &self,
         established: session::Established,
         dial: &Dial,
+        tokens: Option<OidcTokens>,
         cancel: &CancellationToken,
     ) -> Served {
         let transport = established.connection.transport();
@@ -380,6 +420,7 @@ impl Supervisor {
                         me.dialer.clone(),
                         me.kube.clone(),
                         &me.config.name,
+                        tokens,
                         &cancel,
                         &drain,
                     )
@@ -532,7 +573,11 @@ impl Supervisor {
         let config = &self.config;
         loop {
             tokio::time::sleep(config.quic_probe_interval).await;
-            let Ok(token) = self.current_token() else {
+            let token = match &self.tokens {
+                Some(tokens) => tokens.borrow().as_ref().map(|t| t.token.clone()),
+                None => self.current_token().ok(),
+            };
+            let Some(token) = token else {
                 continue;
             };
             let dialed = session::dial_quic(
@@ -679,6 +724,34 @@ fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
     let SessionError::Rejected { code, .. } = e else {
         return None;
     };
+    if let Some(oidc) = &config.oidc {
+        // The token came from an issuer, not a file: what to check is there and in the hub's
+        // issuers file.
+        let issuer = oidc.endpoint_text();
+        let hint = match code {
+            CloseCode::BadToken | CloseCode::TokenExpired => Some(format!(
+                "the hub does not accept the JWTs of client {} from {issuer}: check that the \
+                 hub's issuers file trusts this issuer with the audience the tokens carry \
+                 (--oidc-audience) and maps its tenant claim",
+                oidc.client_id
+            )),
+            CloseCode::MissingScope => Some(format!(
+                "the JWTs of client {} lack connect:agentHub: ask for it with --oidc-scope and \
+                 allow the client that scope at {issuer}",
+                oidc.client_id
+            )),
+            CloseCode::TenantMismatch => Some(format!(
+                "the tenant of client {}'s JWTs is not the tenant this agent's certificate was \
+                 enrolled into",
+                oidc.client_id
+            )),
+            // Certificate and version refusals read the same as with a token file.
+            _ => None,
+        };
+        if hint.is_some() {
+            return hint;
+        }
+    }
     let file = config
         .token_file
         .as_ref()
@@ -768,5 +841,30 @@ mod tests {
         let hint = refusal_hint(&rejected(CloseCode::CertificateMismatch), &config).unwrap();
         assert!(hint.contains("rna certs agent --dir"), "{hint}");
         assert!(refusal_hint(&rejected(CloseCode::HeartbeatTimeout), &config).is_none());
+
+        // With client credentials the token comes from the issuer: the hint points there and
+        // at the hub's issuers file, never at a token file; certificate hints stay.
+        config.token_file = None;
+        config.oidc = Some(crate::oidc::ClientCredentials::new(
+            crate::oidc::TokenEndpoint::Issuer("https://login.example".into()),
+            "edge-client",
+            Secret::new("s".into()),
+        ));
+        for (code, part) in [
+            (CloseCode::BadToken, "issuers file"),
+            (CloseCode::TokenExpired, "issuers file"),
+            (CloseCode::MissingScope, "--oidc-scope"),
+            (CloseCode::TenantMismatch, "enrolled into"),
+        ] {
+            let hint = refusal_hint(&rejected(code), &config).unwrap();
+            assert!(
+                hint.contains(part)
+                    && hint.contains("edge-client")
+                    && !hint.contains("rna token create"),
+                "{code}: {hint}"
+            );
+        }
+        let hint = refusal_hint(&rejected(CloseCode::CertificateMismatch), &config).unwrap();
+        assert!(hint.contains("rna certs agent --dir"), "{hint}");
     }
 }

@@ -1,5 +1,5 @@
 //! `rna hub`: validate the configuration (or print it with `--check-config`), then serve
-//! until SIGTERM; SIGHUP reloads the token store.
+//! until SIGTERM; SIGHUP reloads the token store and the OIDC issuers file.
 
 use std::path::PathBuf;
 
@@ -39,11 +39,33 @@ pub fn prepare(args: HubArgs, log: LogOptions) -> Result<Option<HubConfig>, CliE
 
 /// Serves until SIGTERM or SIGINT, telling systemd when it is ready and when it stops.
 pub async fn run(config: HubConfig) -> Result<(), CliError> {
+    let issuers_file = config.oidc_issuers_file.clone();
     let hub = Hub::bind(config).await?;
     let shutdown = CancellationToken::new();
     let handle = hub.handle();
-    // The hub logs a failed reload itself ("keeping the previous tokens"), once.
-    let reload: crate::Reload = Box::new(move || handle.reload_tokens().is_ok());
+    // The hub logs a failed token reload itself ("keeping the previous tokens"), once. The
+    // issuers file is read again too; a broken one keeps the issuers in force.
+    let reload: crate::Reload = Box::new(move || {
+        let tokens = handle.reload_tokens().is_ok();
+        let issuers = match &issuers_file {
+            None => true,
+            Some(path) => {
+                let reloaded = rna::config::load_issuers(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| handle.reload_issuers(c).map_err(|e| e.to_string()));
+                match reloaded {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::error!(
+                            "OIDC issuers not reloaded, keeping the previous ones: {e}"
+                        );
+                        false
+                    }
+                }
+            }
+        };
+        tokens && issuers
+    });
     crate::watch_signals(shutdown.clone(), Some(reload))?;
     rna::notify::ready(&format!(
         "serving: QUIC {}, SOCKS5 {}",

@@ -13,6 +13,7 @@ use crate::agent::kube::{
 use crate::agent::AgentState;
 use crate::agent::{AgentConfig, HubTarget, Policy, Rule, TransportMode};
 use crate::auth::read_secret_file;
+use crate::oidc::{ClientCredentials, TokenEndpoint};
 use crate::transport::proxy::ProxySettings;
 use crate::transport::{ClientTls, Congestion};
 
@@ -51,6 +52,37 @@ settings! {
     /// File holding the agent's token (scope connect:agentHub).
     #[arg(long, env = "RNA_TOKEN_FILE")]
     token_file: Option<PathBuf> => show(options.token_file.clone());
+    /// OIDC client credentials instead of --token-file: the issuer's OAuth 2.0 token endpoint
+    /// (https), where the agent trades --oidc-client-id and its secret for short-lived JWTs.
+    #[arg(long, env = "RNA_OIDC_TOKEN_URL", value_name = "URL")]
+    oidc_token_url: Option<String> => show(oidc(settings).and_then(|c| match &c.endpoint {
+        TokenEndpoint::Url(url) => Some(url.clone()),
+        TokenEndpoint::Issuer(_) => None,
+    }));
+    /// Instead of --oidc-token-url: the issuer URL, whose discovery document
+    /// (/.well-known/openid-configuration) names the token endpoint.
+    #[arg(long, env = "RNA_OIDC_ISSUER", value_name = "URL")]
+    oidc_issuer: Option<String> => show(oidc(settings).and_then(|c| match &c.endpoint {
+        TokenEndpoint::Issuer(url) => Some(url.clone()),
+        TokenEndpoint::Url(_) => None,
+    }));
+    /// OAuth 2.0 client id of this agent at the issuer (client credentials grant).
+    #[arg(long, env = "RNA_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String> => show(oidc(settings).map(|c| c.client_id.clone()));
+    /// File holding the client secret of --oidc-client-id (one line).
+    #[arg(long, env = "RNA_OIDC_CLIENT_SECRET_FILE")]
+    oidc_client_secret_file: Option<PathBuf> =>
+        show(oidc(settings).and(options.oidc_client_secret_file.clone()));
+    /// Scopes asked for, space-separated [default: connect:agentHub].
+    #[arg(long, env = "RNA_OIDC_SCOPE")]
+    oidc_scope: Option<String> => show(oidc(settings).map(|c| c.scope.clone()));
+    /// Audience the hub's issuers file accepts, sent as `audience` and, when it is an
+    /// absolute URI, also as the RFC 8707 `resource` [default: the issuer's own default].
+    #[arg(long, env = "RNA_OIDC_AUDIENCE")]
+    oidc_audience: Option<String> => show(oidc(settings).and_then(|c| c.audience.clone()));
+    /// CA (PEM) to verify the token endpoint with [default: the system's roots].
+    #[arg(long, env = "RNA_OIDC_CA")]
+    oidc_ca: Option<PathBuf> => show(oidc(settings).and_then(|c| c.ca.clone()));
     /// Destinations the agent may dial: CIDR, IP, host or *.domain, optionally :port.
     /// Without any, everything but the default-denied ranges is allowed.
     #[arg(long, env = "RNA_ALLOW", value_delimiter = ',')]
@@ -192,13 +224,18 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
             env: "HUB",
         });
     }
+    // Checked before the state folder supplies a token file: a token file named along with
+    // client credentials is a conflict, one from the folder is simply not used.
+    let oidc = oidc_settings(&o, sources)?;
     // A state folder supplies every file not named explicitly, and the agent's name.
     let mut o = o;
     if let Some(state) = o.state_dir.as_deref().map(AgentState::new) {
         o.ca = o.ca.or_else(|| Some(state.ca()));
         o.cert = o.cert.or_else(|| Some(state.cert()));
         o.key = o.key.or_else(|| Some(state.key()));
-        o.token_file = o.token_file.or_else(|| Some(state.token()));
+        if oidc.is_none() {
+            o.token_file = o.token_file.or_else(|| Some(state.token()));
+        }
         if o.name.is_none() {
             o.name = crate::certs::load_certs(&state.cert())
                 .ok()
@@ -214,12 +251,25 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
         ));
     }
     let files = TlsFiles::required(&o.ca, &o.cert, &o.key)?;
-    let token_file = required(&o.token_file, "token_file", "token-file", "TOKEN_FILE")?;
+    let token_file = match oidc {
+        Some(_) => None,
+        None => Some(required(
+            &o.token_file,
+            "token_file",
+            "token-file",
+            "TOKEN_FILE",
+        )?),
+    };
     let tls = files.load(sources, ClientTls::load, ClientTls::check)?;
-    let token = read_secret_file(&token_file)
-        .map_err(|e| invalid("token_file", crate::fsutil::error_chain(&e)))?;
+    let token = match &token_file {
+        Some(path) => read_secret_file(path)
+            .map_err(|e| invalid("token_file", crate::fsutil::error_chain(&e)))?,
+        // Never sent: every Hello carries a JWT from the issuer.
+        None => crate::auth::Secret::new(String::new()),
+    };
     let mut config = AgentConfig::new(o.hub.clone(), name, tls, token);
-    config.token_file = Some(token_file);
+    config.token_file = token_file;
+    config.oidc = oidc;
     // A certificate and key of the state folder (not named by hand) renew there as they age.
     config.state = o.state_dir.as_deref().map(AgentState::new).filter(|state| {
         o.cert.as_deref() == Some(state.cert().as_path())
@@ -265,6 +315,132 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
     };
     o.apply(&mut settings, sources)?;
     Ok(settings)
+}
+
+/// The OIDC client credentials, when any `oidc_*` key is given: complete (client id, secret
+/// file, exactly one of token URL and issuer), https, the secret and CA readable. Errors name
+/// the key at fault and what to add or remove.
+fn oidc_settings(
+    o: &AgentOptions,
+    sources: &Sources,
+) -> Result<Option<ClientCredentials>, ConfigError> {
+    let invalid = |key: &str, message: String| sources.invalid(key, message);
+    fn given(v: &Option<String>) -> Option<&str> {
+        v.as_deref().filter(|v| !v.trim().is_empty())
+    }
+    let (token_url, issuer, client_id) = (
+        given(&o.oidc_token_url),
+        given(&o.oidc_issuer),
+        given(&o.oidc_client_id),
+    );
+    let any = token_url.is_some()
+        || issuer.is_some()
+        || client_id.is_some()
+        || o.oidc_client_secret_file.is_some()
+        || given(&o.oidc_scope).is_some()
+        || given(&o.oidc_audience).is_some()
+        || o.oidc_ca.is_some();
+    if !any {
+        return Ok(None);
+    }
+    let Some(client_id) = client_id else {
+        return Err(invalid(
+            "oidc_client_id",
+            "OIDC client credentials need --oidc-client-id (the agent's client at the issuer)"
+                .into(),
+        ));
+    };
+    if o.token_file.is_some() {
+        return Err(invalid(
+            "token_file",
+            "--token-file and --oidc-client-id are two ways to authenticate to the hub: give \
+             one"
+            .into(),
+        ));
+    }
+    let Some(secret_file) = &o.oidc_client_secret_file else {
+        return Err(invalid(
+            "oidc_client_secret_file",
+            "--oidc-client-id needs --oidc-client-secret-file (a file holding its secret)".into(),
+        ));
+    };
+    let endpoint =
+        match (token_url, issuer) {
+            (Some(_), Some(_)) => return Err(invalid(
+                "oidc_token_url",
+                "give --oidc-token-url or --oidc-issuer (discovery of the token endpoint), not \
+                 both"
+                    .into(),
+            )),
+            (Some(url), None) => {
+                crate::oidc::fetch::check_https(url)
+                    .map_err(|e| invalid("oidc_token_url", e.to_string()))?;
+                TokenEndpoint::Url(url.to_owned())
+            }
+            (None, Some(url)) => {
+                crate::oidc::fetch::check_https(url)
+                    .map_err(|e| invalid("oidc_issuer", e.to_string()))?;
+                TokenEndpoint::Issuer(url.trim_end_matches('/').to_owned())
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "oidc_client_id",
+                    "--oidc-client-id needs --oidc-token-url or --oidc-issuer (where tokens are \
+                 requested)"
+                        .into(),
+                ))
+            }
+        };
+    let secret = ClientCredentials::read_secret(secret_file)
+        .map_err(|e| invalid("oidc_client_secret_file", e.to_string()))?;
+    let mut creds = ClientCredentials::new(endpoint, client_id, secret);
+    if let Some(scope) = given(&o.oidc_scope) {
+        creds.scope = parse_scope(scope).map_err(|m| invalid("oidc_scope", m))?;
+    }
+    if let Some(audience) = given(&o.oidc_audience) {
+        creds.audience = Some(audience.to_owned());
+        // RFC 8707 §2: a resource indicator is an absolute URI; another value can only be
+        // meant as the `audience` parameter (Auth0, Okta and others).
+        if audience
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.scheme().is_some())
+        {
+            creds.resource = Some(audience.to_owned());
+        }
+    }
+    creds.ca = o.oidc_ca.clone();
+    // Reads the CA file now, so a bad one fails here (and in --check-config) with its key.
+    creds.fetcher().map_err(|e| {
+        let message = match e {
+            crate::oidc::ClientError::Fetch(e) => e.to_string(),
+            other => other.to_string(),
+        };
+        invalid("oidc_ca", message)
+    })?;
+    Ok(Some(creds))
+}
+
+/// A space-separated scope list (RFC 6749 §3.3: each scope printable ASCII without `"` or
+/// `\`), normalised to single spaces.
+fn parse_scope(text: &str) -> Result<String, String> {
+    let scopes: Vec<&str> = text.split_ascii_whitespace().collect();
+    for scope in &scopes {
+        if let Some(c) = scope
+            .chars()
+            .find(|&c| !c.is_ascii_graphic() || c == '"' || c == '\\')
+        {
+            return Err(format!(
+                "scope {scope:?} holds {c:?}: scopes are printable ASCII without \" or \\ \
+                 (RFC 6749 section 3.3), separated by spaces"
+            ));
+        }
+    }
+    Ok(scopes.join(" "))
+}
+
+/// The OIDC client credentials in force, if any.
+fn oidc(settings: &AgentSettings) -> Option<&ClientCredentials> {
+    settings.config.oidc.as_ref()
 }
 
 /// A namespace name (RFC 1123 label).

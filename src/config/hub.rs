@@ -278,9 +278,8 @@ struct IssuersFile {
 /// start from the file's folder, and every rule (https, audiences, tenant, leeway, duplicates,
 /// readable CA) is checked now, so a bad issuer stops the start and `--check-config` names it.
 /// No key is fetched here: an issuer that is down at start is not a configuration error.
-pub(crate) fn load_issuers(
-    path: &std::path::Path,
-) -> Result<Vec<crate::oidc::IssuerConfig>, String> {
+/// SIGHUP reads the file again through this same function.
+pub fn load_issuers(path: &std::path::Path) -> Result<Vec<crate::oidc::IssuerConfig>, String> {
     let text = crate::fsutil::read_text(path, crate::fsutil::MAX_CONFIG_FILE)
         .map_err(|e| e.to_string())?;
     let file: IssuersFile =

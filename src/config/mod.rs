@@ -32,7 +32,7 @@ pub use agent::{
     DEFAULT_AGENT_METRICS,
 };
 pub use file::{parse_agent_file, parse_hub_file};
-pub use hub::{hub_config, hub_file_text, HubOptions};
+pub use hub::{hub_config, hub_file_text, load_issuers, HubOptions};
 use settings::Options;
 
 /// A configuration error, naming where the bad value came from.

@@ -79,6 +79,11 @@ pub enum HubError {
     /// The shared state (`--state kubernetes://…`) could not be loaded.
     #[error("shared state: {0}")]
     State(#[from] crate::state::StateError),
+    /// Issuers were reloaded on a hub started without an issuers file.
+    #[error(
+        "the hub was started without --oidc-issuers-file: restart it with one to trust issuers"
+    )]
+    NoIssuersFile,
 }
 
 /// State shared by the hub's tasks.
@@ -224,6 +229,31 @@ impl HubHandle {
         self.shared.reload_tokens(true).map(|_| ())
     }
 
+    /// Replaces the trusted OIDC issuers (SIGHUP, with the issuers file read again): all or
+    /// nothing, so a list that breaks a rule leaves the current one in force. Unchanged
+    /// issuers keep their cached keys; new and changed ones have their keys fetched now, in
+    /// the background. Tokens of a removed issuer are refused from now on (sessions they
+    /// registered end at their `exp` as before). One log line says what changed.
+    pub fn reload_issuers(
+        &self,
+        configs: Vec<crate::oidc::IssuerConfig>,
+    ) -> Result<crate::oidc::issuer::Reloaded, HubError> {
+        let verifier = self.shared.oidc.clone().ok_or(HubError::NoIssuersFile)?;
+        let reloaded = verifier.reload(configs)?;
+        info!(added = ?reloaded.added, removed = ?reloaded.removed,
+            changed = ?reloaded.changed, kept = reloaded.kept.len(), "OIDC issuers reloaded");
+        if !(reloaded.added.is_empty() && reloaded.changed.is_empty()) {
+            tokio::spawn(async move {
+                for (issuer, result) in verifier.refresh_all().await {
+                    if let Err(e) = result {
+                        warn!(%issuer, "OIDC issuer keys not fetched after the reload: {e}");
+                    }
+                }
+            });
+        }
+        Ok(reloaded)
+    }
+
     /// The admin API's router with its request deadlines, as served on `--api`; tests call
     /// it without a socket.
     pub fn api_router(&self) -> axum::Router {
@@ -339,7 +369,9 @@ impl Hub {
             config.caps.heavy_requests_per_tenant,
             config.caps.heavy_bytes_per_second,
         );
-        let oidc = if config.oidc_issuers.is_empty() {
+        // With an issuers file the verifier exists even when the file lists none yet, so a
+        // SIGHUP after adding one takes effect without a restart.
+        let oidc = if config.oidc_issuers.is_empty() && config.oidc_issuers_file.is_none() {
             None
         } else {
             Some(Arc::new(crate::oidc::Verifier::new(

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::fetch::{FetchError, Fetcher};
+use super::fetch::{Egress, FetchError, Fetcher};
 use crate::identity::Secret;
 
 /// The largest token response read, in bytes: a JWT and a few fields.
@@ -126,6 +126,8 @@ pub struct ClientCredentials {
     pub ca: Option<PathBuf>,
     /// Deadline of one request.
     pub deadline: Duration,
+    /// How connections to the endpoint leave (the agent's proxy), if not directly.
+    pub egress: Option<Egress>,
 }
 
 /// `application/x-www-form-urlencoded` of one value (HTML form rules, as RFC 6749 App. B).
@@ -157,6 +159,7 @@ impl ClientCredentials {
             auth: TokenAuth::Basic,
             ca: None,
             deadline: Duration::from_secs(10),
+            egress: None,
         }
     }
 
@@ -177,10 +180,11 @@ impl ClientCredentials {
 
     /// The https client for the endpoint.
     pub fn fetcher(&self) -> Result<Fetcher, ClientError> {
-        Ok(Fetcher::new(
+        Ok(Fetcher::with_egress(
             self.ca.as_deref(),
             self.deadline,
             MAX_TOKEN_RESPONSE,
+            self.egress.clone(),
         )?)
     }
 
@@ -288,6 +292,125 @@ impl ClientCredentials {
                     Err(e) => {
                         tracing::warn!(client_id = %self.client_id, "OIDC token renewal failed, retrying in {pause:?}: {e}");
                         renew_at = Instant::now() + pause;
+                        pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok((rx, task))
+    }
+}
+
+/// The first pause after a failed request of an agent's refresher; doubled after each
+/// further failure up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// The wall-clock time `after` from now, as RFC 3339 for log lines.
+fn wall_clock_in(after: Duration) -> String {
+    let at = std::time::SystemTime::now() + after;
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    crate::clock::format_rfc3339(secs)
+}
+
+impl ClientCredentials {
+    /// Where tokens come from, for log lines: the token URL, or the issuer whose discovery
+    /// document names it.
+    pub fn endpoint_text(&self) -> &str {
+        match &self.endpoint {
+            TokenEndpoint::Url(url) | TokenEndpoint::Issuer(url) => url,
+        }
+    }
+
+    /// An agent's refresher: obtains a token and keeps a fresh one in the returned channel
+    /// (`None` until the first arrives) until `shutdown`, renewing at 80 % of each lifetime.
+    /// It never gives up: a failed request (the issuer down, a wrong secret) is one log line
+    /// naming the endpoint and the cause, then a retry after 1 s, 2 s, 4 s … 30 s, and never
+    /// later than the current token's end; a token that expires while renewals fail is one
+    /// more error line, so no session runs past its token unannounced. Neither the secret nor
+    /// a token is ever logged. Fails at once only when the https client cannot be made (an
+    /// unreadable CA file). The task ends at `shutdown` or when every receiver is gone.
+    pub fn keep_fresh(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<(watch::Receiver<Option<CurrentToken>>, JoinHandle<()>), ClientError> {
+        let fetcher = self.fetcher()?;
+        let (tx, rx) = watch::channel(None::<CurrentToken>);
+        let task = tokio::spawn(async move {
+            let client_id = self.client_id.clone();
+            let mut url: Option<String> = None;
+            let mut next = Instant::now();
+            let mut pause = FIRST_RETRY_PAUSE;
+            let mut expires_at: Option<Instant> = None;
+            let mut expiry_told = false;
+            let mut number = 0u64;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(next) => {}
+                }
+                let result = async {
+                    let endpoint = match &url {
+                        Some(u) => u.clone(),
+                        None => {
+                            let u = self.token_url(&fetcher).await?;
+                            url = Some(u.clone());
+                            u
+                        }
+                    };
+                    self.fetch(&fetcher, &endpoint).await.map(|t| (endpoint, t))
+                }
+                .await;
+                let now = Instant::now();
+                match result {
+                    Ok((endpoint, t)) => {
+                        number += 1;
+                        next = now + t.expires_in.mul_f64(0.8);
+                        expires_at = Some(now + t.expires_in);
+                        pause = FIRST_RETRY_PAUSE;
+                        // A new lifetime: its end is told again if renewals fail again.
+                        expiry_told = false;
+                        tx.send_replace(Some(CurrentToken {
+                            token: t.access_token,
+                            expires_at: now + t.expires_in,
+                            number,
+                        }));
+                        let what = if number == 1 {
+                            "OIDC token obtained"
+                        } else {
+                            "OIDC token renewed"
+                        };
+                        tracing::info!(token_url = %endpoint, %client_id,
+                            expires_at = %wall_clock_in(t.expires_in),
+                            lifetime = ?t.expires_in, "{what}");
+                    }
+                    Err(e) => {
+                        let mut delay = pause;
+                        match expires_at {
+                            Some(end) if now < end => delay = delay.min(end - now),
+                            Some(_) if !expiry_told => {
+                                expiry_told = true;
+                                tracing::error!(endpoint = %self.endpoint_text(), %client_id,
+                                    "the OIDC token has expired and no new one could be \
+                                     obtained; hubs close this agent's sessions until one is");
+                            }
+                            _ => {}
+                        }
+                        let endpoint = url.as_deref().unwrap_or(self.endpoint_text());
+                        match &e {
+                            // Only an operator can fix these (secret, client, scope).
+                            ClientError::Refused { .. } | ClientError::BadResponse { .. } => {
+                                tracing::error!(token_url = %endpoint, %client_id,
+                                    retry_in = ?delay, "no OIDC token: {e}")
+                            }
+                            _ => tracing::warn!(token_url = %endpoint, %client_id,
+                                retry_in = ?delay, "no OIDC token: {e}"),
+                        }
+                        next = now + delay;
                         pause = (pause * 2).min(MAX_RETRY_PAUSE);
                     }
                 }

@@ -1,8 +1,12 @@
 //! A small https client for issuer documents and token requests: https only, the system's
-//! roots or one configured CA, a deadline over the whole exchange and a cap on the body.
+//! roots or one configured CA, a deadline over the whole exchange and a cap on the body, and
+//! optionally an [`Egress`] that carries some connections through a proxy tunnel.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -75,7 +79,69 @@ pub enum FetchError {
     },
 }
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+type Https = hyper_rustls::HttpsConnector<Connector>;
+
+/// A TCP connection being opened, boxed so the caller's proxy code needs no type of ours.
+pub type Dialing = Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
+
+/// How connections to a host leave this process: `route(host, port)` answers a connection
+/// being opened through a tunnel (an HTTP proxy's `CONNECT`), or `None` to connect directly.
+/// The agent builds one from its proxy settings; this module has no proxy code of its own, so
+/// token requests use the same proxy, credentials and `NO_PROXY` rules as the hub sessions.
+#[derive(Clone)]
+pub struct Egress(Arc<Route>);
+
+/// The function behind an [`Egress`].
+type Route = dyn Fn(&str, u16) -> Option<Dialing> + Send + Sync;
+
+impl Egress {
+    /// An egress that tunnels what `route` answers for and connects the rest directly.
+    pub fn new(route: impl Fn(&str, u16) -> Option<Dialing> + Send + Sync + 'static) -> Self {
+        Egress(Arc::new(route))
+    }
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Egress")
+    }
+}
+
+/// The TCP side of the https client: straight to the host, or through the [`Egress`] tunnel
+/// when it answers for the host. TLS runs inside either (hyper-rustls wraps this).
+#[derive(Clone)]
+struct Connector {
+    direct: HttpConnector,
+    egress: Option<Egress>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.direct.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let host = uri.host().unwrap_or_default();
+        // `http::Uri` keeps an IPv6 literal's brackets; proxies and NO_PROXY want the address.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(443);
+        if let Some(tunnel) = self.egress.as_ref().and_then(|e| (e.0)(host, port)) {
+            return Box::pin(async move {
+                let tcp = tunnel.await?;
+                let _ = tcp.set_nodelay(true);
+                Ok(hyper_util::rt::TokioIo::new(tcp))
+            });
+        }
+        let direct = self.direct.call(uri);
+        Box::pin(async move { Ok(direct.await?) })
+    }
+}
 
 /// An https client with one trust setting, a deadline and a body cap. Cheap to clone.
 #[derive(Clone)]
@@ -98,8 +164,19 @@ impl std::fmt::Debug for Fetcher {
 }
 
 impl Fetcher {
-    /// A client that trusts `ca` (a PEM file) if given, the system's roots otherwise.
+    /// A client that trusts `ca` (a PEM file) if given, the system's roots otherwise, and
+    /// connects directly.
     pub fn new(ca: Option<&Path>, deadline: Duration, cap: usize) -> Result<Fetcher, FetchError> {
+        Self::with_egress(ca, deadline, cap, None)
+    }
+
+    /// Like [`Fetcher::new`], with connections leaving through `egress` when given.
+    pub fn with_egress(
+        ca: Option<&Path>,
+        deadline: Duration,
+        cap: usize,
+        egress: Option<Egress>,
+    ) -> Result<Fetcher, FetchError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match ca {
@@ -134,7 +211,13 @@ impl Fetcher {
                     message: e.to_string(),
                 })?,
         };
-        let connector = builder.https_only().enable_http1().build();
+        let mut direct = HttpConnector::new();
+        // The https connector around it insists on https; this one carries TCP only.
+        direct.enforce_http(false);
+        let connector = builder
+            .https_only()
+            .enable_http1()
+            .wrap_connector(Connector { direct, egress });
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Fetcher {
             http,

@@ -265,8 +265,23 @@ struct Trusted {
 /// Verifies JWTs against the trusted issuers. Share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Verifier {
-    issuers: HashMap<String, Trusted>,
+    /// By issuer URL. Replaced whole by [`Verifier::reload`]; a verification clones the one
+    /// issuer it needs out of the lock before it awaits anything.
+    issuers: std::sync::RwLock<HashMap<String, Arc<Trusted>>>,
     tuning: Tuning,
+}
+
+/// What [`Verifier::reload`] changed, by issuer URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Newly trusted (keys are fetched on their first token, or at once by the caller).
+    pub added: Vec<String>,
+    /// No longer trusted: their tokens are refused from now on.
+    pub removed: Vec<String>,
+    /// Whose settings changed (their keys are fetched again).
+    pub changed: Vec<String>,
+    /// Unchanged, with their cached keys.
+    pub kept: Vec<String>,
 }
 
 /// Whether `token` has the shape of a JWT (three base64url parts), so a caller can tell it
@@ -281,6 +296,71 @@ pub fn looks_like_jwt(token: &str) -> bool {
 impl Verifier {
     /// Builds the verifier; no key is fetched yet (see [`Verifier::refresh_all`]).
     pub fn new(configs: Vec<IssuerConfig>, tuning: Tuning) -> Result<Verifier, IssuerConfigError> {
+        Ok(Verifier {
+            issuers: std::sync::RwLock::new(Self::build(configs, &tuning)?),
+            tuning,
+        })
+    }
+
+    /// Replaces the trusted issuers with `configs` (the hub's issuers file read again on
+    /// SIGHUP), all or nothing: a list that fails its checks leaves the current one in force.
+    /// An issuer whose settings are unchanged keeps its cached keys, so a reload never makes
+    /// its tokens wait for the issuer.
+    pub fn reload(&self, configs: Vec<IssuerConfig>) -> Result<Reloaded, IssuerConfigError> {
+        let mut fresh = Self::build(configs, &self.tuning)?;
+        let mut issuers = self.issuers.write().unwrap_or_else(|p| p.into_inner());
+        let mut out = Reloaded::default();
+        for (url, trusted) in fresh.iter_mut() {
+            match issuers.get(url) {
+                Some(old) if old.config == trusted.config => {
+                    *trusted = old.clone();
+                    out.kept.push(url.clone());
+                }
+                Some(_) => out.changed.push(url.clone()),
+                None => out.added.push(url.clone()),
+            }
+        }
+        out.removed = issuers
+            .keys()
+            .filter(|url| !fresh.contains_key(*url))
+            .cloned()
+            .collect();
+        *issuers = fresh;
+        for list in [
+            &mut out.added,
+            &mut out.removed,
+            &mut out.changed,
+            &mut out.kept,
+        ] {
+            list.sort();
+        }
+        Ok(out)
+    }
+
+    /// The issuer `url`, if trusted.
+    fn trusted(&self, url: &str) -> Option<Arc<Trusted>> {
+        self.issuers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+            .cloned()
+    }
+
+    /// Every trusted issuer, by URL.
+    fn all(&self) -> Vec<(String, Arc<Trusted>)> {
+        self.issuers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(url, t)| (url.clone(), t.clone()))
+            .collect()
+    }
+
+    /// The run-time issuers of `configs`, each checked; a duplicate URL is refused.
+    fn build(
+        configs: Vec<IssuerConfig>,
+        tuning: &Tuning,
+    ) -> Result<HashMap<String, Arc<Trusted>>, IssuerConfigError> {
         let mut issuers = HashMap::new();
         for config in configs {
             config.validate()?;
@@ -302,30 +382,33 @@ impl Verifier {
             let cache = KeyCache::new(config.url.clone(), source, tuning.min_refresh_interval);
             let url = config.url.clone();
             if issuers
-                .insert(url.clone(), Trusted { config, cache })
+                .insert(url.clone(), Arc::new(Trusted { config, cache }))
                 .is_some()
             {
                 return Err(IssuerConfigError::Duplicate(url));
             }
         }
-        Ok(Verifier { issuers, tuning })
+        Ok(issuers)
     }
 
     /// Whether any issuer is trusted.
     pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
+        self.issuers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// How many key fetches were attempted for `issuer`.
     pub fn fetches(&self, issuer: &str) -> Option<u64> {
-        self.issuers.get(issuer).map(|t| t.cache.fetches())
+        self.trusted(issuer).map(|t| t.cache.fetches())
     }
 
     /// Fetches every issuer's keys now; failures are returned (and keep older keys).
     pub async fn refresh_all(&self) -> Vec<(String, Result<usize, FetchError>)> {
         let mut out = Vec::new();
-        for (url, trusted) in &self.issuers {
-            out.push((url.clone(), trusted.cache.refresh().await));
+        for (url, trusted) in self.all() {
+            out.push((url, trusted.cache.refresh().await));
         }
         out
     }
@@ -362,8 +445,7 @@ impl Verifier {
             .str("iss")
             .ok_or(VerifyError::Malformed("no iss claim"))?;
         let trusted = self
-            .issuers
-            .get(iss)
+            .trusted(iss)
             .ok_or_else(|| VerifyError::UnknownIssuer(excerpt(iss)))?;
         let config = &trusted.config;
         let issuer = config.url.clone();
@@ -698,6 +780,48 @@ mod tests {
         // No kid: any key of the right type may verify.
         let no_kid = sign(&f, serde_json::json!({"alg":"ES256"}), &claims());
         assert!(f.verifier.verify_at(&no_kid, NOW).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_unchanged_issuers_keys_and_is_all_or_nothing() {
+        let f = fixture(|_| {});
+        let token = sign(&f, es256(), &claims());
+        f.verifier.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(f.verifier.fetches(ISS), Some(1));
+        let config = || {
+            let issuers = f.verifier.issuers.read().unwrap();
+            issuers[ISS].config.clone()
+        };
+        let mut other = IssuerConfig::new("https://other.example", &["rna-hub"], "t");
+        other.jwks_file = config().jwks_file;
+
+        // Unchanged: kept with its keys (no new fetch); a new issuer is added.
+        let r = f.verifier.reload(vec![config(), other.clone()]).unwrap();
+        assert_eq!(r.kept, vec![ISS.to_string()]);
+        assert_eq!(r.added, vec!["https://other.example".to_string()]);
+        f.verifier.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(f.verifier.fetches(ISS), Some(1));
+
+        // A list that breaks a rule changes nothing.
+        let mut bad = other.clone();
+        bad.url = "http://plain.example".into();
+        assert!(f.verifier.reload(vec![config(), bad]).is_err());
+        assert_eq!(f.verifier.fetches("https://other.example"), Some(0));
+
+        // Changed settings start a new key cache; a removed issuer's tokens are refused.
+        let mut changed = config();
+        changed.leeway = Duration::from_secs(10);
+        let r = f.verifier.reload(vec![changed]).unwrap();
+        assert_eq!(r.changed, vec![ISS.to_string()]);
+        assert_eq!(r.removed, vec!["https://other.example".to_string()]);
+        assert_eq!(f.verifier.fetches(ISS), Some(0));
+        f.verifier.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(f.verifier.fetches(ISS), Some(1));
+        f.verifier.reload(vec![other]).unwrap();
+        assert_eq!(
+            f.verifier.verify_at(&token, NOW).await,
+            Err(VerifyError::UnknownIssuer(ISS.into()))
+        );
     }
 
     #[tokio::test]

@@ -25,6 +25,6 @@ pub use client::{
 };
 pub use fetch::FetchError;
 pub use issuer::{
-    IssuerConfig, IssuerConfigError, KeySource, OidcGrant, ScopeClaim, Tuning, Verifier,
+    IssuerConfig, IssuerConfigError, KeySource, OidcGrant, Reloaded, ScopeClaim, Tuning, Verifier,
 };
 pub use jwt::{Alg, VerifyError};

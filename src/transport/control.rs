@@ -105,6 +105,30 @@ pub async fn heartbeat_loop<F>(
     heartbeat: Heartbeat,
     cancel: &CancellationToken,
     going_away: Option<&CancellationToken>,
+    observe: F,
+) -> ControlEnd
+where
+    F: FnMut(HeartbeatEvent),
+{
+    heartbeat_loop_with(
+        connection, send, reader, heartbeat, cancel, going_away, None, observe,
+    )
+    .await
+}
+
+/// [`heartbeat_loop`] that also writes every message arriving on `outbox` to the peer (the
+/// agent's `Reauthenticate` with each renewed token), between heartbeats on the same stream.
+/// A closed outbox is simply no longer read. Cancel-safe, like [`heartbeat_loop`]
+/// (`mpsc::Receiver::recv` is).
+#[allow(clippy::too_many_arguments)]
+pub async fn heartbeat_loop_with<F>(
+    connection: &Session,
+    send: &mut SendStream,
+    reader: &mut ControlReader,
+    heartbeat: Heartbeat,
+    cancel: &CancellationToken,
+    going_away: Option<&CancellationToken>,
+    mut outbox: Option<&mut tokio::sync::mpsc::Receiver<Control>>,
     mut observe: F,
 ) -> ControlEnd
 where
@@ -129,6 +153,19 @@ where
                     return e;
                 }
             }
+            msg = async {
+                match outbox.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if outbox.is_some() => match msg {
+                Some(msg) => {
+                    if let Err(e) = write(send, &msg).await {
+                        return e;
+                    }
+                }
+                None => outbox = None,
+            },
             frame = reader.next() => {
                 let msg = match frame {
                     None => return ControlEnd::PeerFinished,

@@ -487,11 +487,13 @@ fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_
     assert_eq!(key(&out, "proxy"), "http://proxy.example:3128");
     let mut keys: Vec<String> = out.keys().cloned().collect();
     keys.sort();
-    assert_eq!(
-        keys,
-        example_keys("agent.toml"),
-        "every agent key is printed"
-    );
+    // The oidc_* keys replace token_file, so this file cannot hold them: they are printed by
+    // agent_oidc_client_credentials_are_checked_and_printed.
+    let examples: Vec<String> = example_keys("agent.toml")
+        .into_iter()
+        .filter(|k| !k.starts_with("oidc_"))
+        .collect();
+    assert_eq!(keys, examples, "every agent key is printed");
     assert_eq!(list(&out, "hub"), ["hub-a.example:4433", "[::1]:5000"]);
     assert_eq!(key(&out, "dial_timeout"), "500ms");
     assert_eq!(key(&out, "kube_inventory_interval"), "90s");
@@ -1032,4 +1034,163 @@ fn check_config_names_a_bad_oidc_issuer_precisely() {
     )
     .expect("write issuers");
     valid(&["hub", "--config", s(&hub)], &[]);
+}
+
+#[test]
+fn agent_oidc_client_credentials_are_checked_and_printed() {
+    let setup = Setup::new();
+    setup.write("oidc-secret", "s3cr3t-client-value\n");
+    setup.write("empty-secret", "\n");
+    let base = |extra: &str| {
+        setup.write(
+            "agent-oidc.toml",
+            &format!(
+                "hub = [\"hub.example\"]\nname = \"edge\"\nca = \"ca.pem\"\n\
+                 cert = \"agent-edge.pem\"\nkey = \"agent-edge-key.pem\"\n{extra}"
+            ),
+        )
+    };
+    // Each incomplete or contradictory combination: exit 2, the key at fault, what to do.
+    let cases = [
+        (
+            "oidc_issuer = \"https://login.example\"\n",
+            "oidc_client_id: OIDC client credentials need --oidc-client-id",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_issuer = \"https://login.example\"\n",
+            "oidc_client_secret_file: --oidc-client-id needs --oidc-client-secret-file",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"oidc-secret\"\n",
+            "oidc_client_id: --oidc-client-id needs --oidc-token-url or --oidc-issuer",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"oidc-secret\"\n\
+             oidc_issuer = \"https://login.example\"\n\
+             oidc_token_url = \"https://login.example/token\"\n",
+            "oidc_token_url: give --oidc-token-url or --oidc-issuer",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"oidc-secret\"\n\
+             oidc_issuer = \"http://login.example\"\n",
+            "oidc_issuer: \"http://login.example\" is not an https URL",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"oidc-secret\"\n\
+             oidc_issuer = \"https://login.example\"\ntoken_file = \"token.txt\"\n",
+            "token_file: --token-file and --oidc-client-id are two ways to authenticate",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"empty-secret\"\n\
+             oidc_issuer = \"https://login.example\"\n",
+            "oidc_client_secret_file: client secret file",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"oidc-secret\"\n\
+             oidc_issuer = \"https://login.example\"\noidc_scope = \"connect:agentHub a\\\"b\"\n",
+            "oidc_scope: scope \"a\\\"b\" holds",
+        ),
+        (
+            "oidc_client_id = \"edge\"\noidc_client_secret_file = \"oidc-secret\"\n\
+             oidc_issuer = \"https://login.example\"\noidc_ca = \"token.txt\"\n",
+            "oidc_ca: CA file",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let file = base(extra);
+        let line = refused(&["agent", "--config", s(&file)], &[]);
+        assert!(
+            line.starts_with(&format!("rna: {}: ", s(&file))) && line.contains(expected),
+            "{extra}: {line}\nexpected: {expected}"
+        );
+    }
+    // Flags and variables name the flag's origin: a client id without a secret file.
+    let line = refused(
+        &[
+            "agent",
+            "--config",
+            s(&base("")),
+            "--oidc-issuer",
+            "https://login.example",
+        ],
+        &[("RNA_OIDC_CLIENT_ID", "edge")],
+    );
+    assert!(
+        line.contains("oidc_client_secret_file: --oidc-client-id needs"),
+        "{line}"
+    );
+
+    // Complete: no token file needed; every key is printed, read back the same, and neither
+    // the secret nor its file's content appears.
+    let secret = s(&setup.path("oidc-secret")).to_owned();
+    let ca = s(&setup.path("ca.pem")).to_owned();
+    let mut printed: Vec<String> = Vec::new();
+    for endpoint in [
+        ["--oidc-issuer", "https://login.example/realms/ops/"],
+        ["--oidc-token-url", "https://login.example/token"],
+    ] {
+        let file = base("");
+        let out = reads_back_the_same(
+            &setup,
+            "agent",
+            &[
+                "--config",
+                s(&file),
+                endpoint[0],
+                endpoint[1],
+                "--oidc-client-id",
+                "edge",
+                "--oidc-client-secret-file",
+                &secret,
+                "--oidc-scope",
+                "connect:agentHub   proxy",
+                "--oidc-audience",
+                "https://hub.example",
+                "--oidc-ca",
+                &ca,
+            ],
+            "agent.toml",
+        );
+        assert!(out.get("token_file").is_none(), "{out:?}");
+        assert_eq!(key(&out, "oidc_client_id"), "edge");
+        assert_eq!(key(&out, "oidc_client_secret_file"), secret);
+        assert_eq!(key(&out, "oidc_scope"), "connect:agentHub proxy");
+        assert_eq!(key(&out, "oidc_audience"), "https://hub.example");
+        assert_eq!(key(&out, "oidc_ca"), ca);
+        assert!(!format!("{out:?}").contains("s3cr3t"), "{out:?}");
+        printed.extend(out.keys().filter(|k| k.starts_with("oidc_")).cloned());
+        if endpoint[0] == "--oidc-issuer" {
+            // Printed without the trailing slash, as discovery uses it.
+            assert_eq!(key(&out, "oidc_issuer"), "https://login.example/realms/ops");
+            assert!(out.get("oidc_token_url").is_none());
+        } else {
+            assert_eq!(key(&out, "oidc_token_url"), "https://login.example/token");
+        }
+    }
+    printed.sort();
+    printed.dedup();
+    let examples: Vec<String> = example_keys("agent.toml")
+        .into_iter()
+        .filter(|k| k.starts_with("oidc_"))
+        .collect();
+    assert_eq!(
+        printed, examples,
+        "every oidc key is printed and documented"
+    );
+    // The default scope is printed when none is given.
+    let out = table(&valid(
+        &[
+            "agent",
+            "--config",
+            s(&base("")),
+            "--oidc-issuer",
+            "https://login.example",
+            "--oidc-client-id",
+            "edge",
+            "--oidc-client-secret-file",
+            &secret,
+        ],
+        &[],
+    ));
+    assert_eq!(key(&out, "oidc_scope"), "connect:agentHub");
 }

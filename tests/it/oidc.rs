@@ -138,6 +138,16 @@ impl TestIssuer {
         t.access_token.expose().to_owned()
     }
 
+    /// Stops the issuer process, as an outage would.
+    pub(crate) async fn stop(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// The port it listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     /// Makes a new signing key; returns its kid.
     pub(crate) async fn rotate(&self) -> String {
         let f = Fetcher::new(Some(&self.ca), Duration::from_secs(10), 4096).unwrap();

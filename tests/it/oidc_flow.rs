@@ -7,10 +7,14 @@
 use std::time::Duration;
 
 use crate::common::*;
-use crate::oidc::{part, start_issuer, TestIssuer};
-use rna::agent::SessionError;
+use crate::fake_kube::FakeKube;
+use crate::oidc::{part, start_issuer, TestIssuer, AUDIENCE};
+use rna::agent::kube::{KubeSettings, KubeSource};
+use rna::agent::{AgentConfig, SessionError, TransportMode};
 use rna::auth::Scope;
+use rna::oidc::{ClientCredentials, TokenEndpoint};
 use rna::proto::CloseCode;
+use rna::transport::proxy::{NoProxy, ProxySettings};
 
 /// A hub trusting `issuer`, with unknown key ids allowed to trigger a key fetch every second
 /// (the default is 10 s; a test need not wait that long).
@@ -399,5 +403,288 @@ async fn a_refused_renewal_closes_the_session_with_its_code() {
             .oidc_tokens(&issuer.url, "missing_scope")
             >= 1
     );
+    world.stop().await;
+}
+
+/// An agent configuration for `name` that holds client credentials of `client` at `issuer`
+/// (discovery of the token endpoint, the secret read from a file, the audience the hub
+/// accepts sent as `audience` and `resource`, as `--oidc-audience` does) instead of a token.
+fn oidc_agent(
+    world: &World,
+    issuer: &TestIssuer,
+    name: &str,
+    client: &str,
+    secret: &str,
+) -> AgentConfig {
+    let mut config = world.agent_config(name, "");
+    let secret_file = world.dir.path().join(format!("{name}-oidc-secret"));
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let mut creds = ClientCredentials::new(
+        TokenEndpoint::Issuer(issuer.url.clone()),
+        client,
+        ClientCredentials::read_secret(&secret_file).unwrap(),
+    );
+    creds.ca = Some(issuer.ca.clone());
+    creds.audience = Some(AUDIENCE.into());
+    creds.resource = Some(AUDIENCE.into());
+    config.oidc = Some(creds);
+    config
+}
+
+/// The hub's session of agent `name` in acme/prod.
+fn session_of(world: &World, name: &str) -> Option<std::sync::Arc<rna::hub::AgentSession>> {
+    world
+        .hub
+        .registry()
+        .sessions_of(&"acme/prod".parse().unwrap(), name)
+        .into_iter()
+        .next()
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_with_client_credentials_serves_socks_and_kubernetes() {
+    let issuer = start_issuer(120).await;
+    let world = world_trusting(&issuer).await;
+    let fake = FakeKube::start().await;
+    let mut config = oidc_agent(&world, &issuer, "edge", "edge", "edge-secret");
+    let mut kube = KubeSettings::new(KubeSource::Kubeconfig {
+        path: fake.kubeconfig(world.dir.path(), "kubeconfig", None),
+        context: None,
+    });
+    kube.inventory_interval = Duration::from_secs(3600);
+    config.kube = Some(kube);
+    let agent = world.spawn_agent(config);
+    world.wait_sessions("acme/prod", "edge", 1).await;
+    wait_inventory(&world, "acme/prod", "edge").await;
+    // Registered with a JWT of the issuer, in the tenant its claim names.
+    let session = session_of(&world, "edge").expect("edge's session");
+    assert_eq!(session.token_id, format!("oidc:{}#edge", issuer.url));
+
+    // SOCKS through it, with curl.
+    let http = http_server().await;
+    let proxy = world.token("acme/prod", &[Scope::Proxy]);
+    let (code, body) = curl(
+        world.socks,
+        "edge",
+        &proxy,
+        &[&format!("http://{http}/bytes/100000")],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(body, pattern(100_000));
+
+    // A Kubernetes command through it, asked for with a JWT of read:infra:data.
+    let reader = issuer
+        .token(&issuer.client("edge", "read:infra:data"))
+        .await;
+    let answer = get(
+        &client(&world, &reader),
+        "/api/v1/agents/edge/kube/v1/Namespace/default",
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.json());
+    assert_eq!(answer.json()["metadata"]["name"], "default");
+    assert_eq!(agent.handle.status().sessions_total, 1);
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_renews_its_jwt_during_one_long_transfer_without_reconnecting() {
+    // Tokens live 4 s (9 s with the hub's leeway): the agent renews about every 3.2 s.
+    let issuer = start_issuer(4).await;
+    let world = world_trusting(&issuer).await;
+    let agent = world.spawn_agent(oidc_agent(&world, &issuer, "edge", "edge", "edge-secret"));
+    world.wait_sessions("acme/prod", "edge", 1).await;
+    world.wait_answering("acme/prod", "edge", 1).await;
+    let session = session_of(&world, "edge").expect("edge's session");
+    let id = session.id;
+    let first_until = session.credential_expiry();
+
+    // Every validity the hub records for the session while the transfer runs.
+    let watching = tokio_util::sync::CancellationToken::new();
+    let seen = {
+        let (watching, session) = (watching.clone(), session.clone());
+        tokio::spawn(async move {
+            let mut seen = vec![session.credential_expiry()];
+            while !watching.is_cancelled() {
+                let now = session.credential_expiry();
+                if seen.last() != Some(&now) {
+                    seen.push(now);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        })
+    };
+    // 64 MiB at 4 MB/s: about 17 s, several token lifetimes.
+    const SIZE: usize = 64 << 20;
+    let http = http_server().await;
+    let proxy = world.token("acme/prod", &[Scope::Proxy]);
+    let started = std::time::Instant::now();
+    let (code, body) = curl(
+        world.socks,
+        "edge",
+        &proxy,
+        &["--limit-rate", "4M", &format!("http://{http}/bytes/{SIZE}")],
+    )
+    .await;
+    let took = started.elapsed();
+    watching.cancel();
+    let seen = seen.await.unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SIZE)), "byte-exact");
+    eprintln!(
+        "64 MiB in {took:?}; the session's validity moved {} times: {seen:?}",
+        seen.len() - 1
+    );
+    assert!(seen.len() >= 4, "at least three renewals: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    // The transfer outlived the first token and its leeway on one session: no reconnect.
+    assert!(
+        unix_now() > first_until,
+        "the transfer ended before the first token did"
+    );
+    let now = session_of(&world, "edge").expect("edge's session");
+    assert_eq!(now.id, id, "same session");
+    assert_eq!(agent.handle.status().sessions_total, 1, "no reconnect");
+    assert!(now.credential_expiry() > unix_now());
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_client_secret_is_one_readable_error_per_attempt_with_backoff() {
+    let logs = process_logs();
+    let issuer = start_issuer(120).await;
+    let world = world_trusting(&issuer).await;
+    let secret = "wr0ng-secret-never-logged";
+    let agent = world.spawn_agent(oidc_agent(&world, &issuer, "edge", "edge", secret));
+    let lines = || {
+        logs.text()
+            .lines()
+            .filter(|l| l.contains(&issuer.url) && l.contains("no OIDC token"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // Attempts at 0 s, 1 s and 3 s: three lines, each pause twice the one before.
+    eventually("three refused token requests", || lines().len() >= 3).await;
+    let lines = lines();
+    for (line, pause) in lines.iter().zip(["1s", "2s", "4s"]) {
+        assert!(
+            line.contains("ERROR")
+                && line.contains("refused the request: invalid_client")
+                && line.contains("client_id=edge")
+                && line.contains(&format!("retry_in={pause}")),
+            "{line}"
+        );
+    }
+    assert!(!logs.text().contains(secret), "the secret is in the logs");
+    // No session was attempted without a token, so the hub refused nothing.
+    assert_eq!(agent.handle.status().sessions_total, 0);
+    assert_eq!(agent.handle.status().last_error, None);
+    assert!(session_of(&world, "edge").is_none());
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_issuer_leaves_sessions_until_their_token_ends_and_cached_keys_verify() {
+    let logs = process_logs();
+    // Tokens live 10 s, 15 s with the leeway.
+    let mut issuer = start_issuer(10).await;
+    let world = world_trusting(&issuer).await;
+    let agent = world.spawn_agent(oidc_agent(&world, &issuer, "edge", "edge", "edge-secret"));
+    world.wait_sessions("acme/prod", "edge", 1).await;
+    world.wait_answering("acme/prod", "edge", 1).await;
+    let until = session_of(&world, "edge").unwrap().credential_expiry();
+    // A token the hub has not seen yet, obtained before the outage.
+    let reader = issuer
+        .token(&issuer.client("edge", "read:infra:data"))
+        .await;
+    issuer.stop().await;
+
+    // The session keeps serving, and the unseen token verifies with the cached keys.
+    let http = http_server().await;
+    let proxy = world.token("acme/prod", &[Scope::Proxy]);
+    assert!(socks_connect(world.socks, "edge", &proxy, Dest::Ip(http))
+        .await
+        .is_ok());
+    let (status, body) = http_get_as(world.api, "/api/v1/agents", Some(&reader)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"edge\""), "{body}");
+
+    // Renewals fail; the session is closed only once its token no longer verifies.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        world
+            .hub
+            .registry()
+            .wait_until(|r| r.count(&"acme/prod".parse().unwrap(), "edge") == 0),
+    )
+    .await
+    .expect("the session to end with its token");
+    assert!(unix_now() >= until, "closed before its token ended");
+    // Counted once the close has gone out, just after the registry forgot the session.
+    let line =
+        r#"rna_agent_sessions_total{event="closed",reason="token_expired",transport="quic"} 1"#;
+    eventually("the session to be counted closed token_expired", || {
+        world.hub.metrics().render().contains(line)
+    })
+    .await;
+    // The agent said its renewals failed, and that its token ended.
+    let text = logs.text();
+    let mine = |needle: &str| {
+        text.lines()
+            .any(|l| l.contains(needle) && l.contains(&issuer.url))
+    };
+    assert!(mine("no OIDC token"), "{text}");
+    assert!(mine("the OIDC token has expired"), "{text}");
+    agent.stop().await;
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_requests_go_through_the_agents_proxy_unless_no_proxy_names_the_issuer() {
+    let issuer = start_issuer(120).await;
+    let password = "pr0xy-pass";
+    let tinyproxy = Tinyproxy::start("edge", password, issuer.port()).await;
+    let world = world_trusting(&issuer).await;
+    // QUIC to the hub (UDP, never proxied): only the token requests can use the proxy.
+    let mut config = oidc_agent(&world, &issuer, "edge", "edge", "edge-secret");
+    config.transport = TransportMode::Quic;
+    config.proxy = ProxySettings {
+        proxy: Some(tinyproxy.url(password)),
+        no_proxy: NoProxy::default(),
+    };
+    let agent = world.spawn_agent(config);
+    world.wait_sessions("acme/prod", "edge", 1).await;
+    let connect = format!("CONNECT 127.0.0.1:{}", issuer.port());
+    let log = tinyproxy.log();
+    assert!(log.contains(&connect), "{log}");
+
+    // A proxy that does not exist, with the issuer in NO_PROXY: tokens come directly.
+    let mut direct = oidc_agent(&world, &issuer, "direct", "edge", "edge-secret");
+    direct.transport = TransportMode::Quic;
+    direct.proxy = ProxySettings {
+        proxy: Some(
+            rna::transport::proxy::ProxyUrl::parse(&format!("http://127.0.0.1:{}", closed_port()))
+                .unwrap(),
+        ),
+        no_proxy: NoProxy::parse("127.0.0.1"),
+    };
+    let direct = world.spawn_agent(direct);
+    world.wait_sessions("acme/prod", "direct", 1).await;
+    direct.stop().await;
+    agent.stop().await;
     world.stop().await;
 }

@@ -184,6 +184,12 @@ fn same(readme: &str, program: &str) -> bool {
 /// machine, the environment or another setting.
 const PROSE: &[&str] = &[
     "RNA_PROXY",
+    "RNA_OIDC_TOKEN_URL",
+    "RNA_OIDC_ISSUER",
+    "RNA_OIDC_CLIENT_ID",
+    "RNA_OIDC_CLIENT_SECRET_FILE",
+    "RNA_OIDC_AUDIENCE",
+    "RNA_OIDC_CA",
     "RNA_CA",
     "RNA_CERT",
     "RNA_KEY",
