@@ -2,7 +2,7 @@
 //! fewer, fuller TLS records: reads from the socket in large pieces, and QMux's writes
 //! gathered until it flushes.
 //!
-//! Measured in docs/performance.md ("rna-tcp: system calls and TLS records"): rustls fills
+//! Measured in docs/performance.md ("Results: fewer system calls"): rustls fills
 //! its record buffer 4 KiB per read, so a 16 KiB record cost four `recvfrom`; and QMux's
 //! 8 KiB write buffer passes each full record's 2-byte size prefix to TLS on its own, so
 //! every 16 KiB of stream data became two TLS records (one of 2 bytes), two seals, two
