@@ -6,6 +6,8 @@
 //! The multiplexer was chosen by measurement (docs/decisions.md); its wire format and limits
 //! are in docs/protocol.md, "TCP transport".
 
+mod io;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use web_transport_trait::{Session as _, Stats as _};
+
+use io::{ReadAhead, WriteBatch};
 
 use super::tls::{rustls_failure, server_name, ClientTls, ServerTls, TlsError, TlsFailure};
 use super::Limits;
@@ -215,7 +219,7 @@ impl TcpHandshaker {
         let work = async {
             let _ = tcp.set_nodelay(true);
             let stats = socket_stats(&tcp);
-            let tls = self.acceptor.accept(tcp).await;
+            let tls = self.acceptor.accept(ReadAhead::new(tcp)).await;
             let tls = tls.map_err(|e| tls_failed(remote, &e))?;
             let peer = negotiated(tls.get_ref().1, remote)?;
             let config = mux_config(&self.limits, self.limits.agent_streams);
@@ -267,7 +271,7 @@ pub async fn connect_over(
     let stats = socket_stats(&tcp);
     let connector = TlsConnector::from(Arc::new(tls.rustls_config(TCP_ALPN)?));
     let stream = connector
-        .connect(server_name(name)?, tcp)
+        .connect(server_name(name)?, ReadAhead::new(tcp))
         .await
         .map_err(|e| tls_failed(remote, &e))?;
     let peer = negotiated(stream.get_ref().1, remote)?;
@@ -292,8 +296,10 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (done, released) = tokio::sync::watch::channel(());
+    // QMux writes a record's size prefix and its payload separately; gathered, they leave
+    // as one TLS record (see `io`).
     let stream = Released {
-        inner: stream,
+        inner: WriteBatch::new(stream),
         _done: done,
     };
     let t = qmux::transport::Stream::new(stream, QMUX_VERSION, MAX_RECORD_SIZE);
@@ -304,12 +310,12 @@ where
     (t, released)
 }
 
-/// A session's TLS stream as QMux's reader and writer tasks hold it. When both are done
+/// A session's TLS stream (its writes gathered) as QMux's reader and writer tasks hold it. When both are done
 /// with it (the session's last frames, its close among them, went to the socket, or the
 /// connection failed), it is dropped, and with it the sender that
 /// [`TcpSession::released`] waits on.
 struct Released<T> {
-    inner: T,
+    inner: WriteBatch<T>,
     _done: tokio::sync::watch::Sender<()>,
 }
 

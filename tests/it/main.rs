@@ -18,6 +18,7 @@ mod dev;
 mod enroll;
 mod enroll_flow;
 mod fallback;
+mod fast_path;
 mod faults;
 mod files;
 mod handshake;

@@ -9,7 +9,7 @@ use fast_socks5::server::{
 };
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::Socks5Command;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::GreetError;
 use crate::auth::{Masked, Scope, Tenant, TokenStore};
@@ -33,8 +33,23 @@ pub(super) struct Caller {
     pub(super) foreign: bool,
 }
 
+/// Bytes read from a client at once while it negotiates. The parser asks for 1 to 255 bytes
+/// at a time (a version, a length, then the field); read straight from the socket, every
+/// such piece is a system call, and a greeting, an RFC 1929 request and a CONNECT cost
+/// about ten of them. Through this buffer each message the client sent in one piece is one
+/// read, and a client that sends several messages without waiting for the answers (greeting
+/// and authentication together) is parsed from one read. 1 KiB holds the longest of them,
+/// the RFC 1929 request (3 + 255 + 255 bytes), and is the most a client's early bytes can
+/// make the front hold per connection.
+pub(super) const GREETING_BUFFER: usize = 1024;
+
+/// The client's connection while the front negotiates: read through [`GREETING_BUFFER`].
+/// Bytes it holds after the request are the client's first payload bytes; they are sent to
+/// the agent ahead of the relay.
+pub(super) type Greeting<S> = BufReader<S>;
+
 pub(super) type Request<S> = (
-    Socks5ServerProtocol<S, states::CommandRead>,
+    Socks5ServerProtocol<Greeting<S>, states::CommandRead>,
     Caller,
     Socks5Command,
     TargetAddr,
@@ -78,6 +93,7 @@ where
     } else {
         &[Method::TokenAuth(TokenAuth)]
     };
+    let stream = BufReader::with_capacity(GREETING_BUFFER, stream);
     let started = Socks5ServerProtocol::start(stream)
         .negotiate_auth(methods)
         .await?;
@@ -232,6 +248,101 @@ fast_socks5::auth_method_enums! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
+    /// A client connection that counts the reads the front makes on it (each one a system
+    /// call on a TCP socket).
+    struct CountingReads<S> {
+        inner: S,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for CountingReads<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for CountingReads<S> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_everything_at_once_is_parsed_from_one_read() {
+        let mut store = TokenStore::default();
+        let (secret, _) = store
+            .create(
+                "acme/prod".parse().unwrap(),
+                vec![Scope::Proxy],
+                None,
+                None,
+                SystemTime::now(),
+            )
+            .unwrap();
+        let token = secret.expose().as_bytes();
+        // Greeting (user/password), RFC 1929 request, CONNECT jenkins.internal:8080 and the
+        // first payload bytes, all in one piece.
+        let mut bytes = vec![0x05, 0x01, 0x02, 0x01, 4];
+        bytes.extend_from_slice(b"edge");
+        bytes.push(token.len() as u8);
+        bytes.extend_from_slice(token);
+        bytes.extend_from_slice(&[0x05, 0x01, 0x00, 0x03, 16]);
+        bytes.extend_from_slice(b"jenkins.internal");
+        bytes.extend_from_slice(&8080u16.to_be_bytes());
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(&bytes).await.unwrap();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let server = CountingReads {
+            inner: server,
+            reads: reads.clone(),
+        };
+        let (proto, caller, cmd, target) = greet(&store, None, server).await.unwrap();
+        assert_eq!(caller.agent, "edge");
+        assert_eq!(cmd, Socks5Command::TCPConnect);
+        assert_eq!(target.to_string(), "jenkins.internal:8080");
+        // One read took everything; parsing 1–255 bytes at a time from the socket took 11.
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+        // What came behind the request waits in the buffer for the agent.
+        let buffered = proto
+            .reply_success("127.0.0.1:1".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(buffered.buffer(), b"GET / HTTP/1.1\r\n");
+        // The client read the method, authentication and request replies.
+        let mut replies = [0u8; 2 + 2 + 10];
+        client.read_exact(&mut replies).await.unwrap();
+        assert_eq!(&replies[..5], &[0x05, 0x02, 0x01, 0x00, 0x05]);
+        assert_eq!(replies[5], 0x00);
+    }
 
     #[test]
     fn user_names_name_an_agent_and_maybe_a_tenant() {

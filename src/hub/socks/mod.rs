@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
+
 use fast_socks5::server::{states, Socks5ServerProtocol, SocksServerError};
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
@@ -28,7 +30,7 @@ use crate::listen::Acceptor;
 use crate::proto::{Host, Open};
 use crate::transport::relay::{relay, Direction, RelayError};
 pub use auth::describe_user;
-use auth::{greet, Caller};
+use auth::{greet, Caller, Greeting};
 pub(crate) use limits::TokenStreams;
 use limits::{HalfOpen, HalfOpenGuard};
 
@@ -149,7 +151,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, guard: Ha
 
 async fn serve_request(
     shared: Arc<Shared>,
-    proto: Socks5ServerProtocol<TcpStream, states::CommandRead>,
+    proto: Socks5ServerProtocol<Greeting<TcpStream>, states::CommandRead>,
     caller: Caller,
     cmd: Socks5Command,
     target: TargetAddr,
@@ -222,8 +224,8 @@ async fn serve_request(
         recv,
         bound,
     } = tunnel;
-    let tcp = match proto.reply_success(bound).await {
-        Ok(tcp) => tcp,
+    let client = match proto.reply_success(bound).await {
+        Ok(client) => client,
         Err(e) => {
             debug!("SOCKS client gone before the reply: {e}");
             router::abort(send, recv);
@@ -233,6 +235,24 @@ async fn serve_request(
     shared.metrics.socks_reply(reply_name(0x00));
     let metrics = shared.metrics.clone();
     let session = slot.session().clone();
+    // Bytes the client sent right behind its request (without waiting for the reply) may
+    // sit in the greeting buffer: they go first, so the agent sees the client's bytes in
+    // order; the rest is read from the socket by the relay.
+    let early = Bytes::copy_from_slice(client.buffer());
+    let tcp = client.into_inner();
+    let mut send = send;
+    if !early.is_empty() {
+        let n = early.len();
+        if let Err(e) = send.write_chunk(early).await {
+            debug!(%destination, "stream reset before the relay: {e}");
+            // As the relay does on an error: the client gets an RST, never a clean end.
+            let _ = tcp.set_zero_linger();
+            router::abort(send, recv);
+            return;
+        }
+        metrics.relayed(true, n);
+        session.add_to_agent(n);
+    }
     metrics.streams_open().inc();
     let stream_id = send.id();
     tracing::Span::current().record("stream", tracing::field::display(stream_id));
