@@ -11,14 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{HubError, Shared};
-use crate::auth::{Scope, TokenStore};
+use crate::auth::{ReloadingStore, Scope, TokenStore};
 use crate::enroll::{
     CertBytes, EnrollError, EnrollRequest, Issued, IssuedLog, IssuedRecord, JoinBook, RefusalCode,
     RevocationList, Revoked,
 };
 use crate::identity::{Secret, Tenant};
 use crate::state::kube::Snapshot;
-use crate::state::{Backend, Documents, KubeState, SecretRef, StateError};
+use crate::state::{Backend, Documents, KubeState, SecretRef, StateError, StateLocation};
 
 /// The shared state of a hub replica.
 #[derive(Debug)]
@@ -149,25 +149,53 @@ pub(crate) fn apply(shared: &Shared, state: &SharedState, snapshot: &Snapshot) {
     }
 }
 
-/// Follows the Secret until `stop`, applying every change.
-pub(crate) async fn follow(shared: Arc<Shared>, state: Arc<SharedState>, stop: CancellationToken) {
-    state
-        .kube
-        .follow(stop, |snapshot| apply(&shared, &state, &snapshot))
-        .await;
+/// The hub's token store: the file, followed by the file watcher; or, with the state in a
+/// Secret, the Secret's tokens (loaded now) and the shared state that follows it.
+pub(crate) async fn open_tokens(
+    config: &super::HubConfig,
+) -> Result<(Arc<ReloadingStore>, Option<Arc<SharedState>>), HubError> {
+    Ok(match &config.state {
+        StateLocation::File => (Arc::new(ReloadingStore::open(&config.tokens)?), None),
+        StateLocation::Kubernetes(secret) => {
+            let (state, store) = SharedState::open(secret).await?;
+            (
+                Arc::new(ReloadingStore::detached(store)),
+                Some(Arc::new(state)),
+            )
+        }
+    })
+}
+
+/// Follows the Secret until `stop`, applying every change; nothing with the file store.
+pub(crate) fn spawn_follower(shared: &Arc<Shared>, stop: &CancellationToken) {
+    let Some(state) = shared.shared_state.clone() else {
+        return;
+    };
+    let (shared, stop) = (shared.clone(), stop.clone());
+    tokio::spawn(async move {
+        state
+            .kube
+            .follow(stop, |snapshot| apply(&shared, &state, &snapshot))
+            .await;
+    });
 }
 
 /// Records what `rna token create --join --state kubernetes://…` needs from the hub in the
 /// Secret: the CA certificate join tokens pin, and the address agents dial. Written only when
 /// it differs, so replicas starting together write it once.
 pub(crate) async fn publish_hub(
-    state: &SharedState,
-    ca_pem: Option<String>,
+    state: Option<&SharedState>,
+    folder: &crate::enroll::HubState,
     address: &crate::enroll::HubAddress,
-) -> Result<(), crate::state::StateError> {
-    let address = crate::enroll::to_state_text(address)
-        .map_err(|e| crate::state::StateError::File(e.to_string()))?;
-    state
+) {
+    let Some(state) = state else {
+        return;
+    };
+    let ca_pem = crate::fsutil::read_text(&folder.ca(), crate::fsutil::MAX_PEM_FILE).ok();
+    let Ok(address) = crate::enroll::to_state_text(address) else {
+        return;
+    };
+    let published = state
         .backend
         .update(|docs| {
             if let Some(ca) = &ca_pem {
@@ -178,10 +206,12 @@ pub(crate) async fn publish_hub(
             if docs.get(crate::state::ADDRESS) != Some(address.as_str()) {
                 docs.set(crate::state::ADDRESS, address.clone());
             }
-            Ok::<_, crate::state::StateError>(())
+            Ok::<_, StateError>(())
         })
-        .await
-        .map(|_| ())
+        .await;
+    if let Err(e) = published {
+        warn!("join lines made with --state will need --hub: {e}");
+    }
 }
 
 /// An enrollment step's error: the step's own, or the shared state's (which the agent is told
