@@ -745,3 +745,85 @@ async fn replicas_enrolling_at_once_never_overspend_a_join_token_and_a_revocatio
         .to_string();
     assert!(line.ends_with("revoked"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_shared_state_keeps_the_tokens_in_force_and_stops_a_new_replica_precisely() {
+    use base64::Engine as _;
+    let mut replicas = Replicas::start(1).await;
+    let token = replicas.token("proxy").await;
+    let hub = &replicas.hubs[0];
+    time_until(Duration::from_secs(5), async || {
+        accepts(hub.socks, &token).await
+    })
+    .await
+    .expect("the token works");
+    // Someone else writes a token store that does not parse.
+    let broken = base64::engine::general_purpose::STANDARD.encode("[[token]]\nid = 1\n");
+    replicas.fake.apply_as(
+        "someone",
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "rna-hub-state", "namespace": "default"},
+            "data": {"tokens.toml": broken}}),
+    );
+    let line = replicas.hubs[0]
+        .process
+        .wait_line("shared token store not applied")
+        .await;
+    assert!(line.contains("keeping the previous tokens"), "{line}");
+    assert!(
+        line.contains("Secret default/rna-hub-state key tokens.toml"),
+        "{line}"
+    );
+    assert!(
+        accepts(replicas.hubs[0].socks, &token).await,
+        "the previous tokens stay"
+    );
+
+    // A replica starting now refuses to serve with it, in one line naming the Secret's key.
+    let state_dir = replicas.dir.path().join("hub-0");
+    let ran = replicas
+        .rna([
+            "hub",
+            "--state",
+            STATE,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--socks",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .run_async()
+        .await;
+    assert_ne!(ran.code(), 0);
+    assert!(
+        ran.stderr
+            .contains("Secret default/rna-hub-state key tokens.toml: line"),
+        "{}",
+        ran.stderr
+    );
+    // The CLI says so too, and refuses a location it cannot use.
+    let listed = replicas
+        .rna(["token", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_ne!(listed.code(), 0);
+    assert!(
+        listed.stderr.contains("key tokens.toml"),
+        "{}",
+        listed.stderr
+    );
+    let bad = replicas
+        .rna(["token", "list", "--state", "kubernetes://Default/x"])
+        .run_async()
+        .await;
+    assert_ne!(bad.code(), 0);
+    assert!(
+        bad.stderr.contains("the namespace must be a DNS label"),
+        "{}",
+        bad.stderr
+    );
+    replicas.hubs.clear();
+}
