@@ -744,6 +744,24 @@ async fn replicas_enrolling_at_once_never_overspend_a_join_token_and_a_revocatio
         .unwrap()
         .to_string();
     assert!(line.ends_with("revoked"), "{line}");
+    // And through the CLI, from the operator's kubeconfig.
+    let (other, _, _) = &enrolled[0];
+    let ran = replicas
+        .rna(["certs", "revoke", "--state", STATE, other])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    assert!(ran.stdout.starts_with("revoked "), "{}", ran.stdout);
+    let listed = replicas
+        .rna(["certs", "list", "--state", STATE])
+        .run_async()
+        .await;
+    let revoked_count = listed
+        .stdout
+        .lines()
+        .filter(|l| l.ends_with("revoked"))
+        .count();
+    assert_eq!(revoked_count, 2, "{}", listed.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
