@@ -29,9 +29,20 @@ pub(crate) struct SharedState {
     kube: KubeState,
     /// The revocation list in force (the token store is the hub's `tokens`).
     revoked: RwLock<Arc<RevocationList>>,
-    /// Documents this replica wrote and has not applied yet: applied at once by the next
-    /// [`apply_pending`](SharedState::apply_pending), without waiting for the watch.
-    pending: Mutex<Option<Documents>>,
+    /// Documents this replica wrote and has not applied yet, with their version: applied at
+    /// once by the next [`apply_pending`](SharedState::apply_pending), without waiting for
+    /// the watch.
+    pending: Mutex<Option<Snapshot>>,
+    /// The newest version applied. The watch delivers versions in order, but what this
+    /// replica wrote itself may arrive by the watch first: an older version must never
+    /// replace a newer one (it would bring back a token store without the newest tokens).
+    applied: Mutex<Option<u64>>,
+}
+
+/// A resourceVersion as a number. Kubernetes calls them opaque, but the API server's are
+/// etcd revisions, increasing with every write; one that is not a number is taken as new.
+fn version_number(snapshot: &Snapshot) -> Option<u64> {
+    snapshot.version.as_deref().and_then(|v| v.parse().ok())
 }
 
 /// What a hub reads its documents as, in messages: the Secret and the key.
@@ -76,6 +87,7 @@ impl SharedState {
                 kube,
                 revoked: RwLock::new(Arc::new(revoked)),
                 pending: Mutex::new(None),
+                applied: Mutex::new(version_number(&snapshot)),
             },
             tokens,
         ))
@@ -96,16 +108,23 @@ impl SharedState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(docs) = pending {
-            apply(
-                shared,
-                self,
-                &Snapshot {
-                    docs,
-                    version: None,
-                },
-            );
+        if let Some(snapshot) = pending {
+            apply(shared, self, &snapshot);
         }
+    }
+
+    /// Whether `snapshot` is newer than every version applied so far; if so it counts as
+    /// applied from now on (a snapshot without a numeric version always is).
+    fn is_newer(&self, snapshot: &Snapshot) -> bool {
+        let Some(version) = version_number(snapshot) else {
+            return true;
+        };
+        let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        if applied.is_some_and(|seen| seen >= version) {
+            return false;
+        }
+        *applied = Some(version);
+        true
     }
 
     /// Puts a revocation list in force; `true` when it differs from the one before.
@@ -122,6 +141,9 @@ impl SharedState {
 /// their sessions. A document that does not parse keeps the previous one, as a broken token
 /// file does, and says so once per version.
 pub(crate) fn apply(shared: &Shared, state: &SharedState, snapshot: &Snapshot) {
+    if !state.is_newer(snapshot) {
+        return;
+    }
     let (tokens, revoked) = parse(&state.kube, snapshot);
     match tokens {
         Ok(store) => {
@@ -313,9 +335,11 @@ pub(super) fn enroll(
         docs.set(crate::state::TOKENS, store.to_toml());
         Ok((signed, connect_token, admission))
     };
-    let written = tokio::runtime::Handle::current().block_on(state.backend.update(change));
-    let ((signed, connect_token, admission), docs) = written.map_err(|Step(e)| e)?;
-    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) = Some(docs);
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let ((signed, connect_token, admission), docs, version) = written.map_err(|Step(e)| e)?;
+    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some(Snapshot { docs, version });
     info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
         join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
     Ok(Issued {
@@ -349,8 +373,21 @@ pub(super) fn revoke(
         docs.set(crate::state::REVOKED, list.to_text()?);
         Ok((added, list))
     };
-    let written = tokio::runtime::Handle::current().block_on(state.backend.update(change));
-    let ((added, list), _) = written.map_err(|Step(e)| e)?;
-    state.set_revocations(list);
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let ((added, list), docs, version) = written.map_err(|Step(e)| e)?;
+    // In force here at once, unless the watch already brought something newer. The version
+    // is left for the watch to mark applied, since the tokens of this write are not applied.
+    let newer = Snapshot { docs, version };
+    let stale = version_number(&newer).is_some_and(|v| {
+        state
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|seen| seen >= v)
+    });
+    if !stale {
+        state.set_revocations(list);
+    }
     Ok(added)
 }

@@ -276,6 +276,13 @@ async fn a_revocation_through_the_cli_closes_the_agent_on_every_replica_within_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_writers_at_once_lose_nothing() {
     let replicas = Replicas::start(1).await;
+    // The Secret as the manifests make it: the writers keep what is not theirs.
+    replicas
+        .fake
+        .seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rna-hub-state", "namespace": "default",
+            "labels": {"team": "platform"}, "annotations": {"note": "kept"}},
+        "type": "Opaque"}));
     let writers = (0..20).map(|_| {
         let run = replicas
             .rna([
@@ -310,6 +317,12 @@ async fn twenty_writers_at_once_lose_nothing() {
         .filter(|r| r.starts_with("PUT ") || r.starts_with("POST "))
         .count();
     eprintln!("20 tokens stored with {writes} writes (the rest were conflicts, read again)");
+    let secret = replicas
+        .fake
+        .object("", "secrets", "default", "rna-hub-state")
+        .unwrap();
+    assert_eq!(secret["metadata"]["labels"]["team"], "platform");
+    assert_eq!(secret["metadata"]["annotations"]["note"], "kept");
     let hub = &replicas.hubs[0];
     for token in &tokens {
         let took = time_until(Duration::from_secs(5), async || {
