@@ -36,7 +36,33 @@ pub(crate) struct SharedState {
     /// The newest version applied. The watch delivers versions in order, but what this
     /// replica wrote itself may arrive by the watch first: an older version must never
     /// replace a newer one (it would bring back a token store without the newest tokens).
-    applied: Mutex<Option<u64>>,
+    applied: Applied,
+}
+
+/// The newest version applied; see [`SharedState::applied`].
+#[derive(Debug, Default)]
+struct Applied(Mutex<Option<u64>>);
+
+impl Applied {
+    /// Whether `version` is newer than every version admitted so far; if so it is admitted
+    /// (a version that is not a number always is).
+    fn admit(&self, version: Option<u64>) -> bool {
+        let Some(version) = version else {
+            return true;
+        };
+        let mut applied = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if applied.is_some_and(|seen| seen >= version) {
+            return false;
+        }
+        *applied = Some(version);
+        true
+    }
+
+    /// Whether something at least as new as `version` was admitted already.
+    fn has_seen(&self, version: Option<u64>) -> bool {
+        let applied = *self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        version.is_some_and(|v| applied.is_some_and(|seen| seen >= v))
+    }
 }
 
 /// A resourceVersion as a number. Kubernetes calls them opaque, but the API server's are
@@ -87,7 +113,7 @@ impl SharedState {
                 kube,
                 revoked: RwLock::new(Arc::new(revoked)),
                 pending: Mutex::new(None),
-                applied: Mutex::new(version_number(&snapshot)),
+                applied: Applied(Mutex::new(version_number(&snapshot))),
             },
             tokens,
         ))
@@ -114,17 +140,9 @@ impl SharedState {
     }
 
     /// Whether `snapshot` is newer than every version applied so far; if so it counts as
-    /// applied from now on (a snapshot without a numeric version always is).
+    /// applied from now on.
     fn is_newer(&self, snapshot: &Snapshot) -> bool {
-        let Some(version) = version_number(snapshot) else {
-            return true;
-        };
-        let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
-        if applied.is_some_and(|seen| seen >= version) {
-            return false;
-        }
-        *applied = Some(version);
-        true
+        self.applied.admit(version_number(snapshot))
     }
 
     /// Puts a revocation list in force; `true` when it differs from the one before.
@@ -379,15 +397,38 @@ pub(super) fn revoke(
     // In force here at once, unless the watch already brought something newer. The version
     // is left for the watch to mark applied, since the tokens of this write are not applied.
     let newer = Snapshot { docs, version };
-    let stale = version_number(&newer).is_some_and(|v| {
-        state
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|seen| seen >= v)
-    });
-    if !stale {
+    if !state.applied.has_seen(version_number(&newer)) {
         state.set_revocations(list);
     }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_version_never_replaces_a_newer_one() {
+        let applied = Applied::default();
+        assert!(applied.admit(Some(12)));
+        // This replica's own write (version 11) arrives after the watch brought 12.
+        assert!(!applied.admit(Some(11)));
+        assert!(
+            !applied.admit(Some(12)),
+            "the same version twice is applied once"
+        );
+        assert!(applied.has_seen(Some(11)) && applied.has_seen(Some(12)));
+        assert!(!applied.has_seen(Some(13)) && !applied.has_seen(None));
+        assert!(applied.admit(Some(13)));
+        // A deleted Secret (no version) is always applied.
+        assert!(applied.admit(None));
+        let version = |v: &str| {
+            version_number(&Snapshot {
+                docs: Documents::default(),
+                version: Some(v.into()),
+            })
+        };
+        assert_eq!(version("42"), Some(42));
+        assert_eq!(version("opaque"), None);
+    }
 }
