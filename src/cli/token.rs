@@ -235,9 +235,11 @@ async fn open(
 /// `TokenStore::load` names it.
 fn tokens(backend: &Backend, docs: &Documents) -> Result<TokenStore, StoreError> {
     let path = doc_origin(backend, rna::state::TOKENS);
-    match docs.get(rna::state::TOKENS) {
-        Some(text) => TokenStore::parse(text, &path),
-        None => Err(StoreError::Io {
+    match (docs.get(rna::state::TOKENS), backend) {
+        (Some(text), _) => TokenStore::parse(text, &path),
+        // The file's own error, as the operating system words it.
+        (None, Backend::File(_)) => TokenStore::load(&path),
+        (None, Backend::Kubernetes(_)) => Err(StoreError::Io {
             path,
             source: std::io::ErrorKind::NotFound.into(),
         }),

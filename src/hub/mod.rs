@@ -280,14 +280,7 @@ impl Hub {
         if config.socks_no_auth.is_some() && !config.socks.ip().is_loopback() {
             return Err(HubError::NoAuthNotLoopback(config.socks));
         }
-        let (tokens, shared_state) = match &config.state {
-            crate::state::StateLocation::File => (ReloadingStore::open(&config.tokens)?, None),
-            crate::state::StateLocation::Kubernetes(secret) => {
-                let (state, store) = shared_state::SharedState::open(secret).await?;
-                (ReloadingStore::detached(store), Some(Arc::new(state)))
-            }
-        };
-        let tokens = Arc::new(tokens);
+        let (tokens, shared_state) = shared_state::open_tokens(&config).await?;
         let key = match &config.state_dir {
             Some(dir) => transport::EndpointKey::load_or_create(dir)?,
             None => {
@@ -327,12 +320,7 @@ impl Hub {
             if let Err(e) = state.save_address(&address) {
                 warn!("join lines will need --hub: {e}");
             }
-            if let Some(shared) = &shared_state {
-                let ca = crate::fsutil::read_text(&state.ca(), crate::fsutil::MAX_PEM_FILE).ok();
-                if let Err(e) = shared_state::publish_hub(shared, ca, &address).await {
-                    warn!("join lines made with --state will need --hub: {e}");
-                }
-            }
+            shared_state::publish_hub(shared_state.as_deref(), state, &address).await;
         }
         let tcp = match tcp {
             Some(listener) => Some(Arc::new(
@@ -610,13 +598,7 @@ impl Hub {
         };
 
         // Shared state: every change another replica or `rna token|certs --state` makes.
-        if let Some(state) = shared.shared_state.clone() {
-            tokio::spawn(shared_state::follow(
-                shared.clone(),
-                state,
-                stop_accepting.clone(),
-            ));
-        }
+        shared_state::spawn_follower(&shared, &stop_accepting);
 
         // Revocations: `rna certs revoke` writes the list; a revoked agent's sessions close
         // within a quarter second of the file changing.

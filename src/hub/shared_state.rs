@@ -11,14 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{HubError, Shared};
-use crate::auth::{Scope, TokenStore};
+use crate::auth::{ReloadingStore, Scope, TokenStore};
 use crate::enroll::{
     CertBytes, EnrollError, EnrollRequest, Issued, IssuedLog, IssuedRecord, JoinBook, RefusalCode,
     RevocationList, Revoked,
 };
 use crate::identity::{Secret, Tenant};
 use crate::state::kube::Snapshot;
-use crate::state::{Backend, Documents, KubeState, SecretRef, StateError};
+use crate::state::{Backend, Documents, KubeState, SecretRef, StateError, StateLocation};
 
 /// The shared state of a hub replica.
 #[derive(Debug)]
@@ -29,9 +29,46 @@ pub(crate) struct SharedState {
     kube: KubeState,
     /// The revocation list in force (the token store is the hub's `tokens`).
     revoked: RwLock<Arc<RevocationList>>,
-    /// Documents this replica wrote and has not applied yet: applied at once by the next
-    /// [`apply_pending`](SharedState::apply_pending), without waiting for the watch.
-    pending: Mutex<Option<Documents>>,
+    /// Documents this replica wrote and has not applied yet, with their version: applied at
+    /// once by the next [`apply_pending`](SharedState::apply_pending), without waiting for
+    /// the watch.
+    pending: Mutex<Option<Snapshot>>,
+    /// The newest version applied. The watch delivers versions in order, but what this
+    /// replica wrote itself may arrive by the watch first: an older version must never
+    /// replace a newer one (it would bring back a token store without the newest tokens).
+    applied: Applied,
+}
+
+/// The newest version applied; see [`SharedState::applied`].
+#[derive(Debug, Default)]
+struct Applied(Mutex<Option<u64>>);
+
+impl Applied {
+    /// Whether `version` is newer than every version admitted so far; if so it is admitted
+    /// (a version that is not a number always is).
+    fn admit(&self, version: Option<u64>) -> bool {
+        let Some(version) = version else {
+            return true;
+        };
+        let mut applied = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if applied.is_some_and(|seen| seen >= version) {
+            return false;
+        }
+        *applied = Some(version);
+        true
+    }
+
+    /// Whether something at least as new as `version` was admitted already.
+    fn has_seen(&self, version: Option<u64>) -> bool {
+        let applied = *self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        version.is_some_and(|v| applied.is_some_and(|seen| seen >= v))
+    }
+}
+
+/// A resourceVersion as a number. Kubernetes calls them opaque, but the API server's are
+/// etcd revisions, increasing with every write; one that is not a number is taken as new.
+fn version_number(snapshot: &Snapshot) -> Option<u64> {
+    snapshot.version.as_deref().and_then(|v| v.parse().ok())
 }
 
 /// What a hub reads its documents as, in messages: the Secret and the key.
@@ -76,6 +113,7 @@ impl SharedState {
                 kube,
                 revoked: RwLock::new(Arc::new(revoked)),
                 pending: Mutex::new(None),
+                applied: Applied(Mutex::new(version_number(&snapshot))),
             },
             tokens,
         ))
@@ -96,16 +134,15 @@ impl SharedState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(docs) = pending {
-            apply(
-                shared,
-                self,
-                &Snapshot {
-                    docs,
-                    version: None,
-                },
-            );
+        if let Some(snapshot) = pending {
+            apply(shared, self, &snapshot);
         }
+    }
+
+    /// Whether `snapshot` is newer than every version applied so far; if so it counts as
+    /// applied from now on.
+    fn is_newer(&self, snapshot: &Snapshot) -> bool {
+        self.applied.admit(version_number(snapshot))
     }
 
     /// Puts a revocation list in force; `true` when it differs from the one before.
@@ -122,6 +159,9 @@ impl SharedState {
 /// their sessions. A document that does not parse keeps the previous one, as a broken token
 /// file does, and says so once per version.
 pub(crate) fn apply(shared: &Shared, state: &SharedState, snapshot: &Snapshot) {
+    if !state.is_newer(snapshot) {
+        return;
+    }
     let (tokens, revoked) = parse(&state.kube, snapshot);
     match tokens {
         Ok(store) => {
@@ -149,25 +189,53 @@ pub(crate) fn apply(shared: &Shared, state: &SharedState, snapshot: &Snapshot) {
     }
 }
 
-/// Follows the Secret until `stop`, applying every change.
-pub(crate) async fn follow(shared: Arc<Shared>, state: Arc<SharedState>, stop: CancellationToken) {
-    state
-        .kube
-        .follow(stop, |snapshot| apply(&shared, &state, &snapshot))
-        .await;
+/// The hub's token store: the file, followed by the file watcher; or, with the state in a
+/// Secret, the Secret's tokens (loaded now) and the shared state that follows it.
+pub(crate) async fn open_tokens(
+    config: &super::HubConfig,
+) -> Result<(Arc<ReloadingStore>, Option<Arc<SharedState>>), HubError> {
+    Ok(match &config.state {
+        StateLocation::File => (Arc::new(ReloadingStore::open(&config.tokens)?), None),
+        StateLocation::Kubernetes(secret) => {
+            let (state, store) = SharedState::open(secret).await?;
+            (
+                Arc::new(ReloadingStore::detached(store)),
+                Some(Arc::new(state)),
+            )
+        }
+    })
+}
+
+/// Follows the Secret until `stop`, applying every change; nothing with the file store.
+pub(crate) fn spawn_follower(shared: &Arc<Shared>, stop: &CancellationToken) {
+    let Some(state) = shared.shared_state.clone() else {
+        return;
+    };
+    let (shared, stop) = (shared.clone(), stop.clone());
+    tokio::spawn(async move {
+        state
+            .kube
+            .follow(stop, |snapshot| apply(&shared, &state, &snapshot))
+            .await;
+    });
 }
 
 /// Records what `rna token create --join --state kubernetes://…` needs from the hub in the
 /// Secret: the CA certificate join tokens pin, and the address agents dial. Written only when
 /// it differs, so replicas starting together write it once.
 pub(crate) async fn publish_hub(
-    state: &SharedState,
-    ca_pem: Option<String>,
+    state: Option<&SharedState>,
+    folder: &crate::enroll::HubState,
     address: &crate::enroll::HubAddress,
-) -> Result<(), crate::state::StateError> {
-    let address = crate::enroll::to_state_text(address)
-        .map_err(|e| crate::state::StateError::File(e.to_string()))?;
-    state
+) {
+    let Some(state) = state else {
+        return;
+    };
+    let ca_pem = crate::fsutil::read_text(&folder.ca(), crate::fsutil::MAX_PEM_FILE).ok();
+    let Ok(address) = crate::enroll::to_state_text(address) else {
+        return;
+    };
+    let published = state
         .backend
         .update(|docs| {
             if let Some(ca) = &ca_pem {
@@ -178,10 +246,12 @@ pub(crate) async fn publish_hub(
             if docs.get(crate::state::ADDRESS) != Some(address.as_str()) {
                 docs.set(crate::state::ADDRESS, address.clone());
             }
-            Ok::<_, crate::state::StateError>(())
+            Ok::<_, StateError>(())
         })
-        .await
-        .map(|_| ())
+        .await;
+    if let Err(e) = published {
+        warn!("join lines made with --state will need --hub: {e}");
+    }
 }
 
 /// An enrollment step's error: the step's own, or the shared state's (which the agent is told
@@ -283,9 +353,11 @@ pub(super) fn enroll(
         docs.set(crate::state::TOKENS, store.to_toml());
         Ok((signed, connect_token, admission))
     };
-    let written = tokio::runtime::Handle::current().block_on(state.backend.update(change));
-    let ((signed, connect_token, admission), docs) = written.map_err(|Step(e)| e)?;
-    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) = Some(docs);
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let ((signed, connect_token, admission), docs, version) = written.map_err(|Step(e)| e)?;
+    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some(Snapshot { docs, version });
     info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
         join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
     Ok(Issued {
@@ -319,8 +391,44 @@ pub(super) fn revoke(
         docs.set(crate::state::REVOKED, list.to_text()?);
         Ok((added, list))
     };
-    let written = tokio::runtime::Handle::current().block_on(state.backend.update(change));
-    let ((added, list), _) = written.map_err(|Step(e)| e)?;
-    state.set_revocations(list);
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let ((added, list), docs, version) = written.map_err(|Step(e)| e)?;
+    // In force here at once, unless the watch already brought something newer. The version
+    // is left for the watch to mark applied, since the tokens of this write are not applied.
+    let newer = Snapshot { docs, version };
+    if !state.applied.has_seen(version_number(&newer)) {
+        state.set_revocations(list);
+    }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_version_never_replaces_a_newer_one() {
+        let applied = Applied::default();
+        assert!(applied.admit(Some(12)));
+        // This replica's own write (version 11) arrives after the watch brought 12.
+        assert!(!applied.admit(Some(11)));
+        assert!(
+            !applied.admit(Some(12)),
+            "the same version twice is applied once"
+        );
+        assert!(applied.has_seen(Some(11)) && applied.has_seen(Some(12)));
+        assert!(!applied.has_seen(Some(13)) && !applied.has_seen(None));
+        assert!(applied.admit(Some(13)));
+        // A deleted Secret (no version) is always applied.
+        assert!(applied.admit(None));
+        let version = |v: &str| {
+            version_number(&Snapshot {
+                docs: Documents::default(),
+                version: Some(v.into()),
+            })
+        };
+        assert_eq!(version("42"), Some(42));
+        assert_eq!(version("opaque"), None);
+    }
 }

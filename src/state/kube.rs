@@ -3,6 +3,7 @@
 //! came first) and followed with a watch by name.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -30,6 +31,10 @@ const WATCH_SECONDS: u32 = 240;
 pub struct KubeState {
     api: Api<Secret>,
     secret: SecretRef,
+    /// The labels and annotations of the Secret as last read, with its resourceVersion: a
+    /// write of that version keeps them, so what an operator or `kubectl apply` put there
+    /// survives the hub's writes.
+    seen: Arc<Mutex<Option<(String, ObjectMeta)>>>,
 }
 
 impl std::fmt::Debug for KubeState {
@@ -64,6 +69,7 @@ impl KubeState {
         KubeState {
             api: Api::namespaced(client, &secret.namespace),
             secret,
+            seen: Arc::default(),
         }
     }
 
@@ -218,10 +224,17 @@ impl KubeState {
 impl Versioned for KubeState {
     async fn read(&self) -> Result<(Documents, Option<String>), StateError> {
         match self.api.get_opt(&self.secret.name).await {
-            Ok(Some(secret)) => Ok((
-                Self::documents(&secret)?,
-                secret.metadata.resource_version.clone(),
-            )),
+            Ok(Some(secret)) => {
+                let version = secret.metadata.resource_version.clone();
+                let meta = ObjectMeta {
+                    labels: secret.metadata.labels.clone(),
+                    annotations: secret.metadata.annotations.clone(),
+                    ..ObjectMeta::default()
+                };
+                *self.seen.lock().unwrap_or_else(PoisonError::into_inner) =
+                    version.clone().map(|v| (v, meta));
+                Ok((Self::documents(&secret)?, version))
+            }
             Ok(None) => Ok((Documents::default(), None)),
             Err(e) => Err(self.failed("reading", e)),
         }
@@ -241,18 +254,30 @@ impl Versioned for KubeState {
             .iter()
             .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
             .collect();
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .filter(|(v, _)| Some(v.as_str()) == version)
+            .map(|(_, meta)| meta)
+            .unwrap_or_default();
+        let mut labels = seen.labels.unwrap_or_default();
+        for (key, value) in [
+            ("app.kubernetes.io/name", "rna"),
+            ("app.kubernetes.io/component", "hub-state"),
+        ] {
+            labels
+                .entry(key.to_owned())
+                .or_insert_with(|| value.to_owned());
+        }
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.secret.name.clone()),
                 namespace: Some(self.secret.namespace.clone()),
                 resource_version: version.map(str::to_owned),
-                labels: Some(BTreeMap::from([
-                    ("app.kubernetes.io/name".to_owned(), "rna".to_owned()),
-                    (
-                        "app.kubernetes.io/component".to_owned(),
-                        "hub-state".to_owned(),
-                    ),
-                ])),
+                labels: Some(labels),
+                annotations: seen.annotations,
                 ..ObjectMeta::default()
             },
             type_: Some("Opaque".into()),

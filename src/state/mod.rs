@@ -205,20 +205,21 @@ pub(crate) trait Versioned {
 /// Reads, applies `change` and writes, again from a fresh read after each conflict, at most
 /// [`MAX_ATTEMPTS`] times. `change` may run several times, each time on the latest documents,
 /// so it must compute its result from what it is given. A change that leaves the documents
-/// as they were writes nothing. Returns the change's result and the documents written.
+/// as they were writes nothing. Returns the change's result, the documents written and the
+/// version they have now (the one written, or the one read when nothing changed).
 pub(crate) async fn update<S: Versioned, T, E: From<StateError>>(
     store: &S,
     mut change: impl FnMut(&mut Documents) -> Result<T, E>,
-) -> Result<(T, Documents), E> {
+) -> Result<(T, Documents, Option<String>), E> {
     for _ in 0..MAX_ATTEMPTS {
         let (before, version) = store.read().await?;
         let mut docs = before.clone();
         let result = change(&mut docs)?;
         if docs == before {
-            return Ok((result, docs));
+            return Ok((result, docs, version));
         }
         match store.write(&docs, version.as_deref()).await? {
-            Written::Done(_) => return Ok((result, docs)),
+            Written::Done(written) => return Ok((result, docs, written)),
             Written::Conflict => {
                 tracing::debug!("state write conflicted with another writer; reading again");
             }
@@ -264,6 +265,16 @@ impl Backend {
         &self,
         change: impl FnMut(&mut Documents) -> Result<T, E>,
     ) -> Result<(T, Documents), E> {
+        let (result, docs, _) = self.update_versioned(change).await?;
+        Ok((result, docs))
+    }
+
+    /// [`update`](Self::update), also returning the version the documents have now, so a
+    /// follower can tell it from versions it has seen.
+    pub async fn update_versioned<T, E: From<StateError>>(
+        &self,
+        change: impl FnMut(&mut Documents) -> Result<T, E>,
+    ) -> Result<(T, Documents, Option<String>), E> {
         match self {
             Backend::File(f) => update(f, change).await,
             Backend::Kubernetes(k) => update(k.as_ref(), change).await,
@@ -345,7 +356,7 @@ mod tests {
             ("c".into(), "3".into()),
         ]);
         let mut runs = 0;
-        let (result, written) = update(&store, |docs: &mut Documents| {
+        let (result, written, _) = update(&store, |docs: &mut Documents| {
             runs += 1;
             docs.set("a", "mine".into());
             Ok::<_, StateError>(runs)

@@ -276,6 +276,13 @@ async fn a_revocation_through_the_cli_closes_the_agent_on_every_replica_within_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_writers_at_once_lose_nothing() {
     let replicas = Replicas::start(1).await;
+    // The Secret as the manifests make it: the writers keep what is not theirs.
+    replicas
+        .fake
+        .seed(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rna-hub-state", "namespace": "default",
+            "labels": {"team": "platform"}, "annotations": {"note": "kept"}},
+        "type": "Opaque"}));
     let writers = (0..20).map(|_| {
         let run = replicas
             .rna([
@@ -310,6 +317,12 @@ async fn twenty_writers_at_once_lose_nothing() {
         .filter(|r| r.starts_with("PUT ") || r.starts_with("POST "))
         .count();
     eprintln!("20 tokens stored with {writes} writes (the rest were conflicts, read again)");
+    let secret = replicas
+        .fake
+        .object("", "secrets", "default", "rna-hub-state")
+        .unwrap();
+    assert_eq!(secret["metadata"]["labels"]["team"], "platform");
+    assert_eq!(secret["metadata"]["annotations"]["note"], "kept");
     let hub = &replicas.hubs[0];
     for token in &tokens {
         let took = time_until(Duration::from_secs(5), async || {
@@ -744,4 +757,104 @@ async fn replicas_enrolling_at_once_never_overspend_a_join_token_and_a_revocatio
         .unwrap()
         .to_string();
     assert!(line.ends_with("revoked"), "{line}");
+    // And through the CLI, from the operator's kubeconfig.
+    let (other, _, _) = &enrolled[0];
+    let ran = replicas
+        .rna(["certs", "revoke", "--state", STATE, other])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    assert!(ran.stdout.starts_with("revoked "), "{}", ran.stdout);
+    let listed = replicas
+        .rna(["certs", "list", "--state", STATE])
+        .run_async()
+        .await;
+    let revoked_count = listed
+        .stdout
+        .lines()
+        .filter(|l| l.ends_with("revoked"))
+        .count();
+    assert_eq!(revoked_count, 2, "{}", listed.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_shared_state_keeps_the_tokens_in_force_and_stops_a_new_replica_precisely() {
+    use base64::Engine as _;
+    let mut replicas = Replicas::start(1).await;
+    let token = replicas.token("proxy").await;
+    let hub = &replicas.hubs[0];
+    time_until(Duration::from_secs(5), async || {
+        accepts(hub.socks, &token).await
+    })
+    .await
+    .expect("the token works");
+    // Someone else writes a token store that does not parse.
+    let broken = base64::engine::general_purpose::STANDARD.encode("[[token]]\nid = 1\n");
+    replicas.fake.apply_as(
+        "someone",
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "rna-hub-state", "namespace": "default"},
+            "data": {"tokens.toml": broken}}),
+    );
+    let line = replicas.hubs[0]
+        .process
+        .wait_line("shared token store not applied")
+        .await;
+    assert!(line.contains("keeping the previous tokens"), "{line}");
+    assert!(
+        line.contains("Secret default/rna-hub-state key tokens.toml"),
+        "{line}"
+    );
+    assert!(
+        accepts(replicas.hubs[0].socks, &token).await,
+        "the previous tokens stay"
+    );
+
+    // A replica starting now refuses to serve with it, in one line naming the Secret's key.
+    let state_dir = replicas.dir.path().join("hub-0");
+    let ran = replicas
+        .rna([
+            "hub",
+            "--state",
+            STATE,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--socks",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .run_async()
+        .await;
+    assert_ne!(ran.code(), 0);
+    assert!(
+        ran.stderr
+            .contains("Secret default/rna-hub-state key tokens.toml: line"),
+        "{}",
+        ran.stderr
+    );
+    // The CLI says so too, and refuses a location it cannot use.
+    let listed = replicas
+        .rna(["token", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_ne!(listed.code(), 0);
+    assert!(
+        listed.stderr.contains("key tokens.toml"),
+        "{}",
+        listed.stderr
+    );
+    let bad = replicas
+        .rna(["token", "list", "--state", "kubernetes://Default/x"])
+        .run_async()
+        .await;
+    assert_ne!(bad.code(), 0);
+    assert!(
+        bad.stderr.contains("the namespace must be a DNS label"),
+        "{}",
+        bad.stderr
+    );
+    replicas.hubs.clear();
 }
