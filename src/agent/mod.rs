@@ -416,10 +416,17 @@ impl Agent {
         let (config, kube) = self.start_kube().await?;
         let tasks = TaskTracker::new();
         let own_certificates = shutdown.child_token();
-        let tls = Arc::new(renewal::TlsWatch::new(renewal::CurrentTls {
+        let tls = Arc::new(renewal::TlsWatch::new(renewal::Credentials {
             generation: 0,
             tls: config.tls.clone(),
+            token: None,
         }));
+        let (rotations, rotated) = tokio::sync::mpsc::unbounded_channel();
+        let storing = tokio::spawn(renewal::store_rotated_tokens(
+            rotated,
+            config.token_file.clone(),
+            tls.clone(),
+        ));
         let watch = tokio::spawn(supervisor::watch_own_certificates(
             expiries,
             renew_at,
@@ -453,13 +460,16 @@ impl Agent {
                 wake: self.wake.clone(),
                 tls: tls.subscribe(),
                 tls_generation: 0,
+                rotations: rotations.clone(),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
             tasks.spawn(me.follow(target, cancel).instrument(span));
         }
+        drop(rotations);
         tasks.close();
         tasks.wait().await;
+        let _ = storing.await;
         own_certificates.cancel();
         let _ = watch.await;
         if let Some(renewing) = renewing {

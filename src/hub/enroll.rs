@@ -539,6 +539,23 @@ pub(crate) async fn revoke(
 }
 
 impl Enroller {
+    /// Holds the lock under which the state folder and the token store are changed.
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Points every issued certificate whose connect token is `old` at `new` (a rotation),
+    /// so renewals move the new token's expiry. The caller holds [`Enroller::lock_state`].
+    /// Blocking (file I/O).
+    pub(crate) fn relink_connect_token(&self, old: &str, new: &str) -> Result<(), String> {
+        let path = self.state.issued();
+        let mut log = IssuedLog::load(&path).map_err(|e| e.to_string())?;
+        if log.replace_connect_token(old, new) > 0 {
+            log.save(&path).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Revokes every certificate issued to `agent` in `tenant` and saves the list; the newly
     /// revoked entries. Blocking (file I/O).
     fn revoke(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::admission::HandshakeSlot;
 use super::registry::AgentSession;
@@ -17,7 +17,7 @@ use crate::certs;
 use crate::proto::codec::{encode, read_frame_limited};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
-    self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
+    self, heartbeat_loop_with_outbox, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
 };
 use crate::transport::session::{SendStream, Session, SessionEnd};
 use crate::transport::tcp::{TcpError, TcpHandshaker};
@@ -223,8 +223,9 @@ async fn run_session(
         "agent connected");
 
     let heartbeat = shared.config.heartbeat;
+    let mut outbox = session.control_outbox();
     let end = tokio::select! {
-        end = heartbeat_loop(&session.connection, send, reader, heartbeat, &cancel, None, |event| match event {
+        end = heartbeat_loop_with_outbox(&session.connection, send, reader, heartbeat, &cancel, None, outbox.as_mut(), |event| match event {
             HeartbeatEvent::Seen => session.heard(),
             HeartbeatEvent::GoingAway => {
                 info!("agent moves to a newer session: no new streams here");
@@ -242,6 +243,8 @@ async fn run_session(
                         .in_current_span(),
                 );
             }
+            // Only the hub rotates tokens; one coming from an agent is ignored.
+            HeartbeatEvent::RotateToken(_) => debug!("ignoring RotateToken sent by the agent"),
         }) => end,
         // The connection can end without the control stream noticing first (close frame).
         reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),

@@ -84,6 +84,8 @@ pub enum HeartbeatEvent {
     GoingAway,
     /// The agent sent a renewed credential for this session.
     Reauthenticate(crate::identity::Secret),
+    /// The hub sent the agent a rotated connect token.
+    RotateToken(crate::identity::Secret),
 }
 
 /// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires.
@@ -105,6 +107,29 @@ pub async fn heartbeat_loop<F>(
     heartbeat: Heartbeat,
     cancel: &CancellationToken,
     going_away: Option<&CancellationToken>,
+    observe: F,
+) -> ControlEnd
+where
+    F: FnMut(HeartbeatEvent),
+{
+    heartbeat_loop_with_outbox(
+        connection, send, reader, heartbeat, cancel, going_away, None, observe,
+    )
+    .await
+}
+
+/// [`heartbeat_loop`] that also writes every message `outbox` delivers on the control stream
+/// (the hub sends an agent its rotated token this way). Cancel-safe as it is: receiving from
+/// an unbounded channel is cancel-safe.
+#[allow(clippy::too_many_arguments)]
+pub async fn heartbeat_loop_with_outbox<F>(
+    connection: &Session,
+    send: &mut SendStream,
+    reader: &mut ControlReader,
+    heartbeat: Heartbeat,
+    cancel: &CancellationToken,
+    going_away: Option<&CancellationToken>,
+    mut outbox: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Control>>,
     mut observe: F,
 ) -> ControlEnd
 where
@@ -126,6 +151,16 @@ where
             _ = going_away.cancelled(), if !told => {
                 told = true;
                 if let Err(e) = write(send, &Control::GoingAway).await {
+                    return e;
+                }
+            }
+            Some(msg) = async {
+                match outbox.as_mut() {
+                    Some(outbox) => outbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = write(send, &msg).await {
                     return e;
                 }
             }
@@ -151,6 +186,7 @@ where
                     Control::Reauthenticate { token } => {
                         observe(HeartbeatEvent::Reauthenticate(token))
                     }
+                    Control::RotateToken { token } => observe(HeartbeatEvent::RotateToken(token)),
                     Control::Pong { seq: answered } => {
                         if let Some((sent_seq, at)) = outstanding {
                             if sent_seq == answered {
@@ -207,6 +243,7 @@ pub fn kind(msg: &Control) -> &'static str {
         Control::Pong { .. } => "Pong",
         Control::GoingAway => "GoingAway",
         Control::Reauthenticate { .. } => "Reauthenticate",
+        Control::RotateToken { .. } => "RotateToken",
     }
 }
 
