@@ -69,6 +69,7 @@ pub(super) async fn renew_certificates(
     cancel: CancellationToken,
 ) {
     let mut retry = Retry::new(config.backoff.refused, config.backoff.refused_max);
+    let reach = super::enroll::Reach::of(&config);
     loop {
         let current = tls.borrow().tls.clone();
         let Some((renew_at, not_after)) = schedule(&current) else {
@@ -85,7 +86,7 @@ pub(super) async fn renew_certificates(
         }
         let renewed = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = renew(&config.hubs, config.server_name.as_deref(), &config.name, &current, &state) => r,
+            r = renew(&config.hubs, config.server_name.as_deref(), &config.name, &current, &state, &reach) => r,
         };
         let now = SystemTime::now();
         match renewed {

@@ -154,6 +154,15 @@ pub(crate) async fn serve_tcp(
             return;
         }
     };
+    // Enrollment and renewal over the TLS/TCP fallback, as on QUIC.
+    if let (Some(enroller), Some(exchange)) = (
+        shared.enroller.clone(),
+        super::enroll::Exchange::of_alpn(session.alpn()),
+    ) {
+        let session = Session::from(session);
+        super::enroll::serve(shared, enroller, session, handshake_slot, exchange).await;
+        return;
+    }
     serve_session(shared, Session::from(session), cancel, handshake_slot).await;
 }
 

@@ -103,6 +103,14 @@ impl HubProcess {
     }
 }
 
+/// Enrollment over QUIC alone, for the tests that answer it with a QUIC server of their own.
+fn quic_only() -> rna::agent::enroll::Reach {
+    rna::agent::enroll::Reach {
+        transport: rna::agent::TransportMode::Quic,
+        ..Default::default()
+    }
+}
+
 /// Every log line up to and including the first that contains `needle`.
 async fn lines_until(
     log: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -466,7 +474,7 @@ async fn the_enrollment_request_carries_a_csr_and_never_the_private_key() {
     let hub: rna::agent::HubTarget = addr.to_string().parse().unwrap();
     within(
         "enrollment",
-        rna::agent::enroll::enroll(&[hub], None, "edge", &token, &state),
+        rna::agent::enroll::enroll(&[hub], None, "edge", &token, &state, &quic_only()),
     )
     .await
     .unwrap();
@@ -663,7 +671,8 @@ async fn a_join_token_of_another_tenant_cannot_enroll_an_agent_of_this_one() {
         let (hub, state) = (hub_target.clone(), state.clone());
         async move {
             let (token, hubs) = (token_of(&line), [hub]);
-            let enrolling = rna::agent::enroll::enroll(&hubs, None, "edge", &token, &state);
+            let reach = quic_only();
+            let enrolling = rna::agent::enroll::enroll(&hubs, None, "edge", &token, &state, &reach);
             within("enrollment", enrolling).await
         }
     };
@@ -1059,4 +1068,43 @@ async fn a_connect_token_rotates_over_the_live_session_and_the_old_one_is_refuse
     );
     live.signal("-TERM");
     assert!(live.exit().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_enroll_over_the_tcp_fallback_when_udp_gets_no_answer_or_tcp_is_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    // TCP on X; nothing answers UDP on X (the hub's QUIC is elsewhere): UDP blocked on the
+    // way, as far as an agent dialing X can tell.
+    let x = crate::common::free_udp_and_tcp_port();
+    let tcp_listen = format!("127.0.0.1:{x}");
+    let hub = HubProcess::start_with(&tmp.path().join("hub"), &["--tcp-listen", &tcp_listen]).await;
+    assert_ne!(hub.quic, tcp_listen);
+    for (name, extra) in [
+        ("edge-tcp", vec!["--transport", "tcp"]),
+        ("edge-auto", vec!["--quic-fallback-after", "1s"]),
+    ] {
+        let line = hub.join_line("acme/prod", &["--name", name]).await;
+        let mut args = argv(&line);
+        assert_eq!(args[1], "--hub", "{line}");
+        args[2] = tcp_listen.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let dir = tmp.path().join(name);
+        let mut agent = agent(&args, &dir).spawn();
+        let log = lines_until(&mut agent.log, "connected to hub").await;
+        let enrolled = log
+            .iter()
+            .position(|l| l.contains("enrolled"))
+            .unwrap_or_else(|| panic!("{log:#?}"));
+        if name == "edge-auto" {
+            let fell_back = log
+                .iter()
+                .position(|l| l.contains("(UDP)") && l.contains("trying TLS over TCP"))
+                .unwrap_or_else(|| panic!("{log:#?}"));
+            assert!(fell_back < enrolled, "{log:#?}");
+        }
+        assert!(log.last().unwrap().contains("transport=tcp"), "{log:#?}");
+        assert!(rna::agent::AgentState::new(&dir).is_enrolled());
+        agent.signal("-TERM");
+        assert!(agent.exit().await.success());
+    }
 }
