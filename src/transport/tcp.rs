@@ -596,8 +596,10 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
 
         let (c, s) = handshake(client.clone(), server.clone());
-        let agent_chain = negotiated(&s, addr).unwrap().unwrap_or_default();
-        let hub_chain = negotiated(&c, addr).unwrap().unwrap_or_default();
+        let (agent_chain, alpn) = negotiated(&s, addr).unwrap();
+        assert_eq!(alpn, TCP_ALPN);
+        let agent_chain = agent_chain.unwrap_or_default();
+        let hub_chain = negotiated(&c, addr).unwrap().0.unwrap_or_default();
         assert!(!agent_chain.is_empty() && !hub_chain.is_empty());
         assert_ne!(agent_chain[0], hub_chain[0]);
 
