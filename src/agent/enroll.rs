@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::info;
 
-use super::HubTarget;
+use super::{HubTarget, TransportMode};
 use crate::enroll::wire::{self, ENROLL_PROTOCOL};
 use crate::enroll::{
     agent_identity, make_csr, EnrollReply, EnrollRequest, JoinToken, PinnedHubVerifier,
@@ -17,7 +17,12 @@ use crate::enroll::{
 };
 use crate::fsutil::{replace_file, FileMode};
 use crate::proto::codec;
-use crate::transport::ClientTls;
+use crate::transport::proxy::{ProxySettings, ProxyUrl};
+use crate::transport::session::Session;
+use crate::transport::{tcp, ClientTls};
+
+/// How a QUIC exchange's error starts when TLS refused (a hub of another CA).
+const TLS_FAILURE: &str = "TLS: ";
 
 /// Time for the whole exchange with one hub address: QUIC and TLS, request and reply.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -135,6 +140,7 @@ pub async fn enroll(
     name: &str,
     join: &str,
     state: &AgentState,
+    reach: &Reach,
 ) -> Result<String, EnrollmentError> {
     let join = JoinToken::parse(join).map_err(EnrollmentError::Join)?;
     let csr = make_csr(name).map_err(EnrollmentError::Join)?;
@@ -153,7 +159,7 @@ pub async fn enroll(
         };
         let tls_name = server_name.unwrap_or(&hub.host);
         for addr in addrs {
-            let exchange = exchange(addr, tls_name, &join, &csr.csr_der, state);
+            let exchange = exchange(reach, &hub.host, addr, tls_name, &join, &csr.csr_der, state);
             let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),
@@ -217,6 +223,8 @@ pub async fn enroll(
 /// One enrollment exchange with one address. The pinned verifier fails the handshake on a hub
 /// of another CA, so the request, which holds the join secret, is only written after it.
 async fn exchange(
+    reach: &Reach,
+    host: &str,
     addr: SocketAddr,
     server_name: &str,
     join: &JoinToken,
@@ -246,7 +254,120 @@ async fn exchange(
         csr_der: csr_der.to_vec(),
     };
     let frame = wire::encode_request(&request).map_err(|e| e.to_string())?;
-    quic_exchange(addr, server_name, config, &frame).await
+    exchange_at(reach, host, addr, server_name, config, &frame).await
+}
+
+/// How the enrollment and renewal exchanges reach a hub: the transport and proxy the
+/// agent's sessions use (`--transport`, `--proxy`, `--quic-fallback-after`).
+#[derive(Debug, Clone)]
+pub struct Reach {
+    /// QUIC, TLS over TCP, or QUIC with a fallback to TCP.
+    pub transport: TransportMode,
+    /// The HTTP proxy for TCP, and the hubs reached without it.
+    pub proxy: ProxySettings,
+    /// With `auto`: how long QUIC may take before TCP is tried.
+    pub quic_fallback_after: Duration,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Reach {
+            transport: TransportMode::Auto,
+            proxy: ProxySettings::default(),
+            quic_fallback_after: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Reach {
+    /// The way the agent configured by `config` reaches its hubs.
+    pub fn of(config: &super::AgentConfig) -> Reach {
+        Reach {
+            transport: config.transport,
+            proxy: config.proxy.clone(),
+            quic_fallback_after: config.quic_fallback_after,
+        }
+    }
+}
+
+/// One exchange with the hub address `addr` (of the name `host`) the way `reach` says: QUIC;
+/// TLS over TCP (through the proxy when one is in effect); or, with `auto`, QUIC first and
+/// TCP when QUIC fails or gets no answer in time, as the agent's sessions fall back.
+async fn exchange_at(
+    reach: &Reach,
+    host: &str,
+    addr: SocketAddr,
+    server_name: &str,
+    config: rustls::ClientConfig,
+    frame: &[u8],
+) -> Result<EnrollReply, String> {
+    let proxy = match reach.transport {
+        TransportMode::Quic => None,
+        _ => reach.proxy.for_hub(host, addr.port()).cloned(),
+    };
+    let quic_first = match reach.transport {
+        TransportMode::Quic => true,
+        TransportMode::Auto => proxy.is_none(),
+        TransportMode::Tcp => false,
+    };
+    if quic_first {
+        if reach.transport == TransportMode::Quic {
+            return quic_exchange(addr, server_name, config, frame).await;
+        }
+        let quic = quic_exchange(addr, server_name, config.clone(), frame);
+        let why = match tokio::time::timeout(reach.quic_fallback_after, quic).await {
+            Ok(Ok(reply)) => return Ok(reply),
+            // The hub answered and TLS refused: TCP would meet the same hub (as sessions do,
+            // only an unanswered or unsendable QUIC falls back).
+            Ok(Err(e)) if e.starts_with(TLS_FAILURE) => return Err(e),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer in {:?}", reach.quic_fallback_after),
+        };
+        info!("QUIC to {addr} (UDP): {why}; trying TLS over TCP");
+    }
+    tcp_exchange(addr, host, server_name, config, frame, proxy.as_ref()).await
+}
+
+/// One request frame and one reply over TLS/TCP (QMux), straight to `addr` or through
+/// `proxy` (`CONNECT host:port`), then the session is closed.
+async fn tcp_exchange(
+    addr: SocketAddr,
+    host: &str,
+    server_name: &str,
+    config: rustls::ClientConfig,
+    frame: &[u8],
+    proxy: Option<&ProxyUrl>,
+) -> Result<EnrollReply, String> {
+    let limits = crate::transport::Limits::default();
+    let tcp = match proxy {
+        None => tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("TCP to {addr}: {e}"))?,
+        Some(proxy) => crate::transport::proxy::connect(proxy, host, addr.port(), ENROLL_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    let session = tcp::connect_over_with(tcp, addr, server_name, config, &limits)
+        .await
+        .map_err(|e| format!("TLS over TCP: {e}"))?;
+    let session = Session::from(session);
+    let result = async {
+        let (mut send, mut recv) = session.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(frame).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let body = codec::read_body_limited(&mut recv, codec::MAX_FRAME)
+            .await
+            .map_err(|e| format!("reading the reply: {e}"))?
+            .ok_or_else(|| match session.close_reason() {
+                Some(reason) => format!("the hub closed the connection: {reason}"),
+                None => "the hub sent no reply".to_string(),
+            })?;
+        wire::decode_reply(&body).map_err(|e| e.to_string())
+    }
+    .await;
+    session.close(wire::ENROLL_DONE, "done");
+    session.flush_close(Duration::from_secs(1)).await;
+    result
 }
 
 /// One request frame and one reply over QUIC with the TLS client configuration `config`
@@ -272,7 +393,7 @@ async fn quic_exchange(
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| match crate::transport::tls::tls_failure(&e) {
-                Some(_) => format!("TLS: {e}"),
+                Some(_) => format!("{TLS_FAILURE}{e}"),
                 None => e.to_string(),
             })?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
@@ -320,6 +441,7 @@ pub async fn renew(
     name: &str,
     tls: &ClientTls,
     state: &AgentState,
+    reach: &Reach,
 ) -> Result<Renewed, EnrollmentError> {
     let csr = make_csr(name).map_err(EnrollmentError::Join)?;
     let request = RenewRequest {
@@ -348,7 +470,7 @@ pub async fn renew(
         };
         let tls_name = server_name.unwrap_or(&hub.host);
         for addr in addrs {
-            let exchange = quic_exchange(addr, tls_name, config.clone(), &frame);
+            let exchange = exchange_at(reach, &hub.host, addr, tls_name, config.clone(), &frame);
             let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),

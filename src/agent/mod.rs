@@ -436,10 +436,17 @@ impl Agent {
         };
         let tasks = TaskTracker::new();
         let own_certificates = shutdown.child_token();
-        let tls = Arc::new(renewal::TlsWatch::new(renewal::CurrentTls {
+        let tls = Arc::new(renewal::TlsWatch::new(renewal::Credentials {
             generation: 0,
             tls: config.tls.clone(),
+            token: None,
         }));
+        let (rotations, rotated) = tokio::sync::mpsc::unbounded_channel();
+        let storing = tokio::spawn(renewal::store_rotated_tokens(
+            rotated,
+            config.token_file.clone(),
+            tls.clone(),
+        ));
         let watch = tokio::spawn(supervisor::watch_own_certificates(
             expiries,
             renew_at,
@@ -474,13 +481,16 @@ impl Agent {
                 tls: tls.subscribe(),
                 tls_generation: 0,
                 tokens: oidc.as_ref().map(|(tokens, _)| tokens.clone()),
+                rotations: rotations.clone(),
             };
             let cancel = shutdown.clone();
             let span = tracing::info_span!("hub", agent = %me.config.name, hub = %target);
             tasks.spawn(me.follow(target, cancel).instrument(span));
         }
+        drop(rotations);
         tasks.close();
         tasks.wait().await;
+        let _ = storing.await;
         own_certificates.cancel();
         let _ = watch.await;
         refresher.cancel();

@@ -17,18 +17,22 @@ use crate::transport::ClientTls;
 /// monotonic clock, and a machine that slept must still renew by the wall clock.
 const RECHECK: Duration = Duration::from_secs(60 * 60);
 
-/// The agent's client certificate in force, and how many times it was replaced: a hub
-/// connection whose session was made with an older generation moves to a new session.
+/// The agent's client certificate in force, and how many times it or the connect token was
+/// replaced: a hub connection whose session was made with an older generation moves to a new
+/// session.
 #[derive(Debug, Clone)]
-pub(super) struct CurrentTls {
-    /// 0 for the material the agent started with, one more for each renewal.
+pub(super) struct Credentials {
+    /// 0 for the material the agent started with, one more for each renewal or rotation.
     pub(super) generation: u64,
     /// CA, certificate and key.
     pub(super) tls: ClientTls,
+    /// A rotated connect token that could not be written to the token file: used instead of
+    /// the file until the agent restarts.
+    pub(super) token: Option<crate::identity::Secret>,
 }
 
 /// The channel every hub connection watches for a renewed certificate.
-pub(super) type TlsWatch = tokio::sync::watch::Sender<CurrentTls>;
+pub(super) type TlsWatch = tokio::sync::watch::Sender<Credentials>;
 
 /// When the certificate of `tls` is due for renewal and when it expires; `None` for a
 /// certificate that was not enrolled (it carries no `rna://tenant/…` identity).
@@ -65,6 +69,7 @@ pub(super) async fn renew_certificates(
     cancel: CancellationToken,
 ) {
     let mut retry = Retry::new(config.backoff.refused, config.backoff.refused_max);
+    let reach = super::enroll::Reach::of(&config);
     loop {
         let current = tls.borrow().tls.clone();
         let Some((renew_at, not_after)) = schedule(&current) else {
@@ -81,7 +86,7 @@ pub(super) async fn renew_certificates(
         }
         let renewed = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = renew(&config.hubs, config.server_name.as_deref(), &config.name, &current, &state) => r,
+            r = renew(&config.hubs, config.server_name.as_deref(), &config.name, &current, &state, &reach) => r,
         };
         let now = SystemTime::now();
         match renewed {
@@ -112,6 +117,83 @@ pub(super) async fn renew_certificates(
                 }
             }
         }
+    }
+}
+
+/// Stores each connect token the hub rotated (`rotated`, from any session) in `token_file`
+/// (0600), or keeps it in memory when the file cannot be written, and moves every hub
+/// connection to a new session with it: the hub revokes the old token once no session uses
+/// it. Ends when every session's sender is gone.
+pub(super) async fn store_rotated_tokens(
+    mut rotated: tokio::sync::mpsc::UnboundedReceiver<crate::identity::Secret>,
+    token_file: Option<std::path::PathBuf>,
+    credentials: Arc<TlsWatch>,
+) {
+    while let Some(token) = rotated.recv().await {
+        // Several sessions (one per hub address) deliver the same token: store it once.
+        let known = credentials
+            .borrow()
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_owned());
+        let on_file = token_file
+            .as_deref()
+            .and_then(|path| crate::auth::load_secret_file(path).ok());
+        if known.as_deref() == Some(token.expose())
+            || on_file
+                .as_ref()
+                .is_some_and(|t| t.expose() == token.expose())
+        {
+            continue;
+        }
+        let stored = match &token_file {
+            Some(path) => {
+                let text = format!("{}\n", token.expose());
+                let path = path.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    crate::fsutil::replace_file(
+                        &path,
+                        text.as_bytes(),
+                        crate::fsutil::FileMode::Exactly(0o600),
+                    )
+                    .map(|_| path)
+                })
+                .await;
+                match written {
+                    Ok(Ok(path)) => {
+                        info!(file = %path.display(),
+                            "connect token rotated by the hub and stored; moving to new sessions with it");
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        warn!(
+                            "connect token rotated by the hub, but it cannot be stored: {}; \
+                               using it until the agent restarts",
+                            e.problem
+                        );
+                        false
+                    }
+                    Err(e) => {
+                        warn!(
+                            "connect token rotated by the hub, but storing it failed: {e}; \
+                               using it until the agent restarts"
+                        );
+                        false
+                    }
+                }
+            }
+            None => {
+                warn!(
+                    "connect token rotated by the hub; the agent has no token file, so it \
+                       uses the new token until it restarts"
+                );
+                false
+            }
+        };
+        credentials.send_modify(|c| {
+            c.generation += 1;
+            c.token = (!stored).then_some(token);
+        });
     }
 }
 

@@ -20,7 +20,7 @@ use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
 use crate::transport::control::{
-    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, CONTROL_PRIORITY,
+    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, HeartbeatEvent, CONTROL_PRIORITY,
 };
 use crate::transport::proxy::ProxyUrl;
 use crate::transport::relay::relay;
@@ -240,6 +240,8 @@ pub struct Established {
     reader: ControlReader,
     /// Largest frame accepted from the hub.
     max_frame: usize,
+    /// Where a connect token the hub rotates on this session is handed (`None`: ignored).
+    pub rotations: Option<tokio::sync::mpsc::UnboundedSender<Secret>>,
 }
 
 /// Connects to the hub at `addr` over QUIC and registers with `config.token`. Fails with the
@@ -435,6 +437,7 @@ pub async fn register(
                 send,
                 reader: control::control_reader(recv, config.max_frame),
                 max_frame: config.max_frame,
+                rotations: None,
             }),
             Ok(Some(Control::Rejected { code, reason })) => {
                 connection.close(code.code(), "rejected");
@@ -496,6 +499,7 @@ pub async fn run(
         mut send,
         mut reader,
         max_frame,
+        rotations,
     } = established;
     let heartbeat = Heartbeat {
         interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(50)),
@@ -550,7 +554,11 @@ pub async fn run(
         std::future::pending().await
     };
     let end = tokio::select! {
-        end = heartbeat_loop_with(&connection, &mut send, &mut reader, heartbeat, cancel, Some(drain), Some(&mut renewals), |_| {}) => end,
+        end = heartbeat_loop_with(&connection, &mut send, &mut reader, heartbeat, cancel, Some(drain), Some(&mut renewals), |event| {
+            if let (HeartbeatEvent::RotateToken(token), Some(rotations)) = (event, &rotations) {
+                let _ = rotations.send(token);
+            }
+        }) => end,
         // Never taken: the future above does not end.
         () = reauthenticate => ControlEnd::Cancelled,
         e = accept => ControlEnd::Stream(e.to_string()),

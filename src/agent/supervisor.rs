@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use super::renewal::CurrentTls;
+use super::renewal::Credentials;
 use super::{admin, kube, session, AgentConfig, AgentStatus, Dialer, Endpoints, HubTarget};
 use super::{Retry, SessionError, TransportMode};
 use crate::auth::{Secret, StoreError};
@@ -42,12 +42,14 @@ pub(super) struct Supervisor {
     /// Ends the waits between connection attempts (a token reload).
     pub(super) wake: Arc<tokio::sync::Notify>,
     /// The client certificate in force, replaced by each renewal.
-    pub(super) tls: tokio::sync::watch::Receiver<CurrentTls>,
-    /// The generation of [`CurrentTls`] that `config.tls` holds.
+    pub(super) tls: tokio::sync::watch::Receiver<Credentials>,
+    /// The generation of [`Credentials`] that `config.tls` holds.
     pub(super) tls_generation: u64,
     /// The OIDC refresher's current token (`None` until the first), when the agent uses
     /// client credentials instead of a token file.
     pub(super) tokens: Option<OidcTokens>,
+    /// Where each session hands a connect token the hub rotated.
+    pub(super) rotations: tokio::sync::mpsc::UnboundedSender<Secret>,
 }
 
 /// What the OIDC refresher publishes.
@@ -143,6 +145,10 @@ impl Supervisor {
 
     /// The token for the next attempt: the token file as it is now, when there is one.
     fn current_token(&self) -> Result<Secret, StoreError> {
+        // A rotated token that could not be stored wins over the file it could not replace.
+        if let Some(token) = self.tls.borrow().token.clone() {
+            return Ok(token);
+        }
         match &self.config.token_file {
             Some(path) => crate::auth::load_secret_file(path),
             None => Ok(self.config.token.clone()),
@@ -398,7 +404,7 @@ impl Supervisor {
     /// routes nothing new to it, its streams finish) and the new one is handed back.
     async fn serve(
         &self,
-        established: session::Established,
+        mut established: session::Established,
         dial: &Dial,
         tokens: Option<OidcTokens>,
         cancel: &CancellationToken,
@@ -409,6 +415,7 @@ impl Supervisor {
         self.check_hub_certificate(&established.connection);
         let up_since = std::time::Instant::now();
         let drain = CancellationToken::new();
+        established.rotations = Some(self.rotations.clone());
         let mut run = {
             let me = self.clone();
             let cancel = cancel.clone();
@@ -476,8 +483,8 @@ impl Supervisor {
                 ),
                 next = &mut renewed => break (
                     next,
-                    "a new session with the renewed certificate is up: moving to it; the \
-                     previous session closes once its streams have finished",
+                    "a new session with the renewed certificate or rotated token is up: \
+                     moving to it; the previous session closes once its streams have finished",
                 ),
             }
         };
@@ -520,8 +527,8 @@ impl Supervisor {
         self.tls_generation = current.generation;
     }
 
-    /// Once a renewal replaced the certificate this session was made with, makes a new
-    /// session with the renewed one, retrying with backoff while the current session serves;
+    /// Once a renewal replaced the certificate this session was made with (or the hub rotated
+    /// its connect token), makes a new session with the renewed credentials, retrying with backoff while the current session serves;
     /// never returns otherwise. Cancel-safe.
     async fn renewed_session(&self, dial: &Dial) -> session::Established {
         let mut tls = self.tls.clone();
@@ -552,7 +559,7 @@ impl Supervisor {
                 Err(e) => {
                     let delay = retry.next_delay();
                     warn!(retry_in = ?delay,
-                        "a session with the renewed certificate failed: {e}; the current session goes on");
+                        "a session with the renewed credentials failed: {e}; the current session goes on");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -686,7 +693,7 @@ pub(super) const OWN_CERTIFICATE_CHECK: Duration = Duration::from_secs(24 * 60 *
 pub(super) async fn watch_own_certificates(
     expiries: Vec<(&'static str, std::time::SystemTime)>,
     renew_at: Option<std::time::SystemTime>,
-    mut renewed: tokio::sync::watch::Receiver<CurrentTls>,
+    mut renewed: tokio::sync::watch::Receiver<Credentials>,
     metrics: Arc<admin::AgentMetrics>,
     every: Duration,
     cancel: CancellationToken,

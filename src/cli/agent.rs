@@ -94,12 +94,29 @@ fn enroll_now(options: &AgentOptions, join: &str, state: &AgentState) -> Result<
         .enable_all()
         .build()
         .map_err(|e| CliError::io("starting the enrollment runtime", e))?;
+    // Enrollment reaches the hub as the agent's sessions will: the same transport and proxy.
+    let mut reach = rna::agent::enroll::Reach::default();
+    if let Some(mode) = options.transport {
+        reach.transport = mode;
+    }
+    if let Some(after) = options.quic_fallback_after {
+        reach.quic_fallback_after = after;
+    }
+    reach.proxy = rna::transport::proxy::ProxySettings::resolve(options.proxy.as_deref(), |name| {
+        std::env::var(name).ok()
+    })
+    .map_err(|e| rna::config::ConfigError::Invalid {
+        origin: "--proxy or the proxy environment".into(),
+        key: "proxy".into(),
+        message: e.to_string(),
+    })?;
     runtime.block_on(rna::agent::enroll::enroll(
         &options.hub,
         options.server_name.as_deref(),
         &name,
         join,
         state,
+        &reach,
     ))?;
     Ok(())
 }

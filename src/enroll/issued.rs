@@ -112,16 +112,17 @@ impl IssuedLog {
         self.records.get(serial)
     }
 
-    /// Records `token_id` as the connect token of the certificate with this serial; `false`
-    /// when no such certificate is logged.
-    pub fn set_connect_token(&mut self, serial: &str, token_id: &str) -> bool {
-        match self.records.get_mut(serial) {
-            Some(record) => {
-                record.connect_token = Some(token_id.to_owned());
-                true
+    /// Makes `new` the connect token of every certificate whose connect token is `old` (a
+    /// rotated token); how many changed.
+    pub fn replace_connect_token(&mut self, old: &str, new: &str) -> usize {
+        let mut changed = 0;
+        for record in self.records.values_mut() {
+            if record.connect_token.as_deref() == Some(old) {
+                record.connect_token = Some(new.to_owned());
+                changed += 1;
             }
-            None => false,
         }
+        changed
     }
 
     /// Every certificate issued to this agent name (in any tenant unless `tenant` is given),

@@ -57,6 +57,10 @@ pub(crate) fn app(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{agent}/revoke", post(super::enroll::revoke))
+        .route(
+            "/api/v1/agents/{agent}/rotate-token",
+            post(super::rotation::rotate_token),
+        )
         .layer(deadline(true));
     let commands = super::kube_api::routes(shared.config.caps.kube_request).layer(deadline(false));
     quick.merge(commands).with_state(shared)

@@ -546,6 +546,23 @@ pub(crate) async fn revoke(
 }
 
 impl Enroller {
+    /// Holds the lock under which the state folder and the token store are changed.
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Points every issued certificate whose connect token is `old` at `new` (a rotation),
+    /// so renewals move the new token's expiry. The caller holds [`Enroller::lock_state`].
+    /// Blocking (file I/O).
+    pub(crate) fn relink_connect_token(&self, old: &str, new: &str) -> Result<(), String> {
+        let path = self.state.issued();
+        let mut log = IssuedLog::load(&path).map_err(|e| e.to_string())?;
+        if log.replace_connect_token(old, new) > 0 {
+            log.save(&path).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Revokes every certificate issued to `agent` in `tenant` and saves the list; the newly
     /// revoked entries. Blocking (file I/O).
     fn revoke(
@@ -675,6 +692,45 @@ mod tests {
         );
         // Nothing was issued by the refusals.
         assert_eq!(IssuedLog::load(&enroller.state.issued()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn enrolling_again_with_the_current_certificate_replaces_its_connect_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (enroller, identity, old_token) = enrolled(dir.path());
+        let now = SystemTime::now();
+        let pin = crate::enroll::ca_pin(&enroller.ca_der).unwrap();
+        let mut new = crate::enroll::NewJoin::new(
+            identity.tenant.clone(),
+            crate::enroll::NameRule::Exact("edge".into()),
+        );
+        new.uses = 1;
+        let (line, record) =
+            crate::enroll::join::create(new, pin, "hub.example.com:4433", now).unwrap();
+        let mut book = enroller.state.load_join_tokens().unwrap();
+        book.insert(record);
+        enroller.state.save_join_tokens(&book).unwrap();
+        let request = EnrollRequest {
+            protocol: ENROLL_PROTOCOL,
+            join_token: line.token.clone(),
+            csr_der: make_csr("edge").unwrap().csr_der,
+        };
+        let issued = enroller.enroll(&request, Some(&identity), now).unwrap();
+        let store = TokenStore::load(&enroller.tokens).unwrap();
+        // The old certificate's token is revoked; the new one ends with the new certificate.
+        assert!(store.get(&old_token).unwrap().revoked);
+        let new_id = crate::auth::token_id(issued.connect_token.expose())
+            .unwrap()
+            .to_owned();
+        assert_eq!(store.get(&new_id).unwrap().expires, Some(issued.not_after));
+        let log = IssuedLog::load(&enroller.state.issued()).unwrap();
+        assert_eq!(
+            log.by_serial(&issued.serial)
+                .unwrap()
+                .connect_token
+                .as_deref(),
+            Some(new_id.as_str())
+        );
     }
 
     #[test]

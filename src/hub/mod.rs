@@ -11,6 +11,7 @@ pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
 pub mod registry;
+mod rotation;
 pub mod router;
 pub mod session;
 mod settings;

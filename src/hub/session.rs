@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::admission::HandshakeSlot;
 use super::registry::AgentSession;
@@ -17,7 +17,7 @@ use crate::certs;
 use crate::proto::codec::{encode, read_frame_limited};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
-    self, heartbeat_loop, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
+    self, heartbeat_loop_with, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
 };
 use crate::transport::session::{SendStream, Session, SessionEnd};
 use crate::transport::tcp::{TcpError, TcpHandshaker};
@@ -154,6 +154,15 @@ pub(crate) async fn serve_tcp(
             return;
         }
     };
+    // Enrollment and renewal over the TLS/TCP fallback, as on QUIC.
+    if let (Some(enroller), Some(exchange)) = (
+        shared.enroller.clone(),
+        super::enroll::Exchange::of_alpn(session.alpn()),
+    ) {
+        let session = Session::from(session);
+        super::enroll::serve(shared, enroller, session, handshake_slot, exchange).await;
+        return;
+    }
     serve_session(shared, Session::from(session), cancel, handshake_slot).await;
 }
 
@@ -223,8 +232,9 @@ async fn run_session(
         "agent connected");
 
     let heartbeat = shared.config.heartbeat;
+    let mut outbox = session.control_outbox();
     let end = tokio::select! {
-        end = heartbeat_loop(&session.connection, send, reader, heartbeat, &cancel, None, |event| match event {
+        end = heartbeat_loop_with(&session.connection, send, reader, heartbeat, &cancel, None, outbox.as_mut(), |event| match event {
             HeartbeatEvent::Seen => session.heard(),
             HeartbeatEvent::GoingAway => {
                 info!("agent moves to a newer session: no new streams here");
@@ -242,6 +252,8 @@ async fn run_session(
                         .in_current_span(),
                 );
             }
+            // Only the hub rotates tokens; one coming from an agent is ignored.
+            HeartbeatEvent::RotateToken(_) => debug!("ignoring RotateToken sent by the agent"),
         }) => end,
         // The connection can end without the control stream noticing first (close frame).
         reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),

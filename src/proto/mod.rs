@@ -148,6 +148,14 @@ pub enum Control {
         /// The new token; needs `connect:agentHub`.
         token: Secret,
     },
+    /// Hub → agent: the agent's connect token was rotated by an administrator. The agent
+    /// stores the new token where it keeps its token, makes a new session with it and moves
+    /// off this one (`GoingAway`), which is its acknowledgement; the hub revokes the old
+    /// token once no session uses it any more. Appended last: variants are encoded by index.
+    RotateToken {
+        /// The new connect token (`connect:agentHub`, the same tenant).
+        token: Secret,
+    },
 }
 
 /// Where a tunnel stream should lead. Names are resolved by the agent, never by the hub.

@@ -84,6 +84,8 @@ pub enum HeartbeatEvent {
     GoingAway,
     /// The agent sent a renewed credential for this session.
     Reauthenticate(crate::identity::Secret),
+    /// The hub sent the agent a rotated connect token.
+    RotateToken(crate::identity::Secret),
 }
 
 /// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires.
@@ -188,6 +190,7 @@ where
                     Control::Reauthenticate { token } => {
                         observe(HeartbeatEvent::Reauthenticate(token))
                     }
+                    Control::RotateToken { token } => observe(HeartbeatEvent::RotateToken(token)),
                     Control::Pong { seq: answered } => {
                         if let Some((sent_seq, at)) = outstanding {
                             if sent_seq == answered {
@@ -244,6 +247,7 @@ pub fn kind(msg: &Control) -> &'static str {
         Control::Pong { .. } => "Pong",
         Control::GoingAway => "GoingAway",
         Control::Reauthenticate { .. } => "Reauthenticate",
+        Control::RotateToken { .. } => "RotateToken",
     }
 }
 

@@ -147,7 +147,7 @@ impl std::fmt::Debug for TcpServer {
 impl TcpServer {
     /// Serves TLS/TCP sessions on an already-bound listener.
     pub fn new(listener: TcpListener, tls: &ServerTls, limits: &Limits) -> Result<Self, TcpError> {
-        let config = tls.rustls_config(TCP_ALPN)?;
+        let config = tls.tcp_config(TCP_ALPN)?;
         Ok(TcpServer {
             listener,
             handshaker: Arc::new(TcpHandshaker {
@@ -221,13 +221,13 @@ impl TcpHandshaker {
             let stats = socket_stats(&tcp);
             let tls = self.acceptor.accept(ReadAhead::new(tcp)).await;
             let tls = tls.map_err(|e| tls_failed(remote, &e))?;
-            let peer = negotiated(tls.get_ref().1, remote)?;
+            let (peer, alpn) = negotiated(tls.get_ref().1, remote)?;
             let config = mux_config(&self.limits, self.limits.agent_streams);
             let (stream, released) = transport(tls, stats);
             let session = qmux::Session::accept(stream, config)
                 .await
                 .map_err(|e| mux_error(e, remote))?;
-            Ok(TcpSession::new(session, peer, remote, released))
+            Ok(TcpSession::new(session, peer, remote, released, alpn))
         };
         tokio::time::timeout(limit, work)
             .await
@@ -267,21 +267,34 @@ pub async fn connect_over(
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<TcpSession, TcpError> {
+    connect_over_with(tcp, remote, name, tls.rustls_config(TCP_ALPN)?, limits).await
+}
+
+/// [`connect_over`] with a TLS client configuration of the caller's: its one ALPN names the
+/// exchange (enrollment and renewal offer their own), its verifier checks the hub (an
+/// enrolling agent's checks the join token's CA pin). The caller bounds the time.
+pub async fn connect_over_with(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    name: &str,
+    config: rustls::ClientConfig,
+    limits: &Limits,
+) -> Result<TcpSession, TcpError> {
     let _ = tcp.set_nodelay(true);
     let stats = socket_stats(&tcp);
-    let connector = TlsConnector::from(Arc::new(tls.rustls_config(TCP_ALPN)?));
+    let connector = TlsConnector::from(Arc::new(config));
     let stream = connector
         .connect(server_name(name)?, ReadAhead::new(tcp))
         .await
         .map_err(|e| tls_failed(remote, &e))?;
-    let peer = negotiated(stream.get_ref().1, remote)?;
+    let (peer, alpn) = negotiated(stream.get_ref().1, remote)?;
     // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
     // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
     let (stream, released) = transport(stream, stats);
     let session = qmux::Session::connect(stream, mux_config(limits, limits.tunnel_streams))
         .await
         .map_err(|e| mux_error(e, remote))?;
-    Ok(TcpSession::new(session, peer, remote, released))
+    Ok(TcpSession::new(session, peer, remote, released, alpn))
 }
 
 /// The TLS stream wrapped for QMux, and what says when QMux's tasks have let go of it.
@@ -372,16 +385,18 @@ fn socket_stats(tcp: &TcpStream) -> Option<qmux::SharedSocketStats> {
         .map(|s| Arc::new(s) as qmux::SharedSocketStats)
 }
 
-/// After a completed handshake with `addr`, on either side: the protocol must be
-/// `rna-tcp/1`; returns the peer's certificate chain as TLS verified it.
-fn negotiated(
-    conn: &rustls::CommonState,
-    addr: SocketAddr,
-) -> Result<Option<Vec<CertificateDer<'static>>>, TcpError> {
-    if conn.alpn_protocol() != Some(TCP_ALPN) {
+/// The peer's certificate chain (as TLS verified it) and the protocol negotiated.
+type Negotiated = (Option<Vec<CertificateDer<'static>>>, Vec<u8>);
+
+/// After a completed handshake with `addr`, on either side: a protocol must have been
+/// agreed (`rna-tcp/1`, or on a hub that enrolls `rna-enroll/1` and `rna-renew/1`; rustls
+/// only agrees on one both offered); returns the peer's certificate chain as TLS verified it
+/// and the protocol.
+fn negotiated(conn: &rustls::CommonState, addr: SocketAddr) -> Result<Negotiated, TcpError> {
+    let Some(alpn) = conn.alpn_protocol() else {
         return Err(TcpError::Alpn { addr });
-    }
-    Ok(conn.peer_certificates().map(|c| c.to_vec()))
+    };
+    Ok((conn.peer_certificates().map(|c| c.to_vec()), alpn.to_vec()))
 }
 
 /// A TLS handshake with `addr` that failed, on either side: a TLS error or alert, or the
@@ -441,6 +456,8 @@ struct Inner {
     received: AtomicU64,
     /// Ends when QMux's tasks have let go of the TLS stream (see [`Released`]).
     released: tokio::sync::watch::Receiver<()>,
+    /// The protocol TLS agreed on: `rna-tcp/1`, or an enrollment exchange.
+    alpn: Vec<u8>,
 }
 
 impl std::fmt::Debug for TcpSession {
@@ -457,16 +474,23 @@ impl TcpSession {
         peer: Option<Vec<CertificateDer<'static>>>,
         remote: SocketAddr,
         released: tokio::sync::watch::Receiver<()>,
+        alpn: Vec<u8>,
     ) -> Self {
         TcpSession(Arc::new(Inner {
             mux,
             peer,
             remote,
             released,
+            alpn,
             closed_here: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             received: AtomicU64::new(0),
         }))
+    }
+
+    /// The protocol TLS agreed on (`rna-tcp/1`, or an enrollment exchange's).
+    pub fn alpn(&self) -> &[u8] {
+        &self.0.alpn
     }
 
     /// The QMux session underneath.
@@ -578,8 +602,10 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
 
         let (c, s) = handshake(client.clone(), server.clone());
-        let agent_chain = negotiated(&s, addr).unwrap().unwrap_or_default();
-        let hub_chain = negotiated(&c, addr).unwrap().unwrap_or_default();
+        let (agent_chain, alpn) = negotiated(&s, addr).unwrap();
+        assert_eq!(alpn, TCP_ALPN);
+        let agent_chain = agent_chain.unwrap_or_default();
+        let hub_chain = negotiated(&c, addr).unwrap().0.unwrap_or_default();
         assert!(!agent_chain.is_empty() && !hub_chain.is_empty());
         assert_ne!(agent_chain[0], hub_chain[0]);
 

@@ -221,6 +221,20 @@ impl ServerTls {
         Ok(config)
     }
 
+    /// The rustls server configuration of the TLS/TCP listener: `tcp_alpn`, and on a hub
+    /// that enrolls agents the enrollment protocols too (as [`ServerTls::with_enrollment`]
+    /// describes for QUIC).
+    pub fn tcp_config(&self, tcp_alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        match &self.1 {
+            None => self.rustls_config(tcp_alpn),
+            Some(enroll) => {
+                let mut alpns: Vec<&[u8]> = vec![tcp_alpn];
+                alpns.extend(enroll.iter().map(Vec::as_slice));
+                self.enrollment_config(&alpns)
+            }
+        }
+    }
+
     /// The rustls server configuration both transports use: TLS 1.3 only, a client
     /// certificate chained to the CA required, `alpn` the only protocol offered, no 0-RTT.
     pub fn rustls_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {

@@ -18,7 +18,8 @@ use rna::enroll::{
 use rna::identity::Secret;
 
 use crate::common::{
-    curl, eventually, field, have_curl, http_server, pattern, sha256_hex, within, Rna, RnaProcess,
+    curl, eventually, eventually_async, field, have_curl, http_server, pattern, sha256_hex, within,
+    Rna, RnaProcess,
 };
 
 /// A hub process serving from the state folder `dir`.
@@ -38,25 +39,15 @@ impl HubProcess {
     }
 
     async fn start_with(dir: &Path, extra: &[&str]) -> HubProcess {
-        let hub = Rna::new([
-            "hub",
-            "--state-dir",
-            &dir.display().to_string(),
-            "--hub-name",
-            "127.0.0.1",
-            "--listen",
-            "127.0.0.1:0",
-            "--socks",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ]);
-        let mut process = extra
-            .iter()
-            .fold(hub, |rna, arg| rna.arg(arg))
-            .logs_at("info")
-            .discard_stdout()
-            .spawn();
+        let dir_text = dir.display().to_string();
+        let mut args = vec!["hub", "--state-dir", &dir_text, "--hub-name", "127.0.0.1"];
+        // `extra` may name the agent listener (a hub restarted on its port).
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
+        args.extend(["--socks", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+        args.extend(extra);
+        let mut process = Rna::new(args).logs_at("info").discard_stdout().spawn();
         let serving = process.wait_line("hub serving").await;
         let socks = field(&serving, "socks").parse().unwrap();
         HubProcess {
@@ -109,6 +100,14 @@ impl HubProcess {
         assert_eq!(ran.code(), 0, "{}", ran.stderr);
         self.process.wait_line("token store reloaded").await;
         ran.stdout.trim().to_string()
+    }
+}
+
+/// Enrollment over QUIC alone, for the tests that answer it with a QUIC server of their own.
+fn quic_only() -> rna::agent::enroll::Reach {
+    rna::agent::enroll::Reach {
+        transport: rna::agent::TransportMode::Quic,
+        ..Default::default()
     }
 }
 
@@ -475,7 +474,7 @@ async fn the_enrollment_request_carries_a_csr_and_never_the_private_key() {
     let hub: rna::agent::HubTarget = addr.to_string().parse().unwrap();
     within(
         "enrollment",
-        rna::agent::enroll::enroll(&[hub], None, "edge", &token, &state),
+        rna::agent::enroll::enroll(&[hub], None, "edge", &token, &state, &quic_only()),
     )
     .await
     .unwrap();
@@ -672,7 +671,8 @@ async fn a_join_token_of_another_tenant_cannot_enroll_an_agent_of_this_one() {
         let (hub, state) = (hub_target.clone(), state.clone());
         async move {
             let (token, hubs) = (token_of(&line), [hub]);
-            let enrolling = rna::agent::enroll::enroll(&hubs, None, "edge", &token, &state);
+            let reach = quic_only();
+            let enrolling = rna::agent::enroll::enroll(&hubs, None, "edge", &token, &state, &reach);
             within("enrollment", enrolling).await
         }
     };
@@ -854,7 +854,7 @@ async fn a_certificate_renews_over_the_live_session_without_breaking_a_download(
     );
     lines_until(
         &mut live.log,
-        "new session with the renewed certificate is up",
+        "new session with the renewed certificate or rotated token is up",
     )
     .await;
     assert!(
@@ -922,24 +922,26 @@ async fn a_certificate_renews_over_the_live_session_without_breaking_a_download(
             .unwrap()
             .as_secs();
     let reader = hub.token("acme/prod", "read:infra:data").await;
-    let out = tokio::process::Command::new("curl")
-        .args(["-sf", "-H"])
-        .arg(format!("Authorization: Bearer {reader}"))
-        .arg(format!("http://{}/api/v1/agents", hub.api))
-        .output();
-    let out = within("curl", out).await.unwrap();
-    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ends: Vec<u64> = listed
-        .as_array()
-        .or_else(|| listed["agents"].as_array())
-        .unwrap()
-        .iter()
-        .map(|a| a["certificate_not_after_unix"].as_u64().unwrap())
-        .collect();
-    assert!(
-        !ends.is_empty() && ends.iter().all(|&end| end > first_end),
-        "{listed}"
-    );
+    // The first session closes once the download's stream has ended: polled, not assumed.
+    eventually_async("only sessions of renewed certificates", async || {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sf", "-H"])
+            .arg(format!("Authorization: Bearer {reader}"))
+            .arg(format!("http://{}/api/v1/agents", hub.api))
+            .output()
+            .await
+            .unwrap();
+        let Ok(listed) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        let agents = listed["agents"].as_array().cloned().unwrap_or_default();
+        let ends: Vec<Option<u64>> = agents
+            .iter()
+            .map(|a| a["certificate_not_after_unix"].as_u64())
+            .collect();
+        !ends.is_empty() && ends.iter().all(|end| end.is_some_and(|e| e > first_end))
+    })
+    .await;
     // The renewing agent is still connected.
     let (code, body) = curl(
         hub.socks,
@@ -954,4 +956,157 @@ async fn a_certificate_renews_over_the_live_session_without_breaking_a_download(
     assert!(live.exit().await.success());
     hub.process.signal("-TERM");
     assert!(hub.process.exit().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connect_token_rotates_over_the_live_session_and_the_old_one_is_refused() {
+    if !have_curl() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hub_dir = tmp.path().join("hub");
+    let port = crate::common::free_udp_and_tcp_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut hub = HubProcess::start_with(&hub_dir, &["--listen", &listen]).await;
+    let admin = hub.token("ops/admin", "admin").await;
+    let proxy = hub.token("acme/prod", "proxy").await;
+    let reader = hub.token("acme/prod", "read:infra:data").await;
+    let line = hub.join_line("acme/prod", &["--name", "edge"]).await;
+    let agent_dir = tmp.path().join("agent");
+    let state = rna::agent::AgentState::new(&agent_dir);
+    let mut live = agent(&argv(&line), &agent_dir).spawn();
+    live.wait_line("connected to hub").await;
+    let old_token = std::fs::read_to_string(state.token()).unwrap();
+
+    let http = http_server().await;
+    const SIZE: usize = 64 * 1024 * 1024;
+    let url = format!("http://127.0.0.1:{}/bytes/{SIZE}", http.port());
+    let socks = hub.socks;
+    let download =
+        tokio::spawn(
+            async move { curl(socks, "edge", &proxy, &["--limit-rate", "12M", &url]).await },
+        );
+    // Once bytes flow, so the transfer runs on the session that gets the new token.
+    let rotate = |agent: &str| format!("http://{}/api/v1/agents/{agent}/rotate-token", hub.api);
+    eventually_async("the download to start", async || {
+        let status = tokio::process::Command::new("curl")
+            .args(["-sf", "-H"])
+            .arg(format!("Authorization: Bearer {reader}"))
+            .arg(format!("http://{}/api/v1/agents", hub.api))
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&status.stdout).contains("\"open_streams\":1")
+    })
+    .await;
+    let (code, body) = post(&rotate("edge"), &reader).await;
+    assert_eq!(code, "403", "{body}");
+    let (code, body) = post(&rotate("nobody"), &admin).await;
+    assert_eq!(code, "404", "{body}");
+    let (code, body) = post(&rotate("edge"), &admin).await;
+    assert_eq!(code, "200", "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let old_id = answer["rotated"][0]["old_token_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let new_id = answer["rotated"][0]["new_token_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(answer["rotated"][0]["sessions"], 1, "{body}");
+    assert!(old_token.contains(&old_id), "{old_id}");
+
+    lines_until(&mut live.log, "connect token rotated by the hub and stored").await;
+    let new_token = std::fs::read_to_string(state.token()).unwrap();
+    assert!(new_token.contains(&new_id), "{new_token}");
+    assert_eq!(mode(&state.token()), 0o600);
+    lines_until(&mut live.log, "rotated token is up").await;
+    assert!(
+        !download.is_finished(),
+        "the download must still run when the agent moves"
+    );
+    let (code, body) = within("the download", download).await.unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SIZE)));
+    // The old token is revoked once the old session has drained, and refused from then on.
+    hub.process
+        .wait_line("old connect token revoked: no session uses it any more")
+        .await;
+    rna::transport::tls::install_provider();
+    let tls = rna::transport::ClientTls::load(&state.ca(), &state.cert(), &state.key()).unwrap();
+    let hub_addr: SocketAddr = hub.quic.parse().unwrap();
+    let config = rna::agent::AgentConfig::new(
+        vec![hub.quic.parse().unwrap()],
+        "edge".into(),
+        tls.clone(),
+        Secret::new(old_token.trim().to_string()),
+    );
+    let endpoint = rna::transport::agent_endpoint(hub_addr, &tls, &config.limits).unwrap();
+    let refused = rna::agent::session::connect(&endpoint, hub_addr, "127.0.0.1", &config)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            rna::agent::SessionError::Rejected {
+                code: rna::proto::CloseCode::TokenRevoked,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+
+    // A restarted hub (same port) takes the agent back with the new token.
+    hub.process.signal("-TERM");
+    assert!(hub.process.exit().await.success());
+    lines_until(&mut live.log, "hub is going away").await;
+    let _hub = HubProcess::start_with(&hub_dir, &["--listen", &listen]).await;
+    let after = lines_until(&mut live.log, "connected to hub").await;
+    assert!(
+        !after.iter().any(|l| l.contains("token_revoked")),
+        "{after:#?}"
+    );
+    live.signal("-TERM");
+    assert!(live.exit().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_enroll_over_the_tcp_fallback_when_udp_gets_no_answer_or_tcp_is_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    // TCP on X; nothing answers UDP on X (the hub's QUIC is elsewhere): UDP blocked on the
+    // way, as far as an agent dialing X can tell.
+    let x = crate::common::free_udp_and_tcp_port();
+    let tcp_listen = format!("127.0.0.1:{x}");
+    let hub = HubProcess::start_with(&tmp.path().join("hub"), &["--tcp-listen", &tcp_listen]).await;
+    assert_ne!(hub.quic, tcp_listen);
+    for (name, extra) in [
+        ("edge-tcp", vec!["--transport", "tcp"]),
+        ("edge-auto", vec!["--quic-fallback-after", "1s"]),
+    ] {
+        let line = hub.join_line("acme/prod", &["--name", name]).await;
+        let mut args = argv(&line);
+        assert_eq!(args[1], "--hub", "{line}");
+        args[2] = tcp_listen.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let dir = tmp.path().join(name);
+        let mut agent = agent(&args, &dir).spawn();
+        let log = lines_until(&mut agent.log, "connected to hub").await;
+        let enrolled = log
+            .iter()
+            .position(|l| l.contains("enrolled"))
+            .unwrap_or_else(|| panic!("{log:#?}"));
+        if name == "edge-auto" {
+            let fell_back = log
+                .iter()
+                .position(|l| l.contains("(UDP)") && l.contains("trying TLS over TCP"))
+                .unwrap_or_else(|| panic!("{log:#?}"));
+            assert!(fell_back < enrolled, "{log:#?}");
+        }
+        assert!(log.last().unwrap().contains("transport=tcp"), "{log:#?}");
+        assert!(rna::agent::AgentState::new(&dir).is_enrolled());
+        agent.signal("-TERM");
+        assert!(agent.exit().await.success());
+    }
 }

@@ -687,19 +687,53 @@ fn the_shipped_role_cannot_read_secrets_and_the_agent_protects_the_secrets_it_mo
     // Server-side apply needs create and patch; nothing reads.
     assert_eq!(secret_verbs, ["create", "delete", "patch"]);
 
-    // The Secrets the pod mounts are exactly the ones the agent protects by default, in its
-    // own namespace.
+    // The pod enrolls with a join token from a Secret the agent protects by default, in its
+    // own namespace, and keeps what enrollment gives it in an in-memory emptyDir: no Secret
+    // is mounted, nothing is written to the node's disk.
     let deployment: Deployment = serde_json::from_value(of("Deployment")).unwrap();
     assert_eq!(deployment.metadata.namespace.as_deref(), Some("rna-system"));
     let pod = deployment.spec.unwrap().template.spec.unwrap();
-    let mut mounted: Vec<String> = pod
-        .volumes
+    let volumes = pod.volumes.unwrap();
+    assert!(volumes.iter().all(|v| v.secret.is_none()), "{volumes:?}");
+    let container = &pod.containers[0];
+    let join = container
+        .env
+        .as_ref()
         .unwrap()
-        .into_iter()
-        .filter_map(|v| v.secret.and_then(|s| s.secret_name))
-        .collect();
-    mounted.sort();
-    assert_eq!(mounted, DEFAULT_PROTECTED_SECRETS);
+        .iter()
+        .find(|e| e.name == "RNA_JOIN")
+        .expect("RNA_JOIN from a Secret");
+    let secret = join
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .unwrap();
+    assert!(
+        DEFAULT_PROTECTED_SECRETS.contains(&secret.name.as_str()),
+        "{}",
+        secret.name
+    );
+    let args = container.args.as_ref().unwrap();
+    let state = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--state-dir="))
+        .expect("--state-dir");
+    for manual in ["--cert", "--key", "--ca", "--token-file", "--join"] {
+        assert!(
+            !args.iter().any(|a| a.starts_with(manual)),
+            "{manual} in {args:?}"
+        );
+    }
+    let mount = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == state)
+        .expect("the state folder is mounted");
+    let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+    let empty = volume.empty_dir.as_ref().expect("an emptyDir");
+    assert_eq!(empty.medium.as_deref(), Some("Memory"));
 
     // The commented per-namespace widening is a valid Role and RoleBinding for the agent.
     let start = text

@@ -370,7 +370,11 @@ fn token_files_are_written_under_umask_077() {
             .into_iter()
             .filter(|c| c.contains("rna token create") && c.contains(" > "))
             .collect();
-        assert!(!writes.is_empty(), "{doc}: no token written to a file");
+        // The Kubernetes guide enrolls with a join token and writes no token file.
+        assert!(
+            !writes.is_empty() || doc == "docs/kubernetes.md",
+            "{doc}: no token written to a file"
+        );
         for command in writes {
             assert!(
                 command.starts_with("(umask 077 && ") && command.ends_with(')'),

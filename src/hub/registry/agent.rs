@@ -70,6 +70,9 @@ pub struct AgentSession {
     inventory_turns: InventoryTurns,
     /// Kubernetes commands in flight on this connection (the least busy session gets the next).
     pub(super) kube_commands: AtomicUsize,
+    /// Messages for the agent on the control stream (a rotated token), written by the
+    /// session's heartbeat loop; set once that loop runs.
+    control: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::proto::Control>>,
 }
 
 impl AgentSession {
@@ -120,7 +123,24 @@ impl AgentSession {
             inventory: Mutex::new(None),
             inventory_turns: InventoryTurns::default(),
             kube_commands: AtomicUsize::new(0),
+            control: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes the channel of messages for the agent's control stream; the receiver goes to
+    /// the session's heartbeat loop. A second call gets `None`.
+    pub fn control_outbox(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::proto::Control>> {
+        // Rare messages (a rotated token): a few slots, never a growing queue.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.control.set(tx).ok().map(|()| rx)
+    }
+
+    /// Queues `msg` for the agent's control stream; `false` when the session's heartbeat
+    /// loop does not run (not yet, or no longer).
+    pub fn send_control(&self, msg: crate::proto::Control) -> bool {
+        self.control.get().is_some_and(|tx| tx.try_send(msg).is_ok())
     }
 
     /// Whether the agent announced `capability` in its Hello.
