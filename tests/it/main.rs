@@ -41,6 +41,7 @@ mod signals;
 mod socks_input;
 mod socks_logs;
 mod status_page;
+mod storm;
 mod systemd;
 mod transport_session;
 mod tunnel;
