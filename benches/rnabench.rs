@@ -606,7 +606,8 @@ async fn agents(
     let cancel = CancellationToken::new();
     let runs = tokio_util::task::TaskTracker::new();
     let mut handles: Vec<AgentHandle> = Vec::with_capacity(count);
-    let connected = |handles: &[AgentHandle]| handles.iter().map(|h| h.status().connected).sum();
+    let connected =
+        |handles: &[AgentHandle]| -> usize { handles.iter().map(|h| h.status().connected).sum() };
     let started = Instant::now();
     for _ in 0..count {
         // As `rna agent --hub --name --ca --cert --key --token-file` builds it.
@@ -1819,7 +1820,7 @@ async fn run_tests(
             .ok_or_else(|| anyhow!("{} not running", sys.name))?;
         let pids = sys.hub_pids();
         let before = rss_bytes(&pids);
-        let mut fleet = Fleet::start(exe, rna, args.m1_agents, args.agents_per_process)?;
+        let fleet = Fleet::start(exe, rna, args.m1_agents, args.agents_per_process)?;
         let connect_secs = fleet.wait_connected(args.m1_agents, Duration::from_secs(240))?;
         // Let heartbeats and buffers settle.
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -10,6 +10,7 @@ mod enroll;
 pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
+mod page;
 pub mod registry;
 pub mod router;
 pub mod session;

@@ -29,6 +29,7 @@ mod metrics;
 mod netns;
 mod oidc;
 mod oidc_flow;
+mod pages;
 mod process;
 mod proxy;
 mod quic_flood;
