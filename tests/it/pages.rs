@@ -208,3 +208,52 @@ async fn bad_limits_and_continue_tokens_are_refused_with_the_reason() {
     assert_eq!(resp.status().as_u16(), 401);
     world.stop().await;
 }
+
+/// `rna agents` follows the pages: with a page size of 2 it lists all five connections of
+/// its tenant, once each; a token without the scope is refused with exit code 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rna_agents_lists_every_page() {
+    let world = World::start_with(|c| c.caps.sessions_per_agent = 4).await;
+    let token = world.agent_token(TENANT);
+    let mut agents = Vec::new();
+    for name in ["b-agent", "a-agent", "c-agent", "e-agent", "d-agent"] {
+        agents.push(world.connect_agent(TENANT, name, &token, 1).await);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reader = dir.path().join("reader.txt");
+    std::fs::write(&reader, world.token(TENANT, &[Scope::ReadInfraData])).unwrap();
+    let api = format!("http://{}", world.api);
+    let run = |file: &std::path::Path, output: &str| {
+        Rna::new(["agents", "--api", &api, "--page-size", "2", "-o", output])
+            .arg("--token-file")
+            .arg(file)
+            .run_async()
+    };
+    let ran = run(&reader, "json").await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let listed: Value = serde_json::from_str(&ran.stdout).unwrap();
+    let names: Vec<&str> = listed["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["a-agent", "b-agent", "c-agent", "d-agent", "e-agent"]
+    );
+    let table = run(&reader, "table").await;
+    assert_eq!(table.code(), 0, "{}", table.stderr);
+    assert_eq!(table.stdout.lines().count(), 6, "{}", table.stdout);
+    assert!(table.stdout.starts_with("NAME"), "{}", table.stdout);
+
+    let proxy_only = dir.path().join("proxy.txt");
+    std::fs::write(&proxy_only, world.token(TENANT, &[Scope::Proxy])).unwrap();
+    let refused = run(&proxy_only, "json").await;
+    assert_eq!(refused.code(), 1, "{}", refused.stderr);
+    assert!(refused.stderr.contains("HTTP 403"), "{}", refused.stderr);
+    for agent in agents {
+        agent.stop().await;
+    }
+    world.stop().await;
+}
