@@ -974,7 +974,8 @@ struct Rna {
     api: u16,
     /// The agent's `--transport`, when not its default.
     transport: Option<&'static str>,
-    /// The hub's `--max-sessions-per-agent`: M1's sessions all carry the agent name `idle`.
+    /// The hub's `--max-sessions-per-agent` and `--max-sessions-per-token`: M1's and M2's
+    /// sessions all carry the agent name `idle` and one token.
     max_sessions: usize,
 }
 
@@ -997,6 +998,8 @@ impl Rna {
             .arg("--state-dir")
             .arg(d.join("hub-state"))
             .args(["--max-sessions-per-agent", &self.max_sessions.to_string()])
+            // ... and one token (the default, 1,024, would stop M2 there).
+            .args(["--max-sessions-per-token", &self.max_sessions.to_string()])
             // M1 opens its sessions 32 at a time from one address, where real agents come
             // from many; the default per-source cap (16) would refuse half of its TCP ones.
             .args(["--max-handshakes-per-source", "64"])
