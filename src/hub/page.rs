@@ -89,7 +89,7 @@ fn decode(token: &str) -> Result<ListCursor, String> {
     if token.len() > MAX_CONTINUE {
         return Err(format!("longer than {MAX_CONTINUE} characters"));
     }
-    if token.len() % 2 != 0 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !token.len().is_multiple_of(2) || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("not hexadecimal".into());
     }
     let bytes: Vec<u8> = (0..token.len())

@@ -576,10 +576,10 @@ pub(crate) fn login_page(message: Option<&str>) -> String {
 fn bad_page(why: &str) -> String {
     let mut out = String::with_capacity(1024);
     head(&mut out, "rna hub: bad page link", false);
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<h1>Agents</h1><p class=\"error\" id=\"error\">{}</p>\
-         <p><a href=\"/\">Go to the first page</a></p></body></html>\n",
+         <p><a href=\"/\">Go to the first page</a></p></body></html>",
         Esc(why)
     );
     out
