@@ -2166,13 +2166,17 @@ async fn m2_s1(
     eprintln!("# M2: starting {n} agents, load average {}", loadavg());
     let fleet = Fleet::start(exe, rna, n, args.agents_per_process)?;
     let connect_secs = fleet.wait_connected(n, Duration::from_secs(900))?;
+    // The hub's count (its own `bench` agent included) may lag the agents' or miss one that
+    // is reconnecting at that moment; 0.1 % short is measured and said, not an error.
     let t0 = Instant::now();
-    while hub_connected(api, &token).await? < n as u64 + 1 {
+    let enough = (n - n / 1000) as u64 + 1;
+    while hub_connected(api, &token).await? < enough {
         if t0.elapsed() > Duration::from_secs(60) {
-            bail!("M2: the hub does not count all {n} agents");
+            bail!("M2: the hub counts fewer than {enough} of {n} agents after 60 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let n_hub = hub_connected(api, &token).await?.saturating_sub(1);
     // Heartbeats, MTU discovery and keep-alives settle.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = rss_bytes(&pids);
@@ -2203,12 +2207,12 @@ async fn m2_s1(
         }
         lat.insert(label, json!({"median": median(&mut times), "bytes": bytes}));
     }
-    let per = kib_each(before, after, n as u64);
+    let per = kib_each(before, after, n_hub);
     rec.emit(
         "M2",
         "rna",
         1,
-        json!({"value": per, "unit": "KiB/idle agent (hub RSS)", "agents": n,
+        json!({"value": per, "unit": "KiB/idle agent (hub RSS)", "agents": n, "hub_counted": n_hub,
                "connect_secs": connect_secs, "rss_before": before, "rss_after": after,
                "idle_cpu_pct": idle_cpu, "generator_cpu_pct": gen_cpu, "load": load,
                "latency": lat}),
@@ -2236,7 +2240,7 @@ async fn m2_s1(
     while t0.elapsed() < Duration::from_secs(120) {
         peak = peak.max(rss_bytes(&pids));
         back = hub_connected(api, &token).await.unwrap_or(0);
-        if back > n as u64 {
+        if back > n_hub {
             back_secs = Some(t0.elapsed().as_secs_f64());
             break;
         }
