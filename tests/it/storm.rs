@@ -16,7 +16,7 @@ const TENANT: &str = "acme/prod";
 /// finished TLS and never sends Hello (until the hub's Hello deadline, 30 s here). The agents
 /// keep `rna agent`'s default backoff (200 ms doubling up to 30 s): refused as busy, they
 /// must keep retrying at most 2 s apart, so once the slot frees all of them are in within a
-/// few seconds. With the transient-failure backoff (seen failing: 19 of 20 in), by then an
+/// few seconds. With the transient-failure backoff (seen failing: 12 of 20 in), by then an
 /// agent's next attempt is often 13–26 s away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_turned_away_by_a_busy_hub_retry_soon_and_all_connect() {
