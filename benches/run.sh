@@ -10,6 +10,10 @@
 #   benches/run.sh --base PATH     also run another rna binary as system `rna-base` (a change
 #                                  against the build before it, in the same run)
 #   benches/run.sh -- ARGS         extra arguments for `rnabench suite` (see --help)
+#   benches/run.sh -- --systems rna --tests M1-real,S1
+#                                  the opt-in fleet tests (minutes each): M1-real (200 real
+#                                  `rna agent` processes against the generator), M2 (10,000
+#                                  idle agents) and S1 (M2, then kill -9 and restart the hub)
 #
 # H1 puts 1 % packet loss on each system's hub-agent port with iptables. As root with a
 # working `unshare -n`, the whole suite runs in a network namespace of its own (everything

@@ -41,6 +41,9 @@ pub enum ClientError {
     /// TLS roots could not be loaded for https.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The hub answered 2xx with something that is not what the request asks for.
+    #[error("unexpected answer from the hub API: {0}")]
+    Unexpected(String),
 }
 
 impl ClientError {
@@ -48,7 +51,9 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::BadUrl(_) => EXIT_USAGE,
-            ClientError::Unreachable { .. } | ClientError::Tls(_) => EXIT_UNAVAILABLE,
+            ClientError::Unreachable { .. } | ClientError::Tls(_) | ClientError::Unexpected(_) => {
+                EXIT_UNAVAILABLE
+            }
         }
     }
 }
@@ -225,6 +230,49 @@ impl ApiClient {
             }
             unreachable(text)
         })
+    }
+
+    /// Every agent connection the token may see: `GET /api/v1/agents` page by page
+    /// (`?limit=page_size`, then `&continue=` with the token of each answer until one carries
+    /// none). The first refusal (`Err` inside) ends the listing with the hub's answer.
+    pub async fn list_agents(
+        &self,
+        page_size: u32,
+    ) -> Result<Result<Vec<Value>, ApiResponse>, ClientError> {
+        let mut agents = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let path = match &next {
+                None => format!("/api/v1/agents?limit={page_size}"),
+                Some(token) => {
+                    format!(
+                        "/api/v1/agents?limit={page_size}&continue={}",
+                        encode(token)
+                    )
+                }
+            };
+            let answer = self.request(http::Method::GET, &path, None).await?;
+            if !answer.ok() {
+                return Ok(Err(answer));
+            }
+            let mut page = answer.json();
+            let Some(list) = page.get_mut("agents").and_then(Value::as_array_mut) else {
+                return Err(ClientError::Unexpected(format!(
+                    "GET {path}: no \"agents\" list in the answer"
+                )));
+            };
+            agents.append(list);
+            match page.get("continue").and_then(Value::as_str) {
+                // A hub that hands back the token it was given would page forever.
+                Some(token) if next.as_deref() == Some(token) => {
+                    return Err(ClientError::Unexpected(format!(
+                        "GET {path}: the same continue token again"
+                    )))
+                }
+                Some(token) => next = Some(token.to_string()),
+                None => return Ok(Ok(agents)),
+            }
+        }
     }
 
     /// Sends a request and reads the whole answer.

@@ -15,7 +15,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use cli::{agent, certs, dev, hub, kube, ship, token, CliError};
+use cli::{agent, agents, certs, dev, hub, kube, ship, token, CliError};
 use rna::config::{LogFormat, LogOptions};
 use rna::hub::HubConfig;
 
@@ -54,6 +54,9 @@ enum Command {
     /// wait, inventory. Exit codes: 0 success, 1 Kubernetes refused, 2 usage, 3 agent
     /// unavailable.
     Kube(kube::KubeArgs),
+    /// List the agents connected to a hub (every page of its admin API's list). Exit codes:
+    /// 0 listed, 1 refused, 2 usage, 3 hub unreachable.
+    Agents(agents::AgentsArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions(ship::CompletionsArgs),
     /// Write the man pages, generated from this command line, into a folder.
@@ -79,13 +82,19 @@ fn main() -> ExitCode {
         Prepared::Done => return ExitCode::SUCCESS,
         Prepared::Run(work) => *work,
     };
-    if let Work::Kube(args) = work {
+    if let Work::Kube(_) | Work::Agents(_) = work {
         // A short-lived client: one thread is plenty.
         return match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
-            Ok(rt) => ExitCode::from(rt.block_on(kube::run(args))),
+            Ok(rt) => ExitCode::from(rt.block_on(async move {
+                match work {
+                    Work::Kube(args) => kube::run(args).await,
+                    Work::Agents(args) => agents::run(args).await,
+                    _ => EXIT_USAGE,
+                }
+            })),
             Err(e) => {
                 eprintln!("rna: cannot start the runtime: {e}");
                 ExitCode::FAILURE
@@ -121,6 +130,7 @@ enum Work {
     Certs(certs::CertsCommand),
     Token(token::TokenCommand),
     Kube(kube::KubeArgs),
+    Agents(agents::AgentsArgs),
 }
 
 enum Prepared {
@@ -152,6 +162,7 @@ fn prepare(command: Command, log: LogOptions) -> Result<Prepared> {
             Work::Token(cmd)
         }
         Command::Kube(args) => Work::Kube(args),
+        Command::Agents(args) => Work::Agents(args),
         Command::Completions(args) => {
             let script = ship::completions(&args, &mut Cli::command());
             out!("{}", String::from_utf8_lossy(&script).trim_end());
@@ -204,8 +215,8 @@ async fn run(work: Work) -> Result<(), CliError> {
         Work::Agent(prepared) => agent::run(*prepared).await,
         Work::Certs(cmd) => certs::run(cmd).await,
         Work::Token(cmd) => token::run(cmd).await,
-        Work::Kube(_) => Err(CliError::BadArgument(
-            "rna kube runs before the server runtime starts".into(),
+        Work::Kube(_) | Work::Agents(_) => Err(CliError::BadArgument(
+            "rna kube and rna agents run before the server runtime starts".into(),
         )),
     }
 }

@@ -23,6 +23,13 @@ use crate::transport::session::{Session, TransportKind};
 /// Delay of that immediate reconnect.
 const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
 
+/// Longest wait after a hub turned the agent away because it was busy (at its handshake cap,
+/// or accepted but too slow to answer Hello). A busy hub is one that answers: after a restart
+/// every agent of the fleet arrives at once and most are refused, and each must come back
+/// within a couple of seconds, not climb to the 30 s of a lost hub. The jitter (half the
+/// step) still spreads them, and a refusal costs the hub one packet and no cryptography.
+const BUSY_MAX: Duration = Duration::from_secs(2);
+
 /// What every connection of the agent to a hub shares; cloned into each hub name's task and
 /// each address's connect loop.
 #[derive(Clone)]
@@ -138,6 +145,14 @@ impl Supervisor {
         Retry::new(self.config.backoff.min, self.config.backoff.max)
     }
 
+    /// Pacing after a busy hub turned us away: short, never past [`BUSY_MAX`].
+    fn busy_backoff(&self) -> Retry {
+        Retry::new(
+            self.config.backoff.min,
+            BUSY_MAX.min(self.config.backoff.max),
+        )
+    }
+
     /// Pacing after refusals an operator must fix (token, certificate).
     fn refused_backoff(&self) -> Retry {
         Retry::new(self.config.backoff.refused, self.config.backoff.refused_max)
@@ -230,6 +245,7 @@ impl Supervisor {
         };
         let mut retry = self.backoff();
         let mut refused = self.refused_backoff();
+        let mut busy = self.busy_backoff();
         let mut first = true;
         // This loop's view of the OIDC token: marks which token its sessions were given, so
         // each session re-authenticates with every later one.
@@ -274,6 +290,7 @@ impl Supervisor {
                 Ok(established) => {
                     retry = self.backoff();
                     refused = self.refused_backoff();
+                    busy = self.busy_backoff();
                     match self
                         .serve(established, &dial, tokens.clone(), &cancel)
                         .await
@@ -307,6 +324,7 @@ impl Supervisor {
                             refused.next_delay()
                         }
                         SessionError::Tls(_) => refused.next_delay(),
+                        SessionError::Busy(_) | SessionError::NoWelcome { .. } => busy.next_delay(),
                         _ => retry.next_delay(),
                     };
                     match (&e, refusal_hint(&e, &self.config)) {

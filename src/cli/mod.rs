@@ -6,6 +6,7 @@
 pub mod output;
 
 pub mod agent;
+pub mod agents;
 pub mod certs;
 pub mod dev;
 pub mod hub;

@@ -8,6 +8,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -19,7 +20,8 @@ use serde_json::{json, Value};
 
 use super::credential::CredentialError;
 use super::kube_channel::KubeCallError;
-use super::registry::AgentInfo;
+use super::page::{continue_after, PageQuery, PageRequest};
+use super::registry::{AgentInfo, AgentPage};
 use super::{status, Shared};
 use crate::auth::{AuthError, Grant, Scope, Tenant};
 use crate::listen::{request_deadline, Deadline};
@@ -94,26 +96,39 @@ async fn metrics(State(shared): State<Arc<Shared>>, _: Authorized<ReadMetrics>) 
 #[derive(Serialize)]
 struct AgentList {
     agents: Vec<AgentInfo>,
+    /// Sessions visible to the caller on all pages.
+    total: usize,
+    /// Present when more sessions follow: `?continue=` it for the next page.
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
+/// `GET /api/v1/agents[?limit=N][&continue=TOKEN]`: one page of the caller's agents
+/// ([`super::page`]); 400 for a limit out of range or a token this hub did not give out.
 async fn agents(
     State(shared): State<Arc<Shared>>,
     auth: Authorized<ReadInfraData>,
-) -> Json<AgentList> {
-    Json(AgentList {
-        agents: visible_agents(&shared, &auth.grant),
-    })
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<AgentList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let page = visible_page(&shared, &auth.grant, &query.request()?);
+    Ok(Json(AgentList {
+        next: page
+            .more
+            .then(|| page.agents.last().map(continue_after))
+            .flatten(),
+        total: page.total,
+        agents: page.agents,
+    }))
 }
 
-/// The agent connections `grant` may see: its tenant's, or every tenant's for `Admin`. The
-/// agents list and the status page both go through here.
-pub(crate) fn visible_agents(shared: &Shared, grant: &Grant) -> Vec<AgentInfo> {
-    let tenant = if grant.is_admin() {
-        None
-    } else {
-        Some(&grant.tenant)
-    };
-    shared.registry.infos(tenant)
+/// One page of the agent connections `grant` may see: its tenant's, or every tenant's for
+/// `Admin`. The agents list and the status page both go through here.
+pub(crate) fn visible_page(shared: &Shared, grant: &Grant, request: &PageRequest) -> AgentPage {
+    let tenant = (!grant.is_admin()).then_some(&grant.tenant);
+    shared
+        .registry
+        .page(tenant, request.after.as_ref(), request.limit)
 }
 
 /// Verifies a presented token (opaque, or a JWT from a trusted issuer) and requires `scope`.

@@ -10,6 +10,7 @@ mod enroll;
 pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
+mod page;
 pub mod registry;
 mod rotation;
 pub mod router;

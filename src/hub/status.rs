@@ -22,7 +22,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tracing::info;
 
-use super::api::{authorize, bearer_token, visible_agents};
+use super::api::{authorize, bearer_token, visible_page};
+use super::page::{PageQuery, PageRequest};
 use super::registry::AgentInfo;
 use super::Shared;
 use crate::auth::{format_rfc3339, unix_now, Grant, Scope};
@@ -66,7 +67,11 @@ pub(crate) async fn page(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     query: Result<Query<SignIn>, QueryRejection>,
+    paging: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
+    let paging = paging
+        .map_err(|e| e.body_text())
+        .and_then(|Query(q)| q.request().map_err(|e| e.to_string()));
     if let Some(token) = query.ok().and_then(|Query(q)| q.token) {
         if !opened_directly(&headers) {
             info!(
@@ -83,7 +88,7 @@ pub(crate) async fn page(
         }
         return login(&shared, &token).await;
     }
-    show(&shared, &headers).await
+    show(&shared, &headers, paging).await
 }
 
 /// `POST /`: the login form (`application/x-www-form-urlencoded`, field `token`), from this
@@ -196,7 +201,13 @@ async fn login(shared: &Shared, token: &str) -> Result<Response, Refusal> {
 }
 
 /// Renders the page for the token in `Authorization` or, failing that, in the cookie.
-async fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal> {
+/// The page is asked for by `paging` (`?limit=`, `?continue=`); a bad one, once signed in,
+/// is a 400 page with the reason and a link to the first page.
+async fn show(
+    shared: &Shared,
+    headers: &HeaderMap,
+    paging: Result<PageRequest, String>,
+) -> Result<Response, Refusal> {
     let bearer = bearer_token(headers)
         .map_err(|e| Refusal::login(StatusCode::UNAUTHORIZED, Some(&e.to_string())))?;
     let (token, from_cookie) = match bearer {
@@ -206,9 +217,22 @@ async fn show(shared: &Shared, headers: &HeaderMap) -> Result<Response, Refusal>
             .ok_or_else(|| Refusal::login(StatusCode::UNAUTHORIZED, None))?,
     };
     let grant = check(shared, &token, from_cookie).await?;
-    let agents = visible_agents(shared, &grant);
+    let paging = match paging {
+        Ok(p) => p,
+        Err(why) => return Ok(html(StatusCode::BAD_REQUEST, bad_page(&why))),
+    };
+    let page = visible_page(shared, &grant, &paging);
+    let next = page.more.then(|| page.agents.last()).flatten().map(|last| {
+        let token = super::page::continue_after(last);
+        match paging.explicit_limit {
+            true => format!("/?limit={}&continue={token}", paging.limit),
+            false => format!("/?continue={token}"),
+        }
+    });
     let view = View {
-        agents: &agents,
+        agents: &page.agents,
+        total: page.total,
+        next,
         scope: if grant.is_admin() {
             None
         } else {
@@ -317,8 +341,12 @@ fn hub_address(listen: SocketAddr, headers: &HeaderMap) -> String {
 
 /// Everything the page shows.
 pub(crate) struct View<'a> {
-    /// The rows, already filtered to what the token may see.
+    /// The rows of this page, already filtered to what the token may see.
     pub(crate) agents: &'a [AgentInfo],
+    /// Connections the token may see on all pages.
+    pub(crate) total: usize,
+    /// The link to the next page, when more connections follow this one.
+    pub(crate) next: Option<String>,
     /// The tenant the token is limited to; `None` for an admin token (every tenant).
     pub(crate) scope: Option<String>,
     /// Silence longer than this is shown as stale (the hub's heartbeat timeout).
@@ -398,10 +426,14 @@ pub(crate) fn render(view: &View<'_>) -> String {
         Some(tenant) => format!("tenant {}", Esc(tenant)),
         None => "all tenants (admin)".to_string(),
     };
-    let count = view.agents.len();
+    let count = view.total;
+    let shown = match view.agents.len() {
+        n if n < count => format!(" (this page: {n})"),
+        _ => String::new(),
+    };
     let _ = write!(
         out,
-        "<header><div><h1>Agents</h1><span class=\"muted\" id=\"summary\">{count} connection{} \
+        "<header><div><h1>Agents</h1><span class=\"muted\" id=\"summary\">{count} connection{}{shown} \
          &middot; {scope} &middot; as of <time datetime=\"{now}\">{now_text}</time> &middot; \
          refreshes every {REFRESH_SECONDS} s</span></div>\
          {SIGN_OUT}</header>",
@@ -419,6 +451,14 @@ pub(crate) fn render(view: &View<'_>) -> String {
         render_empty(&mut out, view);
     } else {
         render_table(&mut out, view);
+    }
+    if let Some(next) = &view.next {
+        let _ = write!(
+            out,
+            "<p><a id=\"next\" href=\"{}\">Next page &rarr;</a> \
+             <a href=\"/\" class=\"muted\">first page</a></p>",
+            Esc(next)
+        );
     }
     out.push_str("</body></html>\n");
     out
@@ -532,6 +572,19 @@ pub(crate) fn login_page(message: Option<&str>) -> String {
     out
 }
 
+/// A page link that does not work (a bad `limit` or `continue`), with the reason.
+fn bad_page(why: &str) -> String {
+    let mut out = String::with_capacity(1024);
+    head(&mut out, "rna hub: bad page link", false);
+    let _ = writeln!(
+        out,
+        "<h1>Agents</h1><p class=\"error\" id=\"error\">{}</p>\
+         <p><a href=\"/\">Go to the first page</a></p></body></html>",
+        Esc(why)
+    );
+    out
+}
+
 fn forbidden_page() -> String {
     let mut out = String::with_capacity(1024);
     head(&mut out, "rna hub: not allowed", false);
@@ -608,6 +661,8 @@ mod tests {
     fn view(agents: &[AgentInfo]) -> View<'_> {
         View {
             agents,
+            total: agents.len(),
+            next: None,
             scope: Some("acme/prod".into()),
             stale_after: Duration::from_secs(30),
             hub_address: "hub.example.com:4433".into(),

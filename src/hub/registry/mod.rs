@@ -63,6 +63,30 @@ impl SessionCap {
 
 type Key = (Tenant, String);
 
+/// Where a page of the agents list ends: the sort key of its last session. The next page
+/// starts after it, so sessions that come or go between two pages neither repeat nor shift
+/// the ones after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    /// Tenant of the last session shown.
+    pub tenant: String,
+    /// Agent name of the last session shown.
+    pub name: String,
+    /// Session id of the last session shown.
+    pub session_id: u64,
+}
+
+/// One page of the agents list.
+#[derive(Debug)]
+pub struct AgentPage {
+    /// The sessions of this page, in (tenant, name, session id) order.
+    pub agents: Vec<AgentInfo>,
+    /// Whether sessions follow this page.
+    pub more: bool,
+    /// Sessions visible to the caller in all (every page).
+    pub total: usize,
+}
+
 /// The connected agents of this hub.
 #[derive(Debug)]
 pub struct Registry {
@@ -263,6 +287,41 @@ impl Registry {
             (&a.tenant, &a.name, a.session_id).cmp(&(&b.tenant, &b.name, b.session_id))
         });
         infos
+    }
+
+    /// One page of the sessions visible to a caller (`None`: all tenants), in the order of
+    /// [`infos`](Self::infos): the first `limit` whose (tenant, name, session id) comes after
+    /// `after`, whether more follow, and how many are visible in all. Only the page's sessions
+    /// are turned into [`AgentInfo`]s, so a page of a large fleet costs a sort of handles, not
+    /// a snapshot of every session.
+    pub fn page(
+        &self,
+        tenant: Option<&Tenant>,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> AgentPage {
+        // Handles only under the lock; sorting and snapshots after it.
+        let mut sessions: Vec<Arc<AgentSession>> = lock(&self.agents)
+            .iter()
+            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
+            .flat_map(|(_, list)| list.iter().cloned())
+            .collect();
+        let total = sessions.len();
+        fn key(s: &AgentSession) -> (&str, &str, u64) {
+            (s.tenant.as_str(), s.name.as_str(), s.id)
+        }
+        if let Some(after) = after {
+            let after = (after.tenant.as_str(), after.name.as_str(), after.session_id);
+            sessions.retain(|s| key(s) > after);
+        }
+        sessions.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+        let more = sessions.len() > limit;
+        sessions.truncate(limit);
+        AgentPage {
+            agents: sessions.iter().map(|s| s.info()).collect(),
+            more,
+            total,
+        }
     }
 
     /// Number of live sessions.
