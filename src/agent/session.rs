@@ -20,7 +20,8 @@ use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
 use crate::transport::control::{
-    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, HeartbeatEvent, CONTROL_PRIORITY,
+    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, HeartbeatEvent,
+    CONTROL_PRIORITY,
 };
 use crate::transport::proxy::ProxyUrl;
 use crate::transport::relay::relay;

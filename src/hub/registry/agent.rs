@@ -129,9 +129,7 @@ impl AgentSession {
 
     /// Makes the channel of messages for the agent's control stream; the receiver goes to
     /// the session's heartbeat loop. A second call gets `None`.
-    pub fn control_outbox(
-        &self,
-    ) -> Option<tokio::sync::mpsc::Receiver<crate::proto::Control>> {
+    pub fn control_outbox(&self) -> Option<tokio::sync::mpsc::Receiver<crate::proto::Control>> {
         // Rare messages (a rotated token): a few slots, never a growing queue.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         self.control.set(tx).ok().map(|()| rx)
@@ -140,7 +138,9 @@ impl AgentSession {
     /// Queues `msg` for the agent's control stream; `false` when the session's heartbeat
     /// loop does not run (not yet, or no longer).
     pub fn send_control(&self, msg: crate::proto::Control) -> bool {
-        self.control.get().is_some_and(|tx| tx.try_send(msg).is_ok())
+        self.control
+            .get()
+            .is_some_and(|tx| tx.try_send(msg).is_ok())
     }
 
     /// Whether the agent announced `capability` in its Hello.
