@@ -1032,4 +1032,54 @@ async fn a_certificate_renewed_through_one_replica_is_in_the_shared_state() {
         served.is_some(),
         "the agent stopped serving after its first certificate ended"
     );
+
+    // Stopped, the agent's connect token lapses with its last certificate, and the next
+    // enrollment, through the other replica, prunes it from the shared store.
+    let token = std::fs::read_to_string(rna::agent::AgentState::new(&dir).token()).unwrap();
+    let token_id = token.trim()[4..16].to_owned();
+    drop(agent);
+    let token_state = async || {
+        let listed = replicas
+            .rna(["token", "list", "--state", STATE])
+            .run_async()
+            .await;
+        assert_eq!(listed.code(), 0, "{}", listed.stderr);
+        listed
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&token_id))
+            .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
+    };
+    let lapsed = time_until(Duration::from_secs(20), async || {
+        token_state().await.as_deref() == Some("expired")
+    })
+    .await;
+    assert!(lapsed.is_some(), "{:?}", token_state().await);
+    let ran = replicas
+        .rna([
+            "token", "create", "--join", "--state", STATE, "--tenant", TENANT, "--name", "other",
+        ])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let words: Vec<&str> = ran.stdout.split_whitespace().collect();
+    let join = words[words.iter().position(|w| *w == "--join").unwrap() + 1].to_string();
+    let other_dir = replicas.dir.path().join("agent-other");
+    let mut other = Rna::new([
+        "agent",
+        "--hub",
+        &replicas.hubs[1].quic,
+        "--join",
+        &join,
+        "--name",
+        "other",
+    ])
+    .env("RNA_STATE_DIR", other_dir.to_str().unwrap())
+    .env("RNA_ALLOW", "127.0.0.0/8")
+    .env("RNA_METRICS", "off")
+    .logs_at("info")
+    .discard_stdout()
+    .spawn();
+    assert!(enrollment(&mut other).await.0, "other did not enroll");
+    assert_eq!(token_state().await, None, "the lapsed token was not pruned");
 }
