@@ -147,7 +147,7 @@ impl Enroller {
         }
         let agent = csr::requested_agent(&request.csr_der)?;
         if let Some(state) = &self.shared_state {
-            return super::shared_state::enroll(self, state, request, &agent, tenant, now);
+            return super::shared_state::enroll(self, state, request, &agent, presented, now);
         }
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         // Read afresh each time: `rna token create --join` adds tokens while the hub runs.
@@ -219,12 +219,12 @@ impl Enroller {
 
 /// The end of the label of every connect token made by enrollment, by which expired ones
 /// are found and pruned.
-const ENROLLED_LABEL: &str = "(enrolled)";
+pub(super) const ENROLLED_LABEL: &str = "(enrolled)";
 
 /// Removes the connect tokens made by enrollment that have expired: their certificate ended
 /// without a renewal, or a newer enrollment replaced them. Without this, every enrollment of
 /// a fleet (a Kubernetes pod enrolls at each start) would leave a token behind forever.
-fn prune_enrolled_tokens(store: &mut TokenStore, now: SystemTime) {
+pub(super) fn prune_enrolled_tokens(store: &mut TokenStore, now: SystemTime) {
     let now = crate::auth::unix_now(now);
     let pruned = store.remove_where(|record| {
         record
@@ -267,6 +267,9 @@ impl Enroller {
                     .into(),
             ));
         };
+        if let Some(state) = &self.shared_state {
+            return super::shared_state::renew(self, state, request, identity, now);
+        }
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let revoked = RevocationList::load(&self.state.revoked())?;
         if revoked.is_revoked(&identity.serial) {

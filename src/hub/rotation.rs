@@ -97,7 +97,11 @@ pub(crate) async fn rotate_token(
 
 /// Adds a token like `old` (tenant, scopes, label, expiry) to the store and points the
 /// issued-certificate log at it. Blocking (file I/O).
+/// With the state in a Kubernetes Secret, both are one write there, seen by every replica.
 fn replace_token(shared: &Shared, old: &str) -> Result<(Secret, String), String> {
+    if let Some(state) = &shared.shared_state {
+        return super::shared_state::rotate_token(state, old);
+    }
     let path = &shared.config.tokens;
     let _one_at_a_time = shared.enroller.as_ref().map(|e| e.lock_state());
     let mut store = TokenStore::load_or_empty(path).map_err(|e| e.to_string())?;
@@ -135,6 +139,9 @@ async fn revoke_when_unused(shared: Arc<Shared>, old: String) {
     let still_used = in_use(&shared);
     let (shared2, old2) = (shared.clone(), old.clone());
     let revoked = tokio::task::spawn_blocking(move || {
+        if let Some(state) = &shared2.shared_state {
+            return super::shared_state::revoke_token(state, &old2);
+        }
         let path = &shared2.config.tokens;
         let _one_at_a_time = shared2.enroller.as_ref().map(|e| e.lock_state());
         let mut store = TokenStore::load_or_empty(path).map_err(|e| e.to_string())?;

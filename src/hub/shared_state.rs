@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -13,8 +13,8 @@ use tracing::{info, warn};
 use super::{HubError, Shared};
 use crate::auth::{ReloadingStore, Scope, TokenStore};
 use crate::enroll::{
-    CertBytes, EnrollError, EnrollRequest, Issued, IssuedLog, IssuedRecord, JoinBook, RefusalCode,
-    RevocationList, Revoked,
+    AgentIdentity, CertBytes, EnrollError, EnrollRequest, Issued, IssuedLog, IssuedRecord,
+    JoinBook, RefusalCode, RevocationList, Revoked,
 };
 use crate::identity::{Secret, Tenant};
 use crate::state::kube::Snapshot;
@@ -294,8 +294,40 @@ fn doc<T: serde::de::DeserializeOwned + Default>(
     }
 }
 
+/// A document of the state parsed, or empty when absent.
+fn tokens_of(docs: &Documents) -> Result<TokenStore, Step> {
+    Ok(match docs.get(crate::state::TOKENS) {
+        Some(text) => TokenStore::parse(text, Path::new(crate::state::TOKENS))?,
+        None => TokenStore::default(),
+    })
+}
+
+/// The issued-certificate log of the state; empty when absent.
+fn issued_of(docs: &Documents) -> Result<IssuedLog, Step> {
+    Ok(match docs.get(crate::state::ISSUED) {
+        Some(text) => IssuedLog::parse(text, Path::new(crate::state::ISSUED))?,
+        None => IssuedLog::default(),
+    })
+}
+
+/// The revocation list of the state; empty when absent.
+fn revoked_of(docs: &Documents) -> Result<RevocationList, Step> {
+    Ok(match docs.get(crate::state::REVOKED) {
+        Some(text) => RevocationList::parse(text, Path::new(crate::state::REVOKED))?,
+        None => RevocationList::default(),
+    })
+}
+
+/// Keeps what this replica just wrote, to be applied by the next
+/// [`apply_pending`](SharedState::apply_pending) without waiting for the watch.
+fn keep_pending(state: &SharedState, docs: Documents, version: Option<String>) {
+    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some(Snapshot { docs, version });
+}
+
 /// Enrollment with the state in the Secret: spending the join token's use, logging the
-/// certificate and adding the agent's connect token are one write, made only if no other
+/// certificate, adding the agent's connect token (revoking the one of the certificate it
+/// presented, if any) and pruning lapsed enrolled tokens are one write, made only if no other
 /// replica wrote in between (else done again on what it wrote), so two replicas can never
 /// spend one use twice. Blocking: run off the I/O threads, inside the runtime.
 pub(super) fn enroll(
@@ -303,17 +335,15 @@ pub(super) fn enroll(
     state: &SharedState,
     request: &EnrollRequest,
     agent: &str,
-    tenant: Option<&Tenant>,
+    presented: Option<&AgentIdentity>,
     now: SystemTime,
 ) -> Result<Issued, EnrollError> {
+    let tenant = presented.map(|identity| &identity.tenant);
     let change = |docs: &mut Documents| -> Result<_, Step> {
         let mut book: JoinBook = doc(docs, crate::state::JOIN_TOKENS)?;
         let admission = book.redeem(request.join_token.expose(), agent, tenant, now)?;
         let created = book.get(&admission.token_id).map_or(0, |r| r.created);
-        let revoked = match docs.get(crate::state::REVOKED) {
-            Some(text) => RevocationList::parse(text, Path::new(crate::state::REVOKED))?,
-            None => RevocationList::default(),
-        };
+        let revoked = revoked_of(docs)?;
         if revoked.entries().any(|r| {
             r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
         }) {
@@ -333,31 +363,42 @@ pub(super) fn enroll(
             crate::state::JOIN_TOKENS,
             crate::enroll::to_state_text(&book)?,
         );
-        let mut log = match docs.get(crate::state::ISSUED) {
-            Some(text) => IssuedLog::parse(text, Path::new(crate::state::ISSUED))?,
-            None => IssuedLog::default(),
-        };
-        log.add(IssuedRecord::of(&signed, Some(admission.token_id.clone())))?;
-        docs.set(crate::state::ISSUED, log.to_text()?);
-        let mut store = match docs.get(crate::state::TOKENS) {
-            Some(text) => TokenStore::parse(text, Path::new(crate::state::TOKENS))?,
-            None => TokenStore::default(),
-        };
-        let (connect_token, _) = store.create(
+        let mut log = issued_of(docs)?;
+        let replaced = presented
+            .and_then(|identity| log.by_serial(&identity.serial))
+            .and_then(|record| record.connect_token.clone());
+        let mut store = tokens_of(docs)?;
+        // As with the file store: the token lives as long as the certificate, renewals move
+        // its end, and a lapsed agent's token lapses and is pruned.
+        let ttl = Duration::from_secs(
+            signed
+                .not_after
+                .saturating_sub(crate::auth::unix_now(now))
+                .max(1),
+        );
+        let (connect_token, token) = store.create(
             admission.tenant.clone(),
             vec![Scope::ConnectAgentHub],
-            None,
-            Some(format!("agent {agent} (enrolled)")),
+            Some(ttl),
+            Some(format!("agent {agent} {}", super::enroll::ENROLLED_LABEL)),
             now,
         )?;
+        if let Some(old) = &replaced {
+            // Gone already when it was pruned or removed by hand: nothing to revoke then.
+            let _ = store.revoke(old);
+        }
+        super::enroll::prune_enrolled_tokens(&mut store, now);
+        let mut record = IssuedRecord::of(&signed, Some(admission.token_id.clone()));
+        record.connect_token = Some(token.id.clone());
+        log.add(record)?;
+        docs.set(crate::state::ISSUED, log.to_text()?);
         docs.set(crate::state::TOKENS, store.to_toml());
         Ok((signed, connect_token, admission))
     };
     let written =
         tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
     let ((signed, connect_token, admission), docs, version) = written.map_err(|Step(e)| e)?;
-    *state.pending.lock().unwrap_or_else(PoisonError::into_inner) =
-        Some(Snapshot { docs, version });
+    keep_pending(state, docs, version);
     info!(agent = %agent, tenant = %admission.tenant, serial = %signed.serial,
         join_token = %admission.token_id, not_after = signed.not_after, "agent enrolled");
     Ok(Issued {
@@ -367,6 +408,117 @@ pub(super) fn enroll(
         serial: signed.serial,
         not_after: signed.not_after,
     })
+}
+
+/// Renewal with the state in the Secret: the revocation check, the new certificate in the
+/// log (with the old one's connect token) and that token's new expiry are one conditional
+/// write, so every replica sees the renewed certificate and keeps accepting the token.
+/// Blocking, inside the runtime.
+pub(super) fn renew(
+    enroller: &super::enroll::Enroller,
+    state: &SharedState,
+    request: &crate::enroll::RenewRequest,
+    identity: &AgentIdentity,
+    now: SystemTime,
+) -> Result<Issued, EnrollError> {
+    let admission = crate::enroll::Admission {
+        token_id: format!("renewal of {}", identity.serial),
+        tenant: identity.tenant.clone(),
+        agent: identity.agent.clone(),
+    };
+    let change = |docs: &mut Documents| -> Result<_, Step> {
+        if revoked_of(docs)?.is_revoked(&identity.serial) {
+            return Err(Step(EnrollError::Refused {
+                code: RefusalCode::Revoked,
+                message: format!(
+                    "certificate {} of agent {:?} is revoked; enroll again with a new join token",
+                    identity.serial, identity.agent
+                ),
+            }));
+        }
+        let signed = enroller
+            .signer
+            .sign(&request.csr_der, &admission, enroller.lifetime, now)?;
+        let mut log = issued_of(docs)?;
+        let connect_token = log
+            .by_serial(&identity.serial)
+            .and_then(|record| record.connect_token.clone());
+        let mut record = IssuedRecord::of(&signed, None);
+        record.connect_token = connect_token.clone();
+        log.add(record)?;
+        docs.set(crate::state::ISSUED, log.to_text()?);
+        if let Some(id) = &connect_token {
+            let mut store = tokens_of(docs)?;
+            match store.set_expires(id, Some(signed.not_after)) {
+                Ok(()) => docs.set(crate::state::TOKENS, store.to_toml()),
+                // Removed by hand: the agent's next Hello says so; the certificate is fine.
+                Err(e) => warn!(agent = %identity.agent, token_id = %id,
+                    "renewal: the agent's connect token is not in the store: {e}"),
+            }
+        }
+        Ok(signed)
+    };
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let (signed, docs, version) = written.map_err(|Step(e)| e)?;
+    keep_pending(state, docs, version);
+    info!(agent = %identity.agent, tenant = %identity.tenant, serial = %signed.serial,
+        previous = %identity.serial, not_after = signed.not_after, "agent certificate renewed");
+    Ok(Issued {
+        chain: vec![CertBytes(signed.cert_der)],
+        ca: CertBytes(enroller.ca_der.clone()),
+        connect_token: Secret::new(String::new()),
+        serial: signed.serial,
+        not_after: signed.not_after,
+    })
+}
+
+/// A rotation's new token with the state in the Secret: a token like `old` (tenant, scopes,
+/// label, expiry) added, and the issued certificates of `old` pointed at it, in one
+/// conditional write; the token and its id. Blocking, inside the runtime.
+pub(super) fn rotate_token(state: &SharedState, old: &str) -> Result<(Secret, String), String> {
+    let now = SystemTime::now();
+    let change = |docs: &mut Documents| -> Result<_, Step> {
+        let mut store = tokens_of(docs)?;
+        let record = store.get(old).cloned().ok_or_else(|| {
+            Step(unavailable(
+                "token store",
+                crate::auth::StoreError::NotFound(old.to_owned()),
+            ))
+        })?;
+        let ttl = record
+            .expires
+            .map(|end| Duration::from_secs(end.saturating_sub(crate::auth::unix_now(now)).max(1)));
+        let (token, new) = store.create(record.tenant, record.scopes, ttl, record.label, now)?;
+        docs.set(crate::state::TOKENS, store.to_toml());
+        let mut log = issued_of(docs)?;
+        if log.replace_connect_token(old, &new.id) > 0 {
+            docs.set(crate::state::ISSUED, log.to_text()?);
+        }
+        Ok((token, new.id))
+    };
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let (made, docs, version) = written.map_err(|Step(e)| e.to_string())?;
+    keep_pending(state, docs, version);
+    Ok(made)
+}
+
+/// Revokes the connect token `old` in the Secret (the end of a rotation): every replica
+/// refuses it and closes its sessions once the watch brings the change. Blocking, inside the
+/// runtime.
+pub(super) fn revoke_token(state: &SharedState, old: &str) -> Result<(), String> {
+    let change = |docs: &mut Documents| -> Result<_, Step> {
+        let mut store = tokens_of(docs)?;
+        store.revoke(old)?;
+        docs.set(crate::state::TOKENS, store.to_toml());
+        Ok(())
+    };
+    let written =
+        tokio::runtime::Handle::current().block_on(state.backend.update_versioned(change));
+    let ((), docs, version) = written.map_err(|Step(e)| e.to_string())?;
+    keep_pending(state, docs, version);
+    Ok(())
 }
 
 /// Revokes every certificate issued to `agent` in `tenant` in the Secret (the admin API's

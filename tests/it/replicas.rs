@@ -31,12 +31,19 @@ struct Replicas {
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     hubs: Vec<Hub>,
+    /// More arguments for every hub.
+    hub_args: Vec<String>,
 }
 
 impl Replicas {
     /// `n` hubs, each with a state folder of its own holding the same CA, CA key and hub
     /// certificate (as replicas mount one Secret), sharing the state in the fake's Secret.
     async fn start(n: usize) -> Replicas {
+        Replicas::start_with(n, &[]).await
+    }
+
+    /// `n` hubs started with `hub_args` besides the usual ones.
+    async fn start_with(n: usize, hub_args: &[&str]) -> Replicas {
         let fake = FakeKube::start().await;
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = fake.kubeconfig(dir.path(), "kubeconfig", None);
@@ -52,6 +59,7 @@ impl Replicas {
             dir,
             kubeconfig,
             hubs: Vec::new(),
+            hub_args: hub_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..n {
             let hub = replicas.start_hub(i, "127.0.0.1:0").await;
@@ -71,27 +79,27 @@ impl Replicas {
                 std::fs::copy(self.dir.path().join("certs").join(file), to).unwrap();
             }
         }
-        let mut process = self
-            .rna([
-                "hub",
-                "--state",
-                STATE,
-                "--state-dir",
-                state_dir.to_str().unwrap(),
-                "--listen",
-                listen,
-                "--socks",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-                "--heartbeat-interval",
-                "1s",
-                "--heartbeat-timeout",
-                "5s",
-            ])
-            .logs_at("info")
-            .discard_stdout()
-            .spawn();
+        let mut hub = self.rna([
+            "hub",
+            "--state",
+            STATE,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--listen",
+            listen,
+            "--socks",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--heartbeat-interval",
+            "1s",
+            "--heartbeat-timeout",
+            "5s",
+        ]);
+        for arg in &self.hub_args {
+            hub = hub.arg(arg);
+        }
+        let mut process = hub.logs_at("info").discard_stdout().spawn();
         let serving = process.wait_line("hub serving").await;
         Hub {
             socks: field(&serving, "socks").parse().unwrap(),
@@ -857,4 +865,221 @@ async fn a_broken_shared_state_keeps_the_tokens_in_force_and_stops_a_new_replica
         bad.stderr
     );
     replicas.hubs.clear();
+}
+
+/// The admin API of hub `i`, with `admin`.
+fn admin_api(replicas: &Replicas, i: usize, admin: &str) -> rna::admin_client::ApiClient {
+    rna::admin_client::ApiClient::new(
+        &format!("http://{}", replicas.hubs[i].api),
+        rna::auth::Secret::new(admin.to_owned()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_rotated_through_one_replica_works_on_all_and_the_old_one_is_refused_everywhere() {
+    let mut replicas = Replicas::start(3).await;
+    let http = http_server().await;
+    let client = replicas.token("proxy").await;
+    let admin = replicas.token("admin").await;
+    // The agent's token also logs in to SOCKS, so every replica can be asked whether it
+    // accepts the old and the new one.
+    let old = replicas.token("connect:agentHub,proxy").await;
+    let _agent = replicas.agent("edge", &old).await;
+    wait_everywhere(&replicas, "edge", &client, http).await;
+
+    let answer = within(
+        "rotate-token",
+        admin_api(&replicas, 1, &admin).request(
+            http::Method::POST,
+            "/api/v1/agents/edge/rotate-token",
+            None,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.json());
+    let json = answer.json();
+    let new_id = json["rotated"][0]["new_token_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The agent stores the token it was sent in its token file.
+    let token_file = replicas.dir.path().join("token-edge.txt");
+    let new = within("the agent to store the rotated token", async {
+        loop {
+            let text = std::fs::read_to_string(&token_file).unwrap_or_default();
+            let text = text.trim();
+            if text != old && text.len() == old.len() {
+                return text.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(&new[4..16], new_id);
+    for (i, hub) in replicas.hubs.iter().enumerate() {
+        let took = time_until(Duration::from_secs(2), async || {
+            accepts(hub.socks, &new).await
+        })
+        .await;
+        assert!(took.is_some(), "hub {i} does not accept the rotated token");
+    }
+    // The replica that rotated revokes the old token once the agent left its sessions.
+    replicas.hubs[1]
+        .process
+        .wait_line("old connect token revoked")
+        .await;
+    let revoked = Instant::now();
+    for (i, hub) in replicas.hubs.iter().enumerate() {
+        let gone = time_until(Duration::from_secs(2), async || {
+            !accepts(hub.socks, &old).await
+        })
+        .await;
+        assert!(
+            gone.is_some(),
+            "hub {i} still accepts the old token 2 s after its revocation"
+        );
+    }
+    eprintln!(
+        "old token refused on all three {:?} after the rotating replica revoked it",
+        revoked.elapsed()
+    );
+    // The agent serves through every replica with the new token.
+    wait_everywhere(&replicas, "edge", &client, http).await;
+    let listed = replicas
+        .rna(["token", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_eq!(listed.code(), 0, "{}", listed.stderr);
+    let line = |id: &str| {
+        listed
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("token {id} not listed:\n{}", listed.stdout))
+            .to_owned()
+    };
+    assert!(line(&old[4..16]).contains("revoked"));
+    assert!(!line(&new_id).contains("revoked"));
+}
+
+/// The serial of the certificate in an agent state folder.
+fn agent_serial(dir: &std::path::Path) -> String {
+    let state = rna::agent::AgentState::new(dir);
+    let chain = rna::certs::load_certs(&state.cert()).unwrap();
+    rna::enroll::agent_identity(&chain[0]).unwrap().serial
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_renewed_through_one_replica_is_in_the_shared_state() {
+    // Renewal two thirds into a 6 s lifetime.
+    let replicas = Replicas::start_with(2, &["--agent-cert-lifetime", "6s"]).await;
+    let http = http_server().await;
+    let client = replicas.token("proxy").await;
+    let ran = replicas
+        .rna([
+            "token", "create", "--join", "--state", STATE, "--tenant", TENANT, "--name", "edge",
+        ])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let words: Vec<&str> = ran.stdout.split_whitespace().collect();
+    let join = words[words.iter().position(|w| *w == "--join").unwrap() + 1].to_string();
+    let dir = replicas.dir.path().join("agent-edge");
+    let mut agent = Rna::new([
+        "agent",
+        "--hub",
+        &replicas.hubs[0].quic,
+        "--join",
+        &join,
+        "--name",
+        "edge",
+    ])
+    .env("RNA_STATE_DIR", dir.to_str().unwrap())
+    .env("RNA_ALLOW", "127.0.0.0/8")
+    .env("RNA_METRICS", "off")
+    .logs_at("info")
+    .discard_stdout()
+    .spawn();
+    agent.wait_line("connected to hub").await;
+    let first = agent_serial(&dir);
+    let enrolled = Instant::now();
+    agent.wait_line("certificate renewed").await;
+    let renewed = agent_serial(&dir);
+    assert_ne!(renewed, first);
+    let listed = replicas
+        .rna(["certs", "list", "--state", STATE])
+        .run_async()
+        .await;
+    assert_eq!(listed.code(), 0, "{}", listed.stderr);
+    for serial in [&first, &renewed] {
+        assert!(
+            listed.stdout.lines().any(|l| l.contains(serial.as_str())),
+            "certificate {serial} not in the shared list:\n{}",
+            listed.stdout
+        );
+    }
+    // The connect token follows the certificates: past the first one's end (and the token's
+    // first expiry), the agent still serves.
+    agent.wait_line("certificate renewed").await;
+    assert!(enrolled.elapsed() > Duration::from_secs(6));
+    let served = time_until(Duration::from_secs(20), async || {
+        reaches(replicas.hubs[0].socks, "edge", &client, http).await
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "the agent stopped serving after its first certificate ended"
+    );
+
+    // Stopped, the agent's connect token lapses with its last certificate, and the next
+    // enrollment, through the other replica, prunes it from the shared store.
+    let token = std::fs::read_to_string(rna::agent::AgentState::new(&dir).token()).unwrap();
+    let token_id = token.trim()[4..16].to_owned();
+    drop(agent);
+    let token_state = async || {
+        let listed = replicas
+            .rna(["token", "list", "--state", STATE])
+            .run_async()
+            .await;
+        assert_eq!(listed.code(), 0, "{}", listed.stderr);
+        listed
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&token_id))
+            .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
+    };
+    let lapsed = time_until(Duration::from_secs(20), async || {
+        token_state().await.as_deref() == Some("expired")
+    })
+    .await;
+    assert!(lapsed.is_some(), "{:?}", token_state().await);
+    let ran = replicas
+        .rna([
+            "token", "create", "--join", "--state", STATE, "--tenant", TENANT, "--name", "other",
+        ])
+        .run_async()
+        .await;
+    assert_eq!(ran.code(), 0, "{}", ran.stderr);
+    let words: Vec<&str> = ran.stdout.split_whitespace().collect();
+    let join = words[words.iter().position(|w| *w == "--join").unwrap() + 1].to_string();
+    let other_dir = replicas.dir.path().join("agent-other");
+    let mut other = Rna::new([
+        "agent",
+        "--hub",
+        &replicas.hubs[1].quic,
+        "--join",
+        &join,
+        "--name",
+        "other",
+    ])
+    .env("RNA_STATE_DIR", other_dir.to_str().unwrap())
+    .env("RNA_ALLOW", "127.0.0.0/8")
+    .env("RNA_METRICS", "off")
+    .logs_at("info")
+    .discard_stdout()
+    .spawn();
+    assert!(enrollment(&mut other).await.0, "other did not enroll");
+    assert_eq!(token_state().await, None, "the lapsed token was not pruned");
 }
