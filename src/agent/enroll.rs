@@ -144,6 +144,57 @@ pub async fn enroll(
 ) -> Result<String, EnrollmentError> {
     let join = JoinToken::parse(join).map_err(EnrollmentError::Join)?;
     let csr = make_csr(name).map_err(EnrollmentError::Join)?;
+    let (config, frame) =
+        enroll_request(&join, &csr.csr_der, state).map_err(|message| EnrollmentError::State {
+            path: state.cert(),
+            message,
+        })?;
+    let (issued, what) = first_answer(hubs, server_name, reach, config, &frame).await?;
+    issued.check_ca(join.pin()).map_err(EnrollmentError::Join)?;
+    let cert = issued.chain.first().ok_or_else(|| EnrollmentError::Hub {
+        hub: what.clone(),
+        message: "the reply holds no certificate".into(),
+    })?;
+    let identity = agent_identity(&cert.0).map_err(EnrollmentError::Join)?;
+    if identity.agent != name {
+        return Err(EnrollmentError::Hub {
+            hub: what,
+            message: format!("the certificate names agent {:?}", identity.agent),
+        });
+    }
+    crate::fsutil::create_private_dir(&state.dir).map_err(|e| EnrollmentError::State {
+        path: state.dir.clone(),
+        message: e.to_string(),
+    })?;
+    let chain: String = issued
+        .chain
+        .iter()
+        .map(|c| pem("CERTIFICATE", &c.0))
+        .collect();
+    state.write(state.key(), csr.key_pem.expose().as_bytes(), 0o600)?;
+    state.write(state.cert(), chain.as_bytes(), 0o644)?;
+    state.write(
+        state.ca(),
+        pem("CERTIFICATE", &issued.ca.0).as_bytes(),
+        0o644,
+    )?;
+    let token = format!("{}\n", issued.connect_token.expose());
+    state.write(state.token(), token.as_bytes(), 0o600)?;
+    info!(agent = %name, tenant = %identity.tenant, serial = %issued.serial,
+        hub = %what, state = %state.dir.display(), "enrolled");
+    Ok(issued.serial)
+}
+
+/// Sends `frame` over `config` to each address of `hubs` in turn until one answers: its
+/// certificate reply with the `host:port` it came from, or its refusal as the error. When
+/// none answers, the error of the last address tried.
+async fn first_answer(
+    hubs: &[HubTarget],
+    server_name: Option<&str>,
+    reach: &Reach,
+    config: rustls::ClientConfig,
+    frame: &[u8],
+) -> Result<(crate::enroll::Issued, String), EnrollmentError> {
     let mut last = None;
     for hub in hubs {
         let what = format!("{}:{}", hub.host, hub.port);
@@ -159,49 +210,13 @@ pub async fn enroll(
         };
         let tls_name = server_name.unwrap_or(&hub.host);
         for addr in addrs {
-            let exchange = exchange(reach, &hub.host, addr, tls_name, &join, &csr.csr_der, state);
+            let exchange = exchange_at(reach, &hub.host, addr, tls_name, config.clone(), frame);
             let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),
             };
             match outcome {
-                Ok(EnrollReply::Issued(issued)) => {
-                    issued.check_ca(join.pin()).map_err(EnrollmentError::Join)?;
-                    let cert = issued.chain.first().ok_or_else(|| EnrollmentError::Hub {
-                        hub: what.clone(),
-                        message: "the reply holds no certificate".into(),
-                    })?;
-                    let identity = agent_identity(&cert.0).map_err(EnrollmentError::Join)?;
-                    if identity.agent != name {
-                        return Err(EnrollmentError::Hub {
-                            hub: what,
-                            message: format!("the certificate names agent {:?}", identity.agent),
-                        });
-                    }
-                    crate::fsutil::create_private_dir(&state.dir).map_err(|e| {
-                        EnrollmentError::State {
-                            path: state.dir.clone(),
-                            message: e.to_string(),
-                        }
-                    })?;
-                    let chain: String = issued
-                        .chain
-                        .iter()
-                        .map(|c| pem("CERTIFICATE", &c.0))
-                        .collect();
-                    state.write(state.key(), csr.key_pem.expose().as_bytes(), 0o600)?;
-                    state.write(state.cert(), chain.as_bytes(), 0o644)?;
-                    state.write(
-                        state.ca(),
-                        pem("CERTIFICATE", &issued.ca.0).as_bytes(),
-                        0o644,
-                    )?;
-                    let token = format!("{}\n", issued.connect_token.expose());
-                    state.write(state.token(), token.as_bytes(), 0o600)?;
-                    info!(agent = %name, tenant = %identity.tenant, serial = %issued.serial,
-                        hub = %what, state = %state.dir.display(), "enrolled");
-                    return Ok(issued.serial);
-                }
+                Ok(EnrollReply::Issued(issued)) => return Ok((issued, what)),
                 Ok(EnrollReply::Refused { code, message }) => {
                     return Err(EnrollmentError::Refused { code, message })
                 }
@@ -220,17 +235,14 @@ pub async fn enroll(
     }))
 }
 
-/// One enrollment exchange with one address. The pinned verifier fails the handshake on a hub
-/// of another CA, so the request, which holds the join secret, is only written after it.
-async fn exchange(
-    reach: &Reach,
-    host: &str,
-    addr: SocketAddr,
-    server_name: &str,
+/// The TLS configuration and request frame of an enrollment. The pinned verifier fails the
+/// handshake on a hub of another CA, so the request, which holds the join secret, is only
+/// written after it.
+fn enroll_request(
     join: &JoinToken,
     csr_der: &[u8],
     state: &AgentState,
-) -> Result<EnrollReply, String> {
+) -> Result<(rustls::ClientConfig, Vec<u8>), String> {
     // An agent enrolling again presents its current certificate while it is valid, so the
     // hub holds it to its tenant.
     let current = state
@@ -254,7 +266,7 @@ async fn exchange(
         csr_der: csr_der.to_vec(),
     };
     let frame = wire::encode_request(&request).map_err(|e| e.to_string())?;
-    exchange_at(reach, host, addr, server_name, config, &frame).await
+    Ok((config, frame.to_vec()))
 }
 
 /// How the enrollment and renewal exchanges reach a hub: the transport and proxy the
@@ -455,46 +467,8 @@ pub async fn renew(
             path: state.cert(),
             message: e.to_string(),
         })?;
-    let mut last = None;
-    for hub in hubs {
-        let what = format!("{}:{}", hub.host, hub.port);
-        let addrs = match tokio::net::lookup_host((hub.host.as_str(), hub.port)).await {
-            Ok(addrs) => addrs.collect::<Vec<_>>(),
-            Err(e) => {
-                last = Some(EnrollmentError::Hub {
-                    hub: what,
-                    message: format!("cannot resolve: {e}"),
-                });
-                continue;
-            }
-        };
-        let tls_name = server_name.unwrap_or(&hub.host);
-        for addr in addrs {
-            let exchange = exchange_at(reach, &hub.host, addr, tls_name, config.clone(), &frame);
-            let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(format!("no answer within {ENROLL_TIMEOUT:?}")),
-            };
-            match outcome {
-                Ok(EnrollReply::Issued(issued)) => {
-                    return keep_renewed(&issued, name, &csr, tls, state, &what)
-                }
-                Ok(EnrollReply::Refused { code, message }) => {
-                    return Err(EnrollmentError::Refused { code, message })
-                }
-                Err(message) => {
-                    last = Some(EnrollmentError::Hub {
-                        hub: format!("{what} ({addr})"),
-                        message,
-                    })
-                }
-            }
-        }
-    }
-    Err(last.unwrap_or(EnrollmentError::Hub {
-        hub: "(none)".into(),
-        message: "no hub address given (--hub)".into(),
-    }))
+    let (issued, what) = first_answer(hubs, server_name, reach, config, &frame).await?;
+    keep_renewed(&issued, name, &csr, tls, state, &what)
 }
 
 /// Checks a renewal reply (the same CA, agent and tenant as the current certificate) and

@@ -10,6 +10,22 @@ use rna::state::{Backend, Documents, FileState, StateLocation};
 
 use super::CliError;
 
+/// Where `rna certs list|revoke` find the hub's state.
+#[derive(clap::Args, Debug)]
+pub struct StateArgs {
+    /// The hub's state folder (as `rna hub --state-dir`).
+    #[arg(long, env = "RNA_STATE_DIR", required_unless_present = "state")]
+    state_dir: Option<PathBuf>,
+    /// Where the hub keeps its state: `file` (the state folder) or
+    /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share [default: file].
+    #[arg(
+        long,
+        env = "RNA_STATE",
+        value_name = "file|kubernetes://NAMESPACE/NAME"
+    )]
+    state: Option<StateLocation>,
+}
+
 /// Subcommands of `rna certs`.
 #[derive(Subcommand, Debug)]
 pub enum CertsCommand {
@@ -44,33 +60,15 @@ pub enum CertsCommand {
     },
     /// List the certificates the hub issued by enrollment, with expiry and state.
     List {
-        /// The hub's state folder (as `rna hub --state-dir`).
-        #[arg(long, env = "RNA_STATE_DIR", required_unless_present = "state")]
-        state_dir: Option<PathBuf>,
-        /// Where the hub keeps its state: `file` (the state folder) or
-        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share [default: file].
-        #[arg(
-            long,
-            env = "RNA_STATE",
-            value_name = "file|kubernetes://NAMESPACE/NAME"
-        )]
-        state: Option<StateLocation>,
+        #[command(flatten)]
+        at: StateArgs,
     },
     /// Revoke enrolled certificates: one serial, or every certificate of an agent name. The
     /// running hub closes that agent's sessions within a second and refuses the certificate
     /// from then on, also after a restart; join tokens made before cannot enroll it again.
     Revoke {
-        /// The hub's state folder (as `rna hub --state-dir`).
-        #[arg(long, env = "RNA_STATE_DIR", required_unless_present = "state")]
-        state_dir: Option<PathBuf>,
-        /// Where the hub keeps its state: `file` (the state folder) or
-        /// `kubernetes://NAMESPACE/NAME`, the Secret hub replicas share [default: file].
-        #[arg(
-            long,
-            env = "RNA_STATE",
-            value_name = "file|kubernetes://NAMESPACE/NAME"
-        )]
-        state: Option<StateLocation>,
+        #[command(flatten)]
+        at: StateArgs,
         /// Only this tenant's agent of that name.
         #[arg(long, env = "RNA_TENANT")]
         tenant: Option<rna::auth::Tenant>,
@@ -98,18 +96,13 @@ pub async fn run(cmd: CertsCommand) -> Result<(), CliError> {
             print_written(&cert);
             print_written(&key);
         }
-        CertsCommand::List { state_dir, state } => {
-            let backend = open(state, state_dir).await?;
+        CertsCommand::List { at } => {
+            let backend = open(at).await?;
             let docs = backend.read().await?;
             list_issued(&issued(&backend, &docs)?, &revoked(&backend, &docs)?)?;
         }
-        CertsCommand::Revoke {
-            state_dir,
-            tenant,
-            target,
-            state,
-        } => {
-            let backend = open(state, state_dir).await?;
+        CertsCommand::Revoke { at, tenant, target } => {
+            let backend = open(at).await?;
             let now = rna::auth::unix_now(SystemTime::now());
             let (added, _) = backend
                 .update(|docs| {
@@ -143,10 +136,8 @@ fn fail(e: rna::enroll::EnrollError) -> CliError {
 }
 
 /// The backend of `--state`: the state folder's files, or the shared Secret.
-async fn open(
-    state: Option<StateLocation>,
-    state_dir: Option<PathBuf>,
-) -> Result<Backend, CliError> {
+async fn open(at: StateArgs) -> Result<Backend, CliError> {
+    let StateArgs { state_dir, state } = at;
     let folder = HubState::new(&state_dir.unwrap_or_else(|| PathBuf::from(".")));
     let files = FileState::new()
         .with(rna::state::ISSUED, folder.issued())

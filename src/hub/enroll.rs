@@ -157,18 +157,7 @@ impl Enroller {
         // A join token made before the agent's certificate was revoked cannot bring it back.
         let created = book.get(&admission.token_id).map_or(0, |r| r.created);
         let revoked = RevocationList::load(&self.state.revoked())?;
-        if revoked.entries().any(|r| {
-            r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
-        }) {
-            return Err(refused(
-                RefusalCode::Revoked,
-                format!(
-                    "agent {agent:?} of {} was revoked after join token {} was made; make a new \
-                     join token",
-                    admission.tenant, admission.token_id
-                ),
-            ));
-        }
+        refuse_if_revoked_since(&revoked, &admission, created)?;
         let signed = self
             .signer
             .sign(&request.csr_der, &admission, self.lifetime, now)?;
@@ -316,6 +305,28 @@ impl Enroller {
             not_after: signed.not_after,
         })
     }
+}
+
+/// Refuses an enrollment whose agent was revoked after its join token was made (`created`):
+/// a join token made before a revocation cannot bring the agent back.
+pub(super) fn refuse_if_revoked_since(
+    revoked: &RevocationList,
+    admission: &crate::enroll::Admission,
+    created: u64,
+) -> Result<(), EnrollError> {
+    if revoked.entries().any(|r| {
+        r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
+    }) {
+        return Err(refused(
+            RefusalCode::Revoked,
+            format!(
+                "agent {:?} of {} was revoked after join token {} was made; make a new join \
+                 token",
+                admission.agent, admission.tenant, admission.token_id
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The metric and log-budget label of an enrollment refusal.

@@ -343,19 +343,8 @@ pub(super) fn enroll(
         let mut book: JoinBook = doc(docs, crate::state::JOIN_TOKENS)?;
         let admission = book.redeem(request.join_token.expose(), agent, tenant, now)?;
         let created = book.get(&admission.token_id).map_or(0, |r| r.created);
-        let revoked = revoked_of(docs)?;
-        if revoked.entries().any(|r| {
-            r.agent == admission.agent && r.tenant == admission.tenant && r.revoked_at >= created
-        }) {
-            return Err(Step(EnrollError::Refused {
-                code: RefusalCode::Revoked,
-                message: format!(
-                    "agent {agent:?} of {} was revoked after join token {} was made; make a new \
-                     join token",
-                    admission.tenant, admission.token_id
-                ),
-            }));
-        }
+        super::enroll::refuse_if_revoked_since(&revoked_of(docs)?, &admission, created)
+            .map_err(Step)?;
         let signed = enroller
             .signer
             .sign(&request.csr_der, &admission, enroller.lifetime, now)?;
