@@ -11,6 +11,7 @@ pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
 mod page;
+mod pace;
 pub mod registry;
 mod rotation;
 pub mod router;
@@ -598,6 +599,9 @@ impl Hub {
                 }
             })
         };
+
+        // Heartbeat pace: the announced interval follows the number of agents.
+        tokio::spawn(pace::run(shared.clone(), stop_accepting.clone()));
 
         // Shared state: every change another replica or `rna token|certs --state` makes.
         shared_state::spawn_follower(&shared, &stop_accepting);
