@@ -190,6 +190,53 @@ async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
     world.stop().await;
 }
 
+/// `Pace` is the hub's to send: an agent that sends it breaks the protocol, and its session
+/// alone is closed `protocol_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let bystander = world.connect_agent(TENANT, "bystander", &token, 1).await;
+    let raw = world
+        .raw_session("pacer", rna::agent::TransportMode::Quic)
+        .await;
+    let (mut send, recv) = raw.session.open_bi().await.unwrap();
+    let hello = Control::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: "pacer".into(),
+        version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        capabilities: vec![],
+        token: rna::identity::Secret::new(token),
+    });
+    send.write_all(&encode(&hello).unwrap()).await.unwrap();
+    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
+    match within("Welcome", reader.next()).await {
+        Some(Ok(Control::Welcome(_))) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let pace = Control::Pace {
+        heartbeat_interval_ms: 1,
+        heartbeat_timeout_ms: 1,
+    };
+    send.write_all(&encode(&pace).unwrap()).await.unwrap();
+    within("the hub to close the session", raw.session.closed()).await;
+    match raw.session.close_reason() {
+        Some(rna::transport::session::SessionEnd::ClosedByPeer { code, .. }) => assert_eq!(
+            code,
+            u64::from(rna::proto::CloseCode::Protocol.code()),
+            "closed with {code:#x}"
+        ),
+        other => panic!("expected a close by the hub, got {other:?}"),
+    }
+    // The other agent's session is untouched.
+    assert_eq!(world.hub.registry().len(), 1);
+    assert_eq!(world.hub.registry().sessions()[0].name, "bystander");
+    bystander.stop().await;
+    world.stop().await;
+}
+
 /// The agent's own heartbeat timeout ends a session whose hub stops answering (every packet
 /// from then on is lost), long before QUIC's 30 s idle timeout would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
