@@ -474,7 +474,10 @@ mod tests {
             Control::Pace {
                 heartbeat_interval_ms,
                 heartbeat_timeout_ms,
-            } => assert_eq!((heartbeat_interval_ms, heartbeat_timeout_ms), (5_000, 30_000)),
+            } => assert_eq!(
+                (heartbeat_interval_ms, heartbeat_timeout_ms),
+                (5_000, 30_000)
+            ),
             other => panic!("decoded as {other:?}"),
         }
     }

@@ -310,6 +310,23 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    #[test]
+    fn an_agent_keeps_at_least_three_intervals_of_timeout() {
+        let ms = Duration::from_millis;
+        let table = [
+            // (announced interval, announced timeout) → (interval, timeout) kept
+            ((500, 30_000), (ms(500), ms(30_000))),
+            ((5_000, 8_000), (ms(5_000), ms(15_000))),
+            ((10_000, 30_000), (ms(10_000), ms(30_000))),
+            ((0, 0), (ms(50), ms(150))),
+            ((20, 100), (ms(50), ms(150))),
+        ];
+        for ((interval, timeout), want) in table {
+            let got = Heartbeat::announced(interval, timeout);
+            assert_eq!((got.interval, got.timeout), want, "{interval} {timeout}");
+        }
+    }
+
     #[tokio::test]
     async fn frames_larger_than_the_first_buffer_are_read_whole() {
         let (mut tx, rx) = tokio::io::duplex(1024);

@@ -66,10 +66,17 @@ async fn the_announced_interval_follows_the_fleet_and_the_agents_follow_it() {
     let first = world.connect_agent(TENANT, "first", &token, 1).await;
     let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
     let id = world.hub.registry().sessions_of(&tenant, "first")[0].id;
-    assert_eq!(announced_ms(&api, id).await, Some(500), "1 agent / 2 per second");
+    assert_eq!(
+        announced_ms(&api, id).await,
+        Some(500),
+        "1 agent / 2 per second"
+    );
     let alone = pings_over(&world, Duration::from_secs(3)).await;
     // 2 a second nominally; a loaded machine may delay a few.
-    assert!((3..=10).contains(&alone), "{alone} pings in 3 s from one agent");
+    assert!(
+        (3..=10).contains(&alone),
+        "{alone} pings in 3 s from one agent"
+    );
 
     let mut others = Vec::new();
     for i in 0..5 {
@@ -182,7 +189,10 @@ async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
     within("the hub to close the silent session", raw.session.closed()).await;
     // The hub's clock started when it sent Welcome, a little before it was read here.
     let closed = welcomed.elapsed();
-    assert!(closed >= Duration::from_millis(2_500), "closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(2_500),
+        "closed after {closed:?}"
+    );
     eventually("the registry to forget it", || {
         world.hub.registry().is_empty()
     })
@@ -260,7 +270,11 @@ async fn the_agent_ends_a_session_whose_hub_stops_answering() {
     }];
     config.transport = rna::agent::TransportMode::Quic;
     let agent = world.spawn_agent(config);
-    within("the agent to connect", agent.handle.wait_until(|s| s.connected == 1)).await;
+    within(
+        "the agent to connect",
+        agent.handle.wait_until(|s| s.connected == 1),
+    )
+    .await;
     // The hub goes silent: the relay is gone and nothing reaches either side.
     drop(link);
     let silent = Instant::now();
