@@ -276,7 +276,9 @@ where
 }
 
 /// A heartbeat ticker: its first tick at once (`delayed` false) or one interval from now.
+/// A zero interval (tokio refuses one) ticks every millisecond.
 fn ticker(interval: Duration, delayed: bool) -> tokio::time::Interval {
+    let interval = interval.max(Duration::from_millis(1));
     let start = tokio::time::Instant::now() + if delayed { interval } else { Duration::ZERO };
     let mut ticker = tokio::time::interval_at(start, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
