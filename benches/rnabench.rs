@@ -2181,6 +2181,10 @@ async fn m2_s1(
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = rss_bytes(&pids);
     let load = loadavg();
+    // The liveness traffic behind the idle CPU: agent pings in (each answered with a pong)
+    // and the hub's own pings (only to silent agents).
+    let pings_in0 = hub_counter(api, &token, "rna_heartbeats_received_total").await?;
+    let pings_out0 = hub_counter(api, &token, "rna_heartbeats_sent_total").await?;
     let cpu0 = cpu_secs(&pids, tck);
     let gen0 = cpu_secs(&fleet.pids(), tck);
     let w0 = Instant::now();
@@ -2188,6 +2192,12 @@ async fn m2_s1(
     let wall = w0.elapsed().as_secs_f64();
     let idle_cpu = (cpu_secs(&pids, tck) - cpu0) / wall * 100.0;
     let gen_cpu = (cpu_secs(&fleet.pids(), tck) - gen0) / wall * 100.0;
+    let pings_in = (hub_counter(api, &token, "rna_heartbeats_received_total").await?)
+        .saturating_sub(pings_in0) as f64
+        / wall;
+    let pings_out = (hub_counter(api, &token, "rna_heartbeats_sent_total").await?)
+        .saturating_sub(pings_out0) as f64
+        / wall;
     let mut lat = BTreeMap::new();
     for (label, path) in [
         ("api_agents_ms", "/api/v1/agents"),
@@ -2215,6 +2225,7 @@ async fn m2_s1(
         json!({"value": per, "unit": "KiB/idle agent (hub RSS)", "agents": n, "hub_counted": n_hub,
                "connect_secs": connect_secs, "rss_before": before, "rss_after": after,
                "idle_cpu_pct": idle_cpu, "generator_cpu_pct": gen_cpu, "load": load,
+               "pings_in_per_sec": pings_in, "hub_pings_per_sec": pings_out,
                "latency": lat}),
     );
     if !storm {

@@ -20,7 +20,7 @@ use crate::proto::{
     CloseCode, Control, Hello, Open, OpenReply, StreamCode, Welcome, PROTOCOL_VERSION,
 };
 use crate::transport::control::{
-    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, HeartbeatEvent,
+    self, heartbeat_loop_with, ControlEnd, ControlReader, Heartbeat, HeartbeatEvent, Role,
     CONTROL_PRIORITY,
 };
 use crate::transport::proxy::ProxyUrl;
@@ -502,10 +502,8 @@ pub async fn run(
         max_frame,
         rotations,
     } = established;
-    let heartbeat = Heartbeat {
-        interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(50)),
-        timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(150)),
-    };
+    let heartbeat =
+        Heartbeat::announced(welcome.heartbeat_interval_ms, welcome.heartbeat_timeout_ms);
     let streams = TaskTracker::new();
     let inventory = kube.as_ref().map(|kube| {
         tokio::spawn(
@@ -555,10 +553,16 @@ pub async fn run(
         std::future::pending().await
     };
     let end = tokio::select! {
-        end = heartbeat_loop_with(&connection, &mut send, &mut reader, heartbeat, cancel, Some(drain), Some(&mut renewals), |event| {
-            if let (HeartbeatEvent::RotateToken(token), Some(rotations)) = (event, &rotations) {
-                let _ = rotations.send(token);
+        end = heartbeat_loop_with(&connection, &mut send, &mut reader, heartbeat, Role::Agent, cancel, Some(drain), Some(&mut renewals), |event| match event {
+            HeartbeatEvent::RotateToken(token) => {
+                if let Some(rotations) = &rotations {
+                    let _ = rotations.send(token);
+                }
             }
+            HeartbeatEvent::Paced(paced) => {
+                debug!(interval = ?paced.interval, timeout = ?paced.timeout, "hub paced heartbeats");
+            }
+            _ => {}
         }) => end,
         // Never taken: the future above does not end.
         () = reauthenticate => ControlEnd::Cancelled,

@@ -68,9 +68,18 @@ settings! {
     #[arg(long, env = "RNA_SOCKS_NO_AUTH", value_name = "AGENT@TENANT")]
     socks_no_auth: Option<String> =>
         show(config.socks_no_auth.as_ref().map(|r| format!("{}@{}", r.agent, r.tenant)));
-    /// Heartbeat interval announced to agents [default: 10s].
+    /// Longest heartbeat interval announced to agents, reached by a large fleet (the interval
+    /// is agents connected / --heartbeat-rate, at least --heartbeat-min) [default: 10s].
     #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     heartbeat_interval: Option<Duration> => field(config.heartbeat.interval);
+    /// Shortest heartbeat interval announced to agents, what a small fleet gets: an agent
+    /// notices a restarted hub within about this long [default: 500ms].
+    #[arg(long, env = "RNA_HEARTBEAT_MIN", value_parser = parse_duration)]
+    heartbeat_min: Option<Duration> => field(config.heartbeat_min);
+    /// Agent pings per second the hub budgets for; the announced interval grows with the
+    /// fleet to stay within it [default: 2000].
+    #[arg(long, env = "RNA_HEARTBEAT_RATE")]
+    heartbeat_rate: Option<u32> => field(config.heartbeat_rate, at_least_one);
     /// Silence after which an agent connection is closed [default: 30s].
     #[arg(long, env = "RNA_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
     heartbeat_timeout: Option<Duration> => field(config.heartbeat.timeout);
@@ -251,6 +260,15 @@ pub fn hub_config(o: HubOptions, sources: &Sources) -> Result<HubConfig, ConfigE
             format!(
                 "{:?} must be longer than heartbeat_interval {:?}",
                 config.heartbeat.timeout, config.heartbeat.interval
+            ),
+        ));
+    }
+    if config.heartbeat_min > config.heartbeat.interval {
+        return Err(invalid(
+            "heartbeat_min",
+            format!(
+                "{:?} must not be longer than heartbeat_interval {:?}",
+                config.heartbeat_min, config.heartbeat.interval
             ),
         ));
     }

@@ -26,6 +26,10 @@ pub struct Metrics {
     streams_pending: Gauge,
     dial_seconds: Histogram,
     heartbeat_rtt_seconds: Histogram,
+    /// Pings received from agents (each agent's liveness probe).
+    heartbeats_received: Counter,
+    /// Pings the hub sent itself (only to agents silent for an interval and a half).
+    heartbeats_sent: Counter,
     relay_bytes: Family<Labels, Counter>,
     /// Cached children of `relay_bytes`, so the per-chunk path takes no lock.
     bytes_to_agent: Counter,
@@ -67,6 +71,8 @@ impl Metrics {
             dial_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             // 0.1 ms … ~3 s.
             heartbeat_rtt_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            heartbeats_received: Counter::default(),
+            heartbeats_sent: Counter::default(),
             relay_bytes: Family::default(),
             bytes_to_agent: Counter::default(),
             bytes_from_agent: Counter::default(),
@@ -152,6 +158,16 @@ impl Metrics {
             "Round trip of control-stream heartbeats",
             prometheus_client::registry::Unit::Seconds,
             m.heartbeat_rtt_seconds.clone(),
+        );
+        r.register(
+            "heartbeats_received",
+            "Control-stream pings received from agents (their liveness probes)",
+            m.heartbeats_received.clone(),
+        );
+        r.register(
+            "heartbeats_sent",
+            "Control-stream pings the hub sent to agents silent for an interval and a half",
+            m.heartbeats_sent.clone(),
         );
         r.register_with_unit(
             "relay",
@@ -301,6 +317,16 @@ impl Metrics {
     /// Records a heartbeat round trip.
     pub fn heartbeat_rtt(&self, seconds: f64) {
         self.heartbeat_rtt_seconds.observe(seconds);
+    }
+
+    /// Counts a ping received from an agent.
+    pub fn heartbeat_received(&self) {
+        self.heartbeats_received.inc();
+    }
+
+    /// Counts a ping the hub sent to a silent agent.
+    pub fn heartbeat_sent(&self) {
+        self.heartbeats_sent.inc();
     }
 
     /// Counts relayed bytes; `to_agent` is the client → agent direction.

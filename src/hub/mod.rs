@@ -10,6 +10,7 @@ mod enroll;
 pub mod kube_api;
 pub mod kube_channel;
 pub mod metrics;
+mod pace;
 mod page;
 pub mod registry;
 mod rotation;
@@ -598,6 +599,9 @@ impl Hub {
                 }
             })
         };
+
+        // Heartbeat pace: the announced interval follows the number of agents.
+        tokio::spawn(pace::run(shared.clone(), stop_accepting.clone()));
 
         // Shared state: every change another replica or `rna token|certs --state` makes.
         shared_state::spawn_follower(&shared, &stop_accepting);

@@ -142,6 +142,7 @@ mod tests {
             connected_since_unix: 0,
             last_heartbeat_seconds_ago: 0.0,
             rtt_ms: 0.0,
+            heartbeat_interval_ms: 0,
             lost_packets: None,
             path_mtu: None,
             open_streams: 0,

@@ -17,7 +17,7 @@ use crate::certs;
 use crate::proto::codec::{encode, read_frame_limited};
 use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
-    self, heartbeat_loop_with, ControlEnd, HeartbeatEvent, CONTROL_PRIORITY,
+    self, heartbeat_loop_with, ControlEnd, HeartbeatEvent, Role, CONTROL_PRIORITY,
 };
 use crate::transport::session::{SendStream, Session, SessionEnd};
 use crate::transport::tcp::{TcpError, TcpHandshaker};
@@ -231,11 +231,26 @@ async fn run_session(
         remote = %session.connection.remote_address(), transport = %session.connection.transport(),
         "agent connected");
 
-    let heartbeat = shared.config.heartbeat;
+    // What the session was told in Welcome; `Pace` messages from the outbox update it.
+    let heartbeat = super::pace::paced_heartbeat(
+        session.heartbeat_interval(),
+        shared.config.heartbeat.timeout,
+    );
     let mut outbox = session.control_outbox();
     let end = tokio::select! {
-        end = heartbeat_loop_with(&session.connection, send, reader, heartbeat, &cancel, None, outbox.as_mut(), |event| match event {
+        end = heartbeat_loop_with(&session.connection, send, reader, heartbeat, Role::Hub, &cancel, None, outbox.as_mut(), |event| match event {
             HeartbeatEvent::Seen => session.heard(),
+            HeartbeatEvent::Pinged => {
+                shared.metrics.heartbeat_received();
+                // The hub no longer pings a live agent, so the transport's smoothed round
+                // trip (QUIC's, or the TCP mux's) stands in for a ping's.
+                if let Some(rtt) = session.connection.rtt().filter(|r| !r.is_zero()) {
+                    session.set_rtt(rtt);
+                    shared.metrics.heartbeat_rtt(rtt.as_secs_f64());
+                }
+            }
+            HeartbeatEvent::PingSent => shared.metrics.heartbeat_sent(),
+            HeartbeatEvent::Paced(_) => {}
             HeartbeatEvent::GoingAway => {
                 info!("agent moves to a newer session: no new streams here");
                 session.set_draining();
@@ -426,10 +441,13 @@ async fn handshake(
         );
         return Err(reject(connection, &mut send, err).await);
     }
+    // Paced by the fleet this session just joined (it is counted).
+    let pace = super::pace::current(shared);
+    session.set_heartbeat_interval(pace.interval);
     let welcome = Welcome {
         session_id: id,
-        heartbeat_interval_ms: duration_ms(shared.config.heartbeat.interval),
-        heartbeat_timeout_ms: duration_ms(shared.config.heartbeat.timeout),
+        heartbeat_interval_ms: duration_ms(pace.interval),
+        heartbeat_timeout_ms: duration_ms(pace.timeout),
         tenant: session.tenant.to_string(),
     };
     let sent = match encode(&Control::Welcome(welcome)) {
@@ -468,7 +486,7 @@ async fn reject(
     err
 }
 
-fn duration_ms(d: Duration) -> u64 {
+pub(super) fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 

@@ -149,8 +149,16 @@ pub struct HubConfig {
     pub socks_no_auth: Option<NoAuthRoute>,
     /// QUIC limits of agent connections.
     pub limits: Limits,
-    /// Heartbeat timing announced to agents.
+    /// Heartbeat timing announced to agents: `interval` is the ceiling of the paced interval
+    /// (see `heartbeat_min`, `heartbeat_rate`), `timeout` the silence limit (at least three
+    /// intervals).
     pub heartbeat: Heartbeat,
+    /// The shortest heartbeat interval announced: what a small fleet gets, and how soon an
+    /// agent's ping draws a restarted hub's stateless reset.
+    pub heartbeat_min: Duration,
+    /// Agent pings per second the hub budgets for: the interval is the number of agents
+    /// connected divided by this, between `heartbeat_min` and `heartbeat.interval`.
+    pub heartbeat_rate: u32,
     /// Pre-authentication SOCKS bounds.
     pub socks_limits: SocksLimits,
     /// Caps on handshakes, streams, frames and idle streams.
@@ -204,6 +212,8 @@ impl HubConfig {
             socks_no_auth: None,
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
+            heartbeat_min: Duration::from_millis(500),
+            heartbeat_rate: 2_000,
             socks_limits: SocksLimits::default(),
             caps: HubCaps::default(),
             open_timeout: Duration::from_secs(15),

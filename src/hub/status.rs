@@ -647,6 +647,7 @@ mod tests {
             connected_since_unix: 1_795_000_000,
             last_heartbeat_seconds_ago: 1.5,
             rtt_ms: 0.42,
+            heartbeat_interval_ms: 500,
             transport: "quic",
             lost_packets: Some(3),
             path_mtu: Some(1452),

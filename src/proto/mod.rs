@@ -104,7 +104,8 @@ impl fmt::Debug for Hello {
 pub struct Welcome {
     /// Identifier of this session on this hub, for logs on both sides.
     pub session_id: u64,
-    /// How often each side sends a heartbeat, in milliseconds.
+    /// How often the agent pings (its liveness probe), in milliseconds; the hub answers,
+    /// and pings itself only after this long and a half of silence.
     pub heartbeat_interval_ms: u64,
     /// Silence longer than this (milliseconds) closes the connection.
     pub heartbeat_timeout_ms: u64,
@@ -155,6 +156,16 @@ pub enum Control {
     RotateToken {
         /// The new connect token (`connect:agentHub`, the same tenant).
         token: Secret,
+    },
+    /// Hub → agent: from now on ping every `heartbeat_interval_ms` and give up after
+    /// `heartbeat_timeout_ms` of silence. The hub paces its fleet's pings by their number
+    /// (more agents, a longer interval), so a session is told when the fleet grew or shrank
+    /// enough since its `Welcome` or last `Pace`. Appended last: variants are encoded by index.
+    Pace {
+        /// The new ping interval, milliseconds.
+        heartbeat_interval_ms: u64,
+        /// The new silence limit, milliseconds.
+        heartbeat_timeout_ms: u64,
     },
 }
 
@@ -446,6 +457,29 @@ mod tests {
             other => panic!("decoded as {other:?}"),
         }
         assert!(!format!("{msg:?}").contains("eyJ"));
+    }
+
+    #[test]
+    fn pace_is_the_ninth_control_variant_and_round_trips() {
+        let msg = Control::Pace {
+            heartbeat_interval_ms: 5_000,
+            heartbeat_timeout_ms: 30_000,
+        };
+        // Appended after RotateToken (7): the older variants keep their indices.
+        let bytes = postcard::to_allocvec(&msg).unwrap();
+        assert_eq!(bytes[0], 8);
+        let ping = postcard::to_allocvec(&Control::Ping { seq: 1 }).unwrap();
+        assert_eq!(ping[0], 3);
+        match postcard::from_bytes::<Control>(&bytes).unwrap() {
+            Control::Pace {
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+            } => assert_eq!(
+                (heartbeat_interval_ms, heartbeat_timeout_ms),
+                (5_000, 30_000)
+            ),
+            other => panic!("decoded as {other:?}"),
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The control stream's heartbeat loop, shared by hub and agent: both sides ping at an
-//! interval, answer pings, measure round-trip time, and give up after a silence limit.
+//! The control stream's heartbeat loop, shared by hub and agent: the agent pings at the
+//! interval the hub paces it to, the hub answers (and pings only a silent agent), both
+//! measure round-trip time and give up after a silence limit.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,36 @@ impl Default for Heartbeat {
     }
 }
 
+/// The shortest interval and timeout an agent accepts from a hub, so a hub's mistake cannot
+/// make it spin.
+const AGENT_MIN_INTERVAL: Duration = Duration::from_millis(50);
+const AGENT_MIN_TIMEOUT: Duration = Duration::from_millis(150);
+
+impl Heartbeat {
+    /// The timing an agent keeps after its hub announced `interval_ms` and `timeout_ms`
+    /// (`Welcome` or `Pace`): the timeout is at least three intervals, so two lost pings
+    /// (or pongs) never end a session, whatever the hub announced.
+    pub fn announced(interval_ms: u64, timeout_ms: u64) -> Heartbeat {
+        let interval = Duration::from_millis(interval_ms).max(AGENT_MIN_INTERVAL);
+        let timeout = Duration::from_millis(timeout_ms)
+            .max(interval.saturating_mul(3))
+            .max(AGENT_MIN_TIMEOUT);
+        Heartbeat { interval, timeout }
+    }
+}
+
+/// Which side of the control stream a heartbeat loop runs, which decides who pings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The agent: its ping every interval is its liveness probe (a restarted hub answers
+    /// the packet with a stateless reset), and it follows the hub's [`Control::Pace`].
+    Agent,
+    /// The hub: it answers pings and pings an agent itself only after an interval and a half
+    /// of silence, so one liveness round of a live agent is one ping in, one pong out. The
+    /// `Pace` messages it writes from the outbox also set its own interval and timeout.
+    Hub,
+}
+
 /// Why a heartbeat loop ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlEnd {
@@ -86,9 +117,22 @@ pub enum HeartbeatEvent {
     Reauthenticate(crate::identity::Secret),
     /// The hub sent the agent a rotated connect token.
     RotateToken(crate::identity::Secret),
+    /// A ping arrived from the peer (and was answered).
+    Pinged,
+    /// The loop sent a ping of its own.
+    PingSent,
+    /// The loop follows new timing: a `Pace` the agent received or the hub sent.
+    Paced(Heartbeat),
 }
 
-/// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires.
+/// Runs heartbeats until the peer goes silent, breaks the protocol, or `cancel` fires, and
+/// writes every message arriving on `outbox` to the peer between heartbeats on the same
+/// stream (the agent's `Reauthenticate`, the hub's `RotateToken` and `Pace`). A closed outbox
+/// is simply no longer read.
+///
+/// `role` decides who pings (see [`Role`]): the agent every interval, the hub only a silent
+/// agent. An agent that receives `Pace` restarts its ticker and silence limit with the new
+/// timing; a hub receiving one closes the session as a protocol error.
 ///
 /// Silence means: no control frame and no stream data at all from the peer on
 /// `connection`. Stream data counts because quinn's send window is shared by every stream of
@@ -98,36 +142,16 @@ pub enum HeartbeatEvent {
 ///
 /// When `going_away` fires, the loop tells the peer [`Control::GoingAway`] once and goes on.
 ///
-/// Cancel-safe: it only awaits cancel-safe operations (`FramedRead::next`, interval ticks);
-/// writes are small frames completed before the next await on the reader.
-pub async fn heartbeat_loop<F>(
-    connection: &Session,
-    send: &mut SendStream,
-    reader: &mut ControlReader,
-    heartbeat: Heartbeat,
-    cancel: &CancellationToken,
-    going_away: Option<&CancellationToken>,
-    observe: F,
-) -> ControlEnd
-where
-    F: FnMut(HeartbeatEvent),
-{
-    heartbeat_loop_with(
-        connection, send, reader, heartbeat, cancel, going_away, None, observe,
-    )
-    .await
-}
-
-/// [`heartbeat_loop`] that also writes every message arriving on `outbox` to the peer (the
-/// agent's `Reauthenticate` with each renewed token), between heartbeats on the same stream.
-/// A closed outbox is simply no longer read. Cancel-safe, like [`heartbeat_loop`]
-/// (`mpsc::Receiver::recv` is).
+/// Cancel-safe: it only awaits cancel-safe operations (`FramedRead::next`, interval ticks,
+/// `mpsc::Receiver::recv`); writes are small frames completed before the next await on the
+/// reader.
 #[allow(clippy::too_many_arguments)]
 pub async fn heartbeat_loop_with<F>(
     connection: &Session,
     send: &mut SendStream,
     reader: &mut ControlReader,
-    heartbeat: Heartbeat,
+    mut heartbeat: Heartbeat,
+    role: Role,
     cancel: &CancellationToken,
     going_away: Option<&CancellationToken>,
     mut outbox: Option<&mut tokio::sync::mpsc::Receiver<Control>>,
@@ -136,8 +160,7 @@ pub async fn heartbeat_loop_with<F>(
 where
     F: FnMut(HeartbeatEvent),
 {
-    let mut ticker = tokio::time::interval(heartbeat.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = ticker(heartbeat.interval, false);
     let mut stream_frames = connection.activity();
     let mut last_seen = Instant::now();
     let mut seq = 0u64;
@@ -165,6 +188,15 @@ where
                     if let Err(e) = write(send, &msg).await {
                         return e;
                     }
+                    if let (Role::Hub, Control::Pace { heartbeat_interval_ms, heartbeat_timeout_ms }) = (role, &msg) {
+                        // The hub's silence check follows what it told the agent.
+                        heartbeat = Heartbeat {
+                            interval: Duration::from_millis(*heartbeat_interval_ms),
+                            timeout: Duration::from_millis(*heartbeat_timeout_ms),
+                        };
+                        ticker = self::ticker(heartbeat.interval, true);
+                        observe(HeartbeatEvent::Paced(heartbeat));
+                    }
                 }
                 None => outbox = None,
             },
@@ -185,12 +217,19 @@ where
                         if let Err(e) = write(send, &Control::Pong { seq }).await {
                             return e;
                         }
+                        observe(HeartbeatEvent::Pinged);
                     }
                     Control::GoingAway => observe(HeartbeatEvent::GoingAway),
                     Control::Reauthenticate { token } => {
                         observe(HeartbeatEvent::Reauthenticate(token))
                     }
                     Control::RotateToken { token } => observe(HeartbeatEvent::RotateToken(token)),
+                    Control::Pace { heartbeat_interval_ms, heartbeat_timeout_ms } if role == Role::Agent => {
+                        heartbeat = Heartbeat::announced(heartbeat_interval_ms, heartbeat_timeout_ms);
+                        // The next ping goes out one new interval from now.
+                        ticker = self::ticker(heartbeat.interval, true);
+                        observe(HeartbeatEvent::Paced(heartbeat));
+                    }
                     Control::Pong { seq: answered } => {
                         if let Some((sent_seq, at)) = outstanding {
                             if sent_seq == answered {
@@ -218,6 +257,11 @@ where
                 if silent > heartbeat.timeout {
                     return ControlEnd::Timeout(silent);
                 }
+                // The agent's own ping answers for it; half an interval more allows for its
+                // ticker and ours drifting apart on a loaded machine.
+                if role == Role::Hub && silent < heartbeat.interval + heartbeat.interval / 2 {
+                    continue;
+                }
                 seq += 1;
                 if outstanding.is_none() {
                     outstanding = Some((seq, Instant::now()));
@@ -225,9 +269,20 @@ where
                 if let Err(e) = write(send, &Control::Ping { seq }).await {
                     return e;
                 }
+                observe(HeartbeatEvent::PingSent);
             }
         }
     }
+}
+
+/// A heartbeat ticker: its first tick at once (`delayed` false) or one interval from now.
+/// A zero interval (tokio refuses one) ticks every millisecond.
+fn ticker(interval: Duration, delayed: bool) -> tokio::time::Interval {
+    let interval = interval.max(Duration::from_millis(1));
+    let start = tokio::time::Instant::now() + if delayed { interval } else { Duration::ZERO };
+    let mut ticker = tokio::time::interval_at(start, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
 }
 
 async fn write(send: &mut SendStream, msg: &Control) -> Result<(), ControlEnd> {
@@ -248,6 +303,7 @@ pub fn kind(msg: &Control) -> &'static str {
         Control::GoingAway => "GoingAway",
         Control::Reauthenticate { .. } => "Reauthenticate",
         Control::RotateToken { .. } => "RotateToken",
+        Control::Pace { .. } => "Pace",
     }
 }
 
@@ -255,6 +311,23 @@ pub fn kind(msg: &Control) -> &'static str {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn an_agent_keeps_at_least_three_intervals_of_timeout() {
+        let ms = Duration::from_millis;
+        let table = [
+            // (announced interval, announced timeout) → (interval, timeout) kept
+            ((500, 30_000), (ms(500), ms(30_000))),
+            ((5_000, 8_000), (ms(5_000), ms(15_000))),
+            ((10_000, 30_000), (ms(10_000), ms(30_000))),
+            ((0, 0), (ms(50), ms(150))),
+            ((20, 100), (ms(50), ms(150))),
+        ];
+        for ((interval, timeout), want) in table {
+            let got = Heartbeat::announced(interval, timeout);
+            assert_eq!((got.interval, got.timeout), want, "{interval} {timeout}");
+        }
+    }
 
     #[tokio::test]
     async fn frames_larger_than_the_first_buffer_are_read_whole() {

@@ -163,10 +163,14 @@ pub struct Limits {
     pub connection_window: u32,
     /// Bytes a connection may have in flight unacknowledged.
     pub send_window: u64,
-    /// QUIC PING interval that keeps NAT bindings and the idle timer alive (hub side).
+    /// QUIC PING interval of the hub on a connection it sent nothing on for this long: a
+    /// fallback only, below the idle timeout. The hub answers every agent ping with a pong,
+    /// which resets quinn's keep-alive timer, so on a live session this never fires.
     pub keep_alive: Duration,
-    /// The agent's PING interval on an idle connection. Besides keeping NAT bindings, it is
-    /// how fast an agent notices a restarted hub: the next packet draws a stateless reset.
+    /// The agent's QUIC PING interval, a fallback as on the hub. How fast an agent notices a
+    /// restarted hub is set by its heartbeat pings instead, at the interval the hub paces
+    /// (500 ms for a fleet of up to 1,000 by default): the next ping draws a stateless reset.
+    /// The same pings keep NAT bindings, being always more frequent than this.
     pub agent_keep_alive: Duration,
     /// A connection silent for this long is dead.
     pub idle_timeout: Duration,
@@ -198,8 +202,8 @@ impl Default for Limits {
             stream_window: 4 * 1024 * 1024,
             connection_window: 32 * 1024 * 1024,
             send_window: 32 * 1024 * 1024,
-            keep_alive: Duration::from_secs(5),
-            agent_keep_alive: Duration::from_millis(500),
+            keep_alive: Duration::from_secs(15),
+            agent_keep_alive: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_incoming: 1024,

@@ -261,6 +261,20 @@ fn bad_values_name_file_and_key() {
             s(&file)
         )
     );
+    // The paced interval's floor above its ceiling, and a budget of no pings at all.
+    let file = setup.hub_file("heartbeat_interval = \"1s\"\nheartbeat_min = \"2s\"\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!(
+            "rna: {}: heartbeat_min: 2s must not be longer than heartbeat_interval 1s",
+            s(&file)
+        )
+    );
+    let file = setup.hub_file("heartbeat_rate = 0\n");
+    assert_eq!(
+        refused(&["hub", "--config", s(&file)], &[]),
+        format!("rna: {}: heartbeat_rate: must be at least 1", s(&file))
+    );
     // A flag's bad value is clap's to report, naming the flag.
     let out = rna(&["hub", "--listen", "nowhere", "--check-config"], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -549,8 +563,13 @@ fn every_duration_key_takes_a_bare_number_of_seconds() {
         durations.dedup();
         let least = if command == "hub" { 8 } else { 2 };
         assert!(durations.len() >= least, "{example}: {durations:?}");
-        // Rising values in key order, so heartbeat_timeout stays above heartbeat_interval;
-        // small enough for every upper bound (inventory_interval: 20 s).
+        // Rising values in key order, so heartbeat_timeout stays above heartbeat_interval,
+        // with heartbeat_min first, so it stays below it; small enough for every upper bound
+        // (inventory_interval: 20 s).
+        if let Some(at) = durations.iter().position(|k| k == "heartbeat_min") {
+            let min = durations.remove(at);
+            durations.insert(0, min);
+        }
         let seconds = |i: usize| i + 1;
         let lines: String = durations
             .iter()

@@ -31,6 +31,7 @@ mod netns;
 mod oidc;
 mod oidc_flow;
 mod oidc_refusals;
+mod pace;
 mod pages;
 mod process;
 mod proxy;

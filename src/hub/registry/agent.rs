@@ -73,6 +73,9 @@ pub struct AgentSession {
     /// Messages for the agent on the control stream (a rotated token), written by the
     /// session's heartbeat loop; set once that loop runs.
     control: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::proto::Control>>,
+    /// The heartbeat interval this session was last told (`Welcome` or `Pace`), milliseconds,
+    /// so the pacer knows whom to tell again when the fleet changed.
+    heartbeat_interval_ms: AtomicU64,
 }
 
 impl AgentSession {
@@ -124,6 +127,7 @@ impl AgentSession {
             inventory_turns: InventoryTurns::default(),
             kube_commands: AtomicUsize::new(0),
             control: std::sync::OnceLock::new(),
+            heartbeat_interval_ms: AtomicU64::new(0),
         }
     }
 
@@ -141,6 +145,19 @@ impl AgentSession {
         self.control
             .get()
             .is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// The heartbeat interval this session was last told (zero before its `Welcome`).
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.load(Ordering::Relaxed))
+    }
+
+    /// Records the heartbeat interval the session was told (`Welcome` or `Pace`).
+    pub fn set_heartbeat_interval(&self, interval: Duration) {
+        self.heartbeat_interval_ms.store(
+            interval.as_millis().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Whether the agent announced `capability` in its Hello.
@@ -252,6 +269,7 @@ impl AgentSession {
             connected_since_unix: since.as_secs(),
             last_heartbeat_seconds_ago: lock(&self.last_heartbeat).elapsed().as_secs_f64(),
             rtt_ms: self.rtt_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+            heartbeat_interval_ms: self.heartbeat_interval_ms.load(Ordering::Relaxed),
             transport: self.connection.transport().as_str(),
             lost_packets: self.connection.path().map(|p| p.lost_packets),
             path_mtu: self.connection.path().map(|p| p.mtu),
@@ -299,6 +317,9 @@ pub struct AgentInfo {
     pub last_heartbeat_seconds_ago: f64,
     /// Last heartbeat round trip in milliseconds.
     pub rtt_ms: f64,
+    /// The interval the agent pings at, milliseconds: what the hub last told it, which grows
+    /// with the number of agents connected (`heartbeat_min` … `heartbeat_interval`).
+    pub heartbeat_interval_ms: u64,
     /// Packets QUIC declared lost on this connection so far (`null` over TCP, whose kernel
     /// hides loss).
     pub lost_packets: Option<u64>,

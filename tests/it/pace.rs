@@ -1,0 +1,381 @@
+//! Hub-paced liveness: the agent's ping is its liveness probe, the hub answers and pings only a
+//! silent agent, the announced interval grows with the fleet (and is re-announced with
+//! `Pace`), and a small fleet still notices a restarted hub within about one interval.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use rna::auth::Scope;
+use rna::proto::codec::{encode, MAX_FRAME};
+use rna::proto::{Control, Hello, PROTOCOL_VERSION};
+use rna::transport::control::Heartbeat;
+
+use crate::common::*;
+
+const TENANT: &str = "acme/prod";
+
+/// A counter of the hub's metrics (0 when not yet exported).
+fn counter(world: &World, name: &str) -> u64 {
+    let text = world.hub.metrics().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The `heartbeat_interval_ms` the agents API shows for session `id`.
+async fn announced_ms(api: &rna::admin_client::ApiClient, id: u64) -> Option<u64> {
+    let resp = get(api, "/api/v1/agents").await;
+    assert_eq!(resp.status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    body["agents"]
+        .as_array()?
+        .iter()
+        .find(|a| a["session_id"].as_u64() == Some(id))?["heartbeat_interval_ms"]
+        .as_u64()
+}
+
+/// Pings the hub receives over `window` (waited for by watching the counter's clock, not a
+/// bare sleep: the window is the measurement).
+async fn pings_over(world: &World, window: Duration) -> u64 {
+    let before = counter(world, "rna_heartbeats_received_total");
+    let start = Instant::now();
+    eventually_async("the measuring window to pass", async || {
+        start.elapsed() >= window
+    })
+    .await;
+    counter(world, "rna_heartbeats_received_total") - before
+}
+
+/// With a budget of 2 pings a second, one agent pings every 500 ms; five more make the fleet
+/// six, the interval 3 s, and the first session is told so with `Pace`: the agents API shows
+/// it and the fleet's pings drop to the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_announced_interval_follows_the_fleet_and_the_agents_follow_it() {
+    let world = World::start_with(|c| {
+        c.heartbeat = Heartbeat {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+        };
+        c.heartbeat_min = Duration::from_millis(100);
+        c.heartbeat_rate = 2;
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    let api = client(&world, &world.token(TENANT, &[Scope::ReadInfraData]));
+    let first = world.connect_agent(TENANT, "first", &token, 1).await;
+    let tenant: rna::auth::Tenant = TENANT.parse().unwrap();
+    let id = world.hub.registry().sessions_of(&tenant, "first")[0].id;
+    assert_eq!(
+        announced_ms(&api, id).await,
+        Some(500),
+        "1 agent / 2 per second"
+    );
+    let alone = pings_over(&world, Duration::from_secs(3)).await;
+    // 2 a second nominally; a loaded machine may delay a few.
+    assert!(
+        (3..=10).contains(&alone),
+        "{alone} pings in 3 s from one agent"
+    );
+
+    let mut others = Vec::new();
+    for i in 0..5 {
+        others.push(world.spawn_agent(world.agent_config(&format!("other-{i}"), &token)));
+    }
+    eventually("six sessions", || world.hub.registry().len() == 6).await;
+    // 6 agents / 2 per second: 3 s, told to the first session within the pacer's second.
+    eventually_some("the first session to be re-paced", async || {
+        (announced_ms(&api, id).await == Some(3_000)).then_some(())
+    })
+    .await;
+    // Every session converges within the retell factor of 3 s (the last ones joined at
+    // 2.5 s and 3 s and are not told again).
+    eventually("every session paced", || {
+        world
+            .hub
+            .registry()
+            .sessions()
+            .iter()
+            .all(|s| s.heartbeat_interval() >= Duration::from_millis(2_000))
+    })
+    .await;
+    // Unpaced, six agents at 500 ms would ping 72 times in 6 s; paced, about 12.
+    let paced = pings_over(&world, Duration::from_secs(6)).await;
+    assert!(
+        (4..=30).contains(&paced),
+        "{paced} pings in 6 s from six paced agents"
+    );
+    assert_eq!(counter(&world, "rna_heartbeats_sent_total"), 0);
+
+    // The fleet shrinks back to one: the first session is told 500 ms again.
+    for agent in others {
+        agent.stop().await;
+    }
+    eventually("one session", || world.hub.registry().len() == 1).await;
+    eventually_some("the first session to be re-paced down", async || {
+        (announced_ms(&api, id).await == Some(500)).then_some(())
+    })
+    .await;
+    first.stop().await;
+    world.stop().await;
+}
+
+/// While the agent pings, the hub sends no ping of its own: one liveness round is one ping
+/// in and one pong out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_hub_sends_no_ping_while_the_agent_pings() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, "edge", &token, 1).await;
+    // Eight intervals of 500 ms heard from the agent.
+    let start = counter(&world, "rna_heartbeats_received_total");
+    eventually("eight agent pings", || {
+        counter(&world, "rna_heartbeats_received_total") >= start + 8
+    })
+    .await;
+    assert_eq!(
+        counter(&world, "rna_heartbeats_sent_total"),
+        0,
+        "the hub pinged an agent it kept hearing from"
+    );
+    // The round trip is still recorded (from the transport), as the status page shows it.
+    assert!(world.hub.registry().sessions()[0].info().rtt_ms > 0.0);
+    agent.stop().await;
+    world.stop().await;
+}
+
+/// A session that registers and then only listens (no pings) is pinged by the hub after an
+/// interval and a half of silence, and closed at the timeout: the fallback still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
+    let world = World::start_with(|c| {
+        c.heartbeat = Heartbeat {
+            interval: Duration::from_millis(300),
+            timeout: Duration::from_secs(3),
+        };
+        c.heartbeat_min = Duration::from_millis(300);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    let raw = world
+        .raw_session("silent", rna::agent::TransportMode::Quic)
+        .await;
+    let (mut send, recv) = raw.session.open_bi().await.unwrap();
+    let hello = Control::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: "silent".into(),
+        version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        capabilities: vec![],
+        token: rna::identity::Secret::new(token),
+    });
+    send.write_all(&encode(&hello).unwrap()).await.unwrap();
+    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
+    let welcome = match within("Welcome", reader.next()).await {
+        Some(Ok(Control::Welcome(w))) => w,
+        other => panic!("expected Welcome, got {other:?}"),
+    };
+    assert_eq!(welcome.heartbeat_interval_ms, 300);
+    let welcomed = Instant::now();
+    // The hub's ping comes after 450 ms of silence at the earliest.
+    match within("the hub's ping", reader.next()).await {
+        Some(Ok(Control::Ping { .. })) => {}
+        other => panic!("expected Ping, got {other:?}"),
+    }
+    assert!(welcomed.elapsed() >= Duration::from_millis(400));
+    assert!(counter(&world, "rna_heartbeats_sent_total") >= 1);
+    // Never answered: the hub closes the session at its timeout.
+    within("the hub to close the silent session", raw.session.closed()).await;
+    // The hub's clock started when it sent Welcome, a little before it was read here.
+    let closed = welcomed.elapsed();
+    assert!(
+        closed >= Duration::from_millis(2_500),
+        "closed after {closed:?}"
+    );
+    eventually("the registry to forget it", || {
+        world.hub.registry().is_empty()
+    })
+    .await;
+    world.stop().await;
+}
+
+/// `Pace` is the hub's to send: an agent that sends it breaks the protocol, and its session
+/// alone is closed `protocol_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let bystander = world.connect_agent(TENANT, "bystander", &token, 1).await;
+    let raw = world
+        .raw_session("pacer", rna::agent::TransportMode::Quic)
+        .await;
+    let (mut send, recv) = raw.session.open_bi().await.unwrap();
+    let hello = Control::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: "pacer".into(),
+        version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        capabilities: vec![],
+        token: rna::identity::Secret::new(token),
+    });
+    send.write_all(&encode(&hello).unwrap()).await.unwrap();
+    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
+    match within("Welcome", reader.next()).await {
+        Some(Ok(Control::Welcome(_))) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let pace = Control::Pace {
+        heartbeat_interval_ms: 1,
+        heartbeat_timeout_ms: 1,
+    };
+    send.write_all(&encode(&pace).unwrap()).await.unwrap();
+    within("the hub to close the session", raw.session.closed()).await;
+    match raw.session.close_reason() {
+        Some(rna::transport::session::SessionEnd::ClosedByPeer { code, .. }) => assert_eq!(
+            code,
+            u64::from(rna::proto::CloseCode::Protocol.code()),
+            "closed with {code:#x}"
+        ),
+        other => panic!("expected a close by the hub, got {other:?}"),
+    }
+    // The other agent's session is untouched.
+    assert_eq!(world.hub.registry().len(), 1);
+    assert_eq!(world.hub.registry().sessions()[0].name, "bystander");
+    bystander.stop().await;
+    world.stop().await;
+}
+
+/// The agent's own heartbeat timeout ends a session whose hub stops answering (every packet
+/// from then on is lost), long before QUIC's 30 s idle timeout would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_ends_a_session_whose_hub_stops_answering() {
+    let world = World::start().await;
+    let token = world.agent_token(TENANT);
+    let link = LossyLink::start(
+        world.quic,
+        Faults {
+            loss: 0.0,
+            delay: 0.0,
+            max_delay_ms: 0,
+            seed: 1,
+        },
+    )
+    .await;
+    let mut config = world.agent_config("edge", &token);
+    config.hubs = vec![rna::agent::HubTarget {
+        host: "127.0.0.1".into(),
+        port: link.addr.port(),
+    }];
+    config.transport = rna::agent::TransportMode::Quic;
+    let agent = world.spawn_agent(config);
+    within(
+        "the agent to connect",
+        agent.handle.wait_until(|s| s.connected == 1),
+    )
+    .await;
+    // The hub goes silent: the relay is gone and nothing reaches either side.
+    drop(link);
+    let silent = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(25),
+        agent.handle.wait_until(|s| s.connected == 0),
+    )
+    .await
+    .expect("the agent kept a session whose hub never answered");
+    // The announced timeout is 8 s (fast_heartbeat); QUIC's idle timeout is 30 s.
+    let took = silent.elapsed();
+    assert!(took >= Duration::from_secs(7), "ended after {took:?}");
+    agent.stop().await;
+    world.stop().await;
+}
+
+/// `rna ARGS` as a process, with its plain output.
+async fn run_rna(args: &[&str]) -> Ran {
+    let ran = Rna::new(args)
+        .env_remove("RNA_LOG_FORMAT")
+        .run_async()
+        .await;
+    if !ran.status.success() {
+        eprintln!("rna {args:?}: {}", ran.stderr);
+    }
+    ran
+}
+
+/// A hub killed with SIGKILL and started again on the same port with the same state folder
+/// is noticed by a small fleet's agent within about one interval (500 ms): its next ping
+/// draws a stateless reset. QUIC keep-alive (15 s) plays no part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_hub_is_noticed_within_about_one_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |f: &str| tmp.path().join(f).display().to_string();
+    let certs = d("certs");
+    let store = d("tokens.toml");
+    let ran = run_rna(&["certs", "init", "--dir", &certs, "--hub-name", "127.0.0.1"]).await;
+    assert_eq!(ran.code(), 0);
+    let ran = run_rna(&["certs", "agent", "--dir", &certs, "edge"]).await;
+    assert_eq!(ran.code(), 0);
+    let ran = run_rna(&[
+        "token",
+        "create",
+        "--store",
+        &store,
+        "--tenant",
+        TENANT,
+        "--scope",
+        "connect:agentHub",
+    ])
+    .await;
+    assert_eq!(ran.code(), 0);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(d("token.txt"), ran.stdout.trim()).unwrap();
+        std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // The restarted hub must be where the agent's packets go: the port is chosen free, not
+    // fixed.
+    let port = free_udp_and_tcp_port();
+    // Default pacing: a fleet of one pings every 500 ms.
+    let hub_args = hub_process_args(
+        &certs,
+        &store,
+        &format!("127.0.0.1:{port}"),
+        &["--state-dir", &d("state")],
+    );
+    let (mut hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    let agent_args = agent_process_args(
+        &format!("127.0.0.1:{port}"),
+        "edge",
+        &format!("{certs}/ca.pem"),
+        &certs,
+        &d("token.txt"),
+        &["--stable-session", "200ms"],
+    );
+    let mut agent = Rna::new(&agent_args)
+        .logs_at("info,rna::agent=debug")
+        .spawn();
+    agent.wait_line("connected to hub").await;
+    agent.wait_line("session stable").await;
+    let mut agent_log = agent.log;
+
+    hub.kill().await.unwrap();
+    let (_hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    let serving = Instant::now();
+    let noticed = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_line(&mut agent_log, "reset by peer"),
+    )
+    .await;
+    assert!(
+        noticed.is_ok(),
+        "the agent did not learn of the restart from a stateless reset"
+    );
+    let took = serving.elapsed();
+    eprintln!("restart noticed {took:?} after the new hub served");
+    // One interval is 500 ms; the bound allows for a loaded machine, and is far below the
+    // 15 s keep-alive or the 10 s heartbeat ceiling an unpaced agent would wait.
+    assert!(took < Duration::from_secs(3), "noticed after {took:?}");
+}
