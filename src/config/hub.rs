@@ -73,7 +73,7 @@ settings! {
     #[arg(long, env = "RNA_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     heartbeat_interval: Option<Duration> => field(config.heartbeat.interval);
     /// Shortest heartbeat interval announced to agents, what a small fleet gets: an agent
-    /// notices a restarted hub within about this long [default: 500ms].
+    /// notices a restarted hub within about this long [default: 250ms].
     #[arg(long, env = "RNA_HEARTBEAT_MIN", value_parser = parse_duration)]
     heartbeat_min: Option<Duration> => field(config.heartbeat_min);
     /// Agent pings per second the hub budgets for; the announced interval grows with the

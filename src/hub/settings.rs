@@ -212,7 +212,7 @@ impl HubConfig {
             socks_no_auth: None,
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
-            heartbeat_min: Duration::from_millis(500),
+            heartbeat_min: Duration::from_millis(250),
             heartbeat_rate: 2_000,
             socks_limits: SocksLimits::default(),
             caps: HubCaps::default(),

@@ -169,7 +169,7 @@ pub struct Limits {
     pub keep_alive: Duration,
     /// The agent's QUIC PING interval, a fallback as on the hub. How fast an agent notices a
     /// restarted hub is set by its heartbeat pings instead, at the interval the hub paces
-    /// (500 ms for a fleet of up to 1,000 by default): the next ping draws a stateless reset.
+    /// (250 ms for a fleet of up to 500 by default): the next ping draws a stateless reset.
     /// The same pings keep NAT bindings, being always more frequent than this.
     pub agent_keep_alive: Duration,
     /// A connection silent for this long is dead.

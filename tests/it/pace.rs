@@ -127,7 +127,7 @@ async fn the_hub_sends_no_ping_while_the_agent_pings() {
     let world = World::start().await;
     let token = world.agent_token(TENANT);
     let agent = world.connect_agent(TENANT, "edge", &token, 1).await;
-    // Eight intervals of 500 ms heard from the agent.
+    // Eight intervals (250 ms by default) heard from the agent.
     let start = counter(&world, "rna_heartbeats_received_total");
     eventually("eight agent pings", || {
         counter(&world, "rna_heartbeats_received_total") >= start + 8
@@ -304,7 +304,7 @@ async fn run_rna(args: &[&str]) -> Ran {
 }
 
 /// A hub killed with SIGKILL and started again on the same port with the same state folder
-/// is noticed by a small fleet's agent within about one interval (500 ms): its next ping
+/// is noticed by a small fleet's agent within about one interval (250 ms): its next ping
 /// draws a stateless reset. QUIC keep-alive (15 s) plays no part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_hub_is_noticed_within_about_one_interval() {
@@ -336,7 +336,7 @@ async fn a_restarted_hub_is_noticed_within_about_one_interval() {
     // The restarted hub must be where the agent's packets go: the port is chosen free, not
     // fixed.
     let port = free_udp_and_tcp_port();
-    // Default pacing: a fleet of one pings every 500 ms.
+    // Default pacing: a fleet of one pings every 250 ms.
     let hub_args = hub_process_args(
         &certs,
         &store,
@@ -375,7 +375,7 @@ async fn a_restarted_hub_is_noticed_within_about_one_interval() {
     );
     let took = serving.elapsed();
     eprintln!("restart noticed {took:?} after the new hub served");
-    // One interval is 500 ms; the bound allows for a loaded machine, and is far below the
+    // One interval is 250 ms; the bound allows for a loaded machine, and is far below the
     // 15 s keep-alive or the 10 s heartbeat ceiling an unpaced agent would wait.
     assert!(took < Duration::from_secs(3), "noticed after {took:?}");
 }
