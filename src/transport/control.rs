@@ -121,7 +121,7 @@ where
 /// [`heartbeat_loop`] that also writes every message arriving on `outbox` to the peer (the
 /// agent's `Reauthenticate` with each renewed token), between heartbeats on the same stream.
 /// A closed outbox is simply no longer read. Cancel-safe, like [`heartbeat_loop`]
-/// (`mpsc::Receiver::recv` is).
+/// (`OutboxReceiver::recv` is).
 #[allow(clippy::too_many_arguments)]
 pub async fn heartbeat_loop_with<F>(
     connection: &Session,
@@ -130,7 +130,7 @@ pub async fn heartbeat_loop_with<F>(
     heartbeat: Heartbeat,
     cancel: &CancellationToken,
     going_away: Option<&CancellationToken>,
-    mut outbox: Option<&mut tokio::sync::mpsc::Receiver<Control>>,
+    mut outbox: Option<&mut super::outbox::OutboxReceiver>,
     mut observe: F,
 ) -> ControlEnd
 where
