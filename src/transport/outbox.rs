@@ -105,37 +105,37 @@ impl OutboxSender {
     /// Queues `msg` without waiting: `Full` when the queue holds its bound, `Closed` when the
     /// heartbeat loop is gone.
     pub fn try_send(&self, msg: Control) -> Result<(), OutboxError> {
-        self.push(msg).map_err(|(err, _)| err)
+        self.push(&mut Some(msg))
     }
 
     /// Queues `msg`, waiting for a free slot; `Closed` when the heartbeat loop is gone.
     /// Cancel-safe: a cancelled call has queued nothing.
-    pub async fn send(&self, mut msg: Control) -> Result<(), OutboxError> {
+    pub async fn send(&self, msg: Control) -> Result<(), OutboxError> {
+        let mut msg = Some(msg);
         loop {
             // Registered before the check, so a slot freed in between is not missed.
             let freed = self.shared.to_senders.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            match self.push(msg) {
-                Ok(()) => return Ok(()),
-                Err((OutboxError::Full, back)) => msg = back,
-                Err((err, _)) => return Err(err),
+            match self.push(&mut msg) {
+                Err(OutboxError::Full) => {}
+                done => return done,
             }
             freed.await;
         }
     }
 
-    /// Queues `msg`, or gives it back with the reason it was not queued.
-    fn push(&self, msg: Control) -> Result<(), (OutboxError, Control)> {
+    /// Queues the message in `msg`, taking it out only when it was queued.
+    fn push(&self, msg: &mut Option<Control>) -> Result<(), OutboxError> {
         {
             let mut state = self.shared.lock();
             if !state.receiver_alive {
-                return Err((OutboxError::Closed, msg));
+                return Err(OutboxError::Closed);
             }
             if state.queue.len() >= self.shared.capacity {
-                return Err((OutboxError::Full, msg));
+                return Err(OutboxError::Full);
             }
-            state.queue.push_back(msg);
+            state.queue.extend(msg.take());
         }
         self.shared.to_receiver.notify_one();
         Ok(())
