@@ -533,7 +533,7 @@ pub async fn run(
         streams.close();
         streams.wait().await;
     };
-    let (outbox, mut renewals) = tokio::sync::mpsc::channel::<Control>(2);
+    let (outbox, mut renewals) = crate::transport::outbox::channel(2);
     let reauthenticate = async {
         let Some(mut tokens) = tokens else {
             return std::future::pending().await;

@@ -121,7 +121,15 @@ pub(crate) async fn serve(
         let alpn = crate::transport::tls::negotiated_alpn(&connection);
         if let Some(exchange) = alpn.as_deref().and_then(super::enroll::Exchange::of_alpn) {
             let session = Session::from(connection);
-            super::enroll::serve(shared, enroller, session, handshake_slot, exchange).await;
+            // Boxed: an enrollment's state would otherwise size every session's task.
+            Box::pin(super::enroll::serve(
+                shared,
+                enroller,
+                session,
+                handshake_slot,
+                exchange,
+            ))
+            .await;
             return;
         }
     }
@@ -160,7 +168,15 @@ pub(crate) async fn serve_tcp(
         super::enroll::Exchange::of_alpn(session.alpn()),
     ) {
         let session = Session::from(session);
-        super::enroll::serve(shared, enroller, session, handshake_slot, exchange).await;
+        // Boxed, as on QUIC: only an enrollment pays for its state.
+        Box::pin(super::enroll::serve(
+            shared,
+            enroller,
+            session,
+            handshake_slot,
+            exchange,
+        ))
+        .await;
         return;
     }
     serve_session(shared, Session::from(session), cancel, handshake_slot).await;
@@ -185,7 +201,11 @@ async fn serve_session(
 ) {
     let remote = connection.remote_address();
     let hello_deadline = tokio::time::Instant::now() + shared.config.caps.hello_timeout;
-    let handshaken = handshake(&shared, &connection, hello_deadline).await;
+    // Boxed and gone once it returns: a future's state machine is as large as its largest
+    // await point, and the handshake's (token and OIDC checks) is larger than that of the
+    // heartbeat loop an idle session spends its life in, so unboxed it would size the task
+    // every idle agent holds on the hub.
+    let handshaken = Box::pin(handshake(&shared, &connection, hello_deadline)).await;
     drop(handshake_slot);
     let (session, mut send, mut reader) = match handshaken {
         Ok(ok) => ok,

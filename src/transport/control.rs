@@ -143,7 +143,7 @@ pub enum HeartbeatEvent {
 /// When `going_away` fires, the loop tells the peer [`Control::GoingAway`] once and goes on.
 ///
 /// Cancel-safe: it only awaits cancel-safe operations (`FramedRead::next`, interval ticks,
-/// `mpsc::Receiver::recv`); writes are small frames completed before the next await on the
+/// `OutboxReceiver::recv`); writes are small frames completed before the next await on the
 /// reader.
 #[allow(clippy::too_many_arguments)]
 pub async fn heartbeat_loop_with<F>(
@@ -154,7 +154,7 @@ pub async fn heartbeat_loop_with<F>(
     role: Role,
     cancel: &CancellationToken,
     going_away: Option<&CancellationToken>,
-    mut outbox: Option<&mut tokio::sync::mpsc::Receiver<Control>>,
+    mut outbox: Option<&mut super::outbox::OutboxReceiver>,
     mut observe: F,
 ) -> ControlEnd
 where

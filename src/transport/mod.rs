@@ -2,6 +2,7 @@
 //! quinn limit set explicitly (quinn's defaults are sized for browsers, not for a hub).
 
 pub mod control;
+pub mod outbox;
 pub mod proxy;
 pub mod relay;
 pub mod session;

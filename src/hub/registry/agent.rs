@@ -72,7 +72,7 @@ pub struct AgentSession {
     pub(super) kube_commands: AtomicUsize,
     /// Messages for the agent on the control stream (a rotated token), written by the
     /// session's heartbeat loop; set once that loop runs.
-    control: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::proto::Control>>,
+    control: std::sync::OnceLock<crate::transport::outbox::OutboxSender>,
     /// The heartbeat interval this session was last told (`Welcome` or `Pace`), milliseconds,
     /// so the pacer knows whom to tell again when the fleet changed.
     heartbeat_interval_ms: AtomicU64,
@@ -133,9 +133,10 @@ impl AgentSession {
 
     /// Makes the channel of messages for the agent's control stream; the receiver goes to
     /// the session's heartbeat loop. A second call gets `None`.
-    pub fn control_outbox(&self) -> Option<tokio::sync::mpsc::Receiver<crate::proto::Control>> {
-        // Rare messages (a rotated token): a few slots, never a growing queue.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+    pub fn control_outbox(&self) -> Option<crate::transport::outbox::OutboxReceiver> {
+        // Rare messages (a rotated token): a few slots, never a growing queue, and none
+        // allocated until the first message (most sessions never get one).
+        let (tx, rx) = crate::transport::outbox::channel(4);
         self.control.set(tx).ok().map(|()| rx)
     }
 
