@@ -139,6 +139,16 @@ impl SessionError {
             {
                 SessionError::Busy(at.addr)
             }
+            // The hub gave up on the handshake without a TLS alert: an application close
+            // during the handshake travels as APPLICATION_ERROR (RFC 9000 §10.2.3), which is
+            // what a hub sends when its handshake deadline passes (overloaded, as in a
+            // reconnect storm) or it shuts down. Transient as well: nothing to fix here, and a
+            // long backoff would only keep this agent away from a hub that is catching up.
+            ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+            {
+                SessionError::Busy(at.addr)
+            }
             ConnectionError::ConnectionClosed(close) => SessionError::Tls(format!(
                 "the hub at {} closed the handshake: {close}",
                 at.addr
@@ -322,7 +332,9 @@ pub async fn dial_tcp(
     };
     let limits = &config.limits;
     let dialed = match proxy {
-        None => tcp::connect(addr, server_name, &config.tls, limits).await,
+        None => {
+            tcp::connect_from(addr, config.bind_address, server_name, &config.tls, limits).await
+        }
         Some(proxy) => {
             let tunnel = crate::transport::proxy::connect(
                 proxy,
@@ -763,6 +775,9 @@ mod tests {
             &at,
         );
         assert!(matches!(busy, SessionError::Busy(_)), "{busy:?}");
+        let abandoned =
+            SessionError::from_connection(close(quinn::TransportErrorCode::APPLICATION_ERROR), &at);
+        assert!(matches!(abandoned, SessionError::Busy(_)), "{abandoned:?}");
         let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)), &at);
         assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
     }

@@ -8,7 +8,7 @@ pub mod session;
 pub mod tcp;
 pub mod tls;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -338,17 +338,35 @@ pub fn rebind_agent_endpoint(endpoint: &quinn::Endpoint) -> Result<SocketAddr, T
         })
 }
 
+/// The local address an agent's socket to `hub` binds: port 0 of `bind` when given, else of
+/// the unspecified address of the hub's family. A `bind` of the other family than the hub's
+/// is refused by the kernel when the socket connects or sends, which names both addresses.
+pub fn local_address(hub: SocketAddr, bind: Option<IpAddr>) -> SocketAddr {
+    match bind {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None if hub.is_ipv6() => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        None => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
 /// Binds an agent's client endpoint on an ephemeral port of the hub address's family.
 pub fn agent_endpoint(
     hub: SocketAddr,
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let local: SocketAddr = if hub.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    agent_endpoint_from(hub, None, tls, limits)
+}
+
+/// [`agent_endpoint`] on an ephemeral port of `bind` when given (the agent's
+/// `--bind-address`), else of the unspecified address of the hub address's family.
+pub fn agent_endpoint_from(
+    hub: SocketAddr,
+    bind: Option<IpAddr>,
+    tls: &ClientTls,
+    limits: &Limits,
+) -> Result<quinn::Endpoint, TransportError> {
+    let local = local_address(hub, bind);
     let socket = udp_socket(local)?;
     let mut endpoint = quinn::Endpoint::new(
         limits.endpoint_config(EndpointConfig::default())?,

@@ -12,6 +12,7 @@ mod fake_kube;
 
 mod api_authz;
 mod api_limits;
+mod bind_address;
 mod caps;
 mod config;
 mod dev;
