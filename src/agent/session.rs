@@ -251,6 +251,9 @@ pub struct Established {
     reader: ControlReader,
     /// Largest frame accepted from the hub.
     max_frame: usize,
+    /// Tunnel streams the hub may have open at once, at most (`max_streams`); a QUIC
+    /// connection starts with a smaller grant that grows towards it.
+    tunnel_streams: u32,
     /// Where a connect token the hub rotates on this session is handed (`None`: ignored).
     pub rotations: Option<tokio::sync::mpsc::UnboundedSender<Secret>>,
 }
@@ -450,6 +453,7 @@ pub async fn register(
                 send,
                 reader: control::control_reader(recv, config.max_frame),
                 max_frame: config.max_frame,
+                tunnel_streams: config.limits.tunnel_streams,
                 rotations: None,
             }),
             Ok(Some(Control::Rejected { code, reason })) => {
@@ -512,6 +516,7 @@ pub async fn run(
         mut send,
         mut reader,
         max_frame,
+        tunnel_streams,
         rotations,
     } = established;
     let heartbeat = Heartbeat {
@@ -526,9 +531,20 @@ pub async fn run(
         )
     });
     let accept = async {
+        // What the connection was set up with (`Limits::initial_tunnel_window`).
+        let mut window = tunnel_streams.min(transport::INITIAL_TUNNEL_WINDOW);
         loop {
             match connection.accept_bi().await {
                 Ok((send, recv)) => {
+                    // The stream being accepted counts as open: `streams` does not hold it yet.
+                    let open = streams.len() + 1;
+                    if let Some(grown) =
+                        transport::grown_tunnel_window(open, window, tunnel_streams)
+                    {
+                        window = grown;
+                        connection.grant_streams(window);
+                        debug!(open, window, "more tunnel streams granted to the hub");
+                    }
                     let dialer = dialer.clone();
                     let kube = kube.clone();
                     let agent = agent.to_string();

@@ -190,6 +190,32 @@ pub struct Limits {
     pub max_ack_delay: Duration,
 }
 
+/// Tunnel streams an agent grants the hub on a new connection, before the window grows
+/// towards [`Limits::tunnel_streams`] with the streams the hub really opens.
+///
+/// Why not the whole limit at once: quinn makes an entry for every stream id the peer may
+/// open as soon as it grants them (`StreamsState::ensure_remote_streams`), so a grant of
+/// 16,384 cost each agent connection about 1 MB and tens of thousands of hash-table inserts
+/// in its handshake, on every connect and reconnect, for streams almost never open at once.
+pub const INITIAL_TUNNEL_WINDOW: u32 = 256;
+
+impl Limits {
+    /// The tunnel streams an agent grants when a QUIC connection starts: at most
+    /// [`INITIAL_TUNNEL_WINDOW`], never more than `tunnel_streams`.
+    pub fn initial_tunnel_window(&self) -> u32 {
+        self.tunnel_streams.min(INITIAL_TUNNEL_WINDOW)
+    }
+}
+
+/// The next tunnel-stream window of an agent connection with `open` streams open under a
+/// window of `window`, limit `limit`: doubled (up to the limit) once three quarters are in
+/// use, so a burst of streams waits at most one round trip per doubling; `None` while it is
+/// large enough.
+pub fn grown_tunnel_window(open: usize, window: u32, limit: u32) -> Option<u32> {
+    let busy = open.saturating_mul(4) >= (window as usize).saturating_mul(3);
+    (busy && window < limit).then(|| window.saturating_mul(2).min(limit))
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -380,7 +406,7 @@ pub fn agent_endpoint_from(
     })?;
     let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
     client.transport_config(Arc::new(
-        limits.transport(limits.tunnel_streams, limits.agent_keep_alive)?,
+        limits.transport(limits.initial_tunnel_window(), limits.agent_keep_alive)?,
     ));
     endpoint.set_default_client_config(client);
     Ok(endpoint)
@@ -394,7 +420,7 @@ pub fn agent_client_config(
 ) -> Result<quinn::ClientConfig, TransportError> {
     let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
     client.transport_config(Arc::new(
-        limits.transport(limits.tunnel_streams, limits.agent_keep_alive)?,
+        limits.transport(limits.initial_tunnel_window(), limits.agent_keep_alive)?,
     ));
     Ok(client)
 }
@@ -402,6 +428,34 @@ pub fn agent_client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_window_starts_small_and_doubles_at_three_quarters_up_to_the_limit() {
+        let limits = Limits::default();
+        assert_eq!(limits.initial_tunnel_window(), 256);
+        let small = Limits {
+            tunnel_streams: 10,
+            ..Limits::default()
+        };
+        assert_eq!(small.initial_tunnel_window(), 10);
+        // (open, window, limit, next)
+        let table: [(usize, u32, u32, Option<u32>); 7] = [
+            (0, 256, 16_384, None),
+            (191, 256, 16_384, None),
+            (192, 256, 16_384, Some(512)),
+            (384, 512, 16_384, Some(1_024)),
+            (12_300, 16_000, 16_384, Some(16_384)),
+            (16_384, 16_384, 16_384, None),
+            (10, 10, 10, None),
+        ];
+        for (open, window, limit, next) in table {
+            assert_eq!(
+                grown_tunnel_window(open, window, limit),
+                next,
+                "{open} open of {window} (limit {limit})"
+            );
+        }
+    }
 
     #[test]
     fn endpoint_key_is_created_once_and_reused() {

@@ -47,6 +47,7 @@ mod socks_input;
 mod socks_logs;
 mod status_page;
 mod storm;
+mod stream_window;
 mod systemd;
 mod transport_session;
 mod tunnel;
