@@ -195,8 +195,9 @@ pub struct Limits {
 ///
 /// Why not the whole limit at once: quinn makes an entry for every stream id the peer may
 /// open as soon as it grants them (`StreamsState::ensure_remote_streams`), so a grant of
-/// 16,384 cost each agent connection about 1 MB and tens of thousands of hash-table inserts
-/// in its handshake, on every connect and reconnect, for streams almost never open at once.
+/// 16,384 cost each agent connection about 1 MB (estimated) and tens of thousands of inserts
+/// into hash tables in its handshake, on every connect and reconnect, for streams almost
+/// never open at once.
 pub const INITIAL_TUNNEL_WINDOW: u32 = 256;
 
 impl Limits {
