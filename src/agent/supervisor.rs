@@ -228,8 +228,8 @@ impl Supervisor {
             // addresses of the bind address's family are still served.
             if proxy.is_none() && bind.is_ipv4() != addr.is_ipv4() {
                 error!(%bind, "not connecting to the hub at {addr}: --bind-address {bind} is of the \
-                    other IP family; give an address of that family or a hub name that resolves \
-                    to one of {bind}'s");
+                    other IP family; give a bind address of the hub's family, or a hub name that \
+                    resolves to an address of the bind address's family");
                 return;
             }
         }
