@@ -376,17 +376,24 @@ pub fn local_address(hub: SocketAddr, bind: Option<IpAddr>) -> SocketAddr {
     }
 }
 
-/// Binds an agent's client endpoint on an ephemeral port of the hub address's family.
+/// Binds an agent's client endpoint on an ephemeral port of the hub address's family; its
+/// connections grant the hub all of `limits.tunnel_streams` at once (for callers that do not
+/// grow the grant themselves, as tests of the transport).
 pub fn agent_endpoint(
     hub: SocketAddr,
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<quinn::Endpoint, TransportError> {
-    agent_endpoint_from(hub, None, tls, limits)
+    let local = local_address(hub, None);
+    let mut endpoint = client_endpoint(local, limits)?;
+    endpoint.set_default_client_config(client_config(tls, limits, limits.tunnel_streams)?);
+    Ok(endpoint)
 }
 
-/// [`agent_endpoint`] on an ephemeral port of `bind` when given (the agent's
-/// `--bind-address`), else of the unspecified address of the hub address's family.
+/// The agent's endpoint: on an ephemeral port of `bind` when given (`--bind-address`), else
+/// of the unspecified address of the hub address's family; its connections grant the hub
+/// [`Limits::initial_tunnel_window`] streams first, which the agent's session grows towards
+/// `limits.tunnel_streams` with [`Session::grant_streams`](session::Session::grant_streams).
 pub fn agent_endpoint_from(
     hub: SocketAddr,
     bind: Option<IpAddr>,
@@ -394,8 +401,15 @@ pub fn agent_endpoint_from(
     limits: &Limits,
 ) -> Result<quinn::Endpoint, TransportError> {
     let local = local_address(hub, bind);
+    let mut endpoint = client_endpoint(local, limits)?;
+    endpoint.set_default_client_config(agent_client_config(tls, limits)?);
+    Ok(endpoint)
+}
+
+/// A client-only QUIC endpoint on `local`.
+fn client_endpoint(local: SocketAddr, limits: &Limits) -> Result<quinn::Endpoint, TransportError> {
     let socket = udp_socket(local)?;
-    let mut endpoint = quinn::Endpoint::new(
+    quinn::Endpoint::new(
         limits.endpoint_config(EndpointConfig::default())?,
         None,
         socket,
@@ -404,24 +418,28 @@ pub fn agent_endpoint_from(
     .map_err(|source| TransportError::Bind {
         addr: local,
         source,
-    })?;
-    let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
-    client.transport_config(Arc::new(
-        limits.transport(limits.initial_tunnel_window(), limits.agent_keep_alive)?,
-    ));
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    })
 }
 
-/// The QUIC client configuration of an agent endpoint for `tls`, as [`agent_endpoint`] sets
-/// it: an agent whose certificate was renewed sets it again on its endpoint.
+/// The QUIC client configuration of the agent's endpoint for `tls`, as
+/// [`agent_endpoint_from`] sets it: an agent whose certificate was renewed sets it again on
+/// its endpoint.
 pub fn agent_client_config(
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    client_config(tls, limits, limits.initial_tunnel_window())
+}
+
+/// A QUIC client configuration granting the hub `tunnel_streams` streams.
+fn client_config(
+    tls: &ClientTls,
+    limits: &Limits,
+    tunnel_streams: u32,
+) -> Result<quinn::ClientConfig, TransportError> {
     let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
     client.transport_config(Arc::new(
-        limits.transport(limits.initial_tunnel_window(), limits.agent_keep_alive)?,
+        limits.transport(tunnel_streams, limits.agent_keep_alive)?,
     ));
     Ok(client)
 }
