@@ -108,9 +108,14 @@ async fn a_handshake_the_hub_abandoned_is_retried_soon_as_busy() {
     })
     .await;
     let took = t0.elapsed();
+    // Busy; on a loaded machine the hub's close may also be lost and the attempt end as a
+    // timeout (paced as fast). Never a certificate problem or a refusal.
     let error = agent.handle.status().last_error;
     assert!(
-        matches!(error, Some(rna::agent::SessionError::Busy(_))),
+        matches!(
+            error,
+            Some(rna::agent::SessionError::Busy(_) | rna::agent::SessionError::Timeout { .. })
+        ),
         "the agent took the abandoned handshake for {error:?}"
     );
     assert!(
