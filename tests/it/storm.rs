@@ -109,7 +109,7 @@ async fn a_handshake_the_hub_abandoned_is_retried_soon_as_busy() {
     .await;
     let took = t0.elapsed();
     // Busy; on a loaded machine the hub's close may also be lost and the attempt end as a
-    // timeout (paced as fast). Never a certificate problem or a refusal.
+    // timeout (the usual backoff, from 200 ms). Never a certificate problem or a refusal.
     let error = agent.handle.status().last_error;
     assert!(
         matches!(
