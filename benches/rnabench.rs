@@ -83,6 +83,13 @@ enum Cmd {
         /// is `rna agent`'s.
         #[arg(long)]
         max_streams: Option<u32>,
+        /// Index of this process's first agent in the fleet: agent i binds its sockets to a
+        /// loopback address of its own (`--bind-address`, 127.0.0.0/8 is all local on Linux),
+        /// so the hub sees a fleet of many hosts, as real agents are, instead of one host
+        /// whose agents all share its per-source handshake cap. Without it every agent comes
+        /// from 127.0.0.1.
+        #[arg(long)]
+        first_source: Option<u32>,
     },
     /// Runs the whole comparison.
     Suite(SuiteArgs),
@@ -153,6 +160,10 @@ struct SuiteArgs {
     /// process may hold 20,000 files here).
     #[arg(long, default_value_t = 2_500)]
     agents_per_process: usize,
+    /// Generator agents of M1, M2 and S1 all from 127.0.0.1 (one host) instead of one
+    /// loopback address each (a fleet of hosts, the default).
+    #[arg(long)]
+    one_source: bool,
     /// How long M2 measures the hub's idle CPU, in seconds.
     #[arg(long, default_value_t = 30.0)]
     m2_idle_secs: f64,
@@ -202,6 +213,7 @@ fn main() -> Result<()> {
             concurrency,
             transport,
             max_streams,
+            first_source,
         } => rt.block_on(agents(
             hub,
             count,
@@ -213,6 +225,7 @@ fn main() -> Result<()> {
             concurrency,
             &transport,
             max_streams,
+            first_source,
         )),
         Cmd::Suite(args) => rt.block_on(suite(args)),
     }
@@ -590,6 +603,7 @@ async fn agents(
     concurrency: usize,
     transport: &str,
     max_streams: Option<u32>,
+    first_source: Option<u32>,
 ) -> Result<()> {
     use rna::agent::{Agent, AgentConfig, AgentHandle, HubTarget, TransportMode};
     use rna::transport::ClientTls;
@@ -609,7 +623,7 @@ async fn agents(
     let connected =
         |handles: &[AgentHandle]| -> usize { handles.iter().map(|h| h.status().connected).sum() };
     let started = Instant::now();
-    for _ in 0..count {
+    for i in 0..count {
         // As `rna agent --hub --name --ca --cert --key --token-file` builds it.
         let mut config = AgentConfig::new(
             vec![target.clone()],
@@ -621,6 +635,12 @@ async fn agents(
         config.transport = mode;
         if let Some(n) = max_streams {
             config.limits.tunnel_streams = n;
+        }
+        if let Some(first) = first_source {
+            let index = u32::try_from(i)?
+                .checked_add(first)
+                .ok_or_else(|| anyhow!("--first-source {first}: too many agents"))?;
+            config.bind_address = Some(loopback_source(index)?);
         }
         let agent = Agent::new(config)?;
         handles.push(agent.handle());
@@ -672,6 +692,15 @@ async fn agents(
     runs.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), runs.wait()).await;
     Ok(())
+}
+
+/// Agent `index`'s own loopback address: 127.a.b.c with a from 1 and b, c in 1..=254 (no
+/// address ending in 0 or 255, none in 127.0.x.x where the hub and the other systems are).
+fn loopback_source(index: u32) -> Result<std::net::IpAddr> {
+    let (c, rest) = (index % 254 + 1, index / 254);
+    let (b, a) = (rest % 254 + 1, rest / 254 + 1);
+    let a = u8::try_from(a).map_err(|_| anyhow!("agent {index}: out of 127.0.0.0/8"))?;
+    Ok(std::net::Ipv4Addr::new(127, a, b as u8, c as u8).into())
 }
 
 /// A short label for an agent's last error, for the status lines.
@@ -1823,7 +1852,13 @@ async fn run_tests(
             .ok_or_else(|| anyhow!("{} not running", sys.name))?;
         let pids = sys.hub_pids();
         let before = rss_bytes(&pids);
-        let fleet = Fleet::start(exe, rna, args.m1_agents, args.agents_per_process)?;
+        let fleet = Fleet::start(
+            exe,
+            rna,
+            args.m1_agents,
+            args.agents_per_process,
+            args.one_source,
+        )?;
         let connect_secs = fleet.wait_connected(args.m1_agents, Duration::from_secs(240))?;
         // Let heartbeats and buffers settle.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1896,22 +1931,29 @@ struct Fleet {
 
 impl Fleet {
     /// Starts `count` agents named `idle` in processes of at most `per_process` each.
-    fn start(exe: &Path, rna: &Rna, count: usize, per_process: usize) -> Result<Fleet> {
+    fn start(
+        exe: &Path,
+        rna: &Rna,
+        count: usize,
+        per_process: usize,
+        one_source: bool,
+    ) -> Result<Fleet> {
         let per_process = per_process.max(1);
         let n = count.div_ceil(per_process).max(1);
         let status = Arc::new(std::sync::Mutex::new(vec![Value::Null; n]));
         let mut procs = Vec::new();
         for i in 0..n {
             let here = per_process.min(count - i * per_process);
-            let mut p = Proc::spawn(
-                "agents",
-                Command::new(exe)
-                    .arg("agents")
-                    .args(rna.agent_identity("idle"))
-                    .args(["--count", &here.to_string()])
-                    .args(["--transport", rna.transport.unwrap_or("auto")])
-                    .stdout(Stdio::piped()),
-            )?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("agents")
+                .args(rna.agent_identity("idle"))
+                .args(["--count", &here.to_string()])
+                .args(["--transport", rna.transport.unwrap_or("auto")])
+                .stdout(Stdio::piped());
+            if !one_source {
+                cmd.args(["--first-source", &(i * per_process).to_string()]);
+            }
+            let mut p = Proc::spawn("agents", &mut cmd)?;
             let out = p
                 .child
                 .stdout
@@ -2084,7 +2126,13 @@ async fn m1_real(
         let mut agents: Vec<Proc> = Vec::new();
         let mut fleet = None;
         if how == "generator" {
-            fleet = Some(Fleet::start(exe, rna, n, args.agents_per_process)?);
+            fleet = Some(Fleet::start(
+                exe,
+                rna,
+                n,
+                args.agents_per_process,
+                args.one_source,
+            )?);
         } else {
             for _ in 0..n {
                 let mut c = Command::new(&rna.bin);
@@ -2164,7 +2212,7 @@ async fn m2_s1(
     let pids = systems[idx].hub_pids();
     let before = rss_bytes(&pids);
     eprintln!("# M2: starting {n} agents, load average {}", loadavg());
-    let fleet = Fleet::start(exe, rna, n, args.agents_per_process)?;
+    let fleet = Fleet::start(exe, rna, n, args.agents_per_process, args.one_source)?;
     let connect_secs = fleet.wait_connected(n, Duration::from_secs(900))?;
     // The hub's count (its own `bench` agent included) may lag the agents' or miss one that
     // is reconnecting at that moment; 0.1 % short is measured and said, not an error.

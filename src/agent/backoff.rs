@@ -67,6 +67,17 @@ impl Retry {
         half + Duration::from_nanos(jitter)
     }
 
+    /// A delay drawn uniformly from `[0, window]`, for a retry that should be immediate but
+    /// not at the same instant as every other agent's: after a hub restart the whole fleet
+    /// notices within one keep-alive interval, and an instant retry from each would arrive
+    /// as one burst. Does not count as a failure of the run.
+    pub fn spread(&mut self, window: Duration) -> Duration {
+        match window.as_nanos() as u64 {
+            0 => Duration::ZERO,
+            n => Duration::from_nanos(self.random() % (n + 1)),
+        }
+    }
+
     fn random(&mut self) -> u64 {
         let mut x = self.rng;
         x ^= x >> 12;
@@ -138,6 +149,28 @@ mod tests {
         late.sort();
         late.dedup();
         assert!(late.len() > 100, "jitter should spread delays: {late:?}");
+    }
+
+    #[test]
+    fn a_spread_stays_in_its_window_covers_it_and_leaves_the_steps_alone() {
+        let window = ms(500);
+        let mut retry = Retry::new(ms(200), ms(30_000));
+        let mut seen = Vec::new();
+        for _ in 0..10_000 {
+            let d = retry.spread(window);
+            assert!(d <= window, "{d:?} beyond {window:?}");
+            seen.push(d);
+        }
+        // Spread over the whole window: each tenth of it is hit (about 1,000 times each).
+        for tenth in 0..10u32 {
+            let (lo, hi) = (window * tenth / 10, window * (tenth + 1) / 10);
+            let n = seen.iter().filter(|d| **d >= lo && **d < hi).count();
+            assert!(n > 700, "{n} delays in [{lo:?}, {hi:?})");
+        }
+        // Spreads are not failures: the next backoff delay is still the first step's.
+        let delay = retry.next_delay();
+        assert!(delay >= ms(100) && delay <= ms(200), "{delay:?}");
+        assert_eq!(retry.spread(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod supervisor;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -177,6 +177,10 @@ pub struct AgentConfig {
     pub quic_probe_interval: Duration,
     /// The HTTP proxy for TCP sessions, and the hubs reached without it.
     pub proxy: ProxySettings,
+    /// The local address of the agent's sockets to its hubs (QUIC's UDP socket and the
+    /// TLS/TCP fallback's), for hosts with several addresses where the hub or a firewall
+    /// expects one of them (`None`: the kernel picks by route). The port is always ephemeral.
+    pub bind_address: Option<IpAddr>,
     /// The state folder an enrolled certificate was read from: the agent renews it there at
     /// two thirds of its lifetime, over the renewal exchange, without a restart (`None`:
     /// certificates are managed by hand).
@@ -256,6 +260,7 @@ impl AgentConfig {
             quic_fallback_after: Duration::from_secs(5),
             quic_probe_interval: Duration::from_secs(600),
             proxy: ProxySettings::default(),
+            bind_address: None,
             state: None,
             oidc: None,
         }

@@ -139,6 +139,16 @@ impl SessionError {
             {
                 SessionError::Busy(at.addr)
             }
+            // The hub gave up on the handshake without a TLS alert: an application close
+            // during the handshake travels as APPLICATION_ERROR (RFC 9000 §10.2.3), which is
+            // what a hub sends when its handshake deadline passes (overloaded, as in a
+            // reconnect storm) or it shuts down. Transient as well: nothing to fix here, and a
+            // long backoff would only keep this agent away from a hub that is catching up.
+            ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+            {
+                SessionError::Busy(at.addr)
+            }
             ConnectionError::ConnectionClosed(close) => SessionError::Tls(format!(
                 "the hub at {} closed the handshake: {close}",
                 at.addr
@@ -241,6 +251,9 @@ pub struct Established {
     reader: ControlReader,
     /// Largest frame accepted from the hub.
     max_frame: usize,
+    /// Tunnel streams the hub may have open at once, at most (`max_streams`); a QUIC
+    /// connection starts with a smaller grant that grows towards it.
+    tunnel_streams: u32,
     /// Where a connect token the hub rotates on this session is handed (`None`: ignored).
     pub rotations: Option<tokio::sync::mpsc::UnboundedSender<Secret>>,
 }
@@ -322,7 +335,9 @@ pub async fn dial_tcp(
     };
     let limits = &config.limits;
     let dialed = match proxy {
-        None => tcp::connect(addr, server_name, &config.tls, limits).await,
+        None => {
+            tcp::connect_from(addr, config.bind_address, server_name, &config.tls, limits).await
+        }
         Some(proxy) => {
             let tunnel = crate::transport::proxy::connect(
                 proxy,
@@ -438,6 +453,7 @@ pub async fn register(
                 send,
                 reader: control::control_reader(recv, config.max_frame),
                 max_frame: config.max_frame,
+                tunnel_streams: config.limits.tunnel_streams,
                 rotations: None,
             }),
             Ok(Some(Control::Rejected { code, reason })) => {
@@ -500,6 +516,7 @@ pub async fn run(
         mut send,
         mut reader,
         max_frame,
+        tunnel_streams,
         rotations,
     } = established;
     let heartbeat =
@@ -512,9 +529,20 @@ pub async fn run(
         )
     });
     let accept = async {
+        // What the connection was set up with (`Limits::initial_tunnel_window`).
+        let mut window = tunnel_streams.min(transport::INITIAL_TUNNEL_WINDOW);
         loop {
             match connection.accept_bi().await {
                 Ok((send, recv)) => {
+                    // The stream being accepted counts as open: `streams` does not hold it yet.
+                    let open = streams.len() + 1;
+                    if let Some(grown) =
+                        transport::grown_tunnel_window(open, window, tunnel_streams)
+                    {
+                        window = grown;
+                        connection.grant_streams(window);
+                        debug!(open, window, "more tunnel streams granted to the hub");
+                    }
                     let dialer = dialer.clone();
                     let kube = kube.clone();
                     let agent = agent.to_string();
@@ -767,6 +795,9 @@ mod tests {
             &at,
         );
         assert!(matches!(busy, SessionError::Busy(_)), "{busy:?}");
+        let abandoned =
+            SessionError::from_connection(close(quinn::TransportErrorCode::APPLICATION_ERROR), &at);
+        assert!(matches!(abandoned, SessionError::Busy(_)), "{abandoned:?}");
         let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)), &at);
         assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
     }

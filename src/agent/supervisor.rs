@@ -20,8 +20,12 @@ use crate::transport;
 use crate::transport::proxy::ProxyUrl;
 use crate::transport::session::{Session, TransportKind};
 
-/// Delay of that immediate reconnect.
-const IMMEDIATE_RECONNECT: Duration = Duration::from_millis(10);
+/// Window over which the immediate reconnect after a stable session ended (or a hub said it
+/// is going away) is spread: each agent waits a uniformly drawn part of it. A restarted hub
+/// meets its whole fleet within one keep-alive interval; spreading each agent's first
+/// attempt over half a second more keeps that from arriving as one burst of Initials while
+/// adding at most half a second to one agent's reconnect.
+const RECONNECT_SPREAD: Duration = Duration::from_millis(500);
 
 /// Longest wait after a hub turned the agent away because it was busy (at its handshake cap,
 /// or accepted but too slow to answer Hello). A busy hub is one that answers: after a restart
@@ -219,8 +223,20 @@ impl Supervisor {
             TransportMode::Auto => proxy.is_none(),
             TransportMode::Tcp => false,
         };
+        if let Some(bind) = self.config.bind_address {
+            // Checked here, not at start: a hub name may resolve to both families, and the
+            // addresses of the bind address's family are still served.
+            if proxy.is_none() && bind.is_ipv4() != addr.is_ipv4() {
+                error!(%bind, "not connecting to the hub at {addr}: --bind-address {bind} is of the \
+                    other IP family; give a bind address of the hub's family, or a hub name that \
+                    resolves to an address of the bind address's family");
+                return;
+            }
+        }
         let endpoint = if wants_quic {
-            match transport::agent_endpoint(addr, &self.config.tls, &self.config.limits) {
+            let bind = self.config.bind_address;
+            match transport::agent_endpoint_from(addr, bind, &self.config.tls, &self.config.limits)
+            {
                 Ok(e) => Some(e),
                 Err(e) => {
                     error!("cannot create a QUIC endpoint: {e}");
@@ -303,14 +319,16 @@ impl Supervisor {
                         Served::Ended { end, up } => {
                             if end.going_away {
                                 info!("hub is going away: {}; reconnecting", end.reason);
-                                // Replicas restart together: spread the reconnects a little.
-                                Duration::from_millis(50)
+                                // Replicas restart together: spread the reconnects.
+                                retry.spread(RECONNECT_SPREAD)
                             } else if up >= self.config.stable_session {
                                 // A session that had been up is worth one immediate retry: a
                                 // hub that restarted (its stateless reset ends our session)
-                                // answers at once. Failures after that back off as usual.
-                                warn!("session ended: {}; reconnecting now", end.reason);
-                                IMMEDIATE_RECONNECT
+                                // answers at once. Spread, since the fleet learns of the
+                                // restart at once too. Failures after that back off as usual.
+                                let delay = retry.spread(RECONNECT_SPREAD);
+                                warn!(retry_in = ?delay, "session ended: {}; reconnecting now", end.reason);
+                                delay
                             } else {
                                 warn!("session ended: {}; reconnecting", end.reason);
                                 retry.next_delay()

@@ -1,7 +1,7 @@
 //! The agent's settings: its one list of keys, and their validation into
 //! [`AgentSettings`], cluster mode included.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -134,6 +134,12 @@ settings! {
     #[arg(long, env = "RNA_PROXY", value_name = "URL")]
     proxy: Option<String> =>
         show(settings.config.proxy.proxy.as_ref().map(|p| p.to_string()));
+    /// Local IP address of the agent's connections to its hubs (the QUIC UDP socket and the
+    /// direct TLS/TCP one), on a host with several addresses; the port stays ephemeral. Hub
+    /// addresses of the other IP family are not dialed [default: chosen by the kernel's
+    /// route].
+    #[arg(long, env = "RNA_BIND_ADDRESS")]
+    bind_address: Option<IpAddr> => show(settings.config.bind_address);
     /// Worker threads of the runtime, 1 to 1024 [default: 1 with at most two CPUs, else one
     /// per CPU].
     #[arg(long, env = "RNA_WORKER_THREADS")]
@@ -280,6 +286,7 @@ pub fn agent_settings(o: AgentOptions, sources: &Sources) -> Result<AgentSetting
             .map_err(|e| invalid("server_name", crate::fsutil::error_chain(&e)))?;
         config.server_name = Some(name);
     }
+    config.bind_address = o.bind_address;
     config.policy = Policy::new(o.allow.clone(), o.deny.clone());
     config.proxy = ProxySettings::resolve(o.proxy.as_deref(), |name| std::env::var(name).ok())
         .map_err(|e| invalid("proxy", e.to_string()))?;

@@ -3,7 +3,7 @@
 //! checks keys of both commands share.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -102,6 +102,7 @@ macro_rules! text_form {
 }
 text_form!(
     String,
+    IpAddr,
     HubTarget,
     Rule,
     ResourceRule,

@@ -9,7 +9,7 @@ pub mod session;
 pub mod tcp;
 pub mod tls;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,6 +195,33 @@ pub struct Limits {
     pub max_ack_delay: Duration,
 }
 
+/// Tunnel streams an agent grants the hub on a new connection, before the window grows
+/// towards [`Limits::tunnel_streams`] with the streams the hub really opens.
+///
+/// Why not the whole limit at once: quinn makes an entry for every stream id the peer may
+/// open as soon as it grants them (`StreamsState::ensure_remote_streams`), so a grant of
+/// 16,384 cost each agent connection about 1 MB (estimated) and tens of thousands of inserts
+/// into hash tables in its handshake, on every connect and reconnect, for streams almost
+/// never open at once.
+pub const INITIAL_TUNNEL_WINDOW: u32 = 256;
+
+impl Limits {
+    /// The tunnel streams an agent grants when a QUIC connection starts: at most
+    /// [`INITIAL_TUNNEL_WINDOW`], never more than `tunnel_streams`.
+    pub fn initial_tunnel_window(&self) -> u32 {
+        self.tunnel_streams.min(INITIAL_TUNNEL_WINDOW)
+    }
+}
+
+/// The next tunnel-stream window of an agent connection with `open` streams open under a
+/// window of `window`, limit `limit`: doubled (up to the limit) once three quarters are in
+/// use, so a burst of streams waits at most one round trip per doubling; `None` while it is
+/// large enough.
+pub fn grown_tunnel_window(open: usize, window: u32, limit: u32) -> Option<u32> {
+    let busy = open.saturating_mul(4) >= (window as usize).saturating_mul(3);
+    (busy && window < limit).then(|| window.saturating_mul(2).min(limit))
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -343,19 +370,51 @@ pub fn rebind_agent_endpoint(endpoint: &quinn::Endpoint) -> Result<SocketAddr, T
         })
 }
 
-/// Binds an agent's client endpoint on an ephemeral port of the hub address's family.
+/// The local address an agent's socket to `hub` binds: port 0 of `bind` when given, else of
+/// the unspecified address of the hub's family. A `bind` of the other family than the hub's
+/// is refused by the kernel when the socket connects or sends, which names both addresses.
+pub fn local_address(hub: SocketAddr, bind: Option<IpAddr>) -> SocketAddr {
+    match bind {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None if hub.is_ipv6() => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        None => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+/// Binds an agent's client endpoint on an ephemeral port of the hub address's family; its
+/// connections grant the hub all of `limits.tunnel_streams` at once (for callers that do not
+/// grow the grant themselves, as tests of the transport).
 pub fn agent_endpoint(
     hub: SocketAddr,
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let local: SocketAddr = if hub.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    let local = local_address(hub, None);
+    let mut endpoint = client_endpoint(local, limits)?;
+    endpoint.set_default_client_config(client_config(tls, limits, limits.tunnel_streams)?);
+    Ok(endpoint)
+}
+
+/// The agent's endpoint: on an ephemeral port of `bind` when given (`--bind-address`), else
+/// of the unspecified address of the hub address's family; its connections grant the hub
+/// [`Limits::initial_tunnel_window`] streams first, which the agent's session grows towards
+/// `limits.tunnel_streams` with [`Session::grant_streams`](session::Session::grant_streams).
+pub fn agent_endpoint_from(
+    hub: SocketAddr,
+    bind: Option<IpAddr>,
+    tls: &ClientTls,
+    limits: &Limits,
+) -> Result<quinn::Endpoint, TransportError> {
+    let local = local_address(hub, bind);
+    let mut endpoint = client_endpoint(local, limits)?;
+    endpoint.set_default_client_config(agent_client_config(tls, limits)?);
+    Ok(endpoint)
+}
+
+/// A client-only QUIC endpoint on `local`.
+fn client_endpoint(local: SocketAddr, limits: &Limits) -> Result<quinn::Endpoint, TransportError> {
     let socket = udp_socket(local)?;
-    let mut endpoint = quinn::Endpoint::new(
+    quinn::Endpoint::new(
         limits.endpoint_config(EndpointConfig::default())?,
         None,
         socket,
@@ -364,24 +423,28 @@ pub fn agent_endpoint(
     .map_err(|source| TransportError::Bind {
         addr: local,
         source,
-    })?;
-    let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
-    client.transport_config(Arc::new(
-        limits.transport(limits.tunnel_streams, limits.agent_keep_alive)?,
-    ));
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    })
 }
 
-/// The QUIC client configuration of an agent endpoint for `tls`, as [`agent_endpoint`] sets
-/// it: an agent whose certificate was renewed sets it again on its endpoint.
+/// The QUIC client configuration of the agent's endpoint for `tls`, as
+/// [`agent_endpoint_from`] sets it: an agent whose certificate was renewed sets it again on
+/// its endpoint.
 pub fn agent_client_config(
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    client_config(tls, limits, limits.initial_tunnel_window())
+}
+
+/// A QUIC client configuration granting the hub `tunnel_streams` streams.
+fn client_config(
+    tls: &ClientTls,
+    limits: &Limits,
+    tunnel_streams: u32,
+) -> Result<quinn::ClientConfig, TransportError> {
     let mut client = quinn::ClientConfig::new(Arc::new(tls.quic_config()?));
     client.transport_config(Arc::new(
-        limits.transport(limits.tunnel_streams, limits.agent_keep_alive)?,
+        limits.transport(tunnel_streams, limits.agent_keep_alive)?,
     ));
     Ok(client)
 }
@@ -389,6 +452,34 @@ pub fn agent_client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_window_starts_small_and_doubles_at_three_quarters_up_to_the_limit() {
+        let limits = Limits::default();
+        assert_eq!(limits.initial_tunnel_window(), 256);
+        let small = Limits {
+            tunnel_streams: 10,
+            ..Limits::default()
+        };
+        assert_eq!(small.initial_tunnel_window(), 10);
+        // (open, window, limit, next)
+        let table: [(usize, u32, u32, Option<u32>); 7] = [
+            (0, 256, 16_384, None),
+            (191, 256, 16_384, None),
+            (192, 256, 16_384, Some(512)),
+            (384, 512, 16_384, Some(1_024)),
+            (12_300, 16_000, 16_384, Some(16_384)),
+            (16_384, 16_384, 16_384, None),
+            (10, 10, 10, None),
+        ];
+        for (open, window, limit, next) in table {
+            assert_eq!(
+                grown_tunnel_window(open, window, limit),
+                next,
+                "{open} open of {window} (limit {limit})"
+            );
+        }
+    }
 
     #[test]
     fn endpoint_key_is_created_once_and_reused() {

@@ -211,6 +211,16 @@ impl Session {
         }
     }
 
+    /// Lets the peer have up to `n` of its bidirectional streams open at once (more than it
+    /// was granted so far: QUIC cannot take a grant back). A TLS/TCP session keeps the window
+    /// it was set up with, since QMux grants it without a table per stream.
+    pub fn grant_streams(&self, n: u32) {
+        match self {
+            Session::Quic(c) => c.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(n)),
+            Session::Tcp(_) => {}
+        }
+    }
+
     /// Accepts the next stream the peer opened. Cancel-safe.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), StreamError> {
         match self {

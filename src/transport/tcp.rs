@@ -8,7 +8,7 @@
 
 mod io;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,9 +245,21 @@ pub async fn connect(
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<TcpSession, TcpError> {
+    connect_from(addr, None, name, tls, limits).await
+}
+
+/// [`connect`] from `bind` (the agent's `--bind-address`; `None`: the address the kernel
+/// picks).
+pub async fn connect_from(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    name: &str,
+    tls: &ClientTls,
+    limits: &Limits,
+) -> Result<TcpSession, TcpError> {
     let limit = limits.handshake_timeout;
     let work = async {
-        let tcp = TcpStream::connect(addr)
+        let tcp = dial(addr, bind)
             .await
             .map_err(|source| TcpError::Connect { addr, source })?;
         connect_over(tcp, addr, name, tls, limits).await
@@ -255,6 +267,19 @@ pub async fn connect(
     tokio::time::timeout(limit, work)
         .await
         .unwrap_or(Err(TcpError::Timeout { addr, limit }))
+}
+
+/// A TCP connection to `addr`, from port 0 of `bind` when given.
+async fn dial(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match ip {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
 }
 
 /// Sets up a session over a TCP connection that is already open: directly to the hub, or a

@@ -495,10 +495,12 @@ fn check_config_prints_the_configuration_in_force_as_a_file_that_reads_back_the_
          dial_timeout = \"500ms\"\nmetrics = \"127.0.0.1:0\"\nkubeconfig = \"kubeconfig\"\n\
          kube_context = \"prod\"\nkube_namespace = [\"shop\"]\n\
          kube_resource = [\"deployments.apps\"]\nkube_inventory_interval = 90\n\
-         log_format = \"json\"\nlog_level = \"debug\"\nproxy = \"http://proxy.example:3128\"\n",
+         log_format = \"json\"\nlog_level = \"debug\"\nproxy = \"http://proxy.example:3128\"\n\
+         bind_address = \"192.0.2.10\"\n",
     );
     let out = reads_back_the_same(&setup, "agent", &["--config", s(&agent)], "agent.toml");
     assert_eq!(key(&out, "proxy"), "http://proxy.example:3128");
+    assert_eq!(key(&out, "bind_address"), "192.0.2.10");
     let mut keys: Vec<String> = out.keys().cloned().collect();
     keys.sort();
     // The oidc_* keys replace token_file, so this file cannot hold them: they are printed by

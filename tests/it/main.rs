@@ -12,6 +12,7 @@ mod fake_kube;
 
 mod api_authz;
 mod api_limits;
+mod bind_address;
 mod caps;
 mod config;
 mod dev;
@@ -47,6 +48,7 @@ mod socks_input;
 mod socks_logs;
 mod status_page;
 mod storm;
+mod stream_window;
 mod systemd;
 mod transport_session;
 mod tunnel;

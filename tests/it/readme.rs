@@ -184,6 +184,7 @@ fn same(readme: &str, program: &str) -> bool {
 /// machine, the environment or another setting.
 const PROSE: &[&str] = &[
     "RNA_PROXY",
+    "RNA_BIND_ADDRESS",
     "RNA_OIDC_TOKEN_URL",
     "RNA_OIDC_ISSUER",
     "RNA_OIDC_CLIENT_ID",

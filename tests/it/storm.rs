@@ -84,3 +84,45 @@ async fn agents_turned_away_by_a_busy_hub_retry_soon_and_all_connect() {
     }
     world.stop().await;
 }
+
+/// A hub that gives up on a handshake (its TLS deadline passed: overloaded in a storm) closes
+/// it without a TLS alert. The agent takes that for a busy hub, retries within seconds and
+/// says so at info, never as a certificate problem with a backoff of up to a minute. Seen
+/// failing before: the agent reported a TLS failure ("closed the handshake") and waited 1 s,
+/// 2 s, 4 s ... between attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handshake_the_hub_abandoned_is_retried_soon_as_busy() {
+    // No handshake can finish within a nanosecond: the hub abandons every one.
+    let world = World::start_with(|c| c.caps.tls_timeout = Duration::from_nanos(1)).await;
+    let token = world.agent_token(TENANT);
+    let mut config = world.agent_config("abandoned", &token);
+    config.transport = TransportMode::Quic;
+    config.backoff = Backoff::default();
+    let agent = world.spawn_agent(config);
+    let t0 = Instant::now();
+    // Busy pacing: about 0.1-0.2 s, 0.2-0.4 s, 0.4-0.8 s, 0.8-1.6 s, then at most 2 s apart;
+    // five attempts within 12 s on a loaded machine. The refusal pacing (1 s doubling) would
+    // need 15 s or more for five.
+    eventually("five abandoned handshakes", || {
+        world.hub.metrics().handshake_failures("tls_timeout") >= 5
+    })
+    .await;
+    let took = t0.elapsed();
+    // Busy; on a loaded machine the hub's close may also be lost and the attempt end as a
+    // timeout (the usual backoff, from 200 ms). Never a certificate problem or a refusal.
+    let error = agent.handle.status().last_error;
+    assert!(
+        matches!(
+            error,
+            Some(rna::agent::SessionError::Busy(_) | rna::agent::SessionError::Timeout { .. })
+        ),
+        "the agent took the abandoned handshake for {error:?}"
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "five attempts took {took:?}"
+    );
+    assert_eq!(world.hub.registry().len(), 0);
+    agent.stop().await;
+    world.stop().await;
+}
