@@ -322,22 +322,21 @@ impl Supervisor {
                         }
                         Served::Ended { .. } if cancel.is_cancelled() => break,
                         Served::Ended { end, up } => {
-                            if end.going_away {
-                                info!("hub is going away: {}; reconnecting", end.reason);
-                                // Replicas restart together: spread the reconnects.
-                                retry.spread(RECONNECT_SPREAD)
-                            } else if up >= self.config.stable_session {
-                                // A session that had been up is worth one immediate retry: a
-                                // hub that restarted (its stateless reset ends our session)
-                                // answers at once. Its fleet learns of the restart at the
-                                // phases of their pings, already spread; a short window more.
-                                // Failures after that back off as usual.
-                                let delay = retry.spread(RESET_SPREAD);
-                                warn!(retry_in = ?delay, "session ended: {}; reconnecting now", end.reason);
-                                delay
-                            } else {
-                                warn!("session ended: {}; reconnecting", end.reason);
-                                retry.next_delay()
+                            match reconnect_window(end.going_away, up, self.config.stable_session) {
+                                Some(window) if end.going_away => {
+                                    info!("hub is going away: {}; reconnecting", end.reason);
+                                    retry.spread(window)
+                                }
+                                Some(window) => {
+                                    // Failures after this one retry back off as usual.
+                                    let delay = retry.spread(window);
+                                    warn!(retry_in = ?delay, "session ended: {}; reconnecting now", end.reason);
+                                    delay
+                                }
+                                None => {
+                                    warn!("session ended: {}; reconnecting", end.reason);
+                                    retry.next_delay()
+                                }
                             }
                         }
                     }
@@ -838,11 +837,48 @@ fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
     Some(hint)
 }
 
+/// The window the first reconnect after an ended session is drawn from, or `None` when the
+/// ordinary backoff applies. A hub going away told its whole fleet at once: spread widely
+/// (replicas restart together). A session that had been up is worth one prompt retry: a hub
+/// that restarted (its stateless reset ended the session) answers at once, and its fleet
+/// learns of the restart at the phases of their pings, already spread, so the window is
+/// short. A session that ended young backs off, so a hub that accepts and then drops an
+/// agent is not hammered.
+fn reconnect_window(going_away: bool, up: Duration, stable: Duration) -> Option<Duration> {
+    if going_away {
+        Some(RECONNECT_SPREAD)
+    } else if up >= stable {
+        Some(RESET_SPREAD)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn a_reset_is_retried_within_a_short_window_and_a_going_away_hub_over_a_wide_one() {
+        let stable = Duration::from_secs(2);
+        let up = Duration::from_secs(60);
+        assert_eq!(reconnect_window(true, up, stable), Some(RECONNECT_SPREAD));
+        assert_eq!(
+            reconnect_window(true, Duration::ZERO, stable),
+            Some(RECONNECT_SPREAD)
+        );
+        assert_eq!(reconnect_window(false, up, stable), Some(RESET_SPREAD));
+        assert_eq!(reconnect_window(false, stable, stable), Some(RESET_SPREAD));
+        assert_eq!(
+            reconnect_window(false, Duration::from_secs(1), stable),
+            None
+        );
+        // The reset window stays well under R1's 0.5 s with the 250 ms ping floor on top.
+        assert!(RESET_SPREAD + Duration::from_millis(250) < Duration::from_millis(400));
+        assert!(RESET_SPREAD < RECONNECT_SPREAD);
+    }
 
     #[test]
     fn udp_that_cannot_leave_is_found_at_once() {
