@@ -291,73 +291,19 @@ async fn the_agent_ends_a_session_whose_hub_stops_answering() {
     world.stop().await;
 }
 
-/// `rna ARGS` as a process, with its plain output.
-async fn run_rna(args: &[&str]) -> Ran {
-    let ran = Rna::new(args)
-        .env_remove("RNA_LOG_FORMAT")
-        .run_async()
-        .await;
-    if !ran.status.success() {
-        eprintln!("rna {args:?}: {}", ran.stderr);
-    }
-    ran
-}
-
 /// A hub killed with SIGKILL and started again on the same port with the same state folder
 /// is noticed by a small fleet's agent within about one interval (250 ms): its next ping
 /// draws a stateless reset. QUIC keep-alive (15 s) plays no part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_hub_is_noticed_within_about_one_interval() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = |f: &str| tmp.path().join(f).display().to_string();
-    let certs = d("certs");
-    let store = d("tokens.toml");
-    let ran = run_rna(&["certs", "init", "--dir", &certs, "--hub-name", "127.0.0.1"]).await;
-    assert_eq!(ran.code(), 0);
-    let ran = run_rna(&["certs", "agent", "--dir", &certs, "edge"]).await;
-    assert_eq!(ran.code(), 0);
-    let ran = run_rna(&[
-        "token",
-        "create",
-        "--store",
-        &store,
-        "--tenant",
-        TENANT,
-        "--scope",
-        "connect:agentHub",
-    ])
-    .await;
-    assert_eq!(ran.code(), 0);
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::write(d("token.txt"), ran.stdout.trim()).unwrap();
-        std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    // The restarted hub must be where the agent's packets go: the port is chosen free, not
-    // fixed.
-    let port = free_udp_and_tcp_port();
     // Default pacing: a fleet of one pings every 250 ms.
-    let hub_args = hub_process_args(
-        &certs,
-        &store,
-        &format!("127.0.0.1:{port}"),
-        &["--state-dir", &d("state")],
-    );
-    let (mut hub, mut hub_log) = spawn_logged(&hub_args);
-    wait_line(&mut hub_log, "hub serving").await;
-    let agent_args = agent_process_args(
-        &format!("127.0.0.1:{port}"),
-        "edge",
-        &format!("{certs}/ca.pem"),
-        &certs,
-        &d("token.txt"),
-        &["--stable-session", "200ms"],
-    );
-    let mut agent = Rna::new(&agent_args)
-        .logs_at("info,rna::agent=debug")
-        .spawn();
-    agent.wait_line("connected to hub").await;
-    agent.wait_line("session stable").await;
+    let RestartableHub {
+        mut hub,
+        hub_args,
+        agent,
+        ..
+    } = restartable_hub_and_agent(tmp.path()).await;
     let mut agent_log = agent.log;
 
     hub.kill().await.unwrap();

@@ -376,40 +376,12 @@ async fn killed_hub_resets_clients_and_agents_come_back_to_a_restarted_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = |f: &str| tmp.path().join(f).display().to_string();
-    let certs = d("certs");
-    let store = d("tokens.toml");
-    let (code, _) = run_rna(&["certs", "init", "--dir", &certs, "--hub-name", "127.0.0.1"]).await;
-    assert_eq!(code, 0);
-    let (code, _) = run_rna(&["certs", "agent", "--dir", &certs, "edge"]).await;
-    assert_eq!(code, 0);
-    let (code, token) = run_rna(&[
-        "token",
-        "create",
-        "--store",
-        &store,
-        "--tenant",
-        "acme/prod",
-        "--scope",
-        "connect:agentHub",
-    ])
-    .await;
-    assert_eq!(code, 0);
-    std::fs::write(d("token.txt"), token.trim()).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    // A fixed port: the restarted hub must be where the agent's packets go.
-    let port = free_udp_and_tcp_port();
-    let hub_args = hub_process_args(
-        &certs,
-        &store,
-        &format!("127.0.0.1:{port}"),
-        &["--state-dir", &d("state")],
-    );
-    let (mut hub, mut hub_log) = spawn_logged(&hub_args);
-    wait_line(&mut hub_log, "hub serving").await;
+    let RestartableHub {
+        mut hub,
+        hub_args,
+        agent,
+        ..
+    } = restartable_hub_and_agent(tmp.path()).await;
     let key = std::fs::read(tmp.path().join("state/endpoint.key")).unwrap();
     assert_eq!(key.len(), 32);
     {
@@ -420,21 +392,6 @@ async fn a_hub_restarted_with_its_state_dir_is_rejoined_at_once() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    // A short stable-session threshold, and the moment it passes is logged (debug): the
-    // session has earned an immediate reconnect when the hub dies.
-    let agent_args = agent_process_args(
-        &format!("127.0.0.1:{port}"),
-        "edge",
-        &format!("{certs}/ca.pem"),
-        &certs,
-        &d("token.txt"),
-        &["--stable-session", "200ms"],
-    );
-    let mut agent = Rna::new(&agent_args)
-        .logs_at("info,rna::agent=debug")
-        .spawn();
-    agent.wait_line("connected to hub").await;
-    agent.wait_line("session stable").await;
     let mut agent_log = agent.log;
 
     hub.kill().await.unwrap();

@@ -1407,6 +1407,86 @@ pub fn hub_process_args(certs: &str, store: &str, listen: &str, extra: &[&str]) 
     args
 }
 
+/// A hub process with its state folder, on a free port, and an agent process of it whose
+/// session has become stable: what tests that kill the hub and start it again begin with.
+pub struct RestartableHub {
+    /// The hub process (`--state-dir DIR/state`).
+    pub hub: tokio::process::Child,
+    /// The hub's log.
+    pub hub_log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Arguments that start the same hub again, on the same port with the same state.
+    pub hub_args: Vec<String>,
+    /// The agent `edge` of tenant `acme/prod`, logging at debug, its session stable.
+    pub agent: RnaProcess,
+}
+
+/// Starts a [`RestartableHub`] from files made in `dir` by the real `rna certs` and
+/// `rna token create`. The port is chosen free, not fixed, and kept: the restarted hub must
+/// be where the agent's packets go. A short stable-session threshold, whose passing the agent
+/// logs at debug: the session has earned an immediate reconnect when the hub dies.
+pub async fn restartable_hub_and_agent(dir: &Path) -> RestartableHub {
+    let d = |f: &str| dir.join(f).display().to_string();
+    let run = |args: Vec<String>| async move {
+        let ran = Rna::new(&args)
+            .env_remove("RNA_LOG_FORMAT")
+            .run_async()
+            .await;
+        assert_eq!(ran.code(), 0, "rna {args:?}: {}", ran.stderr);
+        ran.stdout
+    };
+    let (certs, store) = (d("certs"), d("tokens.toml"));
+    let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    run(words(&[
+        "certs",
+        "init",
+        "--dir",
+        &certs,
+        "--hub-name",
+        "127.0.0.1",
+    ]))
+    .await;
+    run(words(&["certs", "agent", "--dir", &certs, "edge"])).await;
+    let token = run(words(&[
+        "token",
+        "create",
+        "--store",
+        &store,
+        "--tenant",
+        "acme/prod",
+        "--scope",
+        "connect:agentHub",
+    ]))
+    .await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(d("token.txt"), token.trim()).unwrap();
+        std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let listen = format!("127.0.0.1:{}", free_udp_and_tcp_port());
+    let hub_args = hub_process_args(&certs, &store, &listen, &["--state-dir", &d("state")]);
+    let (hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    let agent_args = agent_process_args(
+        &listen,
+        "edge",
+        &format!("{certs}/ca.pem"),
+        &certs,
+        &d("token.txt"),
+        &["--stable-session", "200ms"],
+    );
+    let mut agent = Rna::new(&agent_args)
+        .logs_at("info,rna::agent=debug")
+        .spawn();
+    agent.wait_line("connected to hub").await;
+    agent.wait_line("session stable").await;
+    RestartableHub {
+        hub,
+        hub_log,
+        hub_args,
+        agent,
+    }
+}
+
 /// Arguments of an `rna agent` process named `name` that dials `hub` and trusts the CA in the
 /// file `ca`, whose certificate and key are in `certs` under the names `rna certs agent` gives
 /// them, with its token in `token_file` and its metrics on a free port; `extra` arguments
