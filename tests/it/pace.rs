@@ -160,22 +160,7 @@ async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
     let raw = world
         .raw_session("silent", rna::agent::TransportMode::Quic)
         .await;
-    let (mut send, recv) = raw.session.open_bi().await.unwrap();
-    let hello = Control::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        name: "silent".into(),
-        version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        capabilities: vec![],
-        token: rna::identity::Secret::new(token),
-    });
-    send.write_all(&encode(&hello).unwrap()).await.unwrap();
-    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
-    let welcome = match within("Welcome", reader.next()).await {
-        Some(Ok(Control::Welcome(w))) => w,
-        other => panic!("expected Welcome, got {other:?}"),
-    };
+    let (_send, mut reader, welcome) = hello_welcome(&raw, "silent", token).await;
     assert_eq!(welcome.heartbeat_interval_ms, 300);
     let welcomed = Instant::now();
     // The hub's ping comes after 450 ms of silence at the earliest.
@@ -200,6 +185,35 @@ async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
     world.stop().await;
 }
 
+/// Sends Hello as agent `name` on a new control stream of `raw` and reads the hub's Welcome:
+/// the control stream of a session the test drives by hand.
+async fn hello_welcome(
+    raw: &RawSession,
+    name: &str,
+    token: String,
+) -> (
+    rna::transport::session::SendStream,
+    rna::transport::control::ControlReader,
+    rna::proto::Welcome,
+) {
+    let (mut send, recv) = raw.session.open_bi().await.unwrap();
+    let hello = Control::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: name.into(),
+        version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        capabilities: vec![],
+        token: rna::identity::Secret::new(token),
+    });
+    send.write_all(&encode(&hello).unwrap()).await.unwrap();
+    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
+    match within("Welcome", reader.next()).await {
+        Some(Ok(Control::Welcome(w))) => (send, reader, w),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
 /// `Pace` is the hub's to send: an agent that sends it breaks the protocol, and its session
 /// alone is closed `protocol_error`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -210,22 +224,7 @@ async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
     let raw = world
         .raw_session("pacer", rna::agent::TransportMode::Quic)
         .await;
-    let (mut send, recv) = raw.session.open_bi().await.unwrap();
-    let hello = Control::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        name: "pacer".into(),
-        version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        capabilities: vec![],
-        token: rna::identity::Secret::new(token),
-    });
-    send.write_all(&encode(&hello).unwrap()).await.unwrap();
-    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
-    match within("Welcome", reader.next()).await {
-        Some(Ok(Control::Welcome(_))) => {}
-        other => panic!("expected Welcome, got {other:?}"),
-    }
+    let (mut send, _reader, _) = hello_welcome(&raw, "pacer", token).await;
     let pace = Control::Pace {
         heartbeat_interval_ms: 1,
         heartbeat_timeout_ms: 1,
