@@ -967,6 +967,17 @@ async fn path_stats(api: SocketAddr, token: &str) -> Result<Value> {
 }
 
 impl System {
+    /// `kill -9` of this rna system's hub, then the same hub started again at once, as a
+    /// supervisor would; the moment the new one was started.
+    fn kill_and_restart_hub(&mut self, rna: &Rna) -> Result<Instant> {
+        let mut old = self.hub.pop().ok_or_else(|| anyhow!("no hub process"))?;
+        signal(old.pid(), "KILL");
+        old.end(Duration::from_secs(5));
+        let t0 = Instant::now();
+        self.hub.push(Proc::spawn("rna hub", &mut rna.hub_cmd())?);
+        Ok(t0)
+    }
+
     fn hub_pids(&self) -> Vec<u32> {
         self.hub.iter().map(Proc::pid).collect()
     }
@@ -1893,17 +1904,7 @@ async fn run_tests(
             wait_ready(&via, target, Duration::from_secs(60)).await?;
             // Let the agent's session settle and go quiet, as a real hub restart finds it.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let old = systems[idx]
-                .hub
-                .pop()
-                .ok_or_else(|| anyhow!("no hub process"))?;
-            signal(old.pid(), "KILL");
-            let mut old = old;
-            old.end(Duration::from_secs(5));
-            let t0 = Instant::now();
-            systems[idx]
-                .hub
-                .push(Proc::spawn("rna hub", &mut rna.hub_cmd())?);
+            let t0 = systems[idx].kill_and_restart_hub(rna)?;
             let took = wait_ready(&via, target, Duration::from_secs(90)).await?;
             let secs = (t0.elapsed().as_secs_f64()).max(took.as_secs_f64());
             times.push(secs);
@@ -2281,17 +2282,7 @@ async fn m2_s1(
         return Ok(());
     }
     // S1: kill -9 and restart at once, as a supervisor would.
-    let old = systems[idx]
-        .hub
-        .pop()
-        .ok_or_else(|| anyhow!("no hub process"))?;
-    signal(old.pid(), "KILL");
-    let mut old = old;
-    old.end(Duration::from_secs(5));
-    let t0 = Instant::now();
-    systems[idx]
-        .hub
-        .push(Proc::spawn("rna hub", &mut rna.hub_cmd())?);
+    let t0 = systems[idx].kill_and_restart_hub(rna)?;
     let pids = systems[idx].hub_pids();
     let mut peak = 0u64;
     let mut back = 0u64;
