@@ -2226,6 +2226,11 @@ async fn m2_s1(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let n_hub = hub_connected(api, &token).await?.saturating_sub(1);
+    eprintln!(
+        "# M2: the hub counts {n_hub} agents after {connect_secs:.1} s; settling 10 s, then \
+         {:.0} s of idle CPU",
+        args.m2_idle_secs
+    );
     // Heartbeats, MTU discovery and keep-alives settle.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = rss_bytes(&pids);
