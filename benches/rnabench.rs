@@ -871,6 +871,16 @@ fn cpu_secs(roots: &[u32], tck: f64) -> f64 {
         .sum()
 }
 
+/// UDP datagrams dropped for want of receive buffer (`Udp: RcvbufErrors`) in the network
+/// namespace of process `pid`.
+fn udp_rcvbuf_errors(pid: u32) -> Option<u64> {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// Resident bytes of `roots` and their descendants (smaps_rollup `Rss`).
 fn rss_bytes(roots: &[u32]) -> u64 {
     tree(roots)
@@ -2287,17 +2297,35 @@ async fn m2_s1(
         return Ok(());
     }
     // S1: kill -9 and restart at once, as a supervisor would.
+    let gen0 = cpu_secs(&fleet.pids(), tck);
     let t0 = systems[idx].kill_and_restart_hub(rna)?;
     let pids = systems[idx].hub_pids();
+    eprintln!("# S1: hub killed and restarted");
     let mut peak = 0u64;
     let mut back = 0u64;
     let mut back_secs = None;
+    // The storm second by second: [s, agents the hub counts, agents connected by their own
+    // count, UDP datagrams dropped in the suite's namespace for want of socket buffer, the
+    // hub's CPU seconds, the agents' last errors by kind].
+    let mut curve = Vec::new();
+    let mut next_point = Duration::ZERO;
     while t0.elapsed() < Duration::from_secs(120) {
         peak = peak.max(rss_bytes(&pids));
         back = hub_connected(api, &token).await.unwrap_or(0);
         if back > n_hub {
             back_secs = Some(t0.elapsed().as_secs_f64());
             break;
+        }
+        if t0.elapsed() >= next_point {
+            curve.push(json!([
+                (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                back.saturating_sub(1),
+                fleet.connected(),
+                pids.first().and_then(|p| udp_rcvbuf_errors(*p)),
+                (cpu_secs(&pids, tck) * 100.0).round() / 100.0,
+                fleet.last_errors()
+            ]));
+            next_point += Duration::from_secs(1);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -2311,6 +2339,11 @@ async fn m2_s1(
         .await
         .unwrap_or(0);
     let settled = rss_bytes(&pids);
+    // Whose CPU the storm took: the new hub's (all of it since its start) and the generators'
+    // (the 10,000 agents' own handshakes, which share this machine's cores with the hub).
+    let storm_secs = t0.elapsed().as_secs_f64();
+    let hub_cpu = cpu_secs(&pids, tck) / storm_secs * 100.0;
+    let gen_cpu = (cpu_secs(&fleet.pids(), tck) - gen0) / storm_secs * 100.0;
     rec.emit(
         "S1",
         "rna",
@@ -2318,6 +2351,7 @@ async fn m2_s1(
         json!({"value": back_secs, "unit": "s until every agent is back", "agents": n,
                "back": back.saturating_sub(1), "peak_rss": peak, "rss_after": settled,
                "quic_retries": retries, "refused": refusals, "handshake_failures": failures,
+               "hub_cpu_pct": hub_cpu, "generator_cpu_pct": gen_cpu, "curve": curve,
                "generator_last_errors": fleet.last_errors(), "load": loadavg()}),
     );
     fleet.stop();

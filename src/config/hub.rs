@@ -77,7 +77,7 @@ settings! {
     #[arg(long, env = "RNA_HEARTBEAT_MIN", value_parser = parse_duration)]
     heartbeat_min: Option<Duration> => field(config.heartbeat_min);
     /// Agent pings per second the hub budgets for; the announced interval grows with the
-    /// fleet to stay within it [default: 2000].
+    /// fleet to stay within it [default: 1000].
     #[arg(long, env = "RNA_HEARTBEAT_RATE")]
     heartbeat_rate: Option<u32> => field(config.heartbeat_rate, at_least_one);
     /// Silence after which an agent connection is closed [default: 30s].

@@ -18,7 +18,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// How far (as a factor, either way) the interval a session was told may be from the current
 /// one before it is told again: small changes of the fleet cause no message at all.
-const RETELL_FACTOR: f64 = 1.5;
+const RETELL_FACTOR: f64 = 1.25;
 
 /// The interval announced to each agent when `sessions` are connected: long enough that the
 /// fleet sends at most `rate` pings a second, never shorter than `min` nor longer than
@@ -143,10 +143,10 @@ mod tests {
     #[test]
     fn a_session_is_retold_only_past_the_factor() {
         assert!(!needs_retelling(MS(500), MS(500)));
-        assert!(!needs_retelling(MS(500), MS(740)));
-        assert!(needs_retelling(MS(500), MS(750)));
-        assert!(needs_retelling(MS(750), MS(500)));
-        assert!(!needs_retelling(MS(700), MS(500)));
+        assert!(!needs_retelling(MS(500), MS(620)));
+        assert!(needs_retelling(MS(500), MS(625)));
+        assert!(needs_retelling(MS(625), MS(500)));
+        assert!(!needs_retelling(MS(620), MS(500)));
         assert!(needs_retelling(Duration::ZERO, MS(500)));
     }
 }

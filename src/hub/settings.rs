@@ -213,7 +213,7 @@ impl HubConfig {
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             heartbeat_min: Duration::from_millis(250),
-            heartbeat_rate: 2_000,
+            heartbeat_rate: 1_000,
             socks_limits: SocksLimits::default(),
             caps: HubCaps::default(),
             open_timeout: Duration::from_secs(15),

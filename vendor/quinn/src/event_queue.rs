@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(7)));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
 
-        let (tx, mut rx) = unbounded();
+        let (tx, mut rx) = unbounded::<u32>();
         assert!(rx.poll_recv(&mut cx).is_pending());
         drop(tx);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
