@@ -122,6 +122,14 @@ impl EndpointKey {
             Box::new(HashedConnectionIdGenerator::from_key(cid_key))
                 as Box<dyn quinn_proto::ConnectionIdGenerator>
         });
+        // A stateless reset for every packet of a connection the hub no longer has. quinn's
+        // default sends at most one per 20 ms, 50 a second for the whole endpoint: a hub
+        // restarted under 10,000 agents answered that many of their pings, and the rest of the
+        // fleet only noticed at the 30 s heartbeat timeout, all at once (S1, performance.md).
+        // The limit guards against reset loops with other UDP services; here each reset is
+        // smaller than the packet that drew it (quinn), and it is only sent for a connection
+        // ID that carries this key's hash, which a stray datagram matches by chance only.
+        config.min_reset_interval(Duration::ZERO);
         config
     }
 }
