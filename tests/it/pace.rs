@@ -434,7 +434,16 @@ async fn every_agent_of_a_fleet_learns_of_a_restarted_hub_at_its_next_ping() {
     // the agent's QUIC connection waiting for its probe timeout, which backs off (seen: 90th
     // percentile 0.5 s on a quiet machine, 3.6 s on a loaded one). With 50 resets a second
     // the last agent noticed at its 30 s heartbeat timeout.
-    assert!(p50 < Duration::from_millis(1500), "half noticed only after {p50:?}");
-    assert!(took < Duration::from_secs(20), "the last agent noticed after {took:?}");
-    assert!(back.is_ok(), "{behind} of {AGENTS} agents not back after 30 s");
+    assert!(
+        p50 < Duration::from_millis(1500),
+        "half noticed only after {p50:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the last agent noticed after {took:?}"
+    );
+    assert!(
+        back.is_ok(),
+        "{behind} of {AGENTS} agents not back after 30 s"
+    );
 }
