@@ -338,6 +338,7 @@ async fn every_agent_of_a_fleet_learns_of_a_restarted_hub_at_its_next_ping() {
     let RestartableHub {
         mut hub,
         mut hub_args,
+        listen,
         ..
     } = restartable_hub_and_agent(tmp.path()).await;
     // The same hub, taking the fleet's 250 sessions of one agent name.
@@ -345,12 +346,6 @@ async fn every_agent_of_a_fleet_learns_of_a_restarted_hub_at_its_next_ping() {
     hub_args.extend(["--max-sessions-per-agent".to_string(), "512".to_string()]);
     let (mut hub, mut hub_log) = spawn_logged(&hub_args);
     wait_line(&mut hub_log, "hub serving").await;
-    let listen: std::net::SocketAddr = hub_args
-        .iter()
-        .skip_while(|a| *a != "--listen")
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .expect("the hub's --listen address");
     let certs = tmp.path().join("certs");
     let tls = rna::transport::ClientTls::load(
         &certs.join("ca.pem"),

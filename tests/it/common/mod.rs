@@ -1416,6 +1416,8 @@ pub struct RestartableHub {
     pub hub_log: tokio::sync::mpsc::UnboundedReceiver<String>,
     /// Arguments that start the same hub again, on the same port with the same state.
     pub hub_args: Vec<String>,
+    /// The hub's QUIC address (`--listen`).
+    pub listen: std::net::SocketAddr,
     /// The agent `edge` of tenant `acme/prod`, logging at debug, its session stable.
     pub agent: RnaProcess,
 }
@@ -1483,6 +1485,7 @@ pub async fn restartable_hub_and_agent(dir: &Path) -> RestartableHub {
         hub,
         hub_log,
         hub_args,
+        listen: listen.parse().expect("a socket address"),
         agent,
     }
 }
