@@ -2,7 +2,8 @@
 //! `Open` header of a new tunnel stream, the last packet of a small request) is resent after
 //! the sender's probe timeout, which waits the peer's `max_ack_delay` on top of the round
 //! trip. rna asks for 2 ms instead of QUIC's default 25 ms (docs/decisions.md); this is what
-//! keeps H1's small requests quick under loss (docs/performance.md).
+//! keeps H1's small requests quick under loss (docs/performance.md). And a close made while
+//! the congestion window is full (ACKs lost, data pending) still reaches the peer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,11 +22,12 @@ const BOUND: Duration = Duration::from_secs(60);
 const MESSAGE: usize = 1000;
 
 /// A UDP relay between the agent and the hub that drops the next hub → agent datagram
-/// larger than [`MESSAGE`] bytes when armed.
+/// larger than [`MESSAGE`] bytes when armed, and every agent → hub datagram while `cut_up`.
 struct Relay {
     addr: SocketAddr,
     armed: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
+    cut_up: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,7 +44,8 @@ async fn relay(hub: SocketAddr) -> Relay {
     let addr = front.local_addr().unwrap();
     let armed = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicU64::new(0));
-    let (a, d) = (armed.clone(), dropped.clone());
+    let cut_up = Arc::new(AtomicBool::new(false));
+    let (a, d, c) = (armed.clone(), dropped.clone(), cut_up.clone());
     let task = tokio::spawn(async move {
         let mut agent = None;
         let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
@@ -51,7 +54,9 @@ async fn relay(hub: SocketAddr) -> Relay {
                 r = front.recv_from(&mut up) => {
                     let Ok((n, from)) = r else { return };
                     agent = Some(from);
-                    let _ = back.send(&up[..n]).await;
+                    if !c.load(Ordering::SeqCst) {
+                        let _ = back.send(&up[..n]).await;
+                    }
                 }
                 r = back.recv(&mut down) => {
                     let Ok(n) = r else { continue };
@@ -70,12 +75,14 @@ async fn relay(hub: SocketAddr) -> Relay {
         addr,
         armed,
         dropped,
+        cut_up,
         task,
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_lone_packet_is_resent_within_a_few_milliseconds() {
+/// A hub endpoint and an agent connected to it through a [`Relay`]: the relay, the hub's
+/// endpoint, the agent's connection and the hub's.
+async fn relayed_pair() -> (Relay, quinn::Endpoint, quinn::Connection, quinn::Connection) {
     transport::tls::install_provider();
     let ca = Ca::generate("rna test CA").unwrap();
     let hub_cert = ca.issue_hub(&["localhost".to_string()]).unwrap();
@@ -100,6 +107,12 @@ async fn a_lost_lone_packet_is_resent_within_a_few_milliseconds() {
         .expect("handshake in time")
         .expect("handshake");
     let to_agent = accepted.await.unwrap().expect("hub side of the handshake");
+    (link, hub, to_hub, to_agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lone_packet_is_resent_within_a_few_milliseconds() {
+    let (link, hub, to_hub, to_agent) = relayed_pair().await;
 
     // The agent reads each stream's message and reports when it had all of it.
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -157,5 +170,61 @@ async fn a_lost_lone_packet_is_resent_within_a_few_milliseconds() {
         "a lost packet took {median:?} (median of {took:?}) to be resent and delivered"
     );
     to_agent.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(5), hub.wait_idle()).await;
+}
+
+/// quinn-proto 0.11.19 held a CONNECTION_CLOSE back for good when the congestion window was
+/// full and stream data was still pending: a closed connection takes no more ACKs, so the
+/// window never drained, and the peer learned of the close only from a stateless reset or its
+/// idle timeout, never the code (a revocation, a refused renewal). vendor/quinn-proto carries
+/// upstream's fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_made_while_the_congestion_window_is_full_reaches_the_peer() {
+    let (link, hub, to_hub, to_agent) = relayed_pair().await;
+    // The agent reads whatever comes and counts it.
+    let received = Arc::new(AtomicU64::new(0));
+    let (got_some_tx, mut got_some) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn({
+        let (to_hub, received) = (to_hub.clone(), received.clone());
+        async move {
+            let Ok((_send, mut recv)) = to_hub.accept_bi().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 65536];
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                if received.fetch_add(n as u64, Ordering::SeqCst) == 0 {
+                    let _ = got_some_tx.send(());
+                }
+            }
+        }
+    });
+    // No ACK reaches the hub from now on: it sends one window of a bulk write and holds the
+    // rest pending.
+    link.cut_up.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let to_agent = to_agent.clone();
+        async move {
+            let (mut send, _recv) = to_agent.open_bi().await.unwrap();
+            let _ = send.write_all(&vec![7u8; 4 << 20]).await;
+        }
+    });
+    tokio::time::timeout(BOUND, got_some.recv())
+        .await
+        .expect("the first window in time");
+    let cwnd = to_agent.stats().path.cwnd;
+    let first_window = received.load(Ordering::SeqCst);
+    eprintln!("hub window {cwnd} B, agent received {first_window} B before the close");
+
+    to_agent.close(0x13u32.into(), b"re-authentication refused");
+    let end = tokio::time::timeout(Duration::from_secs(5), to_hub.closed())
+        .await
+        .expect("the agent learns of the close within 5 s, not at its idle timeout");
+    assert!(
+        matches!(&end, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(0x13)
+                && c.reason.as_ref() == b"re-authentication refused"),
+        "{end:?}"
+    );
+    writer.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub.wait_idle()).await;
 }
