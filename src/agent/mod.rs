@@ -249,7 +249,7 @@ impl AgentConfig {
             policy: Policy::default(),
             dial_timeout: Duration::from_secs(10),
             limits: Limits::default(),
-            capabilities: Vec::new(),
+            capabilities: vec![crate::proto::ACK_LIVENESS.to_string()],
             backoff: Backoff::default(),
             stable_session: Duration::from_secs(1),
             resolve_interval: Duration::from_secs(30),

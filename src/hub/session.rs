@@ -19,7 +19,7 @@ use crate::proto::{CloseCode, Control, Hello, Welcome, PROTOCOL_VERSION};
 use crate::transport::control::{
     self, heartbeat_loop_with, ControlEnd, HeartbeatEvent, Role, CONTROL_PRIORITY,
 };
-use crate::transport::session::{SendStream, Session, SessionEnd};
+use crate::transport::session::{SendStream, Session, SessionEnd, TransportKind};
 use crate::transport::tcp::{TcpError, TcpHandshaker};
 
 /// The close reason of a shutdown, as agents read it and both logs print it.
@@ -257,8 +257,15 @@ async fn run_session(
         shared.config.heartbeat.timeout,
     );
     let mut outbox = session.control_outbox();
+    // A QUIC agent that takes the hub's acknowledgements as life gets no pongs: one datagram
+    // fewer each way per ping (docs/protocol.md, "Heartbeats").
+    let pongs = session.connection.transport() != TransportKind::Quic
+        || !session
+            .capabilities
+            .iter()
+            .any(|c| c == crate::proto::ACK_LIVENESS);
     let end = tokio::select! {
-        end = heartbeat_loop_with(&session.connection, send, reader, heartbeat, Role::Hub, &cancel, None, outbox.as_mut(), |event| match event {
+        end = heartbeat_loop_with(&session.connection, send, reader, heartbeat, Role::Hub { pongs }, &cancel, None, outbox.as_mut(), |event| match event {
             HeartbeatEvent::Seen => session.heard(),
             HeartbeatEvent::Pinged => {
                 shared.metrics.heartbeat_received();

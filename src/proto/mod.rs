@@ -31,6 +31,11 @@ pub const DEFAULT_HUB_PORT: u16 = 4433;
 /// and shows them in every agents list, so a frame full of empty ones must not be accepted.
 pub const MAX_CAPABILITIES: usize = 32;
 
+/// The capability of an agent that takes the hub's QUIC acknowledgement of its `Ping` as the
+/// hub's sign of life: the hub sends no `Pong` to it on a QUIC session (docs/protocol.md,
+/// "Heartbeats"). Over TCP, which shows no acknowledgements, the hub still answers.
+pub const ACK_LIVENESS: &str = "ack-liveness";
+
 /// Longest capability name in a [`Hello`], in bytes.
 pub const MAX_CAPABILITY_LEN: usize = 64;
 

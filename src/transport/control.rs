@@ -70,12 +70,19 @@ impl Heartbeat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// The agent: its ping every interval is its liveness probe (a restarted hub answers
-    /// the packet with a stateless reset), and it follows the hub's [`Control::Pace`].
+    /// the packet with a stateless reset), and it follows the hub's [`Control::Pace`]. On
+    /// QUIC, the hub's acknowledgement of its packets counts as the hub's sign of life, so
+    /// it needs no `Pong` (see [`crate::proto::ACK_LIVENESS`]).
     Agent,
-    /// The hub: it answers pings and pings an agent itself only after an interval and a half
-    /// of silence, so one liveness round of a live agent is one ping in, one pong out. The
-    /// `Pace` messages it writes from the outbox also set its own interval and timeout.
-    Hub,
+    /// The hub: it pings an agent itself only after an interval and a half of silence, and
+    /// answers the agent's pings with `Pong` when `pongs` (agents without
+    /// [`crate::proto::ACK_LIVENESS`], and every TCP session). Without pongs, one liveness
+    /// round of a live QUIC agent is one ping in and one ACK out. The `Pace` messages it
+    /// writes from the outbox also set its own interval and timeout.
+    Hub {
+        /// Whether the agent's pings are answered with `Pong`.
+        pongs: bool,
+    },
 }
 
 /// Why a heartbeat loop ended.
@@ -162,6 +169,14 @@ where
 {
     let mut ticker = ticker(heartbeat.interval, false);
     let mut stream_frames = connection.activity();
+    // The agent also takes the hub's acknowledgements as life: a hub that sends no pongs
+    // (ACK_LIVENESS) acknowledges each ping within its ACK delay. The hub does not: it wants
+    // to hear the agent's session logic, not only its QUIC stack.
+    let acknowledgements = || match role {
+        Role::Agent => connection.acknowledgements(),
+        Role::Hub { .. } => None,
+    };
+    let mut acks = acknowledgements();
     let mut last_seen = Instant::now();
     let mut seq = 0u64;
     let mut outstanding: Option<(u64, Instant)> = None;
@@ -188,7 +203,7 @@ where
                     if let Err(e) = write(send, &msg).await {
                         return e;
                     }
-                    if let (Role::Hub, Control::Pace { heartbeat_interval_ms, heartbeat_timeout_ms }) = (role, &msg) {
+                    if let (Role::Hub { .. }, Control::Pace { heartbeat_interval_ms, heartbeat_timeout_ms }) = (role, &msg) {
                         // The hub's silence check follows what it told the agent.
                         heartbeat = Heartbeat {
                             interval: Duration::from_millis(*heartbeat_interval_ms),
@@ -214,8 +229,10 @@ where
                 observe(HeartbeatEvent::Seen);
                 match msg {
                     Control::Ping { seq } => {
-                        if let Err(e) = write(send, &Control::Pong { seq }).await {
-                            return e;
+                        if role != (Role::Hub { pongs: false }) {
+                            if let Err(e) = write(send, &Control::Pong { seq }).await {
+                                return e;
+                            }
                         }
                         observe(HeartbeatEvent::Pinged);
                     }
@@ -248,8 +265,10 @@ where
             }
             _ = ticker.tick() => {
                 let received = connection.activity();
-                if received != stream_frames {
+                let acked = acknowledgements();
+                if received != stream_frames || acked != acks {
                     stream_frames = received;
+                    acks = acked;
                     last_seen = Instant::now();
                     observe(HeartbeatEvent::Seen);
                 }
@@ -259,7 +278,9 @@ where
                 }
                 // The agent's own ping answers for it; half an interval more allows for its
                 // ticker and ours drifting apart on a loaded machine.
-                if role == Role::Hub && silent < heartbeat.interval + heartbeat.interval / 2 {
+                if matches!(role, Role::Hub { .. })
+                    && silent < heartbeat.interval + heartbeat.interval / 2
+                {
                     continue;
                 }
                 seq += 1;

@@ -305,6 +305,15 @@ impl Session {
         }
     }
 
+    /// A counter that moves whenever the peer acknowledged packets of ours: QUIC ACK frames
+    /// received. `None` on TCP, whose acknowledgements the kernel keeps to itself.
+    pub fn acknowledgements(&self) -> Option<u64> {
+        match self {
+            Session::Quic(c) => Some(c.stats().frame_rx.acks),
+            Session::Tcp(_) => None,
+        }
+    }
+
     /// Path facts only QUIC has (TCP hides loss and MTU in the kernel): `None` on TCP.
     pub fn path(&self) -> Option<PathFacts> {
         match self {

@@ -1,5 +1,6 @@
-//! Hub-paced liveness: the agent's ping is its liveness probe, the hub answers and pings only a
-//! silent agent, the announced interval grows with the fleet (and is re-announced with
+//! Hub-paced liveness: the agent's ping is its liveness probe, the hub answers (with a QUIC
+//! acknowledgement alone for agents that take it as life, with `Pong` otherwise) and pings only
+//! a silent agent, the announced interval grows with the fleet (and is re-announced with
 //! `Pace`), and a small fleet still notices a restarted hub within about one interval.
 
 use std::time::{Duration, Instant};
@@ -196,6 +197,20 @@ async fn hello_welcome(
     rna::transport::control::ControlReader,
     rna::proto::Welcome,
 ) {
+    hello_welcome_with(raw, name, token, vec![]).await
+}
+
+/// [`hello_welcome`] with `capabilities` in the Hello.
+async fn hello_welcome_with(
+    raw: &RawSession,
+    name: &str,
+    token: String,
+    capabilities: Vec<String>,
+) -> (
+    rna::transport::session::SendStream,
+    rna::transport::control::ControlReader,
+    rna::proto::Welcome,
+) {
     let (mut send, recv) = raw.session.open_bi().await.unwrap();
     let hello = Control::Hello(Hello {
         protocol: PROTOCOL_VERSION,
@@ -203,7 +218,7 @@ async fn hello_welcome(
         version: "test".into(),
         os: "linux".into(),
         arch: "x86_64".into(),
-        capabilities: vec![],
+        capabilities,
         token: rna::identity::Secret::new(token),
     });
     send.write_all(&encode(&hello).unwrap()).await.unwrap();
@@ -212,6 +227,84 @@ async fn hello_welcome(
         Some(Ok(Control::Welcome(w))) => (send, reader, w),
         other => panic!("expected Welcome, got {other:?}"),
     }
+}
+
+/// A QUIC session whose Hello names `ack-liveness` gets no `Pong`: the frame the hub sends
+/// after two pings and a silence is its own `Ping`. A QUIC session without it, and a TCP
+/// session with it (TCP shows no acknowledgements), get `Pong` for their first ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_hub_answers_pings_with_pongs_only_where_acknowledgements_cannot_stand_in() {
+    use rna::agent::TransportMode;
+    let world = World::start_with(|c| {
+        c.heartbeat = Heartbeat {
+            interval: Duration::from_millis(300),
+            timeout: Duration::from_secs(3),
+        };
+        c.heartbeat_min = Duration::from_millis(300);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    let ack = vec![rna::proto::ACK_LIVENESS.to_string()];
+    for (name, transport, caps, pongs) in [
+        ("quic-acks", TransportMode::Quic, ack.clone(), false),
+        ("quic-plain", TransportMode::Quic, vec![], true),
+        ("tcp-acks", TransportMode::Tcp, ack.clone(), true),
+    ] {
+        let raw = world.raw_session(name, transport).await;
+        let (mut send, mut reader, _) = hello_welcome_with(&raw, name, token.clone(), caps).await;
+        for seq in 1..=2 {
+            send.write_all(&encode(&Control::Ping { seq }).unwrap())
+                .await
+                .unwrap();
+        }
+        // Frames come in order: a pong would come before the hub's ping for the silence.
+        match within("the hub's next frame", reader.next()).await {
+            Some(Ok(Control::Pong { seq: 1 })) if pongs => {}
+            Some(Ok(Control::Ping { .. })) if !pongs => {}
+            other => panic!(
+                "{name}: expected {}, got {other:?}",
+                if pongs { "Pong 1" } else { "the hub's Ping" }
+            ),
+        }
+        raw.session.close(0, "done");
+    }
+    world.stop().await;
+}
+
+/// A real agent on QUIC takes the hub's acknowledgements as life: with no pongs, it keeps one
+/// session for three times its heartbeat timeout, and the hub never needs a ping of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_without_pongs_keeps_its_session_past_its_timeout() {
+    let world = World::start_with(|c| {
+        c.heartbeat = Heartbeat {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(1),
+        };
+        c.heartbeat_min = Duration::from_millis(200);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    let agent = world.connect_agent(TENANT, "edge", &token, 1).await;
+    let first = world.hub.registry().sessions()[0].clone();
+    assert!(first
+        .capabilities
+        .iter()
+        .any(|c| c == rna::proto::ACK_LIVENESS));
+    let start = Instant::now();
+    eventually("three heartbeat timeouts to pass", || {
+        start.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let now = world.hub.registry().sessions();
+    assert_eq!(now.len(), 1);
+    assert_eq!(
+        now[0].id, first.id,
+        "the agent reconnected: it missed the hub's life"
+    );
+    assert!(counter(&world, "rna_heartbeats_received_total") >= 10);
+    assert_eq!(counter(&world, "rna_heartbeats_sent_total"), 0);
+    agent.stop().await;
+    world.stop().await;
 }
 
 /// `Pace` is the hub's to send: an agent that sends it breaks the protocol, and its session
