@@ -164,6 +164,15 @@ struct SuiteArgs {
     /// loopback address each (a fleet of hosts, the default).
     #[arg(long)]
     one_source: bool,
+    /// Generator processes of M1, M2 and S1 run at this `nice` level (0: as the hub). A real
+    /// hub has its machine's CPUs to itself while its agents run elsewhere; here both share
+    /// 2 cores, and with a positive level the scheduler serves the hub first.
+    #[arg(long, default_value_t = 0)]
+    fleet_nice: u8,
+    /// The system M2 and S1 run on: `rna`, or `rna-base` (with `--rna-base`) to compare a
+    /// change against the build before it, one invocation each.
+    #[arg(long, default_value = "rna")]
+    m2_system: String,
     /// How long M2 measures the hub's idle CPU, in seconds.
     #[arg(long, default_value_t = 30.0)]
     m2_idle_secs: f64,
@@ -1879,6 +1888,7 @@ async fn run_tests(
             args.m1_agents,
             args.agents_per_process,
             args.one_source,
+            args.fleet_nice,
         )?;
         let connect_secs = fleet.wait_connected(args.m1_agents, Duration::from_secs(240))?;
         // Let heartbeats and buffers settle.
@@ -1948,6 +1958,7 @@ impl Fleet {
         count: usize,
         per_process: usize,
         one_source: bool,
+        nice: u8,
     ) -> Result<Fleet> {
         let per_process = per_process.max(1);
         let n = count.div_ceil(per_process).max(1);
@@ -1955,7 +1966,13 @@ impl Fleet {
         let mut procs = Vec::new();
         for i in 0..n {
             let here = per_process.min(count - i * per_process);
-            let mut cmd = Command::new(exe);
+            let mut cmd = if nice == 0 {
+                Command::new(exe)
+            } else {
+                let mut c = Command::new("nice");
+                c.args(["-n", &nice.to_string()]).arg(exe);
+                c
+            };
             cmd.arg("agents")
                 .args(rna.agent_identity("idle"))
                 .args(["--count", &here.to_string()])
@@ -2143,6 +2160,7 @@ async fn m1_real(
                 n,
                 args.agents_per_process,
                 args.one_source,
+                args.fleet_nice,
             )?);
         } else {
             for _ in 0..n {
@@ -2211,11 +2229,13 @@ async fn m2_s1(
     storm: bool,
 ) -> Result<()> {
     let n = args.m2_agents;
-    let Some(idx) = systems.iter().position(|s| s.name == "rna") else {
+    let Some(idx) = systems.iter().position(|s| s.name == args.m2_system) else {
         return Ok(());
     };
     fresh(args, target, &mut systems[idx], rnas).await?;
-    let rna = rnas.get("rna").ok_or_else(|| anyhow!("rna not running"))?;
+    let rna = rnas
+        .get(&args.m2_system)
+        .ok_or_else(|| anyhow!("{} not running", args.m2_system))?;
     let (api, token) = systems[idx]
         .api
         .clone()
@@ -2223,7 +2243,14 @@ async fn m2_s1(
     let pids = systems[idx].hub_pids();
     let before = rss_bytes(&pids);
     eprintln!("# M2: starting {n} agents, load average {}", loadavg());
-    let fleet = Fleet::start(exe, rna, n, args.agents_per_process, args.one_source)?;
+    let fleet = Fleet::start(
+        exe,
+        rna,
+        n,
+        args.agents_per_process,
+        args.one_source,
+        args.fleet_nice,
+    )?;
     let connect_secs = fleet.wait_connected(n, Duration::from_secs(900))?;
     // The hub's count (its own `bench` agent included) may lag the agents' or miss one that
     // is reconnecting at that moment; 0.1 % short is measured and said, not an error.
@@ -2284,11 +2311,11 @@ async fn m2_s1(
     let per = kib_each(before, after, n_hub);
     rec.emit(
         "M2",
-        "rna",
+        &args.m2_system,
         1,
         json!({"value": per, "unit": "KiB/idle agent (hub RSS)", "agents": n, "hub_counted": n_hub,
                "connect_secs": connect_secs, "rss_before": before, "rss_after": after,
-               "idle_cpu_pct": idle_cpu, "generator_cpu_pct": gen_cpu, "load": load,
+               "idle_cpu_pct": idle_cpu, "generator_cpu_pct": gen_cpu, "fleet_nice": args.fleet_nice, "load": load,
                "pings_in_per_sec": pings_in, "hub_pings_per_sec": pings_out,
                "latency": lat}),
     );
@@ -2346,12 +2373,12 @@ async fn m2_s1(
     let gen_cpu = (cpu_secs(&fleet.pids(), tck) - gen0) / storm_secs * 100.0;
     rec.emit(
         "S1",
-        "rna",
+        &args.m2_system,
         1,
         json!({"value": back_secs, "unit": "s until every agent is back", "agents": n,
                "back": back.saturating_sub(1), "peak_rss": peak, "rss_after": settled,
                "quic_retries": retries, "refused": refusals, "handshake_failures": failures,
-               "hub_cpu_pct": hub_cpu, "generator_cpu_pct": gen_cpu, "curve": curve,
+               "hub_cpu_pct": hub_cpu, "generator_cpu_pct": gen_cpu, "fleet_nice": args.fleet_nice, "curve": curve,
                "generator_last_errors": fleet.last_errors(), "load": loadavg()}),
     );
     fleet.stop();

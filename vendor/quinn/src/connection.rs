@@ -1018,12 +1018,20 @@ pub(crate) struct State {
 /// upstream quinn 0.11.12, which kept whatever the largest burst needed).
 const IDLE_SEND_BUFFER: usize = 1500;
 
+/// A wake-up that sent one datagram of at most this many bytes (an ACK, a small control
+/// frame) counts as idle for [`State::release_idle_buffers`] (changed from upstream): the
+/// buffer it reserved is the path MTU, which an idle connection acknowledging its peer's
+/// heartbeat would otherwise keep.
+const SMALL_TRANSMIT: usize = 256;
+
 impl State {
     /// Changed from upstream: gives back the send buffer and the event queue's slots when a
-    /// wake-up of the driver had nothing to send. The send buffer grows to the path MTU times
-    /// the GSO batch (up to 10 packets) and the queue to the largest burst of datagrams; an
-    /// idle connection kept both for good. A connection moving data sends on nearly every
-    /// wake-up, so this costs it at most an allocation per pause, never one per packet.
+    /// wake-up of the driver had nothing to send, or only one small datagram. The send
+    /// buffer grows to the path MTU times the GSO batch (up to 10 packets) and the queue to
+    /// the largest burst of datagrams; an idle connection kept both for good. A connection
+    /// sending data sends more than one small datagram on nearly every wake-up, so this costs
+    /// it at most an allocation per pause; one that only acknowledges a transfer pays an
+    /// allocation per ACK, next to the system call that sends it.
     fn release_idle_buffers(&mut self) {
         if self.send_buffer.capacity() > IDLE_SEND_BUFFER {
             self.send_buffer = Vec::new();
@@ -1034,6 +1042,7 @@ impl State {
     fn drive_transmit(&mut self, cx: &mut Context) -> io::Result<bool> {
         let now = self.runtime.now();
         let mut transmits = 0;
+        let mut sent_bytes = 0;
 
         let max_datagrams = self
             .socket
@@ -1059,7 +1068,7 @@ impl State {
                             t
                         }
                         None => {
-                            if transmits == 0 {
+                            if transmits == 0 || (transmits == 1 && sent_bytes <= SMALL_TRANSMIT) {
                                 self.release_idle_buffers();
                             }
                             break;
@@ -1091,6 +1100,7 @@ impl State {
                 self.buffered_transmit = Some(t);
                 continue;
             }
+            sent_bytes += len;
 
             if transmits >= MAX_TRANSMIT_DATAGRAMS {
                 // TODO: What isn't ideal here yet is that if we don't poll all
