@@ -927,6 +927,7 @@ impl ConnectionRef {
                 socket,
                 runtime,
                 send_buffer: Vec::new(),
+                last_transmit: None,
                 buffered_transmit: None,
             }),
             shared: Shared::default(),
@@ -1010,6 +1011,9 @@ pub(crate) struct State {
     io_poller: Pin<Box<dyn UdpPoller>>,
     runtime: Arc<dyn Runtime>,
     send_buffer: Vec<u8>,
+    /// When a wake-up of the driver last sent something (changed from upstream: see
+    /// [`State::release_idle_buffers`]).
+    last_transmit: Option<Instant>,
     /// We buffer a transmit when the underlying I/O would block
     buffered_transmit: Option<proto::Transmit>,
 }
@@ -1019,24 +1023,30 @@ pub(crate) struct State {
 const IDLE_SEND_BUFFER: usize = 1500;
 
 /// A wake-up that sent one datagram of at most this many bytes (an ACK, a small control
-/// frame) counts as idle for [`State::release_idle_buffers`] (changed from upstream): the
-/// buffer it reserved is the path MTU, which an idle connection acknowledging its peer's
-/// heartbeat would otherwise keep.
+/// frame), at least [`QUIET_BEFORE_SMALL`] after the previous one that sent anything, counts
+/// as idle for [`State::release_idle_buffers`] (changed from upstream): the buffer it
+/// reserved is the path MTU, which an idle connection acknowledging its peer's heartbeat
+/// would otherwise keep.
 const SMALL_TRANSMIT: usize = 256;
 
+/// See [`SMALL_TRANSMIT`]. The receiving side of a transfer sends one ACK per wake-up,
+/// microseconds apart: it keeps its buffer rather than allocating one per ACK.
+const QUIET_BEFORE_SMALL: Duration = Duration::from_millis(100);
+
 impl State {
-    /// Changed from upstream: gives back the send buffer and the event queue's slots when a
-    /// wake-up of the driver had nothing to send, or only one small datagram. The send
-    /// buffer grows to the path MTU times the GSO batch (up to 10 packets) and the queue to
-    /// the largest burst of datagrams; an idle connection kept both for good. A connection
-    /// sending data sends more than one small datagram on nearly every wake-up, so this costs
-    /// it at most an allocation per pause; one that only acknowledges a transfer pays an
-    /// allocation per ACK, next to the system call that sends it.
-    fn release_idle_buffers(&mut self) {
+    /// Changed from upstream: gives back the send buffer, and with `queue` the event queue's
+    /// slots, after a wake-up of the driver that had nothing to send (both) or, after a quiet
+    /// spell, only one small datagram (the send buffer). The send buffer grows to the path
+    /// MTU times the GSO batch (up to 10 packets) and the queue to the largest burst of
+    /// datagrams; an idle connection kept both for good. A connection moving data sends on
+    /// nearly every wake-up, so this costs it at most an allocation per pause.
+    fn release_idle_buffers(&mut self, queue: bool) {
         if self.send_buffer.capacity() > IDLE_SEND_BUFFER {
             self.send_buffer = Vec::new();
         }
-        self.conn_events.release_idle();
+        if queue {
+            self.conn_events.release_idle();
+        }
     }
 
     fn drive_transmit(&mut self, cx: &mut Context) -> io::Result<bool> {
@@ -1068,8 +1078,16 @@ impl State {
                             t
                         }
                         None => {
-                            if transmits == 0 || (transmits == 1 && sent_bytes <= SMALL_TRANSMIT) {
-                                self.release_idle_buffers();
+                            let quiet = self.last_transmit.is_none_or(|t| {
+                                now.saturating_duration_since(t) >= QUIET_BEFORE_SMALL
+                            });
+                            if transmits == 0
+                                || (transmits == 1 && sent_bytes <= SMALL_TRANSMIT && quiet)
+                            {
+                                self.release_idle_buffers(transmits == 0);
+                            }
+                            if transmits > 0 {
+                                self.last_transmit = Some(now);
                             }
                             break;
                         }
