@@ -149,14 +149,7 @@ async fn the_hub_sends_no_ping_while_the_agent_pings() {
 /// interval and a half of silence, and closed at the timeout: the fallback still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
-    let world = World::start_with(|c| {
-        c.heartbeat = Heartbeat {
-            interval: Duration::from_millis(300),
-            timeout: Duration::from_secs(3),
-        };
-        c.heartbeat_min = Duration::from_millis(300);
-    })
-    .await;
+    let world = world_with_heartbeat(Duration::from_millis(300), Duration::from_secs(3)).await;
     let token = world.agent_token(TENANT);
     let raw = world
         .raw_session("silent", rna::agent::TransportMode::Quic)
@@ -184,6 +177,16 @@ async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
     })
     .await;
     world.stop().await;
+}
+
+/// A hub whose heartbeat interval is `interval` (also its floor, whatever the fleet) and
+/// whose timeout is `timeout`.
+async fn world_with_heartbeat(interval: Duration, timeout: Duration) -> World {
+    World::start_with(move |c| {
+        c.heartbeat = Heartbeat { interval, timeout };
+        c.heartbeat_min = interval;
+    })
+    .await
 }
 
 /// Sends Hello as agent `name` on a new control stream of `raw` and reads the hub's Welcome:
@@ -235,14 +238,7 @@ async fn hello_welcome_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_hub_answers_pings_with_pongs_only_where_acknowledgements_cannot_stand_in() {
     use rna::agent::TransportMode;
-    let world = World::start_with(|c| {
-        c.heartbeat = Heartbeat {
-            interval: Duration::from_millis(300),
-            timeout: Duration::from_secs(3),
-        };
-        c.heartbeat_min = Duration::from_millis(300);
-    })
-    .await;
+    let world = world_with_heartbeat(Duration::from_millis(300), Duration::from_secs(3)).await;
     let token = world.agent_token(TENANT);
     let ack = vec![rna::proto::ACK_LIVENESS.to_string()];
     for (name, transport, caps, pongs) in [
@@ -275,14 +271,7 @@ async fn the_hub_answers_pings_with_pongs_only_where_acknowledgements_cannot_sta
 /// session for three times its heartbeat timeout, and the hub never needs a ping of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_without_pongs_keeps_its_session_past_its_timeout() {
-    let world = World::start_with(|c| {
-        c.heartbeat = Heartbeat {
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_secs(1),
-        };
-        c.heartbeat_min = Duration::from_millis(200);
-    })
-    .await;
+    let world = world_with_heartbeat(Duration::from_millis(200), Duration::from_secs(1)).await;
     let token = world.agent_token(TENANT);
     let agent = world.connect_agent(TENANT, "edge", &token, 1).await;
     let first = world.hub.registry().sessions()[0].clone();
