@@ -1882,14 +1882,7 @@ async fn run_tests(
             .ok_or_else(|| anyhow!("{} not running", sys.name))?;
         let pids = sys.hub_pids();
         let before = rss_bytes(&pids);
-        let fleet = Fleet::start(
-            exe,
-            rna,
-            args.m1_agents,
-            args.agents_per_process,
-            args.one_source,
-            args.fleet_nice,
-        )?;
+        let fleet = Fleet::start(exe, rna, args.m1_agents, args)?;
         let connect_secs = fleet.wait_connected(args.m1_agents, Duration::from_secs(240))?;
         // Let heartbeats and buffers settle.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1951,16 +1944,11 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `count` agents named `idle` in processes of at most `per_process` each.
-    fn start(
-        exe: &Path,
-        rna: &Rna,
-        count: usize,
-        per_process: usize,
-        one_source: bool,
-        nice: u8,
-    ) -> Result<Fleet> {
-        let per_process = per_process.max(1);
+    /// Starts `count` agents named `idle` in processes of at most `--agents-per-process` each,
+    /// from one loopback address each unless `--one-source`, at `--fleet-nice`.
+    fn start(exe: &Path, rna: &Rna, count: usize, args: &SuiteArgs) -> Result<Fleet> {
+        let (one_source, nice) = (args.one_source, args.fleet_nice);
+        let per_process = args.agents_per_process.max(1);
         let n = count.div_ceil(per_process).max(1);
         let status = Arc::new(std::sync::Mutex::new(vec![Value::Null; n]));
         let mut procs = Vec::new();
@@ -2154,14 +2142,7 @@ async fn m1_real(
         let mut agents: Vec<Proc> = Vec::new();
         let mut fleet = None;
         if how == "generator" {
-            fleet = Some(Fleet::start(
-                exe,
-                rna,
-                n,
-                args.agents_per_process,
-                args.one_source,
-                args.fleet_nice,
-            )?);
+            fleet = Some(Fleet::start(exe, rna, n, args)?);
         } else {
             for _ in 0..n {
                 let mut c = Command::new(&rna.bin);
@@ -2243,14 +2224,7 @@ async fn m2_s1(
     let pids = systems[idx].hub_pids();
     let before = rss_bytes(&pids);
     eprintln!("# M2: starting {n} agents, load average {}", loadavg());
-    let fleet = Fleet::start(
-        exe,
-        rna,
-        n,
-        args.agents_per_process,
-        args.one_source,
-        args.fleet_nice,
-    )?;
+    let fleet = Fleet::start(exe, rna, n, args)?;
     let connect_secs = fleet.wait_connected(n, Duration::from_secs(900))?;
     // The hub's count (its own `bench` agent included) may lag the agents' or miss one that
     // is reconnecting at that moment; 0.1 % short is measured and said, not an error.

@@ -229,7 +229,7 @@ where
                 observe(HeartbeatEvent::Seen);
                 match msg {
                     Control::Ping { seq } => {
-                        if role != (Role::Hub { pongs: false }) {
+                        if !matches!(role, Role::Hub { pongs: false }) {
                             if let Err(e) = write(send, &Control::Pong { seq }).await {
                                 return e;
                             }

@@ -269,29 +269,15 @@ async fn hand_session(
 ) {
     use futures_util::StreamExt as _;
     use rna::identity::Secret;
-    use rna::proto::codec::{encode, MAX_FRAME};
-    use rna::proto::{Control, Hello, PROTOCOL_VERSION};
+    use rna::proto::codec::encode;
+    use rna::proto::Control;
 
     let raw = world
         .raw_session(name, rna::agent::TransportMode::Quic)
         .await;
     let session = raw.session.clone();
-    let (mut send, recv) = session.open_bi().await.unwrap();
-    let hello = Control::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        name: name.into(),
-        version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        capabilities: vec![],
-        token: Secret::new(token.into()),
-    });
-    send.write_all(&encode(&hello).unwrap()).await.unwrap();
-    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
-    let id = match within("Welcome", reader.next()).await {
-        Some(Ok(Control::Welcome(w))) => w.session_id,
-        other => panic!("expected Welcome, got {other:?}"),
-    };
+    let (mut send, mut reader, welcome) = raw.hello(name, token, vec![]).await;
+    let id = welcome.session_id;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         let _raw = raw;

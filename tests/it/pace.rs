@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use rna::auth::Scope;
-use rna::proto::codec::{encode, MAX_FRAME};
-use rna::proto::{Control, Hello, PROTOCOL_VERSION};
+use rna::proto::codec::encode;
+use rna::proto::Control;
 use rna::transport::control::Heartbeat;
 
 use crate::common::*;
@@ -154,7 +154,7 @@ async fn a_silent_agent_is_pinged_by_the_hub_and_closed_at_the_timeout() {
     let raw = world
         .raw_session("silent", rna::agent::TransportMode::Quic)
         .await;
-    let (_send, mut reader, welcome) = hello_welcome(&raw, "silent", token).await;
+    let (_send, mut reader, welcome) = raw.hello("silent", &token, vec![]).await;
     assert_eq!(welcome.heartbeat_interval_ms, 300);
     let welcomed = Instant::now();
     // The hub's ping comes after 450 ms of silence at the earliest.
@@ -189,49 +189,6 @@ async fn world_with_heartbeat(interval: Duration, timeout: Duration) -> World {
     .await
 }
 
-/// Sends Hello as agent `name` on a new control stream of `raw` and reads the hub's Welcome:
-/// the control stream of a session the test drives by hand.
-async fn hello_welcome(
-    raw: &RawSession,
-    name: &str,
-    token: String,
-) -> (
-    rna::transport::session::SendStream,
-    rna::transport::control::ControlReader,
-    rna::proto::Welcome,
-) {
-    hello_welcome_with(raw, name, token, vec![]).await
-}
-
-/// [`hello_welcome`] with `capabilities` in the Hello.
-async fn hello_welcome_with(
-    raw: &RawSession,
-    name: &str,
-    token: String,
-    capabilities: Vec<String>,
-) -> (
-    rna::transport::session::SendStream,
-    rna::transport::control::ControlReader,
-    rna::proto::Welcome,
-) {
-    let (mut send, recv) = raw.session.open_bi().await.unwrap();
-    let hello = Control::Hello(Hello {
-        protocol: PROTOCOL_VERSION,
-        name: name.into(),
-        version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        capabilities,
-        token: rna::identity::Secret::new(token),
-    });
-    send.write_all(&encode(&hello).unwrap()).await.unwrap();
-    let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
-    match within("Welcome", reader.next()).await {
-        Some(Ok(Control::Welcome(w))) => (send, reader, w),
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-}
-
 /// A QUIC session whose Hello names `ack-liveness` gets no `Pong`: the frame the hub sends
 /// after two pings and a silence is its own `Ping`. A QUIC session without it, and a TCP
 /// session with it (TCP shows no acknowledgements), get `Pong` for their first ping.
@@ -247,7 +204,7 @@ async fn the_hub_answers_pings_with_pongs_only_where_acknowledgements_cannot_sta
         ("tcp-acks", TransportMode::Tcp, ack.clone(), true),
     ] {
         let raw = world.raw_session(name, transport).await;
-        let (mut send, mut reader, _) = hello_welcome_with(&raw, name, token.clone(), caps).await;
+        let (mut send, mut reader, _) = raw.hello(name, &token, caps).await;
         for seq in 1..=2 {
             send.write_all(&encode(&Control::Ping { seq }).unwrap())
                 .await
@@ -306,7 +263,7 @@ async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
     let raw = world
         .raw_session("pacer", rna::agent::TransportMode::Quic)
         .await;
-    let (mut send, _reader, _) = hello_welcome(&raw, "pacer", token).await;
+    let (mut send, _reader, _) = raw.hello("pacer", &token, vec![]).await;
     let pace = Control::Pace {
         heartbeat_interval_ms: 1,
         heartbeat_timeout_ms: 1,

@@ -396,6 +396,41 @@ pub struct RawSession {
     _endpoint: Option<quinn::Endpoint>,
 }
 
+impl RawSession {
+    /// Sends Hello as agent `name` with `token` and `capabilities` on a new control stream
+    /// and reads the hub's Welcome: the control stream of a session the test drives by hand.
+    pub async fn hello(
+        &self,
+        name: &str,
+        token: &str,
+        capabilities: Vec<String>,
+    ) -> (
+        rna::transport::session::SendStream,
+        rna::transport::control::ControlReader,
+        rna::proto::Welcome,
+    ) {
+        use futures_util::StreamExt as _;
+        use rna::proto::codec::{encode, MAX_FRAME};
+        use rna::proto::{Control, Hello, PROTOCOL_VERSION};
+        let (mut send, recv) = self.session.open_bi().await.unwrap();
+        let hello = Control::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            name: name.into(),
+            version: "test".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            capabilities,
+            token: Secret::new(token.into()),
+        });
+        send.write_all(&encode(&hello).unwrap()).await.unwrap();
+        let mut reader = rna::transport::control::control_reader(recv, MAX_FRAME);
+        match within("Welcome", reader.next()).await {
+            Some(Ok(Control::Welcome(w))) => (send, reader, w),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+}
+
 /// Runs the test body `NAME(transport: TransportMode)` once per transport: emits
 /// `mod NAME { quic, tcp }`, two `#[tokio::test]`s with the runtime arguments given
 /// (`flavor = "multi_thread", worker_threads = 4` when none are). One body, so both transports
