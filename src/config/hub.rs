@@ -111,6 +111,11 @@ settings! {
     /// [default: 256].
     #[arg(long, env = "RNA_MAX_HANDSHAKES")]
     max_handshakes: Option<usize> => field(config.caps.handshakes, at_least_one);
+    /// Time a QUIC agent connection attempt (from a validated address) may wait for a
+    /// handshake slot when all are taken, before it is refused; 0s refuses at once
+    /// [default: 1s].
+    #[arg(long, env = "RNA_HANDSHAKE_WAIT", value_parser = parse_duration)]
+    handshake_wait: Option<Duration> => field(config.caps.handshake_wait);
     /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);
     /// more are refused [default: 16].
     #[arg(long, env = "RNA_MAX_HANDSHAKES_PER_SOURCE")]

@@ -2,13 +2,16 @@
 //! yet validated once the hub is busy, handshake slots per source and in total, and a
 //! rate-limited log of failed handshakes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::warn;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::metrics::Metrics;
 
 use crate::listen::{KeyedSlots, LogBudget, Slot};
 
@@ -30,9 +33,17 @@ pub(crate) enum Admission {
     /// Answer with a QUIC Retry (RFC 9000 §8.1.2): a real agent comes back at once with a
     /// token proving its address; a spoofed source never does, and costs one small packet.
     Retry,
+    /// Every handshake slot is taken: wait in the hub's queue for one (a validated address
+    /// only, holding its source block's slot meanwhile), as a listen backlog does. The agent's
+    /// Initial is answered as soon as a slot frees, with no new attempt on either side.
+    Wait(WaitingSlot),
     /// Refuse with `CONNECTION_REFUSED`; the label is the cap that was full.
     Refuse(&'static str),
 }
+
+/// The source block's slot of an attempt waiting for a handshake slot ([`Admission::Wait`]).
+#[derive(Debug)]
+pub(crate) struct WaitingSlot(Slot<IpAddr>);
 
 /// Handshakes in progress per source block, only for addresses that proved they receive our
 /// packets. Unvalidated attempts are left out on purpose: a spoofer could otherwise fill the
@@ -85,9 +96,27 @@ impl Gate {
         &self.sources
     }
 
+    /// A free handshake slot, once one is (for the oldest waiting attempt).
+    pub(crate) async fn free_slot(&self) -> OwnedSemaphorePermit {
+        match self.total.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed; should it be, no slot ever frees.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// A waiting attempt given the free slot `total`: its handshake starts.
+    pub(crate) fn seat(waiting: WaitingSlot, total: OwnedSemaphorePermit) -> HandshakeSlot {
+        HandshakeSlot {
+            _total: total,
+            _source: Some(waiting.0),
+        }
+    }
+
     /// Decides for one attempt from `remote`; `validated` is whether its address is proven
-    /// (it came back with a Retry token). Cheap and synchronous: it runs on the accept loop.
-    pub(crate) fn admit(&self, remote: IpAddr, validated: bool) -> Admission {
+    /// (it came back with a Retry token); `may_wait` whether the hub's queue of attempts
+    /// waiting for a slot has room. Cheap and synchronous: it runs on the accept loop.
+    pub(crate) fn admit(&self, remote: IpAddr, validated: bool, may_wait: bool) -> Admission {
         if !validated {
             // Past the threshold (or with no slot left), an address must first prove it is
             // real. Refusals therefore only ever go to validated addresses, and an unvalidated
@@ -111,8 +140,82 @@ impl Gate {
                 _total: total,
                 _source: Some(source),
             }),
+            Err(_) if may_wait => Admission::Wait(WaitingSlot(source)),
             Err(_) => Admission::Refuse("quic_handshakes"),
         }
+    }
+}
+
+/// Validated QUIC attempts that may wait for a handshake slot at once; past it they are
+/// refused as before. Below quinn's own bound on attempts not yet answered
+/// (`Limits::max_incoming`, 1024), so the hub, not quinn, decides about every attempt.
+pub(crate) const HANDSHAKE_QUEUE: usize = 512;
+
+/// QUIC attempts waiting for a handshake slot ([`Admission::Wait`]), oldest first. Each holds
+/// its source block's slot and the Initial packets quinn buffers for it (bounded by
+/// `incoming_buffer_size`); the agent resends its Initial at its probe timeout meanwhile, and
+/// quinn answers it once the attempt is accepted.
+#[derive(Default)]
+pub(crate) struct WaitQueue {
+    queue: VecDeque<(quinn::Incoming, WaitingSlot, Instant)>,
+}
+
+impl WaitQueue {
+    /// Attempts waiting now.
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether none waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Adds an attempt at the back.
+    pub(crate) fn push(&mut self, incoming: quinn::Incoming, slot: WaitingSlot) {
+        self.queue.push_back((incoming, slot, Instant::now()));
+    }
+
+    /// When the oldest attempt will have waited `wait`.
+    pub(crate) fn oldest_expiry(&self, wait: Duration) -> Option<Instant> {
+        self.queue.front().map(|(_, _, since)| *since + wait)
+    }
+
+    /// The oldest attempt that has waited less than `wait`; older ones are refused.
+    pub(crate) fn next(
+        &mut self,
+        wait: Duration,
+        metrics: &Metrics,
+    ) -> Option<(quinn::Incoming, WaitingSlot)> {
+        self.refuse_expired(wait, metrics);
+        self.queue
+            .pop_front()
+            .map(|(incoming, slot, _)| (incoming, slot))
+    }
+
+    /// Refuses, with `CONNECTION_REFUSED` (`cap="quic_handshakes"`), every attempt that has
+    /// waited `wait`: its agent retries after its short backoff.
+    pub(crate) fn refuse_expired(&mut self, wait: Duration, metrics: &Metrics) {
+        let now = Instant::now();
+        while let Some((_, _, since)) = self.queue.front() {
+            if now < *since + wait {
+                break;
+            }
+            if let Some((incoming, _, _)) = self.queue.pop_front() {
+                metrics.cap_refused("quic_handshakes");
+                debug!(remote = %incoming.remote_address(), waited = ?wait,
+                    "agent connection refused: no handshake slot freed in time");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -227,27 +330,27 @@ mod tests {
         let gate = Gate::new(4, 1, 2);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         // Below the threshold, unvalidated attempts are accepted and not counted per source.
-        let a = accepted(gate.admit(ip, false));
-        let b = accepted(gate.admit(ip, false));
+        let a = accepted(gate.admit(ip, false, false));
+        let b = accepted(gate.admit(ip, false, false));
         assert_eq!(gate.sources().keys(), 0);
-        assert!(matches!(gate.admit(ip, false), Admission::Retry));
+        assert!(matches!(gate.admit(ip, false, false), Admission::Retry));
         // A validated one still has room, in total and for its source.
-        let c = accepted(gate.admit(ip, true));
+        let c = accepted(gate.admit(ip, true, false));
         assert_eq!(gate.in_progress(), 3);
         // Its block holds its one handshake: a second from the same /32 is refused.
         assert!(matches!(
-            gate.admit(ip, true),
+            gate.admit(ip, true, false),
             Admission::Refuse("quic_handshakes_per_source")
         ));
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        let d = accepted(gate.admit(other, true));
+        let d = accepted(gate.admit(other, true, false));
         // Full: validated attempts are refused, unvalidated ones still only get a Retry.
         let third: IpAddr = "192.0.2.3".parse().unwrap();
         assert!(matches!(
-            gate.admit(third, true),
+            gate.admit(third, true, false),
             Admission::Refuse("quic_handshakes")
         ));
-        assert!(matches!(gate.admit(third, false), Admission::Retry));
+        assert!(matches!(gate.admit(third, false, false), Admission::Retry));
         drop((a, b, c, d));
         assert_eq!(gate.in_progress(), 0);
         assert_eq!(gate.sources().keys(), 0, "empty source entries are removed");
@@ -257,12 +360,45 @@ mod tests {
     fn a_zero_threshold_asks_every_unvalidated_address_for_a_retry() {
         let gate = Gate::new(4, 4, 0);
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
-        assert!(matches!(gate.admit(ip, false), Admission::Retry));
-        let _slot = accepted(gate.admit(ip, true));
+        assert!(matches!(gate.admit(ip, false, false), Admission::Retry));
+        let _slot = accepted(gate.admit(ip, true, false));
         // The same /64 shares the count.
         let sibling: IpAddr = "2001:db8::2".parse().unwrap();
-        let _second = accepted(gate.admit(sibling, true));
+        let _second = accepted(gate.admit(sibling, true, false));
         assert_eq!(gate.sources().keys(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_validated_attempt_waits_for_a_slot_when_the_queue_has_room() {
+        let gate = Gate::new(1, 1, 0);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = accepted(gate.admit(ip, true, true));
+        // Full: with room in the queue a validated attempt waits, holding its source's slot.
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let Admission::Wait(waiting) = gate.admit(other, true, true) else {
+            panic!("expected Wait");
+        };
+        assert_eq!(gate.sources().keys(), 2);
+        // Its source's cap still counts the waiting attempt.
+        assert!(matches!(
+            gate.admit(other, true, true),
+            Admission::Refuse("quic_handshakes_per_source")
+        ));
+        // Unvalidated attempts never wait: they are asked for a Retry.
+        let third: IpAddr = "192.0.2.3".parse().unwrap();
+        assert!(matches!(gate.admit(third, false, true), Admission::Retry));
+        // No slot frees while the first handshake runs.
+        let early = tokio::time::timeout(Duration::from_millis(20), gate.free_slot()).await;
+        assert!(early.is_err(), "a slot was handed out while all were taken");
+        drop(first);
+        let total = tokio::time::timeout(Duration::from_secs(5), gate.free_slot())
+            .await
+            .expect("the freed slot");
+        let seated = Gate::seat(waiting, total);
+        assert_eq!(gate.in_progress(), 1);
+        drop(seated);
+        assert_eq!(gate.in_progress(), 0);
+        assert_eq!(gate.sources().keys(), 0);
     }
 
     #[tokio::test(start_paused = true)]

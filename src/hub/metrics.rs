@@ -20,6 +20,7 @@ pub struct Metrics {
     socks_refused: Family<Labels, Counter>,
     cap_refusals: Family<Labels, Counter>,
     quic_retries: Counter,
+    handshakes_queued: Counter,
     kube_commands: Family<Labels, Counter>,
     kube_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     streams_open: Gauge,
@@ -60,6 +61,7 @@ impl Metrics {
             socks_refused: Family::default(),
             cap_refusals: Family::default(),
             quic_retries: Counter::default(),
+            handshakes_queued: Counter::default(),
             kube_commands: Family::default(),
             // 1 ms … ~65 s.
             kube_seconds: Family::new_with_constructor(|| {
@@ -125,6 +127,11 @@ impl Metrics {
             "quic_retries",
             "Agent connection attempts from unvalidated addresses answered with a QUIC Retry",
             m.quic_retries.clone(),
+        );
+        r.register(
+            "handshakes_queued",
+            "Agent connection attempts that waited for a handshake slot (all were taken)",
+            m.handshakes_queued.clone(),
         );
         r.register(
             "kube_commands",
@@ -279,6 +286,16 @@ impl Metrics {
     /// Retries sent so far.
     pub fn quic_retries(&self) -> u64 {
         self.quic_retries.get()
+    }
+
+    /// A connection attempt joined the queue of those waiting for a handshake slot.
+    pub fn handshake_queued(&self) {
+        self.handshakes_queued.inc();
+    }
+
+    /// Attempts that waited for a handshake slot so far.
+    pub fn handshakes_queued(&self) -> u64 {
+        self.handshakes_queued.get()
     }
 
     /// A Kubernetes command ended; `outcome` is `ok` or the HTTP status class it failed with.

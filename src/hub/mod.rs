@@ -462,11 +462,34 @@ impl Hub {
                 // times per window so it comes out soon after its window ends.
                 let mut flush = tokio::time::interval(FAILURE_LOG_WINDOW / 10);
                 flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let wait = shared.config.caps.handshake_wait;
+                let mut waiting = admission::WaitQueue::default();
                 loop {
+                    let expiry = waiting.oldest_expiry(wait);
                     let incoming = tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = flush.tick() => {
                             shared.failure_log.flush();
+                            continue;
+                        }
+                        total = shared.gate.free_slot(), if !waiting.is_empty() => {
+                            // The oldest attempt still within its wait gets the slot.
+                            if let Some((incoming, slot)) = waiting.next(wait, &shared.metrics) {
+                                let remote = incoming.remote_address();
+                                sessions.spawn(
+                                    session::serve(
+                                        shared.clone(),
+                                        incoming,
+                                        sessions_stop.clone(),
+                                        admission::Gate::seat(slot, total),
+                                    )
+                                    .instrument(tracing::info_span!("agent_conn", %remote)),
+                                );
+                            }
+                            continue;
+                        }
+                        _ = admission::sleep_until(expiry) => {
+                            waiting.refuse_expired(wait, &shared.metrics);
                             continue;
                         }
                         accepted = accept_tcp(tcp.as_deref()) => {
@@ -482,7 +505,8 @@ impl Hub {
                     };
                     let remote = incoming.remote_address();
                     let validated = incoming.remote_address_validated();
-                    let permit = match shared.gate.admit(remote.ip(), validated) {
+                    let may_wait = !wait.is_zero() && waiting.len() < admission::HANDSHAKE_QUEUE;
+                    let permit = match shared.gate.admit(remote.ip(), validated, may_wait) {
                         admission::Admission::Accept(slot) => slot,
                         admission::Admission::Retry => {
                             shared.metrics.quic_retry();
@@ -491,6 +515,11 @@ impl Hub {
                                 // sends here; drop it without an answer.
                                 e.into_incoming().ignore();
                             }
+                            continue;
+                        }
+                        admission::Admission::Wait(slot) => {
+                            shared.metrics.handshake_queued();
+                            waiting.push(incoming, slot);
                             continue;
                         }
                         admission::Admission::Refuse(cap) => {
@@ -735,7 +764,7 @@ async fn admit_tcp(
             return;
         }
     };
-    match shared.gate.admit(remote.ip(), true) {
+    match shared.gate.admit(remote.ip(), true, false) {
         admission::Admission::Accept(slot) => {
             sessions.spawn(
                 session::serve_tcp(
@@ -754,7 +783,7 @@ async fn admit_tcp(
             debug!(%remote, cap, in_progress = shared.gate.in_progress(),
                 "agent TCP connection refused: handshake cap reached");
         }
-        // Only unvalidated addresses are asked for a retry.
-        admission::Admission::Retry => {}
+        // Only unvalidated addresses are asked for a retry, and only QUIC attempts wait.
+        admission::Admission::Retry | admission::Admission::Wait(_) => {}
     }
 }

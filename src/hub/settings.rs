@@ -47,8 +47,14 @@ impl Default for SocksLimits {
 #[derive(Debug, Clone)]
 pub struct HubCaps {
     /// Agent connections in the handshake (QUIC, TLS, Hello) at once; more are refused
-    /// before any cryptographic work (`cap="quic_handshakes"`).
+    /// before any cryptographic work (`cap="quic_handshakes"`), or, over QUIC from a validated
+    /// address, first wait up to `handshake_wait` for a slot.
     pub handshakes: usize,
+    /// Time a QUIC attempt from a validated address may wait for a handshake slot when all
+    /// are taken (at most 512 wait at once), before it is refused; 0 refuses at once. A
+    /// waiting agent costs no new attempt: its first Initial is answered when a slot frees,
+    /// where a refused one backs off and starts over (S1, docs/performance.md).
+    pub handshake_wait: Duration,
     /// Handshakes at once from one source block (an IPv4 address, an IPv6 /64) whose address
     /// is validated; more are refused (`cap="quic_handshakes_per_source"`), so one sender
     /// cannot take every slot.
@@ -105,6 +111,7 @@ impl Default for HubCaps {
     fn default() -> Self {
         HubCaps {
             handshakes: 256,
+            handshake_wait: Duration::from_secs(1),
             handshakes_per_source: 16,
             retry_threshold: 32,
             tls_timeout: Duration::from_secs(5),

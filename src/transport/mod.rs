@@ -340,6 +340,12 @@ pub fn hub_endpoint(
             limits.transport(limits.agent_streams, limits.keep_alive)?,
         ))
         .max_incoming(limits.max_incoming)
+        // Packets after the first of an attempt not yet accepted (one waiting for a handshake
+        // slot): an agent's resent Initials, 1,200 bytes each, a few per second of waiting.
+        // quinn's defaults (10 MiB each, 100 MiB in all) are sized for 0-RTT data, which the
+        // hub never takes.
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total(16 * 1024 * 1024)
         // An agent whose address changes (NAT rebinding, pod IP change) keeps its session.
         .migration(true);
     let socket = udp_socket(addr)?;
