@@ -883,10 +883,17 @@ fn cpu_secs(roots: &[u32], tck: f64) -> f64 {
 /// UDP datagrams dropped for want of receive buffer (`Udp: RcvbufErrors`) in the network
 /// namespace of process `pid`.
 fn udp_rcvbuf_errors(pid: u32) -> Option<u64> {
+    udp_counter(pid, "RcvbufErrors")
+}
+
+/// A counter of the `Udp:` lines of `/proc/PID/net/snmp` (`SndbufErrors`: sends refused for
+/// want of send buffer, which quinn drops when they are stateless answers: Retry, refusal,
+/// stateless reset).
+fn udp_counter(pid: u32, name: &str) -> Option<u64> {
     let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).ok()?;
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (names, values) = (udp.next()?, udp.next()?);
-    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    let at = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(at)?.parse().ok()
 }
 
@@ -2310,7 +2317,8 @@ async fn m2_s1(
     // count, UDP datagrams dropped in the suite's namespace for want of socket buffer, the
     // hub's CPU seconds, the agents' last errors by kind, sessions the agents established
     // since the kill (fewer than the hub counts' complement: some still hold a session to the
-    // killed hub, not yet told by a stateless reset)].
+    // killed hub, not yet told by a stateless reset), UDP sends refused for want of send
+    // buffer in the namespace].
     let mut curve = Vec::new();
     let mut next_point = Duration::ZERO;
     while t0.elapsed() < Duration::from_secs(120) {
@@ -2328,7 +2336,8 @@ async fn m2_s1(
                 pids.first().and_then(|p| udp_rcvbuf_errors(*p)),
                 (cpu_secs(&pids, tck) * 100.0).round() / 100.0,
                 fleet.last_errors(),
-                fleet.sum("sessions_total").saturating_sub(sessions0)
+                fleet.sum("sessions_total").saturating_sub(sessions0),
+                pids.first().and_then(|p| udp_counter(*p, "SndbufErrors"))
             ]));
             next_point += Duration::from_secs(1);
         }

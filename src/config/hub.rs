@@ -107,13 +107,13 @@ settings! {
     /// number of agents is bounded) [default: false].
     #[arg(long, env = "RNA_METRICS_PER_AGENT", num_args = 0..=1, default_missing_value = "true")]
     metrics_per_agent: Option<bool> => field(config.metrics_per_agent);
-    /// Agent connections in the handshake at once; more are refused before any TLS work
-    /// [default: 256].
+    /// Agent connections in the handshake at once; more wait (QUIC, see --handshake-wait) or
+    /// are refused before any TLS work [default: 1024].
     #[arg(long, env = "RNA_MAX_HANDSHAKES")]
     max_handshakes: Option<usize> => field(config.caps.handshakes, at_least_one);
     /// Time a QUIC agent connection attempt (from a validated address) may wait for a
     /// handshake slot when all are taken, before it is refused; 0s refuses at once
-    /// [default: 1s].
+    /// [default: 2s].
     #[arg(long, env = "RNA_HANDSHAKE_WAIT", value_parser = parse_duration)]
     handshake_wait: Option<Duration> => field(config.caps.handshake_wait);
     /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);

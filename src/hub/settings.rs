@@ -51,7 +51,7 @@ pub struct HubCaps {
     /// address, first wait up to `handshake_wait` for a slot.
     pub handshakes: usize,
     /// Time a QUIC attempt from a validated address may wait for a handshake slot when all
-    /// are taken (at most 512 wait at once), before it is refused; 0 refuses at once. A
+    /// are taken (at most 512 wait at once; the default 2 s stays well inside an `auto` agent's 5 s before it tries TCP), before it is refused; 0 refuses at once. A
     /// waiting agent costs no new attempt: its first Initial is answered when a slot frees,
     /// where a refused one backs off and starts over (S1, docs/performance.md).
     pub handshake_wait: Duration,
@@ -110,8 +110,12 @@ pub struct HubCaps {
 impl Default for HubCaps {
     fn default() -> Self {
         HubCaps {
-            handshakes: 256,
-            handshake_wait: Duration::from_secs(1),
+            // A reconnect storm of 10,000 agents on 2 cores (S1, docs/performance.md) needs
+            // more than 256 in progress: with 256, 22,000 refusals sent agents back to start
+            // over; with 1,024 and the wait below, none. A handshake in progress holds about
+            // 40 KiB (quinn and rustls state), so 1,024 bound about 40 MiB.
+            handshakes: 1024,
+            handshake_wait: Duration::from_secs(2),
             handshakes_per_source: 16,
             retry_threshold: 32,
             tls_timeout: Duration::from_secs(5),

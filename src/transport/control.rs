@@ -177,6 +177,9 @@ where
         Role::Hub { .. } => None,
     };
     let mut acks = acknowledgements();
+    // The agent's last ping while no acknowledgement has come since: the count of ACKs when it
+    // was sent, when to ping again, and the gap after that one.
+    let mut reprobe: Option<(Option<u64>, Instant, Duration)> = None;
     let mut last_seen = Instant::now();
     let mut seq = 0u64;
     let mut outstanding: Option<(u64, Instant)> = None;
@@ -263,6 +266,26 @@ where
                     }
                 }
             }
+            _ = sleep_until(reprobe.map(|(_, at, _)| at)), if reprobe.is_some() => {
+                // A ping nothing acknowledged within its gap is followed by another, at
+                // doubling gaps until the next tick. QUIC resends the first one itself, but
+                // its probe timeout doubles with every loss, so after a hub's restart (its
+                // stateless reset, or the ping, dropped by a saturated socket) the resend
+                // could come after several ticks; each new ping draws a reset of its own.
+                let Some((acked_then, _, gap)) = reprobe else { continue };
+                if acknowledgements() != acked_then {
+                    reprobe = None;
+                    continue;
+                }
+                seq += 1;
+                if let Err(e) = write(send, &Control::Ping { seq }).await {
+                    return e;
+                }
+                observe(HeartbeatEvent::PingSent);
+                let next = gap.saturating_mul(2);
+                reprobe = (next < heartbeat.interval)
+                    .then(|| (acked_then, Instant::now() + gap, next));
+            }
             _ = ticker.tick() => {
                 let received = connection.activity();
                 let acked = acknowledgements();
@@ -291,6 +314,10 @@ where
                     return e;
                 }
                 observe(HeartbeatEvent::PingSent);
+                if role == Role::Agent && REPROBE < heartbeat.interval {
+                    reprobe = acknowledgements()
+                        .map(|n| (Some(n), Instant::now() + REPROBE, REPROBE * 2));
+                }
             }
         }
     }
@@ -298,6 +325,18 @@ where
 
 /// A heartbeat ticker: its first tick at once (`delayed` false) or one interval from now.
 /// A zero interval (tokio refuses one) ticks every millisecond.
+/// How long an agent's ping may go unacknowledged (on a transport that shows its ACKs)
+/// before it pings again; the gap doubles with each ping until the next tick.
+const REPROBE: Duration = Duration::from_secs(1);
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn ticker(interval: Duration, delayed: bool) -> tokio::time::Interval {
     let interval = interval.max(Duration::from_millis(1));
     let start = tokio::time::Instant::now() + if delayed { interval } else { Duration::ZERO };

@@ -250,6 +250,45 @@ async fn agent_handshakes_in_progress_are_capped(transport: TransportMode) {
     world.stop().await;
 }
 
+/// Over QUIC, an agent arriving while every handshake slot is taken waits for one (its
+/// address proved with a Retry) instead of being refused and starting over, and is served as
+/// soon as the slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quic_agent_waits_for_a_handshake_slot_instead_of_being_refused() {
+    let world = World::start_with(|c| {
+        c.caps.handshakes = 1;
+        // Every new address answers a Retry first: only proven addresses may wait.
+        c.caps.retry_threshold = 0;
+        c.caps.hello_timeout = Duration::from_secs(2);
+        c.caps.handshake_wait = Duration::from_secs(8);
+    })
+    .await;
+    let token = world.agent_token(TENANT);
+    // A client that never sends Hello holds the only slot until its Hello deadline.
+    let staller = world.raw_session("staller", TransportMode::Quic).await;
+    let agent = world.spawn_agent(world.agent_config_over(AGENT, &token, TransportMode::Quic));
+    eventually("the agent to wait for a slot", || {
+        world.hub.metrics().handshakes_queued() > 0
+    })
+    .await;
+    assert_eq!(world.hub.registry().len(), 0);
+    // The staller's deadline frees the slot, and the waiting attempt takes it.
+    world.wait_sessions(TENANT, AGENT, 1).await;
+    world.wait_answering(TENANT, AGENT, 1).await;
+    assert_eq!(world.hub.metrics().cap_refusals("quic_handshakes"), 0);
+    let status = agent.handle.status();
+    assert_eq!(status.sessions_total, 1);
+    assert!(
+        status.last_error.is_none(),
+        "the agent saw {:?}",
+        status.last_error
+    );
+    assert_eq!(world.hub.metrics().handshakes_queued(), 1);
+    drop(staller);
+    agent.stop().await;
+    world.stop().await;
+}
+
 /// A client endpoint holding an agent certificate (as a leaked one would), sending from the
 /// loopback address `from`.
 fn client_from(world: &World, from: IpAddr, name: &str) -> quinn::Endpoint {

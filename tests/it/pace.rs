@@ -285,6 +285,59 @@ async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
     world.stop().await;
 }
 
+/// An agent whose ping nothing acknowledges pings again 1 s later, then at doubling gaps
+/// (1 s, 3 s, 7 s after the tick), instead of leaving the resend to QUIC's probe timeout,
+/// which doubles with every loss. In S1 (a hub restarted under 10,000 agents) a few agents
+/// whose stateless reset was lost stayed on their dead session until their 30 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
+    let world = world_with_heartbeat(Duration::from_secs(4), Duration::from_secs(60)).await;
+    let token = world.agent_token(TENANT);
+    let link = LossyLink::start(
+        world.quic,
+        Faults {
+            loss: 0.0,
+            delay: 0.0,
+            max_delay_ms: 0,
+            seed: 1,
+        },
+    )
+    .await;
+    let mut config = world.agent_config("edge", &token);
+    config.hubs = vec![rna::agent::HubTarget {
+        host: "127.0.0.1".into(),
+        port: link.addr.port(),
+    }];
+    config.transport = rna::agent::TransportMode::Quic;
+    let agent = world.spawn_agent(config);
+    // The agent pings as its session starts (and the hub acknowledges it), then every 4 s.
+    eventually("the first ping", || {
+        counter(&world, "rna_heartbeats_received_total") >= 1
+    })
+    .await;
+    let first = Instant::now();
+    // From now on nothing the hub sends reaches the agent; the hub still hears every ping.
+    link.cut_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // The tick's ping at 4 s goes unacknowledged, so another follows at 5 s; without the
+    // mend the third ping would be the tick's at 8 s.
+    tokio::time::timeout(Duration::from_millis(6500), async {
+        while counter(&world, "rna_heartbeats_received_total") < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no second ping followed the unacknowledged one before the next tick");
+    let took = first.elapsed();
+    assert!(
+        took >= Duration::from_millis(4500),
+        "the third ping came after {took:?}: before a ping went unacknowledged for 1 s"
+    );
+    assert_eq!(agent.handle.status().connected, 1);
+    agent.stop().await;
+    world.stop().await;
+}
+
 /// The agent's own heartbeat timeout ends a session whose hub stops answering (every packet
 /// from then on is lost), long before QUIC's 30 s idle timeout would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,8 +15,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Distinct Initials captured from a real QUIC client (each its own connection ID and
-/// ClientHello); the flood replays them from many sources. More than the hub's 256
-/// handshake slots, so accepting every Initial would fill them all.
+/// ClientHello); the flood replays them from many sources. More than the 256 handshake
+/// slots the test's hub has, so accepting every Initial would fill them all.
 const INITIALS: usize = 400;
 /// Sources of the flood: 127.0.0.2 … 127.0.0.201, one UDP socket each.
 const SOURCES: u8 = 200;
@@ -169,7 +169,8 @@ async fn fetch(socks: SocketAddr, agent: &str, token: &str, http: SocketAddr) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_initial_flood_from_many_sources_locks_no_agent_out() {
-    let world = World::start().await;
+    // 256 slots (the default is 1,024), fewer than the flood's distinct Initials.
+    let world = World::start_with(|c| c.caps.handshakes = 256).await;
     let acme = world.agent_token("acme/prod");
     let established = world.connect_agent("acme/prod", "edge", &acme, 1).await;
     let http = http_server().await;

@@ -881,6 +881,8 @@ pub struct LossyLink {
     pub addr: SocketAddr,
     pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While set, every hub → agent datagram is dropped (counted in `dropped`).
+    pub cut_down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -902,7 +904,8 @@ impl LossyLink {
         let addr = front.local_addr().unwrap();
         let dropped = Arc::new(AtomicU64::new(0));
         let forwarded = Arc::new(AtomicU64::new(0));
-        let (d, f) = (dropped.clone(), forwarded.clone());
+        let cut_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, f, cut) = (dropped.clone(), forwarded.clone(), cut_down.clone());
         let task = tokio::spawn(async move {
             let mut up_rng = Rng::new(faults.seed);
             let mut down_rng = Rng::new(faults.seed ^ 0x9e37_79b9_7f4a_7c15);
@@ -949,6 +952,10 @@ impl LossyLink {
                     }
                     r = back.recv(&mut down) => {
                         let Ok(n) = r else { continue };
+                        if cut.load(Ordering::SeqCst) {
+                            d.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                         if let Some(to) = agent {
                             forward(&mut down_rng, down[..n].to_vec(), front.clone(), Some(to));
                         }
@@ -960,6 +967,7 @@ impl LossyLink {
             addr,
             dropped,
             forwarded,
+            cut_down,
             task,
         }
     }
