@@ -619,6 +619,18 @@ async fn agents(
     use tokio_util::sync::CancellationToken;
 
     rna::transport::tls::install_provider();
+    // RNA_BENCH_AGENT_LOG=PREFIX: the agents' log lines (RUST_LOG's filter, `rna=info` by
+    // default) go to PREFIX.PID, one file per generator process, to see why sessions ended.
+    if let Ok(prefix) = std::env::var("RNA_BENCH_AGENT_LOG") {
+        let file = std::fs::File::create(format!("{prefix}.{}", std::process::id()))?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("rna=info"));
+        tracing_subscriber::fmt()
+            .with_writer(std::sync::Mutex::new(file))
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .init();
+    }
     let mode: TransportMode = transport.parse().map_err(|e: String| anyhow!(e))?;
     let tls = ClientTls::load(ca, cert, key)?;
     let token = rna::auth::Secret::new(std::fs::read_to_string(token_file)?.trim().to_string());

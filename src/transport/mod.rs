@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
-use quinn_proto::HashedConnectionIdGenerator;
 use sha2::{Digest, Sha256};
 
 pub use tls::{ClientTls, ServerTls, TlsError};
@@ -111,15 +110,13 @@ impl EndpointKey {
     fn endpoint_config(&self) -> EndpointConfig {
         let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
         let mut config = EndpointConfig::new(Arc::new(reset));
-        let digest = Sha256::new()
+        let cid_key: [u8; 32] = Sha256::new()
             .chain_update(b"rna connection id key")
             .chain_update(self.0)
-            .finalize();
-        let mut cid_key = [0u8; 8];
-        cid_key.copy_from_slice(&digest[..8]);
-        let cid_key = u64::from_le_bytes(cid_key);
+            .finalize()
+            .into();
         config.cid_generator(move || {
-            Box::new(HashedConnectionIdGenerator::from_key(cid_key))
+            Box::new(KeyedCidGenerator { key: cid_key })
                 as Box<dyn quinn_proto::ConnectionIdGenerator>
         });
         // A stateless reset for every packet of a connection the hub no longer has. quinn's
@@ -131,6 +128,76 @@ impl EndpointKey {
         // ID that carries this key's hash, which a stray datagram matches by chance only.
         config.min_reset_interval(Duration::ZERO);
         config
+    }
+}
+
+/// The hub's connection IDs: [`CID_NONCE`] random bytes and [`CID_SIGNATURE`] bytes of a
+/// keyed hash of them, so a packet whose ID the hub no longer knows draws a stateless reset
+/// only if the ID is one the hub (this run or an earlier one with the same key) made.
+///
+/// Why not quinn's `HashedConnectionIdGenerator`: its IDs are 8 bytes with a 3-byte nonce,
+/// 16.7 million IDs. quinn makes sure a new ID is not one a live connection holds, but it
+/// cannot know the IDs of the hub's previous run. After a restart under 10,000 agents, the
+/// new hub held tens of thousands of IDs (about five per connection) while agents of the old
+/// hub were still pinging theirs: each of those agents had a chance of about one in a
+/// thousand that its ID was now a new connection's. Its packets then went to that connection,
+/// failed to decrypt and were dropped without a reset, and the agent sat on a dead session
+/// until its 30 s idle timeout: the 2–11 agents of S1's tail (docs/performance.md). With a
+/// 64-bit nonce the chance is about one in 10^10 per restart.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyedCidGenerator {
+    key: [u8; 32],
+}
+
+/// Random bytes of a hub connection ID.
+const CID_NONCE: usize = 8;
+/// Bytes of the keyed hash that follow them.
+const CID_SIGNATURE: usize = 4;
+
+impl KeyedCidGenerator {
+    fn signature(&self, nonce: &[u8]) -> [u8; CID_SIGNATURE] {
+        let digest = Sha256::new()
+            .chain_update(self.key)
+            .chain_update(nonce)
+            .finalize();
+        let mut out = [0u8; CID_SIGNATURE];
+        out.copy_from_slice(&digest[..CID_SIGNATURE]);
+        out
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for KeyedCidGenerator {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        let mut bytes = [0u8; CID_NONCE + CID_SIGNATURE];
+        let random = ring::rand::SystemRandom::new();
+        if ring::rand::SecureRandom::fill(&random, &mut bytes[..CID_NONCE]).is_err() {
+            // The system's random source failing is not something to go on without: quinn
+            // checks a new ID against the live ones, but a constant would collide at once.
+            panic!("the system random number generator failed");
+        }
+        let signature = self.signature(&bytes[..CID_NONCE]);
+        bytes[CID_NONCE..].copy_from_slice(&signature);
+        quinn_proto::ConnectionId::new(&bytes)
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if cid.len() != CID_NONCE + CID_SIGNATURE {
+            return Err(quinn_proto::InvalidCid);
+        }
+        let (nonce, signature) = cid.split_at(CID_NONCE);
+        if self.signature(nonce) == signature {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_NONCE + CID_SIGNATURE
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
 
@@ -466,6 +533,32 @@ fn client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_connection_ids_are_twelve_bytes_that_only_their_key_validates() {
+        use quinn_proto::ConnectionIdGenerator;
+        let mut generator = KeyedCidGenerator { key: [7; 32] };
+        let other = KeyedCidGenerator { key: [8; 32] };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let cid = generator.generate_cid();
+            assert_eq!(cid.len(), 12);
+            assert!(generator.validate(&cid).is_ok());
+            // The same run's key after a restart validates it too; another key does not.
+            assert!(KeyedCidGenerator { key: [7; 32] }.validate(&cid).is_ok());
+            assert!(other.validate(&cid).is_err());
+            let mut bent = cid.to_vec();
+            bent[0] ^= 1;
+            assert!(generator
+                .validate(&quinn_proto::ConnectionId::new(&bent))
+                .is_err());
+            assert!(seen.insert(cid.to_vec()), "a repeated connection ID");
+        }
+        // quinn's own 8-byte IDs (a hub of an earlier version) are not taken for ours.
+        assert!(generator
+            .validate(&quinn_proto::ConnectionId::new(&[0; 8]))
+            .is_err());
+    }
 
     #[test]
     fn the_tunnel_window_starts_small_and_doubles_at_three_quarters_up_to_the_limit() {
