@@ -287,8 +287,8 @@ async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
 
 /// An agent whose ping nothing acknowledges pings again 1 s later, then at doubling gaps
 /// (1 s, 3 s, 7 s after the tick), instead of leaving the resend to QUIC's probe timeout,
-/// which doubles with every loss. In S1 (a hub restarted under 10,000 agents) a few agents
-/// whose stateless reset was lost stayed on their dead session until their 30 s timeout.
+/// which doubles with every loss: a restarted hub's stateless reset, or the ping that draws
+/// it, lost to a saturated socket would otherwise be retried only at the next tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
     let world = world_with_heartbeat(Duration::from_secs(4), Duration::from_secs(60)).await;
