@@ -246,11 +246,8 @@ where
                     Control::RotateToken { token } => observe(HeartbeatEvent::RotateToken(token)),
                     Control::Pace { heartbeat_interval_ms, heartbeat_timeout_ms } if role == Role::Agent => {
                         heartbeat = Heartbeat::announced(heartbeat_interval_ms, heartbeat_timeout_ms);
-                        // The next ping goes out at a random point of the next 0.8 intervals,
-                        // then every interval: the hub paces its whole fleet at one moment,
-                        // and a fixed delay would have every agent ping in the same instant
-                        // from then on (see `paced_start`).
-                        ticker = paced_ticker(heartbeat.interval);
+                        // The next ping goes out one new interval from now.
+                        ticker = self::ticker(heartbeat.interval, true);
                         observe(HeartbeatEvent::Paced(heartbeat));
                     }
                     Control::Pong { seq: answered } => {
@@ -340,34 +337,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Where in the next interval an agent's first ping after a `Pace` goes: a uniform draw from
-/// `[0, 0.8)` of `interval`. The hub sends `Pace` to every session at once when its fleet
-/// has grown or shrunk by half, so without the draw a whole fleet pinged within the same
-/// second ever after: a restarted hub then heard most of its old agents, and sent their
-/// resets, in one burst a few seconds after it came back (S1, docs/performance.md), and an
-/// idle hub took its pings in bursts. Below 0.8 the hub, which pings an agent only after
-/// 1.5 intervals of silence, never has to: an agent pinged at most `interval / 1.5` before
-/// a `Pace` that lengthens its interval.
-fn paced_start(interval: Duration) -> Duration {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 4];
-    // Without a random source the first ping goes at 0.4 intervals: still within the bound.
-    let draw = match ring::rand::SystemRandom::new().fill(&mut bytes) {
-        Ok(()) => f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0),
-        Err(_) => 0.5,
-    };
-    interval.mul_f64(0.8 * draw)
-}
-
-/// A ticker whose first tick is [`paced_start`] from now, then every `interval`.
-fn paced_ticker(interval: Duration) -> tokio::time::Interval {
-    let interval = interval.max(Duration::from_millis(1));
-    let start = tokio::time::Instant::now() + paced_start(interval);
-    let mut ticker = tokio::time::interval_at(start, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker
-}
-
 fn ticker(interval: Duration, delayed: bool) -> tokio::time::Interval {
     let interval = interval.max(Duration::from_millis(1));
     let start = tokio::time::Instant::now() + if delayed { interval } else { Duration::ZERO };
@@ -402,18 +371,6 @@ pub fn kind(msg: &Control) -> &'static str {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-
-    #[test]
-    fn the_first_ping_after_a_pace_is_spread_over_four_fifths_of_an_interval() {
-        let interval = Duration::from_secs(10);
-        let draws: Vec<Duration> = (0..200).map(|_| paced_start(interval)).collect();
-        assert!(draws.iter().all(|d| *d < interval.mul_f64(0.8)));
-        // Spread, not one instant: a fleet paced at once must not ping at once. Each bound
-        // fails only if all 200 uniform draws miss a quarter of the range: 0.75^200, 10^-25.
-        let (min, max) = (draws.iter().min(), draws.iter().max());
-        assert!(min < Some(&Duration::from_secs(2)), "{min:?}");
-        assert!(max > Some(&Duration::from_secs(6)), "{max:?}");
-    }
 
     #[test]
     fn an_agent_keeps_at_least_three_intervals_of_timeout() {
