@@ -285,13 +285,9 @@ async fn a_pace_from_an_agent_closes_its_session_as_a_protocol_error() {
     world.stop().await;
 }
 
-/// An agent whose ping nothing acknowledges pings again 1 s later, then at doubling gaps
-/// (1 s, 3 s, 7 s after the tick), instead of leaving the resend to QUIC's probe timeout,
-/// which doubles with every loss: a restarted hub's stateless reset, or the ping that draws
-/// it, lost to a saturated socket would otherwise be retried only at the next tick.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
-    let world = world_with_heartbeat(Duration::from_secs(4), Duration::from_secs(60)).await;
+/// An agent "edge" of the tenant, over QUIC through a relay that loses nothing until told to
+/// (`cut_down`, or dropped).
+async fn agent_through_relay(world: &World) -> (LossyLink, TestAgent) {
     let token = world.agent_token(TENANT);
     let link = LossyLink::start(
         world.quic,
@@ -310,6 +306,17 @@ async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
     }];
     config.transport = rna::agent::TransportMode::Quic;
     let agent = world.spawn_agent(config);
+    (link, agent)
+}
+
+/// An agent whose ping nothing acknowledges pings again 1 s later, then at doubling gaps
+/// (1 s, 3 s, 7 s after the tick), instead of leaving the resend to QUIC's probe timeout,
+/// which doubles with every loss: a restarted hub's stateless reset, or the ping that draws
+/// it, lost to a saturated socket would otherwise be retried only at the next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
+    let world = world_with_heartbeat(Duration::from_secs(4), Duration::from_secs(60)).await;
+    let (link, agent) = agent_through_relay(&world).await;
     // The agent pings as its session starts (and the hub acknowledges it), then every 4 s.
     eventually("the first ping", || {
         counter(&world, "rna_heartbeats_received_total") >= 1
@@ -343,24 +350,7 @@ async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_agent_ends_a_session_whose_hub_stops_answering() {
     let world = World::start().await;
-    let token = world.agent_token(TENANT);
-    let link = LossyLink::start(
-        world.quic,
-        Faults {
-            loss: 0.0,
-            delay: 0.0,
-            max_delay_ms: 0,
-            seed: 1,
-        },
-    )
-    .await;
-    let mut config = world.agent_config("edge", &token);
-    config.hubs = vec![rna::agent::HubTarget {
-        host: "127.0.0.1".into(),
-        port: link.addr.port(),
-    }];
-    config.transport = rna::agent::TransportMode::Quic;
-    let agent = world.spawn_agent(config);
+    let (link, agent) = agent_through_relay(&world).await;
     within(
         "the agent to connect",
         agent.handle.wait_until(|s| s.connected == 1),
