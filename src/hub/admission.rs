@@ -211,14 +211,6 @@ impl WaitQueue {
     }
 }
 
-/// Sleeps until `deadline`, or forever without one.
-pub(crate) async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Individual WARN lines for failed handshakes, at most `burst` per window; the rest are
 /// counted and summed up in one line when the window ends. A flood of bad handshakes would
 /// otherwise write a line per packet (megabytes per minute); the per-reason counters in

@@ -464,6 +464,14 @@ impl Hub {
                 flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let wait = shared.config.caps.handshake_wait;
                 let mut waiting = admission::WaitQueue::default();
+                // Starts the handshake of an admitted attempt, holding its slots until it ends.
+                let serve = |incoming: quinn::Incoming, permit: admission::HandshakeSlot| {
+                    let remote = incoming.remote_address();
+                    sessions.spawn(
+                        session::serve(shared.clone(), incoming, sessions_stop.clone(), permit)
+                            .instrument(tracing::info_span!("agent_conn", %remote)),
+                    );
+                };
                 loop {
                     let expiry = waiting.oldest_expiry(wait);
                     let incoming = tokio::select! {
@@ -475,20 +483,11 @@ impl Hub {
                         total = shared.gate.free_slot(), if !waiting.is_empty() => {
                             // The oldest attempt still within its wait gets the slot.
                             if let Some((incoming, slot)) = waiting.next(wait, &shared.metrics) {
-                                let remote = incoming.remote_address();
-                                sessions.spawn(
-                                    session::serve(
-                                        shared.clone(),
-                                        incoming,
-                                        sessions_stop.clone(),
-                                        admission::Gate::seat(slot, total),
-                                    )
-                                    .instrument(tracing::info_span!("agent_conn", %remote)),
-                                );
+                                serve(incoming, admission::Gate::seat(slot, total));
                             }
                             continue;
                         }
-                        _ = admission::sleep_until(expiry) => {
+                        _ = crate::transport::control::sleep_until(expiry) => {
                             waiting.refuse_expired(wait, &shared.metrics);
                             continue;
                         }
@@ -530,12 +529,7 @@ impl Hub {
                             continue;
                         }
                     };
-                    let shared = shared.clone();
-                    let cancel = sessions_stop.clone();
-                    sessions.spawn(
-                        session::serve(shared, incoming, cancel, permit)
-                            .instrument(tracing::info_span!("agent_conn", %remote)),
-                    );
+                    serve(incoming, permit);
                 }
             })
         };

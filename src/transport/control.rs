@@ -179,7 +179,7 @@ where
     let mut acks = acknowledgements();
     // The agent's last ping while no acknowledgement has come since: the count of ACKs when it
     // was sent, when to ping again, and the gap after that one.
-    let mut reprobe: Option<(Option<u64>, Instant, Duration)> = None;
+    let mut reprobe: Option<(u64, Instant, Duration)> = None;
     let mut last_seen = Instant::now();
     let mut seq = 0u64;
     let mut outstanding: Option<(u64, Instant)> = None;
@@ -273,7 +273,7 @@ where
                 // stateless reset (or the ping) is dropped by a saturated socket the resend
                 // can come after the next tick; each new ping draws a reset of its own.
                 let Some((acked_then, _, gap)) = reprobe else { continue };
-                if acknowledgements() != acked_then {
+                if acknowledgements() != Some(acked_then) {
                     reprobe = None;
                     continue;
                 }
@@ -315,28 +315,29 @@ where
                 }
                 observe(HeartbeatEvent::PingSent);
                 if role == Role::Agent && REPROBE < heartbeat.interval {
-                    reprobe = acknowledgements()
-                        .map(|n| (Some(n), Instant::now() + REPROBE, REPROBE * 2));
+                    // The count read at this tick: any ACK from now on is the hub's life.
+                    reprobe = acked.map(|n| (n, Instant::now() + REPROBE, REPROBE * 2));
                 }
             }
         }
     }
 }
 
-/// A heartbeat ticker: its first tick at once (`delayed` false) or one interval from now.
-/// A zero interval (tokio refuses one) ticks every millisecond.
 /// How long an agent's ping may go unacknowledged (on a transport that shows its ACKs)
 /// before it pings again; the gap doubles with each ping until the next tick.
 const REPROBE: Duration = Duration::from_secs(1);
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
+/// Sleeps until `deadline`, or forever without one (a `select!` branch whose timer may be
+/// unset).
+pub(crate) async fn sleep_until(deadline: Option<impl Into<tokio::time::Instant>>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
 }
 
+/// A heartbeat ticker: its first tick at once (`delayed` false) or one interval from now.
+/// A zero interval (tokio refuses one) ticks every millisecond.
 fn ticker(interval: Duration, delayed: bool) -> tokio::time::Interval {
     let interval = interval.max(Duration::from_millis(1));
     let start = tokio::time::Instant::now() + if delayed { interval } else { Duration::ZERO };
