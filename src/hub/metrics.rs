@@ -21,6 +21,7 @@ pub struct Metrics {
     cap_refusals: Family<Labels, Counter>,
     quic_retries: Counter,
     handshakes_queued: Counter,
+    recall_resets: Counter,
     kube_commands: Family<Labels, Counter>,
     kube_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     streams_open: Gauge,
@@ -62,6 +63,7 @@ impl Metrics {
             cap_refusals: Family::default(),
             quic_retries: Counter::default(),
             handshakes_queued: Counter::default(),
+            recall_resets: Counter::default(),
             kube_commands: Family::default(),
             // 1 ms … ~65 s.
             kube_seconds: Family::new_with_constructor(|| {
@@ -132,6 +134,11 @@ impl Metrics {
             "handshakes_queued",
             "Agent connection attempts that waited for a handshake slot (all were taken)",
             m.handshakes_queued.clone(),
+        );
+        r.register(
+            "recall_resets",
+            "Stateless resets a restarted hub sent to the QUIC sessions of its previous run",
+            m.recall_resets.clone(),
         );
         r.register(
             "kube_commands",
@@ -291,6 +298,16 @@ impl Metrics {
     /// A connection attempt joined the queue of those waiting for a handshake slot.
     pub fn handshake_queued(&self) {
         self.handshakes_queued.inc();
+    }
+
+    /// A restarted hub sent a stateless reset to a session of its previous run.
+    pub fn recall_reset(&self) {
+        self.recall_resets.inc();
+    }
+
+    /// Resets sent to sessions of the previous run so far.
+    pub fn recall_resets(&self) -> u64 {
+        self.recall_resets.get()
     }
 
     /// Attempts that waited for a handshake slot so far.

@@ -12,6 +12,7 @@ pub mod kube_channel;
 pub mod metrics;
 mod pace;
 mod page;
+mod recall;
 pub mod registry;
 mod rotation;
 pub mod router;
@@ -269,6 +270,9 @@ impl HubHandle {
 pub struct Hub {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    /// The roster of QUIC sessions kept in the state folder, and the recall of the previous
+    /// run's agents, when the hub has a state folder.
+    recall: Option<Recall>,
     /// The TLS/TCP side of the agent listener, unless turned off.
     tcp: Option<Arc<TcpServer>>,
     socks: TcpListener,
@@ -309,7 +313,14 @@ impl Hub {
             }
             None => None,
         };
-        let (endpoint, tcp) = bind_agent_sockets(&config, &key).await?;
+        let (endpoint, socket, tcp) = bind_agent_sockets(&config, &key).await?;
+        // Read before anything is written: the roster the previous run left.
+        let recall = config.state_dir.clone().map(|dir| Recall {
+            peers: recall::load(&dir),
+            dir,
+            socket,
+            key: key.clone(),
+        });
         // Keep the port actually bound (`:0` picks one), for the status page's connect line.
         if let Ok(bound) = endpoint.local_addr() {
             config.listen = bound;
@@ -391,6 +402,7 @@ impl Hub {
         Ok(Hub {
             shared,
             endpoint,
+            recall,
             tcp,
             socks,
             api,
@@ -433,6 +445,7 @@ impl Hub {
         let Hub {
             shared,
             endpoint,
+            recall,
             tcp,
             socks,
             api,
@@ -625,6 +638,25 @@ impl Hub {
 
         // Heartbeat pace: the announced interval follows the number of agents.
         tokio::spawn(pace::run(shared.clone(), stop_accepting.clone()));
+        if let Some(Recall {
+            dir,
+            socket,
+            key,
+            peers,
+        }) = recall
+        {
+            tokio::spawn(recall::keep(shared.clone(), dir, stop_accepting.clone()));
+            // Resets go out while fewer than a quarter of the handshake slots are taken.
+            let window = shared.config.caps.handshakes.div_ceil(4);
+            tokio::spawn(recall::recall(
+                shared.clone(),
+                socket,
+                key,
+                peers,
+                window,
+                stop_accepting.clone(),
+            ));
+        }
 
         // Shared state: every change another replica or `rna token|certs --state` makes.
         shared_state::spawn_follower(&shared, &stop_accepting);
@@ -690,13 +722,23 @@ impl Hub {
     }
 }
 
+/// What [`recall`] needs: where the roster is kept, and to recall the previous run's agents
+/// the endpoint's socket, its key and the roster that run left.
+#[derive(Debug)]
+struct Recall {
+    dir: std::path::PathBuf,
+    socket: std::net::UdpSocket,
+    key: transport::EndpointKey,
+    peers: Vec<recall::Peer>,
+}
+
 /// The agent listener's sockets: the QUIC endpoint, and the TCP listener on the same port
 /// (or where `--tcp-listen` says). With port 0 the TCP side takes the port UDP was given;
 /// when another program holds that TCP port, both are bound again on a new one.
 async fn bind_agent_sockets(
     config: &HubConfig,
     key: &transport::EndpointKey,
-) -> Result<(quinn::Endpoint, Option<TcpListener>), HubError> {
+) -> Result<(quinn::Endpoint, std::net::UdpSocket, Option<TcpListener>), HubError> {
     let bind_tcp = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -708,10 +750,11 @@ async fn bind_agent_sockets(
     };
     let mut tries = 0;
     loop {
-        let endpoint = transport::hub_endpoint(config.listen, &config.tls, &config.limits, key)?;
+        let (endpoint, socket) =
+            transport::hub_endpoint_and_socket(config.listen, &config.tls, &config.limits, key)?;
         let tcp = match config.tcp_listen {
-            TcpListen::Off => return Ok((endpoint, None)),
-            TcpListen::At(addr) => return Ok((endpoint, Some(bind_tcp(addr).await?))),
+            TcpListen::Off => return Ok((endpoint, socket, None)),
+            TcpListen::At(addr) => return Ok((endpoint, socket, Some(bind_tcp(addr).await?))),
             TcpListen::SameAsQuic => {
                 let port = endpoint
                     .local_addr()
@@ -720,7 +763,7 @@ async fn bind_agent_sockets(
             }
         };
         match tcp {
-            Ok(listener) => return Ok((endpoint, Some(listener))),
+            Ok(listener) => return Ok((endpoint, socket, Some(listener))),
             Err(e) if config.listen.port() == 0 && tries < 16 => {
                 debug!("{e}; binding both on another port");
                 tries += 1;

@@ -107,6 +107,17 @@ impl EndpointKey {
         }
     }
 
+    /// The stateless-reset token of the hub connection ID `cid`: the first 16 bytes of its
+    /// HMAC-SHA256 under this key, the token quinn sends for it (the key is the endpoint's
+    /// reset key, [`EndpointKey::endpoint_config`]).
+    pub fn reset_token(&self, cid: &[u8]) -> [u8; RESET_TOKEN_LEN] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let tag = ring::hmac::sign(&key, cid);
+        let mut token = [0u8; RESET_TOKEN_LEN];
+        token.copy_from_slice(&tag.as_ref()[..RESET_TOKEN_LEN]);
+        token
+    }
+
     fn endpoint_config(&self) -> EndpointConfig {
         let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
         let mut config = EndpointConfig::new(Arc::new(reset));
@@ -129,6 +140,31 @@ impl EndpointKey {
         config.min_reset_interval(Duration::ZERO);
         config
     }
+}
+
+/// Bytes of a stateless-reset token (RFC 9000, section 10.3).
+pub const RESET_TOKEN_LEN: usize = 16;
+
+/// Random bytes before the token in a stateless reset: the packet looks like a short-header
+/// packet with a connection ID of up to 20 bytes (RFC 9000 recommends at least 5 + 20).
+const RESET_PADDING: usize = 25 + 16;
+
+/// A stateless reset datagram carrying `token` (RFC 9000, section 10.3): a short-header
+/// first byte, unpredictable bytes, then the token. A peer holding a connection whose reset
+/// token this is ends it at once (`reset by peer`), whatever connection ID it shows.
+pub fn stateless_reset(token: &[u8; RESET_TOKEN_LEN]) -> Result<Vec<u8>, TransportError> {
+    use ring::rand::SecureRandom;
+    let mut packet = vec![0u8; RESET_PADDING + RESET_TOKEN_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut packet[..RESET_PADDING])
+        .map_err(|_| TransportError::Key {
+            path: "(random)".into(),
+            message: "the system random source failed".into(),
+        })?;
+    // Fixed bit set, long-header bit clear: a short header.
+    packet[0] = 0b0100_0000 | (packet[0] >> 2);
+    packet[RESET_PADDING..].copy_from_slice(token);
+    Ok(packet)
 }
 
 /// The hub's connection IDs: [`CID_NONCE`] random bytes and [`CID_SIGNATURE`] bytes of a
@@ -400,6 +436,18 @@ pub fn hub_endpoint(
     limits: &Limits,
     key: &EndpointKey,
 ) -> Result<quinn::Endpoint, TransportError> {
+    hub_endpoint_and_socket(addr, tls, limits, key).map(|(endpoint, _)| endpoint)
+}
+
+/// [`hub_endpoint`], and a second handle of its UDP socket for datagrams the hub sends
+/// outside quinn (the stateless resets of [`crate::hub::recall`]). Never read from it: every
+/// datagram that arrives belongs to quinn.
+pub fn hub_endpoint_and_socket(
+    addr: SocketAddr,
+    tls: &ServerTls,
+    limits: &Limits,
+    key: &EndpointKey,
+) -> Result<(quinn::Endpoint, UdpSocket), TransportError> {
     let crypto = tls.quic_config()?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server
@@ -416,13 +464,17 @@ pub fn hub_endpoint(
         // An agent whose address changes (NAT rebinding, pod IP change) keeps its session.
         .migration(true);
     let socket = udp_socket(addr)?;
-    quinn::Endpoint::new(
+    let sender = socket
+        .try_clone()
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    let endpoint = quinn::Endpoint::new(
         limits.endpoint_config(key.endpoint_config())?,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|source| TransportError::Bind { addr, source })
+    .map_err(|source| TransportError::Bind { addr, source })?;
+    Ok((endpoint, sender))
 }
 
 /// Moves an agent endpoint to a fresh UDP socket on a new ephemeral port of the same family

@@ -286,6 +286,14 @@ impl Session {
         }
     }
 
+    /// The QUIC connection underneath, for a QUIC session.
+    pub fn quic(&self) -> Option<&quinn::Connection> {
+        match self {
+            Session::Quic(c) => Some(c),
+            Session::Tcp(_) => None,
+        }
+    }
+
     /// The smoothed round-trip time, when known.
     pub fn rtt(&self) -> Option<Duration> {
         match self {

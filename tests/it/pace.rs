@@ -407,6 +407,62 @@ async fn a_restarted_hub_is_noticed_within_about_one_interval() {
     assert!(took < Duration::from_secs(3), "noticed after {took:?}");
 }
 
+/// A hub killed with SIGKILL and started again with its state folder recalls the agents of
+/// its previous run at once, from the session roster it kept there (`hub::recall`): the agent
+/// learns of the restart from the hub's reset, not at its next ping 30 s away nor at its 15 s
+/// QUIC keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_hub_recalls_its_agents_before_their_next_ping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let RestartableHub {
+        mut hub,
+        mut hub_args,
+        agent,
+        ..
+    } = restartable_hub_and_agent(tmp.path()).await;
+    let mut agent = agent;
+    // The same hub, pacing its fleet of one at 30 s: the agent pings twice a minute.
+    hub.kill().await.unwrap();
+    hub_args.extend(
+        [
+            "--heartbeat-min",
+            "30s",
+            "--heartbeat-interval",
+            "30s",
+            "--heartbeat-timeout",
+            "90s",
+        ]
+        .map(String::from),
+    );
+    let (mut hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    agent.wait_line("connected to hub").await;
+    agent.wait_line("session stable").await;
+    // The roster lists the new session once it is written (every 5 s when it changed): an
+    // empty one is 7 bytes (format, time, count), a session adds more than 20.
+    let roster = tmp.path().join("state").join("quic-sessions");
+    eventually_some("the roster lists the session", async || {
+        let len = std::fs::metadata(&roster).map_or(0, |m| m.len());
+        (len > 20).then_some(())
+    })
+    .await;
+
+    hub.kill().await.unwrap();
+    let (_hub, mut hub_log) = spawn_logged(&hub_args);
+    wait_line(&mut hub_log, "hub serving").await;
+    let serving = Instant::now();
+    let noticed =
+        tokio::time::timeout(Duration::from_secs(10), agent.wait_line("reset by peer")).await;
+    assert!(noticed.is_ok(), "the agent did not learn of the restart");
+    let took = serving.elapsed();
+    let done = wait_line(&mut hub_log, "recall of the previous run's agents done").await;
+    assert!(done.contains("sent=1") && done.contains("of=1"), "{done}");
+    eprintln!("restart noticed {took:?} after the new hub served");
+    // Its next ping was up to 30 s away, its keep-alive up to 15 s.
+    assert!(took < Duration::from_secs(3), "noticed after {took:?}");
+    agent.wait_line("connected to hub").await;
+}
+
 /// Every agent of a fleet learns of a restarted hub from a stateless reset at its next ping,
 /// not only the first fifty a second: quinn's default answers at most one packet per 20 ms
 /// with a reset, and a restarted hub under 10,000 agents left all but those waiting for the

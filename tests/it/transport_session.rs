@@ -664,3 +664,62 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<
     })
     .await
 }
+
+/// A stateless reset made outside quinn, from the hub's endpoint key and the connection ID it
+/// gave in the handshake, and sent from the hub endpoint's own port (what a restarted hub
+/// sends the sessions of its previous run, `hub::recall`), ends the agent's connection with
+/// `reset by peer`. One made with another key is ignored: the connection still carries data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_from_the_endpoint_key_and_handshake_id_ends_the_agents_connection() {
+    let c = certs();
+    let limits = Limits::default();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let key = EndpointKey::random().unwrap();
+    let (hub, socket) = transport::hub_endpoint_and_socket(any, &c.hub, &limits, &key).unwrap();
+    let addr = hub.local_addr().unwrap();
+    let accepted = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.accept().await.unwrap().await.unwrap() }
+    });
+    let agent = transport::agent_endpoint(addr, &c.agent, &limits).unwrap();
+    let agent_conn = bounded("connect", agent.connect(addr, "localhost").unwrap())
+        .await
+        .unwrap();
+    let hub_conn = bounded("accept", accepted).await.unwrap();
+    let cid = hub_conn.handshake_cid();
+    assert_eq!(cid.len(), 12, "hub connection IDs are 12 bytes");
+    let to_agent = hub_conn.remote_address();
+
+    // A reset under another key: the agent drops it, and the connection still works.
+    let stranger = EndpointKey::random().unwrap().reset_token(&cid);
+    socket
+        .send_to(&transport::stateless_reset(&stranger).unwrap(), to_agent)
+        .unwrap();
+    let echo = tokio::spawn(async move {
+        let (mut send, mut recv) = hub_conn.accept_bi().await.unwrap();
+        let got = recv.read_to_end(64).await.unwrap();
+        send.write_all(&got).await.unwrap();
+        send.finish().unwrap();
+        hub_conn
+    });
+    let (mut send, mut recv) = agent_conn.open_bi().await.unwrap();
+    send.write_all(b"still here").await.unwrap();
+    send.finish().unwrap();
+    let back = bounded("echo", recv.read_to_end(64)).await.unwrap();
+    assert_eq!(back, b"still here");
+    let _hub_conn = echo.await.unwrap();
+
+    // The real one ends it at once.
+    let token = key.reset_token(&cid);
+    let packet = transport::stateless_reset(&token).unwrap();
+    assert!(
+        packet.len() >= 21 && packet[0] & 0xc0 == 0x40,
+        "a short-header datagram"
+    );
+    socket.send_to(&packet, to_agent).unwrap();
+    let end = bounded("the reset", agent_conn.closed()).await;
+    assert!(
+        matches!(end, quinn::ConnectionError::Reset),
+        "ended with {end:?}"
+    );
+}

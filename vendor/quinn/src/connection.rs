@@ -30,7 +30,7 @@ use crate::{
     udp_transmit,
 };
 use proto::{
-    ConnectionError, ConnectionHandle, ConnectionStats, Dir, EndpointEvent, Side, StreamEvent,
+    ConnectionError, ConnectionHandle, ConnectionId, ConnectionStats, Dir, EndpointEvent, Side, StreamEvent,
     StreamId, congestion::Controller,
 };
 
@@ -527,6 +527,12 @@ impl Connection {
     /// switching to a cellular internet connection.
     pub fn remote_address(&self) -> SocketAddr {
         self.0.state.lock("remote_address").inner.remote_address()
+    }
+
+    /// Changed from upstream: the connection ID this endpoint gave in the handshake (see
+    /// `quinn_proto::Connection::handshake_cid`).
+    pub fn handshake_cid(&self) -> ConnectionId {
+        self.0.state.lock("handshake_cid").inner.handshake_cid()
     }
 
     /// The local IP address which was used when the peer established

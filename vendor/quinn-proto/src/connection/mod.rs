@@ -1393,6 +1393,15 @@ impl Connection {
         self.path.remote
     }
 
+    /// Changed from upstream: the connection ID this endpoint gave in the handshake, which
+    /// the peer addresses its packets to until it moves to another (path migration). A server
+    /// that restarted with the same reset key can end the peer's side of the connection with
+    /// a stateless reset made for this ID (rna: docs/decisions.md, "A restarted hub recalls
+    /// its agents").
+    pub fn handshake_cid(&self) -> ConnectionId {
+        self.handshake_cid
+    }
+
     /// The local IP address which was used when the peer established
     /// the connection
     ///
