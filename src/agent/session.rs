@@ -125,6 +125,11 @@ impl SessionError {
             ConnectionError::ApplicationClosed(close) => {
                 let reason = String::from_utf8_lossy(&close.reason).into_owned();
                 match CloseCode::from_code(close.error_code.into_inner()) {
+                    // The hub's deadline for the Hello passed: a hub catching up with a
+                    // reconnect storm. As transient as a refusal at its handshake cap; the
+                    // lost-hub backoff (up to 30 s) would keep this agent away for longer than
+                    // the storm lasts.
+                    Some(CloseCode::HandshakeTimeout) => SessionError::Busy(at.addr),
                     Some(code) => SessionError::Rejected { code, reason },
                     None => SessionError::Protocol(format!(
                         "closed with unknown code {}: {reason}",
@@ -800,6 +805,26 @@ mod tests {
         assert!(matches!(abandoned, SessionError::Busy(_)), "{abandoned:?}");
         let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)), &at);
         assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
+        // An application close: the hub's Hello deadline passed (busy), or a real refusal.
+        let app = |code: CloseCode| {
+            ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: code.into(),
+                reason: bytes::Bytes::from_static(b"no Hello in time"),
+            })
+        };
+        let late = SessionError::from_connection(app(CloseCode::HandshakeTimeout), &at);
+        assert!(matches!(late, SessionError::Busy(_)), "{late:?}");
+        let revoked = SessionError::from_connection(app(CloseCode::CertificateRevoked), &at);
+        assert!(
+            matches!(
+                revoked,
+                SessionError::Rejected {
+                    code: CloseCode::CertificateRevoked,
+                    ..
+                }
+            ),
+            "{revoked:?}"
+        );
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub(crate) struct Gate {
     per_source: usize,
     retry_threshold: usize,
     sources: SourceCounts,
+    /// Attempts given a slot or a place in the queue so far.
+    admitted: std::sync::atomic::AtomicU64,
 }
 
 impl Gate {
@@ -82,12 +84,19 @@ impl Gate {
             per_source,
             retry_threshold,
             sources: SourceCounts::default(),
+            admitted: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Handshakes in progress now.
     pub(crate) fn in_progress(&self) -> usize {
         self.capacity.saturating_sub(self.total.available_permits())
+    }
+
+    /// Attempts given a slot or a place in the queue since the hub started: agents that
+    /// arrived (the recall of a restarted hub counts them against the resets it sent).
+    pub(crate) fn admitted(&self) -> u64 {
+        self.admitted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The per-source counts (for tests and the bound on their size).
@@ -117,6 +126,15 @@ impl Gate {
     /// (it came back with a Retry token); `may_wait` whether the hub's queue of attempts
     /// waiting for a slot has room. Cheap and synchronous: it runs on the accept loop.
     pub(crate) fn admit(&self, remote: IpAddr, validated: bool, may_wait: bool) -> Admission {
+        let admission = self.decide(remote, validated, may_wait);
+        if matches!(admission, Admission::Accept(_) | Admission::Wait(_)) {
+            self.admitted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admission
+    }
+
+    fn decide(&self, remote: IpAddr, validated: bool, may_wait: bool) -> Admission {
         if !validated {
             // Past the threshold (or with no slot left), an address must first prove it is
             // real. Refusals therefore only ever go to validated addresses, and an unvalidated

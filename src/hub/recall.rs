@@ -14,7 +14,8 @@
 //! that connection ID, from the port the agent sends to. The agent accepts it as the reset
 //! quinn itself would have sent for its next packet and reconnects within
 //! `RESET_SPREAD` (50 ms). The resets go out while fewer than a quarter of the hub's
-//! handshake slots are taken, counting those sent in the last [`ARRIVAL`] as on their way:
+//! handshake slots are taken, counting resets sent in the last [`ARRIVAL`] whose agents were
+//! not yet admitted as on their way:
 //! the hub calls its fleet back as fast as it finishes handshakes, not faster, so a restart
 //! under 10,000 agents starts as many handshakes as the hub can finish, and no more.
 //!
@@ -201,8 +202,20 @@ pub async fn keep(shared: Arc<Shared>, dir: PathBuf, stop: CancellationToken) {
     }
 }
 
+/// Agents on their way to the hub: the resets sent in the last [`ARRIVAL`] (`recent`, each
+/// with the hub's admitted count when it was sent) less the attempts admitted since the oldest
+/// of them, `admitted` being the count now. An agent that arrived holds a handshake slot and
+/// is counted there.
+fn on_their_way(recent: &VecDeque<(Instant, u64)>, admitted: u64) -> usize {
+    let arrived = recent
+        .front()
+        .map_or(0, |(_, at)| admitted.saturating_sub(*at));
+    (recent.len() as u64).saturating_sub(arrived) as usize
+}
+
 /// Sends each of `peers` a stateless reset for its connection ID through `socket` (the hub
-/// endpoint's own port), while fewer than `window` handshakes are in progress or on their way.
+/// endpoint's own port), while fewer than `window` handshakes are in progress or on their way
+/// (sent in the last [`ARRIVAL`] and not yet admitted).
 /// Ends when all were sent or `stop` fires.
 pub async fn recall(
     shared: Arc<Shared>,
@@ -229,7 +242,8 @@ pub async fn recall(
     );
     let started = Instant::now();
     let window = window.max(1);
-    let mut on_their_way: VecDeque<Instant> = VecDeque::new();
+    // Resets sent in the last ARRIVAL, and the hub's admitted count when each was sent.
+    let mut recent: VecDeque<(Instant, u64)> = VecDeque::new();
     let mut pending = peers.into_iter().peekable();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,13 +255,14 @@ pub async fn recall(
             _ = tick.tick() => {}
         }
         let now = Instant::now();
-        while on_their_way
+        while recent
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= ARRIVAL)
+            .is_some_and(|(t, _)| now.duration_since(*t) >= ARRIVAL)
         {
-            on_their_way.pop_front();
+            recent.pop_front();
         }
-        let busy = shared.gate.in_progress() + on_their_way.len();
+        let admitted = shared.gate.admitted();
+        let busy = shared.gate.in_progress() + on_their_way(&recent, admitted);
         for _ in busy..window {
             let Some(peer) = pending.peek() else {
                 break 'recall;
@@ -271,7 +286,7 @@ pub async fn recall(
                 Ok(()) => {
                     sent += 1;
                     shared.metrics.recall_reset();
-                    on_their_way.push_back(now);
+                    recent.push_back((now, admitted));
                 }
                 // The socket's send buffer is full: the rest go at the next tick.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -302,6 +317,19 @@ mod tests {
             local_ip: Some(IpAddr::from([127, 0, 0, 1])),
             cid: vec![port as u8; 12],
         }
+    }
+
+    #[test]
+    fn agents_count_as_on_their_way_until_as_many_were_admitted() {
+        let now = Instant::now();
+        let mut recent = VecDeque::new();
+        assert_eq!(on_their_way(&recent, 7), 0);
+        // Three resets sent with 10 attempts admitted so far, two more with 11.
+        recent.extend([(now, 10), (now, 10), (now, 10), (now, 11), (now, 11)]);
+        assert_eq!(on_their_way(&recent, 10), 5);
+        assert_eq!(on_their_way(&recent, 12), 3);
+        assert_eq!(on_their_way(&recent, 15), 0);
+        assert_eq!(on_their_way(&recent, 100), 0);
     }
 
     #[test]
