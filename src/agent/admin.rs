@@ -103,6 +103,11 @@ impl AgentMetrics {
         self.reconnects.inc();
     }
 
+    /// Reconnect attempts so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.get()
+    }
+
     /// Something was refused because the cap `cap` was reached.
     pub fn cap_refused(&self, cap: &'static str) {
         count_by(&self.cap_refusals, "cap", cap);

@@ -60,6 +60,15 @@ pub enum SessionError {
         /// How long the agent waited.
         after: Duration,
     },
+    /// The hub answered the QUIC handshake but did not complete it in time (overloaded, as
+    /// in a reconnect storm). Transient, like [`SessionError::Busy`].
+    #[error("the hub at {addr} answered but did not complete the handshake within {after:?}")]
+    Unfinished {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// How long the agent waited.
+        after: Duration,
+    },
     /// The hub completed the QUIC handshake but did not answer Hello in time (overloaded).
     #[error("the hub at {addr} accepted the connection but did not answer Hello within {after:?}")]
     NoWelcome {
@@ -293,8 +302,9 @@ pub async fn connect_with_token(
     register(session, addr, server_name, config, token).await
 }
 
-/// The QUIC and TLS handshake with the hub at `addr`, given up after `patience` (or the
-/// idle timeout, when shorter).
+/// The QUIC and TLS handshake with the hub at `addr`, given up after `patience` when nothing
+/// came back from the hub by then, or after the longer of `patience` and the handshake
+/// timeout when the hub answered but has not finished.
 pub async fn dial_quic(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -308,16 +318,33 @@ pub async fn dial_quic(
         agent: &config.name,
         patience: patience.min(config.limits.idle_timeout),
     };
-    let connecting = endpoint
+    let started = tokio::time::Instant::now();
+    let mut connecting = endpoint
         .connect(addr, server_name)
         .map_err(|e| SessionError::Connect(e.to_string()))?;
     // The deadline and quinn's own idle timeout both end an attempt nobody answers; both
     // become the same error through `from_connection`.
-    match tokio::time::timeout(patience, connecting).await {
-        Err(_) => Err(SessionError::from_connection(
+    match tokio::time::timeout(patience, &mut connecting).await {
+        Ok(Err(e)) => return Err(SessionError::from_connection(e, &at)),
+        Ok(Ok(c)) => return Ok(Session::from(c)),
+        Err(_) => {}
+    }
+    let heard = connecting.stats().is_some_and(|s| s.udp_rx.datagrams > 0);
+    if !heard {
+        return Err(SessionError::from_connection(
             ConnectionError::TimedOut,
             &at,
-        )),
+        ));
+    }
+    // The hub answered (a Retry, its first flight): UDP works both ways and the hub is at
+    // work on this handshake. The rest may take up to the handshake timeout even where
+    // `patience` is the shorter wait before `auto` tries TCP: a hub catching up with a
+    // reconnect storm finishes late, and TCP would not be faster.
+    let whole = patience.max(config.limits.handshake_timeout);
+    let rest = whole.saturating_sub(started.elapsed());
+    match tokio::time::timeout(rest, connecting).await {
+        // Answered, then not finished: a busy hub, not a blocked network.
+        Err(_) => Err(SessionError::Unfinished { addr, after: whole }),
         Ok(Err(e)) => Err(SessionError::from_connection(e, &at)),
         Ok(Ok(c)) => Ok(Session::from(c)),
     }

@@ -347,12 +347,16 @@ impl Supervisor {
                             refused.next_delay()
                         }
                         SessionError::Tls(_) => refused.next_delay(),
-                        SessionError::Busy(_) | SessionError::NoWelcome { .. } => busy.next_delay(),
+                        SessionError::Busy(_)
+                        | SessionError::Unfinished { .. }
+                        | SessionError::NoWelcome { .. } => busy.next_delay(),
                         _ => retry.next_delay(),
                     };
                     match (&e, refusal_hint(&e, &self.config)) {
                         // Routine during a hub restart: the hub refuses while it drains.
-                        (SessionError::Busy(_), _) => info!(retry_in = ?delay, "{e}; retrying"),
+                        (SessionError::Busy(_) | SessionError::Unfinished { .. }, _) => {
+                            info!(retry_in = ?delay, "{e}; retrying")
+                        }
                         (SessionError::Rejected { .. } | SessionError::Tls(_), hint) => {
                             match hint {
                                 Some(hint) => error!(retry_in = ?delay, "{e}; {hint}"),

@@ -37,6 +37,11 @@ impl Gated {
     /// The gate closed (UDP dropped); the hub's TCP side on X unless `tcp` is false (then
     /// nothing listens for TCP on X).
     async fn start(tcp: bool) -> Gated {
+        Gated::start_with(tcp, |_| {}).await
+    }
+
+    /// [`Gated::start`], with the hub's configuration changed by `configure` as well.
+    async fn start_with(tcp: bool, configure: impl FnOnce(&mut rna::hub::HubConfig)) -> Gated {
         let mut gate = UdpGate::bind().await;
         let x = gate.addr;
         let world = World::start_with(|c| {
@@ -45,6 +50,7 @@ impl Gated {
             } else {
                 TcpListen::Off
             };
+            configure(c);
         })
         .await;
         assert_ne!(
@@ -632,6 +638,57 @@ async fn transport_quic_never_falls_back_to_tcp() {
         0.0
     );
     assert!(gated.gate.received() > 0);
+    agent.stop().await;
+    gated.world.stop().await;
+}
+
+/// An `auto` agent whose QUIC attempt the hub answered but finished late (a hub catching up
+/// with a reconnect storm) waits for it instead of falling back to TCP at its 1 s deadline:
+/// the hub asks every address for a Retry, the gate lets that first datagram through and
+/// holds the hub's next ones back for 1.5 s, and the agent's first attempt still ends on QUIC.
+/// Seen failing with the fallback deadline applied to every attempt, where the agent moved to
+/// TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answered_quic_handshake_that_finishes_late_is_not_left_for_tcp() {
+    let gated = Gated::start_with(true, |c| c.caps.retry_threshold = 0).await;
+    gated
+        .gate
+        .stall_after_answer
+        .store(1_500, std::sync::atomic::Ordering::Relaxed);
+    gated.gate.open();
+    let world = &gated.world;
+    let token = world.agent_token(TENANT);
+    let config = gated.agent_config("late", &token, TransportMode::Auto);
+    assert_eq!(config.quic_fallback_after, Duration::from_secs(1));
+    let started = Instant::now();
+    let agent = world.spawn_agent(config);
+    eventually("a session", || agent.handle.status().sessions_total > 0).await;
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_millis(1_500),
+        "the stall did not hold the handshake back ({took:?})"
+    );
+    assert_eq!(
+        agent_metric(&agent, CONNECTIONS, &[("transport", "quic")]),
+        1.0
+    );
+    assert_eq!(
+        agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]),
+        0.0
+    );
+    assert_eq!(
+        agent_metric(&agent, RECONNECTS, &[]),
+        0.0,
+        "the first attempt failed"
+    );
+    assert_eq!(
+        hub_metric(
+            world,
+            SESSIONS,
+            &[("event", "opened"), ("transport", "tcp")]
+        ),
+        0.0
+    );
     agent.stop().await;
     gated.world.stop().await;
 }

@@ -1671,6 +1671,10 @@ pub struct UdpGate {
     /// Datagrams sent on, either way.
     pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Milliseconds for which the hub's datagrams after its first are held back, then
+    /// delivered (0: never): an attempt the hub answered (its first datagram, a Retry or its
+    /// first flight, reaches the agent), then finished late.
+    pub stall_after_answer: std::sync::Arc<std::sync::atomic::AtomicU64>,
     front: Option<tokio::net::UdpSocket>,
     task: Option<JoinHandle<()>>,
 }
@@ -1699,6 +1703,7 @@ impl UdpGate {
                 received: Default::default(),
                 forwarded: Default::default(),
                 open: Default::default(),
+                stall_after_answer: Default::default(),
                 front: Some(front),
                 task: None,
             };
@@ -1714,13 +1719,16 @@ impl UdpGate {
         let front = Arc::new(self.front.take().expect("relay_to once"));
         let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         back.connect(hub).await.unwrap();
-        let (received, forwarded, open) = (
+        let (received, forwarded, open, stall) = (
             self.received.clone(),
             self.forwarded.clone(),
             self.open.clone(),
+            self.stall_after_answer.clone(),
         );
         self.task = Some(tokio::spawn(async move {
             let mut agent: Option<SocketAddr> = None;
+            // Until when the hub's datagrams are dropped, once its first reached the agent.
+            let mut stalled_until: Option<std::time::Instant> = None;
             let mut up = vec![0u8; 65536];
             let mut down = vec![0u8; 65536];
             loop {
@@ -1736,9 +1744,26 @@ impl UdpGate {
                     }
                     r = back.recv(&mut down) => {
                         let Ok(n) = r else { continue };
+                        if let (Some(until), Some(to)) = (stalled_until, agent) {
+                            let now = std::time::Instant::now();
+                            if now < until {
+                                // Held back, not lost: delivered when the stall ends.
+                                forwarded.fetch_add(1, Ordering::Relaxed);
+                                let (front, data) = (front.clone(), down[..n].to_vec());
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(until - now).await;
+                                    let _ = front.send_to(&data, to).await;
+                                });
+                                continue;
+                            }
+                        }
                         if let (true, Some(to)) = (open.load(Ordering::Relaxed), agent) {
                             forwarded.fetch_add(1, Ordering::Relaxed);
                             let _ = front.send_to(&down[..n], to).await;
+                            let ms = stall.load(Ordering::Relaxed);
+                            if stalled_until.is_none() && ms > 0 {
+                                stalled_until = Some(std::time::Instant::now() + Duration::from_millis(ms));
+                            }
                         }
                     }
                 }

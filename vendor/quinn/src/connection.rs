@@ -193,6 +193,15 @@ impl Connecting {
         let conn_ref: &ConnectionRef = self.conn.as_ref().expect("used after yielding Ready");
         conn_ref.state.lock("remote_address").inner.remote_address()
     }
+
+    /// Changed from upstream: statistics of the connection being set up, for instance
+    /// whether any datagram came back from the peer yet (a Retry counts), which tells a peer
+    /// that does not answer from one that answers slowly. `None` after `poll` returned
+    /// `Ready`.
+    pub fn stats(&self) -> Option<ConnectionStats> {
+        let conn_ref: &ConnectionRef = self.conn.as_ref()?;
+        Some(conn_ref.state.lock("stats").inner.stats())
+    }
 }
 
 impl Future for Connecting {
