@@ -9,7 +9,8 @@
 //!
 //! Instead the hub keeps a roster of its QUIC sessions in its state folder ([`FILE`]): each
 //! agent's address and the connection ID the hub gave it in the handshake, written every few
-//! seconds when it changed. A restarted hub with the same endpoint key (the same state
+//! seconds when it changed (and every two minutes when not, so its time stamp says when the
+//! hub stopped). A restarted hub with the same endpoint key (the same state
 //! folder) reads it before it serves and sends each listed agent a stateless reset made for
 //! that connection ID, from the port the agent sends to. The agent accepts it as the reset
 //! quinn itself would have sent for its next packet and reconnects within
@@ -44,8 +45,16 @@ pub const FILE: &str = "quic-sessions";
 /// How often the roster is written, when the sessions changed.
 const EVERY: Duration = Duration::from_secs(5);
 
+/// Every this many rounds the roster is compared with the sessions even when none came or
+/// went (an agent's address may have changed).
+const RECHECK: u32 = 12;
+
 /// A roster older than this is not used: its agents' sessions have long timed out.
 const MAX_AGE: Duration = Duration::from_secs(600);
+
+/// An unchanged roster is written again after this long, so the time in it tells when the
+/// hub stopped (within this much), not when its fleet last changed.
+const REFRESH: Duration = Duration::from_secs(120);
 
 /// Largest roster file read (about 40 bytes per session: a million sessions).
 const READ_LIMIT: u64 = 64 << 20;
@@ -153,8 +162,10 @@ fn snapshot(shared: &Shared) -> Vec<Peer> {
     peers
 }
 
-/// Writes the roster of the live QUIC sessions to `dir` every [`EVERY`] when it changed,
-/// until `stop` fires. A failed write is logged once until one succeeds again.
+/// Writes the roster of the live QUIC sessions to `dir` every [`EVERY`] when it changed (and
+/// every [`REFRESH`] when not), until `stop` fires. The registry is looked at only when a
+/// session came or went, or every [`RECHECK`] rounds. A failed write is logged once until one
+/// succeeds again.
 pub async fn keep(shared: Arc<Shared>, dir: PathBuf, stop: CancellationToken) {
     let path = dir.join(FILE);
     let mut tick = tokio::time::interval(EVERY);
@@ -162,13 +173,27 @@ pub async fn keep(shared: Arc<Shared>, dir: PathBuf, stop: CancellationToken) {
     // The first tick writes (an empty roster at start: the previous one was read already).
     let mut last: Option<Vec<Peer>> = None;
     let mut failing = false;
+    // The registry's generation the last roster was taken at, and rounds since.
+    let mut taken_at: Option<u64> = None;
+    let mut rounds = 0u32;
+    let mut written_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // An idle fleet costs nothing here: no session came or went, no look.
+        let generation = shared.registry.generation();
+        rounds += 1;
+        if taken_at == Some(generation) && rounds < RECHECK {
+            continue;
+        }
+        rounds = 0;
         let peers = snapshot(&shared);
-        if last.as_ref() == Some(&peers) {
+        // Unchanged, and written recently enough that a restart would still use it.
+        let fresh = written_at.is_some_and(|at: Instant| at.elapsed() < REFRESH);
+        if last.as_ref() == Some(&peers) && fresh {
+            taken_at = Some(generation);
             continue;
         }
         let bytes = match encode(&peers, unix_now()) {
@@ -190,6 +215,8 @@ pub async fn keep(shared: Arc<Shared>, dir: PathBuf, stop: CancellationToken) {
                 }
                 failing = false;
                 last = Some(peers);
+                taken_at = Some(generation);
+                written_at = Some(Instant::now());
             }
             Ok(Err(e)) => {
                 if !failing {

@@ -355,6 +355,11 @@ impl Registry {
             .map_or(0, Vec::len)
     }
 
+    /// A number that grows with every session admitted or removed (and inventory stored).
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// Waits until `pred` holds for the registry (checked on every change). Cancel-safe.
     pub async fn wait_until<F: Fn(&Registry) -> bool>(&self, pred: F) {
         let mut rx = self.changes.subscribe();
