@@ -124,6 +124,16 @@ fn agent_metric(agent: &TestAgent, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&agent.handle.metrics().render(), name, labels)
 }
 
+/// Asserts the agent holds one session, over `transport` (`quic` or `tcp`), and none over
+/// the other.
+fn assert_connected_over(agent: &TestAgent, transport: &str) {
+    for kind in ["quic", "tcp"] {
+        let want = if kind == transport { 1.0 } else { 0.0 };
+        let got = agent_metric(agent, CONNECTIONS, &[("transport", kind)]);
+        assert_eq!(got, want, "sessions over {kind}");
+    }
+}
+
 /// The hub's metric.
 fn hub_metric(world: &World, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&world.hub.metrics().render(), name, labels)
@@ -208,14 +218,7 @@ async fn with_udp_dropped_an_auto_agent_works_over_tcp() {
         .unwrap_or_else(|| panic!("agent not listed: {listed}"))
         .clone();
     assert_eq!(entry["transport"], "tcp", "{entry}");
-    assert_eq!(
-        agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]),
-        1.0
-    );
-    assert_eq!(
-        agent_metric(&agent, CONNECTIONS, &[("transport", "quic")]),
-        0.0
-    );
+    assert_connected_over(&agent, "tcp");
     assert_eq!(
         hub_metric(
             world,
@@ -668,14 +671,7 @@ async fn an_answered_quic_handshake_that_finishes_late_is_not_left_for_tcp() {
         took > Duration::from_millis(1_500),
         "the stall did not hold the handshake back ({took:?})"
     );
-    assert_eq!(
-        agent_metric(&agent, CONNECTIONS, &[("transport", "quic")]),
-        1.0
-    );
-    assert_eq!(
-        agent_metric(&agent, CONNECTIONS, &[("transport", "tcp")]),
-        0.0
-    );
+    assert_connected_over(&agent, "quic");
     assert_eq!(
         agent_metric(&agent, RECONNECTS, &[]),
         0.0,
