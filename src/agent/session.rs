@@ -139,6 +139,12 @@ impl SessionError {
                     // lost-hub backoff (up to 30 s) would keep this agent away for longer than
                     // the storm lasts.
                     Some(CloseCode::HandshakeTimeout) => SessionError::Busy(at.addr),
+                    // Code 0 without a reason is quinn's own close of a connection its owner
+                    // dropped: a hub that abandoned this handshake at its TLS deadline, after
+                    // the agent's side had finished. As transient as the above.
+                    Some(CloseCode::Normal) if close.reason.is_empty() => {
+                        SessionError::Busy(at.addr)
+                    }
                     Some(code) => SessionError::Rejected { code, reason },
                     None => SessionError::Protocol(format!(
                         "closed with unknown code {}: {reason}",
@@ -841,6 +847,14 @@ mod tests {
         };
         let late = SessionError::from_connection(app(CloseCode::HandshakeTimeout), &at);
         assert!(matches!(late, SessionError::Busy(_)), "{late:?}");
+        let dropped = SessionError::from_connection(
+            ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: CloseCode::Normal.into(),
+                reason: bytes::Bytes::new(),
+            }),
+            &at,
+        );
+        assert!(matches!(dropped, SessionError::Busy(_)), "{dropped:?}");
         let revoked = SessionError::from_connection(app(CloseCode::CertificateRevoked), &at);
         assert!(
             matches!(

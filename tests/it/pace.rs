@@ -328,7 +328,8 @@ async fn an_agent_pings_again_when_its_ping_goes_unacknowledged() {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     // The tick's ping at 4 s goes unacknowledged, so another follows at 5 s; without the
     // mend the third ping would be the tick's at 8 s.
-    tokio::time::timeout(Duration::from_millis(6500), async {
+    // Bounded below the next tick (8 s), with room for a loaded machine.
+    tokio::time::timeout(Duration::from_millis(7500), async {
         while counter(&world, "rna_heartbeats_received_total") < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
