@@ -839,23 +839,23 @@ mod tests {
         let tls = SessionError::from_connection(close(quinn::TransportErrorCode::crypto(42)), &at);
         assert!(matches!(tls, SessionError::Tls(_)), "{tls:?}");
         // An application close: the hub's Hello deadline passed (busy), or a real refusal.
-        let app = |code: CloseCode| {
+        let app = |code: CloseCode, reason: &'static [u8]| {
             ConnectionError::ApplicationClosed(quinn::ApplicationClose {
                 error_code: code.into(),
-                reason: bytes::Bytes::from_static(b"no Hello in time"),
+                reason: bytes::Bytes::from_static(reason),
             })
         };
-        let late = SessionError::from_connection(app(CloseCode::HandshakeTimeout), &at);
-        assert!(matches!(late, SessionError::Busy(_)), "{late:?}");
-        let dropped = SessionError::from_connection(
-            ConnectionError::ApplicationClosed(quinn::ApplicationClose {
-                error_code: CloseCode::Normal.into(),
-                reason: bytes::Bytes::new(),
-            }),
+        let late = SessionError::from_connection(
+            app(CloseCode::HandshakeTimeout, b"no Hello in time"),
             &at,
         );
+        assert!(matches!(late, SessionError::Busy(_)), "{late:?}");
+        let dropped = SessionError::from_connection(app(CloseCode::Normal, b""), &at);
         assert!(matches!(dropped, SessionError::Busy(_)), "{dropped:?}");
-        let revoked = SessionError::from_connection(app(CloseCode::CertificateRevoked), &at);
+        let revoked = SessionError::from_connection(
+            app(CloseCode::CertificateRevoked, b"certificate revoked"),
+            &at,
+        );
         assert!(
             matches!(
                 revoked,

@@ -272,7 +272,7 @@ pub struct Hub {
     endpoint: quinn::Endpoint,
     /// The roster of QUIC sessions kept in the state folder, and the recall of the previous
     /// run's agents, when the hub has a state folder.
-    recall: Option<Recall>,
+    recall: Option<recall::Recall>,
     /// The TLS/TCP side of the agent listener, unless turned off.
     tcp: Option<Arc<TcpServer>>,
     socks: TcpListener,
@@ -315,12 +315,10 @@ impl Hub {
         };
         let (endpoint, socket, tcp) = bind_agent_sockets(&config, &key).await?;
         // Read before anything is written: the roster the previous run left.
-        let recall = config.state_dir.clone().map(|dir| Recall {
-            peers: recall::load(&dir),
-            dir,
-            socket,
-            key: key.clone(),
-        });
+        let recall = config
+            .state_dir
+            .clone()
+            .map(|dir| recall::Recall::load(dir, socket, key.clone()));
         // Keep the port actually bound (`:0` picks one), for the status page's connect line.
         if let Ok(bound) = endpoint.local_addr() {
             config.listen = bound;
@@ -638,24 +636,8 @@ impl Hub {
 
         // Heartbeat pace: the announced interval follows the number of agents.
         tokio::spawn(pace::run(shared.clone(), stop_accepting.clone()));
-        if let Some(Recall {
-            dir,
-            socket,
-            key,
-            peers,
-        }) = recall
-        {
-            tokio::spawn(recall::keep(shared.clone(), dir, stop_accepting.clone()));
-            // Resets go out while fewer than a quarter of the handshake slots are taken.
-            let window = shared.config.caps.handshakes.div_ceil(4);
-            tokio::spawn(recall::recall(
-                shared.clone(),
-                socket,
-                key,
-                peers,
-                window,
-                stop_accepting.clone(),
-            ));
+        if let Some(recall) = recall {
+            recall.spawn(&shared, &stop_accepting);
         }
 
         // Shared state: every change another replica or `rna token|certs --state` makes.
@@ -720,16 +702,6 @@ impl Hub {
         info!("hub stopped");
         Ok(())
     }
-}
-
-/// What [`recall`] needs: where the roster is kept, and to recall the previous run's agents
-/// the endpoint's socket, its key and the roster that run left.
-#[derive(Debug)]
-struct Recall {
-    dir: std::path::PathBuf,
-    socket: std::net::UdpSocket,
-    key: transport::EndpointKey,
-    peers: Vec<recall::Peer>,
 }
 
 /// The agent listener's sockets: the QUIC endpoint, and the TCP listener on the same port

@@ -123,7 +123,7 @@ fn decode(bytes: &[u8], now: u64) -> Result<Vec<Peer>, String> {
 
 /// Reads the roster the previous run left in `dir`: empty when there is none or it is of no
 /// use (one line says why).
-pub fn load(dir: &Path) -> Vec<Peer> {
+fn load(dir: &Path) -> Vec<Peer> {
     let path = dir.join(FILE);
     let bytes = match crate::fsutil::read_bytes(&path, READ_LIMIT) {
         Ok(bytes) => bytes,
@@ -141,6 +141,49 @@ pub fn load(dir: &Path) -> Vec<Peer> {
             info!(path = %path.display(), "the previous run's session roster is not used: {why}");
             Vec::new()
         }
+    }
+}
+
+/// What keeping the roster and recalling the previous run's agents need: the state folder,
+/// a second handle of the endpoint's socket, its key, and the roster that run left.
+#[derive(Debug)]
+pub(super) struct Recall {
+    dir: PathBuf,
+    socket: UdpSocket,
+    key: EndpointKey,
+    peers: Vec<Peer>,
+}
+
+impl Recall {
+    /// Reads the roster the previous run left in `dir` (before anything writes a new one).
+    pub(super) fn load(dir: PathBuf, socket: UdpSocket, key: EndpointKey) -> Recall {
+        Recall {
+            peers: load(&dir),
+            dir,
+            socket,
+            key,
+        }
+    }
+
+    /// Starts keeping the roster, and the recall of the previous run's agents, until `stop`.
+    /// Resets go out while fewer than a quarter of the handshake slots are taken.
+    pub(super) fn spawn(self, shared: &Arc<Shared>, stop: &CancellationToken) {
+        let Recall {
+            dir,
+            socket,
+            key,
+            peers,
+        } = self;
+        tokio::spawn(keep(shared.clone(), dir, stop.clone()));
+        let window = shared.config.caps.handshakes.div_ceil(4);
+        tokio::spawn(recall(
+            shared.clone(),
+            socket,
+            key,
+            peers,
+            window,
+            stop.clone(),
+        ));
     }
 }
 
@@ -166,7 +209,7 @@ fn snapshot(shared: &Shared) -> Vec<Peer> {
 /// every [`REFRESH`] when not), until `stop` fires. The registry is looked at only when a
 /// session came or went, or every [`RECHECK`] rounds. A failed write is logged once until one
 /// succeeds again.
-pub async fn keep(shared: Arc<Shared>, dir: PathBuf, stop: CancellationToken) {
+async fn keep(shared: Arc<Shared>, dir: PathBuf, stop: CancellationToken) {
     let path = dir.join(FILE);
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -244,7 +287,7 @@ fn on_their_way(recent: &VecDeque<(Instant, u64)>, admitted: u64) -> usize {
 /// endpoint's own port), while fewer than `window` handshakes are in progress or on their way
 /// (sent in the last [`ARRIVAL`] and not yet admitted).
 /// Ends when all were sent or `stop` fires.
-pub async fn recall(
+async fn recall(
     shared: Arc<Shared>,
     socket: UdpSocket,
     key: EndpointKey,

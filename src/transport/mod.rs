@@ -65,14 +65,8 @@ impl std::fmt::Debug for EndpointKey {
 impl EndpointKey {
     /// A fresh random key (used when the hub has no state folder).
     pub fn random() -> Result<EndpointKey, TransportError> {
-        use ring::rand::SecureRandom;
         let mut k = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut k)
-            .map_err(|_| TransportError::Key {
-                path: "(random)".into(),
-                message: "the system random source failed".into(),
-            })?;
+        random_fill(&mut k)?;
         Ok(EndpointKey(k))
     }
 
@@ -142,6 +136,17 @@ impl EndpointKey {
     }
 }
 
+/// Fills `buf` from the system's random source.
+fn random_fill(buf: &mut [u8]) -> Result<(), TransportError> {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| TransportError::Key {
+            path: "(random)".into(),
+            message: "the system random source failed".into(),
+        })
+}
+
 /// Bytes of a stateless-reset token (RFC 9000, section 10.3).
 pub const RESET_TOKEN_LEN: usize = 16;
 
@@ -153,14 +158,8 @@ const RESET_PADDING: usize = 25 + 16;
 /// first byte, unpredictable bytes, then the token. A peer holding a connection whose reset
 /// token this is ends it at once (`reset by peer`), whatever connection ID it shows.
 pub fn stateless_reset(token: &[u8; RESET_TOKEN_LEN]) -> Result<Vec<u8>, TransportError> {
-    use ring::rand::SecureRandom;
     let mut packet = vec![0u8; RESET_PADDING + RESET_TOKEN_LEN];
-    ring::rand::SystemRandom::new()
-        .fill(&mut packet[..RESET_PADDING])
-        .map_err(|_| TransportError::Key {
-            path: "(random)".into(),
-            message: "the system random source failed".into(),
-        })?;
+    random_fill(&mut packet[..RESET_PADDING])?;
     // Fixed bit set, long-header bit clear: a short header.
     packet[0] = 0b0100_0000 | (packet[0] >> 2);
     packet[RESET_PADDING..].copy_from_slice(token);

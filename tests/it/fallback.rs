@@ -134,6 +134,15 @@ fn assert_connected_over(agent: &TestAgent, transport: &str) {
     }
 }
 
+/// Sessions the hub opened over TLS/TCP so far.
+fn tcp_sessions_opened(world: &World) -> f64 {
+    hub_metric(
+        world,
+        SESSIONS,
+        &[("event", "opened"), ("transport", "tcp")],
+    )
+}
+
 /// The hub's metric.
 fn hub_metric(world: &World, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&world.hub.metrics().render(), name, labels)
@@ -219,14 +228,7 @@ async fn with_udp_dropped_an_auto_agent_works_over_tcp() {
         .clone();
     assert_eq!(entry["transport"], "tcp", "{entry}");
     assert_connected_over(&agent, "tcp");
-    assert_eq!(
-        hub_metric(
-            world,
-            SESSIONS,
-            &[("event", "opened"), ("transport", "tcp")]
-        ),
-        1.0
-    );
+    assert_eq!(tcp_sessions_opened(world), 1.0);
 
     // 64 MiB through SOCKS with curl, byte-exact.
     let http = http_server().await;
@@ -632,14 +634,7 @@ async fn transport_quic_never_falls_back_to_tcp() {
     );
     assert!(started.elapsed() > fallback * 3, "{:?}", started.elapsed());
     assert_eq!(gated.sessions("quiconly").len(), 0);
-    assert_eq!(
-        hub_metric(
-            world,
-            SESSIONS,
-            &[("event", "opened"), ("transport", "tcp")]
-        ),
-        0.0
-    );
+    assert_eq!(tcp_sessions_opened(world), 0.0);
     assert!(gated.gate.received() > 0);
     agent.stop().await;
     gated.world.stop().await;
@@ -677,14 +672,7 @@ async fn an_answered_quic_handshake_that_finishes_late_is_not_left_for_tcp() {
         0.0,
         "the first attempt failed"
     );
-    assert_eq!(
-        hub_metric(
-            world,
-            SESSIONS,
-            &[("event", "opened"), ("transport", "tcp")]
-        ),
-        0.0
-    );
+    assert_eq!(tcp_sessions_opened(world), 0.0);
     agent.stop().await;
     gated.world.stop().await;
 }
