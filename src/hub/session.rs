@@ -300,6 +300,13 @@ async fn run_session(
         // The connection can end without the control stream noticing first (close frame).
         reason = session.connection.closed() => ControlEnd::Stream(reason.to_string()),
     };
+    // A stopping hub cancels its sessions and then closes the QUIC endpoint with the same
+    // `going_away`: a session that saw its connection end before it saw the cancellation
+    // ended for the shutdown all the same, and reads so in this log and the metric.
+    let end = match end {
+        ControlEnd::Stream(_) if cancel.is_cancelled() => ControlEnd::Cancelled,
+        end => end,
+    };
     // Forget the session before anything else, so no new stream is routed to it.
     shared.registry.remove(&session);
     if matches!(end, ControlEnd::FrameTooLarge(_)) && session.closed_by_hub().is_none() {

@@ -330,6 +330,7 @@ impl Session {
                 Some(PathFacts {
                     lost_packets: path.lost_packets,
                     mtu: path.current_mtu,
+                    mtu_probes: path.sent_plpmtud_probes,
                 })
             }
             Session::Tcp(_) => None,
@@ -344,6 +345,8 @@ pub struct PathFacts {
     pub lost_packets: u64,
     /// The path MTU discovery has reached, in bytes.
     pub mtu: u16,
+    /// MTU probes this side sent so far, lost ones included.
+    pub mtu_probes: u64,
 }
 
 /// A QUIC stream opened or accepted, as a session stream; a refusal is the session's end.

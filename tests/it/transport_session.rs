@@ -237,6 +237,29 @@ async fn reset_and_stop_carry_their_codes() {
     }
 }
 
+/// MTU discovery probes the configured bound first: on loopback, which carries it, each side
+/// reaches the bound (6550 bytes) with one probe, where quinn's binary search from 1200 bytes
+/// sends about ten, each acknowledged, on both sides of every new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_carries_the_mtu_bound_is_found_with_one_probe() {
+    let (hub, agent) = pair(TransportKind::Quic).await;
+    let bound = Limits::default().max_udp_payload;
+    for (side, session) in [("hub", &hub), ("agent", &agent)] {
+        let path = bounded("the path MTU to reach the bound", async {
+            loop {
+                let path = session.path().expect("QUIC has path facts");
+                if path.mtu >= bound {
+                    return path;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(path.mtu, bound, "{side}");
+        assert_eq!(path.mtu_probes, 1, "{side}: {path:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_close_carries_its_code() {
     for kind in BOTH {

@@ -295,6 +295,9 @@ struct SearchState {
     in_flight_probe: Option<u64>,
     /// Lost probes at the current probe size
     lost_probe_count: usize,
+    /// Changed from upstream: the upper bound is still to be probed before the binary search
+    /// (`MtuDiscoveryConfig::probe_upper_bound_first`)
+    upper_bound_first: bool,
 }
 
 impl SearchState {
@@ -316,6 +319,7 @@ impl SearchState {
             lower_bound,
             upper_bound,
             minimum_change: config.minimum_change,
+            upper_bound_first: config.upper_bound_first,
             // During initialization, we consider the lower bound to have already been
             // successfully probed
             last_probed_mtu: lower_bound,
@@ -330,6 +334,15 @@ impl SearchState {
             self.lower_bound = self.last_probed_mtu;
         } else {
             self.upper_bound = self.last_probed_mtu - 1;
+        }
+
+        // Changed from upstream: the upper bound first, when asked for. Acknowledged, it
+        // becomes the lower bound and the search below ends; lost, it lowers the upper bound
+        // by one and the binary search starts from there.
+        if std::mem::take(&mut self.upper_bound_first)
+            && self.upper_bound.saturating_sub(self.lower_bound) >= self.minimum_change
+        {
+            return Some(self.upper_bound);
         }
 
         let next_mtu = (self.lower_bound as i32 + self.upper_bound as i32) / 2;
@@ -783,6 +796,38 @@ mod tests {
         assert_eq!(probed_sizes, expected_probed_sizes);
         assert_eq!(mtud.current_mtu, 1474);
         assert!(completed(&mtud));
+    }
+
+    /// Changed from upstream: with the upper bound probed first, a path that carries it
+    /// finishes after that one probe; a path that does not loses it three times and then
+    /// searches below it as upstream does.
+    #[test]
+    fn mtu_discovery_probing_the_upper_bound_first() {
+        let mut config = MtuDiscoveryConfig::default();
+        config.upper_bound(6550).probe_upper_bound_first(true);
+
+        let mut mtud = MtuDiscovery::new(1_200, 1_200, None, config.clone());
+        let probed_sizes = drive_to_completion(&mut mtud, Instant::now(), 6550);
+        assert_eq!(probed_sizes, &[6550]);
+        assert_eq!(mtud.current_mtu, 6550);
+
+        let mut upstream = MtuDiscoveryConfig::default();
+        upstream.upper_bound(6550);
+        let mut mtud = MtuDiscovery::new(1_200, 1_200, None, upstream.clone());
+        let upstream_probes = drive_to_completion(&mut mtud, Instant::now(), 6550);
+        assert!(upstream_probes.len() >= 8, "{upstream_probes:?}");
+        assert_eq!(mtud.current_mtu, 6550);
+
+        // A 1500-byte path: the bound is lost three times, then the binary search over
+        // [1200, 6549] finds what upstream's finds over [1200, 6550], in as many probes.
+        let mut mtud = MtuDiscovery::new(1_200, 1_200, None, config);
+        let probed_sizes = drive_to_completion(&mut mtud, Instant::now(), 1500);
+        let mut mtud_upstream = MtuDiscovery::new(1_200, 1_200, None, upstream);
+        let upstream_probes = drive_to_completion(&mut mtud_upstream, Instant::now(), 1500);
+        assert_eq!(&probed_sizes[..3], &[6550, 6550, 6550]);
+        assert_eq!(probed_sizes.len(), upstream_probes.len() + 3);
+        assert_eq!(mtud.current_mtu, mtud_upstream.current_mtu);
+        assert!((1452..=1500).contains(&mtud.current_mtu), "{}", mtud.current_mtu);
     }
 
     #[test]
