@@ -2364,6 +2364,10 @@ async fn m2_s1(
     let failures = hub_counter(api, &token, "rna_handshake_failures_total")
         .await
         .unwrap_or(0);
+    // Sessions that resumed their TLS session from a ticket (absent on a build without it).
+    let resumed = hub_counter(api, &token, "rna_tls_resumptions_total")
+        .await
+        .ok();
     let settled = rss_bytes(&pids);
     // Whose CPU the storm took: the new hub's (all of it since its start) and the generators'
     // (the 10,000 agents' own handshakes, which share this machine's cores with the hub).
@@ -2377,7 +2381,7 @@ async fn m2_s1(
         json!({"value": back_secs, "unit": "s until every agent is back", "agents": n,
                "back": back.saturating_sub(1), "peak_rss": peak, "rss_after": settled,
                "quic_retries": retries, "refused": refusals, "handshake_failures": failures,
-               "hub_cpu_pct": hub_cpu, "generator_cpu_pct": gen_cpu, "fleet_nice": args.fleet_nice, "curve": curve,
+               "tls_resumed": resumed, "hub_cpu_pct": hub_cpu, "generator_cpu_pct": gen_cpu, "fleet_nice": args.fleet_nice, "curve": curve,
                "generator_last_errors": fleet.last_errors(), "load": loadavg()}),
     );
     fleet.stop();

@@ -365,8 +365,10 @@ pub struct Agent {
 
 impl Agent {
     /// Validates the configuration.
-    pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
+    pub fn new(mut config: AgentConfig) -> Result<Agent, AgentError> {
         transport::tls::install_provider();
+        // Several agents of one process (replicas, the bench's fleet) keep their own tickets.
+        config.tls = config.tls.with_own_tickets();
         if config.hubs.is_empty() {
             return Err(AgentError::Config("at least one --hub is needed".into()));
         }

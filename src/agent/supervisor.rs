@@ -833,6 +833,9 @@ fn refusal_hint(e: &SessionError, config: &AgentConfig) -> Option<String> {
         CloseCode::CertificateRevoked => "the hub revoked this certificate; enroll again \
             with a new join token (rna token create --join on the hub)"
             .to_string(),
+        CloseCode::CertificateExpired => "this certificate has expired (or is not valid \
+            yet): issue a new one (rna certs agent), or enroll again with a join token"
+            .to_string(),
         CloseCode::VersionMismatch => {
             "run the same rna release as the hub (its protocol version differs)".to_string()
         }

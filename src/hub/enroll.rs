@@ -438,10 +438,12 @@ pub(crate) async fn serve(
     };
     // The handshake is over: the request is read whole.
     drop(slot);
-    // A certificate presented was checked against the CA (and its validity) by TLS; its
-    // tenant binds the agent, and it is the identity a renewal renews.
+    // A certificate presented was checked against the CA by TLS, and its validity by TLS or,
+    // on a resumed session, here; its tenant binds the agent, and it is the identity a
+    // renewal renews.
     let presented = connection
         .peer_certificates()
+        .filter(|chain| crate::transport::tickets::chain_valid_at(chain, SystemTime::now()).is_ok())
         .and_then(|chain| chain.into_iter().next())
         .and_then(|cert| crate::enroll::agent_identity(cert.as_ref()).ok());
     let outcome = match exchange_kind {

@@ -21,6 +21,7 @@ pub struct Metrics {
     cap_refusals: Family<Labels, Counter>,
     quic_retries: Counter,
     handshakes_queued: Counter,
+    tls_resumptions: Counter,
     recall_resets: Counter,
     kube_commands: Family<Labels, Counter>,
     kube_seconds: Family<Labels, Histogram, fn() -> Histogram>,
@@ -63,6 +64,7 @@ impl Metrics {
             cap_refusals: Family::default(),
             quic_retries: Counter::default(),
             handshakes_queued: Counter::default(),
+            tls_resumptions: Counter::default(),
             recall_resets: Counter::default(),
             kube_commands: Family::default(),
             // 1 ms … ~65 s.
@@ -134,6 +136,12 @@ impl Metrics {
             "handshakes_queued",
             "Agent connection attempts that waited for a handshake slot (all were taken)",
             m.handshakes_queued.clone(),
+        );
+        r.register(
+            "tls_resumptions",
+            "Agent sessions whose TLS session was resumed from a ticket (no certificates \
+             exchanged or verified in the handshake)",
+            m.tls_resumptions.clone(),
         );
         r.register(
             "recall_resets",
@@ -298,6 +306,16 @@ impl Metrics {
     /// A connection attempt joined the queue of those waiting for a handshake slot.
     pub fn handshake_queued(&self) {
         self.handshakes_queued.inc();
+    }
+
+    /// An agent session opened on a TLS session resumed from a ticket.
+    pub fn tls_resumed(&self) {
+        self.tls_resumptions.inc();
+    }
+
+    /// Agent sessions opened on a resumed TLS session so far.
+    pub fn tls_resumptions(&self) -> u64 {
+        self.tls_resumptions.get()
     }
 
     /// A restarted hub sent a stateless reset to a session of its previous run.

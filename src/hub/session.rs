@@ -247,9 +247,15 @@ async fn run_session(
     shared
         .metrics
         .session_opened(session.tenant.as_str(), metric_agent.as_deref(), transport);
+    let tls = if session.connection.tls_resumed() {
+        shared.metrics.tls_resumed();
+        "resumed"
+    } else {
+        "full"
+    };
     info!(version = %session.version, os = %session.os, arch = %session.arch,
         remote = %session.connection.remote_address(), transport = %session.connection.transport(),
-        "agent connected");
+        tls = %tls, "agent connected");
 
     // What the session was told in Welcome; `Pace` messages from the outbox update it.
     let heartbeat = super::pace::paced_heartbeat(
@@ -370,12 +376,14 @@ async fn handshake(
     connection: &Session,
     deadline: tokio::time::Instant,
 ) -> Result<(Arc<AgentSession>, SendStream, control::ControlReader), HandshakeError> {
-    let cert = connection
-        .peer_certificates()
-        .and_then(|chain| chain.into_iter().next())
-        .ok_or_else(|| {
-            HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
-        })?;
+    let chain = connection.peer_certificates().unwrap_or_default();
+    // A full handshake checked the validity period; a resumed one took the chain from its
+    // ticket, which may be older than the certificate's end.
+    crate::transport::tickets::chain_valid_at(&chain, SystemTime::now())
+        .map_err(|e| HandshakeError::refused(CloseCode::CertificateExpired, e))?;
+    let cert = chain.into_iter().next().ok_or_else(|| {
+        HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
+    })?;
     let cert_name = certs::common_name(cert.as_ref()).map_err(|e| {
         HandshakeError::refused(
             CloseCode::CertificateMismatch,

@@ -287,11 +287,15 @@ pub enum CloseCode {
     TenantMismatch,
     /// The agent's certificate was revoked on the hub (`rna certs revoke`).
     CertificateRevoked,
+    /// The agent's certificate is outside its validity period. A full TLS handshake refuses
+    /// such a certificate itself; a resumed session, whose certificate comes from its ticket,
+    /// is refused with this code after the handshake.
+    CertificateExpired,
 }
 
 impl CloseCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [CloseCode; 15] = [
+    pub const ALL: [CloseCode; 16] = [
         CloseCode::Normal,
         CloseCode::Protocol,
         CloseCode::VersionMismatch,
@@ -307,6 +311,7 @@ impl CloseCode {
         CloseCode::TooManySessions,
         CloseCode::TenantMismatch,
         CloseCode::CertificateRevoked,
+        CloseCode::CertificateExpired,
     ];
 
     /// The numeric QUIC application error code.
@@ -327,6 +332,7 @@ impl CloseCode {
             CloseCode::TooManySessions => 0x23,
             CloseCode::TenantMismatch => 0x05,
             CloseCode::CertificateRevoked => 0x06,
+            CloseCode::CertificateExpired => 0x07,
         }
     }
 
@@ -355,6 +361,7 @@ impl CloseCode {
             CloseCode::TooManySessions => "too_many_sessions",
             CloseCode::TenantMismatch => "tenant_mismatch",
             CloseCode::CertificateRevoked => "certificate_revoked",
+            CloseCode::CertificateExpired => "certificate_expired",
         }
     }
 
@@ -368,6 +375,7 @@ impl CloseCode {
                 | CloseCode::CertificateMismatch
                 | CloseCode::TenantMismatch
                 | CloseCode::CertificateRevoked
+                | CloseCode::CertificateExpired
                 | CloseCode::BadToken
                 | CloseCode::TokenRevoked
                 | CloseCode::TokenExpired

@@ -7,6 +7,7 @@ pub mod proxy;
 pub mod relay;
 pub mod session;
 pub mod tcp;
+pub mod tickets;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};

@@ -278,6 +278,17 @@ impl Session {
         }
     }
 
+    /// Whether the TLS session was resumed from a ticket (`false` while unknown).
+    pub fn tls_resumed(&self) -> bool {
+        match self {
+            Session::Quic(c) => c
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .is_some_and(|d| d.resumed),
+            Session::Tcp(t) => t.tls_resumed(),
+        }
+    }
+
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         match self {

@@ -222,12 +222,14 @@ impl TcpHandshaker {
             let tls = self.acceptor.accept(ReadAhead::new(tcp)).await;
             let tls = tls.map_err(|e| tls_failed(remote, &e))?;
             let (peer, alpn) = negotiated(tls.get_ref().1, remote)?;
+            let resumed = resumed(tls.get_ref().1);
             let config = mux_config(&self.limits, self.limits.agent_streams);
             let (stream, released) = transport(tls, stats);
             let session = qmux::Session::accept(stream, config)
                 .await
                 .map_err(|e| mux_error(e, remote))?;
-            Ok(TcpSession::new(session, peer, remote, released, alpn))
+            let handshake = Handshake { alpn, resumed };
+            Ok(TcpSession::new(session, peer, remote, released, handshake))
         };
         tokio::time::timeout(limit, work)
             .await
@@ -313,13 +315,15 @@ pub async fn connect_over_with(
         .await
         .map_err(|e| tls_failed(remote, &e))?;
     let (peer, alpn) = negotiated(stream.get_ref().1, remote)?;
+    let resumed = resumed(stream.get_ref().1);
     // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
     // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
     let (stream, released) = transport(stream, stats);
     let session = qmux::Session::connect(stream, mux_config(limits, limits.tunnel_streams))
         .await
         .map_err(|e| mux_error(e, remote))?;
-    Ok(TcpSession::new(session, peer, remote, released, alpn))
+    let handshake = Handshake { alpn, resumed };
+    Ok(TcpSession::new(session, peer, remote, released, handshake))
 }
 
 /// The TLS stream wrapped for QMux, and what says when QMux's tasks have let go of it.
@@ -424,6 +428,19 @@ fn negotiated(conn: &rustls::CommonState, addr: SocketAddr) -> Result<Negotiated
     Ok((conn.peer_certificates().map(|c| c.to_vec()), alpn.to_vec()))
 }
 
+/// Whether the TLS session was resumed from a ticket.
+fn resumed(conn: &rustls::CommonState) -> bool {
+    conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// What the TLS handshake agreed besides the peer's chain.
+struct Handshake {
+    /// The protocol.
+    alpn: Vec<u8>,
+    /// Whether the session was resumed from a ticket.
+    resumed: bool,
+}
+
 /// A TLS handshake with `addr` that failed, on either side: a TLS error or alert, or the
 /// peer closing the connection before TLS said anything (a hub at its handshake cap or
 /// shutting down drops the connection; that is no certificate refusal).
@@ -483,6 +500,8 @@ struct Inner {
     released: tokio::sync::watch::Receiver<()>,
     /// The protocol TLS agreed on: `rna-tcp/1`, or an enrollment exchange.
     alpn: Vec<u8>,
+    /// Whether the TLS session was resumed from a ticket.
+    resumed: bool,
 }
 
 impl std::fmt::Debug for TcpSession {
@@ -499,14 +518,15 @@ impl TcpSession {
         peer: Option<Vec<CertificateDer<'static>>>,
         remote: SocketAddr,
         released: tokio::sync::watch::Receiver<()>,
-        alpn: Vec<u8>,
+        handshake: Handshake,
     ) -> Self {
         TcpSession(Arc::new(Inner {
             mux,
             peer,
             remote,
             released,
-            alpn,
+            alpn: handshake.alpn,
+            resumed: handshake.resumed,
             closed_here: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -516,6 +536,11 @@ impl TcpSession {
     /// The protocol TLS agreed on (`rna-tcp/1`, or an enrollment exchange's).
     pub fn alpn(&self) -> &[u8] {
         &self.0.alpn
+    }
+
+    /// Whether the TLS session was resumed from a ticket.
+    pub fn tls_resumed(&self) -> bool {
+        self.0.resumed
     }
 
     /// The QMux session underneath.
@@ -648,5 +673,59 @@ mod tests {
             tls_failed(addr, &e),
             TcpError::Tls { addr: a, failure } if a == addr && failure.detail.contains("no certificates")
         ));
+    }
+
+    /// Moves whatever either side has to send (after the handshake: the hub's tickets).
+    fn pump(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        let mut buf = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut buf).unwrap();
+        }
+        client.read_tls(&mut buf.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+    }
+
+    #[test]
+    fn an_agents_next_connection_resumes_also_with_a_restarted_hubs_configuration() {
+        use rustls::HandshakeKind::{Full, Resumed};
+        super::super::tls::install_provider();
+        let ca = crate::certs::Ca::generate("tcp test CA").unwrap();
+        let hub = ca.issue_hub(&["localhost".to_string()]).unwrap();
+        let agent = ca.issue_agent("edge").unwrap();
+        let hub_config = || {
+            ServerTls::from_pem(&ca.cert_pem(), &hub.cert_pem, &hub.key_pem)
+                .unwrap()
+                .rustls_config(TCP_ALPN)
+                .unwrap()
+        };
+        let agent_tls =
+            ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem).unwrap();
+        // As the agent connects over TCP: a configuration built for each connection.
+        let (mut c, mut s) = handshake(agent_tls.rustls_config(TCP_ALPN).unwrap(), hub_config());
+        pump(&mut c, &mut s);
+        assert_eq!(
+            (c.handshake_kind(), s.handshake_kind()),
+            (Some(Full), Some(Full))
+        );
+        let first_chain = s.peer_certificates().map(|c| c.to_vec());
+
+        // A hub configuration built anew from the same files, as after a restart.
+        let (mut c, mut s) = handshake(agent_tls.rustls_config(TCP_ALPN).unwrap(), hub_config());
+        pump(&mut c, &mut s);
+        assert_eq!(
+            (c.handshake_kind(), s.handshake_kind()),
+            (Some(Resumed), Some(Resumed))
+        );
+        assert!(resumed(&s));
+        assert_eq!(s.peer_certificates().map(|c| c.to_vec()), first_chain);
+
+        // Another agent's material (even of the same files) has no ticket of this one's.
+        let other = agent_tls.with_own_tickets();
+        let (c, s) = handshake(other.rustls_config(TCP_ALPN).unwrap(), hub_config());
+        assert_eq!(
+            (c.handshake_kind(), s.handshake_kind()),
+            (Some(Full), Some(Full))
+        );
+        assert!(!resumed(&s));
     }
 }

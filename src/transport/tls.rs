@@ -55,6 +55,14 @@ fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// rustls's refusal of a key and certificate, the mismatch told in rna's words.
+fn key_error(e: rustls::Error) -> TlsError {
+    match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch,
+        other => TlsError::Rustls(other),
+    }
+}
+
 /// A certificate chain, its key, and the CA the peer must chain to.
 #[derive(Clone)]
 struct Material {
@@ -108,10 +116,7 @@ impl Material {
     fn check(&self, client: bool) -> Result<(), TlsError> {
         let provider = provider();
         rustls::sign::CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider)
-            .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch,
-            other => TlsError::Rustls(other),
-        })?;
+            .map_err(key_error)?;
         let (end_entity, intermediates) = self
             .chain
             .split_first()
@@ -218,6 +223,7 @@ impl ServerTls {
             .with_single_cert(chain, self.0.key.clone_key())?;
         config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         config.max_early_data_size = 0;
+        self.resumption(&mut config);
         Ok(config)
     }
 
@@ -251,23 +257,68 @@ impl ServerTls {
         config.alpn_protocols = vec![alpn.to_vec()];
         // 0-RTT data could be replayed; the protocol does not need it.
         config.max_early_data_size = 0;
+        self.resumption(&mut config);
         Ok(config)
+    }
+
+    /// Session tickets a restarted hub can still read ([`super::tickets`]), two after every
+    /// handshake (one to spare for an attempt that fails after taking one; a client uses a
+    /// ticket once), and no session cache: the tickets are the whole state.
+    fn resumption(&self, config: &mut rustls::ServerConfig) {
+        config.ticketer = Arc::new(super::tickets::TicketKeys::new(
+            self.0.key.secret_der(),
+            &self.0.chain,
+            &self.0.ca,
+        ));
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 2;
     }
 }
 
-/// The agent's TLS material: the CA to verify the hub with, and its client certificate.
+/// The agent's TLS material: the CA to verify the hub with, and its client certificate; and
+/// the rustls configuration built from it once, so that every connection of the agent, over
+/// either transport, shares one certificate verifier and one store of the tickets hubs gave
+/// it (rustls resumes a session only under the verifier it was made with). New material
+/// starts with no tickets.
 #[derive(Clone, Debug)]
-pub struct ClientTls(Material);
+pub struct ClientTls(Material, rustls::ClientConfig);
+
+/// Hub names an agent keeps tickets for (rustls keeps up to 8 tickets per name).
+const TICKET_STORE_NAMES: usize = 32;
 
 impl ClientTls {
+    fn new(material: Material) -> Result<Self, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots(&material.ca)?)
+            .with_client_auth_cert(material.chain.clone(), material.key.clone_key())
+            .map_err(key_error)?;
+        config.resumption = Self::tickets();
+        Ok(ClientTls(material, config))
+    }
+
+    fn tickets() -> rustls::client::Resumption {
+        rustls::client::Resumption::store(Arc::new(rustls::client::ClientSessionMemoryCache::new(
+            TICKET_STORE_NAMES,
+        )))
+    }
+
     /// From PEM files: the CA, the agent's certificate chain and its key.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Material::load(ca, cert, key).map(ClientTls)
+        ClientTls::new(Material::load(ca, cert, key)?)
     }
 
     /// From PEM text.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
-        Material::from_pem(ca, cert, key).map(ClientTls)
+        ClientTls::new(Material::from_pem(ca, cert, key)?)
+    }
+
+    /// The same material with a ticket store of its own: for each agent of a process that
+    /// runs several, which must not take each other's tickets.
+    pub fn with_own_tickets(&self) -> Self {
+        let mut config = self.1.clone();
+        config.resumption = Self::tickets();
+        ClientTls(self.0.clone(), config)
     }
 
     /// Checks that the key is the certificate's and that the certificate is a client
@@ -292,12 +343,10 @@ impl ClientTls {
     }
 
     /// The rustls client configuration both transports use: TLS 1.3 only, the hub verified
-    /// against the CA, the agent's certificate presented, `alpn` the only protocol offered.
+    /// against the CA, the agent's certificate presented, `alpn` the only protocol offered,
+    /// the agent's tickets.
     pub fn rustls_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots(&self.0.ca)?)
-            .with_client_auth_cert(self.0.chain.clone(), self.0.key.clone_key())?;
+        let mut config = self.1.clone();
         config.alpn_protocols = vec![alpn.to_vec()];
         Ok(config)
     }

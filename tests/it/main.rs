@@ -39,6 +39,7 @@ mod proxy;
 mod quic_flood;
 mod readme;
 mod replicas;
+mod resumption;
 mod rogue;
 mod rogue_process;
 mod security;

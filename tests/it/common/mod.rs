@@ -1470,6 +1470,16 @@ pub struct RestartableHub {
 /// be where the agent's packets go. A short stable-session threshold, whose passing the agent
 /// logs at debug: the session has earned an immediate reconnect when the hub dies.
 pub async fn restartable_hub_and_agent(dir: &Path) -> RestartableHub {
+    restartable_hub_and_agent_with(dir, &[], |_| {}).await
+}
+
+/// [`restartable_hub_and_agent`], with `agent_extra` arguments for the agent, and `prepare`
+/// called with the certificate folder once the certificates are made, before either starts.
+pub async fn restartable_hub_and_agent_with(
+    dir: &Path,
+    agent_extra: &[&str],
+    prepare: impl FnOnce(&Path),
+) -> RestartableHub {
     let d = |f: &str| dir.join(f).display().to_string();
     let run = |args: Vec<String>| async move {
         let ran = Rna::new(&args)
@@ -1507,6 +1517,7 @@ pub async fn restartable_hub_and_agent(dir: &Path) -> RestartableHub {
         std::fs::write(d("token.txt"), token.trim()).unwrap();
         std::fs::set_permissions(d("token.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
+    prepare(Path::new(&certs));
     let listen = format!("127.0.0.1:{}", free_udp_and_tcp_port());
     let hub_args = hub_process_args(&certs, &store, &listen, &["--state-dir", &d("state")]);
     let (hub, mut hub_log) = spawn_logged(&hub_args);
@@ -1517,7 +1528,7 @@ pub async fn restartable_hub_and_agent(dir: &Path) -> RestartableHub {
         &format!("{certs}/ca.pem"),
         &certs,
         &d("token.txt"),
-        &["--stable-session", "200ms"],
+        &[&["--stable-session", "200ms"], agent_extra].concat(),
     );
     let mut agent = Rna::new(&agent_args)
         .logs_at("info,rna::agent=debug")

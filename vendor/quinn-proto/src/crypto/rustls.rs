@@ -67,6 +67,8 @@ impl crypto::Session for TlsSession {
                 Connection::Client(_) => None,
                 Connection::Server(ref session) => session.server_name().map(|x| x.into()),
             },
+            // Changed from upstream: whether the session was resumed from a ticket.
+            resumed: self.inner.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
             #[cfg(feature = "__rustls-post-quantum-test")]
             negotiated_key_exchange_group: self
                 .inner
@@ -265,6 +267,9 @@ pub struct HandshakeData {
     ///
     /// Always `None` for outgoing connections
     pub server_name: Option<String>,
+    /// Whether the TLS session was resumed from a ticket rather than made with a full
+    /// handshake (changed from upstream: added)
+    pub resumed: bool,
     /// The key exchange group negotiated with the peer
     #[cfg(feature = "__rustls-post-quantum-test")]
     pub negotiated_key_exchange_group: NamedGroup,
