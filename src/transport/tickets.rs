@@ -2,8 +2,8 @@
 //!
 //! A reconnect that resumes its TLS session skips both certificate chains, both signatures
 //! and both chain verifications: after a hub restart, when every agent reconnects at once,
-//! those are most of the hub's and the agents' handshake CPU (docs/decisions.md "TLS session
-//! resumption"). rustls's own ticketer draws a random key at start, so a restarted hub could
+//! that took a sixth to a third of the CPU per reconnect on each side in S1 (docs/decisions.md
+//! "TLS session resumption"). rustls's own ticketer draws a random key at start, so a restarted hub could
 //! read none of the tickets its previous run issued. This one derives its keys from the hub's
 //! private key and the CA set it trusts, so the same hub (or a replica with the same
 //! certificate) reads them, and a changed hub key or CA set ends every ticket at once.
