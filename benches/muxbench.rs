@@ -196,9 +196,7 @@ async fn pair(mux: &str) -> (Side, Side) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
         server.rustls_config(ALPN).expect("server config"),
     ));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(
-        client.rustls_config(ALPN).expect("client config"),
-    ));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client.rustls_config(ALPN)));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = tokio::spawn(async move {

@@ -461,12 +461,7 @@ pub async fn renew(
         csr_der: csr.csr_der.clone(),
     };
     let frame = wire::encode_renewal(&request).map_err(EnrollmentError::Join)?;
-    let config = tls
-        .rustls_config(RENEW_ALPN)
-        .map_err(|e| EnrollmentError::State {
-            path: state.cert(),
-            message: e.to_string(),
-        })?;
+    let config = tls.rustls_config(RENEW_ALPN);
     let (issued, what) = first_answer(hubs, server_name, reach, config, &frame).await?;
     keep_renewed(&issued, name, &csr, tls, state, &what)
 }

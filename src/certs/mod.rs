@@ -101,13 +101,43 @@ pub fn common_name(cert_der: &[u8]) -> Result<String, CertError> {
         .map_err(|e| CertError::Certificate(format!("subject common name: {e}")))
 }
 
+/// An X.509 time as a `SystemTime`; `None` before 1970.
+fn system_time(t: x509_parser::time::ASN1Time) -> Option<SystemTime> {
+    let secs = u64::try_from(t.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The last instant a DER certificate is valid (its `notAfter`).
 pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, CertError> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert_der)
         .map_err(|e| CertError::Certificate(e.to_string()))?;
-    let secs = x509.validity().not_after.timestamp();
-    let secs = u64::try_from(secs).map_err(|_| CertError::Validity("notAfter before 1970"))?;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    system_time(x509.validity().not_after).ok_or(CertError::Validity("notAfter before 1970"))
+}
+
+/// Whether every certificate of a peer's chain is within its validity period at `now`: what
+/// the certificate check of a full TLS handshake ensures and a resumed session, whose chain
+/// comes from its ticket (`transport::tickets`), has to ensure after the handshake. The
+/// reason when not.
+pub fn chain_valid_at(chain: &[CertificateDer<'_>], now: SystemTime) -> Result<(), String> {
+    for cert in chain {
+        let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| format!("certificate: {e}"))?;
+        let validity = x509.validity();
+        let subject = x509.subject();
+        if system_time(validity.not_after).is_none_or(|end| now > end) {
+            return Err(format!(
+                "certificate {subject} expired at {}",
+                validity.not_after
+            ));
+        }
+        if system_time(validity.not_before).is_some_and(|start| now < start) {
+            return Err(format!(
+                "certificate {subject} is not valid before {}",
+                validity.not_before
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `notAfter` of the first certificate in a PEM file, for `rna certs` to print (`None`
@@ -769,5 +799,23 @@ mod tests {
         assert!(!long.contains('\r'), "{long:?}");
         assert!(long.starts_with("-----BEGIN X-----\nAAAA"), "{long:?}");
         assert!(long.ends_with("AA==\n-----END X-----\n"), "{long:?}");
+    }
+
+    #[test]
+    fn a_chain_is_valid_only_within_every_certificates_period() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["agent".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2026, 2, 1);
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        let jan_15 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_768_435_200);
+        assert_eq!(chain_valid_at(std::slice::from_ref(&cert), jan_15), Ok(()));
+        let march = jan_15 + Duration::from_secs(50 * 86_400);
+        let expired = chain_valid_at(std::slice::from_ref(&cert), march).unwrap_err();
+        assert!(expired.contains("expired"), "{expired}");
+        let december = jan_15 - Duration::from_secs(30 * 86_400);
+        let early = chain_valid_at(std::slice::from_ref(&cert), december).unwrap_err();
+        assert!(early.contains("not valid before"), "{early}");
+        assert!(chain_valid_at(&[CertificateDer::from(vec![1, 2, 3])], jan_15).is_err());
     }
 }

@@ -443,7 +443,7 @@ pub(crate) async fn serve(
     // renewal renews.
     let presented = connection
         .peer_certificates()
-        .filter(|chain| crate::transport::tickets::chain_valid_at(chain, SystemTime::now()).is_ok())
+        .filter(|chain| crate::certs::chain_valid_at(chain, SystemTime::now()).is_ok())
         .and_then(|chain| chain.into_iter().next())
         .and_then(|cert| crate::enroll::agent_identity(cert.as_ref()).ok());
     let outcome = match exchange_kind {

@@ -313,11 +313,6 @@ impl Metrics {
         self.tls_resumptions.inc();
     }
 
-    /// Agent sessions opened on a resumed TLS session so far.
-    pub fn tls_resumptions(&self) -> u64 {
-        self.tls_resumptions.get()
-    }
-
     /// A restarted hub sent a stateless reset to a session of its previous run.
     pub fn recall_reset(&self) {
         self.recall_resets.inc();

@@ -379,7 +379,7 @@ async fn handshake(
     let chain = connection.peer_certificates().unwrap_or_default();
     // A full handshake checked the validity period; a resumed one took the chain from its
     // ticket, which may be older than the certificate's end.
-    crate::transport::tickets::chain_valid_at(&chain, SystemTime::now())
+    crate::certs::chain_valid_at(&chain, SystemTime::now())
         .map_err(|e| HandshakeError::refused(CloseCode::CertificateExpired, e))?;
     let cert = chain.into_iter().next().ok_or_else(|| {
         HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")

@@ -281,10 +281,7 @@ impl Session {
     /// Whether the TLS session was resumed from a ticket (`false` while unknown).
     pub fn tls_resumed(&self) -> bool {
         match self {
-            Session::Quic(c) => c
-                .handshake_data()
-                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                .is_some_and(|d| d.resumed),
+            Session::Quic(c) => super::tls::resumed(c),
             Session::Tcp(t) => t.tls_resumed(),
         }
     }

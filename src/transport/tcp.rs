@@ -221,15 +221,13 @@ impl TcpHandshaker {
             let stats = socket_stats(&tcp);
             let tls = self.acceptor.accept(ReadAhead::new(tcp)).await;
             let tls = tls.map_err(|e| tls_failed(remote, &e))?;
-            let (peer, alpn) = negotiated(tls.get_ref().1, remote)?;
-            let resumed = resumed(tls.get_ref().1);
+            let agreed = negotiated(tls.get_ref().1, remote)?;
             let config = mux_config(&self.limits, self.limits.agent_streams);
             let (stream, released) = transport(tls, stats);
             let session = qmux::Session::accept(stream, config)
                 .await
                 .map_err(|e| mux_error(e, remote))?;
-            let handshake = Handshake { alpn, resumed };
-            Ok(TcpSession::new(session, peer, remote, released, handshake))
+            Ok(TcpSession::new(session, agreed, remote, released))
         };
         tokio::time::timeout(limit, work)
             .await
@@ -294,7 +292,7 @@ pub async fn connect_over(
     tls: &ClientTls,
     limits: &Limits,
 ) -> Result<TcpSession, TcpError> {
-    connect_over_with(tcp, remote, name, tls.rustls_config(TCP_ALPN)?, limits).await
+    connect_over_with(tcp, remote, name, tls.rustls_config(TCP_ALPN), limits).await
 }
 
 /// [`connect_over`] with a TLS client configuration of the caller's: its one ALPN names the
@@ -314,16 +312,14 @@ pub async fn connect_over_with(
         .connect(server_name(name)?, ReadAhead::new(tcp))
         .await
         .map_err(|e| tls_failed(remote, &e))?;
-    let (peer, alpn) = negotiated(stream.get_ref().1, remote)?;
-    let resumed = resumed(stream.get_ref().1);
+    let agreed = negotiated(stream.get_ref().1, remote)?;
     // In TLS 1.3 the hub checks our certificate after our side of the handshake is done, so
     // a refusal arrives here, as an alert, while waiting for the hub's QMux parameters.
     let (stream, released) = transport(stream, stats);
     let session = qmux::Session::connect(stream, mux_config(limits, limits.tunnel_streams))
         .await
         .map_err(|e| mux_error(e, remote))?;
-    let handshake = Handshake { alpn, resumed };
-    Ok(TcpSession::new(session, peer, remote, released, handshake))
+    Ok(TcpSession::new(session, agreed, remote, released))
 }
 
 /// The TLS stream wrapped for QMux, and what says when QMux's tasks have let go of it.
@@ -414,31 +410,30 @@ fn socket_stats(tcp: &TcpStream) -> Option<qmux::SharedSocketStats> {
         .map(|s| Arc::new(s) as qmux::SharedSocketStats)
 }
 
-/// The peer's certificate chain (as TLS verified it) and the protocol negotiated.
-type Negotiated = (Option<Vec<CertificateDer<'static>>>, Vec<u8>);
-
-/// After a completed handshake with `addr`, on either side: a protocol must have been
-/// agreed (`rna-tcp/1`, or on a hub that enrolls `rna-enroll/1` and `rna-renew/1`; rustls
-/// only agrees on one both offered); returns the peer's certificate chain as TLS verified it
-/// and the protocol.
-fn negotiated(conn: &rustls::CommonState, addr: SocketAddr) -> Result<Negotiated, TcpError> {
-    let Some(alpn) = conn.alpn_protocol() else {
-        return Err(TcpError::Alpn { addr });
-    };
-    Ok((conn.peer_certificates().map(|c| c.to_vec()), alpn.to_vec()))
-}
-
-/// Whether the TLS session was resumed from a ticket.
-fn resumed(conn: &rustls::CommonState) -> bool {
-    conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-}
-
-/// What the TLS handshake agreed besides the peer's chain.
-struct Handshake {
+/// What a completed TLS handshake agreed.
+#[derive(Debug)]
+struct Negotiated {
+    /// The peer's certificate chain, as TLS verified it or (resumed) as its ticket held it.
+    peer: Option<Vec<CertificateDer<'static>>>,
     /// The protocol.
     alpn: Vec<u8>,
     /// Whether the session was resumed from a ticket.
     resumed: bool,
+}
+
+/// After a completed handshake with `addr`, on either side: a protocol must have been
+/// agreed (`rna-tcp/1`, or on a hub that enrolls `rna-enroll/1` and `rna-renew/1`; rustls
+/// only agrees on one both offered); returns the peer's certificate chain, the protocol and
+/// whether the session was resumed.
+fn negotiated(conn: &rustls::CommonState, addr: SocketAddr) -> Result<Negotiated, TcpError> {
+    let Some(alpn) = conn.alpn_protocol() else {
+        return Err(TcpError::Alpn { addr });
+    };
+    Ok(Negotiated {
+        peer: conn.peer_certificates().map(|c| c.to_vec()),
+        alpn: alpn.to_vec(),
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    })
 }
 
 /// A TLS handshake with `addr` that failed, on either side: a TLS error or alert, or the
@@ -515,18 +510,17 @@ impl std::fmt::Debug for TcpSession {
 impl TcpSession {
     fn new(
         mux: qmux::Session,
-        peer: Option<Vec<CertificateDer<'static>>>,
+        agreed: Negotiated,
         remote: SocketAddr,
         released: tokio::sync::watch::Receiver<()>,
-        handshake: Handshake,
     ) -> Self {
         TcpSession(Arc::new(Inner {
             mux,
-            peer,
+            peer: agreed.peer,
             remote,
             released,
-            alpn: handshake.alpn,
-            resumed: handshake.resumed,
+            alpn: agreed.alpn,
+            resumed: agreed.resumed,
             closed_here: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -607,6 +601,28 @@ impl TcpSession {
 mod tests {
     use super::*;
 
+    /// A hub's and an agent's TLS material from a fresh CA.
+    fn materials() -> (ServerTls, ClientTls) {
+        super::super::tls::install_provider();
+        let ca = crate::certs::Ca::generate("tcp test CA").unwrap();
+        let hub = ca.issue_hub(&["localhost".to_string()]).unwrap();
+        let agent = ca.issue_agent("edge").unwrap();
+        (
+            ServerTls::from_pem(&ca.cert_pem(), &hub.cert_pem, &hub.key_pem).unwrap(),
+            ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem).unwrap(),
+        )
+    }
+
+    /// Moves whatever the server has to send to the client (after the handshake: tickets).
+    fn pump(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        let mut buf = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut buf).unwrap();
+        }
+        client.read_tls(&mut buf.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+    }
+
     /// A TLS 1.3 handshake in memory between `client` and `server`.
     fn handshake(
         client: rustls::ClientConfig,
@@ -622,12 +638,7 @@ mod tests {
             }
             server.read_tls(&mut buf.as_slice()).unwrap();
             server.process_new_packets().unwrap();
-            let mut buf = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut buf).unwrap();
-            }
-            client.read_tls(&mut buf.as_slice()).unwrap();
-            client.process_new_packets().unwrap();
+            pump(&mut client, &mut server);
             if !client.is_handshaking() && !server.is_handshaking() {
                 return (client, server);
             }
@@ -637,25 +648,16 @@ mod tests {
 
     #[test]
     fn both_sides_keep_the_peer_chain_and_refuse_a_handshake_without_rna_tcp() {
-        super::super::tls::install_provider();
-        let ca = crate::certs::Ca::generate("tcp test CA").unwrap();
-        let hub = ca.issue_hub(&["localhost".to_string()]).unwrap();
-        let agent = ca.issue_agent("edge").unwrap();
-        let server = ServerTls::from_pem(&ca.cert_pem(), &hub.cert_pem, &hub.key_pem)
-            .unwrap()
-            .rustls_config(TCP_ALPN)
-            .unwrap();
-        let client = ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem)
-            .unwrap()
-            .rustls_config(TCP_ALPN)
-            .unwrap();
+        let (hub, agent) = materials();
+        let server = hub.rustls_config(TCP_ALPN).unwrap();
+        let client = agent.rustls_config(TCP_ALPN);
         let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
 
         let (c, s) = handshake(client.clone(), server.clone());
-        let (agent_chain, alpn) = negotiated(&s, addr).unwrap();
-        assert_eq!(alpn, TCP_ALPN);
-        let agent_chain = agent_chain.unwrap_or_default();
-        let hub_chain = negotiated(&c, addr).unwrap().0.unwrap_or_default();
+        let agreed = negotiated(&s, addr).unwrap();
+        assert_eq!(agreed.alpn, TCP_ALPN);
+        let agent_chain = agreed.peer.unwrap_or_default();
+        let hub_chain = negotiated(&c, addr).unwrap().peer.unwrap_or_default();
         assert!(!agent_chain.is_empty() && !hub_chain.is_empty());
         assert_ne!(agent_chain[0], hub_chain[0]);
 
@@ -675,33 +677,15 @@ mod tests {
         ));
     }
 
-    /// Moves whatever either side has to send (after the handshake: the hub's tickets).
-    fn pump(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        client.read_tls(&mut buf.as_slice()).unwrap();
-        client.process_new_packets().unwrap();
-    }
-
     #[test]
     fn an_agents_next_connection_resumes_also_with_a_restarted_hubs_configuration() {
         use rustls::HandshakeKind::{Full, Resumed};
-        super::super::tls::install_provider();
-        let ca = crate::certs::Ca::generate("tcp test CA").unwrap();
-        let hub = ca.issue_hub(&["localhost".to_string()]).unwrap();
-        let agent = ca.issue_agent("edge").unwrap();
-        let hub_config = || {
-            ServerTls::from_pem(&ca.cert_pem(), &hub.cert_pem, &hub.key_pem)
-                .unwrap()
-                .rustls_config(TCP_ALPN)
-                .unwrap()
-        };
-        let agent_tls =
-            ClientTls::from_pem(&ca.cert_pem(), &agent.cert_pem, &agent.key_pem).unwrap();
-        // As the agent connects over TCP: a configuration built for each connection.
-        let (mut c, mut s) = handshake(agent_tls.rustls_config(TCP_ALPN).unwrap(), hub_config());
+        let (hub, agent_tls) = materials();
+        let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        // Each connection gets a hub configuration built anew from the same material, as
+        // after a restart, and an agent configuration as the TCP dialer makes one.
+        let hub_config = || hub.rustls_config(TCP_ALPN).unwrap();
+        let (mut c, mut s) = handshake(agent_tls.rustls_config(TCP_ALPN), hub_config());
         pump(&mut c, &mut s);
         assert_eq!(
             (c.handshake_kind(), s.handshake_kind()),
@@ -709,23 +693,22 @@ mod tests {
         );
         let first_chain = s.peer_certificates().map(|c| c.to_vec());
 
-        // A hub configuration built anew from the same files, as after a restart.
-        let (mut c, mut s) = handshake(agent_tls.rustls_config(TCP_ALPN).unwrap(), hub_config());
+        let (mut c, mut s) = handshake(agent_tls.rustls_config(TCP_ALPN), hub_config());
         pump(&mut c, &mut s);
         assert_eq!(
             (c.handshake_kind(), s.handshake_kind()),
             (Some(Resumed), Some(Resumed))
         );
-        assert!(resumed(&s));
+        assert!(negotiated(&s, addr).unwrap().resumed);
         assert_eq!(s.peer_certificates().map(|c| c.to_vec()), first_chain);
 
         // Another agent's material (even of the same files) has no ticket of this one's.
         let other = agent_tls.with_own_tickets();
-        let (c, s) = handshake(other.rustls_config(TCP_ALPN).unwrap(), hub_config());
+        let (c, s) = handshake(other.rustls_config(TCP_ALPN), hub_config());
         assert_eq!(
             (c.handshake_kind(), s.handshake_kind()),
             (Some(Full), Some(Full))
         );
-        assert!(!resumed(&s));
+        assert!(!negotiated(&s, addr).unwrap().resumed);
     }
 }

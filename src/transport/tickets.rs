@@ -17,8 +17,8 @@
 //! read any session's traffic.
 //!
 //! What a full handshake checks and a resumed one does not, the hub checks after every
-//! handshake: the agent certificate's validity period ([`chain_valid_at`]); revocation and
-//! the tenant binding are checked at Hello either way.
+//! handshake: the agent certificate's validity period ([`crate::certs::chain_valid_at`]);
+//! revocation and the tenant binding are checked at Hello either way.
 
 use std::time::{Duration, SystemTime};
 
@@ -162,36 +162,6 @@ impl rustls::server::ProducesTickets for TicketKeys {
     }
 }
 
-/// Whether every certificate of a peer's chain is within its validity period at `now`: what
-/// the certificate check of a full handshake ensures and a resumed session, whose chain comes
-/// from its ticket, has to ensure after the handshake. The reason when not.
-pub fn chain_valid_at(chain: &[CertificateDer<'_>], now: SystemTime) -> Result<(), String> {
-    for cert in chain {
-        let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
-            .map_err(|e| format!("certificate: {e}"))?;
-        let at = |t: x509_parser::time::ASN1Time| {
-            u64::try_from(t.timestamp())
-                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        };
-        let validity = x509.validity();
-        let subject = x509.subject().to_string();
-        if now > at(validity.not_after) {
-            return Err(format!(
-                "certificate {subject} expired at {}",
-                validity.not_after
-            ));
-        }
-        if now < at(validity.not_before) {
-            return Err(format!(
-                "certificate {subject} is not valid before {}",
-                validity.not_before
-            ));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,23 +251,5 @@ mod tests {
         assert!(keys.open_at(&ticket, before).is_some());
         let after = SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_600_000); // 2030-01-02
         assert_eq!(keys.open_at(&ticket, after), None);
-    }
-
-    #[test]
-    fn a_chain_is_valid_only_within_every_certificates_period() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["agent".to_string()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2026, 2, 1);
-        let cert = params.self_signed(&key).unwrap().der().clone();
-        let jan_15 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_768_435_200);
-        assert_eq!(chain_valid_at(std::slice::from_ref(&cert), jan_15), Ok(()));
-        let march = jan_15 + Duration::from_secs(50 * 86_400);
-        let expired = chain_valid_at(std::slice::from_ref(&cert), march).unwrap_err();
-        assert!(expired.contains("expired"), "{expired}");
-        let december = jan_15 - Duration::from_secs(30 * 86_400);
-        let early = chain_valid_at(std::slice::from_ref(&cert), december).unwrap_err();
-        assert!(early.contains("not valid before"), "{early}");
-        assert!(chain_valid_at(&[CertificateDer::from(vec![1, 2, 3])], jan_15).is_err());
     }
 }

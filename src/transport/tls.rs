@@ -338,17 +338,17 @@ impl ClientTls {
     }
 
     pub(crate) fn quic_config(&self) -> Result<QuicClientConfig, TlsError> {
-        let config = self.rustls_config(ALPN)?;
-        QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+        QuicClientConfig::try_from(self.rustls_config(ALPN))
+            .map_err(|e| TlsError::Quic(e.to_string()))
     }
 
     /// The rustls client configuration both transports use: TLS 1.3 only, the hub verified
     /// against the CA, the agent's certificate presented, `alpn` the only protocol offered,
     /// the agent's tickets.
-    pub fn rustls_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    pub fn rustls_config(&self, alpn: &[u8]) -> rustls::ClientConfig {
         let mut config = self.1.clone();
         config.alpn_protocols = vec![alpn.to_vec()];
-        Ok(config)
+        config
     }
 }
 
@@ -362,13 +362,22 @@ pub fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer
     chain.first().cloned()
 }
 
+/// What the TLS handshake of a QUIC connection agreed, once known. quinn hands it over as
+/// `Box<dyn Any>`; this is the one place that knows its type.
+fn handshake_data(
+    connection: &quinn::Connection,
+) -> Option<Box<quinn::crypto::rustls::HandshakeData>> {
+    connection.handshake_data()?.downcast().ok()
+}
+
 /// The ALPN protocol a QUIC connection negotiated, once its handshake is done.
 pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
-    let data = connection.handshake_data()?;
-    let data = data
-        .downcast::<quinn::crypto::rustls::HandshakeData>()
-        .ok()?;
-    data.protocol
+    handshake_data(connection)?.protocol
+}
+
+/// Whether a QUIC connection's TLS session was resumed from a ticket (`false` while unknown).
+pub fn resumed(connection: &quinn::Connection) -> bool {
+    handshake_data(connection).is_some_and(|d| d.resumed)
 }
 
 /// Checks that `name` can be used as the TLS server name of a hub.
