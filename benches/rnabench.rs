@@ -103,8 +103,8 @@ struct SuiteArgs {
     /// Scratch folder (certificates, configs); put it on tmpfs.
     #[arg(long)]
     work: PathBuf,
-    /// Systems to compare: rna, rna-tcp, rna-base, rna-base-tcp, ssh, direct, rusnel,
-    /// shadowsocks.
+    /// Systems to compare: rna, rna-tcp, rna-base, rna-base-tcp, rna-early, rna-early-tcp
+    /// (the hub with `--socks-early-reply 60s`), ssh, direct, rusnel, shadowsocks.
     #[arg(long, value_delimiter = ',', default_value = "rna,rna-tcp,ssh,direct")]
     systems: Vec<String>,
     /// Tests: B1 (with B4), B2, B3, L1, L1-curl, L2, H1, C1, M1, R1; opt-in: M1-real, M2,
@@ -1055,6 +1055,8 @@ struct Rna {
     /// The hub's `--max-sessions-per-agent` and `--max-sessions-per-token`: M1's and M2's
     /// sessions all carry the agent name `idle` and one token.
     max_sessions: usize,
+    /// The hub's `--socks-early-reply`, when not its default (off).
+    early_reply: Option<&'static str>,
 }
 
 impl Rna {
@@ -1083,6 +1085,9 @@ impl Rna {
             .args(["--max-handshakes-per-source", "64"])
             .args(["--log-level", "warn", "--log-format", "text"])
             .stdout(Stdio::null());
+        if let Some(window) = self.early_reply {
+            c.args(["--socks-early-reply", window]);
+        }
         c
     }
 
@@ -1139,13 +1144,15 @@ async fn wait_ready(via: &Via, target: SocketAddr, limit: Duration) -> Result<Du
 }
 
 /// Starts system `name`: `rna` (the agent's default transport), `rna-tcp` (TLS over TCP),
-/// `rna-base` or `rna-base-tcp` (the `--rna-base` binary, default transport or TLS over TCP).
+/// `rna-base` or `rna-base-tcp` (the `--rna-base` binary, default transport or TLS over TCP),
+/// `rna-early` or `rna-early-tcp` (the hub with `--socks-early-reply 60s`).
 async fn start_rna(args: &SuiteArgs, name: &str, target: SocketAddr) -> Result<(System, Rna)> {
     let dir = args.work.join(name);
     std::fs::create_dir_all(&dir)?;
+    let early_reply = name.starts_with("rna-early").then_some("60s");
     let (bin, transport) = match name {
-        "rna" => (args.rna.clone(), None),
-        "rna-tcp" => (args.rna.clone(), Some("tcp")),
+        "rna" | "rna-early" => (args.rna.clone(), None),
+        "rna-tcp" | "rna-early-tcp" => (args.rna.clone(), Some("tcp")),
         "rna-base" | "rna-base-tcp" => {
             let bin = args
                 .rna_base
@@ -1198,6 +1205,7 @@ async fn start_rna(args: &SuiteArgs, name: &str, target: SocketAddr) -> Result<(
         api: free_tcp_port()?,
         transport,
         max_sessions: args.m1_agents.max(args.m2_agents).max(args.m1_real_agents) + 16,
+        early_reply,
     };
     let hub = Proc::spawn("rna hub", &mut rna.hub_cmd())?;
     let agent = Proc::spawn("rna agent", &mut rna.agent_cmd(target))?;
@@ -1458,7 +1466,7 @@ async fn start_system(
     rnas: &mut HashMap<String, Rna>,
 ) -> Result<System> {
     Ok(match name {
-        "rna" | "rna-tcp" | "rna-base" | "rna-base-tcp" => {
+        "rna" | "rna-tcp" | "rna-base" | "rna-base-tcp" | "rna-early" | "rna-early-tcp" => {
             let (s, r) = start_rna(args, name, target).await?;
             rnas.insert(name.to_string(), r);
             s

@@ -8,7 +8,7 @@ use super::settings::{at_least_one, bytes_from_frame_to, frame_size, worker_thre
 use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
 use crate::auth::Tenant;
 use crate::enroll::HubState;
-use crate::hub::{HubConfig, NoAuthRoute, TcpListen};
+use crate::hub::{EarlyReply, HubConfig, NoAuthRoute, TcpListen};
 use crate::state::StateLocation;
 use crate::transport::{Congestion, ServerTls};
 
@@ -97,6 +97,15 @@ settings! {
     /// client's oldest one is closed for a newcomer [default: 4096].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
     socks_half_open_total: Option<usize> => field(config.socks_limits.half_open_total);
+    /// Answer a SOCKS request at once, before the agent has, when the agent connected to
+    /// the same host and port within this window (e.g. 60s): the client's first bytes then
+    /// travel with the request, saving one hub-agent round trip per connection. The first
+    /// request to a destination, and any after the window, waits for the agent and gets its
+    /// exact reply code; a destination the agent can no longer reach (down, or denied by a
+    /// reloaded policy) is answered success and then reset, once. `off` waits for the
+    /// agent's answer every time [default: off].
+    #[arg(long, env = "RNA_SOCKS_EARLY_REPLY")]
+    socks_early_reply: Option<EarlyReply> => field(config.socks_early_reply);
     /// Time an agent has to answer a tunnel request [default: 15s].
     #[arg(long, env = "RNA_OPEN_TIMEOUT", value_parser = parse_duration)]
     open_timeout: Option<Duration> => field(config.open_timeout);

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{format_duration, parse_duration, ConfigError, LogFormat, LogOptions};
 use crate::agent::kube::{ResourceRule, SecretRef};
 use crate::agent::{HubTarget, Rule, TransportMode};
-use crate::hub::TcpListen;
+use crate::hub::{EarlyReply, TcpListen};
 use crate::state::StateLocation;
 use crate::transport::Congestion;
 
@@ -108,6 +108,7 @@ text_form!(
     ResourceRule,
     SecretRef,
     TcpListen,
+    EarlyReply,
     StateLocation
 );
 

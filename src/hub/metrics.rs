@@ -17,6 +17,7 @@ pub struct Metrics {
     sessions: Family<Labels, Counter>,
     handshake_failures: Family<Labels, Counter>,
     socks_requests: Family<Labels, Counter>,
+    socks_early_replies: Family<Labels, Counter>,
     socks_refused: Family<Labels, Counter>,
     cap_refusals: Family<Labels, Counter>,
     quic_retries: Counter,
@@ -60,6 +61,7 @@ impl Metrics {
             sessions: Family::default(),
             handshake_failures: Family::default(),
             socks_requests: Family::default(),
+            socks_early_replies: Family::default(),
             socks_refused: Family::default(),
             cap_refusals: Family::default(),
             quic_retries: Counter::default(),
@@ -116,6 +118,12 @@ impl Metrics {
             "socks_requests",
             "SOCKS5 requests answered, by reply",
             m.socks_requests.clone(),
+        );
+        r.register(
+            "socks_early_replies",
+            "SOCKS5 requests answered before the agent's answer (--socks-early-reply), by what \
+             the agent answered then: opened or failed (the client was reset)",
+            m.socks_early_replies.clone(),
         );
         r.register(
             "socks_refused",
@@ -276,6 +284,16 @@ impl Metrics {
     /// Requests answered so far with one reply.
     pub fn socks_replies(&self, reply: &'static str) -> u64 {
         counted_by(&self.socks_requests, "reply", reply)
+    }
+
+    /// A SOCKS5 request answered early got the agent's answer `outcome` (`opened`, `failed`).
+    pub fn socks_early_reply(&self, outcome: &'static str) {
+        count_by(&self.socks_early_replies, "outcome", outcome);
+    }
+
+    /// Early-answered requests so far whose agent answer was `outcome`.
+    pub fn socks_early_replies(&self, outcome: &'static str) -> u64 {
+        counted_by(&self.socks_early_replies, "outcome", outcome)
     }
 
     /// A SOCKS5 connection was dropped before authentication (cap, timeout, bad greeting).

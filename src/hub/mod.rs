@@ -40,7 +40,7 @@ use crate::transport::{self, TransportError};
 
 pub use metrics::Metrics;
 pub use registry::{AgentInfo, AgentSession, Registry};
-pub use settings::{HubCaps, HubConfig, NoAuthRoute, SocksLimits, TcpListen};
+pub use settings::{EarlyReply, HubCaps, HubConfig, NoAuthRoute, SocksLimits, TcpListen};
 
 /// Window of the rate limit on WARN lines for failed handshakes.
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(10);

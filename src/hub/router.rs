@@ -57,7 +57,8 @@ impl RouteError {
     }
 }
 
-/// An open tunnel stream, connected on the agent's side.
+/// An open tunnel stream: connected on the agent's side, or with the agent's answer still
+/// to come when the request is answered early.
 #[derive(Debug)]
 pub struct Tunnel {
     /// Keeps the session's open-stream count until dropped.
@@ -66,8 +67,22 @@ pub struct Tunnel {
     pub send: SendStream,
     /// Agent → hub half.
     pub recv: RecvStream,
-    /// The agent's local address of the TCP connection.
-    pub bound: SocketAddr,
+    /// The agent's answer to `Open`.
+    pub answer: Answer,
+}
+
+/// Where the agent's answer to a tunnel's `Open` stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The agent connected; its local address of the TCP connection.
+    Opened(SocketAddr),
+    /// Not read yet: the agent connected to this destination within the early-reply window,
+    /// so the request may be answered now and the answer read with [`answer`] before the
+    /// first byte from the agent. `by` is the deadline for it.
+    Pending {
+        /// When the agent's answer is due.
+        by: tokio::time::Instant,
+    },
 }
 
 /// Opens a tunnel to `open` through the agent `name` of `tenant`. When the chosen session
@@ -152,9 +167,10 @@ async fn open_on(
 ) -> Result<Tunnel, (u64, RouteError)> {
     let id = slot.session().id;
     let timeout = shared.config.open_timeout;
+    let by = tokio::time::Instant::now() + timeout;
     let connection = slot.session().connection.clone();
-    let attempt = async {
-        let (mut send, mut recv) = connection
+    let request = async {
+        let (mut send, recv) = connection
             .open_bi()
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;
@@ -163,7 +179,52 @@ async fn open_on(
         send.write_all(&frame)
             .await
             .map_err(|e| RouteError::Stream(e.to_string()))?;
-        let reply = read_frame_limited::<OpenReply, _>(&mut recv, shared.config.caps.max_frame)
+        Ok::<_, RouteError>((send, recv))
+    };
+    let (send, mut recv) = match tokio::time::timeout_at(by, request).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err((id, e)),
+        Err(_) => return Err((id, RouteError::Timeout(timeout))),
+    };
+    let early = shared.config.socks_early_reply.window();
+    if slot
+        .session()
+        .reached
+        .within(&open.host, open.port, early, std::time::Instant::now())
+    {
+        return Ok(Tunnel {
+            slot,
+            send,
+            recv,
+            answer: Answer::Pending { by },
+        });
+    }
+    match answer(shared, &slot, open, &mut recv, by).await {
+        Ok(bound) => Ok(Tunnel {
+            slot,
+            send,
+            recv,
+            answer: Answer::Opened(bound),
+        }),
+        Err(e) => {
+            // The stream is dropped unfinished, which resets it.
+            Err((id, e))
+        }
+    }
+}
+
+/// Reads the agent's answer to the `Open` sent on `recv`'s stream, by the deadline `by`.
+/// A connection is recorded for early replies; a failure forgets the destination, so the
+/// next request for it waits for the agent's exact answer.
+pub(crate) async fn answer(
+    shared: &Shared,
+    slot: &StreamSlot,
+    open: &Open,
+    recv: &mut RecvStream,
+    by: tokio::time::Instant,
+) -> Result<SocketAddr, RouteError> {
+    let read = async {
+        let reply = read_frame_limited::<OpenReply, _>(recv, shared.config.caps.max_frame)
             .await
             .map_err(|e| {
                 if e.is_too_large() {
@@ -172,7 +233,7 @@ async fn open_on(
                 RouteError::Stream(e.to_string())
             })?;
         match reply {
-            Some(OpenReply::Opened { bound }) => Ok((send, recv, bound)),
+            Some(OpenReply::Opened { bound }) => Ok(bound),
             Some(OpenReply::Failed { code, message }) => Err(RouteError::Dial { code, message }),
             None => Err(RouteError::Stream(
                 "agent ended the stream without an answer".into(),
@@ -181,20 +242,31 @@ async fn open_on(
     };
     let pending = PendingGauge::enter(shared.metrics.streams_pending());
     let started = std::time::Instant::now();
-    let answer = tokio::time::timeout(timeout, attempt).await;
+    let answered = tokio::time::timeout_at(by, read).await;
     drop(pending);
-    if matches!(answer, Ok(Ok(_)) | Ok(Err(RouteError::Dial { .. }))) {
+    if matches!(answered, Ok(Ok(_)) | Ok(Err(RouteError::Dial { .. }))) {
         shared.metrics.dial_took(started.elapsed().as_secs_f64());
     }
-    match answer {
-        Ok(Ok((send, recv, bound))) => Ok(Tunnel {
-            slot,
-            send,
-            recv,
-            bound,
-        }),
-        Ok(Err(e)) => Err((id, e)),
-        Err(_) => Err((id, RouteError::Timeout(timeout))),
+    let reached = &slot.session().reached;
+    match answered {
+        Ok(Ok(bound)) => {
+            let now = std::time::Instant::now();
+            reached.record(
+                &open.host,
+                open.port,
+                shared.config.socks_early_reply.window(),
+                now,
+            );
+            Ok(bound)
+        }
+        Ok(Err(e)) => {
+            reached.forget(&open.host, open.port);
+            Err(e)
+        }
+        Err(_) => {
+            reached.forget(&open.host, open.port);
+            Err(RouteError::Timeout(shared.config.open_timeout))
+        }
     }
 }
 

@@ -176,6 +176,8 @@ pub struct HubConfig {
     pub caps: HubCaps,
     /// How long the agent may take to answer `Open` (it dials within its own timeout).
     pub open_timeout: Duration,
+    /// When a SOCKS request is answered before the agent's own answer.
+    pub socks_early_reply: EarlyReply,
     /// On shutdown, how long in-flight streams may continue.
     pub grace: Duration,
     /// How often the token store file is checked for changes.
@@ -228,6 +230,7 @@ impl HubConfig {
             socks_limits: SocksLimits::default(),
             caps: HubCaps::default(),
             open_timeout: Duration::from_secs(15),
+            socks_early_reply: EarlyReply::Off,
             grace: Duration::from_secs(30),
             token_poll: Duration::from_secs(2),
             metrics_per_agent: false,
@@ -281,9 +284,80 @@ impl std::fmt::Display for TcpListen {
     }
 }
 
+/// When the SOCKS front answers a request before the agent has answered its `Open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyReply {
+    /// Every request waits for the agent's answer and gets its exact reply code.
+    Off,
+    /// A request for a host and port the agent connected to within this window is answered
+    /// at once; its bytes follow the `Open` to the agent.
+    Within(Duration),
+}
+
+impl EarlyReply {
+    /// The window; zero when off.
+    pub fn window(self) -> Duration {
+        match self {
+            EarlyReply::Off => Duration::ZERO,
+            EarlyReply::Within(window) => window,
+        }
+    }
+}
+
+impl std::str::FromStr for EarlyReply {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" | "0" | "0s" | "0ms" => Ok(EarlyReply::Off),
+            window => crate::duration::parse_duration(window)
+                .map(EarlyReply::Within)
+                .map_err(|e| format!("{e}, or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for EarlyReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EarlyReply::Off => f.write_str("off"),
+            EarlyReply::Within(window) => f.write_str(&crate::duration::format_duration(*window)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_early_reply_window_is_a_duration_or_off_and_prints_back_alike() {
+        for (text, want, printed) in [
+            ("off", EarlyReply::Off, "off"),
+            ("0s", EarlyReply::Off, "off"),
+            ("0", EarlyReply::Off, "off"),
+            ("60s", EarlyReply::Within(Duration::from_secs(60)), "1m"),
+            (
+                "500ms",
+                EarlyReply::Within(Duration::from_millis(500)),
+                "500ms",
+            ),
+            ("2h", EarlyReply::Within(Duration::from_secs(7200)), "2h"),
+        ] {
+            let got: EarlyReply = text.parse().unwrap();
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string(), printed);
+            assert_eq!(printed.parse::<EarlyReply>().unwrap(), want);
+        }
+        assert_eq!(EarlyReply::Off.window(), Duration::ZERO);
+        for bad in ["", "on", "soon", "-1s"] {
+            let err = bad.parse::<EarlyReply>().unwrap_err();
+            assert!(
+                err.contains("invalid duration") && err.ends_with("or off"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn the_tcp_listener_is_an_address_same_or_off_and_prints_back_alike() {

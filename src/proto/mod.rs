@@ -175,7 +175,7 @@ pub enum Control {
 }
 
 /// Where a tunnel stream should lead. Names are resolved by the agent, never by the hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Host {
     /// A literal address.
     Ip(IpAddr),

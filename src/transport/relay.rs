@@ -69,6 +69,10 @@ pub enum RelayError {
     /// The relay was told to stop (shutdown grace over).
     #[error("cut off: shutdown grace period over")]
     Cut,
+    /// What had to come first on the stream ([`relay_after`]'s `first`) failed: for an early
+    /// SOCKS reply, the agent could not connect after all.
+    #[error("{0}")]
+    First(String),
 }
 
 /// How a relay ended.
@@ -91,12 +95,31 @@ pub struct RelayOutcome {
 /// Cancel-safe in the sense that dropping it drops the TCP connection and the stream (quinn
 /// resets an unfinished stream on drop); use [`relay`]'s return value for orderly endings.
 pub async fn relay<M>(
+    tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    idle: Option<Duration>,
+    meter: M,
+    cut: impl std::future::Future<Output = ()>,
+) -> RelayOutcome
+where
+    M: Fn(Direction, usize),
+{
+    relay_after(tcp, send, recv, idle, meter, cut, async |_| Ok(())).await
+}
+
+/// [`relay`], where the stream → TCP direction first runs `first` on the stream (the TCP →
+/// stream direction runs from the start). The hub's early SOCKS reply reads the agent's
+/// answer to `Open` this way while the client's first bytes already travel to the agent; an
+/// error of `first` aborts both directions like any other ([`RelayError::First`]).
+pub async fn relay_after<M>(
     mut tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
     idle: Option<Duration>,
     meter: M,
     cut: impl std::future::Future<Output = ()>,
+    first: impl AsyncFnOnce(&mut RecvStream) -> Result<(), String>,
 ) -> RelayOutcome
 where
     M: Fn(Direction, usize),
@@ -120,7 +143,10 @@ where
     let error = {
         let (mut tcp_read, mut tcp_write) = tcp.split();
         let up = tcp_to_stream(&mut tcp_read, &mut send, &meter, &mut sent);
-        let down = stream_to_tcp(&mut recv, &mut tcp_write, &meter, &mut received);
+        let down = async {
+            first(&mut recv).await.map_err(RelayError::First)?;
+            stream_to_tcp(&mut recv, &mut tcp_write, &meter, &mut received).await
+        };
         tokio::pin!(up, down, cut);
         let mut up_done = false;
         let mut down_done = false;

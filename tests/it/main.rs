@@ -16,6 +16,7 @@ mod bind_address;
 mod caps;
 mod config;
 mod dev;
+mod early_reply;
 mod enroll;
 mod enroll_flow;
 mod fallback;

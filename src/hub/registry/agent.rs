@@ -76,6 +76,8 @@ pub struct AgentSession {
     /// The heartbeat interval this session was last told (`Welcome` or `Pace`), milliseconds,
     /// so the pacer knows whom to tell again when the fleet changed.
     heartbeat_interval_ms: AtomicU64,
+    /// Destinations the agent connected to lately, for early SOCKS replies.
+    pub reached: super::Reached,
 }
 
 impl AgentSession {
@@ -128,6 +130,7 @@ impl AgentSession {
             kube_commands: AtomicUsize::new(0),
             control: std::sync::OnceLock::new(),
             heartbeat_interval_ms: AtomicU64::new(0),
+            reached: super::Reached::default(),
         }
     }
 

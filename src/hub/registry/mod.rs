@@ -2,6 +2,7 @@
 //! shows about each, and the choice of session for a new stream.
 
 mod agent;
+mod reached;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use crate::auth::Tenant;
 use crate::proto::kube::CAPABILITY;
 use agent::lock;
 pub use agent::{AgentInfo, AgentSession, CommandSlot, InventoryTurn, StreamSlot};
+pub use reached::Reached;
 
 /// Agents remembered after they disconnect (so a command says "offline", not "unknown").
 const KNOWN_AGENTS: usize = 10_000;

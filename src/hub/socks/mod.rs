@@ -28,7 +28,8 @@ use super::{NoAuthRoute, Shared};
 use crate::auth::{Masked, TokenStore};
 use crate::listen::Acceptor;
 use crate::proto::{Host, Open};
-use crate::transport::relay::{relay, Direction, RelayError};
+use crate::transport::relay::{relay_after, Direction, RelayError};
+use crate::transport::session::RecvStream;
 pub use auth::describe_user;
 use auth::{greet, Caller, Greeting};
 pub(crate) use limits::TokenStreams;
@@ -222,8 +223,14 @@ async fn serve_request(
         slot,
         send,
         recv,
-        bound,
+        answer,
     } = tunnel;
+    // An early reply (the agent reached this destination lately) names no bound address,
+    // as OpenSSH's dynamic forwarding does; the agent's answer is read before its first byte.
+    let (bound, answer_by) = match answer {
+        router::Answer::Opened(bound) => (bound, None),
+        router::Answer::Pending { by } => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(by)),
+    };
     let client = match proto.reply_success(bound).await {
         Ok(client) => client,
         Err(e) => {
@@ -266,7 +273,22 @@ async fn serve_request(
             None => shared.cut_streams.cancelled().await,
         }
     };
-    let outcome = relay(
+    let first = async |recv: &mut RecvStream| {
+        let Some(by) = answer_by else {
+            return Ok(());
+        };
+        match router::answer(&shared, &slot, &open, recv, by).await {
+            Ok(_) => {
+                shared.metrics.socks_early_reply("opened");
+                Ok(())
+            }
+            Err(e) => {
+                shared.metrics.socks_early_reply("failed");
+                Err(e.to_string())
+            }
+        }
+    };
+    let outcome = relay_after(
         tcp,
         send,
         recv,
@@ -281,6 +303,7 @@ async fn serve_request(
             }
         },
         cut,
+        first,
     )
     .await;
     metrics.streams_open().dec();
@@ -295,6 +318,9 @@ async fn serve_request(
         Some(RelayError::Cut) if token_gone => info!(stream = %stream_id, %destination,
             sent = outcome.sent, received = outcome.received,
             "stream reset: its token was revoked or expired"),
+        Some(RelayError::First(why)) => info!(client = %peer, stream = %stream_id,
+            %destination, "SOCKS request answered early, then failed: {}; client reset (the \
+            next request for this destination waits for the agent's answer)", Masked(&why)),
         None => debug!(stream = %stream_id, %destination, sent = outcome.sent,
             received = outcome.received, "stream finished"),
         Some(e) => debug!(stream = %stream_id, %destination, sent = outcome.sent,
