@@ -138,6 +138,11 @@ struct SuiteArgs {
     /// loss and without iptables.
     #[arg(long, default_value_t = 0.01)]
     h1_loss: f64,
+    /// One-way delay, in milliseconds, added to the hub–agent leg of rna and ssh -R by a
+    /// relay in this process (UDP and TCP), for every test of the run: `--leg-delay 5` runs
+    /// L1 and L1-curl as across a 10 ms round trip between hub and agent. 0: no relay.
+    #[arg(long, default_value_t = 0.0)]
+    leg_delay: f64,
     /// Workers and seconds of L2.
     #[arg(long, default_value_t = 32)]
     l2_workers: usize,
@@ -941,6 +946,123 @@ fn free_tcp_port() -> Result<u16> {
 }
 
 /// A port free for both UDP and TCP: rna's hub serves QUIC and TLS over TCP on one port.
+/// `--leg-delay` as a duration, when set.
+fn leg_delay(args: &SuiteArgs) -> Option<Duration> {
+    (args.leg_delay > 0.0).then(|| Duration::from_secs_f64(args.leg_delay / 1000.0))
+}
+
+/// Starts a relay on a free 127.0.0.1 port (UDP and TCP alike) that forwards to
+/// `upstream` on 127.0.0.1 with `delay` added each way, and returns its port. Delays are
+/// constant, so order is kept; nothing is dropped. The relay lives as long as the process.
+async fn delay_relay(upstream: u16, delay: Duration) -> Result<u16> {
+    let port = free_udp_tcp_port()?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+    let front = Arc::new(tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).await?);
+    let hub = SocketAddr::from((Ipv4Addr::LOCALHOST, upstream));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(hub).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::join!(delayed_copy(cr, sw, delay), delayed_copy(sr, cw, delay));
+            });
+        }
+    });
+    tokio::spawn(async move {
+        // One upstream socket per agent address, so the hub tells agents apart.
+        let mut upstreams: HashMap<SocketAddr, tokio::sync::mpsc::Sender<(Instant, Vec<u8>)>> =
+            HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            let due = Instant::now() + delay;
+            if !upstreams.contains_key(&from) {
+                let Ok(up) = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await else {
+                    continue;
+                };
+                if up.connect(hub).await.is_err() {
+                    continue;
+                }
+                let up = Arc::new(up);
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
+                let send = up.clone();
+                tokio::spawn(async move {
+                    while let Some((due, packet)) = rx.recv().await {
+                        tokio::time::sleep_until(due.into()).await;
+                        let _ = send.send(&packet).await;
+                    }
+                });
+                let back = front.clone();
+                tokio::spawn(async move {
+                    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
+                    let sender = tokio::spawn(async move {
+                        while let Some((due, packet)) = rx.recv().await {
+                            tokio::time::sleep_until(due.into()).await;
+                            let _ = back.send_to(&packet, from).await;
+                        }
+                    });
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok(n) = up.recv(&mut buf).await {
+                        if tx
+                            .send((Instant::now() + delay, buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    sender.abort();
+                });
+                upstreams.insert(from, tx);
+            }
+            if let Some(tx) = upstreams.get(&from) {
+                let _ = tx.try_send((due, buf[..n].to_vec()));
+            }
+        }
+    });
+    Ok(port)
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it was read; a FIN is passed on last.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    tokio::join!(reader, writer);
+}
+
 fn free_udp_tcp_port() -> Result<u16> {
     for _ in 0..100 {
         let port = free_udp_port()?;
@@ -1057,6 +1179,8 @@ struct Rna {
     max_sessions: usize,
     /// The hub's `--socks-early-reply`, when not its default (off).
     early_reply: Option<&'static str>,
+    /// The port agents dial: the hub's, or a delay relay's in front of it (`--leg-delay`).
+    agent_port: u16,
 }
 
 impl Rna {
@@ -1095,7 +1219,7 @@ impl Rna {
     /// and `rnabench agents` take them.
     fn agent_identity(&self, name: &str) -> Vec<std::ffi::OsString> {
         let d = &self.dir;
-        let hub = format!("127.0.0.1:{}", self.quic);
+        let hub = format!("127.0.0.1:{}", self.agent_port);
         vec![
             "--hub".into(),
             hub.into(),
@@ -1197,15 +1321,21 @@ async fn start_rna(args: &SuiteArgs, name: &str, target: SocketAddr) -> Result<(
     )?;
     let token = token.trim().to_string();
     std::fs::write(dir.join("token.txt"), &token)?;
+    let quic = free_udp_tcp_port()?;
+    let agent_port = match leg_delay(args) {
+        Some(delay) => delay_relay(quic, delay).await?,
+        None => quic,
+    };
     let rna = Rna {
         bin: bin.clone(),
         dir,
-        quic: free_udp_tcp_port()?,
+        quic,
         socks: free_tcp_port()?,
         api: free_tcp_port()?,
         transport,
         max_sessions: args.m1_agents.max(args.m2_agents).max(args.m1_real_agents) + 16,
         early_reply,
+        agent_port,
     };
     let hub = Proc::spawn("rna hub", &mut rna.hub_cmd())?;
     let agent = Proc::spawn("rna agent", &mut rna.agent_cmd(target))?;
@@ -1252,6 +1382,11 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
     std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
     let port = free_tcp_port()?;
     let socks = free_tcp_port()?;
+    // The ssh client (the agent's side) dials sshd through the delay relay, if any.
+    let client_port = match leg_delay(args) {
+        Some(delay) => delay_relay(port, delay).await?,
+        None => port,
+    };
     let d = dir.display();
     std::fs::write(
         dir.join("sshd_config"),
@@ -1267,7 +1402,7 @@ async fn start_ssh(args: &SuiteArgs, target: SocketAddr) -> Result<System> {
     std::fs::write(
         dir.join("ssh_config"),
         format!(
-            "Host bench\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/client_key\n\
+            "Host bench\n  HostName 127.0.0.1\n  Port {client_port}\n  User root\n  IdentityFile {d}/client_key\n\
              IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  \
              Ciphers aes128-gcm@openssh.com\n  Compression no\n  LogLevel ERROR\n  \
              ExitOnForwardFailure yes\n  ServerAliveInterval 0\n"
