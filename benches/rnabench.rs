@@ -980,51 +980,63 @@ async fn delay_relay(upstream: u16, delay: Duration) -> Result<u16> {
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
             let due = Instant::now() + delay;
-            if !upstreams.contains_key(&from) {
-                let Ok(up) = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await else {
-                    continue;
-                };
-                if up.connect(hub).await.is_err() {
-                    continue;
+            let tx = match upstreams.entry(from) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    let Some(tx) = relay_upstream(front.clone(), from, hub, delay).await else {
+                        continue;
+                    };
+                    new.insert(tx)
                 }
-                let up = Arc::new(up);
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
-                let send = up.clone();
-                tokio::spawn(async move {
-                    while let Some((due, packet)) = rx.recv().await {
-                        tokio::time::sleep_until(due.into()).await;
-                        let _ = send.send(&packet).await;
-                    }
-                });
-                let back = front.clone();
-                tokio::spawn(async move {
-                    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
-                    let sender = tokio::spawn(async move {
-                        while let Some((due, packet)) = rx.recv().await {
-                            tokio::time::sleep_until(due.into()).await;
-                            let _ = back.send_to(&packet, from).await;
-                        }
-                    });
-                    let mut buf = vec![0u8; 65_536];
-                    while let Ok(n) = up.recv(&mut buf).await {
-                        if tx
-                            .send((Instant::now() + delay, buf[..n].to_vec()))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    sender.abort();
-                });
-                upstreams.insert(from, tx);
-            }
-            if let Some(tx) = upstreams.get(&from) {
-                let _ = tx.try_send((due, buf[..n].to_vec()));
-            }
+            };
+            let _ = tx.try_send((due, buf[..n].to_vec()));
         }
     });
     Ok(port)
+}
+
+/// The delay relay's socket towards `hub` for the agent at `from`: returns where packets
+/// for the hub go; what the hub answers goes back to `from` through `front`, delayed.
+async fn relay_upstream(
+    front: Arc<tokio::net::UdpSocket>,
+    from: SocketAddr,
+    hub: SocketAddr,
+    delay: Duration,
+) -> Option<tokio::sync::mpsc::Sender<(Instant, Vec<u8>)>> {
+    let up = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .ok()?;
+    up.connect(hub).await.ok()?;
+    let up = Arc::new(up);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
+    let send = up.clone();
+    tokio::spawn(async move {
+        while let Some((due, packet)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            let _ = send.send(&packet).await;
+        }
+    });
+    tokio::spawn(async move {
+        let (back_tx, mut back_rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
+        let sender = tokio::spawn(async move {
+            while let Some((due, packet)) = back_rx.recv().await {
+                tokio::time::sleep_until(due.into()).await;
+                let _ = front.send_to(&packet, from).await;
+            }
+        });
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = up.recv(&mut buf).await {
+            if back_tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        sender.abort();
+    });
+    Some(tx)
 }
 
 /// Copies `from` to `to`, each chunk `delay` after it was read; a FIN is passed on last.
