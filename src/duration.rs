@@ -84,6 +84,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// [`parse_duration`] for settings where zero means "not at all" (`0s`, `0`, `0ms`).
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    match parse_with(s, DURATION_UNITS) {
+        Err(Problem::Zero) => Ok(Duration::ZERO),
+        _ => parse_duration(s),
+    }
+}
+
 /// Parses a token lifetime: a positive whole number followed by `s`, `m`, `h`, `d` or `w`
 /// (seconds, minutes, hours, days, weeks); a bare number means seconds.
 ///

@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::settings::{at_least_one, bytes_from_frame_to, frame_size, worker_threads};
+use super::settings::{
+    at_least_one, bytes_from_frame_to, frame_size, worker_threads, ZeroOrDuration,
+};
 use super::{parse_duration, required, to_toml, ConfigError, LogOptions, Sources, TlsFiles};
 use crate::auth::Tenant;
 use crate::enroll::HubState;
@@ -123,8 +125,8 @@ settings! {
     /// Time a QUIC agent connection attempt (from a validated address) may wait for a
     /// handshake slot when all are taken, before it is refused; 0s refuses at once
     /// [default: 2s].
-    #[arg(long, env = "RNA_HANDSHAKE_WAIT", value_parser = parse_duration)]
-    handshake_wait: Option<Duration> => field(config.caps.handshake_wait);
+    #[arg(long, env = "RNA_HANDSHAKE_WAIT", value_parser = crate::duration::parse_duration_or_zero)]
+    handshake_wait: Option<Duration> as ZeroOrDuration => field(config.caps.handshake_wait);
     /// Agent handshakes at once from one validated source (an IPv4 address or an IPv6 /64);
     /// more are refused [default: 16].
     #[arg(long, env = "RNA_MAX_HANDSHAKES_PER_SOURCE")]

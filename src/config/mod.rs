@@ -584,10 +584,21 @@ mod tests {
         let (hub, _) = HubOptions::parse_file(
             "max_handshakes = 3\nmax_streams_per_agent = 4\nmax_frame = 2048\n\
              stream_idle_timeout = \"90s\"\nmax_handshakes_per_source = 2\n\
-             retry_threshold = 0\ntls_timeout = \"2s\"\nhello_timeout = \"3s\"\n",
+             retry_threshold = 0\ntls_timeout = \"2s\"\nhello_timeout = \"3s\"\n\
+             handshake_wait = \"0s\"\nsocks_early_reply = \"60s\"\n",
             Path::new("hub.toml"),
         )
         .unwrap();
+        // Zero is a handshake wait of its own (refuse at once); elsewhere it is refused.
+        assert_eq!(hub.handshake_wait, Some(Duration::ZERO));
+        assert_eq!(
+            hub.socks_early_reply,
+            Some(crate::hub::EarlyReply::Within(Duration::from_secs(60)))
+        );
+        let err = HubOptions::parse_file("tls_timeout = \"0s\"\n", Path::new("hub.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be greater than zero"), "{err}");
         assert_eq!(hub.max_handshakes, Some(3));
         assert_eq!(hub.max_streams_per_agent, Some(4));
         assert_eq!(hub.max_frame, Some(2048));

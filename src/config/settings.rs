@@ -161,6 +161,22 @@ impl Form for Duration {
     }
 }
 
+/// A duration that may be zero (`handshake_wait = "0s"`), read by
+/// [`parse_duration_or_zero`](crate::duration::parse_duration_or_zero) and written like any
+/// duration (zero as `0ms`).
+pub(super) struct ZeroOrDuration;
+
+impl Form for ZeroOrDuration {
+    type Value = Duration;
+    type File = FileDuration;
+    fn read(file: FileDuration, _: Option<&Path>) -> Result<Duration, String> {
+        crate::duration::parse_duration_or_zero(&file.0)
+    }
+    fn show(value: &Duration) -> FileDuration {
+        FileDuration(format_duration(*value))
+    }
+}
+
 impl Form for PathBuf {
     type Value = PathBuf;
     type File = PathBuf;
