@@ -945,7 +945,6 @@ fn free_tcp_port() -> Result<u16> {
         .port())
 }
 
-/// A port free for both UDP and TCP: rna's hub serves QUIC and TLS over TCP on one port.
 /// `--leg-delay` as a duration, when set.
 fn leg_delay(args: &SuiteArgs) -> Option<Duration> {
     (args.leg_delay > 0.0).then(|| Duration::from_secs_f64(args.leg_delay / 1000.0))
@@ -1075,6 +1074,7 @@ async fn delayed_copy(
     tokio::join!(reader, writer);
 }
 
+/// A port free for both UDP and TCP: rna's hub serves QUIC and TLS over TCP on one port.
 fn free_udp_tcp_port() -> Result<u16> {
     for _ in 0..100 {
         let port = free_udp_port()?;

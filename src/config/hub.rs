@@ -99,13 +99,13 @@ settings! {
     /// client's oldest one is closed for a newcomer [default: 4096].
     #[arg(long, env = "RNA_SOCKS_HALF_OPEN_TOTAL")]
     socks_half_open_total: Option<usize> => field(config.socks_limits.half_open_total);
-    /// Answer a SOCKS request at once, before the agent has, when the agent connected to
-    /// the same host and port within this window (e.g. 60s): the client's first bytes then
-    /// travel with the request, saving one hub-agent round trip per connection. The first
-    /// request to a destination, and any after the window, waits for the agent and gets its
-    /// exact reply code; a destination the agent can no longer reach (down, or denied by a
-    /// reloaded policy) is answered success and then reset, once. `off` waits for the
-    /// agent's answer every time [default: off].
+    /// Answer a SOCKS request at once, before the agent has, when the agent's session
+    /// connected to the same host and port within this window (e.g. 60s): the client's first
+    /// bytes then travel with the request, saving one hub-agent round trip per connection.
+    /// The first request to a destination, and any after the window, waits for the agent and
+    /// gets its exact reply code; a destination the agent can no longer reach (down, or
+    /// denied by a reloaded policy) is answered success and then reset, until the agent's
+    /// failure is read. `off` waits for the agent's answer every time [default: off].
     #[arg(long, env = "RNA_SOCKS_EARLY_REPLY")]
     socks_early_reply: Option<EarlyReply> => field(config.socks_early_reply);
     /// Time an agent has to answer a tunnel request [default: 15s].

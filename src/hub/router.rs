@@ -82,6 +82,8 @@ pub enum Answer {
     Pending {
         /// When the agent's answer is due.
         by: tokio::time::Instant,
+        /// When the stream was asked for (the dial time is measured from here).
+        started: std::time::Instant,
     },
 }
 
@@ -168,6 +170,10 @@ async fn open_on(
     let id = slot.session().id;
     let timeout = shared.config.open_timeout;
     let by = tokio::time::Instant::now() + timeout;
+    let started = std::time::Instant::now();
+    // Counts the stream as pending from the request (opening may wait for stream credit)
+    // until the agent's answer, or until the request is answered early.
+    let pending = PendingGauge::enter(shared.metrics.streams_pending());
     let connection = slot.session().connection.clone();
     let request = async {
         let (mut send, recv) = connection
@@ -196,32 +202,47 @@ async fn open_on(
             slot,
             send,
             recv,
-            answer: Answer::Pending { by },
+            answer: Answer::Pending { by, started },
         });
     }
-    match answer(shared, &slot, open, &mut recv, by).await {
+    let answered = answer(shared, &slot, open, &mut recv, by, started).await;
+    drop(pending);
+    match answered {
         Ok(bound) => Ok(Tunnel {
             slot,
             send,
             recv,
             answer: Answer::Opened(bound),
         }),
-        Err(e) => {
-            // The stream is dropped unfinished, which resets it.
-            Err((id, e))
-        }
+        // The stream is dropped unfinished, which resets it.
+        Err(e) => Err((id, e)),
     }
 }
 
-/// Reads the agent's answer to the `Open` sent on `recv`'s stream, by the deadline `by`.
-/// A connection is recorded for early replies; a failure forgets the destination, so the
-/// next request for it waits for the agent's exact answer.
-pub(crate) async fn answer(
+/// Reads the agent's answer to an early-answered request ([`Answer::Pending`]); the stream
+/// counts as pending meanwhile. As [`answer`] otherwise.
+pub(crate) async fn answer_after_early_reply(
     shared: &Shared,
     slot: &StreamSlot,
     open: &Open,
     recv: &mut RecvStream,
     by: tokio::time::Instant,
+    started: std::time::Instant,
+) -> Result<SocketAddr, RouteError> {
+    let _pending = PendingGauge::enter(shared.metrics.streams_pending());
+    answer(shared, slot, open, recv, by, started).await
+}
+
+/// Reads the agent's answer to the `Open` sent on `recv`'s stream at `started`, by the
+/// deadline `by`. With early replies on, a connection is recorded for them and a failure
+/// forgets the destination, so the next request for it waits for the agent's exact answer.
+async fn answer(
+    shared: &Shared,
+    slot: &StreamSlot,
+    open: &Open,
+    recv: &mut RecvStream,
+    by: tokio::time::Instant,
+    started: std::time::Instant,
 ) -> Result<SocketAddr, RouteError> {
     let read = async {
         let reply = read_frame_limited::<OpenReply, _>(recv, shared.config.caps.max_frame)
@@ -240,34 +261,23 @@ pub(crate) async fn answer(
             )),
         }
     };
-    let pending = PendingGauge::enter(shared.metrics.streams_pending());
-    let started = std::time::Instant::now();
     let answered = tokio::time::timeout_at(by, read).await;
-    drop(pending);
     if matches!(answered, Ok(Ok(_)) | Ok(Err(RouteError::Dial { .. }))) {
         shared.metrics.dial_took(started.elapsed().as_secs_f64());
     }
-    let reached = &slot.session().reached;
-    match answered {
-        Ok(Ok(bound)) => {
-            let now = std::time::Instant::now();
-            reached.record(
-                &open.host,
-                open.port,
-                shared.config.socks_early_reply.window(),
-                now,
-            );
-            Ok(bound)
-        }
-        Ok(Err(e)) => {
-            reached.forget(&open.host, open.port);
-            Err(e)
-        }
-        Err(_) => {
-            reached.forget(&open.host, open.port);
-            Err(RouteError::Timeout(shared.config.open_timeout))
+    let window = shared.config.socks_early_reply.window();
+    let opened = match answered {
+        Ok(answer) => answer,
+        Err(_) => Err(RouteError::Timeout(shared.config.open_timeout)),
+    };
+    if !window.is_zero() {
+        let reached = &slot.session().reached;
+        match &opened {
+            Ok(_) => reached.record(&open.host, open.port, window, std::time::Instant::now()),
+            Err(_) => reached.forget(&open.host, open.port),
         }
     }
+    opened
 }
 
 /// Resets a half-used stream pair (used when the SOCKS client vanished mid-setup).

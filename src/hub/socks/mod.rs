@@ -227,9 +227,11 @@ async fn serve_request(
     } = tunnel;
     // An early reply (the agent reached this destination lately) names no bound address,
     // as OpenSSH's dynamic forwarding does; the agent's answer is read before its first byte.
-    let (bound, answer_by) = match answer {
+    let (bound, early_answer) = match answer {
         router::Answer::Opened(bound) => (bound, None),
-        router::Answer::Pending { by } => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(by)),
+        router::Answer::Pending { by, started } => {
+            (SocketAddr::from(([0, 0, 0, 0], 0)), Some((by, started)))
+        }
     };
     let client = match proto.reply_success(bound).await {
         Ok(client) => client,
@@ -252,6 +254,9 @@ async fn serve_request(
         let n = early.len();
         if let Err(e) = send.write_chunk(early).await {
             debug!(%destination, "stream reset before the relay: {e}");
+            if early_answer.is_some() {
+                early_reply_unanswered(&shared, &slot, &open, peer, &e.to_string());
+            }
             // As the relay does on an error: the client gets an RST, never a clean end.
             let _ = tcp.set_zero_linger();
             router::abort(send, recv);
@@ -273,11 +278,16 @@ async fn serve_request(
             None => shared.cut_streams.cancelled().await,
         }
     };
+    // For an early reply: whether the agent's answer was read, and what it was. A relay that
+    // ends before it (the stream failed first, say) counts as a failure of the guess too.
+    let answered: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let first = async |recv: &mut RecvStream| {
-        let Some(by) = answer_by else {
+        let Some((by, started)) = early_answer else {
             return Ok(());
         };
-        match router::answer(&shared, &slot, &open, recv, by).await {
+        let got = router::answer_after_early_reply(&shared, &slot, &open, recv, by, started).await;
+        let _ = answered.set(got.is_ok());
+        match got {
             Ok(_) => {
                 shared.metrics.socks_early_reply("opened");
                 Ok(())
@@ -307,6 +317,13 @@ async fn serve_request(
     )
     .await;
     metrics.streams_open().dec();
+    if early_answer.is_some() && answered.get().is_none() {
+        let why = outcome
+            .error
+            .as_ref()
+            .map_or_else(|| "ended".to_string(), ToString::to_string);
+        early_reply_unanswered(&shared, &slot, &open, peer, &why);
+    }
     drop(slot);
     if let Some(RelayError::Idle(quiet)) = &outcome.error {
         metrics.cap_refused("stream_idle_timeout");
@@ -326,6 +343,24 @@ async fn serve_request(
         Some(e) => debug!(stream = %stream_id, %destination, sent = outcome.sent,
             received = outcome.received, "stream reset: {e}"),
     }
+}
+
+/// An early-answered request whose stream ended before the agent's answer was read (it
+/// failed first): forgotten and counted as a failed guess, as a failed answer is, so the next
+/// request for the destination waits for the agent.
+fn early_reply_unanswered(
+    shared: &Shared,
+    slot: &super::registry::StreamSlot,
+    open: &Open,
+    peer: SocketAddr,
+    why: &str,
+) {
+    slot.session().reached.forget(&open.host, open.port);
+    shared.metrics.socks_early_reply("failed");
+    let destination = format!("{}:{}", open.host, open.port);
+    info!(client = %peer, destination = %Masked(&destination),
+        "SOCKS request answered early, then failed before the agent's answer: {}; client reset",
+        Masked(why));
 }
 
 /// Checks the requested destination before it is sent to the agent.
