@@ -974,8 +974,7 @@ async fn delay_relay(upstream: u16, delay: Duration) -> Result<u16> {
     });
     tokio::spawn(async move {
         // One upstream socket per agent address, so the hub tells agents apart.
-        let mut upstreams: HashMap<SocketAddr, tokio::sync::mpsc::Sender<(Instant, Vec<u8>)>> =
-            HashMap::new();
+        let mut upstreams: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Delayed>> = HashMap::new();
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
             let due = Instant::now() + delay;
@@ -1001,28 +1000,25 @@ async fn relay_upstream(
     from: SocketAddr,
     hub: SocketAddr,
     delay: Duration,
-) -> Option<tokio::sync::mpsc::Sender<(Instant, Vec<u8>)>> {
+) -> Option<tokio::sync::mpsc::Sender<Delayed>> {
     let up = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .ok()?;
     up.connect(hub).await.ok()?;
     let up = Arc::new(up);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Delayed>(4096);
     let send = up.clone();
+    tokio::spawn(deliver_when_due(rx, async move |packet| {
+        // A lost datagram is the transport's business, as on a network.
+        let _ = send.send(&packet).await;
+        true
+    }));
     tokio::spawn(async move {
-        while let Some((due, packet)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            let _ = send.send(&packet).await;
-        }
-    });
-    tokio::spawn(async move {
-        let (back_tx, mut back_rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
-        let sender = tokio::spawn(async move {
-            while let Some((due, packet)) = back_rx.recv().await {
-                tokio::time::sleep_until(due.into()).await;
-                let _ = front.send_to(&packet, from).await;
-            }
-        });
+        let (back_tx, back_rx) = tokio::sync::mpsc::channel::<Delayed>(4096);
+        let sender = tokio::spawn(deliver_when_due(back_rx, async move |packet| {
+            let _ = front.send_to(&packet, from).await;
+            true
+        }));
         let mut buf = vec![0u8; 65_536];
         while let Ok(n) = up.recv(&mut buf).await {
             if back_tx
@@ -1038,13 +1034,32 @@ async fn relay_upstream(
     Some(tx)
 }
 
+/// A packet or chunk in the delay relay, and when it is due.
+type Delayed = (Instant, Vec<u8>);
+
+/// Hands each queued piece to `deliver` when it is due, in order, until the queue closes or
+/// `deliver` answers false.
+async fn deliver_when_due(
+    mut queue: tokio::sync::mpsc::Receiver<Delayed>,
+    mut deliver: impl AsyncFnMut(Vec<u8>) -> bool,
+) {
+    while let Some((due, data)) = queue.recv().await {
+        tokio::time::sleep_until(due.into()).await;
+        if !deliver(data).await {
+            return;
+        }
+    }
+}
+
 /// Copies `from` to `to`, each chunk `delay` after it was read; a FIN is passed on last.
 async fn delayed_copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Duration,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Delayed>(1024);
+    // Not `deliver_when_due`: the writer is borrowed for the shutdown that follows, which a
+    // spawned task's future cannot hold across the closure's await.
     let writer = async move {
         while let Some((due, chunk)) = rx.recv().await {
             tokio::time::sleep_until(due.into()).await;

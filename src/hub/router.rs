@@ -78,13 +78,17 @@ pub enum Answer {
     Opened(SocketAddr),
     /// Not read yet: the agent connected to this destination within the early-reply window,
     /// so the request may be answered now and the answer read with [`answer`] before the
-    /// first byte from the agent. `by` is the deadline for it.
-    Pending {
-        /// When the agent's answer is due.
-        by: tokio::time::Instant,
-        /// When the stream was asked for (the dial time is measured from here).
-        started: std::time::Instant,
-    },
+    /// first byte from the agent.
+    Pending(Asked),
+}
+
+/// When a tunnel's `Open` was asked for, and when the agent's answer is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    /// When the stream was asked for (the dial time is measured from here).
+    pub started: std::time::Instant,
+    /// The deadline of the whole open: the request and the agent's answer.
+    pub by: tokio::time::Instant,
 }
 
 /// Opens a tunnel to `open` through the agent `name` of `tenant`. When the chosen session
@@ -169,10 +173,12 @@ async fn open_on(
 ) -> Result<Tunnel, (u64, RouteError)> {
     let id = slot.session().id;
     let timeout = shared.config.open_timeout;
-    let by = tokio::time::Instant::now() + timeout;
-    let started = std::time::Instant::now();
-    // Counts the stream as pending from the request (opening may wait for stream credit)
-    // until the agent's answer, or until the request is answered early.
+    let asked = Asked {
+        started: std::time::Instant::now(),
+        by: tokio::time::Instant::now() + timeout,
+    };
+    // Opening may wait for stream credit: the stream counts as pending from here, and while
+    // its answer is read ([`answer`]).
     let pending = PendingGauge::enter(shared.metrics.streams_pending());
     let connection = slot.session().connection.clone();
     let request = async {
@@ -187,63 +193,43 @@ async fn open_on(
             .map_err(|e| RouteError::Stream(e.to_string()))?;
         Ok::<_, RouteError>((send, recv))
     };
-    let (send, mut recv) = match tokio::time::timeout_at(by, request).await {
+    let requested = tokio::time::timeout_at(asked.by, request).await;
+    drop(pending);
+    let (send, mut recv) = match requested {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return Err((id, e)),
         Err(_) => return Err((id, RouteError::Timeout(timeout))),
     };
     let early = shared.config.socks_early_reply.window();
-    if slot
-        .session()
-        .reached
-        .within(&open.host, open.port, early, std::time::Instant::now())
-    {
-        return Ok(Tunnel {
-            slot,
-            send,
-            recv,
-            answer: Answer::Pending { by, started },
-        });
-    }
-    let answered = answer(shared, &slot, open, &mut recv, by, started).await;
-    drop(pending);
-    match answered {
-        Ok(bound) => Ok(Tunnel {
-            slot,
-            send,
-            recv,
-            answer: Answer::Opened(bound),
-        }),
-        // The stream is dropped unfinished, which resets it.
-        Err(e) => Err((id, e)),
-    }
+    let reached = &slot.session().reached;
+    let answer = if reached.within(&open.host, open.port, early, std::time::Instant::now()) {
+        Answer::Pending(asked)
+    } else {
+        // A failed answer drops the stream unfinished, which resets it.
+        match answer(shared, &slot, open, &mut recv, asked).await {
+            Ok(bound) => Answer::Opened(bound),
+            Err(e) => return Err((id, e)),
+        }
+    };
+    Ok(Tunnel {
+        slot,
+        send,
+        recv,
+        answer,
+    })
 }
 
-/// Reads the agent's answer to an early-answered request ([`Answer::Pending`]); the stream
-/// counts as pending meanwhile. As [`answer`] otherwise.
-pub(crate) async fn answer_after_early_reply(
+/// Reads the agent's answer to the `Open` sent on `recv`'s stream, by `asked.by`; the
+/// stream counts as pending meanwhile. With early replies on, a connection is recorded for
+/// them.
+pub(crate) async fn answer(
     shared: &Shared,
     slot: &StreamSlot,
     open: &Open,
     recv: &mut RecvStream,
-    by: tokio::time::Instant,
-    started: std::time::Instant,
+    asked: Asked,
 ) -> Result<SocketAddr, RouteError> {
     let _pending = PendingGauge::enter(shared.metrics.streams_pending());
-    answer(shared, slot, open, recv, by, started).await
-}
-
-/// Reads the agent's answer to the `Open` sent on `recv`'s stream at `started`, by the
-/// deadline `by`. With early replies on, a connection is recorded for them and a failure
-/// forgets the destination, so the next request for it waits for the agent's exact answer.
-async fn answer(
-    shared: &Shared,
-    slot: &StreamSlot,
-    open: &Open,
-    recv: &mut RecvStream,
-    by: tokio::time::Instant,
-    started: std::time::Instant,
-) -> Result<SocketAddr, RouteError> {
     let read = async {
         let reply = read_frame_limited::<OpenReply, _>(recv, shared.config.caps.max_frame)
             .await
@@ -261,23 +247,21 @@ async fn answer(
             )),
         }
     };
-    let answered = tokio::time::timeout_at(by, read).await;
+    let answered = tokio::time::timeout_at(asked.by, read).await;
     if matches!(answered, Ok(Ok(_)) | Ok(Err(RouteError::Dial { .. }))) {
-        shared.metrics.dial_took(started.elapsed().as_secs_f64());
+        shared
+            .metrics
+            .dial_took(asked.started.elapsed().as_secs_f64());
     }
+    let bound = answered.unwrap_or(Err(RouteError::Timeout(shared.config.open_timeout)))?;
     let window = shared.config.socks_early_reply.window();
-    let opened = match answered {
-        Ok(answer) => answer,
-        Err(_) => Err(RouteError::Timeout(shared.config.open_timeout)),
-    };
     if !window.is_zero() {
-        let reached = &slot.session().reached;
-        match &opened {
-            Ok(_) => reached.record(&open.host, open.port, window, std::time::Instant::now()),
-            Err(_) => reached.forget(&open.host, open.port),
-        }
+        let now = std::time::Instant::now();
+        slot.session()
+            .reached
+            .record(&open.host, open.port, window, now);
     }
-    opened
+    Ok(bound)
 }
 
 /// Resets a half-used stream pair (used when the SOCKS client vanished mid-setup).

@@ -308,11 +308,13 @@ impl std::str::FromStr for EarlyReply {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "off" | "0" | "0s" | "0ms" => Ok(EarlyReply::Off),
-            window => crate::duration::parse_duration(window)
-                .map(EarlyReply::Within)
-                .map_err(|e| format!("{e}, or off")),
+        if s == "off" {
+            return Ok(EarlyReply::Off);
+        }
+        match crate::duration::parse_duration_or_zero(s) {
+            Ok(window) if window.is_zero() => Ok(EarlyReply::Off),
+            Ok(window) => Ok(EarlyReply::Within(window)),
+            Err(e) => Err(format!("{e}, or off")),
         }
     }
 }

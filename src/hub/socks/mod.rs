@@ -229,9 +229,7 @@ async fn serve_request(
     // as OpenSSH's dynamic forwarding does; the agent's answer is read before its first byte.
     let (bound, early_answer) = match answer {
         router::Answer::Opened(bound) => (bound, None),
-        router::Answer::Pending { by, started } => {
-            (SocketAddr::from(([0, 0, 0, 0], 0)), Some((by, started)))
-        }
+        router::Answer::Pending(asked) => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(asked)),
     };
     let client = match proto.reply_success(bound).await {
         Ok(client) => client,
@@ -255,7 +253,7 @@ async fn serve_request(
         if let Err(e) = send.write_chunk(early).await {
             debug!(%destination, "stream reset before the relay: {e}");
             if early_answer.is_some() {
-                early_reply_unanswered(&shared, &slot, &open, peer, &e.to_string());
+                early_reply_failed(&shared, &slot, &open, peer, &e.to_string());
             }
             // As the relay does on an error: the client gets an RST, never a clean end.
             let _ = tcp.set_zero_linger();
@@ -278,25 +276,19 @@ async fn serve_request(
             None => shared.cut_streams.cancelled().await,
         }
     };
-    // For an early reply: whether the agent's answer was read, and what it was. A relay that
-    // ends before it (the stream failed first, say) counts as a failure of the guess too.
-    let answered: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // For an early reply: set once the agent's answer said it connected. A relay that ends
+    // without it (a failed answer, or the stream failed first) is a failed guess.
+    let opened_early = std::sync::OnceLock::new();
     let first = async |recv: &mut RecvStream| {
-        let Some((by, started)) = early_answer else {
+        let Some(asked) = early_answer else {
             return Ok(());
         };
-        let got = router::answer_after_early_reply(&shared, &slot, &open, recv, by, started).await;
-        let _ = answered.set(got.is_ok());
-        match got {
-            Ok(_) => {
-                shared.metrics.socks_early_reply("opened");
-                Ok(())
-            }
-            Err(e) => {
-                shared.metrics.socks_early_reply("failed");
-                Err(e.to_string())
-            }
-        }
+        router::answer(&shared, &slot, &open, recv, asked)
+            .await
+            .map_err(|e| e.to_string())?;
+        shared.metrics.socks_early_reply("opened");
+        let _ = opened_early.set(());
+        Ok(())
     };
     let outcome = relay_after(
         tcp,
@@ -317,12 +309,12 @@ async fn serve_request(
     )
     .await;
     metrics.streams_open().dec();
-    if early_answer.is_some() && answered.get().is_none() {
+    if early_answer.is_some() && opened_early.get().is_none() {
         let why = outcome
             .error
             .as_ref()
             .map_or_else(|| "ended".to_string(), ToString::to_string);
-        early_reply_unanswered(&shared, &slot, &open, peer, &why);
+        early_reply_failed(&shared, &slot, &open, peer, &why);
     }
     drop(slot);
     if let Some(RelayError::Idle(quiet)) = &outcome.error {
@@ -335,9 +327,8 @@ async fn serve_request(
         Some(RelayError::Cut) if token_gone => info!(stream = %stream_id, %destination,
             sent = outcome.sent, received = outcome.received,
             "stream reset: its token was revoked or expired"),
-        Some(RelayError::First(why)) => info!(client = %peer, stream = %stream_id,
-            %destination, "SOCKS request answered early, then failed: {}; client reset (the \
-            next request for this destination waits for the agent's answer)", Masked(&why)),
+        // Logged with the failed guess above.
+        Some(RelayError::First(_)) => {}
         None => debug!(stream = %stream_id, %destination, sent = outcome.sent,
             received = outcome.received, "stream finished"),
         Some(e) => debug!(stream = %stream_id, %destination, sent = outcome.sent,
@@ -345,10 +336,10 @@ async fn serve_request(
     }
 }
 
-/// An early-answered request whose stream ended before the agent's answer was read (it
-/// failed first): forgotten and counted as a failed guess, as a failed answer is, so the next
-/// request for the destination waits for the agent.
-fn early_reply_unanswered(
+/// An early-answered request ended without the agent's answer that it connected (the
+/// answer was a failure, or the stream failed first): the client was reset; the destination
+/// is forgotten, so the next request for it waits for the agent and gets the exact code.
+fn early_reply_failed(
     shared: &Shared,
     slot: &super::registry::StreamSlot,
     open: &Open,
@@ -359,8 +350,8 @@ fn early_reply_unanswered(
     shared.metrics.socks_early_reply("failed");
     let destination = format!("{}:{}", open.host, open.port);
     info!(client = %peer, destination = %Masked(&destination),
-        "SOCKS request answered early, then failed before the agent's answer: {}; client reset",
-        Masked(why));
+        "SOCKS request answered early, then failed: {}; client reset (the next request for \
+        this destination waits for the agent's answer)", Masked(why));
 }
 
 /// Checks the requested destination before it is sent to the agent.
