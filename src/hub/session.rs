@@ -378,9 +378,11 @@ async fn handshake(
 ) -> Result<(Arc<AgentSession>, SendStream, control::ControlReader), HandshakeError> {
     let chain = connection.peer_certificates().unwrap_or_default();
     // A full handshake checked the validity period; a resumed one took the chain from its
-    // ticket, which may be older than the certificate's end.
-    crate::certs::chain_valid_at(&chain, SystemTime::now())
-        .map_err(|e| HandshakeError::refused(CloseCode::CertificateExpired, e))?;
+    // ticket, which may be older than the certificate's end, so only that one is checked.
+    if connection.tls_resumed() {
+        crate::certs::chain_valid_at(&chain, SystemTime::now())
+            .map_err(|e| HandshakeError::refused(CloseCode::CertificateExpired, e))?;
+    }
     let cert = chain.into_iter().next().ok_or_else(|| {
         HandshakeError::refused(CloseCode::CertificateMismatch, "no client certificate")
     })?;
